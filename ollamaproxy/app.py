@@ -1,0 +1,136 @@
+# -*- test-case-name: tests.test_app -*-
+"""
+The Klein application: the route tree every request enters by.
+
+One catch-all route takes the whole Ollama API, and the same tree is mounted
+again under C{/proxy/}, where the seed served it.  Each request is
+authenticated, relayed, and logged; every error the proxy answers itself
+leaves through one handler, in Ollama's JSON shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+
+from ollamaproxy.auth import Authenticator
+from ollamaproxy.errors import ProxyError, error_body, is_openai_path
+from ollamaproxy.logs import Exchange, log_exchange
+from ollamaproxy.relay import Target, relay
+from ollamaproxy.upstream import Upstream
+
+log = Logger()
+
+PREFIX = b"/proxy"
+
+
+def target_of(uri: bytes) -> Target:
+    """
+    Where a request URI goes: the seed's C{/proxy} prefix comes off, the
+    rest (path and query string, exactly as sent) goes to Ollama.
+    """
+    if uri == PREFIX or uri.startswith(PREFIX + b"/") or uri.startswith(PREFIX + b"?"):
+        uri = uri[len(PREFIX):]
+    if not uri.startswith(b"/"):
+        uri = b"/" + uri
+    path = uri.split(b"?", 1)[0]
+    return Target(path=path, target=uri, openai=is_openai_path(path))
+
+
+class OllamaProxy:
+    """
+    An Ollama server that needs a key.
+
+    @param upstream: Ollama, and how to reach it.
+    @param auth: Decides who may ask.
+    @param clock: Tells time for the access log.
+    """
+
+    app = Klein()
+
+    def __init__(self, upstream: Upstream, auth: Authenticator, clock: IReactorTime) -> None:
+        self._upstream = upstream
+        self._auth = auth
+        self._clock = clock
+
+    def resource(self) -> IResource:
+        """
+        The resource to serve, for a L{twisted.web.server.Site}.
+        """
+        return self.app.resource()
+
+    @app.route("/", branch=True)
+    async def proxy(self, request: Any) -> None:
+        """
+        Authenticate a request, relay it to Ollama, and log what happened.
+        """
+        target = target_of(request.uri)
+        exchange = Exchange(
+            method=request.method.decode("ascii", "replace"),
+            path=target.path.decode("ascii", "replace"),
+            client=_client_address(request),
+            started=self._clock.seconds(),
+        )
+        # Ollama does not announce a server name, so neither does the proxy.
+        request.responseHeaders.removeHeader(b"server")
+        try:
+            key = self._auth.authenticate(request.method, target.path, request.requestHeaders)
+            if key is not None:
+                exchange.key = key.name
+            await relay(request, self._upstream, target, exchange)
+        except ProxyError as e:
+            exchange.status = e.code
+            exchange.failed(
+                "rejected" if e.code < 500 else
+                "timeout" if e.code == 504 else "upstream_error",
+                e.message,
+            )
+            raise
+        except CancelledError:
+            # Klein cancels the handler when the client goes away.
+            if exchange.outcome == "completed":
+                exchange.failed("client_disconnected", "")
+            raise
+        finally:
+            log_exchange(exchange, request.sentLength, self._clock.seconds())
+
+    @app.handle_errors(ProxyError)
+    def proxy_error(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        Answer with the error's status and an Ollama-shaped JSON body.
+        """
+        error = failure.value
+        assert isinstance(error, ProxyError)
+        return _error_response(request, error.code, error.message, error.headers)
+
+    @app.handle_errors(Exception)
+    def unexpected_error(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        A bug: log it with its traceback, and answer with a 500 that shows
+        none.
+        """
+        log.failure("Unexpected error handling {uri}", failure, uri=request.uri)
+        return _error_response(request, 500, "internal error in ollamaproxy", {})
+
+
+def _error_response(
+    request: IRequest, code: int, message: str, headers: dict[bytes, bytes]
+) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    for name, value in headers.items():
+        request.setHeader(name, value)
+    openai = is_openai_path(target_of(request.uri).path)
+    return error_body(message, code, openai)
+
+
+def _client_address(request: Any) -> str:
+    peer = request.getClientAddress()
+    return str(getattr(peer, "host", peer))

@@ -1,0 +1,212 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The proxy's settings: one frozen object, built from command-line options and
+environment variables.
+
+Every default and every validation rule lives here.  The twistd plugin
+(L{ollamaproxy.tap}) and the C{.tac} file both go through L{Config.from_sources},
+so the two ways of running the proxy cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+DEFAULT_LISTEN = "tcp:5000"
+DEFAULT_UPSTREAM = "http://127.0.0.1:11434"
+DEFAULT_OPEN_ROUTES = "GET /,HEAD /,GET /api/version,HEAD /api/version"
+DEFAULT_CONNECT_TIMEOUT = 10.0
+# Ollama sends a response head with its first byte of output: after loading a
+# model for a stream, after the whole answer for "stream": false.  Both can
+# take minutes on a busy GPU box.
+DEFAULT_HEADER_TIMEOUT = 600.0
+DEFAULT_IDLE_TIMEOUT = 600.0
+
+ENV_PREFIX = "OLLAMAPROXY_"
+
+
+class ConfigError(ValueError):
+    """
+    A setting has a value the proxy cannot work with.  The message names the
+    setting and says what is wrong, in words fit for the user.
+    """
+
+
+@dataclass(frozen=True)
+class Route:
+    """
+    A method and an exact path, such as C{GET /api/version}.
+    """
+
+    method: bytes
+    path: bytes
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    Everything the proxy needs to know to run.
+
+    @ivar listen: Twisted server endpoint strings to accept clients on.
+    @ivar upstream: The Ollama base URL, normalised (scheme, host, port and an
+        optional path prefix; no trailing slash).
+    @ivar api_key: A single key given on the command line or in the
+        environment, or L{None}.
+    @ivar keys_file: The JSON keys file: loaded if it exists, created with a
+        fresh key when no key is configured at all.
+    @ivar log_dir: Where the rotating log files go, or L{None} for none.
+    @ivar open_routes: Routes served without a key (liveness probes).
+    @ivar connect_timeout: Seconds to wait for a TCP connection to Ollama.
+    @ivar header_timeout: Seconds to wait for Ollama's response head.
+    @ivar idle_timeout: Seconds Ollama may stay silent in the middle of a body.
+    """
+
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    upstream: str = DEFAULT_UPSTREAM
+    api_key: str | None = None
+    keys_file: str = ""
+    log_dir: str | None = None
+    open_routes: frozenset[Route] = frozenset()
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+
+    @classmethod
+    def from_sources(
+        cls, options: Mapping[str, object], environ: Mapping[str, str]
+    ) -> Config:
+        """
+        Build the settings from parsed options, falling back to environment
+        variables (C{OLLAMAPROXY_<OPTION>}), then to the defaults.
+
+        @param options: Option values by option name (C{"api-key"}, ...);
+            L{None} or an empty list means "not given".
+        @param environ: The process environment.
+        @raise ConfigError: If any value is unusable.
+        """
+
+        def get(name: str) -> str | None:
+            value = options.get(name)
+            if value is None or value == []:
+                return environ.get(ENV_PREFIX + name.upper().replace("-", "_"))
+            if isinstance(value, list):
+                return ",".join(str(v) for v in value)
+            return str(value)
+
+        listen = _split(get("listen") or DEFAULT_LISTEN)
+        if not listen:
+            raise ConfigError("--listen: give at least one endpoint, e.g. tcp:5000")
+        upstream = get("upstream") or environ.get("OLLAMA_HOST") or DEFAULT_UPSTREAM
+        open_routes = get("open-routes")
+        return cls(
+            listen=tuple(listen),
+            upstream=parse_ollama_host(upstream),
+            api_key=get("api-key") or None,
+            keys_file=get("keys-file") or default_keys_file(environ),
+            log_dir=get("log-dir") or None,
+            open_routes=parse_routes(
+                DEFAULT_OPEN_ROUTES if open_routes is None else open_routes
+            ),
+            connect_timeout=_seconds("connect-timeout", get("connect-timeout"),
+                                     DEFAULT_CONNECT_TIMEOUT),
+            header_timeout=_seconds("header-timeout", get("header-timeout"),
+                                    DEFAULT_HEADER_TIMEOUT),
+            idle_timeout=_seconds("idle-timeout", get("idle-timeout"),
+                                  DEFAULT_IDLE_TIMEOUT),
+        )
+
+
+def _split(value: str) -> list[str]:
+    """
+    Split a comma- or whitespace-separated list, dropping empty items.
+    """
+    return [item for item in value.replace(",", " ").split() if item]
+
+
+def _seconds(name: str, value: str | None, default: float) -> float:
+    if value is None or value == "":
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"--{name}: {value!r} is not a number of seconds")
+    if not seconds > 0:
+        raise ConfigError(f"--{name}: must be more than 0 seconds, not {value}")
+    return seconds
+
+
+def parse_routes(value: str) -> frozenset[Route]:
+    """
+    Parse C{"GET /,HEAD /api/version"} into routes.  An empty string means
+    no open routes at all.
+
+    @raise ConfigError: If an item is not C{METHOD /path}.
+    """
+    routes = set()
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        method, _, path = item.partition(" ")
+        path = path.strip()
+        if not method.isalpha() or not path.startswith("/"):
+            raise ConfigError(
+                f"--open-routes: {item!r} is not of the form 'METHOD /path'"
+            )
+        routes.add(Route(method.upper().encode("ascii"), path.encode("ascii")))
+    return frozenset(routes)
+
+
+def parse_ollama_host(value: str) -> str:
+    """
+    Read an Ollama address the way Ollama's own clients read C{OLLAMA_HOST}.
+
+    A bare host gets port 11434; C{http://host} gets port 80 and
+    C{https://host} port 443; an empty host means 127.0.0.1; a path prefix is
+    kept.  C{0.0.0.0:11434} (how people make Ollama listen everywhere) stays
+    as it is: connecting to it reaches the local machine.
+
+    @return: C{scheme://host:port} or C{scheme://host:port/prefix}.
+    @raise ConfigError: For schemes other than http and https, or a bad port.
+    """
+    scheme, sep, hostport = value.strip().partition("://")
+    port = 11434
+    if not sep:
+        scheme, hostport = "http", value.strip()
+    elif scheme == "http":
+        port = 80
+    elif scheme == "https":
+        port = 443
+    else:
+        raise ConfigError(
+            f"--upstream: {value!r}: only http:// and https:// are supported"
+        )
+    try:
+        split = urlsplit(f"{scheme}://{hostport}")
+        host = split.hostname or "127.0.0.1"
+        port = split.port or port
+    except ValueError as e:
+        raise ConfigError(f"--upstream: {value!r}: {e}")
+    try:
+        if isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address):
+            host = f"[{host}]"
+    except ValueError:
+        pass
+    path = split.path.strip("/")
+    return f"{scheme}://{host}:{port}" + (f"/{path}" if path else "")
+
+
+def default_keys_file(environ: Mapping[str, str]) -> str:
+    """
+    Where the keys live when no C{--keys-file} is given:
+    C{$XDG_CONFIG_HOME/ollamaproxy/keys.json}, by default under
+    C{~/.config}.
+    """
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".config"
+    )
+    return os.path.join(base, "ollamaproxy", "keys.json")

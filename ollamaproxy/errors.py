@@ -1,0 +1,73 @@
+# -*- test-case-name: tests.test_app -*-
+"""
+The errors the proxy itself answers with, and how they look on the wire.
+
+Ollama answers errors with C{{"error": "message"}}; its OpenAI-compatible
+routes under C{/v1} answer with OpenAI's shape,
+C{{"error": {"message": ..., "type": ..., "param": null, "code": null}}}.
+The proxy's own errors follow the same rule, so every client's existing error
+handling shows them properly.
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class ProxyError(Exception):
+    """
+    A request the proxy answers itself, with an HTTP status and a message.
+
+    @ivar code: The HTTP status.
+    @ivar message: What went wrong, in words for the client.
+    @ivar headers: Extra response headers, such as C{WWW-Authenticate}.
+    """
+
+    def __init__(
+        self, code: int, message: str, headers: dict[bytes, bytes] | None = None
+    ) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def unauthorized(message: str) -> ProxyError:
+    """
+    A 401 that tells the client how to authenticate.
+    """
+    return ProxyError(HTTPStatus.UNAUTHORIZED, message, {b"WWW-Authenticate": b"Bearer"})
+
+
+def error_body(message: str, code: int, openai: bool) -> bytes:
+    """
+    The JSON body of an error, in Ollama's shape or, for C{/v1} routes, in
+    OpenAI's.
+    """
+    if openai:
+        detail = {
+            "message": message,
+            "type": _OPENAI_TYPES.get(code, "api_error"),
+            "param": None,
+            "code": None,
+        }
+        return json.dumps({"error": detail}).encode("utf-8")
+    return json.dumps({"error": message}).encode("utf-8")
+
+
+def is_openai_path(path: bytes) -> bool:
+    """
+    Whether a path (without the C{/proxy} prefix) is one of Ollama's
+    OpenAI-compatible routes.
+    """
+    return path == b"/v1" or path.startswith(b"/v1/")

@@ -1,0 +1,75 @@
+# -*- test-case-name: tests.test_headers -*-
+"""
+Which headers cross the proxy, in each direction.
+
+Hop-by-hop headers (RFC 9110 section 7.6.1), and any header a C{Connection}
+header names, describe one connection and never cross.  Towards Ollama the
+proxy also drops the client's credentials (its key is for the proxy, not for
+Ollama), its cookies, and C{Origin} and C{Referer}: Ollama refuses browser
+origins it does not know with a 403.  The Agent sets C{Host} from the
+upstream URL, which keeps Ollama's DNS-rebinding guard happy, and
+C{Content-Length} or C{Transfer-Encoding} from the body it sends.
+"""
+
+from __future__ import annotations
+
+from twisted.web.http_headers import Headers
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+NEVER_UPSTREAM = HOP_BY_HOP | {
+    b"authorization",
+    b"x-api-key",
+    b"cookie",
+    b"origin",
+    b"referer",
+    b"host",
+    b"content-length",
+    b"expect",
+}
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    """
+    The header names a C{Connection} header lists, lower-cased.
+    """
+    return {
+        token.strip().lower()
+        for value in headers.getRawHeaders(b"connection", ())
+        for token in value.split(b",")
+        if token.strip()
+    }
+
+
+def upstream_request_headers(client: Headers) -> Headers:
+    """
+    The headers to send to Ollama for a client's request.
+    """
+    dropped = NEVER_UPSTREAM | _connection_tokens(client)
+    forwarded = Headers()
+    for name, values in client.getAllRawHeaders():
+        if name.lower() not in dropped:
+            forwarded.setRawHeaders(name, values)
+    return forwarded
+
+
+def copy_response_headers(upstream: Headers, response: Headers) -> None:
+    """
+    Put Ollama's response headers on the client's response.
+    """
+    dropped = HOP_BY_HOP | _connection_tokens(upstream)
+    for name, values in upstream.getAllRawHeaders():
+        if name.lower() not in dropped:
+            response.setRawHeaders(name, values)

@@ -1,0 +1,195 @@
+# -*- test-case-name: tests.test_keys -*-
+"""
+API keys: making them, hashing them, and the keys file that stores them.
+
+A key is C{olpk_} followed by 32 random base62 characters (190 bits) and a
+6-character base62 checksum, so secret scanners can recognise a leaked one and
+tell it from random text.  Only a SHA-256 digest of each key is ever stored.
+A fast hash is the right one here: the keys are long random strings, not
+passwords, so there is nothing to brute-force.
+
+The keys file is JSON::
+
+    {"keys": [{"name": "default", "hash": "sha256:<hex>",
+               "created": "2026-11-27T07:00:00Z"}]}
+
+and is always replaced atomically (write a temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import tempfile
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+KEY_PREFIX = "olpk_"
+_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_RANDOM_CHARS = 32
+_CHECKSUM_CHARS = 6
+
+
+class KeysFileError(ValueError):
+    """
+    The keys file cannot be read: the message says which file and why.
+    """
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """
+    One named key, as the proxy knows it: never the key itself.
+
+    @ivar name: Who or what the key is for; appears in logs instead of the key.
+    @ivar digest: SHA-256 of the key.
+    @ivar created: When the key was made, if known.
+    """
+
+    name: str
+    digest: bytes
+    created: datetime | None = None
+
+
+def digest(key: str) -> bytes:
+    """
+    The SHA-256 digest under which a key is stored and looked up.
+    """
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def _base62(number: int, width: int) -> str:
+    chars = []
+    for _ in range(width):
+        number, index = divmod(number, len(_ALPHABET))
+        chars.append(_ALPHABET[index])
+    return "".join(reversed(chars))
+
+
+def generate_key() -> str:
+    """
+    Make a new random key: C{olpk_}, 32 random characters, 6 checksum
+    characters.
+    """
+    body = "".join(secrets.choice(_ALPHABET) for _ in range(_RANDOM_CHARS))
+    return KEY_PREFIX + body + _base62(zlib.crc32(body.encode()), _CHECKSUM_CHARS)
+
+
+def looks_generated(key: str) -> bool:
+    """
+    Whether a string has the shape and checksum of a key from
+    L{generate_key}.
+    """
+    body = key[len(KEY_PREFIX):-_CHECKSUM_CHARS]
+    return (
+        key.startswith(KEY_PREFIX)
+        and len(body) == _RANDOM_CHARS
+        and all(c in _ALPHABET for c in body)
+        and key[-_CHECKSUM_CHARS:] == _base62(zlib.crc32(body.encode()), _CHECKSUM_CHARS)
+    )
+
+
+class KeyStore:
+    """
+    The keys the proxy accepts, looked up by digest.
+
+    Looking up the digest of the presented key in a dictionary takes the same
+    time whatever the key is: the only thing timing could reveal is a prefix
+    of a SHA-256 digest, which says nothing about any key.
+    """
+
+    def __init__(self, keys: Iterable[ApiKey] = ()) -> None:
+        self._by_digest: Mapping[bytes, ApiKey] = {}
+        self.replace(keys)
+
+    def replace(self, keys: Iterable[ApiKey]) -> None:
+        """
+        Accept exactly C{keys} from now on.
+
+        @raise ValueError: If two keys have the same name.
+        """
+        by_digest = {}
+        names = set()
+        for key in keys:
+            if key.name in names:
+                raise ValueError(f"two keys are named {key.name!r}")
+            names.add(key.name)
+            by_digest[key.digest] = key
+        self._by_digest = by_digest
+
+    def find(self, presented: str) -> ApiKey | None:
+        """
+        The key matching a presented secret, or L{None}.
+        """
+        return self._by_digest.get(digest(presented))
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+
+def _format_time(when: datetime) -> str:
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def load_keys_file(path: str) -> list[ApiKey]:
+    """
+    Read a keys file.
+
+    @return: The keys in the file, or an empty list if the file does not
+        exist.
+    @raise KeysFileError: If the file exists but is not a valid keys file.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise KeysFileError(f"cannot read keys file {path}: {e}")
+    try:
+        return [_key_from_json(entry) for entry in document["keys"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise KeysFileError(f"keys file {path} is not valid: {e!r}")
+
+
+def _key_from_json(entry: Mapping[str, str]) -> ApiKey:
+    algorithm, _, hexdigest = entry["hash"].partition(":")
+    if algorithm != "sha256" or len(hexdigest) != 64:
+        raise ValueError(f"key {entry['name']!r}: hash must be sha256:<64 hex digits>")
+    created = entry.get("created")
+    return ApiKey(
+        name=str(entry["name"]),
+        digest=bytes.fromhex(hexdigest),
+        created=datetime.fromisoformat(created) if created else None,
+    )
+
+
+def write_keys_file(path: str, keys: Iterable[ApiKey]) -> None:
+    """
+    Replace the keys file atomically with one holding C{keys}, readable only
+    by its owner.  A crash leaves either the old file or the new one, never a
+    mixture.
+    """
+    entries = []
+    for key in keys:
+        entry = {"name": key.name, "hash": "sha256:" + key.digest.hex()}
+        if key.created is not None:
+            entry["created"] = _format_time(key.created)
+        entries.append(entry)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=".keys-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"keys": entries}, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise

@@ -1,0 +1,157 @@
+# -*- test-case-name: tests.test_logs -*-
+"""
+What the proxy writes down, and where.
+
+Every request ends with one access event (L{log_exchange}) on the
+C{ollamaproxy.access} logger.  With C{--log-dir}, L{LogFilesService} sends
+every event to two files that rotate by size with a bounded number of old
+files: C{ollamaproxy.log} (text, for people) and C{ollamaproxy.json} (one JSON
+object a line, for C{jq}).  twistd's own observer is left alone, so
+C{twistd -n} still shows everything on the console.
+
+Keys never appear in any event: events name a key by its name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import IO
+
+from twisted.application.service import Service
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    LogPublisher,
+    Logger,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
+from twisted.python.logfile import LogFile
+
+access = Logger(namespace="ollamaproxy.access")
+
+DEFAULT_ROTATE_BYTES = 10 * 1024 * 1024
+DEFAULT_BACKUPS = 10
+
+
+@dataclass
+class Exchange:
+    """
+    What happened to one request, filled in as it goes and logged at its end.
+
+    @ivar outcome: C{completed}, C{client_disconnected}, C{upstream_error},
+        C{timeout} or C{rejected}.
+    """
+
+    method: str
+    path: str
+    client: str
+    started: float
+    key: str = "-"
+    status: int | None = None
+    first_byte: float | None = None
+    outcome: str = "completed"
+    detail: str = ""
+
+    def responded(self, now: float, status: int) -> None:
+        """
+        Ollama's response head arrived.
+        """
+        self.first_byte = now - self.started
+        self.status = status
+
+    def failed(self, outcome: str, detail: str) -> None:
+        """
+        The request did not end normally.
+        """
+        self.outcome = outcome
+        self.detail = detail
+
+
+def log_exchange(exchange: Exchange, sent_bytes: int, now: float) -> None:
+    """
+    Emit the access event for a finished request.
+    """
+    access.info(
+        "{client} {key} {method} {path} {status} {outcome} {sent_bytes}B "
+        "{duration:.3f}s{detail_suffix}",
+        client=exchange.client,
+        key=exchange.key,
+        method=exchange.method,
+        path=exchange.path,
+        status=exchange.status,
+        outcome=exchange.outcome,
+        detail=exchange.detail,
+        detail_suffix=f" ({exchange.detail})" if exchange.detail else "",
+        sent_bytes=sent_bytes,
+        first_byte=exchange.first_byte,
+        duration=now - exchange.started,
+    )
+
+
+class LogFilesService(Service):
+    """
+    While running, writes every log event at C{info} level or above to
+    rotating text and JSON-lines files in a directory.
+
+    @param directory: Where the files go; created if missing.
+    @param publisher: The log publisher to observe (twisted's global one in
+        the daemon).
+    @param rotate_bytes: Size at which a file is rotated.
+    @param backups: How many rotated files of each kind are kept.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        publisher: LogPublisher,
+        rotate_bytes: int = DEFAULT_ROTATE_BYTES,
+        backups: int = DEFAULT_BACKUPS,
+    ) -> None:
+        self._directory = directory
+        self._publisher = publisher
+        self._rotate_bytes = rotate_bytes
+        self._backups = backups
+        self._files: list[LogFile] = []
+        self._observers: list[ILogObserver] = []
+
+    def _open(self, name: str) -> LogFile:
+        logfile = LogFile(
+            name,
+            self._directory,
+            rotateLength=self._rotate_bytes,
+            maxRotatedFiles=self._backups,
+            defaultMode=0o640,
+        )
+        self._files.append(logfile)
+        return logfile
+
+    def startService(self) -> None:
+        os.makedirs(self._directory, exist_ok=True)
+        text: IO[str] = self._open("ollamaproxy.log")  # type: ignore[assignment]
+        lines: IO[str] = self._open("ollamaproxy.json")  # type: ignore[assignment]
+        self._observers = [
+            FilteringLogObserver(
+                observer,
+                [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
+            )
+            for observer in (
+                textFileLogObserver(text),
+                jsonFileLogObserver(lines, recordSeparator=""),
+            )
+        ]
+        for observer in self._observers:
+            self._publisher.addObserver(observer)
+        Service.startService(self)
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        for observer in self._observers:
+            self._publisher.removeObserver(observer)
+        for logfile in self._files:
+            logfile.close()
+        self._observers = []
+        self._files = []

@@ -1,0 +1,249 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+The heart of the proxy: one request to Ollama and its response relayed back,
+byte for byte, as it arrives.
+
+The path of a response body::
+
+    Ollama socket -> Agent -> _BodyRelay.dataReceived -> request.write -> client
+
+Nothing on that path keeps a body: an C{application/x-ndjson} stream goes out
+one complete line at a time (a line split across reads waits for its end;
+lines that arrive together go out together), everything else as it comes.
+
+The relay is also a push producer on the client's connection, so a client
+that reads slowly pauses the reading of Ollama's socket, and a client that
+goes away closes it, which makes Ollama stop generating.  A body that stops
+early never looks finished: the client gets an error line in the stream's own
+format and a connection closed without the final empty chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss, Request
+from twisted.web.iweb import IResponse
+from twisted.web._newclient import (
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from zope.interface import implementer
+
+from ollamaproxy.errors import ProxyError, error_body
+from ollamaproxy.headers import copy_response_headers, upstream_request_headers
+from ollamaproxy.logs import Exchange
+from ollamaproxy.request_body import spooled_body
+from ollamaproxy.upstream import Upstream
+
+NDJSON = b"application/x-ndjson"
+SSE = b"text/event-stream"
+
+# An NDJSON line still unfinished after this many bytes is passed on as it
+# is, so one endless line cannot hold memory.
+MAX_PENDING_LINE = 1024 * 1024
+
+UNREACHABLE = (
+    ConnectError,
+    DNSLookupError,
+    ResponseNeverReceived,
+    RequestTransmissionFailed,
+    ResponseFailed,
+)
+
+
+class BodyCut(Exception):
+    """
+    Ollama's response body stopped before its end.
+    """
+
+
+@dataclass(frozen=True)
+class Target:
+    """
+    Where a client's request goes.
+
+    @ivar path: The request path without the C{/proxy} prefix and query.
+    @ivar target: Path and query string to send to Ollama.
+    @ivar openai: Whether this is one of the OpenAI-compatible C{/v1} routes.
+    """
+
+    path: bytes
+    target: bytes
+    openai: bool
+
+
+async def relay(
+    request: Request, upstream: Upstream, target: Target, exchange: Exchange
+) -> None:
+    """
+    Send C{request} to Ollama and stream the response back into it.
+
+    @raise ProxyError: 502 if Ollama cannot be reached, 504 if its response
+        head does not come in time; nothing has been written to the client
+        then.
+    """
+    try:
+        response = await upstream.request(
+            request.method,
+            target.target,
+            upstream_request_headers(request.requestHeaders),
+            spooled_body(request.content, upstream.clock),
+        )
+    except TimeoutError:
+        raise ProxyError(
+            504, f"Ollama sent no response within {upstream.header_timeout:g} seconds"
+        )
+    except UNREACHABLE as e:
+        raise ProxyError(502, f"cannot reach Ollama: {_reason(e)}")
+    exchange.responded(upstream.clock.seconds(), response.code)
+    request.setResponseCode(response.code, response.phrase)
+    copy_response_headers(response.headers, request.responseHeaders)
+    body = _BodyRelay(request, response, upstream, target.openai)
+    response.deliverBody(body)
+    try:
+        await body.done
+    except BodyCut as e:
+        exchange.failed("upstream_error", str(e))
+        # Close the connection without the last chunk, so the client cannot
+        # take the stream for complete; Klein sees the disconnection and
+        # ends this handler.
+        request.loseConnection()
+        await request.notifyFinish().addErrback(lambda _: None)
+
+
+def _reason(error: Exception) -> str:
+    """
+    A short, human description of why Ollama could not be reached.
+    """
+    if isinstance(error, (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)):
+        reasons = getattr(error, "reasons", None) or []
+        return "; ".join(r.getErrorMessage() for r in reasons) or type(error).__name__
+    return str(error) or type(error).__name__
+
+
+@implementer(IPushProducer)
+class _BodyRelay(Protocol):
+    """
+    Receives Ollama's response body and writes it to the client.
+
+    @ivar done: Fires when the body has been relayed, fails with L{BodyCut}
+        if it stopped early, and closes Ollama's connection if cancelled.
+    """
+
+    def __init__(
+        self, request: Request, response: IResponse, upstream: Upstream, openai: bool
+    ) -> None:
+        self.done: Deferred[None] = Deferred(lambda _: self._stop_upstream())
+        self._request = request
+        self._clock = upstream.clock
+        self._idle_timeout = upstream.idle_timeout
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        self._lines = content_type.startswith(NDJSON)
+        self._sse = content_type.startswith(SSE)
+        self._openai = openai
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._last = b""
+        self._idle: IDelayedCall | None = None
+        self._cut_reason: str | None = None
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self, True)
+        self._start_idle_timer()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._idle is not None:
+            self._idle.reset(self._idle_timeout)
+        if self._lines:
+            self._write_lines(data)
+        else:
+            self._request.write(data)
+            self._last = data
+
+    def _write_lines(self, data: bytes) -> None:
+        end = data.rfind(b"\n") + 1
+        if end == 0:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size > MAX_PENDING_LINE:
+                self._flush_pending()
+            return
+        head = data if end == len(data) else data[:end]
+        if self._pending:
+            self._pending.append(head)
+            self._flush_pending()
+        else:
+            self._request.write(head)
+        if end < len(data):
+            self._pending.append(data[end:])
+            self._pending_size = len(data) - end
+
+    def _flush_pending(self) -> None:
+        self._request.write(b"".join(self._pending))
+        self._pending = []
+        self._pending_size = 0
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        self._stop_idle_timer()
+        if self._request.channel is not None:
+            self._request.unregisterProducer()
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            if self._pending:
+                self._flush_pending()
+            self.done.callback(None)
+            return
+        why = self._cut_reason or "Ollama's connection broke off in the middle of the response"
+        self._write_error(why)
+        self.done.errback(BodyCut(why))
+
+    def _write_error(self, message: str) -> None:
+        """
+        Tell the client, in the stream's own format, that the body is cut.
+        """
+        if self._lines:
+            self._request.write(error_body(message, 502, openai=False) + b"\n")
+        elif self._sse:
+            separator = b"" if self._last.endswith(b"\n\n") else b"\n\n"
+            event = error_body(message, 502, openai=self._openai)
+            self._request.write(separator + b"data: " + event + b"\n\n")
+
+    # IPushProducer, driven by the client's connection.
+
+    def pauseProducing(self) -> None:
+        self._stop_idle_timer()
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        self._start_idle_timer()
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        self._stop_upstream()
+
+    def _stop_upstream(self) -> None:
+        self._stop_idle_timer()
+        self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def _start_idle_timer(self) -> None:
+        if self._idle is None:
+            self._idle = self._clock.callLater(self._idle_timeout, self._idled)
+
+    def _stop_idle_timer(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _idled(self) -> None:
+        self._idle = None
+        self._cut_reason = f"Ollama sent nothing for {self._idle_timeout:g} seconds"
+        self.transport.stopProducing()  # type: ignore[attr-defined]

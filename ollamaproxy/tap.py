@@ -1,0 +1,202 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+Running the proxy under twistd: the command-line options and the service
+they describe.
+
+Both the twistd plugin (C{twistd ollamaproxy ...}) and C{ollamaproxy.tac}
+build their service here, from the same L{Options}.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService
+from twisted.logger import Logger, globalLogPublisher
+from twisted.python import usage
+from twisted.web.server import Request, Site
+
+from ollamaproxy.app import OllamaProxy
+from ollamaproxy.auth import Authenticator
+from ollamaproxy.config import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_LISTEN,
+    DEFAULT_OPEN_ROUTES,
+    DEFAULT_UPSTREAM,
+    Config,
+    ConfigError,
+)
+from ollamaproxy.keys import (
+    ApiKey,
+    KeysFileError,
+    KeyStore,
+    digest,
+    generate_key,
+    load_keys_file,
+    write_keys_file,
+)
+from ollamaproxy.logs import LogFilesService
+from ollamaproxy.upstream import PoolService, Upstream, agent_for, connection_pool
+
+log = Logger()
+
+
+class Options(usage.Options):
+    """
+    The options of C{twistd ollamaproxy}.  Each option can also be given as
+    an environment variable, C{OLLAMAPROXY_} and the option's name in capitals
+    with C{_} for C{-} (C{--api-key} is C{OLLAMAPROXY_API_KEY}); the option
+    wins when both are given.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "An Ollama server that needs a key: relays the whole Ollama API "
+        "(/, /api/*, /v1/*, and the same under /proxy/) to an Ollama server, "
+        "streaming every response as it comes.  Every option can also be set "
+        "by an environment variable: OLLAMAPROXY_ and the option name in "
+        "capitals with _ for - (e.g. OLLAMAPROXY_API_KEY, which keeps the key "
+        "out of ps).  With no key configured anywhere, the first start makes "
+        "one, stores its hash in the keys file, and prints it once."
+    )
+    optParameters = [
+        ["upstream", "u", None,
+         f"Ollama's base URL, read like OLLAMA_HOST [default: $OLLAMA_HOST, "
+         f"else {DEFAULT_UPSTREAM}]"],
+        ["api-key", None, None,
+         "A key clients must send (Authorization: Bearer KEY or X-API-Key: "
+         "KEY).  Prefer OLLAMAPROXY_API_KEY: options show in ps."],
+        ["keys-file", None, None,
+         "JSON file of named, hashed keys [default: "
+         "$XDG_CONFIG_HOME/ollamaproxy/keys.json or ~/.config/ollamaproxy/keys.json]"],
+        ["log-dir", None, None,
+         "Directory for rotating log files (ollamaproxy.log, ollamaproxy.json) "
+         "[default: none]"],
+        ["open-routes", None, None,
+         "Comma-separated 'METHOD /path' routes served without a key; '' for "
+         f"none [default: {DEFAULT_OPEN_ROUTES}]"],
+        ["connect-timeout", None, None,
+         f"Seconds to wait for a connection to Ollama [default: {DEFAULT_CONNECT_TIMEOUT:g}]"],
+        ["header-timeout", None, None,
+         "Seconds to wait for Ollama's response head; with \"stream\": false "
+         "that is the whole answer [default: "
+         f"{DEFAULT_HEADER_TIMEOUT:g}]"],
+        ["idle-timeout", None, None,
+         "Seconds Ollama may stay silent in the middle of a response "
+         f"[default: {DEFAULT_IDLE_TIMEOUT:g}]"],
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self["listen"] = []
+        self._environ = os.environ if environ is None else environ
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Endpoint to accept clients on, as a Twisted endpoint string; repeatable. TLS: ssl:5443:privateKey=key.pem:certKey=cert.pem [default: tcp:5000]"""
+        self["listen"].append(endpoint)
+
+    def postOptions(self) -> None:
+        try:
+            self.config = Config.from_sources(self, self._environ)
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+
+
+def makeService(options: Options) -> IService:
+    """
+    The proxy service for twistd.  Called before twistd starts logging, so a
+    key made on first start goes to the terminal only, never into a log.
+    """
+    from twisted.internet import reactor
+
+    return build_service(options.config, reactor, announce=_to_terminal)
+
+
+def _to_terminal(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+class _ProxySite(Site):
+    """
+    A site without twisted.web's own access log: the proxy logs each request
+    itself, with the key's name and the outcome.
+    """
+
+    noisy = False
+
+    def log(self, request: Request) -> None:
+        pass
+
+
+def build_service(
+    config: Config, reactor: Any, announce: Callable[[str], None]
+) -> MultiService:
+    """
+    Wire the proxy together: keys, the upstream client, the Klein app, the
+    listening endpoints and the log files.
+
+    @param reactor: The reactor to listen, connect and tell time with.
+    @param announce: Shows text to the person starting the proxy (a key made
+        on first start).
+    """
+    keys = _load_keys(config, announce)
+    pool = connection_pool(reactor)
+    upstream = Upstream(
+        agent=agent_for(reactor, pool, config.connect_timeout),
+        base=config.upstream.encode("ascii"),
+        clock=reactor,
+        header_timeout=config.header_timeout,
+        idle_timeout=config.idle_timeout,
+    )
+    proxy = OllamaProxy(upstream, Authenticator(KeyStore(keys), config.open_routes), reactor)
+    site = _ProxySite(proxy.resource(), reactor=reactor)
+
+    service = MultiService()
+    if config.log_dir:
+        LogFilesService(config.log_dir, globalLogPublisher).setServiceParent(service)
+    PoolService(pool).setServiceParent(service)
+    for endpoint in config.listen:
+        if endpoint.startswith("tcp:") and "interface=" not in endpoint:
+            log.warn(
+                "Listening on {endpoint} on every interface without TLS: keys "
+                "cross the network in clear text.  Use an ssl: endpoint, or a "
+                "TLS terminator in front.",
+                endpoint=endpoint,
+            )
+        strports.service(endpoint, site, reactor=reactor).setServiceParent(service)
+    return service
+
+
+def _load_keys(config: Config, announce: Callable[[str], None]) -> list[ApiKey]:
+    """
+    The keys to accept: the one from C{--api-key}, if any, and those in the
+    keys file.  With none at all, make one (the proxy never runs open).
+    """
+    try:
+        keys = load_keys_file(config.keys_file)
+    except KeysFileError as e:
+        raise usage.UsageError(str(e))
+    if config.api_key:
+        keys.append(ApiKey(name="api-key", digest=digest(config.api_key)))
+    if keys:
+        return keys
+    key = generate_key()
+    first = ApiKey(name="default", digest=digest(key), created=datetime.now(timezone.utc))
+    write_keys_file(config.keys_file, [first])
+    announce(
+        "\nollamaproxy: no API key was configured, so one was made.  Its hash is\n"
+        f"stored in {config.keys_file}; the key itself is shown only this once:\n\n"
+        f"    {key}\n\n"
+        "Clients send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>',\n"
+        "for example:\n\n"
+        f"    curl -H 'Authorization: Bearer {key}' http://HOST:PORT/api/tags\n\n"
+    )
+    return [first]

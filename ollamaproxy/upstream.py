@@ -1,0 +1,93 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+The way to Ollama: one HTTP client with a connection pool, built once and
+handed to whoever needs it.
+
+The client is Twisted's own L{Agent}, the layer treq is built on.  treq's
+C{request()} always wraps its agent with a cookie jar shared by every request
+(cookies set for one client would be sent for the next), with a gzip decoder
+that rewrites C{Accept-Encoding} and the body, and with URL handling that
+rejects IPv6 literals; a proxy must be transparent, so it talks to the agent
+directly.  Tests inject treq's in-memory L{RequestTraversalAgent} instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """
+    Ollama, as the relay sees it.
+
+    @ivar agent: The HTTP client.
+    @ivar base: Ollama's base URL (C{http://host:port}, maybe with a path
+        prefix), as bytes, without a trailing slash.
+    @ivar clock: Tells time for the timeouts.
+    @ivar header_timeout: Seconds to wait for Ollama's response head.
+    @ivar idle_timeout: Seconds Ollama may stay silent within a body.
+    """
+
+    agent: IAgent
+    base: bytes
+    clock: IReactorTime
+    header_timeout: float
+    idle_timeout: float
+
+    def request(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        body: IBodyProducer | None,
+    ) -> Deferred[IResponse]:
+        """
+        Send a request to Ollama.
+
+        @param target: Path and query string, starting with C{/}.
+        @return: A L{Deferred} that fires with the response once its head has
+            arrived, fails with the agent's error if Ollama cannot be
+            reached, or with L{twisted.internet.defer.TimeoutError} if the
+            head takes longer than the header timeout.  Cancelling it drops
+            the connection.
+        """
+        d = self.agent.request(method, self.base + target, headers, body)
+        return d.addTimeout(self.header_timeout, self.clock)
+
+
+def connection_pool(reactor: IReactorTime) -> HTTPConnectionPool:
+    """
+    A pool of persistent connections to Ollama.  Only idle connections are
+    kept; every concurrent stream has its own connection.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 64
+    return pool
+
+
+def agent_for(reactor: IReactorTime, pool: HTTPConnectionPool, connect_timeout: float) -> IAgent:
+    """
+    The production HTTP client for talking to Ollama.
+    """
+    return Agent(reactor, connectTimeout=connect_timeout, pool=pool)  # type: ignore[arg-type]
+
+
+class PoolService(Service):
+    """
+    Closes the pool's idle connections when the proxy stops.
+    """
+
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self._pool = pool
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return self._pool.closeCachedConnections()

@@ -1,0 +1,36 @@
+from setuptools import setup
+
+setup(
+    name="ollamaproxy",
+    version="0.1.0",
+    description="An Ollama server that needs a key: an authenticating, streaming proxy for Ollama",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    # twisted/plugins has no __init__.py on purpose (it is a namespace that
+    # Twisted itself shares), so it is listed by hand.
+    packages=["ollamaproxy", "twisted.plugins"],
+    package_data={"twisted": ["plugins/ollamaproxy_plugin.py"]},
+    install_requires=[
+        "twisted[tls]>=24.7.0",
+        "klein>=24.8.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "treq>=24.9.1",
+        ],
+        "dev": [
+            "mypy>=1.11",
+            "mypy-zope>=1.0.5",
+            "ruff>=0.6",
+        ],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: Internet :: Proxy Servers",
+    ],
+)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -27,6 +28,7 @@ DEFAULT_HEADER_TIMEOUT = 600.0
 DEFAULT_IDLE_TIMEOUT = 600.0
 
 ENV_PREFIX = "OLLAMAPROXY_"
+_ENDPOINT = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S")
 
 
 class ConfigError(ValueError):
@@ -91,15 +93,25 @@ class Config:
 
         def get(name: str) -> str | None:
             value = options.get(name)
-            if value is None or value == []:
+            if value is None:
                 return environ.get(ENV_PREFIX + name.upper().replace("-", "_"))
-            if isinstance(value, list):
-                return ",".join(str(v) for v in value)
             return str(value)
 
-        listen = _split(get("listen") or DEFAULT_LISTEN)
+        # Endpoints given as options stay whole (a key file's path may hold a
+        # space); the environment variable is a comma- or space-separated list.
+        listen_options = options.get("listen")
+        if isinstance(listen_options, list) and listen_options:
+            listen = [str(endpoint) for endpoint in listen_options]
+        else:
+            listen = _split(environ.get(ENV_PREFIX + "LISTEN") or DEFAULT_LISTEN)
         if not listen:
             raise ConfigError("--listen: give at least one endpoint, e.g. tcp:5000")
+        for endpoint in listen:
+            if not _ENDPOINT.match(endpoint):
+                raise ConfigError(
+                    f"--listen: {endpoint!r} is not an endpoint string such as "
+                    "tcp:5000 or ssl:5443:privateKey=key.pem:certKey=cert.pem"
+                )
         upstream = get("upstream") or environ.get("OLLAMA_HOST") or DEFAULT_UPSTREAM
         open_routes = get("open-routes")
         return cls(
@@ -133,7 +145,7 @@ def _seconds(name: str, value: str | None, default: float) -> float:
     try:
         seconds = float(value)
     except ValueError:
-        raise ConfigError(f"--{name}: {value!r} is not a number of seconds")
+        raise ConfigError(f"--{name}: {value!r} is not a number of seconds") from None
     if not seconds > 0:
         raise ConfigError(f"--{name}: must be more than 0 seconds, not {value}")
     return seconds
@@ -153,9 +165,10 @@ def parse_routes(value: str) -> frozenset[Route]:
             continue
         method, _, path = item.partition(" ")
         path = path.strip()
-        if not method.isalpha() or not path.startswith("/"):
+        if not (item.isascii() and method.isalpha() and path.startswith("/")):
             raise ConfigError(
-                f"--open-routes: {item!r} is not of the form 'METHOD /path'"
+                f"--open-routes: {item!r} is not of the form 'METHOD /path' "
+                "(ASCII; percent-encode other characters)"
             )
         routes.add(Route(method.upper().encode("ascii"), path.encode("ascii")))
     return frozenset(routes)
@@ -165,18 +178,20 @@ def parse_ollama_host(value: str) -> str:
     """
     Read an Ollama address the way Ollama's own clients read C{OLLAMA_HOST}.
 
-    A bare host gets port 11434; C{http://host} gets port 80 and
-    C{https://host} port 443; an empty host means 127.0.0.1; a path prefix is
-    kept.  C{0.0.0.0:11434} (how people make Ollama listen everywhere) stays
+    Spaces and quotes around the value are ignored.  A bare host gets port
+    11434; C{http://host} gets port 80 and C{https://host} port 443; an empty
+    host means 127.0.0.1; a bare IPv6 address (C{::1}) is one host, not a
+    host and a port; a path prefix is kept.  C{0.0.0.0:11434} (how people make Ollama listen everywhere) stays
     as it is: connecting to it reaches the local machine.
 
     @return: C{scheme://host:port} or C{scheme://host:port/prefix}.
     @raise ConfigError: For schemes other than http and https, or a bad port.
     """
-    scheme, sep, hostport = value.strip().partition("://")
+    value = value.strip().strip("\"'").strip()
+    scheme, sep, hostport = value.partition("://")
     port = 11434
     if not sep:
-        scheme, hostport = "http", value.strip()
+        scheme, hostport = "http", value
     elif scheme == "http":
         port = 80
     elif scheme == "https":
@@ -185,12 +200,19 @@ def parse_ollama_host(value: str) -> str:
         raise ConfigError(
             f"--upstream: {value!r}: only http:// and https:// are supported"
         )
+    if hostport.count(":") > 1 and "[" not in hostport:
+        try:
+            hostport = f"[{ipaddress.IPv6Address(hostport.split('/', 1)[0])}]" + (
+                "/" + hostport.split("/", 1)[1] if "/" in hostport else ""
+            )
+        except ValueError:
+            pass
     try:
         split = urlsplit(f"{scheme}://{hostport}")
         host = split.hostname or "127.0.0.1"
         port = split.port or port
     except ValueError as e:
-        raise ConfigError(f"--upstream: {value!r}: {e}")
+        raise ConfigError(f"--upstream: {value!r}: {e}") from None
     try:
         if isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address):
             host = f"[{host}]"

@@ -26,7 +26,7 @@ import tempfile
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 KEY_PREFIX = "olpk_"
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -132,7 +132,7 @@ class KeyStore:
 
 
 def _format_time(when: datetime) -> str:
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def load_keys_file(path: str) -> list[ApiKey]:
@@ -149,14 +149,16 @@ def load_keys_file(path: str) -> list[ApiKey]:
     except FileNotFoundError:
         return []
     except (OSError, ValueError) as e:
-        raise KeysFileError(f"cannot read keys file {path}: {e}")
+        raise KeysFileError(f"cannot read keys file {path}: {e}") from e
     try:
         return [_key_from_json(entry) for entry in document["keys"]]
     except (KeyError, TypeError, ValueError) as e:
-        raise KeysFileError(f"keys file {path} is not valid: {e!r}")
+        raise KeysFileError(f"keys file {path} is not valid: {e!r}") from e
 
 
 def _key_from_json(entry: Mapping[str, str]) -> ApiKey:
+    if not isinstance(entry["hash"], str):
+        raise ValueError(f"key {entry['name']!r}: hash must be a string")
     algorithm, _, hexdigest = entry["hash"].partition(":")
     if algorithm != "sha256" or len(hexdigest) != 64:
         raise ValueError(f"key {entry['name']!r}: hash must be sha256:<64 hex digits>")

@@ -22,10 +22,10 @@ from twisted.application.service import Service
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     LogPublisher,
-    Logger,
     jsonFileLogObserver,
     textFileLogObserver,
 )

@@ -21,20 +21,21 @@ format and a connection closed without the final empty chunk.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss, Request
-from twisted.web.iweb import IResponse
 from twisted.web._newclient import (
     RequestTransmissionFailed,
     ResponseFailed,
     ResponseNeverReceived,
 )
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss, Request
+from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from ollamaproxy.errors import ProxyError, error_body
@@ -57,6 +58,9 @@ UNREACHABLE = (
     RequestTransmissionFailed,
     ResponseFailed,
 )
+
+
+_DONE = Failure(ResponseDone())
 
 
 class BodyCut(Exception):
@@ -100,9 +104,9 @@ async def relay(
     except TimeoutError:
         raise ProxyError(
             504, f"Ollama sent no response within {upstream.header_timeout:g} seconds"
-        )
+        ) from None
     except UNREACHABLE as e:
-        raise ProxyError(502, f"cannot reach Ollama: {_reason(e)}")
+        raise ProxyError(502, f"cannot reach Ollama: {_reason(e)}") from e
     exchange.responded(upstream.clock.seconds(), response.code)
     request.setResponseCode(response.code, response.phrase)
     copy_response_headers(response.headers, request.responseHeaders)
@@ -191,7 +195,7 @@ class _BodyRelay(Protocol):
         self._pending = []
         self._pending_size = 0
 
-    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+    def connectionLost(self, reason: Failure = _DONE) -> None:
         self._stop_idle_timer()
         if self._request.channel is not None:
             self._request.unregisterProducer()
@@ -217,22 +221,28 @@ class _BodyRelay(Protocol):
             event = error_body(message, 502, openai=self._openai)
             self._request.write(separator + b"data: " + event + b"\n\n")
 
+    def _upstream(self) -> IPushProducer:
+        """
+        Ollama's connection, as the agent hands it to a body protocol.
+        """
+        return cast(IPushProducer, self.transport)
+
     # IPushProducer, driven by the client's connection.
 
     def pauseProducing(self) -> None:
         self._stop_idle_timer()
-        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._upstream().pauseProducing()
 
     def resumeProducing(self) -> None:
         self._start_idle_timer()
-        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self._upstream().resumeProducing()
 
     def stopProducing(self) -> None:
         self._stop_upstream()
 
     def _stop_upstream(self) -> None:
         self._stop_idle_timer()
-        self.transport.stopProducing()  # type: ignore[attr-defined]
+        self._upstream().stopProducing()
 
     def _start_idle_timer(self) -> None:
         if self._idle is None:
@@ -246,4 +256,4 @@ class _BodyRelay(Protocol):
     def _idled(self) -> None:
         self._idle = None
         self._cut_reason = f"Ollama sent nothing for {self._idle_timeout:g} seconds"
-        self.transport.stopProducing()  # type: ignore[attr-defined]
+        self._upstream().stopProducing()

@@ -12,14 +12,15 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, ClassVar
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
-from twisted.web.server import Request, Site
+from twisted.web.http import Request
+from twisted.web.server import Site
 
 from ollamaproxy.app import OllamaProxy
 from ollamaproxy.auth import Authenticator
@@ -27,7 +28,6 @@ from ollamaproxy.config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_LISTEN,
     DEFAULT_OPEN_ROUTES,
     DEFAULT_UPSTREAM,
     Config,
@@ -66,7 +66,7 @@ class Options(usage.Options):
         "out of ps).  With no key configured anywhere, the first start makes "
         "one, stores its hash in the keys file, and prints it once."
     )
-    optParameters = [
+    optParameters: ClassVar[list[list[str | None]]] = [
         ["upstream", "u", None,
          f"Ollama's base URL, read like OLLAMA_HOST [default: $OLLAMA_HOST, "
          f"else {DEFAULT_UPSTREAM}]"],
@@ -99,14 +99,14 @@ class Options(usage.Options):
         self._environ = os.environ if environ is None else environ
 
     def opt_listen(self, endpoint: str) -> None:
-        """Endpoint to accept clients on, as a Twisted endpoint string; repeatable. TLS: ssl:5443:privateKey=key.pem:certKey=cert.pem [default: tcp:5000]"""
+        """Endpoint to accept clients on (a Twisted endpoint string, repeatable; for TLS: ssl:5443:privateKey=key.pem:certKey=cert.pem) [default: tcp:5000]"""  # noqa: E501
         self["listen"].append(endpoint)
 
     def postOptions(self) -> None:
         try:
             self.config = Config.from_sources(self, self._environ)
         except ConfigError as e:
-            raise usage.UsageError(str(e))
+            raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options) -> IService:
@@ -116,7 +116,12 @@ def makeService(options: Options) -> IService:
     """
     from twisted.internet import reactor
 
-    return build_service(options.config, reactor, announce=_to_terminal)
+    try:
+        return build_service(options.config, reactor, announce=_to_terminal)
+    except (usage.UsageError, ValueError, OSError) as e:
+        # A bad endpoint string, an unreadable keys file or TLS key: say
+        # what is wrong, without a traceback.
+        raise SystemExit(f"ollamaproxy: {e}") from None
 
 
 def _to_terminal(text: str) -> None:
@@ -147,7 +152,7 @@ def build_service(
     @param announce: Shows text to the person starting the proxy (a key made
         on first start).
     """
-    keys = _load_keys(config, announce)
+    keys = _key_store(config, announce)
     pool = connection_pool(reactor)
     upstream = Upstream(
         agent=agent_for(reactor, pool, config.connect_timeout),
@@ -156,7 +161,7 @@ def build_service(
         header_timeout=config.header_timeout,
         idle_timeout=config.idle_timeout,
     )
-    proxy = OllamaProxy(upstream, Authenticator(KeyStore(keys), config.open_routes), reactor)
+    proxy = OllamaProxy(upstream, Authenticator(keys, config.open_routes), reactor)
     site = _ProxySite(proxy.resource(), reactor=reactor)
 
     service = MultiService()
@@ -175,21 +180,23 @@ def build_service(
     return service
 
 
-def _load_keys(config: Config, announce: Callable[[str], None]) -> list[ApiKey]:
+def _key_store(config: Config, announce: Callable[[str], None]) -> KeyStore:
     """
     The keys to accept: the one from C{--api-key}, if any, and those in the
     keys file.  With none at all, make one (the proxy never runs open).
+
+    @raise usage.UsageError: If the keys file is unusable.
     """
     try:
         keys = load_keys_file(config.keys_file)
-    except KeysFileError as e:
-        raise usage.UsageError(str(e))
-    if config.api_key:
-        keys.append(ApiKey(name="api-key", digest=digest(config.api_key)))
-    if keys:
-        return keys
+        if config.api_key:
+            keys.append(ApiKey(name="api-key", digest=digest(config.api_key)))
+        if keys:
+            return KeyStore(keys)
+    except (KeysFileError, ValueError) as e:
+        raise usage.UsageError(f"{config.keys_file}: {e}") from None
     key = generate_key()
-    first = ApiKey(name="default", digest=digest(key), created=datetime.now(timezone.utc))
+    first = ApiKey(name="default", digest=digest(key), created=datetime.now(UTC))
     write_keys_file(config.keys_file, [first])
     announce(
         "\nollamaproxy: no API key was configured, so one was made.  Its hash is\n"
@@ -199,4 +206,4 @@ def _load_keys(config: Config, announce: Callable[[str], None]) -> list[ApiKey]:
         "for example:\n\n"
         f"    curl -H 'Authorization: Bearer {key}' http://HOST:PORT/api/tags\n\n"
     )
-    return [first]
+    return KeyStore([first])

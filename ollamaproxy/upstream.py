@@ -77,7 +77,7 @@ def agent_for(reactor: IReactorTime, pool: HTTPConnectionPool, connect_timeout: 
     """
     The production HTTP client for talking to Ollama.
     """
-    return Agent(reactor, connectTimeout=connect_timeout, pool=pool)  # type: ignore[arg-type]
+    return Agent(reactor, connectTimeout=connect_timeout, pool=pool)
 
 
 class PoolService(Service):
@@ -90,4 +90,5 @@ class PoolService(Service):
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
-        return self._pool.closeCachedConnections()
+        closed: Deferred[None] = self._pool.closeCachedConnections()
+        return closed

@@ -1,0 +1,166 @@
+"""
+Tests for L{ollamaproxy.auth}: finding the key a request presents, and
+deciding whether the request may go on.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.web.http_headers import Headers
+
+from ollamaproxy.auth import Authenticator, presented_key
+from ollamaproxy.config import DEFAULT_OPEN_ROUTES, parse_routes
+from ollamaproxy.errors import ProxyError
+from ollamaproxy.keys import ApiKey, KeyStore, digest, generate_key
+
+SECRET = generate_key()
+ALICE = ApiKey(name="alice", digest=digest(SECRET))
+
+
+def authenticator() -> Authenticator:
+    """
+    An authenticator that knows one key, alice's, with the default open routes.
+    """
+    return Authenticator(KeyStore([ALICE]), parse_routes(DEFAULT_OPEN_ROUTES))
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({b"authorization": [b"Bearer K"]}, "K"),
+        ({b"authorization": [b"bearer K"]}, "K"),
+        ({b"authorization": [b"BEARER K"]}, "K"),
+        ({b"authorization": [b"Bearer    K  "]}, "K"),
+        ({b"authorization": [b"  Bearer K"]}, "K"),
+        ({b"x-api-key": [b"K"]}, "K"),
+        ({b"x-api-key": [b"  K "]}, "K"),
+        ({b"authorization": [b"Bearer A"], b"x-api-key": [b"B"]}, "A"),
+        ({b"authorization": [b"Basic dXNlcjpwYXNz"], b"x-api-key": [b"B"]}, "B"),
+        ({b"authorization": [b"Bearer "], b"x-api-key": [b"B"]}, "B"),
+        ({b"authorization": [b"Basic dXNlcjpwYXNz"]}, None),
+        ({b"authorization": [b"Token K"]}, None),
+        ({b"authorization": [b"Bearer"]}, None),
+        ({b"authorization": [b"Bearer    "]}, None),
+        ({b"authorization": [b""]}, None),
+        ({b"x-api-key": [b""]}, None),
+        ({b"x-api-key": [b"   "]}, None),
+        ({b"content-type": [b"application/json"]}, None),
+        ({}, None),
+    ],
+    ids=[
+        "bearer",
+        "bearer-lower",
+        "bearer-upper",
+        "bearer-spaces",
+        "bearer-leading-space",
+        "x-api-key",
+        "x-api-key-spaces",
+        "bearer-wins",
+        "basic-ignored-x-api-key-used",
+        "empty-bearer-x-api-key-used",
+        "basic-only",
+        "other-scheme",
+        "bearer-no-token",
+        "bearer-blank-token",
+        "empty-authorization",
+        "empty-x-api-key",
+        "blank-x-api-key",
+        "no-key-headers",
+        "no-headers",
+    ],
+)
+def test_presented_key(raw: dict[bytes, list[bytes]], expected: str | None) -> None:
+    """The key comes from a Bearer token, else from X-API-Key; anything else is no key."""
+    assert presented_key(Headers(raw)) == expected
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [(b"GET", b"/"), (b"HEAD", b"/"), (b"GET", b"/api/version"), (b"HEAD", b"/api/version")],
+)
+def test_open_route_needs_no_key(method: bytes, path: bytes) -> None:
+    """An open route is let through without a key, and yields no ApiKey."""
+    assert authenticator().authenticate(method, path, Headers()) is None
+
+
+def test_open_route_ignores_wrong_key() -> None:
+    """A wrong key on an open route is not held against the request."""
+    headers = Headers({b"authorization": [b"Bearer wrong"]})
+    assert authenticator().authenticate(b"GET", b"/api/version", headers) is None
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        (b"GET", b"/api/version/"),
+        (b"GET", b"/API/VERSION"),
+        (b"GET", b"/api/Version"),
+        (b"GET", b"/api/%76ersion"),
+        (b"GET", b"/api/version%2F"),
+        (b"GET", b"/api/version/../tags"),
+        (b"GET", b"/api/./version"),
+        (b"GET", b"//api/version"),
+        (b"GET", b"/api/version;x"),
+        (b"POST", b"/api/version"),
+        (b"get", b"/api/version"),
+        (b"DELETE", b"/"),
+        (b"GET", b""),
+        (b"GET", b"/api/tags"),
+        (b"POST", b"/api/chat"),
+    ],
+)
+def test_closed_route_needs_key(method: bytes, path: bytes) -> None:
+    """Any route not exactly in the open set, however close its spelling, needs a key."""
+    with pytest.raises(ProxyError) as raised:
+        authenticator().authenticate(method, path, Headers())
+    assert raised.value.code == 401
+    assert raised.value.headers == {b"WWW-Authenticate": b"Bearer"}
+
+
+def test_missing_key() -> None:
+    """No key gives a 401 that says how to send one and asks for a Bearer token."""
+    with pytest.raises(ProxyError) as raised:
+        authenticator().authenticate(b"POST", b"/api/chat", Headers())
+    assert raised.value.code == 401
+    assert raised.value.headers == {b"WWW-Authenticate": b"Bearer"}
+    assert "missing API key" in raised.value.message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {b"authorization": [b"Bearer " + generate_key().encode()]},
+        {b"x-api-key": [generate_key().encode()]},
+        {b"authorization": [b"Bearer " + SECRET[:-1].encode()]},
+        {b"x-api-key": [ALICE.digest.hex().encode()]},
+        {b"authorization": [b"Bearer wrong"], b"x-api-key": [SECRET.encode()]},
+    ],
+    ids=["bearer", "x-api-key", "truncated", "digest", "wrong-bearer-beats-right-x-api-key"],
+)
+def test_wrong_key(raw: dict[bytes, list[bytes]]) -> None:
+    """A key the store does not know gives a 401 with WWW-Authenticate: Bearer."""
+    with pytest.raises(ProxyError) as raised:
+        authenticator().authenticate(b"POST", b"/api/chat", Headers(raw))
+    assert raised.value.code == 401
+    assert raised.value.headers == {b"WWW-Authenticate": b"Bearer"}
+    assert "invalid API key" in raised.value.message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {b"authorization": [b"Bearer " + SECRET.encode()]},
+        {b"x-api-key": [SECRET.encode()]},
+        {b"authorization": [b"Basic dXNlcjpwYXNz"], b"x-api-key": [SECRET.encode()]},
+    ],
+    ids=["bearer", "x-api-key", "basic-and-x-api-key"],
+)
+def test_right_key(raw: dict[bytes, list[bytes]]) -> None:
+    """The right key, in either header, yields its ApiKey."""
+    assert authenticator().authenticate(b"POST", b"/api/chat", Headers(raw)) is ALICE
+
+
+def test_right_key_on_open_route_is_not_needed() -> None:
+    """On an open route even the right key yields None: the route is open to all."""
+    headers = Headers({b"authorization": [b"Bearer " + SECRET.encode()]})
+    assert authenticator().authenticate(b"GET", b"/", headers) is None

@@ -1,0 +1,366 @@
+"""
+Tests for L{ollamaproxy.tap}: the twistd options, the service they build,
+the first-start key, and the plugin that makes C{twistd ollamaproxy} work.
+
+Services are built on a L{MemoryReactorClock}: nothing listens, nothing
+connects.
+"""
+
+# Twisted's usage.Options, MemoryReactorClock and Service are unannotated;
+# pyproject.toml allows calling them (disallow_untyped_calls = false), and so
+# does this file under a bare "mypy --strict".
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from klein.resource import KleinResource
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, IServiceMaker, MultiService
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.web.server import Site
+
+from ollamaproxy import tap
+from ollamaproxy.config import DEFAULT_OPEN_ROUTES, Config, Route, parse_routes
+from ollamaproxy.keys import ApiKey, digest, load_keys_file, looks_generated, write_keys_file
+from ollamaproxy.logs import LogFilesService
+from ollamaproxy.tap import Options, build_service
+from ollamaproxy.upstream import PoolService
+
+KEY_PATTERN = re.compile(r"olpk_[0-9A-Za-z]{38}")
+LOCAL = "tcp:0:interface=127.0.0.1"
+
+
+def parse(args: list[str], environ: dict[str, str] | None = None) -> Options:
+    """
+    Parse a command line with the given environment (empty by default).
+    """
+    options = Options(environ={} if environ is None else environ)
+    options.parseOptions(args)
+    return options
+
+
+def base_config(tmp_path: Path, **changes: Any) -> Config:
+    """
+    A configuration that listens on 127.0.0.1 only and keeps its keys in
+    C{tmp_path}.
+    """
+    config = Config(
+        listen=(LOCAL,),
+        keys_file=str(tmp_path / "config" / "ollamaproxy" / "keys.json"),
+        open_routes=parse_routes(DEFAULT_OPEN_ROUTES),
+    )
+    return replace(config, **changes)
+
+
+def children(service: MultiService) -> list[IService]:
+    """
+    The direct child services, in order.
+    """
+    return list(service)
+
+
+def endpoint_services(service: MultiService) -> list[StreamServerEndpointService]:
+    """
+    The listening children of a service.
+    """
+    return [s for s in children(service) if isinstance(s, StreamServerEndpointService)]
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No arguments and no environment give every option unset and the default Config."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    options = parse([])
+    assert dict(options) == {
+        "upstream": None,
+        "api-key": None,
+        "keys-file": None,
+        "log-dir": None,
+        "open-routes": None,
+        "connect-timeout": None,
+        "header-timeout": None,
+        "idle-timeout": None,
+        "listen": [],
+    }
+    assert options.config == Config(
+        listen=("tcp:5000",),
+        upstream="http://127.0.0.1:11434",
+        api_key=None,
+        keys_file=f"{tmp_path}/.config/ollamaproxy/keys.json",
+        log_dir=None,
+        open_routes=frozenset(
+            {
+                Route(b"GET", b"/"),
+                Route(b"HEAD", b"/"),
+                Route(b"GET", b"/api/version"),
+                Route(b"HEAD", b"/api/version"),
+            }
+        ),
+        connect_timeout=10.0,
+        header_timeout=600.0,
+        idle_timeout=600.0,
+    )
+
+
+def test_listen_repeated() -> None:
+    """--listen may be given more than once; every endpoint is kept, in order."""
+    options = parse(["--listen", LOCAL, "--listen", "unix:/tmp/ollamaproxy.sock"])
+    assert options["listen"] == [LOCAL, "unix:/tmp/ollamaproxy.sock"]
+    assert options.config.listen == (LOCAL, "unix:/tmp/ollamaproxy.sock")
+
+
+def test_every_option() -> None:
+    """Every option on the command line ends up in the Config."""
+    options = parse(
+        [
+            "--listen", LOCAL,
+            "--upstream", "https://gpu-box/ollama/",
+            "--api-key", "secret",
+            "--keys-file", "/etc/ollamaproxy/keys.json",
+            "--log-dir", "/var/log/ollamaproxy",
+            "--open-routes", "get /health",
+            "--connect-timeout", "2.5",
+            "--header-timeout", "30",
+            "--idle-timeout", "45",
+        ]
+    )
+    assert options.config == Config(
+        listen=(LOCAL,),
+        upstream="https://gpu-box:443/ollama",
+        api_key="secret",
+        keys_file="/etc/ollamaproxy/keys.json",
+        log_dir="/var/log/ollamaproxy",
+        open_routes=frozenset({Route(b"GET", b"/health")}),
+        connect_timeout=2.5,
+        header_timeout=30.0,
+        idle_timeout=45.0,
+    )
+
+
+def test_upstream_short_option() -> None:
+    """-u is short for --upstream."""
+    assert parse(["-u", "gpu-box:1234"]).config.upstream == "http://gpu-box:1234"
+
+
+def test_no_open_routes() -> None:
+    """--open-routes '' leaves no route open."""
+    assert parse(["--open-routes", ""]).config.open_routes == frozenset()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--connect-timeout", "soon"],
+        ["--header-timeout", "0"],
+        ["--idle-timeout", "-5"],
+        ["--upstream", "ftp://gpu-box"],
+        ["--upstream", "gpu-box:99999"],
+        ["--open-routes", "GET"],
+        ["--listen", ","],
+        ["--no-such-option"],
+        ["extra-argument"],
+    ],
+)
+def test_bad_value(args: list[str]) -> None:
+    """A value the proxy cannot use is a usage error, not a traceback."""
+    with pytest.raises(usage.UsageError):
+        parse(args)
+
+
+def test_bad_environment_value() -> None:
+    """A bad value from the environment is a usage error too, naming the option."""
+    with pytest.raises(usage.UsageError, match="--idle-timeout"):
+        parse([], {"OLLAMAPROXY_IDLE_TIMEOUT": "never"})
+
+
+def test_environment_used() -> None:
+    """Environment variables set the options that are not given."""
+    environ = {
+        "OLLAMAPROXY_LISTEN": f"{LOCAL},unix:/tmp/p.sock",
+        "OLLAMAPROXY_API_KEY": "env-key",
+        "OLLAMAPROXY_KEYS_FILE": "/env/keys.json",
+        "OLLAMAPROXY_LOG_DIR": "/env/logs",
+        "OLLAMAPROXY_OPEN_ROUTES": "",
+        "OLLAMAPROXY_CONNECT_TIMEOUT": "1",
+        "OLLAMAPROXY_HEADER_TIMEOUT": "2",
+        "OLLAMAPROXY_IDLE_TIMEOUT": "3",
+        "OLLAMA_HOST": "0.0.0.0",
+    }
+    assert parse([], environ).config == Config(
+        listen=(LOCAL, "unix:/tmp/p.sock"),
+        upstream="http://0.0.0.0:11434",
+        api_key="env-key",
+        keys_file="/env/keys.json",
+        log_dir="/env/logs",
+        open_routes=frozenset(),
+        connect_timeout=1.0,
+        header_timeout=2.0,
+        idle_timeout=3.0,
+    )
+
+
+def test_option_beats_environment() -> None:
+    """An option given on the command line wins over its environment variable."""
+    environ = {"OLLAMAPROXY_UPSTREAM": "env-host", "OLLAMAPROXY_API_KEY": "env-key"}
+    config = parse(["--upstream", "opt-host", "--api-key", "opt-key"], environ).config
+    assert (config.upstream, config.api_key) == ("http://opt-host:11434", "opt-key")
+
+
+def test_process_environment_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Options() without an environ reads the process environment (the .tac file's way)."""
+    monkeypatch.setenv("OLLAMAPROXY_API_KEY", "from-os-environ")
+    options = Options()
+    options.parseOptions([])
+    assert options.config.api_key == "from-os-environ"
+
+
+def test_service_structure(tmp_path: Path) -> None:
+    """One endpoint service per --listen, all serving one Site over the Klein resource."""
+    reactor = MemoryReactorClock()
+    config = base_config(
+        tmp_path, api_key="k", listen=(LOCAL, "tcp:8080:interface=\\:\\:1")
+    )
+    service = build_service(config, reactor, lambda text: None)
+    kinds = [type(child) for child in children(service)]
+    assert kinds == [PoolService, StreamServerEndpointService, StreamServerEndpointService]
+    listeners = endpoint_services(service)
+    site = listeners[0].factory
+    assert isinstance(site, Site)
+    assert listeners[1].factory is site
+    assert isinstance(site.resource, KleinResource)
+
+
+def test_endpoints_follow_listen(tmp_path: Path) -> None:
+    """Started endpoint services listen on the configured ports, in order, on the given reactor."""
+    reactor = MemoryReactorClock()
+    config = base_config(
+        tmp_path, api_key="k", listen=(LOCAL, "tcp:8080:interface=\\:\\:1")
+    )
+    service = build_service(config, reactor, lambda text: None)
+    listeners = endpoint_services(service)
+    for listener in listeners:
+        listener.privilegedStartService()
+        listener.startService()
+    try:
+        site = listeners[0].factory
+        assert reactor.tcpServers == [(0, site, 50, "127.0.0.1"), (8080, site, 50, "::1")]
+    finally:
+        for listener in listeners:
+            listener.stopService()
+
+
+@pytest.mark.parametrize("log_dir", [None, "logs"])
+def test_log_files_only_with_log_dir(tmp_path: Path, log_dir: str | None) -> None:
+    """There is a LogFilesService exactly when --log-dir is set."""
+    config = base_config(
+        tmp_path, api_key="k", log_dir=None if log_dir is None else str(tmp_path / log_dir)
+    )
+    service = build_service(config, MemoryReactorClock(), lambda text: None)
+    log_services = [s for s in children(service) if isinstance(s, LogFilesService)]
+    assert len(log_services) == (0 if log_dir is None else 1)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_first_start_makes_a_key(tmp_path: Path) -> None:
+    """With no key anywhere, a key named default is made, stored as a hash and announced once."""
+    config = base_config(tmp_path)
+    announced: list[str] = []
+    build_service(config, MemoryReactorClock(), announced.append)
+
+    assert len(announced) == 1
+    found = set(KEY_PATTERN.findall(announced[0]))
+    assert len(found) == 1
+    key = found.pop()
+    assert looks_generated(key)
+    assert config.keys_file in announced[0]
+
+    stored = load_keys_file(config.keys_file)
+    assert [(k.name, k.digest) for k in stored] == [("default", digest(key))]
+    assert stored[0].created is not None
+    text = Path(config.keys_file).read_text()
+    assert key not in text
+    assert os.stat(config.keys_file).st_mode & 0o777 == 0o600
+
+
+def test_second_start_is_quiet(tmp_path: Path) -> None:
+    """A second start with the same keys file neither announces nor rewrites it."""
+    config = base_config(tmp_path)
+    announced: list[str] = []
+    build_service(config, MemoryReactorClock(), announced.append)
+    before = Path(config.keys_file).read_bytes()
+    build_service(config, MemoryReactorClock(), announced.append)
+    assert len(announced) == 1
+    assert Path(config.keys_file).read_bytes() == before
+
+
+def test_api_key_needs_no_file(tmp_path: Path) -> None:
+    """With --api-key and no keys file, no file is made and nothing is announced."""
+    config = base_config(tmp_path, api_key="olpk_given")
+    announced: list[str] = []
+    build_service(config, MemoryReactorClock(), announced.append)
+    assert announced == []
+    assert not os.path.exists(config.keys_file)
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_keys_file_is_used(tmp_path: Path) -> None:
+    """A keys file that already holds keys is left alone and nothing is announced."""
+    config = base_config(tmp_path)
+    write_keys_file(config.keys_file, [ApiKey("alice", digest("olpk_alice"))])
+    before = Path(config.keys_file).read_bytes()
+    announced: list[str] = []
+    build_service(config, MemoryReactorClock(), announced.append)
+    assert announced == []
+    assert Path(config.keys_file).read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["not json", '{"keys": [{"name": "a", "hash": "md5:00"}]}', '{"nokeys": []}'],
+)
+def test_corrupt_keys_file(tmp_path: Path, text: str) -> None:
+    """A corrupt keys file stops startup with a usage error naming the file, and is kept."""
+    config = base_config(tmp_path)
+    os.makedirs(os.path.dirname(config.keys_file))
+    Path(config.keys_file).write_text(text)
+    announced: list[str] = []
+    with pytest.raises(usage.UsageError, match=re.escape(config.keys_file)):
+        build_service(config, MemoryReactorClock(), announced.append)
+    assert announced == []
+    assert Path(config.keys_file).read_text() == text
+
+
+@pytest.mark.parametrize(
+    ("names", "api_key"),
+    [(["alice", "alice"], None), (["api-key"], "olpk_given")],
+    ids=["twice-in-file", "file-and-api-key"],
+)
+def test_duplicate_key_names(tmp_path: Path, names: list[str], api_key: str | None) -> None:
+    """Two keys with one name (in the file, or the file's and --api-key's) is a usage error."""
+    config = base_config(tmp_path, api_key=api_key)
+    entries = [
+        {"name": name, "hash": "sha256:" + digest(f"key-{i}").hex()}
+        for i, name in enumerate(names)
+    ]
+    os.makedirs(os.path.dirname(config.keys_file))
+    Path(config.keys_file).write_text(json.dumps({"keys": entries}))
+    with pytest.raises(usage.UsageError):
+        build_service(config, MemoryReactorClock(), lambda text: None)
+
+
+def test_plugin_is_discoverable() -> None:
+    """twistd finds a plugin named ollamaproxy whose options and makeService are tap's."""
+    makers = [m for m in getPlugins(IServiceMaker) if m.tapname == "ollamaproxy"]
+    assert makers, "no ollamaproxy plugin found"
+    for maker in makers:
+        assert isinstance(maker.options(), Options)
+        assert maker.makeService is tap.makeService

@@ -181,8 +181,9 @@ def parse_ollama_host(value: str) -> str:
     Spaces and quotes around the value are ignored.  A bare host gets port
     11434; C{http://host} gets port 80 and C{https://host} port 443; an empty
     host means 127.0.0.1; a bare IPv6 address (C{::1}) is one host, not a
-    host and a port; a path prefix is kept.  C{0.0.0.0:11434} (how people make Ollama listen everywhere) stays
-    as it is: connecting to it reaches the local machine.
+    host and a port; a path prefix is kept.  C{0.0.0.0:11434} (how people
+    make Ollama listen everywhere) stays as it is: connecting to it reaches
+    the local machine.
 
     @return: C{scheme://host:port} or C{scheme://host:port/prefix}.
     @raise ConfigError: For schemes other than http and https, or a bad port.

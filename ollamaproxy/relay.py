@@ -110,6 +110,7 @@ async def relay(
     exchange.responded(upstream.clock.seconds(), response.code)
     request.setResponseCode(response.code, response.phrase)
     copy_response_headers(response.headers, request.responseHeaders)
+    request.write(b"")  # the response head goes out now, as Ollama sent it
     body = _BodyRelay(request, response, upstream, target.openai)
     response.deliverBody(body)
     try:

@@ -14,10 +14,13 @@ directly.  Tests inject treq's in-memory L{RequestTraversalAgent} instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NoReturn
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web._newclient import RequestNotSent, ResponseFailed, ResponseNeverReceived
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
@@ -57,10 +60,32 @@ class Upstream:
             arrived, fails with the agent's error if Ollama cannot be
             reached, or with L{twisted.internet.defer.TimeoutError} if the
             head takes longer than the header timeout.  Cancelling it drops
-            the connection.
+            the connection and fails it with L{CancelledError}.
         """
         d = self.agent.request(method, self.base + target, headers, body)
-        return d.addTimeout(self.header_timeout, self.clock)
+        d.addErrback(_plain_cancellation)
+        return d.addTimeout(self.header_timeout, self.clock, onTimeoutCancel=_timed_out)
+
+
+def _plain_cancellation(failure: Failure) -> Failure:
+    """
+    The agent reports a request cancelled before its response as
+    C{ResponseNeverReceived([CancelledError])}; make it a plain
+    L{CancelledError}, so a cancelled request looks cancelled to everyone.
+    """
+    reasons = getattr(failure.value, "reasons", ())
+    if failure.check(ResponseNeverReceived, RequestNotSent, ResponseFailed) and any(
+        reason.check(CancelledError) for reason in reasons
+    ):
+        return Failure(CancelledError())
+    return failure
+
+
+def _timed_out(result: object, timeout: float | None) -> NoReturn:
+    """
+    Whatever the cancelled request failed with, the reason was the timeout.
+    """
+    raise TimeoutError(timeout, "no response head from Ollama in time")
 
 
 def connection_pool(reactor: IReactorTime) -> HTTPConnectionPool:

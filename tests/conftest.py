@@ -60,3 +60,26 @@ def observe_errors(_frozen_heap: None) -> Iterator[ErrorCollector]:
             str(e.get("log_failure") or e.get("log_format") or e) for e in collector.errors
         ]
         pytest.fail("errors were logged:\n" + "\n".join(failures))
+
+
+@implementer(ILogObserver)
+class _AccessEvents:
+    def __init__(self) -> None:
+        self.events: list[LogEvent] = []
+
+    def __call__(self, event: LogEvent) -> None:
+        if event.get("log_namespace") == "ollamaproxy.access":
+            self.events.append(event)
+
+
+@pytest.fixture
+def access_events() -> Iterator[list[LogEvent]]:
+    """
+    The access events (one per request) logged while the test runs.
+    """
+    observer = _AccessEvents()
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield observer.events
+    finally:
+        globalLogPublisher.removeObserver(observer)

@@ -1,0 +1,200 @@
+"""
+The whole chain in memory: a client, the proxy, and a fake Ollama.
+
+::
+
+    StubTreq ──► OllamaProxy.resource() ──► RequestTraversalAgent ──► FakeOllama
+
+No sockets, no running reactor: the two in-memory connections move bytes
+when L{Chain.flush} is called, and time moves only when the test advances
+L{Chain.clock}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import IAgent, IResponse
+
+from ollamaproxy.app import OllamaProxy
+from ollamaproxy.auth import Authenticator
+from ollamaproxy.config import DEFAULT_OPEN_ROUTES, parse_routes
+from ollamaproxy.keys import ApiKey, KeyStore, digest
+from ollamaproxy.upstream import Upstream
+from tests.fake_ollama import FakeOllama
+
+KEY = "olpk_chaintestkeychaintestkeychaintest"
+UPSTREAM = b"http://127.0.0.1:11434"
+HEADER_TIMEOUT = 600.0
+IDLE_TIMEOUT = 300.0
+
+T = TypeVar("T")
+
+
+class Collector(Protocol):
+    """
+    Receives a response body chunk by chunk, as the client sees it.
+
+    @ivar chunks: Every piece of body delivered so far, in order.
+    @ivar done: Fires with L{None} when the body ended properly, or fails
+        with the reason it did not.
+    """
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.done: Deferred[None] = Deferred()
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if reason.check(ResponseDone):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+    def disconnect(self) -> None:
+        """
+        Hang up, as a user closing a browser tab does.
+        """
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+
+class Chain:
+    """
+    A client, the proxy and a fake Ollama, connected in memory.
+
+    @ivar clock: The proxy's and the fake's clock.
+    @ivar fake: The fake Ollama behind the proxy.
+    @ivar client: A treq-like client in front of the proxy.
+    """
+
+    def __init__(
+        self,
+        *,
+        open_routes: str = DEFAULT_OPEN_ROUTES,
+        agent: IAgent | None = None,
+        header_timeout: float = HEADER_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        self.clock = Clock()
+        self.fake = FakeOllama(self.clock)
+        self._upstream_agent = RequestTraversalAgent(self.fake)
+        upstream = Upstream(
+            agent=agent or self._upstream_agent,
+            base=UPSTREAM,
+            clock=self.clock,
+            header_timeout=header_timeout,
+            idle_timeout=idle_timeout,
+        )
+        keys = KeyStore([ApiKey(name="alice", digest=digest(KEY))])
+        auth = Authenticator(keys, parse_routes(open_routes))
+        self.proxy = OllamaProxy(upstream, auth, self.clock)
+        self.client = StubTreq(self.proxy.resource())
+
+    def flush(self) -> None:
+        """
+        Move every byte waiting on either connection, and run what the
+        proxy scheduled for "now", until nothing moves (bounded).
+        """
+        for _ in range(20):
+            self.client.flush()
+            self._upstream_agent.flush()
+            self.clock.advance(0)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        key: str | None = KEY,
+        headers: Mapping[str, str | list[str]] | None = None,
+        data: bytes | None = None,
+    ) -> Deferred[IResponse]:
+        """
+        Send a request to the proxy with the test key as a bearer token
+        (C{key=None} for none), and move the bytes.
+        """
+        all_headers: dict[str, Any] = {}
+        if key is not None:
+            all_headers["Authorization"] = f"Bearer {key}"
+        all_headers.update(headers or {})
+        d: Deferred[IResponse] = self.client.request(  # type: ignore[attr-defined]
+            method,
+            "http://proxy.example:5000" + path,
+            headers=all_headers,
+            data=data,
+            unbuffered=True,
+        )
+        self.flush()
+        return d
+
+    def respond(self, method: str, path: str, **kwargs: Any) -> IResponse:
+        """
+        L{request}, and the response, which must have arrived.
+        """
+        return self.result(self.request(method, path, **kwargs))
+
+    def stream(self, response: IResponse) -> Collector:
+        """
+        Start receiving a response's body.
+        """
+        collector = Collector()
+        response.deliverBody(collector)
+        self.flush()
+        return collector
+
+    def body(self, response: IResponse) -> bytes:
+        """
+        A response's whole body, which must have arrived.
+        """
+        collector = self.stream(response)
+        self.result(collector.done)
+        return collector.body
+
+    def result(self, d: Deferred[T]) -> T:
+        """
+        The result a L{Deferred} already has; fails the test if it has none
+        or failed.
+        """
+        results: list[T] = []
+        failures: list[Failure] = []
+        d.addCallbacks(results.append, failures.append)
+        if failures:
+            failures[0].raiseException()
+        assert results, "no result yet"
+        return results[0]
+
+    def pending(self, d: Deferred[Any]) -> bool:
+        """
+        Whether a L{Deferred} has no result yet.
+        """
+        outcomes: list[object] = []
+
+        def note(outcome: object) -> object:
+            outcomes.append(outcome)
+            return outcome
+
+        d.addBoth(note)
+        return not outcomes
+
+    def failure(self, d: Deferred[Any]) -> Failure:
+        """
+        The failure a L{Deferred} already has; fails the test if it has
+        none.
+        """
+        failures: list[Failure] = []
+        d.addErrback(failures.append)
+        assert failures, "no failure yet"
+        return failures[0]

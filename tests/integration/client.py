@@ -1,0 +1,104 @@
+"""
+A real HTTP client for the integration tests, reading bodies as they arrive.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from io import BytesIO
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
+
+from tests.integration.conftest import sleep
+
+WAIT_LIMIT = 20.0
+
+
+class Arrivals(Protocol):
+    """
+    A body, chunk by chunk, with the time each chunk arrived.
+
+    @ivar keep: Whether to keep the chunks, or only count their bytes.
+    """
+
+    def __init__(self, keep: bool = True) -> None:
+        self.keep = keep
+        self.chunks: list[tuple[float, bytes]] = []
+        self.size = 0
+        self.done: Deferred[None] = Deferred()
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(chunk for _, chunk in self.chunks)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.keep:
+            self.chunks.append((time.monotonic(), data))
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if reason.check(ResponseDone):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+
+def agent(reactor: Any, tls: IPolicyForHTTPS | None = None) -> Agent:
+    """
+    An agent that keeps no connection after its response.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    if tls is None:
+        return Agent(reactor, pool=pool)
+    return Agent(reactor, contextFactory=tls, pool=pool)
+
+
+async def request(
+    agent: Agent,
+    method: bytes,
+    url: str,
+    headers: Mapping[str, str] | None = None,
+    body: IBodyProducer | None = None,
+) -> IResponse:
+    response: IResponse = await agent.request(
+        method,
+        url.encode("ascii"),
+        Headers({k: [v] for k, v in (headers or {}).items()}),
+        body,
+    )
+    return response
+
+
+def body(data: bytes) -> IBodyProducer:
+    """
+    A request body.
+    """
+    return FileBodyProducer(BytesIO(data))
+
+
+async def read(response: IResponse, keep: bool = True) -> Arrivals:
+    """
+    Start reading a response's body.
+    """
+    arrivals = Arrivals(keep=keep)
+    response.deliverBody(arrivals)
+    return arrivals
+
+
+async def wait_for(reactor: Any, condition: Callable[[], bool], what: str) -> None:
+    """
+    Wait until C{condition()} holds, polling, for at most L{WAIT_LIMIT}
+    seconds.
+    """
+    deadline = time.monotonic() + WAIT_LIMIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await sleep(reactor, 0.01)

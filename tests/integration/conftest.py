@@ -1,0 +1,236 @@
+"""
+Fixtures for the few tests that need real sockets and real processes, all on
+127.0.0.1: a fake Ollama on a real port, and the proxy as a real C{twistd}
+process.
+
+Every wait is bounded, and every port and process a test opens is closed or
+killed when it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+
+from tests.fake_ollama import FakeOllama
+
+REPO = Path(__file__).resolve().parents[2]
+TEST_KEY = "olpk_integrationtestkeyintegrationtestkey"
+START_TIMEOUT = 30.0
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+
+def sleep(reactor: Any, seconds: float) -> Deferred[None]:
+    """
+    A L{Deferred} that fires after C{seconds} of real time.
+    """
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+@dataclass
+class Upstream:
+    """
+    A fake Ollama listening on a real port.
+    """
+
+    fake: FakeOllama
+    port: IListeningPort
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port.getHost().port}"  # type: ignore[attr-defined]
+
+
+@pytest_twisted.async_yield_fixture
+async def upstream(reactor: Any) -> AsyncIterator[Upstream]:
+    """
+    A fake Ollama on 127.0.0.1, on a port of the system's choosing.
+    """
+    fake = FakeOllama(reactor)
+    site = Site(fake)
+    site.noisy = False
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    yield Upstream(fake, port)
+    await maybeDeferred(port.stopListening)
+
+
+@pytest.fixture
+def reactor() -> Any:
+    """
+    The reactor pytest-twisted runs.
+    """
+    from twisted.internet import reactor
+
+    return reactor
+
+
+class _TwistdProtocol(ProcessProtocol):
+    """
+    Collects a twistd process's output and tells when it listens and ends.
+    """
+
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.listening: Deferred[int] = Deferred()
+        self.ended: Deferred[int | None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self._received(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
+        self.output += data
+        if not self.listening.called:
+            found = re.search(rb"starting on (\d+)", self.output)
+            if found:
+                self.listening.callback(int(found.group(1)))
+
+    def processEnded(self, reason: Failure) -> None:
+        value = reason.value
+        assert isinstance(value, (ProcessDone, ProcessTerminated))
+        if not self.listening.called:
+            self.listening.errback(
+                RuntimeError("twistd ended before listening:\n" + self.output.decode())
+            )
+        self.ended.callback(value.exitCode if value.signal is None else -value.signal)
+
+
+@dataclass
+class Twistd:
+    """
+    A running C{twistd} process.
+    """
+
+    protocol: _TwistdProtocol
+    pid: int
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def output(self) -> str:
+        return self.protocol.output.decode("utf-8", "replace")
+
+    def rss_kb(self) -> int:
+        """
+        The process's resident memory now, in kB.
+        """
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        found = re.search(r"VmRSS:\s+(\d+) kB", status)
+        assert found is not None
+        return int(found.group(1))
+
+    async def terminate(self, reactor: Any) -> bool:
+        """
+        Send SIGTERM, wait (bounded) for the process to exit, and tell
+        whether it shut down cleanly: twistd logs its shutdown and then ends
+        by the same signal, as daemons do (systemd counts that as success).
+        """
+        if not self.protocol.ended.called:
+            os.kill(self.pid, signal.SIGTERM)
+        code = await self.protocol.ended.addTimeout(START_TIMEOUT, reactor)
+        return (
+            code in (0, -signal.SIGTERM)
+            and "Server Shut Down." in self.output
+            and "Traceback" not in self.output
+        )
+
+
+@dataclass
+class TwistdLauncher:
+    """
+    Starts twistd processes and kills whatever is left of them at the end.
+    """
+
+    reactor: Any
+    directory: Path
+    started: list[Twistd] = field(default_factory=list)
+
+    async def start(
+        self, args: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> Twistd:
+        """
+        Run C{twistd ARGS} (the script installed beside this Python) in the
+        test's directory and wait until
+        it listens.  Listen on C{tcp:0:interface=127.0.0.1} and the port is
+        read from the log.
+        """
+        environ = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PYTHONPATH": str(REPO),
+            "HOME": str(self.directory),
+        }
+        environ.update(env or {})
+        protocol = _TwistdProtocol()
+        process = self.reactor.spawnProcess(
+            protocol,
+            TWISTD,
+            [TWISTD, *args],
+            env=environ,
+            path=str(self.directory),
+        )
+        port = await protocol.listening.addTimeout(START_TIMEOUT, self.reactor)
+        twistd = Twistd(protocol, process.pid, port)
+        self.started.append(twistd)
+        return twistd
+
+    async def stop_all(self) -> None:
+        for twistd in self.started:
+            if not twistd.protocol.ended.called:
+                try:
+                    await twistd.terminate(self.reactor)
+                except Exception:
+                    os.kill(twistd.pid, signal.SIGKILL)
+                    await twistd.protocol.ended
+
+
+@pytest_twisted.async_yield_fixture
+async def twistd(reactor: Any, tmp_path: Path) -> AsyncIterator[TwistdLauncher]:
+    """
+    Start twistd processes; they are all stopped when the test ends.
+    """
+    launcher = TwistdLauncher(reactor, tmp_path)
+    yield launcher
+    await launcher.stop_all()
+
+
+def proxy_args(upstream_url: str, *extra: str) -> list[str]:
+    """
+    twistd arguments for the proxy on a free loopback port, with the test key.
+    """
+    return [
+        "-n",
+        "--pidfile=",
+        "ollamaproxy",
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--upstream",
+        upstream_url,
+        "--api-key",
+        TEST_KEY,
+        "--keys-file",
+        "keys.json",
+        *extra,
+    ]
+

@@ -1,0 +1,163 @@
+"""
+Streaming as only real sockets show it: timing of lines through a real
+C{twistd} proxy, and the proxy's memory during a long stream.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Any
+
+import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
+
+from tests.fake_ollama import HeldStream
+from tests.integration.client import Arrivals, agent, body, read, request, wait_for
+from tests.integration.conftest import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args, sleep
+
+HOLD = json.dumps({"model": "hold", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+async def held_stream(
+    reactor: Any, upstream: Upstream, proxy: Twistd
+) -> tuple[HeldStream, Arrivals]:
+    """
+    A chat whose answer the test writes by hand, read by a real client
+    through the proxy.
+    """
+    sent = Deferred.fromCoroutine(
+        request(agent(reactor), b"POST", proxy.url + "/api/chat", {"X-API-Key": TEST_KEY},
+                body(HOLD))
+    )
+    await wait_for(reactor, lambda: bool(upstream.fake.held), "the request to reach Ollama")
+    response = await sent
+    return upstream.fake.held[-1], await read(response)
+
+
+def _has_lines(client: Arrivals, count: int) -> bool:
+    return client.body.count(b"\n") == count
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_line_reaches_the_client_before_the_next_is_written(
+    reactor: Any, upstream: Upstream, twistd: TwistdLauncher
+) -> None:
+    """
+    The first line of a slow stream reaches the client while Ollama has not
+    yet written the rest: nothing on the way buffers a stream.
+    """
+    proxy = await twistd.start(proxy_args(upstream.url))
+    held, client = await held_stream(reactor, upstream, proxy)
+    for i in range(3):
+        held.write_line({"n": i, "done": False})
+        await wait_for(reactor, partial(_has_lines, client, i + 1), f"line {i}")
+    held.write_line({"n": 3, "done": True})
+    held.finish()
+    await client.done
+    assert [json.loads(line)["n"] for line in client.body.splitlines()] == [0, 1, 2, 3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_line_split_across_writes_arrives_whole(
+    reactor: Any, upstream: Upstream, twistd: TwistdLauncher
+) -> None:
+    """
+    Half a line from Ollama is held back until its end arrives, and then the
+    whole line goes out.
+    """
+    proxy = await twistd.start(proxy_args(upstream.url))
+    held, client = await held_stream(reactor, upstream, proxy)
+    held.write_raw(b'{"n":0}\n{"n":')
+    await wait_for(reactor, lambda: client.size > 0, "the first line")
+    await sleep(reactor, 0.3)
+    assert client.body == b'{"n":0}\n'
+    held.write_raw(b'1,"done":true}\n')
+    await wait_for(reactor, lambda: client.size > 8, "the second line")
+    assert [chunk for _, chunk in client.chunks] == [b'{"n":0}\n', b'{"n":1,"done":true}\n']
+    held.finish()
+    await client.done
+
+
+LINE = b'{"model":"bulk","message":{"role":"assistant","content":"' + b"x" * 65400 + b'"}}\n'
+BULK_BYTES = 100 * 1024 * 1024
+
+
+@implementer(IPushProducer)
+class _BulkWriter:
+    """
+    Writes a long NDJSON body as fast as the proxy takes it.
+    """
+
+    def __init__(self, request: Request, lines: int) -> None:
+        self._request = request
+        self._left = lines
+        self._paused = False
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        while not self._paused and self._left:
+            self._left -= 1
+            self._request.write(LINE)
+        if not self._left:
+            self._request.unregisterProducer()
+            self._request.finish()
+            self._left = -1
+
+    def stopProducing(self) -> None:
+        self._left = 0
+
+
+class _Bulk(Resource):
+    """
+    An upstream whose every answer is a 100 MB NDJSON stream.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Request) -> int:
+        request.setHeader(b"content-type", b"application/x-ndjson")
+        writer = _BulkWriter(request, BULK_BYTES // len(LINE) + 1)
+        request.registerProducer(writer, True)
+        writer.resumeProducing()
+        return NOT_DONE_YET
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_stream_does_not_grow_memory(reactor: Any, twistd: TwistdLauncher) -> None:
+    """
+    100 MB streamed through the proxy: its resident memory grows by less than
+    20 MB, sampled all along the stream.
+    """
+    site = Site(_Bulk())
+    site.noisy = False
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    try:
+        proxy = await twistd.start(
+            proxy_args(f"http://127.0.0.1:{port.getHost().port}")
+        )
+        client = agent(reactor)
+        warm = await read(await request(client, b"POST", proxy.url + "/api/chat",
+                                         {"X-API-Key": TEST_KEY}, body(b"{}")), keep=False)
+        # The first stream settles the allocator; measure the second.
+        await warm.done
+        before = proxy.rss_kb()
+        peak = before
+        response = await request(client, b"POST", proxy.url + "/api/chat",
+                                 {"X-API-Key": TEST_KEY}, body(b"{}"))
+        stream = await read(response, keep=False)
+        while not stream.done.called:
+            peak = max(peak, proxy.rss_kb())
+            await sleep(reactor, 0.02)
+        await stream.done
+        assert stream.size >= BULK_BYTES
+        assert peak - before < 20 * 1024, f"grew from {before} kB to {peak} kB"
+    finally:
+        await port.stopListening()

@@ -1,0 +1,185 @@
+"""
+The proxy as its users run it: a real C{twistd} process on 127.0.0.1, in
+front of a fake Ollama on a real port.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.ssl import Certificate
+from twisted.web.client import BrowserLikePolicyForHTTPS
+
+from tests.integration.client import agent, body, read, request
+from tests.integration.conftest import (
+    REPO,
+    TEST_KEY,
+    TwistdLauncher,
+    Upstream,
+    proxy_args,
+)
+from tests.integration.tls import make_self_signed
+
+CHAT = json.dumps(
+    {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}],
+     "options": {"num_predict": 5, "fake_delay": 0.02}}
+)
+
+
+async def chat_lines(reactor: Any, url: str, key: str, tls: Any = None) -> list[Any]:
+    """
+    A streamed chat through the proxy, as parsed NDJSON lines.
+    """
+    response = await request(
+        agent(reactor, tls), b"POST", url + "/api/chat",
+        {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        body(CHAT.encode()),
+    )
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type") == [b"application/x-ndjson"]
+    arrivals = await read(response)
+    await arrivals.done
+    return [json.loads(line) for line in arrivals.body.splitlines()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_serves_a_stream_and_stops_cleanly(
+    reactor: Any, upstream: Upstream, twistd: TwistdLauncher
+) -> None:
+    """
+    C{twistd -n ollamaproxy} relays a streamed chat to a real client, logs
+    it without the key, and exits with status 0 on SIGTERM.
+    """
+    proxy = await twistd.start(proxy_args(upstream.url))
+    lines = await chat_lines(reactor, proxy.url, TEST_KEY)
+    assert [line["message"]["content"] for line in lines[:-1]] == [
+        f"tok{i} " for i in range(5)
+    ]
+    assert lines[-1]["done"] is True
+    assert await proxy.terminate(reactor), proxy.output
+    assert "POST /api/chat 200 completed" in proxy.output
+    assert TEST_KEY not in proxy.output
+    assert "Traceback" not in proxy.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_tac_file_builds_the_same_service(
+    reactor: Any, upstream: Upstream, twistd: TwistdLauncher
+) -> None:
+    """
+    C{twistd -ny ollamaproxy.tac}, configured by environment variables,
+    serves the API behind a key.
+    """
+    proxy = await twistd.start(
+        ["-ny", str(REPO / "ollamaproxy.tac"), "--pidfile="],
+        env={
+            "OLLAMAPROXY_LISTEN": "tcp:0:interface=127.0.0.1",
+            "OLLAMA_HOST": upstream.url,
+            "OLLAMAPROXY_API_KEY": TEST_KEY,
+            "OLLAMAPROXY_KEYS_FILE": "keys.json",
+        },
+    )
+    client = agent(reactor)
+    denied = await request(client, b"GET", proxy.url + "/api/tags")
+    assert denied.code == 401
+    await (await read(denied)).done
+    lines = await chat_lines(reactor, proxy.url, TEST_KEY)
+    assert lines[-1]["done"] is True
+    assert await proxy.terminate(reactor), proxy.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_start_makes_a_key_and_shows_it_once(
+    reactor: Any, upstream: Upstream, twistd: TwistdLauncher, tmp_path: Path
+) -> None:
+    """
+    With no key anywhere, the proxy does not run open: it makes a key,
+    stores only its hash, prints it, and accepts it.
+    """
+    keys_file = tmp_path / "state" / "keys.json"
+    args = ["-n", "--pidfile=", "ollamaproxy", "--listen", "tcp:0:interface=127.0.0.1",
+            "--upstream", upstream.url, "--keys-file", str(keys_file)]
+    proxy = await twistd.start(args)
+    found = re.search(r"olpk_[0-9A-Za-z]{38}", proxy.output)
+    assert found is not None, proxy.output
+    key = found.group(0)
+    assert key not in keys_file.read_text()
+    client = agent(reactor)
+    anonymous = await request(client, b"GET", proxy.url + "/api/tags")
+    assert anonymous.code == 401
+    await (await read(anonymous)).done
+    lines = await chat_lines(reactor, proxy.url, key)
+    assert lines[-1]["done"] is True
+    assert await proxy.terminate(reactor), proxy.output
+    assert proxy.output.count(key) == 2  # the key itself, and the curl example
+
+    again = await twistd.start(args)
+    assert key not in again.output and "olpk_" not in again.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_endpoint(
+    reactor: Any, upstream: Upstream, twistd: TwistdLauncher, tmp_path: Path
+) -> None:
+    """
+    An C{ssl:} endpoint serves the API over TLS to a client that trusts the
+    certificate.
+    """
+    key_path, cert_path = make_self_signed(tmp_path)
+    listen = f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}"
+    args = proxy_args(upstream.url)
+    args[args.index("tcp:0:interface=127.0.0.1")] = listen
+    proxy = await twistd.start(args)
+    trust = BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(cert_path.read_bytes()))
+    lines = await chat_lines(reactor, f"https://localhost:{proxy.port}", TEST_KEY, tls=trust)
+    assert lines[-1]["done"] is True
+    assert await proxy.terminate(reactor), proxy.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_log_files(
+    reactor: Any, upstream: Upstream, twistd: TwistdLauncher, tmp_path: Path
+) -> None:
+    """
+    With --log-dir, requests are written to a text log and a JSON-lines
+    log, and the key is in neither.
+    """
+    proxy = await twistd.start(proxy_args(upstream.url, "--log-dir", str(tmp_path / "logs")))
+    await chat_lines(reactor, proxy.url, TEST_KEY)
+    assert await proxy.terminate(reactor), proxy.output
+    text = (tmp_path / "logs" / "ollamaproxy.log").read_text()
+    assert "api-key POST /api/chat 200 completed" in text
+    events = [
+        json.loads(line)
+        for line in (tmp_path / "logs" / "ollamaproxy.json").read_text().splitlines()
+    ]
+    access = [e for e in events if e.get("log_namespace") == "ollamaproxy.access"]
+    assert [(e["method"], e["path"], e["status"]) for e in access] == [
+        ("POST", "/api/chat", 200)
+    ]
+    assert TEST_KEY not in text
+    assert all(TEST_KEY not in json.dumps(e) for e in events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_upstream_is_502(
+    reactor: Any, upstream: Upstream, twistd: TwistdLauncher
+) -> None:
+    """
+    Ollama not listening: 502 with an Ollama-shaped JSON error.
+    """
+    closed_port = upstream.url.rsplit(":", 1)[1]
+    await maybeDeferred(upstream.port.stopListening)
+    proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{closed_port}"))
+    response = await request(
+        agent(reactor), b"GET", proxy.url + "/api/tags", {"X-API-Key": TEST_KEY}
+    )
+    assert response.code == 502
+    arrivals = await read(response)
+    await arrivals.done
+    assert json.loads(arrivals.body)["error"].startswith("cannot reach Ollama")

@@ -98,6 +98,10 @@ class OllamaProxy:
             if exchange.outcome == "completed":
                 exchange.failed("client_disconnected", "")
             raise
+        except Exception as e:
+            exchange.status = 500
+            exchange.failed("internal_error", type(e).__name__)
+            raise
         finally:
             log_exchange(exchange, request.sentLength, self._clock.seconds())
 

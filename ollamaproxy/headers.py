@@ -68,6 +68,10 @@ def upstream_request_headers(client: Headers) -> Headers:
 def copy_response_headers(upstream: Headers, response: Headers) -> None:
     """
     Put Ollama's response headers on the client's response.
+
+    Twisted's HTTP client keeps a response's C{Connection} and
+    C{Keep-Alive} headers to itself, so from its responses the headers a
+    C{Connection} header names cannot be recognised (Ollama names none).
     """
     dropped = HOP_BY_HOP | _connection_tokens(upstream)
     for name, values in upstream.getAllRawHeaders():

@@ -34,8 +34,9 @@ from twisted.web._newclient import (
     ResponseNeverReceived,
 )
 from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss, Request
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from ollamaproxy.errors import ProxyError, error_body
@@ -109,6 +110,8 @@ async def relay(
         raise ProxyError(502, f"cannot reach Ollama: {_reason(e)}") from e
     exchange.responded(upstream.clock.seconds(), response.code)
     request.setResponseCode(response.code, response.phrase)
+    # Ollama's type or none: not twisted.web's text/html default.
+    request.defaultContentType = None
     copy_response_headers(response.headers, request.responseHeaders)
     request.write(b"")  # the response head goes out now, as Ollama sent it
     body = _BodyRelay(request, response, upstream, target.openai)

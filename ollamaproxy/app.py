@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -59,6 +59,9 @@ class OllamaProxy:
         self._upstream = upstream
         self._auth = auth
         self._clock = clock
+        self._in_flight: dict[Any, Exchange] = {}
+        self._draining = False
+        self._drained: list[Deferred[None]] = []
 
     def resource(self) -> IResource:
         """
@@ -80,18 +83,17 @@ class OllamaProxy:
         )
         # Ollama does not announce a server name, so neither does the proxy.
         request.responseHeaders.removeHeader(b"server")
+        self._in_flight[request] = exchange
         try:
+            if self._draining:
+                raise ProxyError(503, "ollamaproxy is shutting down", outcome="shutdown")
             key = self._auth.authenticate(request.method, target.path, request.requestHeaders)
             if key is not None:
                 exchange.key = key.name
             await relay(request, self._upstream, target, exchange)
         except ProxyError as e:
             exchange.status = e.code
-            exchange.failed(
-                "rejected" if e.code < 500 else
-                "timeout" if e.code == 504 else "upstream_error",
-                e.message,
-            )
+            exchange.failed(e.outcome, e.message)
             raise
         except CancelledError:
             # Klein cancels the handler when the client goes away.
@@ -104,6 +106,42 @@ class OllamaProxy:
             raise
         finally:
             log_exchange(exchange, request.sentLength, self._clock.seconds())
+            del self._in_flight[request]
+            if self._draining and not self._in_flight:
+                drained, self._drained = self._drained, []
+                for d in drained:
+                    d.callback(None)
+
+    def drain(self, grace_period: float) -> Deferred[None]:
+        """
+        Shut down gently: answer new requests with 503, give those in flight
+        C{grace_period} seconds to finish, then drop their connections.
+
+        @return: Fires when no request is left.
+        """
+        self._draining = True
+        if not self._in_flight:
+            return succeed(None)
+        drained: Deferred[None] = Deferred()
+        self._drained.append(drained)
+        cut = self._clock.callLater(grace_period, self._cut_in_flight)
+
+        def stop_timer(result: None) -> None:
+            if cut.active():
+                cut.cancel()
+
+        return drained.addCallback(stop_timer)
+
+    def _cut_in_flight(self) -> None:
+        log.info(
+            "Grace period over: closing {count} request(s) still running",
+            count=len(self._in_flight),
+        )
+        for request, exchange in list(self._in_flight.items()):
+            exchange.failed("shutdown", "still running at the end of the grace period")
+            transport = request.channel and request.channel.transport
+            if transport is not None:
+                transport.abortConnection()
 
     @app.handle_errors(ProxyError)
     def proxy_error(self, request: IRequest, failure: Failure) -> bytes:

@@ -26,6 +26,10 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 # take minutes on a busy GPU box.
 DEFAULT_HEADER_TIMEOUT = 600.0
 DEFAULT_IDLE_TIMEOUT = 600.0
+DEFAULT_CLIENT_TIMEOUT = 60.0
+# Chat answers run for minutes; most finish within half a minute of a
+# restart.  systemd's stop timeout in contrib/ is longer than this.
+DEFAULT_GRACE_PERIOD = 30.0
 
 ENV_PREFIX = "OLLAMAPROXY_"
 _ENDPOINT = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S")
@@ -65,6 +69,9 @@ class Config:
     @ivar connect_timeout: Seconds to wait for a TCP connection to Ollama.
     @ivar header_timeout: Seconds to wait for Ollama's response head.
     @ivar idle_timeout: Seconds Ollama may stay silent in the middle of a body.
+    @ivar client_timeout: Seconds a client may take to send a request head,
+        and may stay silent while sending a body or between requests.
+    @ivar grace_period: Seconds in-flight requests get to finish on shutdown.
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
@@ -76,6 +83,8 @@ class Config:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT
+    grace_period: float = DEFAULT_GRACE_PERIOD
 
     @classmethod
     def from_sources(
@@ -129,6 +138,10 @@ class Config:
                                     DEFAULT_HEADER_TIMEOUT),
             idle_timeout=_seconds("idle-timeout", get("idle-timeout"),
                                   DEFAULT_IDLE_TIMEOUT),
+            client_timeout=_seconds("client-timeout", get("client-timeout"),
+                                    DEFAULT_CLIENT_TIMEOUT),
+            grace_period=_seconds("grace-period", get("grace-period"),
+                                  DEFAULT_GRACE_PERIOD, allow_zero=True),
         )
 
 
@@ -139,15 +152,16 @@ def _split(value: str) -> list[str]:
     return [item for item in value.replace(",", " ").split() if item]
 
 
-def _seconds(name: str, value: str | None, default: float) -> float:
+def _seconds(name: str, value: str | None, default: float, allow_zero: bool = False) -> float:
     if value is None or value == "":
         return default
     try:
         seconds = float(value)
     except ValueError:
         raise ConfigError(f"--{name}: {value!r} is not a number of seconds") from None
-    if not seconds > 0:
-        raise ConfigError(f"--{name}: must be more than 0 seconds, not {value}")
+    if not (seconds > 0 or (allow_zero and seconds == 0)):
+        least = "at least" if allow_zero else "more than"
+        raise ConfigError(f"--{name}: must be {least} 0 seconds, not {value}")
     return seconds
 
 

@@ -31,15 +31,25 @@ class ProxyError(Exception):
     @ivar code: The HTTP status.
     @ivar message: What went wrong, in words for the client.
     @ivar headers: Extra response headers, such as C{WWW-Authenticate}.
+    @ivar outcome: How the access log names what happened: by default
+        C{rejected} for 4xx, C{timeout} for 504, C{upstream_error} for other
+        5xx.
     """
 
     def __init__(
-        self, code: int, message: str, headers: dict[bytes, bytes] | None = None
+        self,
+        code: int,
+        message: str,
+        headers: dict[bytes, bytes] | None = None,
+        outcome: str | None = None,
     ) -> None:
         super().__init__(code, message)
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.outcome = outcome or (
+            "rejected" if code < 500 else "timeout" if code == 504 else "upstream_error"
+        )
 
 
 def unauthorized(message: str) -> ProxyError:

@@ -43,7 +43,7 @@ class Exchange:
     What happened to one request, filled in as it goes and logged at its end.
 
     @ivar outcome: C{completed}, C{client_disconnected}, C{upstream_error},
-        C{timeout}, C{rejected} or C{internal_error} (a bug).
+        C{timeout}, C{rejected}, C{shutdown} or C{internal_error} (a bug).
     """
 
     method: str

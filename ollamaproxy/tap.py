@@ -16,16 +16,17 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from twisted.application import strports
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
-from twisted.web.http import Request
-from twisted.web.server import Site
 
 from ollamaproxy.app import OllamaProxy
 from ollamaproxy.auth import Authenticator
 from ollamaproxy.config import (
+    DEFAULT_CLIENT_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_GRACE_PERIOD,
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_OPEN_ROUTES,
@@ -43,6 +44,7 @@ from ollamaproxy.keys import (
     write_keys_file,
 )
 from ollamaproxy.logs import LogFilesService
+from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import PoolService, Upstream, agent_for, connection_pool
 
 log = Logger()
@@ -91,6 +93,13 @@ class Options(usage.Options):
         ["idle-timeout", None, None,
          "Seconds Ollama may stay silent in the middle of a response "
          f"[default: {DEFAULT_IDLE_TIMEOUT:g}]"],
+        ["client-timeout", None, None,
+         "Seconds a client may take to send a request's line and headers, and "
+         "may stay silent while sending a body or between requests "
+         f"[default: {DEFAULT_CLIENT_TIMEOUT:g}]"],
+        ["grace-period", None, None,
+         "Seconds requests in flight get to finish when the proxy stops "
+         f"(SIGTERM) [default: {DEFAULT_GRACE_PERIOD:g}]"],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -129,16 +138,36 @@ def _to_terminal(text: str) -> None:
     sys.stderr.flush()
 
 
-class _ProxySite(Site):
+class StopInOrder(MultiService):
     """
-    A site without twisted.web's own access log: the proxy logs each request
-    itself, with the key's name and the outcome.
+    A L{MultiService} that stops its children one after another, the last
+    started first, each after the one before has finished stopping.
     """
 
-    noisy = False
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        stopped: Deferred[None] = succeed(None)
+        for child in reversed(list(self)):
+            stopped.addBoth(_stop, child)
+        return stopped
 
-    def log(self, request: Request) -> None:
-        pass
+
+def _stop(_: object, service: IService) -> Deferred[None]:
+    return maybeDeferred(service.stopService)
+
+
+class DrainService(Service):
+    """
+    On stop, lets requests in flight finish for a grace period.
+    """
+
+    def __init__(self, proxy: OllamaProxy, grace_period: float) -> None:
+        self._proxy = proxy
+        self._grace_period = grace_period
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return self._proxy.drain(self._grace_period)
 
 
 def build_service(
@@ -162,12 +191,17 @@ def build_service(
         idle_timeout=config.idle_timeout,
     )
     proxy = OllamaProxy(upstream, Authenticator(keys, config.open_routes), reactor)
-    site = _ProxySite(proxy.resource(), reactor=reactor)
+    site = ProxySite(proxy.resource(), config.client_timeout, reactor)
 
-    service = MultiService()
+    # Stopping runs bottom-up: stop listening, let requests in flight
+    # finish, close Ollama connections, and only then close the log files.
+    service = StopInOrder()
     if config.log_dir:
         LogFilesService(config.log_dir, globalLogPublisher).setServiceParent(service)
     PoolService(pool).setServiceParent(service)
+    DrainService(proxy, config.grace_period).setServiceParent(service)
+    listeners = MultiService()
+    listeners.setServiceParent(service)
     for endpoint in config.listen:
         if endpoint.startswith("tcp:") and "interface=" not in endpoint:
             log.warn(
@@ -176,7 +210,7 @@ def build_service(
                 "TLS terminator in front.",
                 endpoint=endpoint,
             )
-        strports.service(endpoint, site, reactor=reactor).setServiceParent(service)
+        strports.service(endpoint, site, reactor=reactor).setServiceParent(listeners)
     return service
 
 

@@ -33,7 +33,7 @@ from ollamaproxy import tap
 from ollamaproxy.config import DEFAULT_OPEN_ROUTES, Config, Route, parse_routes
 from ollamaproxy.keys import ApiKey, digest, load_keys_file, looks_generated, write_keys_file
 from ollamaproxy.logs import LogFilesService
-from ollamaproxy.tap import Options, build_service
+from ollamaproxy.tap import DrainService, Options, build_service
 from ollamaproxy.upstream import PoolService
 
 KEY_PATTERN = re.compile(r"olpk_[0-9A-Za-z]{38}")
@@ -73,7 +73,13 @@ def endpoint_services(service: MultiService) -> list[StreamServerEndpointService
     """
     The listening children of a service.
     """
-    return [s for s in children(service) if isinstance(s, StreamServerEndpointService)]
+    found: list[StreamServerEndpointService] = []
+    for child in children(service):
+        if isinstance(child, StreamServerEndpointService):
+            found.append(child)
+        elif isinstance(child, MultiService):
+            found.extend(endpoint_services(child))
+    return found
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -89,6 +95,8 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "connect-timeout": None,
         "header-timeout": None,
         "idle-timeout": None,
+        "client-timeout": None,
+        "grace-period": None,
         "listen": [],
     }
     assert options.config == Config(
@@ -231,7 +239,11 @@ def test_service_structure(tmp_path: Path) -> None:
     )
     service = build_service(config, reactor, lambda text: None)
     kinds = [type(child) for child in children(service)]
-    assert kinds == [PoolService, StreamServerEndpointService, StreamServerEndpointService]
+    assert kinds == [PoolService, DrainService, MultiService]
+    assert [type(child) for child in children(children(service)[2])] == [  # type: ignore[arg-type]
+        StreamServerEndpointService,
+        StreamServerEndpointService,
+    ]
     listeners = endpoint_services(service)
     site = listeners[0].factory
     assert isinstance(site, Site)

@@ -11,15 +11,14 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
-from zope.interface import implementer
+from twisted.web.server import Site
 
 from tests.fake_ollama import HeldStream
+from tests.integration.bulk import Bulk
 from tests.integration.client import Arrivals, agent, body, read, request, wait_for
 from tests.integration.conftest import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args, sleep
 
+BULK_BYTES = 100 * 1024 * 1024
 HOLD = json.dumps({"model": "hold", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
@@ -83,60 +82,13 @@ async def test_a_line_split_across_writes_arrives_whole(
     await client.done
 
 
-LINE = b'{"model":"bulk","message":{"role":"assistant","content":"' + b"x" * 65400 + b'"}}\n'
-BULK_BYTES = 100 * 1024 * 1024
-
-
-@implementer(IPushProducer)
-class _BulkWriter:
-    """
-    Writes a long NDJSON body as fast as the proxy takes it.
-    """
-
-    def __init__(self, request: Request, lines: int) -> None:
-        self._request = request
-        self._left = lines
-        self._paused = False
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        while not self._paused and self._left:
-            self._left -= 1
-            self._request.write(LINE)
-        if not self._left:
-            self._request.unregisterProducer()
-            self._request.finish()
-            self._left = -1
-
-    def stopProducing(self) -> None:
-        self._left = 0
-
-
-class _Bulk(Resource):
-    """
-    An upstream whose every answer is a 100 MB NDJSON stream.
-    """
-
-    isLeaf = True
-
-    def render(self, request: Request) -> int:
-        request.setHeader(b"content-type", b"application/x-ndjson")
-        writer = _BulkWriter(request, BULK_BYTES // len(LINE) + 1)
-        request.registerProducer(writer, True)
-        writer.resumeProducing()
-        return NOT_DONE_YET
-
-
 @pytest_twisted.ensureDeferred
 async def test_long_stream_does_not_grow_memory(reactor: Any, twistd: TwistdLauncher) -> None:
     """
     100 MB streamed through the proxy: its resident memory grows by less than
     20 MB, sampled all along the stream.
     """
-    site = Site(_Bulk())
+    site = Site(Bulk(BULK_BYTES))
     site.noisy = False
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     try:

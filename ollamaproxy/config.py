@@ -30,6 +30,9 @@ DEFAULT_CLIENT_TIMEOUT = 60.0
 # Chat answers run for minutes; most finish within half a minute of a
 # restart.  systemd's stop timeout in contrib/ is longer than this.
 DEFAULT_GRACE_PERIOD = 30.0
+# Model uploads (POST /api/blobs) are often tens of GB: no limit unless asked.
+DEFAULT_MAX_BODY_SIZE = "0"
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 ENV_PREFIX = "OLLAMAPROXY_"
 _ENDPOINT = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S")
@@ -72,6 +75,8 @@ class Config:
     @ivar client_timeout: Seconds a client may take to send a request head,
         and may stay silent while sending a body or between requests.
     @ivar grace_period: Seconds in-flight requests get to finish on shutdown.
+    @ivar max_body_size: The largest request body accepted, in bytes; 0 for
+        no limit.
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
@@ -85,6 +90,7 @@ class Config:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     client_timeout: float = DEFAULT_CLIENT_TIMEOUT
     grace_period: float = DEFAULT_GRACE_PERIOD
+    max_body_size: int = 0
 
     @classmethod
     def from_sources(
@@ -142,6 +148,9 @@ class Config:
                                     DEFAULT_CLIENT_TIMEOUT),
             grace_period=_seconds("grace-period", get("grace-period"),
                                   DEFAULT_GRACE_PERIOD, allow_zero=True),
+            max_body_size=parse_size(
+                "max-body-size", get("max-body-size") or DEFAULT_MAX_BODY_SIZE
+            ),
         )
 
 
@@ -163,6 +172,20 @@ def _seconds(name: str, value: str | None, default: float, allow_zero: bool = Fa
         least = "at least" if allow_zero else "more than"
         raise ConfigError(f"--{name}: must be {least} 0 seconds, not {value}")
     return seconds
+
+
+def parse_size(name: str, value: str) -> int:
+    """
+    Parse a size in bytes, with an optional K, M, G or T suffix (powers of
+    1024): C{"512M"}, C{"20G"}.
+
+    @raise ConfigError: If it is not such a size.
+    """
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (text[:-1], text[-1]) if text[-1:] in ("K", "M", "G", "T") else (text, "")
+    if not number.isdigit():
+        raise ConfigError(f"--{name}: {value!r} is not a size such as 1048576, 512M or 20G")
+    return int(number) * _SIZE_UNITS[unit]
 
 
 def parse_routes(value: str) -> frozenset[Route]:

@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
+    RequestGenerationFailed,
     RequestTransmissionFailed,
     ResponseFailed,
     ResponseNeverReceived,
@@ -36,13 +37,13 @@ from twisted.web._newclient import (
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
-from twisted.web.server import Request
 from zope.interface import implementer
 
 from ollamaproxy.errors import ProxyError, error_body
 from ollamaproxy.headers import copy_response_headers, upstream_request_headers
 from ollamaproxy.logs import Exchange
-from ollamaproxy.request_body import spooled_body
+from ollamaproxy.request_body import BodyTooLarge
+from ollamaproxy.site import ProxyRequest
 from ollamaproxy.upstream import Upstream
 
 NDJSON = b"application/x-ndjson"
@@ -86,7 +87,7 @@ class Target:
 
 
 async def relay(
-    request: Request, upstream: Upstream, target: Target, exchange: Exchange
+    request: ProxyRequest, upstream: Upstream, target: Target, exchange: Exchange
 ) -> None:
     """
     Send C{request} to Ollama and stream the response back into it.
@@ -95,17 +96,23 @@ async def relay(
         head does not come in time; nothing has been written to the client
         then.
     """
+    if request.body is not None and request.body.too_large:
+        raise _too_large()
     try:
         response = await upstream.request(
             request.method,
             target.target,
             upstream_request_headers(request.requestHeaders),
-            spooled_body(request.content, upstream.clock),
+            request.body,
         )
     except TimeoutError:
         raise ProxyError(
             504, f"Ollama sent no response within {upstream.header_timeout:g} seconds"
         ) from None
+    except RequestGenerationFailed as e:
+        if any(reason.check(BodyTooLarge) for reason in e.reasons):
+            raise _too_large() from None
+        raise
     except UNREACHABLE as e:
         raise ProxyError(502, f"cannot reach Ollama: {_reason(e)}") from e
     exchange.responded(upstream.clock.seconds(), response.code)
@@ -125,6 +132,10 @@ async def relay(
         # ends this handler.
         request.loseConnection()
         await request.notifyFinish().addErrback(lambda _: None)
+
+
+def _too_large() -> ProxyError:
+    return ProxyError(413, "request body is larger than this server accepts")
 
 
 def _reason(error: Exception) -> str:
@@ -147,7 +158,7 @@ class _BodyRelay(Protocol):
     """
 
     def __init__(
-        self, request: Request, response: IResponse, upstream: Upstream, openai: bool
+        self, request: ProxyRequest, response: IResponse, upstream: Upstream, openai: bool
     ) -> None:
         self.done: Deferred[None] = Deferred(lambda _: self._stop_upstream())
         self._request = request

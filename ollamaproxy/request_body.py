@@ -1,88 +1,147 @@
-# -*- test-case-name: tests.test_relay -*-
+# -*- test-case-name: tests.test_request_body -*-
 """
-Sending a client's request body on to Ollama.
+A client's request body, passed on to Ollama while it arrives.
 
-twisted.web has already received the body when the proxy sees the request:
-bodies up to 100 kB are in memory, larger ones (model uploads to
-C{/api/blobs}) in a temporary file.  L{SpooledBody} sends it from there in
-64 kB pieces, one piece per reactor turn, pausing when Ollama's socket is
-full, so a body of many GB never sits in memory and never blocks the reactor.
+twisted.web would receive a whole body (into a temporary file, past 100 kB)
+before the proxy sees the request; a 20 GB model upload would wait for its
+last byte before its first went on.  L{StreamedBody} is instead filled by the
+request as bytes arrive (L{ollamaproxy.site.ProxyRequest}) and drained by
+the agent sending the request to Ollama.  Between the two it holds at most
+about L{HIGH_WATER} bytes: past that it stops reading from the client until
+Ollama has taken what is waiting.
 """
 
 from __future__ import annotations
 
-from typing import IO
+from collections.abc import Callable
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
-from twisted.web.iweb import IBodyProducer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IConsumer
+from twisted.python.failure import Failure
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-CHUNK = 64 * 1024
+HIGH_WATER = 256 * 1024
+
+
+class BodyTooLarge(Exception):
+    """
+    The client sent more than the configured maximum body size.
+    """
 
 
 @implementer(IBodyProducer)
-class SpooledBody:
+class StreamedBody:
     """
-    An L{IBodyProducer} for a body that is in a file or in memory.
+    An L{IBodyProducer} fed, as they arrive, with the bytes of a client's body.
 
-    @ivar length: The body's size in bytes.
+    @ivar length: The size the client declared, or C{UNKNOWN_LENGTH} for a
+        chunked body.
+    @ivar received: How many bytes have arrived so far.
+    @ivar complete: Whether the whole body has arrived.
+    @param max_size: The largest body accepted, in bytes; 0 for no limit.
     """
 
-    def __init__(self, content: IO[bytes], length: int, clock: IReactorTime) -> None:
-        self._content = content
-        self.length = length
-        self._clock = clock
+    def __init__(
+        self,
+        length: int | None,
+        max_size: int,
+        pause_client: Callable[[], None],
+        resume_client: Callable[[], None],
+    ) -> None:
+        self.length = UNKNOWN_LENGTH if length is None else length
+        self._declared = length or 0
+        self.received = 0
+        self.complete = False
+        self._max_size = max_size
+        self._pause_client = pause_client
+        self._resume_client = resume_client
+        self._waiting: list[bytes] = []
+        self._waiting_size = 0
         self._consumer: IConsumer | None = None
-        self._done: Deferred[None] | None = None
-        self._next: IDelayedCall | None = None
-        self._paused = False
+        self._done: Deferred[None] = Deferred()
+        self._upstream_paused = False
+        self._client_paused = False
+        self._failure: Failure | None = None
+
+    @property
+    def too_large(self) -> bool:
+        """
+        Whether the declared or received size is over the maximum.
+        """
+        return self._max_size > 0 and max(self._declared, self.received) > self._max_size
+
+    # Fed by the client's request.
+
+    def write(self, data: bytes) -> None:
+        """
+        Bytes of the body arrived from the client.
+        """
+        if self._done.called:
+            return
+        self.received += len(data)
+        if self.too_large:
+            self.fail(Failure(BodyTooLarge(self._max_size)))
+            return
+        if self._consumer is not None and not self._upstream_paused and not self._waiting:
+            self._consumer.write(data)
+            return
+        self._waiting.append(data)
+        self._waiting_size += len(data)
+        if self._waiting_size > HIGH_WATER:
+            # Again on every write: twisted.web may have resumed reading.
+            self._client_paused = True
+            self._pause_client()
+
+    def finish(self) -> None:
+        """
+        The whole body has arrived.
+        """
+        self.complete = True
+        self._drain()
+
+    def fail(self, reason: Failure) -> None:
+        """
+        The body will not arrive whole (the client left, or it is too
+        large): the request to Ollama fails and is dropped.
+        """
+        self._waiting = []
+        self._waiting_size = 0
+        self._failure = reason
+        if self._consumer is not None and not self._done.called:
+            self._done.errback(reason)
+
+    # Drained by the agent.
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        if self.length <= CHUNK:
-            consumer.write(self._content.read(CHUNK))
-            return succeed(None)
         self._consumer = consumer
-        self._done = Deferred()
-        self._schedule()
+        if self._failure is not None:
+            self._done.errback(self._failure)
+        else:
+            self._drain()
         return self._done
 
-    def _schedule(self) -> None:
-        self._next = self._clock.callLater(0, self._send)
-
-    def _send(self) -> None:
-        self._next = None
-        assert self._consumer is not None and self._done is not None
-        data = self._content.read(CHUNK)
-        if not data:
-            self._done.callback(None)
+    def _drain(self) -> None:
+        if self._consumer is None or self._upstream_paused or self._done.called:
             return
-        self._consumer.write(data)
-        if not self._paused:
-            self._schedule()
+        if self._waiting:
+            waiting, self._waiting, self._waiting_size = self._waiting, [], 0
+            self._consumer.write(b"".join(waiting))
+        if self._client_paused and not self._upstream_paused:
+            self._client_paused = False
+            self._resume_client()
+        if self.complete and not self._waiting:
+            self._done.callback(None)
 
     def pauseProducing(self) -> None:
-        self._paused = True
-        if self._next is not None:
-            self._next.cancel()
-            self._next = None
+        self._upstream_paused = True
 
     def resumeProducing(self) -> None:
-        self._paused = False
-        if self._next is None and self._done is not None and not self._done.called:
-            self._schedule()
+        self._upstream_paused = False
+        self._drain()
 
     def stopProducing(self) -> None:
-        self.pauseProducing()
-
-
-def spooled_body(content: IO[bytes] | None, clock: IReactorTime) -> SpooledBody | None:
-    """
-    A producer for a request's spooled body, or L{None} if it is empty.
-    """
-    if content is None:
-        return None
-    content.seek(0, 2)
-    length = content.tell()
-    content.seek(0, 0)
-    return SpooledBody(content, length, clock) if length else None
+        # Ollama's connection is gone; whatever still arrives is dropped.
+        self._upstream_paused = True
+        self._waiting = []
+        self._waiting_size = 0

@@ -97,6 +97,9 @@ class Options(usage.Options):
          "Seconds a client may take to send a request's line and headers, and "
          "may stay silent while sending a body or between requests "
          f"[default: {DEFAULT_CLIENT_TIMEOUT:g}]"],
+        ["max-body-size", None, None,
+         "Largest request body accepted (413 beyond it), in bytes or with K, M, "
+         "G, T; 0 for no limit [default: 0: model uploads are often tens of GB]"],
         ["grace-period", None, None,
          "Seconds requests in flight get to finish when the proxy stops "
          f"(SIGTERM) [default: {DEFAULT_GRACE_PERIOD:g}]"],
@@ -191,7 +194,7 @@ def build_service(
         idle_timeout=config.idle_timeout,
     )
     proxy = OllamaProxy(upstream, Authenticator(keys, config.open_routes), reactor)
-    site = ProxySite(proxy.resource(), config.client_timeout, reactor)
+    site = ProxySite(proxy.resource(), config.client_timeout, config.max_body_size, reactor)
 
     # Stopping runs bottom-up: stop listening, let requests in flight
     # finish, close Ollama connections, and only then close the log files.

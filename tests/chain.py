@@ -27,6 +27,7 @@ from ollamaproxy.app import OllamaProxy
 from ollamaproxy.auth import Authenticator
 from ollamaproxy.config import DEFAULT_OPEN_ROUTES, parse_routes
 from ollamaproxy.keys import ApiKey, KeyStore, digest
+from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import Upstream
 from tests.fake_ollama import FakeOllama
 
@@ -34,6 +35,7 @@ KEY = "olpk_chaintestkeychaintestkeychaintest"
 UPSTREAM = b"http://127.0.0.1:11434"
 HEADER_TIMEOUT = 600.0
 IDLE_TIMEOUT = 300.0
+CLIENT_TIMEOUT = 60.0
 
 T = TypeVar("T")
 
@@ -87,6 +89,8 @@ class Chain:
         agent: IAgent | None = None,
         header_timeout: float = HEADER_TIMEOUT,
         idle_timeout: float = IDLE_TIMEOUT,
+        client_timeout: float = CLIENT_TIMEOUT,
+        max_body_size: int = 0,
     ) -> None:
         self.clock = Clock()
         self.fake = FakeOllama(self.clock)
@@ -102,6 +106,11 @@ class Chain:
         auth = Authenticator(keys, parse_routes(open_routes))
         self.proxy = OllamaProxy(upstream, auth, self.clock)
         self.client = StubTreq(self.proxy.resource())
+        # Serve through the proxy's own Site, as the daemon does, not the
+        # plain one StubTreq makes.
+        self.client._agent._serverFactory = ProxySite(
+            self.proxy.resource(), client_timeout, max_body_size, self.clock
+        )
 
     def flush(self) -> None:
         """

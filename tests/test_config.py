@@ -16,6 +16,7 @@ from ollamaproxy.config import (
     default_keys_file,
     parse_ollama_host,
     parse_routes,
+    parse_size,
 )
 
 DEFAULT_ROUTES = frozenset(
@@ -318,3 +319,20 @@ def test_keys_file_default_follows_environ() -> None:
     """Config.from_sources takes the default keys file from the environ it is given."""
     config = Config.from_sources({}, {"XDG_CONFIG_HOME": "/xdg"})
     assert config.keys_file == "/xdg/ollamaproxy/keys.json"
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("0", 0), ("1048576", 1048576), ("512K", 512 * 1024), ("20G", 20 * 1024**3),
+     ("20g", 20 * 1024**3), ("1TiB", 1024**4), ("3MB", 3 * 1024**2)],
+)
+def test_parse_size(text: str, size: int) -> None:
+    """Sizes are bytes, or K/M/G/T in powers of 1024."""
+    assert parse_size("max-body-size", text) == size
+
+
+@pytest.mark.parametrize("text", ["", "-1", "1.5G", "G", "12X", "lots"])
+def test_parse_size_rejects(text: str) -> None:
+    """Anything else is a ConfigError naming the option."""
+    with pytest.raises(ConfigError, match="--max-body-size"):
+        parse_size("max-body-size", text)

@@ -182,6 +182,33 @@ def test_json_cut_mid_body_ends_without_clean_end() -> None:
     assert client.body == b'{"model":'
 
 
+@pytest.mark.parametrize(
+    ("code", "body"),
+    [
+        (400, b'{"error":"invalid options"}'),
+        (404, b'{"error":"model \'x\' not found"}'),
+        (500, b'{"error":"llama runner process has terminated"}'),
+        (503, b'{"error":"server busy, please try again.  maximum pending requests exceeded"}'),
+    ],
+)
+def test_ollama_errors_pass_through(code: int, body: bytes) -> None:
+    """
+    Ollama's own error answers reach the client with their status, type
+    and body unchanged, and count as completed requests.
+    """
+    chain = Chain()
+    d = chain.request("POST", "/api/chat", data=chat("slowhead"))
+    held = chain.fake.held[-1]
+    held.send_head(code, b"application/json; charset=utf-8")
+    held.write_raw(body)
+    held.finish()
+    chain.flush()
+    response = chain.result(d)
+    assert response.code == code
+    assert response.headers.getRawHeaders(b"content-type") == [b"application/json; charset=utf-8"]
+    assert chain.body(response) == body
+
+
 def test_ollama_error_line_passes_through() -> None:
     """
     Ollama's own mid-stream error line reaches the client as Ollama sent it.

@@ -28,7 +28,7 @@ class _Slow(Resource):
 
 
 def connect(clock: Clock) -> tuple[StringTransport, object]:
-    site = ProxySite(_Slow(), TIMEOUT, clock)
+    site = ProxySite(_Slow(), TIMEOUT, 0, clock)
     protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
     assert protocol is not None
     transport = StringTransport()

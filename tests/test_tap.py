@@ -97,6 +97,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "idle-timeout": None,
         "client-timeout": None,
         "grace-period": None,
+        "max-body-size": None,
         "listen": [],
     }
     assert options.config == Config(

@@ -5,8 +5,10 @@ that reads slowly, a client that sends slowly, and a proxy told to stop.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from pathlib import Path
 from typing import Any, cast
 
 import pytest_twisted
@@ -15,6 +17,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
+from twisted.web.client import FileBodyProducer
 from twisted.web.server import Site
 
 from tests.fake_ollama import HeldStream
@@ -189,3 +192,41 @@ async def test_sigterm_lets_streams_finish(
     assert [json.loads(line)["n"] for line in client.body.splitlines()] == [0, 1]
     assert await stopped, proxy.output
     assert "POST /api/chat 200 completed" in proxy.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_upload_streams_through_without_growing_memory(
+    reactor: Any, upstream: Upstream, twistd: TwistdLauncher, tmp_path: Path
+) -> None:
+    """
+    A 200 MB model upload reaches Ollama whole (its digest matches) while
+    the proxy's memory grows by less than 20 MB.
+    """
+    blob = tmp_path / "model.gguf"
+    digest = hashlib.sha256()
+    with blob.open("wb") as f:
+        block = bytes(range(256)) * 4096
+        for i in range(200):
+            piece = block[i:] + block[:i]
+            f.write(piece)
+            digest.update(piece)
+    proxy = await twistd.start(proxy_args(upstream.url))
+    before = proxy.rss_kb()
+    peak = before
+    with blob.open("rb") as f:
+        sent = Deferred.fromCoroutine(
+            request(agent(reactor), b"POST",
+                    f"{proxy.url}/api/blobs/sha256:{digest.hexdigest()}",
+                    {"X-API-Key": TEST_KEY}, FileBodyProducer(f))
+        )
+        while not sent.called:
+            peak = max(peak, proxy.rss_kb())
+            await sleep(reactor, 0.02)
+        response = await sent
+    assert response.code == 201
+    await (await read(response)).done
+    received = upstream.fake.received[-1]
+    assert (received.body_length, received.body_sha256) == (
+        blob.stat().st_size, digest.hexdigest()
+    )
+    assert peak - before < 20 * 1024, f"grew from {before} kB to {peak} kB"

@@ -21,6 +21,8 @@ setup(
             "pytest>=8",
             "pytest-twisted>=1.14",
             "treq>=24.9.1",
+            "ollama>=0.4",
+            "openai>=1.40",
         ],
         "dev": [
             "mypy>=1.11",

@@ -8,10 +8,12 @@ tell it from random text.  Only a SHA-256 digest of each key is ever stored.
 A fast hash is the right one here: the keys are long random strings, not
 passwords, so there is nothing to brute-force.
 
-The keys file is JSON::
+The keys file is JSON (only C{name} and C{hash} are required)::
 
-    {"keys": [{"name": "default", "hash": "sha256:<hex>",
-               "created": "2026-11-27T07:00:00Z"}]}
+    {"keys": [{"name": "alice", "hash": "sha256:<hex>",
+               "created": "2026-11-27T07:00:00Z", "expires": "2027-01-01T00:00:00Z",
+               "scopes": ["inference"], "models": ["llama3*"],
+               "rpm": 60, "max_streams": 2}]}
 
 and is always replaced atomically (write a temporary file, then rename).
 """
@@ -27,6 +29,8 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from fnmatch import fnmatchcase
+from typing import Any
 
 KEY_PREFIX = "olpk_"
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -40,6 +44,11 @@ class KeysFileError(ValueError):
     """
 
 
+INFERENCE = "inference"
+ADMIN = "admin"
+SCOPES = frozenset({INFERENCE, ADMIN})
+
+
 @dataclass(frozen=True)
 class ApiKey:
     """
@@ -48,11 +57,46 @@ class ApiKey:
     @ivar name: Who or what the key is for; appears in logs instead of the key.
     @ivar digest: SHA-256 of the key.
     @ivar created: When the key was made, if known.
+    @ivar expires: When the key stops working, or L{None} for never.
+    @ivar scopes: C{inference} (chat, generate, embed, model lists, C{/v1})
+        for every key; C{admin} adds model management and account routes.
+    @ivar models: Glob patterns (C{llama3*}) of the models the key may use;
+        empty for all.
+    @ivar rpm: Requests a minute the key may make, or L{None} for no limit.
+    @ivar max_streams: Requests the key may have in flight at once, or
+        L{None} for no limit.
     """
 
     name: str
     digest: bytes
     created: datetime | None = None
+    expires: datetime | None = None
+    scopes: frozenset[str] = frozenset({INFERENCE})
+    models: tuple[str, ...] = ()
+    rpm: int | None = None
+    max_streams: int | None = None
+
+    @property
+    def admin(self) -> bool:
+        return ADMIN in self.scopes
+
+    def expired(self, now: datetime) -> bool:
+        """
+        Whether the key has stopped working at C{now}.
+        """
+        return self.expires is not None and now >= self.expires
+
+    def allows_model(self, model: str) -> bool:
+        """
+        Whether the key may use a model.  A name without a tag is the
+        C{:latest} tag, as in Ollama.
+        """
+        if not self.models:
+            return True
+        tagged = model if ":" in model else model + ":latest"
+        return any(
+            fnmatchcase(model, pattern) or fnmatchcase(tagged, pattern) for pattern in self.models
+        )
 
 
 def digest(key: str) -> bytes:
@@ -156,18 +200,67 @@ def load_keys_file(path: str) -> list[ApiKey]:
         raise KeysFileError(f"keys file {path} is not valid: {e!r}") from e
 
 
-def _key_from_json(entry: Mapping[str, str]) -> ApiKey:
+def _key_from_json(entry: Mapping[str, Any]) -> ApiKey:
+    name = entry["name"]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"key name must be a non-empty string, not {name!r}")
     if not isinstance(entry["hash"], str):
-        raise ValueError(f"key {entry['name']!r}: hash must be a string")
+        raise ValueError(f"key {name!r}: hash must be a string")
     algorithm, _, hexdigest = entry["hash"].partition(":")
     if algorithm != "sha256" or len(hexdigest) != 64:
-        raise ValueError(f"key {entry['name']!r}: hash must be sha256:<64 hex digits>")
-    created = entry.get("created")
+        raise ValueError(f"key {name!r}: hash must be sha256:<64 hex digits>")
+    scopes = frozenset(entry.get("scopes", [INFERENCE])) | {INFERENCE}
+    if not scopes <= SCOPES:
+        raise ValueError(f"key {name!r}: unknown scopes {sorted(scopes - SCOPES)}")
+    models = entry.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        raise ValueError(f"key {name!r}: models must be a list of glob patterns")
     return ApiKey(
-        name=str(entry["name"]),
+        name=name,
         digest=bytes.fromhex(hexdigest),
-        created=datetime.fromisoformat(created) if created else None,
+        created=_time(entry, "created"),
+        expires=_time(entry, "expires"),
+        scopes=scopes,
+        models=tuple(models),
+        rpm=_limit(entry, "rpm"),
+        max_streams=_limit(entry, "max_streams"),
     )
+
+
+def _time(entry: Mapping[str, Any], field: str) -> datetime | None:
+    value = entry.get(field)
+    if value is None:
+        return None
+    when = datetime.fromisoformat(value)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _limit(entry: Mapping[str, Any], field: str) -> int | None:
+    value = entry.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"key {entry['name']!r}: {field} must be a whole number from 1")
+    return value
+
+
+def key_to_json(key: ApiKey) -> dict[str, Any]:
+    """
+    A key as it is written in the keys file (its hash, never the key).
+    """
+    entry: dict[str, Any] = {"name": key.name, "hash": "sha256:" + key.digest.hex()}
+    if key.created is not None:
+        entry["created"] = _format_time(key.created)
+    if key.expires is not None:
+        entry["expires"] = _format_time(key.expires)
+    entry["scopes"] = sorted(key.scopes)
+    if key.models:
+        entry["models"] = list(key.models)
+    if key.rpm is not None:
+        entry["rpm"] = key.rpm
+    if key.max_streams is not None:
+        entry["max_streams"] = key.max_streams
+    return entry
 
 
 def write_keys_file(path: str, keys: Iterable[ApiKey]) -> None:
@@ -176,12 +269,7 @@ def write_keys_file(path: str, keys: Iterable[ApiKey]) -> None:
     by its owner.  A crash leaves either the old file or the new one, never a
     mixture.
     """
-    entries = []
-    for key in keys:
-        entry = {"name": key.name, "hash": "sha256:" + key.digest.hex()}
-        if key.created is not None:
-            entry["created"] = _format_time(key.created)
-        entries.append(entry)
+    entries = [key_to_json(key) for key in keys]
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, mode=0o700, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=".keys-", dir=directory)

@@ -35,6 +35,8 @@ from ollamaproxy.config import (
     ConfigError,
 )
 from ollamaproxy.keys import (
+    ADMIN,
+    INFERENCE,
     ApiKey,
     KeysFileError,
     KeyStore,
@@ -48,6 +50,10 @@ from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import PoolService, Upstream, agent_for, connection_pool
 
 log = Logger()
+
+# The operator's own keys (--api-key, the one made on first start) may do
+# everything.
+OPERATOR = frozenset({INFERENCE, ADMIN})
 
 
 class Options(usage.Options):
@@ -227,13 +233,15 @@ def _key_store(config: Config, announce: Callable[[str], None]) -> KeyStore:
     try:
         keys = load_keys_file(config.keys_file)
         if config.api_key:
-            keys.append(ApiKey(name="api-key", digest=digest(config.api_key)))
+            keys.append(ApiKey(name="api-key", digest=digest(config.api_key), scopes=OPERATOR))
         if keys:
             return KeyStore(keys)
     except (KeysFileError, ValueError) as e:
         raise usage.UsageError(f"{config.keys_file}: {e}") from None
     key = generate_key()
-    first = ApiKey(name="default", digest=digest(key), created=datetime.now(UTC))
+    first = ApiKey(
+        name="default", digest=digest(key), created=datetime.now(UTC), scopes=OPERATOR
+    )
     write_keys_file(config.keys_file, [first])
     announce(
         "\nollamaproxy: no API key was configured, so one was made.  Its hash is\n"

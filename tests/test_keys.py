@@ -170,6 +170,7 @@ def test_file_format(tmp_path: Path) -> None:
         "keys": [
             {
                 "name": "default",
+                "scopes": ["inference"],
                 "hash": "sha256:" + hashlib.sha256(b"secret").hexdigest(),
                 "created": "2026-11-27T07:00:00Z",
             }
@@ -319,3 +320,41 @@ def test_failed_first_write_leaves_nothing(
     with pytest.raises(DumpFailed):
         write_keys_file(str(tmp_path / "keys.json"), [named_key("a")[1]])
     assert os.listdir(tmp_path) == []
+
+
+def test_full_key_round_trips(tmp_path: Path) -> None:
+    """Every field of a key (expiry, scopes, models, limits) survives the file."""
+    path = str(tmp_path / "keys.json")
+    key = ApiKey(
+        "alice", digest(generate_key()), WHEN,
+        expires=datetime(2027, 1, 1, tzinfo=UTC),
+        scopes=frozenset({"inference", "admin"}),
+        models=("llama3*", "mistral:7b"),
+        rpm=60,
+        max_streams=2,
+    )
+    write_keys_file(path, [key])
+    assert load_keys_file(path) == [key]
+
+
+@pytest.mark.parametrize(
+    ("model", "allowed"),
+    [("llama3", True), ("llama3.2", True), ("llama3.2:latest", True), ("llama3.2:1b", True),
+     ("mistral:7b", True), ("mistral", False), ("mistral:latest", False), ("codellama", False)],
+)
+def test_model_allow_list(model: str, allowed: bool) -> None:
+    """Glob patterns decide which models a key may use; a bare name is its :latest tag."""
+    key = ApiKey("k", b"", models=("llama3*", "mistral:7b"))
+    assert key.allows_model(model) is allowed
+
+
+def test_no_allow_list_allows_everything() -> None:
+    """A key without a models list may use any model."""
+    assert ApiKey("k", b"").allows_model("anything:else")
+
+
+def test_expiry() -> None:
+    """A key works until its expiry time and not from then on."""
+    key = ApiKey("k", b"", expires=datetime(2027, 1, 1, tzinfo=UTC))
+    assert not key.expired(datetime(2026, 12, 31, 23, 59, tzinfo=UTC))
+    assert key.expired(datetime(2027, 1, 1, tzinfo=UTC))

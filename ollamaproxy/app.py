@@ -10,7 +10,10 @@ leaves through one handler, in Ollama's JSON shape.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
+from urllib.parse import unquote
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -20,15 +23,31 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
-from ollamaproxy.auth import Authenticator
+from ollamaproxy.auth import (
+    LISTINGS,
+    MODEL_IN_BODY,
+    OPENAI_MODEL_PREFIX,
+    Authenticator,
+    check_models,
+    filter_listing,
+    models_named,
+)
+from ollamaproxy.config import Route
 from ollamaproxy.errors import ProxyError, error_body, is_openai_path
+from ollamaproxy.keys import ApiKey
+from ollamaproxy.limits import KeyLimits
 from ollamaproxy.logs import Exchange, log_exchange
 from ollamaproxy.relay import Target, relay
+from ollamaproxy.request_body import BodyTooLarge
+from ollamaproxy.site import ProxyRequest
 from ollamaproxy.upstream import Upstream
 
 log = Logger()
 
 PREFIX = b"/proxy"
+# A body read whole to see which model it names (chat with images can be
+# several MB).
+MAX_CHECKED_BODY = 64 * 1024 * 1024
 
 
 def target_of(uri: bytes) -> Target:
@@ -55,9 +74,12 @@ class OllamaProxy:
 
     app = Klein()
 
-    def __init__(self, upstream: Upstream, auth: Authenticator, clock: IReactorTime) -> None:
+    def __init__(
+        self, upstream: Upstream, auth: Authenticator, limits: KeyLimits, clock: IReactorTime
+    ) -> None:
         self._upstream = upstream
         self._auth = auth
+        self._limits = limits
         self._clock = clock
         self._in_flight: dict[Any, Exchange] = {}
         self._draining = False
@@ -87,10 +109,19 @@ class OllamaProxy:
         try:
             if self._draining:
                 raise ProxyError(503, "ollamaproxy is shutting down", outcome="shutdown")
-            key = self._auth.authenticate(request.method, target.path, request.requestHeaders)
-            if key is not None:
+            key = self._auth.authenticate(
+                request.method, target.path, request.requestHeaders, exchange.client
+            )
+            if key is None:
+                await relay(request, self._upstream, target, exchange)
+            else:
                 exchange.key = key.name
-            await relay(request, self._upstream, target, exchange)
+                release = self._limits.admit(key)
+                try:
+                    rewrite = await self._models_for(key, request, target)
+                    await relay(request, self._upstream, target, exchange, rewrite)
+                finally:
+                    release()
         except ProxyError as e:
             exchange.status = e.code
             exchange.failed(e.outcome, e.message)
@@ -111,6 +142,32 @@ class OllamaProxy:
                 drained, self._drained = self._drained, []
                 for d in drained:
                     d.callback(None)
+
+    async def _models_for(
+        self, key: ApiKey, request: ProxyRequest, target: Target
+    ) -> Callable[[bytes], bytes] | None:
+        """
+        For a key limited to some models: refuse a request for another
+        model, and say how to narrow a model listing.
+
+        @return: How to rewrite the response body, if it needs it.
+        @raise ProxyError: 403 for a model the key may not use.
+        """
+        if not key.models:
+            return None
+        route = Route(request.method, target.path)
+        if route in MODEL_IN_BODY and request.body is not None:
+            try:
+                body = await request.body.collect(MAX_CHECKED_BODY)
+            except BodyTooLarge:
+                raise ProxyError(413, "request body too large to check its model") from None
+            check_models(key, models_named(body))
+        elif target.path.startswith(OPENAI_MODEL_PREFIX):
+            name = unquote(target.path[len(OPENAI_MODEL_PREFIX):].decode("utf-8", "replace"))
+            check_models(key, [name])
+        elif route in LISTINGS:
+            return partial(filter_listing, key, LISTINGS[route])
+        return None
 
     def drain(self, grace_period: float) -> Deferred[None]:
         """

@@ -20,6 +20,7 @@ format and a connection closed without the final empty chunk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -87,10 +88,18 @@ class Target:
 
 
 async def relay(
-    request: ProxyRequest, upstream: Upstream, target: Target, exchange: Exchange
+    request: ProxyRequest,
+    upstream: Upstream,
+    target: Target,
+    exchange: Exchange,
+    rewrite: Callable[[bytes], bytes] | None = None,
 ) -> None:
     """
     Send C{request} to Ollama and stream the response back into it.
+
+    @param rewrite: For the few small answers the proxy must change (model
+        listings for a key limited to some models): called with a whole
+        successful body, and what it returns is sent instead.
 
     @raise ProxyError: 502 if Ollama cannot be reached, 504 if its response
         head does not come in time; nothing has been written to the client
@@ -116,10 +125,22 @@ async def relay(
     except UNREACHABLE as e:
         raise ProxyError(502, f"cannot reach Ollama: {_reason(e)}") from e
     exchange.responded(upstream.clock.seconds(), response.code)
+    rewritten = None
+    if rewrite is not None and response.code == 200 and request.method != b"HEAD":
+        whole = _WholeBody()
+        response.deliverBody(whole)
+        try:
+            rewritten = rewrite(await whole.done)
+        except ResponseFailed as e:
+            raise ProxyError(502, "Ollama's answer broke off") from e
     request.setResponseCode(response.code, response.phrase)
     # Ollama's type or none: not twisted.web's text/html default.
     request.defaultContentType = None
     copy_response_headers(response.headers, request.responseHeaders)
+    if rewritten is not None:
+        request.setHeader(b"content-length", b"%d" % len(rewritten))
+        request.write(rewritten)
+        return
     request.write(b"")  # the response head goes out now, as Ollama sent it
     body = _BodyRelay(request, response, upstream, target.openai)
     response.deliverBody(body)
@@ -146,6 +167,32 @@ def _reason(error: Exception) -> str:
         reasons = getattr(error, "reasons", None) or []
         return "; ".join(r.getErrorMessage() for r in reasons) or type(error).__name__
     return str(error) or type(error).__name__
+
+
+class _WholeBody(Protocol):
+    """
+    Collects a small response body (a model listing) whole.
+
+    @ivar done: Fires with the body, fails with L{ResponseFailed} if it
+        broke off, and closes Ollama's connection if cancelled.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self.done: Deferred[bytes] = Deferred(
+            lambda _: cast(IPushProducer, self.transport).stopProducing()
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(ResponseFailed([reason]))
 
 
 @implementer(IPushProducer)

@@ -63,6 +63,8 @@ class StreamedBody:
         self._upstream_paused = False
         self._client_paused = False
         self._failure: Failure | None = None
+        self._high_water = HIGH_WATER
+        self._collected: Deferred[bytes] | None = None
 
     @property
     def too_large(self) -> bool:
@@ -77,7 +79,7 @@ class StreamedBody:
         """
         Bytes of the body arrived from the client.
         """
-        if self._done.called:
+        if self._done.called or self._failure is not None:
             return
         self.received += len(data)
         if self.too_large:
@@ -88,7 +90,9 @@ class StreamedBody:
             return
         self._waiting.append(data)
         self._waiting_size += len(data)
-        if self._waiting_size > HIGH_WATER:
+        if self._collected is not None and self._waiting_size > self._high_water:
+            self.fail(Failure(BodyTooLarge(self._high_water)))
+        elif self._waiting_size > self._high_water:
             # Again on every write: twisted.web may have resumed reading.
             self._client_paused = True
             self._pause_client()
@@ -98,6 +102,8 @@ class StreamedBody:
         The whole body has arrived.
         """
         self.complete = True
+        if self._collected is not None and not self._collected.called:
+            self._collected.callback(b"".join(self._waiting))
         self._drain()
 
     def fail(self, reason: Failure) -> None:
@@ -108,8 +114,31 @@ class StreamedBody:
         self._waiting = []
         self._waiting_size = 0
         self._failure = reason
+        if self._collected is not None and not self._collected.called:
+            self._collected.errback(reason)
         if self._consumer is not None and not self._done.called:
             self._done.errback(reason)
+
+    def collect(self, limit: int) -> Deferred[bytes]:
+        """
+        Wait for the whole body, for a check that must read it before it
+        goes on (which model a request names); it is then sent on as usual.
+
+        @param limit: The most bytes to hold; past that, the body fails with
+            L{BodyTooLarge}.
+        @return: Fires with the body once it has all arrived.
+        """
+        assert self._consumer is None and self._collected is None
+        self._collected = Deferred()
+        self._high_water = limit
+        if self._client_paused:
+            self._client_paused = False
+            self._resume_client()
+        if self._failure is not None:
+            self._collected.errback(self._failure)
+        elif self.complete:
+            self._collected.callback(b"".join(self._waiting))
+        return self._collected
 
     # Drained by the agent.
 

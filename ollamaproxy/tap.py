@@ -45,7 +45,9 @@ from ollamaproxy.keys import (
     load_keys_file,
     write_keys_file,
 )
+from ollamaproxy.limits import GuessThrottle, KeyLimits
 from ollamaproxy.logs import LogFilesService
+from ollamaproxy.reload import KeysReloader, sighup_installer
 from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import PoolService, Upstream, agent_for, connection_pool
 
@@ -199,7 +201,8 @@ def build_service(
         header_timeout=config.header_timeout,
         idle_timeout=config.idle_timeout,
     )
-    proxy = OllamaProxy(upstream, Authenticator(keys, config.open_routes), reactor)
+    auth = Authenticator(keys, config.open_routes, reactor, GuessThrottle(reactor))
+    proxy = OllamaProxy(upstream, auth, KeyLimits(reactor), reactor)
     site = ProxySite(proxy.resource(), config.client_timeout, config.max_body_size, reactor)
 
     # Stopping runs bottom-up: stop listening, let requests in flight
@@ -208,6 +211,14 @@ def build_service(
     if config.log_dir:
         LogFilesService(config.log_dir, globalLogPublisher).setServiceParent(service)
     PoolService(pool).setServiceParent(service)
+    KeysReloader(
+        keys,
+        config.keys_file,
+        _operator_keys(config),
+        reactor,
+        # Looked up when a signal comes, not now: test reactors lack it.
+        install_sighup=sighup_installer(lambda f: reactor.callFromThread(f)),
+    ).setServiceParent(service)
     DrainService(proxy, config.grace_period).setServiceParent(service)
     listeners = MultiService()
     listeners.setServiceParent(service)
@@ -223,6 +234,15 @@ def build_service(
     return service
 
 
+def _operator_keys(config: Config) -> list[ApiKey]:
+    """
+    The keys given outside the keys file: C{--api-key}'s, if any.
+    """
+    if not config.api_key:
+        return []
+    return [ApiKey(name="api-key", digest=digest(config.api_key), scopes=OPERATOR)]
+
+
 def _key_store(config: Config, announce: Callable[[str], None]) -> KeyStore:
     """
     The keys to accept: the one from C{--api-key}, if any, and those in the
@@ -231,9 +251,7 @@ def _key_store(config: Config, announce: Callable[[str], None]) -> KeyStore:
     @raise usage.UsageError: If the keys file is unusable.
     """
     try:
-        keys = load_keys_file(config.keys_file)
-        if config.api_key:
-            keys.append(ApiKey(name="api-key", digest=digest(config.api_key), scopes=OPERATOR))
+        keys = _operator_keys(config) + load_keys_file(config.keys_file)
         if keys:
             return KeyStore(keys)
     except (KeysFileError, ValueError) as e:

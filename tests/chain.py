@@ -26,7 +26,8 @@ from twisted.web.iweb import IAgent, IResponse
 from ollamaproxy.app import OllamaProxy
 from ollamaproxy.auth import Authenticator
 from ollamaproxy.config import DEFAULT_OPEN_ROUTES, parse_routes
-from ollamaproxy.keys import ApiKey, KeyStore, digest
+from ollamaproxy.keys import ADMIN, INFERENCE, ApiKey, KeyStore, digest
+from ollamaproxy.limits import GuessThrottle, KeyLimits
 from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import Upstream
 from tests.fake_ollama import FakeOllama
@@ -36,6 +37,8 @@ UPSTREAM = b"http://127.0.0.1:11434"
 HEADER_TIMEOUT = 600.0
 IDLE_TIMEOUT = 300.0
 CLIENT_TIMEOUT = 60.0
+
+ADMIN_KEY = frozenset({INFERENCE, ADMIN})
 
 T = TypeVar("T")
 
@@ -102,9 +105,10 @@ class Chain:
             header_timeout=header_timeout,
             idle_timeout=idle_timeout,
         )
-        keys = KeyStore([ApiKey(name="alice", digest=digest(KEY))])
-        auth = Authenticator(keys, parse_routes(open_routes))
-        self.proxy = OllamaProxy(upstream, auth, self.clock)
+        self.keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=ADMIN_KEY)])
+        self.throttle = GuessThrottle(self.clock)
+        auth = Authenticator(self.keys, parse_routes(open_routes), self.clock, self.throttle)
+        self.proxy = OllamaProxy(upstream, auth, KeyLimits(self.clock), self.clock)
         self.client = StubTreq(self.proxy.resource())
         # Serve through the proxy's own Site, as the daemon does, not the
         # plain one StubTreq makes.

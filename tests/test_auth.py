@@ -6,6 +6,7 @@ deciding whether the request may go on.
 from __future__ import annotations
 
 import pytest
+from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
 from ollamaproxy.auth import Authenticator, presented_key
@@ -21,7 +22,7 @@ def authenticator() -> Authenticator:
     """
     An authenticator that knows one key, alice's, with the default open routes.
     """
-    return Authenticator(KeyStore([ALICE]), parse_routes(DEFAULT_OPEN_ROUTES))
+    return Authenticator(KeyStore([ALICE]), parse_routes(DEFAULT_OPEN_ROUTES), Clock())
 
 
 @pytest.mark.parametrize(

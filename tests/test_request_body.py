@@ -21,10 +21,11 @@ from ollamaproxy.app import OllamaProxy
 from ollamaproxy.auth import Authenticator
 from ollamaproxy.config import parse_routes
 from ollamaproxy.keys import ApiKey, KeyStore, digest
+from ollamaproxy.limits import KeyLimits
 from ollamaproxy.request_body import HIGH_WATER, BodyTooLarge, StreamedBody
 from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import Upstream
-from tests.chain import KEY
+from tests.chain import ADMIN_KEY, KEY
 
 DIGEST = "sha256:" + "0" * 64
 
@@ -71,8 +72,9 @@ def serve(max_body_size: int = 0) -> tuple[Any, StringTransport, _RecordingAgent
     agent = _RecordingAgent()
     upstream = Upstream(agent=agent, base=b"http://127.0.0.1:11434", clock=clock,
                         header_timeout=600, idle_timeout=600)
-    keys = KeyStore([ApiKey(name="alice", digest=digest(KEY))])
-    proxy = OllamaProxy(upstream, Authenticator(keys, parse_routes("")), clock)
+    keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=ADMIN_KEY)])
+    auth = Authenticator(keys, parse_routes(""), clock)
+    proxy = OllamaProxy(upstream, auth, KeyLimits(clock), clock)
     site = ProxySite(proxy.resource(), 60, max_body_size, clock)
     protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
     transport = StringTransport()

@@ -33,6 +33,7 @@ from ollamaproxy import tap
 from ollamaproxy.config import DEFAULT_OPEN_ROUTES, Config, Route, parse_routes
 from ollamaproxy.keys import ApiKey, digest, load_keys_file, looks_generated, write_keys_file
 from ollamaproxy.logs import LogFilesService
+from ollamaproxy.reload import KeysReloader
 from ollamaproxy.tap import DrainService, Options, build_service
 from ollamaproxy.upstream import PoolService
 
@@ -240,8 +241,8 @@ def test_service_structure(tmp_path: Path) -> None:
     )
     service = build_service(config, reactor, lambda text: None)
     kinds = [type(child) for child in children(service)]
-    assert kinds == [PoolService, DrainService, MultiService]
-    assert [type(child) for child in children(children(service)[2])] == [  # type: ignore[arg-type]
+    assert kinds == [PoolService, KeysReloader, DrainService, MultiService]
+    assert [type(child) for child in children(children(service)[3])] == [  # type: ignore[arg-type]
         StreamServerEndpointService,
         StreamServerEndpointService,
     ]

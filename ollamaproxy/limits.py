@@ -1,0 +1,163 @@
+# -*- test-case-name: tests.test_limits -*-
+"""
+How much a key may ask, and how often an address may guess.
+
+L{KeyLimits} enforces each key's requests per minute (a token bucket that
+holds a minute's worth) and its number of requests in flight.
+L{GuessThrottle} slows down key guessing: an address that presented wrong
+keys too often is refused for a while, before its keys are even checked,
+except for keys that already worked from that address, so people sharing
+an address with a guesser keep working.
+
+Both answer 429 with C{Retry-After}, and both forget what they no longer
+need, so their memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from twisted.internet.interfaces import IReactorTime
+
+from ollamaproxy.errors import ProxyError
+from ollamaproxy.keys import ApiKey
+
+_V = TypeVar("_V")
+
+
+def too_many(message: str, retry_after: float) -> ProxyError:
+    """
+    A 429 that says when to try again.
+    """
+    seconds = max(1, math.ceil(retry_after))
+    return ProxyError(429, message, {b"Retry-After": str(seconds).encode("ascii")})
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+@dataclass
+class KeyLimits:
+    """
+    Per-key request rate and requests in flight.
+
+    @ivar clock: Tells time for the rates.
+    """
+
+    clock: IReactorTime
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    _in_flight: dict[str, int] = field(default_factory=dict)
+
+    def admit(self, key: ApiKey) -> Callable[[], None]:
+        """
+        Let a request of C{key} in, or refuse it.
+
+        @return: A function to call once when the request has ended.
+        @raise ProxyError: 429 if the key is over its rate or its number of
+            requests in flight.
+        """
+        if key.max_streams is not None and self._in_flight.get(key.name, 0) >= key.max_streams:
+            raise too_many(
+                f"key {key.name!r} already has {key.max_streams} requests in flight", 1
+            )
+        if key.rpm is not None:
+            self._take_token(key.name, key.rpm)
+        self._in_flight[key.name] = self._in_flight.get(key.name, 0) + 1
+
+        def release() -> None:
+            left = self._in_flight[key.name] - 1
+            if left:
+                self._in_flight[key.name] = left
+            else:
+                del self._in_flight[key.name]
+
+        return release
+
+    def _take_token(self, name: str, rpm: int) -> None:
+        now = self.clock.seconds()
+        bucket = self._buckets.setdefault(name, _Bucket(float(rpm), now))
+        per_second = rpm / 60
+        bucket.tokens = min(float(rpm), bucket.tokens + (now - bucket.updated) * per_second)
+        bucket.updated = now
+        if bucket.tokens < 1:
+            raise too_many(
+                f"key {name!r} is over its limit of {rpm} requests a minute",
+                (1 - bucket.tokens) / per_second,
+            )
+        bucket.tokens -= 1
+
+
+@dataclass
+class GuessThrottle:
+    """
+    Refuses addresses that presented too many wrong keys.
+
+    @ivar clock: Tells time.
+    @ivar failures: Wrong keys an address may present within C{window}
+        seconds before it is refused.
+    @ivar window: Seconds over which wrong keys are counted; an address is
+        refused until its oldest counted failure is that old.
+    @ivar max_addresses: How many addresses are remembered at most.
+    """
+
+    clock: IReactorTime
+    failures: int = 10
+    window: float = 60.0
+    max_addresses: int = 10000
+    _failed: OrderedDict[str, deque[float]] = field(default_factory=OrderedDict)
+    _worked: OrderedDict[str, set[bytes]] = field(default_factory=OrderedDict)
+
+    def check(self, address: str, digest: bytes) -> None:
+        """
+        Before a key is checked: refuse a throttled address, unless this key
+        already worked from it.
+
+        @raise ProxyError: 429.
+        """
+        failed = self._recent(address)
+        if len(failed) >= self.failures and digest not in self._worked.get(address, ()):
+            wait = failed[0] + self.window - self.clock.seconds()
+            raise too_many("too many wrong API keys from this address", wait)
+
+    def failed(self, address: str) -> None:
+        """
+        A wrong key came from C{address}.
+        """
+        failed = self._recent(address)
+        failed.append(self.clock.seconds())
+        if len(failed) > self.failures:
+            failed.popleft()
+        self._failed[address] = failed
+        self._failed.move_to_end(address)
+        _bound(self._failed, self.max_addresses)
+
+    def worked(self, address: str, digest: bytes) -> None:
+        """
+        A valid key came from C{address}.
+        """
+        worked = self._worked.setdefault(address, set())
+        if len(worked) < 64:
+            worked.add(digest)
+        self._worked.move_to_end(address)
+        _bound(self._worked, self.max_addresses)
+
+    def _recent(self, address: str) -> deque[float]:
+        failed = self._failed.get(address, deque())
+        horizon = self.clock.seconds() - self.window
+        while failed and failed[0] <= horizon:
+            failed.popleft()
+        if not failed:
+            self._failed.pop(address, None)
+        return failed
+
+
+def _bound(table: OrderedDict[str, _V], size: int) -> None:
+    while len(table) > size:
+        table.popitem(last=False)

@@ -12,6 +12,7 @@ setup(
     # Twisted itself shares), so it is listed by hand.
     packages=["ollamaproxy", "twisted.plugins"],
     package_data={"twisted": ["plugins/ollamaproxy_plugin.py"]},
+    entry_points={"console_scripts": ["ollamaproxy = ollamaproxy.cli:main"]},
     install_requires=[
         "twisted[tls]>=24.7.0",
         "klein>=24.8.0",

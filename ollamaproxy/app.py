@@ -33,6 +33,7 @@ from ollamaproxy.auth import (
     models_named,
 )
 from ollamaproxy.config import Route
+from ollamaproxy.cors import Cors
 from ollamaproxy.errors import ProxyError, error_body, is_openai_path
 from ollamaproxy.keys import ApiKey
 from ollamaproxy.limits import KeyLimits
@@ -75,11 +76,17 @@ class OllamaProxy:
     app = Klein()
 
     def __init__(
-        self, upstream: Upstream, auth: Authenticator, limits: KeyLimits, clock: IReactorTime
+        self,
+        upstream: Upstream,
+        auth: Authenticator,
+        limits: KeyLimits,
+        cors: Cors,
+        clock: IReactorTime,
     ) -> None:
         self._upstream = upstream
         self._auth = auth
         self._limits = limits
+        self._cors = cors
         self._clock = clock
         self._in_flight: dict[Any, Exchange] = {}
         self._draining = False
@@ -105,6 +112,11 @@ class OllamaProxy:
         )
         # Ollama does not announce a server name, so neither does the proxy.
         request.responseHeaders.removeHeader(b"server")
+        if self._cors.is_preflight(request.method, request.requestHeaders):
+            self._preflight(request, exchange)
+            return
+        for name, value in self._cors.response_headers(request.requestHeaders):
+            request.responseHeaders.addRawHeader(name, value)
         self._in_flight[request] = exchange
         try:
             if self._draining:
@@ -142,6 +154,21 @@ class OllamaProxy:
                 drained, self._drained = self._drained, []
                 for d in drained:
                     d.callback(None)
+
+    def _preflight(self, request: Any, exchange: Exchange) -> None:
+        """
+        Answer a browser's CORS preflight, without a key (browsers send none
+        on a preflight): 204 with what the origin may do, or 403 with an
+        empty body, as Ollama answers an origin it does not allow.
+        """
+        headers = self._cors.preflight(request.requestHeaders)
+        request.setResponseCode(403 if headers is None else 204)
+        for name, value in headers or []:
+            request.responseHeaders.addRawHeader(name, value)
+        exchange.status = request.code
+        if headers is None:
+            exchange.failed("rejected", "origin not allowed")
+        log_exchange(exchange, 0, self._clock.seconds())
 
     async def _models_for(
         self, key: ApiKey, request: ProxyRequest, target: Target

@@ -17,6 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from ollamaproxy.cors import DEFAULT_ORIGINS, parse_origins
+from ollamaproxy.errors import ConfigError as ConfigError
+
 DEFAULT_LISTEN = "tcp:5000"
 DEFAULT_UPSTREAM = "http://127.0.0.1:11434"
 DEFAULT_OPEN_ROUTES = "GET /,HEAD /,GET /api/version,HEAD /api/version"
@@ -35,14 +38,8 @@ DEFAULT_MAX_BODY_SIZE = "0"
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 ENV_PREFIX = "OLLAMAPROXY_"
+DEFAULT_CORS_ORIGINS = ",".join(DEFAULT_ORIGINS)
 _ENDPOINT = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S")
-
-
-class ConfigError(ValueError):
-    """
-    A setting has a value the proxy cannot work with.  The message names the
-    setting and says what is wrong, in words fit for the user.
-    """
 
 
 @dataclass(frozen=True)
@@ -77,6 +74,7 @@ class Config:
     @ivar grace_period: Seconds in-flight requests get to finish on shutdown.
     @ivar max_body_size: The largest request body accepted, in bytes; 0 for
         no limit.
+    @ivar cors_origins: Browser origins allowed to call the proxy.
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
@@ -91,6 +89,7 @@ class Config:
     client_timeout: float = DEFAULT_CLIENT_TIMEOUT
     grace_period: float = DEFAULT_GRACE_PERIOD
     max_body_size: int = 0
+    cors_origins: tuple[str, ...] = DEFAULT_ORIGINS
 
     @classmethod
     def from_sources(
@@ -129,6 +128,7 @@ class Config:
                 )
         upstream = get("upstream") or environ.get("OLLAMA_HOST") or DEFAULT_UPSTREAM
         open_routes = get("open-routes")
+        cors_origins = get("cors-origins")
         return cls(
             listen=tuple(listen),
             upstream=parse_ollama_host(upstream),
@@ -148,6 +148,9 @@ class Config:
                                     DEFAULT_CLIENT_TIMEOUT),
             grace_period=_seconds("grace-period", get("grace-period"),
                                   DEFAULT_GRACE_PERIOD, allow_zero=True),
+            cors_origins=parse_origins(
+                DEFAULT_CORS_ORIGINS if cors_origins is None else cors_origins
+            ),
             max_body_size=parse_size(
                 "max-body-size", get("max-body-size") or DEFAULT_MAX_BODY_SIZE
             ),

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 from twisted.web.http_headers import Headers
 
-from ollamaproxy.config import ConfigError
+from ollamaproxy.errors import ConfigError
 
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 

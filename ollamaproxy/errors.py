@@ -24,6 +24,13 @@ _OPENAI_TYPES = {
 }
 
 
+class ConfigError(ValueError):
+    """
+    A setting has a value the proxy cannot work with.  The message names the
+    setting and says what is wrong, in words fit for the user.
+    """
+
+
 class ProxyError(Exception):
     """
     A request the proxy answers itself, with an HTTP status and a message.

@@ -20,13 +20,14 @@ and is always replaced atomically (write a temporary file, then rename).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import secrets
 import tempfile
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
@@ -283,3 +284,39 @@ def write_keys_file(path: str, keys: Iterable[ApiKey]) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def update_keys_file(
+    path: str, change: Callable[[list[ApiKey]], list[ApiKey]]
+) -> list[ApiKey]:
+    """
+    Change the keys file safely against other writers: read it, apply
+    C{change}, and write the result atomically, all under an exclusive
+    C{flock} on C{<path>.lock}.
+
+    Two programs updating the same file one after the other each see the
+    other's change; neither overwrites it with a stale copy.  The lock file
+    is made (readable only by its owner) beside the keys file and left there:
+    deleting it would let a waiting writer lock a file nobody else sees.
+
+    @param path: The keys file; it need not exist yet.
+    @param change: Given the keys in the file, returns the keys to write.
+        Any exception it raises leaves the file untouched and is passed on.
+    @return: The keys written.
+    @raise KeysFileError: If the file exists but is not a valid keys file.
+    @raise ValueError: If C{change} returns two keys with the same name
+        (which the proxy would refuse to start with).
+    @raise OSError: If the lock file or the keys file cannot be written.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        keys = change(load_keys_file(path))
+        KeyStore(keys)
+        write_keys_file(path, keys)
+        return keys
+    finally:
+        # Closing the only descriptor releases the lock.
+        os.close(lock)

@@ -34,6 +34,7 @@ from ollamaproxy.config import (
     Config,
     ConfigError,
 )
+from ollamaproxy.cors import Cors
 from ollamaproxy.keys import (
     ADMIN,
     INFERENCE,
@@ -105,6 +106,11 @@ class Options(usage.Options):
          "Seconds a client may take to send a request's line and headers, and "
          "may stay silent while sending a body or between requests "
          f"[default: {DEFAULT_CLIENT_TIMEOUT:g}]"],
+        ["cors-origins", None, None,
+         "Comma-separated browser origins allowed to call the proxy (one * "
+         "wildcard each; '*' for all, '' for none but the proxy's own host) "
+         "[default: browser extensions, localhost pages, app://, file://, "
+         "tauri://, vscode-webview://, vscode-file://]"],
         ["max-body-size", None, None,
          "Largest request body accepted (413 beyond it), in bytes or with K, M, "
          "G, T; 0 for no limit [default: 0: model uploads are often tens of GB]"],
@@ -202,7 +208,7 @@ def build_service(
         idle_timeout=config.idle_timeout,
     )
     auth = Authenticator(keys, config.open_routes, reactor, GuessThrottle(reactor))
-    proxy = OllamaProxy(upstream, auth, KeyLimits(reactor), reactor)
+    proxy = OllamaProxy(upstream, auth, KeyLimits(reactor), Cors(config.cors_origins), reactor)
     site = ProxySite(proxy.resource(), config.client_timeout, config.max_body_size, reactor)
 
     # Stopping runs bottom-up: stop listening, let requests in flight

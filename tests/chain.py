@@ -26,6 +26,7 @@ from twisted.web.iweb import IAgent, IResponse
 from ollamaproxy.app import OllamaProxy
 from ollamaproxy.auth import Authenticator
 from ollamaproxy.config import DEFAULT_OPEN_ROUTES, parse_routes
+from ollamaproxy.cors import Cors
 from ollamaproxy.keys import ADMIN, INFERENCE, ApiKey, KeyStore, digest
 from ollamaproxy.limits import GuessThrottle, KeyLimits
 from ollamaproxy.site import ProxySite
@@ -108,7 +109,7 @@ class Chain:
         self.keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=ADMIN_KEY)])
         self.throttle = GuessThrottle(self.clock)
         auth = Authenticator(self.keys, parse_routes(open_routes), self.clock, self.throttle)
-        self.proxy = OllamaProxy(upstream, auth, KeyLimits(self.clock), self.clock)
+        self.proxy = OllamaProxy(upstream, auth, KeyLimits(self.clock), Cors(), self.clock)
         self.client = StubTreq(self.proxy.resource())
         # Serve through the proxy's own Site, as the daemon does, not the
         # plain one StubTreq makes.

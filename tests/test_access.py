@@ -280,3 +280,52 @@ def test_key_revoked_during_a_stream() -> None:
     chain.result(client.done)
     assert client.body.count(b"\n") == 2
     assert call(chain, "GET", "/api/tags")[0] == 401
+
+
+def test_preflight_is_answered_without_a_key() -> None:
+    """
+    A browser's preflight from an extension is answered 204 without a key,
+    allowing the key headers, and never reaches Ollama.
+    """
+    chain = chain_with()
+    response = chain.respond("OPTIONS", "/api/chat", key=None, headers={
+        "Origin": "chrome-extension://abcdef",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    })
+    assert response.code == 204
+    headers = response.headers
+    assert headers.getRawHeaders(b"access-control-allow-origin") == [b"chrome-extension://abcdef"]
+    allowed = headers.getRawHeaders(b"access-control-allow-headers")[0].lower()
+    assert b"authorization" in allowed and b"x-api-key" in allowed
+    assert chain.fake.received == []
+
+
+def test_preflight_from_a_foreign_origin_is_refused() -> None:
+    """
+    A preflight from a web page the proxy does not allow gets 403 and no
+    CORS permission.
+    """
+    chain = chain_with()
+    response = chain.respond("OPTIONS", "/api/chat", key=None, headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+    })
+    assert response.code == 403
+    assert response.headers.getRawHeaders(b"access-control-allow-origin") is None
+
+
+@pytest.mark.parametrize("key", [USER_KEY, "wrong"])
+def test_allowed_origin_can_read_answers_and_errors(key: str) -> None:
+    """
+    Answers to an allowed origin, errors included, carry its CORS
+    permission, so the page can read them; Origin never reaches Ollama.
+    """
+    chain = chain_with()
+    response = chain.respond("GET", "/api/tags", key=key,
+                             headers={"Origin": "http://localhost:3000"})
+    chain.body(response)
+    assert response.headers.getRawHeaders(b"access-control-allow-origin") == [
+        b"http://localhost:3000"
+    ]
+    for received in chain.fake.received:
+        assert not received.headers.hasHeader(b"origin")

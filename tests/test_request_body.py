@@ -20,6 +20,7 @@ from zope.interface import implementer
 from ollamaproxy.app import OllamaProxy
 from ollamaproxy.auth import Authenticator
 from ollamaproxy.config import parse_routes
+from ollamaproxy.cors import Cors
 from ollamaproxy.keys import ApiKey, KeyStore, digest
 from ollamaproxy.limits import KeyLimits
 from ollamaproxy.request_body import HIGH_WATER, BodyTooLarge, StreamedBody
@@ -74,7 +75,7 @@ def serve(max_body_size: int = 0) -> tuple[Any, StringTransport, _RecordingAgent
                         header_timeout=600, idle_timeout=600)
     keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=ADMIN_KEY)])
     auth = Authenticator(keys, parse_routes(""), clock)
-    proxy = OllamaProxy(upstream, auth, KeyLimits(clock), clock)
+    proxy = OllamaProxy(upstream, auth, KeyLimits(clock), Cors(), clock)
     site = ProxySite(proxy.resource(), 60, max_body_size, clock)
     protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
     transport = StringTransport()

@@ -99,6 +99,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "client-timeout": None,
         "grace-period": None,
         "max-body-size": None,
+        "cors-origins": None,
         "listen": [],
     }
     assert options.config == Config(

@@ -1,0 +1,461 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+The C{ollamaproxy} command: managing the keys in the keys file.
+
+    ollamaproxy keys add NAME [--admin] [--models GLOB ...] [--rpm N]
+                              [--max-streams N] [--expires DATE]
+    ollamaproxy keys list
+    ollamaproxy keys revoke NAME
+    ollamaproxy keys rotate NAME
+
+Every subcommand takes C{--keys-file PATH}; without it the file is
+C{$OLLAMAPROXY_KEYS_FILE}, then the proxy's default, exactly as for the
+daemon.  C{add} and C{rotate} print the new key alone on the last line of
+standard output, so C{KEY=$(ollamaproxy keys add bob | tail -n1)} works; the
+key is shown only then, since only its hash is stored.
+
+Every change goes through L{update_keys_file}, so two commands run at once
+cannot lose each other's change, and a crash leaves the old file whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+
+from ollamaproxy.config import ENV_PREFIX, default_keys_file
+from ollamaproxy.keys import (
+    ADMIN,
+    INFERENCE,
+    ApiKey,
+    KeysFileError,
+    digest,
+    generate_key,
+    load_keys_file,
+    update_keys_file,
+)
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
+PROG = "ollamaproxy"
+KEYS_FILE_VARIABLE = ENV_PREFIX + "KEYS_FILE"
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# The daemon gives this name to the key from --api-key; a second key of that
+# name in the file would stop it from starting.
+_RESERVED_NAMES = frozenset({"api-key"})
+
+# The daemon loads the keys file once, at start.
+_RELOAD = "A running proxy picks up the change within seconds (at once on SIGHUP)."
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """
+    The command line is wrong: the message says how.
+    """
+
+
+class CommandFailed(Exception):
+    """
+    The command could not be carried out: the message says why.
+    """
+
+
+class _Exit(Exception):
+    """
+    argparse finished early (after C{--help}) with this exit code.
+    """
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """
+    An argument parser that raises instead of exiting, and prints help to a
+    given stream instead of C{sys.stdout}.
+    """
+
+    def __init__(self, *args: Any, stdout: TextIO, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stdout = stdout
+
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
+        super().print_help(self._stdout if file is None else file)
+
+    def print_usage(self, file: SupportsWrite[str] | None = None) -> None:
+        super().print_usage(self._stdout if file is None else file)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            raise UsageError(message.strip())
+        raise _Exit(status)
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _whole_number(text: str) -> int:
+    """
+    Parse a limit: a whole number from 1.
+    """
+    if not (text.isascii() and text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1")
+    return int(text)
+
+
+def _glob(text: str) -> str:
+    """
+    Accept a model glob pattern, which must not be empty.
+    """
+    if not text:
+        raise argparse.ArgumentTypeError("a model pattern cannot be empty")
+    return text
+
+
+def _name(text: str) -> str:
+    """
+    Accept the name of a new key.
+    """
+    if not _NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a key name: use 1 to 64 letters, digits, '.', '_' or '-'"
+        )
+    if text in _RESERVED_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is reserved for the key given with --api-key"
+        )
+    return text
+
+
+def parse_expiry(text: str, now: datetime) -> datetime:
+    """
+    Parse an expiry time: an ISO 8601 date (midnight UTC at its start) or
+    date and time (UTC unless it has an offset), after C{now}.
+
+    @raise UsageError: If C{text} is not such a time, or is not in the future.
+    """
+    try:
+        when = datetime.fromisoformat(text)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        when = when.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise UsageError(
+            f"--expires: {text!r} is not a date or time such as 2027-01-01 or "
+            "2027-01-01T12:00:00Z"
+        ) from None
+    if when <= now:
+        raise UsageError(f"--expires: {_show_time(when)} is not in the future")
+    return when
+
+
+def _show_time(when: datetime | None) -> str:
+    """
+    A time as the keys file writes it, or C{-} for none.
+    """
+    return "-" if when is None else when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _show(text: str) -> str:
+    """
+    Text from the keys file, made safe to print on a terminal.
+    """
+    return text if text.isprintable() else repr(text)
+
+
+def _describe(key: ApiKey, now: datetime) -> dict[str, str]:
+    """
+    What C{keys list} shows of a key: never the key, nor its hash.
+    """
+    expires = _show_time(key.expires)
+    if key.expired(now):
+        expires += " (expired)"
+    return {
+        "NAME": _show(key.name),
+        "SCOPES": ",".join(sorted(key.scopes)),
+        "MODELS": ",".join(_show(m) for m in key.models) or "all",
+        "RPM": "-" if key.rpm is None else str(key.rpm),
+        "MAX STREAMS": "-" if key.max_streams is None else str(key.max_streams),
+        "CREATED": _show_time(key.created),
+        "EXPIRES": expires,
+    }
+
+
+def _summary(key: ApiKey) -> str:
+    """
+    A key's settings on one line.
+    """
+    return (
+        f"scopes {','.join(sorted(key.scopes))}; "
+        f"models {','.join(key.models) or 'all'}; "
+        f"rpm {key.rpm or 'unlimited'}; "
+        f"max streams {key.max_streams or 'unlimited'}; "
+        f"expires {'never' if key.expires is None else _show_time(key.expires)}"
+    )
+
+
+def _announce(out: TextIO, what: str, key: ApiKey, secret: str) -> None:
+    """
+    Print what was done, then the new key alone on the last line.
+    """
+    out.write(
+        f"{what}\n"
+        f"  {_summary(key)}\n"
+        "Only its hash is stored, so this is the only time the key is shown.\n"
+        "Clients send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'.\n"
+        f"{_RELOAD}\n"
+        f"{secret}\n"
+    )
+
+
+def _parser(stdout: TextIO) -> _Parser:
+    """
+    The command line of C{ollamaproxy}.
+    """
+    common = _Parser(add_help=False, stdout=stdout)
+    common.add_argument(
+        "--keys-file",
+        metavar="PATH",
+        help=f"the keys file (default: ${KEYS_FILE_VARIABLE}, else "
+        "$XDG_CONFIG_HOME/ollamaproxy/keys.json)",
+    )
+
+    parser = _Parser(prog=PROG, description="Manage an ollamaproxy.", stdout=stdout)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    keys = commands.add_parser(
+        "keys", help="add, list, revoke and rotate API keys", stdout=stdout
+    )
+    actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    add = actions.add_parser(
+        "add",
+        parents=[common],
+        help="make a key and print it",
+        description="Make a key, store its hash, and print the key alone on the last line.",
+        stdout=stdout,
+    )
+    add.add_argument("name", metavar="NAME", type=_name,
+                     help="1 to 64 letters, digits, '.', '_' or '-'")
+    add.add_argument("--admin", action="store_true",
+                     help="also allow model management and account routes")
+    add.add_argument("--models", metavar="GLOB", nargs="+", action="extend", type=_glob,
+                     default=[], help="models the key may use, e.g. 'llama3*' (default: all)")
+    add.add_argument("--rpm", metavar="N", type=_whole_number,
+                     help="requests a minute (default: no limit)")
+    add.add_argument("--max-streams", metavar="N", type=_whole_number,
+                     help="requests in flight at once (default: no limit)")
+    add.add_argument("--expires", metavar="DATE",
+                     help="ISO date or time, UTC unless given, e.g. 2027-01-01 or "
+                     "2027-01-01T12:00:00Z (default: never)")
+
+    actions.add_parser("list", parents=[common], help="show the keys (never the keys themselves)",
+                       stdout=stdout)
+    for action, text in [("revoke", "delete a key"),
+                         ("rotate", "give a key a new secret, keeping its settings")]:
+        sub = actions.add_parser(action, parents=[common], help=text, stdout=stdout)
+        sub.add_argument("name", metavar="NAME")
+    return parser
+
+
+def _keys_file(option: str | None, environ: Mapping[str, str]) -> str:
+    """
+    The keys file, chosen as the daemon chooses it: the option, then the
+    environment, then the default.
+    """
+    return option or environ.get(KEYS_FILE_VARIABLE) or default_keys_file(environ)
+
+
+def _update(path: str, change: Callable[[list[ApiKey]], list[ApiKey]]) -> list[ApiKey]:
+    """
+    Change the keys file under its lock, with errors fit for the user.
+
+    @raise CommandFailed: If C{change} does, or if the file cannot be
+        written or would hold two keys of the same name.
+    @raise KeysFileError: If the file cannot be read.
+    """
+    try:
+        return update_keys_file(path, change)
+    except KeysFileError:
+        raise
+    except ValueError as e:
+        raise CommandFailed(f"keys file {path} is not valid: {e}") from None
+    except OSError as e:
+        raise CommandFailed(f"cannot update keys file {path}: {e.strerror or e}") from None
+
+
+def _add(args: argparse.Namespace, path: str, out: TextIO, now: datetime) -> None:
+    expires = None if args.expires is None else parse_expiry(args.expires, now)
+    secret = generate_key()
+    key = ApiKey(
+        name=args.name,
+        digest=digest(secret),
+        created=now,
+        expires=expires,
+        scopes=frozenset({INFERENCE, ADMIN} if args.admin else {INFERENCE}),
+        models=tuple(args.models),
+        rpm=args.rpm,
+        max_streams=args.max_streams,
+    )
+
+    def add(keys: list[ApiKey]) -> list[ApiKey]:
+        if any(k.name == key.name for k in keys):
+            raise CommandFailed(f"a key named {key.name!r} already exists in {path}")
+        return [*keys, key]
+
+    _update(path, add)
+    _announce(out, f"Added key {key.name!r} to {path}:", key, secret)
+
+
+def _list(path: str, out: TextIO, now: datetime) -> None:
+    keys = load_keys_file(path)
+    if not keys:
+        out.write(f"No keys in {path}.\n")
+        return
+    rows = [_describe(key, now) for key in keys]
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(row[c]) for row in rows)) for c in columns}
+    for row in [{c: c for c in columns}, *rows]:
+        out.write("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip() + "\n")
+
+
+def _revoke(name: str, path: str, out: TextIO, err: TextIO) -> None:
+    def revoke(keys: list[ApiKey]) -> list[ApiKey]:
+        kept = [k for k in keys if k.name != name]
+        if len(kept) == len(keys):
+            raise CommandFailed(f"no key named {name!r} in {path}")
+        return kept
+
+    left = _update(path, revoke)
+    out.write(
+        f"Revoked key {name!r} in {path}.\n"
+        f"{_RELOAD}\n"
+    )
+    if not left:
+        err.write(
+            f"{PROG}: warning: no keys are left in {path}; unless it is given --api-key, "
+            "the proxy will make a new key when it next starts\n"
+        )
+
+
+def _rotate(name: str, path: str, out: TextIO, err: TextIO, now: datetime) -> None:
+    secret = generate_key()
+    rotated: list[ApiKey] = []
+
+    def rotate(keys: list[ApiKey]) -> list[ApiKey]:
+        for index, old in enumerate(keys):
+            if old.name == name:
+                rotated.append(replace(old, digest=digest(secret), created=now))
+                return [*keys[:index], rotated[0], *keys[index + 1:]]
+        raise CommandFailed(f"no key named {name!r} in {path}")
+
+    _update(path, rotate)
+    key = rotated[0]
+    if key.expired(now):
+        err.write(
+            f"{PROG}: warning: key {name!r} expired at {_show_time(key.expires)}, and the "
+            "new key keeps that expiry: revoke it and add a new one to extend it\n"
+        )
+    _announce(out, f"Rotated key {name!r} in {path}:", key, secret)
+
+
+def run(
+    argv: Sequence[str],
+    stdout: TextIO,
+    stderr: TextIO,
+    environ: Mapping[str, str],
+    now: datetime,
+) -> None:
+    """
+    Carry out one command.
+
+    @raise UsageError: If the command line is wrong.
+    @raise CommandFailed: If the command cannot be carried out.
+    @raise KeysFileError: If the keys file cannot be read.
+    @raise OSError: If the keys file cannot be written.
+    @raise _Exit: After printing help.
+    """
+    args = _parser(stdout).parse_args(argv)
+    path = _keys_file(args.keys_file, environ)
+    if args.action == "add":
+        _add(args, path, stdout, now)
+    elif args.action == "list":
+        _list(path, stdout, now)
+    elif args.action == "revoke":
+        _revoke(args.name, path, stdout, stderr)
+    else:
+        _rotate(args.name, path, stdout, stderr, now)
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    environ: Mapping[str, str] | None = None,
+    now: Callable[[], datetime] | None = None,
+) -> int:
+    """
+    Run the C{ollamaproxy} command.  As the console script, its result
+    becomes the exit status.
+
+    @param argv: The arguments, without the program name; C{sys.argv[1:]}
+        by default.
+    @param stdout: Where results go; C{sys.stdout} by default.
+    @param stderr: Where errors and warnings go; C{sys.stderr} by default.
+    @param environ: The environment; C{os.environ} by default.
+    @param now: The clock, returning a timezone-aware time; the system
+        clock by default.
+    @return: 0 on success, 1 if the command failed, 2 for a wrong command
+        line.  Errors are one line on C{stderr}, starting with
+        C{ollamaproxy: }.
+    """
+    out = sys.stdout if stdout is None else stdout
+    err = sys.stderr if stderr is None else stderr
+
+    def fail(code: int, message: str) -> int:
+        err.write(f"{PROG}: {' '.join(message.splitlines())}\n")
+        return code
+
+    try:
+        run(
+            sys.argv[1:] if argv is None else argv,
+            out,
+            err,
+            os.environ if environ is None else environ,
+            (now or _utcnow)(),
+        )
+    except _Exit as e:
+        return e.code
+    except UsageError as e:
+        return fail(EXIT_USAGE, str(e))
+    except (CommandFailed, KeysFileError) as e:
+        return fail(EXIT_FAILURE, str(e))
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        return fail(EXIT_FAILURE, f"{e.strerror or e}{where}")
+    except KeyboardInterrupt:
+        return fail(130, "interrupted")
+    return EXIT_OK
+
+
+def _utcnow() -> datetime:
+    """
+    The current time, in UTC.
+    """
+    return datetime.now(UTC)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

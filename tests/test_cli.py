@@ -1,0 +1,621 @@
+"""
+Tests for L{ollamaproxy.cli}: the C{ollamaproxy keys} command, and
+L{ollamaproxy.keys.update_keys_file} under it.
+
+The command runs in-process through L{main}, with its streams, environment
+and clock injected; the tests of locking use real processes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+from ollamaproxy.cli import main
+from ollamaproxy.config import Config
+from ollamaproxy.keys import (
+    ADMIN,
+    INFERENCE,
+    ApiKey,
+    KeysFileError,
+    KeyStore,
+    digest,
+    generate_key,
+    load_keys_file,
+    looks_generated,
+    update_keys_file,
+    write_keys_file,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+NOW = datetime(2026, 11, 27, 7, 0, 0, tzinfo=UTC)
+LATER = NOW + timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class Result:
+    """
+    What one run of the command did.
+
+    @ivar code: The exit code.
+    @ivar out: Everything written to standard output.
+    @ivar err: Everything written to standard error.
+    """
+
+    code: int
+    out: str
+    err: str
+
+    @property
+    def last_line(self) -> str:
+        """
+        The last line of standard output.
+        """
+        return self.out.splitlines()[-1]
+
+
+def run(
+    *argv: str, environ: Mapping[str, str] | None = None, now: datetime = NOW
+) -> Result:
+    """
+    Run C{ollamaproxy ARGV...} in-process.  The environment is empty unless
+    given, so no test can touch the real default keys file.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    code = main(
+        list(argv),
+        stdout=out,
+        stderr=err,
+        environ={"HOME": "/nonexistent"} if environ is None else environ,
+        now=lambda: now,
+    )
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def add(path: Path, name: str, *options: str, now: datetime = NOW) -> str:
+    """
+    Add a key, checking that it worked, and return the key.
+    """
+    result = run("keys", "add", name, *options, "--keys-file", str(path), now=now)
+    assert (result.code, result.err) == (0, "")
+    return result.last_line
+
+
+def assert_one_line_error(result: Result, code: int, fragment: str) -> None:
+    """
+    The command failed with C{code}, printing nothing on standard output and
+    one line on standard error: C{ollamaproxy: } and a message holding
+    C{fragment}.
+    """
+    assert result.code == code, result
+    assert result.out == ""
+    assert result.err.startswith("ollamaproxy: ")
+    assert result.err.endswith("\n") and result.err.count("\n") == 1, result.err
+    assert "Traceback" not in result.err
+    assert fragment in result.err
+
+
+@pytest.fixture
+def keys_file(tmp_path: Path) -> Path:
+    """
+    A keys file in a directory that does not exist yet.
+    """
+    return tmp_path / "config" / "keys.json"
+
+
+def test_add_prints_only_the_key_on_the_last_line(keys_file: Path) -> None:
+    """add prints a generated key alone on its last line, and stores its digest, not the key."""
+    result = run("keys", "add", "bob", "--keys-file", str(keys_file))
+    assert (result.code, result.err) == (0, "")
+    key = result.last_line
+    assert looks_generated(key)
+    assert key not in "\n".join(result.out.splitlines()[:-1])
+    assert "bob" in result.out
+    text = keys_file.read_text()
+    assert digest(key).hex() in text
+    assert key not in text
+    assert load_keys_file(str(keys_file)) == [
+        ApiKey(name="bob", digest=digest(key), created=NOW)
+    ]
+
+
+def test_add_with_every_option_round_trips(keys_file: Path) -> None:
+    """Every option of add comes back from load_keys_file as given."""
+    key = add(
+        keys_file, "ci.bot_2-x", "--admin", "--models", "llama3*", "qwen2:*",
+        "--models", "mistral", "--rpm", "60", "--max-streams", "2",
+        "--expires", "2027-01-01T12:00:00+02:00",
+    )
+    assert load_keys_file(str(keys_file)) == [
+        ApiKey(
+            name="ci.bot_2-x",
+            digest=digest(key),
+            created=NOW,
+            expires=datetime(2027, 1, 1, 10, 0, tzinfo=UTC),
+            scopes=frozenset({INFERENCE, ADMIN}),
+            models=("llama3*", "qwen2:*", "mistral"),
+            rpm=60,
+            max_streams=2,
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("given", "expires"),
+    [
+        ("2027-01-01", datetime(2027, 1, 1, tzinfo=UTC)),
+        ("2027-01-01T12:00:00Z", datetime(2027, 1, 1, 12, tzinfo=UTC)),
+        ("2027-01-01T12:00", datetime(2027, 1, 1, 12, tzinfo=UTC)),
+        ("2027-01-01 12:00:30", datetime(2027, 1, 1, 12, 0, 30, tzinfo=UTC)),
+        ("2027-01-01T12:00:00-05:00", datetime(2027, 1, 1, 17, tzinfo=UTC)),
+    ],
+)
+def test_expires_forms(keys_file: Path, given: str, expires: datetime) -> None:
+    """--expires takes a date (midnight UTC) or a date and time, UTC unless an offset is given."""
+    add(keys_file, "bob", "--expires", given)
+    [key] = load_keys_file(str(keys_file))
+    assert key.expires == expires
+
+
+def test_files_are_private(keys_file: Path) -> None:
+    """add makes the keys file and its lock file readable by their owner only."""
+    add(keys_file, "bob")
+    for path in [keys_file, Path(f"{keys_file}.lock")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_list_never_shows_keys_or_hashes(keys_file: Path) -> None:
+    """list shows every setting of every key, and neither the keys nor their digests."""
+    secrets = [
+        add(keys_file, "alice"),
+        add(keys_file, "bob", "--admin", "--models", "llama3*", "qwen", "--rpm", "60",
+            "--max-streams", "2", "--expires", "2027-01-01"),
+    ]
+    result = run("keys", "list", "--keys-file", str(keys_file))
+    assert (result.code, result.err) == (0, "")
+    for secret in secrets:
+        assert secret not in result.out
+        assert digest(secret).hex() not in result.out
+        assert digest(secret).hex()[:16] not in result.out
+    assert "sha256" not in result.out and "olpk_" not in result.out
+    header, alice, bob = result.out.splitlines()
+    assert header.split() == [
+        "NAME", "SCOPES", "MODELS", "RPM", "MAX", "STREAMS", "CREATED", "EXPIRES"
+    ]
+    assert alice.split() == ["alice", "inference", "all", "-", "-", "2026-11-27T07:00:00Z", "-"]
+    assert bob.split() == [
+        "bob", "admin,inference", "llama3*,qwen", "60", "2",
+        "2026-11-27T07:00:00Z", "2027-01-01T00:00:00Z",
+    ]
+
+
+def test_list_marks_expired_keys(keys_file: Path) -> None:
+    """list marks a key whose expiry has passed as expired, and only that one."""
+    add(keys_file, "soon", "--expires", "2026-12-01")
+    add(keys_file, "late", "--expires", "2028-01-01")
+    result = run("keys", "list", "--keys-file", str(keys_file),
+                 now=datetime(2027, 1, 1, tzinfo=UTC))
+    _, soon, late = result.out.splitlines()
+    assert soon.endswith("2026-12-01T00:00:00Z (expired)")
+    assert "expired" not in late
+
+
+def test_list_without_keys(keys_file: Path) -> None:
+    """list on a missing keys file says there are no keys, and creates nothing."""
+    result = run("keys", "list", "--keys-file", str(keys_file))
+    assert (result.code, result.out, result.err) == (0, f"No keys in {keys_file}.\n", "")
+    assert not keys_file.parent.exists()
+
+
+def test_list_escapes_unprintable_names(keys_file: Path) -> None:
+    """list does not pass terminal control characters from a hand-edited file to the terminal."""
+    write_keys_file(str(keys_file), [ApiKey(name="evil\x1b[2J", digest=digest("x"),
+                                            models=("a\nb",))])
+    result = run("keys", "list", "--keys-file", str(keys_file))
+    assert result.code == 0
+    assert "\x1b" not in result.out
+    assert len(result.out.splitlines()) == 2
+
+
+def test_revoke_removes_only_that_key(keys_file: Path) -> None:
+    """revoke deletes the named key and leaves the others as they were."""
+    alice = add(keys_file, "alice")
+    bob = add(keys_file, "bob", "--rpm", "5")
+    before = load_keys_file(str(keys_file))
+    result = run("keys", "revoke", "alice", "--keys-file", str(keys_file))
+    assert (result.code, result.err) == (0, "")
+    assert "Revoked key 'alice'" in result.out
+    assert alice not in result.out and bob not in result.out
+    after = load_keys_file(str(keys_file))
+    assert after == before[1:]
+    assert KeyStore(after).find(alice) is None
+
+
+def test_revoking_the_last_key_warns(keys_file: Path) -> None:
+    """Revoking the last key warns that the proxy will make a new one at its next start."""
+    add(keys_file, "bob")
+    result = run("keys", "revoke", "bob", "--keys-file", str(keys_file))
+    assert result.code == 0
+    assert result.err.startswith("ollamaproxy: warning: no keys are left")
+    assert load_keys_file(str(keys_file)) == []
+
+
+def test_rotate_changes_the_secret_and_keeps_the_rest(keys_file: Path) -> None:
+    """rotate renews a key's secret and creation time, keeping its settings and its place."""
+    add(keys_file, "alice")
+    old = add(keys_file, "bob", "--admin", "--models", "llama3*", "--rpm", "60",
+              "--max-streams", "2", "--expires", "2027-06-01")
+    add(keys_file, "carol")
+    before = load_keys_file(str(keys_file))
+    result = run("keys", "rotate", "bob", "--keys-file", str(keys_file), now=LATER)
+    assert (result.code, result.err) == (0, "")
+    new = result.last_line
+    assert looks_generated(new) and new != old
+    assert old not in result.out
+    after = load_keys_file(str(keys_file))
+    assert after == [before[0], replace(before[1], digest=digest(new), created=LATER), before[2]]
+    store = KeyStore(after)
+    assert store.find(old) is None
+    found = store.find(new)
+    assert found is not None and found.name == "bob"
+
+
+def test_rotating_an_expired_key_warns(keys_file: Path) -> None:
+    """Rotating an expired key works but warns that the new key is expired too."""
+    add(keys_file, "bob", "--expires", "2026-12-01")
+    result = run("keys", "rotate", "bob", "--keys-file", str(keys_file), now=LATER)
+    assert result.code == 0
+    assert looks_generated(result.last_line)
+    assert result.err.startswith("ollamaproxy: warning: key 'bob' expired")
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        ([], "required: COMMAND"),
+        (["frob"], "invalid choice: 'frob'"),
+        (["keys"], "required: ACTION"),
+        (["keys", "frob"], "invalid choice: 'frob'"),
+        (["keys", "add"], "required: NAME"),
+        (["keys", "revoke"], "required: NAME"),
+        (["keys", "add", "bob", "--bogus"], "unrecognized arguments: --bogus"),
+        (["keys", "add", "bob", "extra"], "unrecognized arguments: extra"),
+        (["keys", "add", "bob", "--rpm", "0"], "--rpm: '0' is not a whole number from 1"),
+        (["keys", "add", "bob", "--rpm", "-1"], "--rpm"),
+        (["keys", "add", "bob", "--rpm", "ten"], "'ten' is not a whole number"),
+        (["keys", "add", "bob", "--rpm"], "--rpm: expected one argument"),
+        (["keys", "add", "bob", "--max-streams", "1.5"], "--max-streams: '1.5' is not"),
+        (["keys", "add", "bob", "--max-streams", "\u0663"], "--max-streams"),
+        (["keys", "add", "bob", "--models"], "--models: expected at least one argument"),
+        (["keys", "add", "bob", "--models", ""], "a model pattern cannot be empty"),
+        (["keys", "add", "bob", "--expires", "soon"], "--expires: 'soon' is not a date"),
+        (["keys", "add", "bob", "--expires", "2027-02-30"], "'2027-02-30' is not a date"),
+        (["keys", "add", "bob", "--expires", "9999-12-31T23:00:00-05:00"], "is not a date"),
+        (["keys", "add", "bob", "--expires", "2026-01-01"],
+         "2026-01-01T00:00:00Z is not in the future"),
+        (["keys", "add", "bob", "--expires", "2026-11-27T07:00:00Z"], "is not in the future"),
+        (["keys", "add", ""], "'' is not a key name"),
+        (["keys", "add", "x" * 65], "is not a key name"),
+        (["keys", "add", "bad name"], "'bad name' is not a key name"),
+        (["keys", "add", "b\u00f6b"], "is not a key name"),
+        (["keys", "add", "bob\n"], "is not a key name"),
+        (["keys", "add", "a/b"], "is not a key name"),
+        (["keys", "add", "api-key"], "reserved for the key given with --api-key"),
+    ],
+)
+def test_usage_errors(keys_file: Path, argv: list[str], fragment: str) -> None:
+    """A wrong command line gives one line on stderr, exit code 2, and no keys file change."""
+    result = run(*argv, environ={"OLLAMAPROXY_KEYS_FILE": str(keys_file)})
+    assert_one_line_error(result, 2, fragment)
+    assert not keys_file.parent.exists()
+
+
+def test_help_goes_to_stdout() -> None:
+    """--help prints usage on the given standard output and exits 0."""
+    result = run("keys", "add", "--help")
+    assert (result.code, result.err) == (0, "")
+    assert result.out.startswith("usage: ollamaproxy keys add")
+    assert "--max-streams" in result.out
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["keys", "add", "bob"], "a key named 'bob' already exists in"),
+        (["keys", "revoke", "nobody"], "no key named 'nobody' in"),
+        (["keys", "rotate", "nobody"], "no key named 'nobody' in"),
+    ],
+)
+def test_command_errors(keys_file: Path, argv: list[str], fragment: str) -> None:
+    """A duplicate name, or an unknown one, gives one line on stderr, exit code 1, and no change."""
+    add(keys_file, "bob")
+    before = keys_file.read_bytes()
+    result = run(*argv, "--keys-file", str(keys_file))
+    assert_one_line_error(result, 1, fragment)
+    assert str(keys_file) in result.err
+    assert keys_file.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "action", [["list"], ["add", "carol"], ["revoke", "bob"], ["rotate", "bob"]]
+)
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("{not json", "cannot read keys file"),
+        ('{"keys": [{"name": "bob"}]}', "is not valid"),
+        ('{"keys": [{"name": "bob", "hash": "md5:00"}]}', "is not valid"),
+        ('{"keys": [{"name": "bob", "hash": "sha256:' + "0" * 64 + '", "rpm": true}]}',
+         "is not valid"),
+        ('{"keys": [{"name": "bob", "hash": "sha256:' + "0" * 64 + '", "expires": 5}]}',
+         "is not valid"),
+        ("\xff", "cannot read keys file"),
+    ],
+)
+def test_invalid_keys_file(
+    keys_file: Path, action: list[str], content: str, fragment: str
+) -> None:
+    """An invalid keys file gives one line on stderr naming it, exit code 1, and stays as it was."""
+    keys_file.parent.mkdir()
+    keys_file.write_bytes(content.encode("latin-1"))
+    result = run("keys", *action, "--keys-file", str(keys_file))
+    assert_one_line_error(result, 1, fragment)
+    assert str(keys_file) in result.err
+    assert keys_file.read_bytes() == content.encode("latin-1")
+
+
+def test_duplicate_names_in_file_are_not_written(keys_file: Path) -> None:
+    """Changing a file with two keys of one name fails rather than write what the proxy refuses."""
+    write_keys_file(str(keys_file), [ApiKey("bob", digest("a")), ApiKey("bob", digest("b"))])
+    before = keys_file.read_bytes()
+    result = run("keys", "add", "carol", "--keys-file", str(keys_file))
+    assert_one_line_error(result, 1, "two keys are named 'bob'")
+    assert keys_file.read_bytes() == before
+
+
+def test_keys_file_is_a_directory(keys_file: Path) -> None:
+    """A keys file path that is a directory gives one line on stderr and exit code 1."""
+    keys_file.mkdir(parents=True)
+    assert_one_line_error(run("keys", "list", "--keys-file", str(keys_file)), 1,
+                          "cannot read keys file")
+    assert_one_line_error(run("keys", "add", "bob", "--keys-file", str(keys_file)), 1,
+                          "cannot read keys file")
+
+
+def test_unwritable_keys_file(tmp_path: Path) -> None:
+    """A keys file that cannot be created gives one line on stderr and exit code 1."""
+    (tmp_path / "file").write_text("")
+    result = run("keys", "add", "bob", "--keys-file", str(tmp_path / "file" / "keys.json"))
+    assert_one_line_error(result, 1, "cannot update keys file")
+
+
+@pytest.mark.parametrize(
+    ("option", "variable", "chosen"),
+    [
+        ("option.json", "env.json", "option.json"),
+        (None, "env.json", "env.json"),
+        (None, None, "xdg/ollamaproxy/keys.json"),
+        (None, "", "xdg/ollamaproxy/keys.json"),
+    ],
+)
+def test_keys_file_precedence(
+    tmp_path: Path, option: str | None, variable: str | None, chosen: str
+) -> None:
+    """The keys file is --keys-file, then $OLLAMAPROXY_KEYS_FILE, then the default, like twistd."""
+    environ = {"HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    if variable is not None:
+        environ["OLLAMAPROXY_KEYS_FILE"] = variable and str(tmp_path / variable)
+    argv = [] if option is None else ["--keys-file", str(tmp_path / option)]
+    result = run("keys", "add", "bob", *argv, environ=environ)
+    assert result.code == 0
+    written = sorted(
+        str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.json")
+    )
+    assert written == [chosen]
+    daemon = Config.from_sources(
+        {"keys-file": None if option is None else str(tmp_path / option)}, environ
+    )
+    assert daemon.keys_file == str(tmp_path / chosen)
+
+
+def test_update_keys_file_returns_and_writes(keys_file: Path) -> None:
+    """update_keys_file passes the current keys to the change and writes what it returns."""
+    first = ApiKey("a", digest("a"))
+    second = ApiKey("b", digest("b"))
+    assert update_keys_file(str(keys_file), lambda keys: [*keys, first]) == [first]
+    seen: list[list[ApiKey]] = []
+
+    def change(keys: list[ApiKey]) -> list[ApiKey]:
+        seen.append(keys)
+        return [*keys, second]
+
+    assert update_keys_file(str(keys_file), change) == [first, second]
+    assert seen == [[first]]
+    assert load_keys_file(str(keys_file)) == [first, second]
+
+
+def test_failing_change_writes_nothing(keys_file: Path) -> None:
+    """An exception from the change passes through update_keys_file and leaves the file alone."""
+    write_keys_file(str(keys_file), [ApiKey("a", digest("a"))])
+    before = keys_file.read_bytes()
+
+    def change(keys: list[ApiKey]) -> NoReturn:
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError):
+        update_keys_file(str(keys_file), change)
+    assert keys_file.read_bytes() == before
+
+
+def test_update_keys_file_refuses_invalid_file(keys_file: Path) -> None:
+    """update_keys_file does not call the change on an invalid keys file."""
+    keys_file.parent.mkdir()
+    keys_file.write_text("[]")
+    with pytest.raises(KeysFileError):
+        update_keys_file(str(keys_file), lambda keys: pytest.fail("called"))
+    assert keys_file.read_text() == "[]"
+
+
+def test_crash_while_replacing_keeps_old_file(
+    keys_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the atomic rename fails, the old keys file is intact and no temporary file is left."""
+    add(keys_file, "bob")
+    before = keys_file.read_bytes()
+
+    def crash(source: str, destination: str) -> NoReturn:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "replace", crash)
+    result = run("keys", "add", "carol", "--keys-file", str(keys_file))
+    assert_one_line_error(result, 1, f"cannot update keys file {keys_file}: Input/output error")
+    result = run("keys", "rotate", "bob", "--keys-file", str(keys_file))
+    assert_one_line_error(result, 1, "cannot update keys file")
+    monkeypatch.undo()
+    assert keys_file.read_bytes() == before
+    assert sorted(p.name for p in keys_file.parent.iterdir()) == ["keys.json", "keys.json.lock"]
+
+
+def python(*argv: str) -> list[str]:
+    """
+    A command line running this checkout's code in a fresh interpreter.
+    """
+    return [sys.executable, *argv]
+
+
+def child_environment() -> dict[str, str]:
+    """
+    The environment for child processes: this checkout first on the path.
+    """
+    environ = dict(os.environ)
+    environ["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO), *filter(None, [environ.get("PYTHONPATH")])]
+    )
+    return environ
+
+
+ADDER = """
+import os, sys, time
+from ollamaproxy.cli import main
+go, path, prefix, count = sys.argv[1:]
+while not os.path.exists(go):
+    time.sleep(0.001)
+with open(os.devnull, "w") as null:
+    for i in range(int(count)):
+        code = main(["keys", "add", f"{prefix}{i}", "--keys-file", path], stdout=null)
+        if code:
+            sys.exit(code)
+"""
+
+
+def test_concurrent_adds_all_survive(keys_file: Path, tmp_path: Path) -> None:
+    """Two processes adding keys at the same moment lose none of each other's keys."""
+    go = tmp_path / "go"
+    count = 25
+    children = [
+        subprocess.Popen(
+            python("-c", ADDER, str(go), str(keys_file), prefix, str(count)),
+            env=child_environment(),
+            cwd=tmp_path,
+        )
+        for prefix in ["left", "right"]
+    ]
+    time.sleep(0.5)
+    go.touch()
+    assert [child.wait(timeout=60) for child in children] == [0, 0]
+    names = sorted(key.name for key in load_keys_file(str(keys_file)))
+    assert names == sorted(f"{p}{i}" for p in ["left", "right"] for i in range(count))
+
+
+def test_add_waits_for_the_lock(keys_file: Path, tmp_path: Path) -> None:
+    """add does not touch the keys file while another process holds its lock."""
+    add(keys_file, "alice")
+    before = keys_file.read_bytes()
+    with open(f"{keys_file}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        child = subprocess.Popen(
+            python("-m", "ollamaproxy.cli", "keys", "add", "bob", "--keys-file", str(keys_file)),
+            env=child_environment(),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            time.sleep(1)
+            assert child.poll() is None
+            assert keys_file.read_bytes() == before
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    out, _ = child.communicate(timeout=60)
+    assert child.returncode == 0
+    found = KeyStore(load_keys_file(str(keys_file))).find(out.splitlines()[-1])
+    assert found is not None and found.name == "bob"
+
+
+def installed_script() -> str | None:
+    """
+    The installed C{ollamaproxy} console script: on C{PATH}, or beside this
+    interpreter (a virtualenv that is not activated).
+    """
+    return shutil.which("ollamaproxy") or shutil.which(
+        "ollamaproxy", path=os.path.dirname(sys.executable)
+    )
+
+
+def script_run(script: str, argv: Sequence[str], environ: Mapping[str, str]) -> Result:
+    """
+    Run the console script and collect what it did.
+    """
+    done = subprocess.run(
+        [script, *argv], env=dict(environ), capture_output=True, text=True, timeout=60
+    )
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+@pytest.mark.skipif(
+    installed_script() is None,
+    reason="the ollamaproxy console script is not installed (pip install . to run this)",
+)
+def test_console_script_end_to_end(tmp_path: Path) -> None:
+    """The installed ollamaproxy script adds, lists and rotates keys and exits 2 on bad input."""
+    script = installed_script()
+    assert script is not None
+    environ = {**os.environ, "OLLAMAPROXY_KEYS_FILE": str(tmp_path / "keys.json")}
+    added = script_run(script, ["keys", "add", "bob", "--rpm", "5"], environ)
+    assert (added.code, added.err) == (0, "")
+    key = added.last_line
+    assert looks_generated(key)
+    listed = script_run(script, ["keys", "list"], environ)
+    assert listed.code == 0 and "bob" in listed.out and key not in listed.out
+    rotated = script_run(script, ["keys", "rotate", "bob"], environ)
+    assert rotated.code == 0
+    store = KeyStore(load_keys_file(str(tmp_path / "keys.json")))
+    assert store.find(key) is None
+    assert store.find(rotated.last_line) is not None
+    assert_one_line_error(script_run(script, ["keys", "add", "bob", "--rpm", "x"], environ), 2,
+                          "--rpm")
+    assert_one_line_error(script_run(script, ["keys", "revoke", "nobody"], environ), 1,
+                          "no key named 'nobody'")
+
+
+def test_generated_keys_differ_per_add(keys_file: Path) -> None:
+    """Two adds print two different keys, each matching only its own entry."""
+    first = add(keys_file, "a")
+    second = add(keys_file, "b")
+    assert first != second
+    store = KeyStore(load_keys_file(str(keys_file)))
+    found = [store.find(key) for key in (first, second, generate_key())]
+    assert [None if key is None else key.name for key in found] == ["a", "b", None]

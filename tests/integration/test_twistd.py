@@ -6,7 +6,11 @@ front of a fake Ollama on a real port.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.ssl import Certificate
 from twisted.web.client import BrowserLikePolicyForHTTPS
 
-from tests.integration.client import agent, body, read, request
+from tests.integration.client import agent, body, read, request, wait_for
 from tests.integration.conftest import (
     REPO,
     TEST_KEY,
@@ -183,3 +187,44 @@ async def test_unreachable_upstream_is_502(
     arrivals = await read(response)
     await arrivals.done
     assert json.loads(arrivals.body)["error"].startswith("cannot reach Ollama")
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_from_the_command_reach_a_running_proxy(
+    reactor: Any, upstream: Upstream, twistd: TwistdLauncher, tmp_path: Path
+) -> None:
+    """
+    A key added with C{ollamaproxy keys add} works on a running proxy, and
+    stops working soon after C{ollamaproxy keys revoke} (at once on SIGHUP).
+    """
+    keys_file = str(tmp_path / "keys.json")
+
+    def command(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "ollamaproxy.cli", "keys", *args, "--keys-file", keys_file],
+            capture_output=True, text=True, timeout=30, check=True,
+        )
+        return done.stdout
+
+    admin = command("add", "ops", "--admin").splitlines()[-1]
+    proxy = await twistd.start(["-n", "--pidfile=", "ollamaproxy", "--listen",
+                                "tcp:0:interface=127.0.0.1", "--upstream", upstream.url,
+                                "--keys-file", keys_file])
+    bob = command("add", "bob").splitlines()[-1]
+
+    async def status(key: str) -> int:
+        response = await request(agent(reactor), b"GET", proxy.url + "/api/tags",
+                                 {"Authorization": f"Bearer {key}"})
+        await (await read(response)).done
+        return response.code
+
+    # Polling for bob before the reload would count as guessing: wait for
+    # the reload instead (the file is watched; SIGHUP makes it immediate).
+    os.kill(proxy.pid, signal.SIGHUP)
+    await wait_for(reactor, lambda: proxy.output.count("Reloaded") >= 2, "the reload")
+    assert await status(bob) == 200
+    command("revoke", "bob")
+    await wait_for(reactor, lambda: proxy.output.count("Reloaded") >= 3, "the next reload")
+    assert await status(bob) == 401
+    assert await status(admin) == 200
+    assert await proxy.terminate(reactor), proxy.output

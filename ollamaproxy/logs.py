@@ -37,6 +37,29 @@ DEFAULT_ROTATE_BYTES = 10 * 1024 * 1024
 DEFAULT_BACKUPS = 10
 
 
+@dataclass(frozen=True)
+class StreamSummary:
+    """
+    What a generation amounted to, from Ollama's final object (or the
+    usage chunk on C{/v1}).
+
+    @ivar model: The model that answered.
+    @ivar done_reason: Why it stopped (C{stop}, C{length}, ...), if said.
+    @ivar prompt_tokens: Tokens of the prompt.
+    @ivar completion_tokens: Tokens generated.
+    @ivar tokens_per_second: Generation speed, when Ollama reports the
+        time it took (C{eval_duration}).
+    @ivar load_seconds: Time spent loading the model, when reported.
+    """
+
+    model: str
+    done_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    tokens_per_second: float | None = None
+    load_seconds: float | None = None
+
+
 @dataclass
 class Exchange:
     """
@@ -55,6 +78,7 @@ class Exchange:
     first_byte: float | None = None
     outcome: str = "completed"
     detail: str = ""
+    summary: StreamSummary | None = None
 
     def responded(self, now: float, status: int) -> None:
         """

@@ -16,6 +16,7 @@ setup(
     install_requires=[
         "twisted[tls]>=24.7.0",
         "klein>=24.8.0",
+        "prometheus_client>=0.20",
     ],
     extras_require={
         "test": [

@@ -38,6 +38,7 @@ from ollamaproxy.errors import ProxyError, error_body, is_openai_path
 from ollamaproxy.keys import ApiKey
 from ollamaproxy.limits import KeyLimits
 from ollamaproxy.logs import Exchange, log_exchange
+from ollamaproxy.metrics import Metrics
 from ollamaproxy.relay import Target, relay
 from ollamaproxy.request_body import BodyTooLarge
 from ollamaproxy.site import ProxyRequest
@@ -71,6 +72,9 @@ class OllamaProxy:
     @param upstream: Ollama, and how to reach it.
     @param auth: Decides who may ask.
     @param clock: Tells time for the access log.
+    @param metrics: Counts what happens, for Prometheus.
+    @param body_sample_bytes: How much of each response body to log; 0 for
+        none.
     """
 
     app = Klein()
@@ -82,11 +86,15 @@ class OllamaProxy:
         limits: KeyLimits,
         cors: Cors,
         clock: IReactorTime,
+        metrics: Metrics,
+        body_sample_bytes: int = 0,
     ) -> None:
         self._upstream = upstream
         self._auth = auth
         self._limits = limits
         self._cors = cors
+        self._metrics = metrics
+        self._body_sample_bytes = body_sample_bytes
         self._clock = clock
         self._in_flight: dict[Any, Exchange] = {}
         self._draining = False
@@ -118,6 +126,7 @@ class OllamaProxy:
         for name, value in self._cors.response_headers(request.requestHeaders):
             request.responseHeaders.addRawHeader(name, value)
         self._in_flight[request] = exchange
+        self._metrics.stream_started()
         try:
             if self._draining:
                 raise ProxyError(503, "ollamaproxy is shutting down", outcome="shutdown")
@@ -125,13 +134,15 @@ class OllamaProxy:
                 request.method, target.path, request.requestHeaders, exchange.client
             )
             if key is None:
-                await relay(request, self._upstream, target, exchange)
+                await relay(request, self._upstream, target, exchange,
+                            sample_bytes=self._body_sample_bytes)
             else:
                 exchange.key = key.name
                 release = self._limits.admit(key)
                 try:
                     rewrite = await self._models_for(key, request, target)
-                    await relay(request, self._upstream, target, exchange, rewrite)
+                    await relay(request, self._upstream, target, exchange, rewrite,
+                                self._body_sample_bytes)
                 finally:
                     release()
         except ProxyError as e:
@@ -148,7 +159,12 @@ class OllamaProxy:
             exchange.failed("internal_error", type(e).__name__)
             raise
         finally:
-            log_exchange(exchange, request.sentLength, self._clock.seconds())
+            if request.body is not None:
+                exchange.request_sample = request.body.sample
+            now = self._clock.seconds()
+            log_exchange(exchange, request.sentLength, now, self._upstream.base.decode("ascii"))
+            self._metrics.stream_ended()
+            self._metrics.observe(exchange, now)
             del self._in_flight[request]
             if self._draining and not self._in_flight:
                 drained, self._drained = self._drained, []
@@ -169,6 +185,20 @@ class OllamaProxy:
         if headers is None:
             exchange.failed("rejected", "origin not allowed")
         log_exchange(exchange, 0, self._clock.seconds())
+        self._metrics.observe(exchange, self._clock.seconds())
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: Any) -> bytes:
+        """
+        Prometheus metrics, for admin keys (or, without a key, on the
+        separate C{--metrics-listen} endpoint).
+        """
+        self._auth.authenticate(
+            b"GET", b"/metrics", request.requestHeaders, _client_address(request)
+        )
+        content_type, body = self._metrics.render(request.getHeader(b"accept"))
+        request.setHeader(b"content-type", content_type)
+        return body
 
     async def _models_for(
         self, key: ApiKey, request: ProxyRequest, target: Target

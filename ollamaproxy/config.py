@@ -35,6 +35,9 @@ DEFAULT_CLIENT_TIMEOUT = 60.0
 DEFAULT_GRACE_PERIOD = 30.0
 # Model uploads (POST /api/blobs) are often tens of GB: no limit unless asked.
 DEFAULT_MAX_BODY_SIZE = "0"
+DEFAULT_LOG_MAX_BYTES = "10M"
+DEFAULT_LOG_BACKUPS = 10
+DEFAULT_LOG_BODY_BYTES = "4K"
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 ENV_PREFIX = "OLLAMAPROXY_"
@@ -75,6 +78,12 @@ class Config:
     @ivar max_body_size: The largest request body accepted, in bytes; 0 for
         no limit.
     @ivar cors_origins: Browser origins allowed to call the proxy.
+    @ivar metrics_listen: A separate endpoint serving only the metrics,
+        without a key, or L{None}.
+    @ivar log_max_bytes: Size at which a log file is rotated.
+    @ivar log_backups: How many rotated log files of each kind are kept.
+    @ivar log_body_bytes: How much of each request and response body is
+        logged; 0 (the default) for none.
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
@@ -90,6 +99,10 @@ class Config:
     grace_period: float = DEFAULT_GRACE_PERIOD
     max_body_size: int = 0
     cors_origins: tuple[str, ...] = DEFAULT_ORIGINS
+    metrics_listen: str | None = None
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = DEFAULT_LOG_BACKUPS
+    log_body_bytes: int = 0
 
     @classmethod
     def from_sources(
@@ -120,7 +133,8 @@ class Config:
             listen = _split(environ.get(ENV_PREFIX + "LISTEN") or DEFAULT_LISTEN)
         if not listen:
             raise ConfigError("--listen: give at least one endpoint, e.g. tcp:5000")
-        for endpoint in listen:
+        metrics_listen = get("metrics-listen") or None
+        for endpoint in [*listen, *([metrics_listen] if metrics_listen else [])]:
             if not _ENDPOINT.match(endpoint):
                 raise ConfigError(
                     f"--listen: {endpoint!r} is not an endpoint string such as "
@@ -129,6 +143,10 @@ class Config:
         upstream = get("upstream") or environ.get("OLLAMA_HOST") or DEFAULT_UPSTREAM
         open_routes = get("open-routes")
         cors_origins = get("cors-origins")
+        log_bodies = _flag(options.get("log-bodies"), environ.get(ENV_PREFIX + "LOG_BODIES"))
+        log_body_bytes = parse_size(
+            "log-body-bytes", get("log-body-bytes") or DEFAULT_LOG_BODY_BYTES
+        )
         return cls(
             listen=tuple(listen),
             upstream=parse_ollama_host(upstream),
@@ -151,6 +169,12 @@ class Config:
             cors_origins=parse_origins(
                 DEFAULT_CORS_ORIGINS if cors_origins is None else cors_origins
             ),
+            metrics_listen=metrics_listen,
+            log_max_bytes=parse_size(
+                "log-max-bytes", get("log-max-bytes") or DEFAULT_LOG_MAX_BYTES
+            ),
+            log_backups=_count("log-backups", get("log-backups"), DEFAULT_LOG_BACKUPS),
+            log_body_bytes=log_body_bytes if log_bodies else 0,
             max_body_size=parse_size(
                 "max-body-size", get("max-body-size") or DEFAULT_MAX_BODY_SIZE
             ),
@@ -162,6 +186,22 @@ def _split(value: str) -> list[str]:
     Split a comma- or whitespace-separated list, dropping empty items.
     """
     return [item for item in value.replace(",", " ").split() if item]
+
+
+def _count(name: str, value: str | None, default: int) -> int:
+    if value is None or value == "":
+        return default
+    if not value.isdigit():
+        raise ConfigError(f"--{name}: {value!r} is not a whole number")
+    return int(value)
+
+
+def _flag(option: object, variable: str | None) -> bool:
+    """
+    Whether a flag is on: given as an option, or its variable set to 1,
+    true, yes or on.
+    """
+    return bool(option) or (variable or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _seconds(name: str, value: str | None, default: float, allow_zero: bool = False) -> float:

@@ -15,8 +15,9 @@ Keys never appear in any event: events name a key by its name.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, cast
 
 from twisted.application.service import Service
 from twisted.logger import (
@@ -32,6 +33,8 @@ from twisted.logger import (
 from twisted.python.logfile import LogFile
 
 access = Logger(namespace="ollamaproxy.access")
+streams = Logger(namespace="ollamaproxy.stream")
+bodies = Logger(namespace="ollamaproxy.bodies")
 
 DEFAULT_ROTATE_BYTES = 10 * 1024 * 1024
 DEFAULT_BACKUPS = 10
@@ -79,6 +82,8 @@ class Exchange:
     outcome: str = "completed"
     detail: str = ""
     summary: StreamSummary | None = None
+    request_sample: bytes = b""
+    response_sample: bytes = b""
 
     def responded(self, now: float, status: int) -> None:
         """
@@ -95,9 +100,10 @@ class Exchange:
         self.detail = detail
 
 
-def log_exchange(exchange: Exchange, sent_bytes: int, now: float) -> None:
+def log_exchange(exchange: Exchange, sent_bytes: int, now: float, upstream: str = "") -> None:
     """
-    Emit the access event for a finished request.
+    Emit the events for a finished request: its access event, the summary
+    of what it generated, and its body samples if they were kept.
     """
     access.info(
         "{client} {key} {method} {path} {status} {outcome} {sent_bytes}B "
@@ -111,9 +117,71 @@ def log_exchange(exchange: Exchange, sent_bytes: int, now: float) -> None:
         detail=exchange.detail,
         detail_suffix=f" ({exchange.detail})" if exchange.detail else "",
         sent_bytes=sent_bytes,
+        upstream=upstream,
         first_byte=exchange.first_byte,
         duration=now - exchange.started,
     )
+    summary = exchange.summary
+    if summary is not None:
+        streams.info(
+            "{key} {model}: {prompt_tokens} prompt + {completion_tokens} completion tokens"
+            "{speed}, {done_reason}",
+            key=exchange.key,
+            path=exchange.path,
+            model=summary.model,
+            done_reason=summary.done_reason,
+            prompt_tokens=summary.prompt_tokens,
+            completion_tokens=summary.completion_tokens,
+            tokens_per_second=summary.tokens_per_second,
+            load_seconds=summary.load_seconds,
+            speed=(
+                f" at {summary.tokens_per_second:.1f} tokens/s"
+                if summary.tokens_per_second is not None else ""
+            ),
+        )
+    if exchange.request_sample or exchange.response_sample:
+        bodies.info(
+            "{method} {path} request body: {request_body!r} response body: {response_body!r}",
+            method=exchange.method,
+            path=exchange.path,
+            key=exchange.key,
+            request_body=redact(exchange.request_sample.decode("utf-8", "replace")),
+            response_body=redact(exchange.response_sample.decode("utf-8", "replace")),
+        )
+
+
+# Anything that looks like a credential: our keys, bearer tokens, and the
+# values of credential headers or fields in any text.
+_SECRETS = re.compile(
+    r"(?P<key>olpk_[0-9A-Za-z]{38})"
+    r"|(?P<name>(?i:bearer\s+|(?:x-api-key|authorization|cookie|api_key|apikey)"
+    r"[\"']?\s*[:=]\s*[\"']?))"
+    r"(?i:(?:bearer|basic|token)\s+)?[^\s\"',;]+"
+)
+
+
+def redact(text: str) -> str:
+    """
+    C{text} with anything that looks like a key or credential replaced.
+    """
+    return _SECRETS.sub(lambda m: (m["name"] or "") + "[redacted]", text)
+
+
+class _Redacting:
+    """
+    A log file that blanks anything looking like a credential before it is
+    written: the proxy logs no headers, and this makes sure of it, down to
+    the text of tracebacks.
+    """
+
+    def __init__(self, logfile: LogFile) -> None:
+        self._logfile = logfile
+
+    def write(self, text: str) -> None:
+        self._logfile.write(redact(text))
+
+    def flush(self) -> None:
+        self._logfile.flush()
 
 
 class LogFilesService(Service):
@@ -155,16 +223,16 @@ class LogFilesService(Service):
 
     def startService(self) -> None:
         os.makedirs(self._directory, exist_ok=True)
-        text: IO[str] = self._open("ollamaproxy.log")  # type: ignore[assignment]
-        lines: IO[str] = self._open("ollamaproxy.json")  # type: ignore[assignment]
+        text = _Redacting(self._open("ollamaproxy.log"))
+        lines = _Redacting(self._open("ollamaproxy.json"))
         self._observers = [
             FilteringLogObserver(
                 observer,
                 [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
             )
             for observer in (
-                textFileLogObserver(text),
-                jsonFileLogObserver(lines, recordSeparator=""),
+                textFileLogObserver(cast(IO[str], text)),
+                jsonFileLogObserver(cast(IO[str], lines), recordSeparator=""),
             )
         ]
         for observer in self._observers:

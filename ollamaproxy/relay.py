@@ -45,6 +45,7 @@ from ollamaproxy.headers import copy_response_headers, upstream_request_headers
 from ollamaproxy.logs import Exchange
 from ollamaproxy.request_body import BodyTooLarge
 from ollamaproxy.site import ProxyRequest
+from ollamaproxy.summary import summarise
 from ollamaproxy.upstream import Upstream
 
 NDJSON = b"application/x-ndjson"
@@ -93,6 +94,7 @@ async def relay(
     target: Target,
     exchange: Exchange,
     rewrite: Callable[[bytes], bytes] | None = None,
+    sample_bytes: int = 0,
 ) -> None:
     """
     Send C{request} to Ollama and stream the response back into it.
@@ -100,6 +102,8 @@ async def relay(
     @param rewrite: For the few small answers the proxy must change (model
         listings for a key limited to some models): called with a whole
         successful body, and what it returns is sent instead.
+    @param sample_bytes: How much of the response body to keep for the log
+        (C{exchange.response_sample}); 0 for none.
 
     @raise ProxyError: 502 if Ollama cannot be reached, 504 if its response
         head does not come in time; nothing has been written to the client
@@ -142,17 +146,21 @@ async def relay(
         request.write(rewritten)
         return
     request.write(b"")  # the response head goes out now, as Ollama sent it
-    body = _BodyRelay(request, response, upstream, target.openai)
+    body = _BodyRelay(request, response, upstream, target.openai, sample_bytes)
     response.deliverBody(body)
     try:
         await body.done
+        exchange.summary = summarise(body.tail, target.openai)
     except BodyCut as e:
+        exchange.response_sample = body.sample
         exchange.failed("upstream_error", str(e))
         # Close the connection without the last chunk, so the client cannot
         # take the stream for complete; Klein sees the disconnection and
         # ends this handler.
         request.loseConnection()
         await request.notifyFinish().addErrback(lambda _: None)
+    else:
+        exchange.response_sample = body.sample
 
 
 def _too_large() -> ProxyError:
@@ -202,10 +210,16 @@ class _BodyRelay(Protocol):
 
     @ivar done: Fires when the body has been relayed, fails with L{BodyCut}
         if it stopped early, and closes Ollama's connection if cancelled.
+    @ivar sample: The start of the body, up to C{sample_bytes}, for the log.
     """
 
     def __init__(
-        self, request: ProxyRequest, response: IResponse, upstream: Upstream, openai: bool
+        self,
+        request: ProxyRequest,
+        response: IResponse,
+        upstream: Upstream,
+        openai: bool,
+        sample_bytes: int = 0,
     ) -> None:
         self.done: Deferred[None] = Deferred(lambda _: self._stop_upstream())
         self._request = request
@@ -217,7 +231,9 @@ class _BodyRelay(Protocol):
         self._openai = openai
         self._pending: list[bytes] = []
         self._pending_size = 0
-        self._last = b""
+        self._previous = self._last = b""
+        self.sample = b""
+        self._sample_left = sample_bytes
         self._idle: IDelayedCall | None = None
         self._cut_reason: str | None = None
 
@@ -228,11 +244,22 @@ class _BodyRelay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._idle is not None:
             self._idle.reset(self._idle_timeout)
+        self._previous, self._last = self._last, data
+        if self._sample_left:
+            self.sample += data[: self._sample_left]
+            self._sample_left = max(0, self._sample_left - len(data))
         if self._lines:
             self._write_lines(data)
         else:
             self._request.write(data)
-            self._last = data
+
+    @property
+    def tail(self) -> bytes:
+        """
+        The last two pieces of the body as they came: enough to hold its
+        final object, which L{summarise} reads once the body has ended.
+        """
+        return self._previous + self._last
 
     def _write_lines(self, data: bytes) -> None:
         end = data.rfind(b"\n") + 1

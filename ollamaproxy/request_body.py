@@ -40,6 +40,8 @@ class StreamedBody:
     @ivar received: How many bytes have arrived so far.
     @ivar complete: Whether the whole body has arrived.
     @param max_size: The largest body accepted, in bytes; 0 for no limit.
+    @param sample_bytes: How much of the start of the body to keep in
+        C{sample}, for the log; 0 for none.
     """
 
     def __init__(
@@ -48,11 +50,14 @@ class StreamedBody:
         max_size: int,
         pause_client: Callable[[], None],
         resume_client: Callable[[], None],
+        sample_bytes: int = 0,
     ) -> None:
         self.length = UNKNOWN_LENGTH if length is None else length
         self._declared = length or 0
         self.received = 0
         self.complete = False
+        self.sample = b""
+        self._sample_left = sample_bytes
         self._max_size = max_size
         self._pause_client = pause_client
         self._resume_client = resume_client
@@ -82,6 +87,9 @@ class StreamedBody:
         if self._done.called or self._failure is not None:
             return
         self.received += len(data)
+        if self._sample_left:
+            self.sample += data[: self._sample_left]
+            self._sample_left = max(0, self._sample_left - len(data))
         if self.too_large:
             self.fail(Failure(BodyTooLarge(self._max_size)))
             return

@@ -54,11 +54,13 @@ class ProxyRequest(Request):
         # Nothing is collected; twisted.web's code expects a file here.
         self.content = BytesIO()
         transport = cast(IPushProducer, self.channel.transport)
+        site = cast(ProxySite, cast(Any, self.channel).site)
         self.body = StreamedBody(
             length,
-            cast(Any, self.channel).site.max_body_size,
+            site.max_body_size,
             pause_client=transport.pauseProducing,
             resume_client=transport.resumeProducing,
+            sample_bytes=site.body_sample_bytes,
         )
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -156,6 +158,8 @@ class ProxySite(Site):
 
     @ivar max_body_size: The largest request body accepted, in bytes; 0 for
         no limit.
+    @ivar body_sample_bytes: How much of each request body to keep for the
+        log; 0 for none.
     """
 
     noisy = False
@@ -163,10 +167,16 @@ class ProxySite(Site):
     requestFactory = ProxyRequest
 
     def __init__(
-        self, resource: IResource, client_timeout: float, max_body_size: int, reactor: Any
+        self,
+        resource: IResource,
+        client_timeout: float,
+        max_body_size: int,
+        reactor: Any,
+        body_sample_bytes: int = 0,
     ) -> None:
         super().__init__(resource, timeout=client_timeout, reactor=reactor)
         self.max_body_size = max_body_size
+        self.body_sample_bytes = body_sample_bytes
 
     def log(self, request: HTTPRequest) -> None:
         pass

@@ -20,6 +20,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
+from twisted.web.server import Site
 
 from ollamaproxy.app import OllamaProxy
 from ollamaproxy.auth import Authenticator
@@ -29,6 +30,9 @@ from ollamaproxy.config import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_LOG_BACKUPS,
+    DEFAULT_LOG_BODY_BYTES,
+    DEFAULT_LOG_MAX_BYTES,
     DEFAULT_OPEN_ROUTES,
     DEFAULT_UPSTREAM,
     Config,
@@ -48,6 +52,7 @@ from ollamaproxy.keys import (
 )
 from ollamaproxy.limits import GuessThrottle, KeyLimits
 from ollamaproxy.logs import LogFilesService
+from ollamaproxy.metrics import Metrics, MetricsResource
 from ollamaproxy.reload import KeysReloader, sighup_installer
 from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import PoolService, Upstream, agent_for, connection_pool
@@ -111,12 +116,30 @@ class Options(usage.Options):
          "wildcard each; '*' for all, '' for none but the proxy's own host) "
          "[default: browser extensions, localhost pages, app://, file://, "
          "tauri://, vscode-webview://, vscode-file://]"],
+        ["metrics-listen", None, None,
+         "A separate endpoint serving Prometheus metrics without a key, e.g. "
+         "tcp:9100:interface=127.0.0.1 [default: none; /metrics on the main "
+         "endpoints needs an admin key]"],
+        ["log-max-bytes", None, None,
+         "Size at which a log file is rotated, in bytes or with K, M, G "
+         f"[default: {DEFAULT_LOG_MAX_BYTES}]"],
+        ["log-backups", None, None,
+         f"Rotated log files kept of each kind [default: {DEFAULT_LOG_BACKUPS}]"],
+        ["log-body-bytes", None, None,
+         "With --log-bodies: how much of each body is logged "
+         f"[default: {DEFAULT_LOG_BODY_BYTES}]"],
         ["max-body-size", None, None,
          "Largest request body accepted (413 beyond it), in bytes or with K, M, "
          "G, T; 0 for no limit [default: 0: model uploads are often tens of GB]"],
         ["grace-period", None, None,
          "Seconds requests in flight get to finish when the proxy stops "
          f"(SIGTERM) [default: {DEFAULT_GRACE_PERIOD:g}]"],
+    ]
+
+    optFlags: ClassVar[list[list[str | None]]] = [
+        ["log-bodies", None,
+         "Log the start of every request and response body, for debugging "
+         "(credentials in them are blanked; off by default)"],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -208,14 +231,31 @@ def build_service(
         idle_timeout=config.idle_timeout,
     )
     auth = Authenticator(keys, config.open_routes, reactor, GuessThrottle(reactor))
-    proxy = OllamaProxy(upstream, auth, KeyLimits(reactor), Cors(config.cors_origins), reactor)
-    site = ProxySite(proxy.resource(), config.client_timeout, config.max_body_size, reactor)
+    metrics = Metrics()
+    proxy = OllamaProxy(
+        upstream,
+        auth,
+        KeyLimits(reactor),
+        Cors(config.cors_origins),
+        reactor,
+        metrics,
+        body_sample_bytes=config.log_body_bytes,
+    )
+    site = ProxySite(
+        proxy.resource(),
+        config.client_timeout,
+        config.max_body_size,
+        reactor,
+        body_sample_bytes=config.log_body_bytes,
+    )
 
     # Stopping runs bottom-up: stop listening, let requests in flight
     # finish, close Ollama connections, and only then close the log files.
     service = StopInOrder()
     if config.log_dir:
-        LogFilesService(config.log_dir, globalLogPublisher).setServiceParent(service)
+        LogFilesService(
+            config.log_dir, globalLogPublisher, config.log_max_bytes, config.log_backups
+        ).setServiceParent(service)
     PoolService(pool).setServiceParent(service)
     KeysReloader(
         keys,
@@ -237,6 +277,12 @@ def build_service(
                 endpoint=endpoint,
             )
         strports.service(endpoint, site, reactor=reactor).setServiceParent(listeners)
+    if config.metrics_listen:
+        metrics_site = Site(MetricsResource(metrics), reactor=reactor)
+        metrics_site.noisy = False
+        strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(
+            listeners
+        )
     return service
 
 

@@ -29,6 +29,7 @@ from ollamaproxy.config import DEFAULT_OPEN_ROUTES, parse_routes
 from ollamaproxy.cors import Cors
 from ollamaproxy.keys import ADMIN, INFERENCE, ApiKey, KeyStore, digest
 from ollamaproxy.limits import GuessThrottle, KeyLimits
+from ollamaproxy.metrics import Metrics
 from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import Upstream
 from tests.fake_ollama import FakeOllama
@@ -95,6 +96,7 @@ class Chain:
         idle_timeout: float = IDLE_TIMEOUT,
         client_timeout: float = CLIENT_TIMEOUT,
         max_body_size: int = 0,
+        body_sample_bytes: int = 0,
     ) -> None:
         self.clock = Clock()
         self.fake = FakeOllama(self.clock)
@@ -109,12 +111,15 @@ class Chain:
         self.keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=ADMIN_KEY)])
         self.throttle = GuessThrottle(self.clock)
         auth = Authenticator(self.keys, parse_routes(open_routes), self.clock, self.throttle)
-        self.proxy = OllamaProxy(upstream, auth, KeyLimits(self.clock), Cors(), self.clock)
+        self.metrics = Metrics()
+        self.proxy = OllamaProxy(upstream, auth, KeyLimits(self.clock), Cors(), self.clock,
+                                 self.metrics, body_sample_bytes=body_sample_bytes)
         self.client = StubTreq(self.proxy.resource())
         # Serve through the proxy's own Site, as the daemon does, not the
         # plain one StubTreq makes.
         self.client._agent._serverFactory = ProxySite(
-            self.proxy.resource(), client_timeout, max_body_size, self.clock
+            self.proxy.resource(), client_timeout, max_body_size, self.clock,
+            body_sample_bytes=body_sample_bytes,
         )
 
     def flush(self) -> None:

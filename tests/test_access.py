@@ -329,3 +329,21 @@ def test_allowed_origin_can_read_answers_and_errors(key: str) -> None:
     ]
     for received in chain.fake.received:
         assert not received.headers.hasHeader(b"origin")
+
+
+def test_metrics_need_an_admin_key() -> None:
+    """
+    /metrics answers admin keys with Prometheus text counting the requests
+    so far, other keys with 403, and no key with 401; it never reaches Ollama.
+    """
+    chain = chain_with()
+    call(chain, "POST", "/api/chat", {"model": "llama3.2", "messages": MESSAGES})
+    assert call(chain, "GET", "/metrics")[0] == 403
+    assert call(chain, "GET", "/metrics", key="")[0] == 401
+    code, body = call(chain, "GET", "/metrics", key=KEY)
+    assert code == 200
+    text = body.decode()
+    assert 'ollamaproxy_requests_total{key="user",method="POST",outcome="completed",' \
+        'route="/api/chat",status="200"} 1.0' in text
+    assert 'ollamaproxy_tokens_total{key="user",kind="completion",model="llama3.2"} 5.0' in text
+    assert all(r.uri != b"/metrics" for r in chain.fake.received)

@@ -357,3 +357,39 @@ def test_client_backpressure_reaches_ollama_socket() -> None:
     body.stopProducing()
     assert socket.producerState == "stopped"
     assert clock.getDelayedCalls() == []
+
+
+def test_stream_summary_is_logged(access_events: list[LogEvent]) -> None:
+    """
+    A finished stream is summarised from its final object, in an event of
+    its own, and the tokens are on the request's record.
+    """
+    from twisted.logger import capturedLogs
+
+    chain = Chain()
+    with capturedLogs() as events:
+        response = chain.respond(
+            "POST", "/api/chat", data=chat("llama3.2", options={"num_predict": 3})
+        )
+        chain.body(response)
+    streams = [e for e in events if e.get("log_namespace") == "ollamaproxy.stream"]
+    assert [(e["model"], e["completion_tokens"], e["done_reason"]) for e in streams] == [
+        ("llama3.2", 3, "length")
+    ]
+
+
+def test_body_samples_are_logged_truncated_and_redacted() -> None:
+    """
+    With body logging on, the start of the request and of the response is
+    logged after the exchange, credentials blanked.
+    """
+    from twisted.logger import capturedLogs
+
+    chain = Chain(body_sample_bytes=40)
+    body = b'{"api_key": "hunter2", "model": "llama3.2", "messages": []}'
+    with capturedLogs() as events:
+        chain.body(chain.respond("POST", "/api/chat", data=body))
+    [logged] = [e for e in events if e.get("log_namespace") == "ollamaproxy.bodies"]
+    assert logged["request_body"] == '{"api_key": "[redacted]", "model": "llama3.'
+    assert logged["response_body"].startswith('{"model":"llama3.2"')
+    assert len(logged["response_body"]) == 40

@@ -23,6 +23,7 @@ from ollamaproxy.config import parse_routes
 from ollamaproxy.cors import Cors
 from ollamaproxy.keys import ApiKey, KeyStore, digest
 from ollamaproxy.limits import KeyLimits
+from ollamaproxy.metrics import Metrics
 from ollamaproxy.request_body import HIGH_WATER, BodyTooLarge, StreamedBody
 from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import Upstream
@@ -75,7 +76,7 @@ def serve(max_body_size: int = 0) -> tuple[Any, StringTransport, _RecordingAgent
                         header_timeout=600, idle_timeout=600)
     keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=ADMIN_KEY)])
     auth = Authenticator(keys, parse_routes(""), clock)
-    proxy = OllamaProxy(upstream, auth, KeyLimits(clock), Cors(), clock)
+    proxy = OllamaProxy(upstream, auth, KeyLimits(clock), Cors(), clock, Metrics())
     site = ProxySite(proxy.resource(), 60, max_body_size, clock)
     protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
     transport = StringTransport()

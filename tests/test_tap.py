@@ -100,6 +100,11 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "grace-period": None,
         "max-body-size": None,
         "cors-origins": None,
+        "metrics-listen": None,
+        "log-max-bytes": None,
+        "log-backups": None,
+        "log-body-bytes": None,
+        "log-bodies": 0,
         "listen": [],
     }
     assert options.config == Config(

@@ -216,7 +216,8 @@ async def test_keys_from_the_command_reach_a_running_proxy(
         response = await request(agent(reactor), b"GET", proxy.url + "/api/tags",
                                  {"Authorization": f"Bearer {key}"})
         await (await read(response)).done
-        return response.code
+        code: int = response.code
+        return code
 
     # Polling for bob before the reload would count as guessing: wait for
     # the reload instead (the file is watched; SIGHUP makes it immediate).

@@ -1,0 +1,267 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+Prometheus metrics: what the proxy counts, and how it shows them.
+
+L{Metrics} keeps its own L{CollectorRegistry}, never
+C{prometheus_client}'s global one, so two proxies (or two tests) in one
+process never share a count.  The proxy calls L{Metrics.observe} once per
+request, when the request ends (with the same L{Exchange} the access log
+gets), and L{Metrics.stream_started} / L{Metrics.stream_ended} around each
+request in flight to Ollama.  L{Metrics.render} answers a scrape.
+
+Every label has a bounded set of values, whatever clients send:
+
+  - C{route} is a route family from a fixed table (L{route_family});
+  - C{method}, C{status} and C{outcome} are folded into fixed sets;
+  - C{key} is a key's name, from the operator's configuration (or C{-}
+    for a request without a key);
+  - C{model} comes from Ollama's answers and is free text, so only the
+    first L{MAX_MODELS} distinct models get their own label value; later
+    ones are counted as C{other}.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from ollamaproxy.logs import Exchange
+
+__all__ = ["DURATION_BUCKETS", "MAX_MODELS", "Metrics", "route_family"]
+
+# From a cached /api/tags (milliseconds) to a long generation on a slow
+# machine or a model pull (an hour).
+DURATION_BUCKETS = (
+    *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+    *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0),
+)
+
+# How many distinct models get their own label value.
+MAX_MODELS = 100
+
+OTHER = "other"
+
+# Route families: every path Ollama serves that is one route.
+_ROUTES = frozenset(
+    [
+        b"/",
+        b"/api/version",
+        b"/api/tags",
+        b"/api/ps",
+        b"/api/show",
+        b"/api/chat",
+        b"/api/generate",
+        b"/api/embed",
+        b"/api/embeddings",
+        b"/api/pull",
+        b"/api/push",
+        b"/api/create",
+        b"/api/copy",
+        b"/api/delete",
+        b"/v1/chat/completions",
+        b"/v1/completions",
+        b"/v1/embeddings",
+        b"/v1/models",
+        b"/v1/responses",
+    ]
+)
+# Route families for paths that end in a parameter: (prefix, family).
+_PARAMETER_ROUTES = (
+    (b"/api/blobs/", "/api/blobs"),
+    (b"/v1/models/", "/v1/models/{model}"),
+)
+
+_METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
+_OUTCOMES = frozenset(
+    [
+        "completed",
+        "client_disconnected",
+        "upstream_error",
+        "timeout",
+        "rejected",
+        "shutdown",
+        "internal_error",
+    ]
+)
+_UPSTREAM_ERRORS = ("upstream_error", "timeout")
+_AUTH_FAILURES = (401, 403, 429)
+
+
+def route_family(path: bytes) -> str:
+    """
+    The route family of a request path, for the C{route} label.
+
+    @param path: The path Ollama gets: without the C{/proxy} prefix (which
+        L{ollamaproxy.app.target_of} has already taken off, so
+        C{/proxy/api/chat} is C{other} here) and without the query string.
+        It is compared as sent, not percent-decoded: C{/api/%63hat} is
+        C{other}.
+    @return: The path itself for one of Ollama's routes; C{/api/blobs} for
+        C{/api/blobs/<digest>}; C{/v1/models/{model}} for
+        C{/v1/models/<name>}; otherwise C{other}.
+    """
+    if path in _ROUTES:
+        return path.decode("ascii")
+    for prefix, family in _PARAMETER_ROUTES:
+        if path.startswith(prefix) and len(path) > len(prefix):
+            return family
+    return OTHER
+
+
+def _status_label(status: int | None) -> str:
+    if status is None:
+        return "none"
+    if 100 <= status <= 599:
+        return str(status)
+    return OTHER
+
+
+class Metrics:
+    """
+    The proxy's Prometheus metrics, in a registry of their own.
+
+    @param registry: Where the metrics are registered; a new, empty
+        registry by default.  It must not already hold metrics of the same
+        names.
+    @ivar registry: The registry L{render} exposes.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = CollectorRegistry() if registry is None else registry
+        self._requests = Counter(
+            "ollamaproxy_requests",
+            "Requests answered, by route family, method, status, key name and outcome.",
+            ["route", "method", "status", "key", "outcome"],
+            registry=self.registry,
+        )
+        self._duration = Histogram(
+            "ollamaproxy_request_duration_seconds",
+            "Seconds from a request's arrival to its end, by route family.",
+            ["route"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self._first_byte = Histogram(
+            "ollamaproxy_time_to_first_byte_seconds",
+            "Seconds from a request's arrival to Ollama's response head, by route family.",
+            ["route"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self._active = Gauge(
+            "ollamaproxy_active_streams",
+            "Requests in flight to Ollama.",
+            registry=self.registry,
+        )
+        self._tokens = Counter(
+            "ollamaproxy_tokens",
+            "Tokens Ollama reported, by key name, model and kind (prompt or completion).",
+            ["key", "model", "kind"],
+            registry=self.registry,
+        )
+        self._upstream_errors = Counter(
+            "ollamaproxy_upstream_errors",
+            "Requests that failed on Ollama's side, by kind (upstream_error or timeout).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self._auth_failures = Counter(
+            "ollamaproxy_auth_failures",
+            "Requests refused with 401, 403 or 429, by status.",
+            ["status"],
+            registry=self.registry,
+        )
+        # Present from the start, so that rate() sees the first one.
+        for kind in _UPSTREAM_ERRORS:
+            self._upstream_errors.labels(kind=kind)
+        for status in _AUTH_FAILURES:
+            self._auth_failures.labels(status=str(status))
+        self._models: set[str] = set()
+
+    def _model_label(self, model: str) -> str:
+        """
+        The label value for a model: itself while fewer than L{MAX_MODELS}
+        models have been seen, C{other} for models beyond.
+        """
+        model = model or "unknown"
+        if model in self._models:
+            return model
+        if len(self._models) < MAX_MODELS:
+            self._models.add(model)
+            return model
+        return OTHER
+
+    def observe(self, exchange: Exchange, now: float) -> None:
+        """
+        Count a request that has ended.
+
+        @param exchange: What happened to it.
+        @param now: When it ended, on the clock that set C{exchange.started}.
+        """
+        route = route_family(exchange.path.encode("utf-8", "replace"))
+        status = _status_label(exchange.status)
+        self._requests.labels(
+            route=route,
+            method=exchange.method if exchange.method in _METHODS else OTHER,
+            status=status,
+            key=exchange.key,
+            outcome=exchange.outcome if exchange.outcome in _OUTCOMES else OTHER,
+        ).inc()
+        self._duration.labels(route=route).observe(max(0.0, now - exchange.started))
+        if exchange.first_byte is not None:
+            self._first_byte.labels(route=route).observe(max(0.0, exchange.first_byte))
+        if exchange.outcome in _UPSTREAM_ERRORS:
+            self._upstream_errors.labels(kind=exchange.outcome).inc()
+        if exchange.outcome == "rejected" and exchange.status in _AUTH_FAILURES:
+            self._auth_failures.labels(status=status).inc()
+        summary = exchange.summary
+        if summary is not None:
+            model = self._model_label(summary.model)
+            for kind, count in (
+                ("prompt", summary.prompt_tokens),
+                ("completion", summary.completion_tokens),
+            ):
+                self._tokens.labels(key=exchange.key, model=model, kind=kind).inc(max(0, count))
+
+    def stream_started(self) -> None:
+        """
+        A request is now in flight to Ollama.
+        """
+        self._active.inc()
+
+    def stream_ended(self) -> None:
+        """
+        A request in flight to Ollama has ended, however it ended.
+        """
+        self._active.dec()
+
+    def render(self, accept: bytes | None) -> tuple[bytes, bytes]:
+        """
+        The metrics, for a scrape.
+
+        @param accept: The scrape's C{Accept} header, if any: OpenMetrics
+            if it asks for it, the Prometheus text format otherwise.
+        @return: The C{Content-Type} and the body of the answer.
+        """
+        encoder, content_type = choose_encoder((accept or b"").decode("latin-1"))
+        return content_type.encode("latin-1"), encoder(self.registry)
+
+
+class MetricsResource(Resource):
+    """
+    Serves the metrics, and nothing else, without a key: for the separate
+    C{--metrics-listen} endpoint, which is meant for a private address.
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        content_type, body = self._metrics.render(request.getHeader(b"accept"))
+        request.setHeader(b"content-type", content_type)
+        return body

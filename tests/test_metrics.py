@@ -1,0 +1,376 @@
+"""
+Tests for L{ollamaproxy.metrics}: what the proxy counts, read back the way
+Prometheus reads it.
+"""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from ollamaproxy.logs import Exchange, StreamSummary
+from ollamaproxy.metrics import MAX_MODELS, Metrics, route_family
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(metrics: Metrics) -> Samples:
+    """
+    Render C{metrics} as a scrape would, and parse the text back into
+    samples keyed by sample name and labels.
+    """
+    content_type, body = metrics.render(None)
+    assert content_type.startswith(b"text/plain")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(body.decode("utf-8")):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    """
+    The value of one sample, or C{None} if the scrape has no such sample.
+    """
+    return samples.get((name, frozenset(labels.items())))
+
+
+def exchange(
+    path: str = "/api/chat",
+    method: str = "POST",
+    key: str = "alice",
+    status: int | None = 200,
+    first_byte: float | None = 0.2,
+    outcome: str = "completed",
+    summary: StreamSummary | None = None,
+) -> Exchange:
+    """
+    A finished request that started at t=1000.
+    """
+    return Exchange(
+        method=method,
+        path=path,
+        client="127.0.0.1",
+        started=1000.0,
+        key=key,
+        status=status,
+        first_byte=first_byte,
+        outcome=outcome,
+        summary=summary,
+    )
+
+
+def test_requests_counted_by_labels() -> None:
+    """
+    Each ended request adds one to the counter for its route family,
+    method, status, key name and outcome.
+    """
+    metrics = Metrics()
+    metrics.observe(exchange(), 1001.0)
+    metrics.observe(exchange(), 1002.0)
+    metrics.observe(exchange(path="/api/tags", method="GET", key="-"), 1000.1)
+    metrics.observe(exchange(status=401, first_byte=None, outcome="rejected", key="-"), 1000.001)
+    samples = scrape(metrics)
+    name = "ollamaproxy_requests_total"
+    assert (
+        value(
+            samples,
+            name,
+            route="/api/chat",
+            method="POST",
+            status="200",
+            key="alice",
+            outcome="completed",
+        )
+        == 2.0
+    )
+    assert (
+        value(
+            samples,
+            name,
+            route="/api/tags",
+            method="GET",
+            status="200",
+            key="-",
+            outcome="completed",
+        )
+        == 1.0
+    )
+    assert (
+        value(
+            samples,
+            name,
+            route="/api/chat",
+            method="POST",
+            status="401",
+            key="-",
+            outcome="rejected",
+        )
+        == 1.0
+    )
+    assert sum(v for (n, _), v in samples.items() if n == name) == 4.0
+
+
+def test_unbounded_request_labels_folded() -> None:
+    """
+    A method outside the usual ones, a request that ended before any status
+    and an unknown path get fixed label values.
+    """
+    metrics = Metrics()
+    metrics.observe(
+        exchange(
+            path="/etc/passwd",
+            method="BREW",
+            status=None,
+            first_byte=None,
+            outcome="client_disconnected",
+        ),
+        1000.5,
+    )
+    samples = scrape(metrics)
+    assert (
+        value(
+            samples,
+            "ollamaproxy_requests_total",
+            route="other",
+            method="other",
+            status="none",
+            key="alice",
+            outcome="client_disconnected",
+        )
+        == 1.0
+    )
+
+
+def test_duration_histogram() -> None:
+    """
+    The request duration (end minus start) lands in the right buckets of
+    its route family's histogram.
+    """
+    metrics = Metrics()
+    metrics.observe(exchange(), 1000.3)
+    metrics.observe(exchange(), 1090.0)
+    samples = scrape(metrics)
+    name = "ollamaproxy_request_duration_seconds"
+    assert value(samples, f"{name}_bucket", route="/api/chat", le="0.25") == 0.0
+    assert value(samples, f"{name}_bucket", route="/api/chat", le="0.5") == 1.0
+    assert value(samples, f"{name}_bucket", route="/api/chat", le="60.0") == 1.0
+    assert value(samples, f"{name}_bucket", route="/api/chat", le="120.0") == 2.0
+    assert value(samples, f"{name}_bucket", route="/api/chat", le="3600.0") == 2.0
+    assert value(samples, f"{name}_bucket", route="/api/chat", le="+Inf") == 2.0
+    assert value(samples, f"{name}_count", route="/api/chat") == 2.0
+    assert value(samples, f"{name}_sum", route="/api/chat") == pytest.approx(90.3)
+
+
+def test_first_byte_only_when_known() -> None:
+    """
+    The time to first byte is observed only for requests whose response
+    head came from Ollama.
+    """
+    metrics = Metrics()
+    metrics.observe(exchange(first_byte=0.004), 1001.0)
+    metrics.observe(exchange(first_byte=None, status=502, outcome="upstream_error"), 1001.0)
+    samples = scrape(metrics)
+    name = "ollamaproxy_time_to_first_byte_seconds"
+    assert value(samples, f"{name}_bucket", route="/api/chat", le="0.005") == 1.0
+    assert value(samples, f"{name}_count", route="/api/chat") == 1.0
+    assert value(samples, f"{name}_sum", route="/api/chat") == pytest.approx(0.004)
+    assert value(samples, "ollamaproxy_request_duration_seconds_count", route="/api/chat") == 2.0
+
+
+def test_tokens_by_key_model_kind() -> None:
+    """
+    Prompt and completion tokens from a stream's summary are added up by
+    key name, model and kind.
+    """
+    metrics = Metrics()
+    metrics.observe(exchange(summary=StreamSummary("llama3.2", "stop", 10, 100)), 1005.0)
+    metrics.observe(exchange(summary=StreamSummary("llama3.2", "stop", 5, 50)), 1005.0)
+    metrics.observe(exchange(key="bob", summary=StreamSummary("qwen3", "length", 7, 3)), 1005.0)
+    metrics.observe(exchange(key="bob"), 1005.0)
+    samples = scrape(metrics)
+    name = "ollamaproxy_tokens_total"
+    assert value(samples, name, key="alice", model="llama3.2", kind="prompt") == 15.0
+    assert value(samples, name, key="alice", model="llama3.2", kind="completion") == 150.0
+    assert value(samples, name, key="bob", model="qwen3", kind="prompt") == 7.0
+    assert value(samples, name, key="bob", model="qwen3", kind="completion") == 3.0
+    assert len([n for (n, _) in samples if n == name]) == 4
+
+
+def test_upstream_errors() -> None:
+    """
+    Requests that ended in C{upstream_error} or C{timeout} are counted by
+    kind; others are not.
+    """
+    metrics = Metrics()
+    assert value(scrape(metrics), "ollamaproxy_upstream_errors_total", kind="timeout") == 0.0
+    metrics.observe(exchange(status=502, first_byte=None, outcome="upstream_error"), 1001.0)
+    metrics.observe(exchange(status=200, outcome="upstream_error"), 1001.0)
+    metrics.observe(exchange(status=504, first_byte=None, outcome="timeout"), 1001.0)
+    metrics.observe(exchange(outcome="client_disconnected"), 1001.0)
+    metrics.observe(exchange(status=500, outcome="internal_error"), 1001.0)
+    samples = scrape(metrics)
+    name = "ollamaproxy_upstream_errors_total"
+    assert value(samples, name, kind="upstream_error") == 2.0
+    assert value(samples, name, kind="timeout") == 1.0
+    assert len([n for (n, _) in samples if n == name]) == 2
+
+
+def test_auth_failures() -> None:
+    """
+    Rejections with 401, 403 or 429 are counted by status; other
+    rejections (a 413) and other outcomes are not.
+    """
+    metrics = Metrics()
+    samples = scrape(metrics)
+    name = "ollamaproxy_auth_failures_total"
+    for label in ("401", "403", "429"):
+        assert value(samples, name, status=label) == 0.0
+    for status in (401, 401, 403, 429, 413):
+        metrics.observe(exchange(status=status, first_byte=None, outcome="rejected"), 1000.0)
+    metrics.observe(exchange(status=403), 1000.0)  # Ollama's own 403
+    samples = scrape(metrics)
+    assert value(samples, name, status="401") == 2.0
+    assert value(samples, name, status="403") == 1.0
+    assert value(samples, name, status="429") == 1.0
+    assert len([n for (n, _) in samples if n == name]) == 3
+
+
+def test_active_streams() -> None:
+    """
+    The gauge goes up when a stream starts and down when it ends.
+    """
+    metrics = Metrics()
+    assert value(scrape(metrics), "ollamaproxy_active_streams") == 0.0
+    metrics.stream_started()
+    metrics.stream_started()
+    assert value(scrape(metrics), "ollamaproxy_active_streams") == 2.0
+    metrics.stream_ended()
+    assert value(scrape(metrics), "ollamaproxy_active_streams") == 1.0
+    metrics.stream_ended()
+    assert value(scrape(metrics), "ollamaproxy_active_streams") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("path", "family"),
+    [
+        (b"/", "/"),
+        (b"/api/version", "/api/version"),
+        (b"/api/tags", "/api/tags"),
+        (b"/api/ps", "/api/ps"),
+        (b"/api/show", "/api/show"),
+        (b"/api/chat", "/api/chat"),
+        (b"/api/generate", "/api/generate"),
+        (b"/api/embed", "/api/embed"),
+        (b"/api/embeddings", "/api/embeddings"),
+        (b"/api/pull", "/api/pull"),
+        (b"/api/push", "/api/push"),
+        (b"/api/create", "/api/create"),
+        (b"/api/copy", "/api/copy"),
+        (b"/api/delete", "/api/delete"),
+        (b"/api/blobs/sha256:" + b"0" * 64, "/api/blobs"),
+        (b"/api/blobs/", "other"),
+        (b"/api/blobs", "other"),
+        (b"/v1/chat/completions", "/v1/chat/completions"),
+        (b"/v1/completions", "/v1/completions"),
+        (b"/v1/embeddings", "/v1/embeddings"),
+        (b"/v1/responses", "/v1/responses"),
+        (b"/v1/models", "/v1/models"),
+        (b"/v1/models/llama3.2", "/v1/models/{model}"),
+        (b"/v1/models/hf.co%2Fuser%2Frepo:Q4_K_M", "/v1/models/{model}"),
+        (b"/v1/models/", "other"),
+        (b"/api/%63hat", "other"),
+        (b"/api/chat/", "other"),
+        (b"/API/CHAT", "other"),
+        (b"//api/chat", "other"),
+        (b"/favicon.ico", "other"),
+        (b"", "other"),
+        (b"/\xff", "other"),
+    ],
+)
+def test_route_family(path: bytes, family: str) -> None:
+    """
+    A path maps to its route family, compared as sent, or to C{other}.
+    """
+    assert route_family(path) == family
+
+
+def test_route_family_takes_path_after_prefix() -> None:
+    """
+    L{route_family} is given the path after the C{/proxy} prefix: it does
+    not take the prefix off itself.
+    """
+    assert route_family(b"/proxy/api/chat") == "other"
+    assert route_family(b"/proxy") == "other"
+
+
+def test_model_label_cap() -> None:
+    """
+    Only the first L{MAX_MODELS} distinct models get their own label
+    value; tokens for later ones are counted under C{other}, while models
+    already seen keep theirs.
+    """
+    metrics = Metrics()
+    for i in range(MAX_MODELS + 5):
+        metrics.observe(exchange(summary=StreamSummary(f"model-{i}", None, 1, 2)), 1001.0)
+    metrics.observe(exchange(summary=StreamSummary("model-0", None, 1, 2)), 1001.0)
+    samples = scrape(metrics)
+    name = "ollamaproxy_tokens_total"
+    models = {dict(labels)["model"] for (n, labels) in samples if n == name}
+    assert len(models) == MAX_MODELS + 1
+    assert "other" in models
+    assert f"model-{MAX_MODELS}" not in models
+    assert value(samples, name, key="alice", model="model-0", kind="prompt") == 2.0
+    assert value(samples, name, key="alice", model="other", kind="prompt") == 5.0
+    assert value(samples, name, key="alice", model="other", kind="completion") == 10.0
+
+
+def test_instances_do_not_share_state() -> None:
+    """
+    Two L{Metrics} have separate registries and counts, and neither
+    registers anything in C{prometheus_client}'s global registry.
+    """
+    first = Metrics()
+    second = Metrics()
+    first.observe(exchange(), 1001.0)
+    first.stream_started()
+    assert first.registry is not second.registry
+    assert value(scrape(second), "ollamaproxy_active_streams") == 0.0
+    assert not [n for (n, _) in scrape(second) if n == "ollamaproxy_requests_total"]
+    assert value(scrape(first), "ollamaproxy_active_streams") == 1.0
+    assert REGISTRY.get_sample_value("ollamaproxy_active_streams") is None
+
+
+def test_injected_registry() -> None:
+    """
+    A registry given to the constructor is the one the metrics go in.
+    """
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.stream_started()
+    assert metrics.registry is registry
+    assert registry.get_sample_value("ollamaproxy_active_streams") == 1.0
+
+
+def test_render_openmetrics() -> None:
+    """
+    A scraper that asks for OpenMetrics gets it; any other gets the
+    Prometheus text format.
+    """
+    metrics = Metrics()
+    metrics.observe(exchange(), 1001.0)
+    content_type, body = metrics.render(
+        b"application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    )
+    assert content_type.startswith(b"application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+    families = {f.name: f for f in openmetrics_families(body.decode("utf-8"))}
+    assert families["ollamaproxy_requests"].type == "counter"
+    for accept in (None, b"", b"*/*", b"text/plain"):
+        content_type, body = metrics.render(accept)
+        assert content_type == b"text/plain; version=0.0.4; charset=utf-8"
+        assert b"# EOF" not in body

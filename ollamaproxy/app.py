@@ -162,7 +162,8 @@ class OllamaProxy:
             if request.body is not None:
                 exchange.request_sample = request.body.sample
             now = self._clock.seconds()
-            log_exchange(exchange, request.sentLength, now, self._upstream.base.decode("ascii"))
+            log_exchange(exchange, request.sentLength, now, self._upstream.base.decode("ascii"),
+                         self._auth.keys.is_key)
             self._metrics.stream_ended()
             self._metrics.observe(exchange, now)
             del self._in_flight[request]

@@ -172,6 +172,12 @@ class KeyStore:
         """
         return self._by_digest.get(digest(presented))
 
+    def is_key(self, word: str) -> bool:
+        """
+        Whether C{word} is one of the keys (for blanking keys in logs).
+        """
+        return self.find(word) is not None
+
     def __len__(self) -> int:
         return len(self._by_digest)
 

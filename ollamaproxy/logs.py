@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, cast
 
@@ -100,7 +101,13 @@ class Exchange:
         self.detail = detail
 
 
-def log_exchange(exchange: Exchange, sent_bytes: int, now: float, upstream: str = "") -> None:
+def log_exchange(
+    exchange: Exchange,
+    sent_bytes: int,
+    now: float,
+    upstream: str = "",
+    is_key: Callable[[str], bool] | None = None,
+) -> None:
     """
     Emit the events for a finished request: its access event, the summary
     of what it generated, and its body samples if they were kept.
@@ -145,8 +152,8 @@ def log_exchange(exchange: Exchange, sent_bytes: int, now: float, upstream: str 
             method=exchange.method,
             path=exchange.path,
             key=exchange.key,
-            request_body=redact(exchange.request_sample.decode("utf-8", "replace")),
-            response_body=redact(exchange.response_sample.decode("utf-8", "replace")),
+            request_body=redact(exchange.request_sample.decode("utf-8", "replace"), is_key),
+            response_body=redact(exchange.response_sample.decode("utf-8", "replace"), is_key),
         )
 
 
@@ -160,11 +167,21 @@ _SECRETS = re.compile(
 )
 
 
-def redact(text: str) -> str:
+# Words long enough to be a key someone chose (--api-key), to be checked
+# against the keys the proxy knows.
+_WORDS = re.compile(r"[A-Za-z0-9_.~+/=-]{8,}")
+
+
+def redact(text: str, is_key: Callable[[str], bool] | None = None) -> str:
     """
-    C{text} with anything that looks like a key or credential replaced.
+    C{text} with anything that looks like a key or credential replaced, and,
+    given C{is_key}, any word that is one of the proxy's keys (keys an
+    operator chose need not look like keys).
     """
-    return _SECRETS.sub(lambda m: (m["name"] or "") + "[redacted]", text)
+    text = _SECRETS.sub(lambda m: (m["name"] or "") + "[redacted]", text)
+    if is_key is not None:
+        text = _WORDS.sub(lambda m: "[redacted]" if is_key(m[0]) else m[0], text)
+    return text
 
 
 class _Redacting:
@@ -174,11 +191,12 @@ class _Redacting:
     the text of tracebacks.
     """
 
-    def __init__(self, logfile: LogFile) -> None:
+    def __init__(self, logfile: LogFile, is_key: Callable[[str], bool] | None) -> None:
         self._logfile = logfile
+        self._is_key = is_key
 
     def write(self, text: str) -> None:
-        self._logfile.write(redact(text))
+        self._logfile.write(redact(text, self._is_key))
 
     def flush(self) -> None:
         self._logfile.flush()
@@ -194,6 +212,8 @@ class LogFilesService(Service):
         the daemon).
     @param rotate_bytes: Size at which a file is rotated.
     @param backups: How many rotated files of each kind are kept.
+    @param is_key: Tells whether a word is one of the proxy's keys, so that
+        it is blanked wherever it appears.
     """
 
     def __init__(
@@ -202,11 +222,13 @@ class LogFilesService(Service):
         publisher: LogPublisher,
         rotate_bytes: int = DEFAULT_ROTATE_BYTES,
         backups: int = DEFAULT_BACKUPS,
+        is_key: Callable[[str], bool] | None = None,
     ) -> None:
         self._directory = directory
         self._publisher = publisher
         self._rotate_bytes = rotate_bytes
         self._backups = backups
+        self._is_key = is_key
         self._files: list[LogFile] = []
         self._observers: list[ILogObserver] = []
 
@@ -223,8 +245,8 @@ class LogFilesService(Service):
 
     def startService(self) -> None:
         os.makedirs(self._directory, exist_ok=True)
-        text = _Redacting(self._open("ollamaproxy.log"))
-        lines = _Redacting(self._open("ollamaproxy.json"))
+        text = _Redacting(self._open("ollamaproxy.log"), self._is_key)
+        lines = _Redacting(self._open("ollamaproxy.json"), self._is_key)
         self._observers = [
             FilteringLogObserver(
                 observer,

@@ -254,7 +254,11 @@ def build_service(
     service = StopInOrder()
     if config.log_dir:
         LogFilesService(
-            config.log_dir, globalLogPublisher, config.log_max_bytes, config.log_backups
+            config.log_dir,
+            globalLogPublisher,
+            config.log_max_bytes,
+            config.log_backups,
+            is_key=keys.is_key,
         ).setServiceParent(service)
     PoolService(pool).setServiceParent(service)
     KeysReloader(

@@ -229,3 +229,33 @@ async def test_keys_from_the_command_reach_a_running_proxy(
     assert await status(bob) == 401
     assert await status(admin) == 200
     assert await proxy.terminate(reactor), proxy.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_key_reaches_any_log_file(
+    reactor: Any, upstream: Upstream, twistd: TwistdLauncher, tmp_path: Path
+) -> None:
+    """
+    After a run with body logging on, right and wrong keys in headers and a
+    key pasted into a request body, no log file holds any of them.
+    """
+    logs = tmp_path / "logs"
+    proxy = await twistd.start(
+        proxy_args(upstream.url, "--log-dir", str(logs), "--log-bodies", "--log-max-bytes", "2K")
+    )
+    wrong = "olpk_" + "W" * 38
+    client = agent(reactor)
+    for headers in ({"Authorization": f"Bearer {TEST_KEY}"}, {"X-API-Key": TEST_KEY},
+                    {"Authorization": f"Bearer {wrong}"}, {"X-API-Key": "hunter2-guess"},
+                    {"Cookie": "session=cookie-secret"}):
+        pasted = json.dumps({"model": "llama3.2", "prompt": f"my key is {TEST_KEY}"})
+        response = await request(client, b"POST", proxy.url + "/api/generate", headers,
+                                 body(pasted.encode()))
+        await (await read(response)).done
+    assert await proxy.terminate(reactor), proxy.output
+    files = list(logs.iterdir())
+    assert len(files) > 2, "expected rotated files too"
+    text = "".join(f.read_text() for f in files)
+    assert "ollamaproxy.bodies" in text and "[redacted]" in text
+    for secret in (TEST_KEY, wrong, "cookie-secret"):
+        assert secret not in text

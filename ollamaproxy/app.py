@@ -43,6 +43,7 @@ from ollamaproxy.relay import Target, relay
 from ollamaproxy.request_body import BodyTooLarge
 from ollamaproxy.site import ProxyRequest
 from ollamaproxy.upstream import Upstream
+from ollamaproxy.usage import UsageStore
 
 log = Logger()
 
@@ -73,6 +74,7 @@ class OllamaProxy:
     @param auth: Decides who may ask.
     @param clock: Tells time for the access log.
     @param metrics: Counts what happens, for Prometheus.
+    @param usage: Keeps requests and tokens per key, or L{None}.
     @param body_sample_bytes: How much of each response body to log; 0 for
         none.
     """
@@ -87,6 +89,7 @@ class OllamaProxy:
         cors: Cors,
         clock: IReactorTime,
         metrics: Metrics,
+        usage: UsageStore | None = None,
         body_sample_bytes: int = 0,
     ) -> None:
         self._upstream = upstream
@@ -94,6 +97,7 @@ class OllamaProxy:
         self._limits = limits
         self._cors = cors
         self._metrics = metrics
+        self._usage = usage
         self._body_sample_bytes = body_sample_bytes
         self._clock = clock
         self._in_flight: dict[Any, Exchange] = {}
@@ -166,6 +170,8 @@ class OllamaProxy:
                          self._auth.keys.is_key)
             self._metrics.stream_ended()
             self._metrics.observe(exchange, now)
+            if self._usage is not None and exchange.key != "-":
+                self._usage.record_summary(exchange.key, exchange.summary, now)
             del self._in_flight[request]
             if self._draining and not self._in_flight:
                 drained, self._drained = self._drained, []

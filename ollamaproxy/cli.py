@@ -1,18 +1,23 @@
 # -*- test-case-name: tests.test_cli -*-
 """
-The C{ollamaproxy} command: managing the keys in the keys file.
+The C{ollamaproxy} command: managing the keys in the keys file, and showing
+how much each key used.
 
     ollamaproxy keys add NAME [--admin] [--models GLOB ...] [--rpm N]
                               [--max-streams N] [--expires DATE]
     ollamaproxy keys list
     ollamaproxy keys revoke NAME
     ollamaproxy keys rotate NAME
+    ollamaproxy usage [--since DATE] [--by key|model]
 
-Every subcommand takes C{--keys-file PATH}; without it the file is
+Every C{keys} subcommand takes C{--keys-file PATH}; without it the file is
 C{$OLLAMAPROXY_KEYS_FILE}, then the proxy's default, exactly as for the
 daemon.  C{add} and C{rotate} print the new key alone on the last line of
 standard output, so C{KEY=$(ollamaproxy keys add bob | tail -n1)} works; the
 key is shown only then, since only its hash is stored.
+
+C{usage} finds the usage database the same way: C{--usage-file PATH}, then
+C{$OLLAMAPROXY_USAGE_FILE}, then L{default_usage_file}; it never changes it.
 
 Every change goes through L{update_keys_file}, so two commands run at once
 cannot lose each other's change, and a crash leaves the old file whole.
@@ -29,7 +34,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from ollamaproxy.config import ENV_PREFIX, default_keys_file
+from ollamaproxy.config import ENV_PREFIX, default_keys_file, default_usage_file
 from ollamaproxy.keys import (
     ADMIN,
     INFERENCE,
@@ -39,6 +44,12 @@ from ollamaproxy.keys import (
     generate_key,
     load_keys_file,
     update_keys_file,
+)
+from ollamaproxy.usage import (
+    USAGE_FILE_VARIABLE,
+    Row,
+    UsageFileError,
+    summarise,
 )
 
 if TYPE_CHECKING:
@@ -139,23 +150,33 @@ def _name(text: str) -> str:
     return text
 
 
-def parse_expiry(text: str, now: datetime) -> datetime:
+def parse_time(text: str, option: str) -> datetime:
     """
-    Parse an expiry time: an ISO 8601 date (midnight UTC at its start) or
-    date and time (UTC unless it has an offset), after C{now}.
+    Parse a time given as C{option}: an ISO 8601 date (midnight UTC at its
+    start) or date and time (UTC unless it has an offset).
 
-    @raise UsageError: If C{text} is not such a time, or is not in the future.
+    @return: The time, in UTC.
+    @raise UsageError: If C{text} is not such a time.
     """
     try:
         when = datetime.fromisoformat(text)
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        when = when.astimezone(UTC)
+        return when.astimezone(UTC)
     except (ValueError, OverflowError):
         raise UsageError(
-            f"--expires: {text!r} is not a date or time such as 2027-01-01 or "
+            f"{option}: {text!r} is not a date or time such as 2027-01-01 or "
             "2027-01-01T12:00:00Z"
         ) from None
+
+
+def parse_expiry(text: str, now: datetime) -> datetime:
+    """
+    Parse an expiry time: a time as L{parse_time} takes it, after C{now}.
+
+    @raise UsageError: If C{text} is not such a time, or is not in the future.
+    """
+    when = parse_time(text, "--expires")
     if when <= now:
         raise UsageError(f"--expires: {_show_time(when)} is not in the future")
     return when
@@ -266,6 +287,25 @@ def _parser(stdout: TextIO) -> _Parser:
                          ("rotate", "give a key a new secret, keeping its settings")]:
         sub = actions.add_parser(action, parents=[common], help=text, stdout=stdout)
         sub.add_argument("name", metavar="NAME")
+
+    usage = commands.add_parser(
+        "usage",
+        help="show requests and tokens per key or per model",
+        description="Show the requests and tokens the proxy has recorded, per key or per "
+        "model, most tokens first.",
+        stdout=stdout,
+    )
+    usage.add_argument("--since", metavar="DATE",
+                       help="count from this ISO date or time, UTC unless given, e.g. "
+                       "2026-11-01 or 2026-11-01T12:00:00Z (default: everything)")
+    usage.add_argument("--by", choices=("key", "model"), default="key",
+                       help="one row per key or per model (default: key)")
+    usage.add_argument(
+        "--usage-file",
+        metavar="PATH",
+        help=f"the usage database (default: ${USAGE_FILE_VARIABLE}, else "
+        "$XDG_STATE_HOME/ollamaproxy/usage.sqlite3)",
+    )
     return parser
 
 
@@ -275,6 +315,14 @@ def _keys_file(option: str | None, environ: Mapping[str, str]) -> str:
     environment, then the default.
     """
     return option or environ.get(KEYS_FILE_VARIABLE) or default_keys_file(environ)
+
+
+def _usage_file(option: str | None, environ: Mapping[str, str]) -> str:
+    """
+    The usage database, chosen as the keys file is: the option, then the
+    environment, then the default.
+    """
+    return option or environ.get(USAGE_FILE_VARIABLE) or default_usage_file(environ)
 
 
 def _update(path: str, change: Callable[[list[ApiKey]], list[ApiKey]]) -> list[ApiKey]:
@@ -370,6 +418,40 @@ def _rotate(name: str, path: str, out: TextIO, err: TextIO, now: datetime) -> No
     _announce(out, f"Rotated key {name!r} in {path}:", key, secret)
 
 
+def _usage_table(rows: Sequence[Row], by: str) -> list[str]:
+    """
+    The lines of C{usage}'s table: names on the left, numbers on the right.
+    """
+    header = [by.upper(), "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "TOTAL"]
+    cells = [
+        [_show(row.name) or "-", str(row.requests), str(row.prompt_tokens),
+         str(row.completion_tokens), str(row.total_tokens)]
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+    return [
+        "  ".join(
+            [line[0].ljust(widths[0])]
+            + [cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
+        ).rstrip()
+        for line in [header, *cells]
+    ]
+
+
+def _usage(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> None:
+    since = None if args.since is None else parse_time(args.since, "--since")
+    path = _usage_file(args.usage_file, environ)
+    try:
+        rows = summarise(path, None if since is None else since.timestamp(), args.by)
+    except FileNotFoundError:
+        rows = []
+    if not rows:
+        when = "" if since is None else f" since {_show_time(since)}"
+        out.write(f"No usage recorded in {path}{when}.\n")
+        return
+    out.writelines(line + "\n" for line in _usage_table(rows, args.by))
+
+
 def run(
     argv: Sequence[str],
     stdout: TextIO,
@@ -383,10 +465,14 @@ def run(
     @raise UsageError: If the command line is wrong.
     @raise CommandFailed: If the command cannot be carried out.
     @raise KeysFileError: If the keys file cannot be read.
+    @raise UsageFileError: If the usage database cannot be read.
     @raise OSError: If the keys file cannot be written.
     @raise _Exit: After printing help.
     """
     args = _parser(stdout).parse_args(argv)
+    if args.command == "usage":
+        _usage(args, environ, stdout)
+        return
     path = _keys_file(args.keys_file, environ)
     if args.action == "add":
         _add(args, path, stdout, now)
@@ -440,7 +526,7 @@ def main(
         return e.code
     except UsageError as e:
         return fail(EXIT_USAGE, str(e))
-    except (CommandFailed, KeysFileError) as e:
+    except (CommandFailed, KeysFileError, UsageFileError) as e:
         return fail(EXIT_FAILURE, str(e))
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""

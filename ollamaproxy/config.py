@@ -78,6 +78,7 @@ class Config:
     @ivar max_body_size: The largest request body accepted, in bytes; 0 for
         no limit.
     @ivar cors_origins: Browser origins allowed to call the proxy.
+    @ivar usage_file: The SQLite database of usage per key and model.
     @ivar metrics_listen: A separate endpoint serving only the metrics,
         without a key, or L{None}.
     @ivar log_max_bytes: Size at which a log file is rotated.
@@ -99,6 +100,7 @@ class Config:
     grace_period: float = DEFAULT_GRACE_PERIOD
     max_body_size: int = 0
     cors_origins: tuple[str, ...] = DEFAULT_ORIGINS
+    usage_file: str = ""
     metrics_listen: str | None = None
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = DEFAULT_LOG_BACKUPS
@@ -169,6 +171,7 @@ class Config:
             cors_origins=parse_origins(
                 DEFAULT_CORS_ORIGINS if cors_origins is None else cors_origins
             ),
+            usage_file=get("usage-file") or default_usage_file(environ),
             metrics_listen=metrics_listen,
             log_max_bytes=parse_size(
                 "log-max-bytes", get("log-max-bytes") or DEFAULT_LOG_MAX_BYTES
@@ -313,3 +316,15 @@ def default_keys_file(environ: Mapping[str, str]) -> str:
         environ.get("HOME") or os.path.expanduser("~"), ".config"
     )
     return os.path.join(base, "ollamaproxy", "keys.json")
+
+
+def default_usage_file(environ: Mapping[str, str]) -> str:
+    """
+    Where usage is kept when no file is given:
+    C{$XDG_STATE_HOME/ollamaproxy/usage.sqlite3}, by default under
+    C{~/.local/state}.
+    """
+    base = environ.get("XDG_STATE_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".local", "state"
+    )
+    return os.path.join(base, "ollamaproxy", "usage.sqlite3")

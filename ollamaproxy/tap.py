@@ -56,6 +56,7 @@ from ollamaproxy.metrics import Metrics, MetricsResource
 from ollamaproxy.reload import KeysReloader, sighup_installer
 from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import PoolService, Upstream, agent_for, connection_pool
+from ollamaproxy.usage import ThreadWorker, UsageStore
 
 log = Logger()
 
@@ -116,6 +117,10 @@ class Options(usage.Options):
          "wildcard each; '*' for all, '' for none but the proxy's own host) "
          "[default: browser extensions, localhost pages, app://, file://, "
          "tauri://, vscode-webview://, vscode-file://]"],
+        ["usage-file", None, None,
+         "SQLite database of requests and tokens per key and model (see "
+         "'ollamaproxy usage') [default: $XDG_STATE_HOME/ollamaproxy/usage.sqlite3 "
+         "or ~/.local/state/ollamaproxy/usage.sqlite3]"],
         ["metrics-listen", None, None,
          "A separate endpoint serving Prometheus metrics without a key, e.g. "
          "tcp:9100:interface=127.0.0.1 [default: none; /metrics on the main "
@@ -232,6 +237,7 @@ def build_service(
     )
     auth = Authenticator(keys, config.open_routes, reactor, GuessThrottle(reactor))
     metrics = Metrics()
+    usage_store = UsageStore(config.usage_file, reactor, worker=ThreadWorker(reactor))
     proxy = OllamaProxy(
         upstream,
         auth,
@@ -239,6 +245,7 @@ def build_service(
         Cors(config.cors_origins),
         reactor,
         metrics,
+        usage_store,
         body_sample_bytes=config.log_body_bytes,
     )
     site = ProxySite(
@@ -250,7 +257,8 @@ def build_service(
     )
 
     # Stopping runs bottom-up: stop listening, let requests in flight
-    # finish, close Ollama connections, and only then close the log files.
+    # finish, write the last usage, close Ollama connections, and only then
+    # close the log files.
     service = StopInOrder()
     if config.log_dir:
         LogFilesService(
@@ -261,6 +269,7 @@ def build_service(
             is_key=keys.is_key,
         ).setServiceParent(service)
     PoolService(pool).setServiceParent(service)
+    usage_store.setServiceParent(service)
     KeysReloader(
         keys,
         config.keys_file,

@@ -14,6 +14,7 @@ from ollamaproxy.config import (
     ConfigError,
     Route,
     default_keys_file,
+    default_usage_file,
     parse_ollama_host,
     parse_routes,
     parse_size,
@@ -51,6 +52,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         connect_timeout=10.0,
         header_timeout=600.0,
         idle_timeout=600.0,
+        usage_file=f"{tmp_path}/.local/state/ollamaproxy/usage.sqlite3",
     )
 
 
@@ -98,6 +100,7 @@ def test_environment_used_without_options() -> None:
         connect_timeout=1.0,
         header_timeout=2.0,
         idle_timeout=3.0,
+        usage_file=default_usage_file(ENVIRON),
     )
 
 
@@ -124,6 +127,7 @@ def test_options_win_over_environment() -> None:
         connect_timeout=4.0,
         header_timeout=5.5,
         idle_timeout=6.0,
+        usage_file=default_usage_file(ENVIRON),
     )
 
 

@@ -30,12 +30,19 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from ollamaproxy import tap
-from ollamaproxy.config import DEFAULT_OPEN_ROUTES, Config, Route, parse_routes
+from ollamaproxy.config import (
+    DEFAULT_OPEN_ROUTES,
+    Config,
+    Route,
+    default_usage_file,
+    parse_routes,
+)
 from ollamaproxy.keys import ApiKey, digest, load_keys_file, looks_generated, write_keys_file
 from ollamaproxy.logs import LogFilesService
 from ollamaproxy.reload import KeysReloader
 from ollamaproxy.tap import DrainService, Options, build_service
 from ollamaproxy.upstream import PoolService
+from ollamaproxy.usage import UsageStore
 
 KEY_PATTERN = re.compile(r"olpk_[0-9A-Za-z]{38}")
 LOCAL = "tcp:0:interface=127.0.0.1"
@@ -58,6 +65,7 @@ def base_config(tmp_path: Path, **changes: Any) -> Config:
     config = Config(
         listen=(LOCAL,),
         keys_file=str(tmp_path / "config" / "ollamaproxy" / "keys.json"),
+        usage_file=str(tmp_path / "state" / "usage.sqlite3"),
         open_routes=parse_routes(DEFAULT_OPEN_ROUTES),
     )
     return replace(config, **changes)
@@ -100,6 +108,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "grace-period": None,
         "max-body-size": None,
         "cors-origins": None,
+        "usage-file": None,
         "metrics-listen": None,
         "log-max-bytes": None,
         "log-backups": None,
@@ -124,6 +133,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         connect_timeout=10.0,
         header_timeout=600.0,
         idle_timeout=600.0,
+        usage_file=f"{tmp_path}/.local/state/ollamaproxy/usage.sqlite3",
     )
 
 
@@ -159,6 +169,7 @@ def test_every_option() -> None:
         connect_timeout=2.5,
         header_timeout=30.0,
         idle_timeout=45.0,
+        usage_file=default_usage_file({}),
     )
 
 
@@ -221,6 +232,7 @@ def test_environment_used() -> None:
         connect_timeout=1.0,
         header_timeout=2.0,
         idle_timeout=3.0,
+        usage_file=default_usage_file(environ),
     )
 
 
@@ -247,8 +259,8 @@ def test_service_structure(tmp_path: Path) -> None:
     )
     service = build_service(config, reactor, lambda text: None)
     kinds = [type(child) for child in children(service)]
-    assert kinds == [PoolService, KeysReloader, DrainService, MultiService]
-    assert [type(child) for child in children(children(service)[3])] == [  # type: ignore[arg-type]
+    assert kinds == [PoolService, UsageStore, KeysReloader, DrainService, MultiService]
+    assert [type(child) for child in children(children(service)[4])] == [  # type: ignore[arg-type]
         StreamServerEndpointService,
         StreamServerEndpointService,
     ]

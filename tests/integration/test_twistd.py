@@ -259,3 +259,28 @@ async def test_no_key_reaches_any_log_file(
     assert "ollamaproxy.bodies" in text and "[redacted]" in text
     for secret in (TEST_KEY, wrong, "cookie-secret"):
         assert secret not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_is_kept_across_restarts(
+    reactor: Any, upstream: Upstream, twistd: TwistdLauncher, tmp_path: Path
+) -> None:
+    """
+    Requests and tokens per key are written to the usage database by the
+    time the proxy has stopped, add up across restarts, and show in
+    C{ollamaproxy usage}.
+    """
+    usage_file = str(tmp_path / "usage.sqlite3")
+    for _ in range(2):
+        proxy = await twistd.start(proxy_args(upstream.url, "--usage-file", usage_file))
+        await chat_lines(reactor, proxy.url, TEST_KEY)
+        assert await proxy.terminate(reactor), proxy.output
+    table = subprocess.run(
+        [sys.executable, "-m", "ollamaproxy.cli", "usage", "--usage-file", usage_file],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.splitlines()
+    assert table[0].split() == ["KEY", "REQUESTS", "PROMPT", "TOKENS", "COMPLETION", "TOKENS",
+                                "TOTAL"]
+    name, requests, prompt, completion, total = table[1].split()
+    assert (name, requests, completion) == ("api-key", "2", "10")
+    assert int(total) == int(prompt) + 10

@@ -22,7 +22,6 @@ from treq.testing import RequestTraversalAgent
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError
-from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.python.failure import Failure
@@ -32,7 +31,7 @@ from zope.interface import implementer
 
 from tests.chain import KEY, Chain, Collector
 from tests.conftest import ErrorCollector
-from tests.fake_ollama import FakeOllama, ReceivedRequest
+from tests.fake_ollama import FakeOllama, ReceivedRequest, in_memory_client
 
 T = TypeVar("T")
 
@@ -63,30 +62,6 @@ UNKNOWN_DIGEST = "sha256:" + "0" * 64
 
 
 # -- plumbing ---------------------------------------------------------------
-
-
-@implementer(IBodyProducer)
-class _Body:
-    """
-    A request body written at once (treq's default producer needs a reactor).
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
-        return defer.succeed(None)
-
-    def stopProducing(self) -> None:
-        pass
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
 
 
 @implementer(IAgent)
@@ -194,8 +169,7 @@ class Direct:
 
     def __post_init__(self) -> None:
         self.fake = FakeOllama(self.clock)
-        self.agent = RequestTraversalAgent(self.fake)
-        self.client = HTTPClient(self.agent, data_to_body_producer=_Body)
+        self.agent, self.client = in_memory_client(self.fake)
 
     def flush(self) -> None:
         for _ in range(20):

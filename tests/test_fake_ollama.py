@@ -14,42 +14,16 @@ from typing import Any
 from treq import collect, content
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
-from twisted.web.iweb import IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IResponse
 
-from tests.fake_ollama import MODEL_ERROR, FakeOllama
+from tests.fake_ollama import MODEL_ERROR, FakeOllama, in_memory_client
 
 BASE = "http://127.0.0.1:11434"
-
-
-@implementer(IBodyProducer)
-class _Body:
-    """
-    A request body written at once (treq's default producer needs a reactor).
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def stopProducing(self) -> None:
-        pass
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
 
 
 def _fired(d: Deferred[Any]) -> bool:
@@ -93,8 +67,7 @@ class Env:
 
     def __post_init__(self) -> None:
         self.fake = FakeOllama(self.clock, check_host=self.check_host)
-        self.agent = RequestTraversalAgent(self.fake)
-        self.client = HTTPClient(self.agent, data_to_body_producer=_Body)
+        self.agent, self.client = in_memory_client(self.fake)
 
     def send(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
              headers: dict[bytes | str, list[bytes | str]] | None = None) -> Deferred[Any]:

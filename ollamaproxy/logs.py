@@ -118,7 +118,7 @@ def log_exchange(
         client=exchange.client,
         key=exchange.key,
         method=exchange.method,
-        path=exchange.path,
+        path=redact(exchange.path, is_key),
         status=exchange.status,
         outcome=exchange.outcome,
         detail=exchange.detail,
@@ -188,15 +188,16 @@ class _Redacting:
     """
     A log file that blanks anything looking like a credential before it is
     written: the proxy logs no headers, and this makes sure of it, down to
-    the text of tracebacks.
+    the text of tracebacks.  (The text clients choose, paths and body
+    samples, has already been checked for the proxy's own keys, whatever
+    their shape, where it was logged.)
     """
 
-    def __init__(self, logfile: LogFile, is_key: Callable[[str], bool] | None) -> None:
+    def __init__(self, logfile: LogFile) -> None:
         self._logfile = logfile
-        self._is_key = is_key
 
     def write(self, text: str) -> None:
-        self._logfile.write(redact(text, self._is_key))
+        self._logfile.write(redact(text))
 
     def flush(self) -> None:
         self._logfile.flush()
@@ -212,8 +213,6 @@ class LogFilesService(Service):
         the daemon).
     @param rotate_bytes: Size at which a file is rotated.
     @param backups: How many rotated files of each kind are kept.
-    @param is_key: Tells whether a word is one of the proxy's keys, so that
-        it is blanked wherever it appears.
     """
 
     def __init__(
@@ -222,13 +221,11 @@ class LogFilesService(Service):
         publisher: LogPublisher,
         rotate_bytes: int = DEFAULT_ROTATE_BYTES,
         backups: int = DEFAULT_BACKUPS,
-        is_key: Callable[[str], bool] | None = None,
     ) -> None:
         self._directory = directory
         self._publisher = publisher
         self._rotate_bytes = rotate_bytes
         self._backups = backups
-        self._is_key = is_key
         self._files: list[LogFile] = []
         self._observers: list[ILogObserver] = []
 
@@ -245,8 +242,8 @@ class LogFilesService(Service):
 
     def startService(self) -> None:
         os.makedirs(self._directory, exist_ok=True)
-        text = _Redacting(self._open("ollamaproxy.log"), self._is_key)
-        lines = _Redacting(self._open("ollamaproxy.json"), self._is_key)
+        text = _Redacting(self._open("ollamaproxy.log"))
+        lines = _Redacting(self._open("ollamaproxy.json"))
         self._observers = [
             FilteringLogObserver(
                 observer,

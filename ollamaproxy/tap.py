@@ -266,7 +266,6 @@ def build_service(
             globalLogPublisher,
             config.log_max_bytes,
             config.log_backups,
-            is_key=keys.is_key,
         ).setServiceParent(service)
     PoolService(pool).setServiceParent(service)
     usage_store.setServiceParent(service)

@@ -252,6 +252,8 @@ async def test_no_key_reaches_any_log_file(
         response = await request(client, b"POST", proxy.url + "/api/generate", headers,
                                  body(pasted.encode()))
         await (await read(response)).done
+    response = await request(client, b"GET", f"{proxy.url}/api/{TEST_KEY}", {"X-API-Key": TEST_KEY})
+    await (await read(response)).done
     assert await proxy.terminate(reactor), proxy.output
     files = list(logs.iterdir())
     assert len(files) > 2, "expected rotated files too"

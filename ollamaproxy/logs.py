@@ -110,15 +110,18 @@ def log_exchange(
 ) -> None:
     """
     Emit the events for a finished request: its access event, the summary
-    of what it generated, and its body samples if they were kept.
+    of what it generated, and its body samples if they were kept.  The
+    text clients choose (the path, the bodies) is checked for the proxy's
+    own keys with C{is_key}, whatever their shape.
     """
+    path = redact(exchange.path, is_key)
     access.info(
         "{client} {key} {method} {path} {status} {outcome} {sent_bytes}B "
         "{duration:.3f}s{detail_suffix}",
         client=exchange.client,
         key=exchange.key,
         method=exchange.method,
-        path=redact(exchange.path, is_key),
+        path=path,
         status=exchange.status,
         outcome=exchange.outcome,
         detail=exchange.detail,
@@ -134,7 +137,7 @@ def log_exchange(
             "{key} {model}: {prompt_tokens} prompt + {completion_tokens} completion tokens"
             "{speed}, {done_reason}",
             key=exchange.key,
-            path=exchange.path,
+            path=path,
             model=summary.model,
             done_reason=summary.done_reason,
             prompt_tokens=summary.prompt_tokens,
@@ -150,7 +153,7 @@ def log_exchange(
         bodies.info(
             "{method} {path} request body: {request_body!r} response body: {response_body!r}",
             method=exchange.method,
-            path=exchange.path,
+            path=path,
             key=exchange.key,
             request_body=redact(exchange.request_sample.decode("utf-8", "replace"), is_key),
             response_body=redact(exchange.response_sample.decode("utf-8", "replace"), is_key),
@@ -180,7 +183,16 @@ def redact(text: str, is_key: Callable[[str], bool] | None = None) -> str:
     """
     text = _SECRETS.sub(lambda m: (m["name"] or "") + "[redacted]", text)
     if is_key is not None:
-        text = _WORDS.sub(lambda m: "[redacted]" if is_key(m[0]) else m[0], text)
+
+        def blank(word: str) -> str:
+            if is_key(word):
+                return "[redacted]"
+            # A key inside a path: check its segments too.
+            parts = word.split("/")
+            return "/".join("[redacted]" if is_key(p) else p for p in parts) if len(parts) > 1 \
+                else word
+
+        text = _WORDS.sub(lambda m: blank(m[0]), text)
     return text
 
 

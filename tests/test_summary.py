@@ -88,6 +88,10 @@ def test_openai_whole_answer() -> None:
     ("key olpk_" + "A" * 38 + " end", "key [redacted] end"),
     ("cookie=sess123; other", "cookie=[redacted]; other"),
     ("nothing here", "nothing here"),
+    ("AUTHORIZATION: Basic dXNlcjpwdw==", "AUTHORIZATION: [redacted]"),
+    ('{"key": "api-key", "path": "/api/chat"}', '{"key": "api-key", "path": "/api/chat"}'),
+    ("a Bearer x and x-api-key=y and OLPK_ no",
+     "a Bearer [redacted] and x-api-key=[redacted] and OLPK_ no"),
 ])
 def test_redact(text: str, redacted: str) -> None:
     """

@@ -137,18 +137,7 @@ class OllamaProxy:
             key = self._auth.authenticate(
                 request.method, target.path, request.requestHeaders, exchange.client
             )
-            if key is None:
-                await relay(request, self._upstream, target, exchange,
-                            sample_bytes=self._body_sample_bytes)
-            else:
-                exchange.key = key.name
-                release = self._limits.admit(key)
-                try:
-                    rewrite = await self._models_for(key, request, target)
-                    await relay(request, self._upstream, target, exchange, rewrite,
-                                self._body_sample_bytes)
-                finally:
-                    release()
+            await self._serve(request, target, exchange, key)
         except ProxyError as e:
             exchange.status = e.code
             exchange.failed(e.outcome, e.message)
@@ -163,20 +152,47 @@ class OllamaProxy:
             exchange.failed("internal_error", type(e).__name__)
             raise
         finally:
+            self._metrics.stream_ended()
             if request.body is not None:
                 exchange.request_sample = request.body.sample
-            now = self._clock.seconds()
-            log_exchange(exchange, request.sentLength, now, self._upstream.base.decode("ascii"),
-                         self._auth.keys.is_key)
-            self._metrics.stream_ended()
-            self._metrics.observe(exchange, now)
-            if self._usage is not None and exchange.key != "-":
-                self._usage.record_summary(exchange.key, exchange.summary, now)
+            self._record(exchange, request.sentLength)
+            # Last: a drain waiting for this request goes on to close the
+            # log files and the usage store.
             del self._in_flight[request]
             if self._draining and not self._in_flight:
                 drained, self._drained = self._drained, []
                 for d in drained:
                     d.callback(None)
+
+    async def _serve(
+        self, request: ProxyRequest, target: Target, exchange: Exchange, key: ApiKey | None
+    ) -> None:
+        """
+        Relay an authenticated request within its key's limits.
+        """
+        if key is None:
+            await relay(request, self._upstream, target, exchange,
+                        sample_bytes=self._body_sample_bytes)
+            return
+        exchange.key = key.name
+        release = self._limits.admit(key)
+        try:
+            rewrite = await self._models_for(key, request, target)
+            await relay(request, self._upstream, target, exchange, rewrite,
+                        self._body_sample_bytes)
+        finally:
+            release()
+
+    def _record(self, exchange: Exchange, sent_bytes: int) -> None:
+        """
+        Write down what happened to a request: log, metrics, usage.
+        """
+        now = self._clock.seconds()
+        log_exchange(exchange, sent_bytes, now, self._upstream.base.decode("ascii"),
+                     self._auth.keys.is_key)
+        self._metrics.observe(exchange, now)
+        if self._usage is not None and exchange.key != "-":
+            self._usage.record_summary(exchange.key, exchange.summary, now)
 
     def _preflight(self, request: Any, exchange: Exchange) -> None:
         """
@@ -191,8 +207,7 @@ class OllamaProxy:
         exchange.status = request.code
         if headers is None:
             exchange.failed("rejected", "origin not allowed")
-        log_exchange(exchange, 0, self._clock.seconds())
-        self._metrics.observe(exchange, self._clock.seconds())
+        self._record(exchange, 0)
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: Any) -> bytes:

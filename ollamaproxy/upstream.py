@@ -14,16 +14,18 @@ directly.  Tests inject treq's in-memory L{RequestTraversalAgent} instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent, ResponseFailed, ResponseNeverReceived
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from zope.interface import implementer
 
 
 @dataclass(frozen=True)
@@ -98,11 +100,42 @@ def connection_pool(reactor: IReactorTime) -> HTTPConnectionPool:
     return pool
 
 
-def agent_for(reactor: IReactorTime, pool: HTTPConnectionPool, connect_timeout: float) -> IAgent:
+def agent_for(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float) -> IAgent:
     """
     The production HTTP client for talking to Ollama.
     """
-    return Agent(reactor, connectTimeout=connect_timeout, pool=pool)
+    agent: IAgent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, connect_timeout), pool)
+    return agent
+
+
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """
+    Endpoints for Ollama, made once per address.
+
+    Twisted's default makes a new endpoint for every request, IDNA-encoding
+    the host name each time, even when a pooled connection will carry the
+    request; the proxy only ever talks to one address.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._connect_timeout = connect_timeout
+        self._tls = BrowserLikePolicyForHTTPS()
+        self._made: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        address = (uri.scheme, uri.host, uri.port)
+        endpoint = self._made.get(address)
+        if endpoint is None:
+            host = uri.host.decode("ascii")
+            endpoint = HostnameEndpoint(
+                self._reactor, host, uri.port, timeout=self._connect_timeout
+            )
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+            self._made[address] = endpoint
+        return endpoint
 
 
 class PoolService(Service):

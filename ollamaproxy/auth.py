@@ -117,7 +117,7 @@ class Authenticator:
         presented_digest = digest(presented)
         if self.throttle is not None:
             self.throttle.check(address, presented_digest)
-        key = self.keys.find(presented)
+        key = self.keys.find_digest(presented_digest)
         if key is None:
             if self.throttle is not None:
                 self.throttle.failed(address)

@@ -172,6 +172,12 @@ class KeyStore:
         """
         return self._by_digest.get(digest(presented))
 
+    def find_digest(self, presented_digest: bytes) -> ApiKey | None:
+        """
+        The key with this digest, or L{None}.
+        """
+        return self._by_digest.get(presented_digest)
+
     def is_key(self, word: str) -> bool:
         """
         Whether C{word} is one of the keys (for blanking keys in logs).

@@ -220,8 +220,9 @@ def redact(text: str, is_key: Callable[[str], bool] | None = None) -> str:
                 return "[redacted]"
             # A key inside a path: check its segments too.
             parts = word.split("/")
-            return "/".join("[redacted]" if is_key(p) else p for p in parts) if len(parts) > 1 \
-                else word
+            if len(parts) == 1:
+                return word
+            return "/".join("[redacted]" if len(p) >= 8 and is_key(p) else p for p in parts)
 
         text = _WORDS.sub(lambda m: blank(m[0]), text)
     return text

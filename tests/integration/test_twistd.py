@@ -257,6 +257,13 @@ async def test_no_key_reaches_any_log_file(
     assert await proxy.terminate(reactor), proxy.output
     files = list(logs.iterdir())
     assert len(files) > 2, "expected rotated files too"
+    # Rotation never splits a line: every JSON line parses, every request is there.
+    events = [
+        json.loads(line)
+        for f in files if f.name.startswith("ollamaproxy.json")
+        for line in f.read_text().splitlines()
+    ]
+    assert len([e for e in events if e.get("log_namespace") == "ollamaproxy.access"]) == 6
     text = "".join(f.read_text() for f in files)
     assert "ollamaproxy.bodies" in text and "[redacted]" in text
     for secret in (TEST_KEY, wrong, "cookie-secret"):
@@ -286,3 +293,28 @@ async def test_usage_is_kept_across_restarts(
     name, requests, prompt, completion, total = table[1].split()
     assert (name, requests, completion) == ("api-key", "2", "10")
     assert int(total) == int(prompt) + 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_instances_side_by_side(
+    reactor: Any, upstream: Upstream, twistd: TwistdLauncher, tmp_path: Path
+) -> None:
+    """
+    With --pidfile= several proxies run at once from one directory, each
+    with its own keys.
+    """
+    first = await twistd.start(proxy_args(upstream.url))
+    second_key = "olpk_secondinstancesecondinstancesecond00"
+    args = proxy_args(upstream.url)
+    args[args.index(TEST_KEY)] = second_key
+    args[args.index("keys.json")] = "second-keys.json"
+    second = await twistd.start(args)
+    assert first.port != second.port
+    for proxy, key in ((first, TEST_KEY), (second, second_key)):
+        lines = await chat_lines(reactor, proxy.url, key)
+        assert lines[-1]["done"] is True
+    wrong = await request(agent(reactor), b"GET", second.url + "/api/tags", {"X-API-Key": TEST_KEY})
+    assert wrong.code == 401
+    await (await read(wrong)).done
+    assert await first.terminate(reactor), first.output
+    assert await second.terminate(reactor), second.output

@@ -2,12 +2,16 @@
 ollamaproxy: an Ollama server that needs a key.
 
 Rooms of the house, each with one job: L{ollamaproxy.config} (settings),
-L{ollamaproxy.app} (the Klein route tree), L{ollamaproxy.auth} and
-L{ollamaproxy.keys} (who may ask), L{ollamaproxy.headers} (what crosses),
-L{ollamaproxy.relay} (streaming a response back),
-L{ollamaproxy.request_body} (sending a request body on),
-L{ollamaproxy.upstream} (the HTTP client to Ollama), L{ollamaproxy.logs}
-(what is written down) and L{ollamaproxy.tap} (twistd wiring).
+L{ollamaproxy.tap} (twistd wiring), L{ollamaproxy.site} (the web server:
+streamed request bodies, slow clients), L{ollamaproxy.app} (the Klein route
+tree), L{ollamaproxy.auth}, L{ollamaproxy.keys}, L{ollamaproxy.limits},
+L{ollamaproxy.reload} and L{ollamaproxy.cors} (who may ask, and how much),
+L{ollamaproxy.headers} (what crosses), L{ollamaproxy.relay} (streaming a
+response back), L{ollamaproxy.request_body} (passing a request body on),
+L{ollamaproxy.upstream} (the HTTP client to Ollama), L{ollamaproxy.logs},
+L{ollamaproxy.summary}, L{ollamaproxy.metrics} and L{ollamaproxy.usage}
+(what is written down), L{ollamaproxy.errors} (the proxy's own answers) and
+L{ollamaproxy.cli} (the C{ollamaproxy} command).
 """
 
 __version__ = "0.1.0"

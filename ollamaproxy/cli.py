@@ -34,7 +34,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-from ollamaproxy.config import ENV_PREFIX, default_keys_file, default_usage_file
+from ollamaproxy.config import env_variable, keys_file_path, usage_file_path
 from ollamaproxy.keys import (
     ADMIN,
     INFERENCE,
@@ -46,7 +46,6 @@ from ollamaproxy.keys import (
     update_keys_file,
 )
 from ollamaproxy.usage import (
-    USAGE_FILE_VARIABLE,
     Row,
     UsageFileError,
     summarise,
@@ -56,7 +55,8 @@ if TYPE_CHECKING:
     from _typeshed import SupportsWrite
 
 PROG = "ollamaproxy"
-KEYS_FILE_VARIABLE = ENV_PREFIX + "KEYS_FILE"
+KEYS_FILE_VARIABLE = env_variable("keys-file")
+USAGE_FILE_VARIABLE = env_variable("usage-file")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # The daemon gives this name to the key from --api-key; a second key of that
 # name in the file would stop it from starting.
@@ -309,22 +309,6 @@ def _parser(stdout: TextIO) -> _Parser:
     return parser
 
 
-def _keys_file(option: str | None, environ: Mapping[str, str]) -> str:
-    """
-    The keys file, chosen as the daemon chooses it: the option, then the
-    environment, then the default.
-    """
-    return option or environ.get(KEYS_FILE_VARIABLE) or default_keys_file(environ)
-
-
-def _usage_file(option: str | None, environ: Mapping[str, str]) -> str:
-    """
-    The usage database, chosen as the keys file is: the option, then the
-    environment, then the default.
-    """
-    return option or environ.get(USAGE_FILE_VARIABLE) or default_usage_file(environ)
-
-
 def _update(path: str, change: Callable[[list[ApiKey]], list[ApiKey]]) -> list[ApiKey]:
     """
     Change the keys file under its lock, with errors fit for the user.
@@ -440,7 +424,7 @@ def _usage_table(rows: Sequence[Row], by: str) -> list[str]:
 
 def _usage(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> None:
     since = None if args.since is None else parse_time(args.since, "--since")
-    path = _usage_file(args.usage_file, environ)
+    path = usage_file_path(args.usage_file, environ)
     try:
         rows = summarise(path, None if since is None else since.timestamp(), args.by)
     except FileNotFoundError:
@@ -473,7 +457,7 @@ def run(
     if args.command == "usage":
         _usage(args, environ, stdout)
         return
-    path = _keys_file(args.keys_file, environ)
+    path = keys_file_path(args.keys_file, environ)
     if args.action == "add":
         _add(args, path, stdout, now)
     elif args.action == "list":

@@ -123,7 +123,7 @@ class Config:
         def get(name: str) -> str | None:
             value = options.get(name)
             if value is None:
-                return environ.get(ENV_PREFIX + name.upper().replace("-", "_"))
+                return environ.get(env_variable(name))
             return str(value)
 
         # Endpoints given as options stay whole (a key file's path may hold a
@@ -132,7 +132,7 @@ class Config:
         if isinstance(listen_options, list) and listen_options:
             listen = [str(endpoint) for endpoint in listen_options]
         else:
-            listen = _split(environ.get(ENV_PREFIX + "LISTEN") or DEFAULT_LISTEN)
+            listen = _split(environ.get(env_variable("listen")) or DEFAULT_LISTEN)
         if not listen:
             raise ConfigError("--listen: give at least one endpoint, e.g. tcp:5000")
         metrics_listen = get("metrics-listen") or None
@@ -145,7 +145,7 @@ class Config:
         upstream = get("upstream") or environ.get("OLLAMA_HOST") or DEFAULT_UPSTREAM
         open_routes = get("open-routes")
         cors_origins = get("cors-origins")
-        log_bodies = _flag(options.get("log-bodies"), environ.get(ENV_PREFIX + "LOG_BODIES"))
+        log_bodies = _flag(options.get("log-bodies"), environ.get(env_variable("log-bodies")))
         log_body_bytes = parse_size(
             "log-body-bytes", get("log-body-bytes") or DEFAULT_LOG_BODY_BYTES
         )
@@ -153,7 +153,7 @@ class Config:
             listen=tuple(listen),
             upstream=parse_ollama_host(upstream),
             api_key=get("api-key") or None,
-            keys_file=get("keys-file") or default_keys_file(environ),
+            keys_file=keys_file_path(get("keys-file"), environ),
             log_dir=get("log-dir") or None,
             open_routes=parse_routes(
                 DEFAULT_OPEN_ROUTES if open_routes is None else open_routes
@@ -171,7 +171,7 @@ class Config:
             cors_origins=parse_origins(
                 DEFAULT_CORS_ORIGINS if cors_origins is None else cors_origins
             ),
-            usage_file=get("usage-file") or default_usage_file(environ),
+            usage_file=usage_file_path(get("usage-file"), environ),
             metrics_listen=metrics_listen,
             log_max_bytes=parse_size(
                 "log-max-bytes", get("log-max-bytes") or DEFAULT_LOG_MAX_BYTES
@@ -304,6 +304,29 @@ def parse_ollama_host(value: str) -> str:
         pass
     path = split.path.strip("/")
     return f"{scheme}://{host}:{port}" + (f"/{path}" if path else "")
+
+
+def env_variable(option: str) -> str:
+    """
+    The environment variable for an option: C{--keys-file} is
+    C{OLLAMAPROXY_KEYS_FILE}.
+    """
+    return ENV_PREFIX + option.upper().replace("-", "_")
+
+
+def keys_file_path(given: str | None, environ: Mapping[str, str]) -> str:
+    """
+    The keys file: C{given} (an option's value), else C{$OLLAMAPROXY_KEYS_FILE},
+    else the default.  The daemon and the C{ollamaproxy} command agree on it.
+    """
+    return given or environ.get(env_variable("keys-file")) or default_keys_file(environ)
+
+
+def usage_file_path(given: str | None, environ: Mapping[str, str]) -> str:
+    """
+    The usage database, chosen as L{keys_file_path} chooses the keys file.
+    """
+    return given or environ.get(env_variable("usage-file")) or default_usage_file(environ)
 
 
 def default_keys_file(environ: Mapping[str, str]) -> str:

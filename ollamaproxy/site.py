@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.http import Request as HTTPRequest
+from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -79,15 +80,6 @@ class ProxyRequest(Request):
         else:
             self.body.finish()
 
-    def write(self, data: bytes) -> None:
-        if not self.startedWriting and self.body is not None and not self.body.complete:
-            # Answering before the whole body has arrived (a refused key, a
-            # body too large): the rest of it cannot be told from the next
-            # request, so this connection ends with the response.
-            self.setHeader(b"connection", b"close")
-            self.channel.persistent = False
-        super().write(data)
-
     def connectionLost(self, reason: Failure) -> None:
         # First the handler hears of it (Klein cancels it), then the body.
         super().connectionLost(reason)
@@ -118,9 +110,21 @@ class ProxyChannel(HTTPChannel):
         if request.body is not None:
             request.begin(self._command, self._path, self._version)
 
+    def writeHeaders(
+        self, version: bytes, code: bytes, reason: bytes, headers: Headers
+    ) -> None:
+        request = self.requests[0] if self.requests else None
+        if request is not None and request.body is not None and not request.body.complete:
+            # Answering before the whole body has arrived (a refused key, a
+            # body too large): the rest of it cannot be told from the next
+            # request, so this connection ends with the response.
+            headers.setRawHeaders(b"connection", [b"close"])
+            self.persistent = False
+        super().writeHeaders(version, code, reason, headers)
+
     def allContentReceived(self) -> None:
         if not self.requests:
-            # The response ended before the body (see ProxyRequest.write),
+            # The response ended before the body (see writeHeaders),
             # in the same read as the body's last bytes: nothing to finish.
             return
         super().allContentReceived()

@@ -40,15 +40,14 @@ from ollamaproxy.config import (
 )
 from ollamaproxy.cors import Cors
 from ollamaproxy.keys import (
-    ADMIN,
-    INFERENCE,
+    SCOPES,
     ApiKey,
     KeysFileError,
     KeyStore,
     digest,
     generate_key,
     load_keys_file,
-    write_keys_file,
+    update_keys_file,
 )
 from ollamaproxy.limits import GuessThrottle, KeyLimits
 from ollamaproxy.logs import LogFilesService
@@ -59,10 +58,6 @@ from ollamaproxy.upstream import PoolService, Upstream, agent_for, connection_po
 from ollamaproxy.usage import ThreadWorker, UsageStore
 
 log = Logger()
-
-# The operator's own keys (--api-key, the one made on first start) may do
-# everything.
-OPERATOR = frozenset({INFERENCE, ADMIN})
 
 
 class Options(usage.Options):
@@ -300,11 +295,13 @@ def build_service(
 
 def _operator_keys(config: Config) -> list[ApiKey]:
     """
-    The keys given outside the keys file: C{--api-key}'s, if any.
+    The keys given outside the keys file: C{--api-key}'s, if any.  The
+    operator's own keys (this one, and the one made on first start) may do
+    everything.
     """
     if not config.api_key:
         return []
-    return [ApiKey(name="api-key", digest=digest(config.api_key), scopes=OPERATOR)]
+    return [ApiKey(name="api-key", digest=digest(config.api_key), scopes=SCOPES)]
 
 
 def _key_store(config: Config, announce: Callable[[str], None]) -> KeyStore:
@@ -322,9 +319,13 @@ def _key_store(config: Config, announce: Callable[[str], None]) -> KeyStore:
         raise usage.UsageError(f"{config.keys_file}: {e}") from None
     key = generate_key()
     first = ApiKey(
-        name="default", digest=digest(key), created=datetime.now(UTC), scopes=OPERATOR
+        name="default", digest=digest(key), created=datetime.now(UTC), scopes=SCOPES
     )
-    write_keys_file(config.keys_file, [first])
+    # Under the keys file's lock: keys added meanwhile by 'ollamaproxy keys
+    # add' are kept, and then no key needs making.
+    written = update_keys_file(config.keys_file, lambda keys: keys or [first])
+    if written != [first]:
+        return KeyStore(written)
     announce(
         "\nollamaproxy: no API key was configured, so one was made.  Its hash is\n"
         f"stored in {config.keys_file}; the key itself is shown only this once:\n\n"

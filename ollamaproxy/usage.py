@@ -36,12 +36,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from ollamaproxy.config import ENV_PREFIX
 from ollamaproxy.logs import StreamSummary
 
 log = Logger()
 
-USAGE_FILE_VARIABLE: Final = ENV_PREFIX + "USAGE_FILE"
 DEFAULT_FLUSH_INTERVAL: Final = 5.0
 # How long a write waits for another writer (a second proxy on the same
 # file) before giving up until the next flush.

@@ -27,7 +27,7 @@ from ollamaproxy.app import OllamaProxy
 from ollamaproxy.auth import Authenticator
 from ollamaproxy.config import DEFAULT_OPEN_ROUTES, parse_routes
 from ollamaproxy.cors import Cors
-from ollamaproxy.keys import ADMIN, INFERENCE, ApiKey, KeyStore, digest
+from ollamaproxy.keys import SCOPES, ApiKey, KeyStore, digest
 from ollamaproxy.limits import GuessThrottle, KeyLimits
 from ollamaproxy.metrics import Metrics
 from ollamaproxy.site import ProxySite
@@ -39,8 +39,6 @@ UPSTREAM = b"http://127.0.0.1:11434"
 HEADER_TIMEOUT = 600.0
 IDLE_TIMEOUT = 300.0
 CLIENT_TIMEOUT = 60.0
-
-ADMIN_KEY = frozenset({INFERENCE, ADMIN})
 
 T = TypeVar("T")
 
@@ -108,7 +106,7 @@ class Chain:
             header_timeout=header_timeout,
             idle_timeout=idle_timeout,
         )
-        self.keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=ADMIN_KEY)])
+        self.keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=SCOPES)])
         self.throttle = GuessThrottle(self.clock)
         auth = Authenticator(self.keys, parse_routes(open_routes), self.clock, self.throttle)
         self.metrics = Metrics()

@@ -21,13 +21,13 @@ from ollamaproxy.app import OllamaProxy
 from ollamaproxy.auth import Authenticator
 from ollamaproxy.config import parse_routes
 from ollamaproxy.cors import Cors
-from ollamaproxy.keys import ApiKey, KeyStore, digest
+from ollamaproxy.keys import SCOPES, ApiKey, KeyStore, digest
 from ollamaproxy.limits import KeyLimits
 from ollamaproxy.metrics import Metrics
 from ollamaproxy.request_body import HIGH_WATER, BodyTooLarge, StreamedBody
 from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import Upstream
-from tests.chain import ADMIN_KEY, KEY
+from tests.chain import KEY
 
 DIGEST = "sha256:" + "0" * 64
 
@@ -74,7 +74,7 @@ def serve(max_body_size: int = 0) -> tuple[Any, StringTransport, _RecordingAgent
     agent = _RecordingAgent()
     upstream = Upstream(agent=agent, base=b"http://127.0.0.1:11434", clock=clock,
                         header_timeout=600, idle_timeout=600)
-    keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=ADMIN_KEY)])
+    keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=SCOPES)])
     auth = Authenticator(keys, parse_routes(""), clock)
     proxy = OllamaProxy(upstream, auth, KeyLimits(clock), Cors(), clock, Metrics())
     site = ProxySite(proxy.resource(), 60, max_body_size, clock)

@@ -17,12 +17,24 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from twisted.application.service import Service
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent, ResponseFailed, ResponseNeverReceived
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -97,7 +109,19 @@ def connection_pool(reactor: IReactorTime) -> HTTPConnectionPool:
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 64
+    pool._factory = _QuietClientFactory
     return pool
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """
+    The pool's factory for connections to Ollama, without the two log lines
+    ("Starting factory", "Stopping factory") Twisted writes for each new
+    connection: each stream opens one, and the access log already says all
+    there is to say about it.
+    """
+
+    noisy = False
 
 
 def agent_for(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float) -> IAgent:
@@ -115,7 +139,11 @@ class _Endpoints:
 
     Twisted's default makes a new endpoint for every request, IDNA-encoding
     the host name each time, even when a pooled connection will carry the
-    request; the proxy only ever talks to one address.
+    request; the proxy only ever talks to one address.  And an address given
+    as an IP literal (the usual C{127.0.0.1:11434}) is connected to directly:
+    L{HostnameEndpoint} would resolve it in a thread and race connection
+    attempts for it, for each new connection (the larger part of the cost of
+    starting a stream).
     """
 
     def __init__(self, reactor: Any, connect_timeout: float) -> None:
@@ -128,14 +156,19 @@ class _Endpoints:
         address = (uri.scheme, uri.host, uri.port)
         endpoint = self._made.get(address)
         if endpoint is None:
-            host = uri.host.decode("ascii")
-            endpoint = HostnameEndpoint(
-                self._reactor, host, uri.port, timeout=self._connect_timeout
-            )
+            endpoint = self._tcp(uri.host.decode("ascii"), uri.port)
             if uri.scheme == b"https":
                 endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
             self._made[address] = endpoint
         return endpoint
+
+    def _tcp(self, host: str, port: int) -> IStreamClientEndpoint:
+        timeout = self._connect_timeout
+        if isIPAddress(host):
+            return TCP4ClientEndpoint(self._reactor, host, port, timeout=timeout)
+        if isIPv6Address(host):
+            return TCP6ClientEndpoint(self._reactor, host, port, timeout=timeout)
+        return HostnameEndpoint(self._reactor, host, port, timeout=timeout)
 
 
 class PoolService(Service):

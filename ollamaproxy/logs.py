@@ -22,14 +22,16 @@ from typing import IO, cast
 
 from twisted.application.service import Service
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
     LogPublisher,
+    formatEventAsClassicLogText,
+    formatTime,
     jsonFileLogObserver,
-    textFileLogObserver,
 )
 from twisted.python.logfile import LogFile
 
@@ -115,9 +117,9 @@ def log_exchange(
     own keys with C{is_key}, whatever their shape.
     """
     path = redact(exchange.path, is_key)
-    access.info(
-        "{client} {key} {method} {path} {status} {outcome} {sent_bytes}B "
-        "{duration:.3f}s{detail_suffix}",
+    _emit(
+        access,
+        ACCESS_LINE,
         client=exchange.client,
         key=exchange.key,
         method=exchange.method,
@@ -133,9 +135,9 @@ def log_exchange(
     )
     summary = exchange.summary
     if summary is not None:
-        streams.info(
-            "{key} {model}: {prompt_tokens} prompt + {completion_tokens} completion tokens"
-            "{speed}, {done_reason}",
+        _emit(
+            streams,
+            STREAM_LINE,
             key=exchange.key,
             path=path,
             model=summary.model,
@@ -150,14 +152,39 @@ def log_exchange(
             ),
         )
     if exchange.request_sample or exchange.response_sample:
-        bodies.info(
-            "{method} {path} request body: {request_body!r} response body: {response_body!r}",
+        _emit(
+            bodies,
+            BODIES_LINE,
             method=exchange.method,
             path=path,
             key=exchange.key,
             request_body=redact(exchange.request_sample.decode("utf-8", "replace"), is_key),
             response_body=redact(exchange.response_sample.decode("utf-8", "replace"), is_key),
         )
+
+
+ACCESS_LINE = (
+    "{client} {key} {method} {path} {status} {outcome} {sent_bytes}B "
+    "{duration:.3f}s{detail_suffix}"
+)
+STREAM_LINE = (
+    "{key} {model}: {prompt_tokens} prompt + {completion_tokens} completion tokens"
+    "{speed}, {done_reason}"
+)
+BODIES_LINE = "{method} {path} request body: {request_body!r} response body: {response_body!r}"
+
+
+def _emit(logger: Logger, line: str, **fields: object) -> None:
+    """
+    Emit an event with its fields and its text, formatted here, once.
+
+    Twisted formats an event's C{log_format} again for each text observer,
+    with a formatter that allows calls in fields: about 40 microseconds for
+    the access line, against 2 for C{str.format}.  Giving each observer the
+    finished line (C{"{line}"}) keeps every request's logging cheap however
+    many files it goes to; the fields stay in the event for the JSON file.
+    """
+    logger.info("{line}", line=line.format(**fields), **fields)
 
 
 # Anything that looks like a credential: our keys, bearer tokens, and the
@@ -247,6 +274,35 @@ class _Redacting:
         self._logfile.flush()
 
 
+def text_file_observer(out: IO[str]) -> FileLogObserver:
+    """
+    Twisted's text log format (as L{twisted.logger.textFileLogObserver}
+    writes it), with each second's time stamp worked out once rather than
+    for every event: it is a third of the cost of an access line.
+    """
+    stamps = _SecondStamps()
+    return FileLogObserver(out, lambda event: formatEventAsClassicLogText(event, stamps))
+
+
+class _SecondStamps:
+    """
+    Time stamps to the second, as Twisted writes them, remembered for the
+    second they are in.
+    """
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._stamp = "-"
+
+    def __call__(self, when: float | None) -> str:
+        if when is None:
+            return formatTime(when)
+        second = int(when)
+        if second != self._second:
+            self._second, self._stamp = second, formatTime(when)
+        return self._stamp
+
+
 class LogFilesService(Service):
     """
     While running, writes every log event at C{info} level or above to
@@ -294,7 +350,7 @@ class LogFilesService(Service):
                 [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)],
             )
             for observer in (
-                textFileLogObserver(cast(IO[str], text)),
+                text_file_observer(cast(IO[str], text)),
                 jsonFileLogObserver(cast(IO[str], lines), recordSeparator=""),
             )
         ]

@@ -29,6 +29,8 @@ def summarise(tail: bytes, openai: bool) -> StreamSummary | None:
     @param tail: The last bytes of the body (at least its last object).
     @param openai: Whether the body came from a C{/v1} route.
     """
+    if (b'"usage"' if openai else b'"done"') not in tail:
+        return None  # not a generation (a model listing, an error): nothing to parse
     for document in reversed(_objects(tail)):
         summary = _openai(document) if openai else _ollama(document)
         if summary is not None:

@@ -45,6 +45,7 @@ def test_whole_json_answer() -> None:
     b'{"model":"llama3.2","done":false}\n',
     b'{"error":"an error was encountered while running the model"}\n',
     b'{"status":"success"}\n',
+    b'{"models":[{"name":"done:latest","model":"done:latest","size":1}]}',
     b"",
     b"not json",
 ])

@@ -1,25 +1,38 @@
 """
-The floor under any Twisted proxy: a relay that copies bytes both ways
-between each client connection and its own connection to the upstream, with
-no HTTP parsing, no key, no logging.
+The floors under any Twisted proxy, to tell how much of ollamaproxy's cost
+is its own and how much comes with CPython and Twisted.  Neither is a proxy
+anyone should run: they check no key and log nothing.
 
-It is not a proxy anyone should run (it checks nothing); it is what the
-reactor itself costs per relayed chunk on this machine, so the benchmark can
-tell how much of ollamaproxy's cost is its own and how much comes with
-CPython and Twisted.  Run by C{bench/run} as the target C{twisted-floor}:
+C{bytes}: copies bytes both ways between each client connection and its own
+connection to the upstream, with no HTTP parsing at all: what the reactor
+costs per relayed chunk.
 
-    python3 bench/twisted_floor.py LISTEN_PORT http://127.0.0.1:UPSTREAM_PORT
+C{http}: the smallest twisted.web and L{Agent} proxy (a leaf resource that
+sends each request on through a pooled agent and writes the response body
+back as it arrives): what Twisted's HTTP server and client cost per request.
+
+Run by C{bench/run} as the targets C{twisted-floor} and C{twisted-web-floor}:
+
+    python3 bench/twisted_floor.py bytes|http LISTEN_PORT http://127.0.0.1:UPSTREAM_PORT
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import IReactorTCP
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http import Request
+from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from ollamaproxy.request_body import StreamedBody
 
 
 class _Upstream(Protocol):
@@ -62,12 +75,64 @@ class _Client(Protocol):
             self._upstream.transport.loseConnection()  # type: ignore[union-attr]
 
 
+class _Body(Protocol):
+    def __init__(self, request: Request) -> None:
+        self._request = request
+
+    def dataReceived(self, data: bytes) -> None:
+        self._request.write(data)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._request.finish()
+
+
+class _Relay(Resource):
+    isLeaf = True
+
+    def __init__(self, agent: Agent, upstream: bytes) -> None:
+        super().__init__()
+        self._agent = agent
+        self._upstream = upstream
+
+    def render(self, request: Any) -> object:
+        content = request.content.read()
+        body: IBodyProducer | None = None
+        if content:
+            streamed = StreamedBody(len(content), 0, lambda: None, lambda: None)
+            streamed.write(content)
+            streamed.finish()
+            body = streamed
+        headers = request.requestHeaders.copy()
+        for name in (b"host", b"content-length", b"connection", b"transfer-encoding"):
+            headers.removeHeader(name)
+        sent = self._agent.request(request.method, self._upstream + request.uri, headers, body)
+        sent.addCallback(_respond, request)
+        return NOT_DONE_YET
+
+
+def _respond(response: IResponse, request: Any) -> None:
+    request.setResponseCode(response.code)
+    for name in (b"content-type", b"content-length"):
+        values = response.headers.getRawHeaders(name)
+        if values:
+            request.responseHeaders.setRawHeaders(name, values)
+    response.deliverBody(_Body(request))
+
+
 def main(argv: list[str]) -> None:
     from twisted.internet import reactor
 
-    listen_port = int(argv[1])
-    upstream_port = urlsplit(argv[2]).port or 80
-    factory = Factory.forProtocol(lambda: _Client(reactor, upstream_port))
+    mode, listen_port, upstream = argv[1], int(argv[2]), argv[3]
+    factory: Factory[Any]
+    if mode == "bytes":
+        port = urlsplit(upstream).port or 80
+        factory = Factory.forProtocol(lambda: _Client(reactor, port))
+    else:
+        pool = HTTPConnectionPool(reactor)
+        pool.maxPersistentPerHost = 64
+        site = Site(_Relay(Agent(reactor, pool=pool), upstream.encode("ascii")))
+        site.log = lambda request: None  # type: ignore[method-assign]
+        factory = site
     TCP4ServerEndpoint(reactor, listen_port, interface="127.0.0.1").listen(factory)
     reactor.run()
 

@@ -1,5 +1,6 @@
 """
-A guard on the cost of relaying a chunk, counted rather than timed.
+Guards on the cost of relaying a chunk and of logging a request, counted
+rather than timed.
 
 Timing tests fail on busy machines; the number of Python function calls made
 per relayed chunk does not change from run to run.  If a change makes the hot
@@ -11,14 +12,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from io import StringIO
 from types import FrameType
 from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, jsonFileLogObserver
 from twisted.web.http_headers import Headers
 
+from ollamaproxy.logs import Exchange, log_exchange, text_file_observer
 from ollamaproxy.relay import _BodyRelay
 from ollamaproxy.upstream import Upstream
 
@@ -57,22 +61,15 @@ def calls_per_chunk(content_type: bytes, chunk: bytes) -> float:
     relay = _BodyRelay(_Request(), _Response(content_type), upstream,  # type: ignore[arg-type]
                        openai=False)
     relay.makeConnection(StringTransport())
-    calls = 0
-
-    def count(frame: FrameType, event: str, arg: Any) -> None:
-        nonlocal calls
-        if event in ("call", "c_call"):
-            calls += 1
-
     receive: Callable[[bytes], None] = relay.dataReceived
-    sys.setprofile(count)
-    try:
+
+    def relay_all() -> None:
         for _ in range(CHUNKS):
             receive(chunk)
-    finally:
-        sys.setprofile(None)
+
+    calls = count_calls(relay_all)
     relay.stopProducing()
-    return (calls - 1) / CHUNKS  # less the call that stopped the counting
+    return (calls - 1) / CHUNKS  # less the call of relay_all
 
 
 @pytest.mark.parametrize(
@@ -87,3 +84,46 @@ def test_calls_per_relayed_chunk_stay_within_budget(content_type: bytes, chunk: 
     Relaying a chunk makes no more function calls than the budget.
     """
     assert calls_per_chunk(content_type, chunk) <= BUDGET[content_type]
+
+
+# Calls to write one request's access event to each kind of log file, with
+# room for Twisted's own changes: formatting the event's fields in every
+# observer, as Twisted does for a plain format string, took 236 and 69.
+LOG_BUDGET = {"text": 100, "json": 50}
+
+
+@pytest.mark.parametrize("kind", sorted(LOG_BUDGET))
+def test_calls_to_log_a_request_stay_within_budget(kind: str) -> None:
+    """
+    Writing a finished request's access line to a log file stays cheap: the
+    line is formatted once, where it is logged, not again in each observer.
+    """
+    exchange = Exchange("POST", "/api/chat", "127.0.0.1", started=100.0, key="laptop")
+    exchange.responded(100.01, 200)
+    with capturedLogs() as events:
+        log_exchange(exchange, 811, 100.41, "http://127.0.0.1:11434")
+    [event] = events
+    observe = text_file_observer(StringIO()) if kind == "text" else (
+        jsonFileLogObserver(StringIO(), recordSeparator="")
+    )
+    observe(event)  # the first event of a second works out its time stamp
+    assert count_calls(lambda: observe(event)) <= LOG_BUDGET[kind]
+
+
+def count_calls(action: Callable[[], object]) -> int:
+    """
+    How many Python and C function calls C{action} makes.
+    """
+    calls = 0
+
+    def count(frame: FrameType, event: str, arg: Any) -> None:
+        nonlocal calls
+        if event in ("call", "c_call"):
+            calls += 1
+
+    sys.setprofile(count)
+    try:
+        action()
+    finally:
+        sys.setprofile(None)
+    return calls - 1  # less the call that stopped the counting

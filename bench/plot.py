@@ -245,7 +245,7 @@ def legend(targets: Sequence[str], palette: dict[str, str], y: float) -> list[st
         x += 70
     out.append(f'<circle cx="{num(x + 5)}" cy="{num(y - 4)}" r="4.5" fill="white" '
                f'stroke="{ERROR_RED}" stroke-width="2"/>')
-    out.append(text(x + 16, y, "errors: the run had failed or timed-out streams",
+    out.append(text(x + 16, y, "streams with errors",
                     anchor="start", extra=' class="legend"'))
     return out
 

@@ -278,7 +278,8 @@ def text_file_observer(out: IO[str]) -> FileLogObserver:
     """
     Twisted's text log format (as L{twisted.logger.textFileLogObserver}
     writes it), with each second's time stamp worked out once rather than
-    for every event: it is a third of the cost of an access line.
+    for every event: most of the cost of writing an access line, once the
+    line itself is formatted.
     """
     stamps = _SecondStamps()
     return FileLogObserver(out, lambda event: formatEventAsClassicLogText(event, stamps))

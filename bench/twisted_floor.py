@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
-from twisted.internet.interfaces import IReactorTCP
+from twisted.internet.interfaces import IReactorTCP, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -35,15 +35,20 @@ from twisted.web.server import NOT_DONE_YET, Site
 from ollamaproxy.request_body import StreamedBody
 
 
+def _transport(protocol: Protocol) -> ITransport:
+    assert protocol.transport is not None
+    return protocol.transport
+
+
 class _Upstream(Protocol):
     def __init__(self, client: _Client) -> None:
         self._client = client
 
     def dataReceived(self, data: bytes) -> None:
-        self._client.transport.write(data)  # type: ignore[union-attr]
+        _transport(self._client).write(data)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self._client.transport.loseConnection()  # type: ignore[union-attr]
+        _transport(self._client).loseConnection()
 
 
 class _Client(Protocol):
@@ -56,23 +61,23 @@ class _Client(Protocol):
     def connectionMade(self) -> None:
         endpoint = TCP4ClientEndpoint(self._reactor, "127.0.0.1", self._upstream_port)
         connecting = endpoint.connect(Factory.forProtocol(lambda: _Upstream(self)))
-        connecting.addCallbacks(self._upstream_made, lambda _: self.transport.loseConnection())  # type: ignore[union-attr]
+        connecting.addCallbacks(self._upstream_made, lambda _: _transport(self).loseConnection())
 
     def _upstream_made(self, upstream: _Upstream) -> None:
         self._upstream = upstream
         for data in self._early:
-            upstream.transport.write(data)  # type: ignore[union-attr]
+            _transport(upstream).write(data)
         self._early = []
 
     def dataReceived(self, data: bytes) -> None:
         if self._upstream is None:
             self._early.append(data)
         else:
-            self._upstream.transport.write(data)  # type: ignore[union-attr]
+            _transport(self._upstream).write(data)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._upstream is not None:
-            self._upstream.transport.loseConnection()  # type: ignore[union-attr]
+            _transport(self._upstream).loseConnection()
 
 
 class _Body(Protocol):

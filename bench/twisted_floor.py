@@ -13,18 +13,23 @@ back as it arrives): what Twisted's HTTP server and client cost per request.
 
 Run by C{bench/run} as the targets C{twisted-floor} and C{twisted-web-floor}:
 
-    python3 bench/twisted_floor.py bytes|http LISTEN_PORT http://127.0.0.1:UPSTREAM_PORT
+    python3 bench/twisted_floor.py bytes|http LISTEN_PORT http://127.0.0.1:UPSTREAM_PORT [PROCESSES]
+
+With C{PROCESSES} above 1 (C{bench/alternatives}), the first process listens
+and starts the others, which serve the same listening socket (Twisted's
+C{adoptStreamPort}): the kernel hands each new connection to one of them.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IReactorTCP, ITransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http import Request
@@ -125,9 +130,14 @@ def _respond(response: IResponse, request: Any) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
 
-    mode, listen_port, upstream = argv[1], int(argv[2]), argv[3]
+    # Listening, adopting a socket and spawning live on different
+    # interfaces of the one reactor.
+    reactor: Any = installed
+
+    mode, listen, upstream = argv[1], argv[2], argv[3]
+    processes = int(argv[4]) if len(argv) > 4 else 1
     factory: Factory[Any]
     if mode == "bytes":
         port = urlsplit(upstream).port or 80
@@ -138,7 +148,19 @@ def main(argv: list[str]) -> None:
         site = Site(_Relay(Agent(reactor, pool=pool), upstream.encode("ascii")))
         site.log = lambda request: None  # type: ignore[method-assign]
         factory = site
-    TCP4ServerEndpoint(reactor, listen_port, interface="127.0.0.1").listen(factory)
+    if listen.startswith("fd:"):
+        reactor.adoptStreamPort(int(listen[3:]), socket.AF_INET, factory)
+    else:
+        fd = reactor.listenTCP(int(listen), factory, interface="127.0.0.1").fileno()
+        for _ in range(processes - 1):
+            child = reactor.spawnProcess(
+                ProcessProtocol(),
+                sys.executable,
+                [sys.executable, argv[0], mode, f"fd:{fd}", upstream],
+                env=None,
+                childFDs={0: 0, 1: 1, 2: 2, fd: fd},
+            )
+            reactor.addSystemEventTrigger("before", "shutdown", child.signalProcess, "TERM")
     reactor.run()
 
 

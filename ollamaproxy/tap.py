@@ -276,7 +276,7 @@ def build_service(
     listeners = MultiService()
     listeners.setServiceParent(service)
     for endpoint in config.listen:
-        if endpoint.startswith("tcp:") and "interface=" not in endpoint:
+        if endpoint.startswith(("tcp:", "reuseport:")) and "interface=" not in endpoint:
             log.warn(
                 "Listening on {endpoint} on every interface without TLS: keys "
                 "cross the network in clear text.  Use an ssl: endpoint, or a "

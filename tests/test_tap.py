@@ -25,6 +25,7 @@ from klein.resource import KleinResource
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, IServiceMaker, MultiService
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.web.server import Site
@@ -288,6 +289,33 @@ def test_endpoints_follow_listen(tmp_path: Path) -> None:
     finally:
         for listener in listeners:
             listener.stopService()
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "warned"),
+    [
+        ("tcp:5000", True),
+        ("reuseport:5000", True),
+        ("tcp:5000:interface=127.0.0.1", False),
+        ("reuseport:5000:interface=127.0.0.1", False),
+        ("ssl:5443:privateKey=key.pem", False),
+    ],
+)
+def test_clear_text_on_every_interface_is_warned_of(
+    tmp_path: Path, endpoint: str, warned: bool
+) -> None:
+    """
+    Listening without TLS on every interface, shared port or not, logs a
+    warning that keys would cross the network in clear text.
+    """
+    config = base_config(tmp_path, api_key="k", listen=(endpoint,))
+    with capturedLogs() as events:
+        try:
+            build_service(config, MemoryReactorClock(), lambda text: None)
+        except OSError:  # the TLS key file does not exist; warned before
+            pass
+    clear_text = [e for e in events if "clear text" in formatEvent(e)]
+    assert bool(clear_text) == warned
 
 
 @pytest.mark.parametrize("log_dir", [None, "logs"])

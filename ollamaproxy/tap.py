@@ -148,7 +148,7 @@ class Options(usage.Options):
         self._environ = os.environ if environ is None else environ
 
     def opt_listen(self, endpoint: str) -> None:
-        """Endpoint to accept clients on (a Twisted endpoint string, repeatable; for TLS: ssl:5443:privateKey=key.pem:certKey=cert.pem) [default: tcp:5000]"""  # noqa: E501
+        """Endpoint to accept clients on (a Twisted endpoint string, repeatable; for TLS: ssl:5443:privateKey=key.pem:certKey=cert.pem; reuseport:5000 to share the port with other ollamaproxy processes) [default: tcp:5000]"""  # noqa: E501
         self["listen"].append(endpoint)
 
     def postOptions(self) -> None:

@@ -273,6 +273,28 @@ def test_rows_are_summed_per_minute(store: UsageStore, clock: Clock, path: str) 
     ]
 
 
+def test_several_proxies_add_up_in_one_database(
+    store: UsageStore, clock: Clock, path: str, worker: ManualWorker
+) -> None:
+    """
+    Proxies sharing a port (C{reuseport:}) share the database too: what each
+    writes for the same minute, key and model adds up in one row.
+    """
+    other = UsageStore(path, clock, 5.0, worker=worker)
+    other.startService()
+    store.record("bob", "llama3", 1, 10, when=T0 + 1)
+    other.record("bob", "llama3", 2, 20, when=T0 + 2)
+    other.record("alice", "llama3", 4, 40, when=T0 + 3)
+    clock.advance(5)
+    store.record("bob", "llama3", 8, 80, when=T0 + 4)
+    other.stopService()
+    store.stopService()
+    assert table(path) == [
+        (T0, "alice", "llama3", 1, 4, 40),
+        (T0, "bob", "llama3", 3, 11, 110),
+    ]
+
+
 def test_aggregate() -> None:
     """aggregate sums requests and tokens per minute, key and model, in order of appearance."""
     assert aggregate([

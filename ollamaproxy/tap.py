@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.web.server import Site
@@ -196,6 +197,19 @@ def _stop(_: object, service: IService) -> Deferred[None]:
     return maybeDeferred(service.stopService)
 
 
+class Listeners(MultiService):
+    """
+    The listening endpoints.  One that cannot listen (a port in use, say)
+    stops the start with a one-line reason rather than a traceback.
+    """
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(f"ollamaproxy: {e}") from None
+
+
 class DrainService(Service):
     """
     On stop, lets requests in flight finish for a grace period.
@@ -273,7 +287,7 @@ def build_service(
         install_sighup=sighup_installer(lambda f: reactor.callFromThread(f)),
     ).setServiceParent(service)
     DrainService(proxy, config.grace_period).setServiceParent(service)
-    listeners = MultiService()
+    listeners = Listeners()
     listeners.setServiceParent(service)
     for endpoint in config.listen:
         if endpoint.startswith(("tcp:", "reuseport:")) and "interface=" not in endpoint:

@@ -24,6 +24,7 @@ import pytest
 from klein.resource import KleinResource
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, IServiceMaker, MultiService
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.plugin import getPlugins
@@ -41,7 +42,7 @@ from ollamaproxy.config import (
 from ollamaproxy.keys import ApiKey, digest, load_keys_file, looks_generated, write_keys_file
 from ollamaproxy.logs import LogFilesService
 from ollamaproxy.reload import KeysReloader
-from ollamaproxy.tap import DrainService, Options, build_service
+from ollamaproxy.tap import DrainService, Listeners, Options, build_service
 from ollamaproxy.upstream import PoolService
 from ollamaproxy.usage import UsageStore
 
@@ -260,7 +261,7 @@ def test_service_structure(tmp_path: Path) -> None:
     )
     service = build_service(config, reactor, lambda text: None)
     kinds = [type(child) for child in children(service)]
-    assert kinds == [PoolService, UsageStore, KeysReloader, DrainService, MultiService]
+    assert kinds == [PoolService, UsageStore, KeysReloader, DrainService, Listeners]
     assert [type(child) for child in children(children(service)[4])] == [  # type: ignore[arg-type]
         StreamServerEndpointService,
         StreamServerEndpointService,
@@ -289,6 +290,24 @@ def test_endpoints_follow_listen(tmp_path: Path) -> None:
     finally:
         for listener in listeners:
             listener.stopService()
+
+
+class _PortsTaken(MemoryReactorClock):
+    def listenTCP(self, port: int, *args: Any, **kwargs: Any) -> Any:
+        raise CannotListenError("127.0.0.1", port, OSError(98, "Address already in use"))
+
+
+def test_a_port_in_use_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    """
+    A listening port that cannot be had stops twistd with a one-line
+    reason, not a traceback.
+    """
+    service = build_service(base_config(tmp_path, api_key="k"), _PortsTaken(), lambda text: None)
+    with pytest.raises(SystemExit) as stopped:
+        service.privilegedStartService()
+    assert str(stopped.value) == (
+        "ollamaproxy: Couldn't listen on 127.0.0.1:0: [Errno 98] Address already in use."
+    )
 
 
 @pytest.mark.parametrize(

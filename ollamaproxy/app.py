@@ -143,8 +143,12 @@ class OllamaProxy:
             exchange.failed(e.outcome, e.message)
             raise
         except CancelledError:
-            # Klein cancels the handler when the client goes away.
-            if exchange.outcome == "completed":
+            # Klein cancels the handler when the client goes away, or when
+            # the connection refused the rest of the request (site.py).
+            if request.refused is not None:
+                exchange.status, detail, outcome = request.refused
+                exchange.failed(outcome, detail)
+            elif exchange.outcome == "completed":
                 exchange.failed("client_disconnected", "")
             raise
         except Exception as e:
@@ -171,6 +175,7 @@ class OllamaProxy:
         Relay an authenticated request within its key's limits.
         """
         if key is None:
+            _refuse_body_without_key(request)
             await relay(request, self._upstream, target, exchange,
                         sample_bytes=self._body_sample_bytes)
             return
@@ -193,6 +198,14 @@ class OllamaProxy:
         self._metrics.observe(exchange, now)
         if self._usage is not None and exchange.key != "-":
             self._usage.record_summary(exchange.key, exchange.summary, now)
+
+    def record_refused(self, exchange: Exchange, sent_bytes: int, now: float) -> None:
+        """
+        Write down a request the web server refused before it reached
+        L{proxy} (a malformed request line or header): log and metrics.
+        """
+        log_exchange(exchange, sent_bytes, now, "", self._auth.keys.is_key)
+        self._metrics.observe(exchange, now)
 
     def _preflight(self, request: Any, exchange: Exchange) -> None:
         """
@@ -296,6 +309,17 @@ class OllamaProxy:
         """
         log.failure("Unexpected error handling {uri}", failure, uri=request.uri)
         return _error_response(request, 500, "internal error in ollamaproxy", {})
+
+
+def _refuse_body_without_key(request: ProxyRequest) -> None:
+    """
+    A request without a key (on an open route) may not send a body: it
+    would hold a connection to Ollama for as long as the body takes.
+
+    @raise ProxyError: 413 if it has one.
+    """
+    if request.body is not None:
+        raise ProxyError(413, "a request without a key cannot have a body")
 
 
 def _error_response(

@@ -35,6 +35,10 @@ DEFAULT_CLIENT_TIMEOUT = 60.0
 DEFAULT_GRACE_PERIOD = 30.0
 # Model uploads (POST /api/blobs) are often tens of GB: no limit unless asked.
 DEFAULT_MAX_BODY_SIZE = "0"
+# A body, once the proxy reads it, must average this many bytes a second over
+# each client timeout: a trickled body cannot hold a connection to Ollama,
+# and a 20 GB upload over a link of 8 kbit/s still passes.
+DEFAULT_MIN_BODY_RATE = "1K"
 DEFAULT_LOG_MAX_BYTES = "10M"
 DEFAULT_LOG_BACKUPS = 10
 DEFAULT_LOG_BODY_BYTES = "4K"
@@ -77,6 +81,8 @@ class Config:
     @ivar grace_period: Seconds in-flight requests get to finish on shutdown.
     @ivar max_body_size: The largest request body accepted, in bytes; 0 for
         no limit.
+    @ivar min_body_rate: The slowest a request body may arrive, in bytes a
+        second averaged over each client timeout; 0 for no minimum.
     @ivar cors_origins: Browser origins allowed to call the proxy.
     @ivar usage_file: The SQLite database of usage per key and model.
     @ivar metrics_listen: A separate endpoint serving only the metrics,
@@ -99,6 +105,7 @@ class Config:
     client_timeout: float = DEFAULT_CLIENT_TIMEOUT
     grace_period: float = DEFAULT_GRACE_PERIOD
     max_body_size: int = 0
+    min_body_rate: int = 1024
     cors_origins: tuple[str, ...] = DEFAULT_ORIGINS
     usage_file: str = ""
     metrics_listen: str | None = None
@@ -180,6 +187,9 @@ class Config:
             log_body_bytes=log_body_bytes if log_bodies else 0,
             max_body_size=parse_size(
                 "max-body-size", get("max-body-size") or DEFAULT_MAX_BODY_SIZE
+            ),
+            min_body_rate=parse_size(
+                "min-body-rate", get("min-body-rate") or DEFAULT_MIN_BODY_RATE
             ),
         )
 

@@ -72,7 +72,9 @@ class Exchange:
     What happened to one request, filled in as it goes and logged at its end.
 
     @ivar outcome: C{completed}, C{client_disconnected}, C{upstream_error},
-        C{timeout}, C{rejected}, C{shutdown} or C{internal_error} (a bug).
+        C{timeout}, C{rejected}, C{bad_request} (refused by the web server:
+        malformed, or a head too large), C{client_timeout} (a body that came
+        too slowly), C{shutdown} or C{internal_error} (a bug).
     """
 
     method: str

@@ -83,6 +83,8 @@ _OUTCOMES = frozenset(
         "rejected",
         "shutdown",
         "internal_error",
+        "bad_request",
+        "client_timeout",
     ]
 )
 _UPSTREAM_ERRORS = ("upstream_error", "timeout")
@@ -173,6 +175,11 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
+        self._shed = Counter(
+            "ollamaproxy_connections_shed",
+            "Idle client connections closed to make room for new ones.",
+            registry=self.registry,
+        )
         # Present from the start, so that rate() sees the first one.
         for kind in _UPSTREAM_ERRORS:
             self._upstream_errors.labels(kind=kind)
@@ -224,6 +231,12 @@ class Metrics:
                 ("completion", summary.completion_tokens),
             ):
                 self._tokens.labels(key=exchange.key, model=model, kind=kind).inc(max(0, count))
+
+    def connection_shed(self) -> None:
+        """
+        An idle client connection was closed to make room.
+        """
+        self._shed.inc()
 
     def stream_started(self) -> None:
         """

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
@@ -125,6 +125,9 @@ async def relay(
     except RequestGenerationFailed as e:
         if any(reason.check(BodyTooLarge) for reason in e.reasons):
             raise _too_large() from None
+        if all(reason.check(CancelledError) for reason in e.reasons):
+            # The client left (or was dropped) while its body was on its way.
+            raise CancelledError() from None
         raise
     except UNREACHABLE as e:
         raise ProxyError(502, f"cannot reach Ollama: {_reason(e)}") from e

@@ -39,6 +39,10 @@ class StreamedBody:
         chunked body.
     @ivar received: How many bytes have arrived so far.
     @ivar complete: Whether the whole body has arrived.
+    @ivar held: Set when the proxy stops reading the client because Ollama
+        is slower; whoever watches the client's rate clears it.
+    @ivar on_demand: Called once, when the body is first read (sent on or
+        collected), or L{None}.
     @param max_size: The largest body accepted, in bytes; 0 for no limit.
     @param sample_bytes: How much of the start of the body to keep in
         C{sample}, for the log; 0 for none.
@@ -56,6 +60,8 @@ class StreamedBody:
         self._declared = length or 0
         self.received = 0
         self.complete = False
+        self.held = False
+        self.on_demand: Callable[[], None] | None = None
         self.sample = b""
         self._sample_left = sample_bytes
         self._max_size = max_size
@@ -103,6 +109,7 @@ class StreamedBody:
         elif self._waiting_size > self._high_water:
             # Again on every write: twisted.web may have resumed reading.
             self._client_paused = True
+            self.held = True
             self._pause_client()
 
     def finish(self) -> None:
@@ -137,6 +144,7 @@ class StreamedBody:
         @return: Fires with the body once it has all arrived.
         """
         assert self._consumer is None and self._collected is None
+        self._demanded()
         self._collected = Deferred()
         self._high_water = limit
         if self._client_paused:
@@ -151,12 +159,18 @@ class StreamedBody:
     # Drained by the agent.
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self._demanded()
         self._consumer = consumer
         if self._failure is not None:
             self._done.errback(self._failure)
         else:
             self._drain()
         return self._done
+
+    def _demanded(self) -> None:
+        on_demand, self.on_demand = self.on_demand, None
+        if on_demand is not None:
+            on_demand()
 
     def _drain(self) -> None:
         if self._consumer is None or self._upstream_paused or self._done.called:

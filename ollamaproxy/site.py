@@ -16,27 +16,70 @@ slowloris) would otherwise hold a connection for as long as it trickles
 bytes, since twisted.web's idle timeout starts again with every byte.  Here
 a request's head must be complete within the client timeout of its first
 byte; the same timeout is the idle limit while a client sends a body or
-between requests.  Neither applies while a response streams.
+between requests.  Neither applies while a response streams.  A body must
+also keep up a minimum rate (L{ProxySite.min_body_rate}) once the proxy
+reads it, so a body trickled a byte per timeout cannot hold a connection (and
+one of Ollama's) for ever.
+
+Requests twisted.web refuses itself: L{HTTPChannel} answers a malformed
+request line or header, an oversized head, bad body framing, with a bare
+C{400} and closes, without a resource ever seeing the request.  Here they
+get a JSON error with the right status and an access event like any other
+request (L{ProxyChannel._refuse}).
+
+Expect: 100-continue: L{HTTPChannel} tells a client to send its body as soon
+as it sees the header.  Here the C{100 Continue} goes out only when the proxy
+first reads the body, after the key has been checked.
+
+Idle connections: the site keeps its open connections in the order they
+last became idle; when there are more than C{max_connections}, a new
+connection closes the one idle the longest (L{ProxySite.connection_opened}),
+so idle sockets held by one client cannot use up the descriptors.
+
+What this relies on in twisted.web that is not its public API is in
+L{_TWISTED_INTERNALS}, and C{tests/test_site.py} fails if it changes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from io import BytesIO
 from typing import Any, cast
 
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, ITCPTransport, ITransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from ollamaproxy.errors import error_body, is_openai_path
+from ollamaproxy.logs import Exchange, log_exchange
 from ollamaproxy.request_body import StreamedBody
 
 log = Logger()
+
+# What ProxyChannel overrides or reads of HTTPChannel beyond its public API
+# (Twisted 26.10): the one method every refusal of a malformed request goes
+# through, the automatic 100 Continue, the request line as parsed, and the
+# head's size and header count so far.  tests/test_site.py checks they are
+# all still there and still used that way.
+_TWISTED_INTERNALS = (
+    "_respondToBadRequestAndDisconnect",
+    "_send100Continue",
+    "_command",
+    "_path",
+    "_receivedHeaderSize",
+    "_receivedHeaderCount",
+)
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+# How often a shed connection is logged at most, in seconds.
+SHED_LOG_INTERVAL = 60.0
 
 
 class ProxyRequest(Request):
@@ -44,9 +87,16 @@ class ProxyRequest(Request):
     A request whose body is streamed rather than collected.
 
     @ivar body: The body as it arrives, or L{None} if the request has none.
+    @ivar refused: Set when the connection refused this request after it had
+        started (a broken chunked body, a body too slow): the status, the
+        reason and the outcome its access event should give.
     """
 
     body: StreamedBody | None = None
+    refused: tuple[int, str, str] | None = None
+    _continue_expected = False
+    _rate_check: IDelayedCall | None = None
+    _rate_mark = 0
 
     def gotLength(self, length: int | None) -> None:
         if length == 0:
@@ -63,6 +113,52 @@ class ProxyRequest(Request):
             resume_client=transport.resumeProducing,
             sample_bytes=site.body_sample_bytes,
         )
+        self.body.on_demand = self._body_demanded
+
+    def _body_demanded(self) -> None:
+        """
+        The proxy has begun to read the body (the key passed): tell a client
+        that waits for it to send the body, and from now on watch its rate.
+        """
+        channel = self.channel
+        if channel is None:
+            return
+        if self._continue_expected and not self.startedWriting:
+            cast(ITransport, channel.transport).write(CONTINUE)
+        self._continue_expected = False
+        site = cast(ProxySite, cast(Any, channel).site)
+        timeout = channel.timeOut
+        if site.min_body_rate and timeout:
+            self._rate_check = site.reactor.callLater(timeout, self._check_rate, timeout)
+
+    def _check_rate(self, window: float) -> None:
+        """
+        Drop a client whose body, over the last C{window} seconds, came
+        slower than the site's minimum rate, unless the proxy itself held
+        it back (Ollama reading slowly).
+        """
+        self._rate_check = None
+        body = self.body
+        if body is None or body.complete or self.channel is None:
+            return
+        site = cast(ProxySite, cast(Any, self.channel).site)
+        arrived = body.received - self._rate_mark
+        if not body.held and arrived < site.min_body_rate * window:
+            channel = cast(ProxyChannel, self.channel)
+            channel._refuse(
+                408,
+                f"request body arrived slower than {site.min_body_rate} bytes/s",
+                "client_timeout",
+            )
+            return
+        body.held = False
+        self._rate_mark = body.received
+        self._rate_check = site.reactor.callLater(window, self._check_rate, window)
+
+    def _stop_rate_check(self) -> None:
+        if self._rate_check is not None:
+            self._rate_check.cancel()
+            self._rate_check = None
 
     def handleContentChunk(self, data: bytes) -> None:
         assert self.body is not None
@@ -78,9 +174,12 @@ class ProxyRequest(Request):
         if self.body is None:
             super().requestReceived(command, path, version)
         else:
+            if self._rate_check is not None:
+                self._stop_rate_check()
             self.body.finish()
 
     def connectionLost(self, reason: Failure) -> None:
+        self._stop_rate_check()
         # First the handler hears of it (Klein cancels it), then the body.
         super().connectionLost(reason)
         if self.body is not None and not self.body.complete:
@@ -90,20 +189,33 @@ class ProxyRequest(Request):
 class ProxyChannel(HTTPChannel):
     """
     An L{HTTPChannel} that starts requests with a body at the end of their
-    head, and drops a client whose request head takes longer than
-    C{timeOut} seconds.
+    head, drops a client whose request head takes longer than C{timeOut}
+    seconds, logs the requests it refuses itself, and tells the site when it
+    is idle.
     """
 
+    site: ProxySite
     _deadline: IDelayedCall | None = None
     _awaiting_head = True
+    _head_started: float | None = None
+    _refused = False
+    _shed = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.connection_opened(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._awaiting_head and self._deadline is None and self.timeOut:
-            self._deadline = self.callLater(self.timeOut, self._head_too_slow)
+        if self._awaiting_head and self._head_started is None:
+            self._head_started = self.site.reactor.seconds()
+            if self.timeOut:
+                self._deadline = self.callLater(self.timeOut, self._head_too_slow)
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
         self._awaiting_head = False
+        self._head_started = None
+        self.site._idle.pop(self, None)
         self._cancel_deadline()
         super().allHeadersReceived()
         request = self.requests[-1]
@@ -132,10 +244,97 @@ class ProxyChannel(HTTPChannel):
     def requestDone(self, request: HTTPRequest) -> None:
         super().requestDone(request)
         self._awaiting_head = True
+        if self.persistent and not self._shed:
+            # Idle again: the last in the site's order.
+            self.site._idle[self] = None
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
+        self.site.connection_closed(self)
         super().connectionLost(reason)
+
+    def shed(self) -> None:
+        """
+        Close this idle connection to make room for a new one.
+        """
+        self._shed = True
+        if self.transport is not None:
+            cast(ITCPTransport, self.transport).abortConnection()
+
+    # Requests twisted.web refuses by itself.
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """
+        twisted.web's answer to a request it cannot parse (a bare 400 and a
+        closed connection), with the right status, a JSON error and an
+        access event instead.
+        """
+        if self._receivedHeaderSize > self.totalHeadersSize:
+            self._refuse(431, f"request head larger than {self.totalHeadersSize} bytes")
+        elif self._receivedHeaderCount > self.maxHeaders:
+            self._refuse(431, f"more than {self.maxHeaders} header lines")
+        elif getattr(self, "_command", None) is None:
+            self._refuse(400, "malformed request line")
+        elif self._awaiting_head:
+            self._refuse(400, "malformed header")
+        else:
+            self._refuse(400, "malformed request body framing")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """
+        A request line or header line over C{MAX_LENGTH}: twisted.web would
+        close the connection without a word.
+        """
+        if getattr(self, "_command", None) is None:
+            self._refuse(414, f"request line longer than {self.MAX_LENGTH} bytes")
+        else:
+            self._refuse(431, f"header line longer than {self.MAX_LENGTH} bytes")
+
+    def _send100Continue(self) -> None:
+        # Not now: when the proxy first reads the body (ProxyRequest).
+        cast(ProxyRequest, self.requests[-1])._continue_expected = True
+
+    def _refuse(self, status: int, reason: str, outcome: str = "bad_request") -> None:
+        """
+        Answer C{status} with C{{"error": reason}}, if no response has begun,
+        and close the connection.  A request the proxy was already handling
+        gets C{refused} set, for its own access event; any other gets one
+        here.
+        """
+        if self._refused or self.transport is None or getattr(
+            self.transport, "disconnecting", False
+        ):
+            return
+        self._refused = True
+        request = self.requests[-1] if self.requests else None
+        command = getattr(self, "_command", None)
+        target = getattr(self, "_path", None)
+        path = target.split(b"?", 1)[0] if target else b"-"
+        sent = 0
+        if request is None or not request.startedWriting:
+            body = error_body(reason, status, is_openai_path(path))
+            head = (
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json; charset=utf-8\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n"
+                % (status, RESPONSES.get(status, b"Error"), len(body))
+            )
+            self.transport.write(head + body)
+            sent = len(body)
+        if request is not None and not self._awaiting_head:
+            request.refused = (status, reason, outcome)
+        else:
+            now = self.site.reactor.seconds()
+            peer = self.transport.getPeer()
+            exchange = Exchange(
+                method=command.decode("ascii", "replace") if command else "-",
+                path=path.decode("ascii", "replace"),
+                client=str(getattr(peer, "host", peer)),
+                started=now if self._head_started is None else self._head_started,
+                status=status,
+            )
+            exchange.failed(outcome, reason)
+            self.site.record_refused(exchange, sent, now)
+        self.loseConnection()
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
@@ -164,6 +363,15 @@ class ProxySite(Site):
         no limit.
     @ivar body_sample_bytes: How much of each request body to keep for the
         log; 0 for none.
+    @ivar min_body_rate: The slowest a request body may arrive once the
+        proxy reads it, in bytes a second, averaged over each client timeout;
+        0 for no minimum.
+    @ivar max_connections: How many client connections may be open before
+        a new one closes the one idle the longest; 0 for no limit.
+    @param record_refused: Writes down a request refused before it reached
+        the proxy's handler (access event, metrics), given its sent body
+        bytes and the time; by default only its access event is logged.
+    @param count_shed: Called for each idle connection closed to make room.
     """
 
     noisy = False
@@ -177,10 +385,67 @@ class ProxySite(Site):
         max_body_size: int,
         reactor: Any,
         body_sample_bytes: int = 0,
+        min_body_rate: int = 0,
+        max_connections: int = 0,
+        record_refused: Callable[[Exchange, int, float], None] | None = None,
+        count_shed: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(resource, timeout=client_timeout, reactor=reactor)
+        # Bodies pass through: no form is ever parsed into request.args.
+        super().__init__(
+            resource, timeout=client_timeout, reactor=reactor, parsePOSTFormSubmission=False
+        )
         self.max_body_size = max_body_size
         self.body_sample_bytes = body_sample_bytes
+        self.min_body_rate = min_body_rate
+        self.max_connections = max_connections
+        self.record_refused = record_refused or _log_refused
+        self._count_shed = count_shed
+        # Connections with no request in progress, the longest idle first.
+        self._idle: dict[ProxyChannel, None] = {}
+        self.open_connections = 0
+        self._shed_since_logged = 0
+        self._shed_logged_at: float | None = None
+
+    def connection_opened(self, channel: ProxyChannel) -> None:
+        """
+        A client connected: past C{max_connections}, close the connection
+        idle the longest (the new one itself if no other is idle).
+        """
+        self.open_connections += 1
+        self._idle[channel] = None
+        if self.max_connections and self.open_connections > self.max_connections:
+            oldest = next(iter(self._idle))
+            del self._idle[oldest]
+            self.open_connections -= 1
+            oldest.shed()
+            self._note_shed()
+
+    def connection_closed(self, channel: ProxyChannel) -> None:
+        """
+        A client connection is gone.
+        """
+        self._idle.pop(channel, None)
+        if not channel._shed:
+            self.open_connections -= 1
+
+    def _note_shed(self) -> None:
+        if self._count_shed is not None:
+            self._count_shed()
+        self._shed_since_logged += 1
+        now = self.reactor.seconds()
+        if self._shed_logged_at is None or now - self._shed_logged_at >= SHED_LOG_INTERVAL:
+            log.warn(
+                "{count} idle connection(s) closed, the longest idle first: more "
+                "than {limit} connections were open",
+                count=self._shed_since_logged,
+                limit=self.max_connections,
+            )
+            self._shed_logged_at = now
+            self._shed_since_logged = 0
 
     def log(self, request: HTTPRequest) -> None:
         pass
+
+
+def _log_refused(exchange: Exchange, sent_bytes: int, now: float) -> None:
+    log_exchange(exchange, sent_bytes, now)

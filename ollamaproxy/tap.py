@@ -34,12 +34,14 @@ from ollamaproxy.config import (
     DEFAULT_LOG_BACKUPS,
     DEFAULT_LOG_BODY_BYTES,
     DEFAULT_LOG_MAX_BYTES,
+    DEFAULT_MIN_BODY_RATE,
     DEFAULT_OPEN_ROUTES,
     DEFAULT_UPSTREAM,
     Config,
     ConfigError,
 )
 from ollamaproxy.cors import Cors
+from ollamaproxy.descriptors import connection_limit, raise_open_files_limit
 from ollamaproxy.keys import (
     SCOPES,
     ApiKey,
@@ -73,7 +75,10 @@ class Options(usage.Options):
     longdesc = (
         "An Ollama server that needs a key: relays the whole Ollama API "
         "(/, /api/*, /v1/*, and the same under /proxy/) to an Ollama server, "
-        "streaming every response as it comes.  Every option can also be set "
+        "streaming every response as it comes.  At start the open files "
+        "limit is raised to the hard limit, and idle client connections "
+        "are closed, the longest idle first, before descriptors run out.  "
+        "Every option can also be set "
         "by an environment variable: OLLAMAPROXY_ and the option name in "
         "capitals with _ for - (e.g. OLLAMAPROXY_API_KEY, which keeps the key "
         "out of ps).  With no key configured anywhere, the first start makes "
@@ -132,6 +137,11 @@ class Options(usage.Options):
         ["max-body-size", None, None,
          "Largest request body accepted (413 beyond it), in bytes or with K, M, "
          "G, T; 0 for no limit [default: 0: model uploads are often tens of GB]"],
+        ["min-body-rate", None, None,
+         "Slowest a request body may arrive once the proxy reads it, in bytes "
+         "a second (K, M suffixes) averaged over each --client-timeout; a "
+         "slower client gets 408 and is dropped; 0 for no minimum "
+         f"[default: {DEFAULT_MIN_BODY_RATE}]"],
         ["grace-period", None, None,
          "Seconds requests in flight get to finish when the proxy stops "
          f"(SIGTERM) [default: {DEFAULT_GRACE_PERIOD:g}]"],
@@ -167,7 +177,12 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     try:
-        return build_service(options.config, reactor, announce=_to_terminal)
+        return build_service(
+            options.config,
+            reactor,
+            announce=_to_terminal,
+            open_files=raise_open_files_limit(),
+        )
     except (usage.UsageError, ValueError, OSError) as e:
         # A bad endpoint string, an unreadable keys file or TLS key: say
         # what is wrong, without a traceback.
@@ -225,7 +240,10 @@ class DrainService(Service):
 
 
 def build_service(
-    config: Config, reactor: Any, announce: Callable[[str], None]
+    config: Config,
+    reactor: Any,
+    announce: Callable[[str], None],
+    open_files: int | None = None,
 ) -> MultiService:
     """
     Wire the proxy together: keys, the upstream client, the Klein app, the
@@ -234,6 +252,8 @@ def build_service(
     @param reactor: The reactor to listen, connect and tell time with.
     @param announce: Shows text to the person starting the proxy (a key made
         on first start).
+    @param open_files: The limit on open files, which bounds the client
+        connections kept open; L{None} for no bound.
     """
     keys = _key_store(config, announce)
     pool = connection_pool(reactor)
@@ -263,6 +283,10 @@ def build_service(
         config.max_body_size,
         reactor,
         body_sample_bytes=config.log_body_bytes,
+        min_body_rate=config.min_body_rate,
+        max_connections=0 if open_files is None else connection_limit(open_files),
+        record_refused=proxy.record_refused,
+        count_shed=metrics.connection_shed,
     )
 
     # Stopping runs bottom-up: stop listening, let requests in flight

@@ -1,16 +1,27 @@
 """
-Tests for L{ollamaproxy.site}: the deadline for request heads.
+Tests for L{ollamaproxy.site}: the deadline for request heads, requests
+twisted.web refuses itself, C{Expect: 100-continue}, the minimum body rate,
+and shedding idle connections.
 """
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogEvent, capturedLogs
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ollamaproxy.site import ProxySite
+from ollamaproxy.site import _TWISTED_INTERNALS, ProxySite
+from tests.chain import KEY, Chain
 
 TIMEOUT = 30.0
 
@@ -78,3 +89,165 @@ def test_idle_connection_without_request_is_kept_until_idle_timeout() -> None:
     assert not transport.disconnecting
     clock.advance(1)
     assert transport.disconnecting
+
+
+# Requests twisted.web refuses by itself: a JSON error and an access event.
+
+_MALFORMED = [
+    # (request bytes, status, method, path, detail)
+    (b"NOT A REQUEST LINE AT ALL\r\n\r\n", 400, "-", "-", "malformed request line"),
+    (b"GET / HTTP/2.0\r\n\r\n", 400, "-", "-", "malformed request line"),
+    (b"GET /api/tags?x=1 HTTP/1.1\r\nno colon here\r\n\r\n", 400, "GET", "/api/tags",
+     "malformed header"),
+    (b"POST /api/chat HTTP/1.1\r\nContent-Length: ten\r\n\r\n", 400, "POST", "/api/chat",
+     "malformed header"),
+    (b"POST /api/chat HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400,
+     "POST", "/api/chat", "malformed header"),
+    (b"GET /api/ps HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 100)
+                                           for i in range(200)) + b"\r\n",
+     431, "GET", "/api/ps", "request head larger than 16384 bytes"),
+    (b"GET /api/ps HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(501)) + b"\r\n",
+     431, "GET", "/api/ps", "more than 500 header lines"),
+    (b"GET /" + b"a" * 17000, 414, "-", "-", "request line longer than 16384 bytes"),
+    (b"GET /api/ps HTTP/1.1\r\nX-Big: " + b"b" * 17000, 431, "GET", "/api/ps",
+     "header line longer than 16384 bytes"),
+]
+
+
+@pytest.mark.parametrize(("data", "status", "method", "path", "detail"), _MALFORMED)
+def test_request_refused_by_twisted_web_is_answered_and_logged(
+    data: bytes, status: int, method: str, path: str, detail: str,
+    access_events: list[LogEvent],
+) -> None:
+    """
+    A request twisted.web cannot parse (bad request line or header, a head
+    too large, an unsupported version) is answered with its status and a
+    JSON error, and leaves an access event with what was parsed of it.
+    """
+    clock = Clock()
+    transport, protocol = connect(clock)
+    clock.advance(5)
+    protocol.dataReceived(data)  # type: ignore[attr-defined]
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status)
+    assert json.loads(body) == {"error": detail}
+    assert transport.disconnecting
+    [event] = access_events
+    assert (event["status"], event["method"], event["path"], event["outcome"],
+            event["detail"]) == (status, method, path, "bad_request", detail)
+    assert event["client"] == "192.168.1.1"
+
+
+def test_refused_request_on_v1_path_gets_openai_error() -> None:
+    """
+    On a C{/v1} path the refusal has OpenAI's error shape, like every other
+    error there.
+    """
+    transport, protocol = connect(Clock())
+    protocol.dataReceived(b"POST /v1/chat/completions HTTP/1.1\r\nbad\r\n\r\n")  # type: ignore[attr-defined]
+    body = transport.value().partition(b"\r\n\r\n")[2]
+    assert json.loads(body)["error"]["message"] == "malformed header"
+
+
+def test_refused_request_is_logged_once_and_counted() -> None:
+    """
+    Through the daemon's wiring, a refused request goes to the proxy's own
+    record: its path redacted like any other, counted in the metrics, and
+    logged once even if twisted.web finds more wrong with it.
+    """
+    chain = Chain()
+    site = ProxySite(chain.proxy.resource(), TIMEOUT, 0, chain.clock,
+                     record_refused=chain.proxy.record_refused)
+    transport, protocol = _connect_site(site)
+    with capturedLogs() as events:
+        protocol.dataReceived(  # type: ignore[attr-defined]
+            b"GET /api/pull/" + KEY.encode() + b" HTTP/1.1\r\nbad one\r\nbad two\r\n\r\n"
+        )
+    [event] = [e for e in events if e.get("log_namespace") == "ollamaproxy.access"]
+    assert KEY not in event["line"]
+    assert event["path"] == "/api/pull/[redacted]"
+    _, text = chain.metrics.render(None)
+    assert b'outcome="bad_request",route="other",status="400"' in text
+
+
+def test_broken_chunked_body_is_logged_as_bad_request(access_events: list[LogEvent]) -> None:
+    """
+    A chunked body whose framing breaks while the proxy relays it ends the
+    request with a 400 and an access event saying so (not a client that went
+    away), once.
+    """
+    chain = Chain()
+    site = ProxySite(chain.proxy.resource(), TIMEOUT, 0, chain.clock,
+                     record_refused=chain.proxy.record_refused)
+    transport, protocol = _connect_site(site)
+    protocol.dataReceived(  # type: ignore[attr-defined]
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+        + b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
+    )
+    chain.flush()
+    assert transport.value().startswith(b"HTTP/1.1 400 Bad Request")
+    assert transport.disconnecting
+    protocol.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+    chain.flush()
+    [event] = access_events
+    assert (event["status"], event["outcome"], event["detail"]) == (
+        400, "bad_request", "malformed request body framing"
+    )
+
+
+def test_twisted_web_internals_relied_on_are_there() -> None:
+    """
+    What ProxyChannel overrides or reads of twisted.web's HTTPChannel beyond
+    its public API is still there and still means the same: if Twisted
+    changes it, this fails rather than refused requests going unlogged.
+    """
+    for name in ("_respondToBadRequestAndDisconnect", "_send100Continue",
+                 "_receivedHeaderSize", "_receivedHeaderCount"):
+        assert hasattr(HTTPChannel, name), name
+    channel = HTTPChannel()
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(b"GET /x?y HTTP/1.1\r\nA: b\r\n")
+    assert (channel._command, channel._path) == (b"GET", b"/x?y")  # type: ignore[attr-defined]
+    assert channel._receivedHeaderSize == len(b"GET /x?y HTTP/1.1A: b")
+    calls: list[str] = []
+    channel._respondToBadRequestAndDisconnect = lambda: calls.append("400")  # type: ignore[method-assign]
+    channel._send100Continue = lambda: calls.append("100")  # type: ignore[method-assign]
+    channel.dataReceived(b"Expect: 100-continue\r\nContent-Length: 1\r\n\r\n")
+    assert calls == ["100"]
+    channel = HTTPChannel()
+    channel.makeConnection(StringTransport())
+    channel._respondToBadRequestAndDisconnect = lambda: calls.append("400")  # type: ignore[method-assign]
+    channel.dataReceived(b"GET / HTTP/1.1\r\nbad\r\n\r\n")
+    assert calls == ["100", "400"]
+    assert set(_TWISTED_INTERNALS) == {
+        "_respondToBadRequestAndDisconnect", "_send100Continue", "_command", "_path",
+        "_receivedHeaderSize", "_receivedHeaderCount",
+    }
+
+
+def _connect_site(site: ProxySite) -> tuple[StringTransport, Any]:
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+    assert protocol is not None
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return transport, protocol
+
+
+def test_client_leaving_mid_body_is_logged_as_disconnected(
+    access_events: list[LogEvent],
+) -> None:
+    """
+    A client that goes away while its body is on its way to Ollama is
+    logged as gone, not as an error of the proxy's.
+    """
+    chain = Chain()
+    transport, protocol = _connect_site(ProxySite(chain.proxy.resource(), TIMEOUT, 0, chain.clock))
+    protocol.dataReceived(  # type: ignore[attr-defined]
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+        + b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    )
+    chain.flush()
+    protocol.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+    chain.flush()
+    [event] = access_events
+    assert event["outcome"] == "client_disconnected"

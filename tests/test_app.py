@@ -463,6 +463,24 @@ def test_open_routes_need_no_key(method: str, path: str, body: bytes) -> None:
     assert only(chain.fake.received).method == method.encode()
 
 
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/"), ("GET", "/api/version"), ("HEAD", "/proxy/api/version")]
+)
+def test_open_route_without_key_refuses_a_body(method: str, path: str) -> None:
+    """
+    A request without a key on an open route may not carry a body: it is
+    refused with 413 and never reaches Ollama, so nobody without a key can
+    hold one of Ollama's connections for as long as a body takes.
+    """
+    chain = Chain()
+    reply = call(chain, method, path, key=None, data=b'{"padding": "x"}')
+    assert reply.code == 413
+    if method != "HEAD":
+        assert json.loads(reply.body) == {"error": "a request without a key cannot have a body"}
+    assert chain.fake.received == []
+    assert call(chain, method, path, key=None).code == 200
+
+
 def test_no_open_routes_means_root_needs_a_key() -> None:
     """
     With no open routes configured, even C{GET /} needs a key.

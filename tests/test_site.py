@@ -6,6 +6,7 @@ and shedding idle connections.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -158,9 +159,9 @@ def test_refused_request_is_logged_once_and_counted() -> None:
     chain = Chain()
     site = ProxySite(chain.proxy.resource(), TIMEOUT, 0, chain.clock,
                      record_refused=chain.proxy.record_refused)
-    transport, protocol = _connect_site(site)
+    _, protocol = _connect_site(site)
     with capturedLogs() as events:
-        protocol.dataReceived(  # type: ignore[attr-defined]
+        protocol.dataReceived(
             b"GET /api/pull/" + KEY.encode() + b" HTTP/1.1\r\nbad one\r\nbad two\r\n\r\n"
         )
     [event] = [e for e in events if e.get("log_namespace") == "ollamaproxy.access"]
@@ -180,14 +181,14 @@ def test_broken_chunked_body_is_logged_as_bad_request(access_events: list[LogEve
     site = ProxySite(chain.proxy.resource(), TIMEOUT, 0, chain.clock,
                      record_refused=chain.proxy.record_refused)
     transport, protocol = _connect_site(site)
-    protocol.dataReceived(  # type: ignore[attr-defined]
+    protocol.dataReceived(
         b"POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
         + b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
     )
     chain.flush()
     assert transport.value().startswith(b"HTTP/1.1 400 Bad Request")
     assert transport.disconnecting
-    protocol.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+    protocol.connectionLost(Failure(ConnectionDone()))
     chain.flush()
     [event] = access_events
     assert (event["status"], event["outcome"], event["detail"]) == (
@@ -207,7 +208,7 @@ def test_twisted_web_internals_relied_on_are_there() -> None:
     channel = HTTPChannel()
     channel.makeConnection(StringTransport())
     channel.dataReceived(b"GET /x?y HTTP/1.1\r\nA: b\r\n")
-    assert (channel._command, channel._path) == (b"GET", b"/x?y")  # type: ignore[attr-defined]
+    assert (channel._command, channel._path) == (b"GET", b"/x?y")
     assert channel._receivedHeaderSize == len(b"GET /x?y HTTP/1.1A: b")
     calls: list[str] = []
     channel._respondToBadRequestAndDisconnect = lambda: calls.append("400")  # type: ignore[method-assign]
@@ -241,13 +242,137 @@ def test_client_leaving_mid_body_is_logged_as_disconnected(
     logged as gone, not as an error of the proxy's.
     """
     chain = Chain()
-    transport, protocol = _connect_site(ProxySite(chain.proxy.resource(), TIMEOUT, 0, chain.clock))
-    protocol.dataReceived(  # type: ignore[attr-defined]
+    _, protocol = _connect_site(ProxySite(chain.proxy.resource(), TIMEOUT, 0, chain.clock))
+    protocol.dataReceived(
         b"POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
         + b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
     )
     chain.flush()
-    protocol.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+    protocol.connectionLost(Failure(ConnectionDone()))
     chain.flush()
     [event] = access_events
     assert event["outcome"] == "client_disconnected"
+
+
+# Expect: 100-continue, answered only once the key has been checked.
+
+def _proxy_connection(chain: Chain, **site_options: Any) -> tuple[StringTransport, Any]:
+    site = ProxySite(chain.proxy.resource(), TIMEOUT, 0, chain.clock, **site_options)
+    return _connect_site(site)
+
+
+def _head(key: str, length: int, path: bytes = b"/api/chat") -> bytes:
+    return (
+        b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode()
+        + b"\r\nExpect: 100-continue\r\nContent-Type: application/json\r\n"
+        + b"Content-Length: %d\r\n\r\n" % length
+    )
+
+
+def test_refused_key_gets_401_without_100_continue() -> None:
+    """
+    A client that waits for C{100 Continue} before sending its body gets its
+    401 for a wrong key without ever being told to send the body.
+    """
+    chain = Chain()
+    transport, protocol = _proxy_connection(chain)
+    protocol.dataReceived(_head("olpk_wrong", 10))
+    chain.flush()
+    response = transport.value()
+    assert response.startswith(b"HTTP/1.1 401 ")
+    assert b"100 Continue" not in response
+    assert chain.fake.received == []
+
+
+def test_valid_key_gets_100_continue_then_the_answer() -> None:
+    """
+    With a valid key, C{100 Continue} comes when the proxy starts reading the
+    body, and the request then goes through.
+    """
+    chain = Chain()
+    transport, protocol = _proxy_connection(chain)
+    body = json.dumps({"model": "llama3.2", "messages": [], "stream": False}).encode()
+    protocol.dataReceived(_head(KEY, len(body)))
+    chain.flush()
+    assert transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    protocol.dataReceived(body)
+    chain.flush()
+    assert transport.value().startswith(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"
+    )
+    assert len(chain.fake.received) == 1
+
+
+# The minimum rate of a request body.
+
+RATE = 1024
+
+
+def test_body_trickled_below_the_minimum_rate_is_dropped(
+    access_events: list[LogEvent],
+) -> None:
+    """
+    A body that arrives a byte at a time, each within the client timeout, is
+    dropped with 408 once a whole client timeout has brought less than the
+    minimum rate, and its access event says why.
+    """
+    chain = Chain()
+    transport, protocol = _proxy_connection(chain, min_body_rate=RATE)
+    protocol.dataReceived(_head(KEY, 100_000, b"/api/blobs/sha256:" + b"0" * 64))
+    chain.flush()
+    for _ in range(int(TIMEOUT) - 1):
+        protocol.dataReceived(b"x")
+        chain.clock.advance(1)
+        chain.flush()
+    assert not transport.disconnecting
+    chain.clock.advance(1)
+    assert transport.disconnecting
+    assert b"HTTP/1.1 408 " in transport.value()
+    protocol.connectionLost(Failure(ConnectionDone()))
+    chain.flush()
+    [event] = access_events
+    assert (event["status"], event["outcome"]) == (408, "client_timeout")
+    assert event["detail"] == f"request body arrived slower than {RATE} bytes/s"
+
+
+def test_body_at_the_minimum_rate_is_not_dropped() -> None:
+    """
+    A long body that keeps up the minimum rate over every client timeout
+    passes, however long it takes in all.
+    """
+    chain = Chain()
+    transport, protocol = _proxy_connection(chain, min_body_rate=RATE)
+    size = int(RATE * TIMEOUT) * 10
+    digest = hashlib.sha256(b"x" * size).hexdigest().encode()
+    protocol.dataReceived(_head(KEY, size, b"/api/blobs/sha256:" + digest))
+    chain.flush()
+    for _ in range(10 * int(TIMEOUT)):
+        protocol.dataReceived(b"x" * RATE)
+        chain.clock.advance(1)
+        chain.flush()
+    assert not transport.disconnecting
+    assert b"HTTP/1.1 201 Created" in transport.value()
+
+
+def test_body_held_back_by_the_proxy_does_not_count_as_slow() -> None:
+    """
+    A window in which the proxy itself stopped reading (Ollama reads slowly)
+    does not count against the client.
+    """
+    chain = Chain()
+    transport, protocol = _proxy_connection(chain, min_body_rate=RATE)
+    protocol.dataReceived(_head(KEY, 10 * 1024 * 1024, b"/api/blobs/sha256:" + b"0" * 64))
+    chain.flush()
+    request = protocol.requests[-1]
+
+    def trickle(seconds: int) -> None:
+        for _ in range(seconds):
+            protocol.dataReceived(b"x")
+            chain.clock.advance(1)
+
+    trickle(int(TIMEOUT) - 1)
+    request.body.held = True
+    trickle(1)
+    assert not transport.disconnecting
+    trickle(int(TIMEOUT))
+    assert transport.disconnecting

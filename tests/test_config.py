@@ -340,3 +340,12 @@ def test_parse_size_rejects(text: str) -> None:
     """Anything else is a ConfigError naming the option."""
     with pytest.raises(ConfigError, match="--max-body-size"):
         parse_size("max-body-size", text)
+
+
+def test_min_body_rate_option() -> None:
+    """C{--min-body-rate} takes a size a second, 1K by default, 0 for none."""
+    assert Config.from_sources({}, {}).min_body_rate == 1024
+    assert Config.from_sources({"min-body-rate": "10K"}, {}).min_body_rate == 10240
+    assert Config.from_sources({}, {"OLLAMAPROXY_MIN_BODY_RATE": "0"}).min_body_rate == 0
+    with pytest.raises(ConfigError, match="--min-body-rate"):
+        Config.from_sources({"min-body-rate": "fast"}, {})

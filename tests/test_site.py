@@ -376,3 +376,88 @@ def test_body_held_back_by_the_proxy_does_not_count_as_slow() -> None:
     assert not transport.disconnecting
     trickle(int(TIMEOUT))
     assert transport.disconnecting
+
+
+# Shedding idle connections, the longest idle first.
+
+class _SlowOrQuick(Resource):
+    """
+    Keeps C{/slow} open; answers anything else at once.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Request) -> int | bytes:
+        if request.path == b"/slow":
+            request.write(b"started")
+            return NOT_DONE_YET
+        return b"ok"
+
+
+def test_new_connection_beyond_the_limit_closes_the_longest_idle() -> None:
+    """
+    Past C{max_connections}, a new connection closes the connection idle the
+    longest: one waiting for its first byte, or for its next request after
+    one has been answered (it goes to the back of the line then).  A
+    connection whose request is running is never closed.
+    """
+    clock = Clock()
+    shed: list[None] = []
+    site = ProxySite(_SlowOrQuick(), TIMEOUT, 0, clock, max_connections=3,
+                     count_shed=lambda: shed.append(None))
+    (a, pa), (b, pb), (c, _) = (_connect_site(site) for _ in range(3))
+    pb.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    pa.dataReceived(b"GET /quick HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"ok" in a.value() and not a.disconnecting
+    # Idle the longest now: c (a was answered after c connected).
+    d, _ = _connect_site(site)
+    assert c.disconnecting and not (a.disconnecting or b.disconnecting or d.disconnecting)
+    e, _ = _connect_site(site)
+    assert a.disconnecting and not (b.disconnecting or d.disconnecting or e.disconnecting)
+    assert len(shed) == 2
+    assert site.open_connections == 3
+
+
+def test_new_connection_is_closed_when_none_is_idle() -> None:
+    """
+    When every open connection has a request running, the new connection is
+    the one closed.
+    """
+    clock = Clock()
+    site = ProxySite(_SlowOrQuick(), TIMEOUT, 0, clock, max_connections=2)
+    connections = [_connect_site(site) for _ in range(2)]
+    for _, protocol in connections:
+        protocol.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    newcomer, _ = _connect_site(site)
+    assert newcomer.disconnecting
+    assert not any(transport.disconnecting for transport, _ in connections)
+
+
+def test_closed_connections_make_room() -> None:
+    """
+    Connections that close make room for new ones: nothing is shed while
+    fewer than C{max_connections} are open.
+    """
+    clock = Clock()
+    site = ProxySite(_SlowOrQuick(), TIMEOUT, 0, clock, max_connections=2)
+    for _ in range(10):
+        transport, protocol = _connect_site(site)
+        assert not transport.disconnecting
+        protocol.connectionLost(Failure(ConnectionDone()))
+    assert site.open_connections == 0
+
+
+def test_shedding_is_logged_at_most_once_a_minute() -> None:
+    """
+    Under a flood of connections the log says so once a minute, with the
+    number closed, not once per connection.
+    """
+    clock = Clock()
+    site = ProxySite(_SlowOrQuick(), TIMEOUT, 0, clock, max_connections=1)
+    with capturedLogs() as events:
+        for _ in range(100):
+            _connect_site(site)
+        clock.advance(60)
+        _connect_site(site)
+    shed = [e for e in events if "idle connection(s) closed" in e["log_format"]]
+    assert [e["count"] for e in shed] == [1, 99]

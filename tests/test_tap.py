@@ -39,9 +39,11 @@ from ollamaproxy.config import (
     default_usage_file,
     parse_routes,
 )
+from ollamaproxy.descriptors import connection_limit
 from ollamaproxy.keys import ApiKey, digest, load_keys_file, looks_generated, write_keys_file
 from ollamaproxy.logs import LogFilesService
 from ollamaproxy.reload import KeysReloader
+from ollamaproxy.site import ProxySite
 from ollamaproxy.tap import DrainService, Listeners, Options, build_service
 from ollamaproxy.upstream import PoolService
 from ollamaproxy.usage import UsageStore
@@ -109,6 +111,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "client-timeout": None,
         "grace-period": None,
         "max-body-size": None,
+        "min-body-rate": None,
         "cors-origins": None,
         "usage-file": None,
         "metrics-listen": None,
@@ -271,6 +274,21 @@ def test_service_structure(tmp_path: Path) -> None:
     assert isinstance(site, Site)
     assert listeners[1].factory is site
     assert isinstance(site.resource, KleinResource)
+
+
+def test_site_is_bounded_by_the_open_files_limit(tmp_path: Path) -> None:
+    """
+    Given the open files limit, the site keeps no more client connections
+    open than it leaves room for, reads bodies at the configured minimum
+    rate, and counts refused requests and shed connections in the metrics.
+    """
+    config = base_config(tmp_path, api_key="k", min_body_rate=2048)
+    service = build_service(config, MemoryReactorClock(), lambda text: None, open_files=1024)
+    site = endpoint_services(service)[0].factory
+    assert isinstance(site, ProxySite)
+    assert (site.max_connections, site.min_body_rate) == (connection_limit(1024), 2048)
+    unbounded = build_service(config, MemoryReactorClock(), lambda text: None)
+    assert endpoint_services(unbounded)[0].factory.max_connections == 0
 
 
 def test_endpoints_follow_listen(tmp_path: Path) -> None:

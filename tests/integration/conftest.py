@@ -157,6 +157,13 @@ class Twistd:
         )
 
 
+# Runs a command with the limit on open files given as its first argument.
+_WITH_OPEN_FILES = (
+    "import os, resource, sys; n = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
 @dataclass
 class TwistdLauncher:
     """
@@ -168,13 +175,19 @@ class TwistdLauncher:
     started: list[Twistd] = field(default_factory=list)
 
     async def start(
-        self, args: Sequence[str], env: Mapping[str, str] | None = None
+        self,
+        args: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        open_files: int | None = None,
     ) -> Twistd:
         """
         Run C{twistd ARGS} (the script installed beside this Python) in the
         test's directory and wait until
         it listens.  Listen on C{tcp:0:interface=127.0.0.1} and the port is
         read from the log.
+
+        @param open_files: If given, the process's soft and hard limits on
+            open files.
         """
         environ = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -183,10 +196,13 @@ class TwistdLauncher:
         }
         environ.update(env or {})
         protocol = _TwistdProtocol()
+        command = [TWISTD, *args]
+        if open_files is not None:
+            command = [sys.executable, "-c", _WITH_OPEN_FILES, str(open_files), *command]
         process = self.reactor.spawnProcess(
             protocol,
-            TWISTD,
-            [TWISTD, *args],
+            command[0],
+            command,
             env=environ,
             path=str(self.directory),
         )

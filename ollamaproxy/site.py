@@ -46,7 +46,7 @@ from collections.abc import Callable
 from io import BytesIO
 from typing import Any, cast
 
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, ITCPTransport, ITransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -120,13 +120,14 @@ class ProxyRequest(Request):
         The proxy has begun to read the body (the key passed): tell a client
         that waits for it to send the body, and from now on watch its rate.
         """
-        channel = self.channel
+        # Any: no cast() calls on every request with a body.
+        channel: Any = self.channel
         if channel is None:
             return
         if self._continue_expected and not self.startedWriting:
-            cast(ITransport, channel.transport).write(CONTINUE)
+            channel.transport.write(CONTINUE)
         self._continue_expected = False
-        site = cast(ProxySite, cast(Any, channel).site)
+        site = channel.site
         timeout = channel.timeOut
         if site.min_body_rate and timeout:
             self._rate_check = site.reactor.callLater(timeout, self._check_rate, timeout)
@@ -175,7 +176,8 @@ class ProxyRequest(Request):
             super().requestReceived(command, path, version)
         else:
             if self._rate_check is not None:
-                self._stop_rate_check()
+                self._rate_check.cancel()
+                self._rate_check = None
             self.body.finish()
 
     def connectionLost(self, reason: Failure) -> None:
@@ -197,7 +199,6 @@ class ProxyChannel(HTTPChannel):
     site: ProxySite
     _deadline: IDelayedCall | None = None
     _awaiting_head = True
-    _head_started: float | None = None
     _refused = False
     _shed = False
 
@@ -206,15 +207,12 @@ class ProxyChannel(HTTPChannel):
         self.site.connection_opened(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._awaiting_head and self._head_started is None:
-            self._head_started = self.site.reactor.seconds()
-            if self.timeOut:
-                self._deadline = self.callLater(self.timeOut, self._head_too_slow)
+        if self._awaiting_head and self._deadline is None and self.timeOut:
+            self._deadline = self.callLater(self.timeOut, self._head_too_slow)
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
         self._awaiting_head = False
-        self._head_started = None
         self.site._idle.pop(self, None)
         self._cancel_deadline()
         super().allHeadersReceived()
@@ -325,11 +323,13 @@ class ProxyChannel(HTTPChannel):
         else:
             now = self.site.reactor.seconds()
             peer = self.transport.getPeer()
+            # The head began when its deadline was set.
+            deadline = self._deadline
             exchange = Exchange(
                 method=command.decode("ascii", "replace") if command else "-",
                 path=path.decode("ascii", "replace"),
                 client=str(getattr(peer, "host", peer)),
-                started=now if self._head_started is None else self._head_started,
+                started=now if deadline is None else deadline.getTime() - (self.timeOut or 0),
                 status=status,
             )
             exchange.failed(outcome, reason)

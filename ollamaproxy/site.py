@@ -319,7 +319,8 @@ class ProxyChannel(HTTPChannel):
             self.transport.write(head + body)
             sent = len(body)
         if request is not None and not self._awaiting_head:
-            request.refused = (status, reason, outcome)
+            # The client saw the status already sent, if one was.
+            request.refused = (request.code if sent == 0 else status, reason, outcome)
         else:
             now = self.site.reactor.seconds()
             peer = self.transport.getPeer()

@@ -33,7 +33,7 @@ first reads the body, after the key has been checked.
 
 Idle connections: the site keeps its open connections in the order they
 last became idle; when there are more than C{max_connections}, a new
-connection closes the one idle the longest (L{ProxySite.connection_opened}),
+connection closes the one idle the longest (L{ProxySite.shed_longest_idle}),
 so idle sockets held by one client cannot use up the descriptors.
 
 What this relies on in twisted.web that is not its public API is in
@@ -204,7 +204,12 @@ class ProxyChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.site.connection_opened(self)
+        # The site's bookkeeping, inline: this runs for every connection.
+        site = self.site
+        site.open_connections += 1
+        site._idle[self] = None
+        if site.max_connections and site.open_connections > site.max_connections:
+            site.shed_longest_idle()
 
     def dataReceived(self, data: bytes) -> None:
         if self._awaiting_head and self._deadline is None and self.timeOut:
@@ -248,7 +253,9 @@ class ProxyChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
-        self.site.connection_closed(self)
+        if not self._shed:
+            self.site.open_connections -= 1
+            self.site._idle.pop(self, None)
         super().connectionLost(reason)
 
     def shed(self) -> None:
@@ -407,27 +414,16 @@ class ProxySite(Site):
         self._shed_since_logged = 0
         self._shed_logged_at: float | None = None
 
-    def connection_opened(self, channel: ProxyChannel) -> None:
+    def shed_longest_idle(self) -> None:
         """
-        A client connected: past C{max_connections}, close the connection
-        idle the longest (the new one itself if no other is idle).
+        There are more than C{max_connections} connections: close the one
+        idle the longest (the newest itself if no other is idle).
         """
-        self.open_connections += 1
-        self._idle[channel] = None
-        if self.max_connections and self.open_connections > self.max_connections:
-            oldest = next(iter(self._idle))
-            del self._idle[oldest]
-            self.open_connections -= 1
-            oldest.shed()
-            self._note_shed()
-
-    def connection_closed(self, channel: ProxyChannel) -> None:
-        """
-        A client connection is gone.
-        """
-        self._idle.pop(channel, None)
-        if not channel._shed:
-            self.open_connections -= 1
+        oldest = next(iter(self._idle))
+        del self._idle[oldest]
+        self.open_connections -= 1
+        oldest.shed()
+        self._note_shed()
 
     def _note_shed(self) -> None:
         if self._count_shed is not None:

@@ -71,6 +71,8 @@ class Exchange:
     """
     What happened to one request, filled in as it goes and logged at its end.
 
+    @ivar route: The route's label: its pattern in the catalogue
+        (L{ollamaproxy.routes}), or C{other}.
     @ivar outcome: C{completed}, C{client_disconnected}, C{upstream_error},
         C{timeout}, C{rejected}, C{shutdown} or C{internal_error} (a bug).
     """
@@ -79,6 +81,7 @@ class Exchange:
     path: str
     client: str
     started: float
+    route: str = "other"
     key: str = "-"
     status: int | None = None
     first_byte: float | None = None

@@ -101,7 +101,9 @@ async def relay(
 
     @param rewrite: For the few small answers the proxy must change (model
         listings for a key limited to some models): called with a whole
-        successful body, and what it returns is sent instead.
+        successful body, and what it returns is sent instead.  A C{HEAD}
+        request is then sent as C{GET}, so that its length is the
+        rewritten body's.
     @param sample_bytes: How much of the response body to keep for the log
         (C{exchange.response_sample}); 0 for none.
 
@@ -113,7 +115,7 @@ async def relay(
         raise _too_large()
     try:
         response = await upstream.request(
-            request.method,
+            b"GET" if rewrite is not None and request.method == b"HEAD" else request.method,
             target.target,
             upstream_request_headers(request.requestHeaders),
             request.body,
@@ -130,7 +132,7 @@ async def relay(
         raise ProxyError(502, f"cannot reach Ollama: {_reason(e)}") from e
     exchange.responded(upstream.clock.seconds(), response.code)
     rewritten = None
-    if rewrite is not None and response.code == 200 and request.method != b"HEAD":
+    if rewrite is not None and response.code == 200:
         whole = _WholeBody()
         response.deliverBody(whole)
         try:

@@ -133,10 +133,8 @@ async def relay(
     exchange.responded(upstream.clock.seconds(), response.code)
     rewritten = None
     if rewrite is not None and response.code == 200:
-        whole = _WholeBody()
-        response.deliverBody(whole)
         try:
-            rewritten = rewrite(await whole.done)
+            rewritten = rewrite(await whole_body(response))
         except ResponseFailed as e:
             raise ProxyError(502, "Ollama's answer broke off") from e
     request.setResponseCode(response.code, response.phrase)
@@ -203,6 +201,18 @@ class _WholeBody(Protocol):
             self.done.callback(b"".join(self._chunks))
         else:
             self.done.errback(ResponseFailed([reason]))
+
+
+def whole_body(response: IResponse) -> Deferred[bytes]:
+    """
+    A small response body (a model listing), whole.
+
+    @return: Fires with the body; fails with L{ResponseFailed} if it broke
+        off; cancelling it closes the connection.
+    """
+    whole = _WholeBody()
+    response.deliverBody(whole)
+    return whole.done
 
 
 @implementer(IPushProducer)

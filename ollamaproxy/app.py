@@ -35,6 +35,7 @@ from ollamaproxy.auth import (
 from ollamaproxy.config import Route
 from ollamaproxy.cors import Cors
 from ollamaproxy.errors import ProxyError, error_body, is_openai_path
+from ollamaproxy.headers import came_back
 from ollamaproxy.keys import ApiKey
 from ollamaproxy.limits import KeyLimits
 from ollamaproxy.logs import Exchange, log_exchange
@@ -134,6 +135,8 @@ class OllamaProxy:
         try:
             if self._draining:
                 raise ProxyError(503, "ollamaproxy is shutting down", outcome="shutdown")
+            if self._upstream.via and came_back(request.requestHeaders, self._upstream.via):
+                raise self._loop()
             key = self._auth.authenticate(
                 request.method, target.path, request.requestHeaders, exchange.client
             )
@@ -182,6 +185,26 @@ class OllamaProxy:
                         self._body_sample_bytes)
         finally:
             release()
+
+    def _loop(self) -> ProxyError:
+        """
+        A request this proxy forwarded came back to it: the upstream is the
+        proxy itself.  Say so once for each such request (the 508 ends the
+        circle at its second turn) and refuse it before the key check, since
+        a looped request carries no key.
+        """
+        upstream = self._upstream.base.decode("ascii", "replace")
+        log.warn(
+            "A request came back to this proxy: the upstream {upstream} points at "
+            "the proxy itself.  Set --upstream to Ollama's address.",
+            upstream=upstream,
+        )
+        return ProxyError(
+            508,
+            f"the proxy's upstream ({upstream}) points at the proxy itself, "
+            "not at Ollama",
+            outcome="rejected",
+        )
 
     def _record(self, exchange: Exchange, sent_bytes: int) -> None:
         """
@@ -301,12 +324,16 @@ class OllamaProxy:
 def _error_response(
     request: IRequest, code: int, message: str, headers: dict[bytes, bytes]
 ) -> bytes:
-    request.setResponseCode(code)
+    request.setResponseCode(code, _PHRASES.get(code))
     request.setHeader(b"content-type", b"application/json; charset=utf-8")
     for name, value in headers.items():
         request.setHeader(name, value)
     openai = is_openai_path(target_of(request.uri).path)
     return error_body(message, code, openai)
+
+
+# Reason phrases twisted.web does not know (it would say "Unknown Status").
+_PHRASES = {508: b"Loop Detected"}
 
 
 def _client_address(request: Any) -> str:

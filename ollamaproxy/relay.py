@@ -115,7 +115,7 @@ async def relay(
         response = await upstream.request(
             request.method,
             target.target,
-            upstream_request_headers(request.requestHeaders),
+            upstream_request_headers(request.requestHeaders, upstream.via),
             request.body,
         )
     except TimeoutError:

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from secrets import token_hex
 from typing import Any, ClassVar
 
 from twisted.application import strports
@@ -40,6 +41,7 @@ from ollamaproxy.config import (
     ConfigError,
 )
 from ollamaproxy.cors import Cors
+from ollamaproxy.headers import via_mark
 from ollamaproxy.keys import (
     SCOPES,
     ApiKey,
@@ -243,6 +245,9 @@ def build_service(
         clock=reactor,
         header_timeout=config.header_timeout,
         idle_timeout=config.idle_timeout,
+        # A token of this process's own, so that a chain of proxies works
+        # and only a request coming back to this very process is a loop.
+        via=via_mark(token_hex(6)),
     )
     auth = Authenticator(keys, config.open_routes, reactor, GuessThrottle(reactor))
     metrics = Metrics()

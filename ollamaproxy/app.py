@@ -40,6 +40,7 @@ from ollamaproxy.keys import ApiKey
 from ollamaproxy.limits import KeyLimits
 from ollamaproxy.logs import Exchange, log_exchange
 from ollamaproxy.metrics import Metrics
+from ollamaproxy.redact import Redactor, redacted_failure
 from ollamaproxy.relay import Target, relay
 from ollamaproxy.request_body import BodyTooLarge
 from ollamaproxy.site import ProxyRequest
@@ -78,6 +79,9 @@ class OllamaProxy:
     @param usage: Keeps requests and tokens per key, or L{None}.
     @param body_sample_bytes: How much of each response body to log; 0 for
         none.
+    @param redact: Blanks credentials and keys in what the proxy logs or
+        answers with; by default, a L{Redactor} that knows the keys of
+        C{auth} by digest.
     """
 
     app = Klein()
@@ -92,7 +96,9 @@ class OllamaProxy:
         metrics: Metrics,
         usage: UsageStore | None = None,
         body_sample_bytes: int = 0,
+        redact: Callable[[str], str] | None = None,
     ) -> None:
+        self._redact = redact or Redactor(auth.keys.is_key)
         self._upstream = upstream
         self._auth = auth
         self._limits = limits
@@ -212,7 +218,7 @@ class OllamaProxy:
         """
         now = self._clock.seconds()
         log_exchange(exchange, sent_bytes, now, self._upstream.base.decode("ascii"),
-                     self._auth.keys.is_key)
+                     self._redact)
         self._metrics.observe(exchange, now)
         if self._usage is not None and exchange.key != "-":
             self._usage.record_summary(exchange.key, exchange.summary, now)
@@ -309,15 +315,19 @@ class OllamaProxy:
         """
         error = failure.value
         assert isinstance(error, ProxyError)
-        return _error_response(request, error.code, error.message, error.headers)
+        # A message may repeat the path or a model name the client sent.
+        return _error_response(request, error.code, self._redact(error.message), error.headers)
 
     @app.handle_errors(Exception)
     def unexpected_error(self, request: IRequest, failure: Failure) -> bytes:
         """
         A bug: log it with its traceback, and answer with a 500 that shows
-        none.
+        none.  The URI (its query string may hold a key) and the exception's
+        message are redacted in the event itself, for every log observer.
         """
-        log.failure("Unexpected error handling {uri}", failure, uri=request.uri)
+        uri = self._redact((request.uri or b"").decode("utf-8", "replace"))
+        log.failure("Unexpected error handling {uri}", redacted_failure(failure, self._redact),
+                    uri=uri)
         return _error_response(request, 500, "internal error in ollamaproxy", {})
 
 

@@ -61,6 +61,10 @@ class StreamSummary:
     @ivar tokens_per_second: Generation speed, when Ollama reports the
         time it took (C{eval_duration}).
     @ivar load_seconds: Time spent loading the model, when reported.
+    @ivar counted: Whether C{completion_tokens} were counted from the
+        stream's chunks because Ollama reported no usage (a C{/v1} stream
+        without C{stream_options.include_usage}); the prompt's tokens are
+        then unknown (0).
     """
 
     model: str
@@ -69,6 +73,7 @@ class StreamSummary:
     completion_tokens: int = 0
     tokens_per_second: float | None = None
     load_seconds: float | None = None
+    counted: bool = False
 
 
 @dataclass
@@ -156,6 +161,8 @@ def log_exchange(
             completion_tokens=summary.completion_tokens,
             tokens_per_second=summary.tokens_per_second,
             load_seconds=summary.load_seconds,
+            tokens_counted=summary.counted,
+            counted=_COUNTED if summary.counted else "",
             speed=(
                 f" at {summary.tokens_per_second:.1f} tokens/s"
                 if summary.tokens_per_second is not None else ""
@@ -179,8 +186,9 @@ ACCESS_LINE = (
 )
 STREAM_LINE = (
     "{key} {model}: {prompt_tokens} prompt + {completion_tokens} completion tokens"
-    "{speed}, {done_reason}"
+    "{counted}{speed}, {done_reason}"
 )
+_COUNTED = " (counted from the stream: Ollama reported no usage)"
 BODIES_LINE = "{method} {path} request body: {request_body!r} response body: {response_body!r}"
 
 

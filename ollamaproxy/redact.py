@@ -44,9 +44,9 @@ _SECRETS = re.compile(
     r"[\"']?\s*[:=]\s*[\"']?))"
     r"(?i:(?:bearer|basic|token)\s+)?[^\s\"',;&]+"
 )
-# The words one of those starts with.  Searching for them is much cheaper
-# than running the expression at every position, so it runs only where they
-# are.
+# The words one of those starts with (and, lower-cased, what text is
+# searched for first: a plain search is much cheaper than running the
+# expression at every position, so it runs only where they are).
 _SECRET_WORDS = re.compile(r"olpk_|bearer|x-api-key|api[-_]?key|authorization|cookie", re.I)
 
 # A query parameter whose name says it holds a credential (key, token,
@@ -59,32 +59,34 @@ _QUERY_SECRET = re.compile(
     re.IGNORECASE,
 )
 
-# Words that may be a key of the keys file: runs of the characters of URLs
-# and base64 (a path is also checked segment by segment) ...
-_WORDS = re.compile(r"[A-Za-z0-9_.~+/=%-]{8,}")
-# ... and runs of anything between the separators of paths, query strings,
-# JSON and prose, for keys with punctuation of their own (a run of word
-# characters only has been checked as a word already).
-_RUNS = re.compile(r"[^\s\"'/?&=,()\[\]{}<>]{8,}")
-_PLAIN = re.compile(r"[A-Za-z0-9_.~+%-]+")
+# Words that may be a key of the keys file: runs of anything between the
+# separators of query strings, JSON and prose, so that a key with
+# punctuation of its own is one word; a word holding C{/} or C{=} (a path, a
+# query parameter) is also checked part by part.
+_WORDS = re.compile(r"[^ \t\r\n\"'?&,()\[\]{}<>]{8,}")
+_PARTS = re.compile(r"([/=])")
 
 
 def blank_credentials(text: str) -> str:
     """
     C{text} with anything shaped like a credential replaced.
     """
-    first = _SECRET_WORDS.search(text)
-    if first is not None:
-        text = _blank_shaped(text, first.start())
+    lowered = text.lower()
+    if (
+        "olpk_" in lowered or "bearer" in lowered or "api_key" in lowered
+        or "api-key" in lowered or "apikey" in lowered or "authorization" in lowered
+        or "cookie" in lowered
+    ):
+        text = _blank_shaped(text)
     if "=" in text:
         text = _QUERY_SECRET.sub(_blank_value, text)
     return text
 
 
-def _blank_shaped(text: str, first: int) -> str:
+def _blank_shaped(text: str) -> str:
     pieces = []
     done = 0
-    for word in _SECRET_WORDS.finditer(text, first):
+    for word in _SECRET_WORDS.finditer(text):
         start = word.start()
         if start < done:
             continue
@@ -152,22 +154,18 @@ def _blank_keys(text: str, is_key: Callable[[str], bool]) -> str:
     def known(word: str) -> bool:
         return is_key(word) or ("%" in word and is_key(unquote(word)))
 
-    def blank_word(found: re.Match[str]) -> str:
+    def blank(found: re.Match[str]) -> str:
         word = found[0]
         if known(word):
             return REDACTED
-        # A key inside a path: check its segments too.
-        parts = word.split("/")
-        if len(parts) == 1:
+        if "/" not in word and "=" not in word:
             return word
-        return "/".join(REDACTED if len(p) >= 8 and known(p) else p for p in parts)
+        return "".join(
+            REDACTED if len(part) >= 8 and known(part) else part
+            for part in _PARTS.split(word)
+        )
 
-    def blank_run(found: re.Match[str]) -> str:
-        run = found[0]
-        return run if _PLAIN.fullmatch(run) or not known(run) else REDACTED
-
-    text = _WORDS.sub(blank_word, text)
-    return _RUNS.sub(blank_run, text)
+    return _WORDS.sub(blank, text)
 
 
 def redact(text: str, is_key: Callable[[str], bool] | None = None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import cast
 from urllib.parse import quote
 
@@ -15,6 +16,8 @@ import pytest
 from twisted.logger import (
     ILogObserver,
     LogEvent,
+    Logger,
+    LogPublisher,
     eventAsJSON,
     eventAsText,
     formatEventAsClassicLogText,
@@ -22,6 +25,8 @@ from twisted.logger import (
 )
 
 from ollamaproxy.keys import SCOPES, ApiKey, digest
+from ollamaproxy.logs import LogFilesService
+from ollamaproxy.redact import Redactor
 from tests.chain import KEY, Chain
 from tests.conftest import ErrorCollector
 from tests.test_app import FailingAgent
@@ -135,3 +140,21 @@ def test_unexpected_error_line_has_no_key_in_its_uri(
     assert_clean(text)
     assert observe_errors.errors
     observe_errors.errors.clear()
+
+
+def test_log_files_blank_the_clear_key_in_text_the_proxy_did_not_make(tmp_path: Path) -> None:
+    """
+    The log files' last guard blanks the C{--api-key} (and credential
+    shapes) in events the proxy did not clean itself, such as another
+    library's message.
+    """
+    publisher = LogPublisher()
+    files = LogFilesService(str(tmp_path), publisher, redact=Redactor(secrets=[CHOSEN]))
+    files.startService()
+    Logger(namespace="somelibrary", observer=publisher).info(
+        "connecting to /x?token=abcdefgh12 with {what}", what=CHOSEN
+    )
+    files.stopService()
+    written = "".join(f.read_text() for f in tmp_path.iterdir())
+    assert "somelibrary" in written
+    assert CHOSEN not in written and "abcdefgh12" not in written

@@ -65,6 +65,8 @@ _QUERY_SECRET = re.compile(
 # query parameter) is also checked part by part.
 _WORDS = re.compile(r"[^ \t\r\n\"'?&,()\[\]{}<>]{8,}")
 _PARTS = re.compile(r"([/=])")
+# Punctuation of the surrounding text a word may begin or end with.
+_EDGES = ".,:;!?*`|"
 
 
 def blank_credentials(text: str) -> str:
@@ -152,7 +154,11 @@ def _blank_keys(text: str, is_key: Callable[[str], bool]) -> str:
     """
 
     def known(word: str) -> bool:
-        return is_key(word) or ("%" in word and is_key(unquote(word)))
+        if is_key(word) or ("%" in word and is_key(unquote(word))):
+            return True
+        # A key at the end of a sentence or before a colon.
+        trimmed = word.strip(_EDGES)
+        return trimmed != word and len(trimmed) >= 8 and is_key(trimmed)
 
     def blank(found: re.Match[str]) -> str:
         word = found[0]

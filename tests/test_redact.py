@@ -69,6 +69,8 @@ def test_keys_known_in_clear_are_blanked_in_any_spelling(secret: str, spell: obj
     f"API key 'bob' may not use model '{PUNCTUATED}'",
     f'{{"model":"{PUNCTUATED}","stream":false}}',
     f"/api/tags?q={PUNCTUATED}&x=1",
+    f"my key is {PUNCTUATED}.",
+    f"key: {PUNCTUATED}; and more",
 ])
 def test_keys_known_by_digest_are_blanked_with_their_punctuation(text: str) -> None:
     """

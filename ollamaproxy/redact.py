@@ -37,12 +37,13 @@ from twisted.python.reflect import safe_str
 REDACTED = "[redacted]"
 
 # Anything that looks like a credential: our keys, bearer tokens, and the
-# values of credential headers or fields in any text.
+# values of credential headers or fields in any text.  A placeholder
+# (C{Bearer <key>}, as in the proxy's own help) is not one.
 _SECRETS = re.compile(
     r"(?P<key>olpk_[0-9A-Za-z]{38})"
     r"|(?P<name>(?i:bearer\s+|(?:x-api-key|authorization|cookie|api_key|api-key|apikey)"
     r"[\"']?\s*[:=]\s*[\"']?))"
-    r"(?i:(?:bearer|basic|token)\s+)?[^\s\"',;&]+"
+    r"(?>(?i:(?:bearer|basic|token)\s+)?)[^\s\"',;&<][^\s\"',;&]*"
 )
 # The words one of those starts with (and, lower-cased, what text is
 # searched for first: a plain search is much cheaper than running the

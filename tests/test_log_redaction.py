@@ -158,3 +158,20 @@ def test_log_files_blank_the_clear_key_in_text_the_proxy_did_not_make(tmp_path: 
     written = "".join(f.read_text() for f in tmp_path.iterdir())
     assert "somelibrary" in written
     assert CHOSEN not in written and "abcdefgh12" not in written
+
+
+def test_help_in_the_401_reads_intact(
+    events: list[LogEvent], access_events: list[LogEvent]
+) -> None:
+    """
+    Redacting what the proxy answers and logs leaves its own help text
+    alone: the 401 still tells how to send the key, in the body and in the
+    access line.
+    """
+    chain = chain_with_keys()
+    response = chain.respond("GET", "/api/tags", key=None)
+    assert response.code == 401
+    help_text = "'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+    assert help_text in json.loads(chain.body(response))["error"]
+    [access] = access_events
+    assert help_text in access["detail"]

@@ -34,6 +34,16 @@ def test_query_values_of_credential_parameters_are_blanked(name: str) -> None:
         assert "x=1" in blanked
 
 
+def test_placeholders_stay() -> None:
+    """
+    The proxy's own help text (C{'Authorization: Bearer <key>'}) names a
+    placeholder, not a key: it stays readable in logs and error bodies.
+    """
+    text = "missing API key: send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+    assert blank_credentials(text) == text
+    assert blank_credentials("Authorization: Bearer abc.def") == "Authorization: [redacted]"
+
+
 def test_other_query_parameters_stay() -> None:
     """
     Query parameters that are not credentials are left alone.

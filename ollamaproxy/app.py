@@ -25,6 +25,7 @@ from twisted.web.resource import IResource
 from ollamaproxy.auth import Authenticator
 from ollamaproxy.cors import Cors
 from ollamaproxy.errors import ProxyError, error_body, is_openai_path
+from ollamaproxy.headers import came_back
 from ollamaproxy.keys import ApiKey
 from ollamaproxy.limits import KeyLimits
 from ollamaproxy.logs import Exchange, log_exchange
@@ -37,6 +38,7 @@ from ollamaproxy.policy import (
     needs_body_check,
     path_model,
 )
+from ollamaproxy.redact import Redactor, redacted_failure
 from ollamaproxy.relay import Target, relay
 from ollamaproxy.request_body import BodyTooLarge
 from ollamaproxy.routes import Catalogue, ModelIn, RouteSpec, Scope, decoded_path
@@ -76,6 +78,9 @@ class OllamaProxy:
     @param body_sample_bytes: How much of each response body to log; 0 for
         none.
     @param catalogue: Ollama's routes.
+    @param redact: Blanks credentials and keys in what the proxy logs or
+        answers with; by default, a L{Redactor} that knows the keys of
+        C{auth} by digest.
     """
 
     app = Klein()
@@ -91,8 +96,10 @@ class OllamaProxy:
         usage: UsageStore | None = None,
         body_sample_bytes: int = 0,
         catalogue: Catalogue | None = None,
+        redact: Callable[[str], str] | None = None,
     ) -> None:
         self._catalogue = catalogue or Catalogue()
+        self._redact = redact or Redactor(auth.keys.is_key)
         self._upstream = upstream
         self._auth = auth
         self._limits = limits
@@ -135,6 +142,8 @@ class OllamaProxy:
         try:
             if self._draining:
                 raise ProxyError(503, "ollamaproxy is shutting down", outcome="shutdown")
+            if self._upstream.via and came_back(request.requestHeaders, self._upstream.via):
+                raise self._loop()
             # Every check sees the path Ollama's router will see.
             path = decoded_path(target.path)
             route = self._catalogue.find(path)
@@ -195,13 +204,33 @@ class OllamaProxy:
         finally:
             release()
 
+    def _loop(self) -> ProxyError:
+        """
+        A request this proxy forwarded came back to it: the upstream is the
+        proxy itself.  Say so once for each such request (the 508 ends the
+        circle at its second turn) and refuse it before the key check, since
+        a looped request carries no key.
+        """
+        upstream = self._upstream.base.decode("ascii", "replace")
+        log.warn(
+            "A request came back to this proxy: the upstream {upstream} points at "
+            "the proxy itself.  Set --upstream to Ollama's address.",
+            upstream=upstream,
+        )
+        return ProxyError(
+            508,
+            f"the proxy's upstream ({upstream}) points at the proxy itself, "
+            "not at Ollama",
+            outcome="rejected",
+        )
+
     def _record(self, exchange: Exchange, sent_bytes: int) -> None:
         """
         Write down what happened to a request: log, metrics, usage.
         """
         now = self._clock.seconds()
         log_exchange(exchange, sent_bytes, now, self._upstream.base.decode("ascii"),
-                     self._auth.keys.is_key)
+                     self._redact)
         self._metrics.observe(exchange, now)
         if self._usage is not None and exchange.key != "-":
             self._usage.record_summary(exchange.key, exchange.summary, now)
@@ -323,27 +352,35 @@ class OllamaProxy:
         """
         error = failure.value
         assert isinstance(error, ProxyError)
-        return _error_response(request, error.code, error.message, error.headers)
+        # A message may repeat the path or a model name the client sent.
+        return _error_response(request, error.code, self._redact(error.message), error.headers)
 
     @app.handle_errors(Exception)
     def unexpected_error(self, request: IRequest, failure: Failure) -> bytes:
         """
         A bug: log it with its traceback, and answer with a 500 that shows
-        none.
+        none.  The URI (its query string may hold a key) and the exception's
+        message are redacted in the event itself, for every log observer.
         """
-        log.failure("Unexpected error handling {uri}", failure, uri=request.uri)
+        uri = self._redact((request.uri or b"").decode("utf-8", "replace"))
+        log.failure("Unexpected error handling {uri}", redacted_failure(failure, self._redact),
+                    uri=uri)
         return _error_response(request, 500, "internal error in ollamaproxy", {})
 
 
 def _error_response(
     request: IRequest, code: int, message: str, headers: dict[bytes, bytes]
 ) -> bytes:
-    request.setResponseCode(code)
+    request.setResponseCode(code, _PHRASES.get(code))
     request.setHeader(b"content-type", b"application/json; charset=utf-8")
     for name, value in headers.items():
         request.setHeader(name, value)
     openai = is_openai_path(target_of(request.uri).path)
     return error_body(message, code, openai)
+
+
+# Reason phrases twisted.web does not know (it would say "Unknown Status").
+_PHRASES = {508: b"Loop Detected"}
 
 
 def _client_address(request: Any) -> str:

@@ -117,7 +117,7 @@ async def relay(
         response = await upstream.request(
             b"GET" if rewrite is not None and request.method == b"HEAD" else request.method,
             target.target,
-            upstream_request_headers(request.requestHeaders),
+            upstream_request_headers(request.requestHeaders, upstream.via),
             request.body,
         )
     except TimeoutError:
@@ -150,7 +150,7 @@ async def relay(
     response.deliverBody(body)
     try:
         await body.done
-        exchange.summary = summarise(body.tail, target.openai)
+        exchange.summary = summarise(body.tail, target.openai, body.pieces, body.reads)
     except BodyCut as e:
         exchange.response_sample = body.sample
         exchange.failed("upstream_error", str(e))
@@ -223,6 +223,8 @@ class _BodyRelay(Protocol):
     @ivar done: Fires when the body has been relayed, fails with L{BodyCut}
         if it stopped early, and closes Ollama's connection if cancelled.
     @ivar sample: The start of the body, up to C{sample_bytes}, for the log.
+    @ivar reads: How many pieces the body arrived in (a counter, so that a
+        stream whose end reports no usage can still be counted; no call).
     """
 
     def __init__(
@@ -244,6 +246,7 @@ class _BodyRelay(Protocol):
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._previous = self._last = b""
+        self.reads = 0
         self.sample = b""
         self._sample_left = sample_bytes
         self._idle: IDelayedCall | None = None
@@ -257,6 +260,7 @@ class _BodyRelay(Protocol):
         if self._idle is not None:
             self._idle.reset(self._idle_timeout)
         self._previous, self._last = self._last, data
+        self.reads += 1
         if self._sample_left:
             self.sample += data[: self._sample_left]
             self._sample_left = max(0, self._sample_left - len(data))
@@ -272,6 +276,13 @@ class _BodyRelay(Protocol):
         final object, which L{summarise} reads once the body has ended.
         """
         return self._previous + self._last
+
+    @property
+    def pieces(self) -> tuple[bytes, bytes]:
+        """
+        The last two pieces of the body, each as it came.
+        """
+        return self._previous, self._last
 
     def _write_lines(self, data: bytes) -> None:
         end = data.rfind(b"\n") + 1

@@ -38,6 +38,9 @@ DEFAULT_MAX_BODY_SIZE = "0"
 DEFAULT_LOG_MAX_BYTES = "10M"
 DEFAULT_LOG_BACKUPS = 10
 DEFAULT_LOG_BODY_BYTES = "4K"
+# A key chosen by the operator: shorter ones can be guessed by someone who
+# may try keys for as long as they like.
+MIN_API_KEY_LENGTH = 16
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 ENV_PREFIX = "OLLAMAPROXY_"
@@ -152,7 +155,7 @@ class Config:
         return cls(
             listen=tuple(listen),
             upstream=parse_ollama_host(upstream),
-            api_key=get("api-key") or None,
+            api_key=_api_key(get("api-key")),
             keys_file=keys_file_path(get("keys-file"), environ),
             log_dir=get("log-dir") or None,
             open_routes=parse_routes(
@@ -182,6 +185,21 @@ class Config:
                 "max-body-size", get("max-body-size") or DEFAULT_MAX_BODY_SIZE
             ),
         )
+
+
+def _api_key(value: str | None) -> str | None:
+    """
+    The operator's own key, if given: at least L{MIN_API_KEY_LENGTH}
+    characters.  The message never shows the key.
+    """
+    if not value:
+        return None
+    if len(value) < MIN_API_KEY_LENGTH:
+        raise ConfigError(
+            f"--api-key: a key must be at least {MIN_API_KEY_LENGTH} characters long, "
+            f"this one has {len(value)} (make a strong one with 'ollamaproxy keys add NAME')"
+        )
+    return value
 
 
 def _split(value: str) -> list[str]:

@@ -85,7 +85,7 @@ class Options(usage.Options):
          f"else {DEFAULT_UPSTREAM}]"],
         ["api-key", None, None,
          "A key clients must send (Authorization: Bearer KEY or X-API-Key: "
-         "KEY).  Prefer OLLAMAPROXY_API_KEY: options show in ps."],
+         "KEY), at least 16 characters.  Prefer OLLAMAPROXY_API_KEY: options show in ps."],
         ["keys-file", None, None,
          "JSON file of named, hashed keys [default: "
          "$XDG_CONFIG_HOME/ollamaproxy/keys.json or ~/.config/ollamaproxy/keys.json]"],

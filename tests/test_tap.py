@@ -152,7 +152,7 @@ def test_every_option() -> None:
         [
             "--listen", LOCAL,
             "--upstream", "https://gpu-box/ollama/",
-            "--api-key", "secret",
+            "--api-key", "secret-0123456789",
             "--keys-file", "/etc/ollamaproxy/keys.json",
             "--log-dir", "/var/log/ollamaproxy",
             "--open-routes", "get /health",
@@ -164,7 +164,7 @@ def test_every_option() -> None:
     assert options.config == Config(
         listen=(LOCAL,),
         upstream="https://gpu-box:443/ollama",
-        api_key="secret",
+        api_key="secret-0123456789",
         keys_file="/etc/ollamaproxy/keys.json",
         log_dir="/var/log/ollamaproxy",
         open_routes=frozenset({Route(b"GET", b"/health")}),
@@ -215,7 +215,7 @@ def test_environment_used() -> None:
     """Environment variables set the options that are not given."""
     environ = {
         "OLLAMAPROXY_LISTEN": f"{LOCAL},unix:/tmp/p.sock",
-        "OLLAMAPROXY_API_KEY": "env-key",
+        "OLLAMAPROXY_API_KEY": "env-key-0123456789",
         "OLLAMAPROXY_KEYS_FILE": "/env/keys.json",
         "OLLAMAPROXY_LOG_DIR": "/env/logs",
         "OLLAMAPROXY_OPEN_ROUTES": "",
@@ -227,7 +227,7 @@ def test_environment_used() -> None:
     assert parse([], environ).config == Config(
         listen=(LOCAL, "unix:/tmp/p.sock"),
         upstream="http://0.0.0.0:11434",
-        api_key="env-key",
+        api_key="env-key-0123456789",
         keys_file="/env/keys.json",
         log_dir="/env/logs",
         open_routes=frozenset(),
@@ -240,17 +240,17 @@ def test_environment_used() -> None:
 
 def test_option_beats_environment() -> None:
     """An option given on the command line wins over its environment variable."""
-    environ = {"OLLAMAPROXY_UPSTREAM": "env-host", "OLLAMAPROXY_API_KEY": "env-key"}
-    config = parse(["--upstream", "opt-host", "--api-key", "opt-key"], environ).config
-    assert (config.upstream, config.api_key) == ("http://opt-host:11434", "opt-key")
+    environ = {"OLLAMAPROXY_UPSTREAM": "env-host", "OLLAMAPROXY_API_KEY": "env-key-0123456789"}
+    config = parse(["--upstream", "opt-host", "--api-key", "opt-key-0123456789"], environ).config
+    assert (config.upstream, config.api_key) == ("http://opt-host:11434", "opt-key-0123456789")
 
 
 def test_process_environment_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     """Options() without an environ reads the process environment (the .tac file's way)."""
-    monkeypatch.setenv("OLLAMAPROXY_API_KEY", "from-os-environ")
+    monkeypatch.setenv("OLLAMAPROXY_API_KEY", "from-os-environ-0123456789")
     options = Options()
     options.parseOptions([])
-    assert options.config.api_key == "from-os-environ"
+    assert options.config.api_key == "from-os-environ-0123456789"
 
 
 def test_service_structure(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from ollamaproxy.auth import (
 )
 from ollamaproxy.config import Route
 from ollamaproxy.cors import Cors
-from ollamaproxy.errors import ProxyError, error_body, is_openai_path
+from ollamaproxy.errors import ProxyError, error_body, is_openai_path, reason_phrase
 from ollamaproxy.keys import ApiKey
 from ollamaproxy.limits import KeyLimits
 from ollamaproxy.logs import Exchange, log_exchange
@@ -301,7 +301,7 @@ class OllamaProxy:
 def _error_response(
     request: IRequest, code: int, message: str, headers: dict[bytes, bytes]
 ) -> bytes:
-    request.setResponseCode(code)
+    request.setResponseCode(code, reason_phrase(code))
     request.setHeader(b"content-type", b"application/json; charset=utf-8")
     for name, value in headers.items():
         request.setHeader(name, value)

@@ -252,6 +252,17 @@ def parse_size(name: str, value: str) -> int:
     return int(number) * _SIZE_UNITS[unit]
 
 
+def show_size(size: int) -> str:
+    """
+    A size in bytes as people read it: C{10 MiB} for a whole number of a
+    unit, else C{1000 bytes}.
+    """
+    for unit in ("T", "G", "M", "K"):
+        if size >= _SIZE_UNITS[unit] and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]} {unit}iB"
+    return f"{size} bytes"
+
+
 def parse_routes(value: str) -> frozenset[Route]:
     """
     Parse C{"GET /,HEAD /api/version"} into routes.  An empty string means

@@ -18,6 +18,7 @@ from ollamaproxy.config import (
     parse_ollama_host,
     parse_routes,
     parse_size,
+    show_size,
 )
 
 DEFAULT_ROUTES = frozenset(
@@ -364,3 +365,13 @@ def test_parse_size_rejects(text: str) -> None:
     """Anything else is a ConfigError naming the option."""
     with pytest.raises(ConfigError, match="--max-body-size"):
         parse_size("max-body-size", text)
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [(10 * 1024**2, "10 MiB"), (1024, "1 KiB"), (1000, "1000 bytes"), (3 * 1024**4, "3 TiB"),
+     (1536 * 1024, "1536 KiB")],
+)
+def test_show_size(size: int, shown: str) -> None:
+    """Sizes in messages read as the operator wrote them: whole units of 1024, else bytes."""
+    assert show_size(size) == shown

@@ -23,6 +23,7 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.web.server import Site
 
+from ollamaproxy import __version__
 from ollamaproxy.app import OllamaProxy
 from ollamaproxy.auth import Authenticator
 from ollamaproxy.config import (
@@ -151,6 +152,12 @@ class Options(usage.Options):
     def opt_listen(self, endpoint: str) -> None:
         """Endpoint to accept clients on (a Twisted endpoint string, repeatable; for TLS: ssl:5443:privateKey=key.pem:certKey=cert.pem; reuseport:5000 to share the port with other ollamaproxy processes) [default: tcp:5000]"""  # noqa: E501
         self["listen"].append(endpoint)
+
+    def opt_version(self) -> None:
+        """Print the version of ollamaproxy and exit"""
+        sys.stdout.write(f"ollamaproxy {__version__}\n")
+        sys.stdout.flush()
+        raise SystemExit(0)
 
     def postOptions(self) -> None:
         try:

@@ -31,7 +31,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.web.server import Site
 
-from ollamaproxy import tap
+from ollamaproxy import __version__, tap
 from ollamaproxy.config import (
     DEFAULT_OPEN_ROUTES,
     Config,
@@ -203,6 +203,17 @@ def test_bad_value(args: list[str]) -> None:
     """A value the proxy cannot use is a usage error, not a traceback."""
     with pytest.raises(usage.UsageError):
         parse(args)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    C{twistd ollamaproxy --version} reaches the plugin's options, which
+    print ollamaproxy's version (not only twistd's) and exit with status 0.
+    """
+    with pytest.raises(SystemExit) as e:
+        parse(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"ollamaproxy {__version__}\n"
 
 
 def test_bad_environment_value() -> None:

@@ -10,6 +10,7 @@ build their service here, from the same L{Options}.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from twisted.web.server import Site
 from ollamaproxy import __version__
 from ollamaproxy.app import OllamaProxy
 from ollamaproxy.auth import Authenticator
+from ollamaproxy.checks import check_log_dir, check_usage_file
 from ollamaproxy.config import (
     DEFAULT_CLIENT_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
@@ -62,7 +64,7 @@ from ollamaproxy.usage import ThreadWorker, UsageStore
 log = Logger()
 
 
-class Options(usage.Options):
+class ProxyOptions(usage.Options):
     """
     The options of C{twistd ollamaproxy}.  Each option can also be given as
     an environment variable, C{OLLAMAPROXY_} and the option's name in capitals
@@ -166,6 +168,24 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
+class Options(ProxyOptions):
+    """
+    L{ProxyOptions} as twistd and the C{.tac} file read them: a mistake
+    stops the start with one line on standard error and a non-zero exit
+    status.  (twistd answers a L{usage.UsageError} with its whole help
+    screen before the reason, and a C{.tac} file's exception with a
+    traceback.)
+    """
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(
+                f"ollamaproxy: {e} (see 'twistd ollamaproxy --help')"
+            ) from None
+
+
 def makeService(options: Options) -> IService:
     """
     The proxy service for twistd.  Called before twistd starts logging, so a
@@ -174,11 +194,48 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     try:
+        check_files(options.config)
         return build_service(options.config, reactor, announce=_to_terminal)
     except (usage.UsageError, ValueError, OSError) as e:
         # A bad endpoint string, an unreadable keys file or TLS key: say
         # what is wrong, without a traceback.
         raise SystemExit(f"ollamaproxy: {e}") from None
+
+
+def check_files(config: Config) -> None:
+    """
+    See that the files the proxy writes can be written: the log directory
+    and the usage database.
+
+    @raise ConfigError: If one cannot, saying why.
+    """
+    if config.log_dir:
+        check_log_dir(config.log_dir)
+    check_usage_file(config.usage_file)
+
+
+def listen(description: str, factory: Site, reactor: Any, option: str) -> IService:
+    """
+    A service listening on an endpoint string.
+
+    @raise ConfigError: If the string does not describe an endpoint the
+        proxy can listen on, naming the option and the string.
+    """
+    try:
+        return strports.service(description, factory, reactor=reactor)
+    except Exception as e:
+        reason = str(e) or type(e).__name__
+        unknown = re.search(r"unexpected keyword argument '([^']*)'", reason)
+        if unknown:
+            reason = f"unknown parameter {unknown.group(1)!r}"
+        elif isinstance(e, ValueError) and "invalid literal for int()" in reason:
+            reason = "the port must be a number"
+        elif description.startswith("ssl:") and isinstance(e, OSError):
+            reason += " (an ssl: endpoint needs privateKey=KEY.pem and certKey=CERT.pem)"
+        raise ConfigError(
+            f"{option}: cannot listen on {description!r}: {reason}; for example tcp:5000, "
+            "tcp:5000:interface=127.0.0.1 or ssl:5443:privateKey=key.pem:certKey=cert.pem"
+        ) from None
 
 
 def _to_terminal(text: str) -> None:
@@ -304,11 +361,11 @@ def build_service(
                 "TLS terminator in front.",
                 endpoint=endpoint,
             )
-        strports.service(endpoint, site, reactor=reactor).setServiceParent(listeners)
+        listen(endpoint, site, reactor, "--listen").setServiceParent(listeners)
     if config.metrics_listen:
         metrics_site = Site(MetricsResource(metrics), reactor=reactor)
         metrics_site.noisy = False
-        strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(
+        listen(config.metrics_listen, metrics_site, reactor, "--metrics-listen").setServiceParent(
             listeners
         )
     return service
@@ -336,7 +393,9 @@ def _key_store(config: Config, announce: Callable[[str], None]) -> KeyStore:
         keys = _operator_keys(config) + load_keys_file(config.keys_file)
         if keys:
             return KeyStore(keys)
-    except (KeysFileError, ValueError) as e:
+    except KeysFileError as e:
+        raise usage.UsageError(str(e)) from None
+    except ValueError as e:
         raise usage.UsageError(f"{config.keys_file}: {e}") from None
     key = generate_key()
     first = ApiKey(

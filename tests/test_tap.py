@@ -35,6 +35,7 @@ from ollamaproxy import __version__, tap
 from ollamaproxy.config import (
     DEFAULT_OPEN_ROUTES,
     Config,
+    ConfigError,
     Route,
     default_usage_file,
     parse_routes,
@@ -42,7 +43,7 @@ from ollamaproxy.config import (
 from ollamaproxy.keys import ApiKey, digest, load_keys_file, looks_generated, write_keys_file
 from ollamaproxy.logs import LogFilesService
 from ollamaproxy.reload import KeysReloader
-from ollamaproxy.tap import DrainService, Listeners, Options, build_service
+from ollamaproxy.tap import DrainService, Listeners, Options, ProxyOptions, build_service
 from ollamaproxy.upstream import PoolService
 from ollamaproxy.usage import UsageStore
 
@@ -50,11 +51,11 @@ KEY_PATTERN = re.compile(r"olpk_[0-9A-Za-z]{38}")
 LOCAL = "tcp:0:interface=127.0.0.1"
 
 
-def parse(args: list[str], environ: dict[str, str] | None = None) -> Options:
+def parse(args: list[str], environ: dict[str, str] | None = None) -> ProxyOptions:
     """
     Parse a command line with the given environment (empty by default).
     """
-    options = Options(environ={} if environ is None else environ)
+    options = ProxyOptions(environ={} if environ is None else environ)
     options.parseOptions(args)
     return options
 
@@ -342,7 +343,7 @@ def test_clear_text_on_every_interface_is_warned_of(
     with capturedLogs() as events:
         try:
             build_service(config, MemoryReactorClock(), lambda text: None)
-        except OSError:  # the TLS key file does not exist; warned before
+        except ConfigError:  # the TLS key file does not exist; warned before
             pass
     clear_text = [e for e in events if "clear text" in formatEvent(e)]
     assert bool(clear_text) == warned
@@ -445,6 +446,64 @@ def test_duplicate_key_names(tmp_path: Path, names: list[str], api_key: str | No
     Path(config.keys_file).write_text(json.dumps({"keys": entries}))
     with pytest.raises(usage.UsageError):
         build_service(config, MemoryReactorClock(), lambda text: None)
+
+
+KEYS_FILES = {
+    "list": "[]",
+    "dict": '{"keys": {}}',
+    "nohash": '{"keys": [{"name": "alice"}]}',
+}
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--listen", "5000"], "--listen: '5000' is not an endpoint string"),
+        (["--listen", "tcp:5000:interfase=127.0.0.1"], "unknown parameter 'interfase'"),
+        (["--listen", "tcp:abc"], "'tcp:abc': the port must be a number"),
+        (["--listen", "ssl:5443"], "needs privateKey=KEY.pem and certKey=CERT.pem"),
+        (["--listen", "nope:5000"], "--listen: cannot listen on 'nope:5000'"),
+        (["--metrics-listen", "tcp:x"], "--metrics-listen: cannot listen on 'tcp:x'"),
+        (["--log-dir", "{tmp}/file/logs"], "--log-dir: cannot write log files in"),
+        (["--log-dir", "{tmp}/file"], "--log-dir: cannot write log files in"),
+        (["--usage-file", "{tmp}"], "--usage-file: {tmp} is a directory"),
+        (["--usage-file", "{tmp}/file"], "is not a usable SQLite database"),
+        (["--usage-file", "{tmp}/file/usage.db"], "is not a directory"),
+        (["--keys-file", "{tmp}/list.json"], 'it must be an object whose "keys" is a list'),
+        (["--keys-file", "{tmp}/dict.json"], 'it must be an object whose "keys" is a list'),
+        (["--keys-file", "{tmp}/nohash.json"], "key 'alice' has no \"hash\""),
+        (["--api-key", "short"], "--api-key: a key must be at least 16 characters"),
+        (["--idle-timeout", "soon"], "--idle-timeout: 'soon' is not a number"),
+        (["--no-such-option"], "option --no-such-option not recognized"),
+    ],
+)
+def test_every_mistake_is_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
+    """
+    Each configuration mistake stops the start with one line naming what is
+    wrong, as twistd and the .tac file show it (a SystemExit with a message:
+    exit status 1, no help screen, no traceback).
+    """
+    (tmp_path / "file").write_text("not an SQLite database, and not a directory " * 10)
+    for name, text in KEYS_FILES.items():
+        (tmp_path / f"{name}.json").write_text(text)
+    defaults = {"--keys-file": str(tmp_path / "keys.json"),
+                "--usage-file": str(tmp_path / "usage.db"),
+                "--listen": LOCAL}
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    for option, value in defaults.items():
+        if option not in args:
+            args += [option, value]
+    if "--api-key" not in args:
+        args += ["--api-key", "0123456789abcdef-test"]
+    with pytest.raises(SystemExit) as e:
+        options = Options(environ={"HOME": str(tmp_path)})
+        options.parseOptions(args)
+        tap.makeService(options)
+    message = e.value.code
+    assert isinstance(message, str)
+    assert message.startswith("ollamaproxy: ") and "\n" not in message, message
+    assert fragment.replace("{tmp}", str(tmp_path)) in message
+    assert "0123456789abcdef-test" not in message
 
 
 def test_plugin_is_discoverable() -> None:

@@ -32,6 +32,7 @@ from ollamaproxy.auth import (
     filter_listing,
     models_named,
 )
+from ollamaproxy.client_address import NOBODY, TrustedProxies
 from ollamaproxy.config import Route
 from ollamaproxy.cors import Cors
 from ollamaproxy.errors import ProxyError, error_body, is_openai_path, reason_phrase
@@ -77,6 +78,8 @@ class OllamaProxy:
     @param usage: Keeps requests and tokens per key, or L{None}.
     @param body_sample_bytes: How much of each response body to log; 0 for
         none.
+    @param trusted_proxies: The proxies in front whose forwarding headers
+        name the client.
     """
 
     app = Klein()
@@ -91,8 +94,10 @@ class OllamaProxy:
         metrics: Metrics,
         usage: UsageStore | None = None,
         body_sample_bytes: int = 0,
+        trusted_proxies: TrustedProxies = NOBODY,
     ) -> None:
         self._upstream = upstream
+        self._trusted_proxies = trusted_proxies
         self._auth = auth
         self._limits = limits
         self._cors = cors
@@ -119,7 +124,7 @@ class OllamaProxy:
         exchange = Exchange(
             method=request.method.decode("ascii", "replace"),
             path=target.path.decode("ascii", "replace"),
-            client=_client_address(request),
+            client=self._client_address(request),
             started=self._clock.seconds(),
         )
         # Ollama does not announce a server name, so neither does the proxy.
@@ -183,6 +188,16 @@ class OllamaProxy:
         finally:
             release()
 
+    def _client_address(self, request: Any) -> str:
+        """
+        Who a request comes from: its peer, or the client a trusted proxy
+        in front names.
+        """
+        peer = request.getClientAddress()
+        return self._trusted_proxies.client_address(
+            str(getattr(peer, "host", peer)), request.requestHeaders
+        )
+
     def _record(self, exchange: Exchange, sent_bytes: int) -> None:
         """
         Write down what happened to a request: log, metrics, usage.
@@ -216,7 +231,7 @@ class OllamaProxy:
         separate C{--metrics-listen} endpoint).
         """
         self._auth.authenticate(
-            b"GET", b"/metrics", request.requestHeaders, _client_address(request)
+            b"GET", b"/metrics", request.requestHeaders, self._client_address(request)
         )
         content_type, body = self._metrics.render(request.getHeader(b"accept"))
         request.setHeader(b"content-type", content_type)
@@ -309,6 +324,3 @@ def _error_response(
     return error_body(message, code, openai)
 
 
-def _client_address(request: Any) -> str:
-    peer = request.getClientAddress()
-    return str(getattr(peer, "host", peer))

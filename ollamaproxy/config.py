@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from ollamaproxy.client_address import NOBODY, TrustedProxies, parse_trusted_proxies
 from ollamaproxy.cors import DEFAULT_ORIGINS, parse_origins
 from ollamaproxy.errors import ConfigError as ConfigError
 
@@ -88,6 +89,8 @@ class Config:
     @ivar log_backups: How many rotated log files of each kind are kept.
     @ivar log_body_bytes: How much of each request and response body is
         logged; 0 (the default) for none.
+    @ivar trusted_proxies: The proxies in front whose C{X-Forwarded-For}
+        or C{Forwarded} header names the client.
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
@@ -108,6 +111,7 @@ class Config:
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = DEFAULT_LOG_BACKUPS
     log_body_bytes: int = 0
+    trusted_proxies: TrustedProxies = NOBODY
 
     @classmethod
     def from_sources(
@@ -184,6 +188,7 @@ class Config:
             max_body_size=parse_size(
                 "max-body-size", get("max-body-size") or DEFAULT_MAX_BODY_SIZE
             ),
+            trusted_proxies=parse_trusted_proxies(get("trusted-proxies") or ""),
         )
 
 

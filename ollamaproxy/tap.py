@@ -135,6 +135,11 @@ class ProxyOptions(usage.Options):
         ["max-body-size", None, None,
          "Largest request body accepted (413 beyond it), in bytes or with K, M, "
          "G, T; 0 for no limit [default: 0: model uploads are often tens of GB]"],
+        ["trusted-proxies", None, None,
+         "Comma-separated addresses and networks (10.0.0.5, 10.0.0.0/8, fd00::/8) of "
+         "the proxies in front (TLS terminators, load balancers) whose X-Forwarded-For "
+         "or Forwarded header names the client, for logs and limits; ignored from "
+         "anyone else [default: none]"],
         ["grace-period", None, None,
          "Seconds requests in flight get to finish when the proxy stops "
          f"(SIGTERM) [default: {DEFAULT_GRACE_PERIOD:g}]"],
@@ -320,6 +325,7 @@ def build_service(
         metrics,
         usage_store,
         body_sample_bytes=config.log_body_bytes,
+        trusted_proxies=config.trusted_proxies,
     )
     site = ProxySite(
         proxy.resource(),

@@ -116,6 +116,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "log-max-bytes": None,
         "log-backups": None,
         "log-body-bytes": None,
+        "trusted-proxies": None,
         "log-bodies": 0,
         "listen": [],
     }

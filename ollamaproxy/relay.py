@@ -130,7 +130,8 @@ async def relay(
             raise _too_large(request.body.max_size) from None
         raise
     except UNREACHABLE as e:
-        raise ProxyError(502, f"cannot reach Ollama: {_reason(e)}") from e
+        where = upstream.base.decode("ascii", "replace")
+        raise ProxyError(502, f"cannot reach Ollama at {where}: {_reason(e)}") from e
     exchange.responded(upstream.clock.seconds(), response.code)
     rewritten = None
     if rewrite is not None and response.code == 200 and request.method != b"HEAD":

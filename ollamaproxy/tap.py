@@ -56,6 +56,7 @@ from ollamaproxy.keys import (
 from ollamaproxy.limits import GuessThrottle, KeyLimits
 from ollamaproxy.logs import LogFilesService
 from ollamaproxy.metrics import Metrics, MetricsResource
+from ollamaproxy.probe import UpstreamProbe
 from ollamaproxy.reload import KeysReloader, sighup_installer
 from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import PoolService, Upstream, agent_for, connection_pool
@@ -374,6 +375,8 @@ def build_service(
         listen(config.metrics_listen, metrics_site, reactor, "--metrics-listen").setServiceParent(
             listeners
         )
+    # Last: it stops first, before the pool it uses is closed.
+    UpstreamProbe([upstream]).setServiceParent(service)
     return service
 
 

@@ -42,6 +42,7 @@ from ollamaproxy.config import (
 )
 from ollamaproxy.keys import ApiKey, digest, load_keys_file, looks_generated, write_keys_file
 from ollamaproxy.logs import LogFilesService
+from ollamaproxy.probe import UpstreamProbe
 from ollamaproxy.reload import KeysReloader
 from ollamaproxy.tap import DrainService, Listeners, Options, ProxyOptions, build_service
 from ollamaproxy.upstream import PoolService
@@ -274,7 +275,8 @@ def test_service_structure(tmp_path: Path) -> None:
     )
     service = build_service(config, reactor, lambda text: None)
     kinds = [type(child) for child in children(service)]
-    assert kinds == [PoolService, UsageStore, KeysReloader, DrainService, Listeners]
+    assert kinds == [PoolService, UsageStore, KeysReloader, DrainService, Listeners,
+                     UpstreamProbe]
     assert [type(child) for child in children(children(service)[4])] == [  # type: ignore[arg-type]
         StreamServerEndpointService,
         StreamServerEndpointService,

@@ -39,6 +39,7 @@ from ollamaproxy import __version__
 from ollamaproxy.config import env_variable, keys_file_path, usage_file_path
 from ollamaproxy.keys import (
     ADMIN,
+    CLOUD,
     INFERENCE,
     ApiKey,
     KeysFileError,
@@ -292,7 +293,10 @@ def _parser(stdout: TextIO) -> _Parser:
     add.add_argument("name", metavar="NAME", type=_name,
                      help="1 to 64 letters, digits, '.', '_' or '-'")
     add.add_argument("--admin", action="store_true",
-                     help="also allow model management and account routes")
+                     help="also allow model management and account routes (and cloud models)")
+    add.add_argument("--cloud", action="store_true",
+                     help="also allow cloud models (':cloud', '-cloud'), which run on "
+                     "ollama.com on the server owner's account")
     add.add_argument("--models", metavar="GLOB[,GLOB...]", action="extend", type=_globs,
                      default=[], help="models the key may use, e.g. 'llama3*,qwen2.5:7b'; "
                      "repeatable (default: all)")
@@ -358,7 +362,9 @@ def _add(args: argparse.Namespace, path: str, out: TextIO, now: datetime) -> Non
         digest=digest(secret),
         created=now,
         expires=expires,
-        scopes=frozenset({INFERENCE, ADMIN} if args.admin else {INFERENCE}),
+        scopes=frozenset(
+            {INFERENCE} | ({ADMIN} if args.admin else set()) | ({CLOUD} if args.cloud else set())
+        ),
         models=tuple(args.models),
         rpm=args.rpm,
         max_streams=args.max_streams,

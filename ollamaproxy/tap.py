@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from secrets import token_hex
 from typing import Any, ClassVar
 
 from twisted.application import strports
@@ -43,6 +44,7 @@ from ollamaproxy.config import (
     ConfigError,
 )
 from ollamaproxy.cors import Cors
+from ollamaproxy.headers import via_mark
 from ollamaproxy.keys import (
     SCOPES,
     ApiKey,
@@ -57,6 +59,7 @@ from ollamaproxy.limits import GuessThrottle, KeyLimits
 from ollamaproxy.logs import LogFilesService
 from ollamaproxy.metrics import Metrics, MetricsResource
 from ollamaproxy.probe import UpstreamProbe
+from ollamaproxy.redact import Redactor
 from ollamaproxy.reload import KeysReloader, sighup_installer
 from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import PoolService, Upstream, agent_for, connection_pool
@@ -313,10 +316,16 @@ def build_service(
         clock=reactor,
         header_timeout=config.header_timeout,
         idle_timeout=config.idle_timeout,
+        # A token of this process's own, so that a chain of proxies works
+        # and only a request coming back to this very process is a loop.
+        via=via_mark(token_hex(6)),
     )
     auth = Authenticator(keys, config.open_routes, reactor, GuessThrottle(reactor))
     metrics = Metrics()
     usage_store = UsageStore(config.usage_file, reactor, worker=ThreadWorker(reactor))
+    # The --api-key is known in clear: blanked wherever it shows, whatever
+    # its shape; the keys file's keys, by digest, word by word.
+    clear_keys = [config.api_key] if config.api_key else []
     proxy = OllamaProxy(
         upstream,
         auth,
@@ -326,6 +335,7 @@ def build_service(
         metrics,
         usage_store,
         body_sample_bytes=config.log_body_bytes,
+        redact=Redactor(keys.is_key, clear_keys),
         trusted_proxies=config.trusted_proxies,
     )
     site = ProxySite(
@@ -346,6 +356,7 @@ def build_service(
             globalLogPublisher,
             config.log_max_bytes,
             config.log_backups,
+            Redactor(secrets=clear_keys),
         ).setServiceParent(service)
     PoolService(pool).setServiceParent(service)
     usage_store.setServiceParent(service)

@@ -36,6 +36,7 @@ from ollamaproxy.upstream import Upstream
 from tests.fake_ollama import FakeOllama
 
 KEY = "olpk_chaintestkeychaintestkeychaintest"
+VIA = b"1.1 ollamaproxy-chaintest"
 UPSTREAM = b"http://127.0.0.1:11434"
 HEADER_TIMEOUT = 600.0
 IDLE_TIMEOUT = 300.0
@@ -107,6 +108,7 @@ class Chain:
             clock=self.clock,
             header_timeout=header_timeout,
             idle_timeout=idle_timeout,
+            via=VIA,
         )
         self.keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=SCOPES)])
         self.throttle = GuessThrottle(self.clock)

@@ -814,7 +814,7 @@ ACCESS = [
     ),
     pytest.param(
         None, "HEAD", "/api/version", KEY, {},
-        Logged("HEAD", "/api/version", 200, "-", "completed"), id="open route with key",
+        Logged("HEAD", "/api/version", 200, "alice", "completed"), id="open route with key",
     ),
     pytest.param(
         None, "GET", "/api/tags", None, {},

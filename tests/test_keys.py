@@ -361,22 +361,6 @@ def test_full_key_round_trips(tmp_path: Path) -> None:
     assert load_keys_file(path) == [key]
 
 
-@pytest.mark.parametrize(
-    ("model", "allowed"),
-    [("llama3", True), ("llama3.2", True), ("llama3.2:latest", True), ("llama3.2:1b", True),
-     ("mistral:7b", True), ("mistral", False), ("mistral:latest", False), ("codellama", False)],
-)
-def test_model_allow_list(model: str, allowed: bool) -> None:
-    """Glob patterns decide which models a key may use; a bare name is its :latest tag."""
-    key = ApiKey("k", b"", models=("llama3*", "mistral:7b"))
-    assert key.allows_model(model) is allowed
-
-
-def test_no_allow_list_allows_everything() -> None:
-    """A key without a models list may use any model."""
-    assert ApiKey("k", b"").allows_model("anything:else")
-
-
 def test_expiry() -> None:
     """A key works until its expiry time and not from then on."""
     key = ApiKey("k", b"", expires=datetime(2027, 1, 1, tzinfo=UTC))

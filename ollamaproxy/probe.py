@@ -71,7 +71,10 @@ class UpstreamProbe(Service):
 
     def _probe(self, upstream: Upstream) -> Deferred[None]:
         where = upstream.base.decode("ascii", "replace")
-        d = upstream.request(b"GET", VERSION_PATH, Headers(), None)
+        # Marked as the proxy marks what it forwards: an upstream that is
+        # this proxy itself answers 508 at once instead of calling itself.
+        headers = Headers({b"via": [upstream.via]} if upstream.via else {})
+        d = upstream.request(b"GET", VERSION_PATH, headers, None)
         d.addCallback(_version)
         d.addTimeout(self._timeout, upstream.clock)
         return d.addCallbacks(
@@ -90,6 +93,8 @@ def _version(response: IResponse) -> Deferred[str]:
 
     @raise ValueError: If it is not Ollama's answer.
     """
+    if response.code == 508:
+        raise _ItIsThisProxy()
     if response.code != 200:
         raise ValueError(f"it answered GET /api/version with {response.code}")
 
@@ -138,12 +143,25 @@ class _SmallBody(Protocol):
             cast(IPushProducer, self.transport).stopProducing()
 
 
+class _ItIsThisProxy(Exception):
+    """
+    The upstream answered 508: it is this very proxy.
+    """
+
+
 def _not_answered(failure: Failure, where: str, timeout: float) -> None:
     """
     Warn that an upstream did not answer, saying why in a few words.
     """
     if failure.check(CancelledError):
         return  # stopped before it answered: nothing to say
+    if failure.check(_ItIsThisProxy):
+        log.warn(
+            "Relaying requests to {upstream}, which is this proxy itself: every request "
+            "would come back to it (clients get 508).  Point --upstream at Ollama.",
+            upstream=where,
+        )
+        return
     if failure.check(TimeoutError):
         reason = f"no answer within {timeout:g} seconds"
     elif failure.check(ValueError):

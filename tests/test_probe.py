@@ -15,6 +15,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.pages import notFound
+from twisted.web.resource import Resource
 
 from ollamaproxy.probe import UpstreamProbe
 from ollamaproxy.upstream import Upstream
@@ -124,3 +125,39 @@ def test_stopping_cancels_quietly() -> None:
     assert list(events) == []
     assert agent.cancelled == 1
     assert clock.getDelayedCalls() == []
+
+
+def test_an_upstream_that_is_the_proxy_itself() -> None:
+    """
+    The probe carries the proxy's Via mark, so an upstream that points back
+    at the proxy answers 508 at once, and the warning says what is wrong.
+    """
+    clock = Clock()
+    seen: list[Headers] = []
+
+    class _Loop:
+        def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
+                    bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
+            assert headers is not None
+            seen.append(headers)
+            answer: Deferred[IResponse] = RequestTraversalAgent(_LoopDetected()).request(
+                method, uri, headers)
+            return answer
+
+    class _LoopDetected(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            request.setResponseCode(508)
+            return b'{"error": "loop"}'
+
+    service = UpstreamProbe([Upstream(agent=_Loop(), base=BASE, clock=clock,  # type: ignore[arg-type]
+                                      header_timeout=600, idle_timeout=600, via=b"1.1 mark")])
+    with capturedLogs() as events:
+        service.startService()
+    [line] = [formatEvent(e) for e in events]
+    assert seen[0].getRawHeaders(b"via") == [b"1.1 mark"]
+    assert line == (
+        "Relaying requests to http://127.0.0.1:11434, which is this proxy itself: every "
+        "request would come back to it (clients get 508).  Point --upstream at Ollama."
+    )

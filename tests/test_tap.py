@@ -470,7 +470,7 @@ KEYS_FILES = {
         (["--log-dir", "{tmp}/file/logs"], "--log-dir: cannot write log files in"),
         (["--log-dir", "{tmp}/file"], "--log-dir: cannot write log files in"),
         (["--usage-file", "{tmp}"], "--usage-file: {tmp} is a directory"),
-        (["--usage-file", "{tmp}/file"], "is not a usable SQLite database"),
+        (["--usage-file", "{tmp}/file"], "is not an SQLite database"),
         (["--usage-file", "{tmp}/file/usage.db"], "is not a directory"),
         (["--keys-file", "{tmp}/list.json"], 'it must be an object whose "keys" is a list'),
         (["--keys-file", "{tmp}/dict.json"], 'it must be an object whose "keys" is a list'),

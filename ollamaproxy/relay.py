@@ -168,6 +168,11 @@ async def relay(
 
 
 def _too_large(limit: int) -> ProxyError:
+    """
+    The 413 for a body over C{--max-body-size}, stating the limit.
+    """
+    if limit <= 0:
+        return ProxyError(413, "request body is larger than this server accepts")
     return ProxyError(
         413, f"request body is larger than the limit of {show_size(limit)} (--max-body-size)"
     )

@@ -2,7 +2,9 @@
 ollamaproxy: an Ollama server that needs a key.
 
 Rooms of the house, each with one job: L{ollamaproxy.config} (settings),
-L{ollamaproxy.tap} (twistd wiring), L{ollamaproxy.site} (the web server:
+L{ollamaproxy.tap} (twistd wiring), L{ollamaproxy.checks} and
+L{ollamaproxy.probe} (what is checked at start), L{ollamaproxy.client_address}
+(who a request comes from), L{ollamaproxy.site} (the web server:
 streamed request bodies, slow clients), L{ollamaproxy.app} (the Klein route
 tree), L{ollamaproxy.routes} (the catalogue of Ollama's routes),
 L{ollamaproxy.auth}, L{ollamaproxy.policy}, L{ollamaproxy.model_names},

@@ -23,8 +23,9 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from ollamaproxy.auth import Authenticator
+from ollamaproxy.client_address import NOBODY, TrustedProxies
 from ollamaproxy.cors import Cors
-from ollamaproxy.errors import ProxyError, error_body, is_openai_path
+from ollamaproxy.errors import ProxyError, error_body, is_openai_path, reason_phrase
 from ollamaproxy.headers import came_back
 from ollamaproxy.keys import ApiKey
 from ollamaproxy.limits import KeyLimits
@@ -81,6 +82,8 @@ class OllamaProxy:
     @param redact: Blanks credentials and keys in what the proxy logs or
         answers with; by default, a L{Redactor} that knows the keys of
         C{auth} by digest.
+    @param trusted_proxies: The proxies in front whose forwarding headers
+        name the client.
     """
 
     app = Klein()
@@ -97,7 +100,9 @@ class OllamaProxy:
         body_sample_bytes: int = 0,
         catalogue: Catalogue | None = None,
         redact: Callable[[str], str] | None = None,
+        trusted_proxies: TrustedProxies = NOBODY,
     ) -> None:
+        self._trusted_proxies = trusted_proxies
         self._catalogue = catalogue or Catalogue()
         self._redact = redact or Redactor(auth.keys.is_key)
         self._upstream = upstream
@@ -127,7 +132,7 @@ class OllamaProxy:
         exchange = Exchange(
             method=request.method.decode("ascii", "replace"),
             path=target.path.decode("ascii", "replace"),
-            client=_client_address(request),
+            client=self._client_address(request),
             started=self._clock.seconds(),
         )
         # Ollama does not announce a server name, so neither does the proxy.
@@ -224,6 +229,16 @@ class OllamaProxy:
             outcome="rejected",
         )
 
+    def _client_address(self, request: Any) -> str:
+        """
+        Who a request comes from: its peer, or the client a trusted proxy
+        in front names.
+        """
+        peer = request.getClientAddress()
+        return self._trusted_proxies.client_address(
+            str(getattr(peer, "host", peer)), request.requestHeaders
+        )
+
     def _record(self, exchange: Exchange, sent_bytes: int) -> None:
         """
         Write down what happened to a request: log, metrics, usage.
@@ -257,7 +272,8 @@ class OllamaProxy:
         separate C{--metrics-listen} endpoint).
         """
         self._auth.authenticate(
-            b"GET", b"/metrics", METRICS_ROUTE, request.requestHeaders, _client_address(request)
+            b"GET", b"/metrics", METRICS_ROUTE, request.requestHeaders,
+            self._client_address(request)
         )
         content_type, body = self._metrics.render(request.getHeader(b"accept"))
         request.setHeader(b"content-type", content_type)
@@ -371,18 +387,10 @@ class OllamaProxy:
 def _error_response(
     request: IRequest, code: int, message: str, headers: dict[bytes, bytes]
 ) -> bytes:
-    request.setResponseCode(code, _PHRASES.get(code))
+    request.setResponseCode(code, reason_phrase(code))
     request.setHeader(b"content-type", b"application/json; charset=utf-8")
     for name, value in headers.items():
         request.setHeader(name, value)
     openai = is_openai_path(target_of(request.uri).path)
     return error_body(message, code, openai)
 
-
-# Reason phrases twisted.web does not know (it would say "Unknown Status").
-_PHRASES = {508: b"Loop Detected"}
-
-
-def _client_address(request: Any) -> str:
-    peer = request.getClientAddress()
-    return str(getattr(peer, "host", peer))

@@ -205,9 +205,41 @@ def load_keys_file(path: str) -> list[ApiKey]:
     except (OSError, ValueError) as e:
         raise KeysFileError(f"cannot read keys file {path}: {e}") from e
     try:
-        return [_key_from_json(entry) for entry in document["keys"]]
+        return [_key_from_json(entry) for entry in _entries(document)]
     except (KeyError, TypeError, ValueError) as e:
-        raise KeysFileError(f"keys file {path} is not valid: {e!r}") from e
+        raise KeysFileError(f"keys file {path} is not valid: {_why(e)}") from e
+
+
+def _entries(document: object) -> list[Mapping[str, Any]]:
+    """
+    The key entries of a keys file's document, each an object with a
+    C{name} and a C{hash}.
+
+    @raise ValueError: If the document does not have that shape, saying
+        where.
+    """
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError('it must be an object whose "keys" is a list: {"keys": [...]}')
+    entries: list[Mapping[str, Any]] = document["keys"]
+    for number, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise ValueError(f"key number {number} is not an object")
+        for field in ("name", "hash"):
+            if field not in entry:
+                name = entry.get("name")
+                which = f"key {name!r}" if isinstance(name, str) else f"key number {number}"
+                raise ValueError(f'{which} has no "{field}"')
+    return entries
+
+
+def _why(error: Exception) -> str:
+    """
+    The reason in an error, in words: a missing field's name rather than
+    C{KeyError('created')}.
+    """
+    if isinstance(error, KeyError):
+        return f'missing "{error.args[0]}"'
+    return str(error)
 
 
 def _key_from_json(entry: Mapping[str, Any]) -> ApiKey:

@@ -40,6 +40,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
+from ollamaproxy.config import show_size
 from ollamaproxy.errors import ProxyError, error_body
 from ollamaproxy.headers import copy_response_headers, upstream_request_headers
 from ollamaproxy.logs import Exchange
@@ -112,7 +113,7 @@ async def relay(
         then.
     """
     if request.body is not None and request.body.too_large:
-        raise _too_large()
+        raise _too_large(request.body.max_size)
     try:
         response = await upstream.request(
             b"GET" if rewrite is not None and request.method == b"HEAD" else request.method,
@@ -125,11 +126,14 @@ async def relay(
             504, f"Ollama sent no response within {upstream.header_timeout:g} seconds"
         ) from None
     except RequestGenerationFailed as e:
-        if any(reason.check(BodyTooLarge) for reason in e.reasons):
-            raise _too_large() from None
+        if request.body is not None and any(
+            reason.check(BodyTooLarge) for reason in e.reasons
+        ):
+            raise _too_large(request.body.max_size) from None
         raise
     except UNREACHABLE as e:
-        raise ProxyError(502, f"cannot reach Ollama: {_reason(e)}") from e
+        where = upstream.base.decode("ascii", "replace")
+        raise ProxyError(502, f"cannot reach Ollama at {where}: {_reason(e)}") from e
     exchange.responded(upstream.clock.seconds(), response.code)
     rewritten = None
     if rewrite is not None and response.code == 200:
@@ -163,8 +167,15 @@ async def relay(
         exchange.response_sample = body.sample
 
 
-def _too_large() -> ProxyError:
-    return ProxyError(413, "request body is larger than this server accepts")
+def _too_large(limit: int) -> ProxyError:
+    """
+    The 413 for a body over C{--max-body-size}, stating the limit.
+    """
+    if limit <= 0:
+        return ProxyError(413, "request body is larger than this server accepts")
+    return ProxyError(
+        413, f"request body is larger than the limit of {show_size(limit)} (--max-body-size)"
+    )
 
 
 def _reason(error: Exception) -> str:

@@ -39,7 +39,7 @@ class StreamedBody:
         chunked body.
     @ivar received: How many bytes have arrived so far.
     @ivar complete: Whether the whole body has arrived.
-    @param max_size: The largest body accepted, in bytes; 0 for no limit.
+    @ivar max_size: The largest body accepted, in bytes; 0 for no limit.
     @param sample_bytes: How much of the start of the body to keep in
         C{sample}, for the log; 0 for none.
     """
@@ -58,7 +58,7 @@ class StreamedBody:
         self.complete = False
         self.sample = b""
         self._sample_left = sample_bytes
-        self._max_size = max_size
+        self.max_size = max_size
         self._pause_client = pause_client
         self._resume_client = resume_client
         self._waiting: list[bytes] = []
@@ -76,7 +76,7 @@ class StreamedBody:
         """
         Whether the declared or received size is over the maximum.
         """
-        return self._max_size > 0 and max(self._declared, self.received) > self._max_size
+        return self.max_size > 0 and max(self._declared, self.received) > self.max_size
 
     # Fed by the client's request.
 
@@ -91,7 +91,7 @@ class StreamedBody:
             self.sample += data[: self._sample_left]
             self._sample_left = max(0, self._sample_left - len(data))
         if self.too_large:
-            self.fail(Failure(BodyTooLarge(self._max_size)))
+            self.fail(Failure(BodyTooLarge(self.max_size)))
             return
         if self._consumer is not None and not self._upstream_paused and not self._waiting:
             self._consumer.write(data)

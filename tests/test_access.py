@@ -236,6 +236,7 @@ def test_rate_limit_answers_429_with_retry_after() -> None:
     assert call(chain, "GET", "/api/tags")[0] == 200
     response = chain.respond("GET", "/api/tags", key=USER_KEY)
     assert response.code == 429
+    assert response.phrase == b"Too Many Requests"
     assert response.headers.getRawHeaders(b"retry-after") == [b"30"]
     assert "2 requests a minute" in json.loads(chain.body(response))["error"]
     chain.clock.advance(30)

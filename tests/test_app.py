@@ -719,12 +719,14 @@ def test_no_server_header_on_internal_error(observe_errors: ErrorCollector) -> N
 def test_unreachable_ollama_is_502(error: Exception, path: str) -> None:
     """
     When Ollama cannot be reached, the client gets a 502 whose Ollama-shaped
-    error says so.
+    error says so and names the address tried (never a key).
     """
     chain = Chain(agent=FailingAgent(error))
     reply = call(chain, "POST", path, data=chat())
     assert reply.code == 502
-    assert "reach ollama" in is_ollama_error(reply).lower()
+    message = is_ollama_error(reply)
+    assert message.startswith("cannot reach Ollama at http://127.0.0.1:11434: ")
+    assert KEY not in message
 
 
 @pytest.mark.parametrize(
@@ -735,12 +737,13 @@ def test_unreachable_ollama_is_502(error: Exception, path: str) -> None:
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/proxy/v1/chat/completions"])
 def test_unreachable_ollama_on_v1_is_openai_shaped_502(error: Exception, path: str) -> None:
     """
-    On C{/v1}, the 502 for an unreachable Ollama has OpenAI's error shape.
+    On C{/v1}, the 502 for an unreachable Ollama has OpenAI's error shape,
+    and names the address tried.
     """
     chain = Chain(agent=FailingAgent(error))
     reply = call(chain, "POST", path, data=chat(stream=True))
     assert reply.code == 502
-    assert "reach ollama" in is_openai_error(reply).lower()
+    assert is_openai_error(reply).startswith("cannot reach Ollama at http://127.0.0.1:11434: ")
 
 
 # -- 7. a bug in the proxy --------------------------------------------------

@@ -11,6 +11,12 @@ setup(
     # twisted/plugins has no __init__.py on purpose (it is a namespace that
     # Twisted itself shares), so it is listed by hand.
     packages=["ollamaproxy", "twisted.plugins"],
+    # Every package under the project root: with this, 'pip install -e .'
+    # puts the root itself on sys.path (a static .pth file) instead of an
+    # import hook that knows only these packages.  Twisted finds plugins by
+    # scanning sys.path for twisted/plugins directories, so only the former
+    # lets 'twistd ollamaproxy' find the plugin of an editable install.
+    package_dir={"": "."},
     package_data={"twisted": ["plugins/ollamaproxy_plugin.py"]},
     entry_points={"console_scripts": ["ollamaproxy = ollamaproxy.cli:main"]},
     install_requires=[
@@ -25,6 +31,9 @@ setup(
             "treq>=24.9.1",
             "ollama>=0.4",
             "openai>=1.40",
+            # tests/integration/test_editable.py builds an editable install
+            # without build isolation (no network).
+            "wheel",
         ],
         "dev": [
             "mypy>=1.11",

@@ -2,9 +2,13 @@
 ollamaproxy: an Ollama server that needs a key.
 
 Rooms of the house, each with one job: L{ollamaproxy.config} (settings),
-L{ollamaproxy.tap} (twistd wiring), L{ollamaproxy.site} (the web server:
+L{ollamaproxy.tap} (twistd wiring), L{ollamaproxy.checks} and
+L{ollamaproxy.probe} (what is checked at start), L{ollamaproxy.client_address}
+(who a request comes from), L{ollamaproxy.site} (the web server:
 streamed request bodies, slow clients), L{ollamaproxy.app} (the Klein route
-tree), L{ollamaproxy.auth}, L{ollamaproxy.keys}, L{ollamaproxy.limits},
+tree), L{ollamaproxy.routes} (the catalogue of Ollama's routes),
+L{ollamaproxy.auth}, L{ollamaproxy.policy}, L{ollamaproxy.model_names},
+L{ollamaproxy.keys}, L{ollamaproxy.limits},
 L{ollamaproxy.reload} and L{ollamaproxy.cors} (who may ask, and how much),
 L{ollamaproxy.headers} (what crosses), L{ollamaproxy.relay} (streaming a
 response back), L{ollamaproxy.request_body} (passing a request body on),

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 from typing import Any
-from urllib.parse import unquote
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -23,24 +22,27 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
-from ollamaproxy.auth import (
-    LISTINGS,
-    MODEL_IN_BODY,
-    OPENAI_MODEL_PREFIX,
-    Authenticator,
-    check_models,
-    filter_listing,
-    models_named,
-)
-from ollamaproxy.config import Route
+from ollamaproxy.auth import Authenticator
+from ollamaproxy.client_address import NOBODY, TrustedProxies
 from ollamaproxy.cors import Cors
-from ollamaproxy.errors import ProxyError, error_body, is_openai_path
+from ollamaproxy.errors import ProxyError, error_body, is_openai_path, reason_phrase
+from ollamaproxy.headers import came_back
 from ollamaproxy.keys import ApiKey
 from ollamaproxy.limits import KeyLimits
 from ollamaproxy.logs import Exchange, log_exchange
 from ollamaproxy.metrics import Metrics
+from ollamaproxy.policy import (
+    MAX_CHECKED_BODY,
+    check_models,
+    filter_listing,
+    models_to_check,
+    needs_body_check,
+    path_model,
+)
+from ollamaproxy.redact import Redactor, redacted_failure
 from ollamaproxy.relay import Target, relay
 from ollamaproxy.request_body import BodyTooLarge
+from ollamaproxy.routes import Catalogue, ModelIn, RouteSpec, Scope, decoded_path
 from ollamaproxy.site import ProxyRequest
 from ollamaproxy.upstream import Upstream
 from ollamaproxy.usage import UsageStore
@@ -48,9 +50,8 @@ from ollamaproxy.usage import UsageStore
 log = Logger()
 
 PREFIX = b"/proxy"
-# A body read whole to see which model it names (chat with images can be
-# several MB).
-MAX_CHECKED_BODY = 64 * 1024 * 1024
+# The proxy's own route, beside Ollama's.
+METRICS_ROUTE = RouteSpec("/metrics", frozenset({b"GET"}), Scope.ADMIN)
 
 
 def target_of(uri: bytes) -> Target:
@@ -77,6 +78,12 @@ class OllamaProxy:
     @param usage: Keeps requests and tokens per key, or L{None}.
     @param body_sample_bytes: How much of each response body to log; 0 for
         none.
+    @param catalogue: Ollama's routes.
+    @param redact: Blanks credentials and keys in what the proxy logs or
+        answers with; by default, a L{Redactor} that knows the keys of
+        C{auth} by digest.
+    @param trusted_proxies: The proxies in front whose forwarding headers
+        name the client.
     """
 
     app = Klein()
@@ -91,7 +98,13 @@ class OllamaProxy:
         metrics: Metrics,
         usage: UsageStore | None = None,
         body_sample_bytes: int = 0,
+        catalogue: Catalogue | None = None,
+        redact: Callable[[str], str] | None = None,
+        trusted_proxies: TrustedProxies = NOBODY,
     ) -> None:
+        self._trusted_proxies = trusted_proxies
+        self._catalogue = catalogue or Catalogue()
+        self._redact = redact or Redactor(auth.keys.is_key)
         self._upstream = upstream
         self._auth = auth
         self._limits = limits
@@ -119,7 +132,7 @@ class OllamaProxy:
         exchange = Exchange(
             method=request.method.decode("ascii", "replace"),
             path=target.path.decode("ascii", "replace"),
-            client=_client_address(request),
+            client=self._client_address(request),
             started=self._clock.seconds(),
         )
         # Ollama does not announce a server name, so neither does the proxy.
@@ -134,10 +147,17 @@ class OllamaProxy:
         try:
             if self._draining:
                 raise ProxyError(503, "ollamaproxy is shutting down", outcome="shutdown")
+            if self._upstream.via and came_back(request.requestHeaders, self._upstream.via):
+                raise self._loop()
+            # Every check sees the path Ollama's router will see.
+            path = decoded_path(target.path)
+            route = self._catalogue.find(path)
+            if route is not None:
+                exchange.route = route.pattern
             key = self._auth.authenticate(
-                request.method, target.path, request.requestHeaders, exchange.client
+                request.method, path, route, request.requestHeaders, exchange.client
             )
-            await self._serve(request, target, exchange, key)
+            await self._serve(request, target, exchange, key, path, route)
         except ProxyError as e:
             exchange.status = e.code
             exchange.failed(e.outcome, e.message)
@@ -169,7 +189,13 @@ class OllamaProxy:
                     d.callback(None)
 
     async def _serve(
-        self, request: ProxyRequest, target: Target, exchange: Exchange, key: ApiKey | None
+        self,
+        request: ProxyRequest,
+        target: Target,
+        exchange: Exchange,
+        key: ApiKey | None,
+        path: bytes,
+        route: RouteSpec | None,
     ) -> None:
         """
         Relay an authenticated request within its key's limits.
@@ -182,11 +208,41 @@ class OllamaProxy:
         exchange.key = key.name
         release = self._limits.admit(key)
         try:
-            rewrite = await self._models_for(key, request, target)
+            rewrite = await self._models_for(key, request, target, path, route)
             await relay(request, self._upstream, target, exchange, rewrite,
                         self._body_sample_bytes)
         finally:
             release()
+
+    def _loop(self) -> ProxyError:
+        """
+        A request this proxy forwarded came back to it: the upstream is the
+        proxy itself.  Say so once for each such request (the 508 ends the
+        circle at its second turn) and refuse it before the key check, since
+        a looped request carries no key.
+        """
+        upstream = self._upstream.base.decode("ascii", "replace")
+        log.warn(
+            "A request came back to this proxy: the upstream {upstream} points at "
+            "the proxy itself.  Set --upstream to Ollama's address.",
+            upstream=upstream,
+        )
+        return ProxyError(
+            508,
+            f"the proxy's upstream ({upstream}) points at the proxy itself, "
+            "not at Ollama",
+            outcome="rejected",
+        )
+
+    def _client_address(self, request: Any) -> str:
+        """
+        Who a request comes from: its peer, or the client a trusted proxy
+        in front names.
+        """
+        peer = request.getClientAddress()
+        return self._trusted_proxies.client_address(
+            str(getattr(peer, "host", peer)), request.requestHeaders
+        )
 
     def _record(self, exchange: Exchange, sent_bytes: int) -> None:
         """
@@ -194,7 +250,7 @@ class OllamaProxy:
         """
         now = self._clock.seconds()
         log_exchange(exchange, sent_bytes, now, self._upstream.base.decode("ascii"),
-                     self._auth.keys.is_key)
+                     self._redact)
         self._metrics.observe(exchange, now)
         if self._usage is not None and exchange.key != "-":
             self._usage.record_summary(exchange.key, exchange.summary, now)
@@ -204,7 +260,7 @@ class OllamaProxy:
         Write down a request the web server refused before it reached
         L{proxy} (a malformed request line or header): log and metrics.
         """
-        log_exchange(exchange, sent_bytes, now, "", self._auth.keys.is_key)
+        log_exchange(exchange, sent_bytes, now, "", self._redact)
         self._metrics.observe(exchange, now)
 
     def _preflight(self, request: Any, exchange: Exchange) -> None:
@@ -229,36 +285,62 @@ class OllamaProxy:
         separate C{--metrics-listen} endpoint).
         """
         self._auth.authenticate(
-            b"GET", b"/metrics", request.requestHeaders, _client_address(request)
+            b"GET", b"/metrics", METRICS_ROUTE, request.requestHeaders,
+            self._client_address(request)
         )
         content_type, body = self._metrics.render(request.getHeader(b"accept"))
         request.setHeader(b"content-type", content_type)
         return body
 
     async def _models_for(
-        self, key: ApiKey, request: ProxyRequest, target: Target
+        self,
+        key: ApiKey,
+        request: ProxyRequest,
+        target: Target,
+        path: bytes,
+        route: RouteSpec | None,
     ) -> Callable[[bytes], bytes] | None:
         """
-        For a key limited to some models: refuse a request for another
-        model, and say how to narrow a model listing.
+        Refuse a request for a model the key may not use, and say how to
+        narrow a model listing for a key limited to some models.
 
         @return: How to rewrite the response body, if it needs it.
-        @raise ProxyError: 403 for a model the key may not use.
+        @raise ProxyError: 403 for a model the key may not use, or for a
+            route the proxy does not know when the key is limited to some
+            models; 400 or 413 for a body it cannot check.
         """
-        if not key.models:
+        if route is None:
+            if key.models:
+                raise ProxyError(
+                    403, f"API key {key.name!r} is limited to some models and may not use "
+                    f"{request.method.decode('ascii', 'replace')} "
+                    f"{path.decode('utf-8', 'replace')}, which is none of Ollama's routes"
+                )
             return None
-        route = Route(request.method, target.path)
-        if route in MODEL_IN_BODY and request.body is not None:
+        if route.listing is not None:
+            return partial(filter_listing, key, route.listing) if key.models else None
+        if route.model_in is ModelIn.NOWHERE or not needs_body_check(key):
+            return None
+        if route.model_in is ModelIn.PATH:
+            check_models(key, [path_model(path, route)])
+            return None
+        body = b""
+        if request.body is not None:
+            encoding = request.getHeader(b"content-encoding")
+            if encoding is not None and encoding.strip().lower() != b"identity":
+                raise ProxyError(400, "the proxy cannot check which model a body with "
+                                 "Content-Encoding names: send it uncompressed")
             try:
                 body = await request.body.collect(MAX_CHECKED_BODY)
             except BodyTooLarge:
-                raise ProxyError(413, "request body too large to check its model") from None
-            check_models(key, models_named(body))
-        elif target.path.startswith(OPENAI_MODEL_PREFIX):
-            name = unquote(target.path[len(OPENAI_MODEL_PREFIX):].decode("utf-8", "replace"))
-            check_models(key, [name])
-        elif route in LISTINGS:
-            return partial(filter_listing, key, LISTINGS[route])
+                raise ProxyError(
+                    413, f"request body is larger than {MAX_CHECKED_BODY // 2**20} MiB, the "
+                    "most the proxy reads to check which model it names"
+                ) from None
+        elif route.model_in is ModelIn.JSON:
+            return None  # Ollama answers that the model is missing
+        query = target.target.partition(b"?")[2]
+        check_models(key, models_to_check(route, body, request.getHeader(b"content-type"), query))
         return None
 
     def drain(self, grace_period: float) -> Deferred[None]:
@@ -299,15 +381,19 @@ class OllamaProxy:
         """
         error = failure.value
         assert isinstance(error, ProxyError)
-        return _error_response(request, error.code, error.message, error.headers)
+        # A message may repeat the path or a model name the client sent.
+        return _error_response(request, error.code, self._redact(error.message), error.headers)
 
     @app.handle_errors(Exception)
     def unexpected_error(self, request: IRequest, failure: Failure) -> bytes:
         """
         A bug: log it with its traceback, and answer with a 500 that shows
-        none.
+        none.  The URI (its query string may hold a key) and the exception's
+        message are redacted in the event itself, for every log observer.
         """
-        log.failure("Unexpected error handling {uri}", failure, uri=request.uri)
+        uri = self._redact((request.uri or b"").decode("utf-8", "replace"))
+        log.failure("Unexpected error handling {uri}", redacted_failure(failure, self._redact),
+                    uri=uri)
         return _error_response(request, 500, "internal error in ollamaproxy", {})
 
 
@@ -325,14 +411,10 @@ def _refuse_body_without_key(request: ProxyRequest) -> None:
 def _error_response(
     request: IRequest, code: int, message: str, headers: dict[bytes, bytes]
 ) -> bytes:
-    request.setResponseCode(code)
+    request.setResponseCode(code, reason_phrase(code))
     request.setHeader(b"content-type", b"application/json; charset=utf-8")
     for name, value in headers.items():
         request.setHeader(name, value)
     openai = is_openai_path(target_of(request.uri).path)
     return error_body(message, code, openai)
 
-
-def _client_address(request: Any) -> str:
-    peer = request.getClientAddress()
-    return str(getattr(peer, "host", peer))

@@ -3,8 +3,9 @@
 The C{ollamaproxy} command: managing the keys in the keys file, and showing
 how much each key used.
 
-    ollamaproxy keys add NAME [--admin] [--models GLOB ...] [--rpm N]
+    ollamaproxy keys add NAME [--admin] [--models GLOB[,GLOB...]]... [--rpm N]
                               [--max-streams N] [--expires DATE]
+    ollamaproxy --version
     ollamaproxy keys list
     ollamaproxy keys revoke NAME
     ollamaproxy keys rotate NAME
@@ -34,9 +35,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
+from ollamaproxy import __version__
 from ollamaproxy.config import env_variable, keys_file_path, usage_file_path
 from ollamaproxy.keys import (
     ADMIN,
+    CLOUD,
     INFERENCE,
     ApiKey,
     KeysFileError,
@@ -126,13 +129,32 @@ def _whole_number(text: str) -> int:
     return int(text)
 
 
-def _glob(text: str) -> str:
+def _globs(text: str) -> list[str]:
     """
-    Accept a model glob pattern, which must not be empty.
+    Accept one model glob pattern or several, comma-separated; none may be
+    empty.
     """
-    if not text:
+    patterns = [pattern.strip() for pattern in text.split(",")]
+    if not all(patterns):
         raise argparse.ArgumentTypeError("a model pattern cannot be empty")
-    return text
+    return patterns
+
+
+class _Version(argparse.Action):
+    """
+    C{--version}: print ollamaproxy's version on the parser's standard
+    output and exit.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                         nargs=0, help="show the version of ollamaproxy and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        assert isinstance(parser, _Parser)
+        parser._stdout.write(f"{PROG} {__version__}\n")
+        parser.exit()
 
 
 def _name(text: str) -> str:
@@ -254,6 +276,7 @@ def _parser(stdout: TextIO) -> _Parser:
     )
 
     parser = _Parser(prog=PROG, description="Manage an ollamaproxy.", stdout=stdout)
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     keys = commands.add_parser(
         "keys", help="add, list, revoke and rotate API keys", stdout=stdout
@@ -270,9 +293,13 @@ def _parser(stdout: TextIO) -> _Parser:
     add.add_argument("name", metavar="NAME", type=_name,
                      help="1 to 64 letters, digits, '.', '_' or '-'")
     add.add_argument("--admin", action="store_true",
-                     help="also allow model management and account routes")
-    add.add_argument("--models", metavar="GLOB", nargs="+", action="extend", type=_glob,
-                     default=[], help="models the key may use, e.g. 'llama3*' (default: all)")
+                     help="also allow model management and account routes (and cloud models)")
+    add.add_argument("--cloud", action="store_true",
+                     help="also allow cloud models (':cloud', '-cloud'), which run on "
+                     "ollama.com on the server owner's account")
+    add.add_argument("--models", metavar="GLOB[,GLOB...]", action="extend", type=_globs,
+                     default=[], help="models the key may use, e.g. 'llama3*,qwen2.5:7b'; "
+                     "repeatable (default: all)")
     add.add_argument("--rpm", metavar="N", type=_whole_number,
                      help="requests a minute (default: no limit)")
     add.add_argument("--max-streams", metavar="N", type=_whole_number,
@@ -335,7 +362,9 @@ def _add(args: argparse.Namespace, path: str, out: TextIO, now: datetime) -> Non
         digest=digest(secret),
         created=now,
         expires=expires,
-        scopes=frozenset({INFERENCE, ADMIN} if args.admin else {INFERENCE}),
+        scopes=frozenset(
+            {INFERENCE} | ({ADMIN} if args.admin else set()) | ({CLOUD} if args.cloud else set())
+        ),
         models=tuple(args.models),
         rpm=args.rpm,
         max_streams=args.max_streams,
@@ -453,7 +482,15 @@ def run(
     @raise OSError: If the keys file cannot be written.
     @raise _Exit: After printing help.
     """
-    args = _parser(stdout).parse_args(argv)
+    parser = _parser(stdout)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "action", None) == "add":
+        raise UsageError(
+            f"unrecognized arguments: {' '.join(extra)} (--models takes one pattern or a "
+            "comma-separated list, and may be repeated: --models 'llama3*,qwen2.5:7b')"
+        )
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "usage":
         _usage(args, environ, stdout)
         return

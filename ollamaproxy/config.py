@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from ollamaproxy.client_address import NOBODY, TrustedProxies, parse_trusted_proxies
 from ollamaproxy.cors import DEFAULT_ORIGINS, parse_origins
 from ollamaproxy.errors import ConfigError as ConfigError
 
@@ -42,6 +43,9 @@ DEFAULT_MIN_BODY_RATE = "1K"
 DEFAULT_LOG_MAX_BYTES = "10M"
 DEFAULT_LOG_BACKUPS = 10
 DEFAULT_LOG_BODY_BYTES = "4K"
+# A key chosen by the operator: shorter ones can be guessed by someone who
+# may try keys for as long as they like.
+MIN_API_KEY_LENGTH = 16
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 ENV_PREFIX = "OLLAMAPROXY_"
@@ -91,6 +95,8 @@ class Config:
     @ivar log_backups: How many rotated log files of each kind are kept.
     @ivar log_body_bytes: How much of each request and response body is
         logged; 0 (the default) for none.
+    @ivar trusted_proxies: The proxies in front whose C{X-Forwarded-For}
+        or C{Forwarded} header names the client.
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
@@ -112,6 +118,7 @@ class Config:
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = DEFAULT_LOG_BACKUPS
     log_body_bytes: int = 0
+    trusted_proxies: TrustedProxies = NOBODY
 
     @classmethod
     def from_sources(
@@ -159,7 +166,7 @@ class Config:
         return cls(
             listen=tuple(listen),
             upstream=parse_ollama_host(upstream),
-            api_key=get("api-key") or None,
+            api_key=_api_key(get("api-key")),
             keys_file=keys_file_path(get("keys-file"), environ),
             log_dir=get("log-dir") or None,
             open_routes=parse_routes(
@@ -191,7 +198,23 @@ class Config:
             min_body_rate=parse_size(
                 "min-body-rate", get("min-body-rate") or DEFAULT_MIN_BODY_RATE
             ),
+            trusted_proxies=parse_trusted_proxies(get("trusted-proxies") or ""),
         )
+
+
+def _api_key(value: str | None) -> str | None:
+    """
+    The operator's own key, if given: at least L{MIN_API_KEY_LENGTH}
+    characters.  The message never shows the key.
+    """
+    if not value:
+        return None
+    if len(value) < MIN_API_KEY_LENGTH:
+        raise ConfigError(
+            f"--api-key: a key must be at least {MIN_API_KEY_LENGTH} characters long, "
+            f"this one has {len(value)} (make a strong one with 'ollamaproxy keys add NAME')"
+        )
+    return value
 
 
 def _split(value: str) -> list[str]:
@@ -242,6 +265,17 @@ def parse_size(name: str, value: str) -> int:
     if not number.isdigit():
         raise ConfigError(f"--{name}: {value!r} is not a size such as 1048576, 512M or 20G")
     return int(number) * _SIZE_UNITS[unit]
+
+
+def show_size(size: int) -> str:
+    """
+    A size in bytes as people read it: C{10 MiB} for a whole number of a
+    unit, else C{1000 bytes}.
+    """
+    for unit in ("T", "G", "M", "K"):
+        if size >= _SIZE_UNITS[unit] and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]} {unit}iB"
+    return f"{size} bytes"
 
 
 def parse_routes(value: str) -> frozenset[Route]:

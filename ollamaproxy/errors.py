@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 
+from twisted.web.http import RESPONSES
+
 _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",
@@ -57,6 +59,21 @@ class ProxyError(Exception):
         self.outcome = outcome or (
             "rejected" if code < 500 else "timeout" if code == 504 else "upstream_error"
         )
+
+
+def reason_phrase(code: int) -> bytes:
+    """
+    The reason phrase for a status the proxy answers with: twisted.web's,
+    else the standard one (twisted.web knows no 429, 431 or 508 and would
+    send C{429 Unknown Status}).
+    """
+    known = RESPONSES.get(code)
+    if known is not None:
+        return known
+    try:
+        return HTTPStatus(code).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown Status"
 
 
 def unauthorized(message: str) -> ProxyError:

@@ -9,6 +9,12 @@ Ollama), its cookies, and C{Origin} and C{Referer}: Ollama refuses browser
 origins it does not know with a 403.  The Agent sets C{Host} from the
 upstream URL, which keeps Ollama's DNS-rebinding guard happy, and
 C{Content-Length} or C{Transfer-Encoding} from the body it sends.
+
+Every request the proxy forwards carries its mark in C{Via}
+(C{1.1 ollamaproxy-<instance>}, the instance a random token made when the
+process starts), added to whatever C{Via} entries the request came with.  A
+request that arrives with the proxy's own mark has gone round in a circle:
+the upstream points back at the proxy.
 """
 
 from __future__ import annotations
@@ -53,15 +59,38 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
     }
 
 
-def upstream_request_headers(client: Headers) -> Headers:
+def via_mark(instance: str) -> bytes:
+    """
+    The C{Via} entry of the proxy process whose instance token is
+    C{instance}: a pseudonym, not a host name, so it tells nothing about
+    the machine.
+    """
+    return b"1.1 ollamaproxy-" + instance.encode("ascii")
+
+
+def came_back(client: Headers, mark: bytes) -> bool:
+    """
+    Whether a request already passed through the proxy that marks requests
+    with C{mark} (L{via_mark}): its C{Via} header holds that entry.
+    """
+    values = client.getRawHeaders(b"via")
+    return values is not None and any(mark in value for value in values)
+
+
+def upstream_request_headers(client: Headers, via: bytes = b"") -> Headers:
     """
     The headers to send to Ollama for a client's request.
+
+    @param via: The proxy's own C{Via} entry (L{via_mark}), added after any
+        the client sent; empty for none.
     """
     dropped = NEVER_UPSTREAM | _connection_tokens(client)
     forwarded = Headers()
     for name, values in client.getAllRawHeaders():
         if name.lower() not in dropped:
             forwarded.setRawHeaders(name, values)
+    if via:
+        forwarded.addRawHeader(b"via", via)
     return forwarded
 
 

@@ -30,7 +30,6 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from fnmatch import fnmatchcase
 from typing import Any
 
 KEY_PREFIX = "olpk_"
@@ -47,7 +46,8 @@ class KeysFileError(ValueError):
 
 INFERENCE = "inference"
 ADMIN = "admin"
-SCOPES = frozenset({INFERENCE, ADMIN})
+CLOUD = "cloud"
+SCOPES = frozenset({INFERENCE, ADMIN, CLOUD})
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,9 @@ class ApiKey:
     @ivar created: When the key was made, if known.
     @ivar expires: When the key stops working, or L{None} for never.
     @ivar scopes: C{inference} (chat, generate, embed, model lists, C{/v1})
-        for every key; C{admin} adds model management and account routes.
+        for every key; C{admin} adds model management and account routes;
+        C{cloud} adds cloud models (C{:cloud}, C{-cloud}), which run on
+        ollama.com on the server owner's account.
     @ivar models: Glob patterns (C{llama3*}) of the models the key may use;
         empty for all.
     @ivar rpm: Requests a minute the key may make, or L{None} for no limit.
@@ -81,23 +83,18 @@ class ApiKey:
     def admin(self) -> bool:
         return ADMIN in self.scopes
 
+    @property
+    def cloud(self) -> bool:
+        """
+        Whether the key may use cloud models: admin keys may.
+        """
+        return CLOUD in self.scopes or ADMIN in self.scopes
+
     def expired(self, now: datetime) -> bool:
         """
         Whether the key has stopped working at C{now}.
         """
         return self.expires is not None and now >= self.expires
-
-    def allows_model(self, model: str) -> bool:
-        """
-        Whether the key may use a model.  A name without a tag is the
-        C{:latest} tag, as in Ollama.
-        """
-        if not self.models:
-            return True
-        tagged = model if ":" in model else model + ":latest"
-        return any(
-            fnmatchcase(model, pattern) or fnmatchcase(tagged, pattern) for pattern in self.models
-        )
 
 
 def digest(key: str) -> bytes:
@@ -208,9 +205,41 @@ def load_keys_file(path: str) -> list[ApiKey]:
     except (OSError, ValueError) as e:
         raise KeysFileError(f"cannot read keys file {path}: {e}") from e
     try:
-        return [_key_from_json(entry) for entry in document["keys"]]
+        return [_key_from_json(entry) for entry in _entries(document)]
     except (KeyError, TypeError, ValueError) as e:
-        raise KeysFileError(f"keys file {path} is not valid: {e!r}") from e
+        raise KeysFileError(f"keys file {path} is not valid: {_why(e)}") from e
+
+
+def _entries(document: object) -> list[Mapping[str, Any]]:
+    """
+    The key entries of a keys file's document, each an object with a
+    C{name} and a C{hash}.
+
+    @raise ValueError: If the document does not have that shape, saying
+        where.
+    """
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError('it must be an object whose "keys" is a list: {"keys": [...]}')
+    entries: list[Mapping[str, Any]] = document["keys"]
+    for number, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise ValueError(f"key number {number} is not an object")
+        for field in ("name", "hash"):
+            if field not in entry:
+                name = entry.get("name")
+                which = f"key {name!r}" if isinstance(name, str) else f"key number {number}"
+                raise ValueError(f'{which} has no "{field}"')
+    return entries
+
+
+def _why(error: Exception) -> str:
+    """
+    The reason in an error, in words: a missing field's name rather than
+    C{KeyError('created')}.
+    """
+    if isinstance(error, KeyError):
+        return f'missing "{error.args[0]}"'
+    return str(error)
 
 
 def _key_from_json(entry: Mapping[str, Any]) -> ApiKey:

@@ -4,10 +4,8 @@ How much a key may ask, and how often an address may guess.
 
 L{KeyLimits} enforces each key's requests per minute (a token bucket that
 holds a minute's worth) and its number of requests in flight.
-L{GuessThrottle} slows down key guessing: an address that presented wrong
-keys too often is refused for a while, before its keys are even checked,
-except for keys that already worked from that address, so people sharing
-an address with a guesser keep working.
+L{GuessThrottle} answers wrong keys from an address that presented too many
+with 429; valid keys from that address go on working.
 
 Both answer 429 with C{Retry-After}, and both forget what they no longer
 need, so their memory stays bounded.
@@ -97,13 +95,17 @@ class KeyLimits:
 @dataclass
 class GuessThrottle:
     """
-    Refuses addresses that presented too many wrong keys.
+    Refuses wrong keys from addresses that presented too many.
+
+    It never refuses a valid key: people behind one NAT or TLS terminator
+    with a guesser keep working, and keys are checked before the throttle is
+    asked.  Generated keys (190 bits) cannot be guessed anyway; the throttle
+    makes a guesser's answers 429 and keeps the log of its attempts short.
 
     @ivar clock: Tells time.
     @ivar failures: Wrong keys an address may present within C{window}
-        seconds before it is refused.
-    @ivar window: Seconds over which wrong keys are counted; an address is
-        refused until its oldest counted failure is that old.
+        seconds before its wrong keys are answered with 429.
+    @ivar window: Seconds over which wrong keys are counted.
     @ivar max_addresses: How many addresses are remembered at most.
     """
 
@@ -112,50 +114,28 @@ class GuessThrottle:
     window: float = 60.0
     max_addresses: int = 10000
     _failed: OrderedDict[str, deque[float]] = field(default_factory=OrderedDict)
-    _worked: OrderedDict[str, set[bytes]] = field(default_factory=OrderedDict)
-
-    def check(self, address: str, digest: bytes) -> None:
-        """
-        Before a key is checked: refuse a throttled address, unless this key
-        already worked from it.
-
-        @raise ProxyError: 429.
-        """
-        failed = self._recent(address)
-        if len(failed) >= self.failures and digest not in self._worked.get(address, ()):
-            wait = failed[0] + self.window - self.clock.seconds()
-            raise too_many("too many wrong API keys from this address", wait)
 
     def failed(self, address: str) -> None:
         """
         A wrong key came from C{address}.
+
+        @raise ProxyError: 429 if the address already presented C{failures}
+            wrong keys within the window.
         """
-        failed = self._recent(address)
-        failed.append(self.clock.seconds())
+        now = self.clock.seconds()
+        failed = self._failed.get(address, deque())
+        while failed and failed[0] <= now - self.window:
+            failed.popleft()
+        throttled = len(failed) >= self.failures
+        failed.append(now)
         if len(failed) > self.failures:
             failed.popleft()
         self._failed[address] = failed
         self._failed.move_to_end(address)
         _bound(self._failed, self.max_addresses)
-
-    def worked(self, address: str, digest: bytes) -> None:
-        """
-        A valid key came from C{address}.
-        """
-        worked = self._worked.setdefault(address, set())
-        if len(worked) < 64:
-            worked.add(digest)
-        self._worked.move_to_end(address)
-        _bound(self._worked, self.max_addresses)
-
-    def _recent(self, address: str) -> deque[float]:
-        failed = self._failed.get(address, deque())
-        horizon = self.clock.seconds() - self.window
-        while failed and failed[0] <= horizon:
-            failed.popleft()
-        if not failed:
-            self._failed.pop(address, None)
-        return failed
+        if throttled:
+            wait = failed[0] + self.window - now
+            raise too_many("too many wrong API keys from this address", wait)
 
 
 def _bound(table: OrderedDict[str, _V], size: int) -> None:

@@ -9,13 +9,16 @@ files: C{ollamaproxy.log} (text, for people) and C{ollamaproxy.json} (one JSON
 object a line, for C{jq}).  twistd's own observer is left alone, so
 C{twistd -n} still shows everything on the console.
 
-Keys never appear in any event: events name a key by its name.
+Keys never appear in any event: events name a key by its name, and the text
+clients choose (paths, model names, error details, body samples) is redacted
+(L{ollamaproxy.redact}) before it goes into an event, so every observer
+(twistd's console, which is the journal under systemd, as much as the files)
+receives clean fields and a clean line.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, cast
@@ -34,6 +37,8 @@ from twisted.logger import (
     jsonFileLogObserver,
 )
 from twisted.python.logfile import LogFile
+
+from ollamaproxy.redact import blank_credentials
 
 access = Logger(namespace="ollamaproxy.access")
 streams = Logger(namespace="ollamaproxy.stream")
@@ -56,6 +61,10 @@ class StreamSummary:
     @ivar tokens_per_second: Generation speed, when Ollama reports the
         time it took (C{eval_duration}).
     @ivar load_seconds: Time spent loading the model, when reported.
+    @ivar counted: Whether C{completion_tokens} were counted from the
+        stream's chunks because Ollama reported no usage (a C{/v1} stream
+        without C{stream_options.include_usage}); the prompt's tokens are
+        then unknown (0).
     """
 
     model: str
@@ -64,6 +73,7 @@ class StreamSummary:
     completion_tokens: int = 0
     tokens_per_second: float | None = None
     load_seconds: float | None = None
+    counted: bool = False
 
 
 @dataclass
@@ -71,6 +81,8 @@ class Exchange:
     """
     What happened to one request, filled in as it goes and logged at its end.
 
+    @ivar route: The route's label: its pattern in the catalogue
+        (L{ollamaproxy.routes}), or C{other}.
     @ivar outcome: C{completed}, C{client_disconnected}, C{upstream_error},
         C{timeout}, C{rejected}, C{bad_request} (refused by the web server:
         malformed, or a head too large), C{client_timeout} (a body that came
@@ -81,6 +93,7 @@ class Exchange:
     path: str
     client: str
     started: float
+    route: str = "other"
     key: str = "-"
     status: int | None = None
     first_byte: float | None = None
@@ -110,15 +123,20 @@ def log_exchange(
     sent_bytes: int,
     now: float,
     upstream: str = "",
-    is_key: Callable[[str], bool] | None = None,
+    redact: Callable[[str], str] = blank_credentials,
 ) -> None:
     """
     Emit the events for a finished request: its access event, the summary
-    of what it generated, and its body samples if they were kept.  The
-    text clients choose (the path, the bodies) is checked for the proxy's
-    own keys with C{is_key}, whatever their shape.
+    of what it generated, and its body samples if they were kept.
+
+    @param redact: Blanks credentials and the proxy's own keys
+        (L{ollamaproxy.redact.Redactor}) in the text clients choose: the
+        path, the error detail (which may repeat the path or a model name)
+        and the bodies, before they go into any event.  (The summary's
+        model is the one Ollama answered with: an installed model.)
     """
-    path = redact(exchange.path, is_key)
+    path = redact(exchange.path)
+    detail = redact(exchange.detail) if exchange.detail else ""
     _emit(
         access,
         ACCESS_LINE,
@@ -128,8 +146,8 @@ def log_exchange(
         path=path,
         status=exchange.status,
         outcome=exchange.outcome,
-        detail=exchange.detail,
-        detail_suffix=f" ({exchange.detail})" if exchange.detail else "",
+        detail=detail,
+        detail_suffix=f" ({detail})" if detail else "",
         sent_bytes=sent_bytes,
         upstream=upstream,
         first_byte=exchange.first_byte,
@@ -148,6 +166,8 @@ def log_exchange(
             completion_tokens=summary.completion_tokens,
             tokens_per_second=summary.tokens_per_second,
             load_seconds=summary.load_seconds,
+            tokens_counted=summary.counted,
+            counted=_COUNTED if summary.counted else "",
             speed=(
                 f" at {summary.tokens_per_second:.1f} tokens/s"
                 if summary.tokens_per_second is not None else ""
@@ -160,8 +180,8 @@ def log_exchange(
             method=exchange.method,
             path=path,
             key=exchange.key,
-            request_body=redact(exchange.request_sample.decode("utf-8", "replace"), is_key),
-            response_body=redact(exchange.response_sample.decode("utf-8", "replace"), is_key),
+            request_body=redact(exchange.request_sample.decode("utf-8", "replace")),
+            response_body=redact(exchange.response_sample.decode("utf-8", "replace")),
         )
 
 
@@ -171,8 +191,9 @@ ACCESS_LINE = (
 )
 STREAM_LINE = (
     "{key} {model}: {prompt_tokens} prompt + {completion_tokens} completion tokens"
-    "{speed}, {done_reason}"
+    "{counted}{speed}, {done_reason}"
 )
+_COUNTED = " (counted from the stream: Ollama reported no usage)"
 BODIES_LINE = "{method} {path} request body: {request_body!r} response body: {response_body!r}"
 
 
@@ -189,88 +210,21 @@ def _emit(logger: Logger, line: str, **fields: object) -> None:
     logger.info("{line}", line=line.format(**fields), **fields)
 
 
-# Anything that looks like a credential: our keys, bearer tokens, and the
-# values of credential headers or fields in any text.
-_SECRETS = re.compile(
-    r"(?P<key>olpk_[0-9A-Za-z]{38})"
-    r"|(?P<name>(?i:bearer\s+|(?:x-api-key|authorization|cookie|api_key|apikey)"
-    r"[\"']?\s*[:=]\s*[\"']?))"
-    r"(?i:(?:bearer|basic|token)\s+)?[^\s\"',;]+"
-)
-# The words one of those starts with.  Finding them is much cheaper than
-# running the expression at every position, so it runs only where they are.
-_SECRET_WORDS = ("olpk_", "bearer", "x-api-key", "api_key", "apikey", "authorization", "cookie")
-
-
-def _blank_credentials(text: str) -> str:
-    lowered = text.lower()
-    starts = sorted(
-        start
-        for word in _SECRET_WORDS
-        for start in _occurrences(lowered, word)
-    )
-    pieces = []
-    done = 0
-    for start in starts:
-        if start < done:
-            continue
-        found = _SECRETS.match(text, start)
-        if found is not None:
-            pieces += [text[done:start], found["name"] or "", "[redacted]"]
-            done = found.end()
-    return "".join(pieces) + text[done:] if pieces else text
-
-
-def _occurrences(text: str, word: str) -> list[int]:
-    found = []
-    start = text.find(word)
-    while start >= 0:
-        found.append(start)
-        start = text.find(word, start + 1)
-    return found
-
-
-# Words long enough to be a key someone chose (--api-key), to be checked
-# against the keys the proxy knows.
-_WORDS = re.compile(r"[A-Za-z0-9_.~+/=-]{8,}")
-
-
-def redact(text: str, is_key: Callable[[str], bool] | None = None) -> str:
-    """
-    C{text} with anything that looks like a key or credential replaced, and,
-    given C{is_key}, any word that is one of the proxy's keys (keys an
-    operator chose need not look like keys).
-    """
-    text = _blank_credentials(text)
-    if is_key is not None:
-
-        def blank(word: str) -> str:
-            if is_key(word):
-                return "[redacted]"
-            # A key inside a path: check its segments too.
-            parts = word.split("/")
-            if len(parts) == 1:
-                return word
-            return "/".join("[redacted]" if len(p) >= 8 and is_key(p) else p for p in parts)
-
-        text = _WORDS.sub(lambda m: blank(m[0]), text)
-    return text
-
-
 class _Redacting:
     """
     A log file that blanks anything looking like a credential before it is
-    written: the proxy logs no headers, and this makes sure of it, down to
-    the text of tracebacks.  (The text clients choose, paths and body
-    samples, has already been checked for the proxy's own keys, whatever
-    their shape, where it was logged.)
+    written: a second line of defence behind the events' own redaction, for
+    text the proxy did not make (Twisted's messages, tracebacks).  It checks
+    shapes and the keys known in clear, not the keys file's digests, which
+    would cost a hash per word of every line.
     """
 
-    def __init__(self, logfile: LogFile) -> None:
+    def __init__(self, logfile: LogFile, redact: Callable[[str], str]) -> None:
         self._logfile = logfile
+        self._redact = redact
 
     def write(self, text: str) -> None:
-        self._logfile.write(redact(text))
+        self._logfile.write(self._redact(text))
 
     def flush(self) -> None:
         self._logfile.flush()
@@ -316,6 +270,9 @@ class LogFilesService(Service):
         the daemon).
     @param rotate_bytes: Size at which a file is rotated.
     @param backups: How many rotated files of each kind are kept.
+    @param redact: Applied to every line written, as a last guard
+        (L{blank_credentials}, or a L{ollamaproxy.redact.Redactor} with the
+        keys known in clear).
     """
 
     def __init__(
@@ -324,7 +281,9 @@ class LogFilesService(Service):
         publisher: LogPublisher,
         rotate_bytes: int = DEFAULT_ROTATE_BYTES,
         backups: int = DEFAULT_BACKUPS,
+        redact: Callable[[str], str] = blank_credentials,
     ) -> None:
+        self._redact = redact
         self._directory = directory
         self._publisher = publisher
         self._rotate_bytes = rotate_bytes
@@ -345,8 +304,8 @@ class LogFilesService(Service):
 
     def startService(self) -> None:
         os.makedirs(self._directory, exist_ok=True)
-        text = _Redacting(self._open("ollamaproxy.log"))
-        lines = _Redacting(self._open("ollamaproxy.json"))
+        text = _Redacting(self._open("ollamaproxy.log"), self._redact)
+        lines = _Redacting(self._open("ollamaproxy.json"), self._redact)
         self._observers = [
             FilteringLogObserver(
                 observer,

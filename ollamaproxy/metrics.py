@@ -11,7 +11,8 @@ request in flight to Ollama.  L{Metrics.render} answers a scrape.
 
 Every label has a bounded set of values, whatever clients send:
 
-  - C{route} is a route family from a fixed table (L{route_family});
+  - C{route} is the pattern of one of Ollama's routes in the catalogue
+    (L{ollamaproxy.routes}), such as C{/v1/models/{model}}, or C{other};
   - C{method}, C{status} and C{outcome} are folded into fixed sets;
   - C{key} is a key's name, from the operator's configuration (or C{-}
     for a request without a key);
@@ -29,7 +30,7 @@ from twisted.web.server import Request
 
 from ollamaproxy.logs import Exchange
 
-__all__ = ["DURATION_BUCKETS", "MAX_MODELS", "Metrics", "route_family"]
+__all__ = ["DURATION_BUCKETS", "MAX_MODELS", "Metrics"]
 
 # From a cached /api/tags (milliseconds) to a long generation on a slow
 # machine or a model pull (an hour).
@@ -42,36 +43,6 @@ DURATION_BUCKETS = (
 MAX_MODELS = 100
 
 OTHER = "other"
-
-# Route families: every path Ollama serves that is one route.
-_ROUTES = frozenset(
-    [
-        b"/",
-        b"/api/version",
-        b"/api/tags",
-        b"/api/ps",
-        b"/api/show",
-        b"/api/chat",
-        b"/api/generate",
-        b"/api/embed",
-        b"/api/embeddings",
-        b"/api/pull",
-        b"/api/push",
-        b"/api/create",
-        b"/api/copy",
-        b"/api/delete",
-        b"/v1/chat/completions",
-        b"/v1/completions",
-        b"/v1/embeddings",
-        b"/v1/models",
-        b"/v1/responses",
-    ]
-)
-# Route families for paths that end in a parameter: (prefix, family).
-_PARAMETER_ROUTES = (
-    (b"/api/blobs/", "/api/blobs"),
-    (b"/v1/models/", "/v1/models/{model}"),
-)
 
 _METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
 _OUTCOMES = frozenset(
@@ -89,27 +60,6 @@ _OUTCOMES = frozenset(
 )
 _UPSTREAM_ERRORS = ("upstream_error", "timeout")
 _AUTH_FAILURES = (401, 403, 429)
-
-
-def route_family(path: bytes) -> str:
-    """
-    The route family of a request path, for the C{route} label.
-
-    @param path: The path Ollama gets: without the C{/proxy} prefix (which
-        L{ollamaproxy.app.target_of} has already taken off, so
-        C{/proxy/api/chat} is C{other} here) and without the query string.
-        It is compared as sent, not percent-decoded: C{/api/%63hat} is
-        C{other}.
-    @return: The path itself for one of Ollama's routes; C{/api/blobs} for
-        C{/api/blobs/<digest>}; C{/v1/models/{model}} for
-        C{/v1/models/<name>}; otherwise C{other}.
-    """
-    if path in _ROUTES:
-        return path.decode("ascii")
-    for prefix, family in _PARAMETER_ROUTES:
-        if path.startswith(prefix) and len(path) > len(prefix):
-            return family
-    return OTHER
 
 
 def _status_label(status: int | None) -> str:
@@ -207,7 +157,7 @@ class Metrics:
         @param exchange: What happened to it.
         @param now: When it ended, on the clock that set C{exchange.started}.
         """
-        route = route_family(exchange.path.encode("utf-8", "replace"))
+        route = exchange.route
         status = _status_label(exchange.status)
         self._requests.labels(
             route=route,

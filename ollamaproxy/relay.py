@@ -40,6 +40,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
+from ollamaproxy.config import show_size
 from ollamaproxy.errors import ProxyError, error_body
 from ollamaproxy.headers import copy_response_headers, upstream_request_headers
 from ollamaproxy.logs import Exchange
@@ -101,7 +102,9 @@ async def relay(
 
     @param rewrite: For the few small answers the proxy must change (model
         listings for a key limited to some models): called with a whole
-        successful body, and what it returns is sent instead.
+        successful body, and what it returns is sent instead.  A C{HEAD}
+        request is then sent as C{GET}, so that its length is the
+        rewritten body's.
     @param sample_bytes: How much of the response body to keep for the log
         (C{exchange.response_sample}); 0 for none.
 
@@ -110,12 +113,12 @@ async def relay(
         then.
     """
     if request.body is not None and request.body.too_large:
-        raise _too_large()
+        raise _too_large(request.body.max_size)
     try:
         response = await upstream.request(
-            request.method,
+            b"GET" if rewrite is not None and request.method == b"HEAD" else request.method,
             target.target,
-            upstream_request_headers(request.requestHeaders),
+            upstream_request_headers(request.requestHeaders, upstream.via),
             request.body,
         )
     except TimeoutError:
@@ -123,21 +126,22 @@ async def relay(
             504, f"Ollama sent no response within {upstream.header_timeout:g} seconds"
         ) from None
     except RequestGenerationFailed as e:
-        if any(reason.check(BodyTooLarge) for reason in e.reasons):
-            raise _too_large() from None
+        if request.body is not None and any(
+            reason.check(BodyTooLarge) for reason in e.reasons
+        ):
+            raise _too_large(request.body.max_size) from None
         if all(reason.check(CancelledError) for reason in e.reasons):
             # The client left (or was dropped) while its body was on its way.
             raise CancelledError() from None
         raise
     except UNREACHABLE as e:
-        raise ProxyError(502, f"cannot reach Ollama: {_reason(e)}") from e
+        where = upstream.base.decode("ascii", "replace")
+        raise ProxyError(502, f"cannot reach Ollama at {where}: {_reason(e)}") from e
     exchange.responded(upstream.clock.seconds(), response.code)
     rewritten = None
-    if rewrite is not None and response.code == 200 and request.method != b"HEAD":
-        whole = _WholeBody()
-        response.deliverBody(whole)
+    if rewrite is not None and response.code == 200:
         try:
-            rewritten = rewrite(await whole.done)
+            rewritten = rewrite(await whole_body(response))
         except ResponseFailed as e:
             raise ProxyError(502, "Ollama's answer broke off") from e
     request.setResponseCode(response.code, response.phrase)
@@ -153,7 +157,7 @@ async def relay(
     response.deliverBody(body)
     try:
         await body.done
-        exchange.summary = summarise(body.tail, target.openai)
+        exchange.summary = summarise(body.tail, target.openai, body.pieces, body.reads)
     except BodyCut as e:
         exchange.response_sample = body.sample
         exchange.failed("upstream_error", str(e))
@@ -166,8 +170,15 @@ async def relay(
         exchange.response_sample = body.sample
 
 
-def _too_large() -> ProxyError:
-    return ProxyError(413, "request body is larger than this server accepts")
+def _too_large(limit: int) -> ProxyError:
+    """
+    The 413 for a body over C{--max-body-size}, stating the limit.
+    """
+    if limit <= 0:
+        return ProxyError(413, "request body is larger than this server accepts")
+    return ProxyError(
+        413, f"request body is larger than the limit of {show_size(limit)} (--max-body-size)"
+    )
 
 
 def _reason(error: Exception) -> str:
@@ -206,6 +217,18 @@ class _WholeBody(Protocol):
             self.done.errback(ResponseFailed([reason]))
 
 
+def whole_body(response: IResponse) -> Deferred[bytes]:
+    """
+    A small response body (a model listing), whole.
+
+    @return: Fires with the body; fails with L{ResponseFailed} if it broke
+        off; cancelling it closes the connection.
+    """
+    whole = _WholeBody()
+    response.deliverBody(whole)
+    return whole.done
+
+
 @implementer(IPushProducer)
 class _BodyRelay(Protocol):
     """
@@ -214,6 +237,8 @@ class _BodyRelay(Protocol):
     @ivar done: Fires when the body has been relayed, fails with L{BodyCut}
         if it stopped early, and closes Ollama's connection if cancelled.
     @ivar sample: The start of the body, up to C{sample_bytes}, for the log.
+    @ivar reads: How many pieces the body arrived in (a counter, so that a
+        stream whose end reports no usage can still be counted; no call).
     """
 
     def __init__(
@@ -235,6 +260,7 @@ class _BodyRelay(Protocol):
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._previous = self._last = b""
+        self.reads = 0
         self.sample = b""
         self._sample_left = sample_bytes
         self._idle: IDelayedCall | None = None
@@ -248,6 +274,7 @@ class _BodyRelay(Protocol):
         if self._idle is not None:
             self._idle.reset(self._idle_timeout)
         self._previous, self._last = self._last, data
+        self.reads += 1
         if self._sample_left:
             self.sample += data[: self._sample_left]
             self._sample_left = max(0, self._sample_left - len(data))
@@ -263,6 +290,13 @@ class _BodyRelay(Protocol):
         final object, which L{summarise} reads once the body has ended.
         """
         return self._previous + self._last
+
+    @property
+    def pieces(self) -> tuple[bytes, bytes]:
+        """
+        The last two pieces of the body, each as it came.
+        """
+        return self._previous, self._last
 
     def _write_lines(self, data: bytes) -> None:
         end = data.rfind(b"\n") + 1

@@ -43,7 +43,7 @@ class StreamedBody:
         is slower; whoever watches the client's rate clears it.
     @ivar on_demand: Called once, when the body is first read (sent on or
         collected), or L{None}.
-    @param max_size: The largest body accepted, in bytes; 0 for no limit.
+    @ivar max_size: The largest body accepted, in bytes; 0 for no limit.
     @param sample_bytes: How much of the start of the body to keep in
         C{sample}, for the log; 0 for none.
     """
@@ -64,7 +64,7 @@ class StreamedBody:
         self.on_demand: Callable[[], None] | None = None
         self.sample = b""
         self._sample_left = sample_bytes
-        self._max_size = max_size
+        self.max_size = max_size
         self._pause_client = pause_client
         self._resume_client = resume_client
         self._waiting: list[bytes] = []
@@ -82,7 +82,7 @@ class StreamedBody:
         """
         Whether the declared or received size is over the maximum.
         """
-        return self._max_size > 0 and max(self._declared, self.received) > self._max_size
+        return self.max_size > 0 and max(self._declared, self.received) > self.max_size
 
     # Fed by the client's request.
 
@@ -97,7 +97,7 @@ class StreamedBody:
             self.sample += data[: self._sample_left]
             self._sample_left = max(0, self._sample_left - len(data))
         if self.too_large:
-            self.fail(Failure(BodyTooLarge(self._max_size)))
+            self.fail(Failure(BodyTooLarge(self.max_size)))
             return
         if self._consumer is not None and not self._upstream_paused and not self._waiting:
             self._consumer.write(data)

@@ -50,13 +50,13 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, ITCPTranspo
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES, HTTPChannel
+from twisted.web.http import HTTPChannel
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-from ollamaproxy.errors import error_body, is_openai_path
+from ollamaproxy.errors import error_body, is_openai_path, reason_phrase
 from ollamaproxy.logs import Exchange, log_exchange
 from ollamaproxy.request_body import StreamedBody
 
@@ -321,7 +321,7 @@ class ProxyChannel(HTTPChannel):
             head = (
                 b"HTTP/1.1 %d %s\r\ncontent-type: application/json; charset=utf-8\r\n"
                 b"content-length: %d\r\nconnection: close\r\n\r\n"
-                % (status, RESPONSES.get(status, b"Error"), len(body))
+                % (status, reason_phrase(status), len(body))
             )
             self.transport.write(head + body)
             sent = len(body)

@@ -10,9 +10,11 @@ build their service here, from the same L{Options}.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from secrets import token_hex
 from typing import Any, ClassVar
 
 from twisted.application import strports
@@ -23,8 +25,10 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.web.server import Site
 
+from ollamaproxy import __version__
 from ollamaproxy.app import OllamaProxy
 from ollamaproxy.auth import Authenticator
+from ollamaproxy.checks import check_log_dir, check_usage_file
 from ollamaproxy.config import (
     DEFAULT_CLIENT_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
@@ -42,6 +46,7 @@ from ollamaproxy.config import (
 )
 from ollamaproxy.cors import Cors
 from ollamaproxy.descriptors import connection_limit, raise_open_files_limit
+from ollamaproxy.headers import via_mark
 from ollamaproxy.keys import (
     SCOPES,
     ApiKey,
@@ -55,6 +60,8 @@ from ollamaproxy.keys import (
 from ollamaproxy.limits import GuessThrottle, KeyLimits
 from ollamaproxy.logs import LogFilesService
 from ollamaproxy.metrics import Metrics, MetricsResource
+from ollamaproxy.probe import UpstreamProbe
+from ollamaproxy.redact import Redactor
 from ollamaproxy.reload import KeysReloader, sighup_installer
 from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import PoolService, Upstream, agent_for, connection_pool
@@ -63,7 +70,7 @@ from ollamaproxy.usage import ThreadWorker, UsageStore
 log = Logger()
 
 
-class Options(usage.Options):
+class ProxyOptions(usage.Options):
     """
     The options of C{twistd ollamaproxy}.  Each option can also be given as
     an environment variable, C{OLLAMAPROXY_} and the option's name in capitals
@@ -90,7 +97,7 @@ class Options(usage.Options):
          f"else {DEFAULT_UPSTREAM}]"],
         ["api-key", None, None,
          "A key clients must send (Authorization: Bearer KEY or X-API-Key: "
-         "KEY).  Prefer OLLAMAPROXY_API_KEY: options show in ps."],
+         "KEY), at least 16 characters.  Prefer OLLAMAPROXY_API_KEY: options show in ps."],
         ["keys-file", None, None,
          "JSON file of named, hashed keys [default: "
          "$XDG_CONFIG_HOME/ollamaproxy/keys.json or ~/.config/ollamaproxy/keys.json]"],
@@ -142,6 +149,11 @@ class Options(usage.Options):
          "a second (K, M suffixes) averaged over each --client-timeout; a "
          "slower client gets 408 and is dropped; 0 for no minimum "
          f"[default: {DEFAULT_MIN_BODY_RATE}]"],
+        ["trusted-proxies", None, None,
+         "Comma-separated addresses and networks (10.0.0.5, 10.0.0.0/8, fd00::/8) of "
+         "the proxies in front (TLS terminators, load balancers) whose X-Forwarded-For "
+         "or Forwarded header names the client, for logs and limits; ignored from "
+         "anyone else [default: none]"],
         ["grace-period", None, None,
          "Seconds requests in flight get to finish when the proxy stops "
          f"(SIGTERM) [default: {DEFAULT_GRACE_PERIOD:g}]"],
@@ -162,11 +174,35 @@ class Options(usage.Options):
         """Endpoint to accept clients on (a Twisted endpoint string, repeatable; for TLS: ssl:5443:privateKey=key.pem:certKey=cert.pem; reuseport:5000 to share the port with other ollamaproxy processes) [default: tcp:5000]"""  # noqa: E501
         self["listen"].append(endpoint)
 
+    def opt_version(self) -> None:
+        """Print the version of ollamaproxy and exit"""
+        sys.stdout.write(f"ollamaproxy {__version__}\n")
+        sys.stdout.flush()
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         try:
             self.config = Config.from_sources(self, self._environ)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+
+
+class Options(ProxyOptions):
+    """
+    L{ProxyOptions} as twistd and the C{.tac} file read them: a mistake
+    stops the start with one line on standard error and a non-zero exit
+    status.  (twistd answers a L{usage.UsageError} with its whole help
+    screen before the reason, and a C{.tac} file's exception with a
+    traceback.)
+    """
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(
+                f"ollamaproxy: {e} (see 'twistd ollamaproxy --help')"
+            ) from None
 
 
 def makeService(options: Options) -> IService:
@@ -177,6 +213,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     try:
+        check_files(options.config)
         return build_service(
             options.config,
             reactor,
@@ -187,6 +224,42 @@ def makeService(options: Options) -> IService:
         # A bad endpoint string, an unreadable keys file or TLS key: say
         # what is wrong, without a traceback.
         raise SystemExit(f"ollamaproxy: {e}") from None
+
+
+def check_files(config: Config) -> None:
+    """
+    See that the files the proxy writes can be written: the log directory
+    and the usage database.
+
+    @raise ConfigError: If one cannot, saying why.
+    """
+    if config.log_dir:
+        check_log_dir(config.log_dir)
+    check_usage_file(config.usage_file)
+
+
+def listen(description: str, factory: Site, reactor: Any, option: str) -> IService:
+    """
+    A service listening on an endpoint string.
+
+    @raise ConfigError: If the string does not describe an endpoint the
+        proxy can listen on, naming the option and the string.
+    """
+    try:
+        return strports.service(description, factory, reactor=reactor)
+    except Exception as e:
+        reason = str(e) or type(e).__name__
+        unknown = re.search(r"unexpected keyword argument '([^']*)'", reason)
+        if unknown:
+            reason = f"unknown parameter {unknown.group(1)!r}"
+        elif isinstance(e, ValueError) and "invalid literal for int()" in reason:
+            reason = "the port must be a number"
+        elif description.startswith("ssl:") and isinstance(e, OSError):
+            reason += " (an ssl: endpoint needs privateKey=KEY.pem and certKey=CERT.pem)"
+        raise ConfigError(
+            f"{option}: cannot listen on {description!r}: {reason}; for example tcp:5000, "
+            "tcp:5000:interface=127.0.0.1 or ssl:5443:privateKey=key.pem:certKey=cert.pem"
+        ) from None
 
 
 def _to_terminal(text: str) -> None:
@@ -263,10 +336,16 @@ def build_service(
         clock=reactor,
         header_timeout=config.header_timeout,
         idle_timeout=config.idle_timeout,
+        # A token of this process's own, so that a chain of proxies works
+        # and only a request coming back to this very process is a loop.
+        via=via_mark(token_hex(6)),
     )
     auth = Authenticator(keys, config.open_routes, reactor, GuessThrottle(reactor))
     metrics = Metrics()
     usage_store = UsageStore(config.usage_file, reactor, worker=ThreadWorker(reactor))
+    # The --api-key is known in clear: blanked wherever it shows, whatever
+    # its shape; the keys file's keys, by digest, word by word.
+    clear_keys = [config.api_key] if config.api_key else []
     proxy = OllamaProxy(
         upstream,
         auth,
@@ -276,6 +355,8 @@ def build_service(
         metrics,
         usage_store,
         body_sample_bytes=config.log_body_bytes,
+        redact=Redactor(keys.is_key, clear_keys),
+        trusted_proxies=config.trusted_proxies,
     )
     site = ProxySite(
         proxy.resource(),
@@ -299,6 +380,7 @@ def build_service(
             globalLogPublisher,
             config.log_max_bytes,
             config.log_backups,
+            Redactor(secrets=clear_keys),
         ).setServiceParent(service)
     PoolService(pool).setServiceParent(service)
     usage_store.setServiceParent(service)
@@ -321,13 +403,15 @@ def build_service(
                 "TLS terminator in front.",
                 endpoint=endpoint,
             )
-        strports.service(endpoint, site, reactor=reactor).setServiceParent(listeners)
+        listen(endpoint, site, reactor, "--listen").setServiceParent(listeners)
     if config.metrics_listen:
         metrics_site = Site(MetricsResource(metrics), reactor=reactor)
         metrics_site.noisy = False
-        strports.service(config.metrics_listen, metrics_site, reactor=reactor).setServiceParent(
+        listen(config.metrics_listen, metrics_site, reactor, "--metrics-listen").setServiceParent(
             listeners
         )
+    # Last: it stops first, before the pool it uses is closed.
+    UpstreamProbe([upstream]).setServiceParent(service)
     return service
 
 
@@ -353,7 +437,9 @@ def _key_store(config: Config, announce: Callable[[str], None]) -> KeyStore:
         keys = _operator_keys(config) + load_keys_file(config.keys_file)
         if keys:
             return KeyStore(keys)
-    except (KeysFileError, ValueError) as e:
+    except KeysFileError as e:
+        raise usage.UsageError(str(e)) from None
+    except ValueError as e:
         raise usage.UsageError(f"{config.keys_file}: {e}") from None
     key = generate_key()
     first = ApiKey(

@@ -51,6 +51,9 @@ class Upstream:
     @ivar clock: Tells time for the timeouts.
     @ivar header_timeout: Seconds to wait for Ollama's response head.
     @ivar idle_timeout: Seconds Ollama may stay silent within a body.
+    @ivar via: This proxy's C{Via} entry (L{ollamaproxy.headers.via_mark}),
+        added to every request sent to Ollama and looked for in every
+        request received; empty for none.
     """
 
     agent: IAgent
@@ -58,6 +61,7 @@ class Upstream:
     clock: IReactorTime
     header_timeout: float
     idle_timeout: float
+    via: bytes = b""
 
     def request(
         self,

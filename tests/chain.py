@@ -25,6 +25,7 @@ from twisted.web.iweb import IAgent, IResponse
 
 from ollamaproxy.app import OllamaProxy
 from ollamaproxy.auth import Authenticator
+from ollamaproxy.client_address import NOBODY, TrustedProxies
 from ollamaproxy.config import DEFAULT_OPEN_ROUTES, parse_routes
 from ollamaproxy.cors import Cors
 from ollamaproxy.keys import SCOPES, ApiKey, KeyStore, digest
@@ -35,6 +36,7 @@ from ollamaproxy.upstream import Upstream
 from tests.fake_ollama import FakeOllama
 
 KEY = "olpk_chaintestkeychaintestkeychaintest"
+VIA = b"1.1 ollamaproxy-chaintest"
 UPSTREAM = b"http://127.0.0.1:11434"
 HEADER_TIMEOUT = 600.0
 IDLE_TIMEOUT = 300.0
@@ -95,6 +97,7 @@ class Chain:
         client_timeout: float = CLIENT_TIMEOUT,
         max_body_size: int = 0,
         body_sample_bytes: int = 0,
+        trusted_proxies: TrustedProxies = NOBODY,
     ) -> None:
         self.clock = Clock()
         self.fake = FakeOllama(self.clock)
@@ -105,13 +108,15 @@ class Chain:
             clock=self.clock,
             header_timeout=header_timeout,
             idle_timeout=idle_timeout,
+            via=VIA,
         )
         self.keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=SCOPES)])
         self.throttle = GuessThrottle(self.clock)
         auth = Authenticator(self.keys, parse_routes(open_routes), self.clock, self.throttle)
         self.metrics = Metrics()
         self.proxy = OllamaProxy(upstream, auth, KeyLimits(self.clock), Cors(), self.clock,
-                                 self.metrics, body_sample_bytes=body_sample_bytes)
+                                 self.metrics, body_sample_bytes=body_sample_bytes,
+                                 trusted_proxies=trusted_proxies)
         self.client = StubTreq(self.proxy.resource())
         # Serve through the proxy's own Site, as the daemon does, not the
         # plain one StubTreq makes.

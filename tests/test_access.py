@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from ollamaproxy.errors import ProxyError
 from ollamaproxy.keys import ApiKey, digest
 from ollamaproxy.limits import GuessThrottle
 from tests.chain import KEY, Chain
@@ -42,41 +43,79 @@ def call(chain: Chain, method: str, path: str, body: Any = None, key: str = USER
     [
         ("DELETE", "/api/delete"),
         ("DELETE", "/proxy/api/delete"),
-        ("DELETE", "/api/delete/"),
         ("DELETE", "/api/%64elete"),
-        ("DELETE", "/API/delete"),
-        ("DELETE", "//api/delete"),
-        ("DELETE", "/api/./delete"),
-        ("DELETE", "/api/tags/../delete"),
-        ("DELETE", "/v1/../api/delete"),
-        ("DELETE", "/v1/%2e%2e/api/delete"),
-        ("POST", "/api/delete"),
-        ("PUT", "/api/delete"),
-        ("PATCH", "/api/tags"),
+        ("DELETE", "/api%2Fdelete"),
         ("POST", "/api/pull"),
+        ("POST", "/api/%70ull"),
         ("POST", "/api/push"),
         ("POST", "/api/create"),
         ("POST", "/api/copy"),
         ("POST", "/api/blobs/sha256:" + "0" * 64),
         ("HEAD", "/api/blobs/sha256:" + "0" * 64),
-        ("GET", "/api/me"),
+        ("POST", "/api/me"),
         ("POST", "/api/signout"),
+        ("DELETE", "/api/user/keys/c29tZWtleQ"),
         ("POST", "/api/experimental/web_search"),
-        ("DELETE", "/v1/models/llama3.2"),
+        ("POST", "/api/experimental/web_fetch"),
+        ("GET", "/api/experimental/model-recommendations"),
     ],
 )
 def test_user_key_cannot_manage_models_by_any_spelling(method: str, path: str) -> None:
     """
-    A key without the admin scope gets 403 for model management and account
-    routes however the path is spelled, and nothing reaches Ollama.
+    A key without the admin scope gets 403 for model management, account
+    and experimental routes, percent-escaped or not, with a message naming
+    the scope it lacks; nothing reaches Ollama.
     """
     chain = chain_with()
     code, body = call(chain, method, path, {"model": "llama3.2"})
     assert code == 403
     if method != "HEAD":
-        error = json.loads(body)["error"]
-        assert "may not use" in (error["message"] if path.startswith("/v1/") else error)
+        assert "needs the 'admin' scope" in json.loads(body)["error"]
     assert chain.fake.received == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "code"),
+    [
+        ("DELETE", "/api/delete/", 404),
+        ("DELETE", "/API/delete", 404),
+        ("DELETE", "//api/delete", 404),
+        ("DELETE", "/api/./delete", 404),
+        ("DELETE", "/api/tags/../delete", 404),
+        ("DELETE", "/v1/../api/delete", 404),
+        ("DELETE", "/v1/%2e%2e/api/delete", 404),
+        ("POST", "/api/chta", 404),
+        ("POST", "/v1/unknown", 404),
+        ("GET", "/favicon.ico", 404),
+        ("POST", "/api/delete", 405),
+        ("PUT", "/api/delete", 405),
+        ("PATCH", "/api/tags", 405),
+        ("GET", "/api/me", 405),
+        ("DELETE", "/v1/models/llama3.2", 405),
+    ],
+)
+def test_user_key_on_no_route_is_told_it_is_no_route(method: str, path: str, code: int) -> None:
+    """
+    A path or method Ollama does not serve is a 404 or 405 that says so,
+    telling a typo from a missing scope; nothing reaches Ollama.
+    """
+    chain = chain_with()
+    answer_code, body = call(chain, method, path, {"model": "llama3.2"})
+    assert answer_code == code
+    error = json.loads(body)["error"]
+    message = error["message"] if path.startswith("/v1/") else error
+    assert ("not one of Ollama's routes" if code == 404 else "only with") in message
+    assert chain.fake.received == []
+
+
+def test_admin_key_passes_unknown_routes_on() -> None:
+    """
+    An admin key (not limited to models) may use a route the proxy does not
+    know yet: Ollama answers it.
+    """
+    chain = chain_with()
+    assert call(chain, "POST", "/api/new-in-ollama", {"x": 1}, key=KEY)[0] == 404
+    assert [r.uri for r in chain.fake.received] == [b"/api/new-in-ollama"]
 
 
 def test_admin_key_can_manage_models() -> None:
@@ -197,6 +236,7 @@ def test_rate_limit_answers_429_with_retry_after() -> None:
     assert call(chain, "GET", "/api/tags")[0] == 200
     response = chain.respond("GET", "/api/tags", key=USER_KEY)
     assert response.code == 429
+    assert response.phrase == b"Too Many Requests"
     assert response.headers.getRawHeaders(b"retry-after") == [b"30"]
     assert "2 requests a minute" in json.loads(chain.body(response))["error"]
     chain.clock.advance(30)
@@ -219,19 +259,20 @@ def test_concurrent_stream_limit() -> None:
     assert call(chain, "GET", "/api/tags")[0] == 200
 
 
-def test_key_guessing_is_throttled_but_a_working_key_is_not() -> None:
+def test_key_guessing_is_throttled_but_valid_keys_are_not() -> None:
     """
-    After ten wrong keys from an address, more guesses get 429 without being
-    checked, while a key that already worked from there still works.
+    After ten wrong keys from an address, more wrong keys get 429; every
+    valid key from that address still works, including one never used
+    from there before (a new colleague behind the same NAT, a rotated key).
     """
     chain = chain_with()
-    assert call(chain, "GET", "/api/tags")[0] == 200
     for i in range(10):
         assert call(chain, "GET", "/api/tags", key=f"guess-{i}")[0] == 401
     response = chain.respond("GET", "/api/tags", key=USER_KEY[:-1] + "1")
     assert response.code == 429
     assert response.headers.getRawHeaders(b"retry-after") == [b"60"]
     assert call(chain, "GET", "/api/tags")[0] == 200
+    assert call(chain, "GET", "/api/tags", key=KEY)[0] == 200
     chain.clock.advance(61)
     assert call(chain, "GET", "/api/tags", key="guess")[0] == 401
 
@@ -245,9 +286,10 @@ def test_guess_throttle_is_per_address() -> None:
     throttle = GuessThrottle(Clock(), failures=2)
     throttle.failed("10.0.0.1")
     throttle.failed("10.0.0.1")
-    with pytest.raises(Exception, match="too many"):
-        throttle.check("10.0.0.1", b"x")
-    throttle.check("10.0.0.2", b"x")
+    with pytest.raises(ProxyError, match="too many") as raised:
+        throttle.failed("10.0.0.1")
+    assert raised.value.code == 429
+    throttle.failed("10.0.0.2")
 
 
 def test_expired_key_is_refused() -> None:
@@ -347,3 +389,247 @@ def test_metrics_need_an_admin_key() -> None:
         'route="/api/chat",status="200"} 1.0' in text
     assert 'ollamaproxy_tokens_total{key="user",kind="completion",model="llama3.2"} 5.0' in text
     assert all(r.uri != b"/metrics" for r in chain.fake.received)
+
+
+def form(fields: list[tuple[str, bytes]], boundary: str = "XyZ") -> tuple[bytes, str]:
+    """
+    A multipart/form-data body with C{fields}, and its Content-Type.
+    """
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+        + value + b"\r\n"
+        for name, value in fields
+    ]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), (
+        f"multipart/form-data; boundary={boundary}"
+    )
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/responses",
+        "/v1/images/generations",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/api/%63hat",
+        "/proxy/api/%63hat",
+    ],
+)
+@pytest.mark.parametrize("admin", [False, True])
+def test_limited_key_uses_no_other_model_by_any_route(path: str, admin: bool) -> None:
+    """
+    A key limited to llama3* gets 403 for mistral on every route that names
+    a model in its JSON body, percent-escaped paths included, and with the
+    admin scope too; nothing reaches Ollama.
+    """
+    scopes = frozenset({"inference", "admin"} if admin else {"inference"})
+    chain = chain_with(models=("llama3*",), scopes=scopes)
+    code, answer = call(chain, "POST", path, {"model": "mistral", "messages": MESSAGES})
+    assert code == 403
+    assert "mistral" in answer.decode()
+    assert chain.fake.received == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "query", "code"),
+    [
+        ([("model", b"mistral"), ("file", b"RIFF")], "", 403),
+        ([("model", b"llama3.2"), ("model", b"mistral")], "", 403),
+        ([("model", b"llama3.2")], "?model=mistral", 403),
+        ([("file", b"RIFF")], "", 400),
+    ],
+    ids=["other-model", "second-field", "query-string", "no-model"],
+)
+@pytest.mark.parametrize("path", ["/v1/audio/transcriptions", "/v1/images/edits"])
+def test_limited_key_form_routes_are_checked(
+    path: str, fields: list[tuple[str, bytes]], query: str, code: int
+) -> None:
+    """
+    On the form routes the model is read from the multipart form and the
+    query string (Go's FormValue reads both); another model is 403, a form
+    naming none is 400, and nothing reaches Ollama.
+    """
+    chain = chain_with(models=("llama3*",))
+    body, content_type = form(fields)
+    response = chain.respond("POST", path + query, key=USER_KEY, data=body,
+                             headers={"Content-Type": content_type})
+    assert response.code == code
+    chain.body(response)
+    assert chain.fake.received == []
+
+
+def test_limited_key_allowed_form_model_goes_on() -> None:
+    """
+    A transcription naming an allowed model is sent on, body unchanged.
+    """
+    chain = chain_with(models=("llama3*",))
+    body, content_type = form([("model", b"llama3.2"), ("file", b"RIFF....")])
+    response = chain.respond("POST", "/v1/audio/transcriptions", key=USER_KEY, data=body,
+                             headers={"Content-Type": content_type})
+    chain.body(response)
+    [received] = chain.fake.received
+    assert received.body == body
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data; boundary=XyZ", b"--XyZ\r\nno header end"),
+        ("multipart/form-data; boundary=XyZ", b"garbage"),
+        ("multipart/form-data", b"--XyZ--\r\n"),
+        ("application/x-www-form-urlencoded", b"model=llama3.2"),
+    ],
+    ids=["unterminated-part", "no-delimiter", "no-boundary", "not-multipart"],
+)
+def test_limited_key_malformed_form_is_refused(content_type: str, body: bytes) -> None:
+    """
+    A form the proxy cannot read is refused with 400, never sent unchecked.
+    """
+    chain = chain_with(models=("llama3*",))
+    response = chain.respond("POST", "/v1/audio/transcriptions", key=USER_KEY, data=body,
+                             headers={"Content-Type": content_type})
+    assert response.code == 400
+    chain.body(response)
+    assert chain.fake.received == []
+
+
+def test_limited_key_on_unknown_route_is_refused() -> None:
+    """
+    A key limited to models, even an admin one, cannot use a route the
+    proxy does not know: it could name any model there.
+    """
+    chain = chain_with(models=("llama3*",), scopes=frozenset({"inference", "admin"}))
+    code, answer = call(chain, "POST", "/api/new-in-ollama", {"model": "mistral"})
+    assert code == 403
+    assert "limited to some models" in answer.decode()
+    assert chain.fake.received == []
+
+
+@pytest.mark.parametrize("encoding", ["zstd", "gzip", "br"])
+def test_limited_key_compressed_body_is_refused(encoding: str) -> None:
+    """
+    A body the proxy cannot read for its model (Content-Encoding) is refused
+    with 400 for a limited key, never forwarded unchecked.
+    """
+    chain = chain_with(models=("llama3*",))
+    response = chain.respond(
+        "POST", "/v1/chat/completions", key=USER_KEY, data=b"\x28\xb5\x2f\xfd compressed",
+        headers={"Content-Encoding": encoding, "Content-Type": "application/json"},
+    )
+    assert response.code == 400
+    assert "Content-Encoding" in chain.body(response).decode()
+    assert chain.fake.received == []
+
+
+@pytest.mark.parametrize(
+    ("model", "allowed"),
+    [
+        ("llama3.2", True),
+        ("LLAMA3.2", True),
+        ("llama3.2:latest", True),
+        ("Llama3.2:LATEST", True),
+        ("registry.ollama.ai/library/llama3.2", True),
+        ("library/llama3.2:latest", True),
+        ("llama3.2:local", True),
+        ("llama3.2:1b", False),
+        ("someone/llama3.2", False),
+        ("mistral", False),
+    ],
+)
+def test_model_names_compared_as_ollama_resolves_them(model: str, allowed: bool) -> None:
+    """
+    A key allowed llama3.2 may use every spelling Ollama resolves to
+    llama3.2:latest, and no other model.
+    """
+    chain = chain_with(models=("llama3.2",))
+    code, _ = call(chain, "POST", "/api/show", {"model": model})
+    assert (code != 403) is allowed
+
+
+@pytest.mark.parametrize("model", ["gpt-oss:120b-cloud", "llama3.2:cloud", "Qwen3:CLOUD"])
+def test_cloud_models_need_the_cloud_scope(model: str) -> None:
+    """
+    A cloud model runs on the server owner's ollama.com account: a key
+    without the cloud scope gets 403 saying so; a key with it, and an admin
+    key, go through.
+    """
+    body = {"model": model, "messages": MESSAGES}
+    chain = chain_with()
+    code, answer = call(chain, "POST", "/api/chat", body)
+    assert code == 403
+    assert "'cloud' scope" in answer.decode()
+    assert chain.fake.received == []
+    cloud = chain_with(scopes=frozenset({"inference", "cloud"}))
+    call(cloud, "POST", "/api/chat", body)
+    assert len(cloud.fake.received) == 1
+    call(cloud, "POST", "/api/chat", body, key=KEY)
+    assert len(cloud.fake.received) == 2
+
+
+def test_cloud_model_by_path_needs_the_cloud_scope() -> None:
+    """
+    GET /v1/models/NAME-cloud is a cloud model too.
+    """
+    assert call(chain_with(), "GET", "/v1/models/gpt-oss:120b-cloud")[0] == 403
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (b'{"model": "llama3.2", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+        (b'{"model": "llama3.2", "messages": [' + b"{}," * 200_000 + b"{}]}", "too many"),
+        (b'{"model": "llama3.2", "x": [' + b"0," * 1_100_000 + b"0]}", "too many"),
+        (b"[]", "must be a JSON object"),
+        (b"null", "must be a JSON object"),
+        (b'"model"', "must be a JSON object"),
+        (b'{"model": 1}', "must be a string"),
+        (b'{"model": "llama3.2"', "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+    ],
+    ids=["deep", "deep-inside", "many-objects", "many-values", "array", "null", "string",
+         "number-model", "truncated", "not-utf8"],
+)
+def test_body_that_cannot_be_checked_is_400(body: bytes, message: str) -> None:
+    """
+    Nested, huge or odd JSON from a key whose body must be read gets a 400
+    that says why, never a 500, and is not forwarded.
+    """
+    chain = chain_with(models=("llama3*",))
+    code, answer = call(chain, "POST", "/api/chat", body)
+    assert code == 400
+    assert message in json.loads(answer)["error"]
+    assert chain.fake.received == []
+
+
+def test_body_over_the_check_limit_is_413_stating_it() -> None:
+    """
+    A body larger than the proxy reads to find its model gets 413 naming
+    the limit.
+    """
+    from ollamaproxy.policy import MAX_CHECKED_BODY
+
+    chain = chain_with(models=("llama3*",))
+    body = b'{"model": "llama3.2", "prompt": "' + b"x" * MAX_CHECKED_BODY + b'"}'
+    code, answer = call(chain, "POST", "/api/generate", body)
+    assert code == 413
+    assert f"{MAX_CHECKED_BODY // 2**20} MiB" in json.loads(answer)["error"]
+    assert chain.fake.received == []
+
+
+def test_head_of_a_filtered_listing_has_the_filtered_length() -> None:
+    """
+    HEAD /api/tags for a limited key tells the length of its filtered
+    listing, not of the whole one.
+    """
+    chain = chain_with(models=("llama3*",))
+    _, filtered = call(chain, "GET", "/api/tags")
+    response = chain.respond("HEAD", "/api/tags", key=USER_KEY)
+    assert response.code == 200
+    assert chain.body(response) == b""
+    assert response.headers.getRawHeaders(b"content-length") == [str(len(filtered)).encode()]
+    whole = call(chain, "GET", "/api/tags", key=KEY)[1]
+    assert len(whole) != len(filtered)

@@ -25,6 +25,7 @@ from typing import NoReturn
 
 import pytest
 
+from ollamaproxy import __version__
 from ollamaproxy.cli import main
 from ollamaproxy.config import Config
 from ollamaproxy.keys import (
@@ -137,7 +138,7 @@ def test_add_prints_only_the_key_on_the_last_line(keys_file: Path) -> None:
 def test_add_with_every_option_round_trips(keys_file: Path) -> None:
     """Every option of add comes back from load_keys_file as given."""
     key = add(
-        keys_file, "ci.bot_2-x", "--admin", "--models", "llama3*", "qwen2:*",
+        keys_file, "ci.bot_2-x", "--admin", "--models", "llama3*,qwen2:*",
         "--models", "mistral", "--rpm", "60", "--max-streams", "2",
         "--expires", "2027-01-01T12:00:00+02:00",
     )
@@ -183,7 +184,7 @@ def test_list_never_shows_keys_or_hashes(keys_file: Path) -> None:
     """list shows every setting of every key, and neither the keys nor their digests."""
     secrets = [
         add(keys_file, "alice"),
-        add(keys_file, "bob", "--admin", "--models", "llama3*", "qwen", "--rpm", "60",
+        add(keys_file, "bob", "--admin", "--models", "llama3*,qwen", "--rpm", "60",
             "--max-streams", "2", "--expires", "2027-01-01"),
     ]
     result = run("keys", "list", "--keys-file", str(keys_file))
@@ -301,8 +302,12 @@ def test_rotating_an_expired_key_warns(keys_file: Path) -> None:
         (["keys", "add", "bob", "--rpm"], "--rpm: expected one argument"),
         (["keys", "add", "bob", "--max-streams", "1.5"], "--max-streams: '1.5' is not"),
         (["keys", "add", "bob", "--max-streams", "\u0663"], "--max-streams"),
-        (["keys", "add", "bob", "--models"], "--models: expected at least one argument"),
+        (["keys", "add", "bob", "--models"], "--models: expected one argument"),
         (["keys", "add", "bob", "--models", ""], "a model pattern cannot be empty"),
+        (["keys", "add", "bob", "--models", "a,,b"], "a model pattern cannot be empty"),
+        (["keys", "add", "bob", "--models", "a", "b"],
+         "unrecognized arguments: b (--models takes one pattern or a comma-separated list"),
+        (["keys", "add", "--models", "a"], "the following arguments are required: NAME"),
         (["keys", "add", "bob", "--expires", "soon"], "--expires: 'soon' is not a date"),
         (["keys", "add", "bob", "--expires", "2027-02-30"], "'2027-02-30' is not a date"),
         (["keys", "add", "bob", "--expires", "9999-12-31T23:00:00-05:00"], "is not a date"),
@@ -329,6 +334,32 @@ def test_usage_errors(keys_file: Path, argv: list[str], fragment: str) -> None:
     result = run(*argv, environ={"OLLAMAPROXY_KEYS_FILE": str(keys_file)})
     assert_one_line_error(result, 2, fragment)
     assert not keys_file.parent.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bob", "--models", "llama3*"],
+        ["--models", "llama3*", "bob"],
+        ["--models", "llama3*", "bob", "--rpm", "5"],
+        ["--rpm", "5", "--models", "llama3*", "bob"],
+    ],
+    ids=["name-first", "name-last", "name-between", "name-after-two-options"],
+)
+def test_add_options_before_or_after_the_name(keys_file: Path, argv: list[str]) -> None:
+    """
+    C{keys add} takes its options before or after the key's name:
+    C{--models} takes one value, so the name is never read as a model.
+    """
+    key = add(keys_file, *argv)
+    [stored] = load_keys_file(str(keys_file))
+    assert (stored.name, stored.models, stored.digest) == ("bob", ("llama3*",), digest(key))
+
+
+def test_version() -> None:
+    """C{ollamaproxy --version} prints ollamaproxy's version on stdout and exits 0."""
+    result = run("--version")
+    assert (result.code, result.out, result.err) == (0, f"ollamaproxy {__version__}\n", "")
 
 
 def test_help_goes_to_stdout() -> None:
@@ -517,6 +548,7 @@ def child_environment() -> dict[str, str]:
 
 ADDER = """
 import os, sys, time
+from ollamaproxy import __version__
 from ollamaproxy.cli import main
 go, path, prefix, count = sys.argv[1:]
 while not os.path.exists(go):

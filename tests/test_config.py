@@ -18,6 +18,7 @@ from ollamaproxy.config import (
     parse_ollama_host,
     parse_routes,
     parse_size,
+    show_size,
 )
 
 DEFAULT_ROUTES = frozenset(
@@ -76,7 +77,7 @@ def test_unset_options_are_not_given() -> None:
 ENVIRON = {
     "OLLAMAPROXY_LISTEN": "tcp:7000",
     "OLLAMAPROXY_UPSTREAM": "env-host",
-    "OLLAMAPROXY_API_KEY": "env-key",
+    "OLLAMAPROXY_API_KEY": "env-key-0123456789",
     "OLLAMAPROXY_KEYS_FILE": "/env/keys.json",
     "OLLAMAPROXY_LOG_DIR": "/env/logs",
     "OLLAMAPROXY_OPEN_ROUTES": "GET /env",
@@ -93,7 +94,7 @@ def test_environment_used_without_options() -> None:
     assert Config.from_sources({}, ENVIRON) == Config(
         listen=("tcp:7000",),
         upstream="http://env-host:11434",
-        api_key="env-key",
+        api_key="env-key-0123456789",
         keys_file="/env/keys.json",
         log_dir="/env/logs",
         open_routes=frozenset({Route(b"GET", b"/env")}),
@@ -109,7 +110,7 @@ def test_options_win_over_environment() -> None:
     options: dict[str, object] = {
         "listen": ["tcp:8000"],
         "upstream": "https://opt-host",
-        "api-key": "opt-key",
+        "api-key": "opt-key-0123456789",
         "keys-file": "/opt/keys.json",
         "log-dir": "/opt/logs",
         "open-routes": "POST /opt",
@@ -120,7 +121,7 @@ def test_options_win_over_environment() -> None:
     assert Config.from_sources(options, ENVIRON) == Config(
         listen=("tcp:8000",),
         upstream="https://opt-host:443",
-        api_key="opt-key",
+        api_key="opt-key-0123456789",
         keys_file="/opt/keys.json",
         log_dir="/opt/logs",
         open_routes=frozenset({Route(b"POST", b"/opt")}),
@@ -181,6 +182,30 @@ def test_listen_of_only_separators_is_an_error() -> None:
     """A listen list with no endpoint in it is refused, naming --listen."""
     with pytest.raises(ConfigError, match="--listen"):
         Config.from_sources({}, {"OLLAMAPROXY_LISTEN": " , "})
+
+
+@pytest.mark.parametrize(
+    ("options", "environ"),
+    [
+        ({"api-key": "short"}, {}),
+        ({}, {"OLLAMAPROXY_API_KEY": "fifteen-chars-x"}),
+    ],
+    ids=["option", "environment"],
+)
+def test_short_api_key_is_refused(options: dict[str, object], environ: dict[str, str]) -> None:
+    """
+    An operator's key under 16 characters could be guessed: the start is
+    refused with a message that names the option and never the key.
+    """
+    with pytest.raises(ConfigError, match=r"^--api-key: .*at least 16 characters") as e:
+        Config.from_sources(options, environ)
+    given = str(options.get("api-key") or environ.get("OLLAMAPROXY_API_KEY"))
+    assert given not in str(e.value)
+
+
+def test_api_key_of_16_characters_is_accepted() -> None:
+    """A key of exactly 16 characters is long enough."""
+    assert Config.from_sources({"api-key": "0123456789abcdef"}, {}).api_key == "0123456789abcdef"
 
 
 @pytest.mark.parametrize("name", TIMEOUTS)
@@ -349,3 +374,13 @@ def test_min_body_rate_option() -> None:
     assert Config.from_sources({}, {"OLLAMAPROXY_MIN_BODY_RATE": "0"}).min_body_rate == 0
     with pytest.raises(ConfigError, match="--min-body-rate"):
         Config.from_sources({"min-body-rate": "fast"}, {})
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [(10 * 1024**2, "10 MiB"), (1024, "1 KiB"), (1000, "1000 bytes"), (3 * 1024**4, "3 TiB"),
+     (1536 * 1024, "1536 KiB")],
+)
+def test_show_size(size: int, shown: str) -> None:
+    """Sizes in messages read as the operator wrote them: whole units of 1024, else bytes."""
+    assert show_size(size) == shown

@@ -144,7 +144,9 @@ def test_declared_body_over_the_limit_is_413_before_reading_it() -> None:
     response = transport.value()
     assert response.startswith(b"HTTP/1.1 413 ")
     body = response.split(b"\r\n\r\n", 1)[1]
-    assert b'{"error": "request body is larger than this server accepts"}' in body
+    assert json.loads(body.split(b"\r\n")[1]) == {
+        "error": "request body is larger than the limit of 1000 bytes (--max-body-size)"
+    }
     assert agent.sent is None
 
 
@@ -165,7 +167,8 @@ def test_chunked_body_growing_over_the_limit_is_413() -> None:
 
     agent.response.errback(RequestGenerationFailed([failures[0]]))
     assert transport.value().startswith(b"HTTP/1.1 413 ")
-    assert json.loads(transport.value().split(b"\r\n\r\n", 1)[1].split(b"\r\n")[1])
+    error = json.loads(transport.value().split(b"\r\n\r\n", 1)[1].split(b"\r\n")[1])
+    assert error == {"error": "request body is larger than the limit of 8 bytes (--max-body-size)"}
 
 
 def test_client_gone_mid_upload_fails_the_upload() -> None:

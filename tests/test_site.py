@@ -21,6 +21,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from ollamaproxy.errors import reason_phrase
 from ollamaproxy.site import _TWISTED_INTERNALS, ProxySite
 from tests.chain import KEY, Chain
 
@@ -130,7 +131,8 @@ def test_request_refused_by_twisted_web_is_answered_and_logged(
     clock.advance(5)
     protocol.dataReceived(data)  # type: ignore[attr-defined]
     head, _, body = transport.value().partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 %d " % status)
+    assert head.startswith(b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)))
+    assert b"Unknown" not in head
     assert json.loads(body) == {"error": detail}
     assert transport.disconnecting
     [event] = access_events

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from ollamaproxy.logs import StreamSummary, redact
+from ollamaproxy.logs import StreamSummary
+from ollamaproxy.redact import redact
 from ollamaproxy.summary import summarise
 
 FINAL = {

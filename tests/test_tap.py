@@ -31,10 +31,11 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.web.server import Site
 
-from ollamaproxy import tap
+from ollamaproxy import __version__, tap
 from ollamaproxy.config import (
     DEFAULT_OPEN_ROUTES,
     Config,
+    ConfigError,
     Route,
     default_usage_file,
     parse_routes,
@@ -42,9 +43,10 @@ from ollamaproxy.config import (
 from ollamaproxy.descriptors import connection_limit
 from ollamaproxy.keys import ApiKey, digest, load_keys_file, looks_generated, write_keys_file
 from ollamaproxy.logs import LogFilesService
+from ollamaproxy.probe import UpstreamProbe
 from ollamaproxy.reload import KeysReloader
 from ollamaproxy.site import ProxySite
-from ollamaproxy.tap import DrainService, Listeners, Options, build_service
+from ollamaproxy.tap import DrainService, Listeners, Options, ProxyOptions, build_service
 from ollamaproxy.upstream import PoolService
 from ollamaproxy.usage import UsageStore
 
@@ -52,11 +54,11 @@ KEY_PATTERN = re.compile(r"olpk_[0-9A-Za-z]{38}")
 LOCAL = "tcp:0:interface=127.0.0.1"
 
 
-def parse(args: list[str], environ: dict[str, str] | None = None) -> Options:
+def parse(args: list[str], environ: dict[str, str] | None = None) -> ProxyOptions:
     """
     Parse a command line with the given environment (empty by default).
     """
-    options = Options(environ={} if environ is None else environ)
+    options = ProxyOptions(environ={} if environ is None else environ)
     options.parseOptions(args)
     return options
 
@@ -118,6 +120,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "log-max-bytes": None,
         "log-backups": None,
         "log-body-bytes": None,
+        "trusted-proxies": None,
         "log-bodies": 0,
         "listen": [],
     }
@@ -155,7 +158,7 @@ def test_every_option() -> None:
         [
             "--listen", LOCAL,
             "--upstream", "https://gpu-box/ollama/",
-            "--api-key", "secret",
+            "--api-key", "secret-0123456789",
             "--keys-file", "/etc/ollamaproxy/keys.json",
             "--log-dir", "/var/log/ollamaproxy",
             "--open-routes", "get /health",
@@ -167,7 +170,7 @@ def test_every_option() -> None:
     assert options.config == Config(
         listen=(LOCAL,),
         upstream="https://gpu-box:443/ollama",
-        api_key="secret",
+        api_key="secret-0123456789",
         keys_file="/etc/ollamaproxy/keys.json",
         log_dir="/var/log/ollamaproxy",
         open_routes=frozenset({Route(b"GET", b"/health")}),
@@ -208,6 +211,17 @@ def test_bad_value(args: list[str]) -> None:
         parse(args)
 
 
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    C{twistd ollamaproxy --version} reaches the plugin's options, which
+    print ollamaproxy's version (not only twistd's) and exit with status 0.
+    """
+    with pytest.raises(SystemExit) as e:
+        parse(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"ollamaproxy {__version__}\n"
+
+
 def test_bad_environment_value() -> None:
     """A bad value from the environment is a usage error too, naming the option."""
     with pytest.raises(usage.UsageError, match="--idle-timeout"):
@@ -218,7 +232,7 @@ def test_environment_used() -> None:
     """Environment variables set the options that are not given."""
     environ = {
         "OLLAMAPROXY_LISTEN": f"{LOCAL},unix:/tmp/p.sock",
-        "OLLAMAPROXY_API_KEY": "env-key",
+        "OLLAMAPROXY_API_KEY": "env-key-0123456789",
         "OLLAMAPROXY_KEYS_FILE": "/env/keys.json",
         "OLLAMAPROXY_LOG_DIR": "/env/logs",
         "OLLAMAPROXY_OPEN_ROUTES": "",
@@ -230,7 +244,7 @@ def test_environment_used() -> None:
     assert parse([], environ).config == Config(
         listen=(LOCAL, "unix:/tmp/p.sock"),
         upstream="http://0.0.0.0:11434",
-        api_key="env-key",
+        api_key="env-key-0123456789",
         keys_file="/env/keys.json",
         log_dir="/env/logs",
         open_routes=frozenset(),
@@ -243,17 +257,17 @@ def test_environment_used() -> None:
 
 def test_option_beats_environment() -> None:
     """An option given on the command line wins over its environment variable."""
-    environ = {"OLLAMAPROXY_UPSTREAM": "env-host", "OLLAMAPROXY_API_KEY": "env-key"}
-    config = parse(["--upstream", "opt-host", "--api-key", "opt-key"], environ).config
-    assert (config.upstream, config.api_key) == ("http://opt-host:11434", "opt-key")
+    environ = {"OLLAMAPROXY_UPSTREAM": "env-host", "OLLAMAPROXY_API_KEY": "env-key-0123456789"}
+    config = parse(["--upstream", "opt-host", "--api-key", "opt-key-0123456789"], environ).config
+    assert (config.upstream, config.api_key) == ("http://opt-host:11434", "opt-key-0123456789")
 
 
 def test_process_environment_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     """Options() without an environ reads the process environment (the .tac file's way)."""
-    monkeypatch.setenv("OLLAMAPROXY_API_KEY", "from-os-environ")
+    monkeypatch.setenv("OLLAMAPROXY_API_KEY", "from-os-environ-0123456789")
     options = Options()
     options.parseOptions([])
-    assert options.config.api_key == "from-os-environ"
+    assert options.config.api_key == "from-os-environ-0123456789"
 
 
 def test_service_structure(tmp_path: Path) -> None:
@@ -264,7 +278,8 @@ def test_service_structure(tmp_path: Path) -> None:
     )
     service = build_service(config, reactor, lambda text: None)
     kinds = [type(child) for child in children(service)]
-    assert kinds == [PoolService, UsageStore, KeysReloader, DrainService, Listeners]
+    assert kinds == [PoolService, UsageStore, KeysReloader, DrainService, Listeners,
+                     UpstreamProbe]
     assert [type(child) for child in children(children(service)[4])] == [  # type: ignore[arg-type]
         StreamServerEndpointService,
         StreamServerEndpointService,
@@ -349,7 +364,7 @@ def test_clear_text_on_every_interface_is_warned_of(
     with capturedLogs() as events:
         try:
             build_service(config, MemoryReactorClock(), lambda text: None)
-        except OSError:  # the TLS key file does not exist; warned before
+        except ConfigError:  # the TLS key file does not exist; warned before
             pass
     clear_text = [e for e in events if "clear text" in formatEvent(e)]
     assert bool(clear_text) == warned
@@ -452,6 +467,64 @@ def test_duplicate_key_names(tmp_path: Path, names: list[str], api_key: str | No
     Path(config.keys_file).write_text(json.dumps({"keys": entries}))
     with pytest.raises(usage.UsageError):
         build_service(config, MemoryReactorClock(), lambda text: None)
+
+
+KEYS_FILES = {
+    "list": "[]",
+    "dict": '{"keys": {}}',
+    "nohash": '{"keys": [{"name": "alice"}]}',
+}
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--listen", "5000"], "--listen: '5000' is not an endpoint string"),
+        (["--listen", "tcp:5000:interfase=127.0.0.1"], "unknown parameter 'interfase'"),
+        (["--listen", "tcp:abc"], "'tcp:abc': the port must be a number"),
+        (["--listen", "ssl:5443"], "needs privateKey=KEY.pem and certKey=CERT.pem"),
+        (["--listen", "nope:5000"], "--listen: cannot listen on 'nope:5000'"),
+        (["--metrics-listen", "tcp:x"], "--metrics-listen: cannot listen on 'tcp:x'"),
+        (["--log-dir", "{tmp}/file/logs"], "--log-dir: cannot write log files in"),
+        (["--log-dir", "{tmp}/file"], "--log-dir: cannot write log files in"),
+        (["--usage-file", "{tmp}"], "--usage-file: {tmp} is a directory"),
+        (["--usage-file", "{tmp}/file"], "is not an SQLite database"),
+        (["--usage-file", "{tmp}/file/usage.db"], "is not a directory"),
+        (["--keys-file", "{tmp}/list.json"], 'it must be an object whose "keys" is a list'),
+        (["--keys-file", "{tmp}/dict.json"], 'it must be an object whose "keys" is a list'),
+        (["--keys-file", "{tmp}/nohash.json"], "key 'alice' has no \"hash\""),
+        (["--api-key", "short"], "--api-key: a key must be at least 16 characters"),
+        (["--idle-timeout", "soon"], "--idle-timeout: 'soon' is not a number"),
+        (["--no-such-option"], "option --no-such-option not recognized"),
+    ],
+)
+def test_every_mistake_is_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
+    """
+    Each configuration mistake stops the start with one line naming what is
+    wrong, as twistd and the .tac file show it (a SystemExit with a message:
+    exit status 1, no help screen, no traceback).
+    """
+    (tmp_path / "file").write_text("not an SQLite database, and not a directory " * 10)
+    for name, text in KEYS_FILES.items():
+        (tmp_path / f"{name}.json").write_text(text)
+    defaults = {"--keys-file": str(tmp_path / "keys.json"),
+                "--usage-file": str(tmp_path / "usage.db"),
+                "--listen": LOCAL}
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    for option, value in defaults.items():
+        if option not in args:
+            args += [option, value]
+    if "--api-key" not in args:
+        args += ["--api-key", "0123456789abcdef-test"]
+    with pytest.raises(SystemExit) as e:
+        options = Options(environ={"HOME": str(tmp_path)})
+        options.parseOptions(args)
+        tap.makeService(options)
+    message = e.value.code
+    assert isinstance(message, str)
+    assert message.startswith("ollamaproxy: ") and "\n" not in message, message
+    assert fragment.replace("{tmp}", str(tmp_path)) in message
+    assert "0123456789abcdef-test" not in message
 
 
 def test_plugin_is_discoverable() -> None:

@@ -89,6 +89,7 @@ class _TwistdProtocol(ProcessProtocol):
     def __init__(self) -> None:
         self.output = bytearray()
         self.listening: Deferred[int] = Deferred()
+        self.probed: Deferred[None] = Deferred()
         self.ended: Deferred[int | None] = Deferred()
 
     def outReceived(self, data: bytes) -> None:
@@ -103,6 +104,10 @@ class _TwistdProtocol(ProcessProtocol):
             found = re.search(rb"starting on (\d+)", self.output)
             if found:
                 self.listening.callback(int(found.group(1)))
+        if not self.probed.called and b"Relaying requests to Ollama at " in self.output:
+            # The start-up request for Ollama's version has had its answer,
+            # so it cannot be taken for a request a test made.
+            self.probed.callback(None)
 
     def processEnded(self, reason: Failure) -> None:
         value = reason.value
@@ -111,6 +116,8 @@ class _TwistdProtocol(ProcessProtocol):
             self.listening.errback(
                 RuntimeError("twistd ended before listening:\n" + self.output.decode())
             )
+        if not self.probed.called:
+            self.probed.callback(None)
         self.ended.callback(value.exitCode if value.signal is None else -value.signal)
 
 
@@ -182,8 +189,8 @@ class TwistdLauncher:
     ) -> Twistd:
         """
         Run C{twistd ARGS} (the script installed beside this Python) in the
-        test's directory and wait until
-        it listens.  Listen on C{tcp:0:interface=127.0.0.1} and the port is
+        test's directory and wait until it listens and has logged whether
+        Ollama answered.  Listen on C{tcp:0:interface=127.0.0.1} and the port is
         read from the log.
 
         @param open_files: If given, the process's soft and hard limits on
@@ -207,6 +214,7 @@ class TwistdLauncher:
             path=str(self.directory),
         )
         port = await protocol.listening.addTimeout(START_TIMEOUT, self.reactor)
+        await protocol.probed.addTimeout(START_TIMEOUT, self.reactor)
         twistd = Twistd(protocol, process.pid, port)
         self.started.append(twistd)
         return twistd

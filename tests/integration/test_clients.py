@@ -21,7 +21,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from tests.fake_ollama import MODEL_ERROR
+from tests.fake_ollama import MODEL_ERROR, ReceivedRequest
 from tests.integration.conftest import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args
 
 TIMEOUT = 20.0
@@ -36,6 +36,14 @@ async def in_thread(f: Callable[[], _R]) -> _R:
     Run a blocking client interaction in a thread and wait for its result.
     """
     return await deferToThread(f)
+
+
+def requests_made(upstream: Upstream) -> list[ReceivedRequest]:
+    """
+    The requests Ollama received from the clients, without the proxy's own
+    C{GET /api/version} at start.
+    """
+    return [r for r in upstream.fake.received if r.uri != b"/api/version"]
 
 
 def tokens(count: int) -> list[str]:
@@ -317,7 +325,7 @@ async def test_ollama_wrong_key(
             await in_thread(interact)
         assert refused.value.status_code == 401
         assert refused.value.error == "invalid API key"
-    assert upstream.fake.received == []
+    assert requests_made(upstream) == []
 
 
 @pytest_twisted.ensureDeferred
@@ -487,7 +495,7 @@ async def test_openai_wrong_key(
         "message": "invalid API key", "type": "invalid_request_error", "param": None,
         "code": None,
     }
-    assert upstream.fake.received == []
+    assert requests_made(upstream) == []
     assert json.loads(refused.value.response.text)["error"]["message"] == "invalid API key"
 
 
@@ -514,4 +522,4 @@ async def test_both_clients_under_the_proxy_prefix(
     parts, models = await in_thread(interact)
     assert [p.message.content for p in parts] == [*tokens(2), ""]
     assert models == MODELS
-    assert [r.uri for r in upstream.fake.received] == [b"/api/chat", b"/v1/models"]
+    assert [r.uri for r in requests_made(upstream)] == [b"/api/chat", b"/v1/models"]

@@ -60,6 +60,7 @@ async def test_twistd_serves_a_stream_and_stops_cleanly(
     it without the key, and exits with status 0 on SIGTERM.
     """
     proxy = await twistd.start(proxy_args(upstream.url))
+    assert f"Relaying requests to Ollama at {upstream.url}: it answered" in proxy.output
     lines = await chat_lines(reactor, proxy.url, TEST_KEY)
     assert [line["message"]["content"] for line in lines[:-1]] == [
         f"tok{i} " for i in range(5)
@@ -175,18 +176,26 @@ async def test_unreachable_upstream_is_502(
     reactor: Any, upstream: Upstream, twistd: TwistdLauncher
 ) -> None:
     """
-    Ollama not listening: 502 with an Ollama-shaped JSON error.
+    Ollama not listening: the proxy starts anyway, with a warning line that
+    names the address and says Ollama did not answer; a request gets 502
+    with an Ollama-shaped JSON error naming the address tried.
     """
     closed_port = upstream.url.rsplit(":", 1)[1]
     await maybeDeferred(upstream.port.stopListening)
     proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{closed_port}"))
+    assert (
+        f"Relaying requests to Ollama at http://127.0.0.1:{closed_port}, which did not answer"
+        in proxy.output
+    )
     response = await request(
         agent(reactor), b"GET", proxy.url + "/api/tags", {"X-API-Key": TEST_KEY}
     )
     assert response.code == 502
     arrivals = await read(response)
     await arrivals.done
-    assert json.loads(arrivals.body)["error"].startswith("cannot reach Ollama")
+    assert json.loads(arrivals.body)["error"].startswith(
+        f"cannot reach Ollama at http://127.0.0.1:{closed_port}: "
+    )
 
 
 @pytest_twisted.ensureDeferred

@@ -1,0 +1,227 @@
+# -*- test-case-name: tests.backends.test_pool -*-
+"""
+The Ollama servers behind the proxy: which models each has and has loaded,
+how busy it is, and whether it answers.
+
+L{BackendPool} asks every backend for C{GET /api/tags} (its models) and
+C{GET /api/ps} (the models in memory) every C{refresh} seconds, and at once
+when told a model changed (a pull, create, copy or delete through the
+proxy).  A backend that does not answer, or that a request could not reach,
+is unhealthy: it gets no requests, and is probed again after 1, 2, 4 ...
+seconds (at most C{max_backoff}), so it comes back within seconds of
+recovering.  Each change of health is one log line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+
+from ollamaproxy.model_names import ModelName, resolve
+from ollamaproxy.relay import whole_body
+from ollamaproxy.upstream import Upstream
+
+log = Logger()
+
+#: Ollama's usual C{OLLAMA_NUM_PARALLEL}.
+DEFAULT_PARALLEL = 4
+DEFAULT_REFRESH = 5.0
+DEFAULT_MAX_BACKOFF = 8.0
+_RECENT_ERRORS = 10
+
+
+@dataclass(eq=False)
+class Backend:
+    """
+    One Ollama server.
+
+    @ivar upstream: How to reach it.
+    @ivar parallel: Requests it may run at once for each model.
+    @ivar healthy: Whether it gets requests.
+    @ivar models: The models it has, or L{None} until it has said.
+    @ivar loaded: The models it has in memory.
+    @ivar running: Requests in flight, per model (L{None}: naming none).
+    @ivar errors: Its most recent errors, newest last.
+    """
+
+    upstream: Upstream
+    parallel: int = DEFAULT_PARALLEL
+    healthy: bool = True
+    models: frozenset[ModelName] | None = None
+    loaded: frozenset[ModelName] = frozenset()
+    running: Counter[ModelName | None] = field(default_factory=Counter)
+    errors: deque[str] = field(default_factory=lambda: deque(maxlen=_RECENT_ERRORS))
+
+    @property
+    def name(self) -> str:
+        """
+        The backend's base URL, as logs and metrics name it.
+        """
+        return self.upstream.base.decode("ascii", "replace")
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self.running.values())
+
+    def has(self, model: ModelName) -> bool:
+        """
+        Whether the backend has a model, as far as it has said.
+        """
+        return self.models is None or model in self.models
+
+    def free_for(self, model: ModelName | None) -> bool:
+        """
+        Whether it may start another request for C{model} now.
+        """
+        return model is None or self.running[model] < self.parallel
+
+
+def model_names(body: bytes, field_name: str = "models") -> frozenset[ModelName]:
+    """
+    The models a listing (C{/api/tags}, C{/api/ps}) names.
+    """
+    entries = json.loads(body).get(field_name) or []
+    return frozenset(
+        resolve(str(entry.get("name") or entry.get("model") or "")) for entry in entries
+    )
+
+
+class BackendPool(Service):
+    """
+    Keeps every backend's health and models current.
+
+    @ivar backends: The backends, in the order they were configured.
+    @param on_change: Called when a backend becomes healthy or learns its
+        models, so that requests waiting for it can go on.
+    """
+
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        on_change: Callable[[], None] = lambda: None,
+        refresh: float = DEFAULT_REFRESH,
+        max_backoff: float = DEFAULT_MAX_BACKOFF,
+    ) -> None:
+        self.backends = list(backends)
+        self.on_change = on_change
+        self._refresh = refresh
+        self._max_backoff = max_backoff
+        self._timers: dict[Backend, IDelayedCall] = {}
+        self._backoff: dict[Backend, float] = {}
+        self._probing: dict[Backend, Deferred[None]] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        for backend in self.backends:
+            self.refresh(backend)
+
+    def stopService(self) -> None:
+        super().stopService()
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        for probe in list(self._probing.values()):
+            probe.cancel()
+
+    def refresh(self, backend: Backend) -> Deferred[None]:
+        """
+        Ask a backend now for its models and loaded models.
+
+        @return: Fires when it has answered or failed (never fails).
+        """
+        running = self._probing.get(backend)
+        if running is not None:
+            return running
+        timer = self._timers.pop(backend, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        probe = Deferred.fromCoroutine(self._probe(backend))
+        self._probing[backend] = probe
+
+        def done(_: object) -> None:
+            self._probing.pop(backend, None)
+            self._schedule(backend)
+
+        probe.addBoth(done)
+        return probe
+
+    def refresh_all(self) -> None:
+        """
+        Ask every backend again, as after a model changed.
+        """
+        for backend in self.backends:
+            self.refresh(backend)
+
+    def failed(self, backend: Backend, reason: str) -> None:
+        """
+        A request could not reach C{backend}: it gets no more until a probe
+        finds it answering.
+        """
+        backend.errors.append(reason)
+        self._set_health(backend, False, reason)
+        self._schedule(backend)
+
+    async def _probe(self, backend: Backend) -> None:
+        try:
+            tags = await self._get(backend, b"/api/tags")
+            ps = await self._get(backend, b"/api/ps")
+            models, loaded = model_names(tags), model_names(ps)
+        except CancelledError:
+            return
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            backend.errors.append(reason)
+            self._set_health(backend, False, reason)
+            return
+        learned = backend.models != models or backend.loaded != loaded
+        backend.models, backend.loaded = models, loaded
+        self._backoff.pop(backend, None)
+        if not self._set_health(backend, True, "") and learned:
+            self.on_change()
+
+    async def _get(self, backend: Backend, path: bytes) -> bytes:
+        response = await backend.upstream.request(b"GET", path, Headers(), None)
+        body = await whole_body(response)
+        if response.code != 200:
+            raise ValueError(f"{path.decode()} answered {response.code}")
+        return body
+
+    def _set_health(self, backend: Backend, healthy: bool, reason: str) -> bool:
+        """
+        @return: Whether the health changed.
+        """
+        if backend.healthy == healthy:
+            return False
+        backend.healthy = healthy
+        if healthy:
+            log.info("Backend {backend} is healthy again", backend=backend.name)
+            self.on_change()
+        else:
+            log.warn("Backend {backend} is unhealthy: {reason}", backend=backend.name,
+                     reason=reason)
+        return True
+
+    def _schedule(self, backend: Backend) -> None:
+        if not self.running:
+            return
+        timer = self._timers.get(backend)
+        if timer is not None and timer.active():
+            timer.cancel()
+        if backend.healthy:
+            delay = self._refresh
+        else:
+            delay = self._backoff.get(backend, 0.5) * 2
+            self._backoff[backend] = min(delay, self._max_backoff)
+            delay = self._backoff[backend]
+        clock = backend.upstream.clock
+        self._timers[backend] = clock.callLater(delay, self.refresh, backend)
+

@@ -1,0 +1,220 @@
+# -*- test-case-name: tests.test_client_address -*-
+"""
+Who a request comes from: the peer of its connection, or, when that peer is
+a trusted proxy in front (a TLS terminator, a load balancer), the address
+that proxy reports in C{X-Forwarded-For} or C{Forwarded} (RFC 7239).
+
+The address is what the access log shows, and what the guess throttle and
+anything else per address count by.  The rule is the usual one: walk the
+reported chain of addresses from the right (the hop nearest to the proxy)
+and take the first that is not itself a trusted proxy.  A client can put
+anything at the left of the chain, so what it prepends is never taken.
+A header from a peer that is not trusted is ignored; a malformed chain
+gives the peer's address.
+
+C{X-Forwarded-For} is read when present, C{Forwarded} otherwise: the proxy
+in front must set or extend C{X-Forwarded-For} (nginx, HAProxy, Caddy,
+Traefik and cloud load balancers do), or set C{Forwarded} and drop a
+C{X-Forwarded-For} the client sent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from twisted.web.http_headers import Headers
+
+from ollamaproxy.errors import ConfigError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_XFF = b"x-forwarded-for"
+_FORWARDED = b"forwarded"
+# One forwarded-pair of RFC 7239: a token, "=", a token or a quoted string.
+_PAIR = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)=("(?:[^"\\]|\\.)*"|[^;,\s"]*)\s*')
+
+
+class Malformed(ValueError):
+    """
+    A forwarding header that cannot be read.
+    """
+
+
+@dataclass(frozen=True)
+class TrustedProxies:
+    """
+    The proxies in front whose forwarding headers are believed.
+
+    @ivar networks: Their addresses, as networks (a single address is a
+        C{/32} or C{/128}).
+    """
+
+    networks: tuple[Network, ...] = ()
+
+    def client_address(self, peer: str, headers: Headers) -> str:
+        """
+        The address a request comes from.
+
+        @param peer: The address of the connection's other end, as text.
+        @param headers: The request's headers.
+        @return: C{peer}, or the address a trusted C{peer} reports.
+        """
+        if not self.networks:
+            return peer
+        peer_address = _address(peer)
+        if peer_address is None or not self._trusts(peer_address):
+            return peer
+        try:
+            chain = _chain(headers)
+        except Malformed:
+            return peer
+        if not chain:
+            return peer
+        for hop in reversed(chain):
+            if not self._trusts(hop):
+                return str(hop)
+        return str(chain[0])
+
+    def _trusts(self, address: Address) -> bool:
+        return any(address in network for network in self.networks)
+
+
+# The default: no proxy in front, every forwarding header ignored.
+NOBODY = TrustedProxies()
+
+
+def parse_trusted_proxies(value: str) -> TrustedProxies:
+    """
+    Parse C{--trusted-proxies}: addresses and networks (CIDR), IPv4 or
+    IPv6, separated by commas or spaces.  An empty value trusts nobody.
+
+    @raise ConfigError: For an item that is neither.
+    """
+    networks = []
+    for item in value.replace(",", " ").split():
+        try:
+            networks.append(ipaddress.ip_network(item.strip("[]"), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"--trusted-proxies: {item!r} is not an IP address or network such as "
+                "10.0.0.5, 10.0.0.0/8 or fd00::/8"
+            ) from None
+    return TrustedProxies(tuple(networks))
+
+
+def _address(text: str) -> Address | None:
+    """
+    An IP address, with IPv4-mapped IPv6 addresses (a dual-stack socket's
+    C{::ffff:10.0.0.1}) read as the IPv4 address they are.
+    """
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _chain(headers: Headers) -> list[Address]:
+    """
+    The chain of addresses the forwarding headers report, the client's
+    first.
+
+    @raise Malformed: If the header present cannot be read whole.
+    """
+    forwarded_for = headers.getRawHeaders(_XFF)
+    if forwarded_for is not None:
+        return [_hop(item) for item in _items(forwarded_for)]
+    forwarded = headers.getRawHeaders(_FORWARDED)
+    if forwarded is not None:
+        return [_hop(_for_of(element)) for element in _items(forwarded)]
+    return []
+
+
+def _items(values: Sequence[bytes]) -> list[str]:
+    """
+    The comma-separated items of every line of a header, in order.
+    """
+    try:
+        text = ",".join(value.decode("ascii") for value in values)
+    except UnicodeDecodeError:
+        raise Malformed("not ASCII") from None
+    return [item.strip() for item in _split_commas(text)]
+
+
+def _split_commas(text: str) -> list[str]:
+    """
+    Split at commas outside quoted strings.
+    """
+    items, start, quoted, escaped = [], 0, False, False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            items.append(text[start:index])
+            start = index + 1
+    if quoted:
+        raise Malformed("unterminated quoted string")
+    items.append(text[start:])
+    return items
+
+
+def _for_of(element: str) -> str:
+    """
+    The C{for} parameter of one C{Forwarded} element, unquoted.
+
+    @raise Malformed: If the element is not a list of pairs or has no
+        C{for}.
+    """
+    found = None
+    position = 0
+    while position < len(element):
+        match = _PAIR.match(element, position)
+        if match is None:
+            raise Malformed("not a forwarded-pair")
+        name, value = match.group(1).lower(), match.group(2)
+        if name == "for":
+            if found is not None:
+                raise Malformed("two for= parameters")
+            found = re.sub(r"\\(.)", r"\1", value[1:-1]) if value.startswith('"') else value
+        position = match.end()
+        if position < len(element):
+            if element[position] != ";":
+                raise Malformed("pairs not separated by ;")
+            position += 1
+    if found is None:
+        raise Malformed("no for=")
+    return found
+
+
+def _hop(text: str) -> Address:
+    """
+    One hop's address: C{192.0.2.1}, C{192.0.2.1:4711}, C{2001:db8::1},
+    C{[2001:db8::1]} or C{[2001:db8::1]:4711}.
+
+    @raise Malformed: For anything else, including RFC 7239's C{unknown}
+        and obfuscated identifiers: they name no address to count by.
+    """
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not (rest[:1] == ":" and rest[1:].isdigit())):
+            raise Malformed(text)
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+        if not port.isdigit():
+            raise Malformed(text)
+    else:
+        host = text
+    address = _address(host)
+    if address is None:
+        raise Malformed(text)
+    return address

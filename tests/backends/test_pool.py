@@ -1,0 +1,148 @@
+"""
+Tests for L{ollamaproxy.backends.pool}: backends' models and health.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from treq.testing import RequestTraversalAgent
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.web.iweb import IAgent, IResponse
+from zope.interface import implementer
+
+from ollamaproxy.backends.pool import Backend, BackendPool
+from ollamaproxy.model_names import resolve
+from ollamaproxy.upstream import Upstream
+from tests.fake_ollama import FakeOllama
+
+
+@implementer(IAgent)
+class Switch:
+    """
+    An agent to a fake Ollama that can be switched off (connections
+    refused).
+    """
+
+    def __init__(self, agent: RequestTraversalAgent) -> None:
+        self.agent = agent
+        self.down = False
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None,
+                bodyProducer: Any = None) -> Deferred[IResponse]:
+        if self.down:
+            return fail(ConnectionRefusedError("refused"))
+        response: Deferred[IResponse] = self.agent.request(method, uri, headers, bodyProducer)
+        return response
+
+
+class Setup:
+    """
+    One backend, a fake Ollama behind it, and a pool watching it.
+    """
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.fake = FakeOllama(self.clock, models=("llama3.2:latest", "mistral:latest"))
+        self.switch = Switch(RequestTraversalAgent(self.fake))
+        self.backend = Backend(Upstream(self.switch, b"http://127.0.0.1:11434", self.clock, 5,
+                                        600))
+        self.changes: list[str] = []
+        self.pool = BackendPool([self.backend], on_change=lambda: self.changes.append("change"),
+                                refresh=5)
+
+
+def test_start_learns_models() -> None:
+    """
+    On start every backend is asked for its models and loaded models.
+    """
+    t = Setup()
+    clock, switch, backend, pool = t.clock, t.switch, t.backend, t.pool
+    assert backend.models is None
+    pool.startService()
+    switch.agent.flush()
+    assert backend.models == frozenset({resolve("llama3.2"), resolve("mistral")})
+    assert backend.loaded == frozenset()
+    assert t.changes == ["change"]
+    pool.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+def test_models_are_refreshed_every_few_seconds() -> None:
+    """
+    A model added on the backend shows after the refresh interval.
+    """
+    t = Setup()
+    clock, switch, backend, pool = t.clock, t.switch, t.backend, t.pool
+    pool.startService()
+    switch.agent.flush()
+    t.fake.models.append("qwen3:latest")
+    clock.advance(5)
+    switch.agent.flush()
+    assert resolve("qwen3") in (backend.models or ())
+    pool.stopService()
+
+
+def test_unreachable_backend_turns_unhealthy_and_back() -> None:
+    """
+    A backend that refuses connections is unhealthy, with one log line; it
+    is probed with growing delays (1, 2, 4, 8 s at most) and healthy again
+    with one log line once it answers.
+    """
+    t = Setup()
+    clock, switch, backend, pool = t.clock, t.switch, t.backend, t.pool
+    switch.down = True
+    with capturedLogs() as events:
+        pool.startService()
+        assert not backend.healthy
+        for delay in (1, 2, 4, 8, 8):
+            assert [round(c.getTime() - clock.seconds()) for c in clock.getDelayedCalls()] == [
+                delay
+            ]
+            clock.advance(delay)
+        assert not backend.healthy
+        switch.down = False
+        clock.advance(8)
+        switch.agent.flush()
+    assert backend.healthy
+    lines = [e["log_format"] for e in events if "Backend" in e.get("log_format", "")]
+    assert lines == ["Backend {backend} is unhealthy: {reason}",
+                     "Backend {backend} is healthy again"]
+    assert "ConnectionRefusedError" in backend.errors[0]
+    pool.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_failed_request_marks_the_backend_and_probes_it() -> None:
+    """
+    A request that could not reach a backend marks it unhealthy at once;
+    the next probe that succeeds brings it back.
+    """
+    t = Setup()
+    clock, switch, backend, pool = t.clock, t.switch, t.backend, t.pool
+    pool.startService()
+    switch.agent.flush()
+    pool.failed(backend, "connection refused")
+    assert not backend.healthy
+    clock.advance(1)
+    switch.agent.flush()
+    assert backend.healthy
+    pool.stopService()
+
+
+def test_refresh_now_after_a_model_change() -> None:
+    """
+    refresh_all asks at once, without waiting for the interval.
+    """
+    t = Setup()
+    switch, backend, pool = t.switch, t.backend, t.pool
+    pool.startService()
+    switch.agent.flush()
+    t.fake.models.remove("mistral:latest")
+    pool.refresh_all()
+    switch.agent.flush()
+    assert backend.models == frozenset({resolve("llama3.2")})
+    pool.stopService()

@@ -1,0 +1,151 @@
+"""
+Tests for L{ollamaproxy.backends.queue}: fair waiting for a busy model.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from ollamaproxy.backends.queue import FairQueue
+from ollamaproxy.errors import ProxyError
+
+
+class Slots:
+    """
+    A grant function with C{free} slots per model, recording who got one.
+    """
+
+    def __init__(self) -> None:
+        self.free: dict[str, int] = {}
+        self.order: list[str] = []
+
+    def __call__(self, wants: str) -> str | None:
+        if self.free.get(wants, 0) <= 0:
+            return None
+        self.free[wants] -= 1
+        return wants
+
+
+def collect(d: Deferred[str], into: list[str], label: str) -> None:
+    d.addCallback(lambda _: into.append(label))
+
+
+def test_keys_are_served_in_turn() -> None:
+    """
+    One key's burst of 100 and another key's one request just after: the
+    second key's request is served next, not 101st; each key's own requests
+    in the order they came.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=512, timeout=60)
+    served: list[str] = []
+    for i in range(100):
+        collect(queue.wait("burst", "m"), served, f"burst-{i}")
+    collect(queue.wait("other", "m"), served, "other")
+    slots = Slots()
+    for _ in range(3):
+        slots.free["m"] = 1
+        queue.serve(slots)
+    assert served == ["burst-0", "other", "burst-1"]
+    assert queue.waiting() == {"burst": 98}
+
+
+def test_three_keys_round_robin() -> None:
+    """
+    With three keys waiting, slots go A, B, C, A, B, C.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=512, timeout=60)
+    served: list[str] = []
+    for key in "AAABBBCCC":
+        collect(queue.wait(key, "m"), served, key)
+    slots = Slots()
+    slots.free["m"] = 6
+    queue.serve(slots)
+    assert served == list("ABCABC")
+    assert len(queue) == 3
+
+
+def test_a_key_is_not_held_up_by_another_model() -> None:
+    """
+    A slot free for one model goes to the first request that wants it,
+    whatever waits for other models.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=512, timeout=60)
+    served: list[str] = []
+    collect(queue.wait("A", "busy"), served, "A-busy")
+    collect(queue.wait("B", "free"), served, "B-free")
+    slots = Slots()
+    slots.free["free"] = 1
+    queue.serve(slots)
+    assert served == ["B-free"]
+    assert queue.waiting() == {"A": 1}
+
+
+def test_cancel_leaves_the_queue() -> None:
+    """
+    A request whose client left is taken out of the queue, never served,
+    and its timer is gone.
+    """
+    clock = Clock()
+    queue: FairQueue[str, str] = FairQueue(clock, limit=512, timeout=60)
+    served: list[str] = []
+    gone = queue.wait("A", "m")
+    collect(queue.wait("B", "m"), served, "B")
+    errors: list[object] = []
+    gone.addErrback(lambda f: errors.append(f.trap(CancelledError)))
+    gone.cancel()
+    assert errors == [CancelledError]
+    assert len(queue) == 1
+    slots = Slots()
+    slots.free["m"] = 5
+    queue.serve(slots)
+    assert served == ["B"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_request_that_waits_too_long_gets_503() -> None:
+    """
+    After the queue timeout the request fails with 503 and Retry-After, and
+    leaves the queue.
+    """
+    clock = Clock()
+    queue: FairQueue[str, str] = FairQueue(clock, limit=512, timeout=30)
+    failures: list[Failure] = []
+    queue.wait("A", "m").addErrback(failures.append)
+    clock.advance(29)
+    assert failures == []
+    clock.advance(1)
+    [failure] = failures
+    error = failure.value
+    assert isinstance(error, ProxyError)
+    assert error.code == 503
+    assert error.headers == {b"Retry-After": b"30"}
+    assert len(queue) == 0
+
+
+def test_full_queue_refuses_at_once() -> None:
+    """
+    Beyond the limit a request is refused with 503 without waiting.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=2, timeout=30)
+    queue.wait("A", "m")
+    queue.wait("B", "m")
+    with pytest.raises(ProxyError) as raised:
+        queue.wait("C", "m")
+    assert raised.value.code == 503
+    assert b"Retry-After" in raised.value.headers
+
+
+def test_served_requests_leave_no_timer() -> None:
+    """
+    A served request's timeout is cancelled.
+    """
+    clock = Clock()
+    queue: FairQueue[str, str] = FairQueue(clock, limit=5, timeout=30)
+    queue.wait("A", "m")
+    slots = Slots()
+    slots.free["m"] = 1
+    queue.serve(slots)
+    assert clock.getDelayedCalls() == []

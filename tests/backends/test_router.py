@@ -1,0 +1,200 @@
+"""
+Tests for L{ollamaproxy.backends.router}: which backend a request gets, and
+when.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.web.iweb import IAgent
+
+from ollamaproxy.backends.pool import Backend, BackendPool
+from ollamaproxy.backends.router import Lease, Router
+from ollamaproxy.errors import ProxyError
+from ollamaproxy.model_names import resolve
+from ollamaproxy.upstream import Upstream
+
+LLAMA, MISTRAL, QWEN = resolve("llama3.2"), resolve("mistral"), resolve("qwen3")
+
+
+def backend(clock: Clock, name: str, models: tuple[str, ...] = (), loaded: tuple[str, ...] = (),
+            parallel: int = 2) -> Backend:
+    """
+    A backend at C{http://NAME} that has C{models}; nothing is sent to it.
+    """
+    upstream = Upstream(cast(IAgent, None), f"http://{name}".encode(), clock, 600, 600)
+    return Backend(upstream, parallel, models=frozenset(map(resolve, models)),
+                   loaded=frozenset(map(resolve, loaded)))
+
+
+def router(*backends: Backend, clock: Clock | None = None, max_queue: int = 512) -> Router:
+    return Router(BackendPool(backends), clock or Clock(), max_queue=max_queue, queue_timeout=60)
+
+
+def now(d: Deferred[Lease]) -> Lease:
+    results: list[Lease] = []
+    d.addCallback(results.append)
+    assert results, "no backend yet"
+    return results[0]
+
+
+def test_a_model_goes_only_to_a_backend_that_has_it() -> None:
+    """
+    A request naming M goes to a backend that has M.
+    """
+    clock = Clock()
+    a, b = backend(clock, "a", ("llama3.2",)), backend(clock, "b", ("mistral",))
+    r = router(a, b)
+    assert now(r.acquire(MISTRAL, "k")).backend is b
+    assert now(r.acquire(LLAMA, "k")).backend is a
+
+
+def test_a_model_no_backend_has_is_404() -> None:
+    """
+    M on no backend: 404 in Ollama's shape, nothing sent.
+    """
+    clock = Clock()
+    r = router(backend(clock, "a", ("llama3.2",)), backend(clock, "b", ("mistral",)))
+    with pytest.raises(ProxyError) as raised:
+        r.acquire(QWEN, "k")
+    assert raised.value.code == 404
+    assert "qwen3:latest" in raised.value.message
+
+
+def test_one_backend_decides_nothing_about_models() -> None:
+    """
+    With one backend every request goes to it, and Ollama answers for a
+    model it does not have, as without the proxy.
+    """
+    clock = Clock()
+    a = backend(clock, "a", ("llama3.2",))
+    assert now(router(a).acquire(QWEN, "k")).backend is a
+
+
+def test_loaded_backend_is_preferred_then_the_least_busy() -> None:
+    """
+    Among backends that have M, one with M in memory wins; then the one with
+    fewest requests in flight.
+    """
+    clock = Clock()
+    a = backend(clock, "a", ("llama3.2", "mistral"), parallel=4)
+    b = backend(clock, "b", ("llama3.2", "mistral"), loaded=("mistral",), parallel=4)
+    r = router(a, b)
+    assert now(r.acquire(LLAMA, "k")).backend is a
+    assert now(r.acquire(LLAMA, "k")).backend is b
+    assert now(r.acquire(LLAMA, "k")).backend is a
+    # b has mistral in memory: it wins while it has a slot, busy or not.
+    assert now(r.acquire(MISTRAL, "k")).backend is b
+    assert now(r.acquire(MISTRAL, "k")).backend is b
+
+
+def test_unhealthy_backends_are_skipped() -> None:
+    """
+    An unhealthy backend gets no requests; if every backend with M is
+    unhealthy, 503 at once.
+    """
+    clock = Clock()
+    a, b = backend(clock, "a", ("llama3.2",)), backend(clock, "b", ("llama3.2",))
+    a.healthy = False
+    r = router(a, b)
+    assert now(r.acquire(LLAMA, "k")).backend is b
+    b.healthy = False
+    with pytest.raises(ProxyError) as raised:
+        r.acquire(LLAMA, "k")
+    assert raised.value.code == 503
+
+
+def test_requests_wait_for_a_slot_and_are_served_fairly() -> None:
+    """
+    At --parallel for M, requests wait; a key that fired a burst does not
+    hold up another key's request, which is served next.
+    """
+    clock = Clock()
+    a = backend(clock, "a", ("llama3.2",), parallel=1)
+    r = router(a, clock=clock)
+    first = now(r.acquire(LLAMA, "burst"))
+    burst = [r.acquire(LLAMA, "burst") for _ in range(5)]
+    clock.advance(2)
+    other = r.acquire(LLAMA, "other")
+    first.release()
+    assert [d.called for d in burst] == [True, False, False, False, False]
+    assert not other.called
+    now(burst[0]).release()
+    lease = now(other)
+    assert lease.queued == 0  # it arrived at t=2 and was served at once now
+    assert not burst[1].called
+
+
+def test_queued_seconds_are_reported() -> None:
+    """
+    A lease says how long its request waited.
+    """
+    clock = Clock()
+    r = router(backend(clock, "a", ("llama3.2",), parallel=1), clock=clock)
+    first = now(r.acquire(LLAMA, "k"))
+    second = r.acquire(LLAMA, "k")
+    clock.advance(7)
+    first.release()
+    assert now(second).queued == 7
+
+
+def test_a_client_that_leaves_while_waiting_never_gets_a_backend() -> None:
+    """
+    Cancelling a queued request takes it out: the slot goes to the next.
+    """
+    clock = Clock()
+    r = router(backend(clock, "a", ("llama3.2",), parallel=1), clock=clock)
+    first = now(r.acquire(LLAMA, "a"))
+    gone = r.acquire(LLAMA, "b")
+    after = r.acquire(LLAMA, "c")
+    gone.addErrback(lambda _: None)
+    gone.cancel()
+    first.release()
+    assert now(after).backend.running[LLAMA] == 1
+    assert len(r.queue) == 0
+
+
+def test_release_counts_once() -> None:
+    """
+    Releasing a lease twice frees one slot, not two.
+    """
+    clock = Clock()
+    a = backend(clock, "a", ("llama3.2",), parallel=1)
+    r = router(a)
+    lease = now(r.acquire(LLAMA, "k"))
+    lease.release()
+    lease.release()
+    assert a.running == {}
+
+
+def test_failed_backend_is_marked_and_excluded() -> None:
+    """
+    A request that could not reach its backend marks it unhealthy; asking
+    again excluding it gives another backend that has M.
+    """
+    clock = Clock()
+    a, b = backend(clock, "a", ("llama3.2",)), backend(clock, "b", ("llama3.2",))
+    r = router(a, b)
+    lease = now(r.acquire(LLAMA, "k"))
+    r.failed(lease, "connection refused")
+    assert not lease.backend.healthy
+    other = now(r.acquire(LLAMA, "k", exclude=[lease.backend]))
+    assert other.backend is not lease.backend
+
+
+def test_requests_naming_no_model_take_no_slot() -> None:
+    """
+    A request naming no model goes to the least busy healthy backend at
+    once, whatever the model slots say.
+    """
+    clock = Clock()
+    a = backend(clock, "a", ("llama3.2",), parallel=1)
+    b = backend(clock, "b", ("mistral",), parallel=1)
+    r = router(a, b)
+    now(r.acquire(LLAMA, "k"))
+    assert now(r.acquire(None, "k")).backend is b
+    assert now(r.acquire(None, "k")).backend is a

@@ -1,0 +1,121 @@
+"""
+Usage is never silently zero for a generation: a C{/v1} stream whose client
+did not ask for usage (C{stream_options.include_usage}) has its completion
+tokens counted from the chunks, and says so; the client's stream is not
+changed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.logger import LogEvent, capturedLogs, formatEvent
+
+from ollamaproxy.logs import StreamSummary
+from ollamaproxy.summary import summarise
+from tests.chain import Chain
+
+TOKENS = 7
+DELAY = 0.02
+
+
+def v1_request(path: str, **extra: Any) -> bytes:
+    body: dict[str, Any] = {"model": "llama3.2", "stream": True, "max_tokens": TOKENS,
+                            "options": {"fake_delay": DELAY}, **extra}
+    if path.endswith("chat/completions"):
+        body["messages"] = [{"role": "user", "content": "hi there"}]
+    else:
+        body["prompt"] = "hi there"
+    return json.dumps(body).encode()
+
+
+def stream_events(chain: Chain, path: str, data: bytes) -> tuple[bytes, list[LogEvent]]:
+    """
+    Send a streamed request and let Ollama write one chunk per turn of the
+    clock, as a real one does; return what the client got and the
+    summary events.
+    """
+    with capturedLogs() as events:
+        response = chain.respond("POST", path, data=data)
+        assert response.code == 200
+        collector = chain.stream(response)
+        for _ in range(TOKENS + 5):
+            chain.clock.advance(DELAY)
+            chain.flush()
+        chain.result(collector.done)
+    return collector.body, [e for e in events if e.get("log_namespace") == "ollamaproxy.stream"]
+
+
+@pytest.fixture
+def chain() -> Iterator[Chain]:
+    yield Chain()
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_stream_without_usage_is_counted(chain: Chain, path: str) -> None:
+    """
+    Without C{include_usage}, the completion tokens are the chunks counted,
+    the summary says they were counted, and the metrics (like the usage
+    record, which takes the same summary) add them up.
+    """
+    body, [event] = stream_events(chain, path, v1_request(path))
+    assert b'"usage"' not in body  # the client got the stream as Ollama sent it
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert (event["model"], event["completion_tokens"], event["prompt_tokens"]) == (
+        "llama3.2", TOKENS, 0)
+    assert event["tokens_counted"] is True
+    assert event["done_reason"] == "length"
+    assert "counted from the stream" in formatEvent(event)
+    _, metrics = chain.metrics.render(None)
+    assert (f'ollamaproxy_tokens_total{{key="alice",kind="completion",model="llama3.2"}} '
+            f"{TOKENS}.0").encode() in metrics
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_stream_with_usage_is_reported(chain: Chain, path: str) -> None:
+    """
+    With C{include_usage}, Ollama's own figures are used, prompt included,
+    and the summary does not say counted.
+    """
+    data = v1_request(path, stream_options={"include_usage": True})
+    _, [event] = stream_events(chain, path, data)
+    assert (event["completion_tokens"], event["prompt_tokens"]) == (TOKENS, 2)
+    assert event["tokens_counted"] is False
+    assert "counted" not in formatEvent(event)
+
+
+def test_chunks_arriving_together_count_once() -> None:
+    """
+    Counting reads the pieces the body arrived in: chunks that reach the
+    proxy together count once, so the figure is a lower bound, never more
+    than the tokens.
+    """
+    chat = (b'data: {"model":"m","choices":[{"index":0,"delta":{"content":"a"},'
+            b'"finish_reason":null}]}\n\n')
+    final = (b'data: {"model":"m","choices":[{"index":0,"delta":{},'
+             b'"finish_reason":"stop"}]}\n\n')
+    done = b"data: [DONE]\n\n"
+    # Three tokens, then the final chunk and [DONE], in five pieces.
+    assert summarise(chat + final + done, True, (final, done), 5) == StreamSummary(
+        "m", "stop", completion_tokens=3, counted=True)
+    # The same in two pieces: two tokens together, then the last token with
+    # the final chunk and [DONE].
+    pieces = (chat + chat, chat + final + done)
+    assert summarise(b"".join(pieces), True, pieces, 2) == (
+        StreamSummary("m", "stop", completion_tokens=2, counted=True))
+
+
+@pytest.mark.parametrize("tail", [
+    b'{"object":"list","data":[{"id":"llama3.2"}]}',
+    b'data: {"error":{"message":"boom","type":"api_error"}}\n\n',
+    b"",
+])
+def test_no_counting_without_completion_chunks(tail: bytes) -> None:
+    """
+    A body that is no completion stream (a listing, an error) gets no
+    summary, counted or not.
+    """
+    assert summarise(tail, True, (b"", tail), 4) is None

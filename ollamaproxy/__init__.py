@@ -5,7 +5,9 @@ Rooms of the house, each with one job: L{ollamaproxy.config} (settings),
 L{ollamaproxy.tap} (twistd wiring), L{ollamaproxy.checks} and
 L{ollamaproxy.probe} (what is checked at start), L{ollamaproxy.client_address}
 (who a request comes from), L{ollamaproxy.site} (the web server:
-streamed request bodies, slow clients), L{ollamaproxy.app} (the Klein route
+streamed request bodies, slow clients, idle connections, requests refused
+before they reach the app), L{ollamaproxy.descriptors} (the open files limit
+and the connections it leaves room for), L{ollamaproxy.app} (the Klein route
 tree), L{ollamaproxy.routes} (the catalogue of Ollama's routes),
 L{ollamaproxy.auth}, L{ollamaproxy.policy}, L{ollamaproxy.model_names},
 L{ollamaproxy.keys}, L{ollamaproxy.limits},

@@ -260,6 +260,8 @@ class OllamaProxy:
         Write down a request the web server refused before it reached
         L{proxy} (a malformed request line or header): log and metrics.
         """
+        # Any token passes for a method here, a key too.
+        exchange.method = self._redact(exchange.method)
         log_exchange(exchange, sent_bytes, now, "", self._redact)
         self._metrics.observe(exchange, now)
 

@@ -166,11 +166,14 @@ def test_refused_request_is_logged_once_and_counted() -> None:
         protocol.dataReceived(
             b"GET /api/pull/" + KEY.encode() + b" HTTP/1.1\r\nbad one\r\nbad two\r\n\r\n"
         )
-    [event] = [e for e in events if e.get("log_namespace") == "ollamaproxy.access"]
-    assert KEY not in event["line"]
-    assert event["path"] == "/api/pull/[redacted]"
+        _, other = _connect_site(site)
+        other.dataReceived(KEY.encode() + b" / HTTP/1.1\r\nbad\r\n\r\n")
+    first, second = [e for e in events if e.get("log_namespace") == "ollamaproxy.access"]
+    assert KEY not in first["line"] + second["line"]
+    assert first["path"] == "/api/pull/[redacted]"
+    assert second["method"] == "[redacted]"
     _, text = chain.metrics.render(None)
-    assert b'outcome="bad_request",route="other",status="400"' in text
+    assert b'method="other",outcome="bad_request",route="other",status="400"} 1.0' in text
 
 
 def test_broken_chunked_body_is_logged_as_bad_request(access_events: list[LogEvent]) -> None:

@@ -140,7 +140,8 @@ class ProxyRequest(Request):
         """
         self._rate_check = None
         body = self.body
-        if body is None or body.complete or self.channel is None:
+        if body is None or body.complete or self.finished or self.channel is None:
+            # Answered before its body was in: the connection closes anyway.
             return
         site = cast(ProxySite, cast(Any, self.channel).site)
         arrived = body.received - self._rate_mark

@@ -11,7 +11,6 @@ leaves through one handler, in Ollama's JSON shape.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from klein import Klein
@@ -23,28 +22,23 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from ollamaproxy.auth import Authenticator
+from ollamaproxy.backends.listings import merge_listings
+from ollamaproxy.backends.pool import Backend
+from ollamaproxy.backends.router import Router
+from ollamaproxy.caps import Caps
 from ollamaproxy.client_address import NOBODY, TrustedProxies
 from ollamaproxy.cors import Cors
 from ollamaproxy.errors import ProxyError, error_body, is_openai_path, reason_phrase
-from ollamaproxy.headers import came_back
+from ollamaproxy.headers import came_back, upstream_request_headers
 from ollamaproxy.keys import ApiKey
 from ollamaproxy.limits import KeyLimits
 from ollamaproxy.logs import Exchange, log_exchange
 from ollamaproxy.metrics import Metrics
-from ollamaproxy.policy import (
-    MAX_CHECKED_BODY,
-    check_models,
-    filter_listing,
-    models_to_check,
-    needs_body_check,
-    path_model,
-)
 from ollamaproxy.redact import Redactor, redacted_failure
-from ollamaproxy.relay import Target, relay
-from ollamaproxy.request_body import BodyTooLarge
-from ollamaproxy.routes import Catalogue, ModelIn, RouteSpec, Scope, decoded_path
+from ollamaproxy.relay import Target, Unreachable, relay, whole_body
+from ollamaproxy.request_plan import Plan, plan_request
+from ollamaproxy.routes import Catalogue, Placement, RouteSpec, Scope, decoded_path
 from ollamaproxy.site import ProxyRequest
-from ollamaproxy.upstream import Upstream
 from ollamaproxy.usage import UsageStore
 
 log = Logger()
@@ -71,7 +65,7 @@ class OllamaProxy:
     """
     An Ollama server that needs a key.
 
-    @param upstream: Ollama, and how to reach it.
+    @param router: Gives each request a backend (an Ollama server).
     @param auth: Decides who may ask.
     @param clock: Tells time for the access log.
     @param metrics: Counts what happens, for Prometheus.
@@ -90,7 +84,7 @@ class OllamaProxy:
 
     def __init__(
         self,
-        upstream: Upstream,
+        router: Router,
         auth: Authenticator,
         limits: KeyLimits,
         cors: Cors,
@@ -101,11 +95,15 @@ class OllamaProxy:
         catalogue: Catalogue | None = None,
         redact: Callable[[str], str] | None = None,
         trusted_proxies: TrustedProxies = NOBODY,
+        caps: Caps | None = None,
     ) -> None:
+        self._router = router
+        self._caps = caps or Caps()
+        # Every backend's client carries this process's mark.
+        self._via = router.backends[0].upstream.via
         self._trusted_proxies = trusted_proxies
         self._catalogue = catalogue or Catalogue()
         self._redact = redact or Redactor(auth.keys.is_key)
-        self._upstream = upstream
         self._auth = auth
         self._limits = limits
         self._cors = cors
@@ -147,7 +145,7 @@ class OllamaProxy:
         try:
             if self._draining:
                 raise ProxyError(503, "ollamaproxy is shutting down", outcome="shutdown")
-            if self._upstream.via and came_back(request.requestHeaders, self._upstream.via):
+            if self._via and came_back(request.requestHeaders, self._via):
                 raise self._loop()
             # Every check sees the path Ollama's router will see.
             path = decoded_path(target.path)
@@ -202,17 +200,105 @@ class OllamaProxy:
         """
         if key is None:
             _refuse_body_without_key(request)
-            await relay(request, self._upstream, target, exchange,
-                        sample_bytes=self._body_sample_bytes)
+            await self._relay(request, target, exchange, "-", route, Plan())
             return
         exchange.key = key.name
         release = self._limits.admit(key)
         try:
-            rewrite = await self._models_for(key, request, target, path, route)
-            await relay(request, self._upstream, target, exchange, rewrite,
-                        self._body_sample_bytes)
+            plan = await plan_request(key, request, target, path, route, self._caps,
+                                      len(self._router.backends) > 1)
+            exchange.notes = "; ".join(plan.notes)
+            await self._relay(request, target, exchange, key.name, route, plan)
         finally:
             release()
+
+    async def _relay(
+        self,
+        request: ProxyRequest,
+        target: Target,
+        exchange: Exchange,
+        key_name: str,
+        route: RouteSpec | None,
+        plan: Plan,
+    ) -> None:
+        """
+        Relay a request to the backend the router gives it; if that backend
+        cannot even be connected to (nothing was sent), to another that has
+        its model.  A listing, with several backends, is every healthy
+        backend's, merged.
+        """
+        if route is not None and route.listing is not None and len(self._router.backends) > 1:
+            await self._merged_listing(request, target, exchange, route.listing, plan)
+            return
+        tried: list[Backend] = []
+        unreachable: Unreachable | None = None
+        while True:
+            try:
+                lease = await self._router.acquire(
+                    key_name,
+                    plan.model,
+                    runs=route is not None and route.runs,
+                    primary=route is not None and route.placement is Placement.PRIMARY,
+                    exclude=tried,
+                )
+            except ProxyError:
+                if unreachable is not None:
+                    raise unreachable from None
+                raise
+            exchange.backend = lease.backend.name
+            exchange.queued = lease.queued
+            try:
+                await relay(request, lease.backend.upstream, target, exchange, plan.rewrite,
+                            self._body_sample_bytes)
+            except Unreachable as e:
+                self._router.failed(lease, e.message)
+                tried.append(lease.backend)
+                if len(tried) == len(self._router.backends):
+                    raise
+                unreachable = e
+                continue
+            finally:
+                lease.release()
+            if route is not None and route.changes_models and len(self._router.backends) > 1:
+                self._router.pool.refresh(lease.backend)
+            return
+
+    async def _merged_listing(
+        self, request: ProxyRequest, target: Target, exchange: Exchange, field: str, plan: Plan
+    ) -> None:
+        """
+        Answer a model listing with the union of every healthy backend's.
+        """
+        backends = [b for b in self._router.backends if b.healthy]
+        bodies = []
+        for backend in backends:
+            try:
+                response = await backend.upstream.request(
+                    b"GET", target.target,
+                    upstream_request_headers(request.requestHeaders, self._via), None,
+                )
+                body = await whole_body(response)
+            except CancelledError:
+                raise
+            except Exception as e:
+                self._router.pool.failed(backend, f"{type(e).__name__}: {e}")
+                continue
+            if response.code == 200:
+                bodies.append(body)
+        if not bodies:
+            raise ProxyError(502, "no backend answered for the model listing")
+        try:
+            merged = merge_listings(bodies, field)
+        except ValueError:
+            raise ProxyError(502, "a backend's model listing could not be read") from None
+        if plan.rewrite is not None:
+            merged = plan.rewrite(merged)
+        exchange.responded(self._clock.seconds(), 200)
+        exchange.backend = ",".join(b.name for b in backends)
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        request.setHeader(b"content-length", b"%d" % len(merged))
+        request.write(merged)
 
     def _loop(self) -> ProxyError:
         """
@@ -221,7 +307,7 @@ class OllamaProxy:
         circle at its second turn) and refuse it before the key check, since
         a looped request carries no key.
         """
-        upstream = self._upstream.base.decode("ascii", "replace")
+        upstream = ", ".join(b.name for b in self._router.backends)
         log.warn(
             "A request came back to this proxy: the upstream {upstream} points at "
             "the proxy itself.  Set --upstream to Ollama's address.",
@@ -249,8 +335,7 @@ class OllamaProxy:
         Write down what happened to a request: log, metrics, usage.
         """
         now = self._clock.seconds()
-        log_exchange(exchange, sent_bytes, now, self._upstream.base.decode("ascii"),
-                     self._redact)
+        log_exchange(exchange, sent_bytes, now, self._redact)
         self._metrics.observe(exchange, now)
         if self._usage is not None and exchange.key != "-":
             self._usage.record_summary(exchange.key, exchange.summary, now)
@@ -262,7 +347,7 @@ class OllamaProxy:
         """
         # Any token passes for a method here, a key too.
         exchange.method = self._redact(exchange.method)
-        log_exchange(exchange, sent_bytes, now, "", self._redact)
+        log_exchange(exchange, sent_bytes, now, self._redact)
         self._metrics.observe(exchange, now)
 
     def _preflight(self, request: Any, exchange: Exchange) -> None:
@@ -293,57 +378,6 @@ class OllamaProxy:
         content_type, body = self._metrics.render(request.getHeader(b"accept"))
         request.setHeader(b"content-type", content_type)
         return body
-
-    async def _models_for(
-        self,
-        key: ApiKey,
-        request: ProxyRequest,
-        target: Target,
-        path: bytes,
-        route: RouteSpec | None,
-    ) -> Callable[[bytes], bytes] | None:
-        """
-        Refuse a request for a model the key may not use, and say how to
-        narrow a model listing for a key limited to some models.
-
-        @return: How to rewrite the response body, if it needs it.
-        @raise ProxyError: 403 for a model the key may not use, or for a
-            route the proxy does not know when the key is limited to some
-            models; 400 or 413 for a body it cannot check.
-        """
-        if route is None:
-            if key.models:
-                raise ProxyError(
-                    403, f"API key {key.name!r} is limited to some models and may not use "
-                    f"{request.method.decode('ascii', 'replace')} "
-                    f"{path.decode('utf-8', 'replace')}, which is none of Ollama's routes"
-                )
-            return None
-        if route.listing is not None:
-            return partial(filter_listing, key, route.listing) if key.models else None
-        if route.model_in is ModelIn.NOWHERE or not needs_body_check(key):
-            return None
-        if route.model_in is ModelIn.PATH:
-            check_models(key, [path_model(path, route)])
-            return None
-        body = b""
-        if request.body is not None:
-            encoding = request.getHeader(b"content-encoding")
-            if encoding is not None and encoding.strip().lower() != b"identity":
-                raise ProxyError(400, "the proxy cannot check which model a body with "
-                                 "Content-Encoding names: send it uncompressed")
-            try:
-                body = await request.body.collect(MAX_CHECKED_BODY)
-            except BodyTooLarge:
-                raise ProxyError(
-                    413, f"request body is larger than {MAX_CHECKED_BODY // 2**20} MiB, the "
-                    "most the proxy reads to check which model it names"
-                ) from None
-        elif route.model_in is ModelIn.JSON:
-            return None  # Ollama answers that the model is missing
-        query = target.target.partition(b"?")[2]
-        check_models(key, models_to_check(route, body, request.getHeader(b"content-type"), query))
-        return None
 
     def drain(self, grace_period: float) -> Deferred[None]:
         """

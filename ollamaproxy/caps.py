@@ -90,6 +90,10 @@ class Caps:
         return Caps(_least(self.keep_alive, other.keep_alive), _least(self.num_ctx, other.num_ctx))
 
 
+#: No caps: bodies pass as they are.
+NO_CAPS = Caps()
+
+
 def _least(a: _N | None, b: _N | None) -> _N | None:
     if a is None:
         return b

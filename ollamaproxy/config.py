@@ -14,14 +14,21 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from ollamaproxy.caps import Caps, parse_duration
 from ollamaproxy.client_address import NOBODY, TrustedProxies, parse_trusted_proxies
 from ollamaproxy.cors import DEFAULT_ORIGINS, parse_origins
 from ollamaproxy.errors import ConfigError as ConfigError
 
 DEFAULT_LISTEN = "tcp:5000"
+# Ollama's own defaults: OLLAMA_NUM_PARALLEL and OLLAMA_MAX_QUEUE.
+DEFAULT_PARALLEL = 4
+DEFAULT_MAX_QUEUE = 512
+# A request queued for longer than a generation usually takes to start is
+# better told to come back.
+DEFAULT_QUEUE_TIMEOUT = 300.0
 DEFAULT_UPSTREAM = "http://127.0.0.1:11434"
 DEFAULT_OPEN_ROUTES = "GET /,HEAD /,GET /api/version,HEAD /api/version"
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -49,6 +56,7 @@ MIN_API_KEY_LENGTH = 16
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 ENV_PREFIX = "OLLAMAPROXY_"
+_NUMBER = re.compile(r"^\s*\d+(\.\d*)?\s*$")
 DEFAULT_CORS_ORIGINS = ",".join(DEFAULT_ORIGINS)
 _ENDPOINT = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S")
 
@@ -64,13 +72,33 @@ class Route:
 
 
 @dataclass(frozen=True)
+class UpstreamSetting:
+    """
+    One Ollama server to relay to.
+
+    @ivar url: Its base URL, normalised (L{parse_ollama_host}).
+    @ivar parallel: Requests it may run at once for each model.
+    """
+
+    url: str
+    parallel: int = DEFAULT_PARALLEL
+
+
+DEFAULT_UPSTREAMS = (UpstreamSetting(DEFAULT_UPSTREAM),)
+
+
+@dataclass(frozen=True)
 class Config:
     """
     Everything the proxy needs to know to run.
 
     @ivar listen: Twisted server endpoint strings to accept clients on.
-    @ivar upstream: The Ollama base URL, normalised (scheme, host, port and an
-        optional path prefix; no trailing slash).
+    @ivar upstreams: The Ollama servers, each with its base URL normalised
+        (scheme, host, port and an optional path prefix; no trailing
+        slash) and the requests it may run at once per model.
+    @ivar max_queue: The most requests that may wait for a busy model.
+    @ivar queue_timeout: Seconds a request may wait before it gets 503.
+    @ivar caps: The proxy's caps on C{keep_alive} and C{num_ctx}.
     @ivar api_key: A single key given on the command line or in the
         environment, or L{None}.
     @ivar keys_file: The JSON keys file: loaded if it exists, created with a
@@ -100,7 +128,10 @@ class Config:
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
-    upstream: str = DEFAULT_UPSTREAM
+    upstreams: tuple[UpstreamSetting, ...] = DEFAULT_UPSTREAMS
+    max_queue: int = DEFAULT_MAX_QUEUE
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
+    caps: Caps = field(default_factory=Caps)
     api_key: str | None = None
     keys_file: str = ""
     log_dir: str | None = None
@@ -156,7 +187,18 @@ class Config:
                     f"--listen: {endpoint!r} is not an endpoint string such as "
                     "tcp:5000 or ssl:5443:privateKey=key.pem:certKey=cert.pem"
                 )
-        upstream = get("upstream") or environ.get("OLLAMA_HOST") or DEFAULT_UPSTREAM
+        upstream_options = options.get("upstream")
+        if isinstance(upstream_options, str):
+            upstream_options = [upstream_options]
+        if isinstance(upstream_options, list) and upstream_options:
+            upstreams = [str(url) for url in upstream_options]
+        else:
+            upstreams = _split(
+                environ.get(env_variable("upstream")) or environ.get("OLLAMA_HOST") or ""
+            ) or [DEFAULT_UPSTREAM]
+        parallel = _positive("parallel", get("parallel"), DEFAULT_PARALLEL)
+        max_keep_alive = get("max-keep-alive")
+        max_num_ctx = get("max-num-ctx")
         open_routes = get("open-routes")
         cors_origins = get("cors-origins")
         log_bodies = _flag(options.get("log-bodies"), environ.get(env_variable("log-bodies")))
@@ -165,7 +207,15 @@ class Config:
         )
         return cls(
             listen=tuple(listen),
-            upstream=parse_ollama_host(upstream),
+            upstreams=tuple(parse_upstream(url, parallel) for url in upstreams),
+            max_queue=_count("max-queue", get("max-queue"), DEFAULT_MAX_QUEUE),
+            queue_timeout=_seconds("queue-timeout", get("queue-timeout"),
+                                   DEFAULT_QUEUE_TIMEOUT),
+            caps=Caps(
+                None if max_keep_alive is None else parse_keep_alive_cap(
+                    "max-keep-alive", max_keep_alive),
+                None if max_num_ctx is None else _positive("max-num-ctx", max_num_ctx, 1),
+            ),
             api_key=_api_key(get("api-key")),
             keys_file=keys_file_path(get("keys-file"), environ),
             log_dir=get("log-dir") or None,
@@ -230,6 +280,13 @@ def _count(name: str, value: str | None, default: int) -> int:
     if not value.isdigit():
         raise ConfigError(f"--{name}: {value!r} is not a whole number")
     return int(value)
+
+
+def _positive(name: str, value: str | None, default: int) -> int:
+    count = _count(name, value, default)
+    if count < 1:
+        raise ConfigError(f"--{name}: {value!r} must be 1 or more")
+    return count
 
 
 def _flag(option: object, variable: str | None) -> bool:
@@ -299,6 +356,36 @@ def parse_routes(value: str) -> frozenset[Route]:
             )
         routes.add(Route(method.upper().encode("ascii"), path.encode("ascii")))
     return frozenset(routes)
+
+
+def parse_upstream(value: str, parallel: int) -> UpstreamSetting:
+    """
+    An C{--upstream} value: an Ollama address (L{parse_ollama_host}), with
+    C{#parallel=N} after it for a server whose parallelism differs.
+    """
+    address, _, fragment = value.partition("#")
+    if fragment:
+        name, _, count = fragment.partition("=")
+        if name.strip() != "parallel":
+            raise ConfigError(
+                f"--upstream: {value!r}: after '#' only parallel=N is understood"
+            )
+        parallel = _positive("upstream", count.strip(), parallel)
+    return UpstreamSetting(parse_ollama_host(address), parallel)
+
+
+def parse_keep_alive_cap(name: str, value: str) -> float:
+    """
+    A C{keep_alive} cap: a duration as Ollama reads one (C{10m}, C{1h},
+    C{300} seconds), not negative.
+    """
+    try:
+        seconds = parse_duration(float(value) if _NUMBER.match(value) else value)
+    except ValueError:
+        raise ConfigError(f"--{name}: {value!r} is not a duration such as 10m or 1h") from None
+    if seconds == float("inf"):
+        raise ConfigError(f"--{name}: {value!r}: a cap cannot be 'for ever'")
+    return seconds
 
 
 def parse_ollama_host(value: str) -> str:

@@ -28,9 +28,11 @@ import secrets
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from ollamaproxy.caps import Caps, parse_duration, show_duration
 
 KEY_PREFIX = "olpk_"
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -68,6 +70,8 @@ class ApiKey:
     @ivar rpm: Requests a minute the key may make, or L{None} for no limit.
     @ivar max_streams: Requests the key may have in flight at once, or
         L{None} for no limit.
+    @ivar caps: The key's own caps on C{keep_alive} and C{num_ctx}
+        (L{ollamaproxy.caps}); the proxy's, if tighter, win.
     """
 
     name: str
@@ -78,6 +82,7 @@ class ApiKey:
     models: tuple[str, ...] = ()
     rpm: int | None = None
     max_streams: int | None = None
+    caps: Caps = field(default_factory=Caps)
 
     @property
     def admin(self) -> bool:
@@ -224,11 +229,11 @@ def _entries(document: object) -> list[Mapping[str, Any]]:
     for number, entry in enumerate(entries, 1):
         if not isinstance(entry, dict):
             raise ValueError(f"key number {number} is not an object")
-        for field in ("name", "hash"):
-            if field not in entry:
+        for required in ("name", "hash"):
+            if required not in entry:
                 name = entry.get("name")
                 which = f"key {name!r}" if isinstance(name, str) else f"key number {number}"
-                raise ValueError(f'{which} has no "{field}"')
+                raise ValueError(f'{which} has no "{required}"')
     return entries
 
 
@@ -266,7 +271,18 @@ def _key_from_json(entry: Mapping[str, Any]) -> ApiKey:
         models=tuple(models),
         rpm=_limit(entry, "rpm"),
         max_streams=_limit(entry, "max_streams"),
+        caps=Caps(_keep_alive(entry), _limit(entry, "max_num_ctx")),
     )
+
+
+def _keep_alive(entry: Mapping[str, Any]) -> float | None:
+    value = entry.get("max_keep_alive")
+    if value is None:
+        return None
+    seconds = parse_duration(value)
+    if seconds == float("inf"):
+        raise ValueError(f"max_keep_alive {value!r} cannot be for ever")
+    return seconds
 
 
 def _time(entry: Mapping[str, Any], field: str) -> datetime | None:
@@ -302,6 +318,10 @@ def key_to_json(key: ApiKey) -> dict[str, Any]:
         entry["rpm"] = key.rpm
     if key.max_streams is not None:
         entry["max_streams"] = key.max_streams
+    if key.caps.keep_alive is not None:
+        entry["max_keep_alive"] = show_duration(key.caps.keep_alive)
+    if key.caps.num_ctx is not None:
+        entry["max_num_ctx"] = key.caps.num_ctx
     return entry
 
 

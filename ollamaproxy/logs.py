@@ -83,6 +83,10 @@ class Exchange:
 
     @ivar route: The route's label: its pattern in the catalogue
         (L{ollamaproxy.routes}), or C{other}.
+    @ivar backend: The Ollama server the request went to, if any.
+    @ivar queued: Seconds it waited in the fair queue for a slot.
+    @ivar notes: What the proxy changed in the request (a clamped
+        C{keep_alive}), for the access line.
     @ivar outcome: C{completed}, C{client_disconnected}, C{upstream_error},
         C{timeout}, C{rejected}, C{bad_request} (refused by the web server:
         malformed, or a head too large), C{client_timeout} (a body that came
@@ -94,6 +98,9 @@ class Exchange:
     client: str
     started: float
     route: str = "other"
+    backend: str = ""
+    queued: float = 0.0
+    notes: str = ""
     key: str = "-"
     status: int | None = None
     first_byte: float | None = None
@@ -122,7 +129,6 @@ def log_exchange(
     exchange: Exchange,
     sent_bytes: int,
     now: float,
-    upstream: str = "",
     redact: Callable[[str], str] = blank_credentials,
 ) -> None:
     """
@@ -149,7 +155,11 @@ def log_exchange(
         detail=detail,
         detail_suffix=f" ({detail})" if detail else "",
         sent_bytes=sent_bytes,
-        upstream=upstream,
+        upstream=exchange.backend,
+        queued=exchange.queued,
+        queued_suffix=f" queued {exchange.queued:.3f}s" if exchange.queued else "",
+        notes=exchange.notes,
+        notes_suffix=f" [{exchange.notes}]" if exchange.notes else "",
         first_byte=exchange.first_byte,
         duration=now - exchange.started,
     )
@@ -187,7 +197,7 @@ def log_exchange(
 
 ACCESS_LINE = (
     "{client} {key} {method} {path} {status} {outcome} {sent_bytes}B "
-    "{duration:.3f}s{detail_suffix}"
+    "{duration:.3f}s{queued_suffix}{detail_suffix}{notes_suffix}"
 )
 STREAM_LINE = (
     "{key} {model}: {prompt_tokens} prompt + {completion_tokens} completion tokens"

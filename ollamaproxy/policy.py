@@ -48,7 +48,16 @@ def needs_body_check(key: ApiKey) -> bool:
 
 def json_models(body: bytes, fields: tuple[str, ...]) -> list[str]:
     """
-    Every model a JSON body names in its top-level C{fields}.  Go's decoder,
+    Every model a JSON body names in its top-level C{fields}
+    (L{json_model_fields}, without the fields).
+    """
+    return [name for _, name in json_model_fields(body, fields)]
+
+
+def json_model_fields(body: bytes, fields: tuple[str, ...]) -> list[tuple[str, str]]:
+    """
+    Every model a JSON body names in its top-level C{fields}, with the field
+    that names it, in the body's order.  Go's decoder,
     which Ollama uses, matches field names without regard to case and takes
     the last of repeated ones, so every spelling and repetition counts here.
 
@@ -81,7 +90,7 @@ def json_models(body: bytes, fields: tuple[str, ...]) -> list[str]:
         if field.casefold() in wanted:
             if not isinstance(value, str):
                 raise ProxyError(400, f"{field} must be a string")
-            names.append(value)
+            names.append((field.casefold(), value))
     return names
 
 
@@ -173,14 +182,16 @@ def allows(key: ApiKey, model: ModelName) -> bool:
     return not key.models or any(matches(model, pattern) for pattern in key.models)
 
 
-def models_to_check(route: RouteSpec, body: bytes, content_type: bytes | None,
-                    query: bytes) -> list[str]:
+def models_named(route: RouteSpec, body: bytes, content_type: bytes | None,
+                 query: bytes) -> list[tuple[str, str]]:
     """
-    The models a request on C{route} names in its body (JSON or form).
+    The models a request on C{route} names in its body (JSON or form), each
+    with the field that names it.
     """
     if route.model_in is ModelIn.FORM:
-        return form_models(body, content_type, query, route.model_fields[0])
-    return json_models(body, route.model_fields)
+        field = route.model_fields[0]
+        return [(field, name) for name in form_models(body, content_type, query, field)]
+    return json_model_fields(body, route.model_fields)
 
 
 def filter_listing(key: ApiKey, field: str, body: bytes) -> bytes:

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from ollamaproxy.backends.pool import own_request_headers
+from ollamaproxy.relay import whole_body
 from ollamaproxy.upstream import Upstream
 
 log = Logger()
@@ -73,7 +70,7 @@ class UpstreamProbe(Service):
         where = upstream.base.decode("ascii", "replace")
         # Marked as the proxy marks what it forwards: an upstream that is
         # this proxy itself answers 508 at once instead of calling itself.
-        headers = Headers({b"via": [upstream.via]} if upstream.via else {})
+        headers = own_request_headers(upstream)
         d = upstream.request(b"GET", VERSION_PATH, headers, None)
         d.addCallback(_version)
         d.addTimeout(self._timeout, upstream.clock)
@@ -105,42 +102,11 @@ def _version(response: IResponse) -> Deferred[str]:
             raise ValueError("its answer to GET /api/version is not Ollama's") from None
         return str(version)
 
-    body = _SmallBody()
-    response.deliverBody(body)
-    return body.done.addCallback(parse)
+    def too_large(failure: Failure) -> str:
+        failure.trap(ValueError)
+        raise ValueError("its answer to GET /api/version is not Ollama's")
 
-
-class _SmallBody(Protocol):
-    """
-    Collects a small response body; one over L{MAX_ANSWER} bytes is cut
-    off and fails, as does one that breaks off.
-
-    @ivar done: Fires with the body.
-    """
-
-    def __init__(self) -> None:
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self.done: Deferred[bytes] = Deferred(lambda _: self._stop())
-
-    def dataReceived(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._size += len(data)
-        if self._size > MAX_ANSWER and not self.done.called:
-            self.done.errback(ValueError("its answer to GET /api/version is not Ollama's"))
-            self._stop()
-
-    def connectionLost(self, reason: Failure = _DONE) -> None:
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self._chunks))
-        else:
-            self.done.errback(reason)
-
-    def _stop(self) -> None:
-        if self.transport is not None:
-            cast(IPushProducer, self.transport).stopProducing()
+    return whole_body(response, MAX_ANSWER).addCallbacks(parse, too_large)
 
 
 class _ItIsThisProxy(Exception):

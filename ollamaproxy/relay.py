@@ -68,6 +68,13 @@ UNREACHABLE = (
 _DONE = Failure(ResponseDone())
 
 
+class Unreachable(ProxyError):
+    """
+    Ollama could not be reached: no connection, so nothing of the request
+    was sent, and another backend may take it.
+    """
+
+
 class BodyCut(Exception):
     """
     Ollama's response body stopped before its end.
@@ -108,9 +115,10 @@ async def relay(
     @param sample_bytes: How much of the response body to keep for the log
         (C{exchange.response_sample}); 0 for none.
 
-    @raise ProxyError: 502 if Ollama cannot be reached, 504 if its response
-        head does not come in time; nothing has been written to the client
-        then.
+    @raise ProxyError: 502 if Ollama cannot be reached (L{Unreachable} if
+        not even a connection was made, so nothing was sent), 504 if its
+        response head does not come in time; nothing has been written to the
+        client then.
     """
     if request.body is not None and request.body.too_large:
         raise _too_large(request.body.max_size)
@@ -136,7 +144,10 @@ async def relay(
         raise
     except UNREACHABLE as e:
         where = upstream.base.decode("ascii", "replace")
-        raise ProxyError(502, f"cannot reach Ollama at {where}: {_reason(e)}") from e
+        unsent = isinstance(e, (ConnectError, DNSLookupError))
+        raise (Unreachable if unsent else ProxyError)(
+            502, f"cannot reach Ollama at {where}: {_reason(e)}"
+        ) from e
     exchange.responded(upstream.clock.seconds(), response.code)
     rewritten = None
     if rewrite is not None and response.code == 200:
@@ -191,22 +202,32 @@ def _reason(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
+#: The largest small answer read whole (a model listing, a version).
+MAX_WHOLE_BODY = 16 * 1024 * 1024
+
+
 class _WholeBody(Protocol):
     """
-    Collects a small response body (a model listing) whole.
+    Collects a small response body whole; one that grows over C{max_size}
+    bytes is cut off and fails, as does one that breaks off.
 
     @ivar done: Fires with the body, fails with L{ResponseFailed} if it
-        broke off, and closes Ollama's connection if cancelled.
+        broke off or L{ValueError} if it grew too large, and closes the
+        connection if cancelled.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_size: int) -> None:
         self._chunks: list[bytes] = []
-        self.done: Deferred[bytes] = Deferred(
-            lambda _: cast(IPushProducer, self.transport).stopProducing()
-        )
+        self._size = 0
+        self._max_size = max_size
+        self.done: Deferred[bytes] = Deferred(lambda _: self._stop())
 
     def dataReceived(self, data: bytes) -> None:
         self._chunks.append(data)
+        self._size += len(data)
+        if self._size > self._max_size and not self.done.called:
+            self.done.errback(ValueError(f"the answer is larger than {self._max_size} bytes"))
+            self._stop()
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
         if self.done.called:
@@ -216,15 +237,20 @@ class _WholeBody(Protocol):
         else:
             self.done.errback(ResponseFailed([reason]))
 
+    def _stop(self) -> None:
+        if self.transport is not None:
+            cast(IPushProducer, self.transport).stopProducing()
 
-def whole_body(response: IResponse) -> Deferred[bytes]:
+
+def whole_body(response: IResponse, max_size: int = MAX_WHOLE_BODY) -> Deferred[bytes]:
     """
-    A small response body (a model listing), whole.
+    A small response body (a model listing, a version), whole.
 
     @return: Fires with the body; fails with L{ResponseFailed} if it broke
-        off; cancelling it closes the connection.
+        off, L{ValueError} past C{max_size} bytes; cancelling it closes the
+        connection.
     """
-    whole = _WholeBody()
+    whole = _WholeBody(max_size)
     response.deliverBody(whole)
     return whole.done
 

@@ -156,6 +156,15 @@ class StreamedBody:
             self._collected.callback(b"".join(self._waiting))
         return self._collected
 
+    def replace(self, data: bytes) -> None:
+        """
+        Send C{data} instead of the collected body (a body the proxy
+        rewrote: a C{keep_alive} over its cap).
+        """
+        assert self.complete and self._consumer is None and self._collected is not None
+        self._waiting, self._waiting_size = [data], len(data)
+        self.length = len(data)
+
     # Drained by the agent.
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:

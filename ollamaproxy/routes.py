@@ -53,6 +53,20 @@ class ModelIn(Enum):
     PATH = "path"
 
 
+class Placement(Enum):
+    """
+    Which backend a request goes to, when the proxy has several.
+    """
+
+    #: A healthy backend that has the model the request names (any, if it
+    #: names none), in memory first, then the least busy.
+    MODEL = "model"
+    #: The first healthy backend, in the order configured: model uploads
+    #: (C{/api/blobs}) and the C{/api/create} that uses them must meet, and
+    #: a pulled model lands in one known place.
+    PRIMARY = "primary"
+
+
 @dataclass(frozen=True)
 class RouteSpec:
     """
@@ -66,6 +80,12 @@ class RouteSpec:
     @ivar model_fields: The JSON or form fields that name a model, compared
         without regard to case for JSON, as Go's decoder does.
     @ivar listing: For a model listing, the field holding the list.
+    @ivar runs: Whether a request runs its model (generation, embeddings,
+        transcription): it takes one of a backend's C{--parallel} slots
+        for that model, and waits in the fair queue when there is none.
+    @ivar placement: Which backend a request goes to, with several.
+    @ivar changes_models: Whether a request changes a backend's models, so
+        that the proxy asks it again for them once the request has ended.
     """
 
     pattern: str
@@ -74,6 +94,9 @@ class RouteSpec:
     model_in: ModelIn = ModelIn.NOWHERE
     model_fields: tuple[str, ...] = ("model", "name")
     listing: str | None = None
+    runs: bool = False
+    placement: Placement = Placement.MODEL
+    changes_models: bool = False
 
     @property
     def prefix(self) -> bytes | None:
@@ -86,14 +109,16 @@ class RouteSpec:
 
 
 def _route(pattern: str, methods: str, scope: Scope, model_in: ModelIn = ModelIn.NOWHERE,
-           *, fields: tuple[str, ...] = ("model", "name"), listing: str | None = None
-           ) -> RouteSpec:
+           *, fields: tuple[str, ...] = ("model", "name"), listing: str | None = None,
+           runs: bool = False, placement: Placement = Placement.MODEL,
+           changes_models: bool = False) -> RouteSpec:
     return RouteSpec(pattern, frozenset(m.encode("ascii") for m in methods.split()), scope,
-                     model_in, fields, listing)
+                     model_in, fields, listing, runs, placement, changes_models)
 
 
 OPEN, INFERENCE, ADMIN = Scope.OPEN, Scope.INFERENCE, Scope.ADMIN
 JSON, FORM, PATH = ModelIn.JSON, ModelIn.FORM, ModelIn.PATH
+PRIMARY = Placement.PRIMARY
 
 #: Ollama's routes (server/routes.go), and the few the issue tracker and
 #: Ollama's clients know of that a release may serve.
@@ -104,31 +129,34 @@ OLLAMA_ROUTES = (
     _route("/api/tags", "GET HEAD", INFERENCE, listing="models"),
     _route("/api/ps", "GET", INFERENCE, listing="models"),
     _route("/api/show", "POST", INFERENCE, JSON),
-    _route("/api/generate", "POST", INFERENCE, JSON),
-    _route("/api/chat", "POST", INFERENCE, JSON),
-    _route("/api/embed", "POST", INFERENCE, JSON),
-    _route("/api/embeddings", "POST", INFERENCE, JSON),
-    _route("/api/pull", "POST", ADMIN, JSON),
+    _route("/api/generate", "POST", INFERENCE, JSON, runs=True),
+    _route("/api/chat", "POST", INFERENCE, JSON, runs=True),
+    _route("/api/embed", "POST", INFERENCE, JSON, runs=True),
+    _route("/api/embeddings", "POST", INFERENCE, JSON, runs=True),
+    _route("/api/pull", "POST", ADMIN, JSON, placement=PRIMARY, changes_models=True),
     _route("/api/push", "POST", ADMIN, JSON),
-    _route("/api/delete", "DELETE", ADMIN, JSON),
-    _route("/api/create", "POST", ADMIN, JSON, fields=("model", "name", "from")),
-    _route("/api/copy", "POST", ADMIN, JSON, fields=("source", "destination")),
-    _route("/api/blobs/{digest}", "POST HEAD", ADMIN),
+    _route("/api/delete", "DELETE", ADMIN, JSON, changes_models=True),
+    _route("/api/create", "POST", ADMIN, JSON, fields=("model", "name", "from"),
+           placement=PRIMARY, changes_models=True),
+    _route("/api/copy", "POST", ADMIN, JSON, fields=("source", "destination"),
+           changes_models=True),
+    _route("/api/blobs/{digest}", "POST HEAD", ADMIN, placement=PRIMARY),
     _route("/api/me", "POST", ADMIN),
     _route("/api/signout", "POST", ADMIN),
     _route("/api/user/keys/{encodedKey}", "DELETE", ADMIN),
     _route("/api/experimental/web_search", "POST", ADMIN),
     _route("/api/experimental/web_fetch", "POST", ADMIN),
     _route("/api/experimental/model-recommendations", "GET", ADMIN),
-    _route("/v1/chat/completions", "POST", INFERENCE, JSON),
-    _route("/v1/completions", "POST", INFERENCE, JSON),
-    _route("/v1/embeddings", "POST", INFERENCE, JSON),
-    _route("/v1/responses", "POST", INFERENCE, JSON),
-    _route("/v1/messages", "POST", INFERENCE, JSON),
+    _route("/v1/chat/completions", "POST", INFERENCE, JSON, runs=True),
+    _route("/v1/completions", "POST", INFERENCE, JSON, runs=True),
+    _route("/v1/embeddings", "POST", INFERENCE, JSON, runs=True),
+    _route("/v1/responses", "POST", INFERENCE, JSON, runs=True),
+    _route("/v1/messages", "POST", INFERENCE, JSON, runs=True),
     _route("/v1/messages/count_tokens", "POST", INFERENCE, JSON),
-    _route("/v1/images/generations", "POST", INFERENCE, JSON),
-    _route("/v1/images/edits", "POST", INFERENCE, FORM, fields=("model",)),
-    _route("/v1/audio/transcriptions", "POST", INFERENCE, FORM, fields=("model",)),
+    _route("/v1/images/generations", "POST", INFERENCE, JSON, runs=True),
+    _route("/v1/images/edits", "POST", INFERENCE, FORM, fields=("model",), runs=True),
+    _route("/v1/audio/transcriptions", "POST", INFERENCE, FORM, fields=("model",),
+           runs=True),
     _route("/v1/models", "GET", INFERENCE, listing="data"),
     _route("/v1/models/{model}", "GET", INFERENCE, PATH),
 )

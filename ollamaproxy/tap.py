@@ -28,6 +28,8 @@ from twisted.web.server import Site
 from ollamaproxy import __version__
 from ollamaproxy.app import OllamaProxy
 from ollamaproxy.auth import Authenticator
+from ollamaproxy.backends.pool import Backend, BackendPool
+from ollamaproxy.backends.router import Router
 from ollamaproxy.checks import check_log_dir, check_usage_file
 from ollamaproxy.config import (
     DEFAULT_CLIENT_TIMEOUT,
@@ -38,9 +40,11 @@ from ollamaproxy.config import (
     DEFAULT_LOG_BACKUPS,
     DEFAULT_LOG_BODY_BYTES,
     DEFAULT_LOG_MAX_BYTES,
+    DEFAULT_MAX_QUEUE,
     DEFAULT_MIN_BODY_RATE,
     DEFAULT_OPEN_ROUTES,
-    DEFAULT_UPSTREAM,
+    DEFAULT_PARALLEL,
+    DEFAULT_QUEUE_TIMEOUT,
     Config,
     ConfigError,
 )
@@ -92,9 +96,22 @@ class ProxyOptions(usage.Options):
         "one, stores its hash in the keys file, and prints it once."
     )
     optParameters: ClassVar[list[list[str | None]]] = [
-        ["upstream", "u", None,
-         f"Ollama's base URL, read like OLLAMA_HOST [default: $OLLAMA_HOST, "
-         f"else {DEFAULT_UPSTREAM}]"],
+        ["parallel", None, None,
+         "Requests each backend may run at once for each model (Ollama's "
+         "OLLAMA_NUM_PARALLEL); more wait in a queue, served in turn across keys "
+         f"[default: {DEFAULT_PARALLEL}]"],
+        ["max-queue", None, None,
+         "Requests that may wait in all; beyond it 503 with Retry-After "
+         f"[default: {DEFAULT_MAX_QUEUE}]"],
+        ["queue-timeout", None, None,
+         "Seconds a request may wait for a busy model before it gets 503 "
+         f"[default: {DEFAULT_QUEUE_TIMEOUT:g}]"],
+        ["max-keep-alive", None, None,
+         "Longest keep_alive a request may ask for (10m, 1h); one over it, or -1 "
+         "(for ever), is clamped to it [default: none]"],
+        ["max-num-ctx", None, None,
+         "Largest options.num_ctx a request may ask for; larger is clamped to it "
+         "[default: none]"],
         ["api-key", None, None,
          "A key clients must send (Authorization: Bearer KEY or X-API-Key: "
          "KEY), at least 16 characters.  Prefer OLLAMAPROXY_API_KEY: options show in ps."],
@@ -168,7 +185,14 @@ class ProxyOptions(usage.Options):
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self["listen"] = []
+        self["upstream"] = []
         self._environ = os.environ if environ is None else environ
+
+    def opt_upstream(self, url: str) -> None:
+        """An Ollama server to relay to, read like OLLAMA_HOST; repeatable, for several servers behind one proxy; URL#parallel=N where its parallelism differs [default: $OLLAMA_HOST, else http://127.0.0.1:11434]"""  # noqa: E501
+        self["upstream"].append(url)
+
+    opt_u = opt_upstream
 
     def opt_listen(self, endpoint: str) -> None:
         """Endpoint to accept clients on (a Twisted endpoint string, repeatable; for TLS: ssl:5443:privateKey=key.pem:certKey=cert.pem; reuseport:5000 to share the port with other ollamaproxy processes) [default: tcp:5000]"""  # noqa: E501
@@ -330,16 +354,26 @@ def build_service(
     """
     keys = _key_store(config, announce)
     pool = connection_pool(reactor)
-    upstream = Upstream(
-        agent=agent_for(reactor, pool, config.connect_timeout),
-        base=config.upstream.encode("ascii"),
-        clock=reactor,
-        header_timeout=config.header_timeout,
-        idle_timeout=config.idle_timeout,
-        # A token of this process's own, so that a chain of proxies works
-        # and only a request coming back to this very process is a loop.
-        via=via_mark(token_hex(6)),
-    )
+    agent = agent_for(reactor, pool, config.connect_timeout)
+    # A token of this process's own, so that a chain of proxies works and
+    # only a request coming back to this very process is a loop.
+    via = via_mark(token_hex(6))
+    backends = [
+        Backend(
+            Upstream(
+                agent=agent,
+                base=setting.url.encode("ascii"),
+                clock=reactor,
+                header_timeout=config.header_timeout,
+                idle_timeout=config.idle_timeout,
+                via=via,
+            ),
+            setting.parallel,
+        )
+        for setting in config.upstreams
+    ]
+    backend_pool = BackendPool(backends)
+    router = Router(backend_pool, reactor, config.max_queue, config.queue_timeout)
     auth = Authenticator(keys, config.open_routes, reactor, GuessThrottle(reactor))
     metrics = Metrics()
     usage_store = UsageStore(config.usage_file, reactor, worker=ThreadWorker(reactor))
@@ -347,7 +381,7 @@ def build_service(
     # its shape; the keys file's keys, by digest, word by word.
     clear_keys = [config.api_key] if config.api_key else []
     proxy = OllamaProxy(
-        upstream,
+        router,
         auth,
         KeyLimits(reactor),
         Cors(config.cors_origins),
@@ -357,6 +391,7 @@ def build_service(
         body_sample_bytes=config.log_body_bytes,
         redact=Redactor(keys.is_key, clear_keys),
         trusted_proxies=config.trusted_proxies,
+        caps=config.caps,
     )
     site = ProxySite(
         proxy.resource(),
@@ -383,6 +418,7 @@ def build_service(
             Redactor(secrets=clear_keys),
         ).setServiceParent(service)
     PoolService(pool).setServiceParent(service)
+    backend_pool.setServiceParent(service)
     usage_store.setServiceParent(service)
     KeysReloader(
         keys,
@@ -411,7 +447,7 @@ def build_service(
             listeners
         )
     # Last: it stops first, before the pool it uses is closed.
-    UpstreamProbe([upstream]).setServiceParent(service)
+    UpstreamProbe([backend.upstream for backend in backends]).setServiceParent(service)
     return service
 
 

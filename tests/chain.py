@@ -12,7 +12,7 @@ L{Chain.clock}.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from treq.testing import RequestTraversalAgent, StubTreq
@@ -25,8 +25,17 @@ from twisted.web.iweb import IAgent, IResponse
 
 from ollamaproxy.app import OllamaProxy
 from ollamaproxy.auth import Authenticator
+from ollamaproxy.backends.pool import Backend, BackendPool
+from ollamaproxy.backends.router import Router
+from ollamaproxy.caps import Caps
 from ollamaproxy.client_address import NOBODY, TrustedProxies
-from ollamaproxy.config import DEFAULT_OPEN_ROUTES, parse_routes
+from ollamaproxy.config import (
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_OPEN_ROUTES,
+    DEFAULT_PARALLEL,
+    DEFAULT_QUEUE_TIMEOUT,
+    parse_routes,
+)
 from ollamaproxy.cors import Cors
 from ollamaproxy.keys import SCOPES, ApiKey, KeyStore, digest
 from ollamaproxy.limits import GuessThrottle, KeyLimits
@@ -98,25 +107,48 @@ class Chain:
         max_body_size: int = 0,
         body_sample_bytes: int = 0,
         trusted_proxies: TrustedProxies = NOBODY,
+        backends: Sequence[Sequence[str]] | None = None,
+        parallel: int = DEFAULT_PARALLEL,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
+        caps: Caps | None = None,
     ) -> None:
+        """
+        @param backends: With several Ollama servers behind the proxy, the
+            models of each (a fake each, at ports 11434, 11435, ...); one
+            with the fake's usual models by default.
+        """
         self.clock = Clock()
-        self.fake = FakeOllama(self.clock)
-        self._upstream_agent = RequestTraversalAgent(self.fake)
-        upstream = Upstream(
-            agent=agent or self._upstream_agent,
-            base=UPSTREAM,
-            clock=self.clock,
-            header_timeout=header_timeout,
-            idle_timeout=idle_timeout,
-            via=VIA,
+        self.fakes = (
+            [FakeOllama(self.clock, models=models) for models in backends]
+            if backends else [FakeOllama(self.clock)]
         )
+        self.fake = self.fakes[0]
+        self._upstream_agents = [RequestTraversalAgent(fake) for fake in self.fakes]
+        self._upstream_agent = self._upstream_agents[0]
+        self.backends = [
+            Backend(
+                Upstream(
+                    agent=(agent if agent is not None and number == 0 else upstream_agent),
+                    base=b"http://127.0.0.1:%d" % (11434 + number),
+                    clock=self.clock,
+                    header_timeout=header_timeout,
+                    idle_timeout=idle_timeout,
+                    via=VIA,
+                ),
+                parallel,
+            )
+            for number, upstream_agent in enumerate(self._upstream_agents)
+        ]
+        self.pool = BackendPool(self.backends)
+        self.router = Router(self.pool, self.clock, max_queue, queue_timeout)
         self.keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=SCOPES)])
         self.throttle = GuessThrottle(self.clock)
         auth = Authenticator(self.keys, parse_routes(open_routes), self.clock, self.throttle)
         self.metrics = Metrics()
-        self.proxy = OllamaProxy(upstream, auth, KeyLimits(self.clock), Cors(), self.clock,
+        self.proxy = OllamaProxy(self.router, auth, KeyLimits(self.clock), Cors(), self.clock,
                                  self.metrics, body_sample_bytes=body_sample_bytes,
-                                 trusted_proxies=trusted_proxies)
+                                 trusted_proxies=trusted_proxies, caps=caps)
         self.client = StubTreq(self.proxy.resource())
         # Serve through the proxy's own Site, as the daemon does, not the
         # plain one StubTreq makes.
@@ -132,7 +164,8 @@ class Chain:
         """
         for _ in range(20):
             self.client.flush()
-            self._upstream_agent.flush()
+            for upstream_agent in self._upstream_agents:
+                upstream_agent.flush()
             self.clock.advance(0)
 
     def request(

@@ -505,6 +505,9 @@ class FakeOllama(Resource):
         self.version = VERSION
         self.blobs: set[str] = set()
         self.received: list[ReceivedRequest] = []
+        # The proxy's own requests (start-up probe, health and model
+        # checks), told by their User-Agent, apart from the clients'.
+        self.checks: list[ReceivedRequest] = []
         self.held: list[HeldStream] = []
         self.connections_lost = 0
         self._loaded: list[str] = []
@@ -559,7 +562,9 @@ class FakeOllama(Resource):
     def _render(self, request: WebRequest) -> bytes | int:
         request.responseHeaders.removeHeader(b"server")
         path = b"/" + b"/".join(request.postpath)
-        self.received.append(self._record(request, path.startswith(b"/api/blobs/")))
+        record = self._record(request, path.startswith(b"/api/blobs/"))
+        agent = request.requestHeaders.getRawHeaders(b"user-agent", [b""])[0]
+        (self.checks if agent.startswith(b"ollamaproxy/") else self.received).append(record)
         found = self._route(path)
         if found is None and path.endswith(b"/") and path != b"/":
             bare = self._route(path[:-1])
@@ -577,7 +582,7 @@ class FakeOllama(Resource):
         if handler is None:
             return self._send(request, _Reply(405, b"405 method not allowed", b"text/plain"))
         try:
-            return handler(request, self.received[-1], found[1])
+            return handler(request, record, found[1])
         except _Reply as reply:
             return self._send(request, reply)
 

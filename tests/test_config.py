@@ -13,6 +13,7 @@ from ollamaproxy.config import (
     Config,
     ConfigError,
     Route,
+    UpstreamSetting,
     default_keys_file,
     default_usage_file,
     parse_ollama_host,
@@ -45,7 +46,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     assert Config.from_sources({}, {}) == Config(
         listen=("tcp:5000",),
-        upstream="http://127.0.0.1:11434",
+        upstreams=(UpstreamSetting("http://127.0.0.1:11434"),),
         api_key=None,
         keys_file=f"{tmp_path}/.config/ollamaproxy/keys.json",
         log_dir=None,
@@ -93,7 +94,7 @@ def test_environment_used_without_options() -> None:
     """Each OLLAMAPROXY_* variable sets its option when the option is not given."""
     assert Config.from_sources({}, ENVIRON) == Config(
         listen=("tcp:7000",),
-        upstream="http://env-host:11434",
+        upstreams=(UpstreamSetting("http://env-host:11434"),),
         api_key="env-key-0123456789",
         keys_file="/env/keys.json",
         log_dir="/env/logs",
@@ -120,7 +121,7 @@ def test_options_win_over_environment() -> None:
     }
     assert Config.from_sources(options, ENVIRON) == Config(
         listen=("tcp:8000",),
-        upstream="https://opt-host:443",
+        upstreams=(UpstreamSetting("https://opt-host:443"),),
         api_key="opt-key-0123456789",
         keys_file="/opt/keys.json",
         log_dir="/opt/logs",
@@ -151,7 +152,7 @@ def test_ollama_host_fallback(
     options: dict[str, object], environ: dict[str, str], upstream: str
 ) -> None:
     """OLLAMA_HOST sets the upstream only when neither --upstream nor OLLAMAPROXY_UPSTREAM does."""
-    assert Config.from_sources(options, environ).upstream == upstream
+    assert Config.from_sources(options, environ).upstreams[0].url == upstream
 
 
 def test_listen_from_options_keeps_order() -> None:

@@ -19,8 +19,9 @@ from ollamaproxy.logs import Exchange, StreamSummary, log_exchange, text_file_ob
 
 
 def _logged(exchange: Exchange) -> dict[str, dict[str, object]]:
+    exchange.backend = "http://127.0.0.1:11434"
     with capturedLogs() as events:
-        log_exchange(exchange, 811, 100.41, "http://127.0.0.1:11434")
+        log_exchange(exchange, 811, 100.41)
     return {str(e["log_namespace"]): dict(e) for e in events}
 
 

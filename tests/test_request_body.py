@@ -19,6 +19,8 @@ from zope.interface import implementer
 
 from ollamaproxy.app import OllamaProxy
 from ollamaproxy.auth import Authenticator
+from ollamaproxy.backends.pool import Backend, BackendPool
+from ollamaproxy.backends.router import Router
 from ollamaproxy.config import parse_routes
 from ollamaproxy.cors import Cors
 from ollamaproxy.keys import SCOPES, ApiKey, KeyStore, digest
@@ -76,7 +78,8 @@ def serve(max_body_size: int = 0) -> tuple[Any, StringTransport, _RecordingAgent
                         header_timeout=600, idle_timeout=600)
     keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=SCOPES)])
     auth = Authenticator(keys, parse_routes(""), clock)
-    proxy = OllamaProxy(upstream, auth, KeyLimits(clock), Cors(), clock, Metrics())
+    router = Router(BackendPool([Backend(upstream)]), clock)
+    proxy = OllamaProxy(router, auth, KeyLimits(clock), Cors(), clock, Metrics())
     site = ProxySite(proxy.resource(), 60, max_body_size, clock)
     protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
     transport = StringTransport()

@@ -32,11 +32,13 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from ollamaproxy import __version__, tap
+from ollamaproxy.backends.pool import BackendPool
 from ollamaproxy.config import (
     DEFAULT_OPEN_ROUTES,
     Config,
     ConfigError,
     Route,
+    UpstreamSetting,
     default_usage_file,
     parse_routes,
 )
@@ -102,7 +104,12 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     options = parse([])
     assert dict(options) == {
-        "upstream": None,
+        "upstream": [],
+        "parallel": None,
+        "max-queue": None,
+        "queue-timeout": None,
+        "max-keep-alive": None,
+        "max-num-ctx": None,
         "api-key": None,
         "keys-file": None,
         "log-dir": None,
@@ -126,7 +133,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     }
     assert options.config == Config(
         listen=("tcp:5000",),
-        upstream="http://127.0.0.1:11434",
+        upstreams=(UpstreamSetting("http://127.0.0.1:11434"),),
         api_key=None,
         keys_file=f"{tmp_path}/.config/ollamaproxy/keys.json",
         log_dir=None,
@@ -169,7 +176,7 @@ def test_every_option() -> None:
     )
     assert options.config == Config(
         listen=(LOCAL,),
-        upstream="https://gpu-box:443/ollama",
+        upstreams=(UpstreamSetting("https://gpu-box:443/ollama"),),
         api_key="secret-0123456789",
         keys_file="/etc/ollamaproxy/keys.json",
         log_dir="/var/log/ollamaproxy",
@@ -183,7 +190,7 @@ def test_every_option() -> None:
 
 def test_upstream_short_option() -> None:
     """-u is short for --upstream."""
-    assert parse(["-u", "gpu-box:1234"]).config.upstream == "http://gpu-box:1234"
+    assert parse(["-u", "gpu-box:1234"]).config.upstreams[0].url == "http://gpu-box:1234"
 
 
 def test_no_open_routes() -> None:
@@ -243,7 +250,7 @@ def test_environment_used() -> None:
     }
     assert parse([], environ).config == Config(
         listen=(LOCAL, "unix:/tmp/p.sock"),
-        upstream="http://0.0.0.0:11434",
+        upstreams=(UpstreamSetting("http://0.0.0.0:11434"),),
         api_key="env-key-0123456789",
         keys_file="/env/keys.json",
         log_dir="/env/logs",
@@ -259,7 +266,9 @@ def test_option_beats_environment() -> None:
     """An option given on the command line wins over its environment variable."""
     environ = {"OLLAMAPROXY_UPSTREAM": "env-host", "OLLAMAPROXY_API_KEY": "env-key-0123456789"}
     config = parse(["--upstream", "opt-host", "--api-key", "opt-key-0123456789"], environ).config
-    assert (config.upstream, config.api_key) == ("http://opt-host:11434", "opt-key-0123456789")
+    assert (config.upstreams[0].url, config.api_key) == (
+        "http://opt-host:11434", "opt-key-0123456789"
+    )
 
 
 def test_process_environment_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -278,9 +287,9 @@ def test_service_structure(tmp_path: Path) -> None:
     )
     service = build_service(config, reactor, lambda text: None)
     kinds = [type(child) for child in children(service)]
-    assert kinds == [PoolService, UsageStore, KeysReloader, DrainService, Listeners,
-                     UpstreamProbe]
-    assert [type(child) for child in children(children(service)[4])] == [  # type: ignore[arg-type]
+    assert kinds == [PoolService, BackendPool, UsageStore, KeysReloader, DrainService,
+                     Listeners, UpstreamProbe]
+    assert [type(child) for child in children(children(service)[5])] == [  # type: ignore[arg-type]
         StreamServerEndpointService,
         StreamServerEndpointService,
     ]

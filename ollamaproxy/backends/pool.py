@@ -25,14 +25,14 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
+from ollamaproxy import __version__
+from ollamaproxy.config import DEFAULT_PARALLEL
 from ollamaproxy.model_names import ModelName, resolve
 from ollamaproxy.relay import whole_body
 from ollamaproxy.upstream import Upstream
 
 log = Logger()
 
-#: Ollama's usual C{OLLAMA_NUM_PARALLEL}.
-DEFAULT_PARALLEL = 4
 DEFAULT_REFRESH = 5.0
 DEFAULT_MAX_BACKOFF = 8.0
 _RECENT_ERRORS = 10
@@ -82,6 +82,18 @@ class Backend:
         Whether it may start another request for C{model} now.
         """
         return model is None or self.running[model] < self.parallel
+
+
+def own_request_headers(upstream: Upstream) -> Headers:
+    """
+    The headers of the proxy's own requests to a backend (health and model
+    checks): its name, and its C{Via} mark, so a backend that is the proxy
+    itself is found out.
+    """
+    headers = Headers({b"user-agent": [b"ollamaproxy/" + __version__.encode("ascii")]})
+    if upstream.via:
+        headers.setRawHeaders(b"via", [upstream.via])
+    return headers
 
 
 def model_names(body: bytes, field_name: str = "models") -> frozenset[ModelName]:
@@ -189,7 +201,8 @@ class BackendPool(Service):
             self.on_change()
 
     async def _get(self, backend: Backend, path: bytes) -> bytes:
-        response = await backend.upstream.request(b"GET", path, Headers(), None)
+        headers = own_request_headers(backend.upstream)
+        response = await backend.upstream.request(b"GET", path, headers, None)
         body = await whole_body(response)
         if response.code != 200:
             raise ValueError(f"{path.decode()} answered {response.code}")

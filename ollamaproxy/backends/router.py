@@ -11,9 +11,10 @@ C{parallel} requests for M, the request waits in the fair queue
 (L{ollamaproxy.backends.queue}).  A request naming no model goes to the
 healthy backend with the fewest requests in flight, at once.
 
-With a single backend the proxy decides nothing about models: every request
-goes to it, and Ollama answers for a model it does not have, as it would
-without the proxy.
+With a single backend the proxy decides nothing about models or health:
+every request goes to it, and Ollama answers for a model it does not have
+(or the proxy's 502 says it cannot be reached), as without the proxy; only
+the fair queue for a busy model is added.
 """
 
 from __future__ import annotations
@@ -26,12 +27,9 @@ from twisted.internet.interfaces import IReactorTime
 
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.queue import FairQueue, busy
+from ollamaproxy.config import DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.model_names import ModelName
-
-#: Ollama's usual C{OLLAMA_MAX_QUEUE}.
-DEFAULT_MAX_QUEUE = 512
-DEFAULT_QUEUE_TIMEOUT = 300.0
 
 
 @dataclass(eq=False)
@@ -79,17 +77,30 @@ class Router:
             FairQueue(clock, max_queue, queue_timeout)
         )
         pool.on_change = self._serve_queue
+        # One backend gets every request, healthy or not: Ollama (or the
+        # 502 for it) answers, as without the proxy.
+        self._single = len(pool.backends) == 1
 
     @property
     def backends(self) -> list[Backend]:
         return self.pool.backends
 
     def acquire(
-        self, model: ModelName | None, key: str, exclude: Iterable[Backend] = ()
+        self,
+        key: str,
+        model: ModelName | None = None,
+        *,
+        runs: bool = False,
+        primary: bool = False,
+        exclude: Iterable[Backend] = (),
     ) -> Deferred[Lease]:
         """
-        A backend for a request naming C{model}, for key C{key}.
+        A backend for a request of key C{key} naming C{model}.
 
+        @param runs: Whether the request runs the model: it takes a slot,
+            and waits for one in the fair queue.
+        @param primary: Whether it goes to the first healthy backend, in the
+            order configured, whatever it names.
         @param exclude: Backends not to use (one that just failed this
             request).
         @return: Fires with a L{Lease} at once, or once the request's turn has
@@ -97,9 +108,20 @@ class Router:
         @raise ProxyError: 404 if no backend has the model, 503 if none that
             has it is healthy, or the queue is full.
         """
-        excluded = frozenset(exclude)
-        self._check_available(model, excluded)
         now = self._clock.seconds()
+        if self._single and not (runs and model is not None):
+            return succeed(self._lease(self.backends[0], None, now))
+        excluded = frozenset(exclude)
+        if primary:
+            for backend in self.backends:
+                if backend.healthy and backend not in excluded:
+                    return succeed(self._lease(backend, None, now))
+            raise busy("no backend is healthy", 1)
+        self._check_available(model, excluded)
+        if not runs:
+            lease = self._grant((None, now, excluded), model)
+            assert lease is not None
+            return succeed(lease)
         if not len(self.queue):
             lease = self._grant((model, now, excluded))
             if lease is not None:
@@ -117,7 +139,9 @@ class Router:
         lease.release()
 
     def _check_available(self, model: ModelName | None, excluded: frozenset[Backend]) -> None:
-        having = [b for b in self.backends if model is None or self._has(b, model)]
+        if self._single:
+            return
+        having = [b for b in self.backends if model is None or b.has(model)]
         if not having:
             assert model is not None
             raise ProxyError(404, f"model '{model.canonical}' not found on any backend",
@@ -127,20 +151,34 @@ class Router:
             raise busy(f"no healthy backend has {what}", 1)
 
     def _has(self, backend: Backend, model: ModelName) -> bool:
-        return len(self.backends) == 1 or backend.has(model)
+        return self._single or backend.has(model)
 
-    def _grant(self, wants: tuple[ModelName | None, float, frozenset[Backend]]) -> Lease | None:
+    def _grant(
+        self,
+        wants: tuple[ModelName | None, float, frozenset[Backend]],
+        named: ModelName | None = None,
+    ) -> Lease | None:
+        """
+        A lease on the best backend with a free slot for C{model}, or
+        L{None}.
+
+        @param named: For a request that takes no slot, the model it names.
+        """
         model, since, excluded = wants
+        named = named or model
         free = [
             b for b in self.backends
-            if b.healthy and b not in excluded and b.free_for(model)
-            and (model is None or self._has(b, model))
+            if (b.healthy or self._single) and b not in excluded and b.free_for(model)
+            and (named is None or self._has(b, named))
         ]
         if not free:
             return None
-        backend = min(free, key=lambda b: (model is None or model not in b.loaded, b.in_flight))
-        backend.running[model] += 1
-        return Lease(backend, model, self._clock.seconds() - since, self)
+        backend = min(free, key=lambda b: (named is None or named not in b.loaded, b.in_flight))
+        return self._lease(backend, model, since)
+
+    def _lease(self, backend: Backend, slot: ModelName | None, since: float) -> Lease:
+        backend.running[slot] += 1
+        return Lease(backend, slot, self._clock.seconds() - since, self)
 
     def _release(self, lease: Lease) -> None:
         running = lease.backend.running

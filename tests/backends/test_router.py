@@ -49,8 +49,8 @@ def test_a_model_goes_only_to_a_backend_that_has_it() -> None:
     clock = Clock()
     a, b = backend(clock, "a", ("llama3.2",)), backend(clock, "b", ("mistral",))
     r = router(a, b)
-    assert now(r.acquire(MISTRAL, "k")).backend is b
-    assert now(r.acquire(LLAMA, "k")).backend is a
+    assert now(r.acquire("k", MISTRAL, runs=True)).backend is b
+    assert now(r.acquire("k", LLAMA, runs=True)).backend is a
 
 
 def test_a_model_no_backend_has_is_404() -> None:
@@ -60,7 +60,7 @@ def test_a_model_no_backend_has_is_404() -> None:
     clock = Clock()
     r = router(backend(clock, "a", ("llama3.2",)), backend(clock, "b", ("mistral",)))
     with pytest.raises(ProxyError) as raised:
-        r.acquire(QWEN, "k")
+        r.acquire("k", QWEN, runs=True)
     assert raised.value.code == 404
     assert "qwen3:latest" in raised.value.message
 
@@ -72,7 +72,7 @@ def test_one_backend_decides_nothing_about_models() -> None:
     """
     clock = Clock()
     a = backend(clock, "a", ("llama3.2",))
-    assert now(router(a).acquire(QWEN, "k")).backend is a
+    assert now(router(a).acquire("k", QWEN, runs=True)).backend is a
 
 
 def test_loaded_backend_is_preferred_then_the_least_busy() -> None:
@@ -84,12 +84,12 @@ def test_loaded_backend_is_preferred_then_the_least_busy() -> None:
     a = backend(clock, "a", ("llama3.2", "mistral"), parallel=4)
     b = backend(clock, "b", ("llama3.2", "mistral"), loaded=("mistral",), parallel=4)
     r = router(a, b)
-    assert now(r.acquire(LLAMA, "k")).backend is a
-    assert now(r.acquire(LLAMA, "k")).backend is b
-    assert now(r.acquire(LLAMA, "k")).backend is a
+    assert now(r.acquire("k", LLAMA, runs=True)).backend is a
+    assert now(r.acquire("k", LLAMA, runs=True)).backend is b
+    assert now(r.acquire("k", LLAMA, runs=True)).backend is a
     # b has mistral in memory: it wins while it has a slot, busy or not.
-    assert now(r.acquire(MISTRAL, "k")).backend is b
-    assert now(r.acquire(MISTRAL, "k")).backend is b
+    assert now(r.acquire("k", MISTRAL, runs=True)).backend is b
+    assert now(r.acquire("k", MISTRAL, runs=True)).backend is b
 
 
 def test_unhealthy_backends_are_skipped() -> None:
@@ -101,10 +101,10 @@ def test_unhealthy_backends_are_skipped() -> None:
     a, b = backend(clock, "a", ("llama3.2",)), backend(clock, "b", ("llama3.2",))
     a.healthy = False
     r = router(a, b)
-    assert now(r.acquire(LLAMA, "k")).backend is b
+    assert now(r.acquire("k", LLAMA, runs=True)).backend is b
     b.healthy = False
     with pytest.raises(ProxyError) as raised:
-        r.acquire(LLAMA, "k")
+        r.acquire("k", LLAMA, runs=True)
     assert raised.value.code == 503
 
 
@@ -116,10 +116,10 @@ def test_requests_wait_for_a_slot_and_are_served_fairly() -> None:
     clock = Clock()
     a = backend(clock, "a", ("llama3.2",), parallel=1)
     r = router(a, clock=clock)
-    first = now(r.acquire(LLAMA, "burst"))
-    burst = [r.acquire(LLAMA, "burst") for _ in range(5)]
+    first = now(r.acquire("burst", LLAMA, runs=True))
+    burst = [r.acquire("burst", LLAMA, runs=True) for _ in range(5)]
     clock.advance(2)
-    other = r.acquire(LLAMA, "other")
+    other = r.acquire("other", LLAMA, runs=True)
     first.release()
     assert [d.called for d in burst] == [True, False, False, False, False]
     assert not other.called
@@ -135,8 +135,8 @@ def test_queued_seconds_are_reported() -> None:
     """
     clock = Clock()
     r = router(backend(clock, "a", ("llama3.2",), parallel=1), clock=clock)
-    first = now(r.acquire(LLAMA, "k"))
-    second = r.acquire(LLAMA, "k")
+    first = now(r.acquire("k", LLAMA, runs=True))
+    second = r.acquire("k", LLAMA, runs=True)
     clock.advance(7)
     first.release()
     assert now(second).queued == 7
@@ -148,9 +148,9 @@ def test_a_client_that_leaves_while_waiting_never_gets_a_backend() -> None:
     """
     clock = Clock()
     r = router(backend(clock, "a", ("llama3.2",), parallel=1), clock=clock)
-    first = now(r.acquire(LLAMA, "a"))
-    gone = r.acquire(LLAMA, "b")
-    after = r.acquire(LLAMA, "c")
+    first = now(r.acquire("a", LLAMA, runs=True))
+    gone = r.acquire("b", LLAMA, runs=True)
+    after = r.acquire("c", LLAMA, runs=True)
     gone.addErrback(lambda _: None)
     gone.cancel()
     first.release()
@@ -165,7 +165,7 @@ def test_release_counts_once() -> None:
     clock = Clock()
     a = backend(clock, "a", ("llama3.2",), parallel=1)
     r = router(a)
-    lease = now(r.acquire(LLAMA, "k"))
+    lease = now(r.acquire("k", LLAMA, runs=True))
     lease.release()
     lease.release()
     assert a.running == {}
@@ -179,10 +179,10 @@ def test_failed_backend_is_marked_and_excluded() -> None:
     clock = Clock()
     a, b = backend(clock, "a", ("llama3.2",)), backend(clock, "b", ("llama3.2",))
     r = router(a, b)
-    lease = now(r.acquire(LLAMA, "k"))
+    lease = now(r.acquire("k", LLAMA, runs=True))
     r.failed(lease, "connection refused")
     assert not lease.backend.healthy
-    other = now(r.acquire(LLAMA, "k", exclude=[lease.backend]))
+    other = now(r.acquire("k", LLAMA, runs=True, exclude=[lease.backend]))
     assert other.backend is not lease.backend
 
 
@@ -195,6 +195,39 @@ def test_requests_naming_no_model_take_no_slot() -> None:
     a = backend(clock, "a", ("llama3.2",), parallel=1)
     b = backend(clock, "b", ("mistral",), parallel=1)
     r = router(a, b)
-    now(r.acquire(LLAMA, "k"))
-    assert now(r.acquire(None, "k")).backend is b
-    assert now(r.acquire(None, "k")).backend is a
+    now(r.acquire("k", LLAMA, runs=True))
+    assert now(r.acquire("k")).backend is b
+    assert now(r.acquire("k")).backend is a
+
+
+def test_a_request_that_runs_nothing_takes_no_slot() -> None:
+    """
+    A request naming M that does not run it (show, delete) goes to a
+    backend that has M, even when M's slots are all taken, and never waits.
+    """
+    clock = Clock()
+    a = backend(clock, "a", ("llama3.2",), parallel=1)
+    b = backend(clock, "b", ("mistral",), parallel=1)
+    r = router(a, b)
+    now(r.acquire("k", LLAMA, runs=True))
+    lease = now(r.acquire("k", LLAMA))
+    assert lease.backend is a
+    lease.release()
+    assert a.running == {LLAMA: 1}
+
+
+def test_primary_placement_takes_the_first_healthy_backend() -> None:
+    """
+    Pulls, creates and blob uploads go to the first healthy backend in the
+    order configured, so that a blob and the create using it meet.
+    """
+    clock = Clock()
+    a, b = backend(clock, "a", ("llama3.2",)), backend(clock, "b", ("mistral",))
+    r = router(a, b)
+    assert now(r.acquire("k", QWEN, primary=True)).backend is a
+    a.healthy = False
+    assert now(r.acquire("k", QWEN, primary=True)).backend is b
+    b.healthy = False
+    with pytest.raises(ProxyError) as raised:
+        r.acquire("k", QWEN, primary=True)
+    assert raised.value.code == 503

@@ -45,8 +45,8 @@ class BulkWriter:
 
 class Bulk(Resource):
     """
-    An upstream whose every answer is an NDJSON stream of at least C{size}
-    bytes, written as fast as it is taken.
+    An upstream whose every answer to a client is an NDJSON stream of at
+    least C{size} bytes, written as fast as it is taken.
 
     @ivar writers: The writer of each answer, in order.
     """
@@ -58,7 +58,12 @@ class Bulk(Resource):
         self._lines = size // len(LINE) + 1
         self.writers: list[BulkWriter] = []
 
-    def render(self, request: Request) -> int:
+    def render(self, request: Request) -> int | bytes:
+        agent = request.requestHeaders.getRawHeaders(b"user-agent", [b""])[0]
+        if agent.startswith(b"ollamaproxy/"):
+            # The proxy's own checks (version, models) get short answers.
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"version": "0.0.0", "models": []}'
         request.setHeader(b"content-type", b"application/x-ndjson")
         writer = BulkWriter(request, self._lines)
         self.writers.append(writer)

@@ -4,9 +4,11 @@ Waiting fairly for a busy model.
 
 When every backend that has a model is running as many requests for it as
 it may, a new request waits here.  Waiting requests of different keys are
-served in turn, round-robin across keys, and a key's own requests in the
-order they came: one key's burst of a hundred does not delay another key's
-one request by a hundred turns.
+served in turn: the next slot goes to the waiting key served least
+recently (counting the requests that got a slot without waiting), and a
+key's own requests in the order they came.  One key's burst of a hundred
+does not delay another key's one request by a hundred turns: that request
+is served next.
 
 A wait is a L{Deferred}: cancelling it (the client left) takes the request
 out of the queue, and a request that waits longer than the timeout fails
@@ -25,6 +27,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from ollamaproxy.errors import ProxyError
+
+# How many keys' last turns are remembered.
+_REMEMBERED = 4096
 
 W = TypeVar("W")  # what a waiter wants (a model name)
 G = TypeVar("G")  # what it is granted (a lease on a backend)
@@ -61,9 +66,12 @@ class FairQueue(Generic[W, G]):
     clock: IReactorTime
     limit: int
     timeout: float
-    # Keys with waiting requests, in the order they are next served.
+    # Keys with waiting requests, in the order they came.
     _keys: OrderedDict[str, deque[_Waiter[W, G]]] = field(default_factory=OrderedDict)
     _size: int = 0
+    # When each key was last served, in turns.
+    _last: dict[str, int] = field(default_factory=dict)
+    _turn: int = 0
 
     def __len__(self) -> int:
         return self._size
@@ -96,33 +104,47 @@ class FairQueue(Generic[W, G]):
         self._size += 1
         return waiter.granted
 
+    def served(self, key: str) -> None:
+        """
+        A request of C{key} got a slot without waiting: its key's turn was
+        now.
+        """
+        self._turn += 1
+        self._last[key] = self._turn
+        if len(self._last) > _REMEMBERED:
+            for old in sorted(self._last, key=self._last.__getitem__)[: _REMEMBERED // 2]:
+                if old not in self._keys:
+                    del self._last[old]
+
     def serve(self, grant: Callable[[W], G | None]) -> None:
         """
-        Give slots to waiting requests, one key at a time in turn, for as
-        long as C{grant} finds one: each key's first request that C{grant}
-        accepts is served, and the key goes to the back of the line.
+        Give slots to waiting requests for as long as C{grant} finds one:
+        each time to the waiting key served least recently, its first
+        request that C{grant} accepts.
 
         @param grant: Returns what a request wanting C{W} gets now, or
             L{None} if nothing is free for it.
         """
-        served = True
-        while served and self._size:
-            served = False
-            for key in list(self._keys):
-                waiters = self._keys[key]
-                for waiter in waiters:
-                    granted = grant(waiter.wants)
-                    if granted is not None:
-                        self._remove(waiter)
-                        self._keys.pop(key, None)
-                        if waiters:
-                            self._keys[key] = waiters  # to the back of the line
-                        waiter.granted.callback(granted)
-                        served = True
-                        break
-                else:
-                    continue
-                break
+        while self._size:
+            for key in sorted(self._keys, key=lambda k: self._last.get(k, 0)):
+                waiter, granted = self._first_granted(self._keys[key], grant)
+                if waiter is not None and granted is not None:
+                    self._remove(waiter)
+                    self.served(key)
+                    waiter.granted.callback(granted)
+                    break
+            else:
+                return
+
+    @staticmethod
+    def _first_granted(
+        waiters: deque[_Waiter[W, G]], grant: Callable[[W], G | None]
+    ) -> tuple[_Waiter[W, G] | None, G | None]:
+        for waiter in waiters:
+            granted = grant(waiter.wants)
+            if granted is not None:
+                return waiter, granted
+        return None, None
 
     def _expire(self, waiter: _Waiter[W, G]) -> None:
         waiter.timer = None

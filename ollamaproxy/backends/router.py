@@ -125,6 +125,7 @@ class Router:
         if not len(self.queue):
             lease = self._grant((model, now, excluded))
             if lease is not None:
+                self.queue.served(key)
                 return succeed(lease)
         waiting = self.queue.wait(key, (model, now, excluded))
         self._serve_queue()

@@ -149,3 +149,19 @@ def test_served_requests_leave_no_timer() -> None:
     slots.free["m"] = 1
     queue.serve(slots)
     assert clock.getDelayedCalls() == []
+
+
+def test_a_key_served_without_waiting_has_had_its_turn() -> None:
+    """
+    A key whose requests got slots without waiting comes after a key that
+    has not been served, though it queued first.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=512, timeout=60)
+    served: list[str] = []
+    queue.served("burst")
+    collect(queue.wait("burst", "m"), served, "burst")
+    collect(queue.wait("other", "m"), served, "other")
+    slots = Slots()
+    slots.free["m"] = 1
+    queue.serve(slots)
+    assert served == ["other"]

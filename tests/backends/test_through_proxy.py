@@ -1,0 +1,242 @@
+"""
+Several Ollama servers behind one proxy, through the whole chain in memory:
+routing by model, merged listings, failover, the fair queue, caps.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionRefusedError
+from twisted.logger import LogEvent
+from twisted.web.iweb import IAgent, IResponse
+from zope.interface import implementer
+
+from ollamaproxy.caps import Caps
+from ollamaproxy.keys import ApiKey, digest
+from tests.chain import Chain
+
+USER = "olpk_userkeyuserkeyuserkeyuserkeyuser00"
+OTHER = "olpk_otherkeyotherkeyotherkeyotherkey00"
+HI = [{"role": "user", "content": "hi"}]
+
+
+def chat(model: str, **fields: Any) -> bytes:
+    return json.dumps({"model": model, "messages": HI, **fields}).encode()
+
+
+def two_backends(**kwargs: Any) -> Chain:
+    """
+    Backend 0 has llama3.2 and hold; backend 1 has mistral and hold; both
+    have said so; keys alice (admin), user and other (inference).
+    """
+    chain = Chain(backends=[["llama3.2:latest", "hold:latest"], ["mistral:latest", "hold:latest"]],
+                  **kwargs)
+    chain.keys.replace([*chain.keys._by_digest.values(), ApiKey("user", digest(USER)),
+                        ApiKey("other", digest(OTHER))])
+    chain.pool.refresh_all()
+    chain.flush()
+    return chain
+
+
+def test_a_request_goes_to_the_backend_that_has_its_model() -> None:
+    """
+    Each chat reaches only the fake that has its model.
+    """
+    chain = two_backends()
+    for model, number in (("mistral", 1), ("llama3.2", 0)):
+        response = chain.respond("POST", "/api/chat", data=chat(model, stream=False))
+        assert response.code == 200
+        chain.body(response)
+        assert [r.json()["model"] for r in chain.fakes[number].received] == [model]
+
+
+def test_a_model_on_no_backend_is_404_and_nothing_is_sent() -> None:
+    """
+    M on no backend: 404 in Ollama's shape, no fake receives anything.
+    """
+    chain = two_backends()
+    response = chain.respond("POST", "/api/chat", data=chat("qwen3"))
+    assert response.code == 404
+    assert "qwen3:latest" in json.loads(chain.body(response))["error"]
+    assert all(fake.received == [] for fake in chain.fakes)
+
+
+def test_listings_are_merged_and_filtered() -> None:
+    """
+    /api/tags and /v1/models list the union over the backends, each model
+    once; a key limited to models sees only its own; HEAD gives the length.
+    """
+    chain = two_backends()
+    names = {m["name"] for m in json.loads(chain.body(chain.respond("GET", "/api/tags")))["models"]}
+    assert names == {"llama3.2:latest", "mistral:latest", "hold:latest"}
+    ids = [m["id"] for m in json.loads(chain.body(chain.respond("GET", "/v1/models")))["data"]]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 3
+    chain.keys.replace([*chain.keys._by_digest.values(),
+                        ApiKey("limited", digest(USER), models=("mistral",))])
+    limited = chain.body(chain.respond("GET", "/api/tags", key=USER))
+    assert [m["name"] for m in json.loads(limited)["models"]] == ["mistral:latest"]
+    head = chain.respond("HEAD", "/api/tags", key=USER)
+    assert head.headers.getRawHeaders(b"content-length") == [str(len(limited)).encode()]
+
+
+@implementer(IAgent)
+class Refusing:
+    """
+    An agent whose every connection is refused.
+    """
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None,
+                bodyProducer: Any = None) -> Deferred[IResponse]:
+        return fail(ConnectionRefusedError("refused"))
+
+
+def test_failover_before_the_first_byte(access_events: list[LogEvent]) -> None:
+    """
+    A backend that refuses connections is marked unhealthy, and the
+    request goes to another backend that has its model, without an error
+    the client can see; the access line names the backend that answered.
+    """
+    chain = two_backends()
+    chain.backends[0].upstream = replace(chain.backends[0].upstream, agent=Refusing())
+    response = chain.respond("POST", "/api/chat", data=chat("hold"))
+    assert response.code == 200
+    assert not chain.backends[0].healthy
+    assert len(chain.fakes[1].received) == 1
+    chain.fakes[1].held[-1].finish()
+    chain.body(response)
+    assert access_events[-1]["upstream"] == "http://127.0.0.1:11435"
+
+
+def test_one_unreachable_backend_is_a_502_not_a_loop() -> None:
+    """
+    With one backend that cannot be reached, the client gets the 502 that
+    names it, once.
+    """
+    chain = Chain(agent=Refusing())
+    response = chain.respond("GET", "/api/tags")
+    assert response.code == 502
+    assert "http://127.0.0.1:11434" in json.loads(chain.body(response))["error"]
+
+
+def test_keys_are_served_in_turn(access_events: list[LogEvent]) -> None:
+    """
+    At --parallel 1, one key's burst waits behind its first request; a
+    second key's request, sent after the burst, is the next to reach
+    Ollama, and its access line says how long it was queued.
+    """
+    chain = Chain(parallel=1)
+    chain.keys.replace([*chain.keys._by_digest.values(), ApiKey("user", digest(USER)),
+                        ApiKey("other", digest(OTHER))])
+    burst = [chain.request("POST", "/api/chat", key=USER, data=chat("hold", n=i))
+             for i in range(4)]
+    chain.clock.advance(3)
+    other = chain.request("POST", "/api/chat", key=OTHER, data=chat("hold", n="other"))
+    assert [r.json()["n"] for r in chain.fake.received] == [0]
+    assert chain.router.queue.waiting() == {"user": 3, "other": 1}
+    chain.clock.advance(2)
+    chain.fake.held[0].finish()
+    chain.flush()
+    assert [r.json()["n"] for r in chain.fake.received] == [0, "other"]
+    chain.fake.held[1].finish()
+    chain.flush()
+    assert [r.json()["n"] for r in chain.fake.received] == [0, "other", 1]
+    for held in range(2, 5):
+        chain.fake.held[held].finish()
+        chain.flush()
+    for d in [*burst, other]:
+        chain.body(chain.result(d))
+    [line] = [e for e in access_events if e["key"] == "other"]
+    assert line["queued"] == 2
+    assert "queued 2.000s" in line["line"]
+
+
+def test_a_client_that_leaves_while_queued_never_reaches_ollama() -> None:
+    """
+    A queued request whose client hangs up leaves the queue, and no
+    backend ever sees it.
+    """
+    chain = Chain(parallel=1)
+    first = chain.request("POST", "/api/chat", data=chat("hold"))
+    waiting = chain.request("POST", "/api/chat", data=chat("hold"))
+    assert len(chain.router.queue) == 1
+    waiting.cancel()
+    chain.failure(waiting)  # the client's own Deferred: its request was cancelled
+    chain.flush()
+    assert len(chain.router.queue) == 0
+    chain.fake.held[0].finish()
+    chain.flush()
+    chain.body(chain.result(first))
+    assert len(chain.fake.received) == 1
+
+
+def test_full_queue_and_queue_timeout_are_503_with_retry_after() -> None:
+    """
+    Beyond --max-queue a request gets 503 with Retry-After at once; one
+    that waits longer than --queue-timeout gets 503 then; neither is sent.
+    """
+    chain = Chain(parallel=1, max_queue=1, queue_timeout=30)
+    chain.request("POST", "/api/chat", data=chat("hold"))
+    queued = chain.request("POST", "/api/chat", data=chat("hold"))
+    refused = chain.respond("POST", "/api/chat", data=chat("hold"))
+    assert refused.code == 503
+    assert refused.headers.getRawHeaders(b"retry-after") == [b"30"]
+    chain.body(refused)
+    chain.clock.advance(30)
+    chain.flush()
+    timed_out = chain.result(queued)
+    assert timed_out.code == 503
+    assert timed_out.headers.getRawHeaders(b"retry-after") == [b"30"]
+    chain.body(timed_out)
+    assert len(chain.fake.received) == 1
+    chain.fake.held[0].finish()
+    chain.flush()
+
+
+def test_keep_alive_over_the_cap_is_clamped(access_events: list[LogEvent]) -> None:
+    """
+    keep_alive -1 (for ever) and a huge num_ctx are clamped to the caps
+    before they reach Ollama, and the access line says so; a request within
+    the caps reaches Ollama byte for byte.
+    """
+    chain = Chain(caps=Caps(keep_alive=600, num_ctx=8192))
+    body = chat("llama3.2", stream=False, keep_alive=-1, options={"num_ctx": 131072})
+    chain.body(chain.respond("POST", "/api/chat", data=body))
+    sent = chain.fake.received[-1].json()
+    assert (sent["keep_alive"], sent["options"]["num_ctx"]) == ("10m", 8192)
+    assert "keep_alive forever clamped to 10m" in access_events[-1]["notes"]
+    within = chat("llama3.2", stream=False, keep_alive="5m")
+    chain.body(chain.respond("POST", "/api/chat", data=within))
+    assert chain.fake.received[-1].body == within
+
+
+def test_a_key_s_own_cap_is_tighter() -> None:
+    """
+    A key's max_keep_alive below the proxy's wins.
+    """
+    chain = Chain(caps=Caps(keep_alive=3600))
+    chain.keys.replace([*chain.keys._by_digest.values(),
+                        ApiKey("user", digest(USER), caps=Caps(keep_alive=60))])
+    chain.body(chain.respond("POST", "/api/chat", key=USER,
+                             data=chat("llama3.2", stream=False, keep_alive="1h")))
+    assert chain.fake.received[-1].json()["keep_alive"] == "1m"
+
+
+def test_a_pulled_model_can_be_used_at_once() -> None:
+    """
+    A model pulled through the proxy lands on the first backend, whose
+    models are asked again, so a chat for it is routed there at once.
+    """
+    chain = two_backends()
+    pulled = chain.respond("POST", "/api/pull", data=json.dumps(
+        {"model": "qwen3", "stream": False}).encode())
+    assert pulled.code == 200
+    chain.body(pulled)
+    chain.flush()
+    response = chain.respond("POST", "/api/chat", data=chat("qwen3", stream=False))
+    assert response.code == 200
+    chain.body(response)
+    assert chain.fakes[0].received[-1].json()["model"] == "qwen3"

@@ -3,8 +3,9 @@
 The C{ollamaproxy} command: managing the keys in the keys file, and showing
 how much each key used.
 
-    ollamaproxy keys add NAME [--admin] [--models GLOB[,GLOB...]]... [--rpm N]
-                              [--max-streams N] [--expires DATE]
+    ollamaproxy keys add NAME [--admin] [--cloud] [--models GLOB[,GLOB...]]...
+                              [--rpm N] [--max-streams N] [--expires DATE]
+                              [--max-keep-alive DURATION] [--max-num-ctx N]
     ollamaproxy --version
     ollamaproxy keys list
     ollamaproxy keys revoke NAME
@@ -36,7 +37,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from ollamaproxy import __version__
-from ollamaproxy.config import env_variable, keys_file_path, usage_file_path
+from ollamaproxy.caps import Caps, show_duration
+from ollamaproxy.config import (
+    ConfigError,
+    env_variable,
+    keys_file_path,
+    parse_keep_alive_cap,
+    usage_file_path,
+)
 from ollamaproxy.keys import (
     ADMIN,
     CLOUD,
@@ -127,6 +135,13 @@ def _whole_number(text: str) -> int:
     if not (text.isascii() and text.isdigit() and int(text) >= 1):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1")
     return int(text)
+
+
+def _keep_alive(text: str) -> float:
+    try:
+        return parse_keep_alive_cap("max-keep-alive", text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--max-keep-alive: ")) from None
 
 
 def _globs(text: str) -> list[str]:
@@ -245,7 +260,10 @@ def _summary(key: ApiKey) -> str:
         f"models {','.join(key.models) or 'all'}; "
         f"rpm {key.rpm or 'unlimited'}; "
         f"max streams {key.max_streams or 'unlimited'}; "
-        f"expires {'never' if key.expires is None else _show_time(key.expires)}"
+        + (f"max keep_alive {show_duration(key.caps.keep_alive)}; "
+           if key.caps.keep_alive is not None else "")
+        + (f"max num_ctx {key.caps.num_ctx}; " if key.caps.num_ctx is not None else "")
+        + f"expires {'never' if key.expires is None else _show_time(key.expires)}"
     )
 
 
@@ -304,6 +322,12 @@ def _parser(stdout: TextIO) -> _Parser:
                      help="requests a minute (default: no limit)")
     add.add_argument("--max-streams", metavar="N", type=_whole_number,
                      help="requests in flight at once (default: no limit)")
+    add.add_argument("--max-keep-alive", metavar="DURATION", type=_keep_alive,
+                     help="longest keep_alive the key's requests may ask for, e.g. 10m; "
+                     "one over it (or -1, for ever) is clamped to it (default: the proxy's)")
+    add.add_argument("--max-num-ctx", metavar="N", type=_whole_number,
+                     help="largest options.num_ctx the key's requests may ask for; larger "
+                     "is clamped to it (default: the proxy's)")
     add.add_argument("--expires", metavar="DATE",
                      help="ISO date or time, UTC unless given, e.g. 2027-01-01 or "
                      "2027-01-01T12:00:00Z (default: never)")
@@ -368,6 +392,7 @@ def _add(args: argparse.Namespace, path: str, out: TextIO, now: datetime) -> Non
         models=tuple(args.models),
         rpm=args.rpm,
         max_streams=args.max_streams,
+        caps=Caps(args.max_keep_alive, args.max_num_ctx),
     )
 
     def add(keys: list[ApiKey]) -> list[ApiKey]:

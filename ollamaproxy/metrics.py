@@ -23,11 +23,16 @@ Every label has a bounded set of values, whatever clients send:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from ollamaproxy.backends.router import Router
 from ollamaproxy.logs import Exchange
 
 __all__ = ["DURATION_BUCKETS", "MAX_MODELS", "Metrics"]
@@ -56,6 +61,8 @@ _OUTCOMES = frozenset(
         "internal_error",
         "bad_request",
         "client_timeout",
+        "queue_full",
+        "queue_timeout",
     ]
 )
 _UPSTREAM_ERRORS = ("upstream_error", "timeout")
@@ -130,6 +137,12 @@ class Metrics:
             "Idle client connections closed to make room for new ones.",
             registry=self.registry,
         )
+        self._queued = Histogram(
+            "ollamaproxy_queue_wait_seconds",
+            "Seconds requests that waited for a busy model spent in the fair queue.",
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
         # Present from the start, so that rate() sees the first one.
         for kind in _UPSTREAM_ERRORS:
             self._upstream_errors.labels(kind=kind)
@@ -169,6 +182,8 @@ class Metrics:
         self._duration.labels(route=route).observe(max(0.0, now - exchange.started))
         if exchange.first_byte is not None:
             self._first_byte.labels(route=route).observe(max(0.0, exchange.first_byte))
+        if exchange.queued:
+            self._queued.observe(exchange.queued)
         if exchange.outcome in _UPSTREAM_ERRORS:
             self._upstream_errors.labels(kind=exchange.outcome).inc()
         if exchange.outcome == "rejected" and exchange.status in _AUTH_FAILURES:
@@ -181,6 +196,13 @@ class Metrics:
                 ("completion", summary.completion_tokens),
             ):
                 self._tokens.labels(key=exchange.key, model=model, kind=kind).inc(max(0, count))
+
+    def watch(self, router: Router) -> None:
+        """
+        Show the backends' health and load and the queue's depth, read from
+        C{router} at each scrape.
+        """
+        self.registry.register(_RouterCollector(router))
 
     def connection_shed(self) -> None:
         """
@@ -228,3 +250,30 @@ class MetricsResource(Resource):
         content_type, body = self._metrics.render(request.getHeader(b"accept"))
         request.setHeader(b"content-type", content_type)
         return body
+
+
+class _RouterCollector(Collector):
+    """
+    The backends and the fair queue, as they are at a scrape.
+    """
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    def collect(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily(
+            "ollamaproxy_backend_up", "Whether a backend is healthy (1) or not (0).",
+            labels=["backend"],
+        )
+        in_flight = GaugeMetricFamily(
+            "ollamaproxy_backend_in_flight", "Requests in flight to a backend.",
+            labels=["backend"],
+        )
+        for backend in self._router.backends:
+            up.add_metric([backend.name], 1.0 if backend.healthy else 0.0)
+            in_flight.add_metric([backend.name], float(backend.in_flight))
+        waiting = GaugeMetricFamily(
+            "ollamaproxy_queue_waiting", "Requests waiting in the fair queue for a busy model.",
+            value=float(len(self._router.queue)),
+        )
+        return [up, in_flight, waiting]

@@ -376,6 +376,7 @@ def build_service(
     router = Router(backend_pool, reactor, config.max_queue, config.queue_timeout)
     auth = Authenticator(keys, config.open_routes, reactor, GuessThrottle(reactor))
     metrics = Metrics()
+    metrics.watch(router)
     usage_store = UsageStore(config.usage_file, reactor, worker=ThreadWorker(reactor))
     # The --api-key is known in clear: blanked wherever it shows, whatever
     # its shape; the keys file's keys, by digest, word by word.

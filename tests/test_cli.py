@@ -806,3 +806,28 @@ def test_usage_help() -> None:
     assert (result.code, result.err) == (0, "")
     assert result.out.startswith("usage: ollamaproxy usage")
     assert "--usage-file" in result.out and "--since" in result.out
+
+
+def test_add_caps_round_trip(keys_file: Path) -> None:
+    """
+    C{--max-keep-alive} and C{--max-num-ctx} are stored with the key and
+    read back as its caps; the summary names them.
+    """
+    from ollamaproxy.caps import Caps
+
+    result = run("keys", "add", "bob", "--max-keep-alive", "10m", "--max-num-ctx", "8192",
+                 "--keys-file", str(keys_file))
+    assert result.code == 0
+    assert "max keep_alive 10m; max num_ctx 8192" in result.out
+    [stored] = load_keys_file(str(keys_file))
+    assert stored.caps == Caps(keep_alive=600.0, num_ctx=8192)
+
+
+@pytest.mark.parametrize("value", ["forever", "-1", "-1m", "10x"])
+def test_add_refuses_a_keep_alive_cap_that_is_none(keys_file: Path, value: str) -> None:
+    """
+    A cap that is no duration, or for ever, is one line and exit 2.
+    """
+    result = run("keys", "add", "bob", "--max-keep-alive", value, "--keys-file", str(keys_file))
+    assert result.code == 2
+    assert len(result.err.strip().splitlines()) == 1

@@ -385,3 +385,60 @@ def test_min_body_rate_option() -> None:
 def test_show_size(size: int, shown: str) -> None:
     """Sizes in messages read as the operator wrote them: whole units of 1024, else bytes."""
     assert show_size(size) == shown
+
+
+def test_several_upstreams_with_their_parallelism() -> None:
+    """
+    --upstream repeated (or OLLAMAPROXY_UPSTREAM comma-separated) gives
+    several backends, each with --parallel unless its URL says
+    #parallel=N.
+    """
+    options: dict[str, object] = {
+        "upstream": ["gpu1", "http://gpu2:11434#parallel=2"], "parallel": "8",
+    }
+    config = Config.from_sources(options, {})
+    assert config.upstreams == (
+        UpstreamSetting("http://gpu1:11434", 8), UpstreamSetting("http://gpu2:11434", 2)
+    )
+    environ = {"OLLAMAPROXY_UPSTREAM": "gpu1,gpu2#parallel=1"}
+    assert [u.parallel for u in Config.from_sources({}, environ).upstreams] == [4, 1]
+
+
+def test_queue_and_caps_options() -> None:
+    """
+    --max-queue, --queue-timeout, --max-keep-alive and --max-num-ctx are
+    read; without them, Ollama's defaults and no caps.
+    """
+    from ollamaproxy.caps import Caps
+
+    config = Config.from_sources({"max-queue": "10", "queue-timeout": "5",
+                                  "max-keep-alive": "1h", "max-num-ctx": "8192"}, {})
+    assert (config.max_queue, config.queue_timeout) == (10, 5.0)
+    assert config.caps == Caps(3600.0, 8192)
+    default = Config.from_sources({}, {})
+    assert (default.max_queue, default.queue_timeout, default.caps) == (512, 300.0, Caps())
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"upstream": ["gpu1#parallel=0"]}, "must be 1 or more"),
+        ({"upstream": ["gpu1#weight=2"]}, "only parallel=N"),
+        ({"parallel": "0"}, "must be 1 or more"),
+        ({"parallel": "many"}, "not a whole number"),
+        ({"max-queue": "-1"}, "not a whole number"),
+        ({"queue-timeout": "soon"}, "queue-timeout"),
+        ({"max-keep-alive": "-1"}, "max-keep-alive"),
+        ({"max-keep-alive": "forever"}, "max-keep-alive"),
+        ({"max-num-ctx": "0"}, "must be 1 or more"),
+    ],
+)
+def test_bad_backend_settings_are_one_clear_error(
+    options: dict[str, object], fragment: str
+) -> None:
+    """
+    Each bad setting of the backends, the queue or the caps is a
+    ConfigError that names it.
+    """
+    with pytest.raises(ConfigError, match=fragment):
+        Config.from_sources(options, {})

@@ -366,3 +366,23 @@ def test_expiry() -> None:
     key = ApiKey("k", b"", expires=datetime(2027, 1, 1, tzinfo=UTC))
     assert not key.expired(datetime(2026, 12, 31, 23, 59, tzinfo=UTC))
     assert key.expired(datetime(2027, 1, 1, tzinfo=UTC))
+
+
+def test_caps_round_trip(tmp_path: Path) -> None:
+    """A key's max_keep_alive and max_num_ctx survive the file."""
+    from ollamaproxy.caps import Caps
+
+    path = str(tmp_path / "keys.json")
+    key = ApiKey("alice", digest(generate_key()), WHEN, caps=Caps(keep_alive=90.0, num_ctx=4096))
+    write_keys_file(path, [key])
+    assert load_keys_file(path) == [key]
+
+
+@pytest.mark.parametrize("value", ['"-1m"', "-1", '"soon"', "true"])
+def test_a_cap_that_is_no_duration_is_refused(tmp_path: Path, value: str) -> None:
+    """A max_keep_alive that is no duration, or for ever, makes the file invalid."""
+    path = tmp_path / "keys.json"
+    path.write_text('{"keys": [{"name": "a", "hash": "sha256:' + "0" * 64
+                    + '", "max_keep_alive": ' + value + "}]}")
+    with pytest.raises(KeysFileError):
+        load_keys_file(str(path))

@@ -325,3 +325,53 @@ def test_render_openmetrics() -> None:
         content_type, body = metrics.render(accept)
         assert content_type == b"text/plain; version=0.0.4; charset=utf-8"
         assert b"# EOF" not in body
+
+
+def test_backends_and_queue_are_shown_at_each_scrape() -> None:
+    """
+    Each backend's health and requests in flight, and the queue's depth,
+    are read from the router when scraped.
+    """
+    from typing import cast
+
+    from twisted.internet.task import Clock
+    from twisted.web.iweb import IAgent
+
+    from ollamaproxy.backends.pool import Backend, BackendPool
+    from ollamaproxy.backends.router import Router
+    from ollamaproxy.model_names import resolve
+    from ollamaproxy.upstream import Upstream
+
+    clock = Clock()
+    backends = [
+        Backend(Upstream(cast(IAgent, None), f"http://{name}:11434".encode(), clock, 1, 1), 1)
+        for name in ("a", "b")
+    ]
+    router = Router(BackendPool(backends), clock)
+    metrics = Metrics()
+    metrics.watch(router)
+    backends[1].healthy = False
+    router.acquire("k", resolve("m"), runs=True)
+    router.acquire("k", resolve("m"), runs=True)
+    samples = scrape(metrics)
+    assert value(samples, "ollamaproxy_backend_up", backend="http://a:11434") == 1.0
+    assert value(samples, "ollamaproxy_backend_up", backend="http://b:11434") == 0.0
+    assert value(samples, "ollamaproxy_backend_in_flight", backend="http://a:11434") == 1.0
+    assert value(samples, "ollamaproxy_queue_waiting") == 1.0
+
+
+def test_queue_waits_and_rejections_are_counted() -> None:
+    """
+    A request that waited is observed in the queue-wait histogram; a queue
+    rejection is its own outcome.
+    """
+    metrics = Metrics()
+    waited = exchange()
+    waited.queued = 2.0
+    metrics.observe(waited, 1003.0)
+    metrics.observe(exchange(status=503, outcome="queue_full"), 1000.1)
+    samples = scrape(metrics)
+    assert value(samples, "ollamaproxy_queue_wait_seconds_count") == 1.0
+    assert value(samples, "ollamaproxy_queue_wait_seconds_sum") == 2.0
+    assert value(samples, "ollamaproxy_requests_total", route="/api/chat", method="POST",
+                 status="503", key="alice", outcome="queue_full") == 1.0

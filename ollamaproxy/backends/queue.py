@@ -35,12 +35,12 @@ W = TypeVar("W")  # what a waiter wants (a model name)
 G = TypeVar("G")  # what it is granted (a lease on a backend)
 
 
-def busy(message: str, retry_after: float) -> ProxyError:
+def busy(message: str, retry_after: float, outcome: str = "rejected") -> ProxyError:
     """
     A 503 that says when to try again.
     """
     seconds = str(max(1, math.ceil(retry_after))).encode("ascii")
-    return ProxyError(503, message, {b"Retry-After": seconds}, outcome="rejected")
+    return ProxyError(503, message, {b"Retry-After": seconds}, outcome=outcome)
 
 
 @dataclass(eq=False)
@@ -93,7 +93,7 @@ class FairQueue(Generic[W, G]):
         """
         if self._size >= self.limit:
             raise busy(f"too many requests waiting ({self.limit}); try again shortly",
-                       self.timeout)
+                       self.timeout, "queue_full")
 
         def leave(_: Deferred[G]) -> None:
             self._remove(waiter)
@@ -152,6 +152,7 @@ class FairQueue(Generic[W, G]):
         waiter.granted.errback(busy(
             f"no backend was free for {self.timeout:g} seconds; try again shortly",
             self.timeout,
+            "queue_timeout",
         ))
 
     def _remove(self, waiter: _Waiter[W, G]) -> None:

@@ -12,7 +12,10 @@ tree), L{ollamaproxy.routes} (the catalogue of Ollama's routes),
 L{ollamaproxy.auth}, L{ollamaproxy.policy}, L{ollamaproxy.model_names},
 L{ollamaproxy.keys}, L{ollamaproxy.limits},
 L{ollamaproxy.reload} and L{ollamaproxy.cors} (who may ask, and how much),
-L{ollamaproxy.headers} (what crosses), L{ollamaproxy.relay} (streaming a
+L{ollamaproxy.backends} (several Ollama servers: their health and models,
+the router and the fair queue), L{ollamaproxy.request_plan} and
+L{ollamaproxy.caps} (what is read of a request, and clamped, before it
+goes on), L{ollamaproxy.headers} (what crosses), L{ollamaproxy.relay} (streaming a
 response back), L{ollamaproxy.request_body} (passing a request body on),
 L{ollamaproxy.upstream} (the HTTP client to Ollama), L{ollamaproxy.logs},
 L{ollamaproxy.summary}, L{ollamaproxy.metrics} and L{ollamaproxy.usage}

@@ -6,8 +6,8 @@ how busy it is, and whether it answers.
 L{BackendPool} asks every backend for C{GET /api/tags} (its models) and
 C{GET /api/ps} (the models in memory) every C{refresh} seconds, and at once
 when told a model changed (a pull, create, copy or delete through the
-proxy).  A backend that does not answer, or that a request could not reach,
-is unhealthy: it gets no requests, and is probed again after 1, 2, 4 ...
+proxy).  A backend whose C{/api/tags} does not answer, or that a request
+could not reach, is unhealthy: it gets no requests, and is probed again after 1, 2, 4 ...
 seconds (at most C{max_backoff}), so it comes back within seconds of
 recovering.  Each change of health is one log line.
 """
@@ -184,9 +184,7 @@ class BackendPool(Service):
 
     async def _probe(self, backend: Backend) -> None:
         try:
-            tags = await self._get(backend, b"/api/tags")
-            ps = await self._get(backend, b"/api/ps")
-            models, loaded = model_names(tags), model_names(ps)
+            models = model_names(await self._get(backend, b"/api/tags"))
         except CancelledError:
             return
         except Exception as e:
@@ -194,6 +192,13 @@ class BackendPool(Service):
             backend.errors.append(reason)
             self._set_health(backend, False, reason)
             return
+        try:
+            loaded = model_names(await self._get(backend, b"/api/ps"))
+        except CancelledError:
+            return
+        except Exception:
+            # Which models are in memory only orders the choice.
+            loaded = frozenset()
         learned = backend.models != models or backend.loaded != loaded
         backend.models, backend.loaded = models, loaded
         self._backoff.pop(backend, None)

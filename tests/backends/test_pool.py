@@ -4,6 +4,7 @@ Tests for L{ollamaproxy.backends.pool}: backends' models and health.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from treq.testing import RequestTraversalAgent
@@ -146,3 +147,27 @@ def test_refresh_now_after_a_model_change() -> None:
     switch.agent.flush()
     assert backend.models == frozenset({resolve("llama3.2")})
     pool.stopService()
+
+
+def test_a_backend_without_api_ps_is_still_healthy() -> None:
+    """
+    Only /api/tags decides health: a backend whose /api/ps fails is healthy,
+    with no models known to be in memory.
+    """
+    t = Setup()
+
+    @implementer(IAgent)
+    class NoPs:
+        def request(self, method: bytes, uri: bytes, headers: Any = None,
+                    bodyProducer: Any = None) -> Deferred[IResponse]:
+            if uri.endswith(b"/api/ps"):
+                return fail(ValueError("no /api/ps here"))
+            return t.switch.request(method, uri, headers, bodyProducer)
+
+    t.backend.upstream = replace(t.backend.upstream, agent=NoPs())
+    t.pool.startService()
+    t.switch.agent.flush()
+    assert t.backend.healthy
+    assert t.backend.models == frozenset({resolve("llama3.2"), resolve("mistral")})
+    assert t.backend.loaded == frozenset()
+    t.pool.stopService()

@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="ollamaproxy",
@@ -8,9 +8,10 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    # twisted/plugins has no __init__.py on purpose (it is a namespace that
-    # Twisted itself shares), so it is listed by hand.
-    packages=["ollamaproxy", "twisted.plugins"],
+    # Every package of ollamaproxy's, found (a subpackage listed by hand is
+    # one forgotten); twisted/plugins has no __init__.py on purpose (it is a
+    # namespace that Twisted itself shares), so it is listed by hand.
+    packages=[*find_packages(include=["ollamaproxy", "ollamaproxy.*"]), "twisted.plugins"],
     # Every package under the project root: with this, 'pip install -e .'
     # puts the root itself on sys.path (a static .pth file) instead of an
     # import hook that knows only these packages.  Twisted finds plugins by

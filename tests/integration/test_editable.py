@@ -42,12 +42,15 @@ def _run(*command: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=TIMEOUT, check=False)
 
 
-def test_editable_install_gives_a_working_twistd_plugin(tmp_path: Path) -> None:
+@pytest.mark.parametrize("editable", [True, False], ids=["editable", "regular"])
+def test_install_gives_a_working_twistd_plugin(tmp_path: Path, editable: bool) -> None:
     """
-    After C{pip install -e REPO} into a fresh environment, C{twistd
-    ollamaproxy --version} and C{ollamaproxy --version} work there without
-    C{PYTHONPATH}: the project's C{twisted/plugins} directory is on Twisted's
-    plugin path and C{ollamaproxy} is imported from the project.
+    After C{pip install -e REPO} (or C{pip install REPO}, the README's quick
+    start) into a fresh environment, C{twistd ollamaproxy --version} and
+    C{ollamaproxy --version} work there without C{PYTHONPATH}, run outside
+    the project: the plugin is on Twisted's plugin path, and C{ollamaproxy}
+    is imported from the project (editable) or from the environment, with
+    every one of its packages.
     """
     venv = tmp_path / "venv"
     made = _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
@@ -59,14 +62,19 @@ def test_editable_install_gives_a_working_twistd_plugin(tmp_path: Path) -> None:
     (site_packages / "_borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     installed = _run(sys.executable, "-m", "pip", "--python", python, "install", "--quiet",
-                     "--no-deps", "--no-build-isolation", "--no-index", "-e", REPO, cwd=tmp_path)
+                     "--no-deps", "--no-build-isolation", "--no-index",
+                     *(["-e"] if editable else []), REPO, cwd=tmp_path)
     assert installed.returncode == 0, installed.stdout + installed.stderr
 
     where = _run(python, "-c", WHERE, cwd=tmp_path)
     assert where.returncode == 0, where.stderr
     package, *plugin_path = where.stdout.splitlines()
-    assert package == os.path.realpath(REPO / "ollamaproxy")
-    assert os.path.realpath(REPO / "twisted" / "plugins") in plugin_path
+    if editable:
+        assert package == os.path.realpath(REPO / "ollamaproxy")
+        assert os.path.realpath(REPO / "twisted" / "plugins") in plugin_path
+    else:
+        assert package == os.path.realpath(site_packages / "ollamaproxy")
+        assert os.path.realpath(site_packages / "twisted" / "plugins") in plugin_path
 
     twistd = _run(python, "-c", TWISTD, "ollamaproxy", "--version", cwd=tmp_path)
     assert (twistd.returncode, twistd.stdout) == (0, f"ollamaproxy {__version__}\n"), (

@@ -17,7 +17,8 @@ the router and the fair queue), L{ollamaproxy.request_plan} and
 L{ollamaproxy.caps} (what is read of a request, and clamped, before it
 goes on), L{ollamaproxy.headers} (what crosses), L{ollamaproxy.relay} (streaming a
 response back), L{ollamaproxy.request_body} (passing a request body on),
-L{ollamaproxy.upstream} (the HTTP client to Ollama), L{ollamaproxy.logs},
+L{ollamaproxy.upstream} (the HTTP client to Ollama), L{ollamaproxy.exchange}
+(the record of one request), L{ollamaproxy.logs},
 L{ollamaproxy.summary}, L{ollamaproxy.metrics} and L{ollamaproxy.usage}
 (what is written down), L{ollamaproxy.errors} (the proxy's own answers) and
 L{ollamaproxy.cli} (the C{ollamaproxy} command).

@@ -29,10 +29,11 @@ from ollamaproxy.caps import Caps
 from ollamaproxy.client_address import NOBODY, TrustedProxies
 from ollamaproxy.cors import Cors
 from ollamaproxy.errors import ProxyError, error_body, is_openai_path, reason_phrase
+from ollamaproxy.exchange import Exchange
 from ollamaproxy.headers import came_back, upstream_request_headers
 from ollamaproxy.keys import ApiKey
 from ollamaproxy.limits import KeyLimits
-from ollamaproxy.logs import Exchange, log_exchange
+from ollamaproxy.logs import log_exchange
 from ollamaproxy.metrics import Metrics
 from ollamaproxy.redact import Redactor, redacted_failure
 from ollamaproxy.relay import Target, Unreachable, relay, whole_body

@@ -16,6 +16,8 @@ from http import HTTPStatus
 
 from twisted.web.http import RESPONSES
 
+from ollamaproxy.exchange import Outcome
+
 _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",
@@ -50,13 +52,13 @@ class ProxyError(Exception):
         code: int,
         message: str,
         headers: dict[bytes, bytes] | None = None,
-        outcome: str | None = None,
+        outcome: Outcome | None = None,
     ) -> None:
         super().__init__(code, message)
         self.code = code
         self.message = message
         self.headers = headers or {}
-        self.outcome = outcome or (
+        self.outcome: Outcome = outcome or (
             "rejected" if code < 500 else "timeout" if code == 504 else "upstream_error"
         )
 

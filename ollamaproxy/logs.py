@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import IO, cast
 
 from twisted.application.service import Service
@@ -38,6 +37,7 @@ from twisted.logger import (
 )
 from twisted.python.logfile import LogFile
 
+from ollamaproxy.exchange import Exchange
 from ollamaproxy.redact import blank_credentials
 
 access = Logger(namespace="ollamaproxy.access")
@@ -46,83 +46,6 @@ bodies = Logger(namespace="ollamaproxy.bodies")
 
 DEFAULT_ROTATE_BYTES = 10 * 1024 * 1024
 DEFAULT_BACKUPS = 10
-
-
-@dataclass(frozen=True)
-class StreamSummary:
-    """
-    What a generation amounted to, from Ollama's final object (or the
-    usage chunk on C{/v1}).
-
-    @ivar model: The model that answered.
-    @ivar done_reason: Why it stopped (C{stop}, C{length}, ...), if said.
-    @ivar prompt_tokens: Tokens of the prompt.
-    @ivar completion_tokens: Tokens generated.
-    @ivar tokens_per_second: Generation speed, when Ollama reports the
-        time it took (C{eval_duration}).
-    @ivar load_seconds: Time spent loading the model, when reported.
-    @ivar counted: Whether C{completion_tokens} were counted from the
-        stream's chunks because Ollama reported no usage (a C{/v1} stream
-        without C{stream_options.include_usage}); the prompt's tokens are
-        then unknown (0).
-    """
-
-    model: str
-    done_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    tokens_per_second: float | None = None
-    load_seconds: float | None = None
-    counted: bool = False
-
-
-@dataclass
-class Exchange:
-    """
-    What happened to one request, filled in as it goes and logged at its end.
-
-    @ivar route: The route's label: its pattern in the catalogue
-        (L{ollamaproxy.routes}), or C{other}.
-    @ivar backend: The Ollama server the request went to, if any.
-    @ivar queued: Seconds it waited in the fair queue for a slot.
-    @ivar notes: What the proxy changed in the request (a clamped
-        C{keep_alive}), for the access line.
-    @ivar outcome: C{completed}, C{client_disconnected}, C{upstream_error},
-        C{timeout}, C{rejected}, C{bad_request} (refused by the web server:
-        malformed, or a head too large), C{client_timeout} (a body that came
-        too slowly), C{shutdown} or C{internal_error} (a bug).
-    """
-
-    method: str
-    path: str
-    client: str
-    started: float
-    route: str = "other"
-    backend: str = ""
-    queued: float = 0.0
-    notes: str = ""
-    key: str = "-"
-    status: int | None = None
-    first_byte: float | None = None
-    outcome: str = "completed"
-    detail: str = ""
-    summary: StreamSummary | None = None
-    request_sample: bytes = b""
-    response_sample: bytes = b""
-
-    def responded(self, now: float, status: int) -> None:
-        """
-        Ollama's response head arrived.
-        """
-        self.first_byte = now - self.started
-        self.status = status
-
-    def failed(self, outcome: str, detail: str) -> None:
-        """
-        The request did not end normally.
-        """
-        self.outcome = outcome
-        self.detail = detail
 
 
 def log_exchange(

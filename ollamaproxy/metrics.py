@@ -33,7 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from ollamaproxy.backends.router import Router
-from ollamaproxy.logs import Exchange
+from ollamaproxy.exchange import OUTCOMES, Exchange
 
 __all__ = ["DURATION_BUCKETS", "MAX_MODELS", "Metrics"]
 
@@ -50,21 +50,6 @@ MAX_MODELS = 100
 OTHER = "other"
 
 _METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
-_OUTCOMES = frozenset(
-    [
-        "completed",
-        "client_disconnected",
-        "upstream_error",
-        "timeout",
-        "rejected",
-        "shutdown",
-        "internal_error",
-        "bad_request",
-        "client_timeout",
-        "queue_full",
-        "queue_timeout",
-    ]
-)
 _UPSTREAM_ERRORS = ("upstream_error", "timeout")
 _AUTH_FAILURES = (401, 403, 429)
 
@@ -177,7 +162,7 @@ class Metrics:
             method=exchange.method if exchange.method in _METHODS else OTHER,
             status=status,
             key=exchange.key,
-            outcome=exchange.outcome if exchange.outcome in _OUTCOMES else OTHER,
+            outcome=exchange.outcome if exchange.outcome in OUTCOMES else OTHER,
         ).inc()
         self._duration.labels(route=route).observe(max(0.0, now - exchange.started))
         if exchange.first_byte is not None:

@@ -42,8 +42,8 @@ from zope.interface import implementer
 
 from ollamaproxy.config import show_size
 from ollamaproxy.errors import ProxyError, error_body
+from ollamaproxy.exchange import Exchange
 from ollamaproxy.headers import copy_response_headers, upstream_request_headers
-from ollamaproxy.logs import Exchange
 from ollamaproxy.request_body import BodyTooLarge
 from ollamaproxy.site import ProxyRequest
 from ollamaproxy.summary import summarise

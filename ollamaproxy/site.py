@@ -57,7 +57,8 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from ollamaproxy.errors import error_body, is_openai_path, reason_phrase
-from ollamaproxy.logs import Exchange, log_exchange
+from ollamaproxy.exchange import Exchange, Outcome
+from ollamaproxy.logs import log_exchange
 from ollamaproxy.request_body import StreamedBody
 
 log = Logger()
@@ -93,7 +94,7 @@ class ProxyRequest(Request):
     """
 
     body: StreamedBody | None = None
-    refused: tuple[int, str, str] | None = None
+    refused: tuple[int, str, Outcome] | None = None
     _continue_expected = False
     _rate_check: IDelayedCall | None = None
     _rate_mark = 0
@@ -300,7 +301,7 @@ class ProxyChannel(HTTPChannel):
         # Not now: when the proxy first reads the body (ProxyRequest).
         cast(ProxyRequest, self.requests[-1])._continue_expected = True
 
-    def _refuse(self, status: int, reason: str, outcome: str = "bad_request") -> None:
+    def _refuse(self, status: int, reason: str, outcome: Outcome = "bad_request") -> None:
         """
         Answer C{status} with C{{"error": reason}}, if no response has begun,
         and close the connection.  A request the proxy was already handling

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ollamaproxy.logs import StreamSummary
+from ollamaproxy.exchange import StreamSummary
 
 NANOSECONDS = 1e9
 

@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from ollamaproxy.logs import StreamSummary
+from ollamaproxy.exchange import StreamSummary
 
 log = Logger()
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 
-from ollamaproxy.logs import StreamSummary
+from ollamaproxy.exchange import StreamSummary
 from ollamaproxy.summary import summarise
 from tests.chain import Chain
 

@@ -25,8 +25,9 @@ from twisted.logger import capturedLogs, jsonFileLogObserver
 from twisted.web.http_headers import Headers
 
 import ollamaproxy
+from ollamaproxy.exchange import Exchange
 from ollamaproxy.keys import ApiKey, digest
-from ollamaproxy.logs import Exchange, log_exchange, text_file_observer
+from ollamaproxy.logs import log_exchange, text_file_observer
 from ollamaproxy.relay import _BodyRelay
 from ollamaproxy.upstream import Upstream
 from tests.chain import KEY, Chain

@@ -15,7 +15,8 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
-from ollamaproxy.logs import Exchange, StreamSummary, log_exchange, text_file_observer
+from ollamaproxy.exchange import Exchange, StreamSummary
+from ollamaproxy.logs import log_exchange, text_file_observer
 
 
 def _logged(exchange: Exchange) -> dict[str, dict[str, object]]:

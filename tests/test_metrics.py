@@ -12,7 +12,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from ollamaproxy.logs import Exchange, StreamSummary
+from ollamaproxy.exchange import Exchange, Outcome, StreamSummary
 from ollamaproxy.metrics import MAX_MODELS, Metrics
 from ollamaproxy.routes import Catalogue
 
@@ -46,7 +46,7 @@ def exchange(
     key: str = "alice",
     status: int | None = 200,
     first_byte: float | None = 0.2,
-    outcome: str = "completed",
+    outcome: Outcome = "completed",
     summary: StreamSummary | None = None,
 ) -> Exchange:
     """

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from ollamaproxy.logs import StreamSummary
+from ollamaproxy.exchange import StreamSummary
 from ollamaproxy.redact import redact
 from ollamaproxy.summary import summarise
 

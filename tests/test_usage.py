@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ollamaproxy.config import default_usage_file
-from ollamaproxy.logs import StreamSummary
+from ollamaproxy.exchange import StreamSummary
 from ollamaproxy.usage import (
     Row,
     ThreadWorker,

@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from ollamaproxy.errors import ProxyError
+from ollamaproxy.exchange import Outcome
 
 # How many keys' last turns are remembered.
 _REMEMBERED = 4096
@@ -35,7 +36,7 @@ W = TypeVar("W")  # what a waiter wants (a model name)
 G = TypeVar("G")  # what it is granted (a lease on a backend)
 
 
-def busy(message: str, retry_after: float, outcome: str = "rejected") -> ProxyError:
+def busy(message: str, retry_after: float, outcome: Outcome = "rejected") -> ProxyError:
     """
     A 503 that says when to try again.
     """

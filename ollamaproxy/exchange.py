@@ -1,0 +1,111 @@
+# -*- test-case-name: tests.test_logs -*-
+"""
+The record of one request: what it asked, where it went, and how it ended.
+
+The app fills an L{Exchange} in as a request goes and hands it, at the end,
+to the access log (L{ollamaproxy.logs}), the metrics and the usage store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+#: How a request ended:
+#:  - C{completed}: answered, by Ollama or the proxy, as it should be;
+#:  - C{client_disconnected}: the client left first;
+#:  - C{upstream_error}, C{timeout}: Ollama failed, or was silent too long;
+#:  - C{rejected}: refused by the proxy (key, scope, limits, a loop);
+#:  - C{queue_full}, C{queue_timeout}: refused for a busy model (503);
+#:  - C{bad_request}: refused by the web server (malformed, a head too large);
+#:  - C{client_timeout}: a body that came too slowly;
+#:  - C{shutdown}: cut at the end of the grace period, or refused while stopping;
+#:  - C{internal_error}: a bug.
+Outcome = Literal[
+    "completed",
+    "client_disconnected",
+    "upstream_error",
+    "timeout",
+    "rejected",
+    "queue_full",
+    "queue_timeout",
+    "bad_request",
+    "client_timeout",
+    "shutdown",
+    "internal_error",
+]
+OUTCOMES: frozenset[str] = frozenset(get_args(Outcome))
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    """
+    What a generation amounted to, from Ollama's final object (or the
+    usage chunk on C{/v1}).
+
+    @ivar model: The model that answered.
+    @ivar done_reason: Why it stopped (C{stop}, C{length}, ...), if said.
+    @ivar prompt_tokens: Tokens of the prompt.
+    @ivar completion_tokens: Tokens generated.
+    @ivar tokens_per_second: Generation speed, when Ollama reports the
+        time it took (C{eval_duration}).
+    @ivar load_seconds: Time spent loading the model, when reported.
+    @ivar counted: Whether C{completion_tokens} were counted from the
+        stream's chunks because Ollama reported no usage (a C{/v1} stream
+        without C{stream_options.include_usage}); the prompt's tokens are
+        then unknown (0).
+    """
+
+    model: str
+    done_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    tokens_per_second: float | None = None
+    load_seconds: float | None = None
+    counted: bool = False
+
+
+@dataclass
+class Exchange:
+    """
+    What happened to one request, filled in as it goes and logged at its end.
+
+    @ivar route: The route's label: its pattern in the catalogue
+        (L{ollamaproxy.routes}), or C{other}.
+    @ivar backend: The Ollama server the request went to, if any.
+    @ivar queued: Seconds it waited in the fair queue for a slot.
+    @ivar notes: What the proxy changed in the request (a clamped
+        C{keep_alive}), for the access line.
+    @ivar outcome: How it ended (L{Outcome}).
+    """
+
+    method: str
+    path: str
+    client: str
+    started: float
+    route: str = "other"
+    backend: str = ""
+    queued: float = 0.0
+    notes: str = ""
+    key: str = "-"
+    status: int | None = None
+    first_byte: float | None = None
+    outcome: Outcome = "completed"
+    detail: str = ""
+    summary: StreamSummary | None = None
+    request_sample: bytes = b""
+    response_sample: bytes = b""
+
+    def responded(self, now: float, status: int) -> None:
+        """
+        Ollama's response head arrived.
+        """
+        self.first_byte = now - self.started
+        self.status = status
+
+    def failed(self, outcome: Outcome, detail: str) -> None:
+        """
+        The request did not end normally.
+        """
+        self.outcome = outcome
+        self.detail = detail

@@ -6,18 +6,20 @@ backend stopped and restarted under load, with failover and recovery.
 from __future__ import annotations
 
 import json
+from functools import partial
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.server import Site
 
+from ollamaproxy.keys import digest, generate_key
 from tests.fake_ollama import FakeOllama
 from tests.integration.client import agent, body, read, request, wait_for
-from tests.integration.conftest import TEST_KEY, TwistdLauncher, Upstream, proxy_args
+from tests.integration.conftest import TEST_KEY, TwistdLauncher, Upstream, proxy_args, sleep
 
 pytestmark = pytest.mark.integration
 
@@ -108,3 +110,51 @@ async def test_requests_find_their_model_and_survive_a_backend_stopping(
         await stop(restarted)
     assert await proxy.terminate(reactor), proxy.output
     assert "Traceback" not in proxy.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_burst_does_not_hold_up_another_key(
+    reactor: Any, upstream: Upstream, twistd: TwistdLauncher
+) -> None:
+    """
+    At --parallel 1, a key's burst of three waits behind its first request;
+    another key's request sent after the burst is the next that Ollama
+    receives, as the fake upstream records.
+    """
+    other = generate_key()
+    (twistd.directory / "keys.json").write_text(json.dumps({"keys": [
+        {"name": "other", "hash": "sha256:" + digest(other).hex()}
+    ]}))
+    proxy = await twistd.start(proxy_args(upstream.url, "--parallel", "1"))
+
+    async def held_chat(key: str, label: str) -> int:
+        response = await request(
+            agent(reactor), b"POST", proxy.url + "/api/chat",
+            {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            body(json.dumps({"model": "hold", "label": label,
+                             "messages": [{"role": "user", "content": "hi"}]}).encode()),
+        )
+        await (await read(response)).done
+        code: int = response.code
+        return code
+
+    def labels() -> list[str]:
+        return [r.json()["label"] for r in upstream.fake.received]
+
+    def received(count: int) -> bool:
+        return len(labels()) == count
+
+    burst = [Deferred.fromCoroutine(held_chat(TEST_KEY, f"burst-{i}")) for i in range(4)]
+    await wait_for(reactor, lambda: labels() == ["burst-0"], "the burst's first request")
+    await sleep(reactor, 0.2)  # the rest of the burst reaches the proxy and waits
+    late = Deferred.fromCoroutine(held_chat(other, "other"))
+    await sleep(reactor, 0.2)
+    assert labels() == ["burst-0"]
+    for turn in range(4):
+        upstream.fake.held[turn].finish()
+        await wait_for(reactor, partial(received, turn + 2), "the next turn")
+    assert labels() == ["burst-0", "other", "burst-1", "burst-2", "burst-3"]
+    upstream.fake.held[4].finish()
+    assert [await d for d in burst] == [200] * 4
+    assert await late == 200
+    assert await proxy.terminate(reactor), proxy.output

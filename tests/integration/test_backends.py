@@ -6,8 +6,8 @@ backend stopped and restarted under load, with failover and recovery.
 from __future__ import annotations
 
 import json
-from functools import partial
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import pytest

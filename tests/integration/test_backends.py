@@ -144,8 +144,10 @@ async def test_a_burst_does_not_hold_up_another_key(
     def received(count: int) -> bool:
         return len(labels()) == count
 
-    burst = [Deferred.fromCoroutine(held_chat(TEST_KEY, f"burst-{i}")) for i in range(4)]
+    first = Deferred.fromCoroutine(held_chat(TEST_KEY, "burst-0"))
     await wait_for(reactor, lambda: labels() == ["burst-0"], "the burst's first request")
+    burst = [first, *(Deferred.fromCoroutine(held_chat(TEST_KEY, f"burst-{i}"))
+                      for i in range(1, 4))]
     await sleep(reactor, 0.2)  # the rest of the burst reaches the proxy and waits
     late = Deferred.fromCoroutine(held_chat(other, "other"))
     await sleep(reactor, 0.2)
@@ -153,7 +155,9 @@ async def test_a_burst_does_not_hold_up_another_key(
     for turn in range(4):
         upstream.fake.held[turn].finish()
         await wait_for(reactor, partial(received, turn + 2), "the next turn")
-    assert labels() == ["burst-0", "other", "burst-1", "burst-2", "burst-3"]
+    # The rest of the burst came on three connections at once: in any order.
+    assert labels()[:2] == ["burst-0", "other"]
+    assert sorted(labels()[2:]) == ["burst-1", "burst-2", "burst-3"]
     upstream.fake.held[4].finish()
     assert [await d for d in burst] == [200] * 4
     assert await late == 200

@@ -19,7 +19,8 @@ goes on), L{ollamaproxy.headers} (what crosses), L{ollamaproxy.relay} (streaming
 response back), L{ollamaproxy.request_body} (passing a request body on),
 L{ollamaproxy.upstream} (the HTTP client to Ollama), L{ollamaproxy.exchange}
 (the record of one request), L{ollamaproxy.logs},
-L{ollamaproxy.summary}, L{ollamaproxy.metrics} and L{ollamaproxy.usage}
+L{ollamaproxy.summary}, L{ollamaproxy.metrics}, L{ollamaproxy.usage} and
+L{ollamaproxy.usage_db}
 (what is written down), L{ollamaproxy.errors} (the proxy's own answers) and
 L{ollamaproxy.cli} (the C{ollamaproxy} command).
 """

@@ -56,11 +56,7 @@ from ollamaproxy.keys import (
     load_keys_file,
     update_keys_file,
 )
-from ollamaproxy.usage import (
-    Row,
-    UsageFileError,
-    summarise,
-)
+from ollamaproxy.usage_db import Row, UsageFileError, summarise
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite

@@ -1,31 +1,18 @@
 # -*- test-case-name: tests.test_usage -*-
 """
-How much each key used: requests and tokens, kept in an SQLite database.
+Keeping usage while the proxy runs.
 
 The proxy calls L{UsageStore.record} once a request, in the reactor thread;
 that only appends to a list.  Every few seconds the store writes what has
-built up, in one transaction, on a thread of its own, so the reactor never
-waits for the disk.  Rows are summed per minute, key and model, so the table
-grows with time and the number of keys and models, not with traffic.
-
-C{ollamaproxy usage} reads the database with L{summarise}, at any time: the
-database is in WAL mode, so a reader neither blocks the proxy nor is
-blocked by it.
-
-Keys never appear in the database: rows name a key by its name.
+built up to the usage database (L{ollamaproxy.usage_db}), in one
+transaction, on a thread of its own, so the reactor never waits for the
+disk.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import sqlite3
-import stat
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import closing
-from dataclasses import dataclass
-from typing import Final, Literal, Protocol, TypeVar
-from urllib.parse import quote
+from collections.abc import Callable
+from typing import Final, Protocol, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
@@ -37,176 +24,13 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ollamaproxy.exchange import StreamSummary
+from ollamaproxy.usage_db import UsageRow, aggregate, write_rows
 
 log = Logger()
 
 DEFAULT_FLUSH_INTERVAL: Final = 5.0
-# How long a write waits for another writer (a second proxy on the same
-# file) before giving up until the next flush.
-_BUSY_TIMEOUT: Final = 10.0
-_MINUTE: Final = 60
-
-_SCHEMA: Final = (
-    "CREATE TABLE IF NOT EXISTS usage (ts REAL, key TEXT, model TEXT, requests INTEGER, "
-    "prompt_tokens INTEGER, completion_tokens INTEGER)",
-    # Leads with ts, so it is also the index that --since uses; unique, so
-    # that every flush adds to a minute's row instead of adding a row.
-    "CREATE UNIQUE INDEX IF NOT EXISTS usage_minute ON usage (ts, key, model)",
-)
-_ADD = (
-    "INSERT INTO usage (ts, key, model, requests, prompt_tokens, completion_tokens) "
-    "VALUES (?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (ts, key, model) DO UPDATE SET "
-    "requests = requests + excluded.requests, "
-    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-    "completion_tokens = completion_tokens + excluded.completion_tokens"
-)
-
-UsageRow = tuple[float, str, str, int, int, int]
-"""
-C{(ts, key, model, requests, prompt_tokens, completion_tokens)}: one
-request as recorded (C{ts} its time, C{requests} 1), or a minute's sum.
-"""
 
 _T = TypeVar("_T")
-
-
-class UsageFileError(ValueError):
-    """
-    The usage database cannot be read: the message says which and why.
-    """
-
-
-def minute(when: float) -> float:
-    """
-    The start of the minute holding C{when} (seconds since the epoch).
-    """
-    return float(math.floor(when / _MINUTE) * _MINUTE)
-
-
-def aggregate(rows: Iterable[UsageRow]) -> list[UsageRow]:
-    """
-    Sum rows per minute, key and model.
-
-    @return: One row per minute, key and model, its C{ts} the start of the
-        minute, in the order each first appears.
-    """
-    sums: dict[tuple[float, str, str], tuple[int, int, int]] = {}
-    for ts, key, model, requests, prompt_tokens, completion_tokens in rows:
-        where = (minute(ts), key, model)
-        r, p, c = sums.get(where, (0, 0, 0))
-        sums[where] = (r + requests, p + prompt_tokens, c + completion_tokens)
-    return [(ts, key, model, r, p, c) for (ts, key, model), (r, p, c) in sums.items()]
-
-
-def open_database(path: str) -> sqlite3.Connection:
-    """
-    Open the usage database for writing, creating it (readable by its owner
-    only, in a directory created readable by its owner only) and its table
-    if missing.  Blocking: call it away from the reactor thread.
-
-    @return: A connection in autocommit mode (transactions are explicit).
-    @raise OSError: If the file or its directory cannot be made.
-    @raise sqlite3.Error: If the file is not a usable database.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    # SQLite would create the file world-readable; its -wal and -shm files
-    # take the database file's permissions.
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-    connection = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None)
-    try:
-        connection.execute("PRAGMA journal_mode = WAL")
-        # In WAL mode, a power cut may lose the last flushes, never the file.
-        connection.execute("PRAGMA synchronous = NORMAL")
-        for statement in _SCHEMA:
-            connection.execute(statement)
-    except BaseException:
-        connection.close()
-        raise
-    return connection
-
-
-def write_rows(path: str, rows: Sequence[UsageRow]) -> None:
-    """
-    Add C{rows} to the database at C{path} in one transaction, summed per
-    minute, key and model, creating the database if missing.  Blocking: call
-    it away from the reactor thread.
-
-    @raise OSError: If the file or its directory cannot be made.
-    @raise sqlite3.Error: If the database cannot be written; nothing is.
-    """
-    with closing(open_database(path)) as connection:
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            connection.executemany(_ADD, aggregate(rows))
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        connection.execute("COMMIT")
-
-
-@dataclass(frozen=True)
-class Row:
-    """
-    What one key, or one model, used.
-
-    @ivar name: The key's name, or the model (C{""} for requests that named
-        no model or ended before saying what they used).
-    """
-
-    name: str
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        """
-        Prompt and completion tokens together.
-        """
-        return self.prompt_tokens + self.completion_tokens
-
-
-def summarise(path: str, since: float | None, by: Literal["key", "model"]) -> list[Row]:
-    """
-    Sum the usage in the database at C{path}, without changing it.
-
-    @param since: Count only minutes from the one holding this time (seconds
-        since the epoch), or everything if L{None}.
-    @param by: Sum per C{key} or per C{model}.
-    @return: One row per key or model, most total tokens first (then most
-        requests, then by name).  An empty database file gives none.
-    @raise FileNotFoundError: If there is no file at C{path}.
-    @raise UsageFileError: If the file is not a usage database, or cannot be
-        read.
-    """
-    if by not in ("key", "model"):
-        raise ValueError(f"cannot sum usage by {by!r}")
-    found = os.stat(path)
-    if stat.S_ISDIR(found.st_mode):
-        raise UsageFileError(f"cannot read usage file {path}: it is a directory")
-    if found.st_size == 0:
-        # Made by a proxy that has not yet had the chance to add the table.
-        return []
-    where, parameters = ("", ()) if since is None else ("WHERE ts >= ?", (minute(since),))
-    query = (
-        f"SELECT {by}, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens) "
-        f"FROM usage {where} GROUP BY {by} "
-        "ORDER BY SUM(prompt_tokens) + SUM(completion_tokens) DESC, SUM(requests) DESC, "
-        f"{by}"
-    )
-    uri = "file:" + quote(os.path.abspath(path)) + "?mode=ro"
-    try:
-        with closing(sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT)) as connection:
-            sums = connection.execute(query, parameters).fetchall()
-    except sqlite3.Error as e:
-        raise UsageFileError(f"cannot read usage file {path}: {e}") from None
-    # A hand-made row may hold NULLs (SUM skips them; all NULL gives NULL).
-    return [
-        Row("" if name is None else str(name), int(r or 0), int(p or 0), int(c or 0))
-        for name, r, p, c in sums
-    ]
 
 
 class Worker(Protocol):

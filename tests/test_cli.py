@@ -41,7 +41,7 @@ from ollamaproxy.keys import (
     update_keys_file,
     write_keys_file,
 )
-from ollamaproxy.usage import write_rows
+from ollamaproxy.usage_db import write_rows
 
 REPO = Path(__file__).resolve().parent.parent
 NOW = datetime(2026, 11, 27, 7, 0, 0, tzinfo=UTC)

@@ -30,11 +30,10 @@ from zope.interface import implementer
 
 from ollamaproxy.config import default_usage_file
 from ollamaproxy.exchange import StreamSummary
-from ollamaproxy.usage import (
+from ollamaproxy.usage import ThreadWorker, UsageStore
+from ollamaproxy.usage_db import (
     Row,
-    ThreadWorker,
     UsageFileError,
-    UsageStore,
     aggregate,
     minute,
     summarise,

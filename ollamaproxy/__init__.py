@@ -10,7 +10,7 @@ before they reach the app), L{ollamaproxy.descriptors} (the open files limit
 and the connections it leaves room for), L{ollamaproxy.app} (the Klein route
 tree), L{ollamaproxy.routes} (the catalogue of Ollama's routes),
 L{ollamaproxy.auth}, L{ollamaproxy.policy}, L{ollamaproxy.model_names},
-L{ollamaproxy.keys}, L{ollamaproxy.limits},
+L{ollamaproxy.keys}, L{ollamaproxy.first_key}, L{ollamaproxy.limits},
 L{ollamaproxy.reload} and L{ollamaproxy.cors} (who may ask, and how much),
 L{ollamaproxy.backends} (several Ollama servers: their health and models,
 the router and the fair queue), L{ollamaproxy.request_plan} and

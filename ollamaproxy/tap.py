@@ -50,17 +50,8 @@ from ollamaproxy.config import (
 )
 from ollamaproxy.cors import Cors
 from ollamaproxy.descriptors import connection_limit, raise_open_files_limit
+from ollamaproxy.first_key import keys_to_accept, operator_keys
 from ollamaproxy.headers import via_mark
-from ollamaproxy.keys import (
-    SCOPES,
-    ApiKey,
-    KeysFileError,
-    KeyStore,
-    digest,
-    generate_key,
-    load_keys_file,
-    update_keys_file,
-)
 from ollamaproxy.limits import GuessThrottle, KeyLimits
 from ollamaproxy.logs import LogFilesService
 from ollamaproxy.metrics import Metrics, MetricsResource
@@ -352,7 +343,8 @@ def build_service(
     @param open_files: The limit on open files, which bounds the client
         connections kept open; L{None} for no bound.
     """
-    keys = _key_store(config, announce)
+    keys = keys_to_accept(config.api_key, config.keys_file,
+                          datetime.fromtimestamp(reactor.seconds(), UTC), announce)
     pool = connection_pool(reactor)
     agent = agent_for(reactor, pool, config.connect_timeout)
     # A token of this process's own, so that a chain of proxies works and
@@ -424,7 +416,7 @@ def build_service(
     KeysReloader(
         keys,
         config.keys_file,
-        _operator_keys(config),
+        operator_keys(config.api_key),
         reactor,
         # Looked up when a signal comes, not now: test reactors lack it.
         install_sighup=sighup_installer(lambda f: reactor.callFromThread(f)),
@@ -450,49 +442,3 @@ def build_service(
     # Last: it stops first, before the pool it uses is closed.
     UpstreamProbe([backend.upstream for backend in backends]).setServiceParent(service)
     return service
-
-
-def _operator_keys(config: Config) -> list[ApiKey]:
-    """
-    The keys given outside the keys file: C{--api-key}'s, if any.  The
-    operator's own keys (this one, and the one made on first start) may do
-    everything.
-    """
-    if not config.api_key:
-        return []
-    return [ApiKey(name="api-key", digest=digest(config.api_key), scopes=SCOPES)]
-
-
-def _key_store(config: Config, announce: Callable[[str], None]) -> KeyStore:
-    """
-    The keys to accept: the one from C{--api-key}, if any, and those in the
-    keys file.  With none at all, make one (the proxy never runs open).
-
-    @raise usage.UsageError: If the keys file is unusable.
-    """
-    try:
-        keys = _operator_keys(config) + load_keys_file(config.keys_file)
-        if keys:
-            return KeyStore(keys)
-    except KeysFileError as e:
-        raise usage.UsageError(str(e)) from None
-    except ValueError as e:
-        raise usage.UsageError(f"{config.keys_file}: {e}") from None
-    key = generate_key()
-    first = ApiKey(
-        name="default", digest=digest(key), created=datetime.now(UTC), scopes=SCOPES
-    )
-    # Under the keys file's lock: keys added meanwhile by 'ollamaproxy keys
-    # add' are kept, and then no key needs making.
-    written = update_keys_file(config.keys_file, lambda keys: keys or [first])
-    if written != [first]:
-        return KeyStore(written)
-    announce(
-        "\nollamaproxy: no API key was configured, so one was made.  Its hash is\n"
-        f"stored in {config.keys_file}; the key itself is shown only this once:\n\n"
-        f"    {key}\n\n"
-        "Clients send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>',\n"
-        "for example:\n\n"
-        f"    curl -H 'Authorization: Bearer {key}' http://HOST:PORT/api/tags\n\n"
-    )
-    return KeyStore([first])

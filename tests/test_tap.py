@@ -17,6 +17,7 @@ import json
 import os
 import re
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -392,10 +393,15 @@ def test_log_files_only_with_log_dir(tmp_path: Path, log_dir: str | None) -> Non
 
 
 def test_first_start_makes_a_key(tmp_path: Path) -> None:
-    """With no key anywhere, a key named default is made, stored as a hash and announced once."""
+    """
+    With no key anywhere, a key named default is made, stored as a hash and
+    announced once; its creation time is the reactor's.
+    """
     config = base_config(tmp_path)
     announced: list[str] = []
-    build_service(config, MemoryReactorClock(), announced.append)
+    reactor = MemoryReactorClock()
+    reactor.advance(1_800_000_000)
+    build_service(config, reactor, announced.append)
 
     assert len(announced) == 1
     found = set(KEY_PATTERN.findall(announced[0]))
@@ -406,7 +412,7 @@ def test_first_start_makes_a_key(tmp_path: Path) -> None:
 
     stored = load_keys_file(config.keys_file)
     assert [(k.name, k.digest) for k in stored] == [("default", digest(key))]
-    assert stored[0].created is not None
+    assert stored[0].created == datetime.fromtimestamp(1_800_000_000, UTC)
     text = Path(config.keys_file).read_text()
     assert key not in text
     assert os.stat(config.keys_file).st_mode & 0o777 == 0o600

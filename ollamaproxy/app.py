@@ -14,10 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
@@ -207,7 +208,7 @@ class OllamaProxy:
         release = self._limits.admit(key)
         try:
             plan = await plan_request(key, request, target, path, route, self._caps,
-                                      len(self._router.backends) > 1)
+                                      self._router.several)
             exchange.notes = "; ".join(plan.notes)
             await self._relay(request, target, exchange, key.name, route, plan)
         finally:
@@ -228,7 +229,7 @@ class OllamaProxy:
         its model.  A listing, with several backends, is every healthy
         backend's, merged.
         """
-        if route is not None and route.listing is not None and len(self._router.backends) > 1:
+        if route is not None and route.listing is not None and self._router.several:
             await self._merged_listing(request, target, exchange, route.listing, plan)
             return
         tried: list[Backend] = []
@@ -260,7 +261,7 @@ class OllamaProxy:
                 continue
             finally:
                 lease.release()
-            if route is not None and route.changes_models and len(self._router.backends) > 1:
+            if route is not None and route.changes_models and self._router.several:
                 self._router.pool.refresh(lease.backend)
             return
 
@@ -268,24 +269,16 @@ class OllamaProxy:
         self, request: ProxyRequest, target: Target, exchange: Exchange, field: str, plan: Plan
     ) -> None:
         """
-        Answer a model listing with the union of every healthy backend's.
+        Answer a model listing with the union of every healthy backend's,
+        asked all at once.
         """
         backends = [b for b in self._router.backends if b.healthy]
-        bodies = []
-        for backend in backends:
-            try:
-                response = await backend.upstream.request(
-                    b"GET", target.target,
-                    upstream_request_headers(request.requestHeaders, self._via), None,
-                )
-                body = await whole_body(response)
-            except CancelledError:
-                raise
-            except Exception as e:
-                self._router.pool.failed(backend, f"{type(e).__name__}: {e}")
-                continue
-            if response.code == 200:
-                bodies.append(body)
+        headers = upstream_request_headers(request.requestHeaders, self._via)
+        answers = await gatherResults(
+            [Deferred.fromCoroutine(self._listing_of(b, target, headers)) for b in backends],
+            consumeErrors=True,
+        )
+        bodies = [body for body in answers if body is not None]
         if not bodies:
             raise ProxyError(502, "no backend answered for the model listing")
         try:
@@ -295,11 +288,28 @@ class OllamaProxy:
         if plan.rewrite is not None:
             merged = plan.rewrite(merged)
         exchange.responded(self._clock.seconds(), 200)
-        exchange.backend = ",".join(b.name for b in backends)
+        exchange.backend = ",".join(
+            b.name for b, body in zip(backends, answers, strict=True) if body is not None
+        )
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
         request.setHeader(b"content-length", b"%d" % len(merged))
         request.write(merged)
+
+    async def _listing_of(self, backend: Backend, target: Target, headers: Headers) -> bytes | None:
+        """
+        One backend's listing, or L{None} if it did not give one (a backend
+        that could not be asked is marked unhealthy).
+        """
+        try:
+            response = await backend.upstream.request(b"GET", target.target, headers, None)
+            body = await whole_body(response)
+        except CancelledError:
+            raise
+        except Exception as e:
+            self._router.pool.failed(backend, f"{type(e).__name__}: {e}")
+            return None
+        return body if response.code == 200 else None
 
     def _loop(self) -> ProxyError:
         """

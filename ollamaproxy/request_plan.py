@@ -94,13 +94,13 @@ async def plan_request(
         named = [(route.model_fields[0], path_model(path, route))]
         body = b""
     else:
+        if request.body is None and route.model_in is ModelIn.JSON:
+            return Plan()  # Ollama answers that the model is missing
         if not must and not _readable(request):
             # Read only to route it: a body that cannot be read whole
             # goes on unread, and Ollama answers for it as it would.
             return Plan()
         body = await _read(request)
-        if request.body is None and route.model_in is ModelIn.JSON:
-            return Plan()  # Ollama answers that the model is missing
         query = target.target.partition(b"?")[2]
         try:
             named = models_named(route, body, request.getHeader(b"content-type"), query)

@@ -79,7 +79,10 @@ class Router:
         pool.on_change = self._serve_queue
         # One backend gets every request, healthy or not: Ollama (or the
         # 502 for it) answers, as without the proxy.
-        self._single = len(pool.backends) == 1
+        self.several = len(pool.backends) > 1
+
+    #: Whether there is more than one backend to choose from.
+    several: bool
 
     @property
     def backends(self) -> list[Backend]:
@@ -109,7 +112,7 @@ class Router:
             has it is healthy, or the queue is full.
         """
         now = self._clock.seconds()
-        if self._single and not (runs and model is not None):
+        if not self.several and not (runs and model is not None):
             return succeed(self._lease(self.backends[0], None, now))
         excluded = frozenset(exclude)
         if primary:
@@ -140,7 +143,7 @@ class Router:
         lease.release()
 
     def _check_available(self, model: ModelName | None, excluded: frozenset[Backend]) -> None:
-        if self._single:
+        if not self.several:
             return
         having = [b for b in self.backends if model is None or b.has(model)]
         if not having:
@@ -152,7 +155,7 @@ class Router:
             raise busy(f"no healthy backend has {what}", 1)
 
     def _has(self, backend: Backend, model: ModelName) -> bool:
-        return self._single or backend.has(model)
+        return not self.several or backend.has(model)
 
     def _grant(
         self,
@@ -169,7 +172,7 @@ class Router:
         named = named or model
         free = [
             b for b in self.backends
-            if (b.healthy or self._single) and b not in excluded and b.free_for(model)
+            if (b.healthy or not self.several) and b not in excluded and b.free_for(model)
             and (named is None or self._has(b, named))
         ]
         if not free:

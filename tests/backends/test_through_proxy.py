@@ -240,3 +240,25 @@ def test_a_pulled_model_can_be_used_at_once() -> None:
     assert response.code == 200
     chain.body(response)
     assert chain.fakes[0].received[-1].json()["model"] == "qwen3"
+
+
+def test_a_merged_listing_sends_no_key_and_skips_a_backend_that_fails(
+    access_events: list[LogEvent],
+) -> None:
+    """
+    Each backend is asked for the listing without the client's key; one
+    that cannot be reached is marked unhealthy and the others' models are
+    listed; the access line names the backends that answered.
+    """
+    chain = two_backends()
+    chain.backends[1].upstream = replace(chain.backends[1].upstream, agent=Refusing())
+    response = chain.respond("GET", "/api/tags", key=USER)
+    assert response.code == 200
+    names = {m["name"] for m in json.loads(chain.body(response))["models"]}
+    assert names == {"llama3.2:latest", "hold:latest"}
+    assert not chain.backends[1].healthy
+    [asked] = chain.fakes[0].received
+    assert asked.headers.getRawHeaders(b"authorization") is None
+    assert USER.encode() not in b"".join(v for _, vs in asked.headers.getAllRawHeaders()
+                                         for v in vs)
+    assert access_events[-1]["upstream"] == "http://127.0.0.1:11434"

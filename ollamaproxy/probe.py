@@ -19,7 +19,6 @@ from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
 from twisted.web.iweb import IResponse
 
 from ollamaproxy.backends.pool import own_request_headers
@@ -34,7 +33,6 @@ PROBE_TIMEOUT = 5.0
 VERSION_PATH = b"/api/version"
 # Ollama's answer is a few dozen bytes.
 MAX_ANSWER = 64 * 1024
-_DONE = Failure(ResponseDone())
 
 
 class UpstreamProbe(Service):

@@ -175,16 +175,6 @@ def _blank_keys(text: str, is_key: Callable[[str], bool]) -> str:
     return _WORDS.sub(blank, text)
 
 
-def redact(text: str, is_key: Callable[[str], bool] | None = None) -> str:
-    """
-    C{text} with anything that looks like a key or credential replaced, and,
-    given C{is_key}, any word that is one of the proxy's keys (keys an
-    operator chose need not look like keys).
-    """
-    text = blank_credentials(text)
-    return text if is_key is None else _blank_keys(text, is_key)
-
-
 class _RedactedMessage(Exception):
     """
     Stands in for an exception whose message held a credential: its text,

@@ -29,13 +29,13 @@ from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web._newclient import (
+from twisted.web.client import (
     RequestGenerationFailed,
     RequestTransmissionFailed,
+    ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
 )
-from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
@@ -155,6 +155,8 @@ async def relay(
             rewritten = rewrite(await whole_body(response))
         except ResponseFailed as e:
             raise ProxyError(502, "Ollama's answer broke off") from e
+        except ValueError as e:  # too large, or not a listing
+            raise ProxyError(502, f"Ollama's answer could not be read: {e}") from e
     request.setResponseCode(response.code, response.phrase)
     # Ollama's type or none: not twisted.web's text/html default.
     request.defaultContentType = None
@@ -223,9 +225,11 @@ class _WholeBody(Protocol):
         self.done: Deferred[bytes] = Deferred(lambda _: self._stop())
 
     def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
         self._chunks.append(data)
         self._size += len(data)
-        if self._size > self._max_size and not self.done.called:
+        if self._size > self._max_size:
             self.done.errback(ValueError(f"the answer is larger than {self._max_size} bytes"))
             self._stop()
 

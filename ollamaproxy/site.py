@@ -65,7 +65,8 @@ log = Logger()
 
 # What ProxyChannel overrides or reads of HTTPChannel beyond its public API
 # (Twisted 26.10): the one method every refusal of a malformed request goes
-# through, the automatic 100 Continue, the request line as parsed, and the
+# through, the automatic 100 Continue (sent later, by the same method), the
+# request line as parsed, and the
 # head's size and header count so far.  tests/test_site.py checks they are
 # all still there and still used that way.
 _TWISTED_INTERNALS = (
@@ -73,11 +74,10 @@ _TWISTED_INTERNALS = (
     "_send100Continue",
     "_command",
     "_path",
+    "_version",
     "_receivedHeaderSize",
     "_receivedHeaderCount",
 )
-
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # How often a shed connection is logged at most, in seconds.
 SHED_LOG_INTERVAL = 60.0
@@ -126,7 +126,7 @@ class ProxyRequest(Request):
         if channel is None:
             return
         if self._continue_expected and not self.startedWriting:
-            channel.transport.write(CONTINUE)
+            HTTPChannel._send100Continue(channel)
         self._continue_expected = False
         site = channel.site
         timeout = channel.timeOut
@@ -177,9 +177,7 @@ class ProxyRequest(Request):
         if self.body is None:
             super().requestReceived(command, path, version)
         else:
-            if self._rate_check is not None:
-                self._rate_check.cancel()
-                self._rate_check = None
+            self._stop_rate_check()
             self.body.finish()
 
     def connectionLost(self, reason: Failure) -> None:

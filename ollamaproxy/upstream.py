@@ -27,12 +27,14 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
-from twisted.web._newclient import RequestNotSent, ResponseFailed, ResponseNeverReceived
+from twisted.web._newclient import RequestNotSent  # twisted.web.client does not export it
 from twisted.web.client import (
     URI,
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
+    ResponseFailed,
+    ResponseNeverReceived,
     _HTTP11ClientFactory,
 )
 from twisted.web.http_headers import Headers

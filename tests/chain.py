@@ -140,6 +140,9 @@ class Chain:
             )
             for number, upstream_agent in enumerate(self._upstream_agents)
         ]
+        if isinstance(agent, RequestTraversalAgent):
+            # An in-memory upstream of the test's own moves when flushed too.
+            self._upstream_agents.append(agent)
         self.pool = BackendPool(self.backends)
         self.router = Router(self.pool, self.clock, max_queue, queue_timeout)
         self.keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=SCOPES)])

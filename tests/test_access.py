@@ -633,3 +633,26 @@ def test_head_of_a_filtered_listing_has_the_filtered_length() -> None:
     assert response.headers.getRawHeaders(b"content-length") == [str(len(filtered)).encode()]
     whole = call(chain, "GET", "/api/tags", key=KEY)[1]
     assert len(whole) != len(filtered)
+
+
+def test_a_listing_that_cannot_be_read_is_502() -> None:
+    """
+    A listing the proxy must filter for a limited key, but that is not
+    Ollama's JSON, is a 502 that says so, not a 500.
+    """
+    from treq.testing import RequestTraversalAgent
+    from twisted.web.resource import Resource
+    from twisted.web.server import Request
+
+    class NotAListing(Resource):
+        isLeaf = True
+
+        def render(self, request: Request) -> bytes:
+            return b"<html>not Ollama</html>"
+
+    chain = Chain(agent=RequestTraversalAgent(NotAListing()))
+    user = ApiKey(name="user", digest=digest(USER_KEY), models=("llama3*",))
+    chain.keys.replace([*chain.keys._by_digest.values(), user])
+    code, body = call(chain, "GET", "/api/tags")
+    assert code == 502
+    assert "could not be read" in json.loads(body)["error"]

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from ollamaproxy.exchange import StreamSummary
-from ollamaproxy.redact import redact
+from ollamaproxy.redact import blank_credentials
 from ollamaproxy.summary import summarise
 
 FINAL = {
@@ -99,4 +99,4 @@ def test_redact(text: str, redacted: str) -> None:
     """
     Anything that looks like a credential is blanked in logged text.
     """
-    assert redact(text) == redacted
+    assert blank_credentials(text) == redacted

@@ -37,12 +37,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from ollamaproxy import __version__
-from ollamaproxy.caps import Caps, show_duration
+from ollamaproxy.caps import Caps, keep_alive_cap, show_duration
 from ollamaproxy.config import (
-    ConfigError,
     env_variable,
     keys_file_path,
-    parse_keep_alive_cap,
     usage_file_path,
 )
 from ollamaproxy.keys import (
@@ -135,9 +133,9 @@ def _whole_number(text: str) -> int:
 
 def _keep_alive(text: str) -> float:
     try:
-        return parse_keep_alive_cap("max-keep-alive", text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--max-keep-alive: ")) from None
+        return keep_alive_cap(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _globs(text: str) -> list[str]:

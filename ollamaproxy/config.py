@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from ollamaproxy.caps import Caps, parse_duration
+from ollamaproxy.caps import Caps, keep_alive_cap
 from ollamaproxy.client_address import NOBODY, TrustedProxies, parse_trusted_proxies
 from ollamaproxy.cors import DEFAULT_ORIGINS, parse_origins
 from ollamaproxy.errors import ConfigError as ConfigError
@@ -56,7 +56,6 @@ MIN_API_KEY_LENGTH = 16
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 ENV_PREFIX = "OLLAMAPROXY_"
-_NUMBER = re.compile(r"^\s*\d+(\.\d*)?\s*$")
 DEFAULT_CORS_ORIGINS = ",".join(DEFAULT_ORIGINS)
 _ENDPOINT = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S")
 
@@ -376,16 +375,12 @@ def parse_upstream(value: str, parallel: int) -> UpstreamSetting:
 
 def parse_keep_alive_cap(name: str, value: str) -> float:
     """
-    A C{keep_alive} cap: a duration as Ollama reads one (C{10m}, C{1h},
-    C{300} seconds), not negative.
+    A C{keep_alive} cap (L{ollamaproxy.caps.keep_alive_cap}).
     """
     try:
-        seconds = parse_duration(float(value) if _NUMBER.match(value) else value)
-    except ValueError:
-        raise ConfigError(f"--{name}: {value!r} is not a duration such as 10m or 1h") from None
-    if seconds == float("inf"):
-        raise ConfigError(f"--{name}: {value!r}: a cap cannot be 'for ever'")
-    return seconds
+        return keep_alive_cap(value)
+    except ValueError as e:
+        raise ConfigError(f"--{name}: {e}") from None
 
 
 def parse_ollama_host(value: str) -> str:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ollamaproxy.caps import Caps, parse_duration, show_duration
+from ollamaproxy.caps import Caps, keep_alive_cap, show_duration
 
 KEY_PREFIX = "olpk_"
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -279,10 +279,10 @@ def _keep_alive(entry: Mapping[str, Any]) -> float | None:
     value = entry.get("max_keep_alive")
     if value is None:
         return None
-    seconds = parse_duration(value)
-    if seconds == float("inf"):
-        raise ValueError(f"max_keep_alive {value!r} cannot be for ever")
-    return seconds
+    try:
+        return keep_alive_cap(value)
+    except ValueError as e:
+        raise ValueError(f"key {entry['name']!r}: max_keep_alive {e}") from None
 
 
 def _time(entry: Mapping[str, Any], field: str) -> datetime | None:

@@ -19,6 +19,7 @@ receives clean fields and a clean line.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import IO, cast
 
@@ -38,7 +39,8 @@ from twisted.logger import (
 from twisted.python.logfile import LogFile
 
 from ollamaproxy.exchange import Exchange
-from ollamaproxy.redact import blank_credentials
+from ollamaproxy.keys import KEY_PREFIX
+from ollamaproxy.redact import REDACTED, blank_credentials
 
 access = Logger(namespace="ollamaproxy.access")
 streams = Logger(namespace="ollamaproxy.stream")
@@ -113,9 +115,21 @@ def log_exchange(
             method=exchange.method,
             path=path,
             key=exchange.key,
-            request_body=redact(exchange.request_sample.decode("utf-8", "replace")),
-            response_body=redact(exchange.response_sample.decode("utf-8", "replace")),
+            request_body=_sample_text(exchange.request_sample, redact),
+            response_body=_sample_text(exchange.response_sample, redact),
         )
+
+
+# The start of a generated key at the very end of a text.
+_CUT_KEY = re.compile(KEY_PREFIX + r"[0-9A-Za-z]*\Z")
+
+
+def _sample_text(sample: bytes, redact: Callable[[str], str]) -> str:
+    """
+    A body sample as it is logged, redacted; a generated key that the
+    sample's end cut in two (half a key matches no pattern) is blanked too.
+    """
+    return redact(_CUT_KEY.sub(REDACTED, sample.decode("utf-8", "replace")))
 
 
 ACCESS_LINE = (

@@ -175,3 +175,24 @@ def test_help_in_the_401_reads_intact(
     assert help_text in json.loads(chain.body(response))["error"]
     [access] = access_events
     assert help_text in access["detail"]
+
+
+def test_a_key_cut_by_the_sample_s_end_is_not_logged() -> None:
+    """
+    A body sample that ends in the middle of a key logs no part of it: half
+    a key matches no pattern, so the word the sample ends on is dropped.
+    """
+    from twisted.logger import capturedLogs
+
+    from ollamaproxy.exchange import Exchange
+    from ollamaproxy.logs import log_exchange
+
+    exchange = Exchange("POST", "/api/chat", "127.0.0.1", started=0.0)
+    exchange.request_sample = b'{"model": "llama3.2", "note": "' + KEY[:30].encode()
+    exchange.response_sample = b'{"done": true}'
+    with capturedLogs() as events:
+        log_exchange(exchange, 0, 1.0)
+    [logged] = [e for e in events if e["log_namespace"] == "ollamaproxy.bodies"]
+    assert KEY[:12] not in logged["request_body"]
+    assert logged["request_body"].startswith('{"model": "llama3.2"')
+    assert logged["response_body"] == '{"done": true}'

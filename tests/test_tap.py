@@ -511,6 +511,8 @@ KEYS_FILES = {
         (["--keys-file", "{tmp}/nohash.json"], "key 'alice' has no \"hash\""),
         (["--api-key", "short"], "--api-key: a key must be at least 16 characters"),
         (["--idle-timeout", "soon"], "--idle-timeout: 'soon' is not a number"),
+        (["--database", "mysql://me:pw@db/x"],
+         "--database: 'mysql://me:***@db/x' is not a PostgreSQL URL"),
         (["--no-such-option"], "option --no-such-option not recognized"),
     ],
 )

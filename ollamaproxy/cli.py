@@ -507,7 +507,10 @@ def _usage(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) ->
                 "--database needs psycopg: pip install 'ollamaproxy[postgresql]'"
             ) from None
         path = f"database {show_database_url(url)}"
-        rows = summarise_database(url, start, args.by)
+        try:
+            rows = summarise_database(url, start, args.by)
+        except DatabaseDown as e:
+            raise CommandFailed(f"{path}: {e}") from None
     else:
         path = usage_file_path(args.usage_file, environ)
         try:
@@ -603,7 +606,7 @@ def main(
         return e.code
     except UsageError as e:
         return fail(EXIT_USAGE, str(e))
-    except (CommandFailed, KeysFileError, KeyStorageError, UsageFileError, DatabaseDown) as e:
+    except (CommandFailed, KeysFileError, KeyStorageError, UsageFileError) as e:
         return fail(EXIT_FAILURE, str(e))
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""

@@ -117,7 +117,7 @@ class DatabaseKeys:
                 return loaded[1]
             return database.run(lambda connection: keys_pg.update_keys(connection, change))
         except DatabaseError as e:
-            raise KeyStorageError(str(e)) from None
+            raise KeyStorageError(f"{self.where}: {e}") from None
         except ValueError as e:
             raise KeyStorageError(f"{self.where}: {e}") from None
         finally:

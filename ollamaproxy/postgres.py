@@ -68,7 +68,7 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 class DatabaseError(DatabaseDown):
     """
     The database cannot be used: the message (one line, never a password)
-    says which and why.
+    says why; the caller says which database.
     """
 
 
@@ -169,8 +169,7 @@ class Database:
                 or isinstance(e, psycopg.OperationalError)
             ):
                 self.close()
-            reason = " ".join(str(e).split()) or type(e).__name__
-            raise DatabaseError(f"database {self.name}: {reason}") from None
+            raise DatabaseError(" ".join(str(e).split()) or type(e).__name__) from None
 
     def close(self) -> None:
         """

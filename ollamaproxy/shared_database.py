@@ -93,8 +93,9 @@ class SharedDatabase:
         if read is None:
             if not operator and not in_file:
                 raise ConfigError(
-                    f"--database: cannot read keys: {unreachable}; with no --api-key and no "
-                    f"key in {config.keys_file} there is no key to start with"
+                    f"--database: cannot read keys from {database.name}: {unreachable}; with "
+                    f"no --api-key and no key in {config.keys_file} there is no key to start "
+                    "with"
                 )
             log.warn(
                 "Cannot read keys from {database} at start ({reason}); starting with the "

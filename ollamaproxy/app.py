@@ -22,7 +22,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
-from ollamaproxy.auth import Authenticator
+from ollamaproxy.auth import Authenticator, WrongKey
 from ollamaproxy.backends.listings import merge_listings
 from ollamaproxy.backends.pool import Backend
 from ollamaproxy.backends.router import Router
@@ -33,9 +33,10 @@ from ollamaproxy.errors import ProxyError, error_body, is_openai_path, reason_ph
 from ollamaproxy.exchange import Exchange
 from ollamaproxy.headers import came_back, upstream_request_headers
 from ollamaproxy.keys import ApiKey
-from ollamaproxy.limits import KeyLimits
+from ollamaproxy.limits import Limits, Throttle
 from ollamaproxy.logs import log_exchange
 from ollamaproxy.metrics import Metrics
+from ollamaproxy.readiness import READY_PATH, Readiness
 from ollamaproxy.redact import Redactor, redacted_failure
 from ollamaproxy.relay import Target, Unreachable, relay, whole_body
 from ollamaproxy.request_plan import Plan, plan_request
@@ -69,6 +70,7 @@ class OllamaProxy:
 
     @param router: Gives each request a backend (an Ollama server).
     @param auth: Decides who may ask.
+    @param limits: Keeps each key within its limits.
     @param clock: Tells time for the access log.
     @param metrics: Counts what happens, for Prometheus.
     @param usage: Keeps requests and tokens per key, or L{None}.
@@ -80,6 +82,10 @@ class OllamaProxy:
         C{auth} by digest.
     @param trusted_proxies: The proxies in front whose forwarding headers
         name the client.
+    @param caps: The proxy's caps on C{keep_alive} and C{num_ctx}.
+    @param throttle: Slows down addresses that guess keys, or L{None}.
+    @param readiness: Answers C{GET /-/ready}; the proxy adds its own
+        checks to it (a healthy backend, not shutting down).
     """
 
     app = Klein()
@@ -88,7 +94,7 @@ class OllamaProxy:
         self,
         router: Router,
         auth: Authenticator,
-        limits: KeyLimits,
+        limits: Limits,
         cors: Cors,
         clock: IReactorTime,
         metrics: Metrics,
@@ -98,6 +104,8 @@ class OllamaProxy:
         redact: Callable[[str], str] | None = None,
         trusted_proxies: TrustedProxies = NOBODY,
         caps: Caps | None = None,
+        throttle: Throttle | None = None,
+        readiness: Readiness | None = None,
     ) -> None:
         self._router = router
         self._caps = caps or Caps()
@@ -108,6 +116,7 @@ class OllamaProxy:
         self._redact = redact or Redactor(auth.keys.is_key)
         self._auth = auth
         self._limits = limits
+        self._throttle = throttle
         self._cors = cors
         self._metrics = metrics
         self._usage = usage
@@ -116,6 +125,10 @@ class OllamaProxy:
         self._in_flight: dict[Any, Exchange] = {}
         self._draining = False
         self._drained: list[Deferred[None]] = []
+        self._readiness = readiness or Readiness()
+        self._readiness.add("backends", lambda: any(b.healthy for b in router.backends))
+        # Not ready first when stopping, so that load balancers look away.
+        self._readiness.add("accepting", lambda: not self._draining)
 
     def resource(self) -> IResource:
         """
@@ -154,9 +167,7 @@ class OllamaProxy:
             route = self._catalogue.find(path)
             if route is not None:
                 exchange.route = route.pattern
-            key = self._auth.authenticate(
-                request.method, path, route, request.requestHeaders, exchange.client
-            )
+            key = await self._authenticate(request, path, route, exchange.client)
             await self._serve(request, target, exchange, key, path, route)
         except ProxyError as e:
             exchange.status = e.code
@@ -188,6 +199,21 @@ class OllamaProxy:
                 for d in drained:
                     d.callback(None)
 
+    async def _authenticate(
+        self, request: Any, path: bytes, route: RouteSpec | None, client: str
+    ) -> ApiKey | None:
+        """
+        The key a request presents (L{Authenticator.authenticate}); a wrong
+        one is counted against the client's address, and answered with 429
+        instead of 401 for an address that guesses.
+        """
+        try:
+            return self._auth.authenticate(request.method, path, route, request.requestHeaders)
+        except WrongKey:
+            if self._throttle is not None:
+                await self._throttle.failed(client)
+            raise
+
     async def _serve(
         self,
         request: ProxyRequest,
@@ -205,14 +231,15 @@ class OllamaProxy:
             await self._relay(request, target, exchange, "-", route, Plan())
             return
         exchange.key = key.name
-        release = self._limits.admit(key)
+        release = await self._limits.admit(key)
         try:
             plan = await plan_request(key, request, target, path, route, self._caps,
                                       self._router.several)
             exchange.notes = "; ".join(plan.notes)
             await self._relay(request, target, exchange, key.name, route, plan)
         finally:
-            release()
+            summary = exchange.summary
+            release(0 if summary is None else summary.prompt_tokens + summary.completion_tokens)
 
     async def _relay(
         self,
@@ -377,17 +404,26 @@ class OllamaProxy:
         self._record(exchange, 0)
 
     @app.route("/metrics", methods=["GET"])
-    def metrics(self, request: Any) -> bytes:
+    async def metrics(self, request: Any) -> bytes:
         """
         Prometheus metrics, for admin keys (or, without a key, on the
         separate C{--metrics-listen} endpoint).
         """
-        self._auth.authenticate(
-            b"GET", b"/metrics", METRICS_ROUTE, request.requestHeaders,
-            self._client_address(request)
-        )
+        await self._authenticate(request, b"/metrics", METRICS_ROUTE,
+                                 self._client_address(request))
         content_type, body = self._metrics.render(request.getHeader(b"accept"))
         request.setHeader(b"content-type", content_type)
+        return body
+
+    @app.route(READY_PATH.decode("ascii"), methods=["GET", "HEAD"])
+    def ready(self, request: Any) -> bytes:
+        """
+        Whether this proxy can serve (L{Readiness}), without a key.
+        """
+        code, body = self._readiness.answer()
+        request.setResponseCode(code, reason_phrase(code))
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
         return body
 
     def drain(self, grace_period: float) -> Deferred[None]:

@@ -13,7 +13,8 @@ The keys file is JSON (only C{name} and C{hash} are required)::
     {"keys": [{"name": "alice", "hash": "sha256:<hex>",
                "created": "2026-11-27T07:00:00Z", "expires": "2027-01-01T00:00:00Z",
                "scopes": ["inference"], "models": ["llama3*"],
-               "rpm": 60, "max_streams": 2}]}
+               "rpm": 60, "max_streams": 2,
+               "tokens_per_day": 200000, "tokens_per_month": 3000000}]}
 
 and is always replaced atomically (write a temporary file, then rename).
 """
@@ -72,6 +73,9 @@ class ApiKey:
         L{None} for no limit.
     @ivar caps: The key's own caps on C{keep_alive} and C{num_ctx}
         (L{ollamaproxy.caps}); the proxy's, if tighter, win.
+    @ivar tokens_per_day: Prompt and completion tokens the key may use in a
+        UTC day, or L{None} for no quota.
+    @ivar tokens_per_month: The same in a UTC month.
     """
 
     name: str
@@ -83,6 +87,8 @@ class ApiKey:
     rpm: int | None = None
     max_streams: int | None = None
     caps: Caps = field(default_factory=Caps)
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
 
     @property
     def admin(self) -> bool:
@@ -272,6 +278,8 @@ def _key_from_json(entry: Mapping[str, Any]) -> ApiKey:
         rpm=_limit(entry, "rpm"),
         max_streams=_limit(entry, "max_streams"),
         caps=Caps(_keep_alive(entry), _limit(entry, "max_num_ctx")),
+        tokens_per_day=_limit(entry, "tokens_per_day"),
+        tokens_per_month=_limit(entry, "tokens_per_month"),
     )
 
 
@@ -322,6 +330,10 @@ def key_to_json(key: ApiKey) -> dict[str, Any]:
         entry["max_keep_alive"] = show_duration(key.caps.keep_alive)
     if key.caps.num_ctx is not None:
         entry["max_num_ctx"] = key.caps.num_ctx
+    if key.tokens_per_day is not None:
+        entry["tokens_per_day"] = key.tokens_per_day
+    if key.tokens_per_month is not None:
+        entry["tokens_per_month"] = key.tokens_per_month
     return entry
 
 

@@ -8,17 +8,20 @@ L{GuessThrottle} answers wrong keys from an address that presented too many
 with 429; valid keys from that address go on working.
 
 Both answer 429 with C{Retry-After}, and both forget what they no longer
-need, so their memory stays bounded.
+need, so their memory stays bounded.  Both keep their counts in this
+process; L{Limits} and L{Throttle} are what the app asks, so that counts
+kept elsewhere (shared by several proxies) can take their place.  Their
+answers are L{Deferred}s for that reason; the in-process ones have fired.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from ollamaproxy.errors import ProxyError
@@ -33,6 +36,47 @@ def too_many(message: str, retry_after: float) -> ProxyError:
     """
     seconds = max(1, math.ceil(retry_after))
     return ProxyError(429, message, {b"Retry-After": str(seconds).encode("ascii")})
+
+
+class Release(Protocol):
+    """
+    Ends a request that L{Limits.admit} let in.
+    """
+
+    def __call__(self, tokens: int = 0) -> None:
+        """
+        The request has ended, having used C{tokens} (prompt and completion
+        tokens, 0 if none or unknown).  Called once.
+        """
+
+
+class Limits(Protocol):
+    """
+    Per-key limits: how often, how many at once.
+    """
+
+    def admit(self, key: ApiKey) -> Deferred[Release]:
+        """
+        Let a request of C{key} in, or refuse it.
+
+        @return: Fires with the L{Release} to call when the request has
+            ended, or fails with a L{ProxyError} (429 with C{Retry-After})
+            if the key is over a limit.
+        """
+
+
+class Throttle(Protocol):
+    """
+    Slows down addresses that guess keys.
+    """
+
+    def failed(self, address: str) -> Deferred[None]:
+        """
+        A wrong key came from C{address}.
+
+        @return: Fires when counted, or fails with a L{ProxyError} (429
+            with C{Retry-After}) if the address has presented too many.
+        """
 
 
 @dataclass
@@ -53,14 +97,17 @@ class KeyLimits:
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _in_flight: dict[str, int] = field(default_factory=dict)
 
-    def admit(self, key: ApiKey) -> Callable[[], None]:
+    def admit(self, key: ApiKey) -> Deferred[Release]:
         """
-        Let a request of C{key} in, or refuse it.
+        Let a request of C{key} in, or refuse it (L{Limits.admit}): 429 if
+        the key is over its rate or its number of requests in flight.
+        """
+        try:
+            return succeed(self._admit(key))
+        except ProxyError as e:
+            return fail(e)
 
-        @return: A function to call once when the request has ended.
-        @raise ProxyError: 429 if the key is over its rate or its number of
-            requests in flight.
-        """
+    def _admit(self, key: ApiKey) -> Release:
         if key.max_streams is not None and self._in_flight.get(key.name, 0) >= key.max_streams:
             raise too_many(
                 f"key {key.name!r} already has {key.max_streams} requests in flight", 1
@@ -69,7 +116,7 @@ class KeyLimits:
             self._take_token(key.name, key.rpm)
         self._in_flight[key.name] = self._in_flight.get(key.name, 0) + 1
 
-        def release() -> None:
+        def release(tokens: int = 0) -> None:
             left = self._in_flight[key.name] - 1
             if left:
                 self._in_flight[key.name] = left
@@ -115,13 +162,18 @@ class GuessThrottle:
     max_addresses: int = 10000
     _failed: OrderedDict[str, deque[float]] = field(default_factory=OrderedDict)
 
-    def failed(self, address: str) -> None:
+    def failed(self, address: str) -> Deferred[None]:
         """
-        A wrong key came from C{address}.
+        A wrong key came from C{address} (L{Throttle.failed}): 429 if the
+        address already presented C{failures} wrong keys within the window.
+        """
+        try:
+            self._count(address)
+        except ProxyError as e:
+            return fail(e)
+        return succeed(None)
 
-        @raise ProxyError: 429 if the address already presented C{failures}
-            wrong keys within the window.
-        """
+    def _count(self, address: str) -> None:
         now = self.clock.seconds()
         failed = self._failed.get(address, deque())
         while failed and failed[0] <= now - self.window:

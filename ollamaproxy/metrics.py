@@ -34,6 +34,7 @@ from twisted.web.server import Request
 
 from ollamaproxy.backends.router import Router
 from ollamaproxy.exchange import OUTCOMES, Exchange
+from ollamaproxy.readiness import READY_PATH, Readiness
 
 __all__ = ["DURATION_BUCKETS", "MAX_MODELS", "Metrics"]
 
@@ -221,17 +222,25 @@ class Metrics:
 
 class MetricsResource(Resource):
     """
-    Serves the metrics, and nothing else, without a key: for the separate
-    C{--metrics-listen} endpoint, which is meant for a private address.
+    Serves the metrics, and readiness at C{/-/ready}, without a key: for the
+    separate C{--metrics-listen} endpoint, which is meant for a private
+    address.
     """
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, readiness: Readiness | None = None) -> None:
         super().__init__()
         self._metrics = metrics
+        self._readiness = readiness
 
     def render_GET(self, request: Request) -> bytes:
+        if self._readiness is not None and request.path == READY_PATH:
+            code, body = self._readiness.answer()
+            request.setResponseCode(code)
+            request.setHeader(b"content-type", b"application/json; charset=utf-8")
+            request.setHeader(b"cache-control", b"no-store")
+            return body
         content_type, body = self._metrics.render(request.getHeader(b"accept"))
         request.setHeader(b"content-type", content_type)
         return body

@@ -56,6 +56,7 @@ from ollamaproxy.limits import GuessThrottle, KeyLimits
 from ollamaproxy.logs import LogFilesService
 from ollamaproxy.metrics import Metrics, MetricsResource
 from ollamaproxy.probe import UpstreamProbe
+from ollamaproxy.readiness import Readiness
 from ollamaproxy.redact import Redactor
 from ollamaproxy.reload import KeysReloader, sighup_installer
 from ollamaproxy.site import ProxySite
@@ -366,7 +367,8 @@ def build_service(
     ]
     backend_pool = BackendPool(backends)
     router = Router(backend_pool, reactor, config.max_queue, config.queue_timeout)
-    auth = Authenticator(keys, config.open_routes, reactor, GuessThrottle(reactor))
+    auth = Authenticator(keys, config.open_routes, reactor)
+    readiness = Readiness()
     metrics = Metrics()
     metrics.watch(router)
     usage_store = UsageStore(config.usage_file, reactor, worker=ThreadWorker(reactor))
@@ -385,6 +387,8 @@ def build_service(
         redact=Redactor(keys.is_key, clear_keys),
         trusted_proxies=config.trusted_proxies,
         caps=config.caps,
+        throttle=GuessThrottle(reactor),
+        readiness=readiness,
     )
     site = ProxySite(
         proxy.resource(),
@@ -434,7 +438,7 @@ def build_service(
             )
         listen(endpoint, site, reactor, "--listen").setServiceParent(listeners)
     if config.metrics_listen:
-        metrics_site = Site(MetricsResource(metrics), reactor=reactor)
+        metrics_site = Site(MetricsResource(metrics, readiness), reactor=reactor)
         metrics_site.noisy = False
         listen(config.metrics_listen, metrics_site, reactor, "--metrics-listen").setServiceParent(
             listeners

@@ -9,8 +9,9 @@ from datetime import UTC, datetime
 from ollamaproxy.quota_periods import over_quota_message, window
 
 
-def at(*fields: int) -> float:
-    return datetime(*fields, tzinfo=UTC).timestamp()
+def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0,
+       second: int = 0) -> float:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC).timestamp()
 
 
 def test_a_day_runs_from_utc_midnight_to_the_next() -> None:

@@ -8,7 +8,10 @@ answer is rewritten (a model listing narrowed to the key's models).
 A body is read only when something needs it: a key limited to models or
 without the C{cloud} scope, a cap, a request that runs a model (the router
 gives it a slot for that model), or several backends to choose from.  Model
-uploads and every other body stream through unread.
+uploads and every other body stream through unread; so does a body that
+runs a model but cannot be read whole (sent in chunks, compressed, or
+declared larger than the proxy reads): it waits for a slot of the router's
+L{UNREAD_MODEL}, and goes to any backend.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+from ollamaproxy.backends.router import UNREAD_MODEL
 from ollamaproxy.caps import CAPPED_ROUTES, NO_CAPS, Caps, clamp
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.keys import ApiKey
@@ -98,8 +102,9 @@ async def plan_request(
             return Plan()  # Ollama answers that the model is missing
         if not must and not _readable(request):
             # Read only to route it: a body that cannot be read whole
-            # goes on unread, and Ollama answers for it as it would.
-            return Plan()
+            # goes on unread, and Ollama answers for it as it would; if it
+            # runs a model, after its turn in the queue.
+            return Plan(model=UNREAD_MODEL if route.runs else None)
         body = await _read(request)
         query = target.target.partition(b"?")[2]
         try:

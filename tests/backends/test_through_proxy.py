@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from ollamaproxy.caps import Caps
 from ollamaproxy.keys import ApiKey, digest
+from ollamaproxy.policy import MAX_CHECKED_BODY
 from tests.chain import Chain
 
 USER = "olpk_userkeyuserkeyuserkeyuserkeyuser00"
@@ -262,3 +263,26 @@ def test_a_merged_listing_sends_no_key_and_skips_a_backend_that_fails(
     assert USER.encode() not in b"".join(v for _, vs in asked.headers.getAllRawHeaders()
                                          for v in vs)
     assert access_events[-1]["upstream"] == "http://127.0.0.1:11434"
+
+
+
+def test_a_body_the_proxy_does_not_read_waits_its_turn_too() -> None:
+    """
+    Chats whose body the proxy does not read for a key it need not check
+    (declared over the 16 MiB it reads here; sent in chunks or compressed
+    alike) still take slots, of a kind of their own: at --parallel 1 the
+    second waits in the fair queue and reaches Ollama once the first has
+    ended.
+    """
+    chain = Chain(parallel=1)
+    padded = chat("hold", pad=" " * MAX_CHECKED_BODY)
+    unread = [chain.request("POST", "/api/chat", data=padded) for _ in range(2)]
+    assert len(chain.fake.received) == 1
+    assert chain.router.queue.waiting() == {"alice": 1}
+    chain.fake.held[0].finish()
+    chain.flush()
+    chain.body(chain.result(unread[0]))
+    assert len(chain.fake.received) == 2
+    chain.fake.held[1].finish()
+    chain.flush()
+    chain.body(chain.result(unread[1]))

@@ -38,7 +38,7 @@ from ollamaproxy.logs import log_exchange
 from ollamaproxy.metrics import Metrics
 from ollamaproxy.readiness import READY_PATH, Readiness
 from ollamaproxy.redact import Redactor, redacted_failure
-from ollamaproxy.relay import Target, Unreachable, relay, whole_body
+from ollamaproxy.relay import Relayed, Target, Unreachable, end_cut, relay, whole_body
 from ollamaproxy.request_plan import Plan, plan_request
 from ollamaproxy.routes import Catalogue, Placement, RouteSpec, Scope, decoded_path
 from ollamaproxy.site import ProxyRequest
@@ -277,8 +277,11 @@ class OllamaProxy:
             exchange.backend = lease.backend.name
             exchange.queued = lease.queued
             try:
-                await relay(request, lease.backend.upstream, target, exchange, plan.rewrite,
-                            self._body_sample_bytes)
+                relayed = await relay(
+                    request, lease.backend.upstream, target,
+                    lambda code: exchange.responded(self._clock.seconds(), code),
+                    plan.rewrite, self._body_sample_bytes,
+                )
             except Unreachable as e:
                 self._router.failed(lease, e.message)
                 tried.append(lease.backend)
@@ -290,7 +293,18 @@ class OllamaProxy:
                 lease.release()
             if route is not None and route.changes_models and self._router.several:
                 self._router.pool.refresh(lease.backend)
+            await self._relayed(request, exchange, relayed)
             return
+
+    async def _relayed(self, request: ProxyRequest, exchange: Exchange, relayed: Relayed) -> None:
+        """
+        Note what a response amounted to; end one that was cut short.
+        """
+        exchange.summary = relayed.summary
+        exchange.response_sample = relayed.sample
+        if relayed.cut is not None:
+            exchange.failed("upstream_error", relayed.cut)
+            await end_cut(request)
 
     async def _merged_listing(
         self, request: ProxyRequest, target: Target, exchange: Exchange, field: str, plan: Plan

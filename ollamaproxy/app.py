@@ -25,11 +25,13 @@ from twisted.web.resource import IResource
 from ollamaproxy.auth import Authenticator, WrongKey
 from ollamaproxy.backends.listings import merge_listings
 from ollamaproxy.backends.pool import Backend
+from ollamaproxy.backends.queue import busy
 from ollamaproxy.backends.router import Router
 from ollamaproxy.caps import Caps
 from ollamaproxy.client_address import NOBODY, TrustedProxies
 from ollamaproxy.cors import Cors
 from ollamaproxy.errors import ProxyError, error_body, is_openai_path, reason_phrase
+from ollamaproxy.everywhere import on_every_backend
 from ollamaproxy.exchange import Exchange
 from ollamaproxy.headers import came_back, upstream_request_headers
 from ollamaproxy.keys import ApiKey
@@ -259,6 +261,9 @@ class OllamaProxy:
         if route is not None and route.listing is not None and self._router.several:
             await self._merged_listing(request, target, exchange, route.listing, plan)
             return
+        if route is not None and route.placement in _EVERY and self._router.several:
+            await self._on_every_backend(request, target, exchange, route, plan)
+            return
         tried: list[Backend] = []
         unreachable: Unreachable | None = None
         while True:
@@ -295,6 +300,42 @@ class OllamaProxy:
                 self._router.pool.refresh(lease.backend)
             await self._relayed(request, exchange, relayed)
             return
+
+    async def _on_every_backend(
+        self, request: ProxyRequest, target: Target, exchange: Exchange, route: RouteSpec,
+        plan: Plan,
+    ) -> None:
+        """
+        Send a model's pull to every healthy backend in turn, or its delete
+        or copy to every one that has it (L{ollamaproxy.everywhere}); then
+        ask each for its models again.
+        """
+        body = plan.body
+        if body is None and request.body is not None:
+            raise ProxyError(400, "with several backends, the proxy reads this request's "
+                             "body to send it to each: send it uncompressed, with a "
+                             "Content-Length")
+        backends = [
+            b for b in self._router.backends
+            if b.healthy and (route.placement is Placement.EVERY or plan.model is None
+                              or b.has(plan.model))
+        ]
+        if not backends:
+            if route.placement is Placement.EVERY or plan.model is None:
+                raise busy("no backend is healthy", 1)
+            raise ProxyError(404, f"model '{plan.model.canonical}' not found on any "
+                             "healthy backend")
+        try:
+            relayed, reached = await on_every_backend(
+                request, target, backends, body or b"",
+                lambda code: exchange.responded(self._clock.seconds(), code),
+                self._body_sample_bytes,
+            )
+        finally:
+            for backend in backends:
+                self._router.pool.refresh(backend)
+        exchange.backend = ",".join(b.name for b in reached)
+        await self._relayed(request, exchange, relayed)
 
     async def _relayed(self, request: ProxyRequest, exchange: Exchange, relayed: Relayed) -> None:
         """
@@ -492,6 +533,9 @@ class OllamaProxy:
         log.failure("Unexpected error handling {uri}", redacted_failure(failure, self._redact),
                     uri=uri)
         return _error_response(request, 500, "internal error in ollamaproxy", {})
+
+
+_EVERY = (Placement.EVERY, Placement.EVERY_HAVING)
 
 
 def _refuse_body_without_key(request: ProxyRequest) -> None:

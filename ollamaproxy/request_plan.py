@@ -45,11 +45,13 @@ class Plan:
     @ivar model: The model the request runs or names, for the router.
     @ivar rewrite: How to rewrite a successful answer, if it needs it.
     @ivar notes: What the proxy changed in the request, for the access line.
+    @ivar body: The request's body, if it was read whole (as sent on).
     """
 
     model: ModelName | None = None
     rewrite: Callable[[bytes], bytes] | None = None
     notes: list[str] = field(default_factory=list)
+    body: bytes | None = None
 
 
 async def plan_request(
@@ -116,7 +118,7 @@ async def plan_request(
     if check:
         assert key is not None
         check_models(key, [name for _, name in named])
-    plan = Plan(model=_routed(named, route))
+    plan = Plan(model=_routed(named, route), body=body if request.body is not None else None)
     if caps != NO_CAPS and request.body is not None:
         try:
             clamped, plan.notes = clamp(body, caps)
@@ -124,6 +126,7 @@ async def plan_request(
             raise ProxyError(400, str(e)) from None
         if plan.notes:
             request.body.replace(clamped)
+            plan.body = clamped
     return plan
 
 

@@ -199,7 +199,6 @@ class QuotaSeed(Service):
         self._book = book
         self._clock = clock
         self._tokens_since = tokens_since
-        self.seeded: Deferred[None] | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -226,4 +225,6 @@ class QuotaSeed(Service):
                 keys=len(month_used),
             )
 
-        self.seeded = Deferred.fromCoroutine(seed())
+        Deferred.fromCoroutine(seed()).addErrback(
+            lambda reason: log.failure("Seeding the token quotas failed", reason)
+        )

@@ -139,7 +139,8 @@ class ProxyOptions(usage.Options):
          "tauri://, vscode-webview://, vscode-file://]"],
         ["usage-file", None, None,
          "SQLite database of requests and tokens per key and model (see "
-         "'ollamaproxy usage'); keys' token quotas count from it at start [default: $XDG_STATE_HOME/ollamaproxy/usage.sqlite3 "
+         "'ollamaproxy usage'); keys' token quotas count from it at start "
+         "[default: $XDG_STATE_HOME/ollamaproxy/usage.sqlite3 "
          "or ~/.local/state/ollamaproxy/usage.sqlite3]"],
         ["metrics-listen", None, None,
          "A separate endpoint serving Prometheus metrics without a key, e.g. "

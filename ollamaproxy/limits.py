@@ -3,7 +3,8 @@
 How much a key may ask, and how often an address may guess.
 
 L{KeyLimits} enforces each key's requests per minute (a token bucket that
-holds a minute's worth) and its number of requests in flight.
+holds a minute's worth), its number of requests in flight, and, with a
+L{QuotaBook}, its token quotas.
 L{GuessThrottle} answers wrong keys from an address that presented too many
 with 429; valid keys from that address go on working.
 
@@ -19,13 +20,16 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.keys import ApiKey
+
+if TYPE_CHECKING:
+    from ollamaproxy.quotas import QuotaBook
 
 _V = TypeVar("_V")
 
@@ -88,19 +92,23 @@ class _Bucket:
 @dataclass
 class KeyLimits:
     """
-    Per-key request rate and requests in flight.
+    Per-key request rate, requests in flight, and token quotas.
 
     @ivar clock: Tells time for the rates.
+    @ivar quotas: Counts the keys' tokens against their quotas, or L{None}
+        for no quotas.
     """
 
     clock: IReactorTime
+    quotas: QuotaBook | None = None
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _in_flight: dict[str, int] = field(default_factory=dict)
 
     def admit(self, key: ApiKey) -> Deferred[Release]:
         """
         Let a request of C{key} in, or refuse it (L{Limits.admit}): 429 if
-        the key is over its rate or its number of requests in flight.
+        the key is over its token quota, its rate or its number of requests
+        in flight (503 while the quotas are loaded, L{QuotaBook.check}).
         """
         try:
             return succeed(self._admit(key))
@@ -108,6 +116,12 @@ class KeyLimits:
             return fail(e)
 
     def _admit(self, key: ApiKey) -> Release:
+        quotas = self.quotas
+        if quotas is not None and (
+            key.tokens_per_day is not None or key.tokens_per_month is not None
+        ):
+            # First: over a quota, waiting for a stream or a minute is no use.
+            quotas.check(key)
         if key.max_streams is not None and self._in_flight.get(key.name, 0) >= key.max_streams:
             raise too_many(
                 f"key {key.name!r} already has {key.max_streams} requests in flight", 1
@@ -122,6 +136,8 @@ class KeyLimits:
                 self._in_flight[key.name] = left
             else:
                 del self._in_flight[key.name]
+            if tokens and quotas is not None:
+                quotas.add(key.name, tokens)
 
         return release
 

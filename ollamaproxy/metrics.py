@@ -16,6 +16,7 @@ Every label has a bounded set of values, whatever clients send:
   - C{method}, C{status} and C{outcome} are folded into fixed sets;
   - C{key} is a key's name, from the operator's configuration (or C{-}
     for a request without a key);
+  - C{period} (of a token quota) is C{day} or C{month};
   - C{model} comes from Ollama's answers and is free text, so only the
     first L{MAX_MODELS} distinct models get their own label value; later
     ones are counted as C{other}.
@@ -123,6 +124,13 @@ class Metrics:
             "Idle client connections closed to make room for new ones.",
             registry=self.registry,
         )
+        self._quota_refusals = Counter(
+            "ollamaproxy_quota_refusals",
+            "Requests refused with 429 because their key had used its token quota, by key "
+            "name and period (day or month, UTC).",
+            ["key", "period"],
+            registry=self.registry,
+        )
         self._queued = Histogram(
             "ollamaproxy_queue_wait_seconds",
             "Seconds requests that waited for a busy model spent in the fair queue.",
@@ -189,6 +197,13 @@ class Metrics:
         C{router} at each scrape.
         """
         self.registry.register(_RouterCollector(router))
+
+    def quota_refused(self, key: str, period: str) -> None:
+        """
+        A request of key C{key} was refused: the key had used its token
+        quota for the C{period} (C{day} or C{month}).
+        """
+        self._quota_refusals.labels(key=key, period=period).inc()
 
     def connection_shed(self) -> None:
         """

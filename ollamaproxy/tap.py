@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from secrets import token_hex
 from typing import Any, ClassVar
 
@@ -56,12 +57,14 @@ from ollamaproxy.limits import GuessThrottle, KeyLimits
 from ollamaproxy.logs import LogFilesService
 from ollamaproxy.metrics import Metrics, MetricsResource
 from ollamaproxy.probe import UpstreamProbe
+from ollamaproxy.quotas import QuotaBook, QuotaSeed
 from ollamaproxy.readiness import Readiness
 from ollamaproxy.redact import Redactor
 from ollamaproxy.reload import KeysReloader, sighup_installer
 from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import PoolService, Upstream, agent_for, connection_pool
 from ollamaproxy.usage import ThreadWorker, UsageStore
+from ollamaproxy.usage_db import tokens_by_key
 
 log = Logger()
 
@@ -136,7 +139,8 @@ class ProxyOptions(usage.Options):
          "tauri://, vscode-webview://, vscode-file://]"],
         ["usage-file", None, None,
          "SQLite database of requests and tokens per key and model (see "
-         "'ollamaproxy usage') [default: $XDG_STATE_HOME/ollamaproxy/usage.sqlite3 "
+         "'ollamaproxy usage'); keys' token quotas count from it at start "
+         "[default: $XDG_STATE_HOME/ollamaproxy/usage.sqlite3 "
          "or ~/.local/state/ollamaproxy/usage.sqlite3]"],
         ["metrics-listen", None, None,
          "A separate endpoint serving Prometheus metrics without a key, e.g. "
@@ -371,14 +375,19 @@ def build_service(
     readiness = Readiness()
     metrics = Metrics()
     metrics.watch(router)
-    usage_store = UsageStore(config.usage_file, reactor, worker=ThreadWorker(reactor))
+    usage_worker = ThreadWorker(reactor)
+    usage_store = UsageStore(config.usage_file, reactor, worker=usage_worker)
+    # Token quotas count from what the usage store recorded this day and
+    # month; keys with a quota wait (503) until that is read.
+    quotas = QuotaBook(reactor, metrics.quota_refused)
+    readiness.add("quotas", lambda: quotas.loaded)
     # The --api-key is known in clear: blanked wherever it shows, whatever
     # its shape; the keys file's keys, by digest, word by word.
     clear_keys = [config.api_key] if config.api_key else []
     proxy = OllamaProxy(
         router,
         auth,
-        KeyLimits(reactor),
+        KeyLimits(reactor, quotas),
         Cors(config.cors_origins),
         reactor,
         metrics,
@@ -417,6 +426,13 @@ def build_service(
     PoolService(pool).setServiceParent(service)
     backend_pool.setServiceParent(service)
     usage_store.setServiceParent(service)
+    # Right after the store: its first work on the worker is making the
+    # file, the next is this read, before any of this process's usage.
+    QuotaSeed(
+        quotas,
+        reactor,
+        lambda since: usage_worker.run(partial(tokens_by_key, config.usage_file, since)),
+    ).setServiceParent(service)
     KeysReloader(
         keys,
         config.keys_file,

@@ -40,6 +40,7 @@ from ollamaproxy.cors import Cors
 from ollamaproxy.keys import SCOPES, ApiKey, KeyStore, digest
 from ollamaproxy.limits import GuessThrottle, KeyLimits
 from ollamaproxy.metrics import Metrics
+from ollamaproxy.quotas import QuotaBook
 from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import Upstream
 from tests.fake_ollama import FakeOllama
@@ -149,8 +150,9 @@ class Chain:
         self.throttle = GuessThrottle(self.clock)
         auth = Authenticator(self.keys, parse_routes(open_routes), self.clock)
         self.metrics = Metrics()
-        self.proxy = OllamaProxy(self.router, auth, KeyLimits(self.clock), Cors(), self.clock,
-                                 self.metrics, body_sample_bytes=body_sample_bytes,
+        self.quotas = QuotaBook(self.clock, self.metrics.quota_refused, loaded=True)
+        self.proxy = OllamaProxy(self.router, auth, KeyLimits(self.clock, self.quotas), Cors(),
+                                 self.clock, self.metrics, body_sample_bytes=body_sample_bytes,
                                  trusted_proxies=trusted_proxies, caps=caps,
                                  throttle=self.throttle)
         self.client = StubTreq(self.proxy.resource())

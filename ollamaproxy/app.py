@@ -22,22 +22,25 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
-from ollamaproxy.auth import Authenticator
+from ollamaproxy.auth import Authenticator, WrongKey
 from ollamaproxy.backends.listings import merge_listings
 from ollamaproxy.backends.pool import Backend
+from ollamaproxy.backends.queue import busy
 from ollamaproxy.backends.router import Router
 from ollamaproxy.caps import Caps
 from ollamaproxy.client_address import NOBODY, TrustedProxies
 from ollamaproxy.cors import Cors
 from ollamaproxy.errors import ProxyError, error_body, is_openai_path, reason_phrase
+from ollamaproxy.everywhere import on_every_backend
 from ollamaproxy.exchange import Exchange
 from ollamaproxy.headers import came_back, upstream_request_headers
 from ollamaproxy.keys import ApiKey
-from ollamaproxy.limits import KeyLimits
+from ollamaproxy.limits import Limits, Throttle
 from ollamaproxy.logs import log_exchange
 from ollamaproxy.metrics import Metrics
+from ollamaproxy.readiness import READY_PATH, Readiness
 from ollamaproxy.redact import Redactor, redacted_failure
-from ollamaproxy.relay import Target, Unreachable, relay, whole_body
+from ollamaproxy.relay import Relayed, Target, Unreachable, end_cut, relay, whole_body
 from ollamaproxy.request_plan import Plan, plan_request
 from ollamaproxy.routes import Catalogue, Placement, RouteSpec, Scope, decoded_path
 from ollamaproxy.site import ProxyRequest
@@ -69,6 +72,7 @@ class OllamaProxy:
 
     @param router: Gives each request a backend (an Ollama server).
     @param auth: Decides who may ask.
+    @param limits: Keeps each key within its limits.
     @param clock: Tells time for the access log.
     @param metrics: Counts what happens, for Prometheus.
     @param usage: Keeps requests and tokens per key, or L{None}.
@@ -80,6 +84,10 @@ class OllamaProxy:
         C{auth} by digest.
     @param trusted_proxies: The proxies in front whose forwarding headers
         name the client.
+    @param caps: The proxy's caps on C{keep_alive} and C{num_ctx}.
+    @param throttle: Slows down addresses that guess keys, or L{None}.
+    @param readiness: Answers C{GET /-/ready}; the proxy adds its own
+        checks to it (a healthy backend, not shutting down).
     """
 
     app = Klein()
@@ -88,7 +96,7 @@ class OllamaProxy:
         self,
         router: Router,
         auth: Authenticator,
-        limits: KeyLimits,
+        limits: Limits,
         cors: Cors,
         clock: IReactorTime,
         metrics: Metrics,
@@ -98,6 +106,8 @@ class OllamaProxy:
         redact: Callable[[str], str] | None = None,
         trusted_proxies: TrustedProxies = NOBODY,
         caps: Caps | None = None,
+        throttle: Throttle | None = None,
+        readiness: Readiness | None = None,
     ) -> None:
         self._router = router
         self._caps = caps or Caps()
@@ -108,6 +118,7 @@ class OllamaProxy:
         self._redact = redact or Redactor(auth.keys.is_key)
         self._auth = auth
         self._limits = limits
+        self._throttle = throttle
         self._cors = cors
         self._metrics = metrics
         self._usage = usage
@@ -116,6 +127,10 @@ class OllamaProxy:
         self._in_flight: dict[Any, Exchange] = {}
         self._draining = False
         self._drained: list[Deferred[None]] = []
+        self._readiness = readiness or Readiness()
+        self._readiness.add("backends", lambda: any(b.healthy for b in router.backends))
+        # Not ready first when stopping, so that load balancers look away.
+        self._readiness.add("accepting", lambda: not self._draining)
 
     def resource(self) -> IResource:
         """
@@ -154,9 +169,7 @@ class OllamaProxy:
             route = self._catalogue.find(path)
             if route is not None:
                 exchange.route = route.pattern
-            key = self._auth.authenticate(
-                request.method, path, route, request.requestHeaders, exchange.client
-            )
+            key = await self._authenticate(request, path, route, exchange.client)
             await self._serve(request, target, exchange, key, path, route)
         except ProxyError as e:
             exchange.status = e.code
@@ -188,6 +201,21 @@ class OllamaProxy:
                 for d in drained:
                     d.callback(None)
 
+    async def _authenticate(
+        self, request: Any, path: bytes, route: RouteSpec | None, client: str
+    ) -> ApiKey | None:
+        """
+        The key a request presents (L{Authenticator.authenticate}); a wrong
+        one is counted against the client's address, and answered with 429
+        instead of 401 for an address that guesses.
+        """
+        try:
+            return self._auth.authenticate(request.method, path, route, request.requestHeaders)
+        except WrongKey:
+            if self._throttle is not None:
+                await self._throttle.failed(client)
+            raise
+
     async def _serve(
         self,
         request: ProxyRequest,
@@ -202,24 +230,25 @@ class OllamaProxy:
         """
         if key is None:
             _refuse_body_without_key(request)
-            await self._relay(request, target, exchange, "-", route, Plan())
+            await self._relay(request, target, exchange, None, route, Plan())
             return
         exchange.key = key.name
-        release = self._limits.admit(key)
+        release = await self._limits.admit(key)
         try:
             plan = await plan_request(key, request, target, path, route, self._caps,
                                       self._router.several)
             exchange.notes = "; ".join(plan.notes)
-            await self._relay(request, target, exchange, key.name, route, plan)
+            await self._relay(request, target, exchange, key, route, plan)
         finally:
-            release()
+            summary = exchange.summary
+            release(0 if summary is None else summary.prompt_tokens + summary.completion_tokens)
 
     async def _relay(
         self,
         request: ProxyRequest,
         target: Target,
         exchange: Exchange,
-        key_name: str,
+        key: ApiKey | None,
         route: RouteSpec | None,
         plan: Plan,
     ) -> None:
@@ -228,20 +257,26 @@ class OllamaProxy:
         cannot even be connected to (nothing was sent), to another that has
         its model.  A listing, with several backends, is every healthy
         backend's, merged.
+
+        @param key: The key presented, or L{None} on an open route.
         """
         if route is not None and route.listing is not None and self._router.several:
             await self._merged_listing(request, target, exchange, route.listing, plan)
+            return
+        if route is not None and route.placement in _EVERY and self._router.several:
+            await self._on_every_backend(request, target, exchange, route, plan)
             return
         tried: list[Backend] = []
         unreachable: Unreachable | None = None
         while True:
             try:
                 lease = await self._router.acquire(
-                    key_name,
+                    exchange.key,
                     plan.model,
                     runs=route is not None and route.runs,
                     primary=route is not None and route.placement is Placement.PRIMARY,
                     exclude=tried,
+                    weight=1 if key is None else key.weight,
                 )
             except ProxyError:
                 if unreachable is not None:
@@ -250,8 +285,11 @@ class OllamaProxy:
             exchange.backend = lease.backend.name
             exchange.queued = lease.queued
             try:
-                await relay(request, lease.backend.upstream, target, exchange, plan.rewrite,
-                            self._body_sample_bytes)
+                relayed = await relay(
+                    request, lease.backend.upstream, target,
+                    lambda code: exchange.responded(self._clock.seconds(), code),
+                    plan.rewrite, self._body_sample_bytes,
+                )
             except Unreachable as e:
                 self._router.failed(lease, e.message)
                 tried.append(lease.backend)
@@ -263,7 +301,54 @@ class OllamaProxy:
                 lease.release()
             if route is not None and route.changes_models and self._router.several:
                 self._router.pool.refresh(lease.backend)
+            await self._relayed(request, exchange, relayed)
             return
+
+    async def _on_every_backend(
+        self, request: ProxyRequest, target: Target, exchange: Exchange, route: RouteSpec,
+        plan: Plan,
+    ) -> None:
+        """
+        Send a model's pull to every healthy backend in turn, or its delete
+        or copy to every one that has it (L{ollamaproxy.everywhere}); then
+        ask each for its models again.
+        """
+        body = plan.body
+        if body is None and request.body is not None:
+            raise ProxyError(400, "with several backends, the proxy reads this request's "
+                             "body to send it to each: send it uncompressed, with a "
+                             "Content-Length")
+        backends = [
+            b for b in self._router.backends
+            if b.healthy and (route.placement is Placement.EVERY or plan.model is None
+                              or b.has(plan.model))
+        ]
+        if not backends:
+            if route.placement is Placement.EVERY or plan.model is None:
+                raise busy("no backend is healthy", 1)
+            raise ProxyError(404, f"model '{plan.model.canonical}' not found on any "
+                             "healthy backend")
+        try:
+            relayed, reached = await on_every_backend(
+                request, target, backends, body or b"",
+                lambda code: exchange.responded(self._clock.seconds(), code),
+                self._body_sample_bytes,
+            )
+        finally:
+            for backend in backends:
+                self._router.pool.refresh(backend)
+        exchange.backend = ",".join(b.name for b in reached)
+        await self._relayed(request, exchange, relayed)
+
+    async def _relayed(self, request: ProxyRequest, exchange: Exchange, relayed: Relayed) -> None:
+        """
+        Note what a response amounted to; end one that was cut short.
+        """
+        exchange.summary = relayed.summary
+        exchange.response_sample = relayed.sample
+        if relayed.cut is not None:
+            exchange.failed("upstream_error", relayed.cut)
+            await end_cut(request)
 
     async def _merged_listing(
         self, request: ProxyRequest, target: Target, exchange: Exchange, field: str, plan: Plan
@@ -377,17 +462,26 @@ class OllamaProxy:
         self._record(exchange, 0)
 
     @app.route("/metrics", methods=["GET"])
-    def metrics(self, request: Any) -> bytes:
+    async def metrics(self, request: Any) -> bytes:
         """
         Prometheus metrics, for admin keys (or, without a key, on the
         separate C{--metrics-listen} endpoint).
         """
-        self._auth.authenticate(
-            b"GET", b"/metrics", METRICS_ROUTE, request.requestHeaders,
-            self._client_address(request)
-        )
+        await self._authenticate(request, b"/metrics", METRICS_ROUTE,
+                                 self._client_address(request))
         content_type, body = self._metrics.render(request.getHeader(b"accept"))
         request.setHeader(b"content-type", content_type)
+        return body
+
+    @app.route(READY_PATH.decode("ascii"), methods=["GET", "HEAD"])
+    def ready(self, request: Any) -> bytes:
+        """
+        Whether this proxy can serve (L{Readiness}), without a key.
+        """
+        code, body = self._readiness.answer()
+        request.setResponseCode(code, reason_phrase(code))
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
         return body
 
     def drain(self, grace_period: float) -> Deferred[None]:
@@ -442,6 +536,9 @@ class OllamaProxy:
         log.failure("Unexpected error handling {uri}", redacted_failure(failure, self._redact),
                     uri=uri)
         return _error_response(request, 500, "internal error in ollamaproxy", {})
+
+
+_EVERY = (Placement.EVERY, Placement.EVERY_HAVING)
 
 
 def _refuse_body_without_key(request: ProxyRequest) -> None:

@@ -19,7 +19,6 @@ from twisted.web.http_headers import Headers
 from ollamaproxy.config import Route
 from ollamaproxy.errors import ProxyError, unauthorized
 from ollamaproxy.keys import ApiKey, KeyStore, digest
-from ollamaproxy.limits import GuessThrottle
 from ollamaproxy.routes import RouteSpec, Scope
 
 
@@ -50,6 +49,15 @@ def presented_key(headers: Headers) -> str | None:
     return None
 
 
+class WrongKey(ProxyError):
+    """
+    The key presented is none of the keys (401): the guess throttle is told.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(401, "invalid API key", {b"WWW-Authenticate": b"Bearer"})
+
+
 @dataclass(frozen=True)
 class Authenticator:
     """
@@ -59,14 +67,11 @@ class Authenticator:
     @ivar open_routes: Routes served to requests that present no key,
         compared with the percent-decoded path, as Ollama routes it.
     @ivar clock: Tells time, for keys that expire.
-    @ivar throttle: Refuses unknown keys from addresses that guess, or
-        L{None}.
     """
 
     keys: KeyStore
     open_routes: frozenset[Route]
     clock: IReactorTime
-    throttle: GuessThrottle | None = None
 
     def authenticate(
         self,
@@ -74,7 +79,6 @@ class Authenticator:
         path: bytes,
         route: RouteSpec | None,
         headers: Headers,
-        address: str = "",
     ) -> ApiKey | None:
         """
         Check a request's key and whether it may use the route.  A key that
@@ -85,12 +89,10 @@ class Authenticator:
             string and the C{/proxy} prefix.
         @param route: The route C{path} is on, or L{None} for none of
             Ollama's.
-        @param address: The client's address, for the guess throttle.
         @return: The key presented, or L{None} on an open route.
-        @raise ProxyError: 401 if a key is needed and none, a wrong one or an
-            expired one was presented; 429 for a wrong key from an address
-            that presented too many; 403 if the key may not use the route;
-            404 or 405 for a route Ollama does not have, to a key that may
+        @raise ProxyError: 401 if a key is needed and none, a wrong one
+            (L{WrongKey}) or an expired one was presented; 403 if the key
+            may not use the route; 404 or 405 for a route Ollama does not have, to a key that may
             not pass such requests on.
         """
         presented = presented_key(headers)
@@ -103,9 +105,7 @@ class Authenticator:
             )
         key = self.keys.find_digest(digest(presented))
         if key is None:
-            if self.throttle is not None:
-                self.throttle.failed(address)
-            raise unauthorized("invalid API key")
+            raise WrongKey()
         if key.expired(datetime.fromtimestamp(self.clock.seconds(), UTC)):
             raise unauthorized(f"API key {key.name!r} has expired")
         if not key.admin:

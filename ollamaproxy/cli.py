@@ -6,11 +6,15 @@ how much each key used.
     ollamaproxy keys add NAME [--admin] [--cloud] [--models GLOB[,GLOB...]]...
                               [--rpm N] [--max-streams N] [--expires DATE]
                               [--max-keep-alive DURATION] [--max-num-ctx N]
+                              [--tokens-per-day N] [--tokens-per-month N]
+                              [--weight N]
+    ollamaproxy keys update NAME [the options of add; --no-admin, --no-cloud;
+                                  none (never, all) to remove a limit]
     ollamaproxy --version
     ollamaproxy keys list
     ollamaproxy keys revoke NAME
     ollamaproxy keys rotate NAME
-    ollamaproxy usage [--since DATE] [--by key|model]
+    ollamaproxy usage [--since DATE] [--by key|model] [--database URL]
 
 Every C{keys} subcommand takes C{--keys-file PATH}; without it the file is
 C{$OLLAMAPROXY_KEYS_FILE}, then the proxy's default, exactly as for the
@@ -25,8 +29,10 @@ shown only then, since only its hash is stored.
 C{usage} finds the usage database the same way: C{--usage-file PATH}, then
 C{$OLLAMAPROXY_USAGE_FILE}, then L{default_usage_file}; it never changes it.
 
-Every change goes through L{update_keys_file}, so two commands run at once
-cannot lose each other's change, and a crash leaves the old file whole.
+Every change goes through L{ollamaproxy.key_storage.KeyStorage.update}: under the keys file's lock
+(L{ollamaproxy.keys.update_keys_file}) or in one database transaction, so
+two commands run at once cannot lose each other's change, and a crash leaves
+the old keys whole.
 """
 
 from __future__ import annotations
@@ -133,6 +139,37 @@ def _whole_number(text: str) -> int:
     if not (text.isascii() and text.isdigit() and int(text) >= 1):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1")
     return int(text)
+
+
+class _Clear:
+    """
+    What C{keys update} is given for a limit to remove: C{none} (C{never}
+    for C{--expires}, C{all} for C{--models}).
+    """
+
+
+CLEAR = _Clear()
+
+
+def _or_clear(parse: Callable[[str], Any], word: str = "none") -> Callable[[str], Any]:
+    """
+    A parser of C{keys update}'s options: C{word} removes the setting,
+    anything else is read by C{parse}.
+    """
+
+    def parse_or_clear(text: str) -> Any:
+        return CLEAR if text == word else parse(text)
+
+    parse_or_clear.__name__ = getattr(parse, "__name__", "value")
+    return parse_or_clear
+
+
+def _models_or_all(text: str) -> list[Any]:
+    """
+    C{keys update}'s C{--models}: patterns as L{_globs} reads them, or
+    C{all} (L{CLEAR}) for every model.
+    """
+    return [CLEAR] if text == "all" else _globs(text)
 
 
 def _keep_alive(text: str) -> float:
@@ -244,6 +281,8 @@ def _describe(key: ApiKey, now: datetime) -> dict[str, str]:
         "MODELS": ",".join(_show(m) for m in key.models) or "all",
         "RPM": "-" if key.rpm is None else str(key.rpm),
         "MAX STREAMS": "-" if key.max_streams is None else str(key.max_streams),
+        "TOKENS/DAY": "-" if key.tokens_per_day is None else str(key.tokens_per_day),
+        "TOKENS/MONTH": "-" if key.tokens_per_month is None else str(key.tokens_per_month),
         "CREATED": _show_time(key.created),
         "EXPIRES": expires,
     }
@@ -261,6 +300,10 @@ def _summary(key: ApiKey) -> str:
         + (f"max keep_alive {show_duration(key.caps.keep_alive)}; "
            if key.caps.keep_alive is not None else "")
         + (f"max num_ctx {key.caps.num_ctx}; " if key.caps.num_ctx is not None else "")
+        + (f"tokens per day {key.tokens_per_day}; " if key.tokens_per_day is not None else "")
+        + (f"tokens per month {key.tokens_per_month}; "
+           if key.tokens_per_month is not None else "")
+        + (f"weight {key.weight}; " if key.weight != 1 else "")
         + f"expires {'never' if key.expires is None else _show_time(key.expires)}"
     )
 
@@ -301,7 +344,7 @@ def _parser(stdout: TextIO) -> _Parser:
     parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     keys = commands.add_parser(
-        "keys", help="add, list, revoke and rotate API keys", stdout=stdout
+        "keys", help="add, list, update, revoke and rotate API keys", stdout=stdout
     )
     actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
 
@@ -314,27 +357,19 @@ def _parser(stdout: TextIO) -> _Parser:
     )
     add.add_argument("name", metavar="NAME", type=_name,
                      help="1 to 64 letters, digits, '.', '_' or '-'")
-    add.add_argument("--admin", action="store_true",
-                     help="also allow model management and account routes (and cloud models)")
-    add.add_argument("--cloud", action="store_true",
-                     help="also allow cloud models (':cloud', '-cloud'), which run on "
-                     "ollama.com on the server owner's account")
-    add.add_argument("--models", metavar="GLOB[,GLOB...]", action="extend", type=_globs,
-                     default=[], help="models the key may use, e.g. 'llama3*,qwen2.5:7b'; "
-                     "repeatable (default: all)")
-    add.add_argument("--rpm", metavar="N", type=_whole_number,
-                     help="requests a minute (default: no limit)")
-    add.add_argument("--max-streams", metavar="N", type=_whole_number,
-                     help="requests in flight at once (default: no limit)")
-    add.add_argument("--max-keep-alive", metavar="DURATION", type=_keep_alive,
-                     help="longest keep_alive the key's requests may ask for, e.g. 10m; "
-                     "one over it (or -1, for ever) is clamped to it (default: the proxy's)")
-    add.add_argument("--max-num-ctx", metavar="N", type=_whole_number,
-                     help="largest options.num_ctx the key's requests may ask for; larger "
-                     "is clamped to it (default: the proxy's)")
-    add.add_argument("--expires", metavar="DATE",
-                     help="ISO date or time, UTC unless given, e.g. 2027-01-01 or "
-                     "2027-01-01T12:00:00Z (default: never)")
+    _key_options(add, update=False)
+    update = actions.add_parser(
+        "update",
+        parents=[common],
+        help="change a key's settings, keeping its secret",
+        description="Change the settings of a key in place; its secret stays the same.  "
+        "Settings not given stay as they are; 'none' removes a limit or a cap "
+        "(--rpm none), '--expires never' makes it last, '--models all' lets it use every "
+        "model, --no-admin and --no-cloud take a scope away.",
+        stdout=stdout,
+    )
+    update.add_argument("name", metavar="NAME")
+    _key_options(update, update=True)
 
     actions.add_parser("list", parents=[common], help="show the keys (never the keys themselves)",
                        stdout=stdout)
@@ -368,6 +403,57 @@ def _parser(stdout: TextIO) -> _Parser:
         f"instead of the usage file (default: ${DATABASE_VARIABLE}, if set)",
     )
     return parser
+
+
+def _key_options(parser: argparse.ArgumentParser, update: bool) -> None:
+    """
+    The settings of a key, for C{keys add} and C{keys update}.  For
+    C{update}, every one defaults to "unchanged" (L{None}), a limit or a cap
+    may be C{none} (L{CLEAR}), and C{--no-admin}, C{--no-cloud} take a scope
+    away.
+    """
+    def limit(parse: Callable[[str], Any], word: str = "none") -> Callable[[str], Any]:
+        return _or_clear(parse, word) if update else parse
+
+    unset = "unchanged" if update else None
+    proxys = "the proxy's"
+    scope = argparse.BooleanOptionalAction if update else "store_true"
+    default = None if update else False
+    parser.add_argument("--admin", action=scope, default=default,
+                        help="also allow model management and account routes (and cloud models)")
+    parser.add_argument("--cloud", action=scope, default=default,
+                        help="also allow cloud models (':cloud', '-cloud'), which run on "
+                        "ollama.com on the server owner's account")
+    parser.add_argument("--models", metavar="GLOB[,GLOB...]", action="extend",
+                        type=_models_or_all if update else _globs,
+                        default=None if update else [],
+                        help="models the key may use, e.g. 'llama3*,qwen2.5:7b'; repeatable "
+                        + ("('all' for every model; default: unchanged)" if update
+                           else "(default: all)"))
+    parser.add_argument("--rpm", metavar="N", type=limit(_whole_number),
+                        help=f"requests a minute (default: {unset or 'no limit'})")
+    parser.add_argument("--max-streams", metavar="N", type=limit(_whole_number),
+                        help=f"requests in flight at once (default: {unset or 'no limit'})")
+    parser.add_argument("--max-keep-alive", metavar="DURATION", type=limit(_keep_alive),
+                        help="longest keep_alive the key's requests may ask for, e.g. 10m; "
+                        "one over it (or -1, for ever) is clamped to it "
+                        f"(default: {unset or proxys})")
+    parser.add_argument("--max-num-ctx", metavar="N", type=limit(_whole_number),
+                        help="largest options.num_ctx the key's requests may ask for; larger "
+                        f"is clamped to it (default: {unset or proxys})")
+    parser.add_argument("--expires", metavar="DATE", type=limit(str, "never"),
+                        help="ISO date or time, UTC unless given, e.g. 2027-01-01 or "
+                        f"2027-01-01T12:00:00Z (default: {unset or 'never'})")
+    parser.add_argument("--tokens-per-day", metavar="N", type=limit(_whole_number),
+                        help="prompt and completion tokens the key may use in a UTC day; "
+                        f"over it, 429 until the next day (default: {unset or 'no quota'})")
+    parser.add_argument("--tokens-per-month", metavar="N", type=limit(_whole_number),
+                        help="the same in a UTC month, until the first of the next "
+                        f"(default: {unset or 'no quota'})")
+    parser.add_argument("--weight", metavar="N", type=limit(_whole_number),
+                        help="share of turns when requests wait for a busy model: weight 3 "
+                        "is served three times for every once of weight 1 "
+                        f"(default: {unset or 1})")
 
 
 def _database_url(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
@@ -410,6 +496,9 @@ def _add(args: argparse.Namespace, storage: KeyStorage, out: TextIO, now: dateti
         rpm=args.rpm,
         max_streams=args.max_streams,
         caps=Caps(args.max_keep_alive, args.max_num_ctx),
+        tokens_per_day=args.tokens_per_day,
+        tokens_per_month=args.tokens_per_month,
+        weight=args.weight or 1,
     )
 
     def add(keys: list[ApiKey]) -> list[ApiKey]:
@@ -473,6 +562,70 @@ def _rotate(name: str, storage: KeyStorage, out: TextIO, err: TextIO, now: datet
             "new key keeps that expiry: revoke it and add a new one to extend it\n"
         )
     _announce(out, f"Rotated key {name!r} in {storage.where}:", key, secret, storage.picked_up)
+
+
+def _update_key(args: argparse.Namespace, storage: KeyStorage, out: TextIO,
+                now: datetime) -> None:
+    name: str = args.name
+    updated: list[ApiKey] = []
+
+    def update(keys: list[ApiKey]) -> list[ApiKey]:
+        for index, old in enumerate(keys):
+            if old.name == name:
+                updated.append(_changed(old, args, now))
+                return [*keys[:index], updated[0], *keys[index + 1:]]
+        raise CommandFailed(f"no key named {name!r} in {storage.where}")
+
+    storage.update(update)
+    out.write(
+        f"Updated key {name!r} in {storage.where}; its secret is unchanged:\n"
+        f"  {_summary(updated[0])}\n"
+        f"{storage.picked_up}\n"
+    )
+
+
+def _changed(key: ApiKey, args: argparse.Namespace, now: datetime) -> ApiKey:
+    """
+    C{key} with the settings C{keys update} was given: L{None} leaves one as
+    it is, L{CLEAR} removes it.
+
+    @raise UsageError: If no setting is given, or C{--expires} is not a
+        time in the future.
+    """
+    def given(value: Any, current: Any) -> Any:
+        if value is None:
+            return current
+        return None if value is CLEAR else value
+
+    settings = ("admin", "cloud", "models", "rpm", "max_streams", "max_keep_alive",
+                "max_num_ctx", "expires", "tokens_per_day", "tokens_per_month", "weight")
+    if all(getattr(args, setting) is None for setting in settings):
+        raise UsageError(
+            f"keys update: give a setting to change (see '{PROG} keys update --help')"
+        )
+    scopes = set(key.scopes)
+    for scope, wanted in ((ADMIN, args.admin), (CLOUD, args.cloud)):
+        if wanted is not None:
+            (scopes.add if wanted else scopes.discard)(scope)
+    models = key.models
+    if args.models is not None:
+        models = () if CLEAR in args.models else tuple(args.models)
+    expires = key.expires
+    if args.expires is not None:
+        expires = None if args.expires is CLEAR else parse_expiry(args.expires, now)
+    return replace(
+        key,
+        scopes=frozenset(scopes),
+        models=models,
+        expires=expires,
+        rpm=given(args.rpm, key.rpm),
+        max_streams=given(args.max_streams, key.max_streams),
+        caps=Caps(given(args.max_keep_alive, key.caps.keep_alive),
+                  given(args.max_num_ctx, key.caps.num_ctx)),
+        tokens_per_day=given(args.tokens_per_day, key.tokens_per_day),
+        tokens_per_month=given(args.tokens_per_month, key.tokens_per_month),
+        weight=given(args.weight, key.weight) or 1,
+    )
 
 
 def _usage_table(rows: Sequence[Row], by: str) -> list[str]:
@@ -543,7 +696,7 @@ def run(
     """
     parser = _parser(stdout)
     args, extra = parser.parse_known_args(argv)
-    if extra and getattr(args, "action", None) == "add":
+    if extra and getattr(args, "action", None) in ("add", "update"):
         raise UsageError(
             f"unrecognized arguments: {' '.join(extra)} (--models takes one pattern or a "
             "comma-separated list, and may be repeated: --models 'llama3*,qwen2.5:7b')"
@@ -560,6 +713,8 @@ def run(
         _list(storage, stdout, now)
     elif args.action == "revoke":
         _revoke(args.name, storage, stdout, stderr)
+    elif args.action == "update":
+        _update_key(args, storage, stdout, now)
     else:
         _rotate(args.name, storage, stdout, stderr, now)
 

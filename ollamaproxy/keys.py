@@ -13,7 +13,9 @@ The keys file is JSON (only C{name} and C{hash} are required)::
     {"keys": [{"name": "alice", "hash": "sha256:<hex>",
                "created": "2026-11-27T07:00:00Z", "expires": "2027-01-01T00:00:00Z",
                "scopes": ["inference"], "models": ["llama3*"],
-               "rpm": 60, "max_streams": 2}]}
+               "rpm": 60, "max_streams": 2,
+               "tokens_per_day": 200000, "tokens_per_month": 3000000,
+               "weight": 2}]}
 
 and is always replaced atomically (write a temporary file, then rename).
 """
@@ -72,6 +74,12 @@ class ApiKey:
         L{None} for no limit.
     @ivar caps: The key's own caps on C{keep_alive} and C{num_ctx}
         (L{ollamaproxy.caps}); the proxy's, if tighter, win.
+    @ivar tokens_per_day: Prompt and completion tokens the key may use in a
+        UTC day, or L{None} for no quota.
+    @ivar tokens_per_month: The same in a UTC month.
+    @ivar weight: The key's share of turns in the fair queue for a busy
+        model: a key of weight 3 is served three times for every once of
+        a key of weight 1.
     """
 
     name: str
@@ -83,6 +91,9 @@ class ApiKey:
     rpm: int | None = None
     max_streams: int | None = None
     caps: Caps = field(default_factory=Caps)
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    weight: int = 1
 
     @property
     def admin(self) -> bool:
@@ -283,6 +294,9 @@ def _key_from_json(entry: Mapping[str, Any]) -> ApiKey:
         rpm=_limit(entry, "rpm"),
         max_streams=_limit(entry, "max_streams"),
         caps=Caps(_keep_alive(entry), _limit(entry, "max_num_ctx")),
+        tokens_per_day=_limit(entry, "tokens_per_day"),
+        tokens_per_month=_limit(entry, "tokens_per_month"),
+        weight=_limit(entry, "weight") or 1,
     )
 
 
@@ -333,6 +347,12 @@ def key_to_json(key: ApiKey) -> dict[str, Any]:
         entry["max_keep_alive"] = show_duration(key.caps.keep_alive)
     if key.caps.num_ctx is not None:
         entry["max_num_ctx"] = key.caps.num_ctx
+    if key.tokens_per_day is not None:
+        entry["tokens_per_day"] = key.tokens_per_day
+    if key.tokens_per_month is not None:
+        entry["tokens_per_month"] = key.tokens_per_month
+    if key.weight != 1:
+        entry["weight"] = key.weight
     return entry
 
 

@@ -16,6 +16,7 @@ Every label has a bounded set of values, whatever clients send:
   - C{method}, C{status} and C{outcome} are folded into fixed sets;
   - C{key} is a key's name, from the operator's configuration (or C{-}
     for a request without a key);
+  - C{period} (of a token quota) is C{day} or C{month};
   - C{model} comes from Ollama's answers and is free text, so only the
     first L{MAX_MODELS} distinct models get their own label value; later
     ones are counted as C{other}.
@@ -34,6 +35,7 @@ from twisted.web.server import Request
 
 from ollamaproxy.backends.router import Router
 from ollamaproxy.exchange import OUTCOMES, Exchange
+from ollamaproxy.readiness import READY_PATH, Readiness
 
 __all__ = ["DURATION_BUCKETS", "MAX_MODELS", "Metrics"]
 
@@ -122,6 +124,13 @@ class Metrics:
             "Idle client connections closed to make room for new ones.",
             registry=self.registry,
         )
+        self._quota_refusals = Counter(
+            "ollamaproxy_quota_refusals",
+            "Requests refused with 429 because their key had used its token quota, by key "
+            "name and period (day or month, UTC).",
+            ["key", "period"],
+            registry=self.registry,
+        )
         self._queued = Histogram(
             "ollamaproxy_queue_wait_seconds",
             "Seconds requests that waited for a busy model spent in the fair queue.",
@@ -189,6 +198,13 @@ class Metrics:
         """
         self.registry.register(_RouterCollector(router))
 
+    def quota_refused(self, key: str, period: str) -> None:
+        """
+        A request of key C{key} was refused: the key had used its token
+        quota for the C{period} (C{day} or C{month}).
+        """
+        self._quota_refusals.labels(key=key, period=period).inc()
+
     def connection_shed(self) -> None:
         """
         An idle client connection was closed to make room.
@@ -221,17 +237,25 @@ class Metrics:
 
 class MetricsResource(Resource):
     """
-    Serves the metrics, and nothing else, without a key: for the separate
-    C{--metrics-listen} endpoint, which is meant for a private address.
+    Serves the metrics, and readiness at C{/-/ready}, without a key: for the
+    separate C{--metrics-listen} endpoint, which is meant for a private
+    address.
     """
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, readiness: Readiness | None = None) -> None:
         super().__init__()
         self._metrics = metrics
+        self._readiness = readiness
 
     def render_GET(self, request: Request) -> bytes:
+        if self._readiness is not None and request.path == READY_PATH:
+            code, body = self._readiness.answer()
+            request.setResponseCode(code)
+            request.setHeader(b"content-type", b"application/json; charset=utf-8")
+            request.setHeader(b"cache-control", b"no-store")
+            return body
         content_type, body = self._metrics.render(request.getHeader(b"accept"))
         request.setHeader(b"content-type", content_type)
         return body

@@ -37,12 +37,12 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from ollamaproxy.config import show_size
 from ollamaproxy.errors import ProxyError, error_body
-from ollamaproxy.exchange import Exchange
+from ollamaproxy.exchange import StreamSummary
 from ollamaproxy.headers import copy_response_headers, upstream_request_headers
 from ollamaproxy.request_body import BodyTooLarge
 from ollamaproxy.site import ProxyRequest
@@ -96,38 +96,52 @@ class Target:
     openai: bool
 
 
-async def relay(
+@dataclass(frozen=True)
+class Relayed:
+    """
+    What a relayed response amounted to.
+
+    @ivar summary: What the generation used, from its final object, if the
+        body was a generation's.
+    @ivar sample: The start of the body, for the log.
+    @ivar cut: Why the body stopped before its end, or L{None} if it did
+        not.  The client has had an error in the stream's own format; the
+        caller notes it, then ends the response with L{end_cut}, so that
+        the client cannot take it for complete.
+    """
+
+    summary: StreamSummary | None = None
+    sample: bytes = b""
+    cut: str | None = None
+
+
+async def send(
     request: ProxyRequest,
     upstream: Upstream,
     target: Target,
-    exchange: Exchange,
-    rewrite: Callable[[bytes], bytes] | None = None,
-    sample_bytes: int = 0,
-) -> None:
+    method: bytes | None = None,
+    body: IBodyProducer | None = None,
+) -> IResponse:
     """
-    Send C{request} to Ollama and stream the response back into it.
+    Send C{request} to Ollama, and wait for the response head.
 
-    @param rewrite: For the few small answers the proxy must change (model
-        listings for a key limited to some models): called with a whole
-        successful body, and what it returns is sent instead.  A C{HEAD}
-        request is then sent as C{GET}, so that its length is the
-        rewritten body's.
-    @param sample_bytes: How much of the response body to keep for the log
-        (C{exchange.response_sample}); 0 for none.
-
+    @param method: The method to send, if not the request's.
+    @param body: The body to send instead of the client's (which is sent
+        as it comes).
     @raise ProxyError: 502 if Ollama cannot be reached (L{Unreachable} if
         not even a connection was made, so nothing was sent), 504 if its
-        response head does not come in time; nothing has been written to the
-        client then.
+        response head does not come in time, 413 for a body over the limit.
     """
-    if request.body is not None and request.body.too_large:
-        raise _too_large(request.body.max_size)
+    if body is None:
+        body = request.body
+        if request.body is not None and request.body.too_large:
+            raise _too_large(request.body.max_size)
     try:
-        response = await upstream.request(
-            b"GET" if rewrite is not None and request.method == b"HEAD" else request.method,
+        return await upstream.request(
+            method or request.method,
             target.target,
             upstream_request_headers(request.requestHeaders, upstream.via),
-            request.body,
+            body,
         )
     except TimeoutError:
         raise ProxyError(
@@ -148,8 +162,35 @@ async def relay(
         raise (Unreachable if unsent else ProxyError)(
             502, f"cannot reach Ollama at {where}: {_reason(e)}"
         ) from e
-    exchange.responded(upstream.clock.seconds(), response.code)
-    rewritten = None
+
+
+async def relay(
+    request: ProxyRequest,
+    upstream: Upstream,
+    target: Target,
+    on_head: Callable[[int], None],
+    rewrite: Callable[[bytes], bytes] | None = None,
+    sample_bytes: int = 0,
+) -> Relayed:
+    """
+    Send C{request} to Ollama and stream the response back into it.
+
+    @param on_head: Called with the status when Ollama's response head
+        arrives.
+    @param rewrite: For the few small answers the proxy must change (model
+        listings for a key limited to some models): called with a whole
+        successful body, and what it returns is sent instead.  A C{HEAD}
+        request is then sent as C{GET}, so that its length is the
+        rewritten body's.
+    @param sample_bytes: How much of the response body to keep for the log;
+        0 for none.
+    @return: What was relayed.
+    @raise ProxyError: as L{send} does, before anything was written to the
+        client; 502 if an answer to rewrite could not be read.
+    """
+    head = b"GET" if rewrite is not None and request.method == b"HEAD" else None
+    response = await send(request, upstream, target, head)
+    on_head(response.code)
     if rewrite is not None and response.code == 200:
         try:
             rewritten = rewrite(await whole_body(response))
@@ -157,30 +198,53 @@ async def relay(
             raise ProxyError(502, "Ollama's answer broke off") from e
         except ValueError as e:  # too large, or not a listing
             raise ProxyError(502, f"Ollama's answer could not be read: {e}") from e
+        answer_head(request, response)
+        request.setHeader(b"content-length", b"%d" % len(rewritten))
+        request.write(rewritten)
+        return Relayed()
+    answer_head(request, response)
+    request.write(b"")  # the response head goes out now, as Ollama sent it
+    return await relay_body(request, response, upstream, target.openai, sample_bytes)
+
+
+def answer_head(request: ProxyRequest, response: IResponse) -> None:
+    """
+    Answer with Ollama's status and headers.
+    """
     request.setResponseCode(response.code, response.phrase)
     # Ollama's type or none: not twisted.web's text/html default.
     request.defaultContentType = None
     copy_response_headers(response.headers, request.responseHeaders)
-    if rewritten is not None:
-        request.setHeader(b"content-length", b"%d" % len(rewritten))
-        request.write(rewritten)
-        return
-    request.write(b"")  # the response head goes out now, as Ollama sent it
-    body = _BodyRelay(request, response, upstream, target.openai, sample_bytes)
+
+
+async def relay_body(
+    request: ProxyRequest,
+    response: IResponse,
+    upstream: Upstream,
+    openai: bool,
+    sample_bytes: int = 0,
+) -> Relayed:
+    """
+    Stream Ollama's response body to the client as it comes (the head has
+    been answered).
+    """
+    body = _BodyRelay(request, response, upstream, openai, sample_bytes)
     response.deliverBody(body)
     try:
         await body.done
-        exchange.summary = summarise(body.tail, target.openai, body.pieces, body.reads)
     except BodyCut as e:
-        exchange.response_sample = body.sample
-        exchange.failed("upstream_error", str(e))
-        # Close the connection without the last chunk, so the client cannot
-        # take the stream for complete; Klein sees the disconnection and
-        # ends this handler.
-        request.loseConnection()
-        await request.notifyFinish().addErrback(lambda _: None)
-    else:
-        exchange.response_sample = body.sample
+        return Relayed(sample=body.sample, cut=str(e))
+    return Relayed(summarise(body.tail, openai, body.pieces, body.reads), body.sample)
+
+
+async def end_cut(request: ProxyRequest) -> None:
+    """
+    End a response whose body was cut: close the connection without the
+    last chunk, so the client cannot take the stream for complete.  Klein
+    sees the disconnection and ends the handler.
+    """
+    request.loseConnection()
+    await request.notifyFinish().addErrback(lambda _: None)
 
 
 def _too_large(limit: int) -> ProxyError:

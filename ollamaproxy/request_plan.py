@@ -8,7 +8,10 @@ answer is rewritten (a model listing narrowed to the key's models).
 A body is read only when something needs it: a key limited to models or
 without the C{cloud} scope, a cap, a request that runs a model (the router
 gives it a slot for that model), or several backends to choose from.  Model
-uploads and every other body stream through unread.
+uploads and every other body stream through unread; so does a body that
+runs a model but cannot be read whole (sent in chunks, compressed, or
+declared larger than the proxy reads): it waits for a slot of the router's
+L{UNREAD_MODEL}, and goes to any backend.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+from ollamaproxy.backends.router import UNREAD_MODEL
 from ollamaproxy.caps import CAPPED_ROUTES, NO_CAPS, Caps, clamp
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.keys import ApiKey
@@ -41,11 +45,13 @@ class Plan:
     @ivar model: The model the request runs or names, for the router.
     @ivar rewrite: How to rewrite a successful answer, if it needs it.
     @ivar notes: What the proxy changed in the request, for the access line.
+    @ivar body: The request's body, if it was read whole (as sent on).
     """
 
     model: ModelName | None = None
     rewrite: Callable[[bytes], bytes] | None = None
     notes: list[str] = field(default_factory=list)
+    body: bytes | None = None
 
 
 async def plan_request(
@@ -98,8 +104,9 @@ async def plan_request(
             return Plan()  # Ollama answers that the model is missing
         if not must and not _readable(request):
             # Read only to route it: a body that cannot be read whole
-            # goes on unread, and Ollama answers for it as it would.
-            return Plan()
+            # goes on unread, and Ollama answers for it as it would; if it
+            # runs a model, after its turn in the queue.
+            return Plan(model=UNREAD_MODEL if route.runs else None)
         body = await _read(request)
         query = target.target.partition(b"?")[2]
         try:
@@ -111,7 +118,7 @@ async def plan_request(
     if check:
         assert key is not None
         check_models(key, [name for _, name in named])
-    plan = Plan(model=_routed(named, route))
+    plan = Plan(model=_routed(named, route), body=body if request.body is not None else None)
     if caps != NO_CAPS and request.body is not None:
         try:
             clamped, plan.notes = clamp(body, caps)
@@ -119,6 +126,7 @@ async def plan_request(
             raise ProxyError(400, str(e)) from None
         if plan.notes:
             request.body.replace(clamped)
+            plan.body = clamped
     return plan
 
 

@@ -65,6 +65,10 @@ class Placement(Enum):
     #: (C{/api/blobs}) and the C{/api/create} that uses them must meet, and
     #: a pulled model lands in one known place.
     PRIMARY = "primary"
+    #: Every healthy backend in turn (L{ollamaproxy.everywhere}): a pull.
+    EVERY = "every"
+    #: Every healthy backend that has the model, in turn: a delete, a copy.
+    EVERY_HAVING = "every having"
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ def _route(pattern: str, methods: str, scope: Scope, model_in: ModelIn = ModelIn
 
 OPEN, INFERENCE, ADMIN = Scope.OPEN, Scope.INFERENCE, Scope.ADMIN
 JSON, FORM, PATH = ModelIn.JSON, ModelIn.FORM, ModelIn.PATH
-PRIMARY = Placement.PRIMARY
+PRIMARY, EVERY, EVERY_HAVING = Placement.PRIMARY, Placement.EVERY, Placement.EVERY_HAVING
 
 #: Ollama's routes (server/routes.go), and the few the issue tracker and
 #: Ollama's clients know of that a release may serve.
@@ -133,13 +137,13 @@ OLLAMA_ROUTES = (
     _route("/api/chat", "POST", INFERENCE, JSON, runs=True),
     _route("/api/embed", "POST", INFERENCE, JSON, runs=True),
     _route("/api/embeddings", "POST", INFERENCE, JSON, runs=True),
-    _route("/api/pull", "POST", ADMIN, JSON, placement=PRIMARY, changes_models=True),
+    _route("/api/pull", "POST", ADMIN, JSON, placement=EVERY, changes_models=True),
     _route("/api/push", "POST", ADMIN, JSON),
-    _route("/api/delete", "DELETE", ADMIN, JSON, changes_models=True),
+    _route("/api/delete", "DELETE", ADMIN, JSON, placement=EVERY_HAVING, changes_models=True),
     _route("/api/create", "POST", ADMIN, JSON, fields=("model", "name", "from"),
            placement=PRIMARY, changes_models=True),
     _route("/api/copy", "POST", ADMIN, JSON, fields=("source", "destination"),
-           changes_models=True),
+           placement=EVERY_HAVING, changes_models=True),
     _route("/api/blobs/{digest}", "POST HEAD", ADMIN, placement=PRIMARY),
     _route("/api/me", "POST", ADMIN),
     _route("/api/signout", "POST", ADMIN),

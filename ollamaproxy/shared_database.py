@@ -117,14 +117,16 @@ class SharedDatabase:
             raise ConfigError(str(e)) from None
         return cls(config, reactor, store, sources, version)
 
-    def usage_store(self) -> UsageStore:
+    def usage_store(self, worker: ThreadWorker) -> UsageStore:
         """
         The usage service: PostgreSQL, with the usage file as the spill file.
+
+        @param worker: Writes the usage (and reads it for the token quotas).
         """
         self.usage = UsageStore(
             PostgresUsage(Database(self._url)),
             self._reactor,
-            worker=ThreadWorker(self._reactor),
+            worker=worker,
             spill=SqliteUsage(self._config.usage_file),
         )
         return self.usage

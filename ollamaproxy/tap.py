@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from secrets import token_hex
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -57,6 +58,8 @@ from ollamaproxy.limits import GuessThrottle, KeyLimits
 from ollamaproxy.logs import LogFilesService
 from ollamaproxy.metrics import Metrics, MetricsResource
 from ollamaproxy.probe import UpstreamProbe
+from ollamaproxy.quotas import QuotaBook, QuotaSeed
+from ollamaproxy.readiness import Readiness
 from ollamaproxy.redact import Redactor
 from ollamaproxy.reload import KeysReloader, sighup_installer
 from ollamaproxy.site import ProxySite
@@ -139,7 +142,8 @@ class ProxyOptions(usage.Options):
          "tauri://, vscode-webview://, vscode-file://]"],
         ["usage-file", None, None,
          "SQLite database of requests and tokens per key and model (see "
-         "'ollamaproxy usage') [default: $XDG_STATE_HOME/ollamaproxy/usage.sqlite3 "
+         "'ollamaproxy usage'); keys' token quotas count from it at start "
+         "[default: $XDG_STATE_HOME/ollamaproxy/usage.sqlite3 "
          "or ~/.local/state/ollamaproxy/usage.sqlite3]"],
         ["metrics-listen", None, None,
          "A separate endpoint serving Prometheus metrics without a key, e.g. "
@@ -397,23 +401,31 @@ def build_service(
     ]
     backend_pool = BackendPool(backends)
     router = Router(backend_pool, reactor, config.max_queue, config.queue_timeout)
-    auth = Authenticator(keys, config.open_routes, reactor, GuessThrottle(reactor))
+    auth = Authenticator(keys, config.open_routes, reactor)
+    readiness = Readiness()
     metrics = Metrics()
     metrics.watch(router)
+    usage_worker = ThreadWorker(reactor)
     if shared is None:
-        usage_store = UsageStore(config.usage_file, reactor, worker=ThreadWorker(reactor))
+        usage_store = UsageStore(config.usage_file, reactor, worker=usage_worker)
     else:
-        usage_store = shared.usage_store()
+        usage_store = shared.usage_store(usage_worker)
+        readiness.add("database", lambda: shared.ready)
     metrics.registry.register(
         UsageCollector(usage_store, None if shared is None else lambda: shared.ready)
     )
+    # Token quotas count from what the usage store recorded this day and
+    # month (with --database, every proxy's); keys with a quota wait (503)
+    # until that is read.
+    quotas = QuotaBook(reactor, metrics.quota_refused)
+    readiness.add("quotas", lambda: quotas.loaded)
     # The --api-key is known in clear: blanked wherever it shows, whatever
     # its shape; the keys file's keys, by digest, word by word.
     clear_keys = [config.api_key] if config.api_key else []
     proxy = OllamaProxy(
         router,
         auth,
-        KeyLimits(reactor),
+        KeyLimits(reactor, quotas),
         Cors(config.cors_origins),
         reactor,
         metrics,
@@ -422,6 +434,8 @@ def build_service(
         redact=Redactor(keys.is_key, clear_keys),
         trusted_proxies=config.trusted_proxies,
         caps=config.caps,
+        throttle=GuessThrottle(reactor),
+        readiness=readiness,
     )
     site = ProxySite(
         proxy.resource(),
@@ -450,6 +464,13 @@ def build_service(
     PoolService(pool).setServiceParent(service)
     backend_pool.setServiceParent(service)
     usage_store.setServiceParent(service)
+    # Right after the store: its first work on the worker is making the
+    # file, the next is this read, before any of this process's usage.
+    QuotaSeed(
+        quotas,
+        reactor,
+        lambda since: usage_worker.run(partial(usage_store.database.tokens_by_key, since)),
+    ).setServiceParent(service)
     KeysReloader(
         keys if shared is None else shared.sources.part(FILE),
         config.keys_file,
@@ -473,7 +494,7 @@ def build_service(
             )
         listen(endpoint, site, reactor, "--listen").setServiceParent(listeners)
     if config.metrics_listen:
-        metrics_site = Site(MetricsResource(metrics), reactor=reactor)
+        metrics_site = Site(MetricsResource(metrics, readiness), reactor=reactor)
         metrics_site.noisy = False
         listen(config.metrics_listen, metrics_site, reactor, "--metrics-listen").setServiceParent(
             listeners

@@ -202,16 +202,22 @@ def summarise(path: str, since: float | None, by: Literal["key", "model"]) -> li
 
 def tokens_by_key(path: str, since: float) -> dict[str, int]:
     """
-    The prompt and completion tokens each key used from the minute holding
-    C{since} on, in the database at C{path} (none if there is no file).
+    The tokens (prompt and completion) each key used since a time, for the
+    token quotas: the daemon reads its day's and month's at start.
+    Blocking: call it away from the reactor thread.
 
-    @raise UsageFileError: If the file is not a usage database.
+    @param since: Count the minutes from the one holding this time
+        (seconds since the epoch).
+    @return: Tokens per key name; keys that used none are left out.  No
+        file, or an empty one, gives none.
+    @raise UsageFileError: If the file is not a usage database, or cannot be
+        read.
     """
     try:
         rows = summarise(path, since, "key")
     except FileNotFoundError:
         return {}
-    return {row.name: row.total_tokens for row in rows}
+    return {row.name: row.total_tokens for row in rows if row.total_tokens > 0}
 
 
 def drain(path: str, into: Callable[[list[UsageRow]], None]) -> int:

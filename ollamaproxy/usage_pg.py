@@ -97,7 +97,7 @@ class PostgresUsage:
         together, from the minute holding C{since} on.
         """
         rows = self.summarise(since, "key")
-        return {row.name: row.total_tokens for row in rows}
+        return {row.name: row.total_tokens for row in rows if row.total_tokens > 0}
 
     def close(self) -> None:
         self._database.close()

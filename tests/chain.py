@@ -40,6 +40,7 @@ from ollamaproxy.cors import Cors
 from ollamaproxy.keys import SCOPES, ApiKey, KeyStore, digest
 from ollamaproxy.limits import GuessThrottle, KeyLimits
 from ollamaproxy.metrics import Metrics
+from ollamaproxy.quotas import QuotaBook
 from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import Upstream
 from tests.fake_ollama import FakeOllama
@@ -147,11 +148,13 @@ class Chain:
         self.router = Router(self.pool, self.clock, max_queue, queue_timeout)
         self.keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=SCOPES)])
         self.throttle = GuessThrottle(self.clock)
-        auth = Authenticator(self.keys, parse_routes(open_routes), self.clock, self.throttle)
+        auth = Authenticator(self.keys, parse_routes(open_routes), self.clock)
         self.metrics = Metrics()
-        self.proxy = OllamaProxy(self.router, auth, KeyLimits(self.clock), Cors(), self.clock,
-                                 self.metrics, body_sample_bytes=body_sample_bytes,
-                                 trusted_proxies=trusted_proxies, caps=caps)
+        self.quotas = QuotaBook(self.clock, self.metrics.quota_refused, loaded=True)
+        self.proxy = OllamaProxy(self.router, auth, KeyLimits(self.clock, self.quotas), Cors(),
+                                 self.clock, self.metrics, body_sample_bytes=body_sample_bytes,
+                                 trusted_proxies=trusted_proxies, caps=caps,
+                                 throttle=self.throttle)
         self.client = StubTreq(self.proxy.resource())
         # Serve through the proxy's own Site, as the daemon does, not the
         # plain one StubTreq makes.

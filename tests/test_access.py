@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from twisted.python.failure import Failure
 
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.keys import ApiKey, digest
@@ -286,10 +287,15 @@ def test_guess_throttle_is_per_address() -> None:
     throttle = GuessThrottle(Clock(), failures=2)
     throttle.failed("10.0.0.1")
     throttle.failed("10.0.0.1")
-    with pytest.raises(ProxyError, match="too many") as raised:
-        throttle.failed("10.0.0.1")
-    assert raised.value.code == 429
-    throttle.failed("10.0.0.2")
+    refused: list[Failure] = []
+    throttle.failed("10.0.0.1").addErrback(refused.append)
+    [failure] = refused
+    error = failure.trap(ProxyError) and failure.value
+    assert isinstance(error, ProxyError)
+    assert error.code == 429 and "too many" in error.message
+    counted: list[None] = []
+    throttle.failed("10.0.0.2").addCallback(counted.append)
+    assert counted == [None]
 
 
 def test_expired_key_is_refused() -> None:

@@ -26,10 +26,12 @@ from typing import NoReturn
 import pytest
 
 from ollamaproxy import __version__
+from ollamaproxy.caps import Caps
 from ollamaproxy.cli import main
 from ollamaproxy.config import Config
 from ollamaproxy.keys import (
     ADMIN,
+    CLOUD,
     INFERENCE,
     ApiKey,
     KeysFileError,
@@ -196,11 +198,14 @@ def test_list_never_shows_keys_or_hashes(keys_file: Path) -> None:
     assert "sha256" not in result.out and "olpk_" not in result.out
     header, alice, bob = result.out.splitlines()
     assert header.split() == [
-        "NAME", "SCOPES", "MODELS", "RPM", "MAX", "STREAMS", "CREATED", "EXPIRES"
+        "NAME", "SCOPES", "MODELS", "RPM", "MAX", "STREAMS", "TOKENS/DAY", "TOKENS/MONTH",
+        "CREATED", "EXPIRES",
     ]
-    assert alice.split() == ["alice", "inference", "all", "-", "-", "2026-11-27T07:00:00Z", "-"]
+    assert alice.split() == [
+        "alice", "inference", "all", "-", "-", "-", "-", "2026-11-27T07:00:00Z", "-"
+    ]
     assert bob.split() == [
-        "bob", "admin,inference", "llama3*,qwen", "60", "2",
+        "bob", "admin,inference", "llama3*,qwen", "60", "2", "-", "-",
         "2026-11-27T07:00:00Z", "2027-01-01T00:00:00Z",
     ]
 
@@ -813,8 +818,6 @@ def test_add_caps_round_trip(keys_file: Path) -> None:
     C{--max-keep-alive} and C{--max-num-ctx} are stored with the key and
     read back as its caps; the summary names them.
     """
-    from ollamaproxy.caps import Caps
-
     result = run("keys", "add", "bob", "--max-keep-alive", "10m", "--max-num-ctx", "8192",
                  "--keys-file", str(keys_file))
     assert result.code == 0
@@ -831,3 +834,101 @@ def test_add_refuses_a_keep_alive_cap_that_is_none(keys_file: Path, value: str) 
     result = run("keys", "add", "bob", "--max-keep-alive", value, "--keys-file", str(keys_file))
     assert result.code == 2
     assert len(result.err.strip().splitlines()) == 1
+
+
+def test_add_token_quotas_round_trip_and_show(keys_file: Path) -> None:
+    """
+    C{--tokens-per-day} and C{--tokens-per-month} are stored with the key,
+    named in the summary, and shown by C{keys list}.
+    """
+    result = run("keys", "add", "bob", "--tokens-per-day", "20000", "--tokens-per-month",
+                 "300000", "--keys-file", str(keys_file))
+    assert (result.code, result.err) == (0, "")
+    assert "tokens per day 20000; tokens per month 300000" in result.out
+    [stored] = load_keys_file(str(keys_file))
+    assert (stored.tokens_per_day, stored.tokens_per_month) == (20000, 300000)
+    _, line = run("keys", "list", "--keys-file", str(keys_file)).out.splitlines()
+    assert line.split()[5:7] == ["20000", "300000"]
+
+
+def test_update_changes_settings_and_keeps_the_secret(keys_file: Path) -> None:
+    """
+    C{keys update} changes the settings it is given, leaves the others and
+    the key's secret, creation time and place in the file as they were.
+    """
+    add(keys_file, "alice")
+    secret = add(keys_file, "bob", "--models", "llama3*", "--rpm", "60", "--max-streams", "2",
+                 "--max-num-ctx", "8192")
+    add(keys_file, "carol")
+    before = load_keys_file(str(keys_file))
+    result = run("keys", "update", "bob", "--tokens-per-day", "1000", "--tokens-per-month",
+                 "20000", "--rpm", "30", "--cloud", "--max-keep-alive", "5m",
+                 "--expires", "2027-06-01", "--keys-file", str(keys_file), now=LATER)
+    assert (result.code, result.err) == (0, "")
+    assert result.out.startswith(f"Updated key 'bob' in {keys_file}; its secret is unchanged")
+    assert "olpk_" not in result.out and "sha256" not in result.out
+    assert "rpm 30" in result.out and "tokens per day 1000" in result.out
+    after = load_keys_file(str(keys_file))
+    assert after == [
+        before[0],
+        replace(before[1], rpm=30, scopes=frozenset({INFERENCE, CLOUD}),
+                caps=Caps(keep_alive=300.0, num_ctx=8192),
+                expires=datetime(2027, 6, 1, tzinfo=UTC),
+                tokens_per_day=1000, tokens_per_month=20000),
+        before[2],
+    ]
+    found = KeyStore(after).find(secret)
+    assert found is not None and found.name == "bob" and found.created == NOW
+
+
+def test_update_clears_limits(keys_file: Path) -> None:
+    """
+    C{none} removes a limit or a cap, C{--expires never} the expiry,
+    C{--models all} the model patterns, C{--no-admin} and C{--no-cloud}
+    the scopes: the key is then as if added with no options.
+    """
+    secret = add(keys_file, "bob", "--admin", "--cloud", "--models", "llama3*", "--rpm", "60",
+                 "--max-streams", "2", "--max-keep-alive", "10m", "--max-num-ctx", "8192",
+                 "--expires", "2027-01-01", "--tokens-per-day", "5", "--tokens-per-month", "9",
+                 "--weight", "3")
+    assert load_keys_file(str(keys_file))[0].weight == 3
+    result = run("keys", "update", "bob", "--no-admin", "--no-cloud", "--models", "all",
+                 "--rpm", "none", "--max-streams", "none", "--max-keep-alive", "none",
+                 "--max-num-ctx", "none", "--expires", "never", "--tokens-per-day", "none",
+                 "--tokens-per-month", "none", "--weight", "none", "--keys-file", str(keys_file))
+    assert (result.code, result.err) == (0, "")
+    assert load_keys_file(str(keys_file)) == [ApiKey("bob", digest(secret), created=NOW)]
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "fragment"),
+    [
+        (["nobody", "--rpm", "5"], 1, "no key named 'nobody' in"),
+        (["bob"], 2, "keys update: give a setting to change"),
+        (["bob", "--rpm", "0"], 2, "--rpm: '0' is not a whole number from 1"),
+        (["bob", "--tokens-per-day", "lots"], 2, "--tokens-per-day: 'lots' is not a whole"),
+        (["bob", "--tokens-per-month", "-5"], 2, "--tokens-per-month"),
+        (["bob", "--expires", "2026-01-01"], 2, "is not in the future"),
+        (["bob", "--expires", "none"], 2, "--expires: 'none' is not a date"),
+        (["bob", "--models", "a", "b"], 2, "unrecognized arguments: b"),
+        (["bob", "--admin", "--no-admin", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    ],
+)
+def test_update_errors(keys_file: Path, argv: list[str], code: int, fragment: str) -> None:
+    """
+    An unknown key is one line and exit 1; a wrong or empty command line
+    one line and exit 2; the file stays as it was either way.
+    """
+    add(keys_file, "bob", "--rpm", "60")
+    before = keys_file.read_bytes()
+    result = run("keys", "update", *argv, "--keys-file", str(keys_file))
+    assert_one_line_error(result, code, fragment)
+    assert keys_file.read_bytes() == before
+
+
+def test_add_refuses_none_for_a_limit(keys_file: Path) -> None:
+    """
+    C{none} clears a limit on C{update} only: C{add} takes whole numbers.
+    """
+    result = run("keys", "add", "bob", "--tokens-per-day", "none", "--keys-file", str(keys_file))
+    assert_one_line_error(result, 2, "--tokens-per-day: 'none' is not a whole number")

@@ -144,7 +144,7 @@ def test_the_command_sums_usage_in_the_database(postgres_url: str) -> None:
 
 def test_keys_commands_work_on_the_database(postgres_url: str, tmp_path: Path) -> None:
     """
-    C{keys add|list|rotate|revoke --database} keep each key's entry (its
+    C{keys add|list|update|rotate|revoke --database} keep each key's entry (its
     hash, never the key) in the database, bump the change marker at every
     change, and never touch the keys file.
     """
@@ -164,6 +164,11 @@ def test_keys_commands_work_on_the_database(postgres_url: str, tmp_path: Path) -
     assert code == 1 and "already exists in database" in err
     code, out, _ = cli("keys", "list", "--database", postgres_url)
     assert code == 0 and out.splitlines()[1].split()[:4] == ["bob", "inference", "all", "5"]
+    code, out, err = cli("keys", "update", "bob", "--tokens-per-day", "1000",
+                         "--database", postgres_url)
+    assert code == 0 and "Updated key 'bob' in database postgresql://" in out, err
+    [(entry,)] = query(postgres_url, "SELECT entry FROM api_keys")
+    assert entry["tokens_per_day"] == 1000 and entry["hash"] == "sha256:" + digest(secret).hex()
     code, out, _ = cli("keys", "rotate", "bob", "--database", postgres_url)
     rotated = out.splitlines()[-1]
     database = Database(postgres_url)

@@ -47,6 +47,7 @@ from ollamaproxy.descriptors import connection_limit
 from ollamaproxy.keys import ApiKey, digest, load_keys_file, looks_generated, write_keys_file
 from ollamaproxy.logs import LogFilesService
 from ollamaproxy.probe import UpstreamProbe
+from ollamaproxy.quotas import QuotaSeed
 from ollamaproxy.reload import KeysReloader
 from ollamaproxy.site import ProxySite
 from ollamaproxy.tap import DrainService, Listeners, Options, ProxyOptions, build_service
@@ -289,9 +290,9 @@ def test_service_structure(tmp_path: Path) -> None:
     )
     service = build_service(config, reactor, lambda text: None)
     kinds = [type(child) for child in children(service)]
-    assert kinds == [PoolService, BackendPool, UsageStore, KeysReloader, DrainService,
-                     Listeners, UpstreamProbe]
-    assert [type(child) for child in children(children(service)[5])] == [  # type: ignore[arg-type]
+    assert kinds == [PoolService, BackendPool, UsageStore, QuotaSeed, KeysReloader,
+                     DrainService, Listeners, UpstreamProbe]
+    assert [type(child) for child in children(children(service)[6])] == [  # type: ignore[arg-type]
         StreamServerEndpointService,
         StreamServerEndpointService,
     ]

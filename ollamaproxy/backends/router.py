@@ -9,7 +9,10 @@ M; among those, to one that has M in memory (no load time), then to the one
 with the fewest requests in flight.  When every such backend already runs
 C{parallel} requests for M, the request waits in the fair queue
 (L{ollamaproxy.backends.queue}).  A request naming no model goes to the
-healthy backend with the fewest requests in flight, at once.
+healthy backend with the fewest requests in flight, at once.  A request
+that runs a model the proxy did not read the name of (a body sent in chunks
+past what the proxy reads, say) runs as L{UNREAD_MODEL}: on any healthy
+backend, C{parallel} at a time, waiting its turn like the others.
 
 With a single backend the proxy decides nothing about models or health:
 every request goes to it, and Ollama answers for a model it does not have
@@ -30,6 +33,11 @@ from ollamaproxy.backends.queue import FairQueue, busy
 from ollamaproxy.config import DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.model_names import ModelName
+
+#: The model of a request that runs one but whose body the proxy did not
+#: read: a slot of its own kind, so that no way of sending a body skips the
+#: fair queue.
+UNREAD_MODEL = ModelName("", cloud=False)
 
 
 @dataclass(eq=False)
@@ -96,6 +104,7 @@ class Router:
         runs: bool = False,
         primary: bool = False,
         exclude: Iterable[Backend] = (),
+        weight: int = 1,
     ) -> Deferred[Lease]:
         """
         A backend for a request of key C{key} naming C{model}.
@@ -106,6 +115,7 @@ class Router:
             order configured, whatever it names.
         @param exclude: Backends not to use (one that just failed this
             request).
+        @param weight: The key's share of turns in the fair queue.
         @return: Fires with a L{Lease} at once, or once the request's turn has
             come; cancelling it leaves the queue.
         @raise ProxyError: 404 if no backend has the model, 503 if none that
@@ -128,9 +138,9 @@ class Router:
         if not len(self.queue):
             lease = self._grant((model, now, excluded))
             if lease is not None:
-                self.queue.served(key)
+                self.queue.served(key, weight)
                 return succeed(lease)
-        waiting = self.queue.wait(key, (model, now, excluded))
+        waiting = self.queue.wait(key, (model, now, excluded), weight)
         self._serve_queue()
         return waiting
 
@@ -145,7 +155,7 @@ class Router:
     def _check_available(self, model: ModelName | None, excluded: frozenset[Backend]) -> None:
         if not self.several:
             return
-        having = [b for b in self.backends if model is None or b.has(model)]
+        having = [b for b in self.backends if model is None or self._has(b, model)]
         if not having:
             assert model is not None
             raise ProxyError(404, f"model '{model.canonical}' not found on any backend",
@@ -155,7 +165,7 @@ class Router:
             raise busy(f"no healthy backend has {what}", 1)
 
     def _has(self, backend: Backend, model: ModelName) -> bool:
-        return not self.several or backend.has(model)
+        return not self.several or model == UNREAD_MODEL or backend.has(model)
 
     def _grant(
         self,

@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.web.iweb import IAgent
 
 from ollamaproxy.backends.pool import Backend, BackendPool
-from ollamaproxy.backends.router import Lease, Router
+from ollamaproxy.backends.router import UNREAD_MODEL, Lease, Router
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.model_names import resolve
 from ollamaproxy.upstream import Upstream
@@ -229,3 +229,21 @@ def test_primary_placement_takes_the_first_healthy_backend() -> None:
     with pytest.raises(ProxyError) as raised:
         r.acquire("k", QWEN, primary=True)
     assert raised.value.code == 503
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_request_whose_model_was_not_read_waits_its_turn(count: int) -> None:
+    """
+    A request that runs a model the proxy did not read the name of takes a
+    slot of its own kind on any healthy backend: C{parallel} at a time, the
+    next one waiting in the fair queue, with one backend or several.
+    """
+    clock = Clock()
+    backends = [backend(clock, name, ("llama3.2",), parallel=1) for name in "ab"[:count]]
+    r = router(*backends)
+    leases = [now(r.acquire("k", UNREAD_MODEL, runs=True)) for _ in backends]
+    assert {lease.backend.name for lease in leases} == {b.name for b in backends}
+    waiting = r.acquire("other", UNREAD_MODEL, runs=True)
+    assert r.queue.waiting() == {"other": 1}
+    leases[0].release()
+    assert now(waiting).backend is leases[0].backend

@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from ollamaproxy.caps import Caps
 from ollamaproxy.keys import ApiKey, digest
+from ollamaproxy.policy import MAX_CHECKED_BODY
 from tests.chain import Chain
 
 USER = "olpk_userkeyuserkeyuserkeyuserkeyuser00"
@@ -262,3 +263,46 @@ def test_a_merged_listing_sends_no_key_and_skips_a_backend_that_fails(
     assert USER.encode() not in b"".join(v for _, vs in asked.headers.getAllRawHeaders()
                                          for v in vs)
     assert access_events[-1]["upstream"] == "http://127.0.0.1:11434"
+
+
+
+def test_a_body_the_proxy_does_not_read_waits_its_turn_too() -> None:
+    """
+    Chats whose body the proxy does not read for a key it need not check
+    (declared over the 16 MiB it reads here; sent in chunks or compressed
+    alike) still take slots, of a kind of their own: at --parallel 1 the
+    second waits in the fair queue and reaches Ollama once the first has
+    ended.
+    """
+    chain = Chain(parallel=1)
+    padded = chat("hold", pad=" " * MAX_CHECKED_BODY)
+    unread = [chain.request("POST", "/api/chat", data=padded) for _ in range(2)]
+    assert len(chain.fake.received) == 1
+    assert chain.router.queue.waiting() == {"alice": 1}
+    chain.fake.held[0].finish()
+    chain.flush()
+    chain.body(chain.result(unread[0]))
+    assert len(chain.fake.received) == 2
+    chain.fake.held[1].finish()
+    chain.flush()
+    chain.body(chain.result(unread[1]))
+
+
+def test_a_heavier_key_gets_more_turns() -> None:
+    """
+    A key of weight 2 and a key of weight 1, both with requests waiting at
+    --parallel 1: the slots go two to one, as the fake upstream sees them.
+    """
+    chain = Chain(parallel=1)
+    chain.keys.replace([*chain.keys._by_digest.values(),
+                        ApiKey("user", digest(USER), weight=2), ApiKey("other", digest(OTHER))])
+    first = chain.request("POST", "/api/chat", data=chat("hold", n="first"))
+    waiting = [chain.request("POST", "/api/chat", key=key, data=chat("hold", n=f"{name}{i}"))
+               for i in range(3) for key, name in ((USER, "u"), (OTHER, "o"))]
+    for held in range(7):
+        chain.fake.held[held].finish()
+        chain.flush()
+    assert [r.json()["n"] for r in chain.fake.received] == [
+        "first", "u0", "o0", "u1", "u2", "o1", "o2"]
+    for d in [first, *waiting]:
+        chain.body(chain.result(d))

@@ -7,6 +7,7 @@ and PostgreSQL stopped and restarted under a running proxy.
 from __future__ import annotations
 
 import io
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +60,16 @@ async def status(reactor: Any, proxy: Twistd, key: str) -> int:
     await (await read(response)).done
     code: int = response.code
     return code
+
+
+async def readiness(reactor: Any, proxy: Twistd) -> tuple[int, Any]:
+    """
+    The proxy's answer to C{GET /-/ready} (no key needed).
+    """
+    response = await request(agent(reactor), b"GET", proxy.url + "/-/ready")
+    arrivals = await read(response)
+    await arrivals.done
+    return response.code, json.loads(arrivals.body)
 
 
 async def wait_for_output(reactor: Any, proxy: Twistd, text: str) -> None:
@@ -143,10 +154,14 @@ async def test_postgres_stopped_and_restarted_under_a_running_proxy(
     await wait_for_output(reactor, proxy, "Cannot write usage to postgresql://")
     await wait_for_output(reactor, proxy, "Cannot read keys from postgresql://")
     assert await status(reactor, proxy, secret) == 200
+    code, ready = await readiness(reactor, proxy)
+    assert code == 503 and ready["checks"]["database"] is False
 
     own_postgres.start()
     await wait_for_output(reactor, proxy, "Writing usage to postgresql://")
     await wait_for_output(reactor, proxy, "Reading keys from postgresql://")
+    code, ready = await readiness(reactor, proxy)
+    assert code == 200 and ready["checks"]["database"] is True
     assert usage_rows(url)["bob"] == 5  # four chats and one /api/tags
 
     await chat_lines(reactor, proxy.url, secret)

@@ -1,0 +1,321 @@
+"""
+Tests for L{ollamaproxy.quotas}: token quotas per key, through the whole
+proxy in memory (L{tests.chain}), and their seeding from the usage store.
+
+The fake Ollama reports as prompt tokens the words of the prompt, and
+generates C{options.num_predict} tokens: a generate with the prompt C{"a b"}
+and C{num_predict} 8 uses 10 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from calendar import timegm
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent, capturedLogs
+
+from ollamaproxy.keys import ApiKey, digest
+from ollamaproxy.quota_periods import window
+from ollamaproxy.quotas import QuotaBook, QuotaSeed
+from ollamaproxy.usage_db import UsageFileError, tokens_by_key, write_rows
+from tests.chain import KEY, Chain
+from tests.conftest import ErrorCollector
+
+USER_KEY = "olpk_quotakeyquotakeyquotakeyquotakey00"
+
+
+def at(text: str) -> float:
+    """
+    Seconds since the epoch of a UTC time such as C{2026-12-15T18:00:00}.
+    """
+    date, time = text.split("T")
+    return float(timegm((*map(int, date.split("-")), *map(int, time.split(":")))))
+
+
+def chain_at(when: str, **fields: Any) -> Chain:
+    """
+    A chain whose clock shows C{when}, with alice's admin key (no quota)
+    and a key C{user} with C{fields}.
+    """
+    chain = Chain()
+    chain.clock.advance(at(when))
+    user = ApiKey(name="user", digest=digest(USER_KEY), **fields)
+    chain.keys.replace([*chain.keys._by_digest.values(), user])
+    return chain
+
+
+def generate(chain: Chain, tokens: int = 8, key: str = USER_KEY) -> tuple[int, Any, Any]:
+    """
+    A streamed generate of C{tokens} tokens from a two-word prompt (so
+    C{tokens + 2} in all): its status, its C{Retry-After} and its body's
+    lines (or error body).
+    """
+    body = {"model": "llama3.2", "prompt": "a b", "options": {"num_predict": tokens}}
+    response = chain.respond("POST", "/api/generate", key=key, data=json.dumps(body).encode())
+    text = chain.body(response)
+    retry_after = response.headers.getRawHeaders(b"retry-after")
+    if response.code != 200:
+        return response.code, retry_after, json.loads(text)
+    return response.code, retry_after, [json.loads(line) for line in text.splitlines()]
+
+
+def sent_to_ollama(chain: Chain) -> int:
+    return len(chain.fake.received)
+
+
+def test_refused_after_the_crossing_with_retry_after_until_midnight() -> None:
+    """
+    A key may use tokens until its daily quota is used up: the request
+    that reaches it is served, the next gets 429 with Retry-After (seconds
+    to the next UTC midnight) and the quota's message, and nothing of it
+    reaches Ollama.
+    """
+    chain = chain_at("2026-12-15T18:00:00", tokens_per_day=20)
+    assert generate(chain)[0] == 200  # 10 tokens
+    assert generate(chain)[0] == 200  # 20: the quota, reached
+    before = sent_to_ollama(chain)
+    code, retry_after, body = generate(chain)
+    assert (code, retry_after) == (429, [b"21600"])
+    assert body == {
+        "error": "key 'user' has used its 20 tokens for today (UTC); the quota resets at "
+        "2026-12-16T00:00:00Z"
+    }
+    assert sent_to_ollama(chain) == before
+    assert generate(chain)[0] == 429
+    assert chain.quotas.used("user", "day") == 20
+
+
+def test_openai_routes_are_refused_in_openai_shape() -> None:
+    """
+    On C{/v1}, the refusal has OpenAI's error shape and type.
+    """
+    chain = chain_at("2026-12-15T18:00:00", tokens_per_day=5)
+    generate(chain)
+    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
+    response = chain.respond("POST", "/v1/chat/completions", key=USER_KEY,
+                             data=json.dumps(body).encode())
+    assert response.code == 429
+    error = json.loads(chain.body(response))["error"]
+    assert error["type"] == "rate_limit_error"
+    assert "has used its 5 tokens for today (UTC)" in error["message"]
+
+
+def test_the_crossing_stream_completes() -> None:
+    """
+    A stream that goes over the quota is never cut: it streams every
+    token and its final object; so does one that started before the
+    other ended.  Both count, and the next request is refused.
+    """
+    chain = chain_at("2026-12-15T18:00:00", tokens_per_day=20)
+    hold = {"model": "hold", "prompt": "a b", "options": {"num_predict": 50}}
+    held_response = chain.request("POST", "/api/generate", key=USER_KEY,
+                                  data=json.dumps(hold).encode())
+    held = chain.fake.held[-1]
+    code, _, lines = generate(chain, tokens=50)
+    assert code == 200
+    assert len(lines) == 51 and lines[-1]["done"] and lines[-1]["eval_count"] == 50
+    held.release()
+    chain.flush()
+    body = chain.body(chain.result(held_response))
+    assert json.loads(body.splitlines()[-1])["done"]
+    assert chain.quotas.used("user", "day") == 104
+    assert generate(chain)[0] == 429
+
+
+def test_day_quota_resets_at_utc_midnight() -> None:
+    """
+    A key over its daily quota is refused until the next UTC midnight,
+    and served from then on, its count started afresh.
+    """
+    chain = chain_at("2026-12-15T23:00:00", tokens_per_day=10)
+    assert generate(chain)[0] == 200
+    chain.clock.advance(3599)
+    code, retry_after, _ = generate(chain)
+    assert (code, retry_after) == (429, [b"1"])
+    chain.clock.advance(1)
+    assert generate(chain)[0] == 200
+    assert chain.quotas.used("user", "day") == 10
+    assert generate(chain)[0] == 429
+
+
+def test_month_quota_resets_on_the_first() -> None:
+    """
+    A key over its monthly quota is refused, with Retry-After until the
+    first of the next month, across the days in between; the month's
+    message wins over the day's when both are used up.
+    """
+    chain = chain_at("2026-12-30T12:00:00", tokens_per_day=10, tokens_per_month=10)
+    assert generate(chain)[0] == 200
+    code, retry_after, body = generate(chain)
+    assert (code, retry_after) == (429, [b"129600"])
+    assert body["error"] == (
+        "key 'user' has used its 10 tokens for this month (UTC); the quota resets at "
+        "2027-01-01T00:00:00Z"
+    )
+    chain.clock.advance(12 * 3600)  # a new day, the same month
+    code, retry_after, _ = generate(chain)
+    assert (code, retry_after) == (429, [b"86400"])
+    chain.clock.advance(86400)
+    assert generate(chain)[0] == 200
+    assert chain.quotas.used("user", "month") == 10
+
+
+def test_a_key_without_quota_is_untouched() -> None:
+    """
+    A key without a quota is never refused, whatever it uses; its tokens
+    are counted all the same, so that a quota given to it while the proxy
+    runs (keys update) counts what it used today.
+    """
+    chain = chain_at("2026-12-15T18:00:00")
+    for _ in range(5):
+        assert generate(chain, tokens=100)[0] == 200
+        assert generate(chain, tokens=100, key=KEY)[0] == 200
+    assert chain.quotas.used("user", "day") == 510
+    user = ApiKey(name="user", digest=digest(USER_KEY), tokens_per_day=1000)
+    chain.keys.replace([*(k for k in chain.keys._by_digest.values() if k.name != "user"), user])
+    assert generate(chain, tokens=500)[0] == 200
+    assert generate(chain)[0] == 429
+
+
+def test_refusals_are_counted_and_logged_with_their_reason() -> None:
+    """
+    A refusal is counted in C{ollamaproxy_quota_refusals_total} by key and
+    period, and in the requests by status; its access line says why.
+    """
+    chain = chain_at("2026-12-15T18:00:00", tokens_per_day=5)
+    generate(chain)
+    with capturedLogs() as events:
+        generate(chain)
+        generate(chain)
+    [first, _] = _access(list(events))
+    assert (first["status"], first["outcome"]) == (429, "rejected")
+    assert first["detail"].startswith("key 'user' has used its 5 tokens for today (UTC)")
+    _, text = chain.metrics.render(None)
+    assert b'ollamaproxy_quota_refusals_total{key="user",period="day"} 2.0' in text
+    assert b'status="429"' in text
+
+
+def _access(events: list[LogEvent]) -> list[LogEvent]:
+    return [e for e in events if e.get("log_namespace") == "ollamaproxy.access"]
+
+
+def test_keys_with_quota_wait_until_the_book_is_seeded() -> None:
+    """
+    Until what was used before the start is read, a key with a quota gets
+    503 with Retry-After 1 and nothing reaches Ollama; a key without one
+    is served.  Once seeded, the key is served, or refused if the seed
+    shows it over its quota.
+    """
+    chain = chain_at("2026-12-15T18:00:00", tokens_per_day=100)
+    chain.quotas.loaded = False
+    before = sent_to_ollama(chain)
+    code, retry_after, body = generate(chain)
+    assert (code, retry_after) == (503, [b"1"])
+    assert "token quotas are being loaded" in body["error"]
+    assert sent_to_ollama(chain) == before
+    assert generate(chain, key=KEY)[0] == 200
+    now = chain.clock.seconds()
+    chain.quotas.seed(window("day", now), {"user": 95}, window("month", now), {"user": 95})
+    assert generate(chain)[0] == 200
+    assert generate(chain)[0] == 429
+
+
+def test_seed_left_out_for_a_period_that_ended() -> None:
+    """
+    Counts read for a day that has ended by the time they arrive are left
+    out; the month's still count.
+    """
+    clock = Clock()
+    clock.advance(at("2026-12-15T23:59:59"))
+    book = QuotaBook(clock)
+    day, month = window("day", clock.seconds()), window("month", clock.seconds())
+    clock.advance(1)
+    book.seed(day, {"user": 7}, month, {"user": 30})
+    assert (book.used("user", "day"), book.used("user", "month")) == (0, 30)
+    assert book.loaded
+
+
+def _usage_file(tmp_path: Path) -> str:
+    """
+    A usage file with rows of last month, earlier this month, yesterday
+    and today (2026-12-15).
+    """
+    path = str(tmp_path / "state" / "usage.sqlite3")
+    write_rows(path, [
+        (at("2026-11-30T23:59:30"), "user", "llama3.2", 1, 1000, 1000),
+        (at("2026-12-01T00:00:00"), "user", "llama3.2", 1, 30, 20),
+        (at("2026-12-14T23:59:59"), "user", "mistral", 1, 5, 5),
+        (at("2026-12-15T00:00:10"), "user", "llama3.2", 2, 40, 20),
+        (at("2026-12-15T09:00:00"), "other", "llama3.2", 1, 3, 4),
+        (at("2026-12-15T10:00:00"), "idle", "", 1, 0, 0),
+    ])
+    return path
+
+
+def test_tokens_by_key_since(tmp_path: Path) -> None:
+    """
+    C{tokens_by_key} sums prompt and completion tokens per key from a
+    time on; keys without tokens, and a missing file, give none.
+    """
+    path = _usage_file(tmp_path)
+    assert tokens_by_key(path, at("2026-12-01T00:00:00")) == {"user": 120, "other": 7}
+    assert tokens_by_key(path, at("2026-12-15T00:00:00")) == {"user": 60, "other": 7}
+    assert tokens_by_key(str(tmp_path / "missing.sqlite3"), 0.0) == {}
+
+
+def _seed(book: QuotaBook, clock: Clock, read: Callable[[float], Deferred[dict[str, int]]]
+          ) -> QuotaSeed:
+    seed = QuotaSeed(book, clock, read)
+    seed.startService()
+    return seed
+
+
+def test_a_quota_survives_a_restart(tmp_path: Path) -> None:
+    """
+    A new proxy's book starts from the tokens the usage file holds for
+    this UTC day and month: a key that used its quota before the restart
+    is refused after it, with the day's and the month's counted apart.
+    """
+    path = _usage_file(tmp_path)
+    chain = chain_at("2026-12-15T18:00:00", tokens_per_day=70, tokens_per_month=1000)
+    chain.quotas.loaded = False
+    asked: list[float] = []
+
+    def read(since: float) -> Deferred[dict[str, int]]:
+        asked.append(since)
+        return succeed(tokens_by_key(path, since))
+
+    _seed(chain.quotas, chain.clock, read)
+    assert sorted(asked) == [at("2026-12-01T00:00:00"), at("2026-12-15T00:00:00")]
+    assert chain.quotas.loaded
+    assert (chain.quotas.used("user", "day"), chain.quotas.used("user", "month")) == (60, 120)
+    assert generate(chain)[0] == 200  # 60 + 10 = 70
+    assert generate(chain)[0] == 429
+
+
+def test_a_seed_that_cannot_be_read_is_logged_and_counts_from_now(
+    observe_errors: ErrorCollector,
+) -> None:
+    """
+    If the usage store cannot be read, that is logged and the quotas
+    count from the start: keys with a quota are not locked out for good.
+    """
+    chain = chain_at("2026-12-15T18:00:00", tokens_per_day=10)
+    chain.quotas.loaded = False
+    with capturedLogs() as events:
+        _seed(chain.quotas, chain.clock,
+              lambda since: fail(UsageFileError("cannot read usage file x: it is a directory")))
+    [logged] = [e for e in events if e.get("log_failure") is not None]
+    assert "Cannot read this month's usage" in logged["log_format"]
+    logged["log_failure"].trap(UsageFileError)
+    [error] = observe_errors.errors
+    assert error is logged
+    observe_errors.errors.clear()
+    assert chain.quotas.loaded
+    assert generate(chain)[0] == 200
+    assert generate(chain)[0] == 429

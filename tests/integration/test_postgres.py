@@ -72,6 +72,18 @@ async def readiness(reactor: Any, proxy: Twistd) -> tuple[int, Any]:
     return response.code, json.loads(arrivals.body)
 
 
+async def metrics(reactor: Any, proxy: Twistd) -> str:
+    """
+    The proxy's Prometheus metrics (the C{--api-key} is an admin key).
+    """
+    response = await request(agent(reactor), b"GET", proxy.url + "/metrics",
+                             {"Authorization": f"Bearer {TEST_KEY}"})
+    arrivals = await read(response)
+    await arrivals.done
+    assert response.code == 200
+    return arrivals.body.decode()
+
+
 async def wait_for_output(reactor: Any, proxy: Twistd, text: str) -> None:
     deadline = time.monotonic() + WAIT_LIMIT
     while text not in proxy.output:
@@ -136,9 +148,10 @@ async def test_postgres_stopped_and_restarted_under_a_running_proxy(
     own_postgres: PostgresServer,
 ) -> None:
     """
-    With PostgreSQL stopped, the proxy still answers (keys read from the
-    database stay in force), logs that it cannot write usage, and writes
-    the usage kept meanwhile once PostgreSQL is back, logging that too.
+    With PostgreSQL stopped, the proxy still answers and stays ready (keys
+    read from the database stay in force), logs that it cannot write usage,
+    shows C{ollamaproxy_database_up 0}, and writes the usage kept meanwhile
+    once PostgreSQL is back, logging that too.
     Stopped again when the proxy stops, the pending usage goes to the usage
     file and the next start writes it to PostgreSQL.
     """
@@ -154,14 +167,13 @@ async def test_postgres_stopped_and_restarted_under_a_running_proxy(
     await wait_for_output(reactor, proxy, "Cannot write usage to postgresql://")
     await wait_for_output(reactor, proxy, "Cannot read keys from postgresql://")
     assert await status(reactor, proxy, secret) == 200
-    code, ready = await readiness(reactor, proxy)
-    assert code == 503 and ready["checks"]["database"] is False
+    assert (await readiness(reactor, proxy))[0] == 200
+    assert "ollamaproxy_database_up 0.0" in await metrics(reactor, proxy)
 
     own_postgres.start()
     await wait_for_output(reactor, proxy, "Writing usage to postgresql://")
     await wait_for_output(reactor, proxy, "Reading keys from postgresql://")
-    code, ready = await readiness(reactor, proxy)
-    assert code == 200 and ready["checks"]["database"] is True
+    assert "ollamaproxy_database_up 1.0" in await metrics(reactor, proxy)
     assert usage_rows(url)["bob"] == 5  # four chats and one /api/tags
 
     await chat_lines(reactor, proxy.url, secret)

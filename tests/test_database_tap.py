@@ -16,7 +16,7 @@ from ollamaproxy.cli import main
 from ollamaproxy.config import Config
 from ollamaproxy.database_keys import DatabaseKeysPoller
 from ollamaproxy.reload import KeysReloader
-from ollamaproxy.tap import build_service
+from ollamaproxy.tap import ProxyOptions, build_service
 from ollamaproxy.usage import UsageStore
 from ollamaproxy.usage_pg import PostgresUsage
 
@@ -73,3 +73,20 @@ def test_a_name_in_the_file_and_the_database_stops_the_start(
                     stderr=io.StringIO(), environ={}) == 0
     with pytest.raises(ValueError, match="'bob' is in both the keys file and the database"):
         build_service(config(tmp_path, postgres_url), MemoryReactorClock(), lambda text: None)
+
+
+def test_database_from_the_environment() -> None:
+    """
+    C{OLLAMAPROXY_DATABASE} gives the URL when the option does not; both
+    C{postgresql://} and C{postgres://} are taken; without either, none.
+    """
+    for url in ("postgresql://proxy@db/usage", "postgres://proxy:pw@db:5433/usage"):
+        options = ProxyOptions(environ={"OLLAMAPROXY_DATABASE": url})
+        options.parseOptions([])
+        assert options.config.database == url
+    options = ProxyOptions(environ={"OLLAMAPROXY_DATABASE": "postgres://env/db"})
+    options.parseOptions(["--database", "postgresql://option/db"])
+    assert options.config.database == "postgresql://option/db"
+    options = ProxyOptions(environ={})
+    options.parseOptions([])
+    assert options.config.database is None

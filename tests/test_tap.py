@@ -129,6 +129,9 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "log-backups": None,
         "log-body-bytes": None,
         "trusted-proxies": None,
+        "redis": None,
+        "redis-failure": None,
+        "redis-lease": None,
         "log-bodies": 0,
         "listen": [],
     }

@@ -155,6 +155,7 @@ def test_one_renewal_for_all_leases() -> None:
     client.calls[-1].answer.callback(0)
     before = len(client.calls)
     clock.advance(5)
+    client.pings[-1].callback("PONG")
     [renew] = client.calls[before:]
     assert renew.script == scripts.RENEW
     assert renew.keys == ["ollamaproxy:streams:alice", "ollamaproxy:streams:carol"]

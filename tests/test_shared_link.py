@@ -154,7 +154,10 @@ def test_client_that_gave_up_is_replaced() -> None:
 
 
 def test_rounds_while_up() -> None:
-    """The work of each round runs every interval while Redis is up, not while down."""
+    """
+    Every round PINGs Redis, even while it is up (an outage is noticed
+    without a request); its work runs only when Redis answered.
+    """
     clock, made = Clock(), Made()
     link = _link(clock, made)
     rounds: list[float] = []
@@ -168,6 +171,11 @@ def test_rounds_while_up() -> None:
     link.startService()
     made.clients[0].pings[0].callback("PONG")
     clock.advance(5)
+    assert rounds == [0.0]
+    made.clients[0].pings[1].callback("PONG")
+    assert rounds == [0.0, 5.0]
+    clock.advance(5)
+    made.clients[0].pings[2].errback(ConnectionError("Lost connection"))
     assert rounds == [0.0, 5.0]
     link.stopService()
     assert made.clients[0].disconnected

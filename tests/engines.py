@@ -109,15 +109,18 @@ class RedisServer:
         except OSError:
             return False
 
-    def command(self, *words: str) -> bytes:
+    def command(self, *words: str, db: int = 0) -> bytes:
         """
         Send one command (logged in first if the server asks for a
-        password) and return the raw first reply: for a test to look at
-        what is stored, without the client under test.
+        password) in database C{db}, and return the raw first reply: for a
+        test to look at what is stored, without the client under test.
         """
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
             if self.password:
                 s.sendall(_encode("AUTH", self.password))
+                s.recv(1024)
+            if db:
+                s.sendall(_encode("SELECT", str(db)))
                 s.recv(1024)
             s.sendall(_encode(*words))
             reply = b""

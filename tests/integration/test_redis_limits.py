@@ -335,3 +335,17 @@ async def test_rediss(
         for p in (trusted, untrusted):
             await maybeDeferred(p.link.stopService)
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_database_of_the_url(reactor: Any, redis_server: RedisServer) -> None:
+    """The counts go to the database the URL names (/3), not to database 0."""
+    proxy = Proxy(reactor, f"redis://127.0.0.1:{redis_server.port}/3")
+    proxy.link.startService()
+    try:
+        await until(reactor, lambda: proxy.link.up)
+        await proxy.limits.admit(key(rpm=5))
+    finally:
+        await maybeDeferred(proxy.link.stopService)
+    assert redis_server.command("EXISTS", "ollamaproxy:rate:alice", db=3) == b":1\r\n"
+    assert redis_server.command("EXISTS", "ollamaproxy:rate:alice") == b":0\r\n"

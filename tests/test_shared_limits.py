@@ -109,7 +109,8 @@ def test_down_closed_refuses() -> None:
     """Under the closed policy, while Redis is down, a key with limits gets 503 with Retry-After."""
     _, _, link, limits = _setup("closed", up=False)
     error = _error(limits.admit(_key(rpm=10)))
-    assert (error.code, error.headers) == (503, {b"Retry-After": b"5"})
+    assert (error.code, error.headers, error.outcome) == (
+        503, {b"Retry-After": b"5"}, "rejected")
     assert "Redis" in error.message
     assert callable(limits.admit(_key()).result)
     link.stopService()

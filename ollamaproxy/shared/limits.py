@@ -204,6 +204,8 @@ class RedisLimits:
                 503,
                 "the limits of this key are kept in Redis, which cannot be reached now",
                 {b"Retry-After": str(int(_CLOSED_RETRY)).encode("ascii")},
+                # Refused by the proxy: Ollama was not asked.
+                outcome="rejected",
             ))
         if key.tokens_per_day is None and key.tokens_per_month is None:
             return self._local.admit(key)

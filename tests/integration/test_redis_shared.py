@@ -209,3 +209,43 @@ async def test_redis_stopped_and_restarted(
     assert codes == [200, 200, 200, 200, 429]
     for proxy in pair:
         assert proxy.output.count("cannot be reached") == 1
+        assert "Traceback" not in proxy.output and "Unhandled" not in proxy.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_policy(
+    reactor: Any, twistd: TwistdLauncher, upstream: Upstream, redis: RedisServer
+) -> None:
+    """
+    Under --redis-failure closed, with Redis stopped: a key with limits gets
+    503 with Retry-After within seconds, a key without limits is served,
+    and /-/ready answers 503 naming redis, until Redis is back.
+    """
+    (twistd.directory / "keys.json").write_text(json.dumps({"keys": [
+        {"name": "rate", "hash": "sha256:" + digest(KEYS["rate"][0]).hex(), "rpm": 4}
+    ]}))
+    proxy = await twistd.start(
+        proxy_args(upstream.url, "--redis-failure", "closed"),
+        env={"OLLAMAPROXY_REDIS": redis.url},
+    )
+    await wait_for(reactor, _logged(proxy, "Limits are shared through Redis"), "Redis reached")
+
+    async def ready() -> int:
+        response = await request(agent(reactor), b"GET", proxy.url + "/-/ready")
+        await (await read(response)).done
+        code: int = response.code
+        return code
+
+    assert await ready() == 200
+    redis.stop()
+    started = reactor.seconds()
+    code, answer = await call(reactor, proxy, KEYS["rate"][0])
+    assert reactor.seconds() - started < 5
+    assert code == 503
+    assert "Redis" in json.loads(answer)["error"]
+    assert (await call(reactor, proxy, TEST_KEY))[0] == 200
+    assert await ready() == 503
+    redis.start()
+    await wait_for(reactor, _logged(proxy, "answers again"), "the recovery logged")
+    assert await ready() == 200
+    assert (await call(reactor, proxy, KEYS["rate"][0]))[0] == 200

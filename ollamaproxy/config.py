@@ -21,6 +21,7 @@ from ollamaproxy.caps import Caps, keep_alive_cap
 from ollamaproxy.client_address import NOBODY, TrustedProxies, parse_trusted_proxies
 from ollamaproxy.cors import DEFAULT_ORIGINS, parse_origins
 from ollamaproxy.errors import ConfigError as ConfigError
+from ollamaproxy.shared.redis_url import RedisAddress, parse_failure_policy, parse_redis_url
 
 DEFAULT_LISTEN = "tcp:5000"
 # Ollama's own defaults: OLLAMA_NUM_PARALLEL and OLLAMA_MAX_QUEUE.
@@ -50,6 +51,13 @@ DEFAULT_MIN_BODY_RATE = "1K"
 DEFAULT_LOG_MAX_BYTES = "10M"
 DEFAULT_LOG_BACKUPS = 10
 DEFAULT_LOG_BODY_BYTES = "4K"
+# A Redis outage should not take every GPU away: each proxy then keeps the
+# limits itself (see README, "Limits shared through Redis").
+DEFAULT_REDIS_FAILURE = "local"
+# How long a crashed proxy's requests stay counted in Redis; leases are
+# renewed six times within it.
+DEFAULT_REDIS_LEASE = 30.0
+MIN_REDIS_LEASE = 3.0
 # A key chosen by the operator: shorter ones can be guessed by someone who
 # may try keys for as long as they like.
 MIN_API_KEY_LENGTH = 16
@@ -126,6 +134,12 @@ class Config:
         or C{Forwarded} header names the client.
     @ivar database: The PostgreSQL URL where usage and keys are shared by
         every proxy, or L{None} for the usage file alone.
+    @ivar redis: The Redis that keeps the limits shared by several proxies,
+        or L{None} to keep them in this process.
+    @ivar redis_failure: While Redis is down: C{local} (this process keeps
+        the limits) or C{closed} (keys with limits get 503).
+    @ivar redis_lease: Seconds a request stays counted in Redis once its
+        proxy stops renewing it.
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
@@ -152,6 +166,9 @@ class Config:
     log_body_bytes: int = 0
     trusted_proxies: TrustedProxies = NOBODY
     database: str | None = None
+    redis: RedisAddress | None = None
+    redis_failure: str = DEFAULT_REDIS_FAILURE
+    redis_lease: float = DEFAULT_REDIS_LEASE
 
     @classmethod
     def from_sources(
@@ -252,7 +269,22 @@ class Config:
             ),
             trusted_proxies=parse_trusted_proxies(get("trusted-proxies") or ""),
             database=parse_database_url(get("database")),
+            redis=parse_redis_url(redis) if (redis := get("redis")) else None,
+            redis_failure=parse_failure_policy(get("redis-failure") or DEFAULT_REDIS_FAILURE),
+            redis_lease=_redis_lease(get("redis-lease")),
         )
+
+
+def _redis_lease(value: str | None) -> float:
+    """
+    C{--redis-lease}: at least L{MIN_REDIS_LEASE} seconds, so that a
+    renewal (every sixth of it) that Redis answers late still comes in time.
+    """
+    lease = _seconds("redis-lease", value, DEFAULT_REDIS_LEASE)
+    if lease < MIN_REDIS_LEASE:
+        raise ConfigError(f"--redis-lease: must be at least {MIN_REDIS_LEASE:g} seconds, "
+                          f"not {value}")
+    return lease
 
 
 def _api_key(value: str | None) -> str | None:

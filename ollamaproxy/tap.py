@@ -46,6 +46,8 @@ from ollamaproxy.config import (
     DEFAULT_OPEN_ROUTES,
     DEFAULT_PARALLEL,
     DEFAULT_QUEUE_TIMEOUT,
+    DEFAULT_REDIS_FAILURE,
+    DEFAULT_REDIS_LEASE,
     Config,
     ConfigError,
 )
@@ -54,7 +56,7 @@ from ollamaproxy.database_keys import FILE
 from ollamaproxy.descriptors import connection_limit, raise_open_files_limit
 from ollamaproxy.first_key import keys_to_accept, operator_keys
 from ollamaproxy.headers import via_mark
-from ollamaproxy.limits import GuessThrottle, KeyLimits
+from ollamaproxy.limits import GuessThrottle, KeyLimits, Limits, Throttle
 from ollamaproxy.logs import LogFilesService
 from ollamaproxy.metrics import Metrics, MetricsResource
 from ollamaproxy.probe import UpstreamProbe
@@ -62,6 +64,8 @@ from ollamaproxy.quotas import QuotaBook, QuotaSeed
 from ollamaproxy.readiness import Readiness
 from ollamaproxy.redact import Redactor
 from ollamaproxy.reload import KeysReloader, sighup_installer
+from ollamaproxy.shared.limits import RedisLimits, RedisThrottle
+from ollamaproxy.shared.link import RedisLink, open_link
 from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import PoolService, Upstream, agent_for, connection_pool
 from ollamaproxy.usage import ThreadWorker, UsageCollector, UsageStore
@@ -178,6 +182,18 @@ class ProxyOptions(usage.Options):
         ["grace-period", None, None,
          "Seconds requests in flight get to finish when the proxy stops "
          f"(SIGTERM) [default: {DEFAULT_GRACE_PERIOD:g}]"],
+        ["redis", None, None,
+         "Keep each key's rpm, max_streams and token quotas, and the wrong-key "
+         "throttle, in this Redis, shared by every proxy using it: "
+         "redis://[user:password@]host:port/db, rediss:// for TLS; prefer "
+         "OLLAMAPROXY_REDIS when there is a password [default: none; in this process]"],
+        ["redis-failure", None, None,
+         "While Redis cannot be reached: 'local' (this proxy keeps the limits "
+         "itself) or 'closed' (keys with limits get 503) "
+         f"[default: {DEFAULT_REDIS_FAILURE}]"],
+        ["redis-lease", None, None,
+         "Seconds a request stays counted in Redis after its proxy died "
+         f"(its lease is renewed six times as often) [default: {DEFAULT_REDIS_LEASE:g}]"],
     ]
 
     optFlags: ClassVar[list[list[str | None]]] = [
@@ -424,10 +440,21 @@ def build_service(
     # The --api-key is known in clear: blanked wherever it shows, whatever
     # its shape; the keys file's keys, by digest, word by word.
     clear_keys = [config.api_key] if config.api_key else []
+    limits: Limits = KeyLimits(reactor, quotas)
+    guesses = GuessThrottle(reactor)
+    throttle: Throttle = guesses
+    redis: RedisLink | None = None
+    if config.redis is not None:
+        # Limits shared by every proxy using that Redis; the in-process ones
+        # stand in while it is down (--redis-failure).
+        redis = open_link(config.redis, config.redis_failure, config.redis_lease, reactor,
+                          readiness, metrics.registry)
+        limits = RedisLimits(redis, limits, reactor, config.redis_failure, config.redis_lease)
+        throttle = RedisThrottle(redis, guesses, reactor)
     proxy = OllamaProxy(
         router,
         auth,
-        KeyLimits(reactor, quotas),
+        limits,
         Cors(config.cors_origins),
         reactor,
         metrics,
@@ -436,7 +463,7 @@ def build_service(
         redact=Redactor(keys.is_key, clear_keys),
         trusted_proxies=config.trusted_proxies,
         caps=config.caps,
-        throttle=GuessThrottle(reactor),
+        throttle=throttle,
         readiness=readiness,
     )
     site = ProxySite(
@@ -473,6 +500,9 @@ def build_service(
         reactor,
         lambda since: usage_worker.run(partial(usage_store.database.tokens_by_key, since)),
     ).setServiceParent(service)
+    if redis is not None:
+        # Stops after the requests in flight have ended and released.
+        redis.setServiceParent(service)
     KeysReloader(
         keys if shared is None else shared.sources.part(FILE),
         config.keys_file,

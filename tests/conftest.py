@@ -17,9 +17,9 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
 
 # The real engines' fixtures, for every test (tests/engines.py).
-from tests.engines import own_postgres, postgres, postgres_cluster, postgres_url
+from tests.engines import own_postgres, postgres, postgres_cluster, postgres_url, redis_server
 
-__all__ = ["own_postgres", "postgres", "postgres_cluster", "postgres_url"]
+__all__ = ["own_postgres", "postgres", "postgres_cluster", "postgres_url", "redis_server"]
 
 
 @implementer(ILogObserver)

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from klein.resource import KleinResource
+from treq.testing import StubTreq
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, IServiceMaker, MultiService
 from twisted.internet.error import CannotListenError
@@ -30,6 +31,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.plugin import getPlugins
 from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from ollamaproxy import __version__, tap
@@ -49,6 +51,8 @@ from ollamaproxy.logs import LogFilesService
 from ollamaproxy.probe import UpstreamProbe
 from ollamaproxy.quotas import QuotaSeed
 from ollamaproxy.reload import KeysReloader
+from ollamaproxy.shared.link import RedisLink
+from ollamaproxy.shared.redis_url import parse_redis_url
 from ollamaproxy.site import ProxySite
 from ollamaproxy.tap import DrainService, Listeners, Options, ProxyOptions, build_service
 from ollamaproxy.upstream import PoolService
@@ -131,6 +135,9 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "log-body-bytes": None,
         "trusted-proxies": None,
         "database": None,
+        "redis": None,
+        "redis-failure": None,
+        "redis-lease": None,
         "log-bodies": 0,
         "listen": [],
     }
@@ -553,3 +560,35 @@ def test_plugin_is_discoverable() -> None:
     for maker in makers:
         assert isinstance(maker.options(), Options)
         assert maker.makeService is tap.makeService
+
+
+@pytest.mark.parametrize(("policy", "ready"), [("local", 200), ("closed", 503)])
+def test_redis_wiring(tmp_path: Path, policy: str, ready: int) -> None:
+    """
+    With --redis, the link to Redis is a service stopped after the requests
+    in flight (after DrainService), /-/ready gains a C{redis} check that
+    follows the policy (not yet connected here), and the metrics show
+    C{ollamaproxy_redis_up}; without it, none of these (test_service_structure).
+    """
+    config = base_config(tmp_path, api_key="k", redis=parse_redis_url("redis://cache:6379/0"),
+                         redis_failure=policy)
+    service = build_service(config, MemoryReactorClock(), lambda text: None)
+    kinds = [type(child) for child in children(service)]
+    assert kinds == [PoolService, BackendPool, UsageStore, QuotaSeed, RedisLink, KeysReloader,
+                     DrainService, Listeners, UpstreamProbe]
+    stub: Any = StubTreq(endpoint_services(service)[0].factory.resource)
+    response = stub.get("http://127.0.0.1/-/ready")
+    stub.flush()
+    answer = _RESULTS.successResultOf(response)
+    document = json.loads(_RESULTS.successResultOf(stub.content(answer)))
+    # Not ready in any case here: the token quotas are read on a thread,
+    # which this reactor never runs.
+    assert answer.code == 503
+    assert document["checks"]["redis"] is (ready == 200)
+    metrics = stub.get("http://127.0.0.1/metrics", headers={"Authorization": "Bearer k"})
+    stub.flush()
+    text = _RESULTS.successResultOf(stub.content(_RESULTS.successResultOf(metrics)))
+    assert b"ollamaproxy_redis_up 0.0" in text
+
+
+_RESULTS = SynchronousTestCase()

@@ -42,6 +42,9 @@ def twistd(tmp_path: Path, *args: str, environ: dict[str, str] | None = None,
         (["--listen", "tcp:5000:interfase=127.0.0.1"], "unknown parameter 'interfase'"),
         (["--log-dir", "{tmp}/file/logs"], "--log-dir: cannot write log files in"),
         (["--keys-file", "{tmp}/file"], "is not valid"),
+        (["--redis", "http://u:hunter2pass@cache:6379"],
+         "--redis: 'http://u:[redacted]@cache:6379' is not a Redis URL"),
+        (["--redis-failure", "open"], "--redis-failure: 'open' is not one of local, closed"),
     ],
 )
 def test_a_mistake_is_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
@@ -61,6 +64,7 @@ def test_a_mistake_is_one_line(tmp_path: Path, args: list[str], fragment: str) -
     assert output.count("\n") == 1 and output.startswith("ollamaproxy: "), output
     assert fragment in output
     assert "Traceback" not in output and GOOD_KEY not in output
+    assert "hunter2pass" not in output
 
 
 def test_the_tac_file_says_it_in_one_line_too(tmp_path: Path) -> None:

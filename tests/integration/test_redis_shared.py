@@ -1,0 +1,251 @@
+"""
+Two real C{twistd} proxies on two ports sharing one real Redis (started
+by the test, with a password): a key's rpm, max_streams and token quota,
+and the wrong-key throttle, hold across them; a proxy killed with
+C{SIGKILL} mid-stream holds its stream only until its lease expires; Redis
+stopped and restarted mid-run leaves every request answered, and both the
+outage and the recovery are logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+
+from ollamaproxy.keys import digest
+from tests.engines import RedisServer
+from tests.integration.client import agent, body, read, request, wait_for
+from tests.integration.conftest import (
+    TEST_KEY,
+    Twistd,
+    TwistdLauncher,
+    Upstream,
+    proxy_args,
+    sleep,
+)
+
+PASSWORD = "redis-test-password-1234"
+# Named keys of the test, by name: each with one limit.
+KEYS = {
+    "rate": ("olpk_ratekeyratekeyratekeyratekeyratekey0", {"rpm": 4}),
+    "streams": ("olpk_streamskeystreamskeystreamskeystrea", {"max_streams": 1}),
+    "quota": ("olpk_quotakeyquotakeyquotakeyquotakeyquo", {"tokens_per_day": 5}),
+}
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """
+    A Redis that asks for a password, stopped when the test ends.
+    """
+    folder = tmp_path / "redis"
+    folder.mkdir()
+    server = RedisServer(folder, password=PASSWORD)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def pair(
+    twistd: TwistdLauncher, upstream: Upstream, redis: RedisServer
+) -> AsyncIterator[list[Twistd]]:
+    """
+    Two proxies using the same Redis (its URL, with the password, in
+    OLLAMAPROXY_REDIS) and the same keys file, with leases of 3 s.
+    """
+    (twistd.directory / "keys.json").write_text(json.dumps({"keys": [
+        {"name": name, "hash": "sha256:" + digest(key).hex(), **limits}
+        for name, (key, limits) in KEYS.items()
+    ]}))
+    proxies = [
+        await twistd.start(
+            proxy_args(upstream.url, "--redis-lease", "3", "--usage-file", f"usage{i}.db"),
+            env={"OLLAMAPROXY_REDIS": redis.url},
+        )
+        for i in range(2)
+    ]
+    for proxy in proxies:
+        await wait_for(twistd.reactor, _logged(proxy, "Limits are shared through Redis"),
+                       "the proxy to reach Redis")
+    yield proxies
+    for proxy in proxies:
+        assert PASSWORD not in proxy.output
+
+
+def _logged(proxy: Twistd, text: str) -> Callable[[], bool]:
+    return lambda: text in proxy.output
+
+
+async def call(
+    reactor: Any, proxy: Twistd, key: str, model: str | None = None
+) -> tuple[int, bytes]:
+    """
+    C{GET /api/tags}, or a chat with C{model}, with C{key}: the status and
+    the body.
+    """
+    headers = {"Authorization": f"Bearer {key}"}
+    if model is None:
+        response = await request(agent(reactor), b"GET", proxy.url + "/api/tags", headers)
+    else:
+        data = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+        response = await request(agent(reactor), b"POST", proxy.url + "/api/chat",
+                                 {**headers, "Content-Type": "application/json"},
+                                 body(data.encode()))
+    arrivals = await read(response)
+    await arrivals.done
+    code: int = response.code
+    return code, arrivals.body
+
+
+@pytest_twisted.ensureDeferred
+async def test_limits_hold_across_proxies(
+    reactor: Any, pair: list[Twistd], upstream: Upstream
+) -> None:
+    """
+    rpm 4 lets 4 requests through two proxies, not 8; max_streams 1 refuses
+    a second stream on the other proxy, and takes it once the first ended;
+    a quota crossed through one proxy refuses on the other; ten wrong keys
+    through both make the next one 429.
+    """
+    a, b = pair
+    rate = KEYS["rate"][0]
+    codes = [(await call(reactor, (a, b)[i % 2], rate))[0] for i in range(6)]
+    assert codes == [200, 200, 200, 200, 429, 429]
+
+    streams = KEYS["streams"][0]
+    first = Deferred.fromCoroutine(call(reactor, a, streams, "hold"))
+    await wait_for(reactor, lambda: len(upstream.fake.held) == 1, "the held stream")
+    code, answer = await call(reactor, b, streams)
+    assert code == 429
+    assert json.loads(answer) == {"error": "key 'streams' already has 1 requests in flight"}
+    stream = upstream.fake.held[0]
+    stream.write_line({"model": "hold", "done": True})
+    stream.finish()
+    assert (await first)[0] == 200
+
+    # The release reaches Redis just after the response: bounded retries.
+    for _ in range(50):
+        if (await call(reactor, b, streams))[0] == 200:
+            break
+        await sleep(reactor, 0.05)
+    else:
+        raise AssertionError("the stream was not given back")
+
+    quota = KEYS["quota"][0]
+    assert (await call(reactor, a, quota, "llama3.2"))[0] == 200
+    for _ in range(50):
+        code, answer = await call(reactor, b, quota)
+        if code == 429:
+            break
+        await sleep(reactor, 0.05)
+    assert code == 429
+    assert "has used its 5 tokens for today (UTC)" in json.loads(answer)["error"]
+
+    wrong = "olpk_wrongkeywrongkeywrongkeywrongkeywron"
+    codes = [(await call(reactor, (a, b)[i % 2], wrong))[0] for i in range(11)]
+    assert codes == [401] * 10 + [429]
+    # The right key from that address still works.
+    assert (await call(reactor, a, TEST_KEY))[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_lease_of_killed_proxy_expires(
+    reactor: Any, pair: list[Twistd], upstream: Upstream
+) -> None:
+    """
+    A proxy killed with SIGKILL mid-stream never releases its stream: the
+    other proxy refuses the key until the lease (3 s here) expires, then
+    serves it.
+    """
+    a, b = pair
+    streams = KEYS["streams"][0]
+    held = Deferred.fromCoroutine(call(reactor, a, streams, "hold"))
+    held.addErrback(lambda _: None)
+    await wait_for(reactor, lambda: len(upstream.fake.held) == 1, "the held stream")
+    os.kill(a.pid, signal.SIGKILL)
+    await a.protocol.ended
+    assert (await call(reactor, b, streams))[0] == 429
+    waited = 0
+    while (await call(reactor, b, streams))[0] == 429:
+        waited += 1
+        assert waited < 100, "the lease never expired"
+        await sleep(reactor, 0.1)
+    assert waited >= 10  # it did hold for a while: about 3 s
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_stopped_and_restarted(
+    reactor: Any, pair: list[Twistd], redis: RedisServer
+) -> None:
+    """
+    Redis stopped mid-run: each proxy answers every request within a few
+    seconds, keeping the limits itself (the default policy, local: rpm 4 per
+    proxy), logs the outage once; once Redis is back, it logs so and the
+    limits are shared again.
+    """
+    a, b = pair
+    rate = KEYS["rate"][0]
+    redis.stop()
+    started = reactor.seconds()
+    codes = [(await call(reactor, a, rate))[0] for _ in range(5)]
+    assert codes == [200, 200, 200, 200, 429]
+    assert reactor.seconds() - started < 10
+    await wait_for(reactor, lambda: "cannot be reached" in a.output, "the outage logged")
+    redis.start()
+    for proxy in pair:
+        await wait_for(reactor, _logged(proxy, "answers again"), "the recovery logged")
+    codes = [(await call(reactor, (a, b)[i % 2], rate))[0] for i in range(5)]
+    assert codes == [200, 200, 200, 200, 429]
+    for proxy in pair:
+        assert proxy.output.count("cannot be reached") == 1
+        assert "Traceback" not in proxy.output and "Unhandled" not in proxy.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_policy(
+    reactor: Any, twistd: TwistdLauncher, upstream: Upstream, redis: RedisServer
+) -> None:
+    """
+    Under --redis-failure closed, with Redis stopped: a key with limits gets
+    503 with Retry-After within seconds, a key without limits is served,
+    and /-/ready answers 503 naming redis, until Redis is back.
+    """
+    (twistd.directory / "keys.json").write_text(json.dumps({"keys": [
+        {"name": "rate", "hash": "sha256:" + digest(KEYS["rate"][0]).hex(), "rpm": 4}
+    ]}))
+    proxy = await twistd.start(
+        proxy_args(upstream.url, "--redis-failure", "closed"),
+        env={"OLLAMAPROXY_REDIS": redis.url},
+    )
+    await wait_for(reactor, _logged(proxy, "Limits are shared through Redis"), "Redis reached")
+
+    async def ready() -> int:
+        response = await request(agent(reactor), b"GET", proxy.url + "/-/ready")
+        await (await read(response)).done
+        code: int = response.code
+        return code
+
+    assert await ready() == 200
+    redis.stop()
+    started = reactor.seconds()
+    code, answer = await call(reactor, proxy, KEYS["rate"][0])
+    assert reactor.seconds() - started < 5
+    assert code == 503
+    assert "Redis" in json.loads(answer)["error"]
+    assert (await call(reactor, proxy, TEST_KEY))[0] == 200
+    assert await ready() == 503
+    redis.start()
+    await wait_for(reactor, _logged(proxy, "answers again"), "the recovery logged")
+    assert await ready() == 200
+    assert (await call(reactor, proxy, KEYS["rate"][0]))[0] == 200

@@ -1,0 +1,241 @@
+"""
+Tests for L{ollamaproxy.shared.limits} that need no Redis: the failure
+policy, cancellation, renewal in one call and tokens kept while Redis is
+down, with a fake client and a L{Clock}.  The scripts themselves run
+against a real Redis in C{tests/integration/test_redis_limits.py}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from ollamaproxy.errors import ProxyError
+from ollamaproxy.keys import ApiKey
+from ollamaproxy.limits import GuessThrottle, KeyLimits, Release
+from ollamaproxy.shared import scripts
+from ollamaproxy.shared.limits import RedisLimits, RedisThrottle
+from ollamaproxy.shared.link import RedisLink
+from tests.conftest import ErrorCollector
+from tests.redis_fakes import FakeRedis
+
+# 2026-12-01T12:00:00Z
+NOON = 1796126400.0
+
+
+def _key(**limits: Any) -> ApiKey:
+    return ApiKey("alice", bytes(32), **limits)
+
+
+def _setup(
+    policy: str = "local", up: bool = True
+) -> tuple[Clock, FakeRedis, RedisLink, RedisLimits]:
+    clock = Clock()
+    clock.advance(NOON)
+    client = FakeRedis()
+    link = RedisLink(lambda: client, clock, "redis://cache:6379/0", "", interval=5.0)
+    limits = RedisLimits(link, KeyLimits(clock), clock, policy, lease=30.0)
+    link.startService()
+    if up:
+        client.pings[0].callback("PONG")
+    else:
+        client.pings[0].errback(ConnectionError("refused"))
+    return clock, client, link, limits
+
+
+def _released(d: Deferred[Release]) -> Release:
+    """
+    The release a fired admit gave.
+    """
+    result = d.result
+    assert callable(result)
+    release: Release = result
+    return release
+
+
+def _error(d: Deferred[Any]) -> ProxyError:
+    result = d.result
+    assert isinstance(result, Failure)
+    d.addErrback(lambda _: None)
+    assert isinstance(result.value, ProxyError)
+    return result.value
+
+
+def test_key_without_limits_asks_nothing() -> None:
+    """A key with no limit is let in without a call to Redis: no cost for it."""
+    _, client, link, limits = _setup()
+    release = _released(limits.admit(_key()))
+    release(100)
+    assert client.calls == []
+    link.stopService()
+
+
+def test_admit_asks_one_script() -> None:
+    """One ADMIT call carries the key's name (never the key), its limits and the time."""
+    _, client, link, limits = _setup()
+    d = limits.admit(_key(rpm=60, max_streams=2, tokens_per_day=1000))
+    [call] = client.calls
+    assert call.script == scripts.ADMIT
+    assert call.keys == [
+        "ollamaproxy:rate:alice", "ollamaproxy:streams:alice",
+        "ollamaproxy:tokens:day:2026-12-01:alice", "ollamaproxy:tokens:month:2026-12:alice",
+    ]
+    assert call.args[:3] == [int(NOON * 1000), 60, 2]
+    assert call.args[4:] == [30000, 1000, -1]
+    call.answer.callback([0, 0])
+    assert callable(d.result)
+    link.stopService()
+
+
+def test_down_local_keeps_limits_here() -> None:
+    """
+    Under the local policy, while Redis is down, the in-process limits
+    answer: keys are still limited.
+    """
+    _, client, link, limits = _setup("local", up=False)
+    key = _key(max_streams=1)
+    release = _released(limits.admit(key))
+    assert _error(limits.admit(key)).code == 429
+    release(0)
+    assert callable(limits.admit(key).result)
+    assert client.calls == []
+    link.stopService()
+
+
+def test_down_closed_refuses() -> None:
+    """Under the closed policy, while Redis is down, a key with limits gets 503 with Retry-After."""
+    _, _, link, limits = _setup("closed", up=False)
+    error = _error(limits.admit(_key(rpm=10)))
+    assert (error.code, error.headers, error.outcome) == (
+        503, {b"Retry-After": b"5"}, "rejected")
+    assert "Redis" in error.message
+    assert callable(limits.admit(_key()).result)
+    link.stopService()
+
+
+def test_redis_stops_answering_mid_admit() -> None:
+    """
+    A request whose admit Redis does not answer is answered within the
+    timeout, by the policy (here local), never left waiting.
+    """
+    clock, _, link, limits = _setup("local")
+    d = limits.admit(_key(rpm=10))
+    assert not d.called
+    clock.advance(1.5)
+    assert callable(d.result)
+    assert not link.up
+    link.stopService()
+
+
+def test_cancelled_admit_is_released() -> None:
+    """A client gone while Redis answers: the lease taken for it is given back at once."""
+    _, client, link, limits = _setup()
+    d = limits.admit(_key(max_streams=1))
+    d.cancel()
+    d.addErrback(lambda _: None)
+    [admit] = client.calls
+    admit.answer.callback([0, 0])
+    release_call = client.calls[1]
+    assert release_call.script == scripts.RELEASE
+    assert release_call.args[0] == admit.args[3]
+    assert limits.renew().result is None  # no lease left to renew
+    link.stopService()
+
+
+def test_one_renewal_for_all_leases() -> None:
+    """Every round renews all of this proxy's leases in one call; released ones drop out."""
+    clock, client, link, limits = _setup()
+    releases = []
+    for name in ("alice", "bob", "carol"):
+        d = limits.admit(ApiKey(name, bytes(32), max_streams=5))
+        client.calls[-1].answer.callback([0, 0])
+        releases.append(_released(d))
+    releases[1](0)
+    client.calls[-1].answer.callback(0)
+    before = len(client.calls)
+    clock.advance(5)
+    client.pings[-1].callback("PONG")
+    [renew] = client.calls[before:]
+    assert renew.script == scripts.RENEW
+    assert renew.keys == ["ollamaproxy:streams:alice", "ollamaproxy:streams:carol"]
+    assert renew.args[0] == int((NOON + 5 + 30) * 1000)
+    renew.answer.callback(2)
+    link.stopService()
+
+
+def test_tokens_while_down_are_added_later() -> None:
+    """Tokens used while Redis was down are added to its counters once it is back."""
+    clock, client, link, limits = _setup("local", up=False)
+    key = _key(tokens_per_day=1000)
+    _released(limits.admit(key))(120)
+    _released(limits.admit(key))(30)
+    clock.advance(5)
+    client.pings[-1].callback("PONG")
+    [added] = client.calls
+    assert added.script == scripts.ADD_TOKENS
+    assert added.keys == ["ollamaproxy:tokens:day:2026-12-01:alice",
+                          "ollamaproxy:tokens:month:2026-12:alice"]
+    assert added.args[0::2] == [150, 150]
+    added.answer.callback(2)
+    link.stopService()
+
+
+def test_tokens_kept_when_release_fails() -> None:
+    """A release that Redis does not take keeps its tokens for later; nothing is lost."""
+    clock, client, link, limits = _setup()
+    d = limits.admit(_key(tokens_per_month=1000))
+    client.calls[0].answer.callback([0, 0])
+    _released(d)(70)
+    client.calls[1].answer.errback(ConnectionError("Lost connection"))
+    clock.advance(5)
+    client.pings[-1].callback("PONG")
+    assert client.calls[-1].script == scripts.ADD_TOKENS
+    assert client.calls[-1].args[0::2] == [70, 70]
+    client.calls[-1].answer.callback(2)
+    link.stopService()
+
+
+def test_throttle_down_uses_local() -> None:
+    """While Redis is down, wrong keys are counted by the in-process throttle."""
+    clock = Clock()
+    client = FakeRedis()
+    link = RedisLink(lambda: client, clock, "redis://cache:6379/0", "")
+    link.startService()
+    client.pings[0].errback(ConnectionError("refused"))
+    throttle = RedisThrottle(link, GuessThrottle(clock, failures=2), clock)
+    throttle.failed("10.0.0.1")
+    throttle.failed("10.0.0.1")
+    assert _error(throttle.failed("10.0.0.1")).code == 429
+    link.stopService()
+
+
+def test_throttle_asks_redis() -> None:
+    """Up, a wrong key is one GUESS call with the local throttle's numbers; a wait is 429."""
+    clock = Clock()
+    client = FakeRedis()
+    link = RedisLink(lambda: client, clock, "redis://cache:6379/0", "")
+    link.startService()
+    client.pings[0].callback("PONG")
+    throttle = RedisThrottle(link, GuessThrottle(clock, failures=3, window=20), clock)
+    d = throttle.failed("10.0.0.1")
+    [call] = client.calls
+    assert (call.keys, call.args[1:3]) == (["ollamaproxy:guesses:10.0.0.1"], [20000, 3])
+    call.answer.callback(12500)
+    error = _error(d)
+    assert (error.code, error.headers) == (429, {b"Retry-After": b"13"})
+    link.stopService()
+
+
+def test_unreadable_answer_falls_back(observe_errors: ErrorCollector) -> None:
+    """An answer the proxy cannot read is logged and the request answered by the policy."""
+    _, client, link, limits = _setup("local")
+    d = limits.admit(_key(rpm=10))
+    client.calls[0].answer.callback("not a list")
+    assert callable(d.result)
+    [logged] = observe_errors.errors
+    assert logged["log_failure"].check(ValueError)
+    observe_errors.errors.clear()
+    link.stopService()

@@ -449,7 +449,8 @@ def build_service(
         # stand in while it is down (--redis-failure).
         redis = open_link(config.redis, config.redis_failure, config.redis_lease, reactor,
                           readiness, metrics.registry)
-        limits = RedisLimits(redis, limits, reactor, config.redis_failure, config.redis_lease)
+        limits = RedisLimits(redis, limits, reactor, config.redis_failure, config.redis_lease,
+                             quotas=quotas)
         throttle = RedisThrottle(redis, guesses, reactor)
     proxy = OllamaProxy(
         router,

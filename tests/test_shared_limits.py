@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.keys import ApiKey
 from ollamaproxy.limits import GuessThrottle, KeyLimits, Release
+from ollamaproxy.quotas import QuotaBook
 from ollamaproxy.shared import scripts
 from ollamaproxy.shared.limits import RedisLimits, RedisThrottle
 from ollamaproxy.shared.link import RedisLink
@@ -238,4 +239,30 @@ def test_unreadable_answer_falls_back(observe_errors: ErrorCollector) -> None:
     [logged] = observe_errors.errors
     assert logged["log_failure"].check(ValueError)
     observe_errors.errors.clear()
+    link.stopService()
+
+
+def test_the_local_stand_in_knows_this_proxy_s_tokens() -> None:
+    """
+    Tokens used while Redis is up are told to the in-process quota book
+    too, so that when Redis goes down and the local limits stand in, a key
+    that used its quota through this proxy is still refused.
+    """
+    clock = Clock()
+    clock.advance(NOON)
+    client = FakeRedis()
+    link = RedisLink(lambda: client, clock, "redis://cache:6379/0", "", interval=5.0)
+    book = QuotaBook(clock, loaded=True)
+    limits = RedisLimits(link, KeyLimits(clock, book), clock, "local", lease=30.0, quotas=book)
+    link.startService()
+    client.pings[0].callback("PONG")
+    key = _key(tokens_per_day=100)
+    d = limits.admit(key)
+    client.calls[0].answer.callback([0, 0])
+    _released(d)(150)
+    client.calls[1].answer.callback(1)
+    assert book.used("alice", "day") == 150
+    clock.advance(5)
+    client.pings[-1].errback(ConnectionError("refused"))
+    assert _error(limits.admit(key)).code == 429
     link.stopService()

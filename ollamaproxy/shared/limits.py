@@ -42,6 +42,7 @@ from ollamaproxy.errors import ProxyError
 from ollamaproxy.keys import ApiKey
 from ollamaproxy.limits import GuessThrottle, Limits, Release, too_many
 from ollamaproxy.quota_periods import Window, over_quota_message, window
+from ollamaproxy.quotas import QuotaBook
 from ollamaproxy.shared import scripts
 from ollamaproxy.shared.link import RedisDown, RedisLink
 
@@ -74,6 +75,9 @@ class RedisLimits:
     @param clock: Tells time for the limits.
     @param policy: C{local} or C{closed} (see the module).
     @param lease: Seconds a request stays counted unless renewed.
+    @param quotas: The book of C{local}'s token quotas, told of every
+        request's tokens while Redis is up too, so that it knows this
+        proxy's use when it stands in.
     """
 
     def __init__(
@@ -84,8 +88,10 @@ class RedisLimits:
         policy: str = "local",
         lease: float = 30.0,
         prefix: str = PREFIX,
+        quotas: QuotaBook | None = None,
     ) -> None:
         self._link = link
+        self._quotas = quotas
         self._local = local
         self._clock = clock
         self._policy = policy
@@ -177,6 +183,8 @@ class RedisLimits:
         def release(tokens: int = 0) -> None:
             if lease:
                 self._leases.pop(lease, None)
+            if tokens and self._quotas is not None:
+                self._quotas.add(key.name, tokens)
             tokens = tokens if counted else 0
             if not lease and not tokens:
                 return

@@ -425,10 +425,11 @@ def build_service(
     if shared is None:
         usage_store = UsageStore(config.usage_file, reactor, worker=usage_worker)
     else:
-        # Not a readiness check: the proxy serves as well without
-        # PostgreSQL (README, "When PostgreSQL is down"), and every proxy
-        # turning not-ready at once would make its outage a full one.
         usage_store = shared.usage_store(usage_worker)
+        # Reported, not required: the proxy serves without PostgreSQL
+        # (README, "When PostgreSQL is down"), and every proxy turning
+        # not-ready at once would make its outage a full one.
+        readiness.add("database", lambda: shared.ready, required=False)
     metrics.registry.register(
         UsageCollector(usage_store, None if shared is None else lambda: shared.ready)
     )

@@ -84,3 +84,23 @@ def successResultOf(d: Deferred[T]) -> T:
     d.addCallback(results.append)
     assert results, "no result yet"
     return results[0]
+
+
+def test_a_part_the_proxy_serves_without_is_reported_not_required() -> None:
+    """
+    A check added as not required (PostgreSQL; Redis under the local
+    policy) is named under C{degraded} when it fails, and the proxy stays
+    ready: every proxy shares it, so all turning unready would be an
+    outage of their own making.
+    """
+    readiness = Readiness()
+    database = [False]
+    readiness.add("backends", lambda: True)
+    readiness.add("database", lambda: database[0], required=False)
+    code, body = readiness.answer()
+    assert code == 200
+    assert json.loads(body) == {"ready": True, "checks": {"backends": True, "database": False},
+                                "degraded": ["database"]}
+    database[0] = True
+    code, body = readiness.answer()
+    assert (code, "degraded" in json.loads(body)) == (200, False)

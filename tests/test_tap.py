@@ -562,12 +562,13 @@ def test_plugin_is_discoverable() -> None:
         assert maker.makeService is tap.makeService
 
 
-@pytest.mark.parametrize(("policy", "ready"), [("local", 200), ("closed", 503)])
-def test_redis_wiring(tmp_path: Path, policy: str, ready: int) -> None:
+@pytest.mark.parametrize(("policy", "required"), [("local", False), ("closed", True)])
+def test_redis_wiring(tmp_path: Path, policy: str, required: bool) -> None:
     """
     With --redis, the link to Redis is a service stopped after the requests
-    in flight (after DrainService), /-/ready gains a C{redis} check that
-    follows the policy (not yet connected here), and the metrics show
+    in flight (after DrainService), /-/ready reports a C{redis} check (not
+    yet connected here) that makes the proxy unready under the closed
+    policy and only degraded under the local one, and the metrics show
     C{ollamaproxy_redis_up}; without it, none of these (test_service_structure).
     """
     config = base_config(tmp_path, api_key="k", redis=parse_redis_url("redis://cache:6379/0"),
@@ -584,7 +585,9 @@ def test_redis_wiring(tmp_path: Path, policy: str, ready: int) -> None:
     # Not ready in any case here: the token quotas are read on a thread,
     # which this reactor never runs.
     assert answer.code == 503
-    assert document["checks"]["redis"] is (ready == 200)
+    assert document["checks"]["redis"] is False
+    assert ("redis" in document["error"]) is required
+    assert ("redis" in document.get("degraded", [])) is not required
     metrics = stub.get("http://127.0.0.1/metrics", headers={"Authorization": "Bearer k"})
     stub.flush()
     text = _RESULTS.successResultOf(stub.content(_RESULTS.successResultOf(metrics)))

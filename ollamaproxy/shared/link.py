@@ -301,7 +301,7 @@ def open_link(
         interval=lease / 6,
         registry=registry,
     )
-    readiness.add("redis", lambda: link.up or policy == "local")
+    readiness.add("redis", lambda: link.up, required=policy == "closed")
     return link
 
 

@@ -176,7 +176,8 @@ async def test_postgres_stopped_and_restarted_under_a_running_proxy(
     await wait_for_output(reactor, proxy, "Cannot write usage to postgresql://")
     await wait_for_output(reactor, proxy, "Cannot read keys from postgresql://")
     assert await status(reactor, proxy, secret) == 200
-    assert (await readiness(reactor, proxy))[0] == 200
+    code, document = await readiness(reactor, proxy)
+    assert (code, document["degraded"]) == (200, ["database"])
     assert "ollamaproxy_database_up 0.0" in await metrics(reactor, proxy)
 
     own_postgres.start()

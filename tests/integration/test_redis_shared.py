@@ -236,6 +236,11 @@ async def test_closed_policy(
         code: int = response.code
         return code
 
+    # Ready once the token quotas are read from the usage file, too.
+    for _ in range(100):
+        if await ready() == 200:
+            break
+        await sleep(reactor, 0.05)
     assert await ready() == 200
     redis.stop()
     started = reactor.seconds()

@@ -18,7 +18,11 @@ setup(
     # scanning sys.path for twisted/plugins directories, so only the former
     # lets 'twistd ollamaproxy' find the plugin of an editable install.
     package_dir={"": "."},
-    package_data={"twisted": ["plugins/ollamaproxy_plugin.py"]},
+    package_data={
+        "twisted": ["plugins/ollamaproxy_plugin.py"],
+        # The console's page: plain files, served from the package.
+        "ollamaproxy.console": ["static/*"],
+    },
     entry_points={"console_scripts": ["ollamaproxy = ollamaproxy.cli:main"]},
     install_requires=[
         "twisted[tls]>=24.7.0",

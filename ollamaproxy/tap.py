@@ -442,6 +442,8 @@ def build_service(
         install_sighup=sighup_installer(lambda f: reactor.callFromThread(f)),
     ).setServiceParent(service)
     DrainService(proxy, config.grace_period).setServiceParent(service)
+    # The console's sampler; it stops before the drain, ending open feeds.
+    proxy.console.live.setServiceParent(service)
     listeners = Listeners()
     listeners.setServiceParent(service)
     for endpoint in config.listen:

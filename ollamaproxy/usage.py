@@ -173,6 +173,15 @@ class UsageStore(Service):
                 key, summary.model, summary.prompt_tokens, summary.completion_tokens, when
             )
 
+    def read(self, work: Callable[[], _T]) -> Deferred[_T]:
+        """
+        Run a blocking read of the database on the store's worker, after
+        the writes given to it before (the console's Usage view).
+
+        @return: Fires with what C{work} returns, in the reactor thread.
+        """
+        return self._worker.run(work)
+
     @property
     def pending(self) -> int:
         """

@@ -242,7 +242,7 @@ class OllamaProxy:
         """
         if key is None:
             _refuse_body_without_key(request)
-            await self._relay(request, target, exchange, "-", route, Plan())
+            await self._relay(request, target, exchange, None, route, Plan())
             return
         exchange.key = key.name
         release = await self._limits.admit(key)
@@ -251,7 +251,7 @@ class OllamaProxy:
                                       self._router.several)
             exchange.notes = "; ".join(plan.notes)
             exchange.model = plan.model
-            await self._relay(request, target, exchange, key.name, route, plan)
+            await self._relay(request, target, exchange, key, route, plan)
         finally:
             summary = exchange.summary
             release(0 if summary is None else summary.prompt_tokens + summary.completion_tokens)
@@ -261,7 +261,7 @@ class OllamaProxy:
         request: ProxyRequest,
         target: Target,
         exchange: Exchange,
-        key_name: str,
+        key: ApiKey | None,
         route: RouteSpec | None,
         plan: Plan,
     ) -> None:
@@ -270,6 +270,8 @@ class OllamaProxy:
         cannot even be connected to (nothing was sent), to another that has
         its model.  A listing, with several backends, is every healthy
         backend's, merged.
+
+        @param key: The key presented, or L{None} on an open route.
         """
         if route is not None and route.listing is not None and self._router.several:
             await self._merged_listing(request, target, exchange, route.listing, plan)
@@ -282,11 +284,12 @@ class OllamaProxy:
         while True:
             try:
                 lease = await self._router.acquire(
-                    key_name,
+                    exchange.key,
                     plan.model,
                     runs=route is not None and route.runs,
                     primary=route is not None and route.placement is Placement.PRIMARY,
                     exclude=tried,
+                    weight=1 if key is None else key.weight,
                 )
             except ProxyError:
                 if unreachable is not None:

@@ -7,6 +7,7 @@ how much each key used.
                               [--rpm N] [--max-streams N] [--expires DATE]
                               [--max-keep-alive DURATION] [--max-num-ctx N]
                               [--tokens-per-day N] [--tokens-per-month N]
+                              [--weight N]
     ollamaproxy keys update NAME [the options of add; --no-admin, --no-cloud;
                                   none (never, all) to remove a limit]
     ollamaproxy --version
@@ -296,6 +297,7 @@ def _summary(key: ApiKey) -> str:
         + (f"tokens per day {key.tokens_per_day}; " if key.tokens_per_day is not None else "")
         + (f"tokens per month {key.tokens_per_month}; "
            if key.tokens_per_month is not None else "")
+        + (f"weight {key.weight}; " if key.weight != 1 else "")
         + f"expires {'never' if key.expires is None else _show_time(key.expires)}"
     )
 
@@ -430,6 +432,10 @@ def _key_options(parser: argparse.ArgumentParser, update: bool) -> None:
     parser.add_argument("--tokens-per-month", metavar="N", type=limit(_whole_number),
                         help="the same in a UTC month, until the first of the next "
                         f"(default: {unset or 'no quota'})")
+    parser.add_argument("--weight", metavar="N", type=limit(_whole_number),
+                        help="share of turns when requests wait for a busy model: weight 3 "
+                        "is served three times for every once of weight 1 "
+                        f"(default: {unset or 1})")
 
 
 def _update(path: str, change: Callable[[list[ApiKey]], list[ApiKey]]) -> list[ApiKey]:
@@ -467,6 +473,7 @@ def _add(args: argparse.Namespace, path: str, out: TextIO, now: datetime) -> Non
         caps=Caps(args.max_keep_alive, args.max_num_ctx),
         tokens_per_day=args.tokens_per_day,
         tokens_per_month=args.tokens_per_month,
+        weight=args.weight or 1,
     )
 
     def add(keys: list[ApiKey]) -> list[ApiKey]:
@@ -563,7 +570,7 @@ def _changed(key: ApiKey, args: argparse.Namespace, now: datetime) -> ApiKey:
         return None if value is CLEAR else value
 
     settings = ("admin", "cloud", "models", "rpm", "max_streams", "max_keep_alive",
-                "max_num_ctx", "expires", "tokens_per_day", "tokens_per_month")
+                "max_num_ctx", "expires", "tokens_per_day", "tokens_per_month", "weight")
     if all(getattr(args, setting) is None for setting in settings):
         raise UsageError(
             f"keys update: give a setting to change (see '{PROG} keys update --help')"
@@ -589,6 +596,7 @@ def _changed(key: ApiKey, args: argparse.Namespace, now: datetime) -> ApiKey:
                   given(args.max_num_ctx, key.caps.num_ctx)),
         tokens_per_day=given(args.tokens_per_day, key.tokens_per_day),
         tokens_per_month=given(args.tokens_per_month, key.tokens_per_month),
+        weight=given(args.weight, key.weight) or 1,
     )
 
 

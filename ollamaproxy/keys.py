@@ -14,7 +14,8 @@ The keys file is JSON (only C{name} and C{hash} are required)::
                "created": "2026-11-27T07:00:00Z", "expires": "2027-01-01T00:00:00Z",
                "scopes": ["inference"], "models": ["llama3*"],
                "rpm": 60, "max_streams": 2,
-               "tokens_per_day": 200000, "tokens_per_month": 3000000}]}
+               "tokens_per_day": 200000, "tokens_per_month": 3000000,
+               "weight": 2}]}
 
 and is always replaced atomically (write a temporary file, then rename).
 """
@@ -76,6 +77,9 @@ class ApiKey:
     @ivar tokens_per_day: Prompt and completion tokens the key may use in a
         UTC day, or L{None} for no quota.
     @ivar tokens_per_month: The same in a UTC month.
+    @ivar weight: The key's share of turns in the fair queue for a busy
+        model: a key of weight 3 is served three times for every once of
+        a key of weight 1.
     """
 
     name: str
@@ -89,6 +93,7 @@ class ApiKey:
     caps: Caps = field(default_factory=Caps)
     tokens_per_day: int | None = None
     tokens_per_month: int | None = None
+    weight: int = 1
 
     @property
     def admin(self) -> bool:
@@ -286,6 +291,7 @@ def _key_from_json(entry: Mapping[str, Any]) -> ApiKey:
         caps=Caps(_keep_alive(entry), _limit(entry, "max_num_ctx")),
         tokens_per_day=_limit(entry, "tokens_per_day"),
         tokens_per_month=_limit(entry, "tokens_per_month"),
+        weight=_limit(entry, "weight") or 1,
     )
 
 
@@ -340,6 +346,8 @@ def key_to_json(key: ApiKey) -> dict[str, Any]:
         entry["tokens_per_day"] = key.tokens_per_day
     if key.tokens_per_month is not None:
         entry["tokens_per_month"] = key.tokens_per_month
+    if key.weight != 1:
+        entry["weight"] = key.weight
     return entry
 
 

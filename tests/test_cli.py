@@ -889,11 +889,13 @@ def test_update_clears_limits(keys_file: Path) -> None:
     """
     secret = add(keys_file, "bob", "--admin", "--cloud", "--models", "llama3*", "--rpm", "60",
                  "--max-streams", "2", "--max-keep-alive", "10m", "--max-num-ctx", "8192",
-                 "--expires", "2027-01-01", "--tokens-per-day", "5", "--tokens-per-month", "9")
+                 "--expires", "2027-01-01", "--tokens-per-day", "5", "--tokens-per-month", "9",
+                 "--weight", "3")
+    assert load_keys_file(str(keys_file))[0].weight == 3
     result = run("keys", "update", "bob", "--no-admin", "--no-cloud", "--models", "all",
                  "--rpm", "none", "--max-streams", "none", "--max-keep-alive", "none",
                  "--max-num-ctx", "none", "--expires", "never", "--tokens-per-day", "none",
-                 "--tokens-per-month", "none", "--keys-file", str(keys_file))
+                 "--tokens-per-month", "none", "--weight", "none", "--keys-file", str(keys_file))
     assert (result.code, result.err) == (0, "")
     assert load_keys_file(str(keys_file)) == [ApiKey("bob", digest(secret), created=NOW)]
 

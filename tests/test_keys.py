@@ -347,7 +347,7 @@ def test_failed_first_write_leaves_nothing(
 
 
 def test_full_key_round_trips(tmp_path: Path) -> None:
-    """Every field of a key (expiry, scopes, models, limits, quotas) survives the file."""
+    """Every field of a key (expiry, scopes, models, limits, quotas, weight) survives the file."""
     path = str(tmp_path / "keys.json")
     key = ApiKey(
         "alice", digest(generate_key()), WHEN,
@@ -358,6 +358,7 @@ def test_full_key_round_trips(tmp_path: Path) -> None:
         max_streams=2,
         tokens_per_day=200_000,
         tokens_per_month=3_000_000,
+        weight=3,
     )
     write_keys_file(path, [key])
     assert load_keys_file(path) == [key]

@@ -4,11 +4,19 @@ Waiting fairly for a busy model.
 
 When every backend that has a model is running as many requests for it as
 it may, a new request waits here.  Waiting requests of different keys are
-served in turn: the next slot goes to the waiting key served least
-recently (counting the requests that got a slot without waiting), and a
-key's own requests in the order they came.  One key's burst of a hundred
-does not delay another key's one request by a hundred turns: that request
-is served next.
+served in turn, and a key's own requests in the order they came.  One key's
+burst of a hundred does not delay another key's one request by a hundred
+turns: that request is served next.
+
+Turns are weighted (start-time fair queueing): a key of weight 3 is served
+three times for every once of a key of weight 1 while both wait.  Each key
+has a virtual finish time, which every slot it gets (waiting or not) moves
+on by C{1 / weight}; the next slot goes to the waiting key whose next
+request would start first, C{max(now, finish)} in virtual time.  A key that
+was idle starts at the present virtual time: waiting earns no credit, and
+being served earlier leaves no debt once the others have caught up.  With
+every weight 1 this is plain round-robin: the key served least recently
+goes next.
 
 A wait is a L{Deferred}: cancelling it (the client left) takes the request
 out of the queue, and a request that waits longer than the timeout fails
@@ -56,7 +64,7 @@ class _Waiter(Generic[W, G]):
 @dataclass
 class FairQueue(Generic[W, G]):
     """
-    Requests waiting for a slot, served round-robin across keys.
+    Requests waiting for a slot, served in weighted turns across keys.
 
     @ivar clock: Tells time for the timeout.
     @ivar limit: The most requests that may wait in all; beyond it a new one
@@ -70,9 +78,11 @@ class FairQueue(Generic[W, G]):
     # Keys with waiting requests, in the order they came.
     _keys: OrderedDict[str, deque[_Waiter[W, G]]] = field(default_factory=OrderedDict)
     _size: int = 0
-    # When each key was last served, in turns.
-    _last: dict[str, int] = field(default_factory=dict)
-    _turn: int = 0
+    # Each key's virtual finish time; the virtual time now (the start of
+    # the last slot given).
+    _finish: dict[str, float] = field(default_factory=dict)
+    _virtual: float = 0.0
+    _weights: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self._size
@@ -83,10 +93,11 @@ class FairQueue(Generic[W, G]):
         """
         return {key: len(waiters) for key, waiters in self._keys.items()}
 
-    def wait(self, key: str, wants: W) -> Deferred[G]:
+    def wait(self, key: str, wants: W, weight: float = 1.0) -> Deferred[G]:
         """
         Wait in line for C{wants}.
 
+        @param weight: The key's share of turns against other keys'.
         @return: Fires with what L{serve} grants; fails with a 503
             L{ProxyError} after C{timeout} seconds; cancelling it leaves the
             queue.
@@ -102,36 +113,45 @@ class FairQueue(Generic[W, G]):
         waiter: _Waiter[W, G] = _Waiter(key, wants, self.clock.seconds(), Deferred(leave))
         waiter.timer = self.clock.callLater(self.timeout, self._expire, waiter)
         self._keys.setdefault(key, deque()).append(waiter)
+        self._weights[key] = weight
         self._size += 1
         return waiter.granted
 
-    def served(self, key: str) -> None:
+    def served(self, key: str, weight: float = 1.0) -> None:
         """
-        A request of C{key} got a slot without waiting: its key's turn was
-        now.
+        A request of C{key} got a slot: its turn was now.
         """
-        self._turn += 1
-        self._last[key] = self._turn
-        if len(self._last) > _REMEMBERED:
-            for old in sorted(self._last, key=self._last.__getitem__)[: _REMEMBERED // 2]:
-                if old not in self._keys:
-                    del self._last[old]
+        # _start, inlined: this runs for every request that runs a model.
+        finish = self._finish.get(key, 0.0)
+        start = finish if finish > self._virtual else self._virtual
+        self._virtual = start
+        self._finish[key] = start + 1 / weight
+        if len(self._finish) > _REMEMBERED:
+            # A key whose finish has passed is as good as one never seen.
+            self._finish = {k: f for k, f in self._finish.items() if f > self._virtual}
+
+    def _start(self, key: str) -> float:
+        """
+        When, in virtual time, C{key}'s next request would start.
+        """
+        return max(self._virtual, self._finish.get(key, 0.0))
 
     def serve(self, grant: Callable[[W], G | None]) -> None:
         """
         Give slots to waiting requests for as long as C{grant} finds one:
-        each time to the waiting key served least recently, its first
-        request that C{grant} accepts.
+        each time to the waiting key whose turn is first (in the order the
+        keys came, among equals), its first request that C{grant} accepts.
 
         @param grant: Returns what a request wanting C{W} gets now, or
             L{None} if nothing is free for it.
         """
         while self._size:
-            for key in sorted(self._keys, key=lambda k: self._last.get(k, 0)):
+            for key in sorted(self._keys, key=self._start):
                 waiter, granted = self._first_granted(self._keys[key], grant)
                 if waiter is not None and granted is not None:
+                    weight = self._weights[key]
                     self._remove(waiter)
-                    self.served(key)
+                    self.served(key, weight)
                     waiter.granted.callback(granted)
                     break
             else:
@@ -164,6 +184,7 @@ class FairQueue(Generic[W, G]):
         self._size -= 1
         if not waiters:
             del self._keys[waiter.key]
+            del self._weights[waiter.key]
         if waiter.timer is not None:
             waiter.timer.cancel()
             waiter.timer = None

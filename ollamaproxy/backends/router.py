@@ -104,6 +104,7 @@ class Router:
         runs: bool = False,
         primary: bool = False,
         exclude: Iterable[Backend] = (),
+        weight: int = 1,
     ) -> Deferred[Lease]:
         """
         A backend for a request of key C{key} naming C{model}.
@@ -114,6 +115,7 @@ class Router:
             order configured, whatever it names.
         @param exclude: Backends not to use (one that just failed this
             request).
+        @param weight: The key's share of turns in the fair queue.
         @return: Fires with a L{Lease} at once, or once the request's turn has
             come; cancelling it leaves the queue.
         @raise ProxyError: 404 if no backend has the model, 503 if none that
@@ -136,9 +138,9 @@ class Router:
         if not len(self.queue):
             lease = self._grant((model, now, excluded))
             if lease is not None:
-                self.queue.served(key)
+                self.queue.served(key, weight)
                 return succeed(lease)
-        waiting = self.queue.wait(key, (model, now, excluded))
+        waiting = self.queue.wait(key, (model, now, excluded), weight)
         self._serve_queue()
         return waiting
 

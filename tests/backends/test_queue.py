@@ -67,6 +67,43 @@ def test_three_keys_round_robin() -> None:
     assert len(queue) == 3
 
 
+def test_weighted_keys_share_turns_by_weight() -> None:
+    """
+    A key of weight 3 and one of weight 1, both with plenty waiting: slots
+    go three to one; the light key is still served before the heavy one's
+    second turn, not after its whole burst.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=512, timeout=60)
+    served: list[str] = []
+    for _ in range(20):
+        collect(queue.wait("heavy", "m", weight=3), served, "H")
+        collect(queue.wait("light", "m", weight=1), served, "L")
+    slots = Slots()
+    slots.free["m"] = 16
+    queue.serve(slots)
+    assert "".join(served) == "HLHHHLHHHLHHHLHH"
+
+
+def test_an_idle_key_earns_no_credit() -> None:
+    """
+    A key served much while the others caught up owes no turns when it
+    waits again, and a key never seen gets no extra ones: both take turns
+    from the present, as equals, in the order they came.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=512, timeout=60)
+    for _ in range(10):
+        queue.served("busy")
+    for _ in range(10):
+        queue.served("other")
+    served: list[str] = []
+    for key in ("busy", "busy", "newcomer", "newcomer"):
+        collect(queue.wait(key, "m"), served, key)
+    slots = Slots()
+    slots.free["m"] = 4
+    queue.serve(slots)
+    assert served == ["busy", "newcomer", "busy", "newcomer"]
+
+
 def test_a_key_is_not_held_up_by_another_model() -> None:
     """
     A slot free for one model goes to the first request that wants it,

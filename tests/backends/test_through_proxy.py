@@ -286,3 +286,23 @@ def test_a_body_the_proxy_does_not_read_waits_its_turn_too() -> None:
     chain.fake.held[1].finish()
     chain.flush()
     chain.body(chain.result(unread[1]))
+
+
+def test_a_heavier_key_gets_more_turns() -> None:
+    """
+    A key of weight 2 and a key of weight 1, both with requests waiting at
+    --parallel 1: the slots go two to one, as the fake upstream sees them.
+    """
+    chain = Chain(parallel=1)
+    chain.keys.replace([*chain.keys._by_digest.values(),
+                        ApiKey("user", digest(USER), weight=2), ApiKey("other", digest(OTHER))])
+    first = chain.request("POST", "/api/chat", data=chat("hold", n="first"))
+    waiting = [chain.request("POST", "/api/chat", key=key, data=chat("hold", n=f"{name}{i}"))
+               for i in range(3) for key, name in ((USER, "u"), (OTHER, "o"))]
+    for held in range(7):
+        chain.fake.held[held].finish()
+        chain.flush()
+    assert [r.json()["n"] for r in chain.fake.received] == [
+        "first", "u0", "o0", "u1", "u2", "o1", "o2"]
+    for d in [first, *waiting]:
+        chain.body(chain.result(d))

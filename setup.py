@@ -39,6 +39,8 @@ setup(
             # tests/integration/test_editable.py builds an editable install
             # without build isolation (no network).
             "wheel",
+            # tests/integration/test_console_browser.py drives Chromium.
+            "selenium>=4.20",
         ],
         "dev": [
             "mypy>=1.11",

@@ -155,7 +155,8 @@ def test_keys_view_lists_keys_without_keys_or_hashes() -> None:
     bob = next(k for k in view["keys"] if k["name"] == "bob")
     assert bob["scopes"] == ["inference"]
     assert bob["models"] == ["llama3*"]
-    assert (bob["rpm"], bob["max_streams"], bob["tokens_per_day"]) == (60, 2, 1000)
+    limits = (bob["rpm"], bob["max_streams"], bob["tokens_per_day"], bob["weight"])
+    assert limits == (60, 2, 1000, 1)
     assert bob["expires"] == "2027-01-01T00:00:00Z"
     assert bob["expired"] is False
     assert bob["last_used"] is None

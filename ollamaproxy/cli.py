@@ -14,19 +14,25 @@ how much each key used.
     ollamaproxy keys list
     ollamaproxy keys revoke NAME
     ollamaproxy keys rotate NAME
-    ollamaproxy usage [--since DATE] [--by key|model]
+    ollamaproxy usage [--since DATE] [--by key|model] [--database URL]
 
 Every C{keys} subcommand takes C{--keys-file PATH}; without it the file is
 C{$OLLAMAPROXY_KEYS_FILE}, then the proxy's default, exactly as for the
-daemon.  C{add} and C{rotate} print the new key alone on the last line of
-standard output, so C{KEY=$(ollamaproxy keys add bob | tail -n1)} works; the
-key is shown only then, since only its hash is stored.
+daemon.  With C{--database URL} (or C{$OLLAMAPROXY_DATABASE}) the keys
+subcommands work on the keys in PostgreSQL instead, and C{usage} sums the
+usage of every proxy that writes there (L{ollamaproxy.key_storage}).
+
+C{add} and C{rotate} print the new key alone on the last line of standard
+output, so C{KEY=$(ollamaproxy keys add bob | tail -n1)} works; the key is
+shown only then, since only its hash is stored.
 
 C{usage} finds the usage database the same way: C{--usage-file PATH}, then
 C{$OLLAMAPROXY_USAGE_FILE}, then L{default_usage_file}; it never changes it.
 
-Every change goes through L{update_keys_file}, so two commands run at once
-cannot lose each other's change, and a crash leaves the old file whole.
+Every change goes through L{ollamaproxy.key_storage.KeyStorage.update}: under the keys file's lock
+(L{ollamaproxy.keys.update_keys_file}) or in one database transaction, so
+two commands run at once cannot lose each other's change, and a crash leaves
+the old keys whole.
 """
 
 from __future__ import annotations
@@ -43,10 +49,14 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 from ollamaproxy import __version__
 from ollamaproxy.caps import Caps, keep_alive_cap, show_duration
 from ollamaproxy.config import (
+    ConfigError,
     env_variable,
     keys_file_path,
+    parse_database_url,
+    show_database_url,
     usage_file_path,
 )
+from ollamaproxy.key_storage import DatabaseKeys, FileKeys, KeyStorage, KeyStorageError
 from ollamaproxy.keys import (
     ADMIN,
     CLOUD,
@@ -55,10 +65,8 @@ from ollamaproxy.keys import (
     KeysFileError,
     digest,
     generate_key,
-    load_keys_file,
-    update_keys_file,
 )
-from ollamaproxy.usage_db import Row, UsageFileError, summarise
+from ollamaproxy.usage_db import DatabaseDown, Row, UsageFileError, summarise
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -66,13 +74,11 @@ if TYPE_CHECKING:
 PROG = "ollamaproxy"
 KEYS_FILE_VARIABLE = env_variable("keys-file")
 USAGE_FILE_VARIABLE = env_variable("usage-file")
+DATABASE_VARIABLE = env_variable("database")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # The daemon gives this name to the key from --api-key; a second key of that
 # name in the file would stop it from starting.
 _RESERVED_NAMES = frozenset({"api-key"})
-
-# The daemon loads the keys file once, at start.
-_RELOAD = "A running proxy picks up the change within seconds (at once on SIGHUP)."
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -302,7 +308,7 @@ def _summary(key: ApiKey) -> str:
     )
 
 
-def _announce(out: TextIO, what: str, key: ApiKey, secret: str) -> None:
+def _announce(out: TextIO, what: str, key: ApiKey, secret: str, picked_up: str) -> None:
     """
     Print what was done, then the new key alone on the last line.
     """
@@ -311,7 +317,7 @@ def _announce(out: TextIO, what: str, key: ApiKey, secret: str) -> None:
         f"  {_summary(key)}\n"
         "Only its hash is stored, so this is the only time the key is shown.\n"
         "Clients send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'.\n"
-        f"{_RELOAD}\n"
+        f"{picked_up}\n"
         f"{secret}\n"
     )
 
@@ -326,6 +332,12 @@ def _parser(stdout: TextIO) -> _Parser:
         metavar="PATH",
         help=f"the keys file (default: ${KEYS_FILE_VARIABLE}, else "
         "$XDG_CONFIG_HOME/ollamaproxy/keys.json)",
+    )
+    common.add_argument(
+        "--database",
+        metavar="URL",
+        help=f"keep the keys in PostgreSQL at this postgresql:// URL instead of the keys "
+        f"file (default: ${DATABASE_VARIABLE}, if set)",
     )
 
     parser = _Parser(prog=PROG, description="Manage an ollamaproxy.", stdout=stdout)
@@ -384,6 +396,12 @@ def _parser(stdout: TextIO) -> _Parser:
         help=f"the usage database (default: ${USAGE_FILE_VARIABLE}, else "
         "$XDG_STATE_HOME/ollamaproxy/usage.sqlite3)",
     )
+    usage.add_argument(
+        "--database",
+        metavar="URL",
+        help="sum the usage of every proxy in PostgreSQL at this postgresql:// URL "
+        f"instead of the usage file (default: ${DATABASE_VARIABLE}, if set)",
+    )
     return parser
 
 
@@ -438,25 +456,32 @@ def _key_options(parser: argparse.ArgumentParser, update: bool) -> None:
                         f"(default: {unset or 1})")
 
 
-def _update(path: str, change: Callable[[list[ApiKey]], list[ApiKey]]) -> list[ApiKey]:
+def _database_url(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
     """
-    Change the keys file under its lock, with errors fit for the user.
+    The PostgreSQL URL given as C{--database} or C{$OLLAMAPROXY_DATABASE},
+    if any.
 
-    @raise CommandFailed: If C{change} does, or if the file cannot be
-        written or would hold two keys of the same name.
-    @raise KeysFileError: If the file cannot be read.
+    @raise UsageError: If it is not a PostgreSQL URL.
     """
     try:
-        return update_keys_file(path, change)
-    except KeysFileError:
-        raise
-    except ValueError as e:
-        raise CommandFailed(f"keys file {path} is not valid: {e}") from None
-    except OSError as e:
-        raise CommandFailed(f"cannot update keys file {path}: {e.strerror or e}") from None
+        return parse_database_url(args.database or environ.get(DATABASE_VARIABLE))
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
 
 
-def _add(args: argparse.Namespace, path: str, out: TextIO, now: datetime) -> None:
+def _storage(args: argparse.Namespace, environ: Mapping[str, str]) -> KeyStorage:
+    """
+    Where the keys are: the database if one is given, else the keys file.
+
+    @raise UsageError: If the database URL is not a PostgreSQL one.
+    """
+    url = _database_url(args, environ)
+    if url is not None:
+        return DatabaseKeys(url)
+    return FileKeys(keys_file_path(args.keys_file, environ))
+
+
+def _add(args: argparse.Namespace, storage: KeyStorage, out: TextIO, now: datetime) -> None:
     expires = None if args.expires is None else parse_expiry(args.expires, now)
     secret = generate_key()
     key = ApiKey(
@@ -478,17 +503,18 @@ def _add(args: argparse.Namespace, path: str, out: TextIO, now: datetime) -> Non
 
     def add(keys: list[ApiKey]) -> list[ApiKey]:
         if any(k.name == key.name for k in keys):
-            raise CommandFailed(f"a key named {key.name!r} already exists in {path}")
+            raise CommandFailed(f"a key named {key.name!r} already exists in {storage.where}")
         return [*keys, key]
 
-    _update(path, add)
-    _announce(out, f"Added key {key.name!r} to {path}:", key, secret)
+    storage.update(add)
+    _announce(out, f"Added key {key.name!r} to {storage.where}:", key, secret,
+              storage.picked_up)
 
 
-def _list(path: str, out: TextIO, now: datetime) -> None:
-    keys = load_keys_file(path)
+def _list(storage: KeyStorage, out: TextIO, now: datetime) -> None:
+    keys = storage.load()
     if not keys:
-        out.write(f"No keys in {path}.\n")
+        out.write(f"No keys in {storage.where}.\n")
         return
     rows = [_describe(key, now) for key in keys]
     columns = list(rows[0])
@@ -497,26 +523,27 @@ def _list(path: str, out: TextIO, now: datetime) -> None:
         out.write("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip() + "\n")
 
 
-def _revoke(name: str, path: str, out: TextIO, err: TextIO) -> None:
+def _revoke(name: str, storage: KeyStorage, out: TextIO, err: TextIO) -> None:
     def revoke(keys: list[ApiKey]) -> list[ApiKey]:
         kept = [k for k in keys if k.name != name]
         if len(kept) == len(keys):
-            raise CommandFailed(f"no key named {name!r} in {path}")
+            raise CommandFailed(f"no key named {name!r} in {storage.where}")
         return kept
 
-    left = _update(path, revoke)
+    left = storage.update(revoke)
     out.write(
-        f"Revoked key {name!r} in {path}.\n"
-        f"{_RELOAD}\n"
+        f"Revoked key {name!r} in {storage.where}.\n"
+        f"{storage.picked_up}\n"
     )
-    if not left:
+    if not left and isinstance(storage, FileKeys):
+        path = storage.where
         err.write(
             f"{PROG}: warning: no keys are left in {path}; unless it is given --api-key, "
             "the proxy will make a new key when it next starts\n"
         )
 
 
-def _rotate(name: str, path: str, out: TextIO, err: TextIO, now: datetime) -> None:
+def _rotate(name: str, storage: KeyStorage, out: TextIO, err: TextIO, now: datetime) -> None:
     secret = generate_key()
     rotated: list[ApiKey] = []
 
@@ -525,19 +552,20 @@ def _rotate(name: str, path: str, out: TextIO, err: TextIO, now: datetime) -> No
             if old.name == name:
                 rotated.append(replace(old, digest=digest(secret), created=now))
                 return [*keys[:index], rotated[0], *keys[index + 1:]]
-        raise CommandFailed(f"no key named {name!r} in {path}")
+        raise CommandFailed(f"no key named {name!r} in {storage.where}")
 
-    _update(path, rotate)
+    storage.update(rotate)
     key = rotated[0]
     if key.expired(now):
         err.write(
             f"{PROG}: warning: key {name!r} expired at {_show_time(key.expires)}, and the "
             "new key keeps that expiry: revoke it and add a new one to extend it\n"
         )
-    _announce(out, f"Rotated key {name!r} in {path}:", key, secret)
+    _announce(out, f"Rotated key {name!r} in {storage.where}:", key, secret, storage.picked_up)
 
 
-def _update_key(args: argparse.Namespace, path: str, out: TextIO, now: datetime) -> None:
+def _update_key(args: argparse.Namespace, storage: KeyStorage, out: TextIO,
+                now: datetime) -> None:
     name: str = args.name
     updated: list[ApiKey] = []
 
@@ -546,13 +574,13 @@ def _update_key(args: argparse.Namespace, path: str, out: TextIO, now: datetime)
             if old.name == name:
                 updated.append(_changed(old, args, now))
                 return [*keys[:index], updated[0], *keys[index + 1:]]
-        raise CommandFailed(f"no key named {name!r} in {path}")
+        raise CommandFailed(f"no key named {name!r} in {storage.where}")
 
-    _update(path, update)
+    storage.update(update)
     out.write(
-        f"Updated key {name!r} in {path}; its secret is unchanged:\n"
+        f"Updated key {name!r} in {storage.where}; its secret is unchanged:\n"
         f"  {_summary(updated[0])}\n"
-        f"{_RELOAD}\n"
+        f"{storage.picked_up}\n"
     )
 
 
@@ -622,11 +650,26 @@ def _usage_table(rows: Sequence[Row], by: str) -> list[str]:
 
 def _usage(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> None:
     since = None if args.since is None else parse_time(args.since, "--since")
-    path = usage_file_path(args.usage_file, environ)
-    try:
-        rows = summarise(path, None if since is None else since.timestamp(), args.by)
-    except FileNotFoundError:
-        rows = []
+    start = None if since is None else since.timestamp()
+    url = _database_url(args, environ)
+    if url is not None:
+        try:
+            from ollamaproxy.usage_pg import summarise_database
+        except ImportError:
+            raise CommandFailed(
+                "--database needs psycopg: pip install 'ollamaproxy[postgresql]'"
+            ) from None
+        path = f"database {show_database_url(url)}"
+        try:
+            rows = summarise_database(url, start, args.by)
+        except DatabaseDown as e:
+            raise CommandFailed(f"{path}: {e}") from None
+    else:
+        path = usage_file_path(args.usage_file, environ)
+        try:
+            rows = summarise(path, start, args.by)
+        except FileNotFoundError:
+            rows = []
     if not rows:
         when = "" if since is None else f" since {_show_time(since)}"
         out.write(f"No usage recorded in {path}{when}.\n")
@@ -663,17 +706,17 @@ def run(
     if args.command == "usage":
         _usage(args, environ, stdout)
         return
-    path = keys_file_path(args.keys_file, environ)
+    storage = _storage(args, environ)
     if args.action == "add":
-        _add(args, path, stdout, now)
+        _add(args, storage, stdout, now)
     elif args.action == "list":
-        _list(path, stdout, now)
+        _list(storage, stdout, now)
     elif args.action == "revoke":
-        _revoke(args.name, path, stdout, stderr)
+        _revoke(args.name, storage, stdout, stderr)
     elif args.action == "update":
-        _update_key(args, path, stdout, now)
+        _update_key(args, storage, stdout, now)
     else:
-        _rotate(args.name, path, stdout, stderr, now)
+        _rotate(args.name, storage, stdout, stderr, now)
 
 
 def main(
@@ -718,7 +761,7 @@ def main(
         return e.code
     except UsageError as e:
         return fail(EXIT_USAGE, str(e))
-    except (CommandFailed, KeysFileError, UsageFileError) as e:
+    except (CommandFailed, KeysFileError, KeyStorageError, UsageFileError) as e:
         return fail(EXIT_FAILURE, str(e))
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""

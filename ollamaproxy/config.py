@@ -124,6 +124,8 @@ class Config:
         logged; 0 (the default) for none.
     @ivar trusted_proxies: The proxies in front whose C{X-Forwarded-For}
         or C{Forwarded} header names the client.
+    @ivar database: The PostgreSQL URL where usage and keys are shared by
+        every proxy, or L{None} for the usage file alone.
     """
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
@@ -149,6 +151,7 @@ class Config:
     log_backups: int = DEFAULT_LOG_BACKUPS
     log_body_bytes: int = 0
     trusted_proxies: TrustedProxies = NOBODY
+    database: str | None = None
 
     @classmethod
     def from_sources(
@@ -248,6 +251,7 @@ class Config:
                 "min-body-rate", get("min-body-rate") or DEFAULT_MIN_BODY_RATE
             ),
             trusted_proxies=parse_trusted_proxies(get("trusted-proxies") or ""),
+            database=parse_database_url(get("database")),
         )
 
 
@@ -477,3 +481,30 @@ def default_usage_file(environ: Mapping[str, str]) -> str:
         environ.get("HOME") or os.path.expanduser("~"), ".local", "state"
     )
     return os.path.join(base, "ollamaproxy", "usage.sqlite3")
+
+
+def parse_database_url(value: str | None) -> str | None:
+    """
+    A C{--database} value: a C{postgresql://} or C{postgres://} URL, or
+    L{None} (or C{""}) for none.  The message never shows a password.
+
+    @raise ConfigError: For any other kind of URL.
+    """
+    if not value:
+        return None
+    scheme, sep, _ = value.strip().partition("://")
+    if not sep or scheme.lower() not in ("postgresql", "postgres"):
+        raise ConfigError(
+            f"--database: {show_database_url(value)!r} is not a PostgreSQL URL such as "
+            "postgresql://USER:PASSWORD@HOST:5432/DATABASE"
+        )
+    return value.strip()
+
+
+def show_database_url(url: str) -> str:
+    """
+    A database URL fit for logs and messages: its password, if any, is
+    C{***} (in the address or as a C{password=} parameter).
+    """
+    url = re.sub(r"^([^:/]*://[^/@:]*):[^/]*@", r"\1:***@", url)
+    return re.sub(r"(?i)(password=)[^&]*", r"\1***", url)

@@ -264,6 +264,17 @@ def _why(error: Exception) -> str:
     return str(error)
 
 
+def key_from_json(entry: Mapping[str, Any]) -> ApiKey:
+    """
+    A key from its entry in the keys file (or a row of the database, which
+    stores the same entry), as L{key_to_json} writes it.
+
+    @raise KeyError: If the entry has no C{name} or no C{hash}.
+    @raise ValueError: If a field is not valid, saying which.
+    """
+    return _key_from_json(entry)
+
+
 def _key_from_json(entry: Mapping[str, Any]) -> ApiKey:
     name = entry["name"]
     if not isinstance(name, str) or not name:

@@ -30,18 +30,37 @@ import os
 import signal
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Final
+from typing import Final, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from ollamaproxy.keys import ApiKey, KeysFileError, KeyStore, load_keys_file
+from ollamaproxy.keys import ApiKey, KeysFileError, load_keys_file
 
 log = Logger()
 
 DEFAULT_INTERVAL: Final = 2.0
+
+
+class KeySink(Protocol):
+    """
+    Where reloaded keys go: a L{KeyStore}, or one source's part of the keys
+    (L{ollamaproxy.database_keys.SourceKeys}).
+    """
+
+    def replace(self, keys: Sequence[ApiKey]) -> None:
+        """
+        Accept C{keys} from now on.
+
+        @raise ValueError: If they cannot be (two keys of one name).
+        """
+
+    def __len__(self) -> int:
+        """
+        How many keys are accepted in all.
+        """
 
 SighupInstaller = Callable[[Callable[[], None]], Callable[[], None]]
 """
@@ -121,7 +140,7 @@ class KeysReloader(Service):
 
     def __init__(
         self,
-        store: KeyStore,
+        store: KeySink,
         path: str,
         extra: Sequence[ApiKey],
         clock: IReactorTime,

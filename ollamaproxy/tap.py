@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from secrets import token_hex
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
@@ -50,6 +50,7 @@ from ollamaproxy.config import (
     ConfigError,
 )
 from ollamaproxy.cors import Cors
+from ollamaproxy.database_keys import FILE
 from ollamaproxy.descriptors import connection_limit, raise_open_files_limit
 from ollamaproxy.first_key import keys_to_accept, operator_keys
 from ollamaproxy.headers import via_mark
@@ -63,8 +64,10 @@ from ollamaproxy.redact import Redactor
 from ollamaproxy.reload import KeysReloader, sighup_installer
 from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import PoolService, Upstream, agent_for, connection_pool
-from ollamaproxy.usage import ThreadWorker, UsageStore
-from ollamaproxy.usage_db import tokens_by_key
+from ollamaproxy.usage import ThreadWorker, UsageCollector, UsageStore
+
+if TYPE_CHECKING:
+    from ollamaproxy.shared_database import SharedDatabase
 
 log = Logger()
 
@@ -167,6 +170,11 @@ class ProxyOptions(usage.Options):
          "the proxies in front (TLS terminators, load balancers) whose X-Forwarded-For "
          "or Forwarded header names the client, for logs and limits; ignored from "
          "anyone else [default: none]"],
+        ["database", None, None,
+         "A postgresql:// URL: usage per key and model, and keys, shared by every proxy "
+         "using it (see 'ollamaproxy usage --database', 'ollamaproxy keys ... --database'); "
+         "the usage file then only keeps usage while the database is down. Prefer "
+         "OLLAMAPROXY_DATABASE when the URL holds a password [default: none]"],
         ["grace-period", None, None,
          "Seconds requests in flight get to finish when the proxy stops "
          f"(SIGTERM) [default: {DEFAULT_GRACE_PERIOD:g}]"],
@@ -282,6 +290,23 @@ def listen(description: str, factory: Site, reactor: Any, option: str) -> IServi
         ) from None
 
 
+def _shared_database(
+    config: Config, reactor: Any, now: datetime, announce: Callable[[str], None]
+) -> SharedDatabase:
+    """
+    Connect to C{--database} at start (L{ollamaproxy.shared_database}).
+
+    @raise ConfigError: If the proxy cannot start with it.
+    """
+    try:
+        from ollamaproxy.shared_database import SharedDatabase
+    except ImportError:
+        raise ConfigError(
+            "--database needs psycopg: pip install 'ollamaproxy[postgresql]'"
+        ) from None
+    return SharedDatabase.at_start(config, reactor, now, announce)
+
+
 def _to_terminal(text: str) -> None:
     sys.stderr.write(text)
     sys.stderr.flush()
@@ -348,8 +373,13 @@ def build_service(
     @param open_files: The limit on open files, which bounds the client
         connections kept open; L{None} for no bound.
     """
-    keys = keys_to_accept(config.api_key, config.keys_file,
-                          datetime.fromtimestamp(reactor.seconds(), UTC), announce)
+    now = datetime.fromtimestamp(reactor.seconds(), UTC)
+    shared = None
+    if config.database:
+        shared = _shared_database(config, reactor, now, announce)
+        keys = shared.store
+    else:
+        keys = keys_to_accept(config.api_key, config.keys_file, now, announce)
     pool = connection_pool(reactor)
     agent = agent_for(reactor, pool, config.connect_timeout)
     # A token of this process's own, so that a chain of proxies works and
@@ -376,9 +406,19 @@ def build_service(
     metrics = Metrics()
     metrics.watch(router)
     usage_worker = ThreadWorker(reactor)
-    usage_store = UsageStore(config.usage_file, reactor, worker=usage_worker)
+    if shared is None:
+        usage_store = UsageStore(config.usage_file, reactor, worker=usage_worker)
+    else:
+        # Not a readiness check: the proxy serves as well without
+        # PostgreSQL (README, "When PostgreSQL is down"), and every proxy
+        # turning not-ready at once would make its outage a full one.
+        usage_store = shared.usage_store(usage_worker)
+    metrics.registry.register(
+        UsageCollector(usage_store, None if shared is None else lambda: shared.ready)
+    )
     # Token quotas count from what the usage store recorded this day and
-    # month; keys with a quota wait (503) until that is read.
+    # month (with --database, every proxy's); keys with a quota wait (503)
+    # until that is read.
     quotas = QuotaBook(reactor, metrics.quota_refused)
     readiness.add("quotas", lambda: quotas.loaded)
     # The --api-key is known in clear: blanked wherever it shows, whatever
@@ -431,16 +471,18 @@ def build_service(
     QuotaSeed(
         quotas,
         reactor,
-        lambda since: usage_worker.run(partial(tokens_by_key, config.usage_file, since)),
+        lambda since: usage_worker.run(partial(usage_store.database.tokens_by_key, since)),
     ).setServiceParent(service)
     KeysReloader(
-        keys,
+        keys if shared is None else shared.sources.part(FILE),
         config.keys_file,
-        operator_keys(config.api_key),
+        operator_keys(config.api_key) if shared is None else [],
         reactor,
         # Looked up when a signal comes, not now: test reactors lack it.
         install_sighup=sighup_installer(lambda f: reactor.callFromThread(f)),
     ).setServiceParent(service)
+    if shared is not None:
+        shared.keys_poller().setServiceParent(service)
     DrainService(proxy, config.grace_period).setServiceParent(service)
     # The console's sampler; it stops before the drain, ending open feeds.
     proxy.console.live.setServiceParent(service)

@@ -2,9 +2,13 @@
 """
 The usage database: requests and tokens per minute, key and model, in
 SQLite.  Plain functions, no Twisted: the proxy's L{ollamaproxy.usage}
-service writes with them on a thread of its own, and C{ollamaproxy usage}
-reads with L{summarise} at any time (the database is in WAL mode, so a
-reader neither blocks the proxy nor is blocked by it).
+service writes with them (through L{SqliteUsage}) on a thread of its own,
+and C{ollamaproxy usage} reads with L{summarise} at any time (the database
+is in WAL mode, so a reader neither blocks the proxy nor is blocked by it).
+
+With C{--database}, usage goes to PostgreSQL (L{ollamaproxy.usage_pg})
+instead, and this file is only where usage waits when PostgreSQL cannot take
+it (L{SqliteUsage.drain} hands it over when it can).
 
 Rows are summed per minute, key and model, so the table grows with time and
 the number of keys and models, not with traffic.  Keys never appear in the
@@ -17,7 +21,7 @@ import math
 import os
 import sqlite3
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -50,6 +54,12 @@ C{(ts, key, model, requests, prompt_tokens, completion_tokens)}: one
 request as recorded (C{ts} its time, C{requests} 1), or a minute's sum.
 """
 
+
+class DatabaseDown(Exception):
+    """
+    The usage database cannot be reached now (PostgreSQL is down, say): the
+    message, one line, says which and why.
+    """
 
 
 class UsageFileError(ValueError):
@@ -210,9 +220,17 @@ def tokens_by_key(path: str, since: float) -> dict[str, int]:
     return {row.name: row.total_tokens for row in rows if row.total_tokens > 0}
 
 
-def series(path: str, since: float, until: float, bucket: Literal["hour", "day"]) -> list[
-    tuple[float, str, str, int, int, int]
-]:
+Bucket = Literal["hour", "day"]
+BUCKET_SECONDS: Final = {"hour": 3600, "day": 86400}
+
+SeriesRow = tuple[float, str, str, int, int, int]
+"""
+C{(bucket start, key, model, requests, prompt_tokens, completion_tokens)}:
+what one key used of one model in one hour or UTC day.
+"""
+
+
+def series(path: str, since: float, until: float, bucket: Bucket) -> list[SeriesRow]:
     """
     Requests and tokens per key and model, per hour or per UTC day, from
     C{since} up to (not including) C{until}, for the console's Usage view.
@@ -223,7 +241,7 @@ def series(path: str, since: float, until: float, bucket: Literal["hour", "day"]
         or an empty one, gives none.
     @raise UsageFileError: If the file is not a usage database.
     """
-    width = 3600 if bucket == "hour" else 86400
+    width = BUCKET_SECONDS[bucket]
     query = (
         "SELECT CAST(ts / ? AS INTEGER) * ? AS bucket, key, model, SUM(requests), "
         "SUM(prompt_tokens), SUM(completion_tokens) FROM usage "
@@ -266,3 +284,86 @@ def _read(path: str, query: str, parameters: tuple[object, ...]) -> list[tuple[A
             return connection.execute(query, parameters).fetchall()
     except sqlite3.Error as e:
         raise UsageFileError(f"cannot read usage file {path}: {e}") from None
+
+
+def drain(path: str, into: Callable[[list[UsageRow]], None]) -> int:
+    """
+    Hand every row of the database at C{path} to C{into}, and delete them
+    once it returns; if it raises, nothing is deleted.  Blocking.
+
+    The file stays locked for writing while C{into} runs, so rows another
+    writer adds meanwhile are neither lost nor handed over twice.  A crash
+    between C{into} returning and the deletion hands the same rows over again
+    at the next drain: C{into} should be quick to commit.
+
+    @return: How many rows were handed over (0 if there is no file).
+    """
+    if not os.path.exists(path):
+        return 0
+    with closing(open_database(path)) as connection:
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            rows = [
+                (float(ts), str(key), str(model), int(r or 0), int(p or 0), int(c or 0))
+                for ts, key, model, r, p, c in connection.execute(
+                    "SELECT ts, key, model, requests, prompt_tokens, completion_tokens "
+                    "FROM usage"
+                )
+            ]
+            if rows:
+                into(rows)
+                connection.execute("DELETE FROM usage")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+    return len(rows)
+
+
+class SqliteUsage:
+    """
+    The usage database in an SQLite file, as the usage service
+    (L{ollamaproxy.usage.UsageDatabase}) sees it.  Blocking: call its methods
+    away from the reactor thread.
+    """
+
+    def __init__(self, path: str) -> None:
+        """
+        @param path: The file; it and its directory are made when first
+            written.
+        """
+        self.path = path
+
+    @property
+    def name(self) -> str:
+        return self.path
+
+    def write(self, rows: Sequence[UsageRow]) -> None:
+        write_rows(self.path, rows)
+
+    def summarise(self, since: float | None, by: Literal["key", "model"]) -> list[Row]:
+        try:
+            return summarise(self.path, since, by)
+        except FileNotFoundError:
+            return []
+
+    def tokens_by_key(self, since: float) -> dict[str, int]:
+        return tokens_by_key(self.path, since)
+
+    def series(self, since: float, until: float, bucket: Bucket) -> list[SeriesRow]:
+        return series(self.path, since, until, bucket)
+
+    def last_used(self) -> dict[str, float]:
+        return last_used(self.path)
+
+    def drain(self, into: Callable[[list[UsageRow]], None]) -> int:
+        """
+        Hand every row to C{into}, then delete them (L{drain}).
+        """
+        return drain(self.path, into)
+
+    def close(self) -> None:
+        """
+        Nothing to do: every write opens the file and closes it.
+        """
+

@@ -16,6 +16,11 @@ import pytest
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
 
+# The real engines' fixtures, for every test (tests/engines.py).
+from tests.engines import own_postgres, postgres, postgres_cluster, postgres_url
+
+__all__ = ["own_postgres", "postgres", "postgres_cluster", "postgres_url"]
+
 
 @implementer(ILogObserver)
 class ErrorCollector:

@@ -130,6 +130,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "log-backups": None,
         "log-body-bytes": None,
         "trusted-proxies": None,
+        "database": None,
         "log-bodies": 0,
         "listen": [],
     }
@@ -511,6 +512,8 @@ KEYS_FILES = {
         (["--keys-file", "{tmp}/nohash.json"], "key 'alice' has no \"hash\""),
         (["--api-key", "short"], "--api-key: a key must be at least 16 characters"),
         (["--idle-timeout", "soon"], "--idle-timeout: 'soon' is not a number"),
+        (["--database", "mysql://me:pw@db/x"],
+         "--database: 'mysql://me:***@db/x' is not a PostgreSQL URL"),
         (["--no-such-option"], "option --no-such-option not recognized"),
     ],
 )

@@ -1,21 +1,16 @@
 # -*- test-case-name: tests.console.test_usage_view -*-
 """
-The console's questions to the usage store, answered off the reactor
-thread by the store's own worker, after the writes given before them.
-
-One class, so that another database behind the store takes them over by
-answering the same three questions.
+The console's questions to the usage store, answered by its database
+(SQLite or PostgreSQL, L{ollamaproxy.usage.UsageDatabase}) on the store's
+own worker, off the reactor thread, after the writes given before them.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 from twisted.internet.defer import Deferred
 
-from ollamaproxy import usage_db
-from ollamaproxy.console.views import Bucket, SeriesRow
 from ollamaproxy.usage import UsageStore
+from ollamaproxy.usage_db import Bucket, SeriesRow
 
 
 class StoreUsage:
@@ -27,10 +22,12 @@ class StoreUsage:
         self._store = store
 
     def series(self, since: float, until: float, bucket: Bucket) -> Deferred[list[SeriesRow]]:
-        return self._store.read(partial(usage_db.series, self._store.path, since, until, bucket))
+        database = self._store.database
+        return self._store.read(lambda: database.series(since, until, bucket))
 
     def last_used(self) -> Deferred[dict[str, float]]:
-        return self._store.read(partial(usage_db.last_used, self._store.path))
+        return self._store.read(self._store.database.last_used)
 
     def tokens_by_key(self, since: float) -> Deferred[dict[str, int]]:
-        return self._store.read(partial(usage_db.tokens_by_key, self._store.path, since))
+        database = self._store.database
+        return self._store.read(lambda: database.tokens_by_key(since))

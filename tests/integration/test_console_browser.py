@@ -33,7 +33,14 @@ from twisted.internet.threads import deferToThread
 from ollamaproxy.keys import digest
 from tests.fake_ollama import FakeOllama
 from tests.integration.client import agent, body, read, request, wait_for
-from tests.integration.conftest import REPO, TEST_KEY, TwistdLauncher, Upstream, proxy_args
+from tests.integration.conftest import (
+    REPO,
+    TEST_KEY,
+    TwistdLauncher,
+    Upstream,
+    proxy_args,
+    sleep,
+)
 from tests.integration.test_backends import serve, stop
 
 pytestmark = pytest.mark.integration
@@ -232,6 +239,11 @@ async def test_console_in_a_real_browser(
     assert "api-key" in await in_thread(lambda: text_of(driver, "#requests tbody"))
     await screenshot(driver, "now")
     if os.environ.get("OLLAMAPROXY_README_SCREENSHOT") == "1":
+        # A few seconds of tokens, so that the charts have something to show.
+        for n in range(60):
+            held.write_line({"model": "hold", "message": {"role": "assistant",
+                                                          "content": f"v{n} "}, "done": False})
+            await sleep(reactor, 0.05)
         await in_thread(lambda: driver.save_screenshot(str(README_SCREENSHOT)))
     held.write_line({"model": "hold", "message": {"role": "assistant", "content": ""},
                      "done": True, "done_reason": "stop", "prompt_eval_count": 3,

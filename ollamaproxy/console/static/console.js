@@ -219,20 +219,20 @@
     return node;
   }
 
-  // Lines over the last WINDOW seconds: series are [time, value] arrays.
   // Drawn in the container's own pixels, so that text is never stretched.
   function size(container, width, height) {
     return [Math.max(200, container.clientWidth || width), Math.max(80, container.clientHeight || height)];
   }
 
-  function lineChart(container, series, nowT) {
+  // Lines over the last span seconds (up to WINDOW): series are [time, value] arrays.
+  function lineChart(container, series, nowT, span) {
     const [W, H] = size(container, 600, 150), L = 34, B = 16;
     const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img" });
-    const t0 = nowT - WINDOW;
+    const t0 = nowT - span;
     let top = 1;
     for (const s of series) for (const [, v] of s.points) top = Math.max(top, v);
     top = niceTop(top);
-    const x = (t) => L + ((t - t0) / WINDOW) * (W - L - 4);
+    const x = (t) => L + ((t - t0) / span) * (W - L - 4);
     const y = (v) => H - B - (v / top) * (H - B - 6);
     chart.appendChild(svg("line", { x1: L, y1: H - B, x2: W, y2: H - B }, "axis"));
     for (const v of [0, top / 2, top]) {
@@ -240,8 +240,8 @@
       label.textContent = fmt(v);
       chart.appendChild(label);
     }
-    for (const [i, label] of [[0, "-10 min"], [WINDOW / 2, "-5 min"], [WINDOW, "now"]]) {
-      const text = svg("text", { x: x(t0 + i), y: H - 3, "text-anchor": i === 0 ? "start" : i === WINDOW ? "end" : "middle" }, "tick");
+    for (const [i, label] of [[0, "-" + ago(span)], [span / 2, "-" + ago(span / 2)], [span, "now"]]) {
+      const text = svg("text", { x: x(t0 + i), y: H - 3, "text-anchor": i === 0 ? "start" : i === span ? "end" : "middle" }, "tick");
       text.textContent = label;
       chart.appendChild(text);
     }
@@ -254,6 +254,10 @@
       chart.appendChild(svg("path", { d: path }, s.className));
     }
     container.replaceChildren(chart);
+  }
+
+  function ago(seconds) {
+    return seconds >= 120 ? Math.round(seconds / 60) + " min" : Math.round(seconds) + " s";
   }
 
   function niceTop(v) {
@@ -339,11 +343,14 @@
     $("total-running").textContent = fmt(last[1]);
     $("total-queued").textContent = fmt(last[2]);
     $("total-rate").textContent = fmt(last[3]);
+    // The charts widen with the history, from a minute up to WINDOW.
+    const first = state.points.length ? state.points[0][0] : now;
+    const span = Math.min(WINDOW, Math.max(60, now - first));
     lineChart($("chart-streams"), [
       { points: state.points.map((p) => [p[0], p[1]]), className: "s1" },
       { points: state.points.map((p) => [p[0], p[2]]), className: "s2" },
-    ], now);
-    lineChart($("chart-rate"), [{ points: state.points.map((p) => [p[0], p[3]]), className: "s1" }], now);
+    ], now, span);
+    lineChart($("chart-rate"), [{ points: state.points.map((p) => [p[0], p[3]]), className: "s1" }], now, span);
   }
 
   function renderBackends() {

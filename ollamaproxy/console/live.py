@@ -13,8 +13,9 @@ difference between samples.  So a thousand streams cost a loop over a
 thousand requests a few times a second, and nothing on the relay's path.
 
 Each tick appends one point (streams running, requests queued, tokens a
-second) to a history bounded to the last L{HISTORY_SECONDS}, and builds the
-state the Now and Backends views show.  A subscriber (a console's feed)
+second) to a history bounded to the last L{HISTORY_SECONDS}, and, while a
+console watches, builds the state the Now and Backends views show (with no
+console open, a tick is a loop over the requests in flight and nothing more).  A subscriber (a console's feed)
 gets a message only when something changed since the last one it got
 (coalescing: at most one message a tick, none at all while nothing moves),
 plus a ping every L{HEARTBEAT} seconds so that it can tell a quiet proxy
@@ -200,8 +201,7 @@ class Live(Service):
         Start a feed: it gets the whole state and history at once, then
         what changes.
         """
-        if not self._state:
-            self.sample()
+        self._refresh_state()
         subscriber = Subscriber(self, write)
         self._subscribers.add(subscriber)
         self._send(subscriber, self._clock.seconds())
@@ -217,35 +217,34 @@ class Live(Service):
 
     def snapshot(self) -> dict[str, Any]:
         """
-        The Now and Backends views as of the last sample, with the totals'
-        history.
+        The Now and Backends views as of now (tokens and rates as of the
+        last sample), with the totals' history.
         """
-        if not self._state:
-            self.sample()
+        self._refresh_state()
         return {**self._state, "history": [list(point) for _, point in self._history]}
 
     def sample(self) -> None:
         """
-        Look at everything once: requests, queue, backends; append a point
-        to the history; send what changed to the subscribers.
+        Look at every request in flight once (its pieces relayed so far),
+        append the totals to the history, and, if any console watches,
+        send it what changed.  With no console open, no view is built.
         """
         now = self._clock.seconds()
-        rows, running, queued, rate = self._sample_requests(now)
+        running, queued, rate = self._sample_requests(now)
         self._seq += 1
         self._history.append((self._seq, (round(now, 3), running, queued, round(rate, 1))))
-        self._state = {
-            "requests": rows[:MAX_ROWS],
-            "more": max(0, len(rows) - MAX_ROWS),
-            "waiting": self._router.queue.waiting(),
-            "backends": backends_view(self._router, self._redact),
-        }
-        self._encoded = json.dumps(self._state, sort_keys=True).encode("utf-8")
-        for subscriber in list(self._subscribers):
-            self._send(subscriber, now)
+        if self._subscribers:
+            self._refresh_state()
+            for subscriber in list(self._subscribers):
+                self._send(subscriber, now)
 
-    def _sample_requests(self, now: float) -> tuple[list[dict[str, Any]], int, int, float]:
+    def _sample_requests(self, now: float) -> tuple[int, int, float]:
+        """
+        Sample every request in flight.
+
+        @return: Requests running, requests queued, tokens a second in all.
+        """
         tracks: dict[Any, _Track] = {}
-        rows: list[dict[str, Any]] = []
         running = queued = 0
         total_rate = 0.0
         for request, exchange in list(self._requests.items()):
@@ -254,27 +253,42 @@ class Live(Service):
             pieces = pieces_relayed(request)
             if pieces is not None:
                 track.samples.append((now, pieces))
-            rate = track.rate()
-            total_rate += rate
-            state = "running" if exchange.backend else "queued"
-            if state == "running":
+            total_rate += track.rate()
+            if exchange.backend:
                 running += 1
             else:
                 queued += 1
+        # Only requests still in flight are remembered.
+        self._tracks = tracks
+        return running, queued, total_rate
+
+    def _refresh_state(self) -> None:
+        """
+        Build the Now and Backends views from the requests in flight and the
+        last samples.
+        """
+        rows: list[dict[str, Any]] = []
+        for request, exchange in list(self._requests.items()):
+            track = self._tracks.get(request)
+            samples = track.samples if track is not None else ()
             rows.append({
                 "key": exchange.key,
                 "model": exchange.model.canonical if exchange.model is not None else "",
                 "backend": _shown(exchange.backend, self._redact),
                 "route": exchange.route,
                 "started": round(exchange.started, 3),
-                "tokens": track.samples[-1][1] if track.samples else 0,
-                "tokens_per_second": round(rate, 1),
-                "state": state,
+                "tokens": samples[-1][1] if samples else 0,
+                "tokens_per_second": round(track.rate(), 1) if track is not None else 0.0,
+                "state": "running" if exchange.backend else "queued",
             })
-        # Only requests still in flight are remembered.
-        self._tracks = tracks
         rows.sort(key=lambda row: row["started"])
-        return rows, running, queued, total_rate
+        self._state = {
+            "requests": rows[:MAX_ROWS],
+            "more": max(0, len(rows) - MAX_ROWS),
+            "waiting": self._router.queue.waiting(),
+            "backends": backends_view(self._router, self._redact),
+        }
+        self._encoded = json.dumps(self._state, sort_keys=True).encode("utf-8")
 
     def _send(self, subscriber: Subscriber, now: float) -> None:
         """

@@ -15,8 +15,9 @@ thousand requests a few times a second, and nothing on the relay's path.
 Each tick appends one point (streams running, requests queued, tokens a
 second) to a history bounded to the last L{HISTORY_SECONDS}, and, while a
 console watches, builds the state the Now and Backends views show (with no
-console open, a tick is a loop over the requests in flight and nothing more).  A subscriber (a console's feed)
-gets a message only when something changed since the last one it got
+console open, a tick is a loop over the requests in flight and nothing
+more).  A subscriber (a console's feed) gets a message only when something
+changed since the last one it got
 (coalescing: at most one message a tick, none at all while nothing moves),
 plus a ping every L{HEARTBEAT} seconds so that it can tell a quiet proxy
 from a lost connection.  A subscriber whose connection is not reading

@@ -18,7 +18,11 @@ setup(
     # scanning sys.path for twisted/plugins directories, so only the former
     # lets 'twistd ollamaproxy' find the plugin of an editable install.
     package_dir={"": "."},
-    package_data={"twisted": ["plugins/ollamaproxy_plugin.py"]},
+    package_data={
+        "twisted": ["plugins/ollamaproxy_plugin.py"],
+        # The console's page: plain files, served from the package.
+        "ollamaproxy.console": ["static/*"],
+    },
     entry_points={"console_scripts": ["ollamaproxy = ollamaproxy.cli:main"]},
     install_requires=[
         "twisted[tls]>=24.7.0",
@@ -35,6 +39,8 @@ setup(
             # tests/integration/test_editable.py builds an editable install
             # without build isolation (no network).
             "wheel",
+            # tests/integration/test_console_browser.py drives Chromium.
+            "selenium>=4.20",
             # --database, and the PostgreSQL 18 server the tests start
             # themselves (tests/engines.py).
             "psycopg[binary]>=3.1",

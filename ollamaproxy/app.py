@@ -29,6 +29,8 @@ from ollamaproxy.backends.queue import busy
 from ollamaproxy.backends.router import Router
 from ollamaproxy.caps import Caps
 from ollamaproxy.client_address import NOBODY, TrustedProxies
+from ollamaproxy.console import CONSOLE_PATH, CONSOLE_ROUTE, Console, Live
+from ollamaproxy.console.usage import StoreUsage
 from ollamaproxy.cors import Cors
 from ollamaproxy.errors import ProxyError, error_body, is_openai_path, reason_phrase
 from ollamaproxy.everywhere import on_every_backend
@@ -131,6 +133,16 @@ class OllamaProxy:
         self._readiness.add("backends", lambda: any(b.healthy for b in router.backends))
         # Not ready first when stopping, so that load balancers look away.
         self._readiness.add("accepting", lambda: not self._draining)
+        #: The operator console at /-/console/; its sampler is a service
+        #: the daemon runs.
+        self.console = Console(
+            Live(self._in_flight, router, clock, self._redact),
+            auth.keys,
+            None if usage is None else StoreUsage(usage),
+            clock,
+            lambda request: self._authenticate(request, CONSOLE_PATH, CONSOLE_ROUTE,
+                                               self._client_address(request)),
+        )
 
     def resource(self) -> IResource:
         """
@@ -238,6 +250,7 @@ class OllamaProxy:
             plan = await plan_request(key, request, target, path, route, self._caps,
                                       self._router.several)
             exchange.notes = "; ".join(plan.notes)
+            exchange.model = plan.model
             await self._relay(request, target, exchange, key, route, plan)
         finally:
             summary = exchange.summary
@@ -472,6 +485,21 @@ class OllamaProxy:
         content_type, body = self._metrics.render(request.getHeader(b"accept"))
         request.setHeader(b"content-type", content_type)
         return body
+
+    @app.route(CONSOLE_PATH.decode("ascii") + "/", branch=True)
+    def console_page(self, request: Any) -> IResource:
+        """
+        The operator console (L{ollamaproxy.console}): admin keys only, but
+        for the page's own files.
+        """
+        return self.console.serve(request)
+
+    @app.route(CONSOLE_PATH.decode("ascii"))
+    def console_redirect(self, request: Any) -> bytes:
+        """
+        The console's address without its slash: to the page.
+        """
+        return self.console.redirect(request)
 
     @app.route(READY_PATH.decode("ascii"), methods=["GET", "HEAD"])
     def ready(self, request: Any) -> bytes:

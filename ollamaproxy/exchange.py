@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from ollamaproxy.model_names import ModelName
+
 #: How a request ended:
 #:  - C{completed}: answered, by Ollama or the proxy, as it should be;
 #:  - C{client_disconnected}: the client left first;
@@ -76,6 +78,8 @@ class Exchange:
     @ivar queued: Seconds it waited in the fair queue for a slot.
     @ivar notes: What the proxy changed in the request (a clamped
         C{keep_alive}), for the access line.
+    @ivar model: The model the request names, once read (for the
+        console's view of requests in flight).
     @ivar outcome: How it ended (L{Outcome}).
     """
 
@@ -87,6 +91,7 @@ class Exchange:
     backend: str = ""
     queued: float = 0.0
     notes: str = ""
+    model: ModelName | None = None
     key: str = "-"
     status: int | None = None
     first_byte: float | None = None

@@ -29,7 +29,7 @@ import os
 import secrets
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -196,6 +196,12 @@ class KeyStore:
         Whether C{word} is one of the keys (for blanking keys in logs).
         """
         return self.find(word) is not None
+
+    def __iter__(self) -> Iterator[ApiKey]:
+        """
+        The keys, for listing (the console's Keys view).
+        """
+        return iter(list(self._by_digest.values()))
 
     def __len__(self) -> int:
         return len(self._by_digest)

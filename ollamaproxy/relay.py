@@ -237,6 +237,20 @@ async def relay_body(
     return Relayed(summarise(body.tail, openai, body.pieces, body.reads), body.sample)
 
 
+def pieces_relayed(request: object) -> int | None:
+    """
+    How many pieces of its response body a request in flight has relayed so
+    far (one NDJSON line or SSE event is about one token), or L{None} if no
+    body is streaming to it now.
+
+    Read from the L{_BodyRelay} that is the request's producer while it
+    streams (twisted.web's C{Request.producer}): nothing is added per chunk
+    or per request for it; the console samples it a few times a second.
+    """
+    producer = getattr(request, "producer", None)
+    return producer.reads if isinstance(producer, _BodyRelay) else None
+
+
 async def end_cut(request: ProxyRequest) -> None:
     """
     End a response whose body was cut: close the connection without the

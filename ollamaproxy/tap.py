@@ -516,6 +516,8 @@ def build_service(
     if shared is not None:
         shared.keys_poller().setServiceParent(service)
     DrainService(proxy, config.grace_period).setServiceParent(service)
+    # The console's sampler; it stops before the drain, ending open feeds.
+    proxy.console.live.setServiceParent(service)
     listeners = Listeners()
     listeners.setServiceParent(service)
     for endpoint in config.listen:

@@ -49,7 +49,15 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ollamaproxy.exchange import StreamSummary
-from ollamaproxy.usage_db import DatabaseDown, Row, SqliteUsage, UsageRow, aggregate
+from ollamaproxy.usage_db import (
+    Bucket,
+    DatabaseDown,
+    Row,
+    SeriesRow,
+    SqliteUsage,
+    UsageRow,
+    aggregate,
+)
 
 log = Logger()
 
@@ -92,6 +100,19 @@ class UsageDatabase(Protocol):
         """
         Prompt and completion tokens per key name, from the minute holding
         C{since} on.
+        """
+
+    def series(self, since: float, until: float, bucket: Bucket) -> list[SeriesRow]:
+        """
+        Requests and tokens per key and model, per hour or UTC day, from the
+        minute holding C{since} up to C{until}, by time, key and model (the
+        console's Usage view).
+        """
+
+    def last_used(self) -> dict[str, float]:
+        """
+        When each key (by name) was last used: the start of its latest
+        minute (the console's Keys view).
         """
 
     def close(self) -> None:
@@ -301,6 +322,15 @@ class UsageStore(Service):
             self.record(
                 key, summary.model, summary.prompt_tokens, summary.completion_tokens, when
             )
+
+    def read(self, work: Callable[[], _T]) -> Deferred[_T]:
+        """
+        Run a blocking read of the database on the store's worker, after
+        the writes given to it before (the console's Usage view).
+
+        @return: Fires with what C{work} returns, in the reactor thread.
+        """
+        return self._worker.run(work)
 
     @property
     def pending(self) -> int:

@@ -24,7 +24,7 @@ import stat
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 from urllib.parse import quote
 
 # How long a write waits for another writer (a second proxy on the same
@@ -220,6 +220,72 @@ def tokens_by_key(path: str, since: float) -> dict[str, int]:
     return {row.name: row.total_tokens for row in rows if row.total_tokens > 0}
 
 
+Bucket = Literal["hour", "day"]
+BUCKET_SECONDS: Final = {"hour": 3600, "day": 86400}
+
+SeriesRow = tuple[float, str, str, int, int, int]
+"""
+C{(bucket start, key, model, requests, prompt_tokens, completion_tokens)}:
+what one key used of one model in one hour or UTC day.
+"""
+
+
+def series(path: str, since: float, until: float, bucket: Bucket) -> list[SeriesRow]:
+    """
+    Requests and tokens per key and model, per hour or per UTC day, from
+    C{since} up to (not including) C{until}, for the console's Usage view.
+    Blocking: call it away from the reactor thread.
+
+    @return: C{(bucket start, key, model, requests, prompt_tokens,
+        completion_tokens)} rows, by time, then key, then model.  No file,
+        or an empty one, gives none.
+    @raise UsageFileError: If the file is not a usage database.
+    """
+    width = BUCKET_SECONDS[bucket]
+    query = (
+        "SELECT CAST(ts / ? AS INTEGER) * ? AS bucket, key, model, SUM(requests), "
+        "SUM(prompt_tokens), SUM(completion_tokens) FROM usage "
+        "WHERE ts >= ? AND ts < ? GROUP BY bucket, key, model ORDER BY bucket, key, model"
+    )
+    found = _read(path, query, (width, width, minute(since), until))
+    return [
+        (float(ts), str(key or ""), str(model or ""), int(r or 0), int(p or 0), int(c or 0))
+        for ts, key, model, r, p, c in found
+    ]
+
+
+def last_used(path: str) -> dict[str, float]:
+    """
+    When each key (by name) was last used: the start of the last minute
+    the database holds for it.  Blocking: call it away from the reactor
+    thread.
+
+    @raise UsageFileError: If the file is not a usage database.
+    """
+    found = _read(path, "SELECT key, MAX(ts) FROM usage GROUP BY key", ())
+    return {str(key): float(ts) for key, ts in found if key is not None and ts is not None}
+
+
+def _read(path: str, query: str, parameters: tuple[object, ...]) -> list[tuple[Any, ...]]:
+    """
+    The rows a read-only query gives; none if there is no database yet.
+    """
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return []
+    if stat.S_ISDIR(found.st_mode):
+        raise UsageFileError(f"cannot read usage file {path}: it is a directory")
+    if found.st_size == 0:
+        return []
+    uri = "file:" + quote(os.path.abspath(path)) + "?mode=ro"
+    try:
+        with closing(sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT)) as connection:
+            return connection.execute(query, parameters).fetchall()
+    except sqlite3.Error as e:
+        raise UsageFileError(f"cannot read usage file {path}: {e}") from None
+
+
 def drain(path: str, into: Callable[[list[UsageRow]], None]) -> int:
     """
     Hand every row of the database at C{path} to C{into}, and delete them
@@ -283,6 +349,12 @@ class SqliteUsage:
 
     def tokens_by_key(self, since: float) -> dict[str, int]:
         return tokens_by_key(self.path, since)
+
+    def series(self, since: float, until: float, bucket: Bucket) -> list[SeriesRow]:
+        return series(self.path, since, until, bucket)
+
+    def last_used(self) -> dict[str, float]:
+        return last_used(self.path)
 
     def drain(self, into: Callable[[list[UsageRow]], None]) -> int:
         """

@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from typing import Literal
 
 from ollamaproxy.postgres import Connection, Database
-from ollamaproxy.usage_db import Row, UsageRow, aggregate, minute
+from ollamaproxy.usage_db import (
+    BUCKET_SECONDS,
+    Bucket,
+    Row,
+    SeriesRow,
+    UsageRow,
+    aggregate,
+    minute,
+)
 
 _ADD = (
     "INSERT INTO usage AS u (minute, key, model, requests, prompt_tokens, completion_tokens) "
@@ -64,6 +72,38 @@ def summarise(
     ]
 
 
+def series(
+    connection: Connection, since: float, until: float, bucket: Bucket
+) -> list[SeriesRow]:
+    """
+    Requests and tokens per key and model, per hour or UTC day, as
+    L{ollamaproxy.usage_db.series} does for the file.
+    """
+    width = BUCKET_SECONDS[bucket]
+    found = connection.execute(
+        "SELECT floor(extract(epoch FROM minute) / %s) * %s AS bucket, key, model, "
+        "SUM(requests), SUM(prompt_tokens), SUM(completion_tokens) FROM usage "
+        "WHERE minute >= to_timestamp(%s) AND minute < to_timestamp(%s) "
+        "GROUP BY bucket, key, model ORDER BY bucket, key, model",
+        (width, width, minute(since), until),
+    ).fetchall()
+    return [
+        (float(ts), str(key), str(model), int(r or 0), int(p or 0), int(c or 0))
+        for ts, key, model, r, p, c in found
+    ]
+
+
+def last_used(connection: Connection) -> dict[str, float]:
+    """
+    When each key was last used, as L{ollamaproxy.usage_db.last_used} says
+    for the file.
+    """
+    found = connection.execute(
+        "SELECT key, extract(epoch FROM MAX(minute)) FROM usage GROUP BY key"
+    ).fetchall()
+    return {str(key): float(ts) for key, ts in found if ts is not None}
+
+
 class PostgresUsage:
     """
     Usage in PostgreSQL, as the usage service
@@ -98,6 +138,12 @@ class PostgresUsage:
         """
         rows = self.summarise(since, "key")
         return {row.name: row.total_tokens for row in rows if row.total_tokens > 0}
+
+    def series(self, since: float, until: float, bucket: Bucket) -> list[SeriesRow]:
+        return self._database.run(lambda connection: series(connection, since, until, bucket))
+
+    def last_used(self) -> dict[str, float]:
+        return self._database.run(last_used)
 
     def close(self) -> None:
         self._database.close()

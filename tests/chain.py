@@ -43,6 +43,7 @@ from ollamaproxy.metrics import Metrics
 from ollamaproxy.quotas import QuotaBook
 from ollamaproxy.site import ProxySite
 from ollamaproxy.upstream import Upstream
+from ollamaproxy.usage import UsageStore
 from tests.fake_ollama import FakeOllama
 
 KEY = "olpk_chaintestkeychaintestkeychaintest"
@@ -113,6 +114,7 @@ class Chain:
         max_queue: int = DEFAULT_MAX_QUEUE,
         queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
         caps: Caps | None = None,
+        usage: UsageStore | None = None,
     ) -> None:
         """
         @param backends: With several Ollama servers behind the proxy, the
@@ -154,7 +156,7 @@ class Chain:
         self.proxy = OllamaProxy(self.router, auth, KeyLimits(self.clock, self.quotas), Cors(),
                                  self.clock, self.metrics, body_sample_bytes=body_sample_bytes,
                                  trusted_proxies=trusted_proxies, caps=caps,
-                                 throttle=self.throttle)
+                                 throttle=self.throttle, usage=usage)
         self.client = StubTreq(self.proxy.resource())
         # Serve through the proxy's own Site, as the daemon does, not the
         # plain one StubTreq makes.

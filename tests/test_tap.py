@@ -45,6 +45,7 @@ from ollamaproxy.config import (
     default_usage_file,
     parse_routes,
 )
+from ollamaproxy.console import Live
 from ollamaproxy.descriptors import connection_limit
 from ollamaproxy.keys import ApiKey, digest, load_keys_file, looks_generated, write_keys_file
 from ollamaproxy.logs import LogFilesService
@@ -298,8 +299,8 @@ def test_service_structure(tmp_path: Path) -> None:
     service = build_service(config, reactor, lambda text: None)
     kinds = [type(child) for child in children(service)]
     assert kinds == [PoolService, BackendPool, UsageStore, QuotaSeed, KeysReloader,
-                     DrainService, Listeners, UpstreamProbe]
-    assert [type(child) for child in children(children(service)[6])] == [  # type: ignore[arg-type]
+                     DrainService, Live, Listeners, UpstreamProbe]
+    assert [type(child) for child in children(children(service)[7])] == [  # type: ignore[arg-type]
         StreamServerEndpointService,
         StreamServerEndpointService,
     ]

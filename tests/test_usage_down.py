@@ -22,7 +22,16 @@ from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 from zope.interface import implementer
 
 from ollamaproxy.usage import UsageCollector, UsageStore
-from ollamaproxy.usage_db import DatabaseDown, Row, SqliteUsage, UsageRow, aggregate, summarise
+from ollamaproxy.usage_db import (
+    Bucket,
+    DatabaseDown,
+    Row,
+    SeriesRow,
+    SqliteUsage,
+    UsageRow,
+    aggregate,
+    summarise,
+)
 
 T0 = 1795762800.0
 
@@ -55,6 +64,12 @@ class FakeDatabase:
         raise NotImplementedError
 
     def tokens_by_key(self, since: float) -> dict[str, int]:
+        raise NotImplementedError
+
+    def series(self, since: float, until: float, bucket: Bucket) -> list[SeriesRow]:
+        raise NotImplementedError
+
+    def last_used(self) -> dict[str, float]:
         raise NotImplementedError
 
     def close(self) -> None:

@@ -35,6 +35,11 @@ WHERE = (
     "print(*[os.path.realpath(p) for p in twisted.plugins.__path__], sep='\\n')"
 )
 
+# The files the operator console serves, as the installed package has them.
+CONSOLE_FILES = (
+    "from ollamaproxy.console.web import static_files; print(*sorted(static_files()))"
+)
+
 
 def _run(*command: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
@@ -82,3 +87,7 @@ def test_install_gives_a_working_twistd_plugin(tmp_path: Path, editable: bool) -
     )
     command = _run(venv / "bin" / "ollamaproxy", "--version", cwd=tmp_path)
     assert (command.returncode, command.stdout) == (0, f"ollamaproxy {__version__}\n")
+
+    # The console's page ships inside the package (package_data).
+    console = _run(python, "-c", CONSOLE_FILES, cwd=tmp_path)
+    assert console.stdout.split() == ["console.css", "console.js", "index.html"], console.stderr

@@ -1,0 +1,27 @@
+"""
+Shared pieces of the console's tests.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ollamaproxy.keys import ApiKey, digest
+from tests.chain import Chain
+
+INFERENCE_KEY = "olpk_consoleinferencekeyconsoleinference"
+
+
+def chat(model: str = "llama3.2", **extra: Any) -> bytes:
+    return json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+    ).encode()
+
+
+def add_inference_key(chain: Chain, name: str = "bob", **fields: Any) -> None:
+    """
+    Give the chain a second key, C{bob}: an inference key.
+    """
+    keys = [*chain.keys, ApiKey(name, digest(INFERENCE_KEY), **fields)]
+    chain.keys.replace(keys)

@@ -1,0 +1,232 @@
+"""
+The console's live feed and its Now view, in memory: what a running stream
+shows, coalescing on the timer, a feed that stops when its client goes
+away, bounded memory.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ollamaproxy.console.live import HEARTBEAT, TICK, Live
+from tests.chain import KEY, Chain, Collector
+from tests.console.helpers import INFERENCE_KEY, add_inference_key, chat
+
+
+def open_feed(chain: Chain, key: str | None = KEY) -> tuple[Any, Collector]:
+    response = chain.respond("GET", "/-/console/api/feed", key=key)
+    return response, chain.stream(response)
+
+
+def messages(collector: Collector) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in collector.body.splitlines()]
+
+
+def tick(chain: Chain) -> None:
+    """
+    Let one sampling period pass, and move the bytes it wrote.
+    """
+    chain.clock.advance(TICK)
+    chain.flush()
+
+
+def started(chain: Chain) -> Live:
+    live = chain.proxy.console.live
+    live.startService()
+    return live
+
+
+def test_feed_shows_a_running_stream_with_its_model_and_tokens_and_drops_it_when_it_ends() -> None:
+    """
+    A stream in flight shows in the feed with its key's name, its model, its
+    backend, its tokens so far (pieces relayed) and its rate; once it ends,
+    the next update lists no request.
+    """
+    chain = Chain()
+    live = started(chain)
+    _, feed = open_feed(chain)
+    reply = chain.request("POST", "/api/chat", data=chat("hold"))
+    held = chain.fake.held[-1]
+    chain.flush()
+    for n in range(3):
+        held.write_line({"model": "hold", "message": {"content": f"t{n}"}, "done": False})
+    chain.flush()
+    tick(chain)
+    for n in range(3):
+        held.write_line({"model": "hold", "message": {"content": f"u{n}"}, "done": False})
+    chain.flush()
+    tick(chain)
+    [row] = messages(feed)[-1]["requests"]
+    assert row["key"] == "alice"
+    assert row["model"] == "hold:latest"
+    assert row["backend"] == "http://127.0.0.1:11434"
+    assert row["state"] == "running"
+    assert row["tokens"] == 6
+    assert row["tokens_per_second"] == 3 / TICK
+    assert row["started"] == 0.0
+    held.write_line({"model": "hold", "message": {"content": ""}, "done": True})
+    held.finish()
+    chain.flush()
+    chain.body(chain.result(reply))
+    tick(chain)
+    assert messages(feed)[-1]["requests"] == []
+    live.stopService()
+
+
+def test_feed_sends_nothing_while_nothing_changes_and_pings_now_and_then() -> None:
+    """
+    Coalescing: with nothing moving, ticks send nothing; a ping comes every
+    L{HEARTBEAT} seconds, so that a console can tell a quiet proxy from a
+    lost connection.  Updates never come more often than once a tick.
+    """
+    chain = Chain()
+    live = started(chain)
+    _, feed = open_feed(chain)
+    assert [m["type"] for m in messages(feed)] == ["update"]
+    for _ in range(int(HEARTBEAT / TICK) - 1):
+        tick(chain)
+    assert len(messages(feed)) == 1
+    tick(chain)
+    assert [m["type"] for m in messages(feed)] == ["update", "ping"]
+    live.stopService()
+
+
+def test_feed_coalesces_many_chunks_into_one_update_a_tick() -> None:
+    """
+    However many chunks a stream relays between two ticks, the feed sends
+    one update for them, at the tick.
+    """
+    chain = Chain()
+    live = started(chain)
+    _, feed = open_feed(chain)
+    chain.request("POST", "/api/chat", data=chat("hold"))
+    held = chain.fake.held[-1]
+    chain.flush()
+    tick(chain)
+    before = len(messages(feed))
+    for n in range(100):
+        held.write_line({"model": "hold", "message": {"content": f"t{n}"}, "done": False})
+        chain.flush()
+    assert len(messages(feed)) == before
+    tick(chain)
+    assert len(messages(feed)) == before + 1
+    assert messages(feed)[-1]["requests"][0]["tokens"] == 100
+    held.finish()
+    chain.flush()
+    live.stopService()
+
+
+def test_feed_stops_and_is_forgotten_when_its_client_goes_away() -> None:
+    """
+    When the page goes away (its connection closes), the proxy forgets the
+    subscriber: nothing more is written for it, and no timer of its is left.
+    """
+    chain = Chain()
+    live = started(chain)
+    _, feed = open_feed(chain)
+    assert live.subscribers == 1
+    feed.disconnect()
+    feed.done.addErrback(lambda _: None)
+    chain.flush()
+    assert live.subscribers == 0
+    live.stopService()
+    assert chain.clock.getDelayedCalls() == []
+
+
+def test_feed_ends_when_the_proxy_stops() -> None:
+    """
+    Stopping the proxy ends every open feed cleanly (the response
+    finishes), and stops the sampling timer.
+    """
+    chain = Chain()
+    live = started(chain)
+    _, feed = open_feed(chain)
+    live.stopService()
+    chain.flush()
+    chain.result(feed.done)
+    assert live.subscribers == 0
+    assert chain.clock.getDelayedCalls() == []
+
+
+def test_a_paused_feed_is_skipped_and_catches_up_when_it_reads_again() -> None:
+    """
+    A console that stops reading (its connection paused by backpressure)
+    gets nothing queued for it; when it reads again it gets the state as it
+    is then, in one message.
+    """
+    chain = Chain()
+    live = started(chain)
+    writes: list[bytes] = []
+    subscriber = live.subscribe(writes.append)
+    subscriber.pauseProducing()
+    chain.request("POST", "/api/chat", data=chat("hold"))
+    chain.flush()
+    for _ in range(10):
+        tick(chain)
+    assert len(writes) == 1
+    subscriber.resumeProducing()
+    tick(chain)
+    assert len(writes) == 2
+    assert len(json.loads(writes[-1])["requests"]) == 1
+    live.unsubscribe(subscriber)
+    chain.fake.held[-1].finish()
+    chain.flush()
+    live.stopService()
+
+
+def test_history_is_bounded_and_sent_whole_to_a_new_feed() -> None:
+    """
+    The totals' history keeps the last ten minutes only, however long the
+    proxy runs: memory stays steady for a console open a day.  A new feed
+    gets it all in its first message.
+    """
+    chain = Chain()
+    live = started(chain)
+    for _ in range(3 * int(600 / TICK)):
+        tick(chain)
+    writes: list[bytes] = []
+    subscriber = live.subscribe(writes.append)
+    first = json.loads(writes[0])
+    assert first["reset"] is True
+    assert len(first["points"]) == int(600 / TICK)
+    assert len(live.snapshot()["history"]) == int(600 / TICK)
+    live.unsubscribe(subscriber)
+    live.stopService()
+
+
+def test_totals_count_running_and_queued_requests() -> None:
+    """
+    A request waiting in the fair queue shows as queued, in the Now view's
+    rows, its key's waiting count, and the totals.
+    """
+    chain = Chain(parallel=1)
+    live = started(chain)
+    chain.request("POST", "/api/chat", data=chat("hold"))
+    waiting = chain.request("POST", "/api/chat", data=chat("hold"))
+    tick(chain)
+    snapshot = live.snapshot()
+    assert [row["state"] for row in snapshot["requests"]] == ["running", "queued"]
+    assert snapshot["waiting"] == {"alice": 1}
+    assert snapshot["history"][-1][1:3] == [1, 1]
+    waiting.cancel()
+    waiting.addErrback(lambda _: None)
+    chain.fake.held[-1].finish()
+    chain.flush()
+    live.stopService()
+
+
+def test_the_feed_needs_an_admin_key() -> None:
+    """
+    The feed without a key is 401, with an inference key 403, with a wrong
+    key 401, each in C{{"error": ...}} shape; no subscriber is made.
+    """
+    chain = Chain()
+    add_inference_key(chain)
+    live = started(chain)
+    for key, code in ((None, 401), (INFERENCE_KEY, 403), ("olpk_wrong" + "x" * 30, 401)):
+        response = chain.respond("GET", "/-/console/api/feed", key=key)
+        assert response.code == code
+        assert "error" in json.loads(chain.body(response))
+    assert live.subscribers == 0
+    live.stopService()

@@ -577,7 +577,7 @@ def test_redis_wiring(tmp_path: Path, policy: str, required: bool) -> None:
     service = build_service(config, MemoryReactorClock(), lambda text: None)
     kinds = [type(child) for child in children(service)]
     assert kinds == [PoolService, BackendPool, UsageStore, QuotaSeed, RedisLink, KeysReloader,
-                     DrainService, Listeners, UpstreamProbe]
+                     DrainService, Live, Listeners, UpstreamProbe]
     stub: Any = StubTreq(endpoint_services(service)[0].factory.resource)
     response = stub.get("http://127.0.0.1/-/ready")
     stub.flush()

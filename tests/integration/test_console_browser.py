@@ -2,8 +2,8 @@
 The operator console in a real headless Chromium, against a real twistd and
 two fake Ollama servers on 127.0.0.1.
 
-Needs Debian's C{chromium} and C{chromium-driver} packages (C{.ci/run}
-installs them when it runs as root) and Selenium (the C{test} extra).
+Needs Debian's C{chromium} and C{chromium-driver} packages (C{.ci/system-packages},
+which the README's test command runs, installs them) and Selenium (the C{test} extra).
 Without them the test fails, saying what to install: it never skips.
 
 Selenium's calls block, so each runs on a thread (C{deferToThread}): the

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from ollamaproxy.cli import main
@@ -29,6 +27,7 @@ from ollamaproxy.usage import UsageStore
 from ollamaproxy.usage_db import Row, SqliteUsage, summarise
 from ollamaproxy.usage_pg import PostgresUsage
 from tests.engines import PostgresServer, free_port
+from tests.test_usage import ManualWorker
 
 T0 = 1795762800.0
 NOW = datetime(2026, 11, 27, 7, 0, tzinfo=UTC)
@@ -224,18 +223,6 @@ def test_start_without_the_database_needs_other_keys(tmp_path: Path) -> None:
     assert shared.store.find("olpk_operator-operator-operator") is not None
 
 
-class AtOnce:
-    def start(self) -> None:
-        pass
-
-    def run(self, work: Callable[[], Any]) -> Deferred[Any]:
-        try:
-            return succeed(work())
-        except Exception:
-            return fail()
-
-    def stop(self) -> None:
-        pass
 
 
 def test_usage_survives_a_database_restart(own_postgres: PostgresServer, tmp_path: Path) -> None:
@@ -248,7 +235,7 @@ def test_usage_survives_a_database_restart(own_postgres: PostgresServer, tmp_pat
     clock = Clock()
     clock.advance(T0)
     spill = SqliteUsage(str(tmp_path / "usage.sqlite3"))
-    store = UsageStore(PostgresUsage(Database(url)), clock, 5.0, worker=AtOnce(), spill=spill)
+    store = UsageStore(PostgresUsage(Database(url)), clock, 5.0, worker=ManualWorker(), spill=spill)
     store.startService()
     assert store.ready
     own_postgres.stop()
@@ -265,7 +252,7 @@ def test_usage_survives_a_database_restart(own_postgres: PostgresServer, tmp_pat
     assert store.stopService().called
     assert {row.name for row in summarise(spill.path, None, "key")} == {"alice", "bob"}
     own_postgres.start()
-    again = UsageStore(PostgresUsage(Database(url)), clock, 5.0, worker=AtOnce(), spill=spill)
+    again = UsageStore(PostgresUsage(Database(url)), clock, 5.0, worker=ManualWorker(), spill=spill)
     again.startService()
     assert sorted(query(url, "SELECT key, requests FROM usage")) == [("alice", 1), ("bob", 2)]
     assert summarise(spill.path, None, "key") == []

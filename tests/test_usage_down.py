@@ -10,13 +10,12 @@ usage file.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 from zope.interface import implementer
@@ -32,6 +31,7 @@ from ollamaproxy.usage_db import (
     aggregate,
     summarise,
 )
+from tests.test_usage import ManualWorker
 
 T0 = 1795762800.0
 
@@ -76,22 +76,6 @@ class FakeDatabase:
         self.closed = True
 
 
-class AtOnce:
-    """
-    A worker that runs work at once, in the test's thread.
-    """
-
-    def start(self) -> None:
-        pass
-
-    def run(self, work: Callable[[], Any]) -> Deferred[Any]:
-        try:
-            return succeed(work())
-        except Exception:
-            return fail()
-
-    def stop(self) -> None:
-        pass
 
 
 @implementer(ILogObserver)
@@ -144,7 +128,7 @@ def test_usage_is_kept_while_the_database_is_down(clock: Clock, events: Events) 
     (never a traceback), one line when it returns, and C{ready} follows.
     """
     database = FakeDatabase()
-    store = UsageStore(database, clock, 5.0, worker=AtOnce())
+    store = UsageStore(database, clock, 5.0, worker=ManualWorker())
     store.startService()
     assert store.ready
     database.up = False
@@ -176,7 +160,7 @@ def test_beyond_the_bound_usage_goes_to_the_spill_file(
     returns, then deleted from the file.
     """
     database = FakeDatabase()
-    store = UsageStore(database, clock, 5.0, worker=AtOnce(), spill=spill, max_pending=3)
+    store = UsageStore(database, clock, 5.0, worker=ManualWorker(), spill=spill, max_pending=3)
     store.startService()
     database.up = False
     for n in range(5):
@@ -202,7 +186,7 @@ def test_beyond_the_bound_without_a_spill_file_the_oldest_are_dropped_loudly(
     shows in the metrics; the newest are kept.
     """
     database = FakeDatabase()
-    store = UsageStore(database, clock, 5.0, worker=AtOnce(), max_pending=2)
+    store = UsageStore(database, clock, 5.0, worker=ManualWorker(), max_pending=2)
     store.startService()
     database.up = False
     for n in range(4):
@@ -228,7 +212,7 @@ def test_stopping_while_down_spills_and_the_next_start_writes_it(
     to the spill file, and the next start hands it to the database.
     """
     database = FakeDatabase()
-    store = UsageStore(database, clock, 5.0, worker=AtOnce(), spill=spill)
+    store = UsageStore(database, clock, 5.0, worker=ManualWorker(), spill=spill)
     store.startService()
     database.up = False
     store.record("bob", "llama3", 3, 4, when=T0)
@@ -238,7 +222,7 @@ def test_stopping_while_down_spills_and_the_next_start_writes_it(
     assert in_file(spill) == [Row("bob", 2, 6, 8)]
     assert database.rows == {}
     database.up = True
-    again = UsageStore(database, clock, 5.0, worker=AtOnce(), spill=spill)
+    again = UsageStore(database, clock, 5.0, worker=ManualWorker(), spill=spill)
     again.startService()
     assert database.rows == {(T0, "bob", "llama3"): (2, 6, 8)}
     assert in_file(spill) == []
@@ -262,7 +246,7 @@ def test_a_failed_hand_over_keeps_the_spill_file(clock: Clock, spill: SqliteUsag
         real(rows)
 
     database.write = flaky  # type: ignore[method-assign]
-    store = UsageStore(database, clock, 5.0, worker=AtOnce(), spill=spill)
+    store = UsageStore(database, clock, 5.0, worker=ManualWorker(), spill=spill)
     store.startService()
     assert writes == [0, 1] and database.rows == {}
     assert in_file(spill) == [Row("bob", 1, 1, 1)]
@@ -279,7 +263,7 @@ def test_metrics_say_whether_the_database_is_up(clock: Clock) -> None:
     pending gauge counts what waits.
     """
     database = FakeDatabase()
-    store = UsageStore(database, clock, 5.0, worker=AtOnce())
+    store = UsageStore(database, clock, 5.0, worker=ManualWorker())
     store.startService()
     registry = CollectorRegistry()
     registry.register(UsageCollector(store, lambda: store.ready))

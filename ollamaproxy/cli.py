@@ -20,7 +20,7 @@ Every C{keys} subcommand takes C{--keys-file PATH}; without it the file is
 C{$OLLAMAPROXY_KEYS_FILE}, then the proxy's default, exactly as for the
 daemon.  With C{--database URL} (or C{$OLLAMAPROXY_DATABASE}) the keys
 subcommands work on the keys in PostgreSQL instead, and C{usage} sums the
-usage of every proxy that writes there (L{ollamaproxy.key_storage}).
+usage of every proxy that writes there (L{ollamaproxy.access.key_storage}).
 
 C{add} and C{rotate} print the new key alone on the last line of standard
 output, so C{KEY=$(ollamaproxy keys add bob | tail -n1)} works; the key is
@@ -29,10 +29,10 @@ shown only then, since only its hash is stored.
 C{usage} finds the usage database the same way: C{--usage-file PATH}, then
 C{$OLLAMAPROXY_USAGE_FILE}, then L{default_usage_file}; it never changes it.
 
-Every change goes through L{ollamaproxy.key_storage.KeyStorage.update}: under the keys file's lock
-(L{ollamaproxy.keys.update_keys_file}) or in one database transaction, so
-two commands run at once cannot lose each other's change, and a crash leaves
-the old keys whole.
+Every change goes through L{ollamaproxy.access.key_storage.KeyStorage.update}:
+under the keys file's lock (L{ollamaproxy.access.keys.update_keys_file}) or in
+one database transaction, so two commands run at once cannot lose each other's
+change, and a crash leaves the old keys whole.
 """
 
 from __future__ import annotations
@@ -47,17 +47,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from ollamaproxy import __version__
-from ollamaproxy.caps import Caps, keep_alive_cap, show_duration
-from ollamaproxy.config import (
-    ConfigError,
-    env_variable,
-    keys_file_path,
-    parse_database_url,
-    show_database_url,
-    usage_file_path,
-)
-from ollamaproxy.key_storage import DatabaseKeys, FileKeys, KeyStorage, KeyStorageError
-from ollamaproxy.keys import (
+from ollamaproxy.access.caps import Caps, keep_alive_cap, show_duration
+from ollamaproxy.access.key_storage import DatabaseKeys, FileKeys, KeyStorage, KeyStorageError
+from ollamaproxy.access.keys import (
     ADMIN,
     CLOUD,
     INFERENCE,
@@ -66,7 +58,15 @@ from ollamaproxy.keys import (
     digest,
     generate_key,
 )
-from ollamaproxy.usage_db import DatabaseDown, Row, UsageFileError, summarise
+from ollamaproxy.config import (
+    ConfigError,
+    env_variable,
+    keys_file_path,
+    parse_database_url,
+    show_database_url,
+    usage_file_path,
+)
+from ollamaproxy.record.usage_db import DatabaseDown, Row, UsageFileError, summarise
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -654,7 +654,7 @@ def _usage(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) ->
     url = _database_url(args, environ)
     if url is not None:
         try:
-            from ollamaproxy.usage_pg import summarise_database
+            from ollamaproxy.postgres.usage import summarise_database
         except ImportError:
             raise CommandFailed(
                 "--database needs psycopg: pip install 'ollamaproxy[postgresql]'"

@@ -17,11 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from ollamaproxy.caps import Caps, keep_alive_cap
-from ollamaproxy.client_address import NOBODY, TrustedProxies, parse_trusted_proxies
-from ollamaproxy.cors import DEFAULT_ORIGINS, parse_origins
+from ollamaproxy.access.caps import Caps, keep_alive_cap
 from ollamaproxy.errors import ConfigError as ConfigError
-from ollamaproxy.shared.redis_url import RedisAddress, parse_failure_policy, parse_redis_url
+from ollamaproxy.redis.url import RedisAddress, parse_failure_policy, parse_redis_url
+from ollamaproxy.web.client_address import NOBODY, TrustedProxies, parse_trusted_proxies
+from ollamaproxy.web.cors import DEFAULT_ORIGINS, parse_origins
 
 DEFAULT_LISTEN = "tcp:5000"
 # Ollama's own defaults: OLLAMA_NUM_PARALLEL and OLLAMA_MAX_QUEUE.
@@ -411,7 +411,7 @@ def parse_upstream(value: str, parallel: int) -> UpstreamSetting:
 
 def parse_keep_alive_cap(name: str, value: str) -> float:
     """
-    A C{keep_alive} cap (L{ollamaproxy.caps.keep_alive_cap}).
+    A C{keep_alive} cap (L{ollamaproxy.access.caps.keep_alive_cap}).
     """
     try:
         return keep_alive_cap(value)

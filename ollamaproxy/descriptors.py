@@ -9,7 +9,7 @@ each log file and the usage database.  When they run out, C{accept()} fails
 for every client, not only for the one holding hundreds of idle sockets.
 The proxy therefore raises its soft C{RLIMIT_NOFILE} to the hard limit at
 start (L{raise_open_files_limit}), and closes idle client connections beyond
-L{connection_limit} (L{ollamaproxy.site.ProxySite}).
+L{connection_limit} (L{ollamaproxy.web.site.ProxySite}).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The record of one request: what it asked, where it went, and how it ended.
 
 The app fills an L{Exchange} in as a request goes and hands it, at the end,
-to the access log (L{ollamaproxy.logs}), the metrics and the usage store.
+to the access log (L{ollamaproxy.record.logs}), the metrics and the usage store.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from ollamaproxy.model_names import ModelName
+from ollamaproxy.access.model_names import ModelName
 
 #: How a request ended:
 #:  - C{completed}: answered, by Ollama or the proxy, as it should be;

@@ -4,8 +4,8 @@ The catalogue of Ollama's routes, as a proxy must know them.
 
 For each route: the methods Ollama serves on it, the scope a key needs, where
 a request names a model, and whether the answer is a model listing.  The
-access check (L{ollamaproxy.auth}), the model policy
-(L{ollamaproxy.policy}) and the metrics' route label all read this one
+access check (L{ollamaproxy.access.auth}), the model policy
+(L{ollamaproxy.access.policy}) and the metrics' route label all read this one
 table, so a new Ollama route is one edit here.
 
 The table follows Ollama's C{server/routes.go}.  Paths are compared the way
@@ -65,7 +65,7 @@ class Placement(Enum):
     #: (C{/api/blobs}) and the C{/api/create} that uses them must meet, and
     #: a pulled model lands in one known place.
     PRIMARY = "primary"
-    #: Every healthy backend in turn (L{ollamaproxy.everywhere}): a pull.
+    #: Every healthy backend in turn (L{ollamaproxy.backends.everywhere}): a pull.
     EVERY = "every"
     #: Every healthy backend that has the model, in turn: a delete, a copy.
     EVERY_HAVING = "every having"

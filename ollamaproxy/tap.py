@@ -27,10 +27,16 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from ollamaproxy import __version__
-from ollamaproxy.app import OllamaProxy
-from ollamaproxy.auth import Authenticator
+from ollamaproxy.access.auth import Authenticator
+from ollamaproxy.access.first_key import keys_to_accept, operator_keys
+from ollamaproxy.access.key_sources import FILE
+from ollamaproxy.access.limits import GuessThrottle, KeyLimits, Limits, Throttle
+from ollamaproxy.access.quotas import QuotaBook, QuotaSeed
+from ollamaproxy.access.reload import KeysReloader, sighup_installer
 from ollamaproxy.backends.pool import Backend, BackendPool
+from ollamaproxy.backends.probe import UpstreamProbe
 from ollamaproxy.backends.router import Router
+from ollamaproxy.backends.upstream import PoolService, Upstream, agent_for, connection_pool
 from ollamaproxy.checks import check_log_dir, check_usage_file
 from ollamaproxy.config import (
     DEFAULT_CLIENT_TIMEOUT,
@@ -51,27 +57,21 @@ from ollamaproxy.config import (
     Config,
     ConfigError,
 )
-from ollamaproxy.cors import Cors
-from ollamaproxy.database_keys import FILE
 from ollamaproxy.descriptors import connection_limit, raise_open_files_limit
-from ollamaproxy.first_key import keys_to_accept, operator_keys
-from ollamaproxy.headers import via_mark
-from ollamaproxy.limits import GuessThrottle, KeyLimits, Limits, Throttle
-from ollamaproxy.logs import LogFilesService
-from ollamaproxy.metrics import Metrics, MetricsResource
-from ollamaproxy.probe import UpstreamProbe
-from ollamaproxy.quotas import QuotaBook, QuotaSeed
 from ollamaproxy.readiness import Readiness
-from ollamaproxy.redact import Redactor
-from ollamaproxy.reload import KeysReloader, sighup_installer
-from ollamaproxy.shared.limits import RedisLimits, RedisThrottle
-from ollamaproxy.shared.link import RedisLink, open_link
-from ollamaproxy.site import ProxySite
-from ollamaproxy.upstream import PoolService, Upstream, agent_for, connection_pool
-from ollamaproxy.usage import ThreadWorker, UsageCollector, UsageStore
+from ollamaproxy.record.logs import LogFilesService
+from ollamaproxy.record.metrics import Metrics, MetricsResource
+from ollamaproxy.record.redact import Redactor
+from ollamaproxy.record.usage import ThreadWorker, UsageCollector, UsageStore
+from ollamaproxy.redis.limits import RedisLimits, RedisThrottle
+from ollamaproxy.redis.link import RedisLink, open_link
+from ollamaproxy.web.app import OllamaProxy
+from ollamaproxy.web.cors import Cors
+from ollamaproxy.web.headers import via_mark
+from ollamaproxy.web.site import ProxySite
 
 if TYPE_CHECKING:
-    from ollamaproxy.shared_database import SharedDatabase
+    from ollamaproxy.postgres.shared import SharedDatabase
 
 log = Logger()
 
@@ -310,12 +310,12 @@ def _shared_database(
     config: Config, reactor: Any, now: datetime, announce: Callable[[str], None]
 ) -> SharedDatabase:
     """
-    Connect to C{--database} at start (L{ollamaproxy.shared_database}).
+    Connect to C{--database} at start (L{ollamaproxy.postgres.shared}).
 
     @raise ConfigError: If the proxy cannot start with it.
     """
     try:
-        from ollamaproxy.shared_database import SharedDatabase
+        from ollamaproxy.postgres.shared import SharedDatabase
     except ImportError:
         raise ConfigError(
             "--database needs psycopg: pip install 'ollamaproxy[postgresql]'"

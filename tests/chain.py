@@ -23,12 +23,14 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import IAgent, IResponse
 
-from ollamaproxy.app import OllamaProxy
-from ollamaproxy.auth import Authenticator
+from ollamaproxy.access.auth import Authenticator
+from ollamaproxy.access.caps import Caps
+from ollamaproxy.access.keys import SCOPES, ApiKey, KeyStore, digest
+from ollamaproxy.access.limits import GuessThrottle, KeyLimits
+from ollamaproxy.access.quotas import QuotaBook
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import Router
-from ollamaproxy.caps import Caps
-from ollamaproxy.client_address import NOBODY, TrustedProxies
+from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.config import (
     DEFAULT_MAX_QUEUE,
     DEFAULT_OPEN_ROUTES,
@@ -36,14 +38,12 @@ from ollamaproxy.config import (
     DEFAULT_QUEUE_TIMEOUT,
     parse_routes,
 )
-from ollamaproxy.cors import Cors
-from ollamaproxy.keys import SCOPES, ApiKey, KeyStore, digest
-from ollamaproxy.limits import GuessThrottle, KeyLimits
-from ollamaproxy.metrics import Metrics
-from ollamaproxy.quotas import QuotaBook
-from ollamaproxy.site import ProxySite
-from ollamaproxy.upstream import Upstream
-from ollamaproxy.usage import UsageStore
+from ollamaproxy.record.metrics import Metrics
+from ollamaproxy.record.usage import UsageStore
+from ollamaproxy.web.app import OllamaProxy
+from ollamaproxy.web.client_address import NOBODY, TrustedProxies
+from ollamaproxy.web.cors import Cors
+from ollamaproxy.web.site import ProxySite
 from tests.fake_ollama import FakeOllama
 
 KEY = "olpk_chaintestkeychaintestkeychaintest"

@@ -1,6 +1,6 @@
 """
 A Redis client that answers as the test says, for the unit tests of
-L{ollamaproxy.shared}.
+L{ollamaproxy.redis}.
 """
 
 from __future__ import annotations

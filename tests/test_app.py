@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.app}: the whole proxy as a client sees it, in memory
+Tests for L{ollamaproxy.web.app}: the whole proxy as a client sees it, in memory
 (client -> proxy -> fake Ollama, see L{tests.chain}), with no reactor and no
 sockets.
 

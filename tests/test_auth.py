@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.auth}: finding the key a request presents, and
+Tests for L{ollamaproxy.access.auth}: finding the key a request presents, and
 deciding whether the request may go on.
 """
 
@@ -9,10 +9,10 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
-from ollamaproxy.auth import Authenticator, presented_key
+from ollamaproxy.access.auth import Authenticator, presented_key
+from ollamaproxy.access.keys import ApiKey, KeyStore, digest, generate_key
 from ollamaproxy.config import DEFAULT_OPEN_ROUTES, parse_routes
 from ollamaproxy.errors import ProxyError
-from ollamaproxy.keys import ApiKey, KeyStore, digest, generate_key
 from ollamaproxy.routes import Catalogue, decoded_path
 
 SECRET = generate_key()

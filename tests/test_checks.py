@@ -12,7 +12,7 @@ import pytest
 
 from ollamaproxy.checks import Access, check_log_dir, check_usage_file
 from ollamaproxy.errors import ConfigError
-from ollamaproxy.usage_db import write_rows
+from ollamaproxy.record.usage_db import write_rows
 
 
 def test_a_log_dir_to_make_or_with_files_passes(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """
 Tests for L{ollamaproxy.cli}: the C{ollamaproxy keys} command, and
-L{ollamaproxy.keys.update_keys_file} under it; the C{ollamaproxy usage}
+L{ollamaproxy.access.keys.update_keys_file} under it; the C{ollamaproxy usage}
 command.
 
 The command runs in-process through L{main}, with its streams, environment
@@ -26,10 +26,8 @@ from typing import NoReturn
 import pytest
 
 from ollamaproxy import __version__
-from ollamaproxy.caps import Caps
-from ollamaproxy.cli import main
-from ollamaproxy.config import Config
-from ollamaproxy.keys import (
+from ollamaproxy.access.caps import Caps
+from ollamaproxy.access.keys import (
     ADMIN,
     CLOUD,
     INFERENCE,
@@ -43,7 +41,9 @@ from ollamaproxy.keys import (
     update_keys_file,
     write_keys_file,
 )
-from ollamaproxy.usage_db import write_rows
+from ollamaproxy.cli import main
+from ollamaproxy.config import Config
+from ollamaproxy.record.usage_db import write_rows
 
 REPO = Path(__file__).resolve().parent.parent
 NOW = datetime(2026, 11, 27, 7, 0, 0, tzinfo=UTC)

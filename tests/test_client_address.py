@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.client_address}: the client's address behind a
+Tests for L{ollamaproxy.web.client_address}: the client's address behind a
 trusted proxy, and only behind one.
 """
 
@@ -9,8 +9,8 @@ import pytest
 from twisted.logger import capturedLogs
 from twisted.web.http_headers import Headers
 
-from ollamaproxy.client_address import TrustedProxies, parse_trusted_proxies
 from ollamaproxy.config import Config, ConfigError
+from ollamaproxy.web.client_address import TrustedProxies, parse_trusted_proxies
 from tests.chain import Chain
 
 TRUSTED = parse_trusted_proxies("10.0.0.5, 10.1.0.0/16, fd00::/8")

@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.cors}: which origins may call the proxy, and the
+Tests for L{ollamaproxy.web.cors}: which origins may call the proxy, and the
 headers that say so.
 """
 
@@ -9,7 +9,7 @@ import pytest
 from twisted.web.http_headers import Headers
 
 from ollamaproxy.config import ConfigError
-from ollamaproxy.cors import DEFAULT_ORIGINS, Cors, parse_origins
+from ollamaproxy.web.cors import DEFAULT_ORIGINS, Cors, parse_origins
 
 ALLOW_HEADERS = (
     b"Authorization,X-API-Key,Content-Type,User-Agent,Accept,X-Requested-With,OpenAI-Beta,"

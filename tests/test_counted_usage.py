@@ -15,7 +15,7 @@ import pytest
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 
 from ollamaproxy.exchange import StreamSummary
-from ollamaproxy.summary import summarise
+from ollamaproxy.record.summary import summarise
 from tests.chain import Chain
 
 TOKENS = 7

@@ -1,6 +1,6 @@
 """
 Tests for what C{--database} adds to the proxy's service (L{ollamaproxy.tap}
-with L{ollamaproxy.shared_database}), built on a real PostgreSQL and a
+with L{ollamaproxy.postgres.shared}), built on a real PostgreSQL and a
 L{MemoryReactorClock}, never started.
 """
 
@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
+from ollamaproxy.access.key_sources import DatabaseKeysPoller
+from ollamaproxy.access.reload import KeysReloader
 from ollamaproxy.cli import main
 from ollamaproxy.config import Config
-from ollamaproxy.database_keys import DatabaseKeysPoller
-from ollamaproxy.reload import KeysReloader
+from ollamaproxy.postgres.usage import PostgresUsage
+from ollamaproxy.record.usage import UsageStore
 from ollamaproxy.tap import ProxyOptions, build_service
-from ollamaproxy.usage import UsageStore
-from ollamaproxy.usage_pg import PostgresUsage
 
 LOCAL = "tcp:0:interface=127.0.0.1"
 

@@ -25,11 +25,11 @@ from twisted.logger import capturedLogs, jsonFileLogObserver
 from twisted.web.http_headers import Headers
 
 import ollamaproxy
+from ollamaproxy.access.keys import ApiKey, digest
+from ollamaproxy.backends.relay import _BodyRelay
+from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.exchange import Exchange
-from ollamaproxy.keys import ApiKey, digest
-from ollamaproxy.logs import log_exchange, text_file_observer
-from ollamaproxy.relay import _BodyRelay
-from ollamaproxy.upstream import Upstream
+from ollamaproxy.record.logs import log_exchange, text_file_observer
 from tests.chain import KEY, Chain
 
 # Python and C function calls per relayed chunk, as measured when the guard

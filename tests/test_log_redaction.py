@@ -24,9 +24,9 @@ from twisted.logger import (
     globalLogPublisher,
 )
 
-from ollamaproxy.keys import SCOPES, ApiKey, digest
-from ollamaproxy.logs import LogFilesService
-from ollamaproxy.redact import Redactor
+from ollamaproxy.access.keys import SCOPES, ApiKey, digest
+from ollamaproxy.record.logs import LogFilesService
+from ollamaproxy.record.redact import Redactor
 from tests.chain import KEY, Chain
 from tests.conftest import ErrorCollector
 from tests.test_app import FailingAgent
@@ -185,7 +185,7 @@ def test_a_key_cut_by_the_sample_s_end_is_not_logged() -> None:
     from twisted.logger import capturedLogs
 
     from ollamaproxy.exchange import Exchange
-    from ollamaproxy.logs import log_exchange
+    from ollamaproxy.record.logs import log_exchange
 
     exchange = Exchange("POST", "/api/chat", "127.0.0.1", started=0.0)
     exchange.request_sample = b'{"model": "llama3.2", "note": "' + KEY[:30].encode()

@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.logs}: what each finished request leaves in the log.
+Tests for L{ollamaproxy.record.logs}: what each finished request leaves in the log.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from twisted.logger import (
 )
 
 from ollamaproxy.exchange import Exchange, StreamSummary
-from ollamaproxy.logs import log_exchange, text_file_observer
+from ollamaproxy.record.logs import log_exchange, text_file_observer
 
 
 def _logged(exchange: Exchange) -> dict[str, dict[str, object]]:

@@ -16,8 +16,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from ollamaproxy.headers import came_back, upstream_request_headers, via_mark
-from ollamaproxy.site import ProxySite
+from ollamaproxy.web.headers import came_back, upstream_request_headers, via_mark
+from ollamaproxy.web.site import ProxySite
 from tests.chain import CLIENT_TIMEOUT, VIA, Chain
 
 # How many turns the fake circle allows before it gives up by itself (a
@@ -87,7 +87,7 @@ def test_upstream_pointing_at_the_proxy_is_508() -> None:
     assert loop.turns == 1  # forwarded once; the second arrival is refused
     message = json.loads(collector.body)["error"]
     assert "points at the proxy itself" in message
-    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "ollamaproxy.app"]
+    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "ollamaproxy.web.app"]
     assert any("points at the proxy itself" in line for line in lines), lines
 
 

@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.metrics}: what the proxy counts, read back the way
+Tests for L{ollamaproxy.record.metrics}: what the proxy counts, read back the way
 Prometheus reads it.
 """
 
@@ -13,7 +13,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from ollamaproxy.exchange import Exchange, Outcome, StreamSummary
-from ollamaproxy.metrics import MAX_MODELS, Metrics
+from ollamaproxy.record.metrics import MAX_MODELS, Metrics
 from ollamaproxy.routes import Catalogue
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -337,10 +337,10 @@ def test_backends_and_queue_are_shown_at_each_scrape() -> None:
     from twisted.internet.task import Clock
     from twisted.web.iweb import IAgent
 
+    from ollamaproxy.access.model_names import resolve
     from ollamaproxy.backends.pool import Backend, BackendPool
     from ollamaproxy.backends.router import Router
-    from ollamaproxy.model_names import resolve
-    from ollamaproxy.upstream import Upstream
+    from ollamaproxy.backends.upstream import Upstream
 
     clock = Clock()
     backends = [

@@ -1,13 +1,13 @@
 """
-Tests for L{ollamaproxy.policy}: reading the models a request names.
+Tests for L{ollamaproxy.access.policy}: reading the models a request names.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from ollamaproxy.access.policy import form_models, json_models
 from ollamaproxy.errors import ProxyError
-from ollamaproxy.policy import form_models, json_models
 
 CT = b"multipart/form-data; boundary=B"
 

@@ -16,16 +16,16 @@ import psycopg
 import pytest
 from twisted.internet.task import Clock
 
+from ollamaproxy.access.keys import digest
 from ollamaproxy.cli import main
 from ollamaproxy.config import Config
 from ollamaproxy.errors import ConfigError
-from ollamaproxy.keys import digest
-from ollamaproxy.keys_pg import load_keys
-from ollamaproxy.postgres import MIGRATIONS, Database, DatabaseError, SchemaTooNew
-from ollamaproxy.shared_database import SharedDatabase
-from ollamaproxy.usage import UsageStore
-from ollamaproxy.usage_db import Row, SqliteUsage, summarise
-from ollamaproxy.usage_pg import PostgresUsage
+from ollamaproxy.postgres.database import MIGRATIONS, Database, DatabaseError, SchemaTooNew
+from ollamaproxy.postgres.keys import load_keys
+from ollamaproxy.postgres.shared import SharedDatabase
+from ollamaproxy.postgres.usage import PostgresUsage
+from ollamaproxy.record.usage import UsageStore
+from ollamaproxy.record.usage_db import Row, SqliteUsage, summarise
 from tests.engines import PostgresServer, free_port
 from tests.test_usage import ManualWorker
 

@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.probe}: at start, one line per upstream saying
+Tests for L{ollamaproxy.backends.probe}: at start, one line per upstream saying
 where requests go and whether Ollama answered there; the start never waits.
 """
 
@@ -17,8 +17,8 @@ from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 
-from ollamaproxy.probe import UpstreamProbe
-from ollamaproxy.upstream import Upstream
+from ollamaproxy.backends.probe import UpstreamProbe
+from ollamaproxy.backends.upstream import Upstream
 from tests.fake_ollama import VERSION, FakeOllama
 
 BASE = b"http://127.0.0.1:11434"

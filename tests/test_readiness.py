@@ -10,8 +10,8 @@ from typing import TypeVar
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 
-from ollamaproxy.metrics import Metrics, MetricsResource
 from ollamaproxy.readiness import Readiness
+from ollamaproxy.record.metrics import Metrics, MetricsResource
 from tests.chain import Chain
 
 T = TypeVar("T")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from twisted.internet.testing import MemoryReactorClock
 
+from ollamaproxy.access.keys import digest, load_keys_file
 from ollamaproxy.cli import main
 from ollamaproxy.config import Config
-from ollamaproxy.keys import digest, load_keys_file
 from ollamaproxy.tap import build_service
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.redact}: credentials and the proxy's own keys are
+Tests for L{ollamaproxy.record.redact}: credentials and the proxy's own keys are
 blanked in any text, whatever their shape.
 """
 
@@ -10,8 +10,8 @@ from urllib.parse import quote
 import pytest
 from twisted.python.failure import Failure
 
-from ollamaproxy.keys import ApiKey, KeyStore, digest
-from ollamaproxy.redact import Redactor, blank_credentials, redacted_failure
+from ollamaproxy.access.keys import ApiKey, KeyStore, digest
+from ollamaproxy.record.redact import Redactor, blank_credentials, redacted_failure
 
 PUNCTUATED = "my:custom;secret!key"
 

@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.relay}: how a response body travels from Ollama to
+Tests for L{ollamaproxy.backends.relay}: how a response body travels from Ollama to
 the client, in memory, moment by moment.
 """
 
@@ -16,9 +16,9 @@ from twisted.logger import LogEvent
 from twisted.web._newclient import ResponseFailed
 from twisted.web.http_headers import Headers
 
-from ollamaproxy import relay as relay_module
-from ollamaproxy.relay import _BodyRelay
-from ollamaproxy.upstream import Upstream
+from ollamaproxy.backends import relay as relay_module
+from ollamaproxy.backends.relay import _BodyRelay
+from ollamaproxy.backends.upstream import Upstream
 from tests.chain import HEADER_TIMEOUT, IDLE_TIMEOUT, Chain, Collector
 from tests.fake_ollama import HeldStream
 

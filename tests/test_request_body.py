@@ -1,6 +1,6 @@
 """
 Tests for request bodies streamed to Ollama as they arrive:
-L{ollamaproxy.request_body} and L{ollamaproxy.site.ProxyRequest}.
+L{ollamaproxy.web.request_body} and L{ollamaproxy.web.site.ProxyRequest}.
 """
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from ollamaproxy.app import OllamaProxy
-from ollamaproxy.auth import Authenticator
+from ollamaproxy.access.auth import Authenticator
+from ollamaproxy.access.keys import SCOPES, ApiKey, KeyStore, digest
+from ollamaproxy.access.limits import KeyLimits
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import Router
+from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.config import parse_routes
-from ollamaproxy.cors import Cors
-from ollamaproxy.keys import SCOPES, ApiKey, KeyStore, digest
-from ollamaproxy.limits import KeyLimits
-from ollamaproxy.metrics import Metrics
-from ollamaproxy.request_body import HIGH_WATER, BodyTooLarge, StreamedBody
-from ollamaproxy.site import ProxySite
-from ollamaproxy.upstream import Upstream
+from ollamaproxy.record.metrics import Metrics
+from ollamaproxy.web.app import OllamaProxy
+from ollamaproxy.web.cors import Cors
+from ollamaproxy.web.request_body import HIGH_WATER, BodyTooLarge, StreamedBody
+from ollamaproxy.web.site import ProxySite
 from tests.chain import KEY
 
 DIGEST = "sha256:" + "0" * 64

@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.shared.limits} that need no Redis: the failure
+Tests for L{ollamaproxy.redis.limits} that need no Redis: the failure
 policy, cancellation, renewal in one call and tokens kept while Redis is
 down, with a fake client and a L{Clock}.  The scripts themselves run
 against a real Redis in C{tests/integration/test_redis_limits.py}.
@@ -13,13 +13,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from ollamaproxy.access.keys import ApiKey
+from ollamaproxy.access.limits import GuessThrottle, KeyLimits, Release
+from ollamaproxy.access.quotas import QuotaBook
 from ollamaproxy.errors import ProxyError
-from ollamaproxy.keys import ApiKey
-from ollamaproxy.limits import GuessThrottle, KeyLimits, Release
-from ollamaproxy.quotas import QuotaBook
-from ollamaproxy.shared import scripts
-from ollamaproxy.shared.limits import RedisLimits, RedisThrottle
-from ollamaproxy.shared.link import RedisLink
+from ollamaproxy.redis import scripts
+from ollamaproxy.redis.limits import RedisLimits, RedisThrottle
+from ollamaproxy.redis.link import RedisLink
 from tests.conftest import ErrorCollector
 from tests.redis_fakes import FakeRedis
 

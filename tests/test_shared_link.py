@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.shared.link}: timeouts, up and down, the log lines,
+Tests for L{ollamaproxy.redis.link}: timeouts, up and down, the log lines,
 the metric and readiness, with a fake client and a L{Clock}.
 """
 
@@ -16,8 +16,8 @@ from twisted.python.failure import Failure
 
 from ollamaproxy.errors import ConfigError
 from ollamaproxy.readiness import Readiness
-from ollamaproxy.shared.link import RedisDown, RedisLink, open_link
-from ollamaproxy.shared.redis_url import RedisAddress
+from ollamaproxy.redis.link import RedisDown, RedisLink, open_link
+from ollamaproxy.redis.url import RedisAddress
 from tests.redis_fakes import FakeRedis
 
 
@@ -49,7 +49,7 @@ def list_of(events: Sequence[LogEvent]) -> list[LogEvent]:
 
 
 def _texts(events: list[LogEvent]) -> list[str]:
-    return [formatEvent(e) for e in events if e.get("log_namespace") == "ollamaproxy.shared.link"]
+    return [formatEvent(e) for e in events if e.get("log_namespace") == "ollamaproxy.redis.link"]
 
 
 def _link(clock: Clock, made: Made, registry: CollectorRegistry | None = None) -> RedisLink:

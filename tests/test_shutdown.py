@@ -1,5 +1,5 @@
 """
-Tests for shutting down gently: L{ollamaproxy.app.OllamaProxy.drain}.
+Tests for shutting down gently: L{ollamaproxy.web.app.OllamaProxy.drain}.
 """
 
 from __future__ import annotations

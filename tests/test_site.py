@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.site}: the deadline for request heads, requests
+Tests for L{ollamaproxy.web.site}: the deadline for request heads, requests
 twisted.web refuses itself, C{Expect: 100-continue}, the minimum body rate,
 and shedding idle connections.
 """
@@ -22,7 +22,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ollamaproxy.errors import reason_phrase
-from ollamaproxy.site import _TWISTED_INTERNALS, ProxySite
+from ollamaproxy.web.site import _TWISTED_INTERNALS, ProxySite
 from tests.chain import KEY, Chain
 
 TIMEOUT = 30.0

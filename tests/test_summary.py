@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.summary}: reading what a generation amounted to.
+Tests for L{ollamaproxy.record.summary}: reading what a generation amounted to.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import json
 import pytest
 
 from ollamaproxy.exchange import StreamSummary
-from ollamaproxy.redact import blank_credentials
-from ollamaproxy.summary import summarise
+from ollamaproxy.record.redact import blank_credentials
+from ollamaproxy.record.summary import summarise
 
 FINAL = {
     "model": "llama3.2", "created_at": "2025-01-01T00:00:00Z", "message": {"role": "assistant",

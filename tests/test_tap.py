@@ -35,7 +35,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from ollamaproxy import __version__, tap
+from ollamaproxy.access.keys import ApiKey, digest, load_keys_file, looks_generated, write_keys_file
+from ollamaproxy.access.quotas import QuotaSeed
+from ollamaproxy.access.reload import KeysReloader
 from ollamaproxy.backends.pool import BackendPool
+from ollamaproxy.backends.probe import UpstreamProbe
+from ollamaproxy.backends.upstream import PoolService
 from ollamaproxy.config import (
     DEFAULT_OPEN_ROUTES,
     Config,
@@ -47,17 +52,12 @@ from ollamaproxy.config import (
 )
 from ollamaproxy.console import Live
 from ollamaproxy.descriptors import connection_limit
-from ollamaproxy.keys import ApiKey, digest, load_keys_file, looks_generated, write_keys_file
-from ollamaproxy.logs import LogFilesService
-from ollamaproxy.probe import UpstreamProbe
-from ollamaproxy.quotas import QuotaSeed
-from ollamaproxy.reload import KeysReloader
-from ollamaproxy.shared.link import RedisLink
-from ollamaproxy.shared.redis_url import parse_redis_url
-from ollamaproxy.site import ProxySite
+from ollamaproxy.record.logs import LogFilesService
+from ollamaproxy.record.usage import UsageStore
+from ollamaproxy.redis.link import RedisLink
+from ollamaproxy.redis.url import parse_redis_url
 from ollamaproxy.tap import DrainService, Listeners, Options, ProxyOptions, build_service
-from ollamaproxy.upstream import PoolService
-from ollamaproxy.usage import UsageStore
+from ollamaproxy.web.site import ProxySite
 
 KEY_PATTERN = re.compile(r"olpk_[0-9A-Za-z]{38}")
 LOCAL = "tcp:0:interface=127.0.0.1"

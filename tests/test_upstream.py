@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.upstream}: the client towards Ollama.
+Tests for L{ollamaproxy.backends.upstream}: the client towards Ollama.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.web.client import URI
 
-from ollamaproxy.upstream import _Endpoints, agent_for, connection_pool
+from ollamaproxy.backends.upstream import _Endpoints, agent_for, connection_pool
 
 
 def test_one_endpoint_per_address() -> None:

@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.usage}: recording usage in memory, writing it to
+Tests for L{ollamaproxy.record.usage}: recording usage in memory, writing it to
 SQLite away from the reactor thread, and summing it for the command.
 
 Most tests give the store a L{Worker} that runs work when the test says
@@ -30,8 +30,8 @@ from zope.interface import implementer
 
 from ollamaproxy.config import default_usage_file
 from ollamaproxy.exchange import StreamSummary
-from ollamaproxy.usage import ThreadWorker, UsageStore
-from ollamaproxy.usage_db import (
+from ollamaproxy.record.usage import ThreadWorker, UsageStore
+from ollamaproxy.record.usage_db import (
     Row,
     UsageFileError,
     aggregate,

@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.usage.UsageStore} when its database is down: usage
+Tests for L{ollamaproxy.record.usage.UsageStore} when its database is down: usage
 kept in memory (bounded), moved to the spill file beyond the bound and at
 stop, handed over when the database returns; logs and metrics say so.
 
@@ -20,8 +20,8 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 from zope.interface import implementer
 
-from ollamaproxy.usage import UsageCollector, UsageStore
-from ollamaproxy.usage_db import (
+from ollamaproxy.record.usage import UsageCollector, UsageStore
+from ollamaproxy.record.usage_db import (
     Bucket,
     DatabaseDown,
     Row,
@@ -84,7 +84,7 @@ class Events:
         self.events: list[LogEvent] = []
 
     def __call__(self, event: LogEvent) -> None:
-        if event.get("log_namespace") == "ollamaproxy.usage":
+        if event.get("log_namespace") == "ollamaproxy.record.usage":
             self.events.append(event)
 
     def levels(self, level: LogLevel) -> list[LogEvent]:

@@ -7,7 +7,7 @@ Nothing here runs per chunk or per request.  L{Live} looks, every C{tick}
 seconds (a few times a second), at the requests the app has in flight (its
 registry of L{Exchange}s), the fair queue and the backends.  A request's
 tokens so far are the pieces its response body arrived in
-(L{ollamaproxy.relay.pieces_relayed}: one NDJSON line or SSE event is about
+(L{ollamaproxy.backends.relay.pieces_relayed}: one NDJSON line or SSE event is about
 one token), a counter the relay keeps anyway; its tokens a second are the
 difference between samples.  So a thousand streams cost a loop over a
 thousand requests a few times a second, and nothing on the relay's path.
@@ -44,10 +44,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ollamaproxy.backends.relay import pieces_relayed
 from ollamaproxy.backends.router import Router
 from ollamaproxy.console.views import backends_view, without_credentials
 from ollamaproxy.exchange import Exchange
-from ollamaproxy.relay import pieces_relayed
 
 log = Logger()
 

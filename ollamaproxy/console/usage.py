@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.console.test_usage_view -*-
 """
 The console's questions to the usage store, answered by its database
-(SQLite or PostgreSQL, L{ollamaproxy.usage.UsageDatabase}) on the store's
+(SQLite or PostgreSQL, L{ollamaproxy.record.usage.UsageDatabase}) on the store's
 own worker, off the reactor thread, after the writes given before them.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred
 
-from ollamaproxy.usage import UsageStore
-from ollamaproxy.usage_db import Bucket, SeriesRow
+from ollamaproxy.record.usage import UsageStore
+from ollamaproxy.record.usage_db import Bucket, SeriesRow
 
 
 class StoreUsage:

@@ -20,11 +20,11 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from ollamaproxy.access.caps import show_duration
+from ollamaproxy.access.keys import ApiKey
+from ollamaproxy.access.model_names import ModelName
 from ollamaproxy.backends.router import UNREAD_MODEL, Router
-from ollamaproxy.caps import show_duration
-from ollamaproxy.keys import ApiKey
-from ollamaproxy.model_names import ModelName
-from ollamaproxy.usage_db import SeriesRow
+from ollamaproxy.record.usage_db import SeriesRow
 
 # "//user:password@" inside any text (an error message quoting a URL).
 _USERINFO = re.compile(r"//[^/\s@]*@")
@@ -34,7 +34,7 @@ def without_credentials(url: str, redact: Callable[[str], str] = str) -> str:
     """
     A URL as the console may show it: scheme, host, port and path, without
     the user and password, query string or fragment it may hold, and
-    redacted (L{ollamaproxy.redact}).
+    redacted (L{ollamaproxy.record.redact}).
     """
     try:
         parts = urlsplit(url)

@@ -56,13 +56,13 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from ollamaproxy.access.keys import ApiKey, KeyStore
+from ollamaproxy.access.quota_periods import window
 from ollamaproxy.console.live import Live
 from ollamaproxy.console.views import keys_view, usage_csv, usage_view
 from ollamaproxy.errors import ProxyError, reason_phrase
-from ollamaproxy.keys import ApiKey, KeyStore
-from ollamaproxy.quota_periods import window
+from ollamaproxy.record.usage_db import BUCKET_SECONDS, Bucket, SeriesRow
 from ollamaproxy.routes import RouteSpec, Scope
-from ollamaproxy.usage_db import BUCKET_SECONDS, Bucket, SeriesRow
 
 log = Logger()
 

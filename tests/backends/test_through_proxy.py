@@ -15,9 +15,9 @@ from twisted.logger import LogEvent
 from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
-from ollamaproxy.caps import Caps
-from ollamaproxy.keys import ApiKey, digest
-from ollamaproxy.policy import MAX_CHECKED_BODY
+from ollamaproxy.access.caps import Caps
+from ollamaproxy.access.keys import ApiKey, digest
+from ollamaproxy.access.policy import MAX_CHECKED_BODY
 from tests.chain import Chain
 
 USER = "olpk_userkeyuserkeyuserkeyuserkeyuser00"

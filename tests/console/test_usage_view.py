@@ -15,10 +15,10 @@ import pytest
 from twisted.internet.task import Clock
 
 from ollamaproxy.console.views import usage_csv, without_credentials
-from ollamaproxy.postgres import Database
-from ollamaproxy.usage import UsageDatabase, UsageStore
-from ollamaproxy.usage_db import SqliteUsage, write_rows
-from ollamaproxy.usage_pg import PostgresUsage
+from ollamaproxy.postgres.database import Database
+from ollamaproxy.postgres.usage import PostgresUsage
+from ollamaproxy.record.usage import UsageDatabase, UsageStore
+from ollamaproxy.record.usage_db import SqliteUsage, write_rows
 from tests.chain import Chain
 from tests.console.helpers import add_inference_key
 from tests.test_usage import ManualWorker

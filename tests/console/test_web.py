@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from twisted.internet.testing import StringTransport
 
+from ollamaproxy.access.keys import digest
 from ollamaproxy.backends.pool import Backend
+from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.console.live import TICK
 from ollamaproxy.console.web import CSP
-from ollamaproxy.keys import digest
-from ollamaproxy.upstream import Upstream
-from ollamaproxy.usage import UsageStore
-from ollamaproxy.usage_db import write_rows
+from ollamaproxy.record.usage import UsageStore
+from ollamaproxy.record.usage_db import write_rows
 from tests.chain import KEY, Chain
 from tests.console.helpers import INFERENCE_KEY, add_inference_key, chat
 from tests.test_usage import ManualWorker

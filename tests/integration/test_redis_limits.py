@@ -1,5 +1,5 @@
 """
-The Lua scripts of L{ollamaproxy.shared} against a real Redis (started by
+The Lua scripts of L{ollamaproxy.redis} against a real Redis (started by
 the test run, see L{tests.engines}), through the real client on the real
 reactor.  The limits' time is a L{Clock} the tests set, so refills and
 expiries need no waiting.
@@ -20,13 +20,13 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols.portforward import ProxyFactory
 from twisted.python.failure import Failure
 
+from ollamaproxy.access.keys import ApiKey
+from ollamaproxy.access.limits import GuessThrottle, KeyLimits, Release
+from ollamaproxy.access.quota_periods import over_quota_message, window
 from ollamaproxy.errors import ProxyError
-from ollamaproxy.keys import ApiKey
-from ollamaproxy.limits import GuessThrottle, KeyLimits, Release
-from ollamaproxy.quota_periods import over_quota_message, window
-from ollamaproxy.shared.limits import RedisLimits, RedisThrottle
-from ollamaproxy.shared.link import RedisLink, TxRedisClient
-from ollamaproxy.shared.redis_url import parse_redis_url
+from ollamaproxy.redis.limits import RedisLimits, RedisThrottle
+from ollamaproxy.redis.link import RedisLink, TxRedisClient
+from ollamaproxy.redis.url import parse_redis_url
 from tests.engines import RedisServer, redis_server
 from tests.integration.conftest import sleep
 from tests.integration.tls import make_self_signed
@@ -297,7 +297,7 @@ async def test_redis_stopped_and_restarted(reactor: Any, redis_server: RedisServ
         for p in (local, closed):
             await maybeDeferred(p.link.stopService)
     texts = [formatEvent(e) for e in list(events)
-             if e.get("log_namespace") == "ollamaproxy.shared.link"
+             if e.get("log_namespace") == "ollamaproxy.redis.link"
              and f":{redis_server.port}/" in formatEvent(e)]
     assert sum("cannot be reached" in t for t in texts) == 2
     assert sum("answers again" in t for t in texts) == 2

@@ -1,0 +1,130 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+Where the C{ollamaproxy keys} commands keep keys: the keys file
+(L{FileKeys}), or, with C{--database}, PostgreSQL (L{DatabaseKeys}).  The
+command calls one L{KeyStorage} and needs not know which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from ollamaproxy.access.keys import ApiKey, KeysFileError, load_keys_file, update_keys_file
+from ollamaproxy.config import show_database_url
+
+
+class KeyStorageError(Exception):
+    """
+    The keys cannot be read or written: the message (one line) says where
+    and why.
+    """
+
+
+class KeyStorage(Protocol):
+    """
+    Keys kept somewhere, changed one whole change at a time.
+    """
+
+    @property
+    def where(self) -> str:
+        """
+        Where, in words: the file's path, or C{database <URL>}.
+        """
+
+    @property
+    def picked_up(self) -> str:
+        """
+        When running proxies see a change, in a sentence.
+        """
+
+    def load(self) -> list[ApiKey]:
+        """
+        The keys.
+
+        @raise KeyStorageError: If they cannot be read.
+        """
+
+    def update(self, change: Callable[[list[ApiKey]], list[ApiKey]]) -> list[ApiKey]:
+        """
+        Replace the keys with what C{change} makes of them, safely against
+        other writers.  An exception C{change} raises changes nothing and is
+        passed on.
+
+        @return: The keys written.
+        @raise KeyStorageError: If they cannot be read or written, or the
+            result would hold two keys of one name.
+        """
+
+
+class FileKeys:
+    """
+    The keys file (L{ollamaproxy.access.keys}).
+    """
+
+    picked_up = "A running proxy picks up the change within seconds (at once on SIGHUP)."
+
+    def __init__(self, path: str) -> None:
+        self.where = path
+
+    def load(self) -> list[ApiKey]:
+        try:
+            return load_keys_file(self.where)
+        except KeysFileError as e:
+            raise KeyStorageError(str(e)) from None
+
+    def update(self, change: Callable[[list[ApiKey]], list[ApiKey]]) -> list[ApiKey]:
+        try:
+            return update_keys_file(self.where, change)
+        except KeysFileError as e:
+            raise KeyStorageError(str(e)) from None
+        except ValueError as e:
+            raise KeyStorageError(f"keys file {self.where} is not valid: {e}") from None
+        except OSError as e:
+            raise KeyStorageError(
+                f"cannot update keys file {self.where}: {e.strerror or e}"
+            ) from None
+
+
+class DatabaseKeys:
+    """
+    The keys in PostgreSQL (L{ollamaproxy.postgres.keys}); the schema is made or
+    migrated first if need be.
+    """
+
+    picked_up = "Every proxy using this database picks up the change within 5 seconds."
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self.where = f"database {show_database_url(url)}"
+
+    def _run(self, change: Callable[[list[ApiKey]], list[ApiKey]] | None = None) -> list[ApiKey]:
+        """
+        Read the keys, or, given C{change}, change them.
+        """
+        try:
+            from ollamaproxy.postgres import keys as keys_pg
+            from ollamaproxy.postgres.database import Database, DatabaseError
+        except ImportError:
+            raise KeyStorageError(
+                "--database needs psycopg: pip install 'ollamaproxy[postgresql]'"
+            ) from None
+        database = Database(self._url)
+        try:
+            if change is None:
+                loaded = database.run(keys_pg.load_keys)
+                assert loaded is not None
+                return loaded[1]
+            return database.run(lambda connection: keys_pg.update_keys(connection, change))
+        except DatabaseError as e:
+            raise KeyStorageError(f"{self.where}: {e}") from None
+        except ValueError as e:
+            raise KeyStorageError(f"{self.where}: {e}") from None
+        finally:
+            database.close()
+
+    def load(self) -> list[ApiKey]:
+        return self._run()
+
+    def update(self, change: Callable[[list[ApiKey]], list[ApiKey]]) -> list[ApiKey]:
+        return self._run(change=change)

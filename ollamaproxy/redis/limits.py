@@ -1,0 +1,346 @@
+# -*- test-case-name: tests.test_shared_limits -*-
+"""
+Per-key limits and the guess throttle, kept in Redis so that every proxy
+using it obeys one set of rules.
+
+L{RedisLimits} keeps what L{ollamaproxy.access.limits.KeyLimits} keeps, with the
+same meaning: a key's requests a minute (a bucket holding a minute's
+worth), its requests in flight, and its tokens per UTC day and month.  Each
+check is one Lua script (L{ollamaproxy.redis.scripts}), so racing proxies
+cannot let a key in beyond its limits.
+
+Requests in flight are leases that expire (C{--redis-lease}, 30 s): one
+round every few seconds renews all of this proxy's leases at once, so a
+proxy that dies (C{SIGKILL}, a lost machine) holds its keys' streams for
+no longer than that.
+
+Times come from this proxy's clock (its reactor), not from Redis's C{TIME}:
+the UTC day and month are computed here (L{ollamaproxy.access.quota_periods}), so
+a counter's name, the Retry-After and the script's checks all agree on one
+time; and the tests can state the time.  Proxies keep their clocks in step
+by NTP; a few seconds of skew only moves when a bucket refills or a dead
+proxy's lease expires by as much.
+
+While Redis is down, the failure policy decides: C{local} asks the
+in-process limits instead (keys are still checked, each proxy keeps its
+own counts), C{closed} answers keys that have limits with 503.  Tokens used
+meanwhile are added to Redis's counters once it is back.
+"""
+
+from __future__ import annotations
+
+import itertools
+from secrets import token_hex
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ollamaproxy.access.keys import ApiKey
+from ollamaproxy.access.limits import GuessThrottle, Limits, Release, too_many
+from ollamaproxy.access.quota_periods import Window, over_quota_message, window
+from ollamaproxy.access.quotas import QuotaBook
+from ollamaproxy.errors import ProxyError
+from ollamaproxy.redis import scripts
+from ollamaproxy.redis.link import RedisDown, RedisLink
+
+log = Logger()
+
+PREFIX = "ollamaproxy:"
+# A day's or a month's counter is kept this long past its end.
+_COUNTER_KEPT = 86400.0
+# What a client is told to wait under the closed policy.
+_CLOSED_RETRY = 5.0
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def _nothing(tokens: int = 0) -> None:
+    """
+    The release of a request that nothing counted.
+    """
+
+
+class RedisLimits:
+    """
+    Per-key limits kept in Redis (L{Limits}).
+
+    @param link: The connection to Redis.
+    @param local: The in-process limits asked while Redis is down, under
+        the C{local} policy.
+    @param clock: Tells time for the limits.
+    @param policy: C{local} or C{closed} (see the module).
+    @param lease: Seconds a request stays counted unless renewed.
+    @param quotas: The book of C{local}'s token quotas, told of every
+        request's tokens while Redis is up too, so that it knows this
+        proxy's use when it stands in.
+    """
+
+    def __init__(
+        self,
+        link: RedisLink,
+        local: Limits,
+        clock: IReactorTime,
+        policy: str = "local",
+        lease: float = 30.0,
+        prefix: str = PREFIX,
+        quotas: QuotaBook | None = None,
+    ) -> None:
+        self._link = link
+        self._quotas = quotas
+        self._local = local
+        self._clock = clock
+        self._policy = policy
+        self._lease = lease
+        self._prefix = prefix
+        self._instance = token_hex(6)
+        self._serial = itertools.count()
+        # Lease id -> streams set, for this proxy's requests in flight.
+        self._leases: dict[str, str] = {}
+        # Counter -> [tokens, when it expires (ms)]: tokens that could not
+        # be added while Redis was down.  One entry per key and period.
+        self._unsent: dict[str, list[int]] = {}
+        link.each_round(self.renew)
+        link.each_round(self.send_unsent)
+
+    def admit(self, key: ApiKey) -> Deferred[Release]:
+        """
+        Let a request of C{key} in, or refuse it (L{Limits.admit}).  A key
+        without limits is let in without asking Redis.
+        """
+        if (
+            key.rpm is None and key.max_streams is None
+            and key.tokens_per_day is None and key.tokens_per_month is None
+        ):
+            return succeed(_nothing)
+        if not self._link.up:
+            return self._without_redis(key)
+        now = self._clock.seconds()
+        day, month = window("day", now), window("month", now)
+        lease = "" if key.max_streams is None else f"{self._instance}:{next(self._serial)}"
+        asked = self._link.call(
+            scripts.ADMIT,
+            [self._key("rate", key.name), self._key("streams", key.name),
+             self._counter(day, key.name), self._counter(month, key.name)],
+            [_ms(now), _limit(key.rpm), _limit(key.max_streams), lease, _ms(self._lease),
+             _limit(key.tokens_per_day), _limit(key.tokens_per_month)],
+        )
+        answer: Deferred[Release] = Deferred(lambda _: None)
+
+        def answered(reply: Any) -> None:
+            code, n = int(reply[0]), int(reply[1])
+            if code != scripts.ADMITTED:
+                _give(answer, self._refusal(key, code, n, now, day, month))
+                return
+            if lease:
+                self._leases[lease] = self._key("streams", key.name)
+            release = self._release(key, lease)
+            if answer.called:
+                # The client went away while Redis answered.
+                release(0)
+            else:
+                answer.callback(release)
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(RedisDown):
+                log.failure("Asking Redis for key {name}'s limits failed", failure,
+                            name=key.name)
+            local = self._without_redis(key)
+            if answer.called:
+                local.addCallback(lambda release: release(0))
+                local.addErrback(lambda _: None)
+            else:
+                local.chainDeferred(answer)
+
+        # A mistake in reading the answer falls back too, never leaves the
+        # request waiting.
+        asked.addCallback(answered).addErrback(failed)
+        return answer
+
+    def _refusal(
+        self, key: ApiKey, code: int, n: int, now: float, day: Window, month: Window
+    ) -> ProxyError:
+        if code == scripts.OVER_DAY_QUOTA:
+            assert key.tokens_per_day is not None
+            return too_many(over_quota_message(key.name, key.tokens_per_day, day), day.end - now)
+        if code == scripts.OVER_MONTH_QUOTA:
+            assert key.tokens_per_month is not None
+            return too_many(over_quota_message(key.name, key.tokens_per_month, month),
+                            month.end - now)
+        if code == scripts.TOO_MANY_STREAMS:
+            return too_many(f"key {key.name!r} already has {key.max_streams} requests in flight",
+                            1)
+        return too_many(f"key {key.name!r} is over its limit of {key.rpm} requests a minute",
+                        n / 1000)
+
+    def _release(self, key: ApiKey, lease: str) -> Release:
+        counted = key.tokens_per_day is not None or key.tokens_per_month is not None
+
+        def release(tokens: int = 0) -> None:
+            if lease:
+                self._leases.pop(lease, None)
+            if tokens and self._quotas is not None:
+                self._quotas.add(key.name, tokens)
+            tokens = tokens if counted else 0
+            if not lease and not tokens:
+                return
+            counters = self._counters(key.name)
+            sent = self._link.call(
+                scripts.RELEASE,
+                [self._key("streams", key.name), counters[0][0], counters[1][0]],
+                [lease, tokens, *(_ms(span.end + _COUNTER_KEPT) for _, span in counters)],
+            )
+
+            def unsent(failure: Failure) -> None:
+                # The lease expires by itself; the tokens are added later.
+                self._keep_unsent(counters, tokens)
+
+            sent.addErrback(unsent)
+
+        return release
+
+    def _without_redis(self, key: ApiKey) -> Deferred[Release]:
+        """
+        The answer while Redis is down, by the failure policy.
+        """
+        if self._policy == "closed":
+            return fail(ProxyError(
+                503,
+                "the limits of this key are kept in Redis, which cannot be reached now",
+                {b"Retry-After": str(int(_CLOSED_RETRY)).encode("ascii")},
+                # Refused by the proxy: Ollama was not asked.
+                outcome="rejected",
+            ))
+        if key.tokens_per_day is None and key.tokens_per_month is None:
+            return self._local.admit(key)
+
+        def counting(local_release: Release) -> Release:
+            def release(tokens: int = 0) -> None:
+                local_release(tokens)
+                self._keep_unsent(self._counters(key.name), tokens)
+
+            return release
+
+        return self._local.admit(key).addCallback(counting)
+
+    def _keep_unsent(self, counters: list[tuple[str, Window]], tokens: int) -> None:
+        if tokens <= 0:
+            return
+        for name, span in counters:
+            entry = self._unsent.setdefault(name, [0, _ms(span.end + _COUNTER_KEPT)])
+            entry[0] += tokens
+
+    def renew(self) -> Deferred[Any]:
+        """
+        Renew the leases of this proxy's requests in flight, all in one
+        call; run every round of the link.
+        """
+        if not self._leases:
+            return succeed(None)
+        ids = list(self._leases)
+        now = self._clock.seconds()
+        return self._link.call(
+            scripts.RENEW,
+            [self._leases[lease] for lease in ids],
+            [_ms(now + self._lease), _ms(2 * self._lease), *ids],
+        )
+
+    def send_unsent(self) -> Deferred[Any]:
+        """
+        Add the tokens counted while Redis was down to its counters.
+        """
+        if not self._unsent:
+            return succeed(None)
+        unsent, self._unsent = self._unsent, {}
+        sent = self._link.call(
+            scripts.ADD_TOKENS,
+            list(unsent),
+            [value for entry in unsent.values() for value in entry],
+        )
+
+        def keep(failure: Failure) -> Failure:
+            for name, (tokens, expires) in unsent.items():
+                entry = self._unsent.setdefault(name, [0, expires])
+                entry[0] += tokens
+            return failure
+
+        return sent.addErrback(keep)
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self._prefix}{kind}:{name}"
+
+    def _counters(self, name: str) -> list[tuple[str, Window]]:
+        """
+        The key's token counters now, and their periods.
+        """
+        now = self._clock.seconds()
+        return [(self._counter(span, name), span)
+                for span in (window("day", now), window("month", now))]
+
+    def _counter(self, span: Window, name: str) -> str:
+        return f"{self._prefix}tokens:{span.period}:{span.label}:{name}"
+
+
+class RedisThrottle:
+    """
+    The guess throttle kept in Redis (L{Throttle}): wrong keys from an
+    address count across every proxy, with the numbers of the in-process
+    one.  While Redis is down, that one counts (under either policy: the
+    throttle never lets a request in, it only answers a guesser with 429
+    rather than 401).
+
+    @param local: The in-process throttle, whose numbers are used.
+    """
+
+    def __init__(
+        self, link: RedisLink, local: GuessThrottle, clock: IReactorTime, prefix: str = PREFIX
+    ) -> None:
+        self._link = link
+        self._local = local
+        self._clock = clock
+        self._prefix = prefix
+        self._instance = token_hex(6)
+        self._serial = itertools.count()
+
+    def failed(self, address: str) -> Deferred[None]:
+        """
+        A wrong key came from C{address} (L{Throttle.failed}).
+        """
+        if not self._link.up:
+            return self._local.failed(address)
+        asked = self._link.call(
+            scripts.GUESS,
+            [f"{self._prefix}guesses:{address}"],
+            [_ms(self._clock.seconds()), _ms(self._local.window), self._local.failures,
+             f"{self._instance}:{next(self._serial)}"],
+        )
+        answer: Deferred[None] = Deferred(lambda _: None)
+
+        def answered(wait: Any) -> None:
+            if int(wait) >= 0:
+                _give(answer, too_many("too many wrong API keys from this address",
+                                       int(wait) / 1000))
+            elif not answer.called:
+                answer.callback(None)
+
+        def failed(failure: Failure) -> None:
+            if not answer.called:
+                self._local.failed(address).chainDeferred(answer)
+
+        asked.addCallback(answered).addErrback(failed)
+        return answer
+
+
+def _give(answer: Deferred[Any], error: Exception) -> None:
+    if not answer.called:
+        answer.errback(error)
+
+
+def _limit(value: int | None) -> int:
+    return -1 if value is None else value
+
+

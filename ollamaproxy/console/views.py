@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.console.test_views -*-
+# -*- test-case-name: tests.console.test_usage_view -*-
 """
 What the console's views show, as plain JSON-ready values: the backends,
 the keys, usage over time (and as CSV).

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_shared_limits -*-
+# -*- test-case-name: tests.redis.test_limits -*-
 """
 Per-key limits and the guess throttle, kept in Redis so that every proxy
 using it obeys one set of rules.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_shared_link -*-
+# -*- test-case-name: tests.redis.test_link -*-
 """
 The connection to Redis, and whether Redis is up.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_shared_scripts -*-
+# -*- test-case-name: tests.integration.test_redis_limits -*-
 """
 The Lua scripts that keep the shared counts.  Redis runs each one whole
 before any other command, so proxies racing for a key's last request cannot

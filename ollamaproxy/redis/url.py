@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_shared_redis_url -*-
+# -*- test-case-name: tests.redis.test_url -*-
 """
 Reading C{--redis URL}: C{redis://[user:password@]host[:port][/db]}, and
 C{rediss://} for TLS.

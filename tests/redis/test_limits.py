@@ -21,7 +21,7 @@ from ollamaproxy.redis import scripts
 from ollamaproxy.redis.limits import RedisLimits, RedisThrottle
 from ollamaproxy.redis.link import RedisLink
 from tests.conftest import ErrorCollector
-from tests.redis_fakes import FakeRedis
+from tests.redis.fakes import FakeRedis
 
 # 2026-12-01T12:00:00Z
 NOON = 1796126400.0

@@ -25,10 +25,12 @@ with a 503 that says when to try again.  Neither ever reaches Ollama.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Generic, TypeVar
 
 from twisted.internet.defer import Deferred
@@ -56,9 +58,18 @@ def busy(message: str, retry_after: float, outcome: Outcome = "rejected") -> Pro
 class _Waiter(Generic[W, G]):
     key: str
     wants: W
-    since: float
+    kind: Hashable
+    # Arrival order, across all keys.
+    number: int
     granted: Deferred[G]
     timer: IDelayedCall | None = None
+
+
+def _same(wants: Hashable) -> Hashable:
+    return wants
+
+
+_by_arrival = attrgetter("number")
 
 
 @dataclass
@@ -66,17 +77,32 @@ class FairQueue(Generic[W, G]):
     """
     Requests waiting for a slot, served in weighted turns across keys.
 
+    A key's waiters are kept apart by kind (what they want, as far as a slot
+    is concerned: a model, and the backends not to use), so that finding a
+    key's first request that can be served asks once per kind, not once per
+    request: a key with hundreds waiting for one busy model costs one
+    question, not hundreds, each time a slot frees.
+
     @ivar clock: Tells time for the timeout.
     @ivar limit: The most requests that may wait in all; beyond it a new one
         is refused with 503 at once.
     @ivar timeout: Seconds a request may wait before it is refused with 503.
+    @ivar kind: What kind of slot a request wanting C{W} needs: two with
+        the same kind are served, or not, alike.  By default, C{W} itself.
     """
 
     clock: IReactorTime
     limit: int
     timeout: float
-    # Keys with waiting requests, in the order they came.
-    _keys: OrderedDict[str, deque[_Waiter[W, G]]] = field(default_factory=OrderedDict)
+    kind: Callable[[W], Hashable] = _same
+    # Keys with waiting requests, in the order they came; each key's
+    # waiters by kind, each kind's in the order they came.
+    _keys: OrderedDict[str, dict[Hashable, deque[_Waiter[W, G]]]] = field(
+        default_factory=OrderedDict
+    )
+    _arrivals: itertools.count[int] = field(default_factory=itertools.count)
+    # How many wait for each kind, all keys together.
+    _kinds: Counter[Hashable] = field(default_factory=Counter)
     _size: int = 0
     # Each key's virtual finish time; the virtual time now (the start of
     # the last slot given).
@@ -91,7 +117,7 @@ class FairQueue(Generic[W, G]):
         """
         How many requests each key has waiting.
         """
-        return {key: len(waiters) for key, waiters in self._keys.items()}
+        return {key: sum(map(len, kinds.values())) for key, kinds in self._keys.items()}
 
     def wait(self, key: str, wants: W, weight: float = 1.0) -> Deferred[G]:
         """
@@ -110,9 +136,11 @@ class FairQueue(Generic[W, G]):
         def leave(_: Deferred[G]) -> None:
             self._remove(waiter)
 
-        waiter: _Waiter[W, G] = _Waiter(key, wants, self.clock.seconds(), Deferred(leave))
+        kind = self.kind(wants)
+        waiter: _Waiter[W, G] = _Waiter(key, wants, kind, next(self._arrivals), Deferred(leave))
         waiter.timer = self.clock.callLater(self.timeout, self._expire, waiter)
-        self._keys.setdefault(key, deque()).append(waiter)
+        self._keys.setdefault(key, {}).setdefault(kind, deque()).append(waiter)
+        self._kinds[kind] += 1
         self._weights[key] = weight
         self._size += 1
         return waiter.granted
@@ -145,26 +173,39 @@ class FairQueue(Generic[W, G]):
         @param grant: Returns what a request wanting C{W} gets now, or
             L{None} if nothing is free for it.
         """
+        # Kinds found with no free slot: giving slots away frees none, so
+        # they stay so for the rest of this call.
+        full: set[Hashable] = set()
         while self._size:
             for key in sorted(self._keys, key=self._start):
-                waiter, granted = self._first_granted(self._keys[key], grant)
+                waiter, granted = self._first_granted(self._keys[key], grant, full)
                 if waiter is not None and granted is not None:
                     weight = self._weights[key]
                     self._remove(waiter)
                     self.served(key, weight)
                     waiter.granted.callback(granted)
                     break
+                if self._kinds.keys() <= full:
+                    return  # no other key's request could be served either
             else:
                 return
 
     @staticmethod
     def _first_granted(
-        waiters: deque[_Waiter[W, G]], grant: Callable[[W], G | None]
+        kinds: dict[Hashable, deque[_Waiter[W, G]]],
+        grant: Callable[[W], G | None],
+        full: set[Hashable],
     ) -> tuple[_Waiter[W, G] | None, G | None]:
-        for waiter in waiters:
+        """
+        A key's first request, in the order they came, that C{grant} gives
+        a slot: asked once for each kind not yet found C{full}.
+        """
+        heads = [waiters[0] for kind, waiters in kinds.items() if kind not in full]
+        for waiter in sorted(heads, key=_by_arrival):
             granted = grant(waiter.wants)
             if granted is not None:
                 return waiter, granted
+            full.add(waiter.kind)
         return None, None
 
     def _expire(self, waiter: _Waiter[W, G]) -> None:
@@ -177,14 +218,20 @@ class FairQueue(Generic[W, G]):
         ))
 
     def _remove(self, waiter: _Waiter[W, G]) -> None:
-        waiters = self._keys.get(waiter.key)
-        if waiters is None or waiter not in waiters:
+        kinds = self._keys.get(waiter.key)
+        waiters = None if kinds is None else kinds.get(waiter.kind)
+        if kinds is None or waiters is None or waiter not in waiters:
             return
         waiters.remove(waiter)
         self._size -= 1
+        self._kinds[waiter.kind] -= 1
+        if not self._kinds[waiter.kind]:
+            del self._kinds[waiter.kind]
         if not waiters:
-            del self._keys[waiter.key]
-            del self._weights[waiter.key]
+            del kinds[waiter.kind]
+            if not kinds:
+                del self._keys[waiter.key]
+                del self._weights[waiter.key]
         if waiter.timer is not None:
             waiter.timer.cancel()
             waiter.timer = None

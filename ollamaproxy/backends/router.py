@@ -82,7 +82,9 @@ class Router:
         self.pool = pool
         self._clock = clock
         self.queue: FairQueue[tuple[ModelName | None, float, frozenset[Backend]], Lease] = (
-            FairQueue(clock, max_queue, queue_timeout)
+            # A request's slot depends on its model and the backends it
+            # may not use, not on when it came.
+            FairQueue(clock, max_queue, queue_timeout, kind=lambda wants: (wants[0], wants[2]))
         )
         pool.on_change = self._serve_queue
         # One backend gets every request, healthy or not: Ollama (or the

@@ -202,3 +202,27 @@ def test_a_key_served_without_waiting_has_had_its_turn() -> None:
     slots.free["m"] = 1
     queue.serve(slots)
     assert served == ["other"]
+
+
+def test_a_freed_slot_asks_once_per_kind_not_once_per_request() -> None:
+    """
+    Hundreds waiting for one busy model, from one key or many: when a slot
+    frees, the queue asks for a slot once to serve the next request and
+    once to find the model full again, not once for every request waiting
+    (which made each freed slot cost time in proportion to the queue).
+    """
+    for keys in (1, 50):
+        queue: FairQueue[str, str] = FairQueue(Clock(), limit=1000, timeout=60)
+        for n in range(500):
+            queue.wait(f"key{n % keys}", "m")
+        slots = Slots()
+        asked: list[str] = []
+
+        def grant(wants: str) -> str | None:
+            asked.append(wants)
+            return slots(wants)
+
+        slots.free["m"] = 1
+        queue.serve(grant)
+        assert len(asked) == 2, keys
+        assert len(queue) == 499

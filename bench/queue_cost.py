@@ -94,7 +94,7 @@ def main() -> None:
         for keys in (1, 10, 100):
             queued = best(through_the_queue, backends, keys)
             print(f"| {backends} backend(s), queued, {keys} keys waiting | {queued:.1f} "
-                  f"({queued / free:.1f}× a free slot) |")
+                  f"({queued / free:.1f} times a free slot) |")
 
 
 if __name__ == "__main__":

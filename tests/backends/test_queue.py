@@ -215,14 +215,20 @@ def test_a_freed_slot_asks_once_per_kind_not_once_per_request() -> None:
         queue: FairQueue[str, str] = FairQueue(Clock(), limit=1000, timeout=60)
         for n in range(500):
             queue.wait(f"key{n % keys}", "m")
-        slots = Slots()
-        asked: list[str] = []
-
-        def grant(wants: str) -> str | None:
-            asked.append(wants)
-            return slots(wants)
-
+        slots = CountingSlots()
         slots.free["m"] = 1
-        queue.serve(grant)
-        assert len(asked) == 2, keys
+        queue.serve(slots)
+        assert slots.asked == 2, keys
         assert len(queue) == 499
+
+
+class CountingSlots(Slots):
+    """
+    L{Slots} that count how often they are asked.
+    """
+
+    asked = 0
+
+    def __call__(self, wants: str) -> str | None:
+        self.asked += 1
+        return super().__call__(wants)

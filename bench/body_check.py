@@ -2,7 +2,7 @@
 """
 What reading a request body for its model costs: time on the reactor thread
 and peak memory, for honest and crafted bodies, the proxy's bounded check
-(L{ollamaproxy.access.policy.json_models}) against decoding the whole document as
+(L{ollamaproxy.admission.policy.json_models}) against decoding the whole document as
 the proxy did before (C{json.loads} building every object).
 
     python3 bench/body_check.py
@@ -19,7 +19,7 @@ import time
 import tracemalloc
 from collections.abc import Callable
 
-from ollamaproxy.access.policy import MAX_CHECKED_BODY, json_models
+from ollamaproxy.admission.policy import MAX_CHECKED_BODY, json_models
 from ollamaproxy.errors import ProxyError
 
 FIELDS = ("model", "name")

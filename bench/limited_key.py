@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from ollamaproxy.access.keys import digest
+from ollamaproxy.admission.keys import digest
 
 
 def main(argv: list[str]) -> None:

@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IAgent
 
-from ollamaproxy.access.model_names import resolve
+from ollamaproxy.admission.model_names import resolve
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import Lease, Router
 from ollamaproxy.backends.upstream import Upstream

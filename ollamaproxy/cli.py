@@ -20,7 +20,7 @@ Every C{keys} subcommand takes C{--keys-file PATH}; without it the file is
 C{$OLLAMAPROXY_KEYS_FILE}, then the proxy's default, exactly as for the
 daemon.  With C{--database URL} (or C{$OLLAMAPROXY_DATABASE}) the keys
 subcommands work on the keys in PostgreSQL instead, and C{usage} sums the
-usage of every proxy that writes there (L{ollamaproxy.access.key_storage}).
+usage of every proxy that writes there (L{ollamaproxy.admission.key_storage}).
 
 C{add} and C{rotate} print the new key alone on the last line of standard
 output, so C{KEY=$(ollamaproxy keys add bob | tail -n1)} works; the key is
@@ -29,8 +29,8 @@ shown only then, since only its hash is stored.
 C{usage} finds the usage database the same way: C{--usage-file PATH}, then
 C{$OLLAMAPROXY_USAGE_FILE}, then L{default_usage_file}; it never changes it.
 
-Every change goes through L{ollamaproxy.access.key_storage.KeyStorage.update}:
-under the keys file's lock (L{ollamaproxy.access.keys.update_keys_file}) or in
+Every change goes through L{ollamaproxy.admission.key_storage.KeyStorage.update}:
+under the keys file's lock (L{ollamaproxy.admission.keys.update_keys_file}) or in
 one database transaction, so two commands run at once cannot lose each other's
 change, and a crash leaves the old keys whole.
 """
@@ -47,9 +47,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from ollamaproxy import __version__
-from ollamaproxy.access.caps import Caps, keep_alive_cap, show_duration
-from ollamaproxy.access.key_storage import DatabaseKeys, FileKeys, KeyStorage, KeyStorageError
-from ollamaproxy.access.keys import (
+from ollamaproxy.admission.caps import Caps, keep_alive_cap, show_duration
+from ollamaproxy.admission.key_storage import DatabaseKeys, FileKeys, KeyStorage, KeyStorageError
+from ollamaproxy.admission.keys import (
     ADMIN,
     CLOUD,
     INFERENCE,

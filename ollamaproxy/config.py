@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from ollamaproxy.access.caps import Caps, keep_alive_cap
+from ollamaproxy.admission.caps import Caps, keep_alive_cap
 from ollamaproxy.errors import ConfigError as ConfigError
 from ollamaproxy.redis.url import RedisAddress, parse_failure_policy, parse_redis_url
 from ollamaproxy.web.client_address import NOBODY, TrustedProxies, parse_trusted_proxies
@@ -411,7 +411,7 @@ def parse_upstream(value: str, parallel: int) -> UpstreamSetting:
 
 def parse_keep_alive_cap(name: str, value: str) -> float:
     """
-    A C{keep_alive} cap (L{ollamaproxy.access.caps.keep_alive_cap}).
+    A C{keep_alive} cap (L{ollamaproxy.admission.caps.keep_alive_cap}).
     """
     try:
         return keep_alive_cap(value)

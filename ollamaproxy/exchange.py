@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from ollamaproxy.access.model_names import ModelName
+from ollamaproxy.admission.model_names import ModelName
 
 #: How a request ended:
 #:  - C{completed}: answered, by Ollama or the proxy, as it should be;

@@ -4,8 +4,8 @@ The catalogue of Ollama's routes, as a proxy must know them.
 
 For each route: the methods Ollama serves on it, the scope a key needs, where
 a request names a model, and whether the answer is a model listing.  The
-access check (L{ollamaproxy.access.auth}), the model policy
-(L{ollamaproxy.access.policy}) and the metrics' route label all read this one
+access check (L{ollamaproxy.admission.auth}), the model policy
+(L{ollamaproxy.admission.policy}) and the metrics' route label all read this one
 table, so a new Ollama route is one edit here.
 
 The table follows Ollama's C{server/routes.go}.  Paths are compared the way

@@ -27,12 +27,12 @@ from twisted.python import usage
 from twisted.web.server import Site
 
 from ollamaproxy import __version__
-from ollamaproxy.access.auth import Authenticator
-from ollamaproxy.access.first_key import keys_to_accept, operator_keys
-from ollamaproxy.access.key_sources import FILE
-from ollamaproxy.access.limits import GuessThrottle, KeyLimits, Limits, Throttle
-from ollamaproxy.access.quotas import QuotaBook, QuotaSeed
-from ollamaproxy.access.reload import KeysReloader, sighup_installer
+from ollamaproxy.admission.auth import Authenticator
+from ollamaproxy.admission.first_key import keys_to_accept, operator_keys
+from ollamaproxy.admission.key_sources import FILE
+from ollamaproxy.admission.limits import GuessThrottle, KeyLimits, Limits, Throttle
+from ollamaproxy.admission.quotas import QuotaBook, QuotaSeed
+from ollamaproxy.admission.reload import KeysReloader, sighup_installer
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.probe import UpstreamProbe
 from ollamaproxy.backends.router import Router

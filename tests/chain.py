@@ -23,11 +23,11 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import IAgent, IResponse
 
-from ollamaproxy.access.auth import Authenticator
-from ollamaproxy.access.caps import Caps
-from ollamaproxy.access.keys import SCOPES, ApiKey, KeyStore, digest
-from ollamaproxy.access.limits import GuessThrottle, KeyLimits
-from ollamaproxy.access.quotas import QuotaBook
+from ollamaproxy.admission.auth import Authenticator
+from ollamaproxy.admission.caps import Caps
+from ollamaproxy.admission.keys import SCOPES, ApiKey, KeyStore, digest
+from ollamaproxy.admission.limits import GuessThrottle, KeyLimits
+from ollamaproxy.admission.quotas import QuotaBook
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import Router
 from ollamaproxy.backends.upstream import Upstream

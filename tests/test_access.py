@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from twisted.python.failure import Failure
 
-from ollamaproxy.access.keys import ApiKey, digest
-from ollamaproxy.access.limits import GuessThrottle
+from ollamaproxy.admission.keys import ApiKey, digest
+from ollamaproxy.admission.limits import GuessThrottle
 from ollamaproxy.errors import ProxyError
 from tests.chain import KEY, Chain
 
@@ -616,7 +616,7 @@ def test_body_over_the_check_limit_is_413_stating_it() -> None:
     A body larger than the proxy reads to find its model gets 413 naming
     the limit.
     """
-    from ollamaproxy.access.policy import MAX_CHECKED_BODY
+    from ollamaproxy.admission.policy import MAX_CHECKED_BODY
 
     chain = chain_with(models=("llama3*",))
     body = b'{"model": "llama3.2", "prompt": "' + b"x" * MAX_CHECKED_BODY + b'"}'

@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.access.auth}: finding the key a request presents, and
+Tests for L{ollamaproxy.admission.auth}: finding the key a request presents, and
 deciding whether the request may go on.
 """
 
@@ -9,8 +9,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
-from ollamaproxy.access.auth import Authenticator, presented_key
-from ollamaproxy.access.keys import ApiKey, KeyStore, digest, generate_key
+from ollamaproxy.admission.auth import Authenticator, presented_key
+from ollamaproxy.admission.keys import ApiKey, KeyStore, digest, generate_key
 from ollamaproxy.config import DEFAULT_OPEN_ROUTES, parse_routes
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.routes import Catalogue, decoded_path

@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.access.caps}: keep_alive and num_ctx caps.
+Tests for L{ollamaproxy.admission.caps}: keep_alive and num_ctx caps.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from ollamaproxy.access.caps import Caps, clamp, parse_duration
+from ollamaproxy.admission.caps import Caps, clamp, parse_duration
 
 
 @pytest.mark.parametrize(

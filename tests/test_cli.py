@@ -1,6 +1,6 @@
 """
 Tests for L{ollamaproxy.cli}: the C{ollamaproxy keys} command, and
-L{ollamaproxy.access.keys.update_keys_file} under it; the C{ollamaproxy usage}
+L{ollamaproxy.admission.keys.update_keys_file} under it; the C{ollamaproxy usage}
 command.
 
 The command runs in-process through L{main}, with its streams, environment
@@ -26,8 +26,8 @@ from typing import NoReturn
 import pytest
 
 from ollamaproxy import __version__
-from ollamaproxy.access.caps import Caps
-from ollamaproxy.access.keys import (
+from ollamaproxy.admission.caps import Caps
+from ollamaproxy.admission.keys import (
     ADMIN,
     CLOUD,
     INFERENCE,

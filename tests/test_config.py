@@ -409,7 +409,7 @@ def test_queue_and_caps_options() -> None:
     --max-queue, --queue-timeout, --max-keep-alive and --max-num-ctx are
     read; without them, Ollama's defaults and no caps.
     """
-    from ollamaproxy.access.caps import Caps
+    from ollamaproxy.admission.caps import Caps
 
     config = Config.from_sources({"max-queue": "10", "queue-timeout": "5",
                                   "max-keep-alive": "1h", "max-num-ctx": "8192"}, {})

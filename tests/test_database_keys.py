@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.access.key_sources}: keys of several sources added up,
+Tests for L{ollamaproxy.admission.key_sources}: keys of several sources added up,
 and the database's keys polled while the proxy runs (in memory: a fake read
 function, a worker that runs at once, a L{Clock}).
 """
@@ -16,15 +16,15 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 from zope.interface import implementer
 
-from ollamaproxy.access.key_sources import (
+from ollamaproxy.admission.key_sources import (
     DATABASE,
     FILE,
     OPERATOR,
     DatabaseKeysPoller,
     KeySources,
 )
-from ollamaproxy.access.keys import ApiKey, KeyStore, digest, write_keys_file
-from ollamaproxy.access.reload import KeysReloader
+from ollamaproxy.admission.keys import ApiKey, KeyStore, digest, write_keys_file
+from ollamaproxy.admission.reload import KeysReloader
 from ollamaproxy.postgres.database import DatabaseError
 
 SECRETS = {name: f"olpk_{name}-secret-secret-secret-secret" for name in ("op", "f", "d", "e")}
@@ -85,7 +85,7 @@ class Events:
         self.events: list[LogEvent] = []
 
     def __call__(self, event: LogEvent) -> None:
-        if event.get("log_namespace") == "ollamaproxy.access.key_sources":
+        if event.get("log_namespace") == "ollamaproxy.admission.key_sources":
             self.events.append(event)
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from ollamaproxy.access.key_sources import DatabaseKeysPoller
-from ollamaproxy.access.reload import KeysReloader
+from ollamaproxy.admission.key_sources import DatabaseKeysPoller
+from ollamaproxy.admission.reload import KeysReloader
 from ollamaproxy.cli import main
 from ollamaproxy.config import Config
 from ollamaproxy.postgres.usage import PostgresUsage

@@ -25,7 +25,7 @@ from twisted.logger import capturedLogs, jsonFileLogObserver
 from twisted.web.http_headers import Headers
 
 import ollamaproxy
-from ollamaproxy.access.keys import ApiKey, digest
+from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.backends.relay import _BodyRelay
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.exchange import Exchange

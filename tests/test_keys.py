@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.access.keys}: making keys, looking them up, and the keys
+Tests for L{ollamaproxy.admission.keys}: making keys, looking them up, and the keys
 file.
 """
 
@@ -17,7 +17,7 @@ from typing import NoReturn
 
 import pytest
 
-from ollamaproxy.access.keys import (
+from ollamaproxy.admission.keys import (
     ApiKey,
     KeysFileError,
     KeyStore,
@@ -373,7 +373,7 @@ def test_expiry() -> None:
 
 def test_caps_round_trip(tmp_path: Path) -> None:
     """A key's max_keep_alive and max_num_ctx survive the file."""
-    from ollamaproxy.access.caps import Caps
+    from ollamaproxy.admission.caps import Caps
 
     path = str(tmp_path / "keys.json")
     key = ApiKey("alice", digest(generate_key()), WHEN, caps=Caps(keep_alive=90.0, num_ctx=4096))

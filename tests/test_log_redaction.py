@@ -24,7 +24,7 @@ from twisted.logger import (
     globalLogPublisher,
 )
 
-from ollamaproxy.access.keys import SCOPES, ApiKey, digest
+from ollamaproxy.admission.keys import SCOPES, ApiKey, digest
 from ollamaproxy.record.logs import LogFilesService
 from ollamaproxy.record.redact import Redactor
 from tests.chain import KEY, Chain

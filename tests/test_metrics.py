@@ -337,7 +337,7 @@ def test_backends_and_queue_are_shown_at_each_scrape() -> None:
     from twisted.internet.task import Clock
     from twisted.web.iweb import IAgent
 
-    from ollamaproxy.access.model_names import resolve
+    from ollamaproxy.admission.model_names import resolve
     from ollamaproxy.backends.pool import Backend, BackendPool
     from ollamaproxy.backends.router import Router
     from ollamaproxy.backends.upstream import Upstream

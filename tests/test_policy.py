@@ -1,12 +1,12 @@
 """
-Tests for L{ollamaproxy.access.policy}: reading the models a request names.
+Tests for L{ollamaproxy.admission.policy}: reading the models a request names.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from ollamaproxy.access.policy import form_models, json_models
+from ollamaproxy.admission.policy import form_models, json_models
 from ollamaproxy.errors import ProxyError
 
 CT = b"multipart/form-data; boundary=B"

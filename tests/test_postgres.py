@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from twisted.internet.task import Clock
 
-from ollamaproxy.access.keys import digest
+from ollamaproxy.admission.keys import digest
 from ollamaproxy.cli import main
 from ollamaproxy.config import Config
 from ollamaproxy.errors import ConfigError

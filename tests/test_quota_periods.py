@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from ollamaproxy.access.quota_periods import over_quota_message, window
+from ollamaproxy.admission.quota_periods import over_quota_message, window
 
 
 def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0,

@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.access.quotas}: token quotas per key, through the whole
+Tests for L{ollamaproxy.admission.quotas}: token quotas per key, through the whole
 proxy in memory (L{tests.chain}), and their seeding from the usage store.
 
 The fake Ollama reports as prompt tokens the words of the prompt, and
@@ -19,9 +19,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs
 
-from ollamaproxy.access.keys import ApiKey, digest
-from ollamaproxy.access.quota_periods import window
-from ollamaproxy.access.quotas import QuotaBook, QuotaSeed
+from ollamaproxy.admission.keys import ApiKey, digest
+from ollamaproxy.admission.quota_periods import window
+from ollamaproxy.admission.quotas import QuotaBook, QuotaSeed
 from ollamaproxy.record.usage_db import UsageFileError, tokens_by_key, write_rows
 from tests.chain import KEY, Chain
 from tests.conftest import ErrorCollector

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from twisted.internet.testing import MemoryReactorClock
 
-from ollamaproxy.access.keys import digest, load_keys_file
+from ollamaproxy.admission.keys import digest, load_keys_file
 from ollamaproxy.cli import main
 from ollamaproxy.config import Config
 from ollamaproxy.tap import build_service

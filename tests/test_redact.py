@@ -10,7 +10,7 @@ from urllib.parse import quote
 import pytest
 from twisted.python.failure import Failure
 
-from ollamaproxy.access.keys import ApiKey, KeyStore, digest
+from ollamaproxy.admission.keys import ApiKey, KeyStore, digest
 from ollamaproxy.record.redact import Redactor, blank_credentials, redacted_failure
 
 PUNCTUATED = "my:custom;secret!key"

@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.access.reload}: the keys file is reloaded when it changes
+Tests for L{ollamaproxy.admission.reload}: the keys file is reloaded when it changes
 and on C{SIGHUP}, and a broken file changes nothing.
 """
 
@@ -17,8 +17,8 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
-from ollamaproxy.access.keys import ApiKey, KeyStore, digest, generate_key, write_keys_file
-from ollamaproxy.access.reload import DEFAULT_INTERVAL, KeysReloader, sighup_installer
+from ollamaproxy.admission.keys import ApiKey, KeyStore, digest, generate_key, write_keys_file
+from ollamaproxy.admission.reload import DEFAULT_INTERVAL, KeysReloader, sighup_installer
 
 
 def named_key(name: str) -> tuple[str, ApiKey]:
@@ -32,14 +32,14 @@ def named_key(name: str) -> tuple[str, ApiKey]:
 @implementer(ILogObserver)
 class ReloadEvents:
     """
-    Keeps the events that L{ollamaproxy.access.reload} logs.
+    Keeps the events that L{ollamaproxy.admission.reload} logs.
     """
 
     def __init__(self) -> None:
         self.events: list[LogEvent] = []
 
     def __call__(self, event: LogEvent) -> None:
-        if event.get("log_namespace") == "ollamaproxy.access.reload":
+        if event.get("log_namespace") == "ollamaproxy.admission.reload":
             self.events.append(event)
 
     @property

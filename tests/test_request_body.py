@@ -17,9 +17,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from ollamaproxy.access.auth import Authenticator
-from ollamaproxy.access.keys import SCOPES, ApiKey, KeyStore, digest
-from ollamaproxy.access.limits import KeyLimits
+from ollamaproxy.admission.auth import Authenticator
+from ollamaproxy.admission.keys import SCOPES, ApiKey, KeyStore, digest
+from ollamaproxy.admission.limits import KeyLimits
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import Router
 from ollamaproxy.backends.upstream import Upstream

@@ -35,9 +35,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from ollamaproxy import __version__, tap
-from ollamaproxy.access.keys import ApiKey, digest, load_keys_file, looks_generated, write_keys_file
-from ollamaproxy.access.quotas import QuotaSeed
-from ollamaproxy.access.reload import KeysReloader
+from ollamaproxy.admission.keys import (
+    ApiKey,
+    digest,
+    load_keys_file,
+    looks_generated,
+    write_keys_file,
+)
+from ollamaproxy.admission.quotas import QuotaSeed
+from ollamaproxy.admission.reload import KeysReloader
 from ollamaproxy.backends.pool import BackendPool
 from ollamaproxy.backends.probe import UpstreamProbe
 from ollamaproxy.backends.upstream import PoolService

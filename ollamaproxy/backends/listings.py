@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from ollamaproxy.access.model_names import resolve
+from ollamaproxy.admission.model_names import resolve
 
 
 def merge_listings(bodies: Sequence[bytes], field: str) -> bytes:

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
 from ollamaproxy import __version__
-from ollamaproxy.access.model_names import ModelName, resolve
+from ollamaproxy.admission.model_names import ModelName, resolve
 from ollamaproxy.backends.relay import whole_body
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.config import DEFAULT_PARALLEL

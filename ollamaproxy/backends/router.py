@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from ollamaproxy.access.model_names import ModelName
+from ollamaproxy.admission.model_names import ModelName
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.queue import FairQueue, busy
 from ollamaproxy.config import DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT

@@ -20,9 +20,9 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from ollamaproxy.access.caps import show_duration
-from ollamaproxy.access.keys import ApiKey
-from ollamaproxy.access.model_names import ModelName
+from ollamaproxy.admission.caps import show_duration
+from ollamaproxy.admission.keys import ApiKey
+from ollamaproxy.admission.model_names import ModelName
 from ollamaproxy.backends.router import UNREAD_MODEL, Router
 from ollamaproxy.record.usage_db import SeriesRow
 

@@ -56,8 +56,8 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from ollamaproxy.access.keys import ApiKey, KeyStore
-from ollamaproxy.access.quota_periods import window
+from ollamaproxy.admission.keys import ApiKey, KeyStore
+from ollamaproxy.admission.quota_periods import window
 from ollamaproxy.console.live import Live
 from ollamaproxy.console.views import keys_view, usage_csv, usage_view
 from ollamaproxy.errors import ProxyError, reason_phrase

@@ -4,7 +4,7 @@ PostgreSQL, shared by every proxy given the same C{--database}: connecting,
 and the schema, created and migrated by whichever comes first.
 
 Blocking code with psycopg 3, no Twisted: the proxy calls it on threads of
-its own (L{ollamaproxy.record.usage}, L{ollamaproxy.access.key_sources}), the
+its own (L{ollamaproxy.record.usage}, L{ollamaproxy.admission.key_sources}), the
 C{ollamaproxy} command directly.  What is stored in it is in
 L{ollamaproxy.postgres.usage} (usage) and L{ollamaproxy.postgres.keys} (keys).
 

@@ -3,13 +3,13 @@
 Keys in PostgreSQL, shared by every proxy given the same C{--database}.
 
 Each row of C{api_keys} holds one key's entry exactly as the keys file
-writes it (L{ollamaproxy.access.keys.key_to_json}: its name, its hash, never the
+writes it (L{ollamaproxy.admission.keys.key_to_json}: its name, its hash, never the
 key), so one format describes a key wherever it lives.  Every change bumps
 the single row of C{keys_version}, so a proxy polling for changes reads one
 number every couple of seconds, and the keys only when they changed.
 
 Blocking, no Twisted: the command calls it directly, the daemon on a thread
-of its own (L{ollamaproxy.access.key_sources}).
+of its own (L{ollamaproxy.admission.key_sources}).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from psycopg.types.json import Jsonb
 
-from ollamaproxy.access.keys import ApiKey, KeyStore, key_from_json, key_to_json
+from ollamaproxy.admission.keys import ApiKey, KeyStore, key_from_json, key_to_json
 from ollamaproxy.postgres.database import Connection
 
 

@@ -25,15 +25,15 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from ollamaproxy.access.first_key import keys_to_accept, operator_keys
-from ollamaproxy.access.key_sources import (
+from ollamaproxy.admission.first_key import keys_to_accept, operator_keys
+from ollamaproxy.admission.key_sources import (
     DATABASE,
     FILE,
     OPERATOR,
     DatabaseKeysPoller,
     KeySources,
 )
-from ollamaproxy.access.keys import ApiKey, KeysFileError, KeyStore, load_keys_file
+from ollamaproxy.admission.keys import ApiKey, KeysFileError, KeyStore, load_keys_file
 from ollamaproxy.config import Config, ConfigError
 from ollamaproxy.postgres.database import Database, DatabaseError, SchemaTooNew
 from ollamaproxy.postgres.keys import load_keys

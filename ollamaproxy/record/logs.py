@@ -38,7 +38,7 @@ from twisted.logger import (
 )
 from twisted.python.logfile import LogFile
 
-from ollamaproxy.access.keys import KEY_PREFIX
+from ollamaproxy.admission.keys import KEY_PREFIX
 from ollamaproxy.exchange import Exchange
 from ollamaproxy.record.redact import REDACTED, blank_credentials
 

@@ -3,7 +3,7 @@
 Per-key limits and the guess throttle, kept in Redis so that every proxy
 using it obeys one set of rules.
 
-L{RedisLimits} keeps what L{ollamaproxy.access.limits.KeyLimits} keeps, with the
+L{RedisLimits} keeps what L{ollamaproxy.admission.limits.KeyLimits} keeps, with the
 same meaning: a key's requests a minute (a bucket holding a minute's
 worth), its requests in flight, and its tokens per UTC day and month.  Each
 check is one Lua script (L{ollamaproxy.redis.scripts}), so racing proxies
@@ -15,7 +15,7 @@ proxy that dies (C{SIGKILL}, a lost machine) holds its keys' streams for
 no longer than that.
 
 Times come from this proxy's clock (its reactor), not from Redis's C{TIME}:
-the UTC day and month are computed here (L{ollamaproxy.access.quota_periods}), so
+the UTC day and month are computed here (L{ollamaproxy.admission.quota_periods}), so
 a counter's name, the Retry-After and the script's checks all agree on one
 time; and the tests can state the time.  Proxies keep their clocks in step
 by NTP; a few seconds of skew only moves when a bucket refills or a dead
@@ -38,10 +38,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ollamaproxy.access.keys import ApiKey
-from ollamaproxy.access.limits import GuessThrottle, Limits, Release, too_many
-from ollamaproxy.access.quota_periods import Window, over_quota_message, window
-from ollamaproxy.access.quotas import QuotaBook
+from ollamaproxy.admission.keys import ApiKey
+from ollamaproxy.admission.limits import GuessThrottle, Limits, Release, too_many
+from ollamaproxy.admission.quota_periods import Window, over_quota_message, window
+from ollamaproxy.admission.quotas import QuotaBook
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.redis import scripts
 from ollamaproxy.redis.link import RedisDown, RedisLink

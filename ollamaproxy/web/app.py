@@ -22,11 +22,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
-from ollamaproxy.access.auth import Authenticator, WrongKey
-from ollamaproxy.access.caps import Caps
-from ollamaproxy.access.keys import ApiKey
-from ollamaproxy.access.limits import Limits, Throttle
-from ollamaproxy.access.request_plan import Plan, plan_request
+from ollamaproxy.admission.auth import Authenticator, WrongKey
+from ollamaproxy.admission.caps import Caps
+from ollamaproxy.admission.keys import ApiKey
+from ollamaproxy.admission.limits import Limits, Throttle
+from ollamaproxy.admission.request_plan import Plan, plan_request
 from ollamaproxy.backends.everywhere import on_every_backend
 from ollamaproxy.backends.listings import merge_listings
 from ollamaproxy.backends.pool import Backend

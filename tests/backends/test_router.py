@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.web.iweb import IAgent
 
-from ollamaproxy.access.model_names import resolve
+from ollamaproxy.admission.model_names import resolve
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import UNREAD_MODEL, Lease, Router
 from ollamaproxy.backends.upstream import Upstream

@@ -15,9 +15,9 @@ from twisted.logger import LogEvent
 from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
-from ollamaproxy.access.caps import Caps
-from ollamaproxy.access.keys import ApiKey, digest
-from ollamaproxy.access.policy import MAX_CHECKED_BODY
+from ollamaproxy.admission.caps import Caps
+from ollamaproxy.admission.keys import ApiKey, digest
+from ollamaproxy.admission.policy import MAX_CHECKED_BODY
 from tests.chain import Chain
 
 USER = "olpk_userkeyuserkeyuserkeyuserkeyuser00"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ollamaproxy.access.keys import ApiKey, digest
+from ollamaproxy.admission.keys import ApiKey, digest
 from tests.chain import Chain
 
 INFERENCE_KEY = "olpk_consoleinferencekeyconsoleinference"

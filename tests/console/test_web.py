@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from twisted.internet.testing import StringTransport
 
-from ollamaproxy.access.keys import digest
+from ollamaproxy.admission.keys import digest
 from ollamaproxy.backends.pool import Backend
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.console.live import TICK

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.server import Site
 
-from ollamaproxy.access.keys import digest, generate_key
+from ollamaproxy.admission.keys import digest, generate_key
 from tests.fake_ollama import FakeOllama
 from tests.integration.client import agent, body, read, request, wait_for
 from tests.integration.conftest import TEST_KEY, TwistdLauncher, Upstream, proxy_args, sleep

@@ -30,7 +30,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
-from ollamaproxy.access.keys import digest
+from ollamaproxy.admission.keys import digest
 from tests.fake_ollama import FakeOllama
 from tests.integration.client import agent, body, read, request, wait_for
 from tests.integration.conftest import (

@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import pytest_twisted
 
-from ollamaproxy.access.keys import ApiKey, digest, write_keys_file
+from ollamaproxy.admission.keys import ApiKey, digest, write_keys_file
 from tests.integration.client import agent, body, read, request
 from tests.integration.conftest import TEST_KEY, TwistdLauncher, Upstream
 

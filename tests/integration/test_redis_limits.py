@@ -20,9 +20,9 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols.portforward import ProxyFactory
 from twisted.python.failure import Failure
 
-from ollamaproxy.access.keys import ApiKey
-from ollamaproxy.access.limits import GuessThrottle, KeyLimits, Release
-from ollamaproxy.access.quota_periods import over_quota_message, window
+from ollamaproxy.admission.keys import ApiKey
+from ollamaproxy.admission.limits import GuessThrottle, KeyLimits, Release
+from ollamaproxy.admission.quota_periods import over_quota_message, window
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.redis.limits import RedisLimits, RedisThrottle
 from ollamaproxy.redis.link import RedisLink, TxRedisClient

@@ -20,7 +20,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from ollamaproxy.access.keys import digest
+from ollamaproxy.admission.keys import digest
 from tests.engines import RedisServer
 from tests.integration.client import agent, body, read, request, wait_for
 from tests.integration.conftest import (

@@ -13,9 +13,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from ollamaproxy.access.keys import ApiKey
-from ollamaproxy.access.limits import GuessThrottle, KeyLimits, Release
-from ollamaproxy.access.quotas import QuotaBook
+from ollamaproxy.admission.keys import ApiKey
+from ollamaproxy.admission.limits import GuessThrottle, KeyLimits, Release
+from ollamaproxy.admission.quotas import QuotaBook
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.redis import scripts
 from ollamaproxy.redis.limits import RedisLimits, RedisThrottle

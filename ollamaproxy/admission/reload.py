@@ -37,7 +37,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from ollamaproxy.access.keys import ApiKey, KeysFileError, load_keys_file
+from ollamaproxy.admission.keys import ApiKey, KeysFileError, load_keys_file
 
 log = Logger()
 
@@ -47,7 +47,7 @@ DEFAULT_INTERVAL: Final = 2.0
 class KeySink(Protocol):
     """
     Where reloaded keys go: a L{KeyStore}, or one source's part of the keys
-    (L{ollamaproxy.access.key_sources.SourceKeys}).
+    (L{ollamaproxy.admission.key_sources.SourceKeys}).
     """
 
     def replace(self, keys: Sequence[ApiKey]) -> None:

@@ -6,7 +6,7 @@ while the proxy runs.
 The proxy accepts the key from C{--api-key}, the keys file's and, with
 C{--database}, the database's.  L{KeySources} keeps each source's keys apart
 and puts them all in the one L{KeyStore} the proxy looks keys up in; the
-keys file's reloader (L{ollamaproxy.access.reload.KeysReloader}) and
+keys file's reloader (L{ollamaproxy.admission.reload.KeysReloader}) and
 L{DatabaseKeysPoller} each replace only their own source's part.  A name
 found in two sources is refused with a one-line reason, and the keys in
 force stay.
@@ -33,7 +33,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ollamaproxy.access.keys import ApiKey, KeyStore
+from ollamaproxy.admission.keys import ApiKey, KeyStore
 from ollamaproxy.record.usage import Worker
 
 log = Logger()
@@ -107,7 +107,7 @@ class KeySources:
 class SourceKeys:
     """
     One source's part of L{KeySources}, with the interface of a L{KeyStore}
-    that L{ollamaproxy.access.reload.KeysReloader} needs.
+    that L{ollamaproxy.admission.reload.KeysReloader} needs.
     """
 
     def __init__(self, sources: KeySources, source: str) -> None:

@@ -4,7 +4,7 @@ Token quotas per key, kept in this process.
 
 A key with C{tokens_per_day} or C{tokens_per_month} may use that many
 prompt and completion tokens in a UTC day or month
-(L{ollamaproxy.access.quota_periods}).  Tokens are counted when a request ends, so
+(L{ollamaproxy.admission.quota_periods}).  Tokens are counted when a request ends, so
 the request that crosses a quota completes (a stream is never cut for it),
 and the key's next request is refused with 429 until the period ends.
 
@@ -30,9 +30,9 @@ from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from ollamaproxy.access.keys import ApiKey
-from ollamaproxy.access.limits import too_many
-from ollamaproxy.access.quota_periods import Period, Window, over_quota_message, window
+from ollamaproxy.admission.keys import ApiKey
+from ollamaproxy.admission.limits import too_many
+from ollamaproxy.admission.quota_periods import Period, Window, over_quota_message, window
 from ollamaproxy.errors import ProxyError
 
 log = Logger()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from ollamaproxy.access.keys import ApiKey, KeysFileError, load_keys_file, update_keys_file
+from ollamaproxy.admission.keys import ApiKey, KeysFileError, load_keys_file, update_keys_file
 from ollamaproxy.config import show_database_url
 
 
@@ -59,7 +59,7 @@ class KeyStorage(Protocol):
 
 class FileKeys:
     """
-    The keys file (L{ollamaproxy.access.keys}).
+    The keys file (L{ollamaproxy.admission.keys}).
     """
 
     picked_up = "A running proxy picks up the change within seconds (at once on SIGHUP)."

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from ollamaproxy.access.keys import ApiKey
+from ollamaproxy.admission.keys import ApiKey
 from ollamaproxy.errors import ProxyError
 
 if TYPE_CHECKING:
-    from ollamaproxy.access.quotas import QuotaBook
+    from ollamaproxy.admission.quotas import QuotaBook
 
 _V = TypeVar("_V")
 

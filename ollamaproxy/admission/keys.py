@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ollamaproxy.access.caps import Caps, keep_alive_cap, show_duration
+from ollamaproxy.admission.caps import Caps, keep_alive_cap, show_duration
 
 KEY_PREFIX = "olpk_"
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -73,7 +73,7 @@ class ApiKey:
     @ivar max_streams: Requests the key may have in flight at once, or
         L{None} for no limit.
     @ivar caps: The key's own caps on C{keep_alive} and C{num_ctx}
-        (L{ollamaproxy.access.caps}); the proxy's, if tighter, win.
+        (L{ollamaproxy.admission.caps}); the proxy's, if tighter, win.
     @ivar tokens_per_day: Prompt and completion tokens the key may use in a
         UTC day, or L{None} for no quota.
     @ivar tokens_per_month: The same in a UTC month.

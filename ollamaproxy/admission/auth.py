@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 
-from ollamaproxy.access.keys import ApiKey, KeyStore, digest
+from ollamaproxy.admission.keys import ApiKey, KeyStore, digest
 from ollamaproxy.config import Route
 from ollamaproxy.errors import ProxyError, unauthorized
 from ollamaproxy.routes import RouteSpec, Scope

@@ -15,7 +15,7 @@ from datetime import datetime
 
 from twisted.python import usage
 
-from ollamaproxy.access.keys import (
+from ollamaproxy.admission.keys import (
     SCOPES,
     ApiKey,
     KeysFileError,

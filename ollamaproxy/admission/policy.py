@@ -21,8 +21,8 @@ import json
 from email.message import Message
 from urllib.parse import parse_qs
 
-from ollamaproxy.access.keys import ApiKey
-from ollamaproxy.access.model_names import ModelName, matches, resolve
+from ollamaproxy.admission.keys import ApiKey
+from ollamaproxy.admission.model_names import ModelName, matches, resolve
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.routes import ModelIn, RouteSpec
 

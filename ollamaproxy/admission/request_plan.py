@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from ollamaproxy.access.caps import CAPPED_ROUTES, NO_CAPS, Caps, clamp
-from ollamaproxy.access.keys import ApiKey
-from ollamaproxy.access.model_names import ModelName, resolve
-from ollamaproxy.access.policy import (
+from ollamaproxy.admission.caps import CAPPED_ROUTES, NO_CAPS, Caps, clamp
+from ollamaproxy.admission.keys import ApiKey
+from ollamaproxy.admission.model_names import ModelName, resolve
+from ollamaproxy.admission.policy import (
     MAX_CHECKED_BODY,
     check_models,
     filter_listing,

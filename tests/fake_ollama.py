@@ -60,14 +60,15 @@ from typing import IO, Any, Literal, Protocol, cast
 
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
+
+from ollamaproxy.backends.everywhere import BytesProducer
 
 VERSION = "0.33.0"
 DEFAULT_TOKENS = 5
@@ -967,35 +968,10 @@ class FakeOllama(Resource):
         return self._send(request, _Reply(201))
 
 
-@implementer(IBodyProducer)
-class _ImmediateBody:
-    """
-    A request body written at once (treq's default producer needs a running
-    reactor).
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def stopProducing(self) -> None:
-        pass
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-
 def in_memory_client(fake: FakeOllama) -> tuple[RequestTraversalAgent, HTTPClient]:
     """
     A treq client talking to C{fake} in memory, and the agent to C{flush()}
     after each step.
     """
     agent = RequestTraversalAgent(fake)
-    return agent, HTTPClient(agent, data_to_body_producer=_ImmediateBody)
+    return agent, HTTPClient(agent, data_to_body_producer=BytesProducer)

@@ -38,8 +38,9 @@ from ollamaproxy.web.site import ProxyRequest
 @implementer(IBodyProducer)
 class BytesProducer:
     """
-    A small body held whole, sent at once: the same request to several
-    backends.
+    A small body held whole, written at once: the same request to several
+    backends (and, in the tests, a fake client's bodies: treq's default
+    producer needs a running reactor).
     """
 
     def __init__(self, data: bytes) -> None:

@@ -14,7 +14,6 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from functools import partial
 from secrets import token_hex
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -500,7 +499,7 @@ def build_service(
     QuotaSeed(
         quotas,
         reactor,
-        lambda since: usage_worker.run(partial(usage_store.database.tokens_by_key, since)),
+        usage_store.tokens_by_key,
     ).setServiceParent(service)
     if redis is not None:
         # Stops after the requests in flight have ended and released.

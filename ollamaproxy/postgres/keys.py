@@ -73,8 +73,9 @@ def update_keys(
     """
     with connection.transaction():
         _version(connection, lock=True)
-        old = {key.name: key_to_json(key) for key in _keys(connection)}
-        keys = change(list(_keys(connection)))
+        current = _keys(connection)
+        old = {key.name: key_to_json(key) for key in current}
+        keys = change(list(current))
         KeyStore(keys)
         new = {key.name: key_to_json(key) for key in keys}
         connection.execute("DELETE FROM api_keys WHERE NOT (name = ANY(%s))", (list(new),))

@@ -323,14 +323,20 @@ class UsageStore(Service):
                 key, summary.model, summary.prompt_tokens, summary.completion_tokens, when
             )
 
-    def read(self, work: Callable[[], _T]) -> Deferred[_T]:
-        """
-        Run a blocking read of the database on the store's worker, after
-        the writes given to it before (the console's Usage view).
+    # Reads of the database, on the store's worker (off the reactor thread,
+    # after the writes given to it before): the console's Usage and Keys
+    # views, and the token quotas at start.
 
-        @return: Fires with what C{work} returns, in the reactor thread.
-        """
-        return self._worker.run(work)
+    def series(self, since: float, until: float, bucket: Bucket) -> Deferred[list[SeriesRow]]:
+        database = self._database
+        return self._worker.run(lambda: database.series(since, until, bucket))
+
+    def last_used(self) -> Deferred[dict[str, float]]:
+        return self._worker.run(self._database.last_used)
+
+    def tokens_by_key(self, since: float) -> Deferred[dict[str, int]]:
+        database = self._database
+        return self._worker.run(lambda: database.tokens_by_key(since))
 
     @property
     def pending(self) -> int:
@@ -352,7 +358,7 @@ class UsageStore(Service):
             # database is back.
             batch, self._pending = self._pending, []
             self._submit(batch)
-        elif self._spill_dirty and not self._draining and not self._stopped:
+        else:
             self._drain()
         done: Deferred[list[None]] = gatherResults(list(self._writing))
         return done.addCallback(lambda _: None)
@@ -380,8 +386,7 @@ class UsageStore(Service):
         if self._up is False:
             log.info("Writing usage to {usage_file} again", usage_file=self._name)
         self._up = True
-        if self._spill_dirty and not self._draining and not self._stopped:
-            self._drain()
+        self._drain()
 
     def _failed(self, reason: Failure, batch: list[UsageRow]) -> Deferred[None] | None:
         requests = sum(row[3] for row in batch)
@@ -479,8 +484,11 @@ class UsageStore(Service):
 
     def _drain(self) -> None:
         """
-        Hand what the spill file holds to the database.
+        Hand what the spill file holds to the database, if it holds
+        anything and is not being handed over already.
         """
+        if not self._spill_dirty or self._draining or self._stopped:
+            return
         spill = self._spill
         assert spill is not None
         self._draining = True

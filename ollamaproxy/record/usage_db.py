@@ -174,12 +174,6 @@ def summarise(path: str, since: float | None, by: Literal["key", "model"]) -> li
     """
     if by not in ("key", "model"):
         raise ValueError(f"cannot sum usage by {by!r}")
-    found = os.stat(path)
-    if stat.S_ISDIR(found.st_mode):
-        raise UsageFileError(f"cannot read usage file {path}: it is a directory")
-    if found.st_size == 0:
-        # Made by a proxy that has not yet had the chance to add the table.
-        return []
     where, parameters = ("", ()) if since is None else ("WHERE ts >= ?", (minute(since),))
     query = (
         f"SELECT {by}, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens) "
@@ -187,12 +181,7 @@ def summarise(path: str, since: float | None, by: Literal["key", "model"]) -> li
         "ORDER BY SUM(prompt_tokens) + SUM(completion_tokens) DESC, SUM(requests) DESC, "
         f"{by}"
     )
-    uri = "file:" + quote(os.path.abspath(path)) + "?mode=ro"
-    try:
-        with closing(sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT)) as connection:
-            sums = connection.execute(query, parameters).fetchall()
-    except sqlite3.Error as e:
-        raise UsageFileError(f"cannot read usage file {path}: {e}") from None
+    sums = _read(path, query, parameters, missing_ok=False)
     # A hand-made row may hold NULLs (SUM skips them; all NULL gives NULL).
     return [
         Row("" if name is None else str(name), int(r or 0), int(p or 0), int(c or 0))
@@ -266,14 +255,22 @@ def last_used(path: str) -> dict[str, float]:
     return {str(key): float(ts) for key, ts in found if key is not None and ts is not None}
 
 
-def _read(path: str, query: str, parameters: tuple[object, ...]) -> list[tuple[Any, ...]]:
+def _read(
+    path: str, query: str, parameters: tuple[object, ...], missing_ok: bool = True
+) -> list[tuple[Any, ...]]:
     """
-    The rows a read-only query gives; none if there is no database yet.
+    The rows a read-only query gives; none if there is no database yet (a
+    file of a proxy that has not yet had the chance to add the table).
+
+    @param missing_ok: Whether no file at all is no rows, rather than
+        L{FileNotFoundError}.
     """
     try:
         found = os.stat(path)
     except FileNotFoundError:
-        return []
+        if missing_ok:
+            return []
+        raise
     if stat.S_ISDIR(found.st_mode):
         raise UsageFileError(f"cannot read usage file {path}: it is a directory")
     if found.st_size == 0:

@@ -34,7 +34,6 @@ from ollamaproxy.backends.queue import busy
 from ollamaproxy.backends.relay import Relayed, Target, Unreachable, end_cut, relay, whole_body
 from ollamaproxy.backends.router import Router
 from ollamaproxy.console import CONSOLE_PATH, CONSOLE_ROUTE, Console, Live
-from ollamaproxy.console.usage import StoreUsage
 from ollamaproxy.errors import ProxyError, error_body, is_openai_path, reason_phrase
 from ollamaproxy.exchange import Exchange
 from ollamaproxy.readiness import READY_PATH, Readiness
@@ -138,7 +137,7 @@ class OllamaProxy:
         self.console = Console(
             Live(self._in_flight, router, clock, self._redact),
             auth.keys,
-            None if usage is None else StoreUsage(usage),
+            usage,
             clock,
             lambda request: self._authenticate(request, CONSOLE_PATH, CONSOLE_ROUTE,
                                                self._client_address(request)),

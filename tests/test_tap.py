@@ -319,9 +319,10 @@ def test_service_structure(tmp_path: Path) -> None:
 
 def test_site_is_bounded_by_the_open_files_limit(tmp_path: Path) -> None:
     """
-    Given the open files limit, the site keeps no more client connections
-    open than it leaves room for, reads bodies at the configured minimum
-    rate, and counts refused requests and shed connections in the metrics.
+    Given the open files limit, the site is built to keep no more client
+    connections open than L{connection_limit} leaves room for (the formula
+    is tested in test_descriptors), and reads bodies at the configured
+    minimum rate.
     """
     config = base_config(tmp_path, api_key="k", min_body_rate=2048)
     service = build_service(config, MemoryReactorClock(), lambda text: None, open_files=1024)

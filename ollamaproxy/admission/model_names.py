@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Any
 
 _DEFAULT_HOST = "registry.ollama.ai"
 _DEFAULT_NAMESPACE = "library"
@@ -41,6 +42,16 @@ def resolve(name: str) -> ModelName:
     """
     base, cloud = _strip_source(name.strip())
     return ModelName(_canonical(base.lower()), cloud)
+
+
+def listed_model(entry: Any, field: str = "models") -> ModelName:
+    """
+    The model one entry of a listing names: its C{id} in C{/v1/models}'
+    C{data}, its C{name} in C{/api/tags}' and C{/api/ps}' C{models}, else its
+    C{model}.
+    """
+    identity = "id" if field == "data" else "name"
+    return resolve(str(entry.get(identity) or entry.get("model") or ""))
 
 
 def matches(name: ModelName, pattern: str) -> bool:

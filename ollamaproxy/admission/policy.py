@@ -22,7 +22,7 @@ from email.message import Message
 from urllib.parse import parse_qs
 
 from ollamaproxy.admission.keys import ApiKey
-from ollamaproxy.admission.model_names import ModelName, matches, resolve
+from ollamaproxy.admission.model_names import ModelName, listed_model, matches, resolve
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.routes import ModelIn, RouteSpec
 
@@ -200,9 +200,7 @@ def filter_listing(key: ApiKey, field: str, body: bytes) -> bytes:
     the models the key may use.
     """
     document = json.loads(body)
-    identity = "id" if field == "data" else "name"
     document[field] = [
-        entry for entry in document.get(field) or []
-        if allows(key, resolve(str(entry.get(identity) or entry.get("model") or "")))
+        entry for entry in document.get(field) or [] if allows(key, listed_model(entry, field))
     ]
     return json.dumps(document, separators=(",", ":")).encode("utf-8")

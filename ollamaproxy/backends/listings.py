@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from ollamaproxy.admission.model_names import resolve
+from ollamaproxy.admission.model_names import listed_model
 
 
 def merge_listings(bodies: Sequence[bytes], field: str) -> bytes:
@@ -24,7 +24,6 @@ def merge_listings(bodies: Sequence[bytes], field: str) -> bytes:
     """
     merged: dict[object, object] = {}
     document: dict[str, object] = {}
-    identity = "id" if field == "data" else "name"
     for body in bodies:
         listing = json.loads(body)
         if not isinstance(listing, dict) or not isinstance(listing.get(field) or [], list):
@@ -32,7 +31,6 @@ def merge_listings(bodies: Sequence[bytes], field: str) -> bytes:
         if not document:
             document = listing
         for entry in listing.get(field) or []:
-            name = str(entry.get(identity) or entry.get("model") or "")
-            merged.setdefault(resolve(name), entry)
+            merged.setdefault(listed_model(entry, field), entry)
     document[field] = list(merged.values())
     return json.dumps(document, separators=(",", ":")).encode("utf-8")

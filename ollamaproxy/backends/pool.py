@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
 from ollamaproxy import __version__
-from ollamaproxy.admission.model_names import ModelName, resolve
+from ollamaproxy.admission.model_names import ModelName, listed_model
 from ollamaproxy.backends.relay import whole_body
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.config import DEFAULT_PARALLEL
@@ -101,9 +101,7 @@ def model_names(body: bytes, field_name: str = "models") -> frozenset[ModelName]
     The models a listing (C{/api/tags}, C{/api/ps}) names.
     """
     entries = json.loads(body).get(field_name) or []
-    return frozenset(
-        resolve(str(entry.get("name") or entry.get("model") or "")) for entry in entries
-    )
+    return frozenset(listed_model(entry, field_name) for entry in entries)
 
 
 class BackendPool(Service):

@@ -131,11 +131,8 @@ def keys_view(
     return shown
 
 
-def usage_view(rows: Sequence[SeriesRow]) -> list[list[Any]]:
-    """
-    Usage rows as JSON arrays, in the order given.
-    """
-    return [[ts, key, model, r, p, c] for ts, key, model, r, p, c in rows]
+#: The fields of a usage row, in order: in the Usage view's JSON and the CSV.
+USAGE_COLUMNS = ("time", "key", "model", "requests", "prompt_tokens", "completion_tokens")
 
 
 # A cell starting with one of these is a formula to a spreadsheet.
@@ -154,7 +151,7 @@ def usage_csv(rows: Sequence[SeriesRow]) -> bytes:
     """
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(["time", "key", "model", "requests", "prompt_tokens", "completion_tokens"])
+    writer.writerow(USAGE_COLUMNS)
     for ts, key, model, r, p, c in rows:
         start = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         writer.writerow([start, _cell(key), _cell(model), r, p, c])

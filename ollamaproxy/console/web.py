@@ -59,7 +59,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from ollamaproxy.admission.keys import ApiKey, KeyStore
 from ollamaproxy.admission.quota_periods import window
 from ollamaproxy.console.live import Live
-from ollamaproxy.console.views import keys_view, usage_csv, usage_view
+from ollamaproxy.console.views import USAGE_COLUMNS, keys_view, usage_csv
 from ollamaproxy.errors import ProxyError, reason_phrase
 from ollamaproxy.record.usage_db import BUCKET_SECONDS, Bucket, SeriesRow
 from ollamaproxy.routes import RouteSpec, Scope
@@ -275,9 +275,8 @@ class Console:
         return _json(request, {
             "usage": self._usage is not None,
             "bucket": bucket, "from": since, "until": until,
-            "columns": ["time", "key", "model", "requests", "prompt_tokens",
-                        "completion_tokens"],
-            "rows": usage_view(rows),
+            "columns": USAGE_COLUMNS,
+            "rows": rows,
             "quotas": quotas,
         })
 

@@ -284,7 +284,8 @@ def test_client_gone_mid_stream_closes_upstream(access_events: list[LogEvent]) -
 def test_client_gone_before_response_head_closes_upstream() -> None:
     """
     A client that hangs up while Ollama has not answered yet (a model is
-    loading) also closes the upstream connection.
+    loading) also closes the upstream connection; the backend, which did
+    nothing wrong, stays healthy.
     """
     chain = Chain()
     d = chain.request("POST", "/api/chat", data=chat("slowhead"))
@@ -293,6 +294,7 @@ def test_client_gone_before_response_head_closes_upstream() -> None:
     chain.failure(d)
     assert chain.fake.held[-1].disconnected.called
     assert chain.clock.getDelayedCalls() == []
+    assert chain.backends[0].healthy
 
 
 def test_large_request_body_is_sent_in_pieces() -> None:

@@ -75,6 +75,15 @@ class Unreachable(ProxyError):
     """
 
 
+class NoResponseHead(ProxyError):
+    """
+    Ollama was connected to, but no response head came: it timed out (504)
+    or the connection broke first (502).  The request may have been sent, so
+    it goes to no other backend; but the backend is no longer trusted with
+    new ones until a probe finds it answering.
+    """
+
+
 class BodyCut(Exception):
     """
     Ollama's response body stopped before its end.
@@ -130,7 +139,9 @@ async def send(
         as it comes).
     @raise ProxyError: 502 if Ollama cannot be reached (L{Unreachable} if
         not even a connection was made, so nothing was sent), 504 if its
-        response head does not come in time, 413 for a body over the limit.
+        response head does not come in time (that and a connection that
+        broke before the head are L{NoResponseHead}), 413 for a body over
+        the limit.
     """
     if body is None:
         body = request.body
@@ -144,7 +155,7 @@ async def send(
             body,
         )
     except TimeoutError:
-        raise ProxyError(
+        raise NoResponseHead(
             504, f"Ollama sent no response within {upstream.header_timeout:g} seconds"
         ) from None
     except RequestGenerationFailed as e:
@@ -159,7 +170,7 @@ async def send(
     except UNREACHABLE as e:
         where = upstream.base.decode("ascii", "replace")
         unsent = isinstance(e, (ConnectError, DNSLookupError))
-        raise (Unreachable if unsent else ProxyError)(
+        raise (Unreachable if unsent else NoResponseHead)(
             502, f"cannot reach Ollama at {where}: {_reason(e)}"
         ) from e
 

@@ -146,14 +146,6 @@ class Router:
         self._serve_queue()
         return waiting
 
-    def failed(self, lease: Lease, reason: str) -> None:
-        """
-        The request could not reach its backend (nothing was sent): mark
-        the backend unhealthy and give the slot back.
-        """
-        self.pool.failed(lease.backend, reason)
-        lease.release()
-
     def _check_available(self, model: ModelName | None, excluded: frozenset[Backend]) -> None:
         if not self.several:
             return

@@ -31,7 +31,15 @@ from ollamaproxy.backends.everywhere import on_every_backend
 from ollamaproxy.backends.listings import merge_listings
 from ollamaproxy.backends.pool import Backend
 from ollamaproxy.backends.queue import busy
-from ollamaproxy.backends.relay import Relayed, Target, Unreachable, end_cut, relay, whole_body
+from ollamaproxy.backends.relay import (
+    NoResponseHead,
+    Relayed,
+    Target,
+    Unreachable,
+    end_cut,
+    relay,
+    whole_body,
+)
 from ollamaproxy.backends.router import Router
 from ollamaproxy.console import CONSOLE_PATH, CONSOLE_ROUTE, Console, Live
 from ollamaproxy.errors import ProxyError, error_body, is_openai_path, reason_phrase
@@ -267,8 +275,11 @@ class OllamaProxy:
         """
         Relay a request to the backend the router gives it; if that backend
         cannot even be connected to (nothing was sent), to another that has
-        its model.  A listing, with several backends, is every healthy
-        backend's, merged.
+        its model.  A backend that took the request but sent no response
+        head (timed out, or broke off) is marked unhealthy too, but the
+        request goes nowhere else: it may have been sent, and the client
+        gets the 504 or 502.  A listing, with several backends, is every
+        healthy backend's, merged.
 
         @param key: The key presented, or L{None} on an open route.
         """
@@ -303,12 +314,15 @@ class OllamaProxy:
                     plan.rewrite, self._body_sample_bytes,
                 )
             except Unreachable as e:
-                self._router.failed(lease, e.message)
+                self._router.pool.failed(lease.backend, e.message)
                 tried.append(lease.backend)
                 if len(tried) == len(self._router.backends):
                     raise
                 unreachable = e
                 continue
+            except NoResponseHead as e:
+                self._router.pool.failed(lease.backend, e.message)
+                raise
             finally:
                 lease.release()
             if route is not None and route.changes_models and self._router.several:

@@ -172,13 +172,22 @@ def test_release_counts_once() -> None:
 def test_failed_backend_is_marked_and_excluded() -> None:
     """
     A request that could not reach its backend marks it unhealthy; asking
-    again excluding it gives another backend that has M.
+    again excluding it gives another backend that has M.  Exclusion works
+    on its own too: with both healthy and b the less busy, excluding b
+    gives a.
     """
     clock = Clock()
     a, b = backend(clock, "a", ("llama3.2",)), backend(clock, "b", ("llama3.2",))
     r = router(a, b)
+    busier = now(r.acquire("k", LLAMA, runs=True))
+    assert busier.backend is a
+    excluding = now(r.acquire("k", LLAMA, runs=True, exclude=[b]))
+    assert excluding.backend is a
+    busier.release()
+    excluding.release()
     lease = now(r.acquire("k", LLAMA, runs=True))
-    r.failed(lease, "connection refused")
+    r.pool.failed(lease.backend, "connection refused")
+    lease.release()
     assert not lease.backend.healthy
     other = now(r.acquire("k", LLAMA, runs=True, exclude=[lease.backend]))
     assert other.backend is not lease.backend

@@ -12,13 +12,14 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import LogEvent
+from twisted.web.client import ResponseFailed
 from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
 from ollamaproxy.admission.caps import Caps
 from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.admission.policy import MAX_CHECKED_BODY
-from tests.chain import Chain
+from tests.chain import HEADER_TIMEOUT, Chain
 
 USER = "olpk_userkeyuserkeyuserkeyuserkeyuser00"
 OTHER = "olpk_otherkeyotherkeyotherkeyotherkey00"
@@ -110,6 +111,75 @@ def test_failover_before_the_first_byte(access_events: list[LogEvent]) -> None:
     chain.fakes[1].held[-1].finish()
     chain.body(response)
     assert access_events[-1]["upstream"] == "http://127.0.0.1:11435"
+
+
+def test_a_backend_that_sends_no_head_in_time_is_marked_and_skipped(
+    access_events: list[LogEvent],
+) -> None:
+    """
+    A backend that takes a request but sends no response head within
+    --header-timeout: the client gets the 504 (the request is not sent
+    again), the backend is marked unhealthy, and the next request for a
+    model both backends have goes to the other one.
+    """
+    chain = Chain(backends=[["slowhead:latest"], ["slowhead:latest"]])
+    chain.pool.refresh_all()
+    chain.flush()
+    d = chain.request("POST", "/api/chat", data=chat("slowhead"))
+    assert len(chain.fakes[0].received) == 1
+    chain.clock.advance(HEADER_TIMEOUT)
+    chain.flush()
+    response = chain.result(d)
+    assert response.code == 504
+    chain.body(response)
+    assert not chain.backends[0].healthy
+    assert chain.fakes[1].received == []
+    assert access_events[-1]["outcome"] == "timeout"
+    chain.request("POST", "/api/chat", data=chat("slowhead"))
+    assert len(chain.fakes[0].received) == 1
+    assert len(chain.fakes[1].received) == 1
+
+
+def test_a_backend_that_breaks_before_its_head_is_not_retried() -> None:
+    """
+    Failover only before anything was sent: a backend that received the
+    request (body and all) and then dropped the connection before its
+    head gives the client a 502, and the request never reaches the other
+    backend; the backend that broke is marked unhealthy.
+    """
+    chain = Chain(backends=[["slowhead:latest"], ["slowhead:latest"]])
+    chain.pool.refresh_all()
+    chain.flush()
+    d = chain.request("POST", "/api/chat", data=chat("slowhead"))
+    [received] = chain.fakes[0].received
+    assert received.json()["messages"] == HI
+    chain.fakes[0].held[-1].abort()
+    chain.flush()
+    response = chain.result(d)
+    assert response.code == 502
+    chain.body(response)
+    assert chain.fakes[1].received == []
+    assert not chain.backends[0].healthy
+
+
+def test_a_backend_that_cuts_its_body_is_not_retried() -> None:
+    """
+    Never after the first byte: a backend that sent its head and then
+    broke off mid-body gives the client a cut stream, and the request
+    never reaches the other backend.
+    """
+    chain = two_backends()
+    d = chain.request("POST", "/api/chat", data=chat("hold"))
+    held = chain.fakes[0].held[-1]
+    held.write_raw(b'{"a":1}\n')
+    chain.flush()
+    client = chain.stream(chain.result(d))
+    held.abort()
+    chain.flush()
+    assert chain.failure(client.done).check(ResponseFailed)
+    assert client.body.startswith(b'{"a":1}\n')
+    assert "broke off" in json.loads(client.body.split(b"\n")[1])["error"]
+    assert chain.fakes[1].received == []
 
 
 def test_one_unreachable_backend_is_a_502_not_a_loop() -> None:

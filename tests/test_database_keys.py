@@ -235,3 +235,34 @@ def test_a_clash_read_from_the_database_keeps_the_keys(events: list[LogEvent]) -
     assert store.find(SECRETS["d"]) is not None and store.find(SECRETS["e"]) is None
     assert any("not usable" in e["log_format"] for e in events)
     service.stopService()
+
+
+def test_a_clash_cleared_in_the_keys_file_lets_the_database_keys_in(
+    events: list[LogEvent],
+) -> None:
+    """
+    Keys read from the database that clash with the keys file's are read
+    again at every poll, with one warning in all; once the clash is cleared
+    in the keys file, the next poll takes the database's keys (the key
+    added accepted, the key revoked refused) without waiting for another
+    change in the database.
+    """
+    clock = Clock()
+    store = KeyStore()
+    database = FakeDatabase([key("d")])
+    sources = KeySources(store, {FILE: [key("f")], DATABASE: database.keys})
+    service = DatabaseKeysPoller(sources.part(DATABASE), database.read,
+                                 "postgresql://db.example/proxy", clock, worker=AtOnce(),
+                                 version=database.version)
+    service.startService()
+    database.change([ApiKey(name="f", digest=digest(SECRETS["e"]))])
+    for _ in range(5):
+        clock.advance(2)
+    assert store.find(SECRETS["d"]) is not None and store.find(SECRETS["e"]) is None
+    [warning] = [e for e in events if e["log_level"] == LogLevel.warn]
+    assert "'f' is in both" in warning["reason"]
+    sources.part(FILE).replace([])
+    clock.advance(2)
+    assert store.find(SECRETS["d"]) is None and store.find(SECRETS["e"]) is not None
+    assert store.find(SECRETS["f"]) is None
+    service.stopService()

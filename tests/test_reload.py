@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
+from ollamaproxy.admission.key_sources import DATABASE, FILE, KeySources
 from ollamaproxy.admission.keys import ApiKey, KeyStore, digest, generate_key, write_keys_file
 from ollamaproxy.admission.reload import DEFAULT_INTERVAL, KeysReloader, sighup_installer
 
@@ -289,6 +290,39 @@ def test_file_key_named_like_extra_keeps_old_keys(keys: Keys, events: ReloadEven
     keys.clock.advance(DEFAULT_INTERVAL)
     assert keys.accepted() == {"api-key", "alice", "bob"}
     assert len(events.warnings) == 1
+
+
+def test_clash_cleared_in_the_database_lets_the_file_keys_in(
+    tmp_path: Path, events: ReloadEvents
+) -> None:
+    """
+    A keys file whose key is named like one of the database's is read again
+    at every poll, with one warning in all; once the database's key is gone,
+    the next poll takes the file's keys without waiting for the file to
+    change.
+    """
+    carol, in_file = named_key("carol")
+    _, in_database = named_key("carol")
+    dave, other = named_key("dave")
+    path = str(tmp_path / "keys.json")
+    write_keys_file(path, [in_file, other])
+    clock = Clock()
+    store = KeyStore()
+    sources = KeySources(store, {FILE: [], DATABASE: [in_database]})
+    reloader = KeysReloader(sources.part(FILE), path, [], clock,
+                            install_sighup=FakeSighup().install)
+    reloader.startService()
+    try:
+        clock.pump([DEFAULT_INTERVAL] * 5)
+        assert store.find(carol) is None and store.find(dave) is None
+        [warning] = events.warnings
+        assert "'carol' is in both" in formatEvent(warning)
+        sources.part(DATABASE).replace([])
+        clock.advance(DEFAULT_INTERVAL)
+        assert store.find(carol) == in_file and store.find(dave) == other
+        assert events.reloads == 1
+    finally:
+        reloader.stopService()
 
 
 def test_missing_file_leaves_only_extra(keys: Keys, events: ReloadEvents) -> None:

@@ -14,7 +14,9 @@ force stay.
 L{DatabaseKeysPoller} looks at the database's change marker every
 L{DEFAULT_INTERVAL} seconds, on a thread of its own, and reads the keys only
 when it changed: a key revoked in the database is refused by every proxy
-within about that interval (plus a query).  While the database cannot be
+within about that interval (plus a query).  Keys that cannot be taken (a
+name also in another source) are read again at every look, with one
+warning, until the clash is cleared in either source.  While the database cannot be
 reached, the keys last read from it stay in force (it says so in the log,
 once), and requests never wait for it.
 
@@ -182,6 +184,8 @@ class DatabaseKeysPoller(Service):
         self._loop: LoopingCall | None = None
         self._reading: Deferred[None] | None = None
         self._said_down = False
+        # The reason last warned of for keys that could not be taken.
+        self._said_unusable: str | None = None
         self.ready = version is not None
 
     def startService(self) -> None:
@@ -235,16 +239,23 @@ class DatabaseKeysPoller(Service):
         if result is None:
             return
         version, keys = result
-        self._version = version
         try:
             self._keys.replace(keys)
         except ValueError as e:
-            log.warn(
-                "Keys in {database} are not usable, keeping the keys accepted now: {reason}",
-                database=self._name,
-                reason=str(e),
-            )
+            # The version stays unknown: the keys are read again at every
+            # poll, and taken once the clash is cleared in either source.
+            reason = str(e)
+            if reason != self._said_unusable:
+                self._said_unusable = reason
+                log.warn(
+                    "Keys in {database} are not usable, keeping the keys accepted now: "
+                    "{reason}",
+                    database=self._name,
+                    reason=reason,
+                )
             return
+        self._version = version
+        self._said_unusable = None
         log.info("Read {count} keys from {database}", count=len(keys), database=self._name,
                  total=len(self._keys))
 

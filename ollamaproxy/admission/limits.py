@@ -42,6 +42,21 @@ def too_many(message: str, retry_after: float) -> ProxyError:
     return ProxyError(429, message, {b"Retry-After": str(seconds).encode("ascii")})
 
 
+def too_many_in_flight(name: str, streams: int) -> ProxyError:
+    """
+    The 429 for key C{name}, which has its C{streams} requests in flight.
+    """
+    return too_many(f"key {name!r} already has {streams} requests in flight", 1)
+
+
+def too_fast(name: str, rpm: int, retry_after: float) -> ProxyError:
+    """
+    The 429 for key C{name}, over its C{rpm} requests a minute until
+    C{retry_after} seconds from now.
+    """
+    return too_many(f"key {name!r} is over its limit of {rpm} requests a minute", retry_after)
+
+
 class Release(Protocol):
     """
     Ends a request that L{Limits.admit} let in.
@@ -123,9 +138,7 @@ class KeyLimits:
             # First: over a quota, waiting for a stream or a minute is no use.
             quotas.check(key)
         if key.max_streams is not None and self._in_flight.get(key.name, 0) >= key.max_streams:
-            raise too_many(
-                f"key {key.name!r} already has {key.max_streams} requests in flight", 1
-            )
+            raise too_many_in_flight(key.name, key.max_streams)
         if key.rpm is not None:
             self._take_token(key.name, key.rpm)
         self._in_flight[key.name] = self._in_flight.get(key.name, 0) + 1
@@ -148,10 +161,7 @@ class KeyLimits:
         bucket.tokens = min(float(rpm), bucket.tokens + (now - bucket.updated) * per_second)
         bucket.updated = now
         if bucket.tokens < 1:
-            raise too_many(
-                f"key {name!r} is over its limit of {rpm} requests a minute",
-                (1 - bucket.tokens) / per_second,
-            )
+            raise too_fast(name, rpm, (1 - bucket.tokens) / per_second)
         bucket.tokens -= 1
 
 

@@ -122,13 +122,18 @@ class QuotaBook:
         if not self._day.start <= now < self._day.end:
             self._turn(now)
         if month_quota is not None and self._month_used.get(key.name, 0) >= month_quota:
-            self._refuse(key.name, "month")
+            self.refused(key.name, "month")
             raise over_quota(key, month_quota, self._month, now)
         if day_quota is not None and self._day_used.get(key.name, 0) >= day_quota:
-            self._refuse(key.name, "day")
+            self.refused(key.name, "day")
             raise over_quota(key, day_quota, self._day, now)
 
-    def _refuse(self, name: str, period: Period) -> None:
+    def refused(self, name: str, period: Period) -> None:
+        """
+        A request of key C{name} was refused for its quota of C{period}:
+        tell the C{refused} hook.  L{check} calls it; so does whatever
+        checks the quotas elsewhere (L{ollamaproxy.redis.limits}).
+        """
         if self._refused is not None:
             self._refused(name, period)
 

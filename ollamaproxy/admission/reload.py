@@ -10,8 +10,11 @@ links, so swapping a link to a new file counts too).
 
 A file that cannot be used (bad JSON, a bad entry, two keys with one name)
 changes nothing: the keys already loaded stay, and a warning says which file
-is wrong and why.  It is not read again until it changes or C{SIGHUP}
-arrives.
+is wrong and why.  A file that cannot be read is not read again until it
+changes or C{SIGHUP} arrives.  A file whose keys cannot be taken (two keys
+with one name, or a name that C{--api-key} or the database has too) is read
+again at every poll, with one warning, so that the keys are taken as soon as
+the clash is cleared in the other source too.
 
 A missing file is an empty one: only the keys that always stay (C{--api-key})
 remain, as when the proxy starts without a keys file.  The keys file is only
@@ -165,6 +168,8 @@ class KeysReloader(Service):
         self._interval = interval
         self._install_sighup = install_sighup
         self._signature: _Signature | _Unknown = _UNKNOWN
+        # The reason last warned of for keys that could not be taken.
+        self._said_unusable: str | None = None
         self._loop: LoopingCall | None = None
         self._uninstall_sighup: Callable[[], None] | None = None
 
@@ -196,17 +201,26 @@ class KeysReloader(Service):
         # again.  (If the file cannot be looked at, it cannot be read either:
         # the warning below says why.)
         signature = _signature(self._path)
-        previous, self._signature = self._signature, signature
+        previous = self._signature
         try:
             loaded = load_keys_file(self._path)
-            self._store.replace([*self._extra, *loaded])
-        except (KeysFileError, ValueError) as e:
-            log.warn(
-                "Keys file {keys_file} is not usable, keeping the keys accepted now: {reason}",
-                keys_file=self._path,
-                reason=str(e),
-            )
+        except KeysFileError as e:
+            self._signature = signature
+            self._said_unusable = None
+            self._unusable(str(e))
             return
+        try:
+            self._store.replace([*self._extra, *loaded])
+        except ValueError as e:
+            # The signature stays the one last taken: the file is read again
+            # at the next poll, in case the clash was cleared elsewhere.
+            reason = str(e)
+            if reason != self._said_unusable:
+                self._said_unusable = reason
+                self._unusable(reason)
+            return
+        self._signature = signature
+        self._said_unusable = None
         if signature is None and isinstance(previous, tuple):
             log.warn(
                 "Keys file {keys_file} was removed: its keys are revoked, "
@@ -221,6 +235,13 @@ class KeysReloader(Service):
                 count=len(loaded),
                 total=len(self._store),
             )
+
+    def _unusable(self, reason: str) -> None:
+        log.warn(
+            "Keys file {keys_file} is not usable, keeping the keys accepted now: {reason}",
+            keys_file=self._path,
+            reason=reason,
+        )
 
     def _poll(self) -> None:
         """
@@ -241,6 +262,8 @@ class KeysReloader(Service):
         if not self.running:
             return
         log.info("SIGHUP: reloading keys from {keys_file}", keys_file=self._path)
+        # Asked for: a clash still there is warned of again.
+        self._said_unusable = None
         try:
             self.reload()
         except Exception:

@@ -39,9 +39,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ollamaproxy.admission.keys import ApiKey
-from ollamaproxy.admission.limits import GuessThrottle, Limits, Release, too_many
-from ollamaproxy.admission.quota_periods import Window, over_quota_message, window
-from ollamaproxy.admission.quotas import QuotaBook
+from ollamaproxy.admission.limits import (
+    GuessThrottle,
+    Limits,
+    Release,
+    too_fast,
+    too_many,
+    too_many_in_flight,
+)
+from ollamaproxy.admission.quota_periods import Window, window
+from ollamaproxy.admission.quotas import QuotaBook, over_quota
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.redis import scripts
 from ollamaproxy.redis.link import RedisDown, RedisLink
@@ -77,7 +84,8 @@ class RedisLimits:
     @param lease: Seconds a request stays counted unless renewed.
     @param quotas: The book of C{local}'s token quotas, told of every
         request's tokens while Redis is up too, so that it knows this
-        proxy's use when it stands in.
+        proxy's use when it stands in; and of every request Redis refuses
+        for a quota (L{QuotaBook.refused}, for the metric).
     """
 
     def __init__(
@@ -166,16 +174,19 @@ class RedisLimits:
     ) -> ProxyError:
         if code == scripts.OVER_DAY_QUOTA:
             assert key.tokens_per_day is not None
-            return too_many(over_quota_message(key.name, key.tokens_per_day, day), day.end - now)
+            if self._quotas is not None:
+                self._quotas.refused(key.name, "day")
+            return over_quota(key, key.tokens_per_day, day, now)
         if code == scripts.OVER_MONTH_QUOTA:
             assert key.tokens_per_month is not None
-            return too_many(over_quota_message(key.name, key.tokens_per_month, month),
-                            month.end - now)
+            if self._quotas is not None:
+                self._quotas.refused(key.name, "month")
+            return over_quota(key, key.tokens_per_month, month, now)
         if code == scripts.TOO_MANY_STREAMS:
-            return too_many(f"key {key.name!r} already has {key.max_streams} requests in flight",
-                            1)
-        return too_many(f"key {key.name!r} is over its limit of {key.rpm} requests a minute",
-                        n / 1000)
+            assert key.max_streams is not None
+            return too_many_in_flight(key.name, key.max_streams)
+        assert key.rpm is not None
+        return too_fast(key.name, key.rpm, n / 1000)
 
     def _release(self, key: ApiKey, lease: str) -> Release:
         counted = key.tokens_per_day is not None or key.tokens_per_month is not None

@@ -17,6 +17,7 @@ from ollamaproxy.admission.keys import ApiKey
 from ollamaproxy.admission.limits import GuessThrottle, KeyLimits, Release
 from ollamaproxy.admission.quotas import QuotaBook
 from ollamaproxy.errors import ProxyError
+from ollamaproxy.record.metrics import Metrics
 from ollamaproxy.redis import scripts
 from ollamaproxy.redis.limits import RedisLimits, RedisThrottle
 from ollamaproxy.redis.link import RedisLink
@@ -265,4 +266,60 @@ def test_the_local_stand_in_knows_this_proxy_s_tokens() -> None:
     clock.advance(5)
     client.pings[-1].errback(ConnectionError("refused"))
     assert _error(limits.admit(key)).code == 429
+    link.stopService()
+
+
+def test_a_quota_refusal_by_redis_is_counted() -> None:
+    """
+    A request Redis refuses for a day's or a month's token quota is told to
+    the quota book's C{refused} hook, and so counted in
+    C{ollamaproxy_quota_refusals_total} by key name and period; a refusal
+    for the rate is not.  The 429 is the in-process one.
+    """
+    clock = Clock()
+    clock.advance(NOON)
+    client = FakeRedis()
+    link = RedisLink(lambda: client, clock, "redis://cache:6379/0", "", interval=5.0)
+    metrics = Metrics()
+    book = QuotaBook(clock, metrics.quota_refused, loaded=True)
+    limits = RedisLimits(link, KeyLimits(clock, book), clock, "local", lease=30.0, quotas=book)
+    link.startService()
+    client.pings[0].callback("PONG")
+    key = _key(rpm=60, tokens_per_day=100, tokens_per_month=1000)
+    answers = []
+    for code in (scripts.OVER_DAY_QUOTA, scripts.OVER_MONTH_QUOTA, scripts.OVER_RATE):
+        d = limits.admit(key)
+        client.calls[-1].answer.callback([code, 1000])
+        answers.append(_error(d))
+    _, text = metrics.render(None)
+    assert b'ollamaproxy_quota_refusals_total{key="alice",period="day"} 1.0' in text
+    assert b'ollamaproxy_quota_refusals_total{key="alice",period="month"} 1.0' in text
+    assert [error.code for error in answers] == [429, 429, 429]
+    assert answers[0].message.startswith("key 'alice' has used its 100 tokens for today (UTC)")
+    assert answers[0].headers == {b"Retry-After": b"43200"}
+    link.stopService()
+
+
+def test_rate_and_streams_refusals_are_the_in_process_ones() -> None:
+    """
+    Redis's refusals for the requests in flight and the rate say, word for
+    word, what the in-process limits say.
+    """
+    clock, client, link, limits = _setup()
+    key = _key(rpm=1, max_streams=1)
+    streams_here, rate_here = KeyLimits(clock), KeyLimits(clock)
+    _released(streams_here.admit(_key(max_streams=1)))
+    in_flight = _error(streams_here.admit(_key(max_streams=1)))
+    _released(rate_here.admit(_key(rpm=1)))
+    too_fast = _error(rate_here.admit(_key(rpm=1)))
+    for code, n, expected in ((scripts.TOO_MANY_STREAMS, 0, in_flight),
+                              (scripts.OVER_RATE, 60000, too_fast)):
+        d = limits.admit(key)
+        client.calls[-1].answer.callback([code, n])
+        error = _error(d)
+        assert (error.code, error.message, error.headers) == (
+            expected.code, expected.message, expected.headers)
+    assert in_flight.message == "key 'alice' already has 1 requests in flight"
+    assert too_fast.message == "key 'alice' is over its limit of 1 requests a minute"
+    assert too_fast.headers == {b"Retry-After": b"60"}
     link.stopService()

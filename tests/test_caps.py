@@ -55,8 +55,9 @@ def test_under_the_caps_the_body_is_unchanged() -> None:
 
 def test_over_the_caps_is_clamped_and_said() -> None:
     """
-    keep_alive -1 and a huge num_ctx are clamped to the caps; every spelling
-    of keep_alive Go's decoder would read is clamped; the changes are named.
+    keep_alive -1 and a huge num_ctx are clamped to the caps, keep_alive
+    in another case too; the changes are named.  (Every other spelling Go's
+    decoder reads: L{test_every_spelling_go_reads_is_clamped}.)
     """
     body = b'{"model": "m", "Keep_Alive": -1, "options": {"num_ctx": 131072}}'
     clamped, changes = clamp(body, Caps(600, 8192))
@@ -72,3 +73,50 @@ def test_tighter_caps_win() -> None:
     """
     assert Caps(600, None).tighter(Caps(3600, 4096)) == Caps(600, 4096)
     assert Caps().tighter(Caps()) == Caps()
+
+
+_KEEP = ["keep_alive forever clamped to 10m"]
+_CTX = ["num_ctx 1e+06 clamped to 8192"]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected", "changes"),
+    [
+        (b'{"model":"m","keep\\u005falive":-1}', {"model": "m", "keep_alive": "10m"}, _KEEP),
+        (b'{"model":"m","\\u212aeep_alive":-1}', {"model": "m", "\u212aeep_alive": "10m"}, _KEEP),
+        ('{"model":"m","\u212aeep_alive":-1}'.encode(),
+         {"model": "m", "\u212aeep_alive": "10m"}, _KEEP),
+        (b'{"model":"m","Options":{"num_ctx":1000000}}',
+         {"model": "m", "Options": {"num_ctx": 8192}}, _CTX),
+        ('{"model":"m","option\u017f":{"num_ctx":1000000}}'.encode(),
+         {"model": "m", "option\u017f": {"num_ctx": 8192}}, _CTX),
+        (b'{"model":"m","options":{"num\\u005fctx":1000000}}',
+         {"model": "m", "options": {"num_ctx": 8192}}, _CTX),
+    ],
+)
+def test_every_spelling_go_reads_is_clamped(
+    body: bytes, expected: dict[str, object], changes: list[str]
+) -> None:
+    """
+    Ollama's decoder decodes escapes in names and matches them to fields
+    with Unicode case folding (the Kelvin sign is a k, the long s an s):
+    however a body spells keep_alive, options or num_ctx, it does not get
+    past the caps.
+    """
+    clamped, said = clamp(body, Caps(600, 8192))
+    assert json.loads(clamped) == expected
+    assert said == changes
+
+
+def test_every_repetition_is_clamped() -> None:
+    """
+    Go's decoder takes the last keep_alive it matches and merges repeated
+    options: every one is clamped, so whichever Ollama reads is within the
+    caps; the rest of the body is left as it was.
+    """
+    body = (b'{"model": "m", "keep_alive": -1, "keep\\u005falive": "-1m", '
+            b'"options": {"num_ctx": 1000000}, "options": {"temperature": 0.5}}')
+    clamped, changes = clamp(body, Caps(600, 8192))
+    assert clamped == (b'{"model": "m", "keep_alive": "10m", "keep\\u005falive": "10m", '
+                       b'"options": {"num_ctx": 8192}, "options": {"temperature": 0.5}}')
+    assert changes == [*_KEEP, *_KEEP, *_CTX]

@@ -122,34 +122,134 @@ def _least(a: _N | None, b: _N | None) -> _N | None:
     return min(a, b)
 
 
+#: The only characters outside ASCII that Go's case folding (Unicode simple
+#: folding) matches to an ASCII letter: the Kelvin sign and the long s.
+_FOLDS_TO_ASCII = {"\u212a": "k", "\u017f": "s"}
+_GO_FOLD = str.maketrans(_FOLDS_TO_ASCII)
+_KELVIN = "\u212a".encode()
+_SPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def go_field(key: str, name: str) -> bool:
+    """
+    Whether Go's C{encoding/json}, which Ollama decodes bodies with, reads
+    the (decoded) object key C{key} as the struct field C{name}: names match
+    under Unicode simple case folding, so C{"KEEP_ALIVE"}, C{"keep_alive"}
+    with a Kelvin sign for its k, and C{"options"} with a long s, all count.
+
+    @param name: A field's JSON name, in lower-case ASCII.
+    """
+    key = key.translate(_GO_FOLD)
+    return key.isascii() and key.lower() == name
+
+
 def clamp(body: bytes, caps: Caps) -> tuple[bytes, list[str]]:
     """
     A request body with C{keep_alive} and C{options.num_ctx} no higher than
     C{caps}, and what was changed; the body itself when nothing was.
 
+    Fields are found as Go's decoder finds them (L{go_field}, escapes
+    decoded), and every one is clamped, repeated or not: Go takes the last
+    C{keep_alive} and merges repeated C{options}, so none may stay over a
+    cap.  (Ollama reads C{options} as a map, with exact names; a C{num_ctx}
+    in another case is clamped too, which is harmless.)  Only the values
+    clamped change in the body; the rest passes byte for byte.
+
     @param body: A JSON object (already checked, so bounded).
-    @raise ValueError: If a value is not one Ollama would take.
+    @raise ValueError: If a value is not one Ollama would take, or the body
+        is not a JSON object.
     """
+    if not caps:
+        return body, []
     lowered = body.lower()
-    if not caps or (b"keep_alive" not in lowered and b"num_ctx" not in lowered):
+    if (b"keep_alive" not in lowered and b"num_ctx" not in lowered
+            and b"\\u" not in body and _KELVIN not in body):
+        # Neither name is in the body in any case, and nothing else can spell
+        # one: an escape, or a Kelvin sign for the k (a long s can spell
+        # only options, which needs a num_ctx to matter).
         return body, []
-    document = json.loads(body)
+    text = body.decode("utf-8")
+    members = _members(text, _skip(text, 0))
+    if _skip(text, members.end) != len(text):
+        raise ValueError("request body is not a single JSON object")
+    edits: list[tuple[int, int, str]] = []
     changes: list[str] = []
-    if caps.keep_alive is not None:
-        for field in [f for f in document if f.casefold() == "keep_alive"]:
-            asked = parse_duration(document[field])
+    ctx_changes: list[str] = []
+    for key, value, start, end in members.pairs:
+        if caps.keep_alive is not None and go_field(key, "keep_alive"):
+            asked = parse_duration(value)
             if asked > caps.keep_alive:
-                document[field] = show_duration(caps.keep_alive)
-                changes.append(f"keep_alive {show_duration(asked)} clamped to "
-                               f"{document[field]}")
-    options = document.get("options")
-    if caps.num_ctx is not None and isinstance(options, dict) and "num_ctx" in options:
-        asked_ctx = options["num_ctx"]
-        if not isinstance(asked_ctx, (int, float)) or isinstance(asked_ctx, bool):
-            raise ValueError(f"options.num_ctx is not a number: {asked_ctx!r}")
-        if asked_ctx > caps.num_ctx:
-            options["num_ctx"] = caps.num_ctx
-            changes.append(f"num_ctx {asked_ctx:g} clamped to {caps.num_ctx}")
-    if not changes:
+                capped = show_duration(caps.keep_alive)
+                edits.append((start, end, json.dumps(capped)))
+                changes.append(f"keep_alive {show_duration(asked)} clamped to {capped}")
+        elif caps.num_ctx is not None and go_field(key, "options") and isinstance(value, dict):
+            for name, asked_ctx, ctx_start, ctx_end in _members(text, start).pairs:
+                if not go_field(name, "num_ctx"):
+                    continue
+                if not isinstance(asked_ctx, (int, float)) or isinstance(asked_ctx, bool):
+                    raise ValueError(f"options.num_ctx is not a number: {asked_ctx!r}")
+                if asked_ctx > caps.num_ctx:
+                    edits.append((ctx_start, ctx_end, str(caps.num_ctx)))
+                    ctx_changes.append(f"num_ctx {asked_ctx:g} clamped to {caps.num_ctx}")
+    if not edits:
         return body, []
-    return json.dumps(document, separators=(",", ":")).encode("utf-8"), changes
+    pieces, done = [], 0
+    for start, end, replacement in sorted(edits):
+        pieces += [text[done:start], replacement]
+        done = end
+    pieces.append(text[done:])
+    return "".join(pieces).encode("utf-8"), changes + ctx_changes
+
+
+@dataclass
+class _Members:
+    """
+    A JSON object's members, repeated names and all, in order.
+
+    @ivar pairs: Each member's decoded name and value, and where the value
+        starts and ends in the text.
+    @ivar end: Where the object ends in the text.
+    """
+
+    pairs: list[tuple[str, object, int, int]]
+    end: int
+
+
+def _members(text: str, at: int) -> _Members:
+    """
+    The members of the JSON object at C{text[at]}.
+
+    @raise ValueError: If there is no well-formed object there.
+    """
+    pairs: list[tuple[str, object, int, int]] = []
+    if text[at:at + 1] != "{":
+        raise ValueError("request body must be a JSON object")
+    at = _skip(text, at + 1)
+    if text[at:at + 1] == "}":
+        return _Members(pairs, at + 1)
+    while True:
+        if text[at:at + 1] != '"':
+            raise ValueError(f"malformed JSON object at character {at}")
+        key, at = _DECODER.raw_decode(text, at)
+        at = _skip(text, at)
+        if text[at:at + 1] != ":":
+            raise ValueError(f"malformed JSON object at character {at}")
+        start = _skip(text, at + 1)
+        value, end = _DECODER.raw_decode(text, start)
+        pairs.append((key, value, start, end))
+        at = _skip(text, end)
+        if text[at:at + 1] == "}":
+            return _Members(pairs, at + 1)
+        if text[at:at + 1] != ",":
+            raise ValueError(f"malformed JSON object at character {at}")
+        at = _skip(text, at + 1)
+
+
+def _skip(text: str, at: int) -> int:
+    """
+    Where the JSON white space from C{at} ends.
+    """
+    space = _SPACE.match(text, at)
+    assert space is not None  # it matches nothing at worst
+    return space.end()

@@ -33,20 +33,25 @@ from tests.integration.tls import make_self_signed
 
 __all__ = ["redis_server"]
 
-# 2026-12-01T12:00:00Z
-NOON = 1796126400.0
 
 
 class Proxy:
     """
     What one proxy has of the shared limits: its link, its limits and its
-    throttle, with a clock of its own.
+    throttle, with a clock of its own that starts at C{start}.
+
+    The clock starts at the real time (the reactor's, by default), never at
+    a fixed date: Redis expires the counters on its own clock, so a counter
+    written for a day long past is gone as soon as it is written.
     """
 
-    def __init__(self, reactor: Any, url: str, policy: str = "local") -> None:
+    def __init__(
+        self, reactor: Any, url: str, policy: str = "local", start: float | None = None
+    ) -> None:
         address = parse_redis_url(url)
+        self.start = float(int(reactor.seconds())) if start is None else start
         self.clock = Clock()
-        self.clock.advance(NOON)
+        self.clock.advance(self.start)
         self.link = RedisLink(lambda: TxRedisClient(address, reactor, 1.5), reactor,
                               address.shown, policy, interval=0.2)
         self.limits = RedisLimits(self.link, KeyLimits(self.clock), self.clock, policy)
@@ -69,7 +74,8 @@ async def proxies(reactor: Any, redis_server: RedisServer) -> AsyncIterator[list
     """
     Two proxies' limits sharing one Redis, connected.
     """
-    made = [Proxy(reactor, redis_server.url) for _ in range(2)]
+    start = float(int(reactor.seconds()))
+    made = [Proxy(reactor, redis_server.url, start=start) for _ in range(2)]
     for proxy in made:
         proxy.link.startService()
     await until(reactor, lambda: all(p.link.up for p in made))
@@ -160,7 +166,7 @@ async def test_lease_of_dead_proxy_expires(proxies: list[Proxy]) -> None:
     await a.limits.admit(k)
     b.clock.advance(25)
     assert isinstance(await outcome(b.limits.admit(k)), ProxyError)
-    # A live proxy renews: the lease now runs to NOON + 25 + 30.
+    # A live proxy renews: the lease now runs to start + 25 + 30.
     a.clock.advance(25)
     await a.limits.renew()
     b.clock.advance(10)
@@ -185,7 +191,8 @@ async def test_quota_across_proxies(proxies: list[Proxy], redis_server: RedisSer
     first(60)
     # The request that crosses the quota was let in, and completes.
     second(45)
-    day = window("day", NOON)
+    now = a.start
+    day = window("day", now)
 
     async def refused() -> Any:
         return await outcome(a.limits.admit(k))
@@ -194,13 +201,13 @@ async def test_quota_across_proxies(proxies: list[Proxy], redis_server: RedisSer
     assert isinstance(error, ProxyError)
     assert error.code == 429
     assert error.message == over_quota_message("alice", 100, day)
-    assert error.headers == {b"Retry-After": str(int(day.end - NOON)).encode()}
+    assert error.headers == {b"Retry-After": str(int(day.end - now)).encode()}
     counter = f"ollamaproxy:tokens:day:{day.label}:alice"
     assert redis_server.command("GET", counter) == b"$3\r\n105\r\n"
     # It expires a day after the day's end (Redis counts from its own now).
     assert int(redis_server.command("PTTL", counter)[1:-2]) > 0
     # The next day, the day's quota is fresh; the month's goes on.
-    a.clock.advance(day.end - NOON)
+    a.clock.advance(day.end - now)
     assert callable(await a.limits.admit(k))
 
 
@@ -211,10 +218,11 @@ async def test_month_quota(proxies: list[Proxy]) -> None:
     k = key(tokens_per_month=10)
     (await a.limits.admit(k))(10)
     error = await outcome(b.limits.admit(k))
-    month = window("month", NOON)
+    now = a.start
+    month = window("month", now)
     assert isinstance(error, ProxyError)
     assert error.message == over_quota_message("alice", 10, month)
-    assert error.headers == {b"Retry-After": str(int(month.end - NOON)).encode()}
+    assert error.headers == {b"Retry-After": str(int(month.end - now)).encode()}
 
 
 @pytest_twisted.ensureDeferred
@@ -229,11 +237,12 @@ async def test_names_only_in_redis(
     await until(reactor, lambda: b"tokens:day" in redis_server.command("KEYS", "*"))
     listing = redis_server.command("KEYS", "*")
     names = sorted(part.decode() for part in listing.split(b"\r\n") if b":" in part)
+    day, month = window("day", a.start).label, window("month", a.start).label
     assert names == [
         "ollamaproxy:guesses:10.0.0.9",
         "ollamaproxy:rate:alice",
-        "ollamaproxy:tokens:day:2026-12-01:alice",
-        "ollamaproxy:tokens:month:2026-12:alice",
+        f"ollamaproxy:tokens:day:{day}:alice",
+        f"ollamaproxy:tokens:month:{month}:alice",
     ]
     assert b"ab" * 4 not in listing
 

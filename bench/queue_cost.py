@@ -25,10 +25,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IAgent
 
-from ollamaproxy.admission.model_names import resolve
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import Lease, Router
 from ollamaproxy.backends.upstream import Upstream
+from ollamaproxy.model_names import resolve
 
 MODEL = resolve("llama3.2")
 REQUESTS = 10_000

@@ -37,7 +37,7 @@ from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from ollamaproxy.web.request_body import StreamedBody
+from ollamaproxy.backends.request_body import StreamedBody
 
 
 def _transport(protocol: Protocol) -> ITransport:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from ollamaproxy.admission.model_names import ModelName
+from ollamaproxy.model_names import ModelName
 
 #: How a request ended:
 #:  - C{completed}: answered, by Ollama or the proxy, as it should be;
@@ -37,6 +37,12 @@ Outcome = Literal[
     "internal_error",
 ]
 OUTCOMES: frozenset[str] = frozenset(get_args(Outcome))
+
+#: The methods of HTTP that clients send; any other is a token of the
+#: client's choosing (a key, even), shown only redacted.
+HTTP_METHODS: frozenset[str] = frozenset(
+    ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"]
+)
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,12 @@ OLLAMA_ROUTES = (
 )
 
 
+#: The proxy's own routes beside Ollama's, for the key check: metrics and
+#: the console's data, admin keys only.
+METRICS_ROUTE = RouteSpec("/metrics", frozenset({b"GET"}), Scope.ADMIN)
+CONSOLE_ROUTE = RouteSpec("/-/console", frozenset({b"GET"}), Scope.ADMIN)
+
+
 class Catalogue:
     """
     Finds the route a path is on.

@@ -32,6 +32,8 @@ from ollamaproxy.admission.key_sources import FILE
 from ollamaproxy.admission.limits import GuessThrottle, KeyLimits, Limits, Throttle
 from ollamaproxy.admission.quotas import QuotaBook, QuotaSeed
 from ollamaproxy.admission.reload import KeysReloader, sighup_installer
+from ollamaproxy.assembly import assemble
+from ollamaproxy.backends.headers import via_mark
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.probe import UpstreamProbe
 from ollamaproxy.backends.router import Router
@@ -64,9 +66,8 @@ from ollamaproxy.record.redact import Redactor
 from ollamaproxy.record.usage import ThreadWorker, UsageCollector, UsageStore
 from ollamaproxy.redis.limits import RedisLimits, RedisThrottle
 from ollamaproxy.redis.link import RedisLink, open_link
-from ollamaproxy.web.app import OllamaProxy
 from ollamaproxy.web.cors import Cors
-from ollamaproxy.web.headers import via_mark
+from ollamaproxy.web.in_flight import InFlight
 from ollamaproxy.web.site import ProxySite
 
 if TYPE_CHECKING:
@@ -363,13 +364,13 @@ class DrainService(Service):
     On stop, lets requests in flight finish for a grace period.
     """
 
-    def __init__(self, proxy: OllamaProxy, grace_period: float) -> None:
-        self._proxy = proxy
+    def __init__(self, in_flight: InFlight, grace_period: float) -> None:
+        self._in_flight = in_flight
         self._grace_period = grace_period
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
-        return self._proxy.drain(self._grace_period)
+        return self._in_flight.drain(self._grace_period)
 
 
 def build_service(
@@ -419,7 +420,6 @@ def build_service(
     auth = Authenticator(keys, config.open_routes, reactor)
     readiness = Readiness()
     metrics = Metrics()
-    metrics.watch(router)
     usage_worker = ThreadWorker(reactor)
     if shared is None:
         usage_store = UsageStore(config.usage_file, reactor, worker=usage_worker)
@@ -452,30 +452,30 @@ def build_service(
         limits = RedisLimits(redis, limits, reactor, config.redis_failure, config.redis_lease,
                              quotas=quotas)
         throttle = RedisThrottle(redis, guesses, reactor)
-    proxy = OllamaProxy(
+    assembled = assemble(
         router,
         auth,
         limits,
-        Cors(config.cors_origins),
         reactor,
         metrics,
-        usage_store,
+        readiness,
+        cors=Cors(config.cors_origins),
+        usage=usage_store,
         body_sample_bytes=config.log_body_bytes,
         redact=Redactor(keys.is_key, clear_keys),
         trusted_proxies=config.trusted_proxies,
         caps=config.caps,
         throttle=throttle,
-        readiness=readiness,
     )
     site = ProxySite(
-        proxy.resource(),
+        assembled.proxy.resource(),
         config.client_timeout,
         config.max_body_size,
         reactor,
         body_sample_bytes=config.log_body_bytes,
         min_body_rate=config.min_body_rate,
         max_connections=0 if open_files is None else connection_limit(open_files),
-        record_refused=proxy.record_refused,
+        record=assembled.recorder.record,
         count_shed=metrics.connection_shed,
     )
 
@@ -514,9 +514,9 @@ def build_service(
     ).setServiceParent(service)
     if shared is not None:
         shared.keys_poller().setServiceParent(service)
-    DrainService(proxy, config.grace_period).setServiceParent(service)
+    DrainService(assembled.in_flight, config.grace_period).setServiceParent(service)
     # The console's sampler; it stops before the drain, ending open feeds.
-    proxy.console.live.setServiceParent(service)
+    assembled.console.live.setServiceParent(service)
     listeners = Listeners()
     listeners.setServiceParent(service)
     for endpoint in config.listen:

@@ -28,6 +28,7 @@ from ollamaproxy.admission.caps import Caps
 from ollamaproxy.admission.keys import SCOPES, ApiKey, KeyStore, digest
 from ollamaproxy.admission.limits import GuessThrottle, KeyLimits
 from ollamaproxy.admission.quotas import QuotaBook
+from ollamaproxy.assembly import assemble
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import Router
 from ollamaproxy.backends.upstream import Upstream
@@ -38,11 +39,10 @@ from ollamaproxy.config import (
     DEFAULT_QUEUE_TIMEOUT,
     parse_routes,
 )
+from ollamaproxy.readiness import Readiness
 from ollamaproxy.record.metrics import Metrics
 from ollamaproxy.record.usage import UsageStore
-from ollamaproxy.web.app import OllamaProxy
 from ollamaproxy.web.client_address import NOBODY, TrustedProxies
-from ollamaproxy.web.cors import Cors
 from ollamaproxy.web.site import ProxySite
 from tests.fake_ollama import FakeOllama
 
@@ -153,16 +153,22 @@ class Chain:
         auth = Authenticator(self.keys, parse_routes(open_routes), self.clock)
         self.metrics = Metrics()
         self.quotas = QuotaBook(self.clock, self.metrics.quota_refused, loaded=True)
-        self.proxy = OllamaProxy(self.router, auth, KeyLimits(self.clock, self.quotas), Cors(),
-                                 self.clock, self.metrics, body_sample_bytes=body_sample_bytes,
-                                 trusted_proxies=trusted_proxies, caps=caps,
-                                 throttle=self.throttle, usage=usage)
+        self.readiness = Readiness()
+        assembled = assemble(
+            self.router, auth, KeyLimits(self.clock, self.quotas), self.clock, self.metrics,
+            self.readiness, body_sample_bytes=body_sample_bytes,
+            trusted_proxies=trusted_proxies, caps=caps, throttle=self.throttle, usage=usage,
+        )
+        self.proxy = assembled.proxy
+        self.in_flight = assembled.in_flight
+        self.console = assembled.console
+        self.recorder = assembled.recorder
         self.client = StubTreq(self.proxy.resource())
         # Serve through the proxy's own Site, as the daemon does, not the
         # plain one StubTreq makes.
         self.client._agent._serverFactory = ProxySite(
             self.proxy.resource(), client_timeout, max_body_size, self.clock,
-            body_sample_bytes=body_sample_bytes,
+            body_sample_bytes=body_sample_bytes, record=assembled.recorder.record,
         )
 
     def flush(self) -> None:

@@ -41,7 +41,6 @@ def rendered_series() -> set[str]:
     watched as the daemon watches them.
     """
     chain = Chain()
-    chain.metrics.watch(chain.router)
     text = chain.body(chain.respond("GET", "/metrics")).decode()
     names: set[str] = set()
     for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):

@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.web.headers}: which headers cross the proxy, in each
+Tests for L{ollamaproxy.backends.headers}: which headers cross the proxy, in each
 direction.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from twisted.web.http_headers import Headers
 
-from ollamaproxy.web.headers import copy_response_headers, upstream_request_headers
+from ollamaproxy.backends.headers import copy_response_headers, upstream_request_headers
 
 # RFC 9110 section 7.6.1, plus the obsolete ones proxies still see.
 HOP_BY_HOP = [

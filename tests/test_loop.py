@@ -16,7 +16,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from ollamaproxy.web.headers import came_back, upstream_request_headers, via_mark
+from ollamaproxy.backends.headers import came_back, upstream_request_headers, via_mark
 from ollamaproxy.web.site import ProxySite
 from tests.chain import CLIENT_TIMEOUT, VIA, Chain
 

@@ -12,6 +12,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from ollamaproxy.backends.gauges import RouterGauges
 from ollamaproxy.exchange import Exchange, Outcome, StreamSummary
 from ollamaproxy.record.metrics import MAX_MODELS, Metrics
 from ollamaproxy.routes import Catalogue
@@ -337,10 +338,10 @@ def test_backends_and_queue_are_shown_at_each_scrape() -> None:
     from twisted.internet.task import Clock
     from twisted.web.iweb import IAgent
 
-    from ollamaproxy.admission.model_names import resolve
     from ollamaproxy.backends.pool import Backend, BackendPool
     from ollamaproxy.backends.router import Router
     from ollamaproxy.backends.upstream import Upstream
+    from ollamaproxy.model_names import resolve
 
     clock = Clock()
     backends = [
@@ -349,7 +350,7 @@ def test_backends_and_queue_are_shown_at_each_scrape() -> None:
     ]
     router = Router(BackendPool(backends), clock)
     metrics = Metrics()
-    metrics.watch(router)
+    metrics.registry.register(RouterGauges(router))
     backends[1].healthy = False
     router.acquire("k", resolve("m"), runs=True)
     router.acquire("k", resolve("m"), runs=True)

@@ -1,12 +1,12 @@
 """
-Tests for L{ollamaproxy.admission.model_names}: model names as Ollama resolves them.
+Tests for L{ollamaproxy.model_names}: model names as Ollama resolves them.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from ollamaproxy.admission.model_names import ModelName, matches, resolve
+from ollamaproxy.model_names import ModelName, matches, resolve
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,7 @@ def test_draining_turns_not_ready_first() -> None:
     """
     chain = Chain()
     assert chain.respond("GET", "/-/ready", key=None).code == 200
-    chain.proxy.drain(30)
+    chain.in_flight.drain(30)
     response = chain.respond("GET", "/-/ready", key=None)
     assert response.code == 503
     assert json.loads(chain.body(response))["error"] == "not ready: accepting"

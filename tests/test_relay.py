@@ -17,7 +17,7 @@ from twisted.web._newclient import ResponseFailed
 from twisted.web.http_headers import Headers
 
 from ollamaproxy.backends import relay as relay_module
-from ollamaproxy.backends.relay import _BodyRelay
+from ollamaproxy.backends.relay import _BodyAnswer
 from ollamaproxy.backends.upstream import Upstream
 from tests.chain import HEADER_TIMEOUT, IDLE_TIMEOUT, Chain, Collector
 from tests.fake_ollama import HeldStream
@@ -346,7 +346,7 @@ def test_client_backpressure_reaches_ollama_socket() -> None:
     upstream = Upstream(agent=None, base=b"", clock=clock,  # type: ignore[arg-type]
                         header_timeout=1, idle_timeout=5)
     request = _Request()
-    body = _BodyRelay(request, _Response(), upstream, openai=False)  # type: ignore[arg-type]
+    body = _BodyAnswer(request, _Response(), upstream, openai=False)  # type: ignore[arg-type]
     socket = StringTransport()
     body.makeConnection(socket)
     assert request.producer is body

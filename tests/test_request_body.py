@@ -1,6 +1,6 @@
 """
 Tests for request bodies streamed to Ollama as they arrive:
-L{ollamaproxy.web.request_body} and L{ollamaproxy.web.site.ProxyRequest}.
+L{ollamaproxy.backends.request_body} and L{ollamaproxy.web.site.ProxyRequest}.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from zope.interface import implementer
 from ollamaproxy.admission.auth import Authenticator
 from ollamaproxy.admission.keys import SCOPES, ApiKey, KeyStore, digest
 from ollamaproxy.admission.limits import KeyLimits
+from ollamaproxy.assembly import assemble
 from ollamaproxy.backends.pool import Backend, BackendPool
+from ollamaproxy.backends.request_body import HIGH_WATER, BodyTooLarge, StreamedBody
 from ollamaproxy.backends.router import Router
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.config import parse_routes
+from ollamaproxy.readiness import Readiness
 from ollamaproxy.record.metrics import Metrics
-from ollamaproxy.web.app import OllamaProxy
-from ollamaproxy.web.cors import Cors
-from ollamaproxy.web.request_body import HIGH_WATER, BodyTooLarge, StreamedBody
 from ollamaproxy.web.site import ProxySite
 from tests.chain import KEY
 
@@ -79,7 +79,7 @@ def serve(max_body_size: int = 0) -> tuple[Any, StringTransport, _RecordingAgent
     keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=SCOPES)])
     auth = Authenticator(keys, parse_routes(""), clock)
     router = Router(BackendPool([Backend(upstream)]), clock)
-    proxy = OllamaProxy(router, auth, KeyLimits(clock), Cors(), clock, Metrics())
+    proxy = assemble(router, auth, KeyLimits(clock), clock, Metrics(), Readiness()).proxy
     site = ProxySite(proxy.resource(), 60, max_body_size, clock)
     protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
     transport = StringTransport()

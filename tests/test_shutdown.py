@@ -20,7 +20,7 @@ def test_nothing_in_flight_drains_at_once() -> None:
     With no request in flight, draining is done immediately.
     """
     chain = Chain()
-    assert chain.result(chain.proxy.drain(GRACE)) is None
+    assert chain.result(chain.in_flight.drain(GRACE)) is None
 
 
 def test_stream_in_flight_finishes_within_grace_period() -> None:
@@ -32,7 +32,7 @@ def test_stream_in_flight_finishes_within_grace_period() -> None:
     d = chain.request("POST", "/api/chat", data=CHAT)
     held = chain.fake.held[-1]
     client = chain.stream(chain.result(d))
-    drained = chain.proxy.drain(GRACE)
+    drained = chain.in_flight.drain(GRACE)
     held.write_line({"n": 1, "done": False})
     chain.clock.advance(GRACE - 1)
     chain.flush()
@@ -53,7 +53,7 @@ def test_new_requests_while_draining_get_503() -> None:
     """
     chain = Chain()
     d = chain.request("POST", "/api/chat", data=CHAT)
-    chain.proxy.drain(GRACE)
+    chain.in_flight.drain(GRACE)
     received = len(chain.fake.received)
     response = chain.respond("GET", "/api/tags")
     assert response.code == 503
@@ -74,7 +74,7 @@ def test_streams_left_at_end_of_grace_period_are_cut(access_events: list[LogEven
     held = chain.fake.held[-1]
     client = chain.stream(chain.result(d))
     held.write_line({"n": 1, "done": False})
-    drained = chain.proxy.drain(GRACE)
+    drained = chain.in_flight.drain(GRACE)
     chain.clock.advance(GRACE)
     chain.flush()
     assert chain.failure(client.done).check(ResponseFailed)

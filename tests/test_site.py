@@ -160,7 +160,7 @@ def test_refused_request_is_logged_once_and_counted() -> None:
     """
     chain = Chain()
     site = ProxySite(chain.proxy.resource(), TIMEOUT, 0, chain.clock,
-                     record_refused=chain.proxy.record_refused)
+                     record=chain.recorder.record)
     _, protocol = _connect_site(site)
     with capturedLogs() as events:
         protocol.dataReceived(
@@ -184,7 +184,7 @@ def test_broken_chunked_body_is_logged_as_bad_request(access_events: list[LogEve
     """
     chain = Chain()
     site = ProxySite(chain.proxy.resource(), TIMEOUT, 0, chain.clock,
-                     record_refused=chain.proxy.record_refused)
+                     record=chain.recorder.record)
     transport, protocol = _connect_site(site)
     protocol.dataReceived(
         b"POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()

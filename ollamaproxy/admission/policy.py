@@ -22,8 +22,8 @@ from email.message import Message
 from urllib.parse import parse_qs
 
 from ollamaproxy.admission.keys import ApiKey
-from ollamaproxy.admission.model_names import ModelName, listed_model, matches, resolve
 from ollamaproxy.errors import ProxyError
+from ollamaproxy.model_names import ModelName, listed_model, matches, resolve
 from ollamaproxy.routes import ModelIn, RouteSpec
 
 #: The largest body read whole to find its model (chat requests with a few

@@ -22,7 +22,6 @@ from functools import partial
 
 from ollamaproxy.admission.caps import CAPPED_ROUTES, NO_CAPS, Caps, clamp
 from ollamaproxy.admission.keys import ApiKey
-from ollamaproxy.admission.model_names import ModelName, resolve
 from ollamaproxy.admission.policy import (
     MAX_CHECKED_BODY,
     check_models,
@@ -31,12 +30,13 @@ from ollamaproxy.admission.policy import (
     needs_body_check,
     path_model,
 )
+from ollamaproxy.backends.downstream import Downstream
 from ollamaproxy.backends.relay import Target
+from ollamaproxy.backends.request_body import BodyTooLarge
 from ollamaproxy.backends.router import UNREAD_MODEL
 from ollamaproxy.errors import ProxyError
+from ollamaproxy.model_names import ModelName, resolve
 from ollamaproxy.routes import ModelIn, RouteSpec
-from ollamaproxy.web.request_body import BodyTooLarge
-from ollamaproxy.web.site import ProxyRequest
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Plan:
 
 async def plan_request(
     key: ApiKey | None,
-    request: ProxyRequest,
+    request: Downstream,
     target: Target,
     path: bytes,
     route: RouteSpec | None,
@@ -130,7 +130,7 @@ async def plan_request(
     return plan
 
 
-def _readable(request: ProxyRequest) -> bool:
+def _readable(request: Downstream) -> bool:
     """
     Whether a body can be read whole without refusing it: declared small
     enough, and not compressed.
@@ -144,7 +144,7 @@ def _readable(request: ProxyRequest) -> bool:
     )
 
 
-async def _read(request: ProxyRequest) -> bytes:
+async def _read(request: Downstream) -> bytes:
     """
     A request's whole body, within the proxy's bound for a checked body.
     """

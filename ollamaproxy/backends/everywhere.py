@@ -14,25 +14,27 @@ backend's.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
+from ollamaproxy.backends.downstream import Downstream
 from ollamaproxy.backends.pool import Backend
 from ollamaproxy.backends.relay import (
     NDJSON,
-    Relayed,
+    Answered,
     Target,
+    answer_body,
     answer_head,
-    relay_body,
+    end_cut,
     send,
     whole_body,
 )
 from ollamaproxy.errors import ProxyError, error_body
-from ollamaproxy.web.site import ProxyRequest
 
 
 @implementer(IBodyProducer)
@@ -61,27 +63,43 @@ class BytesProducer:
         pass
 
 
+@dataclass(frozen=True)
+class EveryAnswer:
+    """
+    What the client was answered for a request sent to every backend.
+
+    @ivar status: The status the client got.
+    @ivar responded: When its answer's head came (on the backends' clock).
+    @ivar answered: What was answered of the last backend's answer (or why
+        the stream was cut, already ended).
+    @ivar reached: The backends the request reached.
+    """
+
+    status: int
+    responded: float
+    answered: Answered
+    reached: list[Backend]
+
+
 async def on_every_backend(
-    request: ProxyRequest,
+    request: Downstream,
     target: Target,
     backends: Sequence[Backend],
     body: bytes,
-    on_head: Callable[[int], None],
     sample_bytes: int = 0,
-) -> tuple[Relayed, list[Backend]]:
+) -> EveryAnswer:
     """
     Send one request to each of C{backends} in turn, and answer the client
     once (see the module's docstring).
 
     @param body: The request's body, read whole.
-    @param on_head: Called with the status the client gets.
-    @return: What was relayed of the last backend's answer (or why the
-        stream was cut), and the backends the request reached.
     @raise ProxyError: If the first backend cannot be reached.
     """
     reached: list[Backend] = []
     streaming = False
     count = len(backends)
+    clock = backends[0].upstream.clock
+    responded = 0.0
     for number, backend in enumerate(backends, 1):
         which = f"backend {number} of {count}"
         try:
@@ -89,29 +107,31 @@ async def on_every_backend(
         except ProxyError as e:
             if not streaming:
                 raise
-            return _end_stream(request, f"{which}: {e.message}", e.code), reached
+            cut = await _end_stream(request, f"{which}: {e.message}", e.code)
+            return EveryAnswer(200, responded, cut, reached)
         reached.append(backend)
         if number == 1 and response.code == 200 and _is_stream(response):
             streaming = True
-            on_head(response.code)
+            responded = clock.seconds()
             answer_head(request, response)
             request.responseHeaders.removeHeader(b"content-length")
         if not streaming:
             answer = await whole_body(response)
             if response.code < 300 and number < count:
                 continue
-            on_head(response.code)
             answer_head(request, response)
             request.setHeader(b"content-length", b"%d" % len(answer))
             request.write(answer)
-            return Relayed(sample=answer[:sample_bytes]), reached
+            return EveryAnswer(response.code, clock.seconds(),
+                               Answered(sample=answer[:sample_bytes]), reached)
         request.write(_status_line(which))
         if response.code != 200:
             message = (await whole_body(response)).decode("utf-8", "replace").strip()
-            return _end_stream(request, f"{which}: {message}", response.code), reached
-        relayed = await relay_body(request, response, backend.upstream, False, sample_bytes)
-        if relayed.cut is not None or number == count:
-            return relayed, reached
+            cut = await _end_stream(request, f"{which}: {message}", response.code)
+            return EveryAnswer(200, responded, cut, reached)
+        answered = await answer_body(request, response, backend.upstream, False, sample_bytes)
+        if answered.cut is not None or number == count:
+            return EveryAnswer(200, responded, answered, reached)
     raise AssertionError("no backend")  # pragma: no cover: backends is never empty
 
 
@@ -127,9 +147,10 @@ def _status_line(status: str) -> bytes:
     return json.dumps({"status": status}).encode("utf-8") + b"\n"
 
 
-def _end_stream(request: ProxyRequest, message: str, code: int) -> Relayed:
+async def _end_stream(request: Downstream, message: str, code: int) -> Answered:
     """
     End a streamed answer with an error line, as a cut stream.
     """
     request.write(error_body(message, code, openai=False) + b"\n")
-    return Relayed(cut=message)
+    await end_cut(request)
+    return Answered(cut=message)

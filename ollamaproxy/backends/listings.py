@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from ollamaproxy.admission.model_names import listed_model
+from ollamaproxy.model_names import listed_model
 
 
 def merge_listings(bodies: Sequence[bytes], field: str) -> bytes:

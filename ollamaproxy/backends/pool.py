@@ -26,10 +26,10 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
 from ollamaproxy import __version__
-from ollamaproxy.admission.model_names import ModelName, listed_model
 from ollamaproxy.backends.relay import whole_body
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.config import DEFAULT_PARALLEL
+from ollamaproxy.model_names import ModelName, listed_model
 
 log = Logger()
 
@@ -59,13 +59,11 @@ class Backend:
     loaded: frozenset[ModelName] = frozenset()
     running: Counter[ModelName | None] = field(default_factory=Counter)
     errors: deque[str] = field(default_factory=lambda: deque(maxlen=_RECENT_ERRORS))
+    #: The backend's base URL, as logs and metrics name it.
+    name: str = field(init=False)
 
-    @property
-    def name(self) -> str:
-        """
-        The backend's base URL, as logs and metrics name it.
-        """
-        return self.upstream.base.decode("ascii", "replace")
+    def __post_init__(self) -> None:
+        self.name = self.upstream.base.decode("ascii", "replace")
 
     @property
     def in_flight(self) -> int:

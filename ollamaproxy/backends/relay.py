@@ -5,7 +5,7 @@ byte for byte, as it arrives.
 
 The path of a response body::
 
-    Ollama socket -> Agent -> _BodyRelay.dataReceived -> request.write -> client
+    Ollama socket -> Agent -> _BodyAnswer.dataReceived -> request.write -> client
 
 Nothing on that path keeps a body: an C{application/x-ndjson} stream goes out
 one complete line at a time (a line split across reads waits for its end;
@@ -40,14 +40,14 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
+from ollamaproxy.backends.downstream import Downstream
+from ollamaproxy.backends.headers import copy_response_headers, upstream_request_headers
+from ollamaproxy.backends.request_body import BodyTooLarge
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.config import show_size
 from ollamaproxy.errors import ProxyError, error_body
 from ollamaproxy.exchange import StreamSummary
 from ollamaproxy.record.summary import summarise
-from ollamaproxy.web.headers import copy_response_headers, upstream_request_headers
-from ollamaproxy.web.request_body import BodyTooLarge
-from ollamaproxy.web.site import ProxyRequest
 
 NDJSON = b"application/x-ndjson"
 SSE = b"text/event-stream"
@@ -106,26 +106,38 @@ class Target:
 
 
 @dataclass(frozen=True)
-class Relayed:
+class Answered:
     """
-    What a relayed response amounted to.
+    What an answer relayed to the client amounted to.
 
     @ivar summary: What the generation used, from its final object, if the
         body was a generation's.
     @ivar sample: The start of the body, for the log.
     @ivar cut: Why the body stopped before its end, or L{None} if it did
-        not.  The client has had an error in the stream's own format; the
-        caller notes it, then ends the response with L{end_cut}, so that
-        the client cannot take it for complete.
+        not.  The client has had an error in the stream's own format, and
+        its connection was closed without the last chunk (L{end_cut}), so
+        that it cannot take the answer for complete.
     """
 
     summary: StreamSummary | None = None
     sample: bytes = b""
     cut: str | None = None
 
+    @property
+    def tokens(self) -> int:
+        """
+        The tokens the answer counted, prompt and generated, if it said.
+        """
+        summary = self.summary
+        return 0 if summary is None else summary.prompt_tokens + summary.completion_tokens
+
+
+#: What a request that has not been answered yet amounted to.
+NOTHING_ANSWERED = Answered()
+
 
 async def send(
-    request: ProxyRequest,
+    request: Downstream,
     upstream: Upstream,
     target: Target,
     method: bytes | None = None,
@@ -175,33 +187,27 @@ async def send(
         ) from e
 
 
-async def relay(
-    request: ProxyRequest,
+async def answer(
+    request: Downstream,
+    response: IResponse,
     upstream: Upstream,
     target: Target,
-    on_head: Callable[[int], None],
     rewrite: Callable[[bytes], bytes] | None = None,
     sample_bytes: int = 0,
-) -> Relayed:
+) -> Answered:
     """
-    Send C{request} to Ollama and stream the response back into it.
+    Answer the client with Ollama's response: its head, then its body as it
+    comes.
 
-    @param on_head: Called with the status when Ollama's response head
-        arrives.
     @param rewrite: For the few small answers the proxy must change (model
         listings for a key limited to some models): called with a whole
-        successful body, and what it returns is sent instead.  A C{HEAD}
-        request is then sent as C{GET}, so that its length is the
-        rewritten body's.
+        successful body, and what it returns is sent instead.
     @param sample_bytes: How much of the response body to keep for the log;
         0 for none.
-    @return: What was relayed.
-    @raise ProxyError: as L{send} does, before anything was written to the
-        client; 502 if an answer to rewrite could not be read.
+    @return: What was answered; a body cut short is already ended.
+    @raise ProxyError: 502 if an answer to rewrite could not be read,
+        before anything was written to the client.
     """
-    head = b"GET" if rewrite is not None and request.method == b"HEAD" else None
-    response = await send(request, upstream, target, head)
-    on_head(response.code)
     if rewrite is not None and response.code == 200:
         try:
             rewritten = rewrite(await whole_body(response))
@@ -212,13 +218,13 @@ async def relay(
         answer_head(request, response)
         request.setHeader(b"content-length", b"%d" % len(rewritten))
         request.write(rewritten)
-        return Relayed()
+        return Answered()
     answer_head(request, response)
     request.write(b"")  # the response head goes out now, as Ollama sent it
-    return await relay_body(request, response, upstream, target.openai, sample_bytes)
+    return await answer_body(request, response, upstream, target.openai, sample_bytes)
 
 
-def answer_head(request: ProxyRequest, response: IResponse) -> None:
+def answer_head(request: Downstream, response: IResponse) -> None:
     """
     Answer with Ollama's status and headers.
     """
@@ -228,48 +234,58 @@ def answer_head(request: ProxyRequest, response: IResponse) -> None:
     copy_response_headers(response.headers, request.responseHeaders)
 
 
-async def relay_body(
-    request: ProxyRequest,
+async def answer_body(
+    request: Downstream,
     response: IResponse,
     upstream: Upstream,
     openai: bool,
     sample_bytes: int = 0,
-) -> Relayed:
+) -> Answered:
     """
     Stream Ollama's response body to the client as it comes (the head has
-    been answered).
+    been answered); end a body cut short with L{end_cut}.
     """
-    body = _BodyRelay(request, response, upstream, openai, sample_bytes)
+    body = _BodyAnswer(request, response, upstream, openai, sample_bytes)
     response.deliverBody(body)
     try:
         await body.done
     except BodyCut as e:
-        return Relayed(sample=body.sample, cut=str(e))
-    return Relayed(summarise(body.tail, openai, body.pieces, body.reads), body.sample)
+        await end_cut(request)
+        return Answered(sample=body.sample, cut=str(e))
+    return Answered(summarise(body.tail, openai, body.pieces, body.reads), body.sample)
 
 
-def pieces_relayed(request: object) -> int | None:
+def pieces_answered(request: object) -> int | None:
     """
-    How many pieces of its response body a request in flight has relayed so
+    How many pieces of its response body a request in flight has answered so
     far (one NDJSON line or SSE event is about one token), or L{None} if no
     body is streaming to it now.
 
-    Read from the L{_BodyRelay} that is the request's producer while it
+    Read from the L{_BodyAnswer} that is the request's producer while it
     streams (twisted.web's C{Request.producer}): nothing is added per chunk
     or per request for it; the console samples it a few times a second.
     """
     producer = getattr(request, "producer", None)
-    return producer.reads if isinstance(producer, _BodyRelay) else None
+    return producer.reads if isinstance(producer, _BodyAnswer) else None
 
 
-async def end_cut(request: ProxyRequest) -> None:
+async def end_cut(request: Downstream) -> None:
     """
     End a response whose body was cut: close the connection without the
-    last chunk, so the client cannot take the stream for complete.  Klein
-    sees the disconnection and ends the handler.
+    last chunk, so the client cannot take the stream for complete, and wait
+    until it is closed (a response finished before then would still get its
+    last chunk out).
     """
     request.loseConnection()
-    await request.notifyFinish().addErrback(lambda _: None)
+    try:
+        await request.notifyFinish()
+    except CancelledError:
+        # Klein cancels the handler when the connection goes: the end
+        # asked for here, not the client's leaving.
+        pass
+    except Exception:
+        # The connection was lost: the end asked for here.
+        pass
 
 
 def _too_large(limit: int) -> ProxyError:
@@ -349,7 +365,7 @@ def whole_body(response: IResponse, max_size: int = MAX_WHOLE_BODY) -> Deferred[
 
 
 @implementer(IPushProducer)
-class _BodyRelay(Protocol):
+class _BodyAnswer(Protocol):
     """
     Receives Ollama's response body and writes it to the client.
 
@@ -362,7 +378,7 @@ class _BodyRelay(Protocol):
 
     def __init__(
         self,
-        request: ProxyRequest,
+        request: Downstream,
         response: IResponse,
         upstream: Upstream,
         openai: bool,

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from ollamaproxy.admission.model_names import ModelName
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.queue import FairQueue, busy
 from ollamaproxy.config import DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT
 from ollamaproxy.errors import ProxyError
+from ollamaproxy.model_names import ModelName
 
 #: The model of a request that runs one but whose body the proxy did not
 #: read: a slot of its own kind, so that no way of sending a body skips the

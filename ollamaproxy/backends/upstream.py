@@ -53,7 +53,7 @@ class Upstream:
     @ivar clock: Tells time for the timeouts.
     @ivar header_timeout: Seconds to wait for Ollama's response head.
     @ivar idle_timeout: Seconds Ollama may stay silent within a body.
-    @ivar via: This proxy's C{Via} entry (L{ollamaproxy.web.headers.via_mark}),
+    @ivar via: This proxy's C{Via} entry (L{ollamaproxy.backends.headers.via_mark}),
         added to every request sent to Ollama and looked for in every
         request received; empty for none.
     """

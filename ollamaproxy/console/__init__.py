@@ -14,6 +14,6 @@ who waits, the backends' health and load, usage over time and the keys.
 """
 
 from ollamaproxy.console.live import Live
-from ollamaproxy.console.web import CONSOLE_PATH, CONSOLE_ROUTE, Console, UsageReader
+from ollamaproxy.console.web import CONSOLE_PATH, Console, UsageReader
 
-__all__ = ["CONSOLE_PATH", "CONSOLE_ROUTE", "Console", "Live", "UsageReader"]
+__all__ = ["CONSOLE_PATH", "Console", "Live", "UsageReader"]

@@ -7,7 +7,7 @@ Nothing here runs per chunk or per request.  L{Live} looks, every C{tick}
 seconds (a few times a second), at the requests the app has in flight (its
 registry of L{Exchange}s), the fair queue and the backends.  A request's
 tokens so far are the pieces its response body arrived in
-(L{ollamaproxy.backends.relay.pieces_relayed}: one NDJSON line or SSE event is about
+(L{ollamaproxy.backends.relay.pieces_answered}: one NDJSON line or SSE event is about
 one token), a counter the relay keeps anyway; its tokens a second are the
 difference between samples.  So a thousand streams cost a loop over a
 thousand requests a few times a second, and nothing on the relay's path.
@@ -44,10 +44,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ollamaproxy.backends.relay import pieces_relayed
+from ollamaproxy.backends.relay import pieces_answered
 from ollamaproxy.backends.router import Router
 from ollamaproxy.console.views import backends_view, without_credentials
-from ollamaproxy.exchange import Exchange
+from ollamaproxy.web.in_flight import Flight
 
 log = Logger()
 
@@ -138,7 +138,7 @@ class Live(Service):
 
     def __init__(
         self,
-        requests: Mapping[Any, Exchange],
+        requests: Mapping[Any, Flight],
         router: Router,
         clock: IReactorTime,
         redact: Callable[[str], str],
@@ -147,8 +147,9 @@ class Live(Service):
         heartbeat: float = HEARTBEAT,
     ) -> None:
         """
-        @param requests: The app's registry of requests in flight (the web
-            request to its record), read at each tick, never written.
+        @param requests: The registry of requests in flight (the web
+            request to its record and trip), read at each tick, never
+            written.
         @param router: The backends and the fair queue.
         @param redact: Blanks credentials in text shown (backend errors).
         """
@@ -248,14 +249,14 @@ class Live(Service):
         tracks: dict[Any, _Track] = {}
         running = queued = 0
         total_rate = 0.0
-        for request, exchange in list(self._requests.items()):
+        for request, flight in list(self._requests.items()):
             track = self._tracks.get(request) or _Track()
             tracks[request] = track
-            pieces = pieces_relayed(request)
+            pieces = pieces_answered(request)
             if pieces is not None:
                 track.samples.append((now, pieces))
             total_rate += track.rate()
-            if exchange.backend:
+            if flight.trip.backend:
                 running += 1
             else:
                 queued += 1
@@ -269,18 +270,19 @@ class Live(Service):
         last samples.
         """
         rows: list[dict[str, Any]] = []
-        for request, exchange in list(self._requests.items()):
+        for request, flight in list(self._requests.items()):
+            exchange, backend = flight.exchange, flight.trip.backend
             track = self._tracks.get(request)
             samples = track.samples if track is not None else ()
             rows.append({
                 "key": exchange.key,
                 "model": exchange.model.canonical if exchange.model is not None else "",
-                "backend": _shown(exchange.backend, self._redact),
+                "backend": _shown(backend, self._redact),
                 "route": exchange.route,
                 "started": round(exchange.started, 3),
                 "tokens": samples[-1][1] if samples else 0,
                 "tokens_per_second": round(track.rate(), 1) if track is not None else 0.0,
-                "state": "running" if exchange.backend else "queued",
+                "state": "running" if backend else "queued",
             })
         rows.sort(key=lambda row: row["started"])
         self._state = {

@@ -22,8 +22,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ollamaproxy.admission.caps import show_duration
 from ollamaproxy.admission.keys import ApiKey
-from ollamaproxy.admission.model_names import ModelName
 from ollamaproxy.backends.router import UNREAD_MODEL, Router
+from ollamaproxy.model_names import ModelName
 from ollamaproxy.record.usage_db import SeriesRow
 
 # "//user:password@" inside any text (an error message quoting a URL).

@@ -41,7 +41,7 @@ the access log, as C{/metrics} and C{/-/ready} are not.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 from typing import Any, Final, Protocol
@@ -56,19 +56,18 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from ollamaproxy.admission.keys import ApiKey, KeyStore
+from ollamaproxy.admission.keys import KeyStore
 from ollamaproxy.admission.quota_periods import window
 from ollamaproxy.console.live import Live
 from ollamaproxy.console.views import USAGE_COLUMNS, keys_view, usage_csv
 from ollamaproxy.errors import ProxyError, reason_phrase
 from ollamaproxy.record.usage_db import BUCKET_SECONDS, Bucket, SeriesRow
-from ollamaproxy.routes import RouteSpec, Scope
+from ollamaproxy.routes import CONSOLE_ROUTE
+from ollamaproxy.web.gate import Gate, keyed
 
 log = Logger()
 
-CONSOLE_PATH: Final = b"/-/console"
-#: The console's data, for the key check: admin keys only.
-CONSOLE_ROUTE: Final = RouteSpec("/-/console", frozenset({b"GET"}), Scope.ADMIN)
+CONSOLE_PATH: Final = CONSOLE_ROUTE.pattern.encode("ascii")
 
 CSP: Final = (
     b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -145,8 +144,9 @@ class Console:
     @param keys: The keys, for the Keys view.
     @param usage: Reads usage for the Usage and Keys views, or L{None}
         without a usage store.
-    @param authenticate: Checks a request's key for L{CONSOLE_ROUTE} (the
-        proxy's own check, with its guess throttle).
+    @param gate: Checks a request's key for L{CONSOLE_ROUTE} (the proxy's
+        own check, with its guess throttle): admin keys only, even if the
+        route is opened.
     """
 
     app = Klein()
@@ -157,13 +157,13 @@ class Console:
         keys: KeyStore,
         usage: UsageReader | None,
         clock: IReactorTime,
-        authenticate: Callable[[IRequest], Awaitable[ApiKey | None]],
+        gate: Gate,
     ) -> None:
         self.live = live
         self._keys = keys
         self._usage = usage
         self._clock = clock
-        self._authenticate = authenticate
+        self.gate = gate
         self._static = static_files()
 
     def serve(self, request: IRequest) -> IResource:
@@ -187,15 +187,6 @@ class Console:
         request.setHeader(b"location", CONSOLE_PATH + b"/")
         return b""
 
-    async def _admin(self, request: IRequest) -> None:
-        """
-        @raise ProxyError: 401 without a key or with a wrong one, 403 for a
-            key that is not an admin key.
-        """
-        key = await self._authenticate(request)
-        if key is None or not key.admin:
-            raise ProxyError(403, "the console needs an admin key")
-
     # The page: no data, no key.
 
     @app.route("/", methods=["GET"])
@@ -217,20 +208,20 @@ class Console:
     # The data: admin keys only.
 
     @app.route("/api/now", methods=["GET"])
+    @keyed(CONSOLE_ROUTE, may_open=False)
     async def now(self, request: IRequest) -> bytes:
         """
         The Now and Backends views as of the last sample, with the totals'
         recent history.
         """
-        await self._admin(request)
         return _json(request, {"now": self._clock.seconds(), **self.live.snapshot()})
 
     @app.route("/api/keys", methods=["GET"])
+    @keyed(CONSOLE_ROUTE, may_open=False)
     async def keys(self, request: IRequest) -> bytes:
         """
         The Keys view.
         """
-        await self._admin(request)
         now = self._clock.seconds()
         last_used: dict[str, float] = {}
         today: dict[str, int] = {}
@@ -251,13 +242,13 @@ class Console:
         return today, month
 
     @app.route("/api/usage", methods=["GET"])
+    @keyed(CONSOLE_ROUTE, may_open=False)
     async def usage(self, request: IRequest) -> bytes:
         """
         The Usage view: per key and model, by hour or day, over a range
         (C{?from=YYYY-MM-DD&to=YYYY-MM-DD&bucket=day}, UTC, both days
         included), with each key's quota use.
         """
-        await self._admin(request)
         since, until, bucket = _usage_range(request, self._clock.seconds())
         rows: list[SeriesRow] = []
         quotas: list[dict[str, Any]] = []
@@ -281,11 +272,11 @@ class Console:
         })
 
     @app.route("/api/usage.csv", methods=["GET"])
+    @keyed(CONSOLE_ROUTE, may_open=False)
     async def usage_csv(self, request: IRequest) -> bytes:
         """
         The Usage view's rows as CSV, for a spreadsheet.
         """
-        await self._admin(request)
         since, until, bucket = _usage_range(request, self._clock.seconds())
         rows = [] if self._usage is None else await self._usage.series(since, until, bucket)
         day = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%d")
@@ -297,12 +288,12 @@ class Console:
         return usage_csv(rows)
 
     @app.route("/api/feed", methods=["GET"])
+    @keyed(CONSOLE_ROUTE, may_open=False)
     async def feed(self, request: Request) -> None:
         """
         The live feed: NDJSON, one message a line, until the client goes
         away or the proxy stops.
         """
-        await self._admin(request)
         request.setHeader(b"content-type", b"application/x-ndjson")
         # A buffering proxy in front (nginx) would hold the feed back.
         request.setHeader(b"x-accel-buffering", b"no")

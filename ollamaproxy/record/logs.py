@@ -66,7 +66,9 @@ def log_exchange(
         and the bodies, before they go into any event.  (The summary's
         model is the one Ollama answered with: an installed model.)
     """
-    path = redact(exchange.path)
+    # A path that is one of Ollama's fixed routes (the route's pattern
+    # itself) holds nothing of the client's choosing: no need to look.
+    path = exchange.path if exchange.path == exchange.route else redact(exchange.path)
     detail = redact(exchange.detail) if exchange.detail else ""
     _emit(
         access,

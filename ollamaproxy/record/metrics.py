@@ -24,17 +24,12 @@ Every label has a bounded set of values, whatever clients send:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import Collector
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from ollamaproxy.backends.router import Router
-from ollamaproxy.exchange import OUTCOMES, Exchange
+from ollamaproxy.exchange import HTTP_METHODS, OUTCOMES, Exchange
 from ollamaproxy.readiness import READY_PATH, Readiness
 
 __all__ = ["DURATION_BUCKETS", "MAX_MODELS", "Metrics"]
@@ -51,7 +46,6 @@ MAX_MODELS = 100
 
 OTHER = "other"
 
-_METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
 _UPSTREAM_ERRORS = ("upstream_error", "timeout")
 _AUTH_FAILURES = (401, 403, 429)
 
@@ -168,7 +162,7 @@ class Metrics:
         status = _status_label(exchange.status)
         self._requests.labels(
             route=route,
-            method=exchange.method if exchange.method in _METHODS else OTHER,
+            method=exchange.method if exchange.method in HTTP_METHODS else OTHER,
             status=status,
             key=exchange.key,
             outcome=exchange.outcome if exchange.outcome in OUTCOMES else OTHER,
@@ -190,13 +184,6 @@ class Metrics:
                 ("completion", summary.completion_tokens),
             ):
                 self._tokens.labels(key=exchange.key, model=model, kind=kind).inc(max(0, count))
-
-    def watch(self, router: Router) -> None:
-        """
-        Show the backends' health and load and the queue's depth, read from
-        C{router} at each scrape.
-        """
-        self.registry.register(_RouterCollector(router))
 
     def quota_refused(self, key: str, period: str) -> None:
         """
@@ -259,30 +246,3 @@ class MetricsResource(Resource):
         content_type, body = self._metrics.render(request.getHeader(b"accept"))
         request.setHeader(b"content-type", content_type)
         return body
-
-
-class _RouterCollector(Collector):
-    """
-    The backends and the fair queue, as they are at a scrape.
-    """
-
-    def __init__(self, router: Router) -> None:
-        self._router = router
-
-    def collect(self) -> Iterable[Metric]:
-        up = GaugeMetricFamily(
-            "ollamaproxy_backend_up", "Whether a backend is healthy (1) or not (0).",
-            labels=["backend"],
-        )
-        in_flight = GaugeMetricFamily(
-            "ollamaproxy_backend_in_flight", "Requests in flight to a backend.",
-            labels=["backend"],
-        )
-        for backend in self._router.backends:
-            up.add_metric([backend.name], 1.0 if backend.healthy else 0.0)
-            in_flight.add_metric([backend.name], float(backend.in_flight))
-        waiting = GaugeMetricFamily(
-            "ollamaproxy_queue_waiting", "Requests waiting in the fair queue for a busy model.",
-            value=float(len(self._router.queue)),
-        )
-        return [up, in_flight, waiting]

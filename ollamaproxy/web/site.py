@@ -7,7 +7,7 @@ twisted.web's own access log.
 Request bodies: twisted.web receives a whole request body before it hands
 the request on.  L{ProxyRequest} instead starts the request as soon as its
 head is complete and passes the body on while it arrives
-(L{ollamaproxy.web.request_body.StreamedBody}), so a model upload flows to Ollama
+(L{ollamaproxy.backends.request_body.StreamedBody}), so a model upload flows to Ollama
 at once, a key is checked before a byte of the body is read, and a body over
 the size limit is refused as soon as that shows.
 
@@ -56,10 +56,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from ollamaproxy.backends.request_body import StreamedBody
 from ollamaproxy.errors import error_body, is_openai_path, reason_phrase
 from ollamaproxy.exchange import Exchange, Outcome
-from ollamaproxy.record.logs import log_exchange
-from ollamaproxy.web.request_body import StreamedBody
+from ollamaproxy.record.recorder import Recorder
 
 log = Logger()
 
@@ -341,7 +341,7 @@ class ProxyChannel(HTTPChannel):
                 status=status,
             )
             exchange.failed(outcome, reason)
-            self.site.record_refused(exchange, sent, now)
+            self.site.record(exchange, sent)
         self.loseConnection()
 
     def _cancel_deadline(self) -> None:
@@ -376,9 +376,9 @@ class ProxySite(Site):
         0 for no minimum.
     @ivar max_connections: How many client connections may be open before
         a new one closes the one idle the longest; 0 for no limit.
-    @param record_refused: Writes down a request refused before it reached
-        the proxy's handler (access event, metrics), given its sent body
-        bytes and the time; by default only its access event is logged.
+    @param record: Writes down a request refused before it reached the
+        proxy's handler (L{Recorder.record}, given its sent body bytes); by
+        default only its access event is logged.
     @param count_shed: Called for each idle connection closed to make room.
     """
 
@@ -395,7 +395,7 @@ class ProxySite(Site):
         body_sample_bytes: int = 0,
         min_body_rate: int = 0,
         max_connections: int = 0,
-        record_refused: Callable[[Exchange, int, float], None] | None = None,
+        record: Callable[[Exchange, int], None] | None = None,
         count_shed: Callable[[], None] | None = None,
     ) -> None:
         # Bodies pass through: no form is ever parsed into request.args.
@@ -406,7 +406,7 @@ class ProxySite(Site):
         self.body_sample_bytes = body_sample_bytes
         self.min_body_rate = min_body_rate
         self.max_connections = max_connections
-        self.record_refused = record_refused or _log_refused
+        self.record = record or Recorder(reactor).record
         self._count_shed = count_shed
         # Connections with no request in progress, the longest idle first.
         self._idle: dict[ProxyChannel, None] = {}
@@ -443,6 +443,3 @@ class ProxySite(Site):
     def log(self, request: HTTPRequest) -> None:
         pass
 
-
-def _log_refused(exchange: Exchange, sent_bytes: int, now: float) -> None:
-    log_exchange(exchange, sent_bytes, now)

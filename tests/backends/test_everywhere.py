@@ -11,7 +11,7 @@ from typing import Any
 
 from twisted.logger import LogEvent
 
-from ollamaproxy.admission.model_names import resolve
+from ollamaproxy.model_names import resolve
 from tests.backends.test_through_proxy import Refusing, chat, two_backends
 
 

@@ -15,9 +15,9 @@ from twisted.logger import capturedLogs
 from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
-from ollamaproxy.admission.model_names import resolve
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.upstream import Upstream
+from ollamaproxy.model_names import resolve
 from tests.fake_ollama import FakeOllama
 
 

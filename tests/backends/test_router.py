@@ -12,11 +12,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.web.iweb import IAgent
 
-from ollamaproxy.admission.model_names import resolve
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import UNREAD_MODEL, Lease, Router
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.errors import ProxyError
+from ollamaproxy.model_names import resolve
 
 LLAMA, MISTRAL, QWEN = resolve("llama3.2"), resolve("mistral"), resolve("qwen3")
 

@@ -32,7 +32,7 @@ def tick(chain: Chain) -> None:
 
 
 def started(chain: Chain) -> Live:
-    live = chain.proxy.console.live
+    live = chain.console.live
     live.startService()
     return live
 

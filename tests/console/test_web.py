@@ -197,7 +197,7 @@ def test_no_payload_holds_a_key_a_hash_or_a_backend_password(tmp_path: Path) -> 
     backend.errors.append(
         "cannot reach Ollama at http://ops:hunter2secret@127.0.0.1:11434: refused")
     write_rows(store.path, [(chain.clock.seconds(), "alice", "llama3.2:latest", 1, 5, 7)])
-    chain.proxy.console.live.startService()
+    chain.console.live.startService()
     chain.request("POST", "/api/chat", data=chat("hold"))
     chain.clock.advance(TICK)
     payloads = []
@@ -214,7 +214,7 @@ def test_no_payload_holds_a_key_a_hash_or_a_backend_password(tmp_path: Path) -> 
     assert b"http://127.0.0.1:11434" in everything
     for secret in secrets_of(KEY, INFERENCE_KEY):
         assert secret not in everything
-    chain.proxy.console.live.stopService()
+    chain.console.live.stopService()
     chain.fake.held[-1].finish()
     chain.flush()
 
@@ -225,7 +225,7 @@ def test_feed_request_and_transport_are_not_kept_after_a_disconnect() -> None:
     producer stopped) is forgotten as well.
     """
     chain = Chain()
-    live = chain.proxy.console.live
+    live = chain.console.live
     live.startService()
     transport = StringTransport()
     subscriber = live.subscribe(transport.write)

@@ -1,0 +1,262 @@
+# -*- test-case-name: tests.web.test_app -*-
+"""
+Sending an admitted request to Ollama and answering the client: the one
+step of the pipeline that talks to the backends.
+
+A request goes to the backend the router gives it; if that backend cannot
+even be connected to (nothing was sent), to another that has its model.  A
+backend that took the request but sent no response head (timed out, or
+broke off) is marked unhealthy too, but the request goes nowhere else: it
+may have been sent, and the client gets the 504 or 502.  With several
+backends, a model listing is every healthy backend's, merged, and a model's
+pull, delete or copy goes to every backend (L{ollamaproxy.backends.everywhere}).
+
+What the trip found (the backend, the wait, the status, what the answer
+amounted to) is written in a L{Trip} that the caller hands in and reads
+when the request has ended, however it ended: a request cancelled
+mid-stream or refused by a backend still has its backend and status to
+log, which a return value would lose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.web.http_headers import Headers
+
+from ollamaproxy.backends.downstream import Downstream
+from ollamaproxy.backends.everywhere import on_every_backend
+from ollamaproxy.backends.headers import upstream_request_headers
+from ollamaproxy.backends.listings import merge_listings
+from ollamaproxy.backends.pool import Backend
+from ollamaproxy.backends.queue import busy
+from ollamaproxy.backends.relay import (
+    NOTHING_ANSWERED,
+    Answered,
+    NoResponseHead,
+    Target,
+    Unreachable,
+    answer,
+    send,
+    whole_body,
+)
+from ollamaproxy.backends.router import Router
+from ollamaproxy.errors import ProxyError
+from ollamaproxy.model_names import ModelName
+from ollamaproxy.routes import Placement, RouteSpec
+
+_EVERY = (Placement.EVERY, Placement.EVERY_HAVING)
+
+
+@dataclass(frozen=True)
+class Job:
+    """
+    An admitted request, as the backends' side needs it.
+
+    @ivar target: Where it goes.
+    @ivar route: Its route in the catalogue, if it is one of Ollama's.
+    @ivar key: The name of the key it came with (its turn in the fair
+        queue), C{-} for none.
+    @ivar weight: The key's share of turns in the fair queue.
+    @ivar model: The model it runs or names, for the router.
+    @ivar rewrite: How to rewrite a successful answer, if it needs it.
+    @ivar body: Its body, if it was read whole (as sent on).
+    """
+
+    target: Target
+    route: RouteSpec | None = None
+    key: str = "-"
+    weight: int = 1
+    model: ModelName | None = None
+    rewrite: Callable[[bytes], bytes] | None = None
+    body: bytes | None = None
+
+
+@dataclass
+class Trip:
+    """
+    What a request's trip to the backends found, written as it goes.
+
+    @ivar backend: The backend (or, comma-separated, backends) it went to.
+    @ivar queued: Seconds it waited in the fair queue for a slot.
+    @ivar status: The status Ollama's answer came with.
+    @ivar responded: When that answer's head came.
+    @ivar answered: What the answer amounted to.
+    """
+
+    backend: str = ""
+    queued: float = 0.0
+    status: int | None = None
+    responded: float | None = None
+    answered: Answered = NOTHING_ANSWERED
+
+
+class Dispatcher:
+    """
+    Sends admitted requests to the backends the router gives them, and
+    answers their clients.
+
+    @param sample_bytes: How much of each response body to keep for the
+        log; 0 for none.
+    """
+
+    def __init__(self, router: Router, sample_bytes: int = 0) -> None:
+        self._router = router
+        self._pool = router.pool
+        self._sample_bytes = sample_bytes
+        #: Whether the router chooses among backends.
+        self.several = router.several
+        #: This process's mark, which every backend's client carries.
+        self.via = router.backends[0].upstream.via
+        #: The backends, as an operator names them.
+        self.upstreams = ", ".join(b.name for b in router.backends)
+
+    async def dispatch(self, request: Downstream, job: Job, trip: Trip) -> None:
+        """
+        Send C{request} on and answer it with what comes back.
+
+        @param trip: Written as the request goes (see the module's
+            docstring).
+        @raise ProxyError: If the request could not be sent, or no answer
+            came (nothing was written to the client then); an answer cut
+            short is not an error, but C{trip.answered.cut}.
+        """
+        route = job.route
+        if route is not None and self._router.several:
+            if route.listing is not None:
+                await self._merged_listing(request, job, route.listing, trip)
+                return
+            if route.placement in _EVERY:
+                await self._on_every_backend(request, job, route, trip)
+                return
+        await self._on_one_backend(request, job, trip)
+
+    async def _on_one_backend(self, request: Downstream, job: Job, trip: Trip) -> None:
+        """
+        Send a request to the backend the router gives it, or, if that one
+        cannot be connected to, to the next.
+        """
+        route = job.route
+        # A HEAD whose answer is rewritten goes as GET, so that its length
+        # is the rewritten body's.
+        method = b"GET" if job.rewrite is not None and request.method == b"HEAD" else None
+        tried: list[Backend] = []
+        unreachable: Unreachable | None = None
+        while True:
+            try:
+                lease = await self._router.acquire(
+                    job.key,
+                    job.model,
+                    runs=route is not None and route.runs,
+                    primary=route is not None and route.placement is Placement.PRIMARY,
+                    exclude=tried,
+                    weight=job.weight,
+                )
+            except ProxyError:
+                if unreachable is not None:
+                    raise unreachable from None
+                raise
+            backend = lease.backend
+            trip.backend, trip.queued = backend.name, lease.queued
+            try:
+                response = await send(request, backend.upstream, job.target, method)
+                trip.status, trip.responded = response.code, backend.upstream.clock.seconds()
+                trip.answered = await answer(request, response, backend.upstream, job.target,
+                                             job.rewrite, self._sample_bytes)
+            except Unreachable as e:
+                self._pool.failed(backend, e.message)
+                tried.append(backend)
+                if len(tried) == len(self._router.backends):
+                    raise
+                unreachable = e
+                continue
+            except NoResponseHead as e:
+                self._pool.failed(backend, e.message)
+                raise
+            finally:
+                lease.release()
+            if route is not None and route.changes_models and self._router.several:
+                self._pool.refresh(backend)
+            return
+
+    async def _on_every_backend(
+        self, request: Downstream, job: Job, route: RouteSpec, trip: Trip
+    ) -> None:
+        """
+        Send a model's pull to every healthy backend in turn, or its delete
+        or copy to every one that has it (L{ollamaproxy.backends.everywhere});
+        then ask each for its models again.
+        """
+        model = job.model
+        if job.body is None and request.body is not None:
+            raise ProxyError(400, "with several backends, the proxy reads this request's "
+                             "body to send it to each: send it uncompressed, with a "
+                             "Content-Length")
+        backends = [
+            b for b in self._router.backends
+            if b.healthy and (route.placement is Placement.EVERY or model is None
+                              or b.has(model))
+        ]
+        if not backends:
+            if route.placement is Placement.EVERY or model is None:
+                raise busy("no backend is healthy", 1)
+            raise ProxyError(404, f"model '{model.canonical}' not found on any "
+                             "healthy backend")
+        try:
+            every = await on_every_backend(request, job.target, backends, job.body or b"",
+                                           self._sample_bytes)
+        finally:
+            for backend in backends:
+                self._pool.refresh(backend)
+        trip.backend = ",".join(b.name for b in every.reached)
+        trip.status, trip.responded, trip.answered = every.status, every.responded, every.answered
+
+    async def _merged_listing(
+        self, request: Downstream, job: Job, field: str, trip: Trip
+    ) -> None:
+        """
+        Answer a model listing with the union of every healthy backend's,
+        asked all at once.
+        """
+        backends = [b for b in self._router.backends if b.healthy]
+        # Every backend's client carries this process's mark, and its clock.
+        upstream = self._router.backends[0].upstream
+        headers = upstream_request_headers(request.requestHeaders, upstream.via)
+        answers = await gatherResults(
+            [Deferred.fromCoroutine(self._listing_of(b, job.target, headers)) for b in backends],
+            consumeErrors=True,
+        )
+        bodies = [body for body in answers if body is not None]
+        if not bodies:
+            raise ProxyError(502, "no backend answered for the model listing")
+        try:
+            merged = merge_listings(bodies, field)
+        except ValueError:
+            raise ProxyError(502, "a backend's model listing could not be read") from None
+        if job.rewrite is not None:
+            merged = job.rewrite(merged)
+        trip.backend = ",".join(
+            b.name for b, body in zip(backends, answers, strict=True) if body is not None
+        )
+        trip.status, trip.responded = 200, upstream.clock.seconds()
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        request.setHeader(b"content-length", b"%d" % len(merged))
+        request.write(merged)
+
+    async def _listing_of(self, backend: Backend, target: Target, headers: Headers) -> bytes | None:
+        """
+        One backend's listing, or L{None} if it did not give one (a backend
+        that could not be asked is marked unhealthy).
+        """
+        try:
+            response = await backend.upstream.request(b"GET", target.target, headers, None)
+            body = await whole_body(response)
+        except CancelledError:
+            raise
+        except Exception as e:
+            self._pool.failed(backend, f"{type(e).__name__}: {e}")
+            return None
+        return body if response.code == 200 else None

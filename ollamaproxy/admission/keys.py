@@ -35,8 +35,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ollamaproxy.admission.caps import Caps, keep_alive_cap, show_duration
+from ollamaproxy.record.redact import KEY_PREFIX
 
-KEY_PREFIX = "olpk_"
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _RANDOM_CHARS = 32
 _CHECKSUM_CHARS = 6

@@ -38,9 +38,8 @@ from twisted.logger import (
 )
 from twisted.python.logfile import LogFile
 
-from ollamaproxy.admission.keys import KEY_PREFIX
 from ollamaproxy.exchange import Exchange
-from ollamaproxy.record.redact import REDACTED, blank_credentials
+from ollamaproxy.record.redact import KEY_PREFIX, REDACTED, blank_credentials
 
 access = Logger(namespace="ollamaproxy.access")
 streams = Logger(namespace="ollamaproxy.stream")

@@ -35,12 +35,16 @@ from twisted.python.failure import Failure
 from twisted.python.reflect import safe_str
 
 REDACTED = "[redacted]"
+#: What the proxy's generated keys begin with
+#: (L{ollamaproxy.admission.keys.generate_key}); here, since redacting needs it
+#: and sits below the keys.
+KEY_PREFIX = "olpk_"
 
 # Anything that looks like a credential: our keys, bearer tokens, and the
 # values of credential headers or fields in any text.  A placeholder
 # (C{Bearer <key>}, as in the proxy's own help) is not one.
 _SECRETS = re.compile(
-    r"(?P<key>olpk_[0-9A-Za-z]{38})"
+    rf"(?P<key>{KEY_PREFIX}[0-9A-Za-z]{{38}})"
     r"|(?P<name>(?i:bearer\s+|(?:x-api-key|authorization|cookie|api_key|api-key|apikey)"
     r"[\"']?\s*[:=]\s*[\"']?))"
     r"(?>(?i:(?:bearer|basic|token)\s+)?)[^\s\"',;&<][^\s\"',;&]*"
@@ -48,7 +52,7 @@ _SECRETS = re.compile(
 # The words one of those starts with (and, lower-cased, what text is
 # searched for first: a plain search is much cheaper than running the
 # expression at every position, so it runs only where they are).
-_SECRET_WORDS = re.compile(r"olpk_|bearer|x-api-key|api[-_]?key|authorization|cookie", re.I)
+_SECRET_WORDS = re.compile(KEY_PREFIX + r"|bearer|x-api-key|api[-_]?key|authorization|cookie", re.I)
 
 # A query parameter whose name says it holds a credential (key, token,
 # api_key, X-Api-Key, access_token, auth, password, client_secret, ...): its
@@ -76,7 +80,7 @@ def blank_credentials(text: str) -> str:
     """
     lowered = text.lower()
     if (
-        "olpk_" in lowered or "bearer" in lowered or "api_key" in lowered
+        KEY_PREFIX in lowered or "bearer" in lowered or "api_key" in lowered
         or "api-key" in lowered or "apikey" in lowered or "authorization" in lowered
         or "cookie" in lowered
     ):

@@ -22,7 +22,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from ollamaproxy.errors import reason_phrase
-from ollamaproxy.web.site import _TWISTED_INTERNALS, ProxySite
+from ollamaproxy.twisted_internals import HTTP_CHANNEL_INTERNALS
+from ollamaproxy.web.site import ProxySite
 from tests.chain import KEY, Chain
 
 TIMEOUT = 30.0
@@ -213,7 +214,7 @@ def test_twisted_web_internals_relied_on_are_there() -> None:
     channel = HTTPChannel()
     channel.makeConnection(StringTransport())
     channel.dataReceived(b"GET /x?y HTTP/1.1\r\nA: b\r\n")
-    for name in _TWISTED_INTERNALS:
+    for name in HTTP_CHANNEL_INTERNALS:
         assert hasattr(channel, name), name
     assert (channel._command, channel._path, channel._version) == (b"GET", b"/x?y", b"HTTP/1.1")
     assert channel._receivedHeaderSize == len(b"GET /x?y HTTP/1.1A: b")

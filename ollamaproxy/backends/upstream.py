@@ -14,7 +14,7 @@ directly.  Tests inject treq's in-memory L{RequestTraversalAgent} instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from twisted.application.service import Service
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -25,9 +25,8 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
-from twisted.web._newclient import RequestNotSent  # twisted.web.client does not export it
 from twisted.web.client import (
     URI,
     Agent,
@@ -35,11 +34,12 @@ from twisted.web.client import (
     HTTPConnectionPool,
     ResponseFailed,
     ResponseNeverReceived,
-    _HTTP11ClientFactory,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
+
+from ollamaproxy.twisted_internals import HTTP11ClientFactory, RequestNotSent, use_client_factory
 
 
 @dataclass(frozen=True)
@@ -115,11 +115,11 @@ def connection_pool(reactor: IReactorTime) -> HTTPConnectionPool:
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 64
-    pool._factory = _QuietClientFactory
+    use_client_factory(pool, _QuietClientFactory)
     return pool
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
+class _QuietClientFactory(HTTP11ClientFactory):
     """
     The pool's factory for connections to Ollama, without the two log lines
     ("Starting factory", "Stopping factory") Twisted writes for each new
@@ -130,7 +130,7 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
 
-def agent_for(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float) -> IAgent:
+def agent_for(reactor: IReactorTCP, pool: HTTPConnectionPool, connect_timeout: float) -> IAgent:
     """
     The production HTTP client for talking to Ollama.
     """
@@ -152,7 +152,7 @@ class _Endpoints:
     starting a stream).
     """
 
-    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+    def __init__(self, reactor: IReactorTCP, connect_timeout: float) -> None:
         self._reactor = reactor
         self._connect_timeout = connect_timeout
         self._tls = BrowserLikePolicyForHTTPS()

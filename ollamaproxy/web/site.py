@@ -37,7 +37,8 @@ connection closes the one idle the longest (L{ProxySite.shed_longest_idle}),
 so idle sockets held by one client cannot use up the descriptors.
 
 What this relies on in twisted.web that is not its public API is in
-L{_TWISTED_INTERNALS}, and C{tests/test_site.py} fails if it changes.
+L{ollamaproxy.twisted_internals.HTTP_CHANNEL_INTERNALS}, and
+C{tests/test_site.py} fails if it changes.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from collections.abc import Callable
 from io import BytesIO
 from typing import Any, cast
 
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -62,22 +63,6 @@ from ollamaproxy.exchange import Exchange, Outcome
 from ollamaproxy.record.recorder import Recorder
 
 log = Logger()
-
-# What ProxyChannel overrides or reads of HTTPChannel beyond its public API
-# (Twisted 26.10): the one method every refusal of a malformed request goes
-# through, the automatic 100 Continue (sent later, by the same method), the
-# request line as parsed, and the
-# head's size and header count so far.  tests/test_site.py checks they are
-# all still there and still used that way.
-_TWISTED_INTERNALS = (
-    "_respondToBadRequestAndDisconnect",
-    "_send100Continue",
-    "_command",
-    "_path",
-    "_version",
-    "_receivedHeaderSize",
-    "_receivedHeaderCount",
-)
 
 # How often a shed connection is logged at most, in seconds.
 SHED_LOG_INTERVAL = 60.0
@@ -391,7 +376,7 @@ class ProxySite(Site):
         resource: IResource,
         client_timeout: float,
         max_body_size: int,
-        reactor: Any,
+        reactor: IReactorTime,
         body_sample_bytes: int = 0,
         min_body_rate: int = 0,
         max_connections: int = 0,

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web.client import HTTPConnectionPool
+from zope.interface import implementer
 
 from ollamaproxy.twisted_internals import (
     HTTP11ClientFactory,
@@ -22,6 +23,7 @@ class _Marked(HTTP11ClientFactory):
     """A client factory the test can recognise."""
 
 
+@implementer(IStreamClientEndpoint)
 class _Endpoint:
     """An endpoint that keeps the factory it is asked to connect with."""
 

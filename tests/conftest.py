@@ -16,24 +16,12 @@ import pytest
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from zope.interface import implementer
 
-# The real engines' fixtures, for every test (tests/engines.py).
-from tests.engines import own_postgres, postgres, postgres_cluster, postgres_url, redis_server
+from tests.fakes.engines import own_postgres, postgres, postgres_cluster, postgres_url, redis_server
+
+# The real engines' fixtures, for every test (tests/fakes/engines.py).
+from tests.fakes.observers import ErrorCollector
 
 __all__ = ["own_postgres", "postgres", "postgres_cluster", "postgres_url", "redis_server"]
-
-
-@implementer(ILogObserver)
-class ErrorCollector:
-    """
-    Keeps every logged event that carries a failure or is marked as an error.
-    """
-
-    def __init__(self) -> None:
-        self.errors: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        if event.get("log_failure") is not None or event.get("isError"):
-            self.errors.append(event)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -29,7 +29,7 @@ from ollamaproxy.web.app import OllamaProxy
 from ollamaproxy.web.cors import Cors
 from ollamaproxy.web.request_body import HIGH_WATER, BodyTooLarge, StreamedBody
 from ollamaproxy.web.site import ProxySite
-from tests.chain import KEY
+from tests.fakes.chain import KEY
 
 DIGEST = "sha256:" + "0" * 64
 

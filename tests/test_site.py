@@ -23,7 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from ollamaproxy.errors import reason_phrase
 from ollamaproxy.web.site import _TWISTED_INTERNALS, ProxySite
-from tests.chain import KEY, Chain
+from tests.fakes.chain import KEY, Chain
 
 TIMEOUT = 30.0
 

@@ -31,17 +31,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from ollamaproxy.admission.keys import digest
-from tests.fake_ollama import FakeOllama
-from tests.integration.client import agent, body, read, request, wait_for
-from tests.integration.conftest import (
-    REPO,
-    TEST_KEY,
-    TwistdLauncher,
-    Upstream,
-    proxy_args,
-    sleep,
-)
-from tests.integration.test_backends import serve, stop
+from tests.fakes.client import agent, body, read, request, sleep, wait_for
+from tests.fakes.ollama import FakeOllama
+from tests.fakes.twistd import REPO, TEST_KEY, TwistdLauncher, Upstream, proxy_args, serve, stop
 
 pytestmark = pytest.mark.integration
 

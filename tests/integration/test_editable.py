@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from ollamaproxy import __version__
-from tests.integration.conftest import REPO
+from tests.fakes.twistd import REPO
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ollamaproxy import __version__
-from tests.integration.conftest import REPO, TWISTD
+from tests.fakes.twistd import REPO, TWISTD
 
 pytestmark = pytest.mark.integration
 

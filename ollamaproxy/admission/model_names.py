@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_model_names -*-
+# -*- test-case-name: tests.admission.test_model_names -*-
 """
 Model names as Ollama resolves them, so that a key's model list means what
 Ollama will run.

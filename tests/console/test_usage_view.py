@@ -44,7 +44,9 @@ def usage_file(tmp_path: Path) -> str:
     return path
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+# The PostgreSQL half starts a real engine: marked, it is left out of the
+# quick loop (see tests/conftest.py).
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.engines)])
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UsageDatabase]:
     """
     The usage database the console reads, of each engine, holding L{ROWS}.

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
-import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
@@ -18,8 +17,6 @@ from ollamaproxy.admission.keys import digest, generate_key
 from tests.fakes.client import agent, body, read, request, sleep, wait_for
 from tests.fakes.ollama import FakeOllama
 from tests.fakes.twistd import TEST_KEY, TwistdLauncher, Upstream, proxy_args, serve, stop
-
-pytestmark = pytest.mark.integration
 
 
 @pytest_twisted.async_yield_fixture

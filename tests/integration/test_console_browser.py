@@ -35,8 +35,6 @@ from tests.fakes.client import agent, body, read, request, sleep, wait_for
 from tests.fakes.ollama import FakeOllama
 from tests.fakes.twistd import REPO, TEST_KEY, TwistdLauncher, Upstream, proxy_args, serve, stop
 
-pytestmark = pytest.mark.integration
-
 SCREENSHOTS = REPO / "build" / "screenshots"
 README_SCREENSHOT = REPO / "docs" / "console.png"
 INSTALL = "apt-get install -y chromium chromium-driver (Debian/Ubuntu), and pip install selenium"

@@ -23,8 +23,6 @@ import pytest
 from ollamaproxy import __version__
 from tests.fakes.twistd import REPO
 
-pytestmark = pytest.mark.integration
-
 TIMEOUT = 300
 # twistd, run by the new environment's Python (it has no scripts of its own
 # but the ones the editable install makes).

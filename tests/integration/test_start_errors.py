@@ -13,8 +13,6 @@ import pytest
 from ollamaproxy import __version__
 from tests.fakes.twistd import REPO, TWISTD
 
-pytestmark = pytest.mark.integration
-
 GOOD_KEY = "0123456789abcdef-integration"
 
 

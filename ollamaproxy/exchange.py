@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_logs -*-
+# -*- test-case-name: tests.record.test_logs -*-
 """
 The record of one request: what it asked, where it went, and how it ended.
 

@@ -1,79 +1,20 @@
 """
-Tests for bench/plot.py: the SVG chart of bench results, drawn from synthetic results.
-
-bench/ is not a package, so the script is loaded from its path.
+Tests for bench/plot.py: the SVG chart of bench results, drawn from synthetic
+results (the script run as a command is in
+C{tests/integration/test_bench_plot.py}).
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
-import json
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
-PLOT = Path(__file__).resolve().parent.parent / "bench" / "plot.py"
+from tests.fakes.bench import entry, full, load_plot, parse, result
+
 NS = "{http://www.w3.org/2000/svg}"
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_plot", PLOT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # No bench/__pycache__: the tests write nowhere but their tmp_path.
-    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = saved
-    return module
-
-
-plot = _load()
-
-
-def entry(streams: int, p50: float, p99: float, errors: int = 0,
-          cpu_s: float | None = None) -> dict[str, Any]:
-    """A per-target concurrency scenario as bench/run writes it (the fields plotted)."""
-    chunks = streams * 100
-    out: dict[str, Any] = {
-        "mode": "stream", "streams": streams, "chunks": chunks, "error_count": errors,
-        "latency_ms": {"n": chunks, "p50": p50, "p90": p99 / 2, "p99": p99, "max": p99 * 2},
-    }
-    if cpu_s is not None:
-        out["proxy_cpu_s"] = cpu_s
-    return out
-
-
-def result(targets: dict[str, dict[str, dict[str, Any]]],
-           date: str = "2026-01-01 00:00:00") -> dict[str, Any]:
-    """A results file: meta, scenario definitions, and per-target scenarios."""
-    return {
-        "meta": {"date": date, "pinning": "target CPU 0", "logs": "/abs/logs/dir"},
-        "scenarios": {f"c{c}": {"kind": "stream", "c": c} for c in (10, 100, 1000, 5000)},
-        "targets": {name: {"note": "", "scenarios": s} for name, s in targets.items()},
-    }
-
-
-def full() -> dict[str, Any]:
-    """Three targets at 10, 100 and 1,000 streams; direct has no proxy CPU."""
-    return result({
-        "direct": {f"c{c}": entry(c, 0.1 * c, 1.0 * c) for c in (10, 100, 1000)},
-        "nginx": {f"c{c}": entry(c, 0.2 * c, 2.0 * c, cpu_s=c / 1000) for c in (10, 100, 1000)},
-        "ollamaproxy": {
-            f"c{c}": entry(c, 0.5 * c, 5.0 * c, cpu_s=c / 100) for c in (10, 100, 1000)
-        },
-        # Not a concurrency scenario: ignored.
-        "other": {"a_latency": entry(1, 0.5, 1.0)},
-    })
-
-
-def parse(svg: str) -> ET.Element:
-    return ET.fromstring(svg.encode("utf-8"))
+plot = load_plot()
 
 
 def panel(root: ET.Element, name: str) -> ET.Element:
@@ -242,15 +183,3 @@ def test_other_target_colour() -> None:
     assert list(plot.collect([data])) and plot.ordered(plot.collect([data]))[-1] == "haproxy"
 
 
-def test_cli(tmp_path: Path) -> None:
-    """
-    The script run as a command writes the same SVG render gives, to -o.
-    """
-    source, out = tmp_path / "results.json", tmp_path / "chart.svg"
-    source.write_text(json.dumps(full()), encoding="utf-8")
-    subprocess.run([sys.executable, str(PLOT), str(source), "-o", str(out)], check=True,
-                   capture_output=True, timeout=60)
-    svg = out.read_text(encoding="utf-8")
-    assert svg == plot.render([plot.load(str(source))], [str(source)])
-    parse(svg)
-    assert str(tmp_path) not in svg

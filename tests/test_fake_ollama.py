@@ -1,5 +1,5 @@
 """
-Tests for L{tests.fake_ollama}: the fake must speak Ollama's wire formats,
+Tests for L{tests.fakes.ollama}: the fake must speak Ollama's wire formats,
 since the proxy's tests trust it.  Everything runs in memory, without a
 running reactor.
 """
@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 from twisted.web.iweb import IResponse
 
-from tests.fake_ollama import MODEL_ERROR, FakeOllama, in_memory_client
+from tests.fakes.ollama import MODEL_ERROR, FakeOllama, in_memory_client
 
 BASE = "http://127.0.0.1:11434"
 

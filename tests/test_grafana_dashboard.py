@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.chain import Chain
+from tests.fakes.chain import Chain
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "contrib" / "grafana-dashboard.json"
 _METRIC = re.compile(r"\bollamaproxy_[a-z_]+\b")

@@ -30,7 +30,7 @@ from ollamaproxy.backends.relay import _BodyAnswer
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.exchange import Exchange
 from ollamaproxy.record.logs import log_exchange, text_file_observer
-from tests.chain import KEY, Chain
+from tests.fakes.chain import KEY, Chain
 
 # Python and C function calls per relayed chunk, as measured when the guard
 # was written: the call itself, the idle timer's reset (and its clock), the

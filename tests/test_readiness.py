@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 
 from ollamaproxy.readiness import Readiness
 from ollamaproxy.record.metrics import Metrics, MetricsResource
-from tests.chain import Chain
+from tests.fakes.chain import Chain
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.admission.test_auth -*-
 """
 Who is asking: finding the key a client presents and checking it.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_caps -*-
+# -*- test-case-name: tests.admission.test_caps -*-
 """
 No key holds a GPU hostage: caps on how long a model stays in memory
 (C{keep_alive}) and how large a context it is loaded with

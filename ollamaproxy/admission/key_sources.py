@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_database_keys -*-
+# -*- test-case-name: tests.admission.test_key_sources -*-
 """
 Keys from every source, added up, and the keys in PostgreSQL kept in step
 while the proxy runs.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_keys -*-
+# -*- test-case-name: tests.admission.test_keys -*-
 """
 API keys: making them, hashing them, and the keys file that stores them.
 

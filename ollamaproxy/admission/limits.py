@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_access -*-
+# -*- test-case-name: tests.admission.test_access -*-
 """
 How much a key may ask, and how often an address may guess.
 

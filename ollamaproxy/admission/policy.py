@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_policy -*-
+# -*- test-case-name: tests.admission.test_policy -*-
 """
 Which models a request names, and whether its key may use them.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_quota_periods -*-
+# -*- test-case-name: tests.admission.test_quota_periods -*-
 """
 The periods a key's token quota counts over: UTC days and UTC months.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_quotas -*-
+# -*- test-case-name: tests.admission.test_quotas -*-
 """
 Token quotas per key, kept in this process.
 

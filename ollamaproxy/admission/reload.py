@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_reload -*-
+# -*- test-case-name: tests.admission.test_reload -*-
 """
 Reloading the keys file while the proxy runs.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_access -*-
+# -*- test-case-name: tests.admission.test_access -*-
 """
 What the proxy must know of a request before it sends it on: the model it
 names (for the key's model list and the cloud scope, and for the router),

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay -*-
+# -*- test-case-name: tests.backends.test_relay -*-
 """
 What the backends' side needs of a client's request: its head and body to
 send on, and a response to write Ollama's answer into.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_metrics -*-
+# -*- test-case-name: tests.record.test_metrics -*-
 """
 The backends' health and load and the fair queue's depth, as Prometheus
 gauges read at each scrape.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_headers -*-
+# -*- test-case-name: tests.backends.test_headers -*-
 """
 Which headers cross the proxy, in each direction.
 

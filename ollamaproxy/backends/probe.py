@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_probe -*-
+# -*- test-case-name: tests.backends.test_probe -*-
 """
 At start, one line per upstream saying where requests go and whether
 Ollama answered there.

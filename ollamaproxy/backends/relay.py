@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay -*-
+# -*- test-case-name: tests.backends.test_relay -*-
 """
 The heart of the proxy: one request to Ollama and its response relayed back,
 byte for byte, as it arrives.

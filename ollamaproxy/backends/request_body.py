@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_request_body -*-
+# -*- test-case-name: tests.backends.test_request_body -*-
 """
 A client's request body, passed on to Ollama while it arrives.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay -*-
+# -*- test-case-name: tests.backends.test_relay -*-
 """
 The way to Ollama: one HTTP client with a connection pool, built once and
 handed to whoever needs it.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_postgres -*-
+# -*- test-case-name: tests.integration.test_postgres_database -*-
 """
 PostgreSQL, shared by every proxy given the same C{--database}: connecting,
 and the schema, created and migrated by whichever comes first.

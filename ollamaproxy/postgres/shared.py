@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_database_keys -*-
+# -*- test-case-name: tests.admission.test_key_sources -*-
 """
 What C{--database} adds to the proxy: usage written to PostgreSQL, keys read
 from it, and whether it answers.

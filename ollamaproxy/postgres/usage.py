@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_postgres -*-
+# -*- test-case-name: tests.integration.test_postgres_database -*-
 """
 Usage in PostgreSQL: the same rows as the SQLite file (L{ollamaproxy.record.usage_db}),
 requests and tokens per minute, key name and model, added to by every proxy

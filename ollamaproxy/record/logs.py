@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_logs -*-
+# -*- test-case-name: tests.record.test_logs -*-
 """
 What the proxy writes down, and where.
 

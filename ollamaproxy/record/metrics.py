@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_metrics -*-
+# -*- test-case-name: tests.record.test_metrics -*-
 """
 Prometheus metrics: what the proxy counts, and how it shows them.
 

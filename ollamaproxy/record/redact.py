@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_redact -*-
+# -*- test-case-name: tests.record.test_redact -*-
 """
 Blanking credentials in text the proxy writes down or answers with.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_summary -*-
+# -*- test-case-name: tests.record.test_summary -*-
 """
 What a generation amounted to, read from the end of its response body.
 

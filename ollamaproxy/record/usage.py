@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_usage -*-
+# -*- test-case-name: tests.record.test_usage -*-
 """
 Keeping usage while the proxy runs.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_usage -*-
+# -*- test-case-name: tests.record.test_usage -*-
 """
 The usage database: requests and tokens per minute, key and model, in
 SQLite.  Plain functions, no Twisted: the proxy's L{ollamaproxy.record.usage}

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_app -*-
+# -*- test-case-name: tests.web.test_app -*-
 """
 The Klein application: the route tree every request enters by, and the
 conductor of each request's pipeline.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client_address -*-
+# -*- test-case-name: tests.web.test_client_address -*-
 """
 Who a request comes from: the peer of its connection, or, when that peer is
 a trusted proxy in front (a TLS terminator, a load balancer), the address

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cors -*-
+# -*- test-case-name: tests.web.test_cors -*-
 """
 Cross-origin resource sharing: which browser pages may call the proxy, and
 the headers that tell the browser so.

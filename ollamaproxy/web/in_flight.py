@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_shutdown -*-
+# -*- test-case-name: tests.web.test_shutdown -*-
 """
 The requests in flight, and the drain that waits for them on shutdown.
 

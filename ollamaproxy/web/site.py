@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_site -*-
+# -*- test-case-name: tests.web.test_site -*-
 """
 The web server clients connect to: twisted.web's L{Site}, with request
 bodies streamed as they arrive, a deadline for request heads, and without

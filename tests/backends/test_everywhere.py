@@ -12,7 +12,9 @@ from typing import Any
 from twisted.logger import LogEvent
 
 from ollamaproxy.model_names import resolve
-from tests.backends.test_through_proxy import Refusing, chat, two_backends
+from tests.fakes.agents import Refusing
+from tests.fakes.backends import two_backends
+from tests.fakes.chain import chat
 
 
 def lines(body: bytes) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from zope.interface import implementer
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.model_names import resolve
-from tests.fake_ollama import FakeOllama
+from tests.fakes.ollama import FakeOllama
 
 
 @implementer(IAgent)

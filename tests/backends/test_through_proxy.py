@@ -7,41 +7,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from typing import Any
 
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import LogEvent
 from twisted.web.client import ResponseFailed
-from twisted.web.iweb import IAgent, IResponse
-from zope.interface import implementer
 
 from ollamaproxy.admission.caps import Caps
 from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.admission.policy import MAX_CHECKED_BODY
-from tests.chain import HEADER_TIMEOUT, Chain
-
-USER = "olpk_userkeyuserkeyuserkeyuserkeyuser00"
-OTHER = "olpk_otherkeyotherkeyotherkeyotherkey00"
-HI = [{"role": "user", "content": "hi"}]
-
-
-def chat(model: str, **fields: Any) -> bytes:
-    return json.dumps({"model": model, "messages": HI, **fields}).encode()
-
-
-def two_backends(**kwargs: Any) -> Chain:
-    """
-    Backend 0 has llama3.2 and hold; backend 1 has mistral and hold; both
-    have said so; keys alice (admin), user and other (inference).
-    """
-    chain = Chain(backends=[["llama3.2:latest", "hold:latest"], ["mistral:latest", "hold:latest"]],
-                  **kwargs)
-    chain.keys.replace([*chain.keys._by_digest.values(), ApiKey("user", digest(USER)),
-                        ApiKey("other", digest(OTHER))])
-    chain.pool.refresh_all()
-    chain.flush()
-    return chain
+from tests.fakes.agents import Refusing
+from tests.fakes.backends import HI, OTHER, USER, two_backends
+from tests.fakes.chain import HEADER_TIMEOUT, Chain, chat
 
 
 def test_a_request_goes_to_the_backend_that_has_its_model() -> None:
@@ -83,17 +58,6 @@ def test_listings_are_merged_and_filtered() -> None:
     assert [m["name"] for m in json.loads(limited)["models"]] == ["mistral:latest"]
     head = chain.respond("HEAD", "/api/tags", key=USER)
     assert head.headers.getRawHeaders(b"content-length") == [str(len(limited)).encode()]
-
-
-@implementer(IAgent)
-class Refusing:
-    """
-    An agent whose every connection is refused.
-    """
-
-    def request(self, method: bytes, uri: bytes, headers: Any = None,
-                bodyProducer: Any = None) -> Deferred[IResponse]:
-        return fail(ConnectionRefusedError("refused"))
 
 
 def test_failover_before_the_first_byte(access_events: list[LogEvent]) -> None:

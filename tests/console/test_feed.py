@@ -10,8 +10,8 @@ import json
 from typing import Any
 
 from ollamaproxy.console.live import HEARTBEAT, TICK, Live
-from tests.chain import KEY, Chain, Collector
-from tests.console.helpers import INFERENCE_KEY, add_inference_key, chat
+from tests.fakes.chain import KEY, Chain, Collector, chat
+from tests.fakes.console import INFERENCE_KEY, add_inference_key
 
 
 def open_feed(chain: Chain, key: str | None = KEY) -> tuple[Any, Collector]:

@@ -19,9 +19,9 @@ from ollamaproxy.postgres.database import Database
 from ollamaproxy.postgres.usage import PostgresUsage
 from ollamaproxy.record.usage import UsageDatabase, UsageStore
 from ollamaproxy.record.usage_db import SqliteUsage, write_rows
-from tests.chain import Chain
-from tests.console.helpers import add_inference_key
-from tests.test_usage import ManualWorker
+from tests.fakes.chain import Chain
+from tests.fakes.console import add_inference_key
+from tests.fakes.worker import ManualWorker
 
 # 2026-11-27T00:00:00Z, the start of a UTC day.
 DAY = 1795737600.0
@@ -44,7 +44,9 @@ def usage_file(tmp_path: Path) -> str:
     return path
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+# The PostgreSQL half starts a real engine: marked, it is left out of the
+# quick loop (see tests/conftest.py).
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.engines)])
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UsageDatabase]:
     """
     The usage database the console reads, of each engine, holding L{ROWS}.

@@ -22,9 +22,9 @@ from ollamaproxy.console.live import TICK
 from ollamaproxy.console.web import CSP
 from ollamaproxy.record.usage import UsageStore
 from ollamaproxy.record.usage_db import write_rows
-from tests.chain import KEY, Chain
-from tests.console.helpers import INFERENCE_KEY, add_inference_key, chat
-from tests.test_usage import ManualWorker
+from tests.fakes.chain import KEY, Chain, chat
+from tests.fakes.console import INFERENCE_KEY, add_inference_key
+from tests.fakes.worker import ManualWorker
 
 PAGES = ["/-/console/", "/-/console/static/console.js", "/-/console/static/console.css"]
 DATA = ["/-/console/api/now", "/-/console/api/keys", "/-/console/api/usage",

@@ -10,40 +10,13 @@ from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
-import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.protocols.policies import WrappingFactory
-from twisted.web.server import Site
+from twisted.internet.defer import Deferred
 
 from ollamaproxy.admission.keys import digest, generate_key
-from tests.fake_ollama import FakeOllama
-from tests.integration.client import agent, body, read, request, wait_for
-from tests.integration.conftest import TEST_KEY, TwistdLauncher, Upstream, proxy_args, sleep
-
-pytestmark = pytest.mark.integration
-
-
-def serve(reactor: Any, fake: FakeOllama, port: int = 0) -> Upstream:
-    site = Site(fake)
-    site.noisy = False
-    connections = WrappingFactory(site)
-    upstream = Upstream(fake, reactor.listenTCP(port, connections, interface="127.0.0.1"))
-    _CONNECTIONS[id(upstream)] = connections
-    return upstream
-
-
-_CONNECTIONS: dict[int, WrappingFactory] = {}
-
-
-async def stop(upstream: Upstream) -> None:
-    """
-    Stop a fake Ollama as a stopped server stops: no new connections, and
-    the open ones (the proxy's pooled ones) cut.
-    """
-    await maybeDeferred(upstream.port.stopListening)
-    for protocol in list(_CONNECTIONS.pop(id(upstream)).protocols):
-        protocol.transport.abortConnection()
+from tests.fakes.client import agent, body, read, request, sleep, wait_for
+from tests.fakes.ollama import FakeOllama
+from tests.fakes.twistd import TEST_KEY, TwistdLauncher, Upstream, proxy_args, serve, stop
 
 
 @pytest_twisted.async_yield_fixture
@@ -58,7 +31,7 @@ async def two(reactor: Any) -> AsyncIterator[list[Upstream]]:
     ]
     yield upstreams
     for upstream in upstreams:
-        if id(upstream) in _CONNECTIONS:
+        if upstream.connections is not None:
             await stop(upstream)
 
 

@@ -21,8 +21,8 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from tests.fake_ollama import MODEL_ERROR, ReceivedRequest
-from tests.integration.conftest import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args
+from tests.fakes.ollama import MODEL_ERROR, ReceivedRequest
+from tests.fakes.twistd import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args
 
 TIMEOUT = 20.0
 MODELS = ["llama3.2:latest", "mistral:latest"]

@@ -18,8 +18,8 @@ from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from tests.integration.client import agent, read, request, wait_for
-from tests.integration.conftest import TEST_KEY, TwistdLauncher, Upstream, proxy_args
+from tests.fakes.client import agent, read, request, wait_for
+from tests.fakes.twistd import TEST_KEY, TwistdLauncher, Upstream, proxy_args
 
 OPEN_FILES = 256
 IDLE_SOCKETS = 400

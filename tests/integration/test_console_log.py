@@ -13,8 +13,8 @@ from urllib.parse import quote
 import pytest_twisted
 
 from ollamaproxy.admission.keys import ApiKey, digest, write_keys_file
-from tests.integration.client import agent, body, read, request
-from tests.integration.conftest import TEST_KEY, TwistdLauncher, Upstream
+from tests.fakes.client import agent, body, read, request
+from tests.fakes.twistd import TEST_KEY, TwistdLauncher, Upstream
 
 # The operator's own key, chosen with punctuation, given as --api-key.
 CHOSEN = "my:custom;secret!key-0042"

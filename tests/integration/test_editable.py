@@ -21,9 +21,7 @@ from pathlib import Path
 import pytest
 
 from ollamaproxy import __version__
-from tests.integration.conftest import REPO
-
-pytestmark = pytest.mark.integration
+from tests.fakes.twistd import REPO
 
 TIMEOUT = 300
 # twistd, run by the new environment's Python (it has no scripts of its own

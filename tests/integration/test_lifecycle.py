@@ -20,17 +20,10 @@ from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseNeverReceived
 from twisted.web.server import Site
 
-from tests.fake_ollama import HeldStream
-from tests.integration.bulk import Bulk
-from tests.integration.client import Arrivals, agent, body, read, request, wait_for
-from tests.integration.conftest import (
-    TEST_KEY,
-    Twistd,
-    TwistdLauncher,
-    Upstream,
-    proxy_args,
-    sleep,
-)
+from tests.fakes.bulk import Bulk
+from tests.fakes.client import Arrivals, agent, body, read, request, sleep, wait_for
+from tests.fakes.ollama import HeldStream
+from tests.fakes.twistd import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args
 
 HOLD = json.dumps({"model": "hold", "messages": [{"role": "user", "content": "hi"}]}).encode()
 

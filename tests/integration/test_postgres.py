@@ -18,17 +18,9 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
 
 from ollamaproxy.cli import main
-from tests.engines import PostgresServer
-from tests.integration.client import agent, read, request
-from tests.integration.conftest import (
-    TEST_KEY,
-    Twistd,
-    TwistdLauncher,
-    Upstream,
-    proxy_args,
-    sleep,
-)
-from tests.integration.test_twistd import chat_lines
+from tests.fakes.client import agent, chat_lines, read, request, sleep
+from tests.fakes.engines import PostgresServer
+from tests.fakes.twistd import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args
 
 # A revoke must be refused everywhere within this many seconds.
 REVOKE_LIMIT = 5.0

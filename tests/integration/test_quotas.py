@@ -14,8 +14,8 @@ from typing import Any
 import pytest_twisted
 
 from ollamaproxy.cli import main
-from tests.integration.client import WAIT_LIMIT, agent, body, read, request
-from tests.integration.conftest import TwistdLauncher, Upstream, proxy_args, sleep
+from tests.fakes.client import WAIT_LIMIT, agent, body, read, request, sleep
+from tests.fakes.twistd import TwistdLauncher, Upstream, proxy_args
 
 
 async def answer(reactor: Any, method: bytes, url: str, key: str | None = None,

@@ -1,6 +1,6 @@
 """
 The Lua scripts of L{ollamaproxy.redis} against a real Redis (started by
-the test run, see L{tests.engines}), through the real client on the real
+the test run, see L{tests.fakes.engines}), through the real client on the real
 reactor.  The limits' time is a L{Clock} the tests set, so refills and
 expiries need no waiting.
 """
@@ -27,9 +27,9 @@ from ollamaproxy.errors import ProxyError
 from ollamaproxy.redis.limits import RedisLimits, RedisThrottle
 from ollamaproxy.redis.link import RedisLink, TxRedisClient
 from ollamaproxy.redis.url import parse_redis_url
-from tests.engines import RedisServer, redis_server
-from tests.integration.conftest import sleep
-from tests.integration.tls import make_self_signed
+from tests.fakes.client import sleep
+from tests.fakes.engines import RedisServer, redis_server
+from tests.fakes.tls import make_self_signed
 
 __all__ = ["redis_server"]
 

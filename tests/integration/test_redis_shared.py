@@ -21,16 +21,9 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from ollamaproxy.admission.keys import digest
-from tests.engines import RedisServer
-from tests.integration.client import agent, body, read, request, wait_for
-from tests.integration.conftest import (
-    TEST_KEY,
-    Twistd,
-    TwistdLauncher,
-    Upstream,
-    proxy_args,
-    sleep,
-)
+from tests.fakes.client import agent, body, read, request, sleep, wait_for
+from tests.fakes.engines import RedisServer
+from tests.fakes.twistd import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args
 
 PASSWORD = "redis-test-password-1234"
 # Named keys of the test, by name: each with one limit.

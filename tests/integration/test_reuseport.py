@@ -18,8 +18,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from ollamaproxy.reuseport import ReusePortEndpoint
-from tests.integration.client import agent, read, request
-from tests.integration.conftest import (
+from tests.fakes.client import agent, read, request
+from tests.fakes.twistd import (
     START_TIMEOUT,
     TEST_KEY,
     TwistdLauncher,

@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 
 from ollamaproxy import __version__
-from tests.integration.conftest import REPO, TWISTD
-
-pytestmark = pytest.mark.integration
+from tests.fakes.twistd import REPO, TWISTD
 
 GOOD_KEY = "0123456789abcdef-integration"
 

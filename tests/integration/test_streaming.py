@@ -13,10 +13,10 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.web.server import Site
 
-from tests.fake_ollama import HeldStream
-from tests.integration.bulk import Bulk
-from tests.integration.client import Arrivals, agent, body, read, request, wait_for
-from tests.integration.conftest import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args, sleep
+from tests.fakes.bulk import Bulk
+from tests.fakes.client import Arrivals, agent, body, read, request, sleep, wait_for
+from tests.fakes.ollama import HeldStream
+from tests.fakes.twistd import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args
 
 BULK_BYTES = 100 * 1024 * 1024
 HOLD = json.dumps({"model": "hold", "messages": [{"role": "user", "content": "hi"}]}).encode()

@@ -19,36 +19,15 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.ssl import Certificate
 from twisted.web.client import BrowserLikePolicyForHTTPS
 
-from tests.integration.client import agent, body, read, request, wait_for
-from tests.integration.conftest import (
+from tests.fakes.client import agent, body, chat_lines, read, request, wait_for
+from tests.fakes.tls import make_self_signed
+from tests.fakes.twistd import (
     REPO,
     TEST_KEY,
     TwistdLauncher,
     Upstream,
     proxy_args,
 )
-from tests.integration.tls import make_self_signed
-
-CHAT = json.dumps(
-    {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}],
-     "options": {"num_predict": 5, "fake_delay": 0.02}}
-)
-
-
-async def chat_lines(reactor: Any, url: str, key: str, tls: Any = None) -> list[Any]:
-    """
-    A streamed chat through the proxy, as parsed NDJSON lines.
-    """
-    response = await request(
-        agent(reactor, tls), b"POST", url + "/api/chat",
-        {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-        body(CHAT.encode()),
-    )
-    assert response.code == 200
-    assert response.headers.getRawHeaders(b"content-type") == [b"application/x-ndjson"]
-    arrivals = await read(response)
-    await arrivals.done
-    return [json.loads(line) for line in arrivals.body.splitlines()]
 
 
 @pytest_twisted.ensureDeferred

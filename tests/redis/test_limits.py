@@ -21,8 +21,8 @@ from ollamaproxy.record.metrics import Metrics
 from ollamaproxy.redis import scripts
 from ollamaproxy.redis.limits import RedisLimits, RedisThrottle
 from ollamaproxy.redis.link import RedisLink
-from tests.conftest import ErrorCollector
-from tests.redis.fakes import FakeRedis
+from tests.fakes.observers import ErrorCollector
+from tests.fakes.redis import FakeRedis
 
 # 2026-12-01T12:00:00Z
 NOON = 1796126400.0

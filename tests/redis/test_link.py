@@ -18,7 +18,7 @@ from ollamaproxy.errors import ConfigError
 from ollamaproxy.readiness import Readiness
 from ollamaproxy.redis.link import RedisDown, RedisLink, open_link
 from ollamaproxy.redis.url import RedisAddress
-from tests.redis.fakes import FakeRedis
+from tests.fakes.redis import FakeRedis
 
 
 class Made:

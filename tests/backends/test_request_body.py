@@ -29,7 +29,7 @@ from ollamaproxy.config import parse_routes
 from ollamaproxy.readiness import Readiness
 from ollamaproxy.record.metrics import Metrics
 from ollamaproxy.web.site import ProxySite
-from tests.chain import KEY
+from tests.fakes.chain import KEY
 
 DIGEST = "sha256:" + "0" * 64
 

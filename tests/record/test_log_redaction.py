@@ -27,9 +27,9 @@ from twisted.logger import (
 from ollamaproxy.admission.keys import SCOPES, ApiKey, digest
 from ollamaproxy.record.logs import LogFilesService
 from ollamaproxy.record.redact import Redactor
-from tests.chain import KEY, Chain
-from tests.conftest import ErrorCollector
-from tests.test_app import FailingAgent
+from tests.fakes.agents import FailingAgent
+from tests.fakes.chain import KEY, Chain
+from tests.fakes.observers import ErrorCollector
 
 # A key an operator chose, with punctuation, and one made by the proxy.
 CHOSEN = "my:custom;secret!key-0042"

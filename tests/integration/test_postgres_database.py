@@ -1,5 +1,5 @@
 """
-Tests against a real PostgreSQL (L{tests.engines}): the schema and its
+Tests against a real PostgreSQL (L{tests.fakes.engines}): the schema and its
 migrations, usage and keys in the database, the C{ollamaproxy} command with
 C{--database}, and the usage service across a database restart.
 """
@@ -26,8 +26,8 @@ from ollamaproxy.postgres.shared import SharedDatabase
 from ollamaproxy.postgres.usage import PostgresUsage
 from ollamaproxy.record.usage import UsageStore
 from ollamaproxy.record.usage_db import Row, SqliteUsage, summarise
-from tests.engines import PostgresServer, free_port
-from tests.test_usage import ManualWorker
+from tests.fakes.engines import PostgresServer, free_port
+from tests.fakes.worker import ManualWorker
 
 T0 = 1795762800.0
 NOW = datetime(2026, 11, 27, 7, 0, tzinfo=UTC)

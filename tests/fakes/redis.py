@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.redis.test_limits,tests.redis.test_link -*-
 """
 A Redis client that answers as the test says, for the unit tests of
 L{ollamaproxy.redis}.

@@ -1,9 +1,11 @@
+# -*- test-case-name: tests.integration.test_twistd -*-
 """
 A real HTTP client for the integration tests, reading bodies as they arrive.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from io import BytesIO
@@ -16,9 +18,11 @@ from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, Resp
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 
-from tests.integration.conftest import sleep
-
 WAIT_LIMIT = 20.0
+CHAT = json.dumps(
+    {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}],
+     "options": {"num_predict": 5, "fake_delay": 0.02}}
+)
 
 
 class Arrivals(Protocol):
@@ -102,3 +106,28 @@ async def wait_for(reactor: Any, condition: Callable[[], bool], what: str) -> No
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await sleep(reactor, 0.01)
+
+
+def sleep(reactor: Any, seconds: float) -> Deferred[None]:
+    """
+    A L{Deferred} that fires after C{seconds} of real time.
+    """
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+async def chat_lines(reactor: Any, url: str, key: str, tls: Any = None) -> list[Any]:
+    """
+    A streamed chat through the proxy, as parsed NDJSON lines.
+    """
+    response = await request(
+        agent(reactor, tls), b"POST", url + "/api/chat",
+        {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        body(CHAT.encode()),
+    )
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type") == [b"application/x-ndjson"]
+    arrivals = await read(response)
+    await arrivals.done
+    return [json.loads(line) for line in arrivals.body.splitlines()]

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_streaming -*-
 """
 An upstream that streams a large NDJSON body as fast as the proxy takes it,
 honouring backpressure.

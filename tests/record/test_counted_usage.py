@@ -16,7 +16,7 @@ from twisted.logger import LogEvent, capturedLogs, formatEvent
 
 from ollamaproxy.exchange import StreamSummary
 from ollamaproxy.record.summary import summarise
-from tests.chain import Chain
+from tests.fakes.chain import Chain
 
 TOKENS = 7
 DELAY = 0.02

@@ -19,8 +19,8 @@ from twisted.web.http_headers import Headers
 from ollamaproxy.backends import relay as relay_module
 from ollamaproxy.backends.relay import _BodyAnswer
 from ollamaproxy.backends.upstream import Upstream
-from tests.chain import HEADER_TIMEOUT, IDLE_TIMEOUT, Chain, Collector
-from tests.fake_ollama import HeldStream
+from tests.fakes.chain import HEADER_TIMEOUT, IDLE_TIMEOUT, Chain, Collector
+from tests.fakes.ollama import HeldStream
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

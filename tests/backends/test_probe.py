@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 
 from ollamaproxy.backends.probe import UpstreamProbe
 from ollamaproxy.backends.upstream import Upstream
-from tests.fake_ollama import VERSION, FakeOllama
+from tests.fakes.ollama import VERSION, FakeOllama
 
 BASE = b"http://127.0.0.1:11434"
 

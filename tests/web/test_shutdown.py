@@ -9,7 +9,7 @@ import json
 from twisted.logger import LogEvent
 from twisted.web._newclient import ResponseFailed
 
-from tests.chain import Chain
+from tests.fakes.chain import Chain
 
 GRACE = 30.0
 CHAT = json.dumps({"model": "hold", "messages": [{"role": "user", "content": "hi"}]}).encode()

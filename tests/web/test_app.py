@@ -1,6 +1,6 @@
 """
 Tests for L{ollamaproxy.web.app}: the whole proxy as a client sees it, in memory
-(client -> proxy -> fake Ollama, see L{tests.chain}), with no reactor and no
+(client -> proxy -> fake Ollama, see L{tests.fakes.chain}), with no reactor and no
 sockets.
 
 The transparency table sends each request twice, through the proxy and
@@ -19,19 +19,18 @@ from typing import Any, TypeVar
 import pytest
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IAgent, IResponse
 
-from tests.chain import KEY, Chain, Collector
-from tests.conftest import ErrorCollector
-from tests.fake_ollama import FakeOllama, ReceivedRequest, in_memory_client
+from tests.fakes.agents import FailingAgent
+from tests.fakes.chain import KEY, Chain, Collector
+from tests.fakes.observers import ErrorCollector
+from tests.fakes.ollama import FakeOllama, ReceivedRequest, in_memory_client
 
 T = TypeVar("T")
 
@@ -62,28 +61,6 @@ UNKNOWN_DIGEST = "sha256:" + "0" * 64
 
 
 # -- plumbing ---------------------------------------------------------------
-
-
-@implementer(IAgent)
-class FailingAgent:
-    """
-    An upstream agent whose every request fails (or raises) with C{error}.
-    """
-
-    def __init__(self, error: Exception, *, raises: bool = False) -> None:
-        self._error = error
-        self._raises = raises
-
-    def request(
-        self,
-        method: bytes,
-        uri: bytes,
-        headers: Headers | None = None,
-        bodyProducer: IBodyProducer | None = None,
-    ) -> Deferred[IResponse]:
-        if self._raises:
-            raise self._error
-        return defer.fail(self._error)
 
 
 def result(d: Deferred[T]) -> T:

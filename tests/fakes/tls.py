@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_twistd -*-
 """
 A self-signed certificate for 127.0.0.1 and localhost, made at run time.
 """

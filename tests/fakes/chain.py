@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.web.test_app -*-
 """
 The whole chain in memory: a client, the proxy, and a fake Ollama.
 
@@ -12,6 +13,7 @@ L{Chain.clock}.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -44,7 +46,7 @@ from ollamaproxy.record.metrics import Metrics
 from ollamaproxy.record.usage import UsageStore
 from ollamaproxy.web.client_address import NOBODY, TrustedProxies
 from ollamaproxy.web.site import ProxySite
-from tests.fake_ollama import FakeOllama
+from tests.fakes.ollama import FakeOllama
 
 KEY = "olpk_chaintestkeychaintestkeychaintest"
 VIA = b"1.1 ollamaproxy-chaintest"
@@ -267,3 +269,12 @@ class Chain:
         d.addErrback(failures.append)
         assert failures, "no failure yet"
         return failures[0]
+
+
+def chat(model: str = "llama3.2", **fields: Any) -> bytes:
+    """
+    The body of a chat for C{model} that says C{hi}, with C{fields} added.
+    """
+    return json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], **fields}
+    ).encode()

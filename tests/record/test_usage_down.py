@@ -31,7 +31,7 @@ from ollamaproxy.record.usage_db import (
     aggregate,
     summarise,
 )
-from tests.test_usage import ManualWorker
+from tests.fakes.worker import ManualWorker
 
 T0 = 1795762800.0
 

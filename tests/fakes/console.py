@@ -1,22 +1,16 @@
+# -*- test-case-name: tests.console.test_web -*-
 """
 Shared pieces of the console's tests.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ollamaproxy.admission.keys import ApiKey, digest
-from tests.chain import Chain
+from tests.fakes.chain import Chain
 
 INFERENCE_KEY = "olpk_consoleinferencekeyconsoleinference"
-
-
-def chat(model: str = "llama3.2", **extra: Any) -> bytes:
-    return json.dumps(
-        {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
-    ).encode()
 
 
 def add_inference_key(chain: Chain, name: str = "bob", **fields: Any) -> None:

@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from ollamaproxy.backends.headers import came_back, upstream_request_headers, via_mark
 from ollamaproxy.web.site import ProxySite
-from tests.chain import CLIENT_TIMEOUT, VIA, Chain
+from tests.fakes.chain import CLIENT_TIMEOUT, VIA, Chain
 
 # How many turns the fake circle allows before it gives up by itself (a
 # proxy without loop detection would go on for ever).

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
@@ -39,58 +39,12 @@ from ollamaproxy.record.usage_db import (
     summarise,
     write_rows,
 )
-from tests.conftest import ErrorCollector
+from tests.fakes.observers import ErrorCollector
+from tests.fakes.worker import ManualWorker
 
 # 2026-11-27T07:00:00Z, the start of a minute.
 T0 = 1795762800.0
 THREAD_NAME = "test-usage"
-
-
-class ManualWorker:
-    """
-    A L{Worker} in the test's thread: runs work at once, or, when held,
-    when the test releases it.
-
-    @ivar log: What happened, in order: C{start}, C{run}, C{done}, C{stop}.
-    """
-
-    def __init__(self, held: bool = False) -> None:
-        self.held = held
-        self.log: list[str] = []
-        self._queue: list[tuple[Callable[[], Any], Deferred[Any]]] = []
-
-    def start(self) -> None:
-        self.log.append("start")
-
-    def run(self, work: Callable[[], Any]) -> Deferred[Any]:
-        self.log.append("run")
-        if not self.held:
-            return self._do(work)
-        d: Deferred[Any] = Deferred()
-        self._queue.append((work, d))
-        return d
-
-    def _do(self, work: Callable[[], Any]) -> Deferred[Any]:
-        try:
-            result = work()
-        except Exception:
-            self.log.append("done")
-            return fail()
-        self.log.append("done")
-        return succeed(result)
-
-    def release(self) -> None:
-        """
-        Run the held work, in order, and stop holding.
-        """
-        self.held = False
-        queued, self._queue = self._queue, []
-        for work, d in queued:
-            self._do(work).chainDeferred(d)
-
-    def stop(self) -> None:
-        assert not self._queue, "stopped with work left"
-        self.log.append("stop")
 
 
 @implementer(IReactorFromThreads)

@@ -11,7 +11,7 @@ from twisted.web.http_headers import Headers
 
 from ollamaproxy.config import Config, ConfigError
 from ollamaproxy.web.client_address import TrustedProxies, parse_trusted_proxies
-from tests.chain import Chain
+from tests.fakes.chain import Chain
 
 TRUSTED = parse_trusted_proxies("10.0.0.5, 10.1.0.0/16, fd00::/8")
 

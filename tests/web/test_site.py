@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from ollamaproxy.errors import reason_phrase
 from ollamaproxy.twisted_internals import HTTP_CHANNEL_INTERNALS
 from ollamaproxy.web.site import ProxySite
-from tests.chain import KEY, Chain
+from tests.fakes.chain import KEY, Chain
 
 TIMEOUT = 30.0
 

@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.admission.limits import GuessThrottle
 from ollamaproxy.errors import ProxyError
-from tests.chain import KEY, Chain
+from tests.fakes.chain import KEY, Chain
 
 USER_KEY = "olpk_userkeyuserkeyuserkeyuserkeyuser00"
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -1,6 +1,6 @@
 """
 Tests for L{ollamaproxy.admission.quotas}: token quotas per key, through the whole
-proxy in memory (L{tests.chain}), and their seeding from the usage store.
+proxy in memory (L{tests.fakes.chain}), and their seeding from the usage store.
 
 The fake Ollama reports as prompt tokens the words of the prompt, and
 generates C{options.num_predict} tokens: a generate with the prompt C{"a b"}
@@ -23,8 +23,8 @@ from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.admission.quota_periods import window
 from ollamaproxy.admission.quotas import QuotaBook, QuotaSeed
 from ollamaproxy.record.usage_db import UsageFileError, tokens_by_key, write_rows
-from tests.chain import KEY, Chain
-from tests.conftest import ErrorCollector
+from tests.fakes.chain import KEY, Chain
+from tests.fakes.observers import ErrorCollector
 
 USER_KEY = "olpk_quotakeyquotakeyquotakeyquotakey00"
 

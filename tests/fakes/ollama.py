@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_fake_ollama -*-
 """
 A fake Ollama server for the proxy's tests, faithful to the wire formats in
 the project's Ollama API notes (shared/ollama-api.md) (gin routing, the Host guard, NDJSON and SSE

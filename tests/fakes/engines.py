@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_postgres,tests.integration.test_redis_limits -*-
 """
 Real engines for the tests, started by the test run itself.
 

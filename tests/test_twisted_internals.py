@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
@@ -30,7 +30,7 @@ class _Endpoint:
     def __init__(self) -> None:
         self.factories: list[IProtocolFactory] = []
 
-    def connect(self, factory: IProtocolFactory) -> Deferred[object]:
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
         self.factories.append(factory)
         return Deferred()
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 from twisted.logger import Logger
 
@@ -38,6 +37,7 @@ from ollamaproxy.config import Config, ConfigError
 from ollamaproxy.postgres.database import Database, DatabaseError, SchemaTooNew
 from ollamaproxy.postgres.keys import load_keys
 from ollamaproxy.postgres.usage import PostgresUsage
+from ollamaproxy.reactors import IDaemonReactor
 from ollamaproxy.record.usage import ThreadWorker, UsageStore
 from ollamaproxy.record.usage_db import SqliteUsage
 
@@ -52,8 +52,8 @@ class SharedDatabase:
     @ivar sources: The same keys, per source.
     """
 
-    def __init__(self, config: Config, reactor: Any, store: KeyStore, sources: KeySources,
-                 version: int | None) -> None:
+    def __init__(self, config: Config, reactor: IDaemonReactor, store: KeyStore,
+                 sources: KeySources, version: int | None) -> None:
         assert config.database is not None
         self._config = config
         self._url = config.database
@@ -65,7 +65,7 @@ class SharedDatabase:
         self.keys: DatabaseKeysPoller | None = None
 
     @classmethod
-    def at_start(cls, config: Config, reactor: Any, now: datetime,
+    def at_start(cls, config: Config, reactor: IDaemonReactor, now: datetime,
                  announce: Callable[[str], None]) -> SharedDatabase:
         """
         Connect, migrate and read the keys, as the module says.

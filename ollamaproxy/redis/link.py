@@ -17,12 +17,13 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Gauge
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ollamaproxy.errors import ConfigError
+from ollamaproxy.reactors import IDaemonReactor
 from ollamaproxy.readiness import Readiness
 from ollamaproxy.redis.url import RedisAddress
 
@@ -225,7 +226,7 @@ class TxRedisClient:
     most.
     """
 
-    def __init__(self, address: RedisAddress, reactor: Any, timeout: float) -> None:
+    def __init__(self, address: RedisAddress, reactor: IReactorTCP, timeout: float) -> None:
         import txredisapi  # type: ignore[import-untyped]
         from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
         from twisted.internet.ssl import optionsForClientTLS
@@ -281,7 +282,7 @@ def open_link(
     address: RedisAddress,
     policy: str,
     lease: float,
-    reactor: Any,
+    reactor: IDaemonReactor,
     readiness: Readiness,
     registry: CollectorRegistry,
 ) -> RedisLink:

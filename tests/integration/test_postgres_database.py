@@ -24,6 +24,7 @@ from ollamaproxy.postgres.database import MIGRATIONS, Database, DatabaseError, S
 from ollamaproxy.postgres.keys import load_keys
 from ollamaproxy.postgres.shared import SharedDatabase
 from ollamaproxy.postgres.usage import PostgresUsage
+from ollamaproxy.reactors import daemon_reactor
 from ollamaproxy.record.usage import UsageStore
 from ollamaproxy.record.usage_db import Row, SqliteUsage, summarise
 from tests.fakes.engines import PostgresServer, free_port
@@ -104,7 +105,7 @@ def test_a_newer_schema_is_refused(postgres_url: str, tmp_path: Path) -> None:
     config = Config(database=postgres_url, api_key="x" * 20,
                     keys_file=str(tmp_path / "keys.json"))
     with pytest.raises(ConfigError, match=r"^--database: .*upgrade ollamaproxy$"):
-        SharedDatabase.at_start(config, Clock(), NOW, lambda text: None)
+        SharedDatabase.at_start(config, daemon_reactor(Clock()), NOW, lambda text: None)
 
 
 def test_usage_is_summed_per_minute_key_and_model(postgres_url: str) -> None:
@@ -215,11 +216,11 @@ def test_start_without_the_database_needs_other_keys(tmp_path: Path) -> None:
     url = f"postgresql://me:hunter2@127.0.0.1:{free_port()}/proxy"
     config = Config(database=url, keys_file=str(tmp_path / "keys.json"))
     with pytest.raises(ConfigError, match="no key to start with") as raised:
-        SharedDatabase.at_start(config, Clock(), NOW, lambda text: None)
+        SharedDatabase.at_start(config, daemon_reactor(Clock()), NOW, lambda text: None)
     assert "hunter2" not in str(raised.value) and "\n" not in str(raised.value)
     config = Config(database=url, api_key="olpk_operator-operator-operator",
                     keys_file=str(tmp_path / "keys.json"))
-    shared = SharedDatabase.at_start(config, Clock(), NOW, lambda text: None)
+    shared = SharedDatabase.at_start(config, daemon_reactor(Clock()), NOW, lambda text: None)
     assert shared.store.find("olpk_operator-operator-operator") is not None
 
 

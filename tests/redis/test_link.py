@@ -15,6 +15,7 @@ from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from ollamaproxy.errors import ConfigError
+from ollamaproxy.reactors import daemon_reactor
 from ollamaproxy.readiness import Readiness
 from ollamaproxy.redis.link import RedisDown, RedisLink, open_link
 from ollamaproxy.redis.url import RedisAddress
@@ -190,7 +191,7 @@ def test_readiness(policy: str, ready_while_down: bool) -> None:
     serves without it); under closed it is not ready until Redis answers.
     """
     readiness = Readiness()
-    link = open_link(RedisAddress("cache"), policy, 30.0, Clock(), readiness,
+    link = open_link(RedisAddress("cache"), policy, 30.0, daemon_reactor(Clock()), readiness,
                      CollectorRegistry())
     assert readiness.answer()[0] == (200 if ready_while_down else 503)
     link.up = True
@@ -201,5 +202,5 @@ def test_missing_client_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """--redis without txredisapi installed stops the start saying what to install."""
     monkeypatch.setitem(sys.modules, "txredisapi", None)
     with pytest.raises(ConfigError, match=r"pip install 'ollamaproxy\[redis\]'"):
-        open_link(RedisAddress("cache"), "local", 30.0, Clock(), Readiness(),
+        open_link(RedisAddress("cache"), "local", 30.0, daemon_reactor(Clock()), Readiness(),
                   CollectorRegistry())

@@ -22,7 +22,7 @@ from ollamaproxy.admission.limits import Limits, Throttle
 from ollamaproxy.backends.dispatch import Dispatcher
 from ollamaproxy.backends.gauges import RouterGauges
 from ollamaproxy.backends.router import Router
-from ollamaproxy.console import Console, Live
+from ollamaproxy.console import Console, Sampler
 from ollamaproxy.readiness import Readiness
 from ollamaproxy.record.metrics import Metrics
 from ollamaproxy.record.recorder import Recorder
@@ -95,7 +95,7 @@ def assemble(
     readiness.add("backends", lambda: any(b.healthy for b in router.backends))
     # Not ready first when stopping, so that load balancers look away.
     readiness.add("accepting", lambda: not in_flight.draining)
-    console = Console(Live(in_flight, router, clock, redact), auth.keys, usage, clock, gate)
+    console = Console(Sampler(in_flight, router, clock, redact), auth.keys, usage, clock, gate)
     proxy = OllamaProxy(
         gate,
         limits,

@@ -516,7 +516,7 @@ def build_service(
         shared.keys_poller().setServiceParent(service)
     DrainService(assembled.in_flight, config.grace_period).setServiceParent(service)
     # The console's sampler; it stops before the drain, ending open feeds.
-    assembled.console.live.setServiceParent(service)
+    assembled.console.sampler.setServiceParent(service)
     listeners = Listeners()
     listeners.setServiceParent(service)
     for endpoint in config.listen:

@@ -56,7 +56,7 @@ from ollamaproxy.config import (
     default_usage_file,
     parse_routes,
 )
-from ollamaproxy.console import Live
+from ollamaproxy.console import Sampler
 from ollamaproxy.descriptors import connection_limit
 from ollamaproxy.record.logs import LogFilesService
 from ollamaproxy.record.usage import UsageStore
@@ -305,7 +305,7 @@ def test_service_structure(tmp_path: Path) -> None:
     service = build_service(config, reactor, lambda text: None)
     kinds = [type(child) for child in children(service)]
     assert kinds == [PoolService, BackendPool, UsageStore, QuotaSeed, KeysReloader,
-                     DrainService, Live, Listeners, UpstreamProbe]
+                     DrainService, Sampler, Listeners, UpstreamProbe]
     assert [type(child) for child in children(children(service)[7])] == [  # type: ignore[arg-type]
         StreamServerEndpointService,
         StreamServerEndpointService,
@@ -584,7 +584,7 @@ def test_redis_wiring(tmp_path: Path, policy: str, required: bool) -> None:
     service = build_service(config, MemoryReactorClock(), lambda text: None)
     kinds = [type(child) for child in children(service)]
     assert kinds == [PoolService, BackendPool, UsageStore, QuotaSeed, RedisLink, KeysReloader,
-                     DrainService, Live, Listeners, UpstreamProbe]
+                     DrainService, Sampler, Listeners, UpstreamProbe]
     stub: Any = StubTreq(endpoint_services(service)[0].factory.resource)
     response = stub.get("http://127.0.0.1/-/ready")
     stub.flush()

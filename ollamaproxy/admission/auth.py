@@ -4,7 +4,8 @@ Who is asking: finding the key a client presents and checking it.
 
 Clients present a key as C{Authorization: Bearer KEY} (ollama-python, the
 OpenAI SDKs, Open WebUI, Continue, LangChain) or as C{X-API-Key: KEY} (the
-seed's header; Page Assist and ollama-js can send either).  The check happens
+header of the first version's clients; Page Assist and ollama-js can send
+either).  The check happens
 before any request reaches Ollama.
 """
 

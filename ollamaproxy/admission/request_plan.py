@@ -108,7 +108,7 @@ async def plan_request(
             # runs a model, after its turn in the queue.
             return Plan(model=UNREAD_MODEL if route.runs else None)
         body = await _read(request)
-        query = target.target.partition(b"?")[2]
+        query = target.uri.partition(b"?")[2]
         try:
             named = models_named(route, body, request.getHeader(b"content-type"), query)
         except ProxyError:

@@ -252,7 +252,7 @@ class Dispatcher:
         that could not be asked is marked unhealthy).
         """
         try:
-            response = await backend.upstream.request(b"GET", target.target, headers, None)
+            response = await backend.upstream.request(b"GET", target.uri, headers, None)
             body = await whole_body(response)
         except CancelledError:
             raise

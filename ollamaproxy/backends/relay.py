@@ -96,12 +96,12 @@ class Target:
     Where a client's request goes.
 
     @ivar path: The request path without the C{/proxy} prefix and query.
-    @ivar target: Path and query string to send to Ollama.
+    @ivar uri: Path and query string to send to Ollama.
     @ivar openai: Whether this is one of the OpenAI-compatible C{/v1} routes.
     """
 
     path: bytes
-    target: bytes
+    uri: bytes
     openai: bool
 
 
@@ -162,7 +162,7 @@ async def send(
     try:
         return await upstream.request(
             method or request.method,
-            target.target,
+            target.uri,
             upstream_request_headers(request.requestHeaders, upstream.via),
             body,
         )

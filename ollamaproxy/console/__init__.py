@@ -3,7 +3,7 @@ The operator console: a live page, served by the proxy itself at
 C{/-/console/} to admin keys, showing who is generating now and how fast,
 who waits, the backends' health and load, usage over time and the keys.
 
-  - L{ollamaproxy.console.live}: samples the requests in flight, the queue
+  - L{ollamaproxy.console.sampler}: samples the requests in flight, the queue
     and the backends a few times a second, and feeds the open consoles;
   - L{ollamaproxy.console.views}: what each view shows, and what it never
     shows (keys, hashes, credentials);
@@ -13,7 +13,7 @@ who waits, the backends' health and load, usage over time and the keys.
     hand-written SVG; no build step, nothing from elsewhere.
 """
 
-from ollamaproxy.console.live import Live
+from ollamaproxy.console.sampler import Sampler
 from ollamaproxy.console.web import CONSOLE_PATH, Console, UsageReader
 
-__all__ = ["CONSOLE_PATH", "Console", "Live", "UsageReader"]
+__all__ = ["CONSOLE_PATH", "Console", "Sampler", "UsageReader"]

@@ -7,7 +7,7 @@ Why there: C{/-/} can never be one of Ollama's routes (Ollama's router has
 no such path, nor a parameter that could match it), so the console never
 hides an Ollama route, on the proxy's own port, with no second endpoint to
 configure or to secure.  (A C{/proxy/-/console/} path is not the console:
-that prefix is the seed's path to Ollama's API.)
+that prefix is another path to Ollama's API.)
 
 Security model:
 
@@ -29,7 +29,7 @@ Security model:
     (L{ollamaproxy.console.views}).
 
 The feed is one long C{GET} answered with NDJSON (one JSON object a line,
-L{ollamaproxy.console.live}): the page reads it with C{fetch()}, which can
+L{ollamaproxy.console.sampler}): the page reads it with C{fetch()}, which can
 send the C{Authorization} header, where C{EventSource} cannot.  When the
 page goes away, its connection closes, Klein cancels the handler, and the
 subscriber is forgotten.
@@ -58,7 +58,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ollamaproxy.admission.keys import KeyStore
 from ollamaproxy.admission.quota_periods import window
-from ollamaproxy.console.live import Live
+from ollamaproxy.console.sampler import Sampler
 from ollamaproxy.console.views import USAGE_COLUMNS, keys_view, usage_csv
 from ollamaproxy.errors import ProxyError, reason_phrase
 from ollamaproxy.record.usage_db import BUCKET_SECONDS, Bucket, SeriesRow
@@ -140,7 +140,7 @@ class Console:
     The operator console: a Klein app of its own, mounted by the proxy's
     app under C{/-/console/}.
 
-    @param live: The sampler that feeds the Now and Backends views.
+    @param sampler: Feeds the Now and Backends views.
     @param keys: The keys, for the Keys view.
     @param usage: Reads usage for the Usage and Keys views, or L{None}
         without a usage store.
@@ -153,13 +153,13 @@ class Console:
 
     def __init__(
         self,
-        live: Live,
+        sampler: Sampler,
         keys: KeyStore,
         usage: UsageReader | None,
         clock: IReactorTime,
         gate: Gate,
     ) -> None:
-        self.live = live
+        self.sampler = sampler
         self._keys = keys
         self._usage = usage
         self._clock = clock
@@ -214,7 +214,7 @@ class Console:
         The Now and Backends views as of the last sample, with the totals'
         recent history.
         """
-        return _json(request, {"now": self._clock.seconds(), **self.live.snapshot()})
+        return _json(request, {"now": self._clock.seconds(), **self.sampler.snapshot()})
 
     @app.route("/api/keys", methods=["GET"])
     @keyed(CONSOLE_ROUTE, may_open=False)
@@ -297,12 +297,12 @@ class Console:
         request.setHeader(b"content-type", b"application/x-ndjson")
         # A buffering proxy in front (nginx) would hold the feed back.
         request.setHeader(b"x-accel-buffering", b"no")
-        subscriber = self.live.subscribe(request.write)
+        subscriber = self.sampler.subscribe(request.write)
         request.registerProducer(subscriber, True)
         try:
             await subscriber.ended
         finally:
-            self.live.unsubscribe(subscriber)
+            self.sampler.unsubscribe(subscriber)
             if getattr(request, "channel", None) is not None:
                 request.unregisterProducer()
 

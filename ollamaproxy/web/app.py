@@ -74,7 +74,7 @@ def target_of(uri: bytes) -> Target:
     if not uri.startswith(b"/"):
         uri = b"/" + uri
     path = uri.split(b"?", 1)[0]
-    return Target(path=path, target=uri, openai=is_openai_path(path))
+    return Target(path=path, uri=uri, openai=is_openai_path(path))
 
 
 class OllamaProxy:

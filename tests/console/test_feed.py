@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ollamaproxy.console.live import HEARTBEAT, TICK, Live
+from ollamaproxy.console.sampler import HEARTBEAT, TICK, Sampler
 from tests.fakes.chain import KEY, Chain, Collector, chat
 from tests.fakes.console import INFERENCE_KEY, add_inference_key
 
@@ -31,10 +31,10 @@ def tick(chain: Chain) -> None:
     chain.flush()
 
 
-def started(chain: Chain) -> Live:
-    live = chain.console.live
-    live.startService()
-    return live
+def started(chain: Chain) -> Sampler:
+    sampler = chain.console.sampler
+    sampler.startService()
+    return sampler
 
 
 def test_feed_shows_a_running_stream_with_its_model_and_tokens_and_drops_it_when_it_ends() -> None:
@@ -44,7 +44,7 @@ def test_feed_shows_a_running_stream_with_its_model_and_tokens_and_drops_it_when
     the next update lists no request.
     """
     chain = Chain()
-    live = started(chain)
+    sampler = started(chain)
     _, feed = open_feed(chain)
     reply = chain.request("POST", "/api/chat", data=chat("hold"))
     held = chain.fake.held[-1]
@@ -71,7 +71,7 @@ def test_feed_shows_a_running_stream_with_its_model_and_tokens_and_drops_it_when
     chain.body(chain.result(reply))
     tick(chain)
     assert messages(feed)[-1]["requests"] == []
-    live.stopService()
+    sampler.stopService()
 
 
 def test_feed_sends_nothing_while_nothing_changes_and_pings_now_and_then() -> None:
@@ -81,7 +81,7 @@ def test_feed_sends_nothing_while_nothing_changes_and_pings_now_and_then() -> No
     lost connection.  Updates never come more often than once a tick.
     """
     chain = Chain()
-    live = started(chain)
+    sampler = started(chain)
     _, feed = open_feed(chain)
     assert [m["type"] for m in messages(feed)] == ["update"]
     for _ in range(int(HEARTBEAT / TICK) - 1):
@@ -89,7 +89,7 @@ def test_feed_sends_nothing_while_nothing_changes_and_pings_now_and_then() -> No
     assert len(messages(feed)) == 1
     tick(chain)
     assert [m["type"] for m in messages(feed)] == ["update", "ping"]
-    live.stopService()
+    sampler.stopService()
 
 
 def test_feed_coalesces_many_chunks_into_one_update_a_tick() -> None:
@@ -98,7 +98,7 @@ def test_feed_coalesces_many_chunks_into_one_update_a_tick() -> None:
     one update for them, at the tick.
     """
     chain = Chain()
-    live = started(chain)
+    sampler = started(chain)
     _, feed = open_feed(chain)
     chain.request("POST", "/api/chat", data=chat("hold"))
     held = chain.fake.held[-1]
@@ -114,7 +114,7 @@ def test_feed_coalesces_many_chunks_into_one_update_a_tick() -> None:
     assert messages(feed)[-1]["requests"][0]["tokens"] == 100
     held.finish()
     chain.flush()
-    live.stopService()
+    sampler.stopService()
 
 
 def test_feed_stops_and_is_forgotten_when_its_client_goes_away() -> None:
@@ -123,14 +123,14 @@ def test_feed_stops_and_is_forgotten_when_its_client_goes_away() -> None:
     subscriber: nothing more is written for it, and no timer of its is left.
     """
     chain = Chain()
-    live = started(chain)
+    sampler = started(chain)
     _, feed = open_feed(chain)
-    assert live.subscribers == 1
+    assert sampler.subscribers == 1
     feed.disconnect()
     feed.done.addErrback(lambda _: None)
     chain.flush()
-    assert live.subscribers == 0
-    live.stopService()
+    assert sampler.subscribers == 0
+    sampler.stopService()
     assert chain.clock.getDelayedCalls() == []
 
 
@@ -140,12 +140,12 @@ def test_feed_ends_when_the_proxy_stops() -> None:
     finishes), and stops the sampling timer.
     """
     chain = Chain()
-    live = started(chain)
+    sampler = started(chain)
     _, feed = open_feed(chain)
-    live.stopService()
+    sampler.stopService()
     chain.flush()
     chain.result(feed.done)
-    assert live.subscribers == 0
+    assert sampler.subscribers == 0
     assert chain.clock.getDelayedCalls() == []
 
 
@@ -156,9 +156,9 @@ def test_a_paused_feed_is_skipped_and_catches_up_when_it_reads_again() -> None:
     is then, in one message.
     """
     chain = Chain()
-    live = started(chain)
+    sampler = started(chain)
     writes: list[bytes] = []
-    subscriber = live.subscribe(writes.append)
+    subscriber = sampler.subscribe(writes.append)
     subscriber.pauseProducing()
     chain.request("POST", "/api/chat", data=chat("hold"))
     chain.flush()
@@ -169,10 +169,10 @@ def test_a_paused_feed_is_skipped_and_catches_up_when_it_reads_again() -> None:
     tick(chain)
     assert len(writes) == 2
     assert len(json.loads(writes[-1])["requests"]) == 1
-    live.unsubscribe(subscriber)
+    sampler.unsubscribe(subscriber)
     chain.fake.held[-1].finish()
     chain.flush()
-    live.stopService()
+    sampler.stopService()
 
 
 def test_history_is_bounded_and_sent_whole_to_a_new_feed() -> None:
@@ -182,17 +182,17 @@ def test_history_is_bounded_and_sent_whole_to_a_new_feed() -> None:
     gets it all in its first message.
     """
     chain = Chain()
-    live = started(chain)
+    sampler = started(chain)
     for _ in range(3 * int(600 / TICK)):
         tick(chain)
     writes: list[bytes] = []
-    subscriber = live.subscribe(writes.append)
+    subscriber = sampler.subscribe(writes.append)
     first = json.loads(writes[0])
     assert first["reset"] is True
     assert len(first["points"]) == int(600 / TICK)
-    assert len(live.snapshot()["history"]) == int(600 / TICK)
-    live.unsubscribe(subscriber)
-    live.stopService()
+    assert len(sampler.snapshot()["history"]) == int(600 / TICK)
+    sampler.unsubscribe(subscriber)
+    sampler.stopService()
 
 
 def test_totals_count_running_and_queued_requests() -> None:
@@ -201,11 +201,11 @@ def test_totals_count_running_and_queued_requests() -> None:
     rows, its key's waiting count, and the totals.
     """
     chain = Chain(parallel=1)
-    live = started(chain)
+    sampler = started(chain)
     chain.request("POST", "/api/chat", data=chat("hold"))
     waiting = chain.request("POST", "/api/chat", data=chat("hold"))
     tick(chain)
-    snapshot = live.snapshot()
+    snapshot = sampler.snapshot()
     assert [row["state"] for row in snapshot["requests"]] == ["running", "queued"]
     assert snapshot["waiting"] == {"alice": 1}
     assert snapshot["history"][-1][1:3] == [1, 1]
@@ -213,7 +213,7 @@ def test_totals_count_running_and_queued_requests() -> None:
     waiting.addErrback(lambda _: None)
     chain.fake.held[-1].finish()
     chain.flush()
-    live.stopService()
+    sampler.stopService()
 
 
 def test_the_feed_needs_an_admin_key() -> None:
@@ -223,10 +223,10 @@ def test_the_feed_needs_an_admin_key() -> None:
     """
     chain = Chain()
     add_inference_key(chain)
-    live = started(chain)
+    sampler = started(chain)
     for key, code in ((None, 401), (INFERENCE_KEY, 403), ("olpk_wrong" + "x" * 30, 401)):
         response = chain.respond("GET", "/-/console/api/feed", key=key)
         assert response.code == code
         assert "error" in json.loads(chain.body(response))
-    assert live.subscribers == 0
-    live.stopService()
+    assert sampler.subscribers == 0
+    sampler.stopService()

@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from ollamaproxy.admission.keys import digest
 from ollamaproxy.backends.pool import Backend
 from ollamaproxy.backends.upstream import Upstream
-from ollamaproxy.console.live import TICK
+from ollamaproxy.console.sampler import TICK
 from ollamaproxy.console.web import CSP
 from ollamaproxy.record.usage import UsageStore
 from ollamaproxy.record.usage_db import write_rows
@@ -197,7 +197,7 @@ def test_no_payload_holds_a_key_a_hash_or_a_backend_password(tmp_path: Path) -> 
     backend.errors.append(
         "cannot reach Ollama at http://ops:hunter2secret@127.0.0.1:11434: refused")
     write_rows(store.path, [(chain.clock.seconds(), "alice", "llama3.2:latest", 1, 5, 7)])
-    chain.console.live.startService()
+    chain.console.sampler.startService()
     chain.request("POST", "/api/chat", data=chat("hold"))
     chain.clock.advance(TICK)
     payloads = []
@@ -214,7 +214,7 @@ def test_no_payload_holds_a_key_a_hash_or_a_backend_password(tmp_path: Path) -> 
     assert b"http://127.0.0.1:11434" in everything
     for secret in secrets_of(KEY, INFERENCE_KEY):
         assert secret not in everything
-    chain.console.live.stopService()
+    chain.console.sampler.stopService()
     chain.fake.held[-1].finish()
     chain.flush()
 
@@ -225,11 +225,11 @@ def test_feed_request_and_transport_are_not_kept_after_a_disconnect() -> None:
     producer stopped) is forgotten as well.
     """
     chain = Chain()
-    live = chain.console.live
-    live.startService()
+    sampler = chain.console.sampler
+    sampler.startService()
     transport = StringTransport()
-    subscriber = live.subscribe(transport.write)
-    assert live.subscribers == 1
+    subscriber = sampler.subscribe(transport.write)
+    assert sampler.subscribers == 1
     subscriber.stopProducing()
-    assert live.subscribers == 0
-    live.stopService()
+    assert sampler.subscribers == 0
+    sampler.stopService()

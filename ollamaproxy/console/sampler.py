@@ -3,7 +3,7 @@
 What the proxy is doing now, sampled on a timer and pushed to the consoles
 that watch.
 
-Nothing here runs per chunk or per request.  L{Live} looks, every C{tick}
+Nothing here runs per chunk or per request.  L{Sampler} looks, every C{tick}
 seconds (a few times a second), at the requests the app has in flight (its
 registry of L{Exchange}s), the fair queue and the backends.  A request's
 tokens so far are the pieces its response body arrived in
@@ -103,15 +103,15 @@ class Subscriber:
         fires otherwise.  Cancelling it (the client went away) unsubscribes.
     """
 
-    def __init__(self, live: Live, write: Callable[[bytes], None]) -> None:
-        self._live = live
+    def __init__(self, sampler: Sampler, write: Callable[[bytes], None]) -> None:
+        self._sampler = sampler
         self._write = write
         self.paused = False
         # The state and the last point this subscriber has had.
         self.state = b""
         self.point_seq = -1
         self.last_sent = 0.0
-        self.ended: Deferred[None] = Deferred(lambda _: live.unsubscribe(self))
+        self.ended: Deferred[None] = Deferred(lambda _: sampler.unsubscribe(self))
 
     def send(self, message: dict[str, Any], now: float) -> None:
         self.last_sent = now
@@ -126,10 +126,10 @@ class Subscriber:
         self.paused = False
 
     def stopProducing(self) -> None:
-        self._live.unsubscribe(self)
+        self._sampler.unsubscribe(self)
 
 
-class Live(Service):
+class Sampler(Service):
     """
     Samples the requests in flight, the queue and the backends every
     C{tick} seconds, keeps the totals' recent history, and feeds the

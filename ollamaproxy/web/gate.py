@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.web.test_app -*-
+# -*- test-case-name: tests.web.test_gate -*-
 """
 The gate every request that needs a key passes: who the client is, and the
 key it presents, checked for the route it asks for.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.admission.test_access -*-
+# -*- test-case-name: tests.record.test_recorder -*-
 """
 Writing down what happened to a request, once, however it ended: its access
 and stream events, its metrics and its usage.

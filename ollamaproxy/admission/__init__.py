@@ -9,8 +9,8 @@ namespaces as a hierarchy.)
     are kept, added up and reloaded, and the key made on a first start;
   - L{ollamaproxy.admission.auth}: the key a request presents, and its scope;
   - L{ollamaproxy.admission.request_plan}, L{ollamaproxy.admission.policy},
-    L{ollamaproxy.model_names}, L{ollamaproxy.admission.caps}: the
-    models a request names, checked against the key, and its caps;
+    L{ollamaproxy.admission.caps}: the models a request names
+    (L{ollamaproxy.model_names}), checked against the key, and its caps;
   - L{ollamaproxy.admission.limits}, L{ollamaproxy.admission.quotas},
     L{ollamaproxy.admission.quota_periods}: rates, requests in flight, token
     quotas and the guess throttle, kept in this process (in Redis:

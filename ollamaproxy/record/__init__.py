@@ -1,5 +1,6 @@
 """
-What happened, written down: the access log and its files
+What happened, written down, once per request by
+L{ollamaproxy.record.recorder}: the access log and its files
 (L{ollamaproxy.record.logs}), with credentials blanked
 (L{ollamaproxy.record.redact}); what a generation used, from Ollama's final
 object (L{ollamaproxy.record.summary}); the Prometheus metrics

@@ -1,12 +1,13 @@
 """
-The HTTP side: what a client talks to.
+The HTTP side: what a client talks to, and the conductor of each request.
 
   - L{ollamaproxy.web.site}: the web server (connections, timeouts, requests
-    twisted.web refuses itself), and L{ollamaproxy.backends.request_body}, a
-    client's body streamed on as it arrives;
-  - L{ollamaproxy.web.app}: the Klein route tree every request enters by:
-    the key check, the relay, the record;
-  - L{ollamaproxy.backends.headers}, L{ollamaproxy.web.cors},
-    L{ollamaproxy.web.client_address}: what passes in and out, browsers'
+    twisted.web refuses itself), whose requests stream their bodies;
+  - L{ollamaproxy.web.app}: the Klein route tree every request enters by,
+    and the pipeline it takes each request through;
+  - L{ollamaproxy.web.gate}: the key check every route that needs one
+    passes (C{@keyed});
+  - L{ollamaproxy.web.in_flight}: the requests in flight, and the drain;
+  - L{ollamaproxy.web.cors}, L{ollamaproxy.web.client_address}: browsers'
     origins, and who the client is behind a trusted proxy.
 """

@@ -806,24 +806,11 @@ def table() -> tuple[tuple[str, Option], ...]:
     )
 
 
-def keys_file_path(given: str | None, environ: Mapping[str, str]) -> str:
+def option_named(name: str) -> Option:
     """
-    The keys file: C{given} (an option's value), else C{$OLLAMAPROXY_KEYS_FILE},
-    else the default.  The daemon and the C{ollamaproxy} command agree on it.
-    """
-    return str(_option("keys-file").read({"keys-file": given}, environ))
-
-
-def usage_file_path(given: str | None, environ: Mapping[str, str]) -> str:
-    """
-    The usage database, chosen as L{keys_file_path} chooses the keys file.
-    """
-    return str(_option("usage-file").read({"usage-file": given}, environ))
-
-
-def _option(name: str) -> Option:
-    """
-    The option of this name.
+    The option of this name, for the C{ollamaproxy} command, whose
+    C{--keys-file}, C{--usage-file} and C{--database} mean what the
+    daemon's do.
 
     @raise KeyError: If there is none.
     """
@@ -834,4 +821,4 @@ def _option(name: str) -> Option:
 DEFAULT_PARALLEL = Config.parallel
 DEFAULT_MAX_QUEUE = Config.max_queue
 DEFAULT_QUEUE_TIMEOUT = Config.queue_timeout
-DEFAULT_OPEN_ROUTES = str(_option("open-routes").default)
+DEFAULT_OPEN_ROUTES = str(option_named("open-routes").default)

@@ -764,7 +764,10 @@ class Config:
     )
 
     def __post_init__(self) -> None:
-        # An upstream without its own #parallel=N runs --parallel.
+        """
+        Give each upstream without its own C{#parallel=N} the proxy's
+        C{--parallel}: the one option whose value depends on another's.
+        """
         object.__setattr__(self, "upstreams", tuple(
             replace(upstream, parallel=upstream.parallel or self.parallel)
             for upstream in self.upstreams

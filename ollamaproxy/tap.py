@@ -82,8 +82,9 @@ class ProxyOptions(usage.Options):
         "Every option can also be set "
         "by an environment variable: OLLAMAPROXY_ and the option name in "
         "capitals with _ for - (e.g. OLLAMAPROXY_API_KEY, which keeps the key "
-        "out of ps).  With no key configured anywhere, the first start makes "
-        "one, stores its hash in the keys file, and prints it once."
+        "out of ps); docs/configuration.md lists them all.  With no key "
+        "configured anywhere, the first start makes one, stores its hash in "
+        "the keys file, and prints it once."
     )
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:

@@ -1,9 +1,10 @@
 # The proxy as a twistd application file: twistd -ny ollamaproxy.tac
 #
-# Configured by environment variables only (OLLAMAPROXY_LISTEN,
-# OLLAMAPROXY_UPSTREAM or OLLAMA_HOST, OLLAMAPROXY_API_KEY,
-# OLLAMAPROXY_KEYS_FILE, OLLAMAPROXY_LOG_DIR, ...; see the README).  The
-# service is built by the same code as `twistd ollamaproxy`.
+# Configured by environment variables only: one for each option of
+# `twistd ollamaproxy` (OLLAMAPROXY_LISTEN, OLLAMAPROXY_UPSTREAM or
+# OLLAMA_HOST, OLLAMAPROXY_API_KEY, ...), all listed in
+# docs/configuration.md.  Options() reads them from the same table as the
+# twistd plugin, and the service is built by the same code.
 
 from twisted.application.service import Application
 

@@ -1,11 +1,19 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.test_config,tests.test_options -*-
 """
-The proxy's settings: one frozen object, built from command-line options and
-environment variables.
+The proxy's settings: one frozen object, and the table of options it is
+made from.
 
-Every default and every validation rule lives here.  The twistd plugin
-(L{ollamaproxy.tap}) and the C{.tac} file both go through L{Config.from_sources},
-so the two ways of running the proxy cannot drift apart.
+Each field of L{Config} is declared once, with L{option}, L{repeated} or
+L{flag}: its option's name, its environment variable, how its text is read,
+its default (in one form: the text an operator would type), its help line
+and its documentation.  From that declaration come twistd's options
+(L{ollamaproxy.options.twistd_options}), the environment that the C{.tac}
+file reads (L{Config.from_sources}), and C{docs/configuration.md}
+(C{python -m ollamaproxy.options}).
+
+This module is in the base layer: it reads every setting into a plain,
+checked value (a tuple of networks, an address, a number of seconds) and
+imports no room; L{ollamaproxy.tap} builds the rooms' objects from them.
 """
 
 from __future__ import annotations
@@ -13,59 +21,31 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, TypeVar, overload
 from urllib.parse import urlsplit
 
-from ollamaproxy.admission.caps import Caps, keep_alive_cap
+from ollamaproxy.durations import keep_alive_cap
 from ollamaproxy.errors import ConfigError as ConfigError
-from ollamaproxy.redis.url import RedisAddress, parse_failure_policy, parse_redis_url
-from ollamaproxy.web.client_address import NOBODY, TrustedProxies, parse_trusted_proxies
-from ollamaproxy.web.cors import DEFAULT_ORIGINS, parse_origins
+from ollamaproxy.origins import DEFAULT_ORIGINS, parse_origins
+from ollamaproxy.redis_address import RedisAddress, parse_failure_policy, parse_redis_url
 
-DEFAULT_LISTEN = "tcp:5000"
-# Ollama's own defaults: OLLAMA_NUM_PARALLEL and OLLAMA_MAX_QUEUE.
-DEFAULT_PARALLEL = 4
-DEFAULT_MAX_QUEUE = 512
-# A request queued for longer than a generation usually takes to start is
-# better told to come back.
-DEFAULT_QUEUE_TIMEOUT = 300.0
-DEFAULT_UPSTREAM = "http://127.0.0.1:11434"
-DEFAULT_OPEN_ROUTES = "GET /,HEAD /,GET /api/version,HEAD /api/version"
-DEFAULT_CONNECT_TIMEOUT = 10.0
-# Ollama sends a response head with its first byte of output: after loading a
-# model for a stream, after the whole answer for "stream": false.  Both can
-# take minutes on a busy GPU box.
-DEFAULT_HEADER_TIMEOUT = 600.0
-DEFAULT_IDLE_TIMEOUT = 600.0
-DEFAULT_CLIENT_TIMEOUT = 60.0
-# Chat answers run for minutes; most finish within half a minute of a
-# restart.  systemd's stop timeout in contrib/ is longer than this.
-DEFAULT_GRACE_PERIOD = 30.0
-# Model uploads (POST /api/blobs) are often tens of GB: no limit unless asked.
-DEFAULT_MAX_BODY_SIZE = "0"
-# A body, once the proxy reads it, must average this many bytes a second over
-# each client timeout: a trickled body cannot hold a connection to Ollama,
-# and a 20 GB upload over a link of 8 kbit/s still passes.
-DEFAULT_MIN_BODY_RATE = "1K"
-DEFAULT_LOG_MAX_BYTES = "10M"
-DEFAULT_LOG_BACKUPS = 10
-DEFAULT_LOG_BODY_BYTES = "4K"
-# A Redis outage should not take every GPU away: each proxy then keeps the
-# limits itself (see README, "Limits shared through Redis").
-DEFAULT_REDIS_FAILURE = "local"
-# How long a crashed proxy's requests stay counted in Redis; leases are
-# renewed six times within it.
-DEFAULT_REDIS_LEASE = 30.0
+T = TypeVar("T")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+ENV_PREFIX = "OLLAMAPROXY_"
+# How long a crashed proxy's requests stay counted in Redis at the least:
+# leases are renewed six times within it.
 MIN_REDIS_LEASE = 3.0
 # A key chosen by the operator: shorter ones can be guessed by someone who
 # may try keys for as long as they like.
 MIN_API_KEY_LENGTH = 16
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-ENV_PREFIX = "OLLAMAPROXY_"
-DEFAULT_CORS_ORIGINS = ",".join(DEFAULT_ORIGINS)
 _ENDPOINT = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S")
+_TRUE = ("1", "true", "yes", "on")
+# The key under which a field's metadata holds its Option.
+_OPTION = "ollamaproxy.option"
 
 
 @dataclass(frozen=True)
@@ -84,257 +64,173 @@ class UpstreamSetting:
     One Ollama server to relay to.
 
     @ivar url: Its base URL, normalised (L{parse_ollama_host}).
-    @ivar parallel: Requests it may run at once for each model.
+    @ivar parallel: Requests it may run at once for each model; 0, as
+        C{--upstream} reads a URL without C{#parallel=N}, stands for the
+        proxy's C{--parallel}, which L{Config} puts in its place.
     """
 
     url: str
-    parallel: int = DEFAULT_PARALLEL
-
-
-DEFAULT_UPSTREAMS = (UpstreamSetting(DEFAULT_UPSTREAM),)
+    parallel: int = 0
 
 
 @dataclass(frozen=True)
-class Config:
+class Option:
     """
-    Everything the proxy needs to know to run.
+    One setting as the operator gives it: an option of C{twistd ollamaproxy},
+    or its environment variable (the only way for the C{.tac} file).
 
-    @ivar listen: Twisted server endpoint strings to accept clients on.
-    @ivar upstreams: The Ollama servers, each with its base URL normalised
-        (scheme, host, port and an optional path prefix; no trailing
-        slash) and the requests it may run at once per model.
-    @ivar max_queue: The most requests that may wait for a busy model.
-    @ivar queue_timeout: Seconds a request may wait before it gets 503.
-    @ivar caps: The proxy's caps on C{keep_alive} and C{num_ctx}.
-    @ivar api_key: A single key given on the command line or in the
-        environment, or L{None}.
-    @ivar keys_file: The JSON keys file: loaded if it exists, created with a
-        fresh key when no key is configured at all.
-    @ivar log_dir: Where the rotating log files go, or L{None} for none.
-    @ivar open_routes: Routes served without a key (liveness probes).
-    @ivar connect_timeout: Seconds to wait for a TCP connection to Ollama.
-    @ivar header_timeout: Seconds to wait for Ollama's response head.
-    @ivar idle_timeout: Seconds Ollama may stay silent in the middle of a body.
-    @ivar client_timeout: Seconds a client may take to send a request head,
-        and may stay silent while sending a body or between requests.
-    @ivar grace_period: Seconds in-flight requests get to finish on shutdown.
-    @ivar max_body_size: The largest request body accepted, in bytes; 0 for
-        no limit.
-    @ivar min_body_rate: The slowest a request body may arrive, in bytes a
-        second averaged over each client timeout; 0 for no minimum.
-    @ivar cors_origins: Browser origins allowed to call the proxy.
-    @ivar usage_file: The SQLite database of usage per key and model.
-    @ivar metrics_listen: A separate endpoint serving only the metrics,
-        without a key, or L{None}.
-    @ivar log_max_bytes: Size at which a log file is rotated.
-    @ivar log_backups: How many rotated log files of each kind are kept.
-    @ivar log_body_bytes: How much of each request and response body is
-        logged; 0 (the default) for none.
-    @ivar trusted_proxies: The proxies in front whose C{X-Forwarded-For}
-        or C{Forwarded} header names the client.
-    @ivar database: The PostgreSQL URL where usage and keys are shared by
-        every proxy, or L{None} for the usage file alone.
-    @ivar redis: The Redis that keeps the limits shared by several proxies,
-        or L{None} to keep them in this process.
-    @ivar redis_failure: While Redis is down: C{local} (this process keeps
-        the limits) or C{closed} (keys with limits get 503).
-    @ivar redis_lease: Seconds a request stays counted in Redis once its
-        proxy stops renewing it.
+    @ivar name: The option's name, C{max-queue}; its variable is
+        C{OLLAMAPROXY_} and the name in capitals with C{_} for C{-}.
+    @ivar metavar: What its value is called in the documentation.
+    @ivar parse: Reads a value (for a repeating option, each item) given as
+        text, with the option's name for its errors, into the value of its
+        L{Config} field.
+    @ivar default: The default, as text read by C{parse} like a value given;
+        L{None} for none.
+    @ivar help: The line of C{twistd ollamaproxy --help}.
+    @ivar doc: Its meaning in C{docs/configuration.md} (Markdown).
+    @ivar repeats: Given once for each value; its variable holds them all,
+        comma-separated.
+    @ivar flag: On or off, without a value; its variable is on when set to
+        1, true, yes or on.
+    @ivar blank: Whether C{''} is a value of its own (C{''} for none) rather
+        than the same as not giving the option.
+    @ivar fallback: Another variable read when the option's own is unset.
+    @ivar default_from: Finds the default in the environment, for a default
+        that depends on it; the field's own default is then C{""}.
+    @ivar shown_default: The default in words, where its text would not do.
+    @ivar short: A one-letter name for the option.
     """
 
-    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
-    upstreams: tuple[UpstreamSetting, ...] = DEFAULT_UPSTREAMS
-    max_queue: int = DEFAULT_MAX_QUEUE
-    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
-    caps: Caps = field(default_factory=Caps)
-    api_key: str | None = None
-    keys_file: str = ""
-    log_dir: str | None = None
-    open_routes: frozenset[Route] = frozenset()
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    header_timeout: float = DEFAULT_HEADER_TIMEOUT
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    client_timeout: float = DEFAULT_CLIENT_TIMEOUT
-    grace_period: float = DEFAULT_GRACE_PERIOD
-    max_body_size: int = 0
-    min_body_rate: int = 1024
-    cors_origins: tuple[str, ...] = DEFAULT_ORIGINS
-    usage_file: str = ""
-    metrics_listen: str | None = None
-    log_max_bytes: int = 10 * 1024 * 1024
-    log_backups: int = DEFAULT_LOG_BACKUPS
-    log_body_bytes: int = 0
-    trusted_proxies: TrustedProxies = NOBODY
-    database: str | None = None
-    redis: RedisAddress | None = None
-    redis_failure: str = DEFAULT_REDIS_FAILURE
-    redis_lease: float = DEFAULT_REDIS_LEASE
+    metavar: str
+    parse: Callable[[str, str], Any]
+    default: str | None
+    help: str
+    doc: str
+    name: str = ""
+    repeats: bool = False
+    flag: bool = False
+    blank: bool = False
+    fallback: str | None = None
+    default_from: Callable[[Mapping[str, str]], str] | None = None
+    shown_default: str | None = None
+    short: str | None = None
 
-    @classmethod
-    def from_sources(
-        cls, options: Mapping[str, object], environ: Mapping[str, str]
-    ) -> Config:
+    @property
+    def variable(self) -> str:
         """
-        Build the settings from parsed options, falling back to environment
-        variables (C{OLLAMAPROXY_<OPTION>}), then to the defaults.
-
-        @param options: Option values by option name (C{"api-key"}, ...);
-            L{None} or an empty list means "not given".
-        @param environ: The process environment.
-        @raise ConfigError: If any value is unusable.
+        The environment variable for this option.
         """
+        return env_variable(self.name)
 
-        def get(name: str) -> str | None:
-            value = options.get(name)
-            if value is None:
-                return environ.get(env_variable(name))
-            return str(value)
+    @property
+    def shown(self) -> str:
+        """
+        The default as the help and the documentation show it.
+        """
+        if self.flag:
+            return "off"
+        return self.shown_default or self.default or "none"
 
-        # Endpoints given as options stay whole (a key file's path may hold a
-        # space); the environment variable is a comma- or space-separated list.
-        listen_options = options.get("listen")
-        if isinstance(listen_options, list) and listen_options:
-            listen = [str(endpoint) for endpoint in listen_options]
+    def read(self, options: Mapping[str, object], environ: Mapping[str, str]) -> Any:
+        """
+        This option's value: given in C{options}, else in its environment
+        variable, else the default.
+
+        @param options: Option values by name; L{None} or an empty list
+            means not given.
+        @raise ConfigError: If the value is unusable, naming the option.
+        """
+        given = options.get(self.name)
+        if self.flag:
+            return bool(given) or (environ.get(self.variable) or "").strip().lower() in _TRUE
+        if self.repeats:
+            return self._read_items(given, environ)
+        text = None if given is None else str(given)
+        if text is None or (text == "" and not self.blank):
+            text = environ.get(self.variable)
+        if text is None or (text == "" and not self.blank):
+            if self.default_from is not None:
+                return self.default_from(environ)
+            text = self.default
+        return None if text is None else self.parse(self.name, text)
+
+    def _read_items(self, given: object, environ: Mapping[str, str]) -> tuple[Any, ...]:
+        """
+        The values of a repeating option: each one given as an option is
+        kept whole (a path in an endpoint may hold a space), while its
+        variable is a comma- or space-separated list.
+        """
+        if isinstance(given, str):
+            items = [given]
         else:
-            listen = _split(environ.get(env_variable("listen")) or DEFAULT_LISTEN)
-        if not listen:
-            raise ConfigError("--listen: give at least one endpoint, e.g. tcp:5000")
-        metrics_listen = get("metrics-listen") or None
-        for endpoint in [*listen, *([metrics_listen] if metrics_listen else [])]:
-            if not _ENDPOINT.match(endpoint):
-                raise ConfigError(
-                    f"--listen: {endpoint!r} is not an endpoint string such as "
-                    "tcp:5000 or ssl:5443:privateKey=key.pem:certKey=cert.pem"
-                )
-        upstream_options = options.get("upstream")
-        if isinstance(upstream_options, str):
-            upstream_options = [upstream_options]
-        if isinstance(upstream_options, list) and upstream_options:
-            upstreams = [str(url) for url in upstream_options]
-        else:
-            upstreams = _split(
-                environ.get(env_variable("upstream")) or environ.get("OLLAMA_HOST") or ""
-            ) or [DEFAULT_UPSTREAM]
-        parallel = _positive("parallel", get("parallel"), DEFAULT_PARALLEL)
-        max_keep_alive = get("max-keep-alive")
-        max_num_ctx = get("max-num-ctx")
-        open_routes = get("open-routes")
-        cors_origins = get("cors-origins")
-        log_bodies = _flag(options.get("log-bodies"), environ.get(env_variable("log-bodies")))
-        log_body_bytes = parse_size(
-            "log-body-bytes", get("log-body-bytes") or DEFAULT_LOG_BODY_BYTES
-        )
-        return cls(
-            listen=tuple(listen),
-            upstreams=tuple(parse_upstream(url, parallel) for url in upstreams),
-            max_queue=_count("max-queue", get("max-queue"), DEFAULT_MAX_QUEUE),
-            queue_timeout=_seconds("queue-timeout", get("queue-timeout"),
-                                   DEFAULT_QUEUE_TIMEOUT),
-            caps=Caps(
-                None if max_keep_alive is None else parse_keep_alive_cap(
-                    "max-keep-alive", max_keep_alive),
-                None if max_num_ctx is None else _positive("max-num-ctx", max_num_ctx, 1),
-            ),
-            api_key=_api_key(get("api-key")),
-            keys_file=keys_file_path(get("keys-file"), environ),
-            log_dir=get("log-dir") or None,
-            open_routes=parse_routes(
-                DEFAULT_OPEN_ROUTES if open_routes is None else open_routes
-            ),
-            connect_timeout=_seconds("connect-timeout", get("connect-timeout"),
-                                     DEFAULT_CONNECT_TIMEOUT),
-            header_timeout=_seconds("header-timeout", get("header-timeout"),
-                                    DEFAULT_HEADER_TIMEOUT),
-            idle_timeout=_seconds("idle-timeout", get("idle-timeout"),
-                                  DEFAULT_IDLE_TIMEOUT),
-            client_timeout=_seconds("client-timeout", get("client-timeout"),
-                                    DEFAULT_CLIENT_TIMEOUT),
-            grace_period=_seconds("grace-period", get("grace-period"),
-                                  DEFAULT_GRACE_PERIOD, allow_zero=True),
-            cors_origins=parse_origins(
-                DEFAULT_CORS_ORIGINS if cors_origins is None else cors_origins
-            ),
-            usage_file=usage_file_path(get("usage-file"), environ),
-            metrics_listen=metrics_listen,
-            log_max_bytes=parse_size(
-                "log-max-bytes", get("log-max-bytes") or DEFAULT_LOG_MAX_BYTES
-            ),
-            log_backups=_count("log-backups", get("log-backups"), DEFAULT_LOG_BACKUPS),
-            log_body_bytes=log_body_bytes if log_bodies else 0,
-            max_body_size=parse_size(
-                "max-body-size", get("max-body-size") or DEFAULT_MAX_BODY_SIZE
-            ),
-            min_body_rate=parse_size(
-                "min-body-rate", get("min-body-rate") or DEFAULT_MIN_BODY_RATE
-            ),
-            trusted_proxies=parse_trusted_proxies(get("trusted-proxies") or ""),
-            database=parse_database_url(get("database")),
-            redis=parse_redis_url(redis) if (redis := get("redis")) else None,
-            redis_failure=parse_failure_policy(get("redis-failure") or DEFAULT_REDIS_FAILURE),
-            redis_lease=_redis_lease(get("redis-lease")),
-        )
+            items = [str(item) for item in given] if isinstance(given, list | tuple) else []
+        if not items:
+            fallback = environ.get(self.fallback) if self.fallback else None
+            items = _split(environ.get(self.variable) or fallback or self.default or "")
+        if not items:
+            raise ConfigError(f"--{self.name}: give at least one, e.g. {self.default}")
+        return tuple(self.parse(self.name, item) for item in items)
 
 
-def _redis_lease(value: str | None) -> float:
-    """
-    C{--redis-lease}: at least L{MIN_REDIS_LEASE} seconds, so that a
-    renewal (every sixth of it) that Redis answers late still comes in time.
-    """
-    lease = _seconds("redis-lease", value, DEFAULT_REDIS_LEASE)
-    if lease < MIN_REDIS_LEASE:
-        raise ConfigError(f"--redis-lease: must be at least {MIN_REDIS_LEASE:g} seconds, "
-                          f"not {value}")
-    return lease
+@overload
+def option(parse: Callable[[str, str], T], default: str, **spec: Any) -> T: ...
 
 
-def _api_key(value: str | None) -> str | None:
+@overload
+def option(parse: Callable[[str, str], T], default: None, **spec: Any) -> T | None: ...
+
+
+def option(parse: Callable[[str, str], T], default: str | None, **spec: Any) -> Any:
     """
-    The operator's own key, if given: at least L{MIN_API_KEY_LENGTH}
-    characters.  The message never shows the key.
+    Declare a field of L{Config} with the option that sets it; C{spec} is the
+    rest of its L{Option}.  Its name is the field's, C{-} for C{_}, unless
+    C{name} is given.
+
+    @return: The field, with the default read by C{parse}: what a field
+        holds when its option is not given.
     """
-    if not value:
-        return None
-    if len(value) < MIN_API_KEY_LENGTH:
-        raise ConfigError(
-            f"--api-key: a key must be at least {MIN_API_KEY_LENGTH} characters long, "
-            f"this one has {len(value)} (make a strong one with 'ollamaproxy keys add NAME')"
-        )
+    declared = Option(spec.pop("metavar"), parse, default, **spec)
+    value = None if default is None else parse(declared.name or "default", default)
+    return field(default=value, metadata={_OPTION: declared})
+
+
+def repeated(parse: Callable[[str, str], T], default: str, **spec: Any) -> tuple[T, ...]:
+    """
+    Declare a field of L{Config} set by an option that may be given more
+    than once, each value read by C{parse}.
+    """
+    declared = Option(spec.pop("metavar"), parse, default, repeats=True, **spec)
+    value = tuple(parse("default", item) for item in _split(default))
+    return field(default=value, metadata={_OPTION: declared})
+
+
+def flag(**spec: Any) -> bool:
+    """
+    Declare a field of L{Config} set by an option without a value.
+    """
+    declared = Option("", _text, None, flag=True, **spec)
+    return field(default=False, metadata={_OPTION: declared})
+
+
+def _text(name: str, value: str) -> str:
     return value
 
 
-def _split(value: str) -> list[str]:
-    """
-    Split a comma- or whitespace-separated list, dropping empty items.
-    """
-    return [item for item in value.replace(",", " ").split() if item]
-
-
-def _count(name: str, value: str | None, default: int) -> int:
-    if value is None or value == "":
-        return default
+def _whole(name: str, value: str) -> int:
     if not value.isdigit():
         raise ConfigError(f"--{name}: {value!r} is not a whole number")
     return int(value)
 
 
-def _positive(name: str, value: str | None, default: int) -> int:
-    count = _count(name, value, default)
+def _positive(name: str, value: str) -> int:
+    count = _whole(name, value)
     if count < 1:
         raise ConfigError(f"--{name}: {value!r} must be 1 or more")
     return count
 
 
-def _flag(option: object, variable: str | None) -> bool:
-    """
-    Whether a flag is on: given as an option, or its variable set to 1,
-    true, yes or on.
-    """
-    return bool(option) or (variable or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _seconds(name: str, value: str | None, default: float, allow_zero: bool = False) -> float:
-    if value is None or value == "":
-        return default
+def _seconds(name: str, value: str, allow_zero: bool = False) -> float:
     try:
         seconds = float(value)
     except ValueError:
@@ -343,6 +239,65 @@ def _seconds(name: str, value: str | None, default: float, allow_zero: bool = Fa
         least = "at least" if allow_zero else "more than"
         raise ConfigError(f"--{name}: must be {least} 0 seconds, not {value}")
     return seconds
+
+
+def _seconds_or_zero(name: str, value: str) -> float:
+    return _seconds(name, value, allow_zero=True)
+
+
+def _redis_lease(name: str, value: str) -> float:
+    """
+    C{--redis-lease}: at least L{MIN_REDIS_LEASE} seconds, so that a
+    renewal (every sixth of it) that Redis answers late still comes in time.
+    """
+    lease = _seconds(name, value)
+    if lease < MIN_REDIS_LEASE:
+        raise ConfigError(f"--{name}: must be at least {MIN_REDIS_LEASE:g} seconds, "
+                          f"not {value}")
+    return lease
+
+
+def _api_key(name: str, value: str) -> str:
+    """
+    The operator's own key: at least L{MIN_API_KEY_LENGTH} characters.  The
+    message never shows the key.
+    """
+    if len(value) < MIN_API_KEY_LENGTH:
+        raise ConfigError(
+            f"--{name}: a key must be at least {MIN_API_KEY_LENGTH} characters long, "
+            f"this one has {len(value)} (make a strong one with 'ollamaproxy keys add NAME')"
+        )
+    return value
+
+
+def _endpoint(name: str, value: str) -> str:
+    """
+    A Twisted server endpoint string, checked only for its shape here: the
+    reactor reads the rest when the proxy starts listening.
+    """
+    if not _ENDPOINT.match(value):
+        raise ConfigError(
+            f"--{name}: {value!r} is not an endpoint string such as "
+            "tcp:5000 or ssl:5443:privateKey=key.pem:certKey=cert.pem"
+        )
+    return value
+
+
+def _keep_alive(name: str, value: str) -> float:
+    """
+    A cap on C{keep_alive} (L{ollamaproxy.durations.keep_alive_cap}).
+    """
+    try:
+        return keep_alive_cap(value)
+    except ValueError as e:
+        raise ConfigError(f"--{name}: {e}") from None
+
+
+def _split(value: str) -> list[str]:
+    """
+    Split a comma- or whitespace-separated list, dropping empty items.
+    """
+    return value.replace(",", " ").split()
 
 
 def parse_size(name: str, value: str) -> int:
@@ -393,30 +348,41 @@ def parse_routes(value: str) -> frozenset[Route]:
     return frozenset(routes)
 
 
-def parse_upstream(value: str, parallel: int) -> UpstreamSetting:
+def parse_networks(name: str, value: str) -> tuple[Network, ...]:
+    """
+    Parse addresses and networks (CIDR), IPv4 or IPv6, separated by commas
+    or spaces, as C{--trusted-proxies} gives them; a single address is a
+    C{/32} or C{/128}.  An empty value is none.
+
+    @raise ConfigError: For an item that is neither.
+    """
+    networks = []
+    for item in _split(value):
+        try:
+            networks.append(ipaddress.ip_network(item.strip("[]"), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"--{name}: {item!r} is not an IP address or network such as "
+                "10.0.0.5, 10.0.0.0/8 or fd00::/8"
+            ) from None
+    return tuple(networks)
+
+
+def parse_upstream(name: str, value: str) -> UpstreamSetting:
     """
     An C{--upstream} value: an Ollama address (L{parse_ollama_host}), with
     C{#parallel=N} after it for a server whose parallelism differs.
     """
     address, _, fragment = value.partition("#")
+    parallel = 0
     if fragment:
-        name, _, count = fragment.partition("=")
-        if name.strip() != "parallel":
+        setting, _, count = fragment.partition("=")
+        if setting.strip() != "parallel":
             raise ConfigError(
-                f"--upstream: {value!r}: after '#' only parallel=N is understood"
+                f"--{name}: {value!r}: after '#' only parallel=N is understood"
             )
-        parallel = _positive("upstream", count.strip(), parallel)
+        parallel = _positive(name, count.strip())
     return UpstreamSetting(parse_ollama_host(address), parallel)
-
-
-def parse_keep_alive_cap(name: str, value: str) -> float:
-    """
-    A C{keep_alive} cap (L{ollamaproxy.admission.caps.keep_alive_cap}).
-    """
-    try:
-        return keep_alive_cap(value)
-    except ValueError as e:
-        raise ConfigError(f"--{name}: {e}") from None
 
 
 def parse_ollama_host(value: str) -> str:
@@ -476,21 +442,6 @@ def env_variable(option: str) -> str:
     return ENV_PREFIX + option.upper().replace("-", "_")
 
 
-def keys_file_path(given: str | None, environ: Mapping[str, str]) -> str:
-    """
-    The keys file: C{given} (an option's value), else C{$OLLAMAPROXY_KEYS_FILE},
-    else the default.  The daemon and the C{ollamaproxy} command agree on it.
-    """
-    return given or environ.get(env_variable("keys-file")) or default_keys_file(environ)
-
-
-def usage_file_path(given: str | None, environ: Mapping[str, str]) -> str:
-    """
-    The usage database, chosen as L{keys_file_path} chooses the keys file.
-    """
-    return given or environ.get(env_variable("usage-file")) or default_usage_file(environ)
-
-
 def default_keys_file(environ: Mapping[str, str]) -> str:
     """
     Where the keys live when no C{--keys-file} is given:
@@ -540,3 +491,337 @@ def show_database_url(url: str) -> str:
     """
     url = re.sub(r"^([^:/]*://[^/@:]*):[^/]*@", r"\1:***@", url)
     return re.sub(r"(?i)(password=)[^&]*", r"\1***", url)
+
+
+def _routes(name: str, value: str) -> frozenset[Route]:
+    return parse_routes(value)
+
+
+def _origins(name: str, value: str) -> tuple[str, ...]:
+    return parse_origins(value, option=name)
+
+
+def _database(name: str, value: str) -> str:
+    return parse_database_url(value) or ""
+
+
+def _redis(name: str, value: str) -> RedisAddress:
+    return parse_redis_url(value)
+
+
+def _failure_policy(name: str, value: str) -> str:
+    return parse_failure_policy(value)
+
+
+_CLEAR_TEXT = "Prefer the variable, since options show in `ps`."
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    Everything the proxy needs to know to run: the table of its options.
+
+    Each field is one option, declared with its name, variable, parser,
+    default, help and documentation; see the module's docstring.  A field's
+    default is its option's default, read as the option would be, except
+    for the files whose place depends on the environment (C{""} here).
+    """
+
+    listen: tuple[str, ...] = repeated(
+        _endpoint, "tcp:5000", metavar="ENDPOINT",
+        help="Endpoint to accept clients on (a Twisted endpoint string, repeatable; for TLS: "
+        "ssl:5443:privateKey=key.pem:certKey=cert.pem; reuseport:5000 to share the port "
+        "with other ollamaproxy processes)",
+        doc="where clients connect: a [Twisted endpoint string]"
+        "(https://docs.twisted.org/en/stable/core/howto/endpoints.html#servers), repeatable "
+        "(`tcp:5000:interface=127.0.0.1`, `ssl:5443:privateKey=key.pem:certKey=cert.pem`, "
+        "`unix:/run/ollamaproxy.sock`, and `reuseport:5000` for several proxies on one port)",
+    )
+    upstreams: tuple[UpstreamSetting, ...] = repeated(
+        parse_upstream, "http://127.0.0.1:11434", name="upstream", metavar="URL", short="u",
+        fallback="OLLAMA_HOST",
+        shown_default="$OLLAMA_HOST, else http://127.0.0.1:11434",
+        help="An Ollama server to relay to, read like OLLAMA_HOST; repeatable, for several "
+        "servers behind one proxy; URL#parallel=N where its parallelism differs",
+        doc="Ollama's address, read the way Ollama's clients read `OLLAMA_HOST`: `gpu-box` "
+        "means `http://gpu-box:11434`, `https://h` means port 443, a path prefix is kept.  "
+        "Repeatable: several Ollama servers behind one proxy; `URL#parallel=N` for a server "
+        "whose parallelism differs",
+    )
+    parallel: int = option(
+        _positive, "4", metavar="N",
+        help="Requests each backend may run at once for each model (Ollama's "
+        "OLLAMA_NUM_PARALLEL); more wait in a queue, served in turn across keys",
+        doc="requests each backend may run at once for each model (Ollama's "
+        "`OLLAMA_NUM_PARALLEL`); more wait in the fair queue",
+    )
+    max_queue: int = option(
+        _whole, "512", metavar="N",
+        help="Requests that may wait in all; beyond it 503 with Retry-After",
+        doc="requests that may wait in all (Ollama's `OLLAMA_MAX_QUEUE`); beyond it `503` "
+        "with `Retry-After`, nothing sent",
+    )
+    # A request queued for longer than a generation usually takes to start
+    # is better told to come back.
+    queue_timeout: float = option(
+        _seconds, "300", metavar="S",
+        help="Seconds a request may wait for a busy model before it gets 503",
+        doc="seconds a request may wait for a busy model; then `503` with `Retry-After`, "
+        "never sent",
+    )
+    max_keep_alive: float | None = option(
+        _keep_alive, None, metavar="DURATION",
+        help="Longest keep_alive a request may ask for (10m, 1h); one over it, or -1 "
+        "(for ever), is clamped to it",
+        doc="longest `keep_alive` a request may ask for (`10m`, `1h`); one over it, or `-1` "
+        "(for ever), is clamped to it",
+    )
+    max_num_ctx: int | None = option(
+        _positive, None, metavar="N",
+        help="Largest options.num_ctx a request may ask for; larger is clamped to it",
+        doc="largest `options.num_ctx` a request may ask for; larger is clamped to it",
+    )
+    api_key: str | None = option(
+        _api_key, None, metavar="KEY",
+        help="A key clients must send (Authorization: Bearer KEY or X-API-Key: KEY), at "
+        "least 16 characters.  Prefer OLLAMAPROXY_API_KEY: options show in ps.",
+        doc="one key of at least 16 characters (shorter ones stop the start), named "
+        f"`api-key` in logs.  {_CLEAR_TEXT}",
+    )
+    keys_file: str = option(
+        _text, "", metavar="PATH", default_from=default_keys_file,
+        shown_default="$XDG_CONFIG_HOME/ollamaproxy/keys.json or "
+        "~/.config/ollamaproxy/keys.json",
+        help="JSON file of named, hashed keys",
+        doc="many named keys, stored as hashes, reloaded when it changes; also read by "
+        "`ollamaproxy keys`",
+    )
+    log_dir: str | None = option(
+        _text, None, metavar="DIR",
+        help="Directory for rotating log files (ollamaproxy.log, ollamaproxy.json)",
+        doc="rotating log files `ollamaproxy.log` (text) and `ollamaproxy.json` (JSON lines); "
+        "created if missing, and the start fails if they cannot be written",
+    )
+    open_routes: frozenset[Route] = option(
+        _routes, "GET /,HEAD /,GET /api/version,HEAD /api/version", metavar="LIST", blank=True,
+        help="Comma-separated 'METHOD /path' routes served without a key; '' for none",
+        doc="routes served without a key (chat UIs and Open WebUI probe these, some without "
+        "sending the key); `''` for none",
+    )
+    connect_timeout: float = option(
+        _seconds, "10", metavar="S",
+        help="Seconds to wait for a connection to Ollama",
+        doc="seconds to connect to Ollama",
+    )
+    # Ollama sends a response head with its first byte of output: after
+    # loading a model for a stream, after the whole answer for "stream":
+    # false.  Both can take minutes on a busy GPU box.
+    header_timeout: float = option(
+        _seconds, "600", metavar="S",
+        help="Seconds to wait for Ollama's response head; with \"stream\": false that is "
+        "the whole answer",
+        doc="seconds to wait for Ollama's response head (model loading; with "
+        "`\"stream\": false` the whole answer) before answering 504",
+    )
+    idle_timeout: float = option(
+        _seconds, "600", metavar="S",
+        help="Seconds Ollama may stay silent in the middle of a response",
+        doc="seconds Ollama may stay silent in the middle of a response (the client then "
+        "gets an error line and a cut stream); there is no limit on a stream's total length",
+    )
+    client_timeout: float = option(
+        _seconds, "60", metavar="S",
+        help="Seconds a client may take to send a request's line and headers, and may stay "
+        "silent while sending a body or between requests",
+        doc="seconds a client may take to send a request's line and headers (a slowloris is "
+        "dropped), and may stay silent while sending a body or between requests; never "
+        "applies while a response streams",
+    )
+    # Chat answers run for minutes; most finish within half a minute of a
+    # restart.  systemd's stop timeout in contrib/ is longer than this.
+    grace_period: float = option(
+        _seconds_or_zero, "30", metavar="S",
+        help="Seconds requests in flight get to finish when the proxy stops (SIGTERM)",
+        doc="on SIGTERM, seconds that requests in flight get to finish before their "
+        "connections are closed",
+    )
+    # Model uploads (POST /api/blobs) are often tens of GB: no limit unless
+    # asked.
+    max_body_size: int = option(
+        parse_size, "0", metavar="SIZE", shown_default="0 (no limit)",
+        help="Largest request body accepted (413 beyond it), in bytes or with K, M, G, T; "
+        "0 for no limit: model uploads are often tens of GB",
+        doc="largest request body, in bytes or with `K`, `M`, `G`, `T`; larger ones get "
+        "`413` with a message that states the limit; `0` for no limit (model uploads are "
+        "often tens of GB, hence no default limit)",
+    )
+    # A body, once the proxy reads it, must average this many bytes a second
+    # over each client timeout: a trickled body cannot hold a connection to
+    # Ollama, and a 20 GB upload over a link of 8 kbit/s still passes.
+    min_body_rate: int = option(
+        parse_size, "1K", metavar="SIZE",
+        help="Slowest a request body may arrive once the proxy reads it, in bytes a second "
+        "(K, M suffixes) averaged over each --client-timeout; a slower client gets 408 and "
+        "is dropped; 0 for no minimum",
+        doc="slowest a request body may arrive once the proxy reads it, in bytes a second "
+        "(with `K`, `M`), averaged over each `--client-timeout`; a slower client gets `408` "
+        "and is dropped; `0` for no minimum",
+    )
+    cors_origins: tuple[str, ...] = option(
+        _origins, ",".join(DEFAULT_ORIGINS), metavar="LIST", blank=True,
+        shown_default="browser extensions, localhost pages, app://, file://, tauri://, "
+        "vscode-webview://, vscode-file://",
+        help="Comma-separated browser origins allowed to call the proxy (one * wildcard "
+        "each; '*' for all, '' for none but the proxy's own host)",
+        doc="browser origins allowed to call the proxy, one `*` wildcard each; `*` for all, "
+        "`''` for none but the proxy's own host",
+    )
+    usage_file: str = option(
+        _text, "", metavar="PATH", default_from=default_usage_file,
+        shown_default="$XDG_STATE_HOME/ollamaproxy/usage.sqlite3 or "
+        "~/.local/state/ollamaproxy/usage.sqlite3",
+        help="SQLite database of requests and tokens per key and model (see 'ollamaproxy "
+        "usage'); keys' token quotas count from it at start",
+        doc="requests and tokens per key and model (`ollamaproxy usage` reads it); token "
+        "quotas read this day's and month's from it at start",
+    )
+    metrics_listen: str | None = option(
+        _endpoint, None, metavar="ENDPOINT",
+        shown_default="none; /metrics on the main endpoints needs an admin key",
+        help="A separate endpoint serving Prometheus metrics without a key, e.g. "
+        "tcp:9100:interface=127.0.0.1",
+        doc="a separate endpoint serving `/metrics` (Prometheus) without a key",
+    )
+    log_max_bytes: int = option(
+        parse_size, "10M", metavar="SIZE",
+        help="Size at which a log file is rotated, in bytes or with K, M, G",
+        doc="size at which a log file is rotated",
+    )
+    log_backups: int = option(
+        _whole, "10", metavar="N",
+        help="Rotated log files kept of each kind",
+        doc="rotated log files kept of each kind",
+    )
+    log_bodies: bool = flag(
+        help="Log the start of every request and response body, for debugging (credentials "
+        "in them are blanked)",
+        doc="log the start of every request and response body, for debugging (credentials "
+        "in them are blanked); its variable is on when set to `1`, `true`, `yes` or `on`",
+    )
+    log_body_bytes: int = option(
+        parse_size, "4K", metavar="SIZE",
+        help="With --log-bodies: how much of each body is logged",
+        doc="with `--log-bodies`: how much of each body is logged",
+    )
+    trusted_proxies: tuple[Network, ...] = option(
+        parse_networks, "", metavar="LIST", shown_default="none",
+        help="Comma-separated addresses and networks (10.0.0.5, 10.0.0.0/8, fd00::/8) of the "
+        "proxies in front (TLS terminators, load balancers) whose X-Forwarded-For or "
+        "Forwarded header names the client, for logs and limits; ignored from anyone else",
+        doc="addresses and networks (`10.0.0.5,10.0.0.0/8,fd00::/8`) of the TLS terminators "
+        "or load balancers in front, whose `X-Forwarded-For` or `Forwarded` header names "
+        "the client",
+    )
+    database: str | None = option(
+        _database, None, metavar="URL",
+        help="A postgresql:// URL: usage per key and model, and keys, shared by every proxy "
+        "using it (see 'ollamaproxy usage --database', 'ollamaproxy keys ... --database'); "
+        "the usage file then only keeps usage while the database is down. Prefer "
+        "OLLAMAPROXY_DATABASE when the URL holds a password",
+        doc="a `postgresql://USER:PASSWORD@HOST:5432/DATABASE` URL (or `postgres://`): "
+        "usage and keys shared by every proxy that uses it; any other URL stops the "
+        f"start.  {_CLEAR_TEXT}",
+    )
+    # A field, as every option() here is (ruff sees only this one's type as mutable).
+    redis: RedisAddress | None = option(  # noqa: RUF009
+        _redis, None, metavar="URL", shown_default="none; in this process",
+        help="Keep each key's rpm, max_streams and token quotas, and the wrong-key "
+        "throttle, in this Redis, shared by every proxy using it: "
+        "redis://[user:password@]host:port/db, rediss:// for TLS; prefer OLLAMAPROXY_REDIS "
+        "when there is a password",
+        doc="keep each key's `rpm`, `max_streams` and token quotas, and the wrong-key "
+        "throttle, in this Redis, shared by every proxy using it: "
+        "`redis://[user:password@]host:port/db`, `rediss://` for TLS; give a URL with a "
+        "password in the variable, since options show in `ps`",
+    )
+    # A Redis outage should not take every GPU away: each proxy then keeps
+    # the limits itself.
+    redis_failure: str = option(
+        _failure_policy, "local", metavar="POLICY",
+        help="While Redis cannot be reached: 'local' (this proxy keeps the limits itself) "
+        "or 'closed' (keys with limits get 503)",
+        doc="while Redis cannot be reached: `local` (each proxy keeps the limits itself) or "
+        "`closed` (keys with limits get `503`)",
+    )
+    # How long a crashed proxy's requests stay counted in Redis; leases are
+    # renewed six times within it.
+    redis_lease: float = option(
+        _redis_lease, "30", metavar="S",
+        help="Seconds a request stays counted in Redis after its proxy died (its lease is "
+        "renewed six times as often)",
+        doc="seconds a request stays counted in Redis after its proxy died; a live proxy "
+        "renews its requests six times as often",
+    )
+
+    def __post_init__(self) -> None:
+        """
+        Give each upstream without its own C{#parallel=N} the proxy's
+        C{--parallel}: the one option whose value depends on another's.
+        """
+        object.__setattr__(self, "upstreams", tuple(
+            replace(upstream, parallel=upstream.parallel or self.parallel)
+            for upstream in self.upstreams
+        ))
+
+    @property
+    def body_sample_bytes(self) -> int:
+        """
+        How much of each body is logged: C{log_body_bytes} with
+        C{--log-bodies}, else nothing.
+        """
+        return self.log_body_bytes if self.log_bodies else 0
+
+    @classmethod
+    def from_sources(
+        cls, options: Mapping[str, object], environ: Mapping[str, str]
+    ) -> Config:
+        """
+        Build the settings from parsed options, falling back to environment
+        variables (C{OLLAMAPROXY_<OPTION>}), then to the defaults.
+
+        @param options: Option values by option name (C{"api-key"}, ...);
+            L{None} or an empty list means "not given".
+        @param environ: The process environment.
+        @raise ConfigError: If any value is unusable.
+        """
+        return cls(**{name: spec.read(options, environ) for name, spec in table()})
+
+
+def table() -> tuple[tuple[str, Option], ...]:
+    """
+    The options, in the order of their fields in L{Config}: each with the
+    name of its field.
+    """
+    return tuple(
+        (each.name, replace(spec, name=spec.name or each.name.replace("_", "-")))
+        for each in fields(Config)
+        if isinstance(spec := each.metadata.get(_OPTION), Option)
+    )
+
+
+def option_named(name: str) -> Option:
+    """
+    The option of this name, for the C{ollamaproxy} command, whose
+    C{--keys-file}, C{--usage-file} and C{--database} mean what the
+    daemon's do.
+
+    @raise KeyError: If there is none.
+    """
+    return {spec.name: spec for _, spec in table()}[name]
+
+
+# The defaults that other modules build with: read from the table.
+DEFAULT_PARALLEL = Config.parallel
+DEFAULT_MAX_QUEUE = Config.max_queue
+DEFAULT_QUEUE_TIMEOUT = Config.queue_timeout
+DEFAULT_OPEN_ROUTES = str(option_named("open-routes").default)

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 from twisted.web.http import RESPONSES
 
-from ollamaproxy.exchange import Outcome
+if TYPE_CHECKING:
+    # For annotations only: the options read ConfigError from here without
+    # importing the exchange's rooms.
+    from ollamaproxy.exchange import Outcome
 
 _OPENAI_TYPES = {
     400: "invalid_request_error",

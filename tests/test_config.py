@@ -409,14 +409,13 @@ def test_queue_and_caps_options() -> None:
     --max-queue, --queue-timeout, --max-keep-alive and --max-num-ctx are
     read; without them, Ollama's defaults and no caps.
     """
-    from ollamaproxy.admission.caps import Caps
-
     config = Config.from_sources({"max-queue": "10", "queue-timeout": "5",
                                   "max-keep-alive": "1h", "max-num-ctx": "8192"}, {})
     assert (config.max_queue, config.queue_timeout) == (10, 5.0)
-    assert config.caps == Caps(3600.0, 8192)
+    assert (config.max_keep_alive, config.max_num_ctx) == (3600.0, 8192)
     default = Config.from_sources({}, {})
-    assert (default.max_queue, default.queue_timeout, default.caps) == (512, 300.0, Caps())
+    assert (default.max_queue, default.queue_timeout, default.max_keep_alive,
+            default.max_num_ctx) == (512, 300.0, None, None)
 
 
 @pytest.mark.parametrize(

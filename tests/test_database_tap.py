@@ -17,6 +17,7 @@ from ollamaproxy.admission.reload import KeysReloader
 from ollamaproxy.cli import main
 from ollamaproxy.config import Config
 from ollamaproxy.postgres.usage import PostgresUsage
+from ollamaproxy.reactors import daemon_reactor
 from ollamaproxy.record.usage import UsageStore
 from ollamaproxy.tap import ProxyOptions, build_service
 
@@ -38,7 +39,7 @@ def test_database_service_structure(tmp_path: Path, postgres_url: str) -> None:
     assert main(["keys", "add", "bob", "--database", postgres_url], stdout=out,
                 stderr=io.StringIO(), environ={}) == 0
     announced: list[str] = []
-    service = build_service(config(tmp_path, postgres_url), MemoryReactorClock(),
+    service = build_service(config(tmp_path, postgres_url), daemon_reactor(MemoryReactorClock()),
                             announced.append)
     kinds = [type(child) for child in service]
     assert kinds.index(DatabaseKeysPoller) == kinds.index(KeysReloader) + 1
@@ -57,7 +58,8 @@ def test_an_empty_database_and_no_key_makes_the_first_key(
     in the keys file, as without --database.
     """
     announced: list[str] = []
-    build_service(config(tmp_path, postgres_url), MemoryReactorClock(), announced.append)
+    build_service(config(tmp_path, postgres_url), daemon_reactor(MemoryReactorClock()),
+                  announced.append)
     assert len(announced) == 1 and (tmp_path / "keys.json").exists()
 
 
@@ -72,7 +74,8 @@ def test_a_name_in_the_file_and_the_database_stops_the_start(
         assert main(["keys", "add", "bob", *where], stdout=io.StringIO(),
                     stderr=io.StringIO(), environ={}) == 0
     with pytest.raises(ValueError, match="'bob' is in both the keys file and the database"):
-        build_service(config(tmp_path, postgres_url), MemoryReactorClock(), lambda text: None)
+        build_service(config(tmp_path, postgres_url), daemon_reactor(MemoryReactorClock()),
+                      lambda text: None)
 
 
 def test_database_from_the_environment() -> None:

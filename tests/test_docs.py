@@ -22,6 +22,7 @@ from ollamaproxy.admission.keys import digest, load_keys_file
 from ollamaproxy.cli import main
 from ollamaproxy.config import Config
 from ollamaproxy.exchange import OUTCOMES
+from ollamaproxy.reactors import daemon_reactor
 from ollamaproxy.tap import build_service
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,7 +245,7 @@ def test_a_lost_first_start_key_is_recovered_as_the_readme_says(tmp_path: Path) 
     keys_file = tmp_path / "keys.json"
     config = Config(listen=("tcp:0:interface=127.0.0.1",), keys_file=str(keys_file),
                     usage_file=str(tmp_path / "usage.sqlite3"))
-    build_service(config, MemoryReactorClock(), lambda text: None)
+    build_service(config, daemon_reactor(MemoryReactorClock()), lambda text: None)
     text = README.read_text()
     assert "ollamaproxy keys rotate default" in text
     [before] = load_keys_file(str(keys_file))

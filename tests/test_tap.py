@@ -58,10 +58,11 @@ from ollamaproxy.config import (
 )
 from ollamaproxy.console import Sampler
 from ollamaproxy.descriptors import connection_limit
+from ollamaproxy.reactors import daemon_reactor
 from ollamaproxy.record.logs import LogFilesService
 from ollamaproxy.record.usage import UsageStore
 from ollamaproxy.redis.link import RedisLink
-from ollamaproxy.redis.url import parse_redis_url
+from ollamaproxy.redis_address import parse_redis_url
 from ollamaproxy.tap import DrainService, Listeners, Options, ProxyOptions, build_service
 from ollamaproxy.web.site import ProxySite
 
@@ -302,7 +303,7 @@ def test_service_structure(tmp_path: Path) -> None:
     config = base_config(
         tmp_path, api_key="k", listen=(LOCAL, "tcp:8080:interface=\\:\\:1")
     )
-    service = build_service(config, reactor, lambda text: None)
+    service = build_service(config, daemon_reactor(reactor), lambda text: None)
     kinds = [type(child) for child in children(service)]
     assert kinds == [PoolService, BackendPool, UsageStore, QuotaSeed, KeysReloader,
                      DrainService, Sampler, Listeners, UpstreamProbe]
@@ -325,11 +326,12 @@ def test_site_is_bounded_by_the_open_files_limit(tmp_path: Path) -> None:
     minimum rate.
     """
     config = base_config(tmp_path, api_key="k", min_body_rate=2048)
-    service = build_service(config, MemoryReactorClock(), lambda text: None, open_files=1024)
+    service = build_service(config, daemon_reactor(MemoryReactorClock()), lambda text: None,
+                            open_files=1024)
     site = endpoint_services(service)[0].factory
     assert isinstance(site, ProxySite)
     assert (site.max_connections, site.min_body_rate) == (connection_limit(1024), 2048)
-    unbounded = build_service(config, MemoryReactorClock(), lambda text: None)
+    unbounded = build_service(config, daemon_reactor(MemoryReactorClock()), lambda text: None)
     assert endpoint_services(unbounded)[0].factory.max_connections == 0
 
 
@@ -339,7 +341,7 @@ def test_endpoints_follow_listen(tmp_path: Path) -> None:
     config = base_config(
         tmp_path, api_key="k", listen=(LOCAL, "tcp:8080:interface=\\:\\:1")
     )
-    service = build_service(config, reactor, lambda text: None)
+    service = build_service(config, daemon_reactor(reactor), lambda text: None)
     listeners = endpoint_services(service)
     for listener in listeners:
         listener.privilegedStartService()
@@ -362,7 +364,8 @@ def test_a_port_in_use_stops_the_start_with_one_line(tmp_path: Path) -> None:
     A listening port that cannot be had stops twistd with a one-line
     reason, not a traceback.
     """
-    service = build_service(base_config(tmp_path, api_key="k"), _PortsTaken(), lambda text: None)
+    service = build_service(base_config(tmp_path, api_key="k"), daemon_reactor(_PortsTaken()),
+                            lambda text: None)
     with pytest.raises(SystemExit) as stopped:
         service.privilegedStartService()
     assert str(stopped.value) == (
@@ -390,7 +393,7 @@ def test_clear_text_on_every_interface_is_warned_of(
     config = base_config(tmp_path, api_key="k", listen=(endpoint,))
     with capturedLogs() as events:
         try:
-            build_service(config, MemoryReactorClock(), lambda text: None)
+            build_service(config, daemon_reactor(MemoryReactorClock()), lambda text: None)
         except ConfigError:  # the TLS key file does not exist; warned before
             pass
     clear_text = [e for e in events if "clear text" in formatEvent(e)]
@@ -403,7 +406,7 @@ def test_log_files_only_with_log_dir(tmp_path: Path, log_dir: str | None) -> Non
     config = base_config(
         tmp_path, api_key="k", log_dir=None if log_dir is None else str(tmp_path / log_dir)
     )
-    service = build_service(config, MemoryReactorClock(), lambda text: None)
+    service = build_service(config, daemon_reactor(MemoryReactorClock()), lambda text: None)
     log_services = [s for s in children(service) if isinstance(s, LogFilesService)]
     assert len(log_services) == (0 if log_dir is None else 1)
     assert not (tmp_path / "logs").exists()
@@ -418,7 +421,7 @@ def test_first_start_makes_a_key(tmp_path: Path) -> None:
     announced: list[str] = []
     reactor = MemoryReactorClock()
     reactor.advance(1_800_000_000)
-    build_service(config, reactor, announced.append)
+    build_service(config, daemon_reactor(reactor), announced.append)
 
     assert len(announced) == 1
     found = set(KEY_PATTERN.findall(announced[0]))
@@ -439,9 +442,9 @@ def test_second_start_is_quiet(tmp_path: Path) -> None:
     """A second start with the same keys file neither announces nor rewrites it."""
     config = base_config(tmp_path)
     announced: list[str] = []
-    build_service(config, MemoryReactorClock(), announced.append)
+    build_service(config, daemon_reactor(MemoryReactorClock()), announced.append)
     before = Path(config.keys_file).read_bytes()
-    build_service(config, MemoryReactorClock(), announced.append)
+    build_service(config, daemon_reactor(MemoryReactorClock()), announced.append)
     assert len(announced) == 1
     assert Path(config.keys_file).read_bytes() == before
 
@@ -450,7 +453,7 @@ def test_api_key_needs_no_file(tmp_path: Path) -> None:
     """With --api-key and no keys file, no file is made and nothing is announced."""
     config = base_config(tmp_path, api_key="olpk_given")
     announced: list[str] = []
-    build_service(config, MemoryReactorClock(), announced.append)
+    build_service(config, daemon_reactor(MemoryReactorClock()), announced.append)
     assert announced == []
     assert not os.path.exists(config.keys_file)
     assert os.listdir(tmp_path) == []
@@ -462,7 +465,7 @@ def test_existing_keys_file_is_used(tmp_path: Path) -> None:
     write_keys_file(config.keys_file, [ApiKey("alice", digest("olpk_alice"))])
     before = Path(config.keys_file).read_bytes()
     announced: list[str] = []
-    build_service(config, MemoryReactorClock(), announced.append)
+    build_service(config, daemon_reactor(MemoryReactorClock()), announced.append)
     assert announced == []
     assert Path(config.keys_file).read_bytes() == before
 
@@ -478,7 +481,7 @@ def test_corrupt_keys_file(tmp_path: Path, text: str) -> None:
     Path(config.keys_file).write_text(text)
     announced: list[str] = []
     with pytest.raises(usage.UsageError, match=re.escape(config.keys_file)):
-        build_service(config, MemoryReactorClock(), announced.append)
+        build_service(config, daemon_reactor(MemoryReactorClock()), announced.append)
     assert announced == []
     assert Path(config.keys_file).read_text() == text
 
@@ -498,7 +501,7 @@ def test_duplicate_key_names(tmp_path: Path, names: list[str], api_key: str | No
     os.makedirs(os.path.dirname(config.keys_file))
     Path(config.keys_file).write_text(json.dumps({"keys": entries}))
     with pytest.raises(usage.UsageError):
-        build_service(config, MemoryReactorClock(), lambda text: None)
+        build_service(config, daemon_reactor(MemoryReactorClock()), lambda text: None)
 
 
 KEYS_FILES = {
@@ -581,7 +584,7 @@ def test_redis_wiring(tmp_path: Path, policy: str, required: bool) -> None:
     """
     config = base_config(tmp_path, api_key="k", redis=parse_redis_url("redis://cache:6379/0"),
                          redis_failure=policy)
-    service = build_service(config, MemoryReactorClock(), lambda text: None)
+    service = build_service(config, daemon_reactor(MemoryReactorClock()), lambda text: None)
     kinds = [type(child) for child in children(service)]
     assert kinds == [PoolService, BackendPool, UsageStore, QuotaSeed, RedisLink, KeysReloader,
                      DrainService, Sampler, Listeners, UpstreamProbe]

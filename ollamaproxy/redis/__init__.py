@@ -1,7 +1,6 @@
 """
 Limits shared by several proxies through Redis.
 
-  - L{ollamaproxy.redis.url}: reading C{--redis URL};
   - L{ollamaproxy.redis.link}: the connection, with a timeout on every call,
     whether Redis is up, and the log lines, metric and readiness that say so;
   - L{ollamaproxy.redis.scripts}: the Lua scripts that keep the counts,

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from ollamaproxy.errors import ConfigError
 from ollamaproxy.reactors import IDaemonReactor
 from ollamaproxy.readiness import Readiness
-from ollamaproxy.redis.url import RedisAddress
+from ollamaproxy.redis_address import RedisAddress
 
 log = Logger()
 

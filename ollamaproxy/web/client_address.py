@@ -27,9 +27,8 @@ from dataclasses import dataclass
 
 from twisted.web.http_headers import Headers
 
-from ollamaproxy.errors import ConfigError
+from ollamaproxy.config import Network, parse_networks
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _XFF = b"x-forwarded-for"
@@ -94,16 +93,7 @@ def parse_trusted_proxies(value: str) -> TrustedProxies:
 
     @raise ConfigError: For an item that is neither.
     """
-    networks = []
-    for item in value.replace(",", " ").split():
-        try:
-            networks.append(ipaddress.ip_network(item.strip("[]"), strict=False))
-        except ValueError:
-            raise ConfigError(
-                f"--trusted-proxies: {item!r} is not an IP address or network such as "
-                "10.0.0.5, 10.0.0.0/8 or fd00::/8"
-            ) from None
-    return TrustedProxies(tuple(networks))
+    return TrustedProxies(parse_networks("trusted-proxies", value))
 
 
 def _address(text: str) -> Address | None:

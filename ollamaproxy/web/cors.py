@@ -37,27 +37,8 @@ from urllib.parse import urlsplit
 
 from twisted.web.http_headers import Headers
 
-from ollamaproxy.errors import ConfigError
-
-_LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
-
-DEFAULT_ORIGINS: tuple[str, ...] = (
-    "chrome-extension://*",
-    "moz-extension://*",
-    "safari-web-extension://*",
-    *(
-        f"{scheme}://{host}{port}"
-        for host in _LOCAL_HOSTS
-        for scheme in ("http", "https")
-        for port in ("", ":*")
-    ),
-    # Ollama's own defaults: desktop apps, local files, editor webviews.
-    "app://*",
-    "file://*",
-    "tauri://*",
-    "vscode-webview://*",
-    "vscode-file://*",
-)
+from ollamaproxy.origins import DEFAULT_ORIGINS as DEFAULT_ORIGINS
+from ollamaproxy.origins import parse_origins as parse_origins
 
 ALLOW_METHODS = b"GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS"
 
@@ -93,40 +74,8 @@ MAX_AGE = b"43200"
 
 PREFLIGHT_VARY = b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
 
-_PATTERN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s*]*\*?[^/\s*]*$")
 # An HTTP field name (RFC 9110 section 5.1): a token.
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-
-
-def parse_origins(value: str, *, option: str = "cors-origins") -> tuple[str, ...]:
-    """
-    Parse a comma-separated list of origin patterns, such as
-    C{"https://chat.example.com,chrome-extension://*"}.
-
-    Patterns are lower-cased and empty items skipped, so C{""} allows no
-    origin (only same-site ones, see L{Cors.allows}).  A C{*} anywhere in the
-    list allows every origin, and the result is then C{("*",)}.
-
-    @param option: The setting's name, for error messages.
-    @raise ConfigError: If an item is neither C{*} nor C{scheme://host[:port]}
-        with at most one C{*} and no path.
-    """
-    origins: list[str] = []
-    for item in value.split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        if item == "*":
-            return ("*",)
-        if not _PATTERN.match(item) or item.endswith("://"):
-            raise ConfigError(
-                f"--{option}: {item!r} is not '*' or an origin such as "
-                "https://chat.example.com or chrome-extension://* "
-                "(scheme://host[:port], at most one '*', no path or trailing '/')"
-            )
-        if item not in origins:
-            origins.append(item)
-    return tuple(origins)
 
 
 def _matches(pattern: str, origin: str) -> bool:

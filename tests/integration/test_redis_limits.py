@@ -26,7 +26,7 @@ from ollamaproxy.admission.quota_periods import over_quota_message, window
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.redis.limits import RedisLimits, RedisThrottle
 from ollamaproxy.redis.link import RedisLink, TxRedisClient
-from ollamaproxy.redis.url import parse_redis_url
+from ollamaproxy.redis_address import parse_redis_url
 from tests.fakes.client import sleep
 from tests.fakes.engines import RedisServer, redis_server
 from tests.fakes.tls import make_self_signed

@@ -18,7 +18,7 @@ from ollamaproxy.errors import ConfigError
 from ollamaproxy.reactors import daemon_reactor
 from ollamaproxy.readiness import Readiness
 from ollamaproxy.redis.link import RedisDown, RedisLink, open_link
-from ollamaproxy.redis.url import RedisAddress
+from ollamaproxy.redis_address import RedisAddress
 from tests.fakes.redis import FakeRedis
 
 

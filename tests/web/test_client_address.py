@@ -112,7 +112,7 @@ def test_configured_by_option_and_environment() -> None:
     """--trusted-proxies and OLLAMAPROXY_TRUSTED_PROXIES set the trusted proxies."""
     by_option = Config.from_sources({"trusted-proxies": "10.0.0.5"}, {})
     by_environment = Config.from_sources({}, {"OLLAMAPROXY_TRUSTED_PROXIES": "10.0.0.5"})
-    expected = TrustedProxies((TRUSTED.networks[0],))
+    expected = (TRUSTED.networks[0],)
     assert by_option.trusted_proxies == by_environment.trusted_proxies == expected
 
 

@@ -1,7 +1,11 @@
-# -*- test-case-name: tests.redis.test_url -*-
+# -*- test-case-name: tests.test_redis_address -*-
 """
 Reading C{--redis URL}: C{redis://[user:password@]host[:port][/db]}, and
-C{rediss://} for TLS.
+C{rediss://} for TLS; and C{--redis-failure}.
+
+In the base layer, so that the options (L{ollamaproxy.config}) read the
+address into a plain value without importing the Redis room, which connects
+to it (L{ollamaproxy.redis.link}).
 
 The password is kept apart from what is shown: L{RedisAddress.shown} and
 every error message have it blanked.

@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.redis.url} and the C{--redis} options of
+Tests for L{ollamaproxy.redis_address} and the C{--redis} options of
 L{ollamaproxy.config.Config}.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from ollamaproxy.config import Config, ConfigError
-from ollamaproxy.redis.url import RedisAddress, parse_redis_url
+from ollamaproxy.redis_address import RedisAddress, parse_redis_url
 
 
 @pytest.mark.parametrize(

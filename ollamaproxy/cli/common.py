@@ -1,0 +1,149 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+What every command of C{ollamaproxy} shares: its errors, an argument parser
+that raises instead of exiting, times as the commands read and show them,
+and the options that mean what the daemon's do.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+
+from ollamaproxy import __version__
+from ollamaproxy.config import ConfigError, option_named
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
+PROG = "ollamaproxy"
+
+
+class UsageError(Exception):
+    """
+    The command line is wrong: the message says how.
+    """
+
+
+class CommandFailed(Exception):
+    """
+    The command could not be carried out: the message says why.
+    """
+
+
+class HelpShown(Exception):
+    """
+    argparse finished early (after C{--help}) with this exit code.
+    """
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    """
+    An argument parser that raises instead of exiting, and prints help to a
+    given stream instead of C{sys.stdout}.
+    """
+
+    def __init__(self, *args: Any, stdout: TextIO, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stdout = stdout
+
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
+        super().print_help(self._stdout if file is None else file)
+
+    def print_usage(self, file: SupportsWrite[str] | None = None) -> None:
+        super().print_usage(self._stdout if file is None else file)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            raise UsageError(message.strip())
+        raise HelpShown(status)
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class Version(argparse.Action):
+    """
+    C{--version}: print ollamaproxy's version on the parser's standard
+    output and exit.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                         nargs=0, help="show the version of ollamaproxy and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        assert isinstance(parser, Parser)
+        parser._stdout.write(f"{PROG} {__version__}\n")
+        parser.exit()
+
+
+def parse_time(text: str, option: str) -> datetime:
+    """
+    Parse a time given as C{option}: an ISO 8601 date (midnight UTC at its
+    start) or date and time (UTC unless it has an offset).
+
+    @return: The time, in UTC.
+    @raise UsageError: If C{text} is not such a time.
+    """
+    try:
+        when = datetime.fromisoformat(text)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return when.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise UsageError(
+            f"{option}: {text!r} is not a date or time such as 2027-01-01 or "
+            "2027-01-01T12:00:00Z"
+        ) from None
+
+
+def show_time(when: datetime | None) -> str:
+    """
+    A time as the keys file writes it, or C{-} for none.
+    """
+    return "-" if when is None else when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def show(text: str) -> str:
+    """
+    Text from the keys file, made safe to print on a terminal.
+    """
+    return text if text.isprintable() else repr(text)
+
+
+def add_daemon_option(parser: argparse.ArgumentParser, name: str, meaning: str) -> None:
+    """
+    Add an option that means what the daemon's option of the same name
+    means (C{--keys-file}, C{--usage-file}, C{--database}): its name, value
+    and default come from the table of options (L{ollamaproxy.config}).
+
+    @param meaning: What it does in this command.
+    """
+    spec = option_named(name)
+    default = f"else {spec.shown}" if spec.default or spec.default_from else "if set"
+    parser.add_argument(
+        f"--{name}",
+        metavar=spec.metavar,
+        help=f"{meaning} (default: ${spec.variable}, {default})",
+    )
+
+
+def daemon_setting(name: str, args: argparse.Namespace, environ: Mapping[str, str]) -> Any:
+    """
+    The value of an option added by L{add_daemon_option}, read as the
+    daemon reads it: given, else its variable, else its default.
+
+    @raise UsageError: If it is unusable.
+    """
+    try:
+        return option_named(name).read({name: getattr(args, name.replace("-", "_"))}, environ)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None

@@ -23,7 +23,7 @@ room's own docstring lists its modules; docs/architecture.md draws it):
     L{ollamaproxy.model_names}, L{ollamaproxy.errors},
     L{ollamaproxy.readiness}, L{ollamaproxy.config},
     L{ollamaproxy.reactors}, L{ollamaproxy.twisted_internals},
-    L{ollamaproxy.reuseport}, L{ollamaproxy.descriptors} and
+    L{ollamaproxy.reuseport}, L{ollamaproxy.open_files} and
     L{ollamaproxy.checks}.
 """
 

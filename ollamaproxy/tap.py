@@ -43,7 +43,7 @@ from ollamaproxy.backends.router import Router
 from ollamaproxy.backends.upstream import PoolService, Upstream, agent_for, connection_pool
 from ollamaproxy.checks import check_log_dir, check_usage_file
 from ollamaproxy.config import Config, ConfigError
-from ollamaproxy.descriptors import connection_limit, raise_open_files_limit
+from ollamaproxy.open_files import connection_limit, raise_open_files_limit
 from ollamaproxy.options import repeating, twistd_options
 from ollamaproxy.reactors import IDaemonReactor, daemon_reactor
 from ollamaproxy.readiness import Readiness

@@ -57,7 +57,7 @@ from ollamaproxy.config import (
     parse_routes,
 )
 from ollamaproxy.console import Sampler
-from ollamaproxy.descriptors import connection_limit
+from ollamaproxy.open_files import connection_limit
 from ollamaproxy.reactors import daemon_reactor
 from ollamaproxy.record.logs import LogFilesService
 from ollamaproxy.record.usage import UsageStore
@@ -322,7 +322,7 @@ def test_site_is_bounded_by_the_open_files_limit(tmp_path: Path) -> None:
     """
     Given the open files limit, the site is built to keep no more client
     connections open than L{connection_limit} leaves room for (the formula
-    is tested in test_descriptors), and reads bodies at the configured
+    is tested in test_open_files), and reads bodies at the configured
     minimum rate.
     """
     config = base_config(tmp_path, api_key="k", min_body_rate=2048)

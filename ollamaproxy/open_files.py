@@ -1,7 +1,7 @@
-# -*- test-case-name: tests.test_descriptors -*-
+# -*- test-case-name: tests.test_open_files -*-
 """
-File descriptors: as many as the system allows, and how many client
-connections they leave room for.
+The open files limit (file descriptors): as many as the system allows, and
+how many client connections they leave room for.
 
 Every client connection is a descriptor, and so is each connection to Ollama
 (one per request in flight, and up to L{POOLED} idle ones kept for reuse),

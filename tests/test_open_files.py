@@ -1,5 +1,5 @@
 """
-Tests for L{ollamaproxy.descriptors}: the open files limit and the client
+Tests for L{ollamaproxy.open_files}: the open files limit and the client
 connections it leaves room for.
 """
 
@@ -9,7 +9,7 @@ import resource
 
 from twisted.logger import capturedLogs
 
-from ollamaproxy.descriptors import MINIMUM_CONNECTIONS, connection_limit, raise_open_files_limit
+from ollamaproxy.open_files import MINIMUM_CONNECTIONS, connection_limit, raise_open_files_limit
 
 
 def test_connection_limit_leaves_room_for_ollama_and_the_rest() -> None:

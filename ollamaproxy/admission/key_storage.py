@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cli -*-
+# -*- test-case-name: tests.cli.test_keys,tests.integration.test_cli_processes -*-
 """
 Where the C{ollamaproxy keys} commands keep keys: the keys file
 (L{FileKeys}), or, with C{--database}, PostgreSQL

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cli -*-
+# -*- test-case-name: tests.cli.test_main,tests.cli.test_keys,tests.cli.test_usage -*-
 """
 The C{ollamaproxy} command: managing the keys in the keys file, and showing
 how much each key used.

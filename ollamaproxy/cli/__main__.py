@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cli -*-
+# -*- test-case-name: tests.integration.test_cli_processes -*-
 """
 C{python -m ollamaproxy.cli}: the C{ollamaproxy} command.
 """

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cli -*-
+# -*- test-case-name: tests.cli.test_main,tests.cli.test_keys,tests.cli.test_usage -*-
 """
 What every command of C{ollamaproxy} shares: its errors, an argument parser
 that raises instead of exiting, times as the commands read and show them,

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cli -*-
+# -*- test-case-name: tests.cli.test_keys -*-
 """
 C{ollamaproxy keys}: add, list, update, revoke and rotate the keys in the
 keys file, or with C{--database} in PostgreSQL.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cli -*-
+# -*- test-case-name: tests.cli.test_usage -*-
 """
 C{ollamaproxy usage}: the requests and tokens recorded per key or per model.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cli -*-
+# -*- test-case-name: tests.integration.test_postgres_database -*-
 """
 The keys in PostgreSQL, as the C{ollamaproxy keys} commands read and change
 them (L{ollamaproxy.admission.key_storage.KeyStorage}).

@@ -1,31 +1,23 @@
 """
-Tests for L{ollamaproxy.cli}: the C{ollamaproxy keys} command, and
-L{ollamaproxy.admission.keys.update_keys_file} under it; the C{ollamaproxy usage}
-command.
+Tests for L{ollamaproxy.cli.keys}: the C{ollamaproxy keys} command, and
+L{ollamaproxy.admission.keys.update_keys_file} under it.
 
 The command runs in-process through L{main}, with its streams, environment
-and clock injected; the tests of locking use real processes.
+and clock injected (L{tests.fakes.cli}); the tests of locking, which use
+real processes, are in C{tests/integration/test_cli_processes.py}.
 """
 
 from __future__ import annotations
 
-import fcntl
-import io
 import os
-import shutil
 import stat
-import subprocess
-import sys
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
 
-from ollamaproxy import __version__
 from ollamaproxy.admission.caps import Caps
 from ollamaproxy.admission.keys import (
     ADMIN,
@@ -41,84 +33,10 @@ from ollamaproxy.admission.keys import (
     update_keys_file,
     write_keys_file,
 )
-from ollamaproxy.cli import main
 from ollamaproxy.config import Config
-from ollamaproxy.record.usage_db import write_rows
+from tests.fakes.cli import NOW, add, assert_one_line_error, run
 
-REPO = Path(__file__).resolve().parent.parent
-NOW = datetime(2026, 11, 27, 7, 0, 0, tzinfo=UTC)
 LATER = NOW + timedelta(days=30)
-
-
-@dataclass(frozen=True)
-class Result:
-    """
-    What one run of the command did.
-
-    @ivar code: The exit code.
-    @ivar out: Everything written to standard output.
-    @ivar err: Everything written to standard error.
-    """
-
-    code: int
-    out: str
-    err: str
-
-    @property
-    def last_line(self) -> str:
-        """
-        The last line of standard output.
-        """
-        return self.out.splitlines()[-1]
-
-
-def run(
-    *argv: str, environ: Mapping[str, str] | None = None, now: datetime = NOW
-) -> Result:
-    """
-    Run C{ollamaproxy ARGV...} in-process.  The environment is empty unless
-    given, so no test can touch the real default keys file.
-    """
-    out, err = io.StringIO(), io.StringIO()
-    code = main(
-        list(argv),
-        stdout=out,
-        stderr=err,
-        environ={"HOME": "/nonexistent"} if environ is None else environ,
-        now=lambda: now,
-    )
-    return Result(code, out.getvalue(), err.getvalue())
-
-
-def add(path: Path, name: str, *options: str, now: datetime = NOW) -> str:
-    """
-    Add a key, checking that it worked, and return the key.
-    """
-    result = run("keys", "add", name, *options, "--keys-file", str(path), now=now)
-    assert (result.code, result.err) == (0, "")
-    return result.last_line
-
-
-def assert_one_line_error(result: Result, code: int, fragment: str) -> None:
-    """
-    The command failed with C{code}, printing nothing on standard output and
-    one line on standard error: C{ollamaproxy: } and a message holding
-    C{fragment}.
-    """
-    assert result.code == code, result
-    assert result.out == ""
-    assert result.err.startswith("ollamaproxy: ")
-    assert result.err.endswith("\n") and result.err.count("\n") == 1, result.err
-    assert "Traceback" not in result.err
-    assert fragment in result.err
-
-
-@pytest.fixture
-def keys_file(tmp_path: Path) -> Path:
-    """
-    A keys file in a directory that does not exist yet.
-    """
-    return tmp_path / "config" / "keys.json"
 
 
 def test_add_prints_only_the_key_on_the_last_line(keys_file: Path) -> None:
@@ -291,57 +209,6 @@ def test_rotating_an_expired_key_warns(keys_file: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("argv", "fragment"),
-    [
-        ([], "required: COMMAND"),
-        (["frob"], "invalid choice: 'frob'"),
-        (["keys"], "required: ACTION"),
-        (["keys", "frob"], "invalid choice: 'frob'"),
-        (["keys", "add"], "required: NAME"),
-        (["keys", "revoke"], "required: NAME"),
-        (["keys", "add", "bob", "--bogus"], "unrecognized arguments: --bogus"),
-        (["keys", "add", "bob", "extra"], "unrecognized arguments: extra"),
-        (["keys", "add", "bob", "--rpm", "0"], "--rpm: '0' is not a whole number from 1"),
-        (["keys", "add", "bob", "--rpm", "-1"], "--rpm"),
-        (["keys", "add", "bob", "--rpm", "ten"], "'ten' is not a whole number"),
-        (["keys", "add", "bob", "--rpm"], "--rpm: expected one argument"),
-        (["keys", "add", "bob", "--max-streams", "1.5"], "--max-streams: '1.5' is not"),
-        (["keys", "add", "bob", "--max-streams", "\u0663"], "--max-streams"),
-        (["keys", "add", "bob", "--models"], "--models: expected one argument"),
-        (["keys", "add", "bob", "--models", ""], "a model pattern cannot be empty"),
-        (["keys", "add", "bob", "--models", "a,,b"], "a model pattern cannot be empty"),
-        (["keys", "add", "bob", "--models", "a", "b"],
-         "unrecognized arguments: b (--models takes one pattern or a comma-separated list"),
-        (["keys", "add", "--models", "a"], "the following arguments are required: NAME"),
-        (["keys", "add", "bob", "--expires", "soon"], "--expires: 'soon' is not a date"),
-        (["keys", "add", "bob", "--expires", "2027-02-30"], "'2027-02-30' is not a date"),
-        (["keys", "add", "bob", "--expires", "9999-12-31T23:00:00-05:00"], "is not a date"),
-        (["keys", "add", "bob", "--expires", "2026-01-01"],
-         "2026-01-01T00:00:00Z is not in the future"),
-        (["keys", "add", "bob", "--expires", "2026-11-27T07:00:00Z"], "is not in the future"),
-        (["keys", "add", ""], "'' is not a key name"),
-        (["keys", "add", "x" * 65], "is not a key name"),
-        (["keys", "add", "bad name"], "'bad name' is not a key name"),
-        (["keys", "add", "b\u00f6b"], "is not a key name"),
-        (["keys", "add", "bob\n"], "is not a key name"),
-        (["keys", "add", "a/b"], "is not a key name"),
-        (["keys", "add", "api-key"], "reserved for the key given with --api-key"),
-        (["usage", "--since", "soon"], "--since: 'soon' is not a date or time such as"),
-        (["usage", "--since", "2026-02-30"], "--since: '2026-02-30' is not a date"),
-        (["usage", "--since"], "--since: expected one argument"),
-        (["usage", "--by", "ts"], "--by: invalid choice: 'ts'"),
-        (["usage", "extra"], "unrecognized arguments: extra"),
-        (["usage", "--keys-file", "x"], "unrecognized arguments: --keys-file"),
-    ],
-)
-def test_usage_errors(keys_file: Path, argv: list[str], fragment: str) -> None:
-    """A wrong command line gives one line on stderr, exit code 2, and no keys file change."""
-    result = run(*argv, environ={"OLLAMAPROXY_KEYS_FILE": str(keys_file)})
-    assert_one_line_error(result, 2, fragment)
-    assert not keys_file.parent.exists()
-
-
-@pytest.mark.parametrize(
     "argv",
     [
         ["bob", "--models", "llama3*"],
@@ -359,20 +226,6 @@ def test_add_options_before_or_after_the_name(keys_file: Path, argv: list[str]) 
     key = add(keys_file, *argv)
     [stored] = load_keys_file(str(keys_file))
     assert (stored.name, stored.models, stored.digest) == ("bob", ("llama3*",), digest(key))
-
-
-def test_version() -> None:
-    """C{ollamaproxy --version} prints ollamaproxy's version on stdout and exits 0."""
-    result = run("--version")
-    assert (result.code, result.out, result.err) == (0, f"ollamaproxy {__version__}\n", "")
-
-
-def test_help_goes_to_stdout() -> None:
-    """--help prints usage on the given standard output and exits 0."""
-    result = run("keys", "add", "--help")
-    assert (result.code, result.err) == (0, "")
-    assert result.out.startswith("usage: ollamaproxy keys add")
-    assert "--max-streams" in result.out
 
 
 @pytest.mark.parametrize(
@@ -533,129 +386,6 @@ def test_crash_while_replacing_keeps_old_file(
     assert sorted(p.name for p in keys_file.parent.iterdir()) == ["keys.json", "keys.json.lock"]
 
 
-def python(*argv: str) -> list[str]:
-    """
-    A command line running this checkout's code in a fresh interpreter.
-    """
-    return [sys.executable, *argv]
-
-
-def child_environment() -> dict[str, str]:
-    """
-    The environment for child processes: this checkout first on the path.
-    """
-    environ = dict(os.environ)
-    environ["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO), *filter(None, [environ.get("PYTHONPATH")])]
-    )
-    return environ
-
-
-ADDER = """
-import os, sys, time
-from ollamaproxy import __version__
-from ollamaproxy.cli import main
-go, path, prefix, count = sys.argv[1:]
-while not os.path.exists(go):
-    time.sleep(0.001)
-with open(os.devnull, "w") as null:
-    for i in range(int(count)):
-        code = main(["keys", "add", f"{prefix}{i}", "--keys-file", path], stdout=null)
-        if code:
-            sys.exit(code)
-"""
-
-
-def test_concurrent_adds_all_survive(keys_file: Path, tmp_path: Path) -> None:
-    """Two processes adding keys at the same moment lose none of each other's keys."""
-    go = tmp_path / "go"
-    count = 25
-    children = [
-        subprocess.Popen(
-            python("-c", ADDER, str(go), str(keys_file), prefix, str(count)),
-            env=child_environment(),
-            cwd=tmp_path,
-        )
-        for prefix in ["left", "right"]
-    ]
-    time.sleep(0.5)
-    go.touch()
-    assert [child.wait(timeout=60) for child in children] == [0, 0]
-    names = sorted(key.name for key in load_keys_file(str(keys_file)))
-    assert names == sorted(f"{p}{i}" for p in ["left", "right"] for i in range(count))
-
-
-def test_add_waits_for_the_lock(keys_file: Path, tmp_path: Path) -> None:
-    """add does not touch the keys file while another process holds its lock."""
-    add(keys_file, "alice")
-    before = keys_file.read_bytes()
-    with open(f"{keys_file}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        child = subprocess.Popen(
-            python("-m", "ollamaproxy.cli", "keys", "add", "bob", "--keys-file", str(keys_file)),
-            env=child_environment(),
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            time.sleep(1)
-            assert child.poll() is None
-            assert keys_file.read_bytes() == before
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    out, _ = child.communicate(timeout=60)
-    assert child.returncode == 0
-    found = KeyStore(load_keys_file(str(keys_file))).find(out.splitlines()[-1])
-    assert found is not None and found.name == "bob"
-
-
-def installed_script() -> str | None:
-    """
-    The installed C{ollamaproxy} console script: on C{PATH}, or beside this
-    interpreter (a virtualenv that is not activated).
-    """
-    return shutil.which("ollamaproxy") or shutil.which(
-        "ollamaproxy", path=os.path.dirname(sys.executable)
-    )
-
-
-def script_run(script: str, argv: Sequence[str], environ: Mapping[str, str]) -> Result:
-    """
-    Run the console script and collect what it did.
-    """
-    done = subprocess.run(
-        [script, *argv], env=dict(environ), capture_output=True, text=True, timeout=60
-    )
-    return Result(done.returncode, done.stdout, done.stderr)
-
-
-@pytest.mark.skipif(
-    installed_script() is None,
-    reason="the ollamaproxy console script is not installed (pip install . to run this)",
-)
-def test_console_script_end_to_end(tmp_path: Path) -> None:
-    """The installed ollamaproxy script adds, lists and rotates keys and exits 2 on bad input."""
-    script = installed_script()
-    assert script is not None
-    environ = {**os.environ, "OLLAMAPROXY_KEYS_FILE": str(tmp_path / "keys.json")}
-    added = script_run(script, ["keys", "add", "bob", "--rpm", "5"], environ)
-    assert (added.code, added.err) == (0, "")
-    key = added.last_line
-    assert looks_generated(key)
-    listed = script_run(script, ["keys", "list"], environ)
-    assert listed.code == 0 and "bob" in listed.out and key not in listed.out
-    rotated = script_run(script, ["keys", "rotate", "bob"], environ)
-    assert rotated.code == 0
-    store = KeyStore(load_keys_file(str(tmp_path / "keys.json")))
-    assert store.find(key) is None
-    assert store.find(rotated.last_line) is not None
-    assert_one_line_error(script_run(script, ["keys", "add", "bob", "--rpm", "x"], environ), 2,
-                          "--rpm")
-    assert_one_line_error(script_run(script, ["keys", "revoke", "nobody"], environ), 1,
-                          "no key named 'nobody'")
-
-
 def test_generated_keys_differ_per_add(keys_file: Path) -> None:
     """Two adds print two different keys, each matching only its own entry."""
     first = add(keys_file, "a")
@@ -664,153 +394,6 @@ def test_generated_keys_differ_per_add(keys_file: Path) -> None:
     store = KeyStore(load_keys_file(str(keys_file)))
     found = [store.find(key) for key in (first, second, generate_key())]
     assert [None if key is None else key.name for key in found] == ["a", "b", None]
-
-
-DAY = 24 * 3600.0
-
-
-@pytest.fixture
-def usage_file(tmp_path: Path) -> Path:
-    """
-    A usage database: alice a day ago, bob and ci.bot now.
-    """
-    path = tmp_path / "state" / "usage.sqlite3"
-    now = NOW.timestamp()
-    write_rows(str(path), [
-        (now - DAY, "alice", "llama3:70b", 1, 1200, 3400),
-        (now - DAY + 5, "alice", "llama3:70b", 1, 800, 600),
-        (now, "bob", "qwen2", 1, 10, 20),
-        (now + 30, "bob", "", 1, 0, 0),
-        (now + 60, "ci.bot", "qwen2", 1, 5, 5),
-    ])
-    return path
-
-
-def test_usage_by_key(usage_file: Path) -> None:
-    """usage prints one row per key, most tokens first, numbers aligned right."""
-    result = run("usage", "--usage-file", str(usage_file))
-    assert (result.code, result.err) == (0, "")
-    assert result.out == (
-        "KEY     REQUESTS  PROMPT TOKENS  COMPLETION TOKENS  TOTAL\n"
-        "alice          2           2000               4000   6000\n"
-        "bob            2             10                 20     30\n"
-        "ci.bot         1              5                  5     10\n"
-    )
-
-
-def test_usage_by_model_since(usage_file: Path) -> None:
-    """usage --by model --since DATE sums per model from midnight UTC; no model shows as '-'."""
-    result = run("usage", "--by", "model", "--since", "2026-11-27", "--usage-file",
-                 str(usage_file))
-    assert (result.code, result.err) == (0, "")
-    assert result.out == (
-        "MODEL  REQUESTS  PROMPT TOKENS  COMPLETION TOKENS  TOTAL\n"
-        "qwen2         2             15                 25     40\n"
-        "-             1              0                  0      0\n"
-    )
-
-
-@pytest.mark.parametrize(
-    ("since", "keys"),
-    [
-        ("2026-11-26", ["alice", "bob", "ci.bot"]),
-        ("2026-11-27T07:01", ["ci.bot"]),
-        ("2026-11-27 07:01:00", ["ci.bot"]),
-        ("2026-11-27T08:00:00+01:00", ["bob", "ci.bot"]),
-        # Usage is kept per minute: the minute holding --since counts whole.
-        ("2026-11-27T07:00:59Z", ["bob", "ci.bot"]),
-    ],
-)
-def test_usage_since_forms(usage_file: Path, since: str, keys: list[str]) -> None:
-    """--since takes the dates and times --expires takes, UTC unless an offset is given."""
-    result = run("usage", "--since", since, "--usage-file", str(usage_file))
-    assert result.code == 0
-    assert [line.split()[0] for line in result.out.splitlines()[1:]] == keys
-
-
-def test_usage_none_since(usage_file: Path) -> None:
-    """usage says so when nothing was recorded since the time given."""
-    result = run("usage", "--since", "2026-12-01", "--usage-file", str(usage_file))
-    assert (result.code, result.err) == (0, "")
-    assert result.out == f"No usage recorded in {usage_file} since 2026-12-01T00:00:00Z.\n"
-
-
-def test_usage_without_database(tmp_path: Path) -> None:
-    """usage on a missing database says no usage was recorded, exits 0, and creates nothing."""
-    path = tmp_path / "state" / "usage.sqlite3"
-    result = run("usage", "--usage-file", str(path))
-    assert (result.code, result.out, result.err) == (0, f"No usage recorded in {path}.\n", "")
-    assert not path.parent.exists()
-
-
-@pytest.mark.parametrize(
-    ("content", "fragment"),
-    [
-        (b"SQLite format 3\x00" + b"\xff" * 100, "cannot read usage file"),
-        (b"{not a database at all}" * 50, "file is not a database"),
-    ],
-)
-def test_usage_corrupt_database(tmp_path: Path, content: bytes, fragment: str) -> None:
-    """A file that is not a usage database gives one line on stderr naming it, and exit code 1."""
-    path = tmp_path / "usage.sqlite3"
-    path.write_bytes(content)
-    result = run("usage", "--usage-file", str(path))
-    assert_one_line_error(result, 1, fragment)
-    assert str(path) in result.err
-    assert path.read_bytes() == content
-
-
-def test_usage_database_is_a_directory(tmp_path: Path) -> None:
-    """A usage file path that is a directory gives one line on stderr and exit code 1."""
-    assert_one_line_error(run("usage", "--usage-file", str(tmp_path)), 1, "is a directory")
-
-
-def test_usage_escapes_unprintable_names(tmp_path: Path) -> None:
-    """usage does not pass terminal control characters from the database to the terminal."""
-    path = tmp_path / "usage.sqlite3"
-    write_rows(str(path), [(NOW.timestamp(), "evil\x1b[2J", "a\nb", 1, 1, 1)])
-    for by in ("key", "model"):
-        result = run("usage", "--by", by, "--usage-file", str(path))
-        assert result.code == 0
-        assert "\x1b" not in result.out
-        assert len(result.out.splitlines()) == 2
-
-
-@pytest.mark.parametrize(
-    ("option", "variable", "chosen"),
-    [
-        ("option", "env", "option"),
-        (None, "env", "env"),
-        (None, None, "default"),
-        (None, "", "default"),
-    ],
-)
-def test_usage_file_precedence(
-    tmp_path: Path, option: str | None, variable: str | None, chosen: str
-) -> None:
-    """The usage file is --usage-file, then $OLLAMAPROXY_USAGE_FILE, then the XDG state file."""
-    files = {
-        "option": tmp_path / "option.sqlite3",
-        "env": tmp_path / "env.sqlite3",
-        "default": tmp_path / "xdg" / "ollamaproxy" / "usage.sqlite3",
-    }
-    for name, path in files.items():
-        write_rows(str(path), [(NOW.timestamp(), name, "m", 1, 1, 1)])
-    environ = {"HOME": str(tmp_path / "home"), "XDG_STATE_HOME": str(tmp_path / "xdg")}
-    if variable is not None:
-        environ["OLLAMAPROXY_USAGE_FILE"] = variable and str(files[variable])
-    argv = [] if option is None else ["--usage-file", str(files[option])]
-    result = run("usage", *argv, environ=environ)
-    assert (result.code, result.err) == (0, "")
-    assert result.out.splitlines()[1].split()[0] == chosen
-
-
-def test_usage_help() -> None:
-    """usage --help prints its usage on standard output and exits 0."""
-    result = run("usage", "--help")
-    assert (result.code, result.err) == (0, "")
-    assert result.out.startswith("usage: ollamaproxy usage")
-    assert "--usage-file" in result.out and "--since" in result.out
 
 
 def test_add_caps_round_trip(keys_file: Path) -> None:

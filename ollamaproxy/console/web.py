@@ -34,8 +34,10 @@ send the C{Authorization} header, where C{EventSource} cannot.  When the
 page goes away, its connection closes, Klein cancels the handler, and the
 subscriber is forgotten.
 
-Console requests are the proxy's own, not Ollama's: they are not written to
-the access log, as C{/metrics} and C{/-/ready} are not.
+Console requests are the proxy's own, not Ollama's: what the console serves
+is not written to the access log, as what C{/metrics} and C{/-/ready} serve
+is not; what its data endpoints refuse is, with the auth-failure count
+(L{ollamaproxy.web.gate}).
 """
 
 from __future__ import annotations

@@ -132,6 +132,23 @@ class Gate:
             self._recorder.record(exchange, 0)
             raise
 
+    def holds(self, request: IRequest, route: RouteSpec, *, may_open: bool) -> bool:
+        """
+        Whether the key a request to a route declared with L{keyed}
+        presented still passes, for an answer that lasts (the console's
+        feed): a key revoked, expired or narrowed since it was checked does
+        not.  Nothing is counted against the address (the key passed once:
+        it is no guess), and nothing is recorded.
+        """
+        method = request.method
+        assert method is not None
+        path = route.pattern.encode("ascii")
+        try:
+            key = self.auth.authenticate(method, path, route, request.requestHeaders)
+        except ProxyError:
+            return False
+        return key is not None or may_open
+
 
 class Gated(Protocol):
     """

@@ -175,3 +175,27 @@ def test_the_guess_throttle_counts_by_the_client_behind_a_trusted_proxy() -> Non
                           headers={"X-Forwarded-For": "192.0.2.7"})
     assert other.code == 401
     chain.body(other)
+
+
+def test_a_prepended_malformed_item_does_not_escape_the_throttle() -> None:
+    """
+    A guesser behind a trusted proxy that has used up its wrong keys cannot
+    start afresh by prepending a malformed item to C{X-Forwarded-For}: it
+    is still counted by its own address (429), not as the proxy in front,
+    and another client of the same proxy is not throttled for it.
+    """
+    chain = Chain(trusted_proxies=parse_trusted_proxies("127.0.0.1"))
+    for i in range(10):
+        response = chain.respond("GET", "/api/tags", key=f"guess-{i}",
+                                 headers={"X-Forwarded-For": "192.0.2.66"})
+        assert response.code == 401
+        chain.body(response)
+    for junk in ("junk", "", "[2001:db8::1", "192.0.2.7:http"):
+        guesser = chain.respond("GET", "/api/tags", key="guess-again",
+                                headers={"X-Forwarded-For": f"{junk}, 192.0.2.66"})
+        assert guesser.code == 429
+        chain.body(guesser)
+    other = chain.respond("GET", "/api/tags", key="wrong-but-new",
+                          headers={"X-Forwarded-For": "192.0.2.7"})
+    assert other.code == 401
+    chain.body(other)

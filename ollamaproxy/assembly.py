@@ -88,9 +88,9 @@ def assemble(
     @param throttle: Slows down addresses that guess keys, or L{None}.
     """
     redact = redact or Redactor(auth.keys.is_key)
-    gate = Gate(auth, trusted_proxies, throttle)
     in_flight = InFlight(clock)
     recorder = Recorder(clock, metrics, usage, redact)
+    gate = Gate(auth, recorder, clock, trusted_proxies, throttle)
     metrics.registry.register(RouterGauges(router))
     readiness.add("backends", lambda: any(b.healthy for b in router.backends))
     # Not ready first when stopping, so that load balancers look away.

@@ -13,7 +13,13 @@ bodies pass as they are, byte for byte.
 
 Values are read as Ollama reads them (C{api.Duration}): a number of seconds,
 or a Go duration string (C{"10m"}, C{"1h30m"}); a negative one means for
-ever.
+ever.  A C{null} is no value at all, as for Ollama: its C{keep_alive} is a
+pointer (C{*Duration}), which Go's decoder sets to nil on C{null} without
+calling C{Duration.UnmarshalJSON}, so the request gets the server's
+default, as if the field were absent; and C{Options.FromMap} skips a nil
+option, so C{"num_ctx": null} is the default context too.  The proxy
+passes both unchanged, as it passes an absent field (no cap adds a field
+to a body).
 """
 
 from __future__ import annotations
@@ -133,6 +139,9 @@ def clamp(body: bytes, caps: Caps) -> tuple[bytes, list[str]]:
     changes: list[str] = []
     ctx_changes: list[str] = []
     for key, value, start, end in members.pairs:
+        if value is None:
+            # Ollama's default, as if absent (see the module's docstring).
+            continue
         if caps.keep_alive is not None and go_field(key, "keep_alive"):
             asked = parse_duration(value)
             if asked > caps.keep_alive:
@@ -141,7 +150,7 @@ def clamp(body: bytes, caps: Caps) -> tuple[bytes, list[str]]:
                 changes.append(f"keep_alive {show_duration(asked)} clamped to {capped}")
         elif caps.num_ctx is not None and go_field(key, "options") and isinstance(value, dict):
             for name, asked_ctx, ctx_start, ctx_end in _members(text, start).pairs:
-                if not go_field(name, "num_ctx"):
+                if not go_field(name, "num_ctx") or asked_ctx is None:
                     continue
                 if not isinstance(asked_ctx, (int, float)) or isinstance(asked_ctx, bool):
                     raise ValueError(f"options.num_ctx is not a number: {asked_ctx!r}")

@@ -27,6 +27,14 @@ the same for a console open a day, however slow.
 
 The timer runs while the service runs (from start to stop of the proxy),
 so that the totals chart has the last minutes when a console opens.
+
+A feed lasts as long as its key does: at each tick the sampler asks each
+subscriber whether the key it was opened with still passes (revoked,
+expired or no longer admin since: the keys reload on their own), and ends
+the feed of one that does not, so a revoked key stops seeing the proxy
+within a tick (L{TICK}), well within the 5 seconds promised.  The check is
+a digest and a lookup per open console a tick, only while consoles are
+open; the page, reconnecting, is refused and asks for a key.
 """
 
 from __future__ import annotations
@@ -99,13 +107,18 @@ class Subscriber:
     Registered as the push producer of the feed's response, so that
     twisted.web's backpressure tells it when the client stops reading.
 
-    @ivar ended: Fires when the proxy stops (the feed then ends); never
-        fires otherwise.  Cancelling it (the client went away) unsubscribes.
+    @ivar ended: Fires when the proxy stops or the feed's key no longer
+        passes (the feed then ends); never fires otherwise.  Cancelling it
+        (the client went away) unsubscribes.
+    @ivar allowed: Whether the feed's key still passes, asked at each tick.
     """
 
-    def __init__(self, sampler: Sampler, write: Callable[[bytes], None]) -> None:
+    def __init__(
+        self, sampler: Sampler, write: Callable[[bytes], None], allowed: Callable[[], bool]
+    ) -> None:
         self._sampler = sampler
         self._write = write
+        self.allowed = allowed
         self.paused = False
         # The state and the last point this subscriber has had.
         self.state = b""
@@ -186,8 +199,7 @@ class Sampler(Service):
         if loop is not None and loop.running:
             loop.stop()
         for subscriber in list(self._subscribers):
-            self.unsubscribe(subscriber)
-            subscriber.ended.callback(None)
+            self._end(subscriber)
 
     # Subscribers.
 
@@ -198,13 +210,18 @@ class Sampler(Service):
         """
         return len(self._subscribers)
 
-    def subscribe(self, write: Callable[[bytes], None]) -> Subscriber:
+    def subscribe(
+        self, write: Callable[[bytes], None], allowed: Callable[[], bool] = lambda: True
+    ) -> Subscriber:
         """
         Start a feed: it gets the whole state and history at once, then
         what changes.
+
+        @param allowed: Whether the feed's key still passes; the feed ends
+            at the first tick it does not.
         """
         self._refresh_state()
-        subscriber = Subscriber(self, write)
+        subscriber = Subscriber(self, write, allowed)
         self._subscribers.add(subscriber)
         self._send(subscriber, self._clock.seconds())
         return subscriber
@@ -214,6 +231,13 @@ class Sampler(Service):
         Forget a feed (its client went away, or the proxy stops).
         """
         self._subscribers.discard(subscriber)
+
+    def _end(self, subscriber: Subscriber) -> None:
+        """
+        End a feed from the proxy's side: its response finishes.
+        """
+        self.unsubscribe(subscriber)
+        subscriber.ended.callback(None)
 
     # Sampling.
 
@@ -238,7 +262,10 @@ class Sampler(Service):
         if self._subscribers:
             self._refresh_state()
             for subscriber in list(self._subscribers):
-                self._send(subscriber, now)
+                if subscriber.allowed():
+                    self._send(subscriber, now)
+                else:
+                    self._end(subscriber)
 
     def _sample_requests(self, now: float) -> tuple[int, int, float]:
         """

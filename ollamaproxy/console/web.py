@@ -32,10 +32,14 @@ The feed is one long C{GET} answered with NDJSON (one JSON object a line,
 L{ollamaproxy.console.sampler}): the page reads it with C{fetch()}, which can
 send the C{Authorization} header, where C{EventSource} cannot.  When the
 page goes away, its connection closes, Klein cancels the handler, and the
-subscriber is forgotten.
+subscriber is forgotten.  Its key is checked again at every sample: a key
+revoked (or expired, or no longer admin) while the feed is open ends it
+within a tick, and the page, reconnecting, is refused.
 
-Console requests are the proxy's own, not Ollama's: they are not written to
-the access log, as C{/metrics} and C{/-/ready} are not.
+Console requests are the proxy's own, not Ollama's: what the console serves
+is not written to the access log, as what C{/metrics} and C{/-/ready} serve
+is not; what its data endpoints refuse is, with the auth-failure count
+(L{ollamaproxy.web.gate}).
 """
 
 from __future__ import annotations
@@ -292,12 +296,15 @@ class Console:
     async def feed(self, request: Request) -> None:
         """
         The live feed: NDJSON, one message a line, until the client goes
-        away or the proxy stops.
+        away, the proxy stops, or the key no longer passes (revoked,
+        expired, no longer admin), which the sampler asks at each tick.
         """
         request.setHeader(b"content-type", b"application/x-ndjson")
         # A buffering proxy in front (nginx) would hold the feed back.
         request.setHeader(b"x-accel-buffering", b"no")
-        subscriber = self.sampler.subscribe(request.write)
+        subscriber = self.sampler.subscribe(
+            request.write, lambda: self.gate.holds(request, CONSOLE_ROUTE, may_open=False)
+        )
         request.registerProducer(subscriber, True)
         try:
             await subscriber.ended

@@ -8,9 +8,21 @@ The address is what the access log shows, and what the guess throttle and
 anything else per address count by.  The rule is the usual one: walk the
 reported chain of addresses from the right (the hop nearest to the proxy)
 and take the first that is not itself a trusted proxy.  A client can put
-anything at the left of the chain, so what it prepends is never taken.
-A header from a peer that is not trusted is ignored; a malformed chain
-gives the peer's address.
+anything at the left of the chain, so what it prepends is never taken, nor
+even read: a malformed item left of the client's address is never reached.
+A header from a peer that is not trusted is ignored.
+
+An item the walk reaches that names no address (malformed, or RFC 7239's
+C{unknown} and obfuscated identifiers) stops it, and the request is counted
+by the last address the walk trusted: the trusted proxy that reported the
+item (the peer itself when it is the right-most item).  That proxy is the
+nearest hop the proxy still knows for sure; the unreadable item is what
+that proxy was told, by its own peer, so nothing further left can be
+believed.  Walking on past it would let a client who can make a trusted
+proxy report garbage choose its own address; giving up on the whole chain
+(as this module once did) let a client who prepends garbage be counted as
+the load balancer, escaping its own throttle.  A chain of trusted proxies
+only is counted by its left-most, the last the walk trusted too.
 
 C{X-Forwarded-For} is read when present, C{Forwarded} otherwise: the proxy
 in front must set or extend C{X-Forwarded-For} (nginx, HAProxy, Caddy,
@@ -22,7 +34,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from twisted.web.http_headers import Headers
@@ -67,16 +79,17 @@ class TrustedProxies:
         peer_address = _address(peer)
         if peer_address is None or not self._trusts(peer_address):
             return peer
-        try:
-            chain = _chain(headers)
-        except Malformed:
-            return peer
-        if not chain:
-            return peer
-        for hop in reversed(chain):
+        items, read = _reported(headers)
+        trusted = peer
+        for item in reversed(items):
+            try:
+                hop = read(item)
+            except Malformed:
+                break
             if not self._trusts(hop):
                 return str(hop)
-        return str(chain[0])
+            trusted = str(hop)
+        return trusted
 
     def _trusts(self, address: Address) -> bool:
         return any(address in network for network in self.networks)
@@ -110,36 +123,39 @@ def _address(text: str) -> Address | None:
     return address
 
 
-def _chain(headers: Headers) -> list[Address]:
+def _reported(headers: Headers) -> tuple[list[str], Callable[[str], Address]]:
     """
-    The chain of addresses the forwarding headers report, the client's
-    first.
-
-    @raise Malformed: If the header present cannot be read whole.
+    The items of the forwarding header present, the client's first, and how
+    to read one item's address (raising L{Malformed} for an item that names
+    none).  Items are read one by one, from the right, so that a malformed
+    item stops the walk only where it is.
     """
     forwarded_for = headers.getRawHeaders(_XFF)
     if forwarded_for is not None:
-        return [_hop(item) for item in _items(forwarded_for)]
+        # X-Forwarded-For has no quoted strings: every comma separates.
+        return [item.strip() for item in _text(forwarded_for).split(",")], _hop
     forwarded = headers.getRawHeaders(_FORWARDED)
     if forwarded is not None:
-        return [_hop(_for_of(element)) for element in _items(forwarded)]
-    return []
+        return [item.strip() for item in _split_commas(_text(forwarded))], _forwarded_for
+    return [], _hop
 
 
-def _items(values: Sequence[bytes]) -> list[str]:
+def _text(values: Sequence[bytes]) -> str:
     """
-    The comma-separated items of every line of a header, in order.
+    Every line of a header, joined with commas.  A byte outside ASCII
+    becomes U+FFFD, which no address holds: the item it is in is
+    malformed, and only that item.
     """
-    try:
-        text = ",".join(value.decode("ascii") for value in values)
-    except UnicodeDecodeError:
-        raise Malformed("not ASCII") from None
-    return [item.strip() for item in _split_commas(text)]
+    return ",".join(value.decode("ascii", "replace") for value in values)
 
 
 def _split_commas(text: str) -> list[str]:
     """
-    Split at commas outside quoted strings.
+    Split at commas outside quoted strings.  A quoted string that never
+    ends (which a client can start at the left, for the proxies in front to
+    append to) ends its item at the next comma: the strict reading would
+    swallow every element appended after it, those of the trusted proxies
+    too.  The item it leaves is malformed.
     """
     items, start, quoted, escaped = [], 0, False, False
     for index, char in enumerate(text):
@@ -153,9 +169,19 @@ def _split_commas(text: str) -> list[str]:
             items.append(text[start:index])
             start = index + 1
     if quoted:
-        raise Malformed("unterminated quoted string")
+        # From the item the unended quote opens in, every comma separates.
+        return items + text[start:].split(",")
     items.append(text[start:])
     return items
+
+
+def _forwarded_for(element: str) -> Address:
+    """
+    The address in the C{for} parameter of one C{Forwarded} element.
+
+    @raise Malformed: If there is none.
+    """
+    return _hop(_for_of(element))
 
 
 def _for_of(element: str) -> str:

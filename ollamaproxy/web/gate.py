@@ -9,6 +9,17 @@ console's data) is declared with L{keyed}, which asks the gate before the
 handler runs, so that a new route cannot forget the check.  A wrong key is
 counted against the client's address, and an address that guesses gets 429
 instead of 401.
+
+What the routes declared with L{keyed} refuse is written down by the one
+recorder (L{Recorder.record}), with the outcome C{rejected} and the
+refusal's status, as the app writes down the refusals of Ollama's routes:
+so a wrong, missing or insufficient key sent to C{/metrics} or the console
+has its access line and its count in C{ollamaproxy_auth_failures_total},
+and someone guessing keys there is seen like anywhere else.  What those
+routes serve is not written down: they are the proxy's own, not Ollama's,
+and the console polls several times a second, which would bury the
+access log under lines that say nothing.  (The app's Ollama routes are
+recorded by the app, so L{Gate.key} itself records nothing.)
 """
 
 from __future__ import annotations
@@ -17,12 +28,15 @@ from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any, Protocol, TypeVar, cast
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
 from ollamaproxy.admission.auth import Authenticator, WrongKey
 from ollamaproxy.admission.keys import ApiKey
 from ollamaproxy.admission.limits import Throttle
 from ollamaproxy.errors import ProxyError
+from ollamaproxy.exchange import Exchange
+from ollamaproxy.record.recorder import Recorder
 from ollamaproxy.routes import RouteSpec
 from ollamaproxy.web.client_address import NOBODY, TrustedProxies
 
@@ -32,6 +46,9 @@ class Gate:
     Checks the key a request presents.
 
     @param auth: Decides who may ask.
+    @param recorder: Writes down the refusals of the routes declared with
+        L{keyed}.
+    @param clock: Tells when those requests started.
     @param trusted_proxies: The proxies in front whose forwarding headers
         name the client.
     @param throttle: Slows down addresses that guess keys, or L{None}.
@@ -40,10 +57,14 @@ class Gate:
     def __init__(
         self,
         auth: Authenticator,
+        recorder: Recorder,
+        clock: IReactorTime,
         trusted_proxies: TrustedProxies = NOBODY,
         throttle: Throttle | None = None,
     ) -> None:
         self.auth = auth
+        self._recorder = recorder
+        self._clock = clock
         self._trusted_proxies = trusted_proxies
         self._throttle = throttle
 
@@ -78,6 +99,56 @@ class Gate:
                 await self._throttle.failed(client)
             raise
 
+    async def check(self, request: IRequest, route: RouteSpec, may_open: bool) -> None:
+        """
+        Check the key of a request to a route declared with L{keyed}, and
+        write the request down if it is refused.
+
+        @param may_open: Whether the route may be opened to requests
+            without a key.
+        @raise ProxyError: As L{key} does, or 403 for a request without a
+            key to a route that may not be opened.
+        """
+        started = self._clock.seconds()
+        client = self.client_address(request)
+        path = route.pattern.encode("ascii")
+        try:
+            key = await self.key(request, path, route, client)
+            if key is None and not may_open:
+                raise ProxyError(403, f"{route.pattern} needs a key")
+        except ProxyError as e:
+            method = request.method or b"-"
+            exchange = Exchange(
+                method=method.decode("ascii", "replace"),
+                path=(request.path or path).decode("ascii", "replace"),
+                client=client,
+                started=started,
+                route=route.pattern,
+                status=e.code,
+            )
+            exchange.failed(e.outcome, e.message)
+            # Recorded before the error's body is written, as the app records
+            # its own refusals: no body bytes sent yet.
+            self._recorder.record(exchange, 0)
+            raise
+
+    def holds(self, request: IRequest, route: RouteSpec, *, may_open: bool) -> bool:
+        """
+        Whether the key a request to a route declared with L{keyed}
+        presented still passes, for an answer that lasts (the console's
+        feed): a key revoked, expired or narrowed since it was checked does
+        not.  Nothing is counted against the address (the key passed once:
+        it is no guess), and nothing is recorded.
+        """
+        method = request.method
+        assert method is not None
+        path = route.pattern.encode("ascii")
+        try:
+            key = self.auth.authenticate(method, path, route, request.requestHeaders)
+        except ProxyError:
+            return False
+        return key is not None or may_open
+
 
 class Gated(Protocol):
     """
@@ -102,15 +173,11 @@ def keyed(route: RouteSpec, *, may_open: bool = True) -> Callable[[_Handler], _H
     @param may_open: Whether the operator may open the route to requests
         without a key (C{--open-routes}); if not, such a request gets 403.
     """
-    path = route.pattern.encode("ascii")
 
     def declare(handler: _Handler) -> _Handler:
         @wraps(handler)
         async def checked(self: Gated, request: IRequest, *args: Any, **kwargs: Any) -> Any:
-            gate = self.gate
-            key = await gate.key(request, path, route, gate.client_address(request))
-            if key is None and not may_open:
-                raise ProxyError(403, f"{route.pattern} needs a key")
+            await self.gate.check(request, route, may_open)
             return await handler(self, request, *args, **kwargs)
 
         return cast(_Handler, checked)

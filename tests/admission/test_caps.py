@@ -120,3 +120,30 @@ def test_every_repetition_is_clamped() -> None:
     assert clamped == (b'{"model": "m", "keep_alive": "10m", "keep\\u005falive": "10m", '
                        b'"options": {"num_ctx": 8192}, "options": {"temperature": 0.5}}')
     assert changes == [*_KEEP, *_KEEP, *_CTX]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"model": "m", "keep_alive": null}',
+     b'{"model": "m", "keep_alive": null, "options": {"num_ctx": null}}',
+     b'{"model": "m", "KEEP_ALIVE": null, "options": null}'],
+)
+def test_null_passes_as_ollama_reads_it(body: bytes) -> None:
+    """
+    Ollama reads C{"keep_alive": null} (a nil C{*Duration}) and
+    C{"options": {"num_ctx": null}} (skipped by C{Options.FromMap}) as not
+    given, so the server's default applies: with caps on they pass
+    unchanged, as an absent field does, instead of a 400.
+    """
+    assert clamp(body, Caps(600, 8192)) == (body, [])
+
+
+def test_a_null_does_not_hide_a_repeated_keep_alive() -> None:
+    """
+    Go takes the last C{keep_alive}: a null beside one over the cap leaves
+    that one clamped.
+    """
+    body = b'{"model": "m", "keep_alive": null, "keep_alive": -1}'
+    clamped, changes = clamp(body, Caps(600))
+    assert clamped == b'{"model": "m", "keep_alive": null, "keep_alive": "10m"}'
+    assert changes == ["keep_alive forever clamped to 10m"]

@@ -7,8 +7,12 @@ away, bounded memory.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
+from ollamaproxy.admission.keys import ADMIN, ApiKey, digest
 from ollamaproxy.console.sampler import HEARTBEAT, TICK, Sampler
 from tests.fakes.chain import KEY, Chain, Collector, chat
 from tests.fakes.console import INFERENCE_KEY, add_inference_key
@@ -229,4 +233,69 @@ def test_the_feed_needs_an_admin_key() -> None:
         assert response.code == code
         assert "error" in json.loads(chain.body(response))
     assert sampler.subscribers == 0
+    sampler.stopService()
+
+
+#: A second admin key, C{carol}, whose feeds the tests open and then revoke.
+CAROL_KEY = "olpk_consolecarolkeyconsolecarolkeycons"
+
+
+def revoke(chain: Chain, change: str) -> None:
+    """
+    Take C{carol}'s key away as the keys file would: revoked (the key is
+    gone), expired (the clock passes its expiry) or narrowed (an inference
+    key now).
+    """
+    others = [key for key in chain.keys if key.name != "carol"]
+    if change == "revoked":
+        chain.keys.replace(others)
+    elif change == "narrowed":
+        chain.keys.replace([*others, ApiKey("carol", digest(CAROL_KEY))])
+    else:
+        chain.clock.advance(60)
+
+
+@pytest.mark.parametrize("change", ["revoked", "expired", "narrowed"])
+def test_a_feed_ends_within_five_seconds_of_its_key_being_taken_away(change: str) -> None:
+    """
+    An open feed is checked again at every tick: once its key is revoked,
+    expires or loses the admin scope, the feed ends (its response finishes)
+    within 5 seconds, and is forgotten; a feed of another key goes on.
+    """
+    chain = Chain()
+    expires = datetime.fromtimestamp(chain.clock.seconds() + 30, UTC)
+    chain.keys.replace([*(k for k in chain.keys if k.name != "carol"),
+                        ApiKey("carol", digest(CAROL_KEY), scopes=frozenset({ADMIN}),
+                               expires=expires)])
+    sampler = started(chain)
+    _, feed = open_feed(chain, CAROL_KEY)
+    _, other = open_feed(chain)
+    tick(chain)
+    assert sampler.subscribers == 2
+    revoke(chain, change)
+    for _ in range(int(5 / TICK)):
+        tick(chain)
+    chain.result(feed.done)
+    assert sampler.subscribers == 1
+    assert chain.pending(other.done)
+    sampler.stopService()
+    chain.flush()
+    chain.result(other.done)
+
+
+def test_a_paused_feed_of_a_revoked_key_ends_too() -> None:
+    """
+    A feed whose client stopped reading is still checked: its key revoked,
+    it ends and is forgotten rather than waiting to catch up.
+    """
+    chain = Chain()
+    sampler = started(chain)
+    writes: list[bytes] = []
+    subscriber = sampler.subscribe(writes.append, lambda: chain.keys.find(KEY) is not None)
+    subscriber.pauseProducing()
+    tick(chain)
+    chain.keys.replace([])
+    tick(chain)
+    assert sampler.subscribers == 0
+    assert chain.result(subscriber.ended) is None
     sampler.stopService()

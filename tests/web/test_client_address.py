@@ -74,6 +74,22 @@ def headers(**values: str | list[str]) -> Headers:
         ("10.0.0.5", headers(forwarded='for="192.0.2.7'), "10.0.0.5"),
         ("10.0.0.5", headers(forwarded="for=192.0.2.7 junk"), "10.0.0.5"),
         ("10.0.0.5", headers(forwarded="for=192.0.2.7;for=6.6.6.6"), "10.0.0.5"),
+        # A malformed item left of the client's address is never read: the
+        # client cannot make itself the balancer by prepending one.
+        ("10.0.0.5", headers(x_forwarded_for="not-an-address, 192.0.2.7"), "192.0.2.7"),
+        ("10.0.0.5", headers(x_forwarded_for=", 192.0.2.7, 10.1.0.9"), "192.0.2.7"),
+        ("10.0.0.5", headers(x_forwarded_for='", 192.0.2.7'), "192.0.2.7"),
+        ("10.0.0.5", headers(x_forwarded_for=["\u00e9t\u00e9", "192.0.2.7"]), "192.0.2.7"),
+        ("10.0.0.5", headers(forwarded="for=unknown, for=192.0.2.7"), "192.0.2.7"),
+        ("10.0.0.5", headers(forwarded='for=", for=192.0.2.7'), "192.0.2.7"),
+        ("10.0.0.5", headers(forwarded="junk;;, for=6.6.6.6, for=192.0.2.7"), "192.0.2.7"),
+        # A malformed item the walk reaches stops it at the last address it
+        # trusted: the trusted proxy that reported the item.
+        ("10.0.0.5", headers(x_forwarded_for="192.0.2.7, not-an-address, 10.1.0.9"),
+         "10.1.0.9"),
+        ("10.0.0.5", headers(forwarded="for=192.0.2.7, for=_hidden, for=10.1.0.9"),
+         "10.1.0.9"),
+        ("10.0.0.5", headers(x_forwarded_for="192.0.2.7, not-an-address"), "10.0.0.5"),
         # A peer that is no IP address (a Unix socket) is never trusted.
         ("/run/ollamaproxy.sock", headers(x_forwarded_for="192.0.2.7"), "/run/ollamaproxy.sock"),
     ],
@@ -81,8 +97,10 @@ def headers(**values: str | list[str]) -> Headers:
 def test_client_address(peer: str, given: Headers, client: str) -> None:
     """
     The client is the right-most address in a trusted peer's forwarding
-    header that is not itself a trusted proxy; anyone else's header, and a
-    malformed one, leave the peer's address.
+    header that is not itself a trusted proxy; anyone else's header is
+    ignored; a malformed item stops the walk from the right at the last
+    trusted address (the peer, when it is the right-most item), and one left
+    of the client's address is never read.
     """
     assert TRUSTED.client_address(peer, given) == client
 
@@ -153,6 +171,30 @@ def test_the_guess_throttle_counts_by_the_client_behind_a_trusted_proxy() -> Non
                             headers={"X-Forwarded-For": "192.0.2.66"})
     assert guesser.code == 429
     chain.body(guesser)
+    other = chain.respond("GET", "/api/tags", key="wrong-but-new",
+                          headers={"X-Forwarded-For": "192.0.2.7"})
+    assert other.code == 401
+    chain.body(other)
+
+
+def test_a_prepended_malformed_item_does_not_escape_the_throttle() -> None:
+    """
+    A guesser behind a trusted proxy that has used up its wrong keys cannot
+    start afresh by prepending a malformed item to C{X-Forwarded-For}: it
+    is still counted by its own address (429), not as the proxy in front,
+    and another client of the same proxy is not throttled for it.
+    """
+    chain = Chain(trusted_proxies=parse_trusted_proxies("127.0.0.1"))
+    for i in range(10):
+        response = chain.respond("GET", "/api/tags", key=f"guess-{i}",
+                                 headers={"X-Forwarded-For": "192.0.2.66"})
+        assert response.code == 401
+        chain.body(response)
+    for junk in ("junk", "", "[2001:db8::1", "192.0.2.7:http"):
+        guesser = chain.respond("GET", "/api/tags", key="guess-again",
+                                headers={"X-Forwarded-For": f"{junk}, 192.0.2.66"})
+        assert guesser.code == 429
+        chain.body(guesser)
     other = chain.respond("GET", "/api/tags", key="wrong-but-new",
                           headers={"X-Forwarded-For": "192.0.2.7"})
     assert other.code == 401

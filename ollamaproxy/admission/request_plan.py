@@ -10,8 +10,10 @@ without the C{cloud} scope, a cap, a request that runs a model (the router
 gives it a slot for that model), or several backends to choose from.  Model
 uploads and every other body stream through unread; so does a body that
 runs a model but cannot be read whole (sent in chunks, compressed, or
-declared larger than the proxy reads): it waits for a slot of the router's
-L{UNREAD_MODEL}, and goes to any backend.
+declared larger than the proxy reads): it runs as the router's
+L{UNREAD_MODEL}, which takes a whole backend, as does one whose model the
+check could not read (the router gives a request that runs a model it
+cannot name no smaller slot).
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ class Dispatcher:
         unreachable: Unreachable | None = None
         while True:
             try:
-                lease = await self._router.acquire(
+                acquired = self._router.acquire(
                     job.key,
                     job.model,
                     runs=route is not None and route.runs,
@@ -154,6 +154,10 @@ class Dispatcher:
                     exclude=tried,
                     weight=job.weight,
                 )
+                if request.body is not None and not acquired.called:
+                    # Queued: read on, so that a client that leaves is seen to.
+                    request.body.wait()
+                lease = await acquired
             except ProxyError:
                 if unreachable is not None:
                     raise unreachable from None

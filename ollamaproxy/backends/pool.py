@@ -75,12 +75,6 @@ class Backend:
         """
         return self.models is None or model in self.models
 
-    def free_for(self, model: ModelName | None) -> bool:
-        """
-        Whether it may start another request for C{model} now.
-        """
-        return model is None or self.running[model] < self.parallel
-
 
 def own_request_headers(upstream: Upstream) -> Headers:
     """

@@ -18,6 +18,13 @@ being served earlier leaves no debt once the others have caught up.  With
 every weight 1 this is plain round-robin: the key served least recently
 goes next.
 
+Some requests hold the line: one that needs a whole backend (a request
+whose model the proxy cannot name, L{ollamaproxy.backends.router}) may find
+no slot free for long after a request for a model with a free slot would.
+Served past, it would wait for as long as others keep coming; so when its
+turn comes and it cannot be served, no request after it is served either,
+until it is: the backends drain for it, in turn order.
+
 A wait is a L{Deferred}: cancelling it (the client left) takes the request
 out of the queue, and a request that waits longer than the timeout fails
 with a 503 that says when to try again.  Neither ever reaches Ollama.
@@ -69,6 +76,10 @@ def _same(wants: Hashable) -> Hashable:
     return wants
 
 
+def _never(wants: object) -> bool:
+    return False
+
+
 _by_arrival = attrgetter("number")
 
 
@@ -89,12 +100,16 @@ class FairQueue(Generic[W, G]):
     @ivar timeout: Seconds a request may wait before it is refused with 503.
     @ivar kind: What kind of slot a request wanting C{W} needs: two with
         the same kind are served, or not, alike.  By default, C{W} itself.
+    @ivar holds: Whether a request wanting C{W} holds the line: when its
+        turn comes and nothing is free for it, no later request is served
+        (see the module's docstring).  By default, none does.
     """
 
     clock: IReactorTime
     limit: int
     timeout: float
     kind: Callable[[W], Hashable] = _same
+    holds: Callable[[W], bool] = _never
     # Keys with waiting requests, in the order they came; each key's
     # waiters by kind, each kind's in the order they came.
     _keys: OrderedDict[str, dict[Hashable, deque[_Waiter[W, G]]]] = field(
@@ -185,26 +200,32 @@ class FairQueue(Generic[W, G]):
                     self.served(key, weight)
                     waiter.granted.callback(granted)
                     break
+                if waiter is not None:
+                    return  # it holds the line: no one after it goes first
                 if self._kinds.keys() <= full:
                     return  # no other key's request could be served either
             else:
                 return
 
-    @staticmethod
     def _first_granted(
+        self,
         kinds: dict[Hashable, deque[_Waiter[W, G]]],
         grant: Callable[[W], G | None],
         full: set[Hashable],
     ) -> tuple[_Waiter[W, G] | None, G | None]:
         """
         A key's first request, in the order they came, that C{grant} gives
-        a slot: asked once for each kind not yet found C{full}.
+        a slot: asked once for each kind not yet found C{full}.  A request
+        that holds the line and is given none comes back without a slot,
+        and no later one is asked.
         """
         heads = [waiters[0] for kind, waiters in kinds.items() if kind not in full]
         for waiter in sorted(heads, key=_by_arrival):
             granted = grant(waiter.wants)
             if granted is not None:
                 return waiter, granted
+            if self.holds(waiter.wants):
+                return waiter, None
             full.add(waiter.kind)
         return None, None
 

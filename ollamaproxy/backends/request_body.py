@@ -9,6 +9,18 @@ request as bytes arrive (L{ollamaproxy.web.site.ProxyRequest}) and drained by
 the agent sending the request to Ollama.  Between the two it holds at most
 about L{HIGH_WATER} bytes: past that it stops reading from the client until
 Ollama has taken what is waiting.
+
+Except while its request waits for a slot (L{StreamedBody.wait}): a client
+whose socket is not read is a client whose hang-up is not seen (its FIN
+comes after the bytes it sent, which wait unread in the kernel's buffers),
+and a request whose client has left must never reach Ollama.  So a waiting
+request's body is read on, and held, up to L{WAITING_HOLD}: as much as a
+body whose model the proxy reads whole, which may wait in the queue
+holding as much; the kernel's buffers on both sides of a loopback or LAN
+connection hold a few MiB at most, so reading that far drains them and the
+hang-up arrives.  A body larger still is paused again, and a hang-up behind
+it is seen only once its turn has come and it is read: Ollama then gets a
+body cut short, and the connection to it is closed.
 """
 
 from __future__ import annotations
@@ -22,6 +34,9 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 HIGH_WATER = 256 * 1024
+#: The most a body holds while its request waits for a slot (the same as
+#: L{ollamaproxy.admission.policy.MAX_CHECKED_BODY}, a room above).
+WAITING_HOLD = 16 * 1024 * 1024
 
 
 class BodyTooLarge(Exception):
@@ -156,6 +171,21 @@ class StreamedBody:
             self._collected.callback(b"".join(self._waiting))
         return self._collected
 
+    def wait(self) -> None:
+        """
+        The request waits (for a slot) before its body goes on: read on from
+        the client, holding up to L{WAITING_HOLD}, so that a client that
+        hangs up meanwhile is seen to (see the module's docstring).  Sending
+        the body on (L{startProducing}) brings the bound back to
+        L{HIGH_WATER}.
+        """
+        if self._consumer is not None or self._collected is not None:
+            return
+        self._high_water = WAITING_HOLD
+        if self._client_paused:
+            self._client_paused = False
+            self._resume_client()
+
     def replace(self, data: bytes) -> None:
         """
         Send C{data} instead of the collected body (a body the proxy
@@ -170,6 +200,7 @@ class StreamedBody:
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         self._demanded()
         self._consumer = consumer
+        self._high_water = HIGH_WATER
         if self._failure is not None:
             self._done.errback(self._failure)
         else:

@@ -9,10 +9,22 @@ M; among those, to one that has M in memory (no load time), then to the one
 with the fewest requests in flight.  When every such backend already runs
 C{parallel} requests for M, the request waits in the fair queue
 (L{ollamaproxy.backends.queue}).  A request naming no model goes to the
-healthy backend with the fewest requests in flight, at once.  A request
-that runs a model the proxy did not read the name of (a body sent in chunks
-past what the proxy reads, say) runs as L{UNREAD_MODEL}: on any healthy
-backend, C{parallel} at a time, waiting its turn like the others.
+healthy backend with the fewest requests in flight, at once.
+
+A request that runs a model the proxy cannot name (a body sent in chunks,
+compressed, past what the proxy reads, or one its model check could not
+read) runs as L{UNREAD_MODEL}, and takes the whole of a backend: it starts
+only on a backend with no request running a model, and none starts there
+beside it.  It may run any model, so no smaller share of a backend is
+safe: a slot of a kind of its own beside the named models' would let it
+reach Ollama ahead of requests queued before it for the same model, and
+taking C{parallel} slots of one model would still leave the others free.
+Whole backends cost little: such a body is rare (clients send chat
+requests with a C{Content-Length}), and it waits its turn in the fair
+queue like any other, which holds every later request back while it is
+first in line (L{FairQueue}'s C{holds}), so that a busy backend drains for
+it rather than starving it.  No request that runs a model gets a lease
+without a slot.
 
 With a single backend the proxy decides nothing about models or health:
 every request goes to it, and Ollama answers for a model it does not have
@@ -34,10 +46,32 @@ from ollamaproxy.config import DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.model_names import ModelName
 
-#: The model of a request that runs one but whose body the proxy did not
-#: read: a slot of its own kind, so that no way of sending a body skips the
-#: fair queue.
+#: The model of a request that runs one but whose model the proxy cannot
+#: name: its slot is a whole backend (see the module's docstring).
 UNREAD_MODEL = ModelName("", cloud=False)
+
+
+def _unread(wants: tuple[ModelName | None, float, frozenset[Backend]]) -> bool:
+    return wants[0] == UNREAD_MODEL
+
+
+def free_for(backend: Backend, slot: ModelName | None) -> bool:
+    """
+    Whether C{backend} may start another request taking C{slot} now: a
+    named model's while it runs fewer than C{parallel} of it and no
+    L{UNREAD_MODEL}; an L{UNREAD_MODEL} while it runs no model at all.
+    Requests naming no model (L{None}: a listing, a version) take no slot.
+    """
+    if slot is None:
+        return True
+    running = backend.running
+    # No name resolves to an empty one: only UNREAD_MODEL has it.  (Asked
+    # so, not with ==, and the look-up below only while something runs:
+    # a dataclass's __eq__ and __hash__ are calls, on every request.)
+    if not slot.canonical:
+        # Counter: reading a missing slot adds nothing.
+        return backend.in_flight == running[None]
+    return running[slot] < backend.parallel and not (running and UNREAD_MODEL in running)
 
 
 @dataclass(eq=False)
@@ -84,7 +118,8 @@ class Router:
         self.queue: FairQueue[tuple[ModelName | None, float, frozenset[Backend]], Lease] = (
             # A request's slot depends on its model and the backends it
             # may not use, not on when it came.
-            FairQueue(clock, max_queue, queue_timeout, kind=lambda wants: (wants[0], wants[2]))
+            FairQueue(clock, max_queue, queue_timeout, kind=lambda wants: (wants[0], wants[2]),
+                      holds=_unread)
         )
         pool.on_change = self._serve_queue
         # One backend gets every request, healthy or not: Ollama (or the
@@ -112,7 +147,8 @@ class Router:
         A backend for a request of key C{key} naming C{model}.
 
         @param runs: Whether the request runs the model: it takes a slot,
-            and waits for one in the fair queue.
+            and waits for one in the fair queue.  Running a model without
+            naming one (C{model} L{None}) takes L{UNREAD_MODEL}'s.
         @param primary: Whether it goes to the first healthy backend, in the
             order configured, whatever it names.
         @param exclude: Backends not to use (one that just failed this
@@ -124,7 +160,9 @@ class Router:
             has it is healthy, or the queue is full.
         """
         now = self._clock.seconds()
-        if not self.several and not (runs and model is not None):
+        if runs and model is None:
+            model = UNREAD_MODEL
+        if not self.several and not runs:
             return succeed(self._lease(self.backends[0], None, now))
         excluded = frozenset(exclude)
         if primary:
@@ -176,7 +214,7 @@ class Router:
         named = named or model
         free = [
             b for b in self.backends
-            if (b.healthy or not self.several) and b not in excluded and b.free_for(model)
+            if (b.healthy or not self.several) and b not in excluded and free_for(b, model)
             and (named is None or self._has(b, named))
         ]
         if not free:

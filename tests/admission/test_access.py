@@ -662,3 +662,41 @@ def test_a_listing_that_cannot_be_read_is_502() -> None:
     code, body = call(chain, "GET", "/api/tags")
     assert code == 502
     assert "could not be read" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Read as Go reads them: the model is found, and it is busy.
+        json.dumps({"model": "hold", "messages": [{"role": "user", "content": "[" * 100_001}]}
+                   ).encode(),
+        b'{"model": "hold", "messages": []} trailing data',
+        b'{"model": "hold", "messages": [{"role": "user", "content": "\xff"}]}',
+        # Past what the check reads: the model is unknown, and takes the
+        # whole backend.
+        b'{"model": "hold", "x": [' + b"0," * 1_100_000 + b"0]}",
+    ],
+    ids=["brackets-in-a-string", "trailing-data", "invalid-utf8", "too-many-values"],
+)
+def test_a_body_the_check_cannot_name_a_model_of_waits_its_turn(body: bytes) -> None:
+    """
+    For a key whose body need not be checked (alice's: every scope), a chat
+    the model check reads as Go does, or gives up on, waits in the fair
+    queue behind a request for the same busy model at --parallel 1: it
+    reaches Ollama only once that one has ended, never beside it.
+    """
+    chain = Chain(parallel=1)
+    first = chain.request("POST", "/api/chat", key=KEY,
+                          data=json.dumps({"model": "hold", "messages": MESSAGES}).encode())
+    second = chain.request("POST", "/api/chat", key=KEY, data=body)
+    assert len(chain.fake.received) == 1
+    assert chain.router.queue.waiting() == {"alice": 1}
+    chain.fake.held[0].finish()
+    chain.flush()
+    chain.body(chain.result(first))
+    assert len(chain.fake.received) == 2
+    # The fake answers what it reads as the model (it is not Go's decoder).
+    for held in chain.fake.held[1:]:
+        held.finish()
+    chain.flush()
+    chain.body(chain.result(second))

@@ -37,6 +37,56 @@ def test_json_models(body: bytes, names: list[str]) -> None:
 @pytest.mark.parametrize(
     ("body", "names"),
     [
+        (b'{"model": "a", "messages": [{"content": "' + b"[" * 200_000 + b'"}]}', ["a"]),
+        (b'{"model": "a", "x": "' + b"{,\\\"" * 400_000 + b'"}', ["a"]),
+        (b'{"model": "a"} {"model": "b"}', ["a"]),
+        (b'{"model": "a"}trailing garbage', ["a"]),
+        (b' \r\n\t{"model": "a"}\n', ["a"]),
+        (b'{"model": "a", "prompt": "\xff\xfe"}', ["a"]),
+        (b'{"model": "a\xe2\x82"}', ["a\ufffd\ufffd"]),
+        (b'{"model": "a\\ud800"}', ["a\ufffd"]),
+        (b'{"model": "a", "n": 1' + b"0" * 5000 + b"}", ["a"]),
+    ],
+    ids=["brackets-in-a-string", "separators-and-escapes-in-a-string", "two-values",
+         "trailing-data", "whitespace-around", "invalid-utf8-elsewhere",
+         "invalid-utf8-in-the-model", "lone-surrogate-escape", "long-number"],
+)
+def test_json_models_as_go_reads_them(body: bytes, names: list[str]) -> None:
+    """
+    A body is read as Go's decoder reads it: brackets, commas and escaped
+    quotes inside strings are not structure (not counted against the
+    bounds), only the first value counts, invalid UTF-8 and lone surrogate
+    escapes in a string are U+FFFD (one per invalid byte), and a number
+    Python would refuse to make an int of is read.
+    """
+    assert json_models(body, ("model",)) == names
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "a", "x": NaN}',
+        b'{"model": "a", "x": -Infinity}',
+        b'\xef\xbb\xbf{"model": "a"}',
+        b'{"model": "a", "x": "' + b"[" * 100_001,
+        b'{"model": "a", "x": [' + b"[]," * 100_001 + b"[]]}",
+    ],
+    ids=["nan", "infinity", "byte-order-mark", "unterminated-string", "many-arrays"],
+)
+def test_json_models_refuse_what_go_refuses(body: bytes) -> None:
+    """
+    What Go's decoder refuses (C{NaN}, C{Infinity}, a byte order mark, an
+    unterminated string) is refused with 400, and so is a body over the
+    bounds in its structure.
+    """
+    with pytest.raises(ProxyError) as raised:
+        json_models(body, ("model",))
+    assert raised.value.code == 400
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
         (b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\na\r\n--B--\r\n', ["a"]),
         (b'--B\nContent-Disposition: form-data; name="model"\n\na\n--B--\n', ["a"]),
         (b'--B\r\ncontent-disposition: form-data; name=model\r\n\r\na\r\n--B--', ["a"]),

@@ -232,3 +232,25 @@ class CountingSlots(Slots):
     def __call__(self, wants: str) -> str | None:
         self.asked += 1
         return super().__call__(wants)
+
+
+def test_a_request_that_holds_the_line_is_not_served_past() -> None:
+    """
+    A request that holds the line and finds nothing free when its turn
+    comes keeps every later request waiting, even one whose slot is free,
+    until it is served itself; one that came before it is still served.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=512, timeout=60,
+                                           holds=lambda wants: wants == "whole")
+    served: list[str] = []
+    collect(queue.wait("a", "m"), served, "a")
+    collect(queue.wait("b", "whole"), served, "b")
+    collect(queue.wait("c", "n"), served, "c")
+    slots = Slots()
+    slots.free.update(m=1, n=1)
+    queue.serve(slots)
+    assert served == ["a"]
+    assert queue.waiting() == {"b": 1, "c": 1}
+    slots.free["whole"] = 1
+    queue.serve(slots)
+    assert served == ["a", "b", "c"]

@@ -22,7 +22,12 @@ from ollamaproxy.admission.keys import SCOPES, ApiKey, KeyStore, digest
 from ollamaproxy.admission.limits import KeyLimits
 from ollamaproxy.assembly import assemble
 from ollamaproxy.backends.pool import Backend, BackendPool
-from ollamaproxy.backends.request_body import HIGH_WATER, BodyTooLarge, StreamedBody
+from ollamaproxy.backends.request_body import (
+    HIGH_WATER,
+    WAITING_HOLD,
+    BodyTooLarge,
+    StreamedBody,
+)
 from ollamaproxy.backends.router import Router
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.config import parse_routes
@@ -208,3 +213,32 @@ def test_slow_upstream_pauses_the_client() -> None:
     body.resumeProducing()
     assert len(consumer.data) == body.received
     assert paused == [True, False]
+
+
+def test_a_waiting_body_reads_on_up_to_its_bound() -> None:
+    """
+    A body paused at HIGH_WATER before it goes on is read again once its
+    request waits for a slot, so that a client's hang-up can be seen; it
+    holds up to WAITING_HOLD, then pauses; sent on, the whole of it goes
+    and the bound is HIGH_WATER again.
+    """
+    paused: list[bool] = []
+    body = StreamedBody(None, 0, lambda: paused.append(True), lambda: paused.append(False))
+    chunk = b"x" * 65536
+    while not paused:
+        body.write(chunk)
+    body.wait()
+    assert paused == [True, False]
+    while body.received + len(chunk) <= WAITING_HOLD:
+        body.write(chunk)
+        assert paused == [True, False]
+    body.write(chunk)
+    assert paused == [True, False, True]
+    consumer = _Consumer()
+    body.startProducing(consumer)  # type: ignore[arg-type]
+    assert len(consumer.data) == body.received
+    assert paused == [True, False, True, False]
+    body.pauseProducing()
+    while len(paused) < 5:
+        body.write(chunk)
+    assert body.received - len(consumer.data) <= HIGH_WATER + len(chunk)

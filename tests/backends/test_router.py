@@ -241,18 +241,62 @@ def test_primary_placement_takes_the_first_healthy_backend() -> None:
 
 
 @pytest.mark.parametrize("count", [1, 2])
-def test_a_request_whose_model_was_not_read_waits_its_turn(count: int) -> None:
+def test_a_request_whose_model_was_not_read_takes_a_whole_backend(count: int) -> None:
     """
-    A request that runs a model the proxy did not read the name of takes a
-    slot of its own kind on any healthy backend: C{parallel} at a time, the
-    next one waiting in the fair queue, with one backend or several.
+    A request that runs a model the proxy did not read the name of starts
+    only on a backend that runs no model, and while it runs nothing else
+    that runs a model starts there: the next one waits in the fair queue,
+    with one backend or several.
     """
     clock = Clock()
-    backends = [backend(clock, name, ("llama3.2",), parallel=1) for name in "ab"[:count]]
+    backends = [backend(clock, name, ("llama3.2",), parallel=2) for name in "ab"[:count]]
     r = router(*backends)
     leases = [now(r.acquire("k", UNREAD_MODEL, runs=True)) for _ in backends]
     assert {lease.backend.name for lease in leases} == {b.name for b in backends}
-    waiting = r.acquire("other", UNREAD_MODEL, runs=True)
+    waiting = r.acquire("other", LLAMA, runs=True)
     assert r.queue.waiting() == {"other": 1}
     leases[0].release()
-    assert now(waiting).backend is leases[0].backend
+    llama = now(waiting)
+    assert llama.backend is leases[0].backend
+    unread = r.acquire("k", UNREAD_MODEL, runs=True)
+    assert r.queue.waiting() == {"k": 1}
+    llama.release()
+    assert now(unread).backend is llama.backend
+
+
+def test_a_request_that_runs_a_model_it_does_not_name_takes_a_slot() -> None:
+    """
+    A request that runs a model but names none (its body could not be
+    read) takes the whole backend's slot, never a lease without one: a
+    second one waits for the first to end.
+    """
+    r = router(backend(Clock(), "a", ("llama3.2",), parallel=2))
+    first = now(r.acquire("k", None, runs=True))
+    assert first.model == UNREAD_MODEL
+    second = r.acquire("k", None, runs=True)
+    assert r.queue.waiting() == {"k": 1}
+    first.release()
+    assert now(second).model == UNREAD_MODEL
+
+
+def test_a_request_whose_model_was_not_read_keeps_its_turn() -> None:
+    """
+    A request whose model was not read waits behind one queued before it
+    for a busy model, and holds back one queued after it, even for a model
+    with slots free: it starts when the backend has drained, and the later
+    one after it has ended.
+    """
+    r = router(backend(Clock(), "a", ("llama3.2", "mistral"), parallel=1))
+    running = now(r.acquire("a", LLAMA, runs=True))
+    before = r.acquire("b", LLAMA, runs=True)
+    unread = r.acquire("c", UNREAD_MODEL, runs=True)
+    after = r.acquire("d", MISTRAL, runs=True)
+    assert r.queue.waiting() == {"b": 1, "c": 1, "d": 1}
+    running.release()
+    first = now(before)
+    assert r.queue.waiting() == {"c": 1, "d": 1}
+    first.release()
+    whole = now(unread)
+    assert r.queue.waiting() == {"d": 1}
+    whole.release()
+    assert now(after).model == MISTRAL

@@ -304,7 +304,7 @@ def test_a_body_the_proxy_does_not_read_waits_its_turn_too() -> None:
     """
     Chats whose body the proxy does not read for a key it need not check
     (declared over the 16 MiB it reads here; sent in chunks or compressed
-    alike) still take slots, of a kind of their own: at --parallel 1 the
+    alike) still take slots, a whole backend each: at --parallel 1 the
     second waits in the fair queue and reaches Ollama once the first has
     ended.
     """

@@ -23,11 +23,11 @@ def usage_file(tmp_path: Path) -> Path:
     path = tmp_path / "state" / "usage.sqlite3"
     now = NOW.timestamp()
     write_rows(str(path), [
-        (now - DAY, "alice", "llama3:70b", 1, 1200, 3400),
-        (now - DAY + 5, "alice", "llama3:70b", 1, 800, 600),
-        (now, "bob", "qwen2", 1, 10, 20),
-        (now + 30, "bob", "", 1, 0, 0),
-        (now + 60, "ci.bot", "qwen2", 1, 5, 5),
+        (now - DAY, "alice", "llama3:70b", 1, 1200, 3400, 0),
+        (now - DAY + 5, "alice", "llama3:70b", 1, 800, 600, 0),
+        (now, "bob", "qwen2", 1, 10, 20, 0),
+        (now + 30, "bob", "", 1, 0, 0, 0),
+        (now + 60, "ci.bot", "qwen2", 1, 5, 5, 0),
     ])
     return path
 
@@ -114,7 +114,7 @@ def test_usage_database_is_a_directory(tmp_path: Path) -> None:
 def test_usage_escapes_unprintable_names(tmp_path: Path) -> None:
     """usage does not pass terminal control characters from the database to the terminal."""
     path = tmp_path / "usage.sqlite3"
-    write_rows(str(path), [(NOW.timestamp(), "evil\x1b[2J", "a\nb", 1, 1, 1)])
+    write_rows(str(path), [(NOW.timestamp(), "evil\x1b[2J", "a\nb", 1, 1, 1, 0)])
     for by in ("key", "model"):
         result = run("usage", "--by", by, "--usage-file", str(path))
         assert result.code == 0
@@ -141,7 +141,7 @@ def test_usage_file_precedence(
         "default": tmp_path / "xdg" / "ollamaproxy" / "usage.sqlite3",
     }
     for name, path in files.items():
-        write_rows(str(path), [(NOW.timestamp(), name, "m", 1, 1, 1)])
+        write_rows(str(path), [(NOW.timestamp(), name, "m", 1, 1, 1, 0)])
     environ = {"HOME": str(tmp_path / "home"), "XDG_STATE_HOME": str(tmp_path / "xdg")}
     if variable is not None:
         environ["OLLAMAPROXY_USAGE_FILE"] = variable and str(files[variable])

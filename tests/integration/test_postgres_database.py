@@ -55,7 +55,8 @@ def test_an_empty_database_is_migrated_once(postgres_url: str) -> None:
         database = Database(postgres_url)
         database.run(lambda connection: None)
         database.close()
-    assert query(postgres_url, "SELECT version FROM schema_version") == [(len(MIGRATIONS),)]
+    assert query(postgres_url, "SELECT version FROM schema_version ORDER BY version") == [
+        (version,) for version in range(1, len(MIGRATIONS) + 1)]
     tables = {name for (name,) in query(
         postgres_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
     assert tables == {"schema_version", "usage", "api_keys", "keys_version"}
@@ -86,7 +87,8 @@ def test_racing_migrations_all_succeed(postgres_url: str) -> None:
     for thread in threads:
         thread.join(timeout=60)
     assert errors == []
-    assert query(postgres_url, "SELECT version FROM schema_version") == [(len(MIGRATIONS),)]
+    assert query(postgres_url, "SELECT version FROM schema_version ORDER BY version") == [
+        (version,) for version in range(1, len(MIGRATIONS) + 1)]
 
 
 def test_a_newer_schema_is_refused(postgres_url: str, tmp_path: Path) -> None:
@@ -114,13 +116,26 @@ def test_usage_is_summed_per_minute_key_and_model(postgres_url: str) -> None:
     a time; C{tokens_by_key} counts prompt and completion tokens.
     """
     usage = PostgresUsage(Database(postgres_url))
-    usage.write([(T0 + 1, "bob", "llama3", 1, 10, 5), (T0 + 2, "bob", "llama3", 1, 10, 5)])
-    usage.write([(T0 + 3, "bob", "llama3", 1, 1, 1), (T0 + 61, "alice", "qwen", 1, 100, 1)])
+    usage.write([(T0 + 1, "bob", "llama3", 1, 10, 5, 0), (T0 + 2, "bob", "llama3", 1, 10, 5, 0)])
+    usage.write([(T0 + 3, "bob", "llama3", 1, 1, 1, 0), (T0 + 61, "alice", "qwen", 1, 100, 1, 0)])
     assert query(postgres_url, "SELECT count(*) FROM usage") == [(2,)]
     assert usage.summarise(None, "key") == [Row("alice", 1, 100, 1), Row("bob", 3, 21, 11)]
     assert usage.summarise(None, "model") == [Row("qwen", 1, 100, 1), Row("llama3", 3, 21, 11)]
     assert usage.summarise(T0 + 60, "key") == [Row("alice", 1, 100, 1)]
     assert usage.tokens_by_key(T0) == {"alice": 101, "bob": 32}
+    usage.close()
+
+
+def test_refused_requests_are_counted_apart(postgres_url: str) -> None:
+    """
+    Refused requests add to their own column, not to the requests; summing
+    can stop before a time.
+    """
+    usage = PostgresUsage(Database(postgres_url))
+    usage.write([(T0, "bob", "", 0, 0, 0, 1), (T0 + 1, "bob", "", 1, 0, 0, 0),
+                 (T0 + 2, "bob", "", 0, 0, 0, 1), (T0 + 60, "bob", "", 0, 0, 0, 1)])
+    assert usage.summarise(None, "key") == [Row("bob", 1, 0, 0, refused=3)]
+    assert usage.summarise(None, "model", until=T0 + 60) == [Row("", 1, 0, 0, refused=2)]
     usage.close()
 
 
@@ -130,7 +145,7 @@ def test_the_command_sums_usage_in_the_database(postgres_url: str) -> None:
     database's sums, the file's never.
     """
     usage = PostgresUsage(Database(postgres_url))
-    usage.write([(T0, "bob", "llama3", 2, 10, 5)])
+    usage.write([(T0, "bob", "llama3", 2, 10, 5, 0)])
     usage.close()
     code, out, _ = cli("usage", "--database", postgres_url)
     assert code == 0

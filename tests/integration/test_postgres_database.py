@@ -149,7 +149,7 @@ def test_the_command_sums_usage_in_the_database(postgres_url: str) -> None:
     usage.close()
     code, out, _ = cli("usage", "--database", postgres_url)
     assert code == 0
-    assert out.splitlines()[1].split() == ["bob", "2", "10", "5", "15"]
+    assert out.splitlines()[1].split() == ["bob", "2", "0", "10", "5", "15"]
     code, out, _ = cli("usage", "--by", "model",
                        environ={"OLLAMAPROXY_DATABASE": postgres_url, "HOME": "/nonexistent"})
     assert code == 0 and out.splitlines()[1].split()[0] == "llama3"

@@ -7,6 +7,7 @@ C{--database}, and the usage service across a database restart.
 from __future__ import annotations
 
 import io
+import json
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -137,6 +138,37 @@ def test_refused_requests_are_counted_apart(postgres_url: str) -> None:
     assert usage.summarise(None, "key") == [Row("bob", 1, 0, 0, refused=3)]
     assert usage.summarise(None, "model", until=T0 + 60) == [Row("", 1, 0, 0, refused=2)]
     usage.close()
+
+
+def test_keys_show_and_list_read_the_use_in_the_database(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """
+    With C{--database}, C{keys show} and C{keys list} read the keys' use
+    this day and month from the usage of every proxy in the database,
+    never from a usage file; and C{usage --until} and C{--json} read it
+    there too.
+    """
+    code, _, err = cli("keys", "add", "bob", "--tokens-per-day", "100", "--database",
+                       postgres_url)
+    assert (code, err) == (0, "")
+    usage = PostgresUsage(Database(postgres_url))
+    usage.write([(T0 - 60, "bob", "llama3", 1, 10, 5, 0), (T0 - 86400, "bob", "llama3", 1, 1, 1, 0),
+                 (T0 - 30, "bob", "", 0, 0, 0, 1)])
+    usage.close()
+    decoy = tmp_path / "usage.sqlite3"
+    SqliteUsage(str(decoy)).write([(T0 - 60, "bob", "llama3", 1, 1000, 1000, 0)])
+    code, out, err = cli("keys", "show", "bob", "--json", "--database", postgres_url,
+                         "--usage-file", str(decoy))
+    assert (code, err) == (0, "")
+    shown = json.loads(out)
+    assert (shown["used_today"], shown["used_this_month"]) == (15, 17)
+    code, out, _ = cli("keys", "list", "--database", postgres_url)
+    assert out.splitlines()[1].split()[8:10] == ["15/100", "17"]
+    code, out, _ = cli("usage", "--json", "--until", "2026-11-27", "--database", postgres_url)
+    assert json.loads(out)["rows"] == [
+        {"key": "bob", "requests": 1, "refused": 0, "prompt_tokens": 1,
+         "completion_tokens": 1, "total_tokens": 2}]
 
 
 def test_the_command_sums_usage_in_the_database(postgres_url: str) -> None:

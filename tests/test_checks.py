@@ -52,7 +52,7 @@ def test_usage_file_to_make_passes(tmp_path: Path) -> None:
 def test_an_existing_usage_database_passes(tmp_path: Path) -> None:
     """A usage database the proxy wrote before (WAL mode, rows) or an empty file passes."""
     path = tmp_path / "usage.sqlite3"
-    write_rows(str(path), [(60.0, "alice", "llama3.2", 1, 2, 3)])
+    write_rows(str(path), [(60.0, "alice", "llama3.2", 1, 2, 3, 0)])
     before = path.read_bytes()
     check_usage_file(str(path))
     assert path.read_bytes() == before

@@ -11,15 +11,17 @@ how much each key used.
     ollamaproxy keys update NAME [the options of add; --no-admin, --no-cloud;
                                   none (never, all) to remove a limit]
     ollamaproxy --version
-    ollamaproxy keys list
+    ollamaproxy keys list [--json]
+    ollamaproxy keys show NAME [--json]
     ollamaproxy keys revoke NAME
     ollamaproxy keys rotate NAME
-    ollamaproxy usage [--since DATE] [--by key|model] [--database URL]
+    ollamaproxy usage [--since DATE] [--until DATE] [--by key|model] [--json]
 
 Each command is a module: L{ollamaproxy.cli.keys}, L{ollamaproxy.cli.usage}.
-Every C{keys} subcommand takes C{--keys-file PATH} and C{usage} takes
-C{--usage-file PATH}; without them the file is found exactly as the daemon
-finds it (C{$OLLAMAPROXY_KEYS_FILE}, then the default).  With C{--database
+Every C{keys} subcommand takes C{--keys-file PATH}, and C{usage}, C{keys
+list} and C{keys show} take C{--usage-file PATH}; without them the file is
+found exactly as the daemon finds it (C{$OLLAMAPROXY_KEYS_FILE}, then the
+default).  With C{--database
 URL} (or C{$OLLAMAPROXY_DATABASE}) the keys subcommands work on the keys in
 PostgreSQL instead, and C{usage} sums the usage of every proxy that writes
 there (L{ollamaproxy.admission.key_storage}).  These three options come from

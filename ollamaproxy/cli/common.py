@@ -2,23 +2,28 @@
 """
 What every command of C{ollamaproxy} shares: its errors, an argument parser
 that raises instead of exiting, times as the commands read and show them,
-and the options that mean what the daemon's do.
+the options that mean what the daemon's do, and reading the usage the
+daemon recorded (L{read_usage}).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol, TextIO, TypeVar
 
 from ollamaproxy import __version__
 from ollamaproxy.config import ConfigError, option_named
+from ollamaproxy.record.usage_db import DatabaseDown, Row, SqliteUsage
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
 
 PROG = "ollamaproxy"
+
+_T = TypeVar("_T")
 
 
 class UsageError(Exception):
@@ -147,3 +152,101 @@ def daemon_setting(name: str, args: argparse.Namespace, environ: Mapping[str, st
         return option_named(name).read({name: getattr(args, name.replace("-", "_"))}, environ)
     except ConfigError as e:
         raise UsageError(str(e)) from None
+
+
+def write_json(out: TextIO, document: object) -> None:
+    """
+    Print C{document} as the one JSON document of a command's C{--json}:
+    indented, keys in the order given, non-ASCII escaped (so that no
+    name from a hand-edited file can send control characters to a
+    terminal), ending with a newline.
+    """
+    out.write(json.dumps(document, indent=2, ensure_ascii=True) + "\n")
+
+
+class UsageReader(Protocol):
+    """
+    The usage the daemon recorded, as the commands read it: the SQLite
+    file (L{SqliteUsage}) or PostgreSQL
+    (L{ollamaproxy.postgres.usage.PostgresUsage}).
+    """
+
+    @property
+    def name(self) -> str:
+        """
+        The file, or the URL without its password.
+        """
+
+    def summarise(self, since: float | None, by: Literal["key", "model"],
+                  until: float | None = None) -> list[Row]:
+        """
+        Requests, refusals and tokens per key or model between two times.
+        """
+
+    def tokens_by_key(self, since: float) -> dict[str, int]:
+        """
+        Tokens per key name from a time on: what the token quotas count.
+        """
+
+    def last_used(self) -> dict[str, float]:
+        """
+        When each key was last used.
+        """
+
+    def close(self) -> None:
+        """
+        Let go of any connection.
+        """
+
+
+def add_usage_options(parser: argparse.ArgumentParser, database: bool) -> None:
+    """
+    Add the options that say where usage is read: C{--usage-file}, and
+    C{--database} unless the parser has it already.
+    """
+    add_daemon_option(parser, "usage-file", "the usage database")
+    if database:
+        add_daemon_option(parser, "database",
+                          "sum the usage of every proxy in PostgreSQL at this postgresql:// "
+                          "URL instead of the usage file")
+
+
+def read_usage(
+    args: argparse.Namespace, environ: Mapping[str, str], read: Callable[[UsageReader], _T]
+) -> _T:
+    """
+    Read the usage where the daemon writes it, as the daemon finds it: in
+    PostgreSQL with C{--database} (or C{$OLLAMAPROXY_DATABASE}), else in the
+    usage file.  A usage file that does not exist yet holds no usage.
+
+    @param read: Given the usage, returns what the command needs of it.
+    @raise CommandFailed: If psycopg is missing or the database is down.
+    @raise ollamaproxy.record.usage_db.UsageFileError: If the usage file
+        cannot be read.
+    """
+    url = daemon_setting("database", args, environ)
+    reader: UsageReader
+    if url is None:
+        reader = SqliteUsage(daemon_setting("usage-file", args, environ))
+    else:
+        try:
+            from ollamaproxy.postgres.database import Database
+            from ollamaproxy.postgres.usage import PostgresUsage
+        except ImportError:
+            raise CommandFailed(
+                "--database needs psycopg: pip install 'ollamaproxy[postgresql]'"
+            ) from None
+        reader = PostgresUsage(Database(url))
+    try:
+        return read(reader)
+    except DatabaseDown as e:
+        raise CommandFailed(f"{where(reader)}: {e}") from None
+    finally:
+        reader.close()
+
+
+def where(reader: UsageReader) -> str:
+    """
+    What messages call the usage: the file, or C{database} and its URL.
+    """
+    return reader.name if isinstance(reader, SqliteUsage) else f"database {reader.name}"

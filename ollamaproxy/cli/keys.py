@@ -1,11 +1,31 @@
 # -*- test-case-name: tests.cli.test_keys -*-
 """
-C{ollamaproxy keys}: add, list, update, revoke and rotate the keys in the
-keys file, or with C{--database} in PostgreSQL.
+C{ollamaproxy keys}: add, list, show, update, revoke and rotate the keys in
+the keys file, or with C{--database} in PostgreSQL.
 
 C{add} and C{rotate} print the new key alone on the last line of standard
 output, so C{KEY=$(ollamaproxy keys add bob | tail -n1)} works; the key is
 shown only then, since only its hash is stored.
+
+C{list} and C{show} give each key's settings and what it used: the tokens
+of this UTC day and month, read from the usage the daemon recorded (the
+figure its token quotas start from, L{ollamaproxy.admission.quotas}), and
+when it was last used.  With C{--json} they print one JSON document, the
+console's view of a key (L{ollamaproxy.console.views.keys_view}), whose
+shape stays as it is (fields may be added, never renamed or removed)::
+
+    {"name": "bob", "scopes": ["inference"], "models": ["llama3*"],
+     "rpm": 60, "max_streams": 2, "max_keep_alive": "10m",
+     "max_num_ctx": 8192, "weight": 1,
+     "tokens_per_day": 200000, "tokens_per_month": null,
+     "used_today": 1234, "used_this_month": 56789,
+     "created": "2026-11-27T07:00:00Z", "expires": null, "expired": false,
+     "last_used": 1795762800.0}
+
+C{list} prints C{{"keys": [...]}}, by name; C{show} the one key.  A limit
+not set is C{null}; C{last_used} is the start of the last minute with usage,
+in seconds since the epoch, or C{null}.  Neither ever shows a key or its
+hash.
 
 Every change goes through L{ollamaproxy.admission.key_storage.KeyStorage.update}:
 under the keys file's lock (L{ollamaproxy.admission.keys.update_keys_file}) or in
@@ -19,7 +39,7 @@ import argparse
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from ollamaproxy.admission.caps import Caps, show_duration
@@ -32,17 +52,23 @@ from ollamaproxy.admission.keys import (
     digest,
     generate_key,
 )
+from ollamaproxy.admission.quota_periods import window
 from ollamaproxy.cli.common import (
     PROG,
     CommandFailed,
     Parser,
     UsageError,
+    UsageReader,
     add_daemon_option,
+    add_usage_options,
     daemon_setting,
     parse_time,
+    read_usage,
     show,
     show_time,
+    write_json,
 )
+from ollamaproxy.console.views import keys_view
 from ollamaproxy.durations import keep_alive_cap
 from ollamaproxy.postgres.key_storage import DatabaseKeys
 
@@ -137,22 +163,60 @@ def parse_expiry(text: str, now: datetime) -> datetime:
     return when
 
 
-def _describe(key: ApiKey, now: datetime) -> dict[str, str]:
+def _views(
+    keys: list[ApiKey], args: argparse.Namespace, environ: Mapping[str, str], now: datetime
+) -> list[dict[str, Any]]:
     """
-    What C{keys list} shows of a key: never the key, nor its hash.
+    What C{keys list} and C{keys show} tell of C{keys}: the console's view
+    of each, by name, with its use read from the usage the daemon
+    recorded.  Never the key, nor its hash.
+
+    @raise CommandFailed: If the usage database is down.
+    @raise ollamaproxy.record.usage_db.UsageFileError: If the usage file
+        cannot be read.
     """
-    expires = show_time(key.expires)
-    if key.expired(now):
+    seconds = now.timestamp()
+
+    def used(usage: UsageReader) -> list[dict[str, Any]]:
+        return keys_view(
+            keys, seconds, usage.last_used(),
+            usage.tokens_by_key(window("day", seconds).start),
+            usage.tokens_by_key(window("month", seconds).start),
+        )
+
+    return read_usage(args, environ, used)
+
+
+def _of(used: int, quota: int | None) -> str:
+    """
+    Tokens used, and of how many if there is a quota.
+    """
+    return str(used) if quota is None else f"{used}/{quota}"
+
+
+def _unset(value: object, word: str = "-") -> str:
+    return word if value is None else show(str(value))
+
+
+def _row(view: dict[str, Any]) -> dict[str, str]:
+    """
+    A key's line in C{keys list}: made safe for a terminal.
+    """
+    expires = _unset(view["expires"])
+    if view["expired"]:
         expires += " (expired)"
     return {
-        "NAME": show(key.name),
-        "SCOPES": ",".join(sorted(key.scopes)),
-        "MODELS": ",".join(show(m) for m in key.models) or "all",
-        "RPM": "-" if key.rpm is None else str(key.rpm),
-        "MAX STREAMS": "-" if key.max_streams is None else str(key.max_streams),
-        "TOKENS/DAY": "-" if key.tokens_per_day is None else str(key.tokens_per_day),
-        "TOKENS/MONTH": "-" if key.tokens_per_month is None else str(key.tokens_per_month),
-        "CREATED": show_time(key.created),
+        "NAME": show(view["name"]),
+        "SCOPES": ",".join(view["scopes"]),
+        "MODELS": ",".join(show(m) for m in view["models"]) or "all",
+        "RPM": _unset(view["rpm"]),
+        "MAX STREAMS": _unset(view["max_streams"]),
+        "MAX KEEP_ALIVE": _unset(view["max_keep_alive"]),
+        "MAX NUM_CTX": _unset(view["max_num_ctx"]),
+        "WEIGHT": str(view["weight"]),
+        "TOKENS TODAY": _of(view["used_today"], view["tokens_per_day"]),
+        "TOKENS THIS MONTH": _of(view["used_this_month"], view["tokens_per_month"]),
+        "CREATED": _unset(view["created"]),
         "EXPIRES": expires,
     }
 
@@ -203,7 +267,7 @@ def add_keys_parser(commands: Any, stdout: TextIO) -> None:
                       "keep the keys in PostgreSQL at this postgresql:// URL instead of the "
                       "keys file")
     keys = commands.add_parser(
-        "keys", help="add, list, update, revoke and rotate API keys", stdout=stdout
+        "keys", help="add, list, show, update, revoke and rotate API keys", stdout=stdout
     )
     actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
     add = actions.add_parser(
@@ -228,8 +292,16 @@ def add_keys_parser(commands: Any, stdout: TextIO) -> None:
     )
     update.add_argument("name", metavar="NAME")
     _key_options(update, update=True)
-    actions.add_parser("list", parents=[common], help="show the keys (never the keys themselves)",
-                       stdout=stdout)
+    for action, text in [("list", "show the keys, their settings and use (never the keys "
+                                  "themselves)"),
+                         ("show", "show one key's settings and use (never the key itself)")]:
+        sub = actions.add_parser(action, parents=[common], help=text, description=text,
+                                 stdout=stdout)
+        if action == "show":
+            sub.add_argument("name", metavar="NAME")
+        sub.add_argument("--json", action="store_true",
+                         help="print one JSON document instead of text")
+        add_usage_options(sub, database=False)
     for action, text in [("revoke", "delete a key"),
                          ("rotate", "give a key a new secret, keeping its settings")]:
         sub = actions.add_parser(action, parents=[common], help=text, stdout=stdout)
@@ -313,7 +385,9 @@ def run_keys(
     if args.action == "add":
         _add(args, storage, out, now)
     elif args.action == "list":
-        _list(storage, out, now)
+        _list(storage, args, environ, out, now)
+    elif args.action == "show":
+        _show(args.name, storage, args, environ, out, now)
     elif args.action == "revoke":
         _revoke(args.name, storage, out, err)
     elif args.action == "update":
@@ -352,16 +426,43 @@ def _add(args: argparse.Namespace, storage: KeyStorage, out: TextIO, now: dateti
               storage.picked_up)
 
 
-def _list(storage: KeyStorage, out: TextIO, now: datetime) -> None:
+def _list(storage: KeyStorage, args: argparse.Namespace, environ: Mapping[str, str],
+          out: TextIO, now: datetime) -> None:
     keys = storage.load()
+    views = _views(keys, args, environ, now) if keys else []
+    if args.json:
+        write_json(out, {"keys": views})
+        return
     if not keys:
         out.write(f"No keys in {storage.where}.\n")
         return
-    rows = [_describe(key, now) for key in keys]
+    rows = [_row(view) for view in views]
     columns = list(rows[0])
     widths = {c: max(len(c), *(len(row[c]) for row in rows)) for c in columns}
     for row in [{c: c for c in columns}, *rows]:
         out.write("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip() + "\n")
+
+
+def _show(name: str, storage: KeyStorage, args: argparse.Namespace,
+          environ: Mapping[str, str], out: TextIO, now: datetime) -> None:
+    found = [key for key in storage.load() if key.name == name]
+    if not found:
+        raise CommandFailed(f"no key named {name!r} in {storage.where}")
+    [view] = _views(found, args, environ, now)
+    if args.json:
+        write_json(out, view)
+        return
+    last_used = view["last_used"]
+    lines = {
+        **{label.lower(): value for label, value in _row(view).items()},
+        "tokens today": _of(view["used_today"], view["tokens_per_day"]) + " (UTC day)",
+        "tokens this month": _of(view["used_this_month"], view["tokens_per_month"])
+        + " (UTC month)",
+        "last used": "-" if last_used is None
+        else show_time(datetime.fromtimestamp(last_used, UTC)),
+    }
+    width = max(len(label) for label in lines) + 1
+    out.writelines(f"{(label + ':').ljust(width)}  {value}\n" for label, value in lines.items())
 
 
 def _revoke(name: str, storage: KeyStorage, out: TextIO, err: TextIO) -> None:

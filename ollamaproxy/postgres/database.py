@@ -62,6 +62,12 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         " version bigint NOT NULL)",
         "INSERT INTO keys_version (version) VALUES (0)",
     ),
+    # 2: requests the proxy refused itself counted apart from those Ollama
+    # served (L{ollamaproxy.record.usage_db}); rows written before stay as
+    # they were.
+    (
+        "ALTER TABLE usage ADD COLUMN refused bigint NOT NULL DEFAULT 0",
+    ),
 )
 
 

@@ -1,9 +1,10 @@
 # -*- test-case-name: tests.integration.test_postgres_database -*-
 """
 Usage in PostgreSQL: the same rows as the SQLite file (L{ollamaproxy.record.usage_db}),
-requests and tokens per minute, key name and model, added to by every proxy
-that uses the database, so that C{ollamaproxy usage --database URL} sums them
-all.  Keys never appear in it: rows name a key by its name.
+requests served, requests refused and tokens per minute, key name and model,
+added to by every proxy that uses the database, so that C{ollamaproxy usage
+--database URL} sums them all.  Keys never appear in it: rows name a key by
+its name.
 
 Blocking: the usage service calls it on its own thread.
 """
@@ -22,15 +23,18 @@ from ollamaproxy.record.usage_db import (
     UsageRow,
     aggregate,
     minute,
+    summary_query,
 )
 
 _ADD = (
-    "INSERT INTO usage AS u (minute, key, model, requests, prompt_tokens, completion_tokens) "
-    "VALUES (to_timestamp(%s), %s, %s, %s, %s, %s) "
+    "INSERT INTO usage AS u "
+    "(minute, key, model, requests, prompt_tokens, completion_tokens, refused) "
+    "VALUES (to_timestamp(%s), %s, %s, %s, %s, %s, %s) "
     "ON CONFLICT (minute, key, model) DO UPDATE SET "
     "requests = u.requests + excluded.requests, "
     "prompt_tokens = u.prompt_tokens + excluded.prompt_tokens, "
-    "completion_tokens = u.completion_tokens + excluded.completion_tokens"
+    "completion_tokens = u.completion_tokens + excluded.completion_tokens, "
+    "refused = u.refused + excluded.refused"
 )
 
 
@@ -50,25 +54,19 @@ def summarise(
     connection: Connection,
     since: float | None,
     by: Literal["key", "model"],
+    until: float | None = None,
 ) -> list[Row]:
     """
     Sum the usage per key or per model, as L{ollamaproxy.record.usage_db.summarise}
     does for the file.
     """
-    if by not in ("key", "model"):
-        raise ValueError(f"cannot sum usage by {by!r}")
-    where = "" if since is None else "WHERE minute >= to_timestamp(%s)"
-    query = (
-        f"SELECT {by}, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens) "
-        f"FROM usage {where} GROUP BY {by} "
-        "ORDER BY SUM(prompt_tokens) + SUM(completion_tokens) DESC, SUM(requests) DESC, "
-        f"{by}"
+    query, parameters = summary_query(
+        by, since, until, "minute >= to_timestamp(%s)", "minute < to_timestamp(%s)"
     )
-    parameters = () if since is None else (minute(since),)
     sums = connection.execute(query, parameters).fetchall()
     return [
-        Row(str(name), int(r or 0), int(p or 0), int(c or 0))
-        for name, r, p, c in sums
+        Row(str(name), int(r or 0), int(p or 0), int(c or 0), int(f or 0))
+        for name, r, p, c, f in sums
     ]
 
 
@@ -128,8 +126,9 @@ class PostgresUsage:
         """
         self._database.run(lambda connection: write_rows(connection, rows))
 
-    def summarise(self, since: float | None, by: Literal["key", "model"]) -> list[Row]:
-        return self._database.run(lambda connection: summarise(connection, since, by))
+    def summarise(self, since: float | None, by: Literal["key", "model"],
+                  until: float | None = None) -> list[Row]:
+        return self._database.run(lambda connection: summarise(connection, since, by, until))
 
     def tokens_by_key(self, since: float) -> dict[str, int]:
         """
@@ -149,7 +148,8 @@ class PostgresUsage:
         self._database.close()
 
 
-def summarise_database(url: str, since: float | None, by: Literal["key", "model"]) -> list[Row]:
+def summarise_database(url: str, since: float | None, by: Literal["key", "model"],
+                       until: float | None = None) -> list[Row]:
     """
     Sum the usage in the database at C{url} (made or migrated first if need
     be), for C{ollamaproxy usage --database}.
@@ -158,6 +158,6 @@ def summarise_database(url: str, since: float | None, by: Literal["key", "model"
     """
     database = Database(url)
     try:
-        return database.run(lambda connection: summarise(connection, since, by))
+        return database.run(lambda connection: summarise(connection, since, by, until))
     finally:
         database.close()

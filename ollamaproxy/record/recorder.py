@@ -11,6 +11,7 @@ large), through the same L{Recorder.record}.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -19,6 +20,10 @@ from ollamaproxy.record.logs import log_exchange
 from ollamaproxy.record.metrics import Metrics
 from ollamaproxy.record.redact import blank_credentials
 from ollamaproxy.record.usage import UsageStore
+
+#: How a request ends when the proxy turned it away itself, before Ollama
+#: served it: its usage counts it as refused, not as a request.
+REFUSED_OUTCOMES: Final = frozenset({"rejected", "queue_full", "queue_timeout", "bad_request"})
 
 
 class Recorder:
@@ -59,4 +64,5 @@ class Recorder:
         if self._metrics is not None:
             self._metrics.observe(exchange, now)
         if self._usage is not None and exchange.key != "-":
-            self._usage.record_summary(exchange.key, exchange.summary, now)
+            self._usage.record_summary(exchange.key, exchange.summary, now,
+                                       refused=exchange.outcome in REFUSED_OUTCOMES)

@@ -288,6 +288,8 @@ class UsageStore(Service):
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
         when: float | None = None,
+        *,
+        refused: bool = False,
     ) -> None:
         """
         Count one request.  Cheap: nothing is written until the next flush.
@@ -296,6 +298,8 @@ class UsageStore(Service):
         @param model: The model that answered; C{""} if none is known.
         @param when: When it ended (seconds since the epoch); now if
             L{None}.
+        @param refused: Whether the proxy refused it rather than Ollama
+            serving it: counted apart (L{ollamaproxy.record.usage_db}).
         """
         if self._stopped:
             log.warn(
@@ -307,20 +311,24 @@ class UsageStore(Service):
             return
         if when is None:
             when = self._clock.seconds()
-        self._pending.append((when, key, model, 1, prompt_tokens, completion_tokens))
+        self._pending.append(
+            (when, key, model, int(not refused), prompt_tokens, completion_tokens, int(refused))
+        )
 
     def record_summary(
-        self, key: str, summary: StreamSummary | None, when: float | None = None
+        self, key: str, summary: StreamSummary | None, when: float | None = None,
+        *, refused: bool = False,
     ) -> None:
         """
         Count one request and what its generation used, if anything (a
         request without a summary counts with no model and no tokens).
         """
         if summary is None:
-            self.record(key, when=when)
+            self.record(key, when=when, refused=refused)
         else:
             self.record(
-                key, summary.model, summary.prompt_tokens, summary.completion_tokens, when
+                key, summary.model, summary.prompt_tokens, summary.completion_tokens, when,
+                refused=refused,
             )
 
     # Reads of the database, on the store's worker (off the reactor thread,

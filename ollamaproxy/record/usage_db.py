@@ -13,6 +13,14 @@ it (L{SqliteUsage.drain} hands it over when it can).
 Rows are summed per minute, key and model, so the table grows with time and
 the number of keys and models, not with traffic.  Keys never appear in the
 database: rows name a key by its name.
+
+A request is I{served} when it reached Ollama, whatever Ollama answered,
+and I{refused} when the proxy turned it away itself (a model the key may
+not use, its rate or quota, a full queue): column C{requests} counts the
+first, C{refused} the second, so that usage is what Ollama served and the
+refusals are still seen per key.  Files written before C{refused} existed
+get the column (at 0) when next opened; their refusals stay counted as
+requests with no model, as they were written.
 """
 
 from __future__ import annotations
@@ -34,24 +42,28 @@ _MINUTE: Final = 60
 
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS usage (ts REAL, key TEXT, model TEXT, requests INTEGER, "
-    "prompt_tokens INTEGER, completion_tokens INTEGER)",
+    "prompt_tokens INTEGER, completion_tokens INTEGER, refused INTEGER NOT NULL DEFAULT 0)",
     # Leads with ts, so it is also the index that --since uses; unique, so
     # that every flush adds to a minute's row instead of adding a row.
     "CREATE UNIQUE INDEX IF NOT EXISTS usage_minute ON usage (ts, key, model)",
 )
+# A file made before refusals were counted apart lacks the column.
+_ADD_REFUSED: Final = "ALTER TABLE usage ADD COLUMN refused INTEGER NOT NULL DEFAULT 0"
 _ADD = (
-    "INSERT INTO usage (ts, key, model, requests, prompt_tokens, completion_tokens) "
-    "VALUES (?, ?, ?, ?, ?, ?) "
+    "INSERT INTO usage (ts, key, model, requests, prompt_tokens, completion_tokens, refused) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (ts, key, model) DO UPDATE SET "
     "requests = requests + excluded.requests, "
     "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-    "completion_tokens = completion_tokens + excluded.completion_tokens"
+    "completion_tokens = completion_tokens + excluded.completion_tokens, "
+    "refused = refused + excluded.refused"
 )
 
-UsageRow = tuple[float, str, str, int, int, int]
+UsageRow = tuple[float, str, str, int, int, int, int]
 """
-C{(ts, key, model, requests, prompt_tokens, completion_tokens)}: one
-request as recorded (C{ts} its time, C{requests} 1), or a minute's sum.
+C{(ts, key, model, requests, prompt_tokens, completion_tokens, refused)}:
+one request as recorded (C{ts} its time, C{requests} 1 if it was served,
+C{refused} 1 if it was refused), or a minute's sum.
 """
 
 
@@ -82,12 +94,12 @@ def aggregate(rows: Iterable[UsageRow]) -> list[UsageRow]:
     @return: One row per minute, key and model, its C{ts} the start of the
         minute, in the order each first appears.
     """
-    sums: dict[tuple[float, str, str], tuple[int, int, int]] = {}
-    for ts, key, model, requests, prompt_tokens, completion_tokens in rows:
+    sums: dict[tuple[float, str, str], tuple[int, int, int, int]] = {}
+    for ts, key, model, requests, prompt_tokens, completion_tokens, refused in rows:
         where = (minute(ts), key, model)
-        r, p, c = sums.get(where, (0, 0, 0))
-        sums[where] = (r + requests, p + prompt_tokens, c + completion_tokens)
-    return [(ts, key, model, r, p, c) for (ts, key, model), (r, p, c) in sums.items()]
+        r, p, c, f = sums.get(where, (0, 0, 0, 0))
+        sums[where] = (r + requests, p + prompt_tokens, c + completion_tokens, f + refused)
+    return [(ts, key, model, r, p, c, f) for (ts, key, model), (r, p, c, f) in sums.items()]
 
 
 def open_database(path: str) -> sqlite3.Connection:
@@ -112,6 +124,9 @@ def open_database(path: str) -> sqlite3.Connection:
         connection.execute("PRAGMA synchronous = NORMAL")
         for statement in _SCHEMA:
             connection.execute(statement)
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
+        if "refused" not in columns:
+            connection.execute(_ADD_REFUSED)
     except BaseException:
         connection.close()
         raise
@@ -144,12 +159,15 @@ class Row:
 
     @ivar name: The key's name, or the model (C{""} for requests that named
         no model or ended before saying what they used).
+    @ivar requests: The requests served (that reached Ollama).
+    @ivar refused: The requests the proxy refused itself.
     """
 
     name: str
     requests: int
     prompt_tokens: int
     completion_tokens: int
+    refused: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -159,34 +177,70 @@ class Row:
         return self.prompt_tokens + self.completion_tokens
 
 
-def summarise(path: str, since: float | None, by: Literal["key", "model"]) -> list[Row]:
+def summarise(
+    path: str, since: float | None, by: Literal["key", "model"], until: float | None = None
+) -> list[Row]:
     """
     Sum the usage in the database at C{path}, without changing it.
 
     @param since: Count only minutes from the one holding this time (seconds
         since the epoch), or everything if L{None}.
     @param by: Sum per C{key} or per C{model}.
+    @param until: Count only minutes before the one holding this time, or
+        to the end if L{None}.
     @return: One row per key or model, most total tokens first (then most
         requests, then by name).  An empty database file gives none.
     @raise FileNotFoundError: If there is no file at C{path}.
     @raise UsageFileError: If the file is not a usage database, or cannot be
         read.
     """
-    if by not in ("key", "model"):
-        raise ValueError(f"cannot sum usage by {by!r}")
-    where, parameters = ("", ()) if since is None else ("WHERE ts >= ?", (minute(since),))
-    query = (
-        f"SELECT {by}, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens) "
-        f"FROM usage {where} GROUP BY {by} "
-        "ORDER BY SUM(prompt_tokens) + SUM(completion_tokens) DESC, SUM(requests) DESC, "
-        f"{by}"
-    )
-    sums = _read(path, query, parameters, missing_ok=False)
+    query, parameters = summary_query(by, since, until, "ts >= ?", "ts < ?")
+    try:
+        sums = _read(path, query, tuple(parameters), missing_ok=False)
+    except UsageFileError as e:
+        if "no such column: refused" not in str(e):
+            raise
+        # A file from before refusals were counted apart, not written
+        # since (only a writer adds the column): none counted.
+        query, parameters = summary_query(by, since, until, "ts >= ?", "ts < ?", "SUM(0)")
+        sums = _read(path, query, tuple(parameters), missing_ok=False)
     # A hand-made row may hold NULLs (SUM skips them; all NULL gives NULL).
     return [
-        Row("" if name is None else str(name), int(r or 0), int(p or 0), int(c or 0))
-        for name, r, p, c in sums
+        Row("" if name is None else str(name), int(r or 0), int(p or 0), int(c or 0),
+            int(f or 0))
+        for name, r, p, c, f in sums
     ]
+
+
+def summary_query(
+    by: Literal["key", "model"], since: float | None, until: float | None,
+    from_minute: str, before_minute: str, refused: str = "SUM(refused)",
+) -> tuple[str, list[float]]:
+    """
+    The query that sums usage per key or per model between two times, for
+    either engine (L{summarise}, and L{ollamaproxy.postgres.usage}).
+
+    @param from_minute: The engine's condition "from the minute of C{%s}"
+        (its placeholder standing for a minute's start).
+    @param before_minute: Its condition "before the minute of C{%s}".
+    @param refused: What sums the refused requests.
+    @return: The query and its parameters.
+    """
+    if by not in ("key", "model"):
+        raise ValueError(f"cannot sum usage by {by!r}")
+    conditions, parameters = [], []
+    for condition, when in ((from_minute, since), (before_minute, until)):
+        if when is not None:
+            conditions.append(condition)
+            parameters.append(minute(when))
+    where = f"WHERE {' AND '.join(conditions)} " if conditions else ""
+    return (
+        f"SELECT {by}, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), "
+        f"{refused} FROM usage {where}GROUP BY {by} "
+        "ORDER BY SUM(prompt_tokens) + SUM(completion_tokens) DESC, SUM(requests) DESC, "
+        f"{refused} DESC, {by}",
+        parameters,
+    )
 
 
 def tokens_by_key(path: str, since: float) -> dict[str, int]:
@@ -301,10 +355,11 @@ def drain(path: str, into: Callable[[list[UsageRow]], None]) -> int:
         connection.execute("BEGIN IMMEDIATE")
         try:
             rows = [
-                (float(ts), str(key), str(model), int(r or 0), int(p or 0), int(c or 0))
-                for ts, key, model, r, p, c in connection.execute(
-                    "SELECT ts, key, model, requests, prompt_tokens, completion_tokens "
-                    "FROM usage"
+                (float(ts), str(key), str(model), int(r or 0), int(p or 0), int(c or 0),
+                 int(f or 0))
+                for ts, key, model, r, p, c, f in connection.execute(
+                    "SELECT ts, key, model, requests, prompt_tokens, completion_tokens, "
+                    "refused FROM usage"
                 )
             ]
             if rows:
@@ -338,9 +393,10 @@ class SqliteUsage:
     def write(self, rows: Sequence[UsageRow]) -> None:
         write_rows(self.path, rows)
 
-    def summarise(self, since: float | None, by: Literal["key", "model"]) -> list[Row]:
+    def summarise(self, since: float | None, by: Literal["key", "model"],
+                  until: float | None = None) -> list[Row]:
         try:
-            return summarise(self.path, since, by)
+            return summarise(self.path, since, by, until)
         except FileNotFoundError:
             return []
 

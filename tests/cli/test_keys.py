@@ -9,7 +9,9 @@ real processes, are in C{tests/integration/test_cli_processes.py}.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import stat
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -33,7 +35,9 @@ from ollamaproxy.admission.keys import (
     update_keys_file,
     write_keys_file,
 )
+from ollamaproxy.admission.quota_periods import window
 from ollamaproxy.config import Config
+from ollamaproxy.record.usage_db import tokens_by_key, write_rows
 from tests.fakes.cli import NOW, add, assert_one_line_error, run
 
 LATER = NOW + timedelta(days=30)
@@ -115,26 +119,27 @@ def test_list_never_shows_keys_or_hashes(keys_file: Path) -> None:
         assert digest(secret).hex()[:16] not in result.out
     assert "sha256" not in result.out and "olpk_" not in result.out
     header, alice, bob = result.out.splitlines()
-    assert header.split() == [
-        "NAME", "SCOPES", "MODELS", "RPM", "MAX", "STREAMS", "TOKENS/DAY", "TOKENS/MONTH",
-        "CREATED", "EXPIRES",
+    assert re.split(r"\s{2,}", header) == [
+        "NAME", "SCOPES", "MODELS", "RPM", "MAX STREAMS", "MAX KEEP_ALIVE", "MAX NUM_CTX",
+        "WEIGHT", "TOKENS TODAY", "TOKENS THIS MONTH", "CREATED", "EXPIRES",
     ]
     assert alice.split() == [
-        "alice", "inference", "all", "-", "-", "-", "-", "2026-11-27T07:00:00Z", "-"
+        "alice", "inference", "all", "-", "-", "-", "-", "1", "0", "0",
+        "2026-11-27T07:00:00Z", "-",
     ]
     assert bob.split() == [
-        "bob", "admin,inference", "llama3*,qwen", "60", "2", "-", "-",
+        "bob", "admin,inference", "llama3*,qwen", "60", "2", "-", "-", "1", "0", "0",
         "2026-11-27T07:00:00Z", "2027-01-01T00:00:00Z",
     ]
 
 
 def test_list_marks_expired_keys(keys_file: Path) -> None:
-    """list marks a key whose expiry has passed as expired, and only that one."""
+    """list marks a key whose expiry has passed as expired, and only that one; keys by name."""
     add(keys_file, "soon", "--expires", "2026-12-01")
     add(keys_file, "late", "--expires", "2028-01-01")
     result = run("keys", "list", "--keys-file", str(keys_file),
                  now=datetime(2027, 1, 1, tzinfo=UTC))
-    _, soon, late = result.out.splitlines()
+    _, late, soon = result.out.splitlines()
     assert soon.endswith("2026-12-01T00:00:00Z (expired)")
     assert "expired" not in late
 
@@ -431,7 +436,7 @@ def test_add_token_quotas_round_trip_and_show(keys_file: Path) -> None:
     [stored] = load_keys_file(str(keys_file))
     assert (stored.tokens_per_day, stored.tokens_per_month) == (20000, 300000)
     _, line = run("keys", "list", "--keys-file", str(keys_file)).out.splitlines()
-    assert line.split()[5:7] == ["20000", "300000"]
+    assert line.split()[8:10] == ["0/20000", "0/300000"]
 
 
 def test_update_changes_settings_and_keeps_the_secret(keys_file: Path) -> None:
@@ -515,3 +520,164 @@ def test_add_refuses_none_for_a_limit(keys_file: Path) -> None:
     """
     result = run("keys", "add", "bob", "--tokens-per-day", "none", "--keys-file", str(keys_file))
     assert_one_line_error(result, 2, "--tokens-per-day: 'none' is not a whole number")
+
+
+def at(text: str) -> float:
+    """
+    A UTC time as the usage database keeps it.
+    """
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+@pytest.fixture
+def usage_file(tmp_path: Path) -> Path:
+    """
+    Usage as the daemon records it, around L{NOW} (2026-11-27T07:00Z): bob
+    last month, yesterday and today; alice only refused, today.
+    """
+    path = tmp_path / "state" / "usage.sqlite3"
+    write_rows(str(path), [
+        (at("2026-10-31T23:59:30"), "bob", "llama3", 1, 500, 500, 0),
+        (at("2026-11-26T23:59:30"), "bob", "llama3", 1, 30, 20, 0),
+        (at("2026-11-27T06:59:10"), "bob", "qwen", 1, 3, 4, 0),
+        (at("2026-11-27T06:59:50"), "alice", "", 0, 0, 0, 1),
+    ])
+    return path
+
+
+def test_list_shows_the_quotas_use(keys_file: Path, usage_file: Path) -> None:
+    """
+    list shows the tokens each key used this UTC day and month, as the
+    token quotas count them (the usage recorded from the day's and the
+    month's start), out of its quota if it has one.
+    """
+    add(keys_file, "alice")
+    add(keys_file, "bob", "--tokens-per-day", "100", "--tokens-per-month", "1000")
+    result = run("keys", "list", "--keys-file", str(keys_file), "--usage-file", str(usage_file))
+    assert (result.code, result.err) == (0, "")
+    _, alice, bob = result.out.splitlines()
+    assert alice.split()[7:10] == ["1", "0", "0"]
+    assert bob.split()[7:10] == ["1", "7/100", "57/1000"]
+    today = tokens_by_key(str(usage_file), window("day", NOW.timestamp()).start)
+    month = tokens_by_key(str(usage_file), window("month", NOW.timestamp()).start)
+    assert (today["bob"], month["bob"]) == (7, 57)
+
+
+def test_list_finds_usage_as_the_daemon_does(keys_file: Path, usage_file: Path) -> None:
+    """list reads the usage file named by $OLLAMAPROXY_USAGE_FILE, as the daemon writes it."""
+    add(keys_file, "bob", "--tokens-per-day", "100")
+    result = run("keys", "list", "--keys-file", str(keys_file),
+                 environ={"HOME": "/nonexistent", "OLLAMAPROXY_USAGE_FILE": str(usage_file)})
+    assert result.out.splitlines()[1].split()[8] == "7/100"
+
+
+def test_show_prints_one_key(keys_file: Path, usage_file: Path) -> None:
+    """show prints every setting of one key and its use, one per line, never the key."""
+    add(keys_file, "alice")
+    secret = add(keys_file, "bob", "--models", "llama3*", "--rpm", "60", "--max-streams", "2",
+                 "--max-keep-alive", "10m", "--max-num-ctx", "8192", "--weight", "3",
+                 "--tokens-per-day", "100", "--expires", "2027-01-01")
+    result = run("keys", "show", "bob", "--keys-file", str(keys_file),
+                 "--usage-file", str(usage_file))
+    assert (result.code, result.err) == (0, "")
+    assert secret not in result.out and digest(secret).hex()[:16] not in result.out
+    assert result.out == (
+        "name:               bob\n"
+        "scopes:             inference\n"
+        "models:             llama3*\n"
+        "rpm:                60\n"
+        "max streams:        2\n"
+        "max keep_alive:     10m\n"
+        "max num_ctx:        8192\n"
+        "weight:             3\n"
+        "tokens today:       7/100 (UTC day)\n"
+        "tokens this month:  57 (UTC month)\n"
+        "created:            2026-11-27T07:00:00Z\n"
+        "expires:            2027-01-01T00:00:00Z\n"
+        "last used:          2026-11-27T06:59:00Z\n"
+    )
+
+
+def test_show_unknown_key(keys_file: Path) -> None:
+    """show of a key that does not exist fails with one line naming it, and exit code 1."""
+    add(keys_file, "alice")
+    for argv in (["show", "bob"], ["show", "bob", "--json"]):
+        result = run("keys", *argv, "--keys-file", str(keys_file))
+        assert_one_line_error(result, 1, "no key named 'bob'")
+
+
+def test_show_json(keys_file: Path, usage_file: Path) -> None:
+    """
+    show --json prints the key as one JSON document, every setting and its
+    use, in the documented shape; neither the key nor its hash.
+    """
+    secret = add(keys_file, "bob", "--models", "llama3*", "--max-keep-alive", "10m",
+                 "--tokens-per-month", "1000")
+    result = run("keys", "show", "bob", "--json", "--keys-file", str(keys_file),
+                 "--usage-file", str(usage_file))
+    assert (result.code, result.err) == (0, "")
+    assert secret not in result.out and digest(secret).hex() not in result.out
+    assert json.loads(result.out) == {
+        "name": "bob",
+        "scopes": ["inference"],
+        "models": ["llama3*"],
+        "rpm": None,
+        "max_streams": None,
+        "max_keep_alive": "10m",
+        "max_num_ctx": None,
+        "weight": 1,
+        "tokens_per_day": None,
+        "tokens_per_month": 1000,
+        "used_today": 7,
+        "used_this_month": 57,
+        "created": "2026-11-27T07:00:00Z",
+        "expires": None,
+        "expired": False,
+        "last_used": at("2026-11-27T06:59:00"),
+    }
+
+
+def test_list_json(keys_file: Path, usage_file: Path) -> None:
+    """
+    list --json prints one document, C{{"keys": [...]}}, each key by name as
+    show --json prints it, none of the keys or hashes; with no keys, an
+    empty list rather than a sentence.
+    """
+    assert json.loads(run("keys", "list", "--json", "--keys-file", str(keys_file)).out) == {
+        "keys": []}
+    secrets = [add(keys_file, "carol"), add(keys_file, "alice", "--admin")]
+    result = run("keys", "list", "--json", "--keys-file", str(keys_file),
+                 "--usage-file", str(usage_file))
+    assert (result.code, result.err) == (0, "")
+    for secret in secrets:
+        assert secret not in result.out and digest(secret).hex()[:16] not in result.out
+    assert "sha256" not in result.out
+    document = json.loads(result.out)
+    assert [key["name"] for key in document["keys"]] == ["alice", "carol"]
+    shown = run("keys", "show", "alice", "--json", "--keys-file", str(keys_file),
+                "--usage-file", str(usage_file))
+    assert document["keys"][0] == json.loads(shown.out)
+    assert document["keys"][0]["last_used"] == at("2026-11-27T06:59:00")
+
+
+def test_json_escapes_unprintable_names(keys_file: Path) -> None:
+    """--json escapes what is not printable ASCII, so no name reaches a terminal raw."""
+    write_keys_file(str(keys_file), [ApiKey(name="evil\x1b[2J", digest=digest("x"),
+                                            models=("a\nb",))])
+    result = run("keys", "list", "--json", "--keys-file", str(keys_file))
+    assert result.code == 0
+    assert result.out.isascii() and "\x1b" not in result.out
+    assert json.loads(result.out)["keys"][0]["name"] == "evil\x1b[2J"
+
+
+def test_list_with_an_unreadable_usage_file(keys_file: Path, tmp_path: Path) -> None:
+    """
+    A usage file that cannot be read fails list and show with one line
+    naming it, rather than showing a use of 0 that is not true.
+    """
+    add(keys_file, "bob")
+    bad = tmp_path / "usage.sqlite3"
+    bad.write_bytes(b"{not a database at all}" * 50)
+    for argv in (["list"], ["show", "bob"]):
+        result = run("keys", *argv, "--keys-file", str(keys_file), "--usage-file", str(bad))
+        assert_one_line_error(result, 1, str(bad))

@@ -5,6 +5,7 @@ in-process (L{tests.fakes.cli}).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -18,29 +19,34 @@ DAY = 24 * 3600.0
 @pytest.fixture
 def usage_file(tmp_path: Path) -> Path:
     """
-    A usage database: alice a day ago, bob and ci.bot now.
+    A usage database: alice a day ago, bob and ci.bot now; bob's listing
+    served, and one request of his refused.
     """
     path = tmp_path / "state" / "usage.sqlite3"
     now = NOW.timestamp()
     write_rows(str(path), [
-        (now - DAY, "alice", "llama3:70b", 1, 1200, 3400),
-        (now - DAY + 5, "alice", "llama3:70b", 1, 800, 600),
-        (now, "bob", "qwen2", 1, 10, 20),
-        (now + 30, "bob", "", 1, 0, 0),
-        (now + 60, "ci.bot", "qwen2", 1, 5, 5),
+        (now - DAY, "alice", "llama3:70b", 1, 1200, 3400, 0),
+        (now - DAY + 5, "alice", "llama3:70b", 1, 800, 600, 0),
+        (now, "bob", "qwen2", 1, 10, 20, 0),
+        (now + 30, "bob", "", 1, 0, 0, 0),
+        (now + 40, "bob", "", 0, 0, 0, 1),
+        (now + 60, "ci.bot", "qwen2", 1, 5, 5, 0),
     ])
     return path
 
 
 def test_usage_by_key(usage_file: Path) -> None:
-    """usage prints one row per key, most tokens first, numbers aligned right."""
+    """
+    usage prints one row per key, most tokens first, numbers aligned right,
+    the requests refused apart from those served.
+    """
     result = run("usage", "--usage-file", str(usage_file))
     assert (result.code, result.err) == (0, "")
     assert result.out == (
-        "KEY     REQUESTS  PROMPT TOKENS  COMPLETION TOKENS  TOTAL\n"
-        "alice          2           2000               4000   6000\n"
-        "bob            2             10                 20     30\n"
-        "ci.bot         1              5                  5     10\n"
+        "KEY     REQUESTS  REFUSED  PROMPT TOKENS  COMPLETION TOKENS  TOTAL\n"
+        "alice          2        0           2000               4000   6000\n"
+        "bob            2        1             10                 20     30\n"
+        "ci.bot         1        0              5                  5     10\n"
     )
 
 
@@ -50,10 +56,80 @@ def test_usage_by_model_since(usage_file: Path) -> None:
                  str(usage_file))
     assert (result.code, result.err) == (0, "")
     assert result.out == (
-        "MODEL  REQUESTS  PROMPT TOKENS  COMPLETION TOKENS  TOTAL\n"
-        "qwen2         2             15                 25     40\n"
-        "-             1              0                  0      0\n"
+        "MODEL  REQUESTS  REFUSED  PROMPT TOKENS  COMPLETION TOKENS  TOTAL\n"
+        "qwen2         2        0             15                 25     40\n"
+        "-             1        1              0                  0      0\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("since", "until", "keys"),
+    [
+        (None, "2026-11-27", ["alice"]),
+        (None, "2026-11-27T07:01", ["alice", "bob"]),
+        ("2026-11-26", "2026-11-28", ["alice", "bob", "ci.bot"]),
+        # The minute holding --until is left out whole.
+        ("2026-11-27", "2026-11-27T07:01:30Z", ["bob"]),
+    ],
+)
+def test_usage_until(usage_file: Path, since: str | None, until: str, keys: list[str]) -> None:
+    """usage --until counts up to the minute holding that time, with --since or alone."""
+    argv = [] if since is None else ["--since", since]
+    result = run("usage", *argv, "--until", until, "--usage-file", str(usage_file))
+    assert (result.code, result.err) == (0, "")
+    assert [line.split()[0] for line in result.out.splitlines()[1:]] == keys
+
+
+def test_usage_until_not_after_since(usage_file: Path) -> None:
+    """An --until that is not after --since, or not a time, is a usage error."""
+    assert_one_line_error(
+        run("usage", "--since", "2026-11-27", "--until", "2026-11-27",
+            "--usage-file", str(usage_file)),
+        2, "--until 2026-11-27T00:00:00Z is not after --since 2026-11-27T00:00:00Z")
+    assert_one_line_error(run("usage", "--until", "soon", "--usage-file", str(usage_file)),
+                          2, "--until: 'soon' is not a date")
+
+
+def test_usage_none_until(usage_file: Path) -> None:
+    """usage says so when nothing was recorded in the times given."""
+    result = run("usage", "--until", "2026-01-01", "--usage-file", str(usage_file))
+    assert (result.code, result.err) == (0, "")
+    assert result.out == f"No usage recorded in {usage_file} until 2026-01-01T00:00:00Z.\n"
+
+
+def test_usage_json(usage_file: Path) -> None:
+    """
+    usage --json prints one JSON document: what was asked, and a row per
+    key with its requests served and refused and its tokens.
+    """
+    result = run("usage", "--json", "--since", "2026-11-27", "--usage-file", str(usage_file))
+    assert (result.code, result.err) == (0, "")
+    assert json.loads(result.out) == {
+        "by": "key",
+        "since": "2026-11-27T00:00:00Z",
+        "until": None,
+        "rows": [
+            {"key": "bob", "requests": 2, "refused": 1, "prompt_tokens": 10,
+             "completion_tokens": 20, "total_tokens": 30},
+            {"key": "ci.bot", "requests": 1, "refused": 0, "prompt_tokens": 5,
+             "completion_tokens": 5, "total_tokens": 10},
+        ],
+    }
+
+
+def test_usage_json_by_model_and_empty(usage_file: Path, tmp_path: Path) -> None:
+    """
+    usage --json --by model names each row's model ("" for none); with
+    nothing recorded, the document has no rows rather than a sentence.
+    """
+    result = run("usage", "--json", "--by", "model", "--until", "2026-11-27T07:01",
+                 "--usage-file", str(usage_file))
+    document = json.loads(result.out)
+    assert (document["by"], document["until"]) == ("model", "2026-11-27T07:01:00Z")
+    assert [(row["model"], row["requests"], row["refused"]) for row in document["rows"]] == [
+        ("llama3:70b", 2, 0), ("qwen2", 1, 0), ("", 1, 1)]
+    empty = run("usage", "--json", "--usage-file", str(tmp_path / "none.sqlite3"))
+    assert (empty.code, json.loads(empty.out)["rows"]) == (0, [])
 
 
 @pytest.mark.parametrize(
@@ -114,7 +190,7 @@ def test_usage_database_is_a_directory(tmp_path: Path) -> None:
 def test_usage_escapes_unprintable_names(tmp_path: Path) -> None:
     """usage does not pass terminal control characters from the database to the terminal."""
     path = tmp_path / "usage.sqlite3"
-    write_rows(str(path), [(NOW.timestamp(), "evil\x1b[2J", "a\nb", 1, 1, 1)])
+    write_rows(str(path), [(NOW.timestamp(), "evil\x1b[2J", "a\nb", 1, 1, 1, 0)])
     for by in ("key", "model"):
         result = run("usage", "--by", by, "--usage-file", str(path))
         assert result.code == 0
@@ -141,7 +217,7 @@ def test_usage_file_precedence(
         "default": tmp_path / "xdg" / "ollamaproxy" / "usage.sqlite3",
     }
     for name, path in files.items():
-        write_rows(str(path), [(NOW.timestamp(), name, "m", 1, 1, 1)])
+        write_rows(str(path), [(NOW.timestamp(), name, "m", 1, 1, 1, 0)])
     environ = {"HOME": str(tmp_path / "home"), "XDG_STATE_HOME": str(tmp_path / "xdg")}
     if variable is not None:
         environ["OLLAMAPROXY_USAGE_FILE"] = variable and str(files[variable])

@@ -29,11 +29,11 @@ HOUR = 3600.0
 
 
 ROWS = [
-    (DAY + 10, "alice", "llama3.2:latest", 1, 10, 20),
-    (DAY + 70, "alice", "llama3.2:latest", 1, 1, 2),
-    (DAY + HOUR + 5, "alice", "qwen3:latest", 1, 3, 4),
-    (DAY + HOUR + 6, "bob", "llama3.2:latest", 1, 5, 6),
-    (DAY + 86400 + 7, "bob", "llama3.2:latest", 1, 100, 200),
+    (DAY + 10, "alice", "llama3.2:latest", 1, 10, 20, 0),
+    (DAY + 70, "alice", "llama3.2:latest", 1, 1, 2, 0),
+    (DAY + HOUR + 5, "alice", "qwen3:latest", 1, 3, 4, 0),
+    (DAY + HOUR + 6, "bob", "llama3.2:latest", 1, 5, 6, 0),
+    (DAY + 86400 + 7, "bob", "llama3.2:latest", 1, 100, 200, 0),
 ]
 
 

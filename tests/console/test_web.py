@@ -196,7 +196,7 @@ def test_no_payload_holds_a_key_a_hash_or_a_backend_password(tmp_path: Path) -> 
     backend.healthy = False
     backend.errors.append(
         "cannot reach Ollama at http://ops:hunter2secret@127.0.0.1:11434: refused")
-    write_rows(store.path, [(chain.clock.seconds(), "alice", "llama3.2:latest", 1, 5, 7)])
+    write_rows(store.path, [(chain.clock.seconds(), "alice", "llama3.2:latest", 1, 5, 7, 0)])
     chain.console.sampler.startService()
     chain.request("POST", "/api/chat", data=chat("hold"))
     chain.clock.advance(TICK)

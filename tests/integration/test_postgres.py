@@ -140,7 +140,7 @@ async def test_two_proxies_share_usage_and_keys(
     table = cli("usage", "--database", postgres_url).splitlines()
     bob = next(line.split() for line in table if line.startswith("bob"))
     assert bob[1] == str(3 + 2 + accepted)
-    assert int(bob[3]) == 3 * 5  # completion tokens: five per chat
+    assert int(bob[4]) == 3 * 5  # completion tokens: five per chat
 
 
 @pytest_twisted.ensureDeferred

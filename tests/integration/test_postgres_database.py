@@ -7,6 +7,7 @@ C{--database}, and the usage service across a database restart.
 from __future__ import annotations
 
 import io
+import json
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,7 +56,8 @@ def test_an_empty_database_is_migrated_once(postgres_url: str) -> None:
         database = Database(postgres_url)
         database.run(lambda connection: None)
         database.close()
-    assert query(postgres_url, "SELECT version FROM schema_version") == [(len(MIGRATIONS),)]
+    assert query(postgres_url, "SELECT version FROM schema_version ORDER BY version") == [
+        (version,) for version in range(1, len(MIGRATIONS) + 1)]
     tables = {name for (name,) in query(
         postgres_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
     assert tables == {"schema_version", "usage", "api_keys", "keys_version"}
@@ -86,7 +88,8 @@ def test_racing_migrations_all_succeed(postgres_url: str) -> None:
     for thread in threads:
         thread.join(timeout=60)
     assert errors == []
-    assert query(postgres_url, "SELECT version FROM schema_version") == [(len(MIGRATIONS),)]
+    assert query(postgres_url, "SELECT version FROM schema_version ORDER BY version") == [
+        (version,) for version in range(1, len(MIGRATIONS) + 1)]
 
 
 def test_a_newer_schema_is_refused(postgres_url: str, tmp_path: Path) -> None:
@@ -114,8 +117,8 @@ def test_usage_is_summed_per_minute_key_and_model(postgres_url: str) -> None:
     a time; C{tokens_by_key} counts prompt and completion tokens.
     """
     usage = PostgresUsage(Database(postgres_url))
-    usage.write([(T0 + 1, "bob", "llama3", 1, 10, 5), (T0 + 2, "bob", "llama3", 1, 10, 5)])
-    usage.write([(T0 + 3, "bob", "llama3", 1, 1, 1), (T0 + 61, "alice", "qwen", 1, 100, 1)])
+    usage.write([(T0 + 1, "bob", "llama3", 1, 10, 5, 0), (T0 + 2, "bob", "llama3", 1, 10, 5, 0)])
+    usage.write([(T0 + 3, "bob", "llama3", 1, 1, 1, 0), (T0 + 61, "alice", "qwen", 1, 100, 1, 0)])
     assert query(postgres_url, "SELECT count(*) FROM usage") == [(2,)]
     assert usage.summarise(None, "key") == [Row("alice", 1, 100, 1), Row("bob", 3, 21, 11)]
     assert usage.summarise(None, "model") == [Row("qwen", 1, 100, 1), Row("llama3", 3, 21, 11)]
@@ -124,17 +127,61 @@ def test_usage_is_summed_per_minute_key_and_model(postgres_url: str) -> None:
     usage.close()
 
 
+def test_refused_requests_are_counted_apart(postgres_url: str) -> None:
+    """
+    Refused requests add to their own column, not to the requests; summing
+    can stop before a time.
+    """
+    usage = PostgresUsage(Database(postgres_url))
+    usage.write([(T0, "bob", "", 0, 0, 0, 1), (T0 + 1, "bob", "", 1, 0, 0, 0),
+                 (T0 + 2, "bob", "", 0, 0, 0, 1), (T0 + 60, "bob", "", 0, 0, 0, 1)])
+    assert usage.summarise(None, "key") == [Row("bob", 1, 0, 0, refused=3)]
+    assert usage.summarise(None, "model", until=T0 + 60) == [Row("", 1, 0, 0, refused=2)]
+    usage.close()
+
+
+def test_keys_show_and_list_read_the_use_in_the_database(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """
+    With C{--database}, C{keys show} and C{keys list} read the keys' use
+    this day and month from the usage of every proxy in the database,
+    never from a usage file; and C{usage --until} and C{--json} read it
+    there too.
+    """
+    code, _, err = cli("keys", "add", "bob", "--tokens-per-day", "100", "--database",
+                       postgres_url)
+    assert (code, err) == (0, "")
+    usage = PostgresUsage(Database(postgres_url))
+    usage.write([(T0 - 60, "bob", "llama3", 1, 10, 5, 0), (T0 - 86400, "bob", "llama3", 1, 1, 1, 0),
+                 (T0 - 30, "bob", "", 0, 0, 0, 1)])
+    usage.close()
+    decoy = tmp_path / "usage.sqlite3"
+    SqliteUsage(str(decoy)).write([(T0 - 60, "bob", "llama3", 1, 1000, 1000, 0)])
+    code, out, err = cli("keys", "show", "bob", "--json", "--database", postgres_url,
+                         "--usage-file", str(decoy))
+    assert (code, err) == (0, "")
+    shown = json.loads(out)
+    assert (shown["used_today"], shown["used_this_month"]) == (15, 17)
+    code, out, _ = cli("keys", "list", "--database", postgres_url)
+    assert out.splitlines()[1].split()[8:10] == ["15/100", "17"]
+    code, out, _ = cli("usage", "--json", "--until", "2026-11-27", "--database", postgres_url)
+    assert json.loads(out)["rows"] == [
+        {"key": "bob", "requests": 1, "refused": 0, "prompt_tokens": 1,
+         "completion_tokens": 1, "total_tokens": 2}]
+
+
 def test_the_command_sums_usage_in_the_database(postgres_url: str) -> None:
     """
     C{ollamaproxy usage --database} (or C{$OLLAMAPROXY_DATABASE}) shows the
     database's sums, the file's never.
     """
     usage = PostgresUsage(Database(postgres_url))
-    usage.write([(T0, "bob", "llama3", 2, 10, 5)])
+    usage.write([(T0, "bob", "llama3", 2, 10, 5, 0)])
     usage.close()
     code, out, _ = cli("usage", "--database", postgres_url)
     assert code == 0
-    assert out.splitlines()[1].split() == ["bob", "2", "10", "5", "15"]
+    assert out.splitlines()[1].split() == ["bob", "2", "0", "10", "5", "15"]
     code, out, _ = cli("usage", "--by", "model",
                        environ={"OLLAMAPROXY_DATABASE": postgres_url, "HOME": "/nonexistent"})
     assert code == 0 and out.splitlines()[1].split()[0] == "llama3"

@@ -276,10 +276,10 @@ async def test_usage_is_kept_across_restarts(
         [sys.executable, "-m", "ollamaproxy.cli", "usage", "--usage-file", usage_file],
         capture_output=True, text=True, timeout=30, check=True,
     ).stdout.splitlines()
-    assert table[0].split() == ["KEY", "REQUESTS", "PROMPT", "TOKENS", "COMPLETION", "TOKENS",
-                                "TOTAL"]
-    name, requests, prompt, completion, total = table[1].split()
-    assert (name, requests, completion) == ("api-key", "2", "10")
+    assert table[0].split() == ["KEY", "REQUESTS", "REFUSED", "PROMPT", "TOKENS", "COMPLETION",
+                                "TOKENS", "TOTAL"]
+    name, requests, refused, prompt, completion, total = table[1].split()
+    assert (name, requests, refused, completion) == ("api-key", "2", "0", "10")
     assert int(total) == int(prompt) + 10
 
 

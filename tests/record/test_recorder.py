@@ -5,12 +5,19 @@ with what a client chose redacted and what it did not left as it is.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent
 
+from ollamaproxy.admission.keys import SCOPES, ApiKey, digest
 from ollamaproxy.exchange import Exchange
 from ollamaproxy.record.recorder import Recorder
 from ollamaproxy.record.redact import Redactor
+from ollamaproxy.record.usage import UsageStore
+from ollamaproxy.record.usage_db import Row
+from tests.fakes.chain import KEY, Chain, chat
+from tests.fakes.worker import ManualWorker
 
 SECRET = "olpk_recordertestrecordertestrecorderte"
 
@@ -56,3 +63,21 @@ def test_only_a_path_of_the_client_s_choosing_is_searched(access_events: list[Lo
     event = record(recorder, exchange(path=path, route="/api/pull/{model}"), access_events)
     assert event["path"] == "/api/pull/[redacted]"
     assert searched == [path]
+
+
+def test_usage_counts_refused_requests_apart(tmp_path: Path) -> None:
+    """
+    A request Ollama served counts as a request of its key; one the proxy
+    refused itself (here a model the key may not use) counts as refused,
+    not as a request with no model mixed with the listings.
+    """
+    store = UsageStore(str(tmp_path / "usage.sqlite3"), Clock(), worker=ManualWorker())
+    store.startService()
+    chain = Chain(usage=store)
+    chain.keys.replace([ApiKey(name="alice", digest=digest(KEY), scopes=SCOPES,
+                               models=("llama3.2",))])
+    assert chain.respond("GET", "/api/tags").code == 200
+    assert chain.respond("POST", "/api/chat", data=chat("qwen3")).code == 403
+    store.stopService()
+    assert store.database.summarise(None, "key") == [Row("alice", 1, 0, 0, refused=1)]
+    assert store.database.summarise(None, "model") == [Row("", 1, 0, 0, refused=1)]

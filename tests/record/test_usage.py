@@ -197,7 +197,7 @@ def test_database_is_made_private_and_in_wal_mode(store: UsageStore, path: str) 
     connection.close()
     assert [(c[1], c[2]) for c in columns] == [
         ("ts", "REAL"), ("key", "TEXT"), ("model", "TEXT"), ("requests", "INTEGER"),
-        ("prompt_tokens", "INTEGER"), ("completion_tokens", "INTEGER"),
+        ("prompt_tokens", "INTEGER"), ("completion_tokens", "INTEGER"), ("refused", "INTEGER"),
     ]
     [index] = indexes
     assert index[1] == "usage_minute" and index[2] == 1
@@ -251,14 +251,14 @@ def test_several_proxies_add_up_in_one_database(
 def test_aggregate() -> None:
     """aggregate sums requests and tokens per minute, key and model, in order of appearance."""
     assert aggregate([
-        (T0 + 70, "b", "m", 1, 1, 1),
-        (T0 + 5, "a", "m", 1, 2, 3),
-        (T0 + 119, "b", "m", 2, 10, 10),
-        (T0 + 5, "a", "", 1, 0, 0),
+        (T0 + 70, "b", "m", 1, 1, 1, 0),
+        (T0 + 5, "a", "m", 1, 2, 3, 0),
+        (T0 + 119, "b", "m", 2, 10, 10, 0),
+        (T0 + 5, "a", "", 1, 0, 0, 0),
     ]) == [
-        (T0 + 60, "b", "m", 3, 11, 11),
-        (T0, "a", "m", 1, 2, 3),
-        (T0, "a", "", 1, 0, 0),
+        (T0 + 60, "b", "m", 3, 11, 11, 0),
+        (T0, "a", "m", 1, 2, 3, 0),
+        (T0, "a", "", 1, 0, 0, 0),
     ]
     assert aggregate([]) == []
     assert minute(T0 - 0.5) == T0 - 60
@@ -459,13 +459,13 @@ def recorded(path: str) -> str:
     """
     day = 24 * 3600
     write_rows(path, [
-        (T0 - day, "alice", "llama3", 1, 1000, 1000),
-        (T0 - day + 30, "bob", "qwen", 1, 10, 10),
-        (T0, "bob", "llama3", 1, 100, 200),
-        (T0 + 10, "bob", "", 1, 0, 0),
-        (T0 + 3600, "carol", "qwen", 1, 50, 50),
-        (T0 + 3600, "carol", "", 1, 0, 0),
-        (T0 + 3601, "dave", "", 1, 0, 0),
+        (T0 - day, "alice", "llama3", 1, 1000, 1000, 0),
+        (T0 - day + 30, "bob", "qwen", 1, 10, 10, 0),
+        (T0, "bob", "llama3", 1, 100, 200, 0),
+        (T0 + 10, "bob", "", 1, 0, 0, 0),
+        (T0 + 3600, "carol", "qwen", 1, 50, 50, 0),
+        (T0 + 3600, "carol", "", 1, 0, 0, 0),
+        (T0 + 3601, "dave", "", 1, 0, 0, 0),
     ])
     return path
 
@@ -564,3 +564,23 @@ def test_summarise_reads_while_a_store_writes(store: UsageStore, clock: Clock, p
 def test_default_usage_file(environ: dict[str, str], expected: str) -> None:
     """The default database is $XDG_STATE_HOME/ollamaproxy/usage.sqlite3, under ~/.local/state."""
     assert default_usage_file(environ) == expected
+
+
+def test_a_file_from_before_refusals_gets_their_column(path: str) -> None:
+    """
+    A usage file made before refused requests were counted apart gets the
+    column when next written, keeping its rows; read before that, it has
+    no refusals.
+    """
+    os.makedirs(os.path.dirname(path))
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "CREATE TABLE usage (ts REAL, key TEXT, model TEXT, requests INTEGER, "
+            "prompt_tokens INTEGER, completion_tokens INTEGER)")
+        connection.execute(
+            "CREATE UNIQUE INDEX usage_minute ON usage (ts, key, model)")
+        connection.execute("INSERT INTO usage VALUES (?, 'bob', 'llama3', 1, 2, 3)", (T0,))
+    connection.close()
+    assert summarise(path, None, "key") == [Row("bob", 1, 2, 3, refused=0)]
+    write_rows(path, [(T0 + 1, "bob", "llama3", 0, 0, 0, 1)])
+    assert summarise(path, None, "key") == [Row("bob", 1, 2, 3, refused=1)]

@@ -53,7 +53,7 @@ class FakeDatabase:
     def write(self, rows: Sequence[UsageRow]) -> None:
         if not self.up:
             raise DatabaseDown(f"database {self.name}: connection refused")
-        for ts, key, model, r, p, c in aggregate(rows):
+        for ts, key, model, r, p, c, _ in aggregate(rows):
             old = self.rows.get((ts, key, model), (0, 0, 0))
             self.rows[(ts, key, model)] = (old[0] + r, old[1] + p, old[2] + c)
 
@@ -234,7 +234,7 @@ def test_a_failed_hand_over_keeps_the_spill_file(clock: Clock, spill: SqliteUsag
     If the database fails while the spill file is handed over, the file
     keeps its rows (nothing counted twice), and they go at a later flush.
     """
-    spill.write([(T0, "bob", "llama3", 1, 1, 1)])
+    spill.write([(T0, "bob", "llama3", 1, 1, 1, 0)])
     database = FakeDatabase()
     writes: list[int] = []
     real = database.write

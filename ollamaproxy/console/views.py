@@ -57,7 +57,8 @@ def _model_label(model: ModelName | None) -> str:
     if model is None:
         return "(none named)"
     if model == UNREAD_MODEL:
-        return "(body not read)"
+        # A body the proxy did not read, or whose model it could not name.
+        return "(model unknown)"
     return model.canonical
 
 

@@ -86,7 +86,7 @@ def test_admit_asks_one_script() -> None:
         "ollamaproxy:tokens:day:2026-12-01:alice", "ollamaproxy:tokens:month:2026-12:alice",
     ]
     assert call.args[:3] == [int(NOON * 1000), 60, 2]
-    assert call.args[4:] == [30000, 1000, -1]
+    assert call.args[4:8] == [30000, 1000, -1, 0]
     call.answer.callback([0, 0])
     assert callable(d.result)
     link.stopService()

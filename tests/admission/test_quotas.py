@@ -464,3 +464,23 @@ def test_legacy_embeddings_are_charged_an_estimate() -> None:
     [summary] = [e for e in events if e.get("log_namespace") == "ollamaproxy.stream"]
     assert (summary["model"], summary["completion_tokens"]) == ("llama3.2:latest", 0)
     assert summary["prompt_estimated"] and not summary["tokens_counted"]
+
+
+def test_a_reservation_settles_in_the_day_it_was_made() -> None:
+    """
+    The book counts a reservation as used at once; settled in the same day,
+    the tokens used replace it; settled in the next day, the reservation
+    stays in the day it was made (forgotten with it) and the tokens used
+    count in the new day, while the month, the same, settles the difference.
+    """
+    clock = Clock()
+    clock.advance(at("2026-12-15T23:00:00"))
+    book = QuotaBook(clock, loaded=True)
+    settle = book.reserve("user", 500)
+    assert (book.used("user", "day"), book.used("user", "month")) == (500, 500)
+    settle(120)
+    assert (book.used("user", "day"), book.used("user", "month")) == (120, 120)
+    late = book.reserve("user", 500)
+    clock.advance(3600)
+    late(40)
+    assert (book.used("user", "day"), book.used("user", "month")) == (40, 160)

@@ -90,8 +90,8 @@ class Meter:
     The one count of the tokens a request used, which every consumer reads
     (the quotas, the usage store, the metrics, the log).
 
-    The app sets what the request is expected to cost
-    (C{prompt_estimate}, C{model}) once it is planned; the relay counts the
+    The app tells it what a request that runs a model is expected to cost
+    (L{expect}) once it is planned; the relay counts the
     answer's pieces as they stream (C{output}) and sets Ollama's own
     figures (C{final}) when its final object has come.  Nothing is called
     per chunk: the relay adds to C{output}.  Since the meter is written as
@@ -99,6 +99,8 @@ class Meter:
     client that hangs up, or a body that breaks off, leaves the tokens
     generated so far.
 
+    @ivar metered: Whether the request runs a model, so that its answer's
+        pieces are tokens (a model pull's progress lines are not).
     @ivar prompt_estimate: The prompt's tokens, estimated from the request.
     @ivar model: The model the request named, for a summary that Ollama's
         answer gives none for.
@@ -111,11 +113,21 @@ class Meter:
         came.
     """
 
+    metered: bool = False
     prompt_estimate: int = 0
     model: str = ""
     generating: bool = False
     output: int = 0
     final: StreamSummary | None = None
+
+    def expect(self, prompt_estimate: int, model: str) -> None:
+        """
+        The request runs C{model}, its prompt estimated at
+        C{prompt_estimate} tokens: meter its answer.
+        """
+        self.metered = True
+        self.prompt_estimate = prompt_estimate
+        self.model = model
 
     def reading(self) -> StreamSummary | None:
         """
@@ -128,7 +140,7 @@ class Meter:
             if final.model or not self.model:
                 return final
             return replace(final, model=self.model)  # /api/embeddings names none
-        if not self.generating:
+        if not (self.generating and self.metered):
             return final
         if final is not None:
             return replace(final, prompt_tokens=self.prompt_estimate, prompt_estimated=True)

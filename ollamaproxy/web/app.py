@@ -212,8 +212,8 @@ class OllamaProxy:
         if plan.notes:
             exchange.notes = "; ".join(plan.notes)
         meter = flight.trip.meter
-        meter.prompt_estimate = plan.estimate.prompt
-        meter.model = plan.model.canonical if plan.model is not None else ""
+        if route is not None and route.runs:
+            meter.expect(plan.estimate.prompt, plan.model.canonical if plan.model else "")
         release = await self._limits.admit(key, plan.estimate.tokens)
         try:
             job = Job(target, route, key.name, key.weight, plan.model, plan.rewrite, plan.body)

@@ -484,3 +484,18 @@ def test_a_reservation_settles_in_the_day_it_was_made() -> None:
     clock.advance(3600)
     late(40)
     assert (book.used("user", "day"), book.used("user", "month")) == (40, 160)
+
+
+def test_a_model_pull_costs_no_tokens() -> None:
+    """
+    A model pull's NDJSON progress lines are no tokens: the meter counts
+    only the answers of routes that run a model, so the key is charged
+    nothing and the pull has no summary.
+    """
+    chain = chain_at("2026-12-15T18:00:00")
+    with capturedLogs() as events:
+        response = chain.respond("POST", "/api/pull", data=b'{"model": "qwen2.5:0.5b"}')
+        assert response.code == 200
+        assert len(chain.body(response).splitlines()) > 1
+    assert chain.quotas.used("alice", "day") == 0
+    assert [e for e in events if e.get("log_namespace") == "ollamaproxy.stream"] == []

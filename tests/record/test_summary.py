@@ -156,21 +156,23 @@ def test_meter_reading() -> None:
     """
     The meter reads Ollama's figures when they came; else the pieces it
     counted and the prompt estimated, each marked; and nothing for a
-    request that got no successful answer, or used no tokens.
+    request that got no successful answer, used no tokens, or runs no model
+    (its pieces are no tokens).
     """
     final = StreamSummary("llama3.2", "stop", prompt_tokens=26, completion_tokens=100)
-    assert Meter(prompt_estimate=9, generating=True, output=101, final=final).reading() == final
-    cut = Meter(prompt_estimate=9, model="llama3.2:latest", generating=True, output=15)
+    assert Meter(True, 9, generating=True, output=101, final=final).reading() == final
+    cut = Meter(True, 9, "llama3.2:latest", generating=True, output=15)
     assert cut.reading() == StreamSummary("llama3.2:latest", prompt_tokens=9,
                                           completion_tokens=15, counted=True,
                                           prompt_estimated=True)
     assert cut.tokens == 24
     counted = StreamSummary("llama3.2", "stop", completion_tokens=7, counted=True)
-    assert Meter(prompt_estimate=9, generating=True, final=counted).reading() == (
+    assert Meter(True, 9, generating=True, final=counted).reading() == (
         StreamSummary("llama3.2", "stop", prompt_tokens=9, completion_tokens=7, counted=True,
                       prompt_estimated=True))
-    assert Meter(prompt_estimate=9, generating=False).reading() is None
-    assert Meter(generating=True).reading() is None
+    assert Meter(True, 9, generating=False).reading() is None
+    assert Meter(True, generating=True).reading() is None
+    assert Meter(False, 9, generating=True, output=5).reading() is None
     assert Meter(model="llama3.2:latest", final=StreamSummary("", prompt_tokens=3)).reading() == (
         StreamSummary("llama3.2:latest", prompt_tokens=3))
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs
@@ -24,7 +25,7 @@ from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.admission.quota_periods import window
 from ollamaproxy.admission.quotas import QuotaBook, QuotaSeed
 from ollamaproxy.record.usage_db import UsageFileError, tokens_by_key, write_rows
-from tests.fakes.chain import KEY, Chain
+from tests.fakes.chain import IDLE_TIMEOUT, KEY, Chain
 from tests.fakes.observers import ErrorCollector
 
 USER_KEY = "olpk_quotakeyquotakeyquotakeyquotakey00"
@@ -499,3 +500,26 @@ def test_a_model_pull_costs_no_tokens() -> None:
         assert len(chain.body(response).splitlines()) > 1
     assert chain.quotas.used("alice", "day") == 0
     assert [e for e in events if e.get("log_namespace") == "ollamaproxy.stream"] == []
+
+
+@pytest.mark.parametrize("cut", ["broke off", "idle"])
+def test_a_stream_ollama_cuts_is_charged(cut: str) -> None:
+    """
+    A stream that Ollama breaks off, or that is cut for its silence past
+    C{--idle-timeout}, is charged the tokens relayed and its estimated
+    prompt, as one whose client hangs up.
+    """
+    chain = chain_at("2026-12-15T18:00:00", tokens_per_day=100)
+    request, response = held_generate(chain)
+    held = chain.fake.held[-1]
+    for _ in range(10):
+        held.write_line({"model": "hold", "response": "tok ", "done": False})
+    chain.flush()
+    client = chain.stream(chain.result(response))
+    if cut == "idle":
+        chain.clock.advance(IDLE_TIMEOUT + 1)
+    else:
+        held.abort()
+    chain.flush()
+    chain.failure(client.done)
+    assert chain.quotas.used("user", "day") == 10 + math.ceil(len(request) / 4)

@@ -8,7 +8,7 @@ to the access log (L{ollamaproxy.record.logs}), the metrics and the usage store.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 from ollamaproxy.model_names import ModelName
@@ -58,10 +58,13 @@ class StreamSummary:
     @ivar tokens_per_second: Generation speed, when Ollama reports the
         time it took (C{eval_duration}).
     @ivar load_seconds: Time spent loading the model, when reported.
-    @ivar counted: Whether C{completion_tokens} were counted from the
-        stream's chunks because Ollama reported no usage (a C{/v1} stream
-        without C{stream_options.include_usage}); the prompt's tokens are
-        then unknown (0).
+    @ivar counted: Whether C{completion_tokens} were counted by the proxy,
+        one per NDJSON line or SSE event relayed, because Ollama reported
+        none: a C{/v1} stream without C{stream_options.include_usage}, or
+        a stream cut before its final object.
+    @ivar prompt_estimated: Whether C{prompt_tokens} are the proxy's
+        estimate from the request (L{ollamaproxy.admission.estimate})
+        because Ollama's count never came.
     """
 
     model: str
@@ -71,6 +74,93 @@ class StreamSummary:
     tokens_per_second: float | None = None
     load_seconds: float | None = None
     counted: bool = False
+    prompt_estimated: bool = False
+
+    @property
+    def tokens(self) -> int:
+        """
+        Prompt and completion tokens together: what a quota is charged.
+        """
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Meter:
+    """
+    The one count of the tokens a request used, which every consumer reads
+    (the quotas, the usage store, the metrics, the log).
+
+    The app tells it what a request that runs a model is expected to cost
+    (L{expect}) once it is planned; the relay counts the
+    answer's pieces as they stream (C{output}) and sets Ollama's own
+    figures (C{final}) when its final object has come.  Nothing is called
+    per chunk: the relay adds to C{output}.  Since the meter is written as
+    the answer goes, what it holds is there however the request ends: a
+    client that hangs up, or a body that breaks off, leaves the tokens
+    generated so far.
+
+    @ivar metered: Whether the request runs a model, so that its answer's
+        pieces are tokens (a model pull's progress lines are not).
+    @ivar prompt_estimate: The prompt's tokens, estimated from the request.
+    @ivar model: The model the request named, for a summary that Ollama's
+        answer gives none for.
+    @ivar generating: Whether a successful answer's body was relayed (so
+        that Ollama read the prompt): a request refused, or never sent,
+        costs nothing.
+    @ivar output: NDJSON lines or SSE events relayed: about one generated
+        token each.
+    @ivar final: Ollama's own figures, from the answer's final object, if it
+        came.
+    """
+
+    metered: bool = False
+    prompt_estimate: int = 0
+    model: str = ""
+    generating: bool = False
+    output: int = 0
+    final: StreamSummary | None = None
+
+    def expect(self, prompt_estimate: int, model: str) -> None:
+        """
+        The request runs C{model}, its prompt estimated at
+        C{prompt_estimate} tokens: meter its answer.
+        """
+        self.metered = True
+        self.prompt_estimate = prompt_estimate
+        self.model = model
+
+    def reading(self) -> StreamSummary | None:
+        """
+        What the request used, as well as it is known: Ollama's figures when
+        they came whole; else the pieces counted and the prompt estimated,
+        each marked as such; L{None} for a request that used no tokens.
+        """
+        final = self.final
+        if final is not None and not final.counted:
+            if final.model or not self.model:
+                return final
+            return replace(final, model=self.model)  # /api/embeddings names none
+        if not (self.generating and self.metered):
+            return final
+        if final is not None:
+            return replace(final, prompt_tokens=self.prompt_estimate, prompt_estimated=True)
+        if not (self.output or self.prompt_estimate):
+            return None
+        return StreamSummary(
+            model=self.model,
+            prompt_tokens=self.prompt_estimate,
+            completion_tokens=self.output,
+            counted=self.output > 0,
+            prompt_estimated=True,
+        )
+
+    @property
+    def tokens(self) -> int:
+        """
+        The tokens to charge for the request so far (L{reading}'s).
+        """
+        reading = self.reading()
+        return 0 if reading is None else reading.prompt_tokens + reading.completion_tokens
 
 
 @dataclass

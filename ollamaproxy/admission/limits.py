@@ -4,7 +4,8 @@ How much a key may ask, and how often an address may guess.
 
 L{KeyLimits} enforces each key's requests per minute (a token bucket that
 holds a minute's worth), its number of requests in flight, and, with a
-L{QuotaBook}, its token quotas.
+L{QuotaBook}, its token quotas: a request's expected cost is reserved when
+it is admitted and settled with what it used when it ends.
 L{GuessThrottle} answers wrong keys from an address that presented too many
 with 429; valid keys from that address go on working.
 
@@ -65,7 +66,8 @@ class Release(Protocol):
     def __call__(self, tokens: int = 0) -> None:
         """
         The request has ended, having used C{tokens} (prompt and completion
-        tokens, 0 if none or unknown).  Called once.
+        tokens, as its meter read them; 0 if none): they replace what was
+        reserved for it.  Called once.
         """
 
 
@@ -74,10 +76,15 @@ class Limits(Protocol):
     Per-key limits: how often, how many at once.
     """
 
-    def admit(self, key: ApiKey) -> Deferred[Release]:
+    def admit(self, key: ApiKey, estimate: int = 0) -> Deferred[Release]:
         """
-        Let a request of C{key} in, or refuse it.
+        Let a request of C{key} in, or refuse it.  A key with tokens left
+        in its quotas is let in, and C{estimate} tokens are reserved for the
+        request until its release settles them, so that the requests of a
+        key running together see each other's cost.
 
+        @param estimate: The request's expected cost in tokens
+            (L{ollamaproxy.admission.estimate}).
         @return: Fires with the L{Release} to call when the request has
             ended, or fails with a L{ProxyError} (429 with C{Retry-After})
             if the key is over a limit.
@@ -119,18 +126,19 @@ class KeyLimits:
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _in_flight: dict[str, int] = field(default_factory=dict)
 
-    def admit(self, key: ApiKey) -> Deferred[Release]:
+    def admit(self, key: ApiKey, estimate: int = 0) -> Deferred[Release]:
         """
         Let a request of C{key} in, or refuse it (L{Limits.admit}): 429 if
-        the key is over its token quota, its rate or its number of requests
-        in flight (503 while the quotas are loaded, L{QuotaBook.check}).
+        the key is over its token quota (what it used and what its requests
+        in flight reserved), its rate or its number of requests in flight
+        (503 while the quotas are loaded, L{QuotaBook.check}).
         """
         try:
-            return succeed(self._admit(key))
+            return succeed(self._admit(key, estimate))
         except ProxyError as e:
             return fail(e)
 
-    def _admit(self, key: ApiKey) -> Release:
+    def _admit(self, key: ApiKey, estimate: int) -> Release:
         quotas = self.quotas
         if quotas is not None and (
             key.tokens_per_day is not None or key.tokens_per_month is not None
@@ -142,6 +150,7 @@ class KeyLimits:
         if key.rpm is not None:
             self._take_token(key.name, key.rpm)
         self._in_flight[key.name] = self._in_flight.get(key.name, 0) + 1
+        settle = None if quotas is None or estimate <= 0 else quotas.reserve(key.name, estimate)
 
         def release(tokens: int = 0) -> None:
             left = self._in_flight[key.name] - 1
@@ -149,7 +158,9 @@ class KeyLimits:
                 self._in_flight[key.name] = left
             else:
                 del self._in_flight[key.name]
-            if tokens and quotas is not None:
+            if settle is not None:
+                settle(tokens)
+            elif tokens and quotas is not None:
                 quotas.add(key.name, tokens)
 
         return release

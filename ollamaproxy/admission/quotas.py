@@ -4,9 +4,17 @@ Token quotas per key, kept in this process.
 
 A key with C{tokens_per_day} or C{tokens_per_month} may use that many
 prompt and completion tokens in a UTC day or month
-(L{ollamaproxy.admission.quota_periods}).  Tokens are counted when a request ends, so
-the request that crosses a quota completes (a stream is never cut for it),
-and the key's next request is refused with 429 until the period ends.
+(L{ollamaproxy.admission.quota_periods}).  A request is admitted while its
+key has tokens left, and its expected cost
+(L{ollamaproxy.admission.estimate}) is reserved at once: it counts as used
+until the request ends, when the tokens it did use (as its meter read them,
+L{ollamaproxy.exchange.Meter}) replace it.  So requests running together
+see each other's cost, and a key overshoots its quota by no more than one
+request's error in that estimate; the request that crosses a quota
+completes (a stream is never cut for it), and the key's next request is
+refused with 429 until the period ends.  A request's reservation counts in
+the day and month it started in; if one of those has ended when the request
+does, the tokens it used count in the new one instead.
 
 L{QuotaBook} keeps the tokens each key used in the current day and month,
 and forgets a period when the next begins, so its memory holds at most one
@@ -149,6 +157,38 @@ class QuotaBook:
             self._turn(now)
         self._day_used[name] += tokens
         self._month_used[name] += tokens
+
+    def reserve(self, name: str, tokens: int) -> Callable[[int], None]:
+        """
+        A request of key C{name} was admitted, expected to cost C{tokens}:
+        they count as used now.
+
+        @return: Settles the request, called once when it has ended with the
+            tokens it used: they replace the reservation in the day and
+            month it was made in, or count in the new ones if those ended.
+        """
+        now = self._clock.seconds()
+        if not self._day.start <= now < self._day.end:
+            self._turn(now)
+        day, month = self._day, self._month
+        if tokens > 0:
+            self._day_used[name] += tokens
+            self._month_used[name] += tokens
+
+        def settle(used: int) -> None:
+            now = self._clock.seconds()
+            if not self._day.start <= now < self._day.end:
+                self._turn(now)
+            reserved = tokens if tokens > 0 else 0
+            # In the period it was made in, the reservation is replaced; in
+            # a new one, the tokens used count.
+            for span, current, counts in ((day, self._day, self._day_used),
+                                          (month, self._month, self._month_used)):
+                charge = used - reserved if span is current else used
+                if charge:
+                    counts[name] += charge
+
+        return settle
 
     def used(self, name: str, period: Period) -> int:
         """

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from ollamaproxy.admission.caps import CAPPED_ROUTES, NO_CAPS, Caps, clamp
+from ollamaproxy.admission.estimate import NOTHING, Estimate, estimate
 from ollamaproxy.admission.keys import ApiKey
 from ollamaproxy.admission.policy import (
     MAX_CHECKED_BODY,
@@ -48,12 +49,15 @@ class Plan:
     @ivar rewrite: How to rewrite a successful answer, if it needs it.
     @ivar notes: What the proxy changed in the request, for the access line.
     @ivar body: The request's body, if it was read whole (as sent on).
+    @ivar estimate: What the request is expected to cost in tokens, which
+        its key's quotas reserve (L{ollamaproxy.admission.estimate}).
     """
 
     model: ModelName | None = None
     rewrite: Callable[[bytes], bytes] | None = None
     notes: list[str] = field(default_factory=list)
     body: bytes | None = None
+    estimate: Estimate = NOTHING
 
 
 async def plan_request(
@@ -108,7 +112,8 @@ async def plan_request(
             # Read only to route it: a body that cannot be read whole
             # goes on unread, and Ollama answers for it as it would; if it
             # runs a model, after its turn in the queue.
-            return Plan(model=UNREAD_MODEL if route.runs else None)
+            return Plan(model=UNREAD_MODEL if route.runs else None,
+                        estimate=estimate(route, None))
         body = await _read(request)
         query = target.uri.partition(b"?")[2]
         try:
@@ -120,7 +125,8 @@ async def plan_request(
     if check:
         assert key is not None
         check_models(key, [name for _, name in named])
-    plan = Plan(model=_routed(named, route), body=body if request.body is not None else None)
+    plan = Plan(model=_routed(named, route), body=body if request.body is not None else None,
+                estimate=estimate(route, body))
     if caps != NO_CAPS and request.body is not None:
         try:
             clamped, plan.notes = clamp(body, caps)

@@ -21,7 +21,7 @@ log, which a return value would lose.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.web.http_headers import Headers
@@ -44,6 +44,7 @@ from ollamaproxy.backends.relay import (
 )
 from ollamaproxy.backends.router import Router
 from ollamaproxy.errors import ProxyError
+from ollamaproxy.exchange import Meter
 from ollamaproxy.model_names import ModelName
 from ollamaproxy.routes import Placement, RouteSpec
 
@@ -84,6 +85,8 @@ class Trip:
     @ivar status: The status Ollama's answer came with.
     @ivar responded: When that answer's head came.
     @ivar answered: What the answer amounted to.
+    @ivar meter: The tokens the answer used, counted as it streams (so
+        that a request cancelled mid-stream still has them).
     """
 
     backend: str = ""
@@ -91,6 +94,7 @@ class Trip:
     status: int | None = None
     responded: float | None = None
     answered: Answered = NOTHING_ANSWERED
+    meter: Meter = field(default_factory=Meter)
 
 
 class Dispatcher:
@@ -168,7 +172,7 @@ class Dispatcher:
                 response = await send(request, backend.upstream, job.target, method)
                 trip.status, trip.responded = response.code, backend.upstream.clock.seconds()
                 trip.answered = await answer(request, response, backend.upstream, job.target,
-                                             job.rewrite, self._sample_bytes)
+                                             job.rewrite, self._sample_bytes, trip.meter)
             except Unreachable as e:
                 self._pool.failed(backend, e.message)
                 tried.append(backend)

@@ -46,8 +46,8 @@ from ollamaproxy.backends.request_body import BodyTooLarge
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.config import show_size
 from ollamaproxy.errors import ProxyError, error_body
-from ollamaproxy.exchange import StreamSummary
-from ollamaproxy.record.summary import summarise
+from ollamaproxy.exchange import Meter, StreamSummary
+from ollamaproxy.record.summary import HEAD_BYTES, TAIL_BYTES, summarise
 
 NDJSON = b"application/x-ndjson"
 SSE = b"text/event-stream"
@@ -108,10 +108,9 @@ class Target:
 @dataclass(frozen=True)
 class Answered:
     """
-    What an answer relayed to the client amounted to.
+    What an answer relayed to the client amounted to.  (The tokens it used
+    are in the request's L{Meter}, written as the answer streams.)
 
-    @ivar summary: What the generation used, from its final object, if the
-        body was a generation's.
     @ivar sample: The start of the body, for the log.
     @ivar cut: Why the body stopped before its end, or L{None} if it did
         not.  The client has had an error in the stream's own format, and
@@ -119,17 +118,8 @@ class Answered:
         that it cannot take the answer for complete.
     """
 
-    summary: StreamSummary | None = None
     sample: bytes = b""
     cut: str | None = None
-
-    @property
-    def tokens(self) -> int:
-        """
-        The tokens the answer counted, prompt and generated, if it said.
-        """
-        summary = self.summary
-        return 0 if summary is None else summary.prompt_tokens + summary.completion_tokens
 
 
 #: What a request that has not been answered yet amounted to.
@@ -194,6 +184,7 @@ async def answer(
     target: Target,
     rewrite: Callable[[bytes], bytes] | None = None,
     sample_bytes: int = 0,
+    meter: Meter | None = None,
 ) -> Answered:
     """
     Answer the client with Ollama's response: its head, then its body as it
@@ -204,6 +195,8 @@ async def answer(
         successful body, and what it returns is sent instead.
     @param sample_bytes: How much of the response body to keep for the log;
         0 for none.
+    @param meter: Counts the tokens of the answer as it streams (see
+        L{answer_body}).
     @return: What was answered; a body cut short is already ended.
     @raise ProxyError: 502 if an answer to rewrite could not be read,
         before anything was written to the client.
@@ -221,7 +214,7 @@ async def answer(
         return Answered()
     answer_head(request, response)
     request.write(b"")  # the response head goes out now, as Ollama sent it
-    return await answer_body(request, response, upstream, target.openai, sample_bytes)
+    return await answer_body(request, response, upstream, target.openai, sample_bytes, meter)
 
 
 def answer_head(request: Downstream, response: IResponse) -> None:
@@ -240,19 +233,29 @@ async def answer_body(
     upstream: Upstream,
     openai: bool,
     sample_bytes: int = 0,
+    meter: Meter | None = None,
 ) -> Answered:
     """
     Stream Ollama's response body to the client as it comes (the head has
     been answered); end a body cut short with L{end_cut}.
+
+    @param meter: Counts the answer's pieces as they are relayed, and is
+        given Ollama's own figures when the body ends whole.  It is written
+        as the body goes, so that a request cancelled (its client left) or
+        cut still leaves what was generated where the caller reads it.
     """
-    body = _BodyAnswer(request, response, upstream, openai, sample_bytes)
+    if meter is None:
+        meter = Meter()
+    meter.generating = 200 <= response.code < 300
+    body = _BodyAnswer(request, response, upstream, openai, sample_bytes, meter)
     response.deliverBody(body)
     try:
         await body.done
     except BodyCut as e:
         await end_cut(request)
         return Answered(sample=body.sample, cut=str(e))
-    return Answered(summarise(body.tail, openai, body.pieces, body.reads), body.sample)
+    meter.final = body.summary()
+    return Answered(sample=body.sample)
 
 
 def pieces_answered(request: object) -> int | None:
@@ -261,12 +264,13 @@ def pieces_answered(request: object) -> int | None:
     far (one NDJSON line or SSE event is about one token), or L{None} if no
     body is streaming to it now.
 
-    Read from the L{_BodyAnswer} that is the request's producer while it
-    streams (twisted.web's C{Request.producer}): nothing is added per chunk
-    or per request for it; the console samples it a few times a second.
+    Read from the meter of the L{_BodyAnswer} that is the request's producer
+    while it streams (twisted.web's C{Request.producer}): nothing is added
+    per chunk or per request for it; the console samples it a few times a
+    second.
     """
     producer = getattr(request, "producer", None)
-    return producer.reads if isinstance(producer, _BodyAnswer) else None
+    return producer.meter.output if isinstance(producer, _BodyAnswer) else None
 
 
 async def end_cut(request: Downstream) -> None:
@@ -372,8 +376,9 @@ class _BodyAnswer(Protocol):
     @ivar done: Fires when the body has been relayed, fails with L{BodyCut}
         if it stopped early, and closes Ollama's connection if cancelled.
     @ivar sample: The start of the body, up to C{sample_bytes}, for the log.
-    @ivar reads: How many pieces the body arrived in (a counter, so that a
-        stream whose end reports no usage can still be counted; no call).
+    @ivar meter: Counts the NDJSON lines or SSE events relayed, each about
+        one generated token: one C{bytes.count} per piece, the only work
+        per chunk that relaying does not need.
     """
 
     def __init__(
@@ -383,6 +388,7 @@ class _BodyAnswer(Protocol):
         upstream: Upstream,
         openai: bool,
         sample_bytes: int = 0,
+        meter: Meter | None = None,
     ) -> None:
         self.done: Deferred[None] = Deferred(lambda _: self._stop_upstream())
         self._request = request
@@ -395,7 +401,12 @@ class _BodyAnswer(Protocol):
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._previous = self._last = b""
-        self.reads = 0
+        # Of a body that is no stream: its start and a bounded tail, for
+        # the final object however many pieces it spans.
+        self._head = b""
+        self._tail = bytearray()
+        self._size = self._dropped = 0
+        self.meter = Meter() if meter is None else meter
         self.sample = b""
         self._sample_left = sample_bytes
         self._idle: IDelayedCall | None = None
@@ -409,29 +420,43 @@ class _BodyAnswer(Protocol):
         if self._idle is not None:
             self._idle.reset(self._idle_timeout)
         self._previous, self._last = self._last, data
-        self.reads += 1
         if self._sample_left:
             self.sample += data[: self._sample_left]
             self._sample_left = max(0, self._sample_left - len(data))
         if self._lines:
+            self.meter.output += data.count(b"\n")
             self._write_lines(data)
+        elif self._sse:
+            self.meter.output += data.count(b"\n\n")
+            self._request.write(data)
         else:
+            self._keep(data)
             self._request.write(data)
 
-    @property
-    def tail(self) -> bytes:
+    def _keep(self, data: bytes) -> None:
         """
-        The last two pieces of the body as they came: enough to hold its
-        final object, which L{summarise} reads once the body has ended.
+        Keep the start of a body that is no stream, and its last
+        L{TAIL_BYTES} at least: its final object (a non-streamed answer)
+        may span any number of pieces.
         """
-        return self._previous + self._last
+        if self._size < HEAD_BYTES:
+            self._head += data[: HEAD_BYTES - self._size]
+        self._size += len(data)
+        self._tail += data
+        if self._size - self._dropped > 2 * TAIL_BYTES:
+            del self._tail[:-TAIL_BYTES]
+            self._dropped = self._size - TAIL_BYTES
 
-    @property
-    def pieces(self) -> tuple[bytes, bytes]:
+    def summary(self) -> StreamSummary | None:
         """
-        The last two pieces of the body, each as it came.
+        What the body that has ended says it used (L{summarise}): read from
+        the last two pieces of a stream, which hold its final object, or
+        from what was kept of any other body.
         """
-        return self._previous, self._last
+        if self._lines or self._sse:
+            return summarise(self._previous + self._last, self._openai, self.meter.output)
+        head = self._head if self._dropped else b""
+        return summarise(bytes(self._tail), self._openai, head=head)
 
     def _write_lines(self, data: bytes) -> None:
         end = data.rfind(b"\n") + 1

@@ -103,7 +103,9 @@ def log_exchange(
             tokens_per_second=summary.tokens_per_second,
             load_seconds=summary.load_seconds,
             tokens_counted=summary.counted,
-            counted=_COUNTED if summary.counted else "",
+            prompt_estimated=summary.prompt_estimated,
+            counted=(_COUNTED if summary.counted else "")
+            + (_ESTIMATED if summary.prompt_estimated else ""),
             speed=(
                 f" at {summary.tokens_per_second:.1f} tokens/s"
                 if summary.tokens_per_second is not None else ""
@@ -142,6 +144,7 @@ STREAM_LINE = (
     "{counted}{speed}, {done_reason}"
 )
 _COUNTED = " (counted from the stream: Ollama reported no usage)"
+_ESTIMATED = " (prompt estimated from the request)"
 BODIES_LINE = "{method} {path} request body: {request_body!r} response body: {response_body!r}"
 
 

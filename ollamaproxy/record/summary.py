@@ -4,70 +4,144 @@ What a generation amounted to, read from the end of its response body.
 
 Ollama ends every answer from C{/api/chat} and C{/api/generate} with an
 object holding the model, why it stopped and how many tokens it read and
-wrote (the last NDJSON line of a stream, or the whole body otherwise); the
-OpenAI-compatible routes give the token counts in a C{usage} object (on a
-stream, in a chunk of its own near the end when the client asked for it).
-The relay keeps only the last two pieces of the body it relayed; they are
-parsed here once, after the stream has ended, so nothing on the hot path
-parses a line.
+wrote (the last NDJSON line of a stream, or the whole body otherwise);
+C{/api/embed} answers with the model and C{prompt_eval_count}, without
+C{done}.  The OpenAI-compatible routes give the token counts in a C{usage}
+object (on a stream, in a chunk of its own near the end when the client
+asked for it; C{/v1/embeddings} too).  The relay keeps only the last two
+pieces of a stream, and of any other body its start and a bounded tail
+(L{TAIL_BYTES}); they are parsed here once, after the body has ended, so
+nothing on the hot path parses a line.
+
+A non-streamed answer can be far larger than what is kept (a long chat
+answer, C{/api/generate}'s C{context}, embeddings): its top-level count
+fields are then read from the tail, where Ollama writes them (after the
+message, the context or the vectors), and its model from the start of the
+body, where it comes first (L{_scanned}).
 
 A C{/v1} stream whose client did not ask for usage
 (C{stream_options.include_usage}) ends without token counts.  Rather than
-record nothing, its completion tokens are counted: Ollama sends one chunk
-per generated token, so the pieces the body arrived in, less those at its
-end that carry no token (the chunk with C{finish_reason}, C{[DONE]}), are
-the tokens.  The summary then says C{counted}; the prompt's tokens stay
-unknown (0).  Chunks that reach the proxy together (when it falls behind)
-count once, so a counted figure is a lower bound.
+record nothing, its completion tokens are counted: Ollama sends one event
+per generated token, so the events the relay counted
+(L{ollamaproxy.exchange.Meter.output}), less those at its end that carry
+no token (the chunk with C{finish_reason}, C{[DONE]}), are the tokens.
+The summary then says C{counted}; the prompt's tokens are estimated by the
+meter.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from typing import Any, Final
 
 from ollamaproxy.exchange import StreamSummary
 
 NANOSECONDS = 1e9
 
+#: How much of the end of a body that is not a stream the relay keeps: far
+#: more than Ollama's count fields and whatever follows them.
+TAIL_BYTES: Final = 64 * 1024
+
+#: How much of the start of such a body the relay keeps, for its model.
+HEAD_BYTES: Final = 4 * 1024
+
+# A top-level-looking field of a JSON object and its value (a string, a
+# number or null).  A quote inside a JSON string is escaped, so a field
+# name preceded by "{" or "," cannot be a string's content.
+_FIELD = re.compile(
+    rb'[{,]\s*"(model|done_reason|finish_reason|prompt_eval_count|eval_count|eval_duration'
+    rb'|load_duration|prompt_tokens|completion_tokens)"\s*:\s*'
+    rb'("(?:[^"\\]|\\.)*"|-?[0-9]+|null)'
+)
+
 
 def summarise(
-    tail: bytes, openai: bool, pieces: tuple[bytes, bytes] = (b"", b""), reads: int = 0
+    tail: bytes, openai: bool, events: int = 0, head: bytes = b""
 ) -> StreamSummary | None:
     """
-    The summary in the end of a response body, if it has one; for a C{/v1}
+    The summary at the end of a response body, if it has one; for a C{/v1}
     stream without usage, one with the completion tokens counted.
 
-    @param tail: The last bytes of the body (at least its last object).
+    @param tail: The last bytes of the body (at least its last object), or
+        the whole body.
     @param openai: Whether the body came from a C{/v1} route.
-    @param pieces: The last two pieces the body arrived in, each whole.
-    @param reads: How many pieces the body arrived in.
+    @param events: How many NDJSON lines or SSE events the relay counted.
+    @param head: The start of a body too long to be kept whole (C{tail}
+        then holds only its end); empty if C{tail} is the whole body.
     """
-    if (b'"usage"' if openai else b'"done"') not in tail:
+    if head:
+        return _scanned(head, tail, openai)
+    if (b'"usage"' if openai else b'"done"') not in tail and (
+        openai or b'"prompt_eval_count"' not in tail
+    ):
         # Not a generation (a model listing, an error), or a /v1 stream
         # without usage.
-        return _counted(pieces, reads) if openai and b"data:" in tail else None
+        return _counted(tail, events) if openai and b"data:" in tail else None
     for document in reversed(_objects(tail)):
         summary = _openai(document) if openai else _ollama(document)
         if summary is not None:
             return summary
-    return _counted(pieces, reads) if openai else None
+    return _counted(tail, events) if openai else None
 
 
-def _counted(pieces: tuple[bytes, bytes], reads: int) -> StreamSummary | None:
+def _scanned(head: bytes, tail: bytes, openai: bool) -> StreamSummary | None:
+    """
+    The summary of a non-streamed answer too long to keep whole: the count
+    fields as they last appear in its tail (Ollama's are the answer's last
+    fields, after anything a model wrote, such as a tool call's arguments),
+    its model as it first appears in its head, else last in its tail.
+    """
+    fields: dict[str, Any] = {}
+    for match in _FIELD.finditer(tail):
+        fields[match.group(1).decode("ascii")] = _value(match.group(2))
+    first = _FIELD.search(head)
+    while first is not None and first.group(1) != b"model":
+        first = _FIELD.search(head, first.end())
+    if first is not None:
+        fields["model"] = _value(first.group(2))
+    if not isinstance(fields.get("model"), str):
+        fields["model"] = ""  # the meter names the model the request named
+    if openai:
+        if "prompt_tokens" not in fields and "completion_tokens" not in fields:
+            return None
+        usage = {name: fields.get(name) for name in ("prompt_tokens", "completion_tokens")}
+        document = {"model": fields.get("model"), "usage": usage,
+                    "choices": [{"finish_reason": fields.get("finish_reason")}]}
+        return _openai(document)
+    if "prompt_eval_count" not in fields and "eval_count" not in fields:
+        return None
+    return _ollama({**fields, "done": True})
+
+
+def _value(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _counted(tail: bytes, events: int) -> StreamSummary | None:
     """
     The summary of a C{/v1} stream that reported no usage: its model and
     finish reason from its last chunk, its completion tokens counted as
-    the pieces it arrived in, less the last ones that carry no token.
+    the events relayed, less the last ones that carry no token.
     """
     last_chunk: dict[str, Any] | None = None
-    empty_pieces = 0
-    for piece in pieces:
-        chunks = [c for c in _objects(piece) if _is_chunk(c)]
-        if chunks:
-            last_chunk = chunks[-1]
-        if piece and not any(_carries_token(c) for c in chunks):
-            empty_pieces += 1
+    empty_events = 0
+    for line in tail.splitlines():
+        if not line.startswith(b"data:"):
+            continue  # a comment, or an event cut at the tail's start
+        data = line[len(b"data:"):].strip()
+        if data == b"[DONE]":
+            empty_events += 1
+            continue
+        document = _object(data)
+        if document is None or not _is_chunk(document):
+            continue
+        last_chunk = document
+        if not _carries_token(document):
+            empty_events += 1
     if last_chunk is None:
         return None  # not a completion stream
     choices = last_chunk.get("choices") or []
@@ -75,7 +149,7 @@ def _counted(pieces: tuple[bytes, bytes], reads: int) -> StreamSummary | None:
     return StreamSummary(
         model=str(last_chunk["model"]),
         done_reason=_text(next((r for r in reasons if r), None)),
-        completion_tokens=max(0, reads - empty_pieces),
+        completion_tokens=max(0, events - empty_events),
         counted=True,
     )
 
@@ -112,19 +186,33 @@ def _objects(tail: bytes) -> list[dict[str, Any]]:
         line = line.strip()
         if line.startswith(b"data:"):
             line = line[len(b"data:"):].strip()
-        if not line.startswith(b"{"):
-            continue
-        try:
-            document = json.loads(line)
-        except ValueError:
-            continue  # the first line of the tail may be cut
-        if isinstance(document, dict):
+        document = _object(line)
+        if document is not None:
             objects.append(document)
     return objects
 
 
+def _object(line: bytes) -> dict[str, Any] | None:
+    """
+    The JSON object a line holds, or L{None} (the first line of a tail may
+    be cut).
+    """
+    if not line.startswith(b"{"):
+        return None
+    try:
+        document = json.loads(line)
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
 def _ollama(document: dict[str, Any]) -> StreamSummary | None:
-    if not document.get("done") or "model" not in document:
+    """
+    The summary in Ollama's final object: a generation's (C{done}) or an
+    embedding's (no C{done}, a C{prompt_eval_count}).
+    """
+    final = document.get("done") or ("done" not in document and "prompt_eval_count" in document)
+    if not final or "model" not in document:
         return None
     completion = _count(document.get("eval_count"))
     eval_seconds = _count(document.get("eval_duration")) / NANOSECONDS

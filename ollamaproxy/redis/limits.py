@@ -7,7 +7,11 @@ L{RedisLimits} keeps what L{ollamaproxy.admission.limits.KeyLimits} keeps, with 
 same meaning: a key's requests a minute (a bucket holding a minute's
 worth), its requests in flight, and its tokens per UTC day and month.  Each
 check is one Lua script (L{ollamaproxy.redis.scripts}), so racing proxies
-cannot let a key in beyond its limits.
+cannot let a key in beyond its limits: the script that admits a request of
+a key with a quota adds its expected cost to the key's counters at once,
+and the release replaces it with the tokens used (in the counters of the
+day and month it was admitted in, or the current ones if those ended).  A
+proxy that dies mid-request leaves its reservation counted.
 
 Requests in flight are leases that expire (C{--redis-lease}, 30 s): one
 round every few seconds renews all of this proxy's leases at once, so a
@@ -115,10 +119,11 @@ class RedisLimits:
         link.each_round(self.renew)
         link.each_round(self.send_unsent)
 
-    def admit(self, key: ApiKey) -> Deferred[Release]:
+    def admit(self, key: ApiKey, estimate: int = 0) -> Deferred[Release]:
         """
-        Let a request of C{key} in, or refuse it (L{Limits.admit}).  A key
-        without limits is let in without asking Redis.
+        Let a request of C{key} in, or refuse it, reserving C{estimate}
+        tokens for it (L{Limits.admit}).  A key without limits is let in
+        without asking Redis.
         """
         if (
             key.rpm is None and key.max_streams is None
@@ -126,16 +131,19 @@ class RedisLimits:
         ):
             return succeed(_nothing)
         if not self._link.up:
-            return self._without_redis(key)
+            return self._without_redis(key, estimate)
         now = self._clock.seconds()
         day, month = window("day", now), window("month", now)
         lease = "" if key.max_streams is None else f"{self._instance}:{next(self._serial)}"
+        counted = key.tokens_per_day is not None or key.tokens_per_month is not None
+        reserved = max(estimate, 0) if counted else 0
         asked = self._link.call(
             scripts.ADMIT,
             [self._key("rate", key.name), self._key("streams", key.name),
              self._counter(day, key.name), self._counter(month, key.name)],
             [_ms(now), _limit(key.rpm), _limit(key.max_streams), lease, _ms(self._lease),
-             _limit(key.tokens_per_day), _limit(key.tokens_per_month)],
+             _limit(key.tokens_per_day), _limit(key.tokens_per_month), reserved,
+             _ms(day.end + _COUNTER_KEPT), _ms(month.end + _COUNTER_KEPT)],
         )
         answer: Deferred[Release] = Deferred(lambda _: None)
 
@@ -146,7 +154,8 @@ class RedisLimits:
                 return
             if lease:
                 self._leases[lease] = self._key("streams", key.name)
-            release = self._release(key, lease)
+            release = self._release(key, lease, reserved, [
+                (self._counter(day, key.name), day), (self._counter(month, key.name), month)])
             if answer.called:
                 # The client went away while Redis answered.
                 release(0)
@@ -157,7 +166,7 @@ class RedisLimits:
             if not failure.check(RedisDown):
                 log.failure("Asking Redis for key {name}'s limits failed", failure,
                             name=key.name)
-            local = self._without_redis(key)
+            local = self._without_redis(key, estimate)
             if answer.called:
                 local.addCallback(lambda release: release(0))
                 local.addErrback(lambda _: None)
@@ -188,7 +197,15 @@ class RedisLimits:
         assert key.rpm is not None
         return too_fast(key.name, key.rpm, n / 1000)
 
-    def _release(self, key: ApiKey, lease: str) -> Release:
+    def _release(
+        self, key: ApiKey, lease: str, reserved: int, admitted: list[tuple[str, Window]]
+    ) -> Release:
+        """
+        The release of a request Redis admitted: it gives back the lease,
+        and replaces the C{reserved} tokens in the counters it was
+        C{admitted} with by the tokens used (a period that has ended since
+        keeps the reservation; the tokens count in the new one).
+        """
         counted = key.tokens_per_day is not None or key.tokens_per_month is not None
 
         def release(tokens: int = 0) -> None:
@@ -197,26 +214,31 @@ class RedisLimits:
             if tokens and self._quotas is not None:
                 self._quotas.add(key.name, tokens)
             tokens = tokens if counted else 0
-            if not lease and not tokens:
-                return
             counters = self._counters(key.name)
+            charges = [tokens - reserved if now == then else tokens
+                       for (now, _), (then, _) in zip(counters, admitted, strict=True)]
+            if not lease and not any(charges):
+                return
             sent = self._link.call(
                 scripts.RELEASE,
                 [self._key("streams", key.name), counters[0][0], counters[1][0]],
-                [lease, tokens, *(_ms(span.end + _COUNTER_KEPT) for _, span in counters)],
+                [lease, *charges, *(_ms(span.end + _COUNTER_KEPT) for _, span in counters)],
             )
 
             def unsent(failure: Failure) -> None:
                 # The lease expires by itself; the tokens are added later.
-                self._keep_unsent(counters, tokens)
+                for counter, charge in zip(counters, charges, strict=True):
+                    self._keep_unsent([counter], charge)
 
             sent.addErrback(unsent)
 
         return release
 
-    def _without_redis(self, key: ApiKey) -> Deferred[Release]:
+    def _without_redis(self, key: ApiKey, estimate: int) -> Deferred[Release]:
         """
-        The answer while Redis is down, by the failure policy.
+        The answer while Redis is down, by the failure policy: under
+        C{local}, the in-process limits reserve and settle the request's
+        cost, and the tokens it used are added to Redis's counters later.
         """
         if self._policy == "closed":
             return fail(ProxyError(
@@ -227,7 +249,7 @@ class RedisLimits:
                 outcome="rejected",
             ))
         if key.tokens_per_day is None and key.tokens_per_month is None:
-            return self._local.admit(key)
+            return self._local.admit(key, estimate)
 
         def counting(local_release: Release) -> Release:
             def release(tokens: int = 0) -> None:
@@ -236,10 +258,14 @@ class RedisLimits:
 
             return release
 
-        return self._local.admit(key).addCallback(counting)
+        return self._local.admit(key, estimate).addCallback(counting)
 
     def _keep_unsent(self, counters: list[tuple[str, Window]], tokens: int) -> None:
-        if tokens <= 0:
+        """
+        Keep C{tokens} to add to C{counters} once Redis is back (less than
+        0 for a reservation that was larger than the tokens used).
+        """
+        if not tokens:
             return
         for name, span in counters:
             entry = self._unsent.setdefault(name, [0, _ms(span.end + _COUNTER_KEPT)])

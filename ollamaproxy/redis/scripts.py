@@ -32,10 +32,13 @@ TOO_MANY_STREAMS: Final = 3
 OVER_RATE: Final = 4
 
 # KEYS: rate, streams, tokens of the day, tokens of the month.
-# ARGV: now, rpm, max_streams, lease id, lease ms, day quota, month quota;
-# a limit of -1 is none.
+# ARGV: now, rpm, max_streams, lease id, lease ms, day quota, month quota
+# (a limit of -1 is none), the tokens to reserve, when the day's and the
+# month's counters expire.
 # Answers {code, n}: n is the milliseconds until a token comes for
-# OVER_RATE, the tokens used for the quotas.
+# OVER_RATE, the tokens used for the quotas.  An admitted request's
+# reservation is added to the counters at once, so that the next request
+# sees it; RELEASE replaces it with what the request used.
 ADMIT: Final = """
 local now = tonumber(ARGV[1])
 local rpm = tonumber(ARGV[2])
@@ -66,19 +69,27 @@ if max_streams >= 0 then
   redis.call('ZADD', KEYS[2], now + lease_ms, ARGV[4])
   redis.call('PEXPIRE', KEYS[2], 2 * lease_ms)
 end
+local reserve = tonumber(ARGV[8])
+if reserve > 0 then
+  for i = 3, 4 do
+    redis.call('INCRBY', KEYS[i], reserve)
+    redis.call('PEXPIREAT', KEYS[i], ARGV[i + 6])
+  end
+end
 return {0, 0}
 """
 
 # KEYS: streams, tokens of the day, tokens of the month.
-# ARGV: lease id ('' for none), tokens, when the day's and the month's
-# counters expire.
+# ARGV: lease id ('' for none), the tokens to add to the day's and to the
+# month's counter (less than 0 when a request used less than it reserved),
+# when they expire.
 RELEASE: Final = """
 if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
-local tokens = tonumber(ARGV[2])
-if tokens > 0 then
-  for i = 2, 3 do
+for i = 2, 3 do
+  local tokens = tonumber(ARGV[i])
+  if tokens ~= 0 then
     redis.call('INCRBY', KEYS[i], tokens)
-    redis.call('PEXPIREAT', KEYS[i], ARGV[i + 1])
+    redis.call('PEXPIREAT', KEYS[i], ARGV[i + 2])
   end
 end
 return 0

@@ -8,8 +8,9 @@ again under C{/proxy/}, the prefix the project's first version served it
 under.  Each request goes through the same steps, each of which returns what
 it found or raises a L{ProxyError}::
 
-    preflight -> gate (the key) -> admit (limits) -> plan (models, caps)
-              -> dispatch (the backends) -> record
+    preflight -> gate (the key) -> plan (models, caps, expected cost)
+              -> admit (limits, the cost reserved) -> dispatch (the backends)
+              -> record
 
 The app fills the request's L{Exchange} from what the steps return and
 hands it to the recorder once, however the request ended.  Every error the
@@ -184,8 +185,10 @@ class OllamaProxy:
 
     async def _serve(self, request: ProxyRequest, target: Target, flight: Flight) -> None:
         """
-        The pipeline's steps after the preflight: gate, admit, plan,
-        dispatch.
+        The pipeline's steps after the preflight: gate, plan, admit,
+        dispatch.  The plan comes before the limits, since a quota reserves
+        the cost the plan expects; the release settles what the trip's
+        meter counted, however the request ended.
         """
         exchange = flight.exchange
         self._check_accepting(request)
@@ -203,17 +206,20 @@ class OllamaProxy:
             await self._dispatcher.dispatch(request, Job(target, route), flight.trip)
             return
         exchange.key = key.name
-        release = await self._limits.admit(key)
+        plan = await plan_request(key, request, target, path, route, self._caps,
+                                  self._dispatcher.several)
+        exchange.model = plan.model
+        if plan.notes:
+            exchange.notes = "; ".join(plan.notes)
+        meter = flight.trip.meter
+        if route is not None and route.runs:
+            meter.expect(plan.estimate.prompt, plan.model.canonical if plan.model else "")
+        release = await self._limits.admit(key, plan.estimate.tokens)
         try:
-            plan = await plan_request(key, request, target, path, route, self._caps,
-                                      self._dispatcher.several)
-            exchange.model = plan.model
-            if plan.notes:
-                exchange.notes = "; ".join(plan.notes)
             job = Job(target, route, key.name, key.weight, plan.model, plan.rewrite, plan.body)
             await self._dispatcher.dispatch(request, job, flight.trip)
         finally:
-            release(flight.trip.answered.tokens)
+            release(meter.tokens)
 
     def _check_accepting(self, request: ProxyRequest) -> None:
         """
@@ -250,7 +256,7 @@ class OllamaProxy:
         if trip.responded is not None:
             exchange.first_byte = trip.responded - exchange.started
         answered = trip.answered
-        exchange.summary, exchange.response_sample = answered.summary, answered.sample
+        exchange.summary, exchange.response_sample = trip.meter.reading(), answered.sample
         if answered.cut is not None and exchange.outcome == "completed":
             exchange.failed("upstream_error", answered.cut)
         if request.body is not None:

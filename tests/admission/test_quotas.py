@@ -10,11 +10,13 @@ and C{num_predict} 8 uses 10 tokens.
 from __future__ import annotations
 
 import json
+import math
 from calendar import timegm
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs
@@ -23,7 +25,7 @@ from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.admission.quota_periods import window
 from ollamaproxy.admission.quotas import QuotaBook, QuotaSeed
 from ollamaproxy.record.usage_db import UsageFileError, tokens_by_key, write_rows
-from tests.fakes.chain import KEY, Chain
+from tests.fakes.chain import IDLE_TIMEOUT, KEY, Chain
 from tests.fakes.observers import ErrorCollector
 
 USER_KEY = "olpk_quotakeyquotakeyquotakeyquotakey00"
@@ -109,9 +111,11 @@ def test_the_crossing_stream_completes() -> None:
     """
     A stream that goes over the quota is never cut: it streams every
     token and its final object; so does one that started before the
-    other ended.  Both count, and the next request is refused.
+    other ended, while the first one's reservation (67 tokens) left the
+    key under its quota.  Both count what they used, not what they
+    reserved, and the next request is refused.
     """
-    chain = chain_at("2026-12-15T18:00:00", tokens_per_day=20)
+    chain = chain_at("2026-12-15T18:00:00", tokens_per_day=100)
     hold = {"model": "hold", "prompt": "a b", "options": {"num_predict": 50}}
     held_response = chain.request("POST", "/api/generate", key=USER_KEY,
                                   data=json.dumps(hold).encode())
@@ -319,3 +323,203 @@ def test_a_seed_that_cannot_be_read_is_logged_and_counts_from_now(
     assert chain.quotas.loaded
     assert generate(chain)[0] == 200
     assert generate(chain)[0] == 429
+
+
+def held_generate(chain: Chain, **fields: Any) -> tuple[bytes, Deferred[Any]]:
+    """
+    Start a generate of the model C{hold} with C{user}'s key, which the
+    test answers by hand (L{tests.fakes.ollama.HeldStream}): its body, and
+    the client's response.
+    """
+    body = json.dumps({"model": "hold", "prompt": "a b", **fields}).encode()
+    return body, chain.request("POST", "/api/generate", key=USER_KEY, data=body)
+
+
+def test_a_client_that_hangs_up_mid_stream_is_charged() -> None:
+    """
+    A client that reads 15 tokens of a stream and hangs up is charged
+    those 15, as the relay counted them, and its prompt as estimated from
+    the request (Ollama's own count never came); the record says both.
+    Twelve such streams (24 tokens each) cannot get past a quota of 100.
+    """
+    chain = chain_at("2026-12-15T18:00:00", tokens_per_day=100)
+    request, response = held_generate(chain)
+    held = chain.fake.held[-1]
+    for _ in range(15):
+        held.write_line({"model": "hold", "response": "tok ", "done": False})
+    chain.flush()
+    client = chain.stream(chain.result(response))
+    with capturedLogs() as events:
+        client.disconnect()
+        chain.flush()
+    chain.failure(client.done)
+    prompt = math.ceil(len(request) / 4)
+    assert chain.quotas.used("user", "day") == 15 + prompt
+    [summary] = [e for e in events if e.get("log_namespace") == "ollamaproxy.stream"]
+    assert (summary["model"], summary["prompt_tokens"], summary["completion_tokens"]) == (
+        "hold:latest", prompt, 15)
+    assert summary["tokens_counted"] and summary["prompt_estimated"]
+    codes = []
+    for _ in range(11):
+        answer = chain.result(held_generate(chain)[1])
+        codes.append(answer.code)
+        if answer.code == 200:
+            for _ in range(15):
+                chain.fake.held[-1].write_line({"model": "hold", "response": "x", "done": False})
+            chain.flush()
+            client = chain.stream(answer)
+            client.disconnect()
+            chain.flush()
+            chain.failure(client.done)
+    assert codes == [200] * 4 + [429] * 7
+    assert chain.quotas.used("user", "day") == 5 * (15 + prompt)
+
+
+def test_concurrent_streams_overshoot_by_at_most_one_request() -> None:
+    """
+    Eight streams started together on a key with 100 tokens a day: each
+    one admitted reserves its expected cost (prompt and C{num_predict}),
+    so only two get in (the second while the key had 33 left), and the key
+    goes over its quota by less than one request's cost, not eight times.
+    """
+    chain = chain_at("2026-12-15T18:00:00", tokens_per_day=100)
+    responses = [held_generate(chain, options={"num_predict": 50})[1] for _ in range(8)]
+    answers = [chain.result(response) for response in responses]
+    assert [answer.code for answer in answers] == [200, 200, 429, 429, 429, 429, 429, 429]
+    for held in chain.fake.held:
+        held.release()
+    chain.flush()
+    for answer in answers:
+        chain.body(answer)
+    assert 100 <= chain.quotas.used("user", "day") == 104 < 100 + 52
+
+
+def test_a_reservation_is_given_back_when_nothing_was_generated() -> None:
+    """
+    A request that Ollama refuses (a model it does not have) costs
+    nothing: its reservation is given back.
+    """
+    chain = chain_at("2026-12-15T18:00:00", tokens_per_day=100)
+    body = json.dumps({"model": "nosuchmodel", "prompt": "a b"}).encode()
+    response = chain.respond("POST", "/api/generate", key=USER_KEY, data=body)
+    assert response.code == 404
+    chain.body(response)
+    assert chain.quotas.used("user", "day") == 0
+
+
+def test_a_long_non_streamed_answer_is_charged() -> None:
+    """
+    A C{"stream": false} answer of about 210 kB, arriving in many pieces,
+    is charged the counts of its final object, read from the end of the
+    body however many pieces it spans.
+    """
+    chain = chain_at("2026-12-15T18:00:00", tokens_per_day=100)
+    body = json.dumps({"model": "slowhead", "prompt": "a b", "stream": False}).encode()
+    response = chain.request("POST", "/api/generate", key=USER_KEY, data=body)
+    held = chain.fake.held[-1]
+    held.send_head(content_type=b"application/json; charset=utf-8")
+    held.write_raw(b'{"model":"slowhead","created_at":"2026-12-15T18:00:00Z","response":"')
+    for _ in range(70):
+        held.write_raw(b"tok " * 750)
+        chain.flush()
+    held.write_raw(b'","done":true,"done_reason":"stop","total_duration":1,'
+                   b'"prompt_eval_count":26,"eval_count":500,"eval_duration":1}')
+    held.finish()
+    chain.flush()
+    assert len(chain.body(chain.result(response))) > 210_000
+    assert chain.quotas.used("user", "day") == 526
+    assert generate(chain)[0] == 429
+
+
+def test_embed_is_charged_with_its_model() -> None:
+    """
+    C{/api/embed} is metered: the C{prompt_eval_count} of its answer (which
+    has no C{done}) counts against the quota and in usage, with the model
+    that made it.
+    """
+    chain = chain_at("2026-12-15T18:00:00", tokens_per_day=100)
+    request = {"model": "llama3.2", "input": ["one two three", "four five"]}
+    with capturedLogs() as events:
+        response = chain.respond("POST", "/api/embed", key=USER_KEY,
+                                 data=json.dumps(request).encode())
+        assert response.code == 200
+        assert json.loads(chain.body(response))["prompt_eval_count"] == 5
+    assert chain.quotas.used("user", "day") == 5
+    [summary] = [e for e in events if e.get("log_namespace") == "ollamaproxy.stream"]
+    assert (summary["model"], summary["prompt_tokens"]) == ("llama3.2", 5)
+    assert not summary["prompt_estimated"]
+
+
+def test_legacy_embeddings_are_charged_an_estimate() -> None:
+    """
+    C{/api/embeddings}, whose answer holds no count and no model, is
+    charged its prompt as estimated from the request, under the model the
+    request named, and says it was estimated.
+    """
+    chain = chain_at("2026-12-15T18:00:00", tokens_per_day=100)
+    request = json.dumps({"model": "llama3.2", "prompt": "one two three"}).encode()
+    with capturedLogs() as events:
+        response = chain.respond("POST", "/api/embeddings", key=USER_KEY, data=request)
+        chain.body(response)
+    assert chain.quotas.used("user", "day") == math.ceil(len(request) / 4)
+    [summary] = [e for e in events if e.get("log_namespace") == "ollamaproxy.stream"]
+    assert (summary["model"], summary["completion_tokens"]) == ("llama3.2:latest", 0)
+    assert summary["prompt_estimated"] and not summary["tokens_counted"]
+
+
+def test_a_reservation_settles_in_the_day_it_was_made() -> None:
+    """
+    The book counts a reservation as used at once; settled in the same day,
+    the tokens used replace it; settled in the next day, the reservation
+    stays in the day it was made (forgotten with it) and the tokens used
+    count in the new day, while the month, the same, settles the difference.
+    """
+    clock = Clock()
+    clock.advance(at("2026-12-15T23:00:00"))
+    book = QuotaBook(clock, loaded=True)
+    settle = book.reserve("user", 500)
+    assert (book.used("user", "day"), book.used("user", "month")) == (500, 500)
+    settle(120)
+    assert (book.used("user", "day"), book.used("user", "month")) == (120, 120)
+    late = book.reserve("user", 500)
+    clock.advance(3600)
+    late(40)
+    assert (book.used("user", "day"), book.used("user", "month")) == (40, 160)
+
+
+def test_a_model_pull_costs_no_tokens() -> None:
+    """
+    A model pull's NDJSON progress lines are no tokens: the meter counts
+    only the answers of routes that run a model, so the key is charged
+    nothing and the pull has no summary.
+    """
+    chain = chain_at("2026-12-15T18:00:00")
+    with capturedLogs() as events:
+        response = chain.respond("POST", "/api/pull", data=b'{"model": "qwen2.5:0.5b"}')
+        assert response.code == 200
+        assert len(chain.body(response).splitlines()) > 1
+    assert chain.quotas.used("alice", "day") == 0
+    assert [e for e in events if e.get("log_namespace") == "ollamaproxy.stream"] == []
+
+
+@pytest.mark.parametrize("cut", ["broke off", "idle"])
+def test_a_stream_ollama_cuts_is_charged(cut: str) -> None:
+    """
+    A stream that Ollama breaks off, or that is cut for its silence past
+    C{--idle-timeout}, is charged the tokens relayed and its estimated
+    prompt, as one whose client hangs up.
+    """
+    chain = chain_at("2026-12-15T18:00:00", tokens_per_day=100)
+    request, response = held_generate(chain)
+    held = chain.fake.held[-1]
+    for _ in range(10):
+        held.write_line({"model": "hold", "response": "tok ", "done": False})
+    chain.flush()
+    client = chain.stream(chain.result(response))
+    if cut == "idle":
+        chain.clock.advance(IDLE_TIMEOUT + 1)
+    else:
+        held.abort()
+    chain.flush()
+    chain.failure(client.done)
+    assert chain.quotas.used("user", "day") == 10 + math.ceil(len(request) / 4)

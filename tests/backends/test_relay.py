@@ -19,6 +19,8 @@ from twisted.web.http_headers import Headers
 from ollamaproxy.backends import relay as relay_module
 from ollamaproxy.backends.relay import _BodyAnswer
 from ollamaproxy.backends.upstream import Upstream
+from ollamaproxy.exchange import Meter, StreamSummary
+from ollamaproxy.record.summary import TAIL_BYTES
 from tests.fakes.chain import HEADER_TIMEOUT, IDLE_TIMEOUT, Chain, Collector
 from tests.fakes.ollama import HeldStream
 
@@ -395,3 +397,59 @@ def test_body_samples_are_logged_truncated_and_redacted() -> None:
     assert logged["request_body"] == '{"api_key": "[redacted]", "model": "llama3.'
     assert logged["response_body"].startswith('{"model":"llama3.2"')
     assert len(logged["response_body"]) == 40
+
+
+class _Typed:
+    def __init__(self, content_type: bytes) -> None:
+        self.headers = Headers({b"content-type": [content_type]})
+
+
+def _relay(content_type: bytes, meter: Meter, openai: bool = False) -> _BodyAnswer:
+    """
+    A relay of a body of C{content_type} to a client that takes all, its
+    tokens counted into C{meter}.
+    """
+    upstream = Upstream(agent=None, base=b"", clock=Clock(),  # type: ignore[arg-type]
+                        header_timeout=1, idle_timeout=5)
+    body = _BodyAnswer(_Request(), _Typed(content_type), upstream,  # type: ignore[arg-type]
+                       openai=openai, meter=meter)
+    body.makeConnection(StringTransport())
+    return body
+
+
+def test_pieces_are_metered_as_they_stream_and_stay_when_cancelled() -> None:
+    """
+    The relay counts each NDJSON line (lines arriving together each count)
+    or SSE event into the meter as it relays it; a relay stopped mid-stream
+    (the client left) leaves its count in the meter, with no final figures.
+    """
+    meter = Meter()
+    body = _relay(b"application/x-ndjson", meter)
+    body.dataReceived(b'{"response":"a"}\n{"response":"b"}\n{"response":"c"}\n')
+    body.dataReceived(b'{"response":"d"}\n{"resp')
+    assert meter.output == 4
+    body.done.cancel()
+    body.done.addErrback(lambda _: None)
+    assert (meter.output, meter.final) == (4, None)
+    events = Meter()
+    sse = _relay(b"text/event-stream", events, openai=True)
+    sse.dataReceived(b'data: {"a":1}\n\ndata: {"b":2}\n\ndata: {"c"')
+    sse.dataReceived(b":3}\n\n")
+    assert events.output == 3
+
+
+def test_long_answer_is_summarised_from_many_pieces_in_bounded_memory() -> None:
+    """
+    A non-streamed answer of about 400 kB in a hundred pieces is summarised
+    from its final object's counts; what the relay keeps of it stays within
+    twice the bounded tail.
+    """
+    body = _relay(b"application/json; charset=utf-8", Meter())
+    body.dataReceived(b'{"model":"llama3.2","created_at":"x","response":"')
+    for _ in range(100):
+        body.dataReceived(b"tok " * 1000)
+        assert len(body._tail) <= 2 * TAIL_BYTES
+    body.dataReceived(b'","done":true,"done_reason":"stop","prompt_eval_count":26,'
+                      b'"eval_count":1000,"eval_duration":1000000000}')
+    assert body.summary() == StreamSummary(
+        "llama3.2", "stop", prompt_tokens=26, completion_tokens=1000, tokens_per_second=1000.0)

@@ -212,6 +212,29 @@ async def test_quota_across_proxies(proxies: list[Proxy], redis_server: RedisSer
 
 
 @pytest_twisted.ensureDeferred
+async def test_racing_requests_reserve_their_cost(
+    reactor: Any, proxies: list[Proxy], redis_server: RedisServer
+) -> None:
+    """
+    Eight requests of 60 expected tokens racing from two proxies for a key
+    with 100 tokens a day: the ADMIT script reserves each one's cost, so
+    two get in (the second while 40 were left), not eight; their releases
+    replace the reservations with what they used.
+    """
+    a, b = proxies
+    k = key(tokens_per_day=100)
+    asked = [p.limits.admit(k, 60) for _ in range(4) for p in (a, b)]
+    results = await DeferredList(asked, consumeErrors=True)
+    admitted = [value for ok, value in results if ok]
+    assert len(admitted) == 2
+    counter = f"ollamaproxy:tokens:day:{window('day', a.start).label}:alice"
+    assert redis_server.command("GET", counter) == b"$3\r\n120\r\n"
+    for release, used in zip(admitted, (30, 45), strict=True):
+        release(used)
+    await until(reactor, lambda: redis_server.command("GET", counter) == b"$2\r\n75\r\n")
+
+
+@pytest_twisted.ensureDeferred
 async def test_month_quota(proxies: list[Proxy]) -> None:
     """The month's quota refuses until the month's end."""
     a, b = proxies

@@ -1,13 +1,14 @@
 """
 Usage is never silently zero for a generation: a C{/v1} stream whose client
 did not ask for usage (C{stream_options.include_usage}) has its completion
-tokens counted from the chunks, and says so; the client's stream is not
-changed.
+tokens counted from the chunks and its prompt tokens estimated from the
+request, and says so; the client's stream is not changed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,17 +59,21 @@ def chain() -> Iterator[Chain]:
 def test_stream_without_usage_is_counted(chain: Chain, path: str) -> None:
     """
     Without C{include_usage}, the completion tokens are the chunks counted,
-    the summary says they were counted, and the metrics (like the usage
-    record, which takes the same summary) add them up.
+    the prompt tokens are estimated from the request (a quarter of its
+    bytes), the summary says both, and the metrics (like the usage record,
+    which takes the same summary) add them up.
     """
-    body, [event] = stream_events(chain, path, v1_request(path))
+    request = v1_request(path)
+    body, [event] = stream_events(chain, path, request)
     assert b'"usage"' not in body  # the client got the stream as Ollama sent it
     assert body.endswith(b"data: [DONE]\n\n")
     assert (event["model"], event["completion_tokens"], event["prompt_tokens"]) == (
-        "llama3.2", TOKENS, 0)
+        "llama3.2", TOKENS, math.ceil(len(request) / 4))
     assert event["tokens_counted"] is True
+    assert event["prompt_estimated"] is True
     assert event["done_reason"] == "length"
     assert "counted from the stream" in formatEvent(event)
+    assert "prompt estimated from the request" in formatEvent(event)
     _, metrics = chain.metrics.render(None)
     assert (f'ollamaproxy_tokens_total{{key="alice",kind="completion",model="llama3.2"}} '
             f"{TOKENS}.0").encode() in metrics
@@ -84,28 +89,25 @@ def test_stream_with_usage_is_reported(chain: Chain, path: str) -> None:
     _, [event] = stream_events(chain, path, data)
     assert (event["completion_tokens"], event["prompt_tokens"]) == (TOKENS, 2)
     assert event["tokens_counted"] is False
+    assert event["prompt_estimated"] is False
     assert "counted" not in formatEvent(event)
+    assert "estimated" not in formatEvent(event)
 
 
-def test_chunks_arriving_together_count_once() -> None:
+def test_events_at_the_end_that_carry_no_token_are_not_counted() -> None:
     """
-    Counting reads the pieces the body arrived in: chunks that reach the
-    proxy together count once, so the figure is a lower bound, never more
-    than the tokens.
+    Of the events the relay counted, those in the tail that carry no token
+    (the chunk with the finish reason, C{[DONE]}) are left out, however the
+    pieces fell: three tokens are three, in five pieces or in two.
     """
     chat = (b'data: {"model":"m","choices":[{"index":0,"delta":{"content":"a"},'
             b'"finish_reason":null}]}\n\n')
     final = (b'data: {"model":"m","choices":[{"index":0,"delta":{},'
              b'"finish_reason":"stop"}]}\n\n')
     done = b"data: [DONE]\n\n"
-    # Three tokens, then the final chunk and [DONE], in five pieces.
-    assert summarise(chat + final + done, True, (final, done), 5) == StreamSummary(
-        "m", "stop", completion_tokens=3, counted=True)
-    # The same in two pieces: two tokens together, then the last token with
-    # the final chunk and [DONE].
-    pieces = (chat + chat, chat + final + done)
-    assert summarise(b"".join(pieces), True, pieces, 2) == (
-        StreamSummary("m", "stop", completion_tokens=2, counted=True))
+    expected = StreamSummary("m", "stop", completion_tokens=3, counted=True)
+    assert summarise(final + done, True, 5) == expected
+    assert summarise(chat + chat + chat + final + done, True, 5) == expected
 
 
 @pytest.mark.parametrize("tail", [
@@ -118,4 +120,4 @@ def test_no_counting_without_completion_chunks(tail: bytes) -> None:
     A body that is no completion stream (a listing, an error) gets no
     summary, counted or not.
     """
-    assert summarise(tail, True, (b"", tail), 4) is None
+    assert summarise(tail, True, 4) is None

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from ollamaproxy.exchange import StreamSummary
+from ollamaproxy.exchange import Meter, StreamSummary
 from ollamaproxy.record.redact import blank_credentials
-from ollamaproxy.record.summary import summarise
+from ollamaproxy.record.summary import HEAD_BYTES, TAIL_BYTES, summarise
 
 FINAL = {
     "model": "llama3.2", "created_at": "2025-01-01T00:00:00Z", "message": {"role": "assistant",
@@ -81,6 +81,100 @@ def test_openai_whole_answer() -> None:
     summary = summarise(json.dumps(answer).encode() + b"\n", openai=True)
     assert summary == StreamSummary(model="llama3.2", done_reason="length", prompt_tokens=3,
                                     completion_tokens=4)
+
+
+def test_long_answer_read_from_its_head_and_tail() -> None:
+    """
+    A non-streamed answer too long to keep whole is summarised from its
+    start (the model, Ollama's first field) and its kept tail (the counts,
+    its last fields); count fields that a model wrote into a tool call's
+    arguments earlier in the answer do not count.  (The reason it stopped
+    comes before the long C{context}, out of the tail: it is not known.)
+    """
+    answer = json.dumps({
+        "model": "llama3.2", "created_at": "2025-01-01T00:00:00Z",
+        "message": {"role": "assistant", "content": "x" * 100_000, "tool_calls": [
+            {"function": {"name": "f", "arguments": {"eval_count": 99999, "model": "no"}}}]},
+        "done": True, "done_reason": "stop", "context": list(range(20_000)),
+        "total_duration": 5, "load_duration": 250_000_000, "prompt_eval_count": 26,
+        "eval_count": 500, "eval_duration": 10_000_000_000,
+    }).encode()
+    summary = summarise(answer[-TAIL_BYTES:], openai=False, head=answer[:HEAD_BYTES])
+    assert summary == StreamSummary(
+        model="llama3.2", done_reason=None, prompt_tokens=26, completion_tokens=500,
+        tokens_per_second=50.0, load_seconds=0.25,
+    )
+
+
+def test_long_openai_answer_read_from_its_tail() -> None:
+    """
+    On C{/v1}, a long answer's C{usage} is read from its tail, and the model
+    from its head, or from the tail when it comes last (C{/v1/embeddings}).
+    """
+    chat = json.dumps({"id": "c", "object": "chat.completion", "model": "llama3.2",
+                       "choices": [{"message": {"content": "y" * 100_000},
+                                    "finish_reason": "length"}],
+                       "usage": {"prompt_tokens": 3, "completion_tokens": 400}}).encode()
+    assert summarise(chat[-TAIL_BYTES:], True, head=chat[:HEAD_BYTES]) == StreamSummary(
+        model="llama3.2", done_reason="length", prompt_tokens=3, completion_tokens=400)
+    vectors = json.dumps({"object": "list", "data": [{"embedding": [0.123456] * 20_000}],
+                          "model": "nomic-embed-text", "usage": {"prompt_tokens": 7}}).encode()
+    assert summarise(vectors[-TAIL_BYTES:], True, head=vectors[:HEAD_BYTES]) == (
+        StreamSummary(model="nomic-embed-text", prompt_tokens=7))
+
+
+def test_long_answer_without_counts_has_no_summary() -> None:
+    """
+    A long body without count fields (a large model listing, an error) has
+    no summary.
+    """
+    listing = json.dumps({"models": [{"name": f"m{i}", "model": f"m{i}"}
+                                     for i in range(10_000)]}).encode()
+    assert summarise(listing[-TAIL_BYTES:], False, head=listing[:HEAD_BYTES]) is None
+
+
+@pytest.mark.parametrize(("answer", "openai", "summary"), [
+    ({"model": "all-minilm", "embeddings": [[0.1]], "total_duration": 1,
+      "load_duration": 1_000_000_000, "prompt_eval_count": 6}, False,
+     StreamSummary("all-minilm", prompt_tokens=6, load_seconds=1.0)),
+    ({"object": "list", "data": [], "model": "all-minilm",
+      "usage": {"prompt_tokens": 6, "total_tokens": 6}}, True,
+     StreamSummary("all-minilm", prompt_tokens=6)),
+    ({"embedding": [0.1, 0.2]}, False, None),
+])
+def test_embeddings(answer: dict[str, object], openai: bool,
+                    summary: StreamSummary | None) -> None:
+    """
+    An C{/api/embed} answer (no C{done}) and a C{/v1/embeddings} one give
+    their model and prompt tokens; the legacy C{/api/embeddings} one holds
+    neither (the meter estimates it).
+    """
+    assert summarise(json.dumps(answer).encode(), openai) == summary
+
+
+def test_meter_reading() -> None:
+    """
+    The meter reads Ollama's figures when they came; else the pieces it
+    counted and the prompt estimated, each marked; and nothing for a
+    request that got no successful answer, used no tokens, or runs no model
+    (its pieces are no tokens).
+    """
+    final = StreamSummary("llama3.2", "stop", prompt_tokens=26, completion_tokens=100)
+    assert Meter(True, 9, generating=True, output=101, final=final).reading() == final
+    cut = Meter(True, 9, "llama3.2:latest", generating=True, output=15)
+    assert cut.reading() == StreamSummary("llama3.2:latest", prompt_tokens=9,
+                                          completion_tokens=15, counted=True,
+                                          prompt_estimated=True)
+    assert cut.tokens == 24
+    counted = StreamSummary("llama3.2", "stop", completion_tokens=7, counted=True)
+    assert Meter(True, 9, generating=True, final=counted).reading() == (
+        StreamSummary("llama3.2", "stop", prompt_tokens=9, completion_tokens=7, counted=True,
+                      prompt_estimated=True))
+    assert Meter(True, 9, generating=False).reading() is None
+    assert Meter(True, generating=True).reading() is None
+    assert Meter(False, 9, generating=True, output=5).reading() is None
+    assert Meter(model="llama3.2:latest", final=StreamSummary("", prompt_tokens=3)).reading() == (
+        StreamSummary("llama3.2:latest", prompt_tokens=3))
 
 
 @pytest.mark.parametrize(("text", "redacted"), [

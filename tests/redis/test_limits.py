@@ -86,7 +86,7 @@ def test_admit_asks_one_script() -> None:
         "ollamaproxy:tokens:day:2026-12-01:alice", "ollamaproxy:tokens:month:2026-12:alice",
     ]
     assert call.args[:3] == [int(NOON * 1000), 60, 2]
-    assert call.args[4:] == [30000, 1000, -1]
+    assert call.args[4:8] == [30000, 1000, -1, 0]
     call.answer.callback([0, 0])
     assert callable(d.result)
     link.stopService()
@@ -322,4 +322,68 @@ def test_rate_and_streams_refusals_are_the_in_process_ones() -> None:
     assert in_flight.message == "key 'alice' already has 1 requests in flight"
     assert too_fast.message == "key 'alice' is over its limit of 1 requests a minute"
     assert too_fast.headers == {b"Retry-After": b"60"}
+    link.stopService()
+
+
+def test_admit_reserves_and_release_settles_the_difference() -> None:
+    """
+    A request of a key with a quota has its expected cost reserved by the
+    ADMIT script itself (so that racing proxies see it), and its release
+    adds only the difference between what it used and what was reserved:
+    less than 0 when it used less.  A key without a quota reserves nothing.
+    """
+    _, client, link, limits = _setup()
+    d = limits.admit(_key(tokens_per_day=1000), 600)
+    [admit] = client.calls
+    assert admit.args[7:] == [600, int((NOON + 12 * 3600 + 86400) * 1000),
+                              int((NOON + 30 * 86400 + 12 * 3600 + 86400) * 1000)]
+    admit.answer.callback([0, 0])
+    _released(d)(150)
+    release = client.calls[-1]
+    assert release.script == scripts.RELEASE
+    assert release.keys[1:] == ["ollamaproxy:tokens:day:2026-12-01:alice",
+                                "ollamaproxy:tokens:month:2026-12:alice"]
+    assert release.args[:3] == ["", -450, -450]
+    release.answer.callback(0)
+    limited = limits.admit(_key(rpm=10), 600)
+    assert client.calls[-1].args[7] == 0
+    client.calls[-1].answer.callback([0, 0])
+    _released(limited)(150)
+    link.stopService()
+
+
+def test_a_request_that_ends_in_a_new_day_counts_there() -> None:
+    """
+    A request admitted before UTC midnight and ended after it leaves its
+    reservation in the day it started in, and its tokens count in the new
+    day; the month, the same, settles the difference.
+    """
+    clock, client, link, limits = _setup()
+    d = limits.admit(_key(tokens_per_day=1000), 600)
+    client.calls[-1].answer.callback([0, 0])
+    clock.advance(12 * 3600 + 1)
+    client.pings[-1].callback("PONG")
+    _released(d)(150)
+    release = client.calls[-1]
+    assert release.keys[1] == "ollamaproxy:tokens:day:2026-12-02:alice"
+    assert release.args[1:3] == [150, -450]
+    release.answer.callback(0)
+    link.stopService()
+
+
+def test_an_unsent_settlement_is_added_later() -> None:
+    """
+    A release that Redis does not take keeps its settlement, a negative one
+    too, and adds it once Redis is back.
+    """
+    clock, client, link, limits = _setup()
+    d = limits.admit(_key(tokens_per_month=1000), 100)
+    client.calls[0].answer.callback([0, 0])
+    _released(d)(40)
+    client.calls[1].answer.errback(ConnectionError("Lost connection"))
+    clock.advance(5)
+    client.pings[-1].callback("PONG")
+    assert client.calls[-1].script == scripts.ADD_TOKENS
+    assert client.calls[-1].args[0::2] == [-60, -60]
+    client.calls[-1].answer.callback(2)
     link.stopService()

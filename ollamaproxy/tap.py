@@ -152,13 +152,27 @@ def makeService(options: Options) -> IService:
 def check_files(config: Config) -> None:
     """
     See that the files the proxy writes can be written: the log directory
-    and the usage database.
+    and the usage database; then say where usage is kept.
 
     @raise ConfigError: If one cannot, saying why.
     """
     if config.log_dir:
         check_log_dir(config.log_dir)
     check_usage_file(config.usage_file)
+    # The check opened an existing file: at start, as for PostgreSQL and
+    # Redis, a line says which engine is in use and whether it answered.
+    answered = (
+        "it opens" if os.path.exists(config.usage_file) else "new, it is made at start"
+    )
+    if config.database:
+        log.info(
+            "The SQLite file {path} keeps usage while PostgreSQL does not answer: {answered}",
+            path=config.usage_file,
+            answered=answered,
+        )
+    else:
+        log.info("Usage is kept in the SQLite file {path}: {answered}",
+                 path=config.usage_file, answered=answered)
 
 
 def listen(description: str, factory: Site, reactor: IDaemonReactor, option: str) -> IService:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -711,3 +712,30 @@ def test_drain_delay_option() -> None:
     assert parse(["--drain-delay", "15"]).config.drain_delay == 15.0
     with pytest.raises(usage.UsageError, match="--drain-delay"):
         parse(["--drain-delay", "-1"])
+
+
+def test_start_says_where_usage_is_kept(tmp_path: Path) -> None:
+    """
+    The start-up check of the files says in one line which SQLite file
+    keeps usage and whether it opened (or is new); with C{--database}, that
+    it is the spill file, and never the database's password.
+    """
+    config = base_config(tmp_path, api_key="k")
+    path = config.usage_file
+    with capturedLogs() as events:
+        tap.check_files(config)
+    assert _lines(list(events)) == [
+        f"Usage is kept in the SQLite file {path}: new, it is made at start"
+    ]
+    Path(path).parent.mkdir(parents=True)
+    sqlite3.connect(path).close()
+    with capturedLogs() as events:
+        tap.check_files(config)
+    assert _lines(list(events)) == [f"Usage is kept in the SQLite file {path}: it opens"]
+    shared = replace(config, database="postgresql://me:hunter2@db.example/proxy")
+    with capturedLogs() as events:
+        tap.check_files(shared)
+    assert _lines(list(events)) == [
+        f"The SQLite file {path} keeps usage while PostgreSQL does not answer: it opens"
+    ]
+    assert all("hunter2" not in formatEvent(e) for e in events)

@@ -37,17 +37,21 @@ async def test_twistd_serves_a_stream_and_stops_cleanly(
     reactor: Any, upstream: Upstream, twistd: TwistdLauncher
 ) -> None:
     """
-    C{twistd -n ollamaproxy} relays a streamed chat to a real client, logs
-    it without the key, and exits with status 0 on SIGTERM.
+    C{twistd -n ollamaproxy} says at start where usage is kept, relays a
+    streamed chat to a real client, logs it without the key, and exits
+    with status 0 on SIGTERM, saying what drains and for how long.
     """
     proxy = await twistd.start(proxy_args(upstream.url))
     assert f"Relaying requests to Ollama at {upstream.url}: it answered" in proxy.output
+    assert "Usage is kept in the SQLite file " in proxy.output
     lines = await chat_lines(reactor, proxy.url, TEST_KEY)
     assert [line["message"]["content"] for line in lines[:-1]] == [
         f"tok{i} " for i in range(5)
     ]
     assert lines[-1]["done"] is True
     assert await proxy.terminate(reactor), proxy.output
+    assert ("Stopping: the ports close; 0 request(s) in flight get up to 30 s to finish "
+            "(--grace-period)") in proxy.output
     assert "POST /api/chat 200 completed" in proxy.output
     assert TEST_KEY not in proxy.output
     assert "Traceback" not in proxy.output

@@ -739,3 +739,21 @@ def test_start_says_where_usage_is_kept(tmp_path: Path) -> None:
         f"The SQLite file {path} keeps usage while PostgreSQL does not answer: it opens"
     ]
     assert all("hunter2" not in formatEvent(e) for e in events)
+
+
+def test_kubernetes_example_gives_time_to_drain() -> None:
+    """
+    The Kubernetes example in docs/deployment.md runs options the proxy
+    accepts, probes its readiness path, and gives the pod more time to stop
+    than the drain delay and the grace period it sets add up to.
+    """
+    text = (Path(__file__).parent.parent / "docs" / "deployment.md").read_text()
+    example = text.split("**Kubernetes.**", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    args = re.search(r"args: (\[.*?\])", example, re.DOTALL)
+    budget = re.search(r"terminationGracePeriodSeconds: (\d+)", example)
+    assert args is not None and budget is not None, example
+    argv = json.loads(args.group(1))
+    config = parse(argv[argv.index("ollamaproxy") + 1:]).config
+    assert config.drain_delay > 0
+    assert int(budget.group(1)) > config.drain_delay + config.grace_period
+    assert "path: /-/ready" in example

@@ -93,8 +93,9 @@ def assemble(
     gate = Gate(auth, recorder, clock, trusted_proxies, throttle)
     metrics.registry.register(RouterGauges(router))
     readiness.add("backends", lambda: any(b.healthy for b in router.backends))
-    # Not ready first when stopping, so that load balancers look away.
-    readiness.add("accepting", lambda: not in_flight.draining)
+    # Not ready first when stopping (before the ports close, with
+    # --drain-delay), so that load balancers look away.
+    readiness.add("accepting", lambda: not in_flight.withdrawn)
     console = Console(Sampler(in_flight, router, clock, redact), auth.keys, usage, clock, gate)
     proxy = OllamaProxy(
         gate,

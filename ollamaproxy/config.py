@@ -645,6 +645,17 @@ class Config:
         doc="on SIGTERM, seconds that requests in flight get to finish before their "
         "connections are closed",
     )
+    # A load balancer sees /-/ready turn 503 only at its next probe, and
+    # keeps routing here meanwhile: 0 for one box with no balancer in front.
+    drain_delay: float = option(
+        _seconds_or_zero, "0", metavar="S",
+        help="Seconds the proxy keeps accepting on SIGTERM while /-/ready answers 503, "
+        "before it stops listening and --grace-period starts; for load balancers",
+        doc="on SIGTERM, seconds the proxy keeps accepting and serving requests while "
+        "`/-/ready` answers `503`, so that a load balancer probing it looks away before the "
+        "port closes; then it stops listening and `--grace-period` starts "
+        "([deployment](deployment.md#behind-a-load-balancer))",
+    )
     # Model uploads (POST /api/blobs) are often tens of GB: no limit unless
     # asked.
     max_body_size: int = option(

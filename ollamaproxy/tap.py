@@ -21,6 +21,8 @@ from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
@@ -150,13 +152,27 @@ def makeService(options: Options) -> IService:
 def check_files(config: Config) -> None:
     """
     See that the files the proxy writes can be written: the log directory
-    and the usage database.
+    and the usage database; then say where usage is kept.
 
     @raise ConfigError: If one cannot, saying why.
     """
     if config.log_dir:
         check_log_dir(config.log_dir)
     check_usage_file(config.usage_file)
+    # The check opened an existing file: at start, as for PostgreSQL and
+    # Redis, a line says which engine is in use and whether it answered.
+    answered = (
+        "it opens" if os.path.exists(config.usage_file) else "new, it is made at start"
+    )
+    if config.database:
+        log.info(
+            "The SQLite file {path} keeps usage while PostgreSQL does not answer: {answered}",
+            path=config.usage_file,
+            answered=answered,
+        )
+    else:
+        log.info("Usage is kept in the SQLite file {path}: {answered}",
+                 path=config.usage_file, answered=answered)
 
 
 def listen(description: str, factory: Site, reactor: IDaemonReactor, option: str) -> IService:
@@ -236,6 +252,51 @@ class Listeners(MultiService):
             raise SystemExit(f"ollamaproxy: {e}") from None
 
 
+class DrainDelay(Service):
+    """
+    The first service to stop: it says what is draining and for how long,
+    turns C{/-/ready} to 503 (L{InFlight.withdraw}), and with
+    C{--drain-delay} keeps the ports open that long.  A load balancer
+    learns of the stop only at its next probe and routes requests here
+    until then; refused at a closed port, they would fail.
+
+    @param clock: Times the delay.
+    """
+
+    def __init__(
+        self, in_flight: InFlight, delay: float, grace_period: float, clock: IReactorTime
+    ) -> None:
+        self._in_flight = in_flight
+        self._delay = delay
+        self._grace_period = grace_period
+        self._clock = clock
+
+    def stopService(self) -> Deferred[None] | None:
+        Service.stopService(self)
+        self._in_flight.withdraw()
+        if not self._delay:
+            self._ports_close("Stopping")
+            return None
+        log.info(
+            "Stopping with {count} request(s) in flight: /-/ready answers 503 while requests "
+            "are still served for {delay:g} s (--drain-delay), then the ports close and the "
+            "requests in flight get up to {grace:g} s to finish (--grace-period)",
+            count=len(self._in_flight),
+            delay=self._delay,
+            grace=self._grace_period,
+        )
+        return deferLater(self._clock, self._delay, self._ports_close, "Drain delay over")
+
+    def _ports_close(self, why: str) -> None:
+        log.info(
+            "{why}: the ports close; {count} request(s) in flight get up to {grace:g} s to "
+            "finish (--grace-period)",
+            why=why,
+            count=len(self._in_flight),
+            grace=self._grace_period,
+        )
+
+
 class DrainService(Service):
     """
     On stop, lets requests in flight finish for a grace period.
@@ -280,9 +341,10 @@ def build_service(
     assembled = _proxy(config, keys, router, limits, throttle, reactor, metrics, usage_store,
                        readiness)
     site = _site(config, assembled, reactor, metrics, open_files)
-    # Stopping runs bottom-up: stop listening, let requests in flight
-    # finish, write the last usage, close Ollama connections, and only then
-    # close the log files.
+    # Stopping runs bottom-up: say so on /-/ready (and keep serving for
+    # --drain-delay), stop listening, let requests in flight finish, write
+    # the last usage, close Ollama connections, and only then close the
+    # log files.
     children: list[IService] = [
         *_log_files(config),
         PoolService(pool),
@@ -298,8 +360,12 @@ def build_service(
         # The console's sampler; it stops before the drain, ending open feeds.
         assembled.console.sampler,
         _listeners(config, site, metrics, readiness, reactor),
-        # Last: it stops first, before the pool it uses is closed.
+        # It stops before the pool it uses is closed (and after the drain
+        # delay, during which requests are still routed by its probes).
         UpstreamProbe([backend.upstream for backend in backends]),
+        # Last: it stops first, turning /-/ready to 503 before the ports
+        # close.
+        DrainDelay(assembled.in_flight, config.drain_delay, config.grace_period, reactor),
     ]
     service = StopInOrder()
     for child in children:

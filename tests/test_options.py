@@ -44,6 +44,7 @@ SAMPLES = {
     "idle-timeout": "3",
     "client-timeout": "4",
     "grace-period": "0",
+    "drain-delay": "5",
     "max-body-size": "1M",
     "min-body-rate": "2K",
     "cors-origins": "https://chat.example.com",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,10 +26,10 @@ import pytest
 from klein.resource import KleinResource
 from treq.testing import StubTreq
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, IServiceMaker, MultiService
+from twisted.application.service import IService, IServiceMaker, MultiService, Service
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -63,8 +64,17 @@ from ollamaproxy.record.logs import LogFilesService
 from ollamaproxy.record.usage import UsageStore
 from ollamaproxy.redis.link import RedisLink
 from ollamaproxy.redis_address import parse_redis_url
-from ollamaproxy.tap import DrainService, Listeners, Options, ProxyOptions, build_service
+from ollamaproxy.tap import (
+    DrainDelay,
+    DrainService,
+    Listeners,
+    Options,
+    ProxyOptions,
+    StopInOrder,
+    build_service,
+)
 from ollamaproxy.web.site import ProxySite
+from tests.fakes.chain import Chain
 
 KEY_PATTERN = re.compile(r"olpk_[0-9A-Za-z]{38}")
 LOCAL = "tcp:0:interface=127.0.0.1"
@@ -133,6 +143,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "idle-timeout": None,
         "client-timeout": None,
         "grace-period": None,
+        "drain-delay": None,
         "max-body-size": None,
         "min-body-rate": None,
         "cors-origins": None,
@@ -306,7 +317,7 @@ def test_service_structure(tmp_path: Path) -> None:
     service = build_service(config, daemon_reactor(reactor), lambda text: None)
     kinds = [type(child) for child in children(service)]
     assert kinds == [PoolService, BackendPool, UsageStore, QuotaSeed, KeysReloader,
-                     DrainService, Sampler, Listeners, UpstreamProbe]
+                     DrainService, Sampler, Listeners, UpstreamProbe, DrainDelay]
     assert [type(child) for child in children(children(service)[7])] == [  # type: ignore[arg-type]
         StreamServerEndpointService,
         StreamServerEndpointService,
@@ -587,7 +598,7 @@ def test_redis_wiring(tmp_path: Path, policy: str, required: bool) -> None:
     service = build_service(config, daemon_reactor(MemoryReactorClock()), lambda text: None)
     kinds = [type(child) for child in children(service)]
     assert kinds == [PoolService, BackendPool, UsageStore, QuotaSeed, RedisLink, KeysReloader,
-                     DrainService, Sampler, Listeners, UpstreamProbe]
+                     DrainService, Sampler, Listeners, UpstreamProbe, DrainDelay]
     stub: Any = StubTreq(endpoint_services(service)[0].factory.resource)
     response = stub.get("http://127.0.0.1/-/ready")
     stub.flush()
@@ -606,3 +617,143 @@ def test_redis_wiring(tmp_path: Path, policy: str, required: bool) -> None:
 
 
 _RESULTS = SynchronousTestCase()
+
+HOLD = json.dumps({"model": "hold", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+class _Stops(Service):
+    """
+    Stands for the listeners: notes when it is told to stop.
+    """
+
+    def __init__(self, chain: Chain) -> None:
+        self._chain = chain
+        self.stopped_at: float | None = None
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.stopped_at = self._chain.clock.seconds()
+
+
+def _stopping(chain: Chain, delay: float) -> tuple[StopInOrder, _Stops]:
+    """
+    The stop order of L{build_service} around C{chain}: the drain delay
+    first, then the listeners, then the drain of the requests in flight.
+    """
+    listeners = _Stops(chain)
+    service = StopInOrder()
+    for child in [DrainService(chain.in_flight, 30.0), listeners,
+                  DrainDelay(chain.in_flight, delay, 30.0, chain.clock)]:
+        child.setServiceParent(service)
+    service.startService()
+    return service, listeners
+
+
+def _lines(events: list[LogEvent]) -> list[str]:
+    return [formatEvent(e) for e in events if e.get("log_namespace") == "ollamaproxy.tap"]
+
+
+def test_drain_delay_serves_while_not_ready() -> None:
+    """
+    With C{--drain-delay 10}, a stop turns C{/-/ready} to 503 at once, still
+    serves a request arriving during the 10 seconds, and only then stops
+    the listeners and drains, saying so in a line at each step: how many
+    requests are in flight, the delay and the grace period.
+    """
+    chain = Chain()
+    service, listeners = _stopping(chain, 10.0)
+    held = chain.request("POST", "/api/chat", data=HOLD)
+    with capturedLogs() as events:
+        stopped = service.stopService()
+    assert chain.respond("GET", "/-/ready", key=None).code == 503
+    chain.clock.advance(9.5)
+    tags = chain.respond("GET", "/api/tags")
+    assert tags.code == 200
+    assert chain.pending(stopped) and listeners.stopped_at is None
+    with capturedLogs() as later:
+        chain.clock.advance(0.5)
+    assert listeners.stopped_at == 10.0
+    assert chain.pending(stopped)  # the chat is still in flight
+    assert chain.respond("GET", "/api/tags").code == 503
+    chain.fake.held[-1].finish()
+    chain.flush()
+    chain.body(chain.result(held))
+    assert chain.result(stopped) is None
+    assert _lines(list(events)) + _lines(list(later)) == [
+        "Stopping with 1 request(s) in flight: /-/ready answers 503 while requests are still "
+        "served for 10 s (--drain-delay), then the ports close and the requests in flight get "
+        "up to 30 s to finish (--grace-period)",
+        "Drain delay over: the ports close; 1 request(s) in flight get up to 30 s to finish "
+        "(--grace-period)",
+    ]
+
+
+def test_no_drain_delay_closes_the_ports_at_once() -> None:
+    """
+    With the default C{--drain-delay 0}, a stop closes the listeners at
+    once, as before the option, after one line saying what drains and for
+    how long.
+    """
+    chain = Chain()
+    service, listeners = _stopping(chain, 0.0)
+    with capturedLogs() as events:
+        stopped = service.stopService()
+    assert listeners.stopped_at == 0.0
+    assert chain.result(stopped) is None
+    assert _lines(list(events)) == [
+        "Stopping: the ports close; 0 request(s) in flight get up to 30 s to finish "
+        "(--grace-period)"
+    ]
+
+
+def test_drain_delay_option() -> None:
+    """C{--drain-delay} is read in seconds; it is 0 by default, and never negative."""
+    assert parse([]).config.drain_delay == 0.0
+    assert parse(["--drain-delay", "15"]).config.drain_delay == 15.0
+    with pytest.raises(usage.UsageError, match="--drain-delay"):
+        parse(["--drain-delay", "-1"])
+
+
+def test_start_says_where_usage_is_kept(tmp_path: Path) -> None:
+    """
+    The start-up check of the files says in one line which SQLite file
+    keeps usage and whether it opened (or is new); with C{--database}, that
+    it is the spill file, and never the database's password.
+    """
+    config = base_config(tmp_path, api_key="k")
+    path = config.usage_file
+    with capturedLogs() as events:
+        tap.check_files(config)
+    assert _lines(list(events)) == [
+        f"Usage is kept in the SQLite file {path}: new, it is made at start"
+    ]
+    Path(path).parent.mkdir(parents=True)
+    sqlite3.connect(path).close()
+    with capturedLogs() as events:
+        tap.check_files(config)
+    assert _lines(list(events)) == [f"Usage is kept in the SQLite file {path}: it opens"]
+    shared = replace(config, database="postgresql://me:hunter2@db.example/proxy")
+    with capturedLogs() as events:
+        tap.check_files(shared)
+    assert _lines(list(events)) == [
+        f"The SQLite file {path} keeps usage while PostgreSQL does not answer: it opens"
+    ]
+    assert all("hunter2" not in formatEvent(e) for e in events)
+
+
+def test_kubernetes_example_gives_time_to_drain() -> None:
+    """
+    The Kubernetes example in docs/deployment.md runs options the proxy
+    accepts, probes its readiness path, and gives the pod more time to stop
+    than the drain delay and the grace period it sets add up to.
+    """
+    text = (Path(__file__).parent.parent / "docs" / "deployment.md").read_text()
+    example = text.split("**Kubernetes.**", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    args = re.search(r"args: (\[.*?\])", example, re.DOTALL)
+    budget = re.search(r"terminationGracePeriodSeconds: (\d+)", example)
+    assert args is not None and budget is not None, example
+    argv = json.loads(args.group(1))
+    config = parse(argv[argv.index("ollamaproxy") + 1:]).config
+    assert config.drain_delay > 0
+    assert int(budget.group(1)) > config.drain_delay + config.grace_period
+    assert "path: /-/ready" in example

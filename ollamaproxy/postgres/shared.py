@@ -104,6 +104,16 @@ class SharedDatabase:
                 reason=unreachable,
             )
         version, in_database = read if read is not None else (None, [])
+        if read is not None:
+            # Said at start, as the failure above is: otherwise nothing
+            # tells the operator the database is in use until its first
+            # write.
+            log.info(
+                "Keys and usage are kept in PostgreSQL at {database}: it answered, with "
+                "{count} key(s)",
+                database=database.name,
+                count=len(in_database),
+            )
         store = KeyStore()
         if not (operator or in_file or in_database):
             # No key anywhere: make the first one, as without --database.

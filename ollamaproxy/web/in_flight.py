@@ -4,9 +4,10 @@ The requests in flight, and the drain that waits for them on shutdown.
 
 The app adds each request as it starts and removes it when it has been
 recorded; the console reads the registry a few times a second; the daemon's
-shutdown asks it to drain: new requests are refused (the app asks
-L{InFlight.draining}), those in flight get a grace period, then their
-connections are closed.
+shutdown first withdraws it (L{InFlight.withdrawn}: C{/-/ready} answers 503
+while requests are still served, for C{--drain-delay}), then asks it to
+drain: new requests are refused (the app asks L{InFlight.draining}), those
+in flight get a grace period, then their connections are closed.
 """
 
 from __future__ import annotations
@@ -39,12 +40,18 @@ class Flight:
 class InFlight(Mapping[ProxyRequest, Flight]):
     """
     The requests in flight, each web request to its L{Flight}.
+
+    @ivar withdrawn: Whether the proxy is stopping, and load balancers
+        should look away (C{/-/ready} answers 503); set before L{draining},
+        while new requests are still served.
+    @ivar draining: Whether new requests are refused; implies L{withdrawn}.
     """
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
         self._flights: dict[ProxyRequest, Flight] = {}
         self._drained: list[Deferred[None]] = []
+        self.withdrawn = False
         self.draining = False
 
     def __getitem__(self, request: ProxyRequest) -> Flight:
@@ -73,14 +80,23 @@ class InFlight(Mapping[ProxyRequest, Flight]):
             for d in drained:
                 d.callback(None)
 
+    def withdraw(self) -> None:
+        """
+        Say the proxy is stopping (L{withdrawn}), while still serving: load
+        balancers probing C{/-/ready} stop sending requests here before the
+        listening ports close.
+        """
+        self.withdrawn = True
+
     def drain(self, grace_period: float) -> Deferred[None]:
         """
-        Shut down gently: from now on L{draining} is set (the app answers new
-        requests with 503); give those in flight C{grace_period} seconds to
-        finish, then drop their connections.
+        Shut down gently: from now on L{draining} (and L{withdrawn}) is set
+        (the app answers new requests with 503); give those in flight
+        C{grace_period} seconds to finish, then drop their connections.
 
         @return: Fires when no request is left.
         """
+        self.withdraw()
         self.draining = True
         if not self._flights:
             return succeed(None)

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 
 from ollamaproxy.admission.keys import digest
 from ollamaproxy.cli import main
@@ -267,8 +268,30 @@ def test_start_without_the_database_needs_other_keys(tmp_path: Path) -> None:
     assert "hunter2" not in str(raised.value) and "\n" not in str(raised.value)
     config = Config(database=url, api_key="olpk_operator-operator-operator",
                     keys_file=str(tmp_path / "keys.json"))
-    shared = SharedDatabase.at_start(config, daemon_reactor(Clock()), NOW, lambda text: None)
+    with capturedLogs() as events:
+        shared = SharedDatabase.at_start(config, daemon_reactor(Clock()), NOW, lambda text: None)
     assert shared.store.find("olpk_operator-operator-operator") is not None
+    lines = [formatEvent(e) for e in events]
+    assert [line for line in lines if "hunter2" in line] == []
+    assert any(line.startswith("Cannot read keys from postgresql://me:***@127.0.0.1")
+               for line in lines), lines
+
+
+def test_start_says_the_database_answered(postgres_url: str, tmp_path: Path) -> None:
+    """
+    At start, a line names the database in use, without its password, and
+    says that it answered, with how many keys it holds.
+    """
+    database_url = postgres_url.replace("postgres@", "postgres:hunter2@")
+    assert "hunter2" in database_url  # the server trusts loopback: any password passes
+    config = Config(database=database_url, api_key="olpk_operator-operator-operator",
+                    keys_file=str(tmp_path / "keys.json"))
+    with capturedLogs() as events:
+        SharedDatabase.at_start(config, daemon_reactor(Clock()), NOW, lambda text: None)
+    lines = [formatEvent(e) for e in events]
+    assert [line for line in lines if "hunter2" in line] == []
+    name = postgres_url.replace("postgres@", "postgres:***@")
+    assert f"Keys and usage are kept in PostgreSQL at {name}: it answered, with 0 key(s)" in lines
 
 
 

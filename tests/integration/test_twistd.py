@@ -11,10 +11,12 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from twisted.internet import error
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.ssl import Certificate
 from twisted.web.client import BrowserLikePolicyForHTTPS
@@ -35,17 +37,21 @@ async def test_twistd_serves_a_stream_and_stops_cleanly(
     reactor: Any, upstream: Upstream, twistd: TwistdLauncher
 ) -> None:
     """
-    C{twistd -n ollamaproxy} relays a streamed chat to a real client, logs
-    it without the key, and exits with status 0 on SIGTERM.
+    C{twistd -n ollamaproxy} says at start where usage is kept, relays a
+    streamed chat to a real client, logs it without the key, and exits
+    with status 0 on SIGTERM, saying what drains and for how long.
     """
     proxy = await twistd.start(proxy_args(upstream.url))
     assert f"Relaying requests to Ollama at {upstream.url}: it answered" in proxy.output
+    assert "Usage is kept in the SQLite file " in proxy.output
     lines = await chat_lines(reactor, proxy.url, TEST_KEY)
     assert [line["message"]["content"] for line in lines[:-1]] == [
         f"tok{i} " for i in range(5)
     ]
     assert lines[-1]["done"] is True
     assert await proxy.terminate(reactor), proxy.output
+    assert ("Stopping: the ports close; 0 request(s) in flight get up to 30 s to finish "
+            "(--grace-period)") in proxy.output
     assert "POST /api/chat 200 completed" in proxy.output
     assert TEST_KEY not in proxy.output
     assert "Traceback" not in proxy.output
@@ -306,3 +312,39 @@ async def test_instances_side_by_side(
     await (await read(wrong)).done
     assert await first.terminate(reactor), first.output
     assert await second.terminate(reactor), second.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_delay_keeps_serving_then_closes_the_port(
+    reactor: Any, upstream: Upstream, twistd: TwistdLauncher
+) -> None:
+    """
+    With C{--drain-delay}, SIGTERM turns C{/-/ready} to 503 at once while a
+    chat sent after it on a new connection is still served; the port closes
+    once the delay is over, not before, and the process exits cleanly.
+    """
+    delay = 3.0
+    proxy = await twistd.start(proxy_args(upstream.url, "--drain-delay", f"{delay:g}"))
+    signalled = time.monotonic()
+    os.kill(proxy.pid, signal.SIGTERM)
+    await wait_for(reactor, lambda: "Stopping with 0 request(s) in flight" in proxy.output,
+                   "the stop logged")
+    ready = await request(agent(reactor), b"GET", proxy.url + "/-/ready")
+    assert ready.code == 503
+    arrivals = await read(ready)
+    await arrivals.done
+    assert json.loads(arrivals.body)["checks"]["accepting"] is False
+    lines = await chat_lines(reactor, proxy.url, TEST_KEY)
+    assert lines[-1]["done"] is True
+    assert time.monotonic() - signalled < delay, "served after the delay: the test proves nothing"
+    code = await proxy.protocol.ended.addTimeout(delay + 10, reactor)
+    assert time.monotonic() - signalled >= delay
+    assert code in (0, -signal.SIGTERM), proxy.output
+    assert "Drain delay over: the ports close" in proxy.output
+    assert "Server Shut Down." in proxy.output and "Traceback" not in proxy.output
+    try:
+        refused = await request(agent(reactor), b"GET", proxy.url + "/-/ready")
+    except error.ConnectionRefusedError:
+        pass
+    else:
+        raise AssertionError(f"the port still answers: {refused.code}")

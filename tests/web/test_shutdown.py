@@ -1,5 +1,6 @@
 """
-Tests for shutting down gently: L{ollamaproxy.web.app.OllamaProxy.drain}.
+Tests for shutting down gently: L{ollamaproxy.web.in_flight.InFlight}'s
+withdraw and drain, as the app and C{/-/ready} see them.
 """
 
 from __future__ import annotations
@@ -82,3 +83,39 @@ def test_streams_left_at_end_of_grace_period_are_cut(access_events: list[LogEven
     assert held.disconnected.called
     assert [e["outcome"] for e in access_events] == ["shutdown"]
     assert chain.clock.getDelayedCalls() == []
+
+
+def test_withdrawn_is_not_ready_yet_serves() -> None:
+    """
+    Once withdrawn (the stop has begun, under C{--drain-delay}), C{/-/ready}
+    answers 503 naming C{accepting}, while a request arriving then is
+    served as usual, and a stream in flight goes on.
+    """
+    chain = Chain()
+    assert chain.respond("GET", "/-/ready", key=None).code == 200
+    d = chain.request("POST", "/api/chat", data=CHAT)
+    held = chain.fake.held[-1]
+    client = chain.stream(chain.result(d))
+    chain.in_flight.withdraw()
+    ready = chain.respond("GET", "/-/ready", key=None)
+    assert ready.code == 503
+    assert json.loads(chain.body(ready))["error"] == "not ready: accepting"
+    tags = chain.respond("GET", "/api/tags")
+    assert tags.code == 200
+    assert "models" in json.loads(chain.body(tags))
+    held.write_line({"n": 1, "done": True})
+    held.finish()
+    chain.flush()
+    chain.result(client.done)
+    assert client.body == b'{"n":1,"done":true}\n'
+
+
+def test_draining_is_withdrawn() -> None:
+    """
+    A drain without a withdraw before it (C{--drain-delay 0}) turns
+    C{/-/ready} to 503 all the same.
+    """
+    chain = Chain()
+    chain.in_flight.drain(GRACE)
+    assert chain.in_flight.withdrawn
+    assert chain.respond("GET", "/-/ready", key=None).code == 503

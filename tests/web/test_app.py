@@ -927,3 +927,48 @@ def test_bug_is_logged_as_a_500(observe_errors: ErrorCollector) -> None:
     [event] = _access(list(events))
     assert event["status"] == 500
     assert event["outcome"] != "completed"
+
+
+def test_a_client_that_left_the_queue_is_logged_with_its_wait() -> None:
+    """
+    A request whose client left while it waited in the fair queue is
+    logged with the time it waited, and with C{-} for the status it never
+    had, not C{None}.
+    """
+    chain = Chain(parallel=1)
+    with capturedLogs() as events:
+        first = chain.request("POST", "/api/chat", data=chat("hold"))
+        waiting = chain.request("POST", "/api/chat", data=chat("hold"))
+        chain.clock.advance(0.685)
+        waiting.cancel()
+        chain.failure(waiting)
+        chain.flush()
+        [event] = _access(list(events))
+        chain.fake.held[0].finish()
+        chain.flush()
+        chain.body(chain.result(first))
+    assert (event["status"], event["outcome"]) == (None, "client_disconnected")
+    assert event["queued"] == pytest.approx(0.685)
+    assert formatEvent(event) == (
+        "127.0.0.1 alice POST /api/chat - client_disconnected 0B 0.685s queued 0.685s"
+    )
+
+
+def test_a_request_that_timed_out_in_the_queue_is_logged_with_its_wait() -> None:
+    """
+    A request refused after waiting C{--queue-timeout} seconds in the fair
+    queue is logged with that wait.
+    """
+    chain = Chain(parallel=1, queue_timeout=30)
+    with capturedLogs() as events:
+        first = chain.request("POST", "/api/chat", data=chat("hold"))
+        queued = chain.request("POST", "/api/chat", data=chat("hold"))
+        chain.clock.advance(30)
+        chain.flush()
+        assert chain.result(queued).code == 503
+        [event] = _access(list(events))
+        chain.fake.held[0].finish()
+        chain.flush()
+        chain.body(chain.result(first))
+    assert (event["outcome"], event["queued"]) == ("queue_timeout", 30)
+    assert " queued 30.000s " in formatEvent(event)

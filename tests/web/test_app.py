@@ -972,3 +972,30 @@ def test_a_request_that_timed_out_in_the_queue_is_logged_with_its_wait() -> None
         chain.body(chain.result(first))
     assert (event["outcome"], event["queued"]) == ("queue_timeout", 30)
     assert " queued 30.000s " in formatEvent(event)
+
+
+@pytest.mark.parametrize(
+    ("agent", "key", "code"),
+    [
+        pytest.param(None, "wrong-key-0123456789", 401, id="refused by the proxy"),
+        pytest.param(FailingAgent(RuntimeError("kaboom"), raises=True), KEY, 500, id="bug"),
+    ],
+)
+def test_the_body_of_an_error_answer_is_counted(
+    agent: IAgent | None, key: str, code: int, observe_errors: ErrorCollector
+) -> None:
+    """
+    The bytes of an error the proxy answers itself (its JSON body) are
+    counted in the access event, as the bytes of any other answer.
+    """
+    chain = Chain(agent=agent)
+    with capturedLogs() as events:
+        reply = call(chain, "GET", "/api/tags", key=key)
+    observe_errors.errors.clear()
+    assert reply.code == code
+    [event] = _access(list(events))
+    assert reply.body
+    assert event["sent_bytes"] == len(reply.body)
+    assert f" {code} " in formatEvent(event)
+    assert f" {len(reply.body)}B " in formatEvent(event)
+

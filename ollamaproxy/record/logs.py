@@ -54,70 +54,100 @@ def log_exchange(
     sent_bytes: int,
     now: float,
     redact: Callable[[str], str] = blank_credentials,
+    name_backend: bool = False,
 ) -> None:
     """
     Emit the events for a finished request: its access event, the summary
     of what it generated, and its body samples if they were kept.
+
+    Each event carries its own fields (what the JSON log writes) and its
+    text line, built here from the same values, so that every field of the
+    text line is a field of the event and no piece of text made only for
+    the line (a suffix, a placeholder) is.
 
     @param redact: Blanks credentials and the proxy's own keys
         (L{ollamaproxy.record.redact.Redactor}) in the text clients choose: the
         path, the error detail (which may repeat the path or a model name)
         and the bodies, before they go into any event.  (The summary's
         model is the one Ollama answered with: an installed model.)
+    @param name_backend: Whether the text line names the backend the
+        request went to: with several, which one matters; with one, it
+        would repeat the same address on every line.
     """
     # A path that is one of Ollama's fixed routes (the route's pattern
     # itself) holds nothing of the client's choosing: no need to look.
     path = exchange.path if exchange.path == exchange.route else redact(exchange.path)
     detail = redact(exchange.detail) if exchange.detail else ""
+    status, upstream, queued, notes = (
+        exchange.status, exchange.backend, exchange.queued, exchange.notes
+    )
+    duration = now - exchange.started
+    # A request that ended before any status (its client left first) has
+    # none: "-", as for any other missing field of the line.
+    line = (
+        f"{exchange.client} {exchange.key} {exchange.method} {path} "
+        f"{'-' if status is None else status} {exchange.outcome} {sent_bytes}B "
+        f"{duration:.3f}s"
+    )
+    if name_backend and upstream:
+        line += f" backend {upstream}"
+    if queued:
+        line += f" queued {queued:.3f}s"
+    if detail:
+        line += f" ({detail})"
+    if notes:
+        line += f" [{notes}]"
     _emit(
         access,
-        ACCESS_LINE,
+        line,
         client=exchange.client,
         key=exchange.key,
         method=exchange.method,
         path=path,
-        status=exchange.status,
+        status=status,
         outcome=exchange.outcome,
         detail=detail,
-        detail_suffix=f" ({detail})" if detail else "",
         sent_bytes=sent_bytes,
-        upstream=exchange.backend,
-        queued=exchange.queued,
-        queued_suffix=f" queued {exchange.queued:.3f}s" if exchange.queued else "",
-        notes=exchange.notes,
-        notes_suffix=f" [{exchange.notes}]" if exchange.notes else "",
+        upstream=upstream,
+        queued=queued,
+        notes=notes,
         first_byte=exchange.first_byte,
-        duration=now - exchange.started,
+        duration=duration,
     )
     summary = exchange.summary
     if summary is not None:
+        speed = summary.tokens_per_second
         _emit(
             streams,
-            STREAM_LINE,
+            (
+                f"{exchange.key} {summary.model}: {summary.prompt_tokens} prompt + "
+                f"{summary.completion_tokens} completion tokens"
+                f"{_COUNTED if summary.counted else ''}"
+                f"{'' if speed is None else f' at {speed:.1f} tokens/s'}, "
+                f"{summary.done_reason}"
+            ),
             key=exchange.key,
             path=path,
             model=summary.model,
             done_reason=summary.done_reason,
             prompt_tokens=summary.prompt_tokens,
             completion_tokens=summary.completion_tokens,
-            tokens_per_second=summary.tokens_per_second,
+            tokens_per_second=speed,
             load_seconds=summary.load_seconds,
             tokens_counted=summary.counted,
-            counted=_COUNTED if summary.counted else "",
-            speed=(
-                f" at {summary.tokens_per_second:.1f} tokens/s"
-                if summary.tokens_per_second is not None else ""
-            ),
         )
     if exchange.request_sample or exchange.response_sample:
+        request_body = _sample_text(exchange.request_sample, redact)
+        response_body = _sample_text(exchange.response_sample, redact)
         _emit(
             bodies,
-            BODIES_LINE,
+            f"{exchange.method} {path} request body: {request_body!r} "
+            f"response body: {response_body!r}",
             method=exchange.method,
             path=path,
             key=exchange.key,
-            request_body=_sample_text(exchange.request_sample, redact),
-            response_body=_sample_text(exchange.response_sample, redact),
+            request_body=request_body,
+            response_body=response_body,
         )
 
 
@@ -133,16 +163,11 @@ def _sample_text(sample: bytes, redact: Callable[[str], str]) -> str:
     return redact(_CUT_KEY.sub(REDACTED, sample.decode("utf-8", "replace")))
 
 
-ACCESS_LINE = (
-    "{client} {key} {method} {path} {status} {outcome} {sent_bytes}B "
-    "{duration:.3f}s{queued_suffix}{detail_suffix}{notes_suffix}"
-)
-STREAM_LINE = (
-    "{key} {model}: {prompt_tokens} prompt + {completion_tokens} completion tokens"
-    "{counted}{speed}, {done_reason}"
-)
 _COUNTED = " (counted from the stream: Ollama reported no usage)"
-BODIES_LINE = "{method} {path} request body: {request_body!r} response body: {response_body!r}"
+
+
+#: What the events' text is given as (L{_emit}): the line, formatted once.
+_LINE = "{line}"
 
 
 def _emit(logger: Logger, line: str, **fields: object) -> None:
@@ -155,7 +180,7 @@ def _emit(logger: Logger, line: str, **fields: object) -> None:
     finished line (C{"{line}"}) keeps every request's logging cheap however
     many files it goes to; the fields stay in the event for the JSON file.
     """
-    logger.info("{line}", line=line.format(**fields), **fields)
+    logger.info(_LINE, line=line, **fields)
 
 
 class _Redacting:

@@ -258,7 +258,7 @@ class OllamaProxy:
             exchange.failed("upstream_error", answered.cut)
         if request.body is not None:
             exchange.request_sample = request.body.sample
-        self._recorder.record(exchange, request.sentLength)
+        self._recorder.record(exchange, request.sentLength, self._dispatcher.several)
 
     def _preflight(self, request: ProxyRequest, exchange: Exchange) -> None:
         """

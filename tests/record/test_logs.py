@@ -89,3 +89,34 @@ def test_text_file_reads_as_twisted_writes_it() -> None:
             observer(event)
     assert ours.getvalue() == twisteds.getvalue()
     assert len(set(ours.getvalue().splitlines())) == 3
+
+
+def test_a_request_without_a_status_shows_a_dash() -> None:
+    """
+    A request that ended before it had a status (its client left the
+    queue) reads C{-} in the text line, never C{None}; its field is
+    C{None} (C{null} in the JSON log).
+    """
+    exchange = Exchange("POST", "/api/chat", "127.0.0.1", started=100.0, key="laptop")
+    exchange.failed("client_disconnected", "")
+    event = _logged(exchange)["ollamaproxy.access"]
+    assert formatEvent(event) == "127.0.0.1 laptop POST /api/chat - client_disconnected 811B 0.410s"
+    assert event["status"] is None
+
+
+def test_the_backend_is_named_when_asked() -> None:
+    """
+    The access line names the backend the request went to only when told
+    there are several.
+    """
+    exchange = Exchange("GET", "/api/tags", "127.0.0.1", started=100.0, status=200,
+                        backend="http://10.0.0.2:11434")
+    lines = []
+    for several in (False, True):
+        with capturedLogs() as events:
+            log_exchange(exchange, 5, 100.5, name_backend=several)
+        lines.append(formatEvent(events[0]))
+    assert lines == [
+        "127.0.0.1 - GET /api/tags 200 completed 5B 0.500s",
+        "127.0.0.1 - GET /api/tags 200 completed 5B 0.500s backend http://10.0.0.2:11434",
+    ]

@@ -999,3 +999,27 @@ def test_the_body_of_an_error_answer_is_counted(
     assert f" {code} " in formatEvent(event)
     assert f" {len(reply.body)}B " in formatEvent(event)
 
+
+@pytest.mark.parametrize(
+    ("backends", "named"),
+    [
+        pytest.param([["llama3.2:latest"]], False, id="one"),
+        pytest.param([["llama3.2:latest"], ["mistral:latest"]], True, id="several"),
+    ],
+)
+def test_the_access_line_names_the_backend_when_there_are_several(
+    backends: list[list[str]], named: bool
+) -> None:
+    """
+    With several backends the access line says which one the request went
+    to; with one, it does not repeat its address on every line.  The
+    event's C{upstream} field names it either way.
+    """
+    chain = Chain(backends=backends)
+    chain.pool.refresh_all()
+    chain.flush()
+    with capturedLogs() as events:
+        assert call(chain, "POST", "/api/chat", data=chat()).code == 200
+    [event] = _access(list(events))
+    assert event["upstream"] == OLLAMA
+    assert (f" backend {OLLAMA}" in formatEvent(event)) is named

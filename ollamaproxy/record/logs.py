@@ -6,8 +6,9 @@ Every request ends with one access event (L{log_exchange}) on the
 C{ollamaproxy.access} logger.  With C{--log-dir}, L{LogFilesService} sends
 every event to two files that rotate by size with a bounded number of old
 files: C{ollamaproxy.log} (text, for people) and C{ollamaproxy.json} (one JSON
-object a line, for C{jq}).  twistd's own observer is left alone, so
-C{twistd -n} still shows everything on the console.
+object a line, for C{jq}, in a documented schema: L{json_file_observer}).
+twistd's own observer is left alone, so C{twistd -n} still shows everything
+on the console.
 
 Keys never appear in any event: events name a key by its name, and the text
 clients choose (paths, model names, error details, body samples) is redacted
@@ -18,8 +19,10 @@ receives clean fields and a clean line.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import time
 from collections.abc import Callable
 from typing import IO, cast
 
@@ -28,15 +31,17 @@ from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
+    LogEvent,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
     LogPublisher,
+    formatEvent,
     formatEventAsClassicLogText,
     formatTime,
-    jsonFileLogObserver,
 )
 from twisted.python.logfile import LogFile
+from twisted.python.reflect import safe_str
 
 from ollamaproxy.exchange import Exchange
 from ollamaproxy.record.redact import KEY_PREFIX, REDACTED, blank_credentials
@@ -233,6 +238,75 @@ class _SecondStamps:
         return self._stamp
 
 
+#: The names the JSON log gives the proxy's own events; any other event is
+#: named by its logger's namespace (the module that logged it).
+EVENT_NAMES = {
+    access.namespace: "access",
+    streams.namespace: "stream",
+    bodies.namespace: "bodies",
+}
+#: Keys of an event that are Twisted's, not the event's own, besides its
+#: C{log_*} ones: its observers for the old C{twisted.python.log} API add
+#: them to the event itself, whichever observer runs first.  And C{line},
+#: the proxy's events' text, which the record holds as C{text}.
+_NOT_FIELDS = frozenset(
+    {"message", "time", "system", "format", "isError", "failure", "why", "line"}
+)
+
+
+def json_file_observer(out: IO[str]) -> FileLogObserver:
+    """
+    The JSON log's format: one object a line, with the event's time
+    (ISO 8601, UTC, to the millisecond), level, name and text, then its own
+    fields; the traceback of an event that logs a failure.  None of
+    Twisted's own keys: they are most of what Twisted's
+    L{twisted.logger.jsonFileLogObserver} writes (the logger, the level's
+    class, the flattened format fields), which no reader wants.  The
+    schema is documented in C{docs/logging-and-metrics.md}.
+    """
+    stamps = _IsoStamps()
+    encode = json.JSONEncoder(default=safe_str).encode
+
+    def line(event: LogEvent) -> str:
+        namespace = event.get("log_namespace", "-")
+        record: dict[str, object] = {
+            "time": stamps(event.get("log_time")),
+            "level": event.get("log_level", LogLevel.info).name,
+            "event": EVENT_NAMES.get(namespace, namespace),
+            "text": event["line"] if event.get("log_format") == _LINE else formatEvent(event),
+        }
+        for name, value in event.items():
+            if not name.startswith("log_") and name not in _NOT_FIELDS:
+                record[name] = value
+        failure = event.get("log_failure")
+        if failure is not None:
+            record["traceback"] = failure.getTraceback()
+        return encode(record) + "\n"
+
+    return FileLogObserver(out, line)
+
+
+class _IsoStamps:
+    """
+    ISO 8601 time stamps in UTC to the millisecond, each second's part
+    worked out once for the second it is in.
+    """
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._stamp = ""
+
+    def __call__(self, when: float | None) -> str | None:
+        if when is None:
+            return None
+        milliseconds = int(when * 1000)
+        second, millisecond = divmod(milliseconds, 1000)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{millisecond:03d}Z"
+
+
 class LogFilesService(Service):
     """
     While running, writes every log event at C{info} level or above to
@@ -286,7 +360,7 @@ class LogFilesService(Service):
             )
             for observer in (
                 text_file_observer(cast(IO[str], text)),
-                jsonFileLogObserver(cast(IO[str], lines), recordSeparator=""),
+                json_file_observer(cast(IO[str], lines)),
             )
         ]
         for observer in self._observers:

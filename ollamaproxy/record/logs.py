@@ -96,7 +96,9 @@ def log_exchange(
     )
     if name_backend and upstream:
         line += f" backend {upstream}"
-    if queued:
+    # A request given its slot at once has waited the microseconds the
+    # router took: "queued 0.000s" would only be noise.
+    if queued >= _SHOWN_WAIT:
         line += f" queued {queued:.3f}s"
     if detail:
         line += f" ({detail})"
@@ -169,6 +171,9 @@ def _sample_text(sample: bytes, redact: Callable[[str], str]) -> str:
 
 
 _COUNTED = " (counted from the stream: Ollama reported no usage)"
+#: The shortest wait in the queue the text line shows: what rounds to a
+#: millisecond.
+_SHOWN_WAIT = 0.0005
 
 
 #: What the events' text is given as (L{_emit}): the line, formatted once.

@@ -11,6 +11,7 @@ from io import StringIO
 from pathlib import Path
 from typing import cast
 
+import pytest
 from twisted.logger import (
     ILogObserver,
     LegacyLogObserverWrapper,
@@ -137,6 +138,25 @@ def test_the_backend_is_named_when_asked() -> None:
         "127.0.0.1 - GET /api/tags 200 completed 5B 0.500s",
         "127.0.0.1 - GET /api/tags 200 completed 5B 0.500s backend http://10.0.0.2:11434",
     ]
+
+
+@pytest.mark.parametrize(("queued", "shown"), [
+    (0.0000031, ""), (0.0004, ""), (0.0005, " queued 0.001s"), (0.685, " queued 0.685s"),
+])
+def test_the_line_shows_a_wait_of_a_millisecond_or_more(queued: float, shown: str) -> None:
+    """
+    The access line shows the time a request waited in the queue when it
+    is at least a millisecond, rounded: a request given its slot at once
+    waited only the router's microseconds, which would read
+    C{queued 0.000s}.  The field keeps the exact figure.
+    """
+    exchange = Exchange("GET", "/api/tags", "127.0.0.1", started=100.0, status=200,
+                        queued=queued)
+    with capturedLogs() as events:
+        log_exchange(exchange, 5, 101.0)
+    [event] = events
+    assert formatEvent(event) == "127.0.0.1 - GET /api/tags 200 completed 5B 1.000s" + shown
+    assert event["queued"] == queued
 
 
 def documented_fields() -> dict[str, set[str]]:

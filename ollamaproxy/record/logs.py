@@ -43,7 +43,7 @@ from twisted.logger import (
 from twisted.python.logfile import LogFile
 from twisted.python.reflect import safe_str
 
-from ollamaproxy.exchange import Exchange
+from ollamaproxy.exchange import Exchange, StreamSummary
 from ollamaproxy.record.redact import KEY_PREFIX, REDACTED, blank_credentials
 
 access = Logger(namespace="ollamaproxy.access")
@@ -123,39 +123,53 @@ def log_exchange(
     )
     summary = exchange.summary
     if summary is not None:
-        speed = summary.tokens_per_second
-        _emit(
-            streams,
-            (
-                f"{exchange.key} {summary.model}: {summary.prompt_tokens} prompt + "
-                f"{summary.completion_tokens} completion tokens"
-                f"{_COUNTED if summary.counted else ''}"
-                f"{'' if speed is None else f' at {speed:.1f} tokens/s'}, "
-                f"{summary.done_reason}"
-            ),
-            key=exchange.key,
-            path=path,
-            model=summary.model,
-            done_reason=summary.done_reason,
-            prompt_tokens=summary.prompt_tokens,
-            completion_tokens=summary.completion_tokens,
-            tokens_per_second=speed,
-            load_seconds=summary.load_seconds,
-            tokens_counted=summary.counted,
-        )
+        _log_summary(exchange.key, path, summary)
     if exchange.request_sample or exchange.response_sample:
-        request_body = _sample_text(exchange.request_sample, redact)
-        response_body = _sample_text(exchange.response_sample, redact)
-        _emit(
-            bodies,
-            f"{exchange.method} {path} request body: {request_body!r} "
-            f"response body: {response_body!r}",
-            method=exchange.method,
-            path=path,
-            key=exchange.key,
-            request_body=request_body,
-            response_body=response_body,
-        )
+        _log_bodies(exchange, path, redact)
+
+
+def _log_summary(key: str, path: str, summary: StreamSummary) -> None:
+    """
+    Emit the summary event of a generation.
+    """
+    speed = summary.tokens_per_second
+    _emit(
+        streams,
+        (
+            f"{key} {summary.model}: {summary.prompt_tokens} prompt + "
+            f"{summary.completion_tokens} completion tokens"
+            f"{_COUNTED if summary.counted else ''}"
+            f"{'' if speed is None else f' at {speed:.1f} tokens/s'}, "
+            f"{summary.done_reason}"
+        ),
+        key=key,
+        path=path,
+        model=summary.model,
+        done_reason=summary.done_reason,
+        prompt_tokens=summary.prompt_tokens,
+        completion_tokens=summary.completion_tokens,
+        tokens_per_second=speed,
+        load_seconds=summary.load_seconds,
+        tokens_counted=summary.counted,
+    )
+
+
+def _log_bodies(exchange: Exchange, path: str, redact: Callable[[str], str]) -> None:
+    """
+    Emit the event of a request's body samples, redacted.
+    """
+    request_body = _sample_text(exchange.request_sample, redact)
+    response_body = _sample_text(exchange.response_sample, redact)
+    _emit(
+        bodies,
+        f"{exchange.method} {path} request body: {request_body!r} "
+        f"response body: {response_body!r}",
+        method=exchange.method,
+        path=path,
+        key=exchange.key,
+        request_body=request_body,
+        response_body=response_body,
+    )
 
 
 # The start of a generated key at the very end of a text.

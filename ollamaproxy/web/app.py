@@ -13,7 +13,9 @@ it found or raises a L{ProxyError}::
 
 The app fills the request's L{Exchange} from what the steps return and
 hands it to the recorder once, however the request ended.  Every error the
-proxy answers itself leaves through one handler, in Ollama's JSON shape.
+proxy answers itself is answered one way (L{OllamaProxy._error_answer}), in
+Ollama's JSON shape, before the request is recorded, so that its body is
+counted.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs, jsonFileLogObserver
+from twisted.logger import capturedLogs
 from twisted.web.http_headers import Headers
 
 import ollamaproxy
@@ -29,7 +29,7 @@ from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.backends.relay import _BodyAnswer
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.exchange import Exchange
-from ollamaproxy.record.logs import log_exchange, text_file_observer
+from ollamaproxy.record.logs import json_file_observer, log_exchange, text_file_observer
 from tests.fakes.chain import KEY, Chain
 
 # Python and C function calls per relayed chunk, as measured when the guard
@@ -150,6 +150,8 @@ def test_own_calls_per_request_stay_within_budget(route: str) -> None:
 # Calls to write one request's access event to each kind of log file, with
 # room for Twisted's own changes: formatting the event's fields in every
 # observer, as Twisted does for a plain format string, took 236 and 69.
+# The JSON log's own format (issue 22: time, level, event, text and the
+# event's fields, not Twisted's event) took 39, against 37 for Twisted's.
 LOG_BUDGET = {"text": 100, "json": 50}
 
 
@@ -166,7 +168,7 @@ def test_calls_to_log_a_request_stay_within_budget(kind: str) -> None:
         log_exchange(exchange, 811, 100.41)
     [event] = events
     observe = text_file_observer(StringIO()) if kind == "text" else (
-        jsonFileLogObserver(StringIO(), recordSeparator="")
+        json_file_observer(StringIO())
     )
     observe(event)  # the first event of a second works out its time stamp
     assert count_calls(lambda: observe(event)) <= LOG_BUDGET[kind]

@@ -42,7 +42,7 @@ from ollamaproxy.backends.relay import (
     send,
     whole_body,
 )
-from ollamaproxy.backends.router import Router
+from ollamaproxy.backends.router import Lease, Router
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.exchange import Meter
 from ollamaproxy.model_names import ModelName
@@ -110,6 +110,8 @@ class Dispatcher:
         self._router = router
         self._pool = router.pool
         self._sample_bytes = sample_bytes
+        # Every backend's client carries the process's clock.
+        self._clock = router.backends[0].upstream.clock
         #: Whether the router chooses among backends.
         self.several = router.several
         #: This process's mark, which every backend's client carries.
@@ -150,7 +152,7 @@ class Dispatcher:
         unreachable: Unreachable | None = None
         while True:
             try:
-                acquired = self._router.acquire(
+                acquiring = self._router.acquire(
                     job.key,
                     job.model,
                     runs=route is not None and route.runs,
@@ -158,10 +160,14 @@ class Dispatcher:
                     exclude=tried,
                     weight=job.weight,
                 )
-                if request.body is not None and not acquired.called:
-                    # Queued: read on, so that a client that leaves is seen to.
-                    request.body.wait()
-                lease = await acquired
+                if acquiring.called:
+                    # Most requests get their lease at once, for no call more.
+                    lease = await acquiring
+                else:
+                    if request.body is not None:
+                        # Queued: read on, so that a client that leaves is seen to.
+                        request.body.wait()
+                    lease = await self._waited(acquiring, trip)
             except ProxyError:
                 if unreachable is not None:
                     raise unreachable from None
@@ -188,6 +194,20 @@ class Dispatcher:
             if route is not None and route.changes_models and self._router.several:
                 self._pool.refresh(backend)
             return
+
+    async def _waited(self, acquiring: Deferred[Lease], trip: Trip) -> Lease:
+        """
+        The lease C{acquiring}, a wait in the fair queue, fires with.  A
+        request that leaves the queue without one (its client left, or it
+        waited too long) waited all the same, but the lease that says how
+        long never comes: its wait is measured here, for the log.
+        """
+        since = self._clock.seconds()
+        try:
+            return await acquiring
+        except BaseException:
+            trip.queued = self._clock.seconds() - since
+            raise
 
     async def _on_every_backend(
         self, request: Downstream, job: Job, route: RouteSpec, trip: Trip

@@ -6,8 +6,9 @@ Every request ends with one access event (L{log_exchange}) on the
 C{ollamaproxy.access} logger.  With C{--log-dir}, L{LogFilesService} sends
 every event to two files that rotate by size with a bounded number of old
 files: C{ollamaproxy.log} (text, for people) and C{ollamaproxy.json} (one JSON
-object a line, for C{jq}).  twistd's own observer is left alone, so
-C{twistd -n} still shows everything on the console.
+object a line, for C{jq}, in a documented schema: L{json_file_observer}).
+twistd's own observer is left alone, so C{twistd -n} still shows everything
+on the console.
 
 Keys never appear in any event: events name a key by its name, and the text
 clients choose (paths, model names, error details, body samples) is redacted
@@ -18,8 +19,10 @@ receives clean fields and a clean line.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import time
 from collections.abc import Callable
 from typing import IO, cast
 
@@ -28,17 +31,19 @@ from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
+    LogEvent,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
     LogPublisher,
+    formatEvent,
     formatEventAsClassicLogText,
     formatTime,
-    jsonFileLogObserver,
 )
 from twisted.python.logfile import LogFile
+from twisted.python.reflect import safe_str
 
-from ollamaproxy.exchange import Exchange
+from ollamaproxy.exchange import Exchange, StreamSummary
 from ollamaproxy.record.redact import KEY_PREFIX, REDACTED, blank_credentials
 
 access = Logger(namespace="ollamaproxy.access")
@@ -54,73 +59,119 @@ def log_exchange(
     sent_bytes: int,
     now: float,
     redact: Callable[[str], str] = blank_credentials,
+    name_backend: bool = False,
 ) -> None:
     """
     Emit the events for a finished request: its access event, the summary
     of what it generated, and its body samples if they were kept.
+
+    Each event carries its own fields (what the JSON log writes) and its
+    text line, built here from the same values, so that every field of the
+    text line is a field of the event and no piece of text made only for
+    the line (a suffix, a placeholder) is.
 
     @param redact: Blanks credentials and the proxy's own keys
         (L{ollamaproxy.record.redact.Redactor}) in the text clients choose: the
         path, the error detail (which may repeat the path or a model name)
         and the bodies, before they go into any event.  (The summary's
         model is the one Ollama answered with: an installed model.)
+    @param name_backend: Whether the text line names the backend the
+        request went to: with several, which one matters; with one, it
+        would repeat the same address on every line.
     """
     # A path that is one of Ollama's fixed routes (the route's pattern
     # itself) holds nothing of the client's choosing: no need to look.
     path = exchange.path if exchange.path == exchange.route else redact(exchange.path)
     detail = redact(exchange.detail) if exchange.detail else ""
+    status, upstream, queued, notes = (
+        exchange.status, exchange.backend, exchange.queued, exchange.notes
+    )
+    duration = now - exchange.started
+    # A request that ended before any status (its client left first) has
+    # none: "-", as for any other missing field of the line.
+    line = (
+        f"{exchange.client} {exchange.key} {exchange.method} {path} "
+        f"{'-' if status is None else status} {exchange.outcome} {sent_bytes}B "
+        f"{duration:.3f}s"
+    )
+    if name_backend and upstream:
+        line += f" backend {upstream}"
+    # A request given its slot at once has waited the microseconds the
+    # router took: "queued 0.000s" would only be noise.
+    if queued >= _SHOWN_WAIT:
+        line += f" queued {queued:.3f}s"
+    if detail:
+        line += f" ({detail})"
+    if notes:
+        line += f" [{notes}]"
     _emit(
         access,
-        ACCESS_LINE,
+        line,
         client=exchange.client,
         key=exchange.key,
         method=exchange.method,
         path=path,
-        status=exchange.status,
+        status=status,
         outcome=exchange.outcome,
         detail=detail,
-        detail_suffix=f" ({detail})" if detail else "",
         sent_bytes=sent_bytes,
-        upstream=exchange.backend,
-        queued=exchange.queued,
-        queued_suffix=f" queued {exchange.queued:.3f}s" if exchange.queued else "",
-        notes=exchange.notes,
-        notes_suffix=f" [{exchange.notes}]" if exchange.notes else "",
+        upstream=upstream,
+        queued=queued,
+        notes=notes,
         first_byte=exchange.first_byte,
-        duration=now - exchange.started,
+        duration=duration,
     )
     summary = exchange.summary
     if summary is not None:
-        _emit(
-            streams,
-            STREAM_LINE,
-            key=exchange.key,
-            path=path,
-            model=summary.model,
-            done_reason=summary.done_reason,
-            prompt_tokens=summary.prompt_tokens,
-            completion_tokens=summary.completion_tokens,
-            tokens_per_second=summary.tokens_per_second,
-            load_seconds=summary.load_seconds,
-            tokens_counted=summary.counted,
-            prompt_estimated=summary.prompt_estimated,
-            counted=(_COUNTED if summary.counted else "")
-            + (_ESTIMATED if summary.prompt_estimated else ""),
-            speed=(
-                f" at {summary.tokens_per_second:.1f} tokens/s"
-                if summary.tokens_per_second is not None else ""
-            ),
-        )
+        _log_summary(exchange.key, path, summary)
     if exchange.request_sample or exchange.response_sample:
-        _emit(
-            bodies,
-            BODIES_LINE,
-            method=exchange.method,
-            path=path,
-            key=exchange.key,
-            request_body=_sample_text(exchange.request_sample, redact),
-            response_body=_sample_text(exchange.response_sample, redact),
-        )
+        _log_bodies(exchange, path, redact)
+
+
+def _log_summary(key: str, path: str, summary: StreamSummary) -> None:
+    """
+    Emit the summary event of a generation.
+    """
+    speed = summary.tokens_per_second
+    _emit(
+        streams,
+        (
+            f"{key} {summary.model}: {summary.prompt_tokens} prompt + "
+            f"{summary.completion_tokens} completion tokens"
+            f"{_COUNTED if summary.counted else ''}"
+            f"{_ESTIMATED if summary.prompt_estimated else ''}"
+            f"{'' if speed is None else f' at {speed:.1f} tokens/s'}, "
+            f"{summary.done_reason}"
+        ),
+        key=key,
+        path=path,
+        model=summary.model,
+        done_reason=summary.done_reason,
+        prompt_tokens=summary.prompt_tokens,
+        completion_tokens=summary.completion_tokens,
+        tokens_per_second=speed,
+        load_seconds=summary.load_seconds,
+        tokens_counted=summary.counted,
+        prompt_estimated=summary.prompt_estimated,
+    )
+
+
+def _log_bodies(exchange: Exchange, path: str, redact: Callable[[str], str]) -> None:
+    """
+    Emit the event of a request's body samples, redacted.
+    """
+    request_body = _sample_text(exchange.request_sample, redact)
+    response_body = _sample_text(exchange.response_sample, redact)
+    _emit(
+        bodies,
+        f"{exchange.method} {path} request body: {request_body!r} "
+        f"response body: {response_body!r}",
+        method=exchange.method,
+        path=path,
+        key=exchange.key,
+        request_body=request_body,
+        response_body=response_body,
+    )
 
 
 # The start of a generated key at the very end of a text.
@@ -135,17 +186,15 @@ def _sample_text(sample: bytes, redact: Callable[[str], str]) -> str:
     return redact(_CUT_KEY.sub(REDACTED, sample.decode("utf-8", "replace")))
 
 
-ACCESS_LINE = (
-    "{client} {key} {method} {path} {status} {outcome} {sent_bytes}B "
-    "{duration:.3f}s{queued_suffix}{detail_suffix}{notes_suffix}"
-)
-STREAM_LINE = (
-    "{key} {model}: {prompt_tokens} prompt + {completion_tokens} completion tokens"
-    "{counted}{speed}, {done_reason}"
-)
 _COUNTED = " (counted from the stream: Ollama reported no usage)"
 _ESTIMATED = " (prompt estimated from the request)"
-BODIES_LINE = "{method} {path} request body: {request_body!r} response body: {response_body!r}"
+#: The shortest wait in the queue the text line shows: what rounds to a
+#: millisecond.
+_SHOWN_WAIT = 0.0005
+
+
+#: What the events' text is given as (L{_emit}): the line, formatted once.
+_LINE = "{line}"
 
 
 def _emit(logger: Logger, line: str, **fields: object) -> None:
@@ -158,7 +207,7 @@ def _emit(logger: Logger, line: str, **fields: object) -> None:
     finished line (C{"{line}"}) keeps every request's logging cheap however
     many files it goes to; the fields stay in the event for the JSON file.
     """
-    logger.info("{line}", line=line.format(**fields), **fields)
+    logger.info(_LINE, line=line, **fields)
 
 
 class _Redacting:
@@ -209,6 +258,75 @@ class _SecondStamps:
         if second != self._second:
             self._second, self._stamp = second, formatTime(when)
         return self._stamp
+
+
+#: The names the JSON log gives the proxy's own events; any other event is
+#: named by its logger's namespace (the module that logged it).
+EVENT_NAMES = {
+    access.namespace: "access",
+    streams.namespace: "stream",
+    bodies.namespace: "bodies",
+}
+#: Keys of an event that are Twisted's, not the event's own, besides its
+#: C{log_*} ones: its observers for the old C{twisted.python.log} API add
+#: them to the event itself, whichever observer runs first.  And C{line},
+#: the proxy's events' text, which the record holds as C{text}.
+_NOT_FIELDS = frozenset(
+    {"message", "time", "system", "format", "isError", "failure", "why", "line"}
+)
+
+
+def json_file_observer(out: IO[str]) -> FileLogObserver:
+    """
+    The JSON log's format: one object a line, with the event's time
+    (ISO 8601, UTC, to the millisecond), level, name and text, then its own
+    fields; the traceback of an event that logs a failure.  None of
+    Twisted's own keys: they are most of what Twisted's
+    L{twisted.logger.jsonFileLogObserver} writes (the logger, the level's
+    class, the flattened format fields), which no reader wants.  The
+    schema is documented in C{docs/logging-and-metrics.md}.
+    """
+    stamps = _IsoStamps()
+    encode = json.JSONEncoder(default=safe_str).encode
+
+    def line(event: LogEvent) -> str:
+        namespace = event.get("log_namespace", "-")
+        record: dict[str, object] = {
+            "time": stamps(event.get("log_time")),
+            "level": event.get("log_level", LogLevel.info).name,
+            "event": EVENT_NAMES.get(namespace, namespace),
+            "text": event["line"] if event.get("log_format") == _LINE else formatEvent(event),
+        }
+        for name, value in event.items():
+            if not name.startswith("log_") and name not in _NOT_FIELDS:
+                record[name] = value
+        failure = event.get("log_failure")
+        if failure is not None:
+            record["traceback"] = failure.getTraceback()
+        return encode(record) + "\n"
+
+    return FileLogObserver(out, line)
+
+
+class _IsoStamps:
+    """
+    ISO 8601 time stamps in UTC to the millisecond, each second's part
+    worked out once for the second it is in.
+    """
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._stamp = ""
+
+    def __call__(self, when: float | None) -> str | None:
+        if when is None:
+            return None
+        milliseconds = int(when * 1000)
+        second, millisecond = divmod(milliseconds, 1000)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{millisecond:03d}Z"
 
 
 class LogFilesService(Service):
@@ -264,7 +382,7 @@ class LogFilesService(Service):
             )
             for observer in (
                 text_file_observer(cast(IO[str], text)),
-                jsonFileLogObserver(cast(IO[str], lines), recordSeparator=""),
+                json_file_observer(cast(IO[str], lines)),
             )
         ]
         for observer in self._observers:

@@ -49,18 +49,22 @@ class Recorder:
         self._usage = usage
         self.redact = redact
 
-    def record(self, exchange: Exchange, sent_bytes: int) -> None:
+    def record(
+        self, exchange: Exchange, sent_bytes: int, several_backends: bool = False
+    ) -> None:
         """
         Write down a request that has ended: log, metrics, usage.
 
         @param sent_bytes: How many bytes of response body the client was
             sent.
+        @param several_backends: Whether the proxy had several backends to
+            send it to (its access line then names the one it went to).
         """
         now = self._clock.seconds()
         if exchange.method not in HTTP_METHODS:
             # A token of the client's choosing (a key, even): redacted.
             exchange.method = self.redact(exchange.method)
-        log_exchange(exchange, sent_bytes, now, self.redact)
+        log_exchange(exchange, sent_bytes, now, self.redact, several_backends)
         if self._metrics is not None:
             self._metrics.observe(exchange, now)
         if self._usage is not None and exchange.key != "-":

@@ -14,7 +14,9 @@ it found or raises a L{ProxyError}::
 
 The app fills the request's L{Exchange} from what the steps return and
 hands it to the recorder once, however the request ended.  Every error the
-proxy answers itself leaves through one handler, in Ollama's JSON shape.
+proxy answers itself is answered one way (L{OllamaProxy._error_answer}), in
+Ollama's JSON shape, before the request is recorded, so that its body is
+counted.
 """
 
 from __future__ import annotations
@@ -157,12 +159,15 @@ class OllamaProxy:
         flight = Flight(exchange)
         self._in_flight.add(request, flight)
         self._metrics.stream_started()
+        # An error is answered here rather than by Klein's error handlers,
+        # which run after this method has returned: its body is then
+        # counted in the bytes the access line says were sent.
         try:
             await self._serve(request, target, flight)
         except ProxyError as e:
             exchange.status = e.code
             exchange.failed(e.outcome, e.message)
-            raise
+            request.write(self._error_answer(request, e))
         except CancelledError:
             # Klein cancels the handler when the client goes away, or when
             # the connection refused the rest of the request (site.py).
@@ -175,7 +180,7 @@ class OllamaProxy:
         except Exception as e:
             exchange.status = 500
             exchange.failed("internal_error", type(e).__name__)
-            raise
+            request.write(self._bug_answer(request, Failure()))
         finally:
             self._metrics.stream_ended()
             self._record(request, flight)
@@ -261,7 +266,7 @@ class OllamaProxy:
             exchange.failed("upstream_error", answered.cut)
         if request.body is not None:
             exchange.request_sample = request.body.sample
-        self._recorder.record(exchange, request.sentLength)
+        self._recorder.record(exchange, request.sentLength, self._dispatcher.several)
 
     def _preflight(self, request: ProxyRequest, exchange: Exchange) -> None:
         """
@@ -322,16 +327,29 @@ class OllamaProxy:
     @app.handle_errors(ProxyError)
     def proxy_error(self, request: IRequest, failure: Failure) -> bytes:
         """
-        Answer with the error's status and an Ollama-shaped JSON body.
+        Answer an error of a route other than the proxy's own (the console,
+        the metrics).
         """
         error = failure.value
         assert isinstance(error, ProxyError)
+        return self._error_answer(request, error)
+
+    @app.handle_errors(Exception)
+    def unexpected_error(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        Answer a bug of a route other than the proxy's own.
+        """
+        return self._bug_answer(request, failure)
+
+    def _error_answer(self, request: IRequest, error: ProxyError) -> bytes:
+        """
+        Answer with the error's status and an Ollama-shaped JSON body.
+        """
         # A message may repeat the path or a model name the client sent.
         return _error_response(request, error.code, self._recorder.redact(error.message),
                                error.headers)
 
-    @app.handle_errors(Exception)
-    def unexpected_error(self, request: IRequest, failure: Failure) -> bytes:
+    def _bug_answer(self, request: IRequest, failure: Failure) -> bytes:
         """
         A bug: log it with its traceback, and answer with a 500 that shows
         none.  The URI (its query string may hold a key) and the exception's

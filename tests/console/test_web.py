@@ -72,6 +72,22 @@ def test_the_page_has_no_inline_script_or_style() -> None:
     assert page.count("<script") == page.count('<script src="static/') == 1
 
 
+def test_the_page_names_its_icon_which_loads_without_a_key() -> None:
+    """
+    The page links an icon of its own, which loads without a key, so a
+    browser does not ask the proxy's C{/favicon.ico} (a 401 in the access
+    log each time the console opens).
+    """
+    chain = Chain()
+    page = chain.body(chain.respond("GET", "/-/console/", key=None)).decode()
+    assert '<link rel="icon" href="static/favicon.svg" type="image/svg+xml">' in page
+    response = chain.respond("GET", "/-/console/static/favicon.svg", key=None)
+    assert response.code == 200
+    assert_secure(response)
+    assert header(response, "content-type") == [b"image/svg+xml"]
+    assert chain.body(response).startswith(b'<svg xmlns="http://www.w3.org/2000/svg"')
+
+
 def test_console_without_its_slash_redirects_to_the_page() -> None:
     """
     C{/-/console} sends the browser to C{/-/console/}, whose relative links

@@ -297,4 +297,6 @@ async def test_console_in_a_real_browser(
     assert await in_thread(lambda: driver.execute_script("return sessionStorage.length")) == 0
     assert await proxy.terminate(reactor), proxy.output
     assert "Traceback" not in proxy.output
+    # The page's own icon, so the browser never asks the proxy's /favicon.ico.
+    assert "/favicon.ico" not in proxy.output
 

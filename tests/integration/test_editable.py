@@ -88,4 +88,5 @@ def test_install_gives_a_working_twistd_plugin(tmp_path: Path, editable: bool) -
 
     # The console's page ships inside the package (package_data).
     console = _run(python, "-c", CONSOLE_FILES, cwd=tmp_path)
-    assert console.stdout.split() == ["console.css", "console.js", "index.html"], console.stderr
+    shipped = ["console.css", "console.js", "favicon.svg", "index.html"]
+    assert console.stdout.split() == shipped, console.stderr

@@ -148,7 +148,9 @@ async def test_log_files(
         json.loads(line)
         for line in (tmp_path / "logs" / "ollamaproxy.json").read_text().splitlines()
     ]
-    access = [e for e in events if e.get("log_namespace") == "ollamaproxy.access"]
+    # One object a line in the documented shape, none of Twisted's own keys.
+    assert not [k for e in events for k in e if k.startswith("log_")]
+    access = [e for e in events if e["event"] == "access"]
     assert [(e["method"], e["path"], e["status"]) for e in access] == [
         ("POST", "/api/chat", 200)
     ]
@@ -257,7 +259,7 @@ async def test_no_key_reaches_any_log_file(
         for f in files if f.name.startswith("ollamaproxy.json")
         for line in f.read_text().splitlines()
     ]
-    assert len([e for e in events if e.get("log_namespace") == "ollamaproxy.access"]) == 6
+    assert len([e for e in events if e["event"] == "access"]) == 6
     text = "".join(f.read_text() for f in files)
     assert "ollamaproxy.bodies" in text and "[redacted]" in text
     for secret in (TEST_KEY, wrong, "cookie-secret"):

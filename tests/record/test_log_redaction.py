@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from io import StringIO
 from pathlib import Path
 from typing import cast
 from urllib.parse import quote
@@ -18,14 +19,14 @@ from twisted.logger import (
     LogEvent,
     Logger,
     LogPublisher,
-    eventAsJSON,
     eventAsText,
     formatEventAsClassicLogText,
     globalLogPublisher,
 )
+from twisted.python.failure import Failure
 
 from ollamaproxy.admission.keys import SCOPES, ApiKey, digest
-from ollamaproxy.record.logs import LogFilesService
+from ollamaproxy.record.logs import LogFilesService, json_file_observer
 from ollamaproxy.record.redact import Redactor
 from tests.fakes.agents import FailingAgent
 from tests.fakes.chain import KEY, Chain
@@ -72,9 +73,18 @@ def sinks(events: list[LogEvent]) -> str:
         for text in (
             formatEventAsClassicLogText(event) or "",
             eventAsText(event, includeTraceback=True),
-            eventAsJSON(event),
+            json_line(event),
         )
     )
+
+
+def json_line(event: LogEvent) -> str:
+    """
+    The JSON log's line for C{event}.
+    """
+    out = StringIO()
+    json_file_observer(out)(event)
+    return out.getvalue()
 
 
 def assert_clean(text: str) -> None:
@@ -158,6 +168,25 @@ def test_log_files_blank_the_clear_key_in_text_the_proxy_did_not_make(tmp_path: 
     written = "".join(f.read_text() for f in tmp_path.iterdir())
     assert "somelibrary" in written
     assert CHOSEN not in written and "abcdefgh12" not in written
+
+
+def test_json_log_file_blanks_keys_in_a_traceback(tmp_path: Path) -> None:
+    """
+    The JSON log writes the traceback of an event that logs a failure, and
+    its last guard blanks a key in it (text the proxy did not make), as in
+    the text log.
+    """
+    publisher = LogPublisher()
+    files = LogFilesService(str(tmp_path), publisher, redact=Redactor(secrets=[CHOSEN]))
+    files.startService()
+    Logger(namespace="somelibrary", observer=publisher).failure(
+        "it broke", Failure(RuntimeError(f"refused {CHOSEN} and Bearer abcdefgh12"))
+    )
+    files.stopService()
+    [record] = [json.loads(line) for line in (tmp_path / "ollamaproxy.json").open()]
+    assert (record["event"], record["text"]) == ("somelibrary", "it broke")
+    assert "RuntimeError: refused [redacted] and Bearer [redacted]" in record["traceback"]
+    assert CHOSEN not in json.dumps(record) and "abcdefgh12" not in json.dumps(record)
 
 
 def test_help_in_the_401_reads_intact(

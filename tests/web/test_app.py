@@ -927,3 +927,99 @@ def test_bug_is_logged_as_a_500(observe_errors: ErrorCollector) -> None:
     [event] = _access(list(events))
     assert event["status"] == 500
     assert event["outcome"] != "completed"
+
+
+def test_a_client_that_left_the_queue_is_logged_with_its_wait() -> None:
+    """
+    A request whose client left while it waited in the fair queue is
+    logged with the time it waited, and with C{-} for the status it never
+    had, not C{None}.
+    """
+    chain = Chain(parallel=1)
+    with capturedLogs() as events:
+        first = chain.request("POST", "/api/chat", data=chat("hold"))
+        waiting = chain.request("POST", "/api/chat", data=chat("hold"))
+        chain.clock.advance(0.685)
+        waiting.cancel()
+        chain.failure(waiting)
+        chain.flush()
+        [event] = _access(list(events))
+        chain.fake.held[0].finish()
+        chain.flush()
+        chain.body(chain.result(first))
+    assert (event["status"], event["outcome"]) == (None, "client_disconnected")
+    assert event["queued"] == pytest.approx(0.685)
+    assert formatEvent(event) == (
+        "127.0.0.1 alice POST /api/chat - client_disconnected 0B 0.685s queued 0.685s"
+    )
+
+
+def test_a_request_that_timed_out_in_the_queue_is_logged_with_its_wait() -> None:
+    """
+    A request refused after waiting C{--queue-timeout} seconds in the fair
+    queue is logged with that wait.
+    """
+    chain = Chain(parallel=1, queue_timeout=30)
+    with capturedLogs() as events:
+        first = chain.request("POST", "/api/chat", data=chat("hold"))
+        queued = chain.request("POST", "/api/chat", data=chat("hold"))
+        chain.clock.advance(30)
+        chain.flush()
+        assert chain.result(queued).code == 503
+        [event] = _access(list(events))
+        chain.fake.held[0].finish()
+        chain.flush()
+        chain.body(chain.result(first))
+    assert (event["outcome"], event["queued"]) == ("queue_timeout", 30)
+    assert " queued 30.000s " in formatEvent(event)
+
+
+@pytest.mark.parametrize(
+    ("agent", "key", "code"),
+    [
+        pytest.param(None, "wrong-key-0123456789", 401, id="refused by the proxy"),
+        pytest.param(FailingAgent(RuntimeError("kaboom"), raises=True), KEY, 500, id="bug"),
+    ],
+)
+def test_the_body_of_an_error_answer_is_counted(
+    agent: IAgent | None, key: str, code: int, observe_errors: ErrorCollector
+) -> None:
+    """
+    The bytes of an error the proxy answers itself (its JSON body) are
+    counted in the access event, as the bytes of any other answer.
+    """
+    chain = Chain(agent=agent)
+    with capturedLogs() as events:
+        reply = call(chain, "GET", "/api/tags", key=key)
+    observe_errors.errors.clear()
+    assert reply.code == code
+    [event] = _access(list(events))
+    assert reply.body
+    assert event["sent_bytes"] == len(reply.body)
+    assert f" {code} " in formatEvent(event)
+    assert f" {len(reply.body)}B " in formatEvent(event)
+
+
+@pytest.mark.parametrize(
+    ("backends", "named"),
+    [
+        pytest.param([["llama3.2:latest"]], False, id="one"),
+        pytest.param([["llama3.2:latest"], ["mistral:latest"]], True, id="several"),
+    ],
+)
+def test_the_access_line_names_the_backend_when_there_are_several(
+    backends: list[list[str]], named: bool
+) -> None:
+    """
+    With several backends the access line says which one the request went
+    to; with one, it does not repeat its address on every line.  The
+    event's C{upstream} field names it either way.
+    """
+    chain = Chain(backends=backends)
+    chain.pool.refresh_all()
+    chain.flush()
+    with capturedLogs() as events:
+        assert call(chain, "POST", "/api/chat", data=chat()).code == 200
+    [event] = _access(list(events))
+    assert event["upstream"] == OLLAMA
+    assert (f" backend {OLLAMA}" in formatEvent(event)) is named

@@ -7,11 +7,13 @@ L{RedisLimits} keeps what L{ollamaproxy.admission.limits.KeyLimits} keeps, with 
 same meaning: a key's requests a minute (a bucket holding a minute's
 worth), its requests in flight, and its tokens per UTC day and month.  Each
 check is one Lua script (L{ollamaproxy.redis.scripts}), so racing proxies
-cannot let a key in beyond its limits: the script that admits a request of
-a key with a quota adds its expected cost to the key's counters at once,
-and the release replaces it with the tokens used (in the counters of the
-day and month it was admitted in, or the current ones if those ended).  A
-proxy that dies mid-request leaves its reservation counted.
+cannot let a key in beyond its limits.  ADMIT checks the rate, the streams
+and the quotas before the request's body is read; once it is read, RESERVE
+checks the quotas again and adds the request's expected cost to the key's
+counters at once (one more call, for keys with a quota only), and the
+release replaces it with the tokens used (in the counters of the day and
+month it was reserved in, or the current ones if those ended).  A proxy
+that dies mid-request leaves its reservation counted.
 
 Requests in flight are leases that expire (C{--redis-lease}, 30 s): one
 round every few seconds renews all of this proxy's leases at once, so a

@@ -433,3 +433,99 @@ def test_an_unsent_settlement_is_added_later() -> None:
     assert client.calls[-1].args[0::2] == [-60, -60]
     client.calls[-1].answer.callback(2)
     link.stopService()
+
+
+def _with_book(policy: str) -> tuple[Clock, FakeRedis, RedisLink, RedisLimits, QuotaBook]:
+    """
+    Limits kept in Redis (up) under C{policy}, whose in-process stand-in
+    has a quota book.
+    """
+    clock = Clock()
+    clock.advance(NOON)
+    client = FakeRedis()
+    link = RedisLink(lambda: client, clock, "redis://cache:6379/0", "", interval=5.0)
+    book = QuotaBook(clock, loaded=True)
+    limits = RedisLimits(link, KeyLimits(clock, book), clock, policy, lease=30.0, quotas=book)
+    link.startService()
+    client.pings[0].callback("PONG")
+    return clock, client, link, limits, book
+
+
+def _reserve_fails(client: FakeRedis, limits: RedisLimits, key: ApiKey) -> Deferred[Release]:
+    """
+    Admit a request of C{key} through Redis, and have Redis fail its
+    reservation of 60 tokens (it goes down).
+    """
+    d = limits.admit(key)
+    client.calls[-1].answer.callback([0, 0])
+    reserved = _admitted(d).reserve(60)
+    client.calls[-1].answer.errback(ConnectionError("Lost connection"))
+    return reserved
+
+
+def test_a_reservation_redis_cannot_take_is_made_here() -> None:
+    """
+    A request Redis admitted whose RESERVE fails is reserved, under the
+    local policy, in the in-process book: its release settles it there,
+    its lease is dropped (it expires in Redis), and the tokens it used are
+    added to Redis's counters once it is back.
+    """
+    clock, client, link, limits, book = _with_book("local")
+    reserved = _reserve_fails(client, limits, _key(max_streams=2, tokens_per_day=100))
+    assert book.used("alice", "day") == 60
+    _released(reserved)(30)
+    assert book.used("alice", "day") == 30
+    assert limits.renew().result is None
+    clock.advance(5)
+    client.pings[-1].callback("PONG")
+    assert client.calls[-1].script == scripts.ADD_TOKENS
+    assert client.calls[-1].args[0::2] == [30, 30]
+    client.calls[-1].answer.callback(2)
+    link.stopService()
+
+
+def test_a_reservation_made_here_checks_the_quota() -> None:
+    """
+    The in-process book that stands in for a RESERVE that failed checks
+    the quota as Redis would: a key it finds over its quota is refused with
+    429, and the request's lease is dropped.
+    """
+    _, client, link, limits, book = _with_book("local")
+    book.add("alice", 100)
+    refused = _reserve_fails(client, limits, _key(max_streams=2, tokens_per_day=100))
+    assert _error(refused).code == 429
+    assert limits.renew().result is None
+    assert book.used("alice", "day") == 100
+    link.stopService()
+
+
+def test_a_reservation_redis_cannot_take_is_refused_when_closed() -> None:
+    """
+    Under the closed policy, a request Redis admitted whose RESERVE fails
+    gets the 503 of a Redis that cannot be reached, and its lease is
+    dropped.
+    """
+    _, client, link, limits, book = _with_book("closed")
+    refused = _reserve_fails(client, limits, _key(max_streams=2, tokens_per_day=100))
+    assert _error(refused).code == 503
+    assert limits.renew().result is None
+    assert book.used("alice", "day") == 0
+    link.stopService()
+
+
+def test_a_reservation_cancelled_while_redis_answers_is_given_back() -> None:
+    """
+    A client gone while Redis reserves for it: the reservation Redis made
+    is given back at once, with the stream.
+    """
+    _, client, link, limits = _setup()
+    d = limits.admit(_key(max_streams=1, tokens_per_day=1000))
+    client.calls[0].answer.callback([0, 0])
+    reserved = _admitted(d).reserve(600)
+    reserved.cancel()
+    reserved.addErrback(lambda _: None)
+    client.calls[1].answer.callback([0, 0])
+    [release] = client.calls[2:]
+    assert release.args[:3] == [client.calls[0].args[3], -600, -600]
+    assert limits.renew().result is None
+    link.stopService()

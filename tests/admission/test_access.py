@@ -306,6 +306,18 @@ def test_a_key_at_its_streams_is_refused_before_its_body_is_read() -> None:
     chain.flush()
 
 
+def test_a_request_its_plan_refuses_gives_its_stream_back() -> None:
+    """
+    A request admitted and then refused for its body (a model its key may
+    not use) gives back its place among the key's requests in flight: a
+    key with one stream allowed is let in again at once.
+    """
+    chain = chain_with(max_streams=1, models=("llama3*",))
+    chat = {"model": "mistral", "messages": MESSAGES}
+    assert [call(chain, "POST", "/api/chat", chat)[0] for _ in range(2)] == [403, 403]
+    assert call(chain, "GET", "/api/tags")[0] == 200
+
+
 def test_key_guessing_is_throttled_but_valid_keys_are_not() -> None:
     """
     After ten wrong keys from an address, more wrong keys get 429; every

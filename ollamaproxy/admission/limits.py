@@ -4,8 +4,13 @@ How much a key may ask, and how often an address may guess.
 
 L{KeyLimits} enforces each key's requests per minute (a token bucket that
 holds a minute's worth), its number of requests in flight, and, with a
-L{QuotaBook}, its token quotas: a request's expected cost is reserved when
-it is admitted and settled with what it used when it ends.
+L{QuotaBook}, its token quotas.  It answers in two steps: L{Limits.admit}
+needs only the key, so that a key over a limit is refused before its body
+is read (a key with C{max_streams: 1} cannot make the proxy read many
+bodies at once); once the body has been read and the request's cost
+estimated, L{Admission.reserve} reserves that cost against the quotas,
+checking them again, and the L{Release} settles it with what the request
+used when it ends.
 L{GuessThrottle} answers wrong keys from an address that presented too many
 with 429; valid keys from that address go on working.
 
@@ -60,34 +65,62 @@ def too_fast(name: str, rpm: int, retry_after: float) -> ProxyError:
 
 class Release(Protocol):
     """
-    Ends a request that L{Limits.admit} let in.
+    Ends a request whose cost L{Admission.reserve} reserved.
     """
 
     def __call__(self, tokens: int = 0) -> None:
         """
         The request has ended, having used C{tokens} (prompt and completion
         tokens, as its meter read them; 0 if none): they replace what was
-        reserved for it.  Called once.
+        reserved for it, and its place among the key's requests in flight
+        is given back.  Called once.
+        """
+
+
+class Admission(Protocol):
+    """
+    A request that L{Limits.admit} let in, its cost not reserved yet.  It is
+    ended once: by L{give_back}, or by a L{reserve} that refuses it, or by
+    the L{Release} a L{reserve} gave.
+    """
+
+    def reserve(self, tokens: int) -> Deferred[Release]:
+        """
+        Reserve C{tokens}, the request's expected cost
+        (L{ollamaproxy.admission.estimate}), against its key's quotas until
+        the release settles them, so that the requests of a key running
+        together see each other's cost.  The quotas are checked again, at
+        once with the reservation: the requests of a key admitted together
+        each passed the first check.  A key without a quota reserves
+        nothing.
+
+        @return: Fires with the L{Release} to call when the request has
+            ended, or fails with a L{ProxyError} (429 with C{Retry-After})
+            if what the key used and reserved has reached a quota; then the
+            admission has ended.
+        """
+
+    def give_back(self) -> None:
+        """
+        The request ended before its cost was reserved (its body was
+        refused, or its client went away): give back its place.
         """
 
 
 class Limits(Protocol):
     """
-    Per-key limits: how often, how many at once.
+    Per-key limits: how often, how many at once, how many tokens.
     """
 
-    def admit(self, key: ApiKey, estimate: int = 0) -> Deferred[Release]:
+    def admit(self, key: ApiKey) -> Deferred[Admission]:
         """
-        Let a request of C{key} in, or refuse it.  A key with tokens left
-        in its quotas is let in, and C{estimate} tokens are reserved for the
-        request until its release settles them, so that the requests of a
-        key running together see each other's cost.
+        Let a request of C{key} in, or refuse it, before its body is read:
+        the key must have tokens left in its quotas, a token of its rate
+        and a free place among its requests in flight.
 
-        @param estimate: The request's expected cost in tokens
-            (L{ollamaproxy.admission.estimate}).
-        @return: Fires with the L{Release} to call when the request has
-            ended, or fails with a L{ProxyError} (429 with C{Retry-After})
-            if the key is over a limit.
+        @return: Fires with the L{Admission}, or fails with a
+            L{ProxyError} (429 with C{Retry-After}) if the key is over a
+            limit.
         """
 
 
@@ -126,7 +159,7 @@ class KeyLimits:
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _in_flight: dict[str, int] = field(default_factory=dict)
 
-    def admit(self, key: ApiKey, estimate: int = 0) -> Deferred[Release]:
+    def admit(self, key: ApiKey) -> Deferred[Admission]:
         """
         Let a request of C{key} in, or refuse it (L{Limits.admit}): 429 if
         the key is over its token quota (what it used and what its requests
@@ -134,11 +167,11 @@ class KeyLimits:
         (503 while the quotas are loaded, L{QuotaBook.check}).
         """
         try:
-            return succeed(self._admit(key, estimate))
+            return succeed(self._admit(key))
         except ProxyError as e:
             return fail(e)
 
-    def _admit(self, key: ApiKey, estimate: int) -> Release:
+    def _admit(self, key: ApiKey) -> Admission:
         quotas = self.quotas
         if quotas is not None and (
             key.tokens_per_day is not None or key.tokens_per_month is not None
@@ -150,20 +183,7 @@ class KeyLimits:
         if key.rpm is not None:
             self._take_token(key.name, key.rpm)
         self._in_flight[key.name] = self._in_flight.get(key.name, 0) + 1
-        settle = None if quotas is None or estimate <= 0 else quotas.reserve(key.name, estimate)
-
-        def release(tokens: int = 0) -> None:
-            left = self._in_flight[key.name] - 1
-            if left:
-                self._in_flight[key.name] = left
-            else:
-                del self._in_flight[key.name]
-            if settle is not None:
-                settle(tokens)
-            elif tokens and quotas is not None:
-                quotas.add(key.name, tokens)
-
-        return release
+        return _Admitted(key, quotas, self._in_flight)
 
     def _take_token(self, name: str, rpm: int) -> None:
         now = self.clock.seconds()
@@ -174,6 +194,53 @@ class KeyLimits:
         if bucket.tokens < 1:
             raise too_fast(name, rpm, (1 - bucket.tokens) / per_second)
         bucket.tokens -= 1
+
+
+@dataclass
+class _Admitted:
+    """
+    A request that L{KeyLimits} let in (L{Admission}).
+
+    @ivar in_flight: The count of requests in flight per key name that it
+        is counted in.
+    """
+
+    key: ApiKey
+    quotas: QuotaBook | None
+    in_flight: dict[str, int]
+
+    def reserve(self, tokens: int) -> Deferred[Release]:
+        quotas = self.quotas
+        key = self.key
+        if quotas is None or (
+            tokens <= 0 and key.tokens_per_day is None and key.tokens_per_month is None
+        ):
+            # Nothing to reserve, nothing to check.
+            return succeed(self._released)
+        try:
+            settle = quotas.reserve(key, tokens)
+        except ProxyError as e:
+            self.give_back()
+            return fail(e)
+
+        def release(tokens: int = 0) -> None:
+            self.give_back()
+            settle(tokens)
+
+        return succeed(release)
+
+    def _released(self, tokens: int = 0) -> None:
+        self.give_back()
+        if tokens and self.quotas is not None:
+            self.quotas.add(self.key.name, tokens)
+
+    def give_back(self) -> None:
+        name = self.key.name
+        left = self.in_flight[name] - 1
+        if left:
+            self.in_flight[name] = left
+        else:
+            del self.in_flight[name]
 
 
 @dataclass

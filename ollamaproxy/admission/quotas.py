@@ -5,9 +5,10 @@ Token quotas per key, kept in this process.
 A key with C{tokens_per_day} or C{tokens_per_month} may use that many
 prompt and completion tokens in a UTC day or month
 (L{ollamaproxy.admission.quota_periods}).  A request is admitted while its
-key has tokens left, and its expected cost
-(L{ollamaproxy.admission.estimate}) is reserved at once: it counts as used
-until the request ends, when the tokens it did use (as its meter read them,
+key has tokens left (checked before its body is read), and once it is
+planned its expected cost (L{ollamaproxy.admission.estimate}) is reserved,
+if the key still has tokens left: it counts as used until the request
+ends, when the tokens it did use (as its meter read them,
 L{ollamaproxy.exchange.Meter}) replace it.  So requests running together
 see each other's cost, and a key overshoots its quota by no more than one
 request's error in that estimate; the request that crosses a quota
@@ -158,15 +159,20 @@ class QuotaBook:
         self._day_used[name] += tokens
         self._month_used[name] += tokens
 
-    def reserve(self, name: str, tokens: int) -> Callable[[int], None]:
+    def reserve(self, key: ApiKey, tokens: int) -> Callable[[int], None]:
         """
-        A request of key C{name} was admitted, expected to cost C{tokens}:
-        they count as used now.
+        A request of C{key} was admitted and planned, expected to cost
+        C{tokens}: if the key may still make it (L{check}, again: requests
+        admitted together each passed the first check), they count as used
+        now, so that the key's next request sees them.
 
         @return: Settles the request, called once when it has ended with the
             tokens it used: they replace the reservation in the day and
             month it was made in, or count in the new ones if those ended.
+        @raise ProxyError: As L{check}; then nothing is reserved.
         """
+        self.check(key)
+        name = key.name
         now = self._clock.seconds()
         if not self._day.start <= now < self._day.end:
             self._turn(now)

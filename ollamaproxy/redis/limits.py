@@ -7,11 +7,13 @@ L{RedisLimits} keeps what L{ollamaproxy.admission.limits.KeyLimits} keeps, with 
 same meaning: a key's requests a minute (a bucket holding a minute's
 worth), its requests in flight, and its tokens per UTC day and month.  Each
 check is one Lua script (L{ollamaproxy.redis.scripts}), so racing proxies
-cannot let a key in beyond its limits: the script that admits a request of
-a key with a quota adds its expected cost to the key's counters at once,
-and the release replaces it with the tokens used (in the counters of the
-day and month it was admitted in, or the current ones if those ended).  A
-proxy that dies mid-request leaves its reservation counted.
+cannot let a key in beyond its limits.  ADMIT checks the rate, the streams
+and the quotas before the request's body is read; once it is read, RESERVE
+checks the quotas again and adds the request's expected cost to the key's
+counters at once (one more call, for keys with a quota only), and the
+release replaces it with the tokens used (in the counters of the day and
+month it was reserved in, or the current ones if those ended).  A proxy
+that dies mid-request leaves its reservation counted.
 
 Requests in flight are leases that expire (C{--redis-lease}, 30 s): one
 round every few seconds renews all of this proxy's leases at once, so a
@@ -34,6 +36,8 @@ meanwhile are added to Redis's counters once it is back.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
 from secrets import token_hex
 from typing import Any
 
@@ -44,6 +48,7 @@ from twisted.python.failure import Failure
 
 from ollamaproxy.admission.keys import ApiKey
 from ollamaproxy.admission.limits import (
+    Admission,
     GuessThrottle,
     Limits,
     Release,
@@ -74,6 +79,77 @@ def _nothing(tokens: int = 0) -> None:
     """
     The release of a request that nothing counted.
     """
+
+
+def _closed() -> ProxyError:
+    """
+    The refusal of a key with limits while Redis is down, under the
+    C{closed} policy.
+    """
+    return ProxyError(
+        503,
+        "the limits of this key are kept in Redis, which cannot be reached now",
+        {b"Retry-After": str(int(_CLOSED_RETRY)).encode("ascii")},
+        # Refused by the proxy: Ollama was not asked.
+        outcome="rejected",
+    )
+
+
+class _Unlimited:
+    """
+    The admission of a key without limits: nothing to reserve, nothing to
+    give back (L{Admission}).
+    """
+
+    def reserve(self, tokens: int) -> Deferred[Release]:
+        return succeed(_nothing)
+
+    def give_back(self) -> None:
+        pass
+
+
+@dataclass
+class _RedisAdmission:
+    """
+    A request that Redis admitted (L{Admission}), holding C{lease} (C{""}
+    for a key without C{max_streams}).
+    """
+
+    limits: RedisLimits
+    key: ApiKey
+    lease: str
+
+    def reserve(self, tokens: int) -> Deferred[Release]:
+        return self.limits.reserve(self.key, self.lease, tokens)
+
+    def give_back(self) -> None:
+        self.limits.give_back(self.key, self.lease)
+
+
+@dataclass
+class _Unsent:
+    """
+    A request of a key with a quota that the in-process limits admitted
+    while Redis was down (L{Admission}): the tokens it used are kept for
+    Redis's counters.
+    """
+
+    limits: RedisLimits
+    key: ApiKey
+    local: Admission
+
+    def reserve(self, tokens: int) -> Deferred[Release]:
+        def counting(local_release: Release) -> Release:
+            def release(tokens: int = 0) -> None:
+                local_release(tokens)
+                self.limits.keep_unsent(self.key, tokens)
+
+            return release
+
+        return self.local.reserve(tokens).addCallback(counting)
+
+    def give_back(self) -> None:
+        self.local.give_back()
 
 
 class RedisLimits:
@@ -119,33 +195,29 @@ class RedisLimits:
         link.each_round(self.renew)
         link.each_round(self.send_unsent)
 
-    def admit(self, key: ApiKey, estimate: int = 0) -> Deferred[Release]:
+    def admit(self, key: ApiKey) -> Deferred[Admission]:
         """
-        Let a request of C{key} in, or refuse it, reserving C{estimate}
-        tokens for it (L{Limits.admit}).  A key without limits is let in
-        without asking Redis.
+        Let a request of C{key} in, or refuse it (L{Limits.admit}).  A key
+        without limits is let in without asking Redis.
         """
         if (
             key.rpm is None and key.max_streams is None
             and key.tokens_per_day is None and key.tokens_per_month is None
         ):
-            return succeed(_nothing)
+            return succeed(_Unlimited())
         if not self._link.up:
-            return self._without_redis(key, estimate)
+            return self._without_redis(key)
         now = self._clock.seconds()
         day, month = window("day", now), window("month", now)
         lease = "" if key.max_streams is None else f"{self._instance}:{next(self._serial)}"
-        counted = key.tokens_per_day is not None or key.tokens_per_month is not None
-        reserved = max(estimate, 0) if counted else 0
         asked = self._link.call(
             scripts.ADMIT,
             [self._key("rate", key.name), self._key("streams", key.name),
              self._counter(day, key.name), self._counter(month, key.name)],
             [_ms(now), _limit(key.rpm), _limit(key.max_streams), lease, _ms(self._lease),
-             _limit(key.tokens_per_day), _limit(key.tokens_per_month), reserved,
-             _ms(day.end + _COUNTER_KEPT), _ms(month.end + _COUNTER_KEPT)],
+             _limit(key.tokens_per_day), _limit(key.tokens_per_month)],
         )
-        answer: Deferred[Release] = Deferred(lambda _: None)
+        answer: Deferred[Admission] = Deferred(lambda _: None)
 
         def answered(reply: Any) -> None:
             code, n = int(reply[0]), int(reply[1])
@@ -154,27 +226,74 @@ class RedisLimits:
                 return
             if lease:
                 self._leases[lease] = self._key("streams", key.name)
-            release = self._release(key, lease, reserved, [
-                (self._counter(day, key.name), day), (self._counter(month, key.name), month)])
+            admission = _RedisAdmission(self, key, lease)
             if answer.called:
                 # The client went away while Redis answered.
-                release(0)
+                admission.give_back()
             else:
-                answer.callback(release)
+                answer.callback(admission)
 
         def failed(failure: Failure) -> None:
             if not failure.check(RedisDown):
                 log.failure("Asking Redis for key {name}'s limits failed", failure,
                             name=key.name)
-            local = self._without_redis(key, estimate)
+            local = self._without_redis(key)
             if answer.called:
-                local.addCallback(lambda release: release(0))
+                local.addCallback(lambda admission: admission.give_back())
                 local.addErrback(lambda _: None)
             else:
                 local.chainDeferred(answer)
 
         # A mistake in reading the answer falls back too, never leaves the
         # request waiting.
+        asked.addCallback(answered).addErrback(failed)
+        return answer
+
+    def reserve(self, key: ApiKey, lease: str, tokens: int) -> Deferred[Release]:
+        """
+        Reserve C{tokens} for a request of C{key} that Redis admitted
+        (L{Admission.reserve}), holding C{lease} (C{""} for none): one call
+        to Redis for a key with a quota, none for others.  A refusal gives
+        the lease back.
+        """
+        counters = self._counters(key.name)
+        if key.tokens_per_day is None and key.tokens_per_month is None:
+            return succeed(self._release(key, lease, 0, counters))
+        if not self._link.up:
+            return self._reserve_without_redis(key, lease, tokens)
+        now = self._clock.seconds()
+        reserved = max(tokens, 0)
+        asked = self._link.call(
+            scripts.RESERVE,
+            [name for name, _ in counters],
+            [_limit(key.tokens_per_day), _limit(key.tokens_per_month), reserved,
+             *(_ms(span.end + _COUNTER_KEPT) for _, span in counters)],
+        )
+        answer: Deferred[Release] = Deferred(lambda _: None)
+
+        def answered(reply: Any) -> None:
+            code, n = int(reply[0]), int(reply[1])
+            if code != scripts.ADMITTED:
+                self.give_back(key, lease)
+                _give(answer, self._refusal(key, code, n, now, counters[0][1], counters[1][1]))
+                return
+            release = self._release(key, lease, reserved, counters)
+            if answer.called:
+                release(0)
+            else:
+                answer.callback(release)
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(RedisDown):
+                log.failure("Asking Redis to reserve key {name}'s tokens failed", failure,
+                            name=key.name)
+            local = self._reserve_without_redis(key, lease, tokens)
+            if answer.called:
+                local.addCallback(lambda release: release(0))
+                local.addErrback(lambda _: None)
+            else:
+                local.chainDeferred(answer)
+
         asked.addCallback(answered).addErrback(failed)
         return answer
 
@@ -198,20 +317,26 @@ class RedisLimits:
         return too_fast(key.name, key.rpm, n / 1000)
 
     def _release(
-        self, key: ApiKey, lease: str, reserved: int, admitted: list[tuple[str, Window]]
+        self, key: ApiKey, lease: str, reserved: int, admitted: list[tuple[str, Window]],
+        local: Callable[[int], None] | None = None,
     ) -> Release:
         """
         The release of a request Redis admitted: it gives back the lease,
         and replaces the C{reserved} tokens in the counters it was
         C{admitted} with by the tokens used (a period that has ended since
         keeps the reservation; the tokens count in the new one).
+
+        @param local: Settles the tokens used in the in-process book, if it
+            reserved them; else they are added to it.
         """
         counted = key.tokens_per_day is not None or key.tokens_per_month is not None
 
         def release(tokens: int = 0) -> None:
             if lease:
                 self._leases.pop(lease, None)
-            if tokens and self._quotas is not None:
+            if local is not None:
+                local(tokens)
+            elif tokens and self._quotas is not None:
                 self._quotas.add(key.name, tokens)
             tokens = tokens if counted else 0
             counters = self._counters(key.name)
@@ -234,31 +359,52 @@ class RedisLimits:
 
         return release
 
-    def _without_redis(self, key: ApiKey, estimate: int) -> Deferred[Release]:
+    def _without_redis(self, key: ApiKey) -> Deferred[Admission]:
         """
         The answer while Redis is down, by the failure policy: under
-        C{local}, the in-process limits reserve and settle the request's
-        cost, and the tokens it used are added to Redis's counters later.
+        C{local}, the in-process limits admit the request and reserve and
+        settle its cost, and the tokens it used are added to Redis's
+        counters later.
         """
         if self._policy == "closed":
-            return fail(ProxyError(
-                503,
-                "the limits of this key are kept in Redis, which cannot be reached now",
-                {b"Retry-After": str(int(_CLOSED_RETRY)).encode("ascii")},
-                # Refused by the proxy: Ollama was not asked.
-                outcome="rejected",
-            ))
+            return fail(_closed())
         if key.tokens_per_day is None and key.tokens_per_month is None:
-            return self._local.admit(key, estimate)
+            return self._local.admit(key)
+        return self._local.admit(key).addCallback(
+            lambda admission: _Unsent(self, key, admission))
 
-        def counting(local_release: Release) -> Release:
-            def release(tokens: int = 0) -> None:
-                local_release(tokens)
-                self._keep_unsent(self._counters(key.name), tokens)
+    def _reserve_without_redis(self, key: ApiKey, lease: str, tokens: int) -> Deferred[Release]:
+        """
+        The reservation of a request that Redis admitted, while Redis is
+        down: by the failure policy, refused (its lease given back), or
+        made in the in-process book, the tokens used added to Redis's
+        counters later.
+        """
+        if self._policy == "closed":
+            self.give_back(key, lease)
+            return fail(_closed())
+        settle = None
+        if self._quotas is not None:
+            try:
+                settle = self._quotas.reserve(key, tokens)
+            except ProxyError as e:
+                self.give_back(key, lease)
+                return fail(e)
+        return succeed(self._release(key, lease, 0, self._counters(key.name), settle))
 
-            return release
+    def give_back(self, key: ApiKey, lease: str) -> None:
+        """
+        A request of C{key} that Redis admitted, holding C{lease}, ended
+        before its cost was reserved: give the lease back.
+        """
+        self._release(key, lease, 0, self._counters(key.name))(0)
 
-        return self._local.admit(key, estimate).addCallback(counting)
+    def keep_unsent(self, key: ApiKey, tokens: int) -> None:
+        """
+        Keep the C{tokens} a request of C{key} used while Redis was down,
+        to add to its counters once Redis is back.
+        """
+        self._keep_unsent(self._counters(key.name), tokens)
 
     def _keep_unsent(self, counters: list[tuple[str, Window]], tokens: int) -> None:
         """

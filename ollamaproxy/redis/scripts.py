@@ -33,12 +33,11 @@ OVER_RATE: Final = 4
 
 # KEYS: rate, streams, tokens of the day, tokens of the month.
 # ARGV: now, rpm, max_streams, lease id, lease ms, day quota, month quota
-# (a limit of -1 is none), the tokens to reserve, when the day's and the
-# month's counters expire.
+# (a limit of -1 is none).
 # Answers {code, n}: n is the milliseconds until a token comes for
-# OVER_RATE, the tokens used for the quotas.  An admitted request's
-# reservation is added to the counters at once, so that the next request
-# sees it; RELEASE replaces it with what the request used.
+# OVER_RATE, the tokens used for the quotas.  It needs only the key, so
+# that a key over a limit is refused before its body is read; RESERVE
+# then reserves the request's cost.
 ADMIT: Final = """
 local now = tonumber(ARGV[1])
 local rpm = tonumber(ARGV[2])
@@ -69,11 +68,30 @@ if max_streams >= 0 then
   redis.call('ZADD', KEYS[2], now + lease_ms, ARGV[4])
   redis.call('PEXPIRE', KEYS[2], 2 * lease_ms)
 end
-local reserve = tonumber(ARGV[8])
+return {0, 0}
+"""
+
+# KEYS: tokens of the day, tokens of the month.
+# ARGV: day quota, month quota (-1 for none), the tokens to reserve, when
+# the day's and the month's counters expire.
+# Answers {code, n} as ADMIT, for the quotas alone.  The check is made
+# again, with the reservation: requests of a key admitted together each
+# passed ADMIT's, and only as many as the quota allows may reserve.  The
+# reservation is added to the counters at once, so that the next request
+# sees it; RELEASE replaces it with what the request used.
+RESERVE: Final = """
+for i = 1, 2 do
+  local quota = tonumber(ARGV[i])
+  if quota >= 0 then
+    local used = tonumber(redis.call('GET', KEYS[i]) or '0')
+    if used >= quota then return {i, used} end
+  end
+end
+local reserve = tonumber(ARGV[3])
 if reserve > 0 then
-  for i = 3, 4 do
+  for i = 1, 2 do
     redis.call('INCRBY', KEYS[i], reserve)
-    redis.call('PEXPIREAT', KEYS[i], ARGV[i + 6])
+    redis.call('PEXPIREAT', KEYS[i], ARGV[i + 3])
   end
 end
 return {0, 0}

@@ -8,9 +8,9 @@ again under C{/proxy/}, the prefix the project's first version served it
 under.  Each request goes through the same steps, each of which returns what
 it found or raises a L{ProxyError}::
 
-    preflight -> gate (the key) -> plan (models, caps, expected cost)
-              -> admit (limits, the cost reserved) -> dispatch (the backends)
-              -> record
+    preflight -> gate (the key) -> admit (limits) -> plan (models, caps,
+              expected cost) -> reserve (the cost, against the quotas)
+              -> dispatch (the backends) -> record
 
 The app fills the request's L{Exchange} from what the steps return and
 hands it to the recorder once, however the request ended.  Every error the
@@ -190,10 +190,12 @@ class OllamaProxy:
 
     async def _serve(self, request: ProxyRequest, target: Target, flight: Flight) -> None:
         """
-        The pipeline's steps after the preflight: gate, plan, admit,
-        dispatch.  The plan comes before the limits, since a quota reserves
-        the cost the plan expects; the release settles what the trip's
-        meter counted, however the request ended.
+        The pipeline's steps after the preflight: gate, admit, plan,
+        reserve, dispatch.  The limits come before the plan, which reads the
+        body (up to 16 MiB): a key over its rate or its streams is refused
+        before a byte of it is read.  The cost the plan expects is then
+        reserved against the key's quotas, checked again; the release
+        settles what the trip's meter counted, however the request ended.
         """
         exchange = flight.exchange
         self._check_accepting(request)
@@ -211,15 +213,20 @@ class OllamaProxy:
             await self._dispatcher.dispatch(request, Job(target, route), flight.trip)
             return
         exchange.key = key.name
-        plan = await plan_request(key, request, target, path, route, self._caps,
-                                  self._dispatcher.several)
+        admission = await self._limits.admit(key)
+        try:
+            plan = await plan_request(key, request, target, path, route, self._caps,
+                                      self._dispatcher.several)
+        except BaseException:
+            admission.give_back()
+            raise
         exchange.model = plan.model
         if plan.notes:
             exchange.notes = "; ".join(plan.notes)
         meter = flight.trip.meter
         if route is not None and route.runs:
             meter.expect(plan.estimate.prompt, plan.model.canonical if plan.model else "")
-        release = await self._limits.admit(key, plan.estimate.tokens)
+        release = await admission.reserve(plan.estimate.tokens)
         try:
             job = Job(target, route, key.name, key.weight, plan.model, plan.rewrite, plan.body)
             await self._dispatcher.dispatch(request, job, flight.trip)

@@ -10,7 +10,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
 from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.admission.limits import GuessThrottle
@@ -257,6 +261,60 @@ def test_concurrent_stream_limit() -> None:
     chain.fake.held[-1].finish()
     chain.flush()
     chain.body(chain.result(d))
+    assert call(chain, "GET", "/api/tags")[0] == 200
+
+
+@implementer(IBodyProducer)
+class _NeverEnding:
+    """
+    A request body of a million bytes of which nothing ever comes.
+    """
+
+    length = 1_000_000
+
+    def startProducing(self, consumer: object) -> Deferred[None]:
+        return Deferred()
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def test_a_key_at_its_streams_is_refused_before_its_body_is_read() -> None:
+    """
+    The limits come before the body is read: while a key's one stream
+    runs, its next request is answered 429 as soon as its head is in,
+    though its body never comes, so that a key cannot make the proxy read
+    many bodies at once.
+    """
+    chain = chain_with(max_streams=1)
+    chain.request("POST", "/api/chat", key=USER_KEY,
+                  data=json.dumps({"model": "hold", "messages": MESSAGES}).encode())
+    waiting = chain.client._agent.request(
+        b"POST", b"http://proxy.example:5000/api/chat",
+        Headers({b"Authorization": [f"Bearer {USER_KEY}".encode()]}), _NeverEnding())
+    chain.flush()
+    response = chain.result(waiting)
+    assert response.code == 429
+    assert "already has 1 requests in flight" in json.loads(chain.body(response))["error"]
+    chain.fake.held[-1].finish()
+    chain.flush()
+
+
+def test_a_request_its_plan_refuses_gives_its_stream_back() -> None:
+    """
+    A request admitted and then refused for its body (a model its key may
+    not use) gives back its place among the key's requests in flight: a
+    key with one stream allowed is let in again at once.
+    """
+    chain = chain_with(max_streams=1, models=("llama3*",))
+    chat = {"model": "mistral", "messages": MESSAGES}
+    assert [call(chain, "POST", "/api/chat", chat)[0] for _ in range(2)] == [403, 403]
     assert call(chain, "GET", "/api/tags")[0] == 200
 
 

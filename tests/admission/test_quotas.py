@@ -14,21 +14,26 @@ import math
 from calendar import timegm
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs
+from twisted.python.failure import Failure
 
 from ollamaproxy.admission.keys import ApiKey, digest
+from ollamaproxy.admission.limits import KeyLimits
 from ollamaproxy.admission.quota_periods import window
 from ollamaproxy.admission.quotas import QuotaBook, QuotaSeed
+from ollamaproxy.errors import ProxyError
 from ollamaproxy.record.usage_db import UsageFileError, tokens_by_key, write_rows
 from tests.fakes.chain import IDLE_TIMEOUT, KEY, Chain
 from tests.fakes.observers import ErrorCollector
 
 USER_KEY = "olpk_quotakeyquotakeyquotakeyquotakey00"
+
+T = TypeVar("T")
 
 
 def at(text: str) -> float:
@@ -477,14 +482,49 @@ def test_a_reservation_settles_in_the_day_it_was_made() -> None:
     clock = Clock()
     clock.advance(at("2026-12-15T23:00:00"))
     book = QuotaBook(clock, loaded=True)
-    settle = book.reserve("user", 500)
+    user = ApiKey(name="user", digest=digest(USER_KEY))
+    settle = book.reserve(user, 500)
     assert (book.used("user", "day"), book.used("user", "month")) == (500, 500)
     settle(120)
     assert (book.used("user", "day"), book.used("user", "month")) == (120, 120)
-    late = book.reserve("user", 500)
+    late = book.reserve(user, 500)
     clock.advance(3600)
     late(40)
     assert (book.used("user", "day"), book.used("user", "month")) == (40, 160)
+
+
+def test_a_reservation_that_crosses_the_quota_is_refused() -> None:
+    """
+    Two requests of a key admitted together (each found it under its
+    quota): the first reserves its cost, which takes the key to its quota;
+    the second's reservation checks the quota again and is refused with its
+    429, and gives back its place among the key's requests in flight.
+    """
+    clock = Clock()
+    clock.advance(at("2026-12-15T18:00:00"))
+    limits = KeyLimits(clock, QuotaBook(clock, loaded=True))
+    user = ApiKey(name="user", digest=digest(USER_KEY), tokens_per_day=100, max_streams=2)
+    first, second = (_fired(limits.admit(user)) for _ in range(2))
+    release = _fired(first.reserve(150))
+    refused = second.reserve(10)
+    failure = refused.result
+    refused.addErrback(lambda _: None)
+    assert isinstance(failure, Failure) and isinstance(failure.value, ProxyError)
+    assert failure.value.code == 429
+    assert "has used its 100 tokens for today" in failure.value.message
+    release(50)
+    # Both places are free: the refused request gave its own back.
+    _fired(limits.admit(user))
+    _fired(limits.admit(user))
+
+
+def _fired(d: Deferred[T]) -> T:
+    """
+    The result of a L{Deferred} that has fired.
+    """
+    result = d.result
+    assert not isinstance(result, Failure)
+    return cast(T, result)
 
 
 def test_a_model_pull_costs_no_tokens() -> None:

@@ -21,7 +21,7 @@ from twisted.protocols.portforward import ProxyFactory
 from twisted.python.failure import Failure
 
 from ollamaproxy.admission.keys import ApiKey
-from ollamaproxy.admission.limits import GuessThrottle, KeyLimits, Release
+from ollamaproxy.admission.limits import Admission, GuessThrottle, KeyLimits, Release
 from ollamaproxy.admission.quota_periods import over_quota_message, window
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.redis.limits import RedisLimits, RedisThrottle
@@ -98,6 +98,20 @@ def key(**limits: Any) -> ApiKey:
     return ApiKey("alice", bytes(32), **limits)
 
 
+def admitted(value: object) -> bool:
+    """
+    Whether C{value} is an admission (L{Admission}), not a refusal.
+    """
+    return hasattr(value, "reserve") and hasattr(value, "give_back")
+
+
+async def reserved(admission: Admission, tokens: int = 0) -> Release:
+    """
+    The release of C{admission}, once C{tokens} are reserved for it.
+    """
+    return await admission.reserve(tokens)
+
+
 @pytest_twisted.ensureDeferred
 async def test_rpm_across_proxies(proxies: list[Proxy]) -> None:
     """
@@ -114,7 +128,7 @@ async def test_rpm_across_proxies(proxies: list[Proxy]) -> None:
     assert (refused.code, refused.headers) == (429, {b"Retry-After": b"20"})
     assert refused.message == "key 'alice' is over its limit of 3 requests a minute"
     b.clock.advance(20)
-    assert callable(await b.limits.admit(k))
+    assert admitted(await b.limits.admit(k))
 
 
 @pytest_twisted.ensureDeferred
@@ -144,14 +158,14 @@ async def test_streams_released(
     """A request that ends gives its stream back to every proxy."""
     a, b = proxies
     k = key(max_streams=1)
-    release: Release = await a.limits.admit(k)
+    release = await reserved(await a.limits.admit(k))
     refused = await outcome(b.limits.admit(k))
     assert isinstance(refused, ProxyError)
     assert refused.message == "key 'alice' already has 1 requests in flight"
     release(0)
     await until(reactor, lambda: redis_server.command("ZCARD", "ollamaproxy:streams:alice")
                 == b":0\r\n")
-    assert callable(await b.limits.admit(k))
+    assert admitted(await b.limits.admit(k))
 
 
 @pytest_twisted.ensureDeferred
@@ -174,7 +188,7 @@ async def test_lease_of_dead_proxy_expires(proxies: list[Proxy]) -> None:
     # Then it dies: nothing renews it.
     await maybeDeferred(a.link.stopService)
     b.clock.advance(21)
-    assert callable(await b.limits.admit(k))
+    assert admitted(await b.limits.admit(k))
 
 
 @pytest_twisted.ensureDeferred
@@ -186,8 +200,8 @@ async def test_quota_across_proxies(proxies: list[Proxy], redis_server: RedisSer
     """
     a, b = proxies
     k = key(tokens_per_day=100, tokens_per_month=1000)
-    first: Release = await a.limits.admit(k)
-    second: Release = await b.limits.admit(k)
+    first = await reserved(await a.limits.admit(k))
+    second = await reserved(await b.limits.admit(k))
     first(60)
     # The request that crosses the quota was let in, and completes.
     second(45)
@@ -208,7 +222,7 @@ async def test_quota_across_proxies(proxies: list[Proxy], redis_server: RedisSer
     assert int(redis_server.command("PTTL", counter)[1:-2]) > 0
     # The next day, the day's quota is fresh; the month's goes on.
     a.clock.advance(day.end - now)
-    assert callable(await a.limits.admit(k))
+    assert admitted(await a.limits.admit(k))
 
 
 @pytest_twisted.ensureDeferred
@@ -216,20 +230,27 @@ async def test_racing_requests_reserve_their_cost(
     reactor: Any, proxies: list[Proxy], redis_server: RedisServer
 ) -> None:
     """
-    Eight requests of 60 expected tokens racing from two proxies for a key
-    with 100 tokens a day: the ADMIT script reserves each one's cost, so
-    two get in (the second while 40 were left), not eight; their releases
-    replace the reservations with what they used.
+    Eight requests of a key with 100 tokens a day, admitted together from
+    two proxies (each found the quota unused), then reserving 60 expected
+    tokens each, racing: the RESERVE script checks the quota again with
+    each reservation, so two reserve (the second while 40 were left), not
+    eight; the others get the quota's 429 and give their streams back.
+    Their releases replace the reservations with what they used.
     """
     a, b = proxies
-    k = key(tokens_per_day=100)
-    asked = [p.limits.admit(k, 60) for _ in range(4) for p in (a, b)]
-    results = await DeferredList(asked, consumeErrors=True)
-    admitted = [value for ok, value in results if ok]
-    assert len(admitted) == 2
+    k = key(tokens_per_day=100, max_streams=8)
+    admissions = [await p.limits.admit(k) for _ in range(4) for p in (a, b)]
+    results = await DeferredList([admission.reserve(60) for admission in admissions],
+                                 consumeErrors=True)
+    releases = [value for ok, value in results if ok]
+    refused = [value.value for ok, value in results if isinstance(value, Failure)]
+    assert len(releases) == 2
+    assert all(isinstance(e, ProxyError) and e.code == 429 for e in refused)
     counter = f"ollamaproxy:tokens:day:{window('day', a.start).label}:alice"
     assert redis_server.command("GET", counter) == b"$3\r\n120\r\n"
-    for release, used in zip(admitted, (30, 45), strict=True):
+    await until(reactor, lambda: redis_server.command("ZCARD", "ollamaproxy:streams:alice")
+                == b":2\r\n")
+    for release, used in zip(releases, (30, 45), strict=True):
         release(used)
     await until(reactor, lambda: redis_server.command("GET", counter) == b"$2\r\n75\r\n")
 
@@ -239,7 +260,7 @@ async def test_month_quota(proxies: list[Proxy]) -> None:
     """The month's quota refuses until the month's end."""
     a, b = proxies
     k = key(tokens_per_month=10)
-    (await a.limits.admit(k))(10)
+    (await reserved(await a.limits.admit(k)))(10)
     error = await outcome(b.limits.admit(k))
     now = a.start
     month = window("month", now)
@@ -255,7 +276,7 @@ async def test_names_only_in_redis(
     """Redis holds the keys' names under the prefix: never a key, nor its digest."""
     a, _ = proxies
     k = ApiKey("alice", b"\xab" * 32, rpm=5, max_streams=2, tokens_per_day=10)
-    (await a.limits.admit(k))(3)
+    (await reserved(await a.limits.admit(k)))(3)
     await a.throttle.failed("10.0.0.9")
     await until(reactor, lambda: b"tokens:day" in redis_server.command("KEYS", "*"))
     listing = redis_server.command("KEYS", "*")
@@ -315,8 +336,7 @@ async def test_redis_stopped_and_restarted(reactor: Any, redis_server: RedisServ
         await until(reactor, lambda: local.link.up and closed.link.up)
         redis_server.stop()
         started = reactor.seconds()
-        first = await outcome(local.limits.admit(k))
-        assert callable(first)
+        first = await reserved(await local.limits.admit(k))
         assert isinstance(await outcome(local.limits.admit(k)), ProxyError)
         error = await outcome(closed.limits.admit(k))
         assert isinstance(error, ProxyError) and error.code == 503
@@ -324,7 +344,7 @@ async def test_redis_stopped_and_restarted(reactor: Any, redis_server: RedisServ
         redis_server.start()
         await until(reactor, lambda: local.link.up and closed.link.up, 20)
         first(0)
-        assert callable(await local.limits.admit(k))
+        assert admitted(await local.limits.admit(k))
         assert isinstance(await outcome(closed.limits.admit(k)), ProxyError)
         for p in (local, closed):
             await maybeDeferred(p.link.stopService)
@@ -364,7 +384,7 @@ async def test_rediss(
         monkeypatch.setenv("SSL_CERT_FILE", str(cert_path))
         trusted.link.startService()
         await until(reactor, lambda: trusted.link.up)
-        assert callable(await trusted.limits.admit(key(rpm=1)))
+        assert admitted(await trusted.limits.admit(key(rpm=1)))
         assert isinstance(await outcome(trusted.limits.admit(key(rpm=1))), ProxyError)
     finally:
         for p in (trusted, untrusted):

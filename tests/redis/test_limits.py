@@ -7,14 +7,14 @@ against a real Redis in C{tests/integration/test_redis_limits.py}.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from ollamaproxy.admission.keys import ApiKey
-from ollamaproxy.admission.limits import GuessThrottle, KeyLimits, Release
+from ollamaproxy.admission.limits import Admission, GuessThrottle, KeyLimits, Release
 from ollamaproxy.admission.quotas import QuotaBook
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.record.metrics import Metrics
@@ -48,9 +48,18 @@ def _setup(
     return clock, client, link, limits
 
 
+def _admitted(d: Deferred[Admission]) -> Admission:
+    """
+    The admission a fired admit gave.
+    """
+    result = d.result
+    assert not isinstance(result, Failure)
+    return cast(Admission, result)
+
+
 def _released(d: Deferred[Release]) -> Release:
     """
-    The release a fired admit gave.
+    The release a fired reserve gave.
     """
     result = d.result
     assert callable(result)
@@ -69,7 +78,7 @@ def _error(d: Deferred[Any]) -> ProxyError:
 def test_key_without_limits_asks_nothing() -> None:
     """A key with no limit is let in without a call to Redis: no cost for it."""
     _, client, link, limits = _setup()
-    release = _released(limits.admit(_key()))
+    release = _released(_admitted(limits.admit(_key())).reserve(100))
     release(100)
     assert client.calls == []
     link.stopService()
@@ -86,9 +95,9 @@ def test_admit_asks_one_script() -> None:
         "ollamaproxy:tokens:day:2026-12-01:alice", "ollamaproxy:tokens:month:2026-12:alice",
     ]
     assert call.args[:3] == [int(NOON * 1000), 60, 2]
-    assert call.args[4:8] == [30000, 1000, -1, 0]
+    assert call.args[4:] == [30000, 1000, -1]
     call.answer.callback([0, 0])
-    assert callable(d.result)
+    _admitted(d)
     link.stopService()
 
 
@@ -99,10 +108,10 @@ def test_down_local_keeps_limits_here() -> None:
     """
     _, client, link, limits = _setup("local", up=False)
     key = _key(max_streams=1)
-    release = _released(limits.admit(key))
+    release = _released(_admitted(limits.admit(key)).reserve(0))
     assert _error(limits.admit(key)).code == 429
     release(0)
-    assert callable(limits.admit(key).result)
+    _admitted(limits.admit(key))
     assert client.calls == []
     link.stopService()
 
@@ -114,7 +123,7 @@ def test_down_closed_refuses() -> None:
     assert (error.code, error.headers, error.outcome) == (
         503, {b"Retry-After": b"5"}, "rejected")
     assert "Redis" in error.message
-    assert callable(limits.admit(_key()).result)
+    _admitted(limits.admit(_key()))
     link.stopService()
 
 
@@ -127,7 +136,7 @@ def test_redis_stops_answering_mid_admit() -> None:
     d = limits.admit(_key(rpm=10))
     assert not d.called
     clock.advance(1.5)
-    assert callable(d.result)
+    _admitted(d)
     assert not link.up
     link.stopService()
 
@@ -154,7 +163,7 @@ def test_one_renewal_for_all_leases() -> None:
     for name in ("alice", "bob", "carol"):
         d = limits.admit(ApiKey(name, bytes(32), max_streams=5))
         client.calls[-1].answer.callback([0, 0])
-        releases.append(_released(d))
+        releases.append(_released(_admitted(d).reserve(0)))
     releases[1](0)
     client.calls[-1].answer.callback(0)
     before = len(client.calls)
@@ -172,8 +181,8 @@ def test_tokens_while_down_are_added_later() -> None:
     """Tokens used while Redis was down are added to its counters once it is back."""
     clock, client, link, limits = _setup("local", up=False)
     key = _key(tokens_per_day=1000)
-    _released(limits.admit(key))(120)
-    _released(limits.admit(key))(30)
+    _released(_admitted(limits.admit(key)).reserve(100))(120)
+    _released(_admitted(limits.admit(key)).reserve(100))(30)
     clock.advance(5)
     client.pings[-1].callback("PONG")
     [added] = client.calls
@@ -190,8 +199,10 @@ def test_tokens_kept_when_release_fails() -> None:
     clock, client, link, limits = _setup()
     d = limits.admit(_key(tokens_per_month=1000))
     client.calls[0].answer.callback([0, 0])
-    _released(d)(70)
-    client.calls[1].answer.errback(ConnectionError("Lost connection"))
+    reserved = _admitted(d).reserve(0)
+    client.calls[1].answer.callback([0, 0])
+    _released(reserved)(70)
+    client.calls[2].answer.errback(ConnectionError("Lost connection"))
     clock.advance(5)
     client.pings[-1].callback("PONG")
     assert client.calls[-1].script == scripts.ADD_TOKENS
@@ -236,7 +247,7 @@ def test_unreadable_answer_falls_back(observe_errors: ErrorCollector) -> None:
     _, client, link, limits = _setup("local")
     d = limits.admit(_key(rpm=10))
     client.calls[0].answer.callback("not a list")
-    assert callable(d.result)
+    _admitted(d)
     [logged] = observe_errors.errors
     assert logged["log_failure"].check(ValueError)
     observe_errors.errors.clear()
@@ -260,8 +271,10 @@ def test_the_local_stand_in_knows_this_proxy_s_tokens() -> None:
     key = _key(tokens_per_day=100)
     d = limits.admit(key)
     client.calls[0].answer.callback([0, 0])
-    _released(d)(150)
-    client.calls[1].answer.callback(1)
+    reserved = _admitted(d).reserve(0)
+    client.calls[1].answer.callback([0, 0])
+    _released(reserved)(150)
+    client.calls[2].answer.callback(1)
     assert book.used("alice", "day") == 150
     clock.advance(5)
     client.pings[-1].errback(ConnectionError("refused"))
@@ -308,9 +321,9 @@ def test_rate_and_streams_refusals_are_the_in_process_ones() -> None:
     clock, client, link, limits = _setup()
     key = _key(rpm=1, max_streams=1)
     streams_here, rate_here = KeyLimits(clock), KeyLimits(clock)
-    _released(streams_here.admit(_key(max_streams=1)))
+    _admitted(streams_here.admit(_key(max_streams=1)))
     in_flight = _error(streams_here.admit(_key(max_streams=1)))
-    _released(rate_here.admit(_key(rpm=1)))
+    _admitted(rate_here.admit(_key(rpm=1)))
     too_fast = _error(rate_here.admit(_key(rpm=1)))
     for code, n, expected in ((scripts.TOO_MANY_STREAMS, 0, in_flight),
                               (scripts.OVER_RATE, 60000, too_fast)):
@@ -325,30 +338,59 @@ def test_rate_and_streams_refusals_are_the_in_process_ones() -> None:
     link.stopService()
 
 
-def test_admit_reserves_and_release_settles_the_difference() -> None:
+def test_reserve_reserves_and_release_settles_the_difference() -> None:
     """
-    A request of a key with a quota has its expected cost reserved by the
-    ADMIT script itself (so that racing proxies see it), and its release
-    adds only the difference between what it used and what was reserved:
-    less than 0 when it used less.  A key without a quota reserves nothing.
+    Once admitted, a request of a key with a quota has its expected cost
+    reserved by one RESERVE call (so that racing proxies see it), and its
+    release adds only the difference between what it used and what was
+    reserved: less than 0 when it used less.  A key without a quota
+    reserves nothing and makes no call.
     """
     _, client, link, limits = _setup()
-    d = limits.admit(_key(tokens_per_day=1000), 600)
-    [admit] = client.calls
-    assert admit.args[7:] == [600, int((NOON + 12 * 3600 + 86400) * 1000),
-                              int((NOON + 30 * 86400 + 12 * 3600 + 86400) * 1000)]
-    admit.answer.callback([0, 0])
-    _released(d)(150)
+    admitted = limits.admit(_key(tokens_per_day=1000))
+    client.calls[0].answer.callback([0, 0])
+    reserved = _admitted(admitted).reserve(600)
+    [_, reserve] = client.calls
+    assert reserve.script == scripts.RESERVE
+    assert reserve.keys == ["ollamaproxy:tokens:day:2026-12-01:alice",
+                            "ollamaproxy:tokens:month:2026-12:alice"]
+    assert reserve.args == [1000, -1, 600, int((NOON + 12 * 3600 + 86400) * 1000),
+                            int((NOON + 30 * 86400 + 12 * 3600 + 86400) * 1000)]
+    reserve.answer.callback([0, 0])
+    _released(reserved)(150)
     release = client.calls[-1]
     assert release.script == scripts.RELEASE
     assert release.keys[1:] == ["ollamaproxy:tokens:day:2026-12-01:alice",
                                 "ollamaproxy:tokens:month:2026-12:alice"]
     assert release.args[:3] == ["", -450, -450]
     release.answer.callback(0)
-    limited = limits.admit(_key(rpm=10), 600)
-    assert client.calls[-1].args[7] == 0
+    limited = limits.admit(_key(rpm=10))
     client.calls[-1].answer.callback([0, 0])
-    _released(limited)(150)
+    before = len(client.calls)
+    _released(_admitted(limited).reserve(600))(150)
+    assert len(client.calls) == before
+    link.stopService()
+
+
+def test_a_reservation_over_the_quota_is_refused_and_gives_back_the_stream() -> None:
+    """
+    Requests of a key admitted together each passed ADMIT's check of the
+    quota; RESERVE checks it again with the reservation, and one that
+    finds it used up (by what was used and reserved) is refused with the
+    quota's 429, its stream's lease given back at once.
+    """
+    _, client, link, limits = _setup()
+    d = limits.admit(_key(max_streams=2, tokens_per_day=100))
+    client.calls[0].answer.callback([0, 0])
+    lease = client.calls[0].args[3]
+    reserved = _admitted(d).reserve(67)
+    client.calls[1].answer.callback([scripts.OVER_DAY_QUOTA, 134])
+    error = _error(reserved)
+    assert error.code == 429
+    assert error.message.startswith("key 'alice' has used its 100 tokens for today (UTC)")
+    [give_back] = client.calls[2:]
+    assert (give_back.script, give_back.args[:3]) == (scripts.RELEASE, [lease, 0, 0])
+    assert limits.renew().result is None  # no lease left to renew
     link.stopService()
 
 
@@ -359,11 +401,13 @@ def test_a_request_that_ends_in_a_new_day_counts_there() -> None:
     day; the month, the same, settles the difference.
     """
     clock, client, link, limits = _setup()
-    d = limits.admit(_key(tokens_per_day=1000), 600)
+    d = limits.admit(_key(tokens_per_day=1000))
+    client.calls[-1].answer.callback([0, 0])
+    reserved = _admitted(d).reserve(600)
     client.calls[-1].answer.callback([0, 0])
     clock.advance(12 * 3600 + 1)
     client.pings[-1].callback("PONG")
-    _released(d)(150)
+    _released(reserved)(150)
     release = client.calls[-1]
     assert release.keys[1] == "ollamaproxy:tokens:day:2026-12-02:alice"
     assert release.args[1:3] == [150, -450]
@@ -377,13 +421,111 @@ def test_an_unsent_settlement_is_added_later() -> None:
     too, and adds it once Redis is back.
     """
     clock, client, link, limits = _setup()
-    d = limits.admit(_key(tokens_per_month=1000), 100)
+    d = limits.admit(_key(tokens_per_month=1000))
     client.calls[0].answer.callback([0, 0])
-    _released(d)(40)
-    client.calls[1].answer.errback(ConnectionError("Lost connection"))
+    reserved = _admitted(d).reserve(100)
+    client.calls[1].answer.callback([0, 0])
+    _released(reserved)(40)
+    client.calls[2].answer.errback(ConnectionError("Lost connection"))
     clock.advance(5)
     client.pings[-1].callback("PONG")
     assert client.calls[-1].script == scripts.ADD_TOKENS
     assert client.calls[-1].args[0::2] == [-60, -60]
     client.calls[-1].answer.callback(2)
+    link.stopService()
+
+
+def _with_book(policy: str) -> tuple[Clock, FakeRedis, RedisLink, RedisLimits, QuotaBook]:
+    """
+    Limits kept in Redis (up) under C{policy}, whose in-process stand-in
+    has a quota book.
+    """
+    clock = Clock()
+    clock.advance(NOON)
+    client = FakeRedis()
+    link = RedisLink(lambda: client, clock, "redis://cache:6379/0", "", interval=5.0)
+    book = QuotaBook(clock, loaded=True)
+    limits = RedisLimits(link, KeyLimits(clock, book), clock, policy, lease=30.0, quotas=book)
+    link.startService()
+    client.pings[0].callback("PONG")
+    return clock, client, link, limits, book
+
+
+def _reserve_fails(client: FakeRedis, limits: RedisLimits, key: ApiKey) -> Deferred[Release]:
+    """
+    Admit a request of C{key} through Redis, and have Redis fail its
+    reservation of 60 tokens (it goes down).
+    """
+    d = limits.admit(key)
+    client.calls[-1].answer.callback([0, 0])
+    reserved = _admitted(d).reserve(60)
+    client.calls[-1].answer.errback(ConnectionError("Lost connection"))
+    return reserved
+
+
+def test_a_reservation_redis_cannot_take_is_made_here() -> None:
+    """
+    A request Redis admitted whose RESERVE fails is reserved, under the
+    local policy, in the in-process book: its release settles it there,
+    its lease is dropped (it expires in Redis), and the tokens it used are
+    added to Redis's counters once it is back.
+    """
+    clock, client, link, limits, book = _with_book("local")
+    reserved = _reserve_fails(client, limits, _key(max_streams=2, tokens_per_day=100))
+    assert book.used("alice", "day") == 60
+    _released(reserved)(30)
+    assert book.used("alice", "day") == 30
+    assert limits.renew().result is None
+    clock.advance(5)
+    client.pings[-1].callback("PONG")
+    assert client.calls[-1].script == scripts.ADD_TOKENS
+    assert client.calls[-1].args[0::2] == [30, 30]
+    client.calls[-1].answer.callback(2)
+    link.stopService()
+
+
+def test_a_reservation_made_here_checks_the_quota() -> None:
+    """
+    The in-process book that stands in for a RESERVE that failed checks
+    the quota as Redis would: a key it finds over its quota is refused with
+    429, and the request's lease is dropped.
+    """
+    _, client, link, limits, book = _with_book("local")
+    book.add("alice", 100)
+    refused = _reserve_fails(client, limits, _key(max_streams=2, tokens_per_day=100))
+    assert _error(refused).code == 429
+    assert limits.renew().result is None
+    assert book.used("alice", "day") == 100
+    link.stopService()
+
+
+def test_a_reservation_redis_cannot_take_is_refused_when_closed() -> None:
+    """
+    Under the closed policy, a request Redis admitted whose RESERVE fails
+    gets the 503 of a Redis that cannot be reached, and its lease is
+    dropped.
+    """
+    _, client, link, limits, book = _with_book("closed")
+    refused = _reserve_fails(client, limits, _key(max_streams=2, tokens_per_day=100))
+    assert _error(refused).code == 503
+    assert limits.renew().result is None
+    assert book.used("alice", "day") == 0
+    link.stopService()
+
+
+def test_a_reservation_cancelled_while_redis_answers_is_given_back() -> None:
+    """
+    A client gone while Redis reserves for it: the reservation Redis made
+    is given back at once, with the stream.
+    """
+    _, client, link, limits = _setup()
+    d = limits.admit(_key(max_streams=1, tokens_per_day=1000))
+    client.calls[0].answer.callback([0, 0])
+    reserved = _admitted(d).reserve(600)
+    reserved.cancel()
+    reserved.addErrback(lambda _: None)
+    client.calls[1].answer.callback([0, 0])
+    [release] = client.calls[2:]
+    assert release.args[:3] == [client.calls[0].args[3], -600, -600]
+    assert limits.renew().result is None
     link.stopService()

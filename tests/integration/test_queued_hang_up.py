@@ -78,7 +78,7 @@ async def test_a_paused_client_that_hangs_up_while_queued_never_reaches_ollama(
         client.close()
     assert sent > 1024 * 1024
     try:
-        await wait_for(reactor, lambda: "POST /api/chat None client_disconnected" in proxy.output,
+        await wait_for(reactor, lambda: "POST /api/chat - client_disconnected" in proxy.output,
                        "the proxy to see the queued client leave")
     finally:
         upstream.fake.held[0].finish()

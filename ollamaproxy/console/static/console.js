@@ -203,6 +203,11 @@
     return new Date(epoch * 1000).toISOString().replace("T", " ").slice(0, 16) + " UTC";
   }
 
+  // A time to the second (UTC), for events of the last minutes.
+  function clock(epoch) {
+    return new Date(epoch * 1000).toISOString().slice(11, 19);
+  }
+
   function badge(text, kind) { return el("span", text, "badge " + kind); }
 
   function fillTable(id, rows, emptyId) {
@@ -378,7 +383,11 @@
       if (b.errors.length) {
         card.appendChild(el("div", "Recent errors", "meta"));
         const errors = el("ul", null, "errors");
-        for (const e of b.errors.slice(-5).reverse()) errors.appendChild(el("li", e));
+        // Newest first; a repeated error is one line with its count.
+        for (const e of b.errors.slice(-5).reverse()) {
+          const repeats = e.count > 1 ? ` (×${e.count} since ${clock(e.first)})` : "";
+          errors.appendChild(el("li", `${clock(e.last)} ${e.error}${repeats}`));
+        }
         card.appendChild(errors);
       }
       return card;

@@ -67,6 +67,9 @@ def backends_view(router: Router, redact: Callable[[str], str] = str) -> list[di
     Every backend: health, models, models in memory, requests in flight per
     model against its C{parallel}, recent errors (each with its count and
     times, in seconds since the epoch).
+
+    An unhealthy backend shows no model in memory: what it said it had
+    loaded is as old as its last answer, and it may have restarted since.
     """
     shown = []
     for backend in router.backends:
@@ -82,7 +85,8 @@ def backends_view(router: Router, redact: Callable[[str], str] = str) -> list[di
             "in_flight": backend.in_flight,
             "models": None if backend.models is None
             else sorted(model.canonical for model in backend.models),
-            "loaded": sorted(model.canonical for model in backend.loaded),
+            "loaded": sorted(model.canonical for model in backend.loaded)
+            if backend.healthy else [],
             "running": running,
             "errors": [
                 {"error": clean_text(error.reason, redact), "count": error.count,

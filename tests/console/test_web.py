@@ -20,6 +20,7 @@ from ollamaproxy.backends.pool import Backend
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.console.sampler import TICK
 from ollamaproxy.console.web import CSP
+from ollamaproxy.model_names import resolve
 from ollamaproxy.record.usage import UsageStore
 from ollamaproxy.record.usage_db import write_rows
 from tests.fakes.chain import KEY, Chain, chat
@@ -263,6 +264,19 @@ def test_recent_errors_have_their_time_and_repeats_are_counted() -> None:
         {"error": "cannot reach Ollama: timed out", "count": 1, "first": 1000.0, "last": 1000.0},
         {"error": "cannot reach Ollama: refused", "count": 3, "first": 1002.5, "last": 1007.5},
     ]
+
+
+def test_an_unhealthy_backend_shows_no_model_in_memory() -> None:
+    """
+    The models a backend said it had loaded are not shown once it is
+    unhealthy: that list is stale, and the backend may have restarted.
+    """
+    chain = Chain(backends=[["hold"], ["other"]])
+    backend = chain.pool.backends[1]
+    backend.loaded = frozenset([resolve("other")])
+    assert backends_of(chain)[1]["loaded"] == ["other:latest"]
+    chain.pool.failed(backend, "cannot reach Ollama: refused")
+    assert backends_of(chain)[1]["loaded"] == []
 
 
 def test_feed_request_and_transport_are_not_kept_after_a_disconnect() -> None:

@@ -7,7 +7,9 @@ These are pure functions of what the proxy knows; the web part
 (L{ollamaproxy.console.web}) serves them.  What they leave out matters as
 much: never a key, never a key's hash, never a backend's credentials (an
 upstream URL may hold C{user:password@}, and an error message may repeat
-it), never more of a URL than its scheme, host, port and path.
+it), never more of a URL than its scheme, host, port and path.  A
+client's address is shown (in the Now view): the console is for admin keys
+only, which see it in the access log too.
 """
 
 from __future__ import annotations

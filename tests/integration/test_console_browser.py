@@ -224,7 +224,10 @@ async def test_console_in_a_real_browser(
     await until(driver, lambda d: "hold:latest" in text_of(d, "#requests tbody")
                 and " 7 " in " " + text_of(d, "#requests tbody td.num") + " ",
                 SHOWS_WITHIN, "the running stream with its model and 7 tokens")
-    assert "api-key" in await in_thread(lambda: text_of(driver, "#requests tbody"))
+    now_row = await in_thread(lambda: text_of(driver, "#requests tbody"))
+    # Who runs what: the key, the route and the client's address.
+    for shown_text in ("api-key", "/api/chat", "127.0.0.1"):
+        assert shown_text in now_row, now_row
     await screenshot(driver, "now")
     if os.environ.get("OLLAMAPROXY_README_SCREENSHOT") == "1":
         # A few seconds of tokens, so that the charts have something to show.

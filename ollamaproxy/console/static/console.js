@@ -331,7 +331,7 @@
     const now = serverNow();
     const rows = state.requests.map((r) => {
       const tr = row([
-        r.key, r.model || "–", r.backend || "–", age(now - r.started) + " ago",
+        r.key, r.model || "–", r.route, r.client, r.backend || "–", age(now - r.started) + " ago",
         num(r.tokens), num(r.tokens_per_second),
       ]);
       const cell = el("td");
@@ -340,7 +340,7 @@
       tr.className = "request";
       return tr;
     });
-    if (state.more) rows.push(row(["…and " + state.more + " more", "", "", "", "", "", ""]));
+    if (state.more) rows.push(row(["…and " + state.more + " more", "", "", "", "", "", "", "", ""]));
     fillTable("requests", rows, "requests-empty");
     const waiting = Object.entries(state.waiting).sort((a, b) => b[1] - a[1]);
     fillTable("waiting", waiting.map(([k, n]) => row([k, num(n)])), "waiting-empty");

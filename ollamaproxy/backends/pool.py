@@ -38,6 +38,26 @@ DEFAULT_MAX_BACKOFF = 8.0
 _RECENT_ERRORS = 10
 
 
+@dataclass
+class RecentError:
+    """
+    One of a backend's recent errors, with its repeats folded in: a backend
+    that is down fails the same way at every probe, and ten copies of one
+    line would push out the error that says why it went down.
+
+    @ivar reason: What went wrong.
+    @ivar first: When it first happened (of the repeats kept), in seconds
+        since the epoch.
+    @ivar last: When it last happened.
+    @ivar count: How many times it happened from C{first} to C{last}.
+    """
+
+    reason: str
+    first: float
+    last: float
+    count: int = 1
+
+
 @dataclass(eq=False)
 class Backend:
     """
@@ -49,7 +69,8 @@ class Backend:
     @ivar models: The models it has, or L{None} until it has said.
     @ivar loaded: The models it has in memory.
     @ivar running: Requests in flight, per model (L{None}: naming none).
-    @ivar errors: Its most recent errors, newest last.
+    @ivar errors: Its most recent distinct errors, the last to happen
+        last (see L{note_error}).
     """
 
     upstream: Upstream
@@ -58,7 +79,7 @@ class Backend:
     models: frozenset[ModelName] | None = None
     loaded: frozenset[ModelName] = frozenset()
     running: Counter[ModelName | None] = field(default_factory=Counter)
-    errors: deque[str] = field(default_factory=lambda: deque(maxlen=_RECENT_ERRORS))
+    errors: deque[RecentError] = field(default_factory=lambda: deque(maxlen=_RECENT_ERRORS))
     #: The backend's base URL, as logs and metrics name it.
     name: str = field(init=False)
 
@@ -68,6 +89,23 @@ class Backend:
     @property
     def in_flight(self) -> int:
         return sum(self.running.values())
+
+    def note_error(self, reason: str, now: float) -> None:
+        """
+        Keep an error: one already kept with the same text is counted again
+        and moved to the end, so that the errors kept are the last few
+        distinct ones (at most C{_RECENT_ERRORS}, so memory stays bounded).
+
+        @param now: When it happened, in seconds since the epoch.
+        """
+        for kept in self.errors:
+            if kept.reason == reason:
+                self.errors.remove(kept)
+                kept.count += 1
+                kept.last = now
+                self.errors.append(kept)
+                return
+        self.errors.append(RecentError(reason, now, now))
 
     def has(self, model: ModelName) -> bool:
         """
@@ -168,7 +206,7 @@ class BackendPool(Service):
         A request could not reach C{backend}: it gets no more until a probe
         finds it answering.
         """
-        backend.errors.append(reason)
+        backend.note_error(reason, backend.upstream.clock.seconds())
         self._set_health(backend, False, reason)
         self._schedule(backend)
 
@@ -179,7 +217,7 @@ class BackendPool(Service):
             return
         except Exception as e:
             reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            backend.errors.append(reason)
+            backend.note_error(reason, backend.upstream.clock.seconds())
             self._set_health(backend, False, reason)
             return
         try:

@@ -306,6 +306,7 @@ class Sampler(Service):
                 "model": exchange.model.canonical if exchange.model is not None else "",
                 "backend": _shown(backend, self._redact),
                 "route": exchange.route,
+                "client": exchange.client,
                 "started": round(exchange.started, 3),
                 "tokens": samples[-1][1] if samples else 0,
                 "tokens_per_second": round(track.rate(), 1) if track is not None else 0.0,

@@ -7,7 +7,9 @@ These are pure functions of what the proxy knows; the web part
 (L{ollamaproxy.console.web}) serves them.  What they leave out matters as
 much: never a key, never a key's hash, never a backend's credentials (an
 upstream URL may hold C{user:password@}, and an error message may repeat
-it), never more of a URL than its scheme, host, port and path.
+it), never more of a URL than its scheme, host, port and path.  A
+client's address is shown (in the Now view): the console is for admin keys
+only, which see it in the access log too.
 """
 
 from __future__ import annotations
@@ -65,7 +67,11 @@ def _model_label(model: ModelName | None) -> str:
 def backends_view(router: Router, redact: Callable[[str], str] = str) -> list[dict[str, Any]]:
     """
     Every backend: health, models, models in memory, requests in flight per
-    model against its C{parallel}, recent errors.
+    model against its C{parallel}, recent errors (each with its count and
+    times, in seconds since the epoch).
+
+    An unhealthy backend shows no model in memory: what it said it had
+    loaded is as old as its last answer, and it may have restarted since.
     """
     shown = []
     for backend in router.backends:
@@ -81,9 +87,14 @@ def backends_view(router: Router, redact: Callable[[str], str] = str) -> list[di
             "in_flight": backend.in_flight,
             "models": None if backend.models is None
             else sorted(model.canonical for model in backend.models),
-            "loaded": sorted(model.canonical for model in backend.loaded),
+            "loaded": sorted(model.canonical for model in backend.loaded)
+            if backend.healthy else [],
             "running": running,
-            "errors": [clean_text(error, redact) for error in backend.errors],
+            "errors": [
+                {"error": clean_text(error.reason, redact), "count": error.count,
+                 "first": round(error.first, 3), "last": round(error.last, 3)}
+                for error in backend.errors
+            ],
         })
     return shown
 

@@ -112,7 +112,7 @@ def test_unreachable_backend_turns_unhealthy_and_back() -> None:
     lines = [e["log_format"] for e in events if "Backend" in e.get("log_format", "")]
     assert lines == ["Backend {backend} is unhealthy: {reason}",
                      "Backend {backend} is healthy again"]
-    assert "ConnectionRefusedError" in backend.errors[0]
+    assert "ConnectionRefusedError" in backend.errors[0].reason
     pool.stopService()
     assert clock.getDelayedCalls() == []
 

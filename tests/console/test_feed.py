@@ -78,6 +78,25 @@ def test_feed_shows_a_running_stream_with_its_model_and_tokens_and_drops_it_when
     sampler.stopService()
 
 
+def test_feed_rows_name_the_route_and_the_client_address() -> None:
+    """
+    A request in flight shows with the route it took and the address of
+    the client that sent it, so that an operator can tell who runs what.
+    """
+    chain = Chain()
+    sampler = started(chain)
+    _, feed = open_feed(chain)
+    chain.request("POST", "/api/chat", data=chat("hold"))
+    held = chain.fake.held[-1]
+    chain.flush()
+    tick(chain)
+    [row] = messages(feed)[-1]["requests"]
+    assert (row["route"], row["client"]) == ("/api/chat", "127.0.0.1")
+    held.finish()
+    chain.flush()
+    sampler.stopService()
+
+
 def test_feed_sends_nothing_while_nothing_changes_and_pings_now_and_then() -> None:
     """
     Coalescing: with nothing moving, ticks send nothing; a ping comes every

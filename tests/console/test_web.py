@@ -20,6 +20,7 @@ from ollamaproxy.backends.pool import Backend
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.console.sampler import TICK
 from ollamaproxy.console.web import CSP
+from ollamaproxy.model_names import resolve
 from ollamaproxy.record.usage import UsageStore
 from ollamaproxy.record.usage_db import write_rows
 from tests.fakes.chain import KEY, Chain, chat
@@ -210,8 +211,8 @@ def test_no_payload_holds_a_key_a_hash_or_a_backend_password(tmp_path: Path) -> 
                                clock=chain.clock, header_timeout=60, idle_timeout=60))
     chain.pool.backends[1] = backend
     backend.healthy = False
-    backend.errors.append(
-        "cannot reach Ollama at http://ops:hunter2secret@127.0.0.1:11434: refused")
+    backend.note_error(
+        "cannot reach Ollama at http://ops:hunter2secret@127.0.0.1:11434: refused", 0.0)
     write_rows(store.path, [(chain.clock.seconds(), "alice", "llama3.2:latest", 1, 5, 7, 0)])
     chain.console.sampler.startService()
     chain.request("POST", "/api/chat", data=chat("hold"))
@@ -233,6 +234,49 @@ def test_no_payload_holds_a_key_a_hash_or_a_backend_password(tmp_path: Path) -> 
     chain.console.sampler.stopService()
     chain.fake.held[-1].finish()
     chain.flush()
+
+
+def backends_of(chain: Chain) -> list[dict[str, Any]]:
+    """
+    The Backends view, as the console's C{api/now} sends it.
+    """
+    response = chain.respond("GET", "/-/console/api/now")
+    assert response.code == 200
+    shown: list[dict[str, Any]] = json.loads(chain.body(response))["backends"]
+    return shown
+
+
+def test_recent_errors_have_their_time_and_repeats_are_counted() -> None:
+    """
+    A backend that fails the same way three times shows one error with a
+    count of 3, when it first and last happened, after the other error it
+    had: repeats fold into one entry rather than pushing the rest out.
+    """
+    chain = Chain(backends=[["hold"], ["other"]])
+    backend = chain.pool.backends[1]
+    chain.clock.advance(1000)
+    chain.pool.failed(backend, "cannot reach Ollama: timed out")
+    for _ in range(3):
+        chain.clock.advance(2.5)
+        chain.pool.failed(backend, "cannot reach Ollama: refused")
+    errors = backends_of(chain)[1]["errors"]
+    assert errors == [
+        {"error": "cannot reach Ollama: timed out", "count": 1, "first": 1000.0, "last": 1000.0},
+        {"error": "cannot reach Ollama: refused", "count": 3, "first": 1002.5, "last": 1007.5},
+    ]
+
+
+def test_an_unhealthy_backend_shows_no_model_in_memory() -> None:
+    """
+    The models a backend said it had loaded are not shown once it is
+    unhealthy: that list is stale, and the backend may have restarted.
+    """
+    chain = Chain(backends=[["hold"], ["other"]])
+    backend = chain.pool.backends[1]
+    backend.loaded = frozenset([resolve("other")])
+    assert backends_of(chain)[1]["loaded"] == ["other:latest"]
+    chain.pool.failed(backend, "cannot reach Ollama: refused")
+    assert backends_of(chain)[1]["loaded"] == []
 
 
 def test_feed_request_and_transport_are_not_kept_after_a_disconnect() -> None:

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 from typing import Any, TypeVar
@@ -31,6 +33,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from ollamaproxy.admission.keys import digest
+from ollamaproxy.record.usage_db import write_rows
 from tests.fakes.client import agent, body, read, request, sleep, wait_for
 from tests.fakes.ollama import FakeOllama
 from tests.fakes.twistd import REPO, TEST_KEY, TwistdLauncher, Upstream, proxy_args, serve, stop
@@ -42,6 +45,11 @@ INFERENCE_KEY = "olpk_browserinferencekeybrowserinference"
 WRONG_KEY = "olpk_browserwrongkeybrowserwrongkeybrowse"
 # A running stream must show within this many seconds (the issue's figure).
 SHOWS_WITHIN = 2.0
+# Keys with usage recorded before the proxy starts: more than the palette's
+# six colours, so that a colour by index modulo six would repeat.
+TEAMS = [f"team-{n}" for n in range(8)]
+# The model of that usage, apart from the chats' llama3.2.
+OLD_MODEL = "mistral:latest"
 
 T = TypeVar("T")
 
@@ -124,6 +132,55 @@ def shown(driver: Any, element_id: str) -> bool:
     return visible
 
 
+def bar_colours(driver: Any) -> dict[str, set[str]]:
+    """
+    The colours the usage chart's bars are drawn in, by the name (key or
+    model) each bar is for.
+    """
+    pairs: list[list[str]] = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#chart-usage rect'))"
+        ".map((r) => [r.dataset.name, getComputedStyle(r).fill])")
+    colours: dict[str, set[str]] = {}
+    for name, colour in pairs:
+        colours.setdefault(name, set()).add(colour)
+    return colours
+
+
+def legend(driver: Any) -> str:
+    return text_of(driver, "#usage-legend")
+
+
+def hour_axis(driver: Any) -> dict[str, Any]:
+    """
+    The usage chart's bars' narrowest width on screen, and its time axis's
+    labels: their texts, and whether any two overlap.
+    """
+    axis: dict[str, Any] = driver.execute_script("""
+        const chart = document.querySelector('#chart-usage svg');
+        const rects = Array.from(chart.querySelectorAll('rect'));
+        const labels = Array.from(chart.querySelectorAll('text.tick'))
+            .filter((t) => t.getAttribute('text-anchor') === 'middle');
+        const boxes = labels.map((t) => t.getBoundingClientRect());
+        return {
+            narrowest: Math.min(...rects.map((r) => r.getBoundingClientRect().width)),
+            labels: labels.map((t) => t.textContent),
+            overlap: boxes.some((b, i) => i > 0 && b.left < boxes[i - 1].right),
+            today: document.getElementById('usage-to').value.slice(5),
+        };""")
+    return axis
+
+
+def choose(driver: Any, select_id: str, value: str) -> Deferred[None]:
+    """
+    Pick an option of a drop-down, as a user does (which fires its change).
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    return in_thread(
+        lambda: Select(driver.find_element(By.ID, select_id)).select_by_value(value))
+
+
 def refused(why: str, driver: Any) -> bool:
     return why in text_of(driver, "#login-error")
 
@@ -182,16 +239,25 @@ async def test_console_in_a_real_browser(
 ) -> None:
     """
     In Chromium: a wrong key and an inference key see nothing but the
-    login; an admin key sees a running stream appear with its model and
-    token count within 2 s and leave when it ends, a backend turn unhealthy
-    when its server stops, usage after a few chats, and the keys.  A
-    screenshot of each view is saved.
+    login; an admin key sees a running stream appear with its model, route,
+    client address and token count within 2 s and leave when it ends, a
+    backend turn unhealthy when its server stops, usage after a few chats
+    (each key in a colour of its own; By and Per redraw without Show; by
+    hour over 7 days on a phone, bars a few pixels wide and day labels to
+    the last day), and the keys; the Now charts' middle tick is at a round
+    time.  A screenshot of each view is saved.
     """
     first, second = backends
     (twistd.directory / "keys.json").write_text(json.dumps({"keys": [
         {"name": "bob", "hash": "sha256:" + digest(INFERENCE_KEY).hex(),
          "tokens_per_day": 100000}
     ]}))
+    # Usage of the past week, every 6 hours, by more keys than colours.
+    now = time.time()
+    write_rows(str(twistd.directory / "usage.sqlite3"), [
+        (now - hours * 3600, TEAMS[hours // 6 % len(TEAMS)], OLD_MODEL, 1, 10, 20, 0)
+        for hours in range(0, 6 * 24, 6)
+    ])
     proxy = await twistd.start(
         proxy_args(first.url, "--upstream", second.url, "--usage-file", "usage.sqlite3"))
     await wait_for(reactor, lambda: second.url in proxy.output, "the second backend's line")
@@ -224,7 +290,10 @@ async def test_console_in_a_real_browser(
     await until(driver, lambda d: "hold:latest" in text_of(d, "#requests tbody")
                 and " 7 " in " " + text_of(d, "#requests tbody td.num") + " ",
                 SHOWS_WITHIN, "the running stream with its model and 7 tokens")
-    assert "api-key" in await in_thread(lambda: text_of(driver, "#requests tbody"))
+    now_row = await in_thread(lambda: text_of(driver, "#requests tbody"))
+    # Who runs what: the key, the route and the client's address.
+    for shown_text in ("api-key", "/api/chat", "127.0.0.1"):
+        assert shown_text in now_row, now_row
     await screenshot(driver, "now")
     if os.environ.get("OLLAMAPROXY_README_SCREENSHOT") == "1":
         # A few seconds of tokens, so that the charts have something to show.
@@ -249,6 +318,10 @@ async def test_console_in_a_real_browser(
     await stop(second)
     await until(driver, lambda d: "unhealthy" in text_of(d, f'.backend[data-name="{stopped}"]'),
                 20, "the stopped backend to turn unhealthy")
+    # Its error, with the time it happened.
+    await until(driver, lambda d: re.match(
+        r"\d\d:\d\d:\d\d \w+", text_of(d, f'.backend[data-name="{stopped}"] .errors li')),
+        10, "the stopped backend's error with its time")
     await screenshot(driver, "backends")
 
     # Usage: a few chats show up (the usage store writes every 5 s).
@@ -272,6 +345,18 @@ async def test_console_in_a_real_browser(
 
     await usage_shows()
     assert "api-key" in await in_thread(lambda: text_of(driver, "#usage-table"))
+    # Each key its own colour, the same for all its bars.
+    colours = await in_thread(lambda: bar_colours(driver))
+    assert set(colours) == {"api-key", *TEAMS}, colours
+    assert all(len(shades) == 1 for shades in colours.values()), colours
+    assert len({shade for shades in colours.values() for shade in shades}) == len(colours)
+    # Per and By redraw at once, without Show.
+    await choose(driver, "usage-per", "model")
+    await until(driver, lambda d: OLD_MODEL in legend(d) and "team-1" not in legend(d),
+                5, "the chart per model, without pressing Show")
+    await choose(driver, "usage-bucket", "hour")
+    await until(driver, lambda d: "per hour" in text_of(d, "#usage-caption"), 5,
+                "the chart by hour, without pressing Show")
     await until(driver, lambda d: "bob" in text_of(d, "#quotas"), 5, "bob's quota")
     await screenshot(driver, "usage")
 
@@ -290,6 +375,39 @@ async def test_console_in_a_real_browser(
     await in_thread(lambda: driver.set_window_size(390, 844))
     await click(driver, "button[data-view=now]")
     await screenshot(driver, "now-phone-dark")
+
+    # The Now charts' middle tick reads a round time once the history is
+    # longer than a minute: for one drawing, the page is made to think
+    # 100 s more went by (its clock is the browser's plus an offset).
+    ticks: list[str] = await in_thread(lambda: driver.execute_script("""
+        const real = Date.now;
+        Date.now = () => real.call(Date) + 100000;
+        try {
+            document.querySelector('button[data-view=now]').click();
+            return Array.from(document.querySelectorAll('#chart-streams svg text.tick'))
+                .slice(-3).map((t) => t.textContent);
+        } finally {
+            Date.now = real;
+        }"""))
+    assert ticks[0] != "-60 s", ticks
+    tick = ticks[1]
+    parsed = re.fullmatch(r"-(\d+) (s|min)", tick)
+    assert parsed is not None, tick
+    assert int(parsed[1]) * (60 if parsed[2] == "min" else 1) % 30 == 0, ticks
+
+    # By hour over 7 days, on a phone: bars wider than a pixel or two, and
+    # labels that do not overlap and go on to the last day.
+    await in_thread(lambda: driver.execute_script(
+        "document.getElementById('chart-usage').replaceChildren()"))
+    await click(driver, "button[data-view=usage]")
+    await until(driver, lambda d: d.execute_script(
+        "return document.querySelectorAll('#chart-usage rect').length > 0"), 10,
+        "the chart by hour, drawn again")
+    axis = await in_thread(lambda: hour_axis(driver))
+    assert axis["narrowest"] >= 4, axis
+    assert not axis["overlap"], axis
+    assert axis["labels"][-1].startswith(axis["today"]), axis
+    await screenshot(driver, "usage-phone-dark")
 
     # Logging out forgets the key.
     await click(driver, "#logout")

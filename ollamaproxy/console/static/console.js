@@ -18,7 +18,7 @@
   const $ = (id) => document.getElementById(id);
   const state = {
     key: null, feed: null, retry: 1000, lastMessage: 0, offset: 0,
-    requests: [], more: 0, waiting: {}, backends: [], points: [], view: "now",
+    requests: [], more: 0, waiting: {}, backends: [], points: [], view: "now", usageTicket: 0,
   };
 
   // --- Talking to the proxy -------------------------------------------------
@@ -203,6 +203,11 @@
     return new Date(epoch * 1000).toISOString().replace("T", " ").slice(0, 16) + " UTC";
   }
 
+  // A time to the second (UTC), for events of the last minutes.
+  function clock(epoch) {
+    return new Date(epoch * 1000).toISOString().slice(11, 19);
+  }
+
   function badge(text, kind) { return el("span", text, "badge " + kind); }
 
   function fillTable(id, rows, emptyId) {
@@ -240,7 +245,8 @@
       label.textContent = fmt(v);
       chart.appendChild(label);
     }
-    for (const [i, label] of [[0, "-" + ago(span)], [span / 2, "-" + ago(span / 2)], [span, "now"]]) {
+    const middle = roundAgo(span / 2);
+    for (const [i, label] of [[0, "-" + ago(span)], [span - middle, "-" + ago(middle)], [span, "now"]]) {
       const text = svg("text", { x: x(t0 + i), y: H - 3, "text-anchor": i === 0 ? "start" : i === span ? "end" : "middle" }, "tick");
       text.textContent = label;
       chart.appendChild(text);
@@ -260,16 +266,53 @@
     return seconds >= 120 ? Math.round(seconds / 60) + " min" : Math.round(seconds) + " s";
   }
 
+  // The round number of seconds at most s (s >= 10): a tick at "-79 s"
+  // makes the reader do sums, one at "-60 s" does not.
+  function roundAgo(s) {
+    let best = 10;
+    for (const r of [10, 15, 20, 30, 60, 120, 180, 300, 600]) if (r <= s) best = r;
+    return best;
+  }
+
   function niceTop(v) {
     const p = Math.pow(10, Math.floor(Math.log10(v)));
     for (const m of [1, 2, 5, 10]) if (v <= m * p) return m * p;
     return 10 * p;
   }
 
+  // The j-th name's colour: the palette's six, then hues spread by the
+  // golden angle, so that no two names in one chart share a colour however
+  // many there are.  Names come sorted, so a name keeps its colour as long
+  // as the names around it do.
+  const PALETTE = 6;
+
+  function paint(node, j, property) {
+    if (j < PALETTE) {
+      node.classList.add("c" + j);
+    } else {
+      const hue = ((j - PALETTE) * 137.508 + 15) % 360;
+      node.style[property] = `hsl(${hue.toFixed(1)}, 65%, ${j % 2 ? 42 : 58}%)`;
+    }
+  }
+
+  // Bars narrower than this are unreadable (7 days by hour on a phone):
+  // the chart widens instead, and scrolls.
+  const MIN_SLOT = 6;
+  // Pixels between two labels of the time axis, at least.
+  const LABEL_GAP = 72;
+  // Buckets between two labels, by bucket: whole hours and days, so that
+  // labels fall on round times.
+  const LABEL_STEPS = { 3600: [1, 2, 3, 6, 12, 24, 48, 96, 168], 86400: [1, 2, 7, 14, 28, 56, 91, 182] };
+
   // Stacked bars: buckets along x, one colour per name.
   function barChart(container, legend, buckets, names, values, width) {
-    const [W, H] = size(container, 600, 200), L = 44, B = 18;
+    const [fits, tall] = size(container, 600, 200), L = 44, B = 18;
+    const W = Math.max(fits, L + 4 + buckets.length * MIN_SLOT);
+    // Leave room for the scroll bar when the chart is wider than its box.
+    const H = W > fits ? tall - 16 : tall;
     const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img" });
+    chart.style.width = W + "px";
+    chart.style.height = H + "px";
     const totals = buckets.map((b) => names.reduce((sum, n) => sum + (values.get(b + "\u0000" + n) || 0), 0));
     const top = niceTop(Math.max(1, ...totals));
     const slot = (W - L - 4) / Math.max(1, buckets.length);
@@ -287,14 +330,16 @@
         if (!v) return;
         const h = y(v);
         base -= h;
-        const rect = svg("rect", { x: L + i * slot + slot * 0.1, y: base, width: Math.max(1, slot * 0.8), height: h }, "c" + (j % 6));
+        const rect = svg("rect", { x: L + i * slot + slot * 0.1, y: base, width: slot * 0.8, height: h, "data-name": n });
+        paint(rect, j, "fill");
         const title = svg("title");
         title.textContent = `${label(b, width)} ${n}: ${fmt(v)}`;
         rect.appendChild(title);
         chart.appendChild(rect);
       });
     });
-    const step = Math.max(1, Math.ceil(buckets.length / 6));
+    const steps = LABEL_STEPS[width] || [1];
+    const step = steps.find((n) => n * slot >= LABEL_GAP) || steps[steps.length - 1];
     buckets.forEach((b, i) => {
       if (i % step) return;
       const text = svg("text", { x: L + i * slot + slot / 2, y: H - 4, "text-anchor": "middle" }, "tick");
@@ -302,9 +347,13 @@
       chart.appendChild(text);
     });
     container.replaceChildren(chart);
+    // A chart wider than its box opens on its newest buckets.
+    container.scrollLeft = container.scrollWidth;
     legend.replaceChildren(...names.map((n, j) => {
       const item = el("span");
-      item.appendChild(el("span", null, "swatch c" + (j % 6)));
+      const swatch = el("span", null, "swatch");
+      paint(swatch, j, "background");
+      item.appendChild(swatch);
       item.appendChild(document.createTextNode(n || "(no model)"));
       return item;
     }));
@@ -326,7 +375,7 @@
     const now = serverNow();
     const rows = state.requests.map((r) => {
       const tr = row([
-        r.key, r.model || "–", r.backend || "–", age(now - r.started) + " ago",
+        r.key, r.model || "–", r.route, r.client, r.backend || "–", age(now - r.started) + " ago",
         num(r.tokens), num(r.tokens_per_second),
       ]);
       const cell = el("td");
@@ -335,7 +384,7 @@
       tr.className = "request";
       return tr;
     });
-    if (state.more) rows.push(row(["…and " + state.more + " more", "", "", "", "", "", ""]));
+    if (state.more) rows.push(row(["…and " + state.more + " more", "", "", "", "", "", "", "", ""]));
     fillTable("requests", rows, "requests-empty");
     const waiting = Object.entries(state.waiting).sort((a, b) => b[1] - a[1]);
     fillTable("waiting", waiting.map(([k, n]) => row([k, num(n)])), "waiting-empty");
@@ -378,7 +427,11 @@
       if (b.errors.length) {
         card.appendChild(el("div", "Recent errors", "meta"));
         const errors = el("ul", null, "errors");
-        for (const e of b.errors.slice(-5).reverse()) errors.appendChild(el("li", e));
+        // Newest first; a repeated error is one line with its count.
+        for (const e of b.errors.slice(-5).reverse()) {
+          const repeats = e.count > 1 ? ` (×${e.count} since ${clock(e.first)})` : "";
+          errors.appendChild(el("li", `${clock(e.last)} ${e.error}${repeats}`));
+        }
         card.appendChild(errors);
       }
       return card;
@@ -396,11 +449,15 @@
   }
 
   async function loadUsage() {
+    const ticket = ++state.usageTicket;
     $("usage-error").textContent = "";
     let data;
     try {
       data = await (await api("api/usage?" + usageQuery())).json();
+      // Another choice was made while this one loaded: it draws, not this.
+      if (ticket !== state.usageTicket) return;
     } catch (e) {
+      if (ticket !== state.usageTicket) return;
       if (e instanceof Refused) return logout(e.message);
       $("usage-error").textContent = e.message;
       return;
@@ -510,6 +567,10 @@
       tab.addEventListener("click", () => show(tab.dataset.view));
     }
     $("usage-form").addEventListener("submit", (event) => { event.preventDefault(); loadUsage(); });
+    // A new choice redraws at once, without Show.
+    for (const id of ["usage-bucket", "usage-per", "usage-from", "usage-to"]) {
+      $(id).addEventListener("change", () => { if ($("usage-form").checkValidity()) loadUsage(); });
+    }
     $("usage-csv").addEventListener("click", exportCsv);
     const today = new Date().toISOString().slice(0, 10);
     const weekAgo = new Date(Date.now() - 6 * 86400000).toISOString().slice(0, 10);

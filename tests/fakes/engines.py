@@ -102,9 +102,24 @@ class PostgresServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
+    def restart_command(self) -> list[str]:
+        """
+        The command line that restarts this server (its log kept where it
+        was, so that nothing holds the caller's output), as the server's user
+        (through C{runuser} when the tests run as root): for a shell script
+        that must restart it, as an operator's C{systemctl restart
+        postgresql} would.
+        """
+        as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+        log = str(self._data / "server.log")
+        return [*as_user, *self._pg_ctl_args("-l", log, "-m", "fast", "restart")]
+
+    def _pg_ctl_args(self, *args: str) -> list[str]:
+        return [str(self._bin / "pg_ctl"), "-D", str(self._data), "-w", "-t", str(_WAIT), *args]
+
     def _pg_ctl(self, *args: str) -> None:
         subprocess.run(
-            [str(self._bin / "pg_ctl"), "-D", str(self._data), "-w", "-t", str(_WAIT), *args],
+            self._pg_ctl_args(*args),
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -256,11 +271,16 @@ class RedisServer:
 
     @ivar port: Where it listens.
     @ivar password: The password it asks for, or L{None}.
+    @ivar config_file: Its configuration file (empty at first), or L{None}:
+        with one, C{CONFIG REWRITE} works, as on a packaged Redis.
     """
 
-    def __init__(self, directory: Path, password: str | None = None) -> None:
+    def __init__(
+        self, directory: Path, password: str | None = None, config_file: Path | None = None
+    ) -> None:
         self._binary = redis_server_binary()
         self._directory = directory
+        self.config_file = config_file
         self.port = free_port()
         self.password = password
         self._process: subprocess.Popen[bytes] | None = None
@@ -278,8 +298,9 @@ class RedisServer:
         """
         Start the server and wait (bounded) until it answers C{PING}.
         """
+        configuration = [] if self.config_file is None else [str(self.config_file)]
         command = [
-            str(self._binary), "--port", str(self.port), "--bind", "127.0.0.1",
+            str(self._binary), *configuration, "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", str(self._directory),
             "--daemonize", "no", "--loglevel", "warning",
             "--logfile", str(self._directory / "redis.log"),

@@ -5,6 +5,8 @@ The HTTP side: what a client talks to, and the conductor of each request.
     twisted.web refuses itself), whose requests stream their bodies;
   - L{ollamaproxy.web.app}: the Klein route tree every request enters by,
     and the pipeline it takes each request through;
+  - L{ollamaproxy.web.answers}: where a request goes (the C{/proxy}
+    prefix off), and the errors the proxy answers itself;
   - L{ollamaproxy.web.gate}: the key check every route that needs one
     passes (C{@keyed});
   - L{ollamaproxy.web.in_flight}: the requests in flight, and the drain;

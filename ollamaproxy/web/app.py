@@ -14,9 +14,8 @@ it found or raises a L{ProxyError}::
 
 The app fills the request's L{Exchange} from what the steps return and
 hands it to the recorder once, however the request ended.  Every error the
-proxy answers itself is answered one way (L{OllamaProxy._error_answer}), in
-Ollama's JSON shape, before the request is recorded, so that its body is
-counted.
+proxy answers itself is answered one way (L{ErrorAnswers}), in Ollama's
+JSON shape, before the request is recorded, so that its body is counted.
 """
 
 from __future__ import annotations
@@ -37,22 +36,19 @@ from ollamaproxy.admission.request_plan import plan_request
 from ollamaproxy.backends.dispatch import Dispatcher, Job
 from ollamaproxy.backends.headers import came_back
 from ollamaproxy.backends.relay import Target
-from ollamaproxy.errors import ProxyError, error_body, is_openai_path, reason_phrase
+from ollamaproxy.errors import ProxyError, reason_phrase
 from ollamaproxy.exchange import Exchange
 from ollamaproxy.readiness import READY_PATH, Readiness
 from ollamaproxy.record.metrics import Metrics
 from ollamaproxy.record.recorder import Recorder
-from ollamaproxy.record.redact import redacted_failure
 from ollamaproxy.routes import CONSOLE_ROUTE, METRICS_ROUTE, Catalogue, decoded_path
+from ollamaproxy.web.answers import ErrorAnswers, target_of
 from ollamaproxy.web.cors import Cors
 from ollamaproxy.web.gate import Gate, keyed
 from ollamaproxy.web.in_flight import Flight, InFlight
 from ollamaproxy.web.site import ProxyRequest
 
 log = Logger()
-
-#: The prefix the whole API is served under too.
-PREFIX = b"/proxy"
 
 
 class Mountable(Protocol):
@@ -65,19 +61,6 @@ class Mountable(Protocol):
 
     def redirect(self, request: IRequest) -> bytes:
         """Answer the path without its trailing slash."""
-
-
-def target_of(uri: bytes) -> Target:
-    """
-    Where a request URI goes: the C{/proxy} prefix comes off, the rest
-    (path and query string, exactly as sent) goes to Ollama.
-    """
-    if uri == PREFIX or uri.startswith(PREFIX + b"/") or uri.startswith(PREFIX + b"?"):
-        uri = uri[len(PREFIX):]
-    if not uri.startswith(b"/"):
-        uri = b"/" + uri
-    path = uri.split(b"?", 1)[0]
-    return Target(path=path, uri=uri, openai=is_openai_path(path))
 
 
 class OllamaProxy:
@@ -122,6 +105,7 @@ class OllamaProxy:
         self._limits = limits
         self._dispatcher = dispatcher
         self._recorder = recorder
+        self._answers = ErrorAnswers(recorder.redact)
         self._in_flight = in_flight
         self._clock = clock
         self._cors = cors
@@ -167,7 +151,7 @@ class OllamaProxy:
         except ProxyError as e:
             exchange.status = e.code
             exchange.failed(e.outcome, e.message)
-            request.write(self._error_answer(request, e))
+            request.write(self._answers.error(request, e))
         except CancelledError:
             # Klein cancels the handler when the client goes away, or when
             # the connection refused the rest of the request (site.py).
@@ -180,7 +164,7 @@ class OllamaProxy:
         except Exception as e:
             exchange.status = 500
             exchange.failed("internal_error", type(e).__name__)
-            request.write(self._bug_answer(request, Failure()))
+            request.write(self._answers.bug(request, Failure()))
         finally:
             self._metrics.stream_ended()
             self._record(request, flight)
@@ -339,42 +323,11 @@ class OllamaProxy:
         """
         error = failure.value
         assert isinstance(error, ProxyError)
-        return self._error_answer(request, error)
+        return self._answers.error(request, error)
 
     @app.handle_errors(Exception)
     def unexpected_error(self, request: IRequest, failure: Failure) -> bytes:
         """
         Answer a bug of a route other than the proxy's own.
         """
-        return self._bug_answer(request, failure)
-
-    def _error_answer(self, request: IRequest, error: ProxyError) -> bytes:
-        """
-        Answer with the error's status and an Ollama-shaped JSON body.
-        """
-        # A message may repeat the path or a model name the client sent.
-        return _error_response(request, error.code, self._recorder.redact(error.message),
-                               error.headers)
-
-    def _bug_answer(self, request: IRequest, failure: Failure) -> bytes:
-        """
-        A bug: log it with its traceback, and answer with a 500 that shows
-        none.  The URI (its query string may hold a key) and the exception's
-        message are redacted in the event itself, for every log observer.
-        """
-        redact = self._recorder.redact
-        uri = redact((request.uri or b"").decode("utf-8", "replace"))
-        log.failure("Unexpected error handling {uri}", redacted_failure(failure, redact),
-                    uri=uri)
-        return _error_response(request, 500, "internal error in ollamaproxy", {})
-
-
-def _error_response(
-    request: IRequest, code: int, message: str, headers: dict[bytes, bytes]
-) -> bytes:
-    request.setResponseCode(code, reason_phrase(code))
-    request.setHeader(b"content-type", b"application/json; charset=utf-8")
-    for name, value in headers.items():
-        request.setHeader(name, value)
-    openai = is_openai_path(target_of(request.uri or b"/").path)
-    return error_body(message, code, openai)
+        return self._answers.bug(request, failure)

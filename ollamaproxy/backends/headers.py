@@ -47,13 +47,18 @@ NEVER_UPSTREAM = HOP_BY_HOP | {
 }
 
 
-def _connection_tokens(headers: Headers) -> set[bytes]:
+def _dropped(headers: Headers, always: frozenset[bytes]) -> frozenset[bytes]:
     """
-    The header names a C{Connection} header lists, lower-cased.
+    The header names not to pass on from C{headers}: C{always}, and those
+    a C{Connection} header lists, lower-cased (most requests have none:
+    then C{always} itself, with nothing built).
     """
-    return {
+    listed = headers.getRawHeaders(b"connection")
+    if listed is None:
+        return always
+    return always | {
         token.strip().lower()
-        for value in headers.getRawHeaders(b"connection", ())
+        for value in listed
         for token in value.split(b",")
         if token.strip()
     }
@@ -84,7 +89,7 @@ def upstream_request_headers(client: Headers, via: bytes = b"") -> Headers:
     @param via: The proxy's own C{Via} entry (L{via_mark}), added after any
         the client sent; empty for none.
     """
-    dropped = NEVER_UPSTREAM | _connection_tokens(client)
+    dropped = _dropped(client, NEVER_UPSTREAM)
     forwarded = Headers()
     for name, values in client.getAllRawHeaders():
         if name.lower() not in dropped:
@@ -102,7 +107,7 @@ def copy_response_headers(upstream: Headers, response: Headers) -> None:
     C{Keep-Alive} headers to itself, so from its responses the headers a
     C{Connection} header names cannot be recognised (Ollama names none).
     """
-    dropped = HOP_BY_HOP | _connection_tokens(upstream)
+    dropped = _dropped(upstream, HOP_BY_HOP)
     for name, values in upstream.getAllRawHeaders():
         if name.lower() not in dropped:
             response.setRawHeaders(name, values)

@@ -2,16 +2,43 @@
 """
 The backends' health and load and the fair queue's depth, as Prometheus
 gauges read at each scrape.
+
+The queue's depth is by key, so that one key filling the waiting room
+shows.  Its C{key} label is bounded: when more than L{MAX_WAITING_KEYS}
+keys wait, the L{MAX_WAITING_KEYS} with the most waiting (the first come
+among equals) have their own value and the rest are summed under C{other}.
+C{other} is always there, 0 when nothing is beyond the bound, so that a sum
+over the keys is 0, not empty, while nobody waits.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ollamaproxy.backends.router import Router
+
+#: How many keys get a value of their own in C{ollamaproxy_queue_waiting}.
+MAX_WAITING_KEYS = 200
+
+OTHER = "other"
+
+
+def waiting_by_label(waiting: dict[str, int]) -> Counter[str]:
+    """
+    How many wait under each value of the C{key} label, from how many wait
+    for each key: see the module's docstring.
+    """
+    ranked = sorted(waiting.items(), key=lambda item: -item[1])
+    labels: Counter[str] = Counter({OTHER: 0})
+    for key, count in ranked[:MAX_WAITING_KEYS]:
+        labels[key] += count
+    for _, count in ranked[MAX_WAITING_KEYS:]:
+        labels[OTHER] += count
+    return labels
 
 
 class RouterGauges(Collector):
@@ -35,7 +62,10 @@ class RouterGauges(Collector):
             up.add_metric([backend.name], 1.0 if backend.healthy else 0.0)
             in_flight.add_metric([backend.name], float(backend.in_flight))
         waiting = GaugeMetricFamily(
-            "ollamaproxy_queue_waiting", "Requests waiting in the fair queue for a busy model.",
-            value=float(len(self._router.queue)),
+            "ollamaproxy_queue_waiting",
+            "Requests waiting in the fair queue for a busy model, by key.",
+            labels=["key"],
         )
+        for key, count in waiting_by_label(self._router.queue.waiting()).items():
+            waiting.add_metric([key], float(count))
         return [up, in_flight, waiting]

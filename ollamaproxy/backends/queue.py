@@ -28,6 +28,23 @@ until it is: the backends drain for it, in turn order.
 A wait is a L{Deferred}: cancelling it (the client left) takes the request
 out of the queue, and a request that waits longer than the timeout fails
 with a 503 that says when to try again.  Neither ever reaches Ollama.
+
+The waiting room is shared fairly too.  When C{limit} requests wait, a
+newcomer whose key, counting the newcomer, would still hold fewer places
+than the key holding the most takes the place of that key's newest waiting
+request, which fails with the 503 instead (among keys holding as many, the
+one whose newest came last gives it up).  So nobody with nothing waiting is
+refused while another key holds more than one place, and places do not
+swap back and forth between two keys a place apart; when every key holds
+one, the newcomer is refused, as it would be with a single pool.  Places
+are counted per key, whatever the keys' weights: a weight shares turns,
+not room.
+
+The 503's C{Retry-After} is how long until the request would be served if
+it came back: the requests ahead of it (those waiting for the same kind of
+slot) and itself, times the measured seconds between two of that kind's
+slots freeing (C{pace}, a moving average the router keeps), at least one
+second and at most the timeout.  Before anything is measured, the timeout.
 """
 
 from __future__ import annotations
@@ -76,6 +93,10 @@ def _same(wants: Hashable) -> Hashable:
     return wants
 
 
+def _unmeasured(wants: object) -> float | None:
+    return None
+
+
 def _never(wants: object) -> bool:
     return False
 
@@ -103,6 +124,10 @@ class FairQueue(Generic[W, G]):
     @ivar holds: Whether a request wanting C{W} holds the line: when its
         turn comes and nothing is free for it, no later request is served
         (see the module's docstring).  By default, none does.
+    @ivar pace: The measured seconds between two slots of the kind a
+        request wanting C{W} needs freeing, or L{None} before any
+        measurement: what C{Retry-After} is reckoned from (see the module's
+        docstring).  By default, never measured.
     """
 
     clock: IReactorTime
@@ -110,6 +135,7 @@ class FairQueue(Generic[W, G]):
     timeout: float
     kind: Callable[[W], Hashable] = _same
     holds: Callable[[W], bool] = _never
+    pace: Callable[[W], float | None] = _unmeasured
     # Keys with waiting requests, in the order they came; each key's
     # waiters by kind, each kind's in the order they came.
     _keys: OrderedDict[str, dict[Hashable, deque[_Waiter[W, G]]]] = field(
@@ -142,11 +168,16 @@ class FairQueue(Generic[W, G]):
         @return: Fires with what L{serve} grants; fails with a 503
             L{ProxyError} after C{timeout} seconds; cancelling it leaves the
             queue.
-        @raise ProxyError: 503 at once if C{limit} requests already wait.
+        @raise ProxyError: 503 at once if C{limit} requests already wait and
+            no other key holds enough of the places for this one to take one
+            (see the module's docstring).
         """
+        displaced = None
         if self._size >= self.limit:
-            raise busy(f"too many requests waiting ({self.limit}); try again shortly",
-                       self.timeout, "queue_full")
+            displaced = self._displaced(key)
+            if displaced is None:
+                raise self._full(wants)
+            self._remove(displaced)
 
         def leave(_: Deferred[G]) -> None:
             self._remove(waiter)
@@ -158,7 +189,50 @@ class FairQueue(Generic[W, G]):
         self._kinds[kind] += 1
         self._weights[key] = weight
         self._size += 1
+        if displaced is not None:
+            # Told last, when the queue is whole again: its client's answer
+            # may run anything.
+            displaced.granted.errback(self._full(displaced.wants))
         return waiter.granted
+
+    def _full(self, wants: W) -> ProxyError:
+        return busy(f"too many requests waiting ({self.limit}); try again shortly",
+                    self.retry_after(wants), "queue_full")
+
+    def _displaced(self, key: str) -> _Waiter[W, G] | None:
+        """
+        The waiting request a newcomer of C{key} takes the place of in a
+        full queue, or L{None} if it takes none: the newest of the key
+        holding the most places, if C{key} would hold fewer with the
+        newcomer.  Asked only when the queue is full, so the count may cost
+        a pass over the keys.
+        """
+        if not self._keys:
+            return None
+        counts = self.waiting()
+
+        def newest(holder: str) -> _Waiter[W, G]:
+            return max((waiters[-1] for waiters in self._keys[holder].values()),
+                       key=_by_arrival)
+
+        most = max(counts.values())
+        if counts.get(key, 0) + 1 >= most:
+            return None
+        return max((newest(holder) for holder, n in counts.items() if n == most),
+                   key=_by_arrival)
+
+    def retry_after(self, wants: W) -> float:
+        """
+        Seconds until a request wanting C{wants} would be served if it came
+        back: the requests waiting for its kind of slot and itself, times
+        the C{pace} of that kind, between 1 and C{timeout}; C{timeout}
+        before any measurement.
+        """
+        pace = self.pace(wants)
+        if pace is None:
+            return self.timeout
+        ahead = self._kinds.get(self.kind(wants), 0)
+        return min(self.timeout, max(1.0, (ahead + 1) * pace))
 
     def served(self, key: str, weight: float = 1.0) -> None:
         """
@@ -234,7 +308,7 @@ class FairQueue(Generic[W, G]):
         self._remove(waiter)
         waiter.granted.errback(busy(
             f"no backend was free for {self.timeout:g} seconds; try again shortly",
-            self.timeout,
+            self.retry_after(waiter.wants),
             "queue_timeout",
         ))
 

@@ -26,6 +26,18 @@ first in line (L{FairQueue}'s C{holds}), so that a busy backend drains for
 it rather than starving it.  No request that runs a model gets a lease
 without a slot.
 
+The router times the releases of each model's slots (on every backend
+together) while requests wait: a moving average of the seconds between
+two, from which the queue's 503s reckon their C{Retry-After}
+(L{FairQueue}'s C{pace}).  Only while requests wait do slots free up at
+the rate the backends serve, rather than at the rate clients come, and
+only then is the answer asked for; it also keeps the timing off the path
+of a request that never waits.  A gap is timed only between two releases
+in one stretch of waiting, with no slot (of any model) released with
+nobody waiting between them: an idle hour between two stretches is no
+gap.  It counts as at most the queue timeout, and weighs L{_SMOOTHING} in
+the average.
+
 With a single backend the proxy decides nothing about models or health:
 every request goes to it, and Ollama answers for a model it does not have
 (or the proxy's 502 says it cannot be reached), as without the proxy; only
@@ -45,6 +57,16 @@ from ollamaproxy.backends.queue import FairQueue, busy
 from ollamaproxy.config import DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.model_names import ModelName
+
+#: The weight of the newest gap between two releases in a model's moving
+#: average: about the last ten releases count.
+_SMOOTHING = 0.2
+
+_UNMEASURED = -1.0
+
+#: How many models' releases are timed; beyond, the timings start afresh
+#: (with a single backend, any name a client sends gets a slot).
+_TIMED_MODELS = 1024
 
 #: The model of a request that runs one but whose model the proxy cannot
 #: name: its slot is a whole backend (see the module's docstring).
@@ -119,8 +141,17 @@ class Router:
             # A request's slot depends on its model and the backends it
             # may not use, not on when it came.
             FairQueue(clock, max_queue, queue_timeout, kind=lambda wants: (wants[0], wants[2]),
-                      holds=_unread)
+                      holds=_unread, pace=self._pace_of)
         )
+        self._queue_timeout = queue_timeout
+        # For each model: when a slot of it was last released while
+        # requests waited, the moving average of the seconds between two
+        # such releases (_UNMEASURED until there have been two), and the
+        # stretch of waiting the last one was in.
+        self._timed: dict[ModelName, list[float]] = {}
+        # Counts the slots released while nobody waited: a gap is timed
+        # only between two releases of one stretch of waiting.
+        self._stretch = 0
         pool.on_change = self._serve_queue
         # One backend gets every request, healthy or not: Ollama (or the
         # 502 for it) answers, as without the proxy.
@@ -227,12 +258,53 @@ class Router:
         return Lease(backend, slot, self._clock.seconds() - since, self)
 
     def _release(self, lease: Lease) -> None:
+        model = lease.model
         running = lease.backend.running
-        running[lease.model] -= 1
-        if running[lease.model] <= 0:
-            del running[lease.model]
-        self._serve_queue()
+        running[model] -= 1
+        if running[model] <= 0:
+            del running[model]
+        self._serve_queue(model)
 
-    def _serve_queue(self) -> None:
+    def _pace_of(self, wants: tuple[ModelName | None, float, frozenset[Backend]]) -> float | None:
+        """
+        The measured seconds between two releases of the slots of the model
+        a request wants, or L{None} before two have been seen.
+        """
+        model = wants[0]
+        timed = None if model is None else self._timed.get(model)
+        return None if timed is None or timed[1] == _UNMEASURED else timed[1]
+
+    def _serve_queue(self, released: ModelName | None = None) -> None:
+        """
+        Give freed slots to waiting requests.
+
+        @param released: The model whose slot was just released, if any:
+            timed while requests wait (see the module's docstring).
+        """
         if len(self.queue):
+            if released is not None:
+                self._time_release(released)
             self.queue.serve(self._grant)
+        elif released is not None:
+            # A slot freed with nobody to take it: the time until the next
+            # is spent idle, not serving.
+            self._stretch += 1
+
+    def _time_release(self, model: ModelName) -> None:
+        """
+        A slot of C{model} was released while requests wait: the gap since
+        the last one, in the same stretch of waiting, moves its average.
+        """
+        now = self._clock.seconds()
+        timed = self._timed.get(model)
+        if timed is None:
+            if len(self._timed) >= _TIMED_MODELS:
+                self._timed.clear()
+            self._timed[model] = [now, _UNMEASURED, self._stretch]
+            return
+        last, pace, stretch = timed
+        timed[0], timed[2] = now, self._stretch
+        if stretch != self._stretch:
+            return  # the first release since the queue was last empty
+        gap = min(now - last, self._queue_timeout)
+        timed[1] = gap if pace == _UNMEASURED else pace + _SMOOTHING * (gap - pace)

@@ -164,15 +164,100 @@ def test_a_request_that_waits_too_long_gets_503() -> None:
 
 def test_full_queue_refuses_at_once() -> None:
     """
-    Beyond the limit a request is refused with 503 without waiting.
+    Beyond the limit, while every key holds one place, a newcomer is
+    refused with 503 without waiting; so is one whose key holds a place
+    less than the key with the most (taking a place would only swap them),
+    and nobody waiting is failed.
     """
     queue: FairQueue[str, str] = FairQueue(Clock(), limit=2, timeout=30)
-    queue.wait("A", "m")
-    queue.wait("B", "m")
+    failures: list[Failure] = []
+    queue.wait("A", "m").addErrback(failures.append)
+    queue.wait("B", "m").addErrback(failures.append)
     with pytest.raises(ProxyError) as raised:
         queue.wait("C", "m")
     assert raised.value.code == 503
+    assert raised.value.outcome == "queue_full"
     assert b"Retry-After" in raised.value.headers
+    queue.limit = 3
+    queue.wait("A", "m").addErrback(failures.append)
+    with pytest.raises(ProxyError):
+        queue.wait("B", "m")
+    assert failures == []
+    assert queue.waiting() == {"A": 2, "B": 1}
+
+
+def refused(d: Deferred[str]) -> ProxyError:
+    """
+    The error C{d} has failed with.
+    """
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    [failure] = failures
+    assert isinstance(failure.value, ProxyError)
+    return failure.value
+
+
+def test_a_newcomer_takes_the_newest_place_of_the_key_holding_all() -> None:
+    """
+    A key holding all 4 places and another key's single request: the
+    newcomer waits, and the holder's newest request fails with 503,
+    Retry-After and the outcome queue_full; its older ones keep their
+    places, and the newcomer is served in its turn.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=4, timeout=30)
+    held = [queue.wait("A", "m") for _ in range(4)]
+    served: list[str] = []
+    collect(queue.wait("B", "m"), served, "B")
+    error = refused(held[3])
+    assert (error.code, error.outcome) == (503, "queue_full")
+    assert error.headers == {b"Retry-After": b"30"}
+    assert queue.waiting() == {"A": 3, "B": 1}
+    for i in range(3):
+        collect(held[i], served, f"A{i}")
+    slots = Slots()
+    slots.free["m"] = 4
+    queue.serve(slots)
+    assert served == ["A0", "B", "A1", "A2"]
+
+
+def test_among_equal_holders_the_newest_place_is_given_up() -> None:
+    """
+    Two keys holding two places each in a full queue and a third key with
+    nothing waiting: it gets in, in place of the request that came last.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=4, timeout=30)
+    a1, b1, b2, a2 = (queue.wait(key, "m") for key in "ABBA")
+    queue.wait("C", "m")
+    assert refused(a2).outcome == "queue_full"
+    assert queue.waiting() == {"A": 1, "B": 2, "C": 1}
+    for d in (a1, b1, b2):
+        assert not d.called
+
+
+def test_retry_after_follows_the_pace_of_slots() -> None:
+    """
+    Retry-After is the requests ahead for the same kind of slot and the
+    refused one itself, times the measured seconds between two slots
+    freeing, at least 1 and at most the timeout; the queue timeout's 503
+    says the same.
+    """
+    clock = Clock()
+    pace: dict[str, float] = {"m": 4.0}
+    queue: FairQueue[str, str] = FairQueue(clock, limit=2, timeout=30, pace=pace.get)
+    first = queue.wait("A", "m")
+    other = queue.wait("B", "n")
+    with pytest.raises(ProxyError) as raised:
+        queue.wait("C", "m")
+    assert raised.value.headers == {b"Retry-After": b"8"}  # A's, then C's
+    pace["m"] = 0.1
+    assert queue.retry_after("m") == 1.0
+    pace["m"] = 100.0
+    assert queue.retry_after("m") == 30.0
+    assert queue.retry_after("n") == 30.0  # nothing measured for n
+    pace["m"] = 2.5
+    clock.advance(30)
+    assert refused(first).headers == {b"Retry-After": b"3"}  # itself, at 2.5 s
+    assert refused(other).headers == {b"Retry-After": b"30"}
 
 
 def test_served_requests_leave_no_timer() -> None:

@@ -300,3 +300,70 @@ def test_a_request_whose_model_was_not_read_keeps_its_turn() -> None:
     assert r.queue.waiting() == {"d": 1}
     whole.release()
     assert now(after).model == MISTRAL
+
+
+def test_retry_after_follows_the_measured_release_rate() -> None:
+    """
+    A full queue's 503 says to come back when the requests ahead and the
+    refused one would have been served at the rate the model's slots have
+    been freeing (a moving average of the gaps between releases), not the
+    queue timeout; before two releases, the timeout.
+    """
+    clock = Clock()
+    r = router(backend(clock, "a", ("llama3.2",), parallel=1), clock=clock, max_queue=2)
+    lease = now(r.acquire("a", LLAMA, runs=True))
+    waiting = [r.acquire(key, LLAMA, runs=True) for key in "bc"]
+    with pytest.raises(ProxyError) as raised:
+        r.acquire("z", LLAMA, runs=True)
+    assert raised.value.headers == {b"Retry-After": b"60"}
+
+    def next_after(gap: float, key: str) -> None:
+        nonlocal lease
+        clock.advance(gap)
+        lease.release()
+        lease = now(waiting.pop(0))
+        waiting.append(r.acquire(key, LLAMA, runs=True))
+
+    next_after(4, "d")
+    next_after(4, "e")
+    with pytest.raises(ProxyError) as raised:
+        r.acquire("z", LLAMA, runs=True)
+    assert raised.value.headers == {b"Retry-After": b"12"}  # two ahead and itself, 4 s apart
+    next_after(1, "f")
+    with pytest.raises(ProxyError) as raised:
+        r.acquire("z", LLAMA, runs=True)
+    # The gaps 4, 1: 4 + 0.2 * (1 - 4) = 3.4 s; two ahead and itself.
+    assert raised.value.headers == {b"Retry-After": b"11"}
+
+
+def test_only_gaps_while_requests_wait_are_timed() -> None:
+    """
+    Releases are timed only while requests wait, and only between two in
+    one stretch of waiting: slots freeing while nobody waits, and the idle
+    time between two stretches, leave the measured pace as it was.
+    """
+    clock = Clock()
+    r = router(backend(clock, "a", ("llama3.2",), parallel=1), clock=clock, max_queue=1)
+    lease = now(r.acquire("a", LLAMA, runs=True))
+    waiting = r.acquire("b", LLAMA, runs=True)
+    for gap in (2, 2):
+        clock.advance(gap)
+        lease.release()
+        lease = now(waiting)
+        waiting = r.acquire("b", LLAMA, runs=True)
+    clock.advance(2)
+    lease.release()
+    lease = now(waiting)  # nobody waits now
+    for _ in range(3):
+        clock.advance(50)
+        lease.release()
+        lease = now(r.acquire("a", LLAMA, runs=True))
+    clock.advance(500)
+    waiting = r.acquire("b", LLAMA, runs=True)
+    clock.advance(30)
+    lease.release()  # the first of a new stretch: no gap
+    lease = now(waiting)
+    r.acquire("b", LLAMA, runs=True)
+    with pytest.raises(ProxyError) as raised:
+        r.acquire("z", LLAMA, runs=True)
+    assert raised.value.headers == {b"Retry-After": b"4"}  # one ahead and itself, 2 s apart

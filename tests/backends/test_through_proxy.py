@@ -231,6 +231,39 @@ def test_full_queue_and_queue_timeout_are_503_with_retry_after() -> None:
     chain.flush()
 
 
+def test_a_key_holding_the_waiting_room_gives_up_its_newest_place(
+    access_events: list[LogEvent],
+) -> None:
+    """
+    At --max-queue 3, one key holding every place and another key's single
+    request: that request waits, and the holder's newest request's client
+    gets 503 with Retry-After at once, its access line saying queue_full;
+    neither the evicted request nor any other beyond the first reaches
+    Ollama before its turn.
+    """
+    chain = Chain(parallel=1, max_queue=3, queue_timeout=30)
+    chain.keys.replace([*chain.keys._by_digest.values(), ApiKey("user", digest(USER)),
+                        ApiKey("other", digest(OTHER))])
+    burst = [chain.request("POST", "/api/chat", key=USER, data=chat("hold", n=i))
+             for i in range(4)]
+    assert chain.router.queue.waiting() == {"user": 3}
+    other = chain.request("POST", "/api/chat", key=OTHER, data=chat("hold", n="other"))
+    chain.flush()
+    assert chain.router.queue.waiting() == {"user": 2, "other": 1}
+    evicted = chain.result(burst[3])
+    assert evicted.code == 503
+    assert evicted.headers.getRawHeaders(b"retry-after") == [b"30"]
+    chain.body(evicted)
+    assert [(e["key"], e["outcome"]) for e in access_events] == [("user", "queue_full")]
+    assert [r.json()["n"] for r in chain.fake.received] == [0]
+    for held in range(4):
+        chain.fake.held[held].finish()
+        chain.flush()
+    assert [r.json()["n"] for r in chain.fake.received] == [0, "other", 1, 2]
+    for d in [*burst[:3], other]:
+        chain.body(chain.result(d))
+
+
 def test_keep_alive_over_the_cap_is_clamped(access_events: list[LogEvent]) -> None:
     """
     keep_alive -1 (for ever) and a huge num_ctx are clamped to the caps

@@ -12,7 +12,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from ollamaproxy.backends.gauges import RouterGauges
+from ollamaproxy.backends.gauges import MAX_WAITING_KEYS, RouterGauges, waiting_by_label
 from ollamaproxy.exchange import Exchange, Outcome, StreamSummary
 from ollamaproxy.record.metrics import MAX_MODELS, Metrics
 from ollamaproxy.routes import Catalogue
@@ -358,7 +358,23 @@ def test_backends_and_queue_are_shown_at_each_scrape() -> None:
     assert value(samples, "ollamaproxy_backend_up", backend="http://a:11434") == 1.0
     assert value(samples, "ollamaproxy_backend_up", backend="http://b:11434") == 0.0
     assert value(samples, "ollamaproxy_backend_in_flight", backend="http://a:11434") == 1.0
-    assert value(samples, "ollamaproxy_queue_waiting") == 1.0
+    assert value(samples, "ollamaproxy_queue_waiting", key="k") == 1.0
+    assert value(samples, "ollamaproxy_queue_waiting", key="other") == 0.0
+
+
+def test_queue_waiting_by_key_is_bounded() -> None:
+    """
+    C{ollamaproxy_queue_waiting} is by key; beyond L{MAX_WAITING_KEYS} keys,
+    those with the fewest waiting are summed under C{other}, so no client
+    makes the label's values grow past the bound.
+    """
+    waiting = {f"k{i}": 2 for i in range(MAX_WAITING_KEYS)} | {"big": 5, "x": 1, "y": 1}
+    labels = waiting_by_label(waiting)
+    assert len(labels) == MAX_WAITING_KEYS + 1
+    assert (labels["big"], labels["k0"], labels["other"]) == (5, 2, 4)
+    assert "x" not in labels and "y" not in labels
+    assert sum(labels.values()) == sum(waiting.values())
+    assert waiting_by_label({}) == {"other": 0}
 
 
 def test_queue_waits_and_rejections_are_counted() -> None:

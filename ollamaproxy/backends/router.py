@@ -26,7 +26,8 @@ first in line (L{FairQueue}'s C{holds}), so that a busy backend drains for
 it rather than starving it.  No request that runs a model gets a lease
 without a slot.
 
-Who waits goes by what keys have had (L{FairQueue}): under
+Which waiting request goes next depends on what each key has had
+(L{FairQueue}): under
 C{--fair-share tokens}, the default, a request that runs a model costs its
 key its prompt tokens plus its output tokens times C{--output-token-weight}
 (at least one token).  The cost is charged when the request gets its slot,

@@ -6,12 +6,14 @@ routing by model, merged listings, failover, the fair queue, caps.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 from twisted.logger import LogEvent
 from twisted.web.client import ResponseFailed
 
 from ollamaproxy.admission.caps import Caps
+from ollamaproxy.admission.estimate import DEFAULT_OUTPUT_TOKENS
 from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.admission.policy import MAX_CHECKED_BODY
 from tests.fakes.agents import Refusing
@@ -372,3 +374,26 @@ def test_keys_get_equal_tokens_through_the_proxy() -> None:
     # Ollama's counts: a prompt of one word ("hi"), the output asked for.
     long, short = served.count(600) * 1201, served.count(30) * 61
     assert abs(long - short) <= 0.1 * max(long, short)
+
+
+def test_a_cut_stream_costs_its_key_what_the_meter_counted() -> None:
+    """
+    A client that reads 15 tokens of a stream and hangs up: its key is
+    charged in the fair queue what the meter counted, its prompt as
+    estimated from the request and the 15 pieces relayed (counted twice),
+    not the 512 tokens its request was estimated to generate.
+    """
+    chain = Chain(parallel=1)
+    body = chat("hold")
+    response = chain.request("POST", "/api/chat", data=body)
+    prompt = math.ceil(len(body) / 4)
+    assert chain.router.queue.finish("alice") == prompt + 2 * DEFAULT_OUTPUT_TOKENS
+    held = chain.fake.held[-1]
+    for _ in range(15):
+        held.write_line({"model": "hold", "message": {"content": "tok "}, "done": False})
+    chain.flush()
+    client = chain.stream(chain.result(response))
+    client.disconnect()
+    chain.flush()
+    chain.failure(client.done)
+    assert chain.router.queue.finish("alice") == prompt + 2 * 15

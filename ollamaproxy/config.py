@@ -19,11 +19,12 @@ imports no room; L{ollamaproxy.tap} builds the rooms' objects from them.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, TypeVar, overload
+from typing import Any, Final, TypeVar, overload
 from urllib.parse import urlsplit
 
 from ollamaproxy.durations import keep_alive_cap
@@ -513,6 +514,26 @@ def _failure_policy(name: str, value: str) -> str:
     return parse_failure_policy(value)
 
 
+#: What the fair queue shares out (C{--fair-share}).
+FAIR_SHARES: Final = ("tokens", "requests")
+
+
+def _fair_share(name: str, value: str) -> str:
+    if value not in FAIR_SHARES:
+        raise ConfigError(f"--{name}: {value!r} is not one of {', '.join(FAIR_SHARES)}")
+    return value
+
+
+def _token_weight(name: str, value: str) -> float:
+    try:
+        weight = float(value)
+    except ValueError:
+        raise ConfigError(f"--{name}: {value!r} is not a number") from None
+    if not 0 <= weight < math.inf:  # nan too
+        raise ConfigError(f"--{name}: must be 0 or more, not {value}")
+    return weight
+
+
 _CLEAR_TEXT = "Prefer the variable, since options show in `ps`."
 
 
@@ -568,6 +589,22 @@ class Config:
         help="Seconds a request may wait for a busy model before it gets 503",
         doc="seconds a request may wait for a busy model; then `503` with `Retry-After`, "
         "never sent",
+    )
+    fair_share: str = option(
+        _fair_share, "tokens", metavar="WHAT",
+        help="What the fair queue shares out between keys: 'tokens' (each key's turns "
+        "cost its requests' tokens) or 'requests' (a turn each)",
+        doc="what the fair queue shares out between keys: `tokens` (the GPU's work: each "
+        "request costs its prompt tokens plus its output tokens times "
+        "`--output-token-weight`) or `requests` (a turn each, whatever it costs)",
+    )
+    # Generating a token takes a pass of the model; a prompt's are read
+    # many at a time: Sheng et al.'s Virtual Token Counter weighs them 2:1.
+    output_token_weight: float = option(
+        _token_weight, "2", metavar="W",
+        help="Under --fair-share tokens, what an output token costs against a prompt token",
+        doc="under `--fair-share tokens`, what a generated token costs against a prompt "
+        "token (the GPU's work: a prompt is read many tokens at a time)",
     )
     max_keep_alive: float | None = option(
         _keep_alive, None, metavar="DURATION",
@@ -835,4 +872,6 @@ def option_named(name: str) -> Option:
 DEFAULT_PARALLEL = Config.parallel
 DEFAULT_MAX_QUEUE = Config.max_queue
 DEFAULT_QUEUE_TIMEOUT = Config.queue_timeout
+DEFAULT_FAIR_SHARE = Config.fair_share
+DEFAULT_OUTPUT_TOKEN_WEIGHT = Config.output_token_weight
 DEFAULT_OPEN_ROUTES = str(option_named("open-routes").default)

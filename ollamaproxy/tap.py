@@ -331,7 +331,7 @@ def build_service(
     pool = connection_pool(reactor)
     backends = _backends(config, reactor, pool)
     backend_pool = BackendPool(backends)
-    router = Router(backend_pool, reactor, config.max_queue, config.queue_timeout)
+    router = _router(config, reactor, backend_pool)
     readiness = Readiness()
     metrics = Metrics()
     usage_store = _usage_store(config, reactor, shared, readiness, metrics)
@@ -371,6 +371,15 @@ def build_service(
     for child in children:
         child.setServiceParent(service)
     return service
+
+
+def _router(config: Config, reactor: IReactorTime, pool: BackendPool) -> Router:
+    """
+    The router that gives requests their backends, with the fair queue's
+    options.
+    """
+    return Router(pool, reactor, config.max_queue, config.queue_timeout, config.fair_share,
+                  config.output_token_weight)
 
 
 def _keys(

@@ -20,7 +20,7 @@ import sqlite3
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from klein.resource import KleinResource
@@ -33,6 +33,7 @@ from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.iweb import IAgent
 from twisted.web.server import Site
 
 from ollamaproxy import __version__, tap
@@ -45,9 +46,9 @@ from ollamaproxy.admission.keys import (
 )
 from ollamaproxy.admission.quotas import QuotaSeed
 from ollamaproxy.admission.reload import KeysReloader
-from ollamaproxy.backends.pool import BackendPool
+from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.probe import UpstreamProbe
-from ollamaproxy.backends.upstream import PoolService
+from ollamaproxy.backends.upstream import PoolService, Upstream
 from ollamaproxy.config import (
     DEFAULT_OPEN_ROUTES,
     Config,
@@ -58,6 +59,8 @@ from ollamaproxy.config import (
     parse_routes,
 )
 from ollamaproxy.console import Sampler
+from ollamaproxy.exchange import Meter
+from ollamaproxy.model_names import resolve
 from ollamaproxy.open_files import connection_limit
 from ollamaproxy.reactors import daemon_reactor
 from ollamaproxy.record.logs import LogFilesService
@@ -132,6 +135,8 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "parallel": None,
         "max-queue": None,
         "queue-timeout": None,
+        "fair-share": None,
+        "output-token-weight": None,
         "max-keep-alive": None,
         "max-num-ctx": None,
         "api-key": None,
@@ -236,6 +241,10 @@ def test_no_open_routes() -> None:
         ["--upstream", "ftp://gpu-box"],
         ["--upstream", "gpu-box:99999"],
         ["--open-routes", "GET"],
+        ["--fair-share", "bytes"],
+        ["--output-token-weight", "-1"],
+        ["--output-token-weight", "nan"],
+        ["--output-token-weight", "many"],
         ["--listen", ","],
         ["--no-such-option"],
         ["extra-argument"],
@@ -757,3 +766,25 @@ def test_kubernetes_example_gives_time_to_drain() -> None:
     assert config.drain_delay > 0
     assert int(budget.group(1)) > config.drain_delay + config.grace_period
     assert "path: /-/ready" in example
+
+
+@pytest.mark.parametrize(("changes", "cost"), [
+    ({}, 20 + 2 * 5),
+    ({"output_token_weight": 3.0}, 20 + 3 * 5),
+    ({"fair_share": "requests"}, 1),
+])
+def test_the_fair_queue_options_reach_the_router(
+    tmp_path: Path, changes: dict[str, Any], cost: float
+) -> None:
+    """
+    --fair-share and --output-token-weight decide what the router's fair
+    queue charges a request of 20 prompt tokens that may generate 5.
+    """
+    clock = MemoryReactorClock()
+    upstream = Upstream(cast(IAgent, None), b"http://a", clock, 600, 600)
+    router = tap._router(base_config(tmp_path, **changes), clock,
+                         BackendPool([Backend(upstream, 1)]))
+    meter = Meter()
+    meter.expect(20, "llama3.2")
+    router.acquire("k", resolve("llama3.2"), runs=True, meter=meter, expected_output=5)
+    assert router.queue.finish("k") == cost

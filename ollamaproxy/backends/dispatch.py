@@ -64,6 +64,9 @@ class Job:
     @ivar model: The model it runs or names, for the router.
     @ivar rewrite: How to rewrite a successful answer, if it needs it.
     @ivar body: Its body, if it was read whole (as sent on).
+    @ivar expected_output: The tokens it may generate, as its plan
+        estimates them: with its meter's prompt estimate, what the fair
+        queue charges it until the meter says (L{Router}).
     """
 
     target: Target
@@ -73,6 +76,7 @@ class Job:
     model: ModelName | None = None
     rewrite: Callable[[bytes], bytes] | None = None
     body: bytes | None = None
+    expected_output: int = 0
 
 
 @dataclass
@@ -159,6 +163,8 @@ class Dispatcher:
                     primary=route is not None and route.placement is Placement.PRIMARY,
                     exclude=tried,
                     weight=job.weight,
+                    meter=trip.meter,
+                    expected_output=job.expected_output,
                 )
                 if acquiring.called:
                     # Most requests get their lease at once, for no call more.

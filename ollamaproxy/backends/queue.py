@@ -8,15 +8,19 @@ served in turn, and a key's own requests in the order they came.  One key's
 burst of a hundred does not delay another key's one request by a hundred
 turns: that request is served next.
 
-Turns are weighted (start-time fair queueing): a key of weight 3 is served
-three times for every once of a key of weight 1 while both wait.  Each key
+Turns are weighted by what they cost (start-time fair queueing): each key
 has a virtual finish time, which every slot it gets (waiting or not) moves
-on by C{1 / weight}; the next slot goes to the waiting key whose next
-request would start first, C{max(now, finish)} in virtual time.  A key that
-was idle starts at the present virtual time: waiting earns no credit, and
-being served earlier leaves no debt once the others have caught up.  With
-every weight 1 this is plain round-robin: the key served least recently
-goes next.
+on by the request's cost divided by the key's weight; the next slot goes
+to the waiting key whose next request would start first, C{max(now,
+finish)} in virtual time.  What a request costs is the caller's to say:
+the router charges its tokens (an estimate when the slot is given, trued
+up with the meter's count when it is given back, L{charge}), so that keys
+of equal weight get equal GPU work, not equal turns; with every cost 1
+(C{--fair-share requests}) a key of weight 3 is served three times for
+every once of a key of weight 1, and with every weight 1 too this is plain
+round-robin: the key served least recently goes next.  A key that was idle
+starts at the present virtual time: waiting earns no credit, and being
+served earlier leaves no debt once the others have caught up.
 
 Some requests hold the line: one that needs a whole backend (a request
 whose model the proxy cannot name, L{ollamaproxy.backends.router}) may find
@@ -86,6 +90,8 @@ class _Waiter(Generic[W, G]):
     # Arrival order, across all keys.
     number: int
     granted: Deferred[G]
+    # What its slot moves its key's finish by, before the key's weight.
+    cost: float = 1.0
     timer: IDelayedCall | None = None
 
 
@@ -160,11 +166,12 @@ class FairQueue(Generic[W, G]):
         """
         return {key: sum(map(len, kinds.values())) for key, kinds in self._keys.items()}
 
-    def wait(self, key: str, wants: W, weight: float = 1.0) -> Deferred[G]:
+    def wait(self, key: str, wants: W, weight: float = 1.0, cost: float = 1.0) -> Deferred[G]:
         """
         Wait in line for C{wants}.
 
         @param weight: The key's share of turns against other keys'.
+        @param cost: What the request's slot is charged (see L{served}).
         @return: Fires with what L{serve} grants; fails with a 503
             L{ProxyError} after C{timeout} seconds; cancelling it leaves the
             queue.
@@ -183,7 +190,8 @@ class FairQueue(Generic[W, G]):
             self._remove(waiter)
 
         kind = self.kind(wants)
-        waiter: _Waiter[W, G] = _Waiter(key, wants, kind, next(self._arrivals), Deferred(leave))
+        waiter: _Waiter[W, G] = _Waiter(key, wants, kind, next(self._arrivals), Deferred(leave),
+                                        cost)
         waiter.timer = self.clock.callLater(self.timeout, self._expire, waiter)
         self._keys.setdefault(key, {}).setdefault(kind, deque()).append(waiter)
         self._kinds[kind] += 1
@@ -234,18 +242,41 @@ class FairQueue(Generic[W, G]):
         ahead = self._kinds.get(self.kind(wants), 0)
         return min(self.timeout, max(1.0, (ahead + 1) * pace))
 
-    def served(self, key: str, weight: float = 1.0) -> None:
+    def served(self, key: str, weight: float = 1.0, cost: float = 1.0) -> None:
         """
-        A request of C{key} got a slot: its turn was now.
+        A request of C{key} got a slot: its turn was now, and it moves the
+        key's finish on by C{cost / weight}.
+
+        @param cost: What the request is expected to cost: 1 for a turn, or
+            its tokens (trued up later with L{charge}).
         """
         # _start, inlined: this runs for every request that runs a model.
         finish = self._finish.get(key, 0.0)
         start = finish if finish > self._virtual else self._virtual
         self._virtual = start
-        self._finish[key] = start + 1 / weight
+        self._finish[key] = start + cost / weight
         if len(self._finish) > _REMEMBERED:
             # A key whose finish has passed is as good as one never seen.
             self._finish = {k: f for k, f in self._finish.items() if f > self._virtual}
+
+    def charge(self, key: str, weight: float, cost: float) -> None:
+        """
+        Move C{key}'s finish on by C{cost / weight} more, or back for a
+        negative C{cost}: a served request turned out to cost more, or less,
+        than L{served} was told.  The turn it had stays had: only the key's
+        next start moves, and never to before the present (L{_start}), so
+        an overestimate given back earns no credit.
+        """
+        # A key forgotten since was at or before the present.
+        self._finish[key] = self._finish.get(key, self._virtual) + cost / weight
+
+    def finish(self, key: str) -> float:
+        """
+        Where C{key}'s turns have taken it in virtual time: its next request
+        starts there, or at the present if that is later.  (What the
+        tests check the charges by.)
+        """
+        return self._finish.get(key, 0.0)
 
     def _start(self, key: str) -> float:
         """
@@ -271,7 +302,7 @@ class FairQueue(Generic[W, G]):
                 if waiter is not None and granted is not None:
                     weight = self._weights[key]
                     self._remove(waiter)
-                    self.served(key, weight)
+                    self.served(key, weight, waiter.cost)
                     waiter.granted.callback(granted)
                     break
                 if waiter is not None:

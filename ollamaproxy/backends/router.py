@@ -38,6 +38,18 @@ nobody waiting between them: an idle hour between two stretches is no
 gap.  It counts as at most the queue timeout, and weighs L{_SMOOTHING} in
 the average.
 
+Which waiting request goes next depends on what each key has had
+(L{FairQueue}): under C{--fair-share tokens}, the default, a request that runs a model costs its
+key its prompt tokens plus its output tokens times C{--output-token-weight}
+(at least one token).  The cost is charged when the request gets its slot,
+as the plan estimates it (the meter's C{prompt_estimate}, and the output it
+asks for at most), and trued up when the slot is given back with what the
+request's L{Meter} read: Ollama's counts, or for a stream cut short the
+pieces relayed.  The meter is read twice a request, never per streamed
+chunk; an estimate too high while the request runs only delays the key's
+next turn until the true-up.  Under C{--fair-share requests} every request
+costs one turn.
+
 With a single backend the proxy decides nothing about models or health:
 every request goes to it, and Ollama answers for a model it does not have
 (or the proxy's 502 says it cannot be reached), as without the proxy; only
@@ -54,8 +66,14 @@ from twisted.internet.interfaces import IReactorTime
 
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.queue import FairQueue, busy
-from ollamaproxy.config import DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT
+from ollamaproxy.config import (
+    DEFAULT_FAIR_SHARE,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_OUTPUT_TOKEN_WEIGHT,
+    DEFAULT_QUEUE_TIMEOUT,
+)
 from ollamaproxy.errors import ProxyError
+from ollamaproxy.exchange import Meter
 from ollamaproxy.model_names import ModelName
 
 #: The weight of the newest gap between two releases in a model's moving
@@ -111,6 +129,12 @@ class Lease:
     queued: float
     _router: Router = field(repr=False)
     _released: bool = False
+    # Who the fair queue charged for the slot, how much, and the meter that
+    # says, at release, what the request did cost (None: no true-up).
+    _key: str = "-"
+    _weight: float = 1.0
+    _charged: float = 0.0
+    _meter: Meter | None = field(default=None, repr=False)
 
     def release(self) -> None:
         """
@@ -134,9 +158,19 @@ class Router:
         clock: IReactorTime,
         max_queue: int = DEFAULT_MAX_QUEUE,
         queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
+        fair_share: str = DEFAULT_FAIR_SHARE,
+        output_token_weight: float = DEFAULT_OUTPUT_TOKEN_WEIGHT,
     ) -> None:
+        """
+        @param fair_share: What the fair queue shares out: C{tokens} or
+            C{requests} (see the module's docstring).
+        @param output_token_weight: What an output token costs against a
+            prompt token, under C{tokens}.
+        """
         self.pool = pool
         self._clock = clock
+        self._tokens = fair_share == "tokens"
+        self._output_weight = output_token_weight
         self.queue: FairQueue[tuple[ModelName | None, float, frozenset[Backend]], Lease] = (
             # A request's slot depends on its model and the backends it
             # may not use, not on when it came.
@@ -173,6 +207,8 @@ class Router:
         primary: bool = False,
         exclude: Iterable[Backend] = (),
         weight: int = 1,
+        meter: Meter | None = None,
+        expected_output: int = 0,
     ) -> Deferred[Lease]:
         """
         A backend for a request of key C{key} naming C{model}.
@@ -185,6 +221,11 @@ class Router:
         @param exclude: Backends not to use (one that just failed this
             request).
         @param weight: The key's share of turns in the fair queue.
+        @param meter: The request's token meter: its C{prompt_estimate} is
+            charged with C{expected_output} when the request gets a slot,
+            and its reading replaces them when the slot is given back.
+        @param expected_output: The tokens the request may generate, as its
+            plan estimates them.
         @return: Fires with a L{Lease} at once, or once the request's turn has
             come; cancelling it leaves the queue.
         @raise ProxyError: 404 if no backend has the model, 503 if none that
@@ -206,14 +247,37 @@ class Router:
             lease = self._grant((None, now, excluded), model)
             assert lease is not None
             return succeed(lease)
+        if self._tokens and meter is not None:
+            cost = self._cost(meter.prompt_estimate, expected_output)
+        else:
+            cost, meter = 1.0, None
         if not len(self.queue):
             lease = self._grant((model, now, excluded))
             if lease is not None:
-                self.queue.served(key, weight)
-                return succeed(lease)
-        waiting = self.queue.wait(key, (model, now, excluded), weight)
+                self.queue.served(key, weight, cost)
+                return succeed(self._bill(lease, key, weight, cost, meter))
+        waiting = self.queue.wait(key, (model, now, excluded), weight, cost)
+        waiting.addCallback(self._bill, key, weight, cost, meter)
         self._serve_queue()
         return waiting
+
+    def _cost(self, prompt: int, output: int) -> float:
+        """
+        What a request of C{prompt} tokens that generates C{output} costs in
+        the fair queue, under C{--fair-share tokens}: at least a token, so
+        that no request is a free turn.
+        """
+        cost = prompt + output * self._output_weight
+        return cost if cost > 1 else 1.0
+
+    @staticmethod
+    def _bill(lease: Lease, key: str, weight: float, cost: float, meter: Meter | None) -> Lease:
+        """
+        Write on C{lease} what its slot was charged, for the true-up at
+        release.
+        """
+        lease._key, lease._weight, lease._charged, lease._meter = key, weight, cost, meter
+        return lease
 
     def _check_available(self, model: ModelName | None, excluded: frozenset[Backend]) -> None:
         if not self.several:
@@ -263,6 +327,14 @@ class Router:
         running[model] -= 1
         if running[model] <= 0:
             del running[model]
+        meter = lease._meter
+        if meter is not None:
+            # The meter's reading, not the estimate charged, is what the
+            # request cost: before the next slot is given.
+            reading = meter.reading()
+            used = (0, 0) if reading is None else (reading.prompt_tokens,
+                                                   reading.completion_tokens)
+            self.queue.charge(lease._key, lease._weight, self._cost(*used) - lease._charged)
         self._serve_queue(model)
 
     def _pace_of(self, wants: tuple[ModelName | None, float, frozenset[Backend]]) -> float | None:

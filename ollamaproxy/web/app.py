@@ -212,7 +212,8 @@ class OllamaProxy:
             meter.expect(plan.estimate.prompt, plan.model.canonical if plan.model else "")
         release = await admission.reserve(plan.estimate.tokens)
         try:
-            job = Job(target, route, key.name, key.weight, plan.model, plan.rewrite, plan.body)
+            job = Job(target, route, key.name, key.weight, plan.model, plan.rewrite, plan.body,
+                      plan.estimate.output)
             await self._dispatcher.dispatch(request, job, flight.trip)
         finally:
             release(meter.tokens)

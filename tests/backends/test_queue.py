@@ -339,3 +339,45 @@ def test_a_request_that_holds_the_line_is_not_served_past() -> None:
     slots.free["whole"] = 1
     queue.serve(slots)
     assert served == ["a", "b", "c"]
+
+
+def test_a_turn_moves_a_key_on_by_its_cost() -> None:
+    """
+    A slot moves its key's finish on by the request's cost over the key's
+    weight: a key whose requests cost 20 times another's gets a turn for
+    every 20 of the other's, both waiting.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=512, timeout=60)
+    served: list[str] = []
+    for _ in range(3):
+        collect(queue.wait("long", "m", cost=600), served, "L")
+    for _ in range(50):
+        collect(queue.wait("short", "m", cost=30), served, "S")
+    slots = Slots()
+    slots.free["m"] = 42
+    queue.serve(slots)
+    assert "".join(served) == "L" + "S" * 20 + "L" + "S" * 20
+    assert queue.finish("long") == 1200
+    assert queue.finish("short") == 1200
+
+
+def test_a_charge_trues_the_cost_up_but_banks_no_credit() -> None:
+    """
+    A charge moves a served key's finish by the difference over its
+    weight, up or down; a key charged back below the present does not get
+    the turns it would have banked: it takes turns from the present, in
+    turn with a key never served.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=512, timeout=60)
+    queue.served("a", weight=2, cost=100)
+    queue.charge("a", 2, 60)
+    assert queue.finish("a") == 80
+    queue.charge("a", 2, -1000)
+    assert queue.finish("a") == -420
+    served: list[str] = []
+    for key in ("a", "a", "a", "b", "b", "b"):
+        collect(queue.wait(key, "m", cost=10), served, key)
+    slots = Slots()
+    slots.free["m"] = 4
+    queue.serve(slots)
+    assert served == ["a", "b", "a", "b"]

@@ -5,7 +5,7 @@ when.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from twisted.internet.defer import Deferred
@@ -16,6 +16,7 @@ from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import UNREAD_MODEL, Lease, Router
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.errors import ProxyError
+from ollamaproxy.exchange import Meter, StreamSummary
 from ollamaproxy.model_names import resolve
 
 LLAMA, MISTRAL, QWEN = resolve("llama3.2"), resolve("mistral"), resolve("qwen3")
@@ -367,3 +368,140 @@ def test_only_gaps_while_requests_wait_are_timed() -> None:
     with pytest.raises(ProxyError) as raised:
         r.acquire("z", LLAMA, runs=True)
     assert raised.value.headers == {b"Retry-After": b"4"}  # one ahead and itself, 2 s apart
+
+
+class Backlog:
+    """
+    Keys that each keep requests waiting at --parallel 1 on one backend,
+    served one at a time: each granted request's meter reads what Ollama
+    would say it used, and its slot is given back at once.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self.router = Router(BackendPool([backend(Clock(), "a", ("llama3.2",), parallel=1)]),
+                             Clock(), max_queue=2000, queue_timeout=60, **options)
+        self._granted: list[tuple[str, Lease, Meter, int, int]] = []
+
+    def add(self, key: str, prompt: int, output: int, count: int, weight: int = 1) -> None:
+        """
+        C{count} requests of C{key}, each of C{prompt} tokens that generates
+        C{output}, as its plan estimates them and as Ollama counts them.
+        """
+        for _ in range(count):
+            meter = Meter()
+            meter.expect(prompt, "llama3.2")
+            acquiring = self.router.acquire(key, LLAMA, runs=True, weight=weight, meter=meter,
+                                            expected_output=output)
+            acquiring.addCallback(self._grant, key, meter, prompt, output)
+
+    def _grant(self, lease: Lease, key: str, meter: Meter, prompt: int, output: int) -> None:
+        self._granted.append((key, lease, meter, prompt, output))
+
+    def serve(self, count: int) -> list[str]:
+        """
+        Let C{count} requests run to their end, in turn: the keys served.
+        """
+        served: list[str] = []
+        for _ in range(count):
+            key, lease, meter, prompt, output = self._granted.pop(0)
+            meter.generating = True
+            meter.final = StreamSummary("llama3.2:latest", prompt_tokens=prompt,
+                                        completion_tokens=output)
+            served.append(key)
+            lease.release()
+        return served
+
+
+def tokens(served: list[str], key: str, cost: int) -> int:
+    """
+    The tokens C{key} was served, its requests costing C{cost} each.
+    """
+    return served.count(key) * cost
+
+
+def test_keys_share_tokens_not_turns() -> None:
+    """
+    A key whose requests generate 600 tokens and one whose requests
+    generate 30, both backlogged: the short key gets 20 turns for each of
+    the long key's, and the tokens each was served (output counted twice)
+    stay within 10 % of each other.
+    """
+    backlog = Backlog()
+    backlog.add("long", 0, 600, 100)
+    backlog.add("short", 0, 30, 400)
+    served = backlog.serve(210)
+    assert served.count("short") == 20 * served.count("long")
+    long, short = tokens(served, "long", 1200), tokens(served, "short", 60)
+    assert abs(long - short) <= 0.1 * max(long, short)
+
+
+def test_weights_share_tokens() -> None:
+    """
+    Weights 3:1 give 3:1 in tokens, not in turns: the heavy key's requests
+    cost ten times the light key's, so it gets fewer turns than the light
+    key, and three times its tokens.
+    """
+    backlog = Backlog()
+    backlog.add("heavy", 0, 300, 100, weight=3)
+    backlog.add("light", 0, 30, 400)
+    served = backlog.serve(130)
+    heavy, light = tokens(served, "heavy", 600), tokens(served, "light", 60)
+    assert served.count("heavy") < served.count("light")
+    assert abs(heavy - 3 * light) <= 0.1 * heavy
+
+
+def test_fair_share_requests_gives_turns() -> None:
+    """
+    Under --fair-share requests a request costs one turn, whatever its
+    tokens: the long and the short key alternate, as in round 2.
+    """
+    backlog = Backlog(fair_share="requests")
+    backlog.add("long", 0, 600, 10)
+    backlog.add("short", 0, 30, 10)
+    assert backlog.serve(8) == ["long", "short"] * 4
+
+
+def test_output_token_weight_sets_what_output_costs() -> None:
+    """
+    --output-token-weight weighs output against prompt tokens: at weight
+    1, a request of 90 prompt tokens and 10 output costs what one of 10
+    and 90 does, and the keys alternate; at the default 2 they do not.
+    """
+    for weight, expected in ((1.0, ["a", "b"] * 3), (2.0, ["a", "b", "a", "b", "a", "a"])):
+        backlog = Backlog(output_token_weight=weight)
+        backlog.add("a", 90, 10, 10)
+        backlog.add("b", 10, 90, 10)
+        assert backlog.serve(6) == expected, weight
+
+
+def test_an_idle_key_rejoins_at_the_present() -> None:
+    """
+    A key that comes after others have been served for a while takes its
+    share from then on, at the present virtual time: it does not catch up
+    on the turns it missed while idle, and the long key keeps its share.
+    """
+    backlog = Backlog()
+    backlog.add("long", 0, 600, 100)
+    backlog.add("short", 0, 30, 400)
+    backlog.serve(105)
+    backlog.add("newcomer", 0, 30, 400)
+    served = backlog.serve(82)
+    assert served.count("long") == 2
+    assert abs(served.count("newcomer") - served.count("short")) <= 1
+
+
+def test_a_cut_stream_costs_what_the_meter_counted() -> None:
+    """
+    A request is charged its estimate when it gets its slot (its prompt
+    estimated, and the output it asks for at most, counted twice), and
+    when its stream is cut, what the meter counted: the prompt estimated
+    and the pieces relayed.
+    """
+    r = router(backend(Clock(), "a", ("llama3.2",), parallel=1))
+    meter = Meter()
+    meter.expect(20, "llama3.2")
+    lease = now(r.acquire("k", LLAMA, runs=True, meter=meter, expected_output=500))
+    assert r.queue.finish("k") == 20 + 2 * 500
+    meter.generating, meter.output = True, 7
+    lease.release()
+    assert r.queue.finish("k") == 20 + 2 * 7

@@ -6,12 +6,14 @@ routing by model, merged listings, failover, the fair queue, caps.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 from twisted.logger import LogEvent
 from twisted.web.client import ResponseFailed
 
 from ollamaproxy.admission.caps import Caps
+from ollamaproxy.admission.estimate import DEFAULT_OUTPUT_TOKENS
 from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.admission.policy import MAX_CHECKED_BODY
 from tests.fakes.agents import Refusing
@@ -373,3 +375,58 @@ def test_a_heavier_key_gets_more_turns() -> None:
         "first", "u0", "o0", "u1", "u2", "o1", "o2"]
     for d in [first, *waiting]:
         chain.body(chain.result(d))
+
+
+def test_keys_get_equal_tokens_through_the_proxy() -> None:
+    """
+    Through the whole chain at --parallel 1: a key asking for 600 tokens a
+    request and one asking for 30, both backlogged, are served by what
+    Ollama counts, not by turns: the short key reaches Ollama about 20
+    times for each of the long key's, and the tokens each was served
+    (prompt, and output counted twice) stay within 10 % of each other.
+    """
+    chain = Chain(parallel=1)
+    chain.keys.replace([*chain.keys._by_digest.values(), ApiKey("user", digest(USER)),
+                        ApiKey("other", digest(OTHER))])
+    asked = {"user": 600, "other": 30}
+    sent = [chain.request("POST", "/api/chat", key=key,
+                          data=chat(stream=False, fake_delay=0.001,
+                                    options={"num_predict": asked[name]}))
+            for key, name, count in ((USER, "user", 10), (OTHER, "other", 150))
+            for _ in range(count)]
+    while len(chain.fake.received) < len(sent):
+        chain.clock.advance(0.01)
+        chain.flush()
+    chain.clock.advance(1)  # the last request's answer
+    chain.flush()
+    for d in sent:
+        chain.body(chain.result(d))
+    # While both were backlogged: the first 125 requests to reach Ollama.
+    served = [r.json()["options"]["num_predict"] for r in chain.fake.received[:125]]
+    assert 18 * served.count(600) <= served.count(30) <= 22 * served.count(600)
+    # Ollama's counts: a prompt of one word ("hi"), the output asked for.
+    long, short = served.count(600) * 1201, served.count(30) * 61
+    assert abs(long - short) <= 0.1 * max(long, short)
+
+
+def test_a_cut_stream_costs_its_key_what_the_meter_counted() -> None:
+    """
+    A client that reads 15 tokens of a stream and hangs up: its key is
+    charged in the fair queue what the meter counted, its prompt as
+    estimated from the request and the 15 pieces relayed (counted twice),
+    not the 512 tokens its request was estimated to generate.
+    """
+    chain = Chain(parallel=1)
+    body = chat("hold")
+    response = chain.request("POST", "/api/chat", data=body)
+    prompt = math.ceil(len(body) / 4)
+    assert chain.router.queue.finish("alice") == prompt + 2 * DEFAULT_OUTPUT_TOKENS
+    held = chain.fake.held[-1]
+    for _ in range(15):
+        held.write_line({"model": "hold", "message": {"content": "tok "}, "done": False})
+    chain.flush()
+    client = chain.stream(chain.result(response))
+    client.disconnect()
+    chain.flush()
+    chain.failure(client.done)
+    assert chain.router.queue.finish("alice") == prompt + 2 * 15

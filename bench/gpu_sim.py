@@ -105,8 +105,6 @@ class Runner:
     @ivar refs: Requests that hold this runner (waiting for a slot or in
         one): it cannot be unloaded before they end, as in Ollama's
         C{runnerRef.refCount}.
-    @ivar expiring: A waiting request needs this runner gone (a switch or a
-        reload); it is unloaded as soon as C{refs} is 0.
     """
 
     model: str
@@ -114,10 +112,8 @@ class Runner:
     slots: list[Slot]
     ready: bool = False
     refs: int = 0
-    expiring: bool = False
     expires_at: float = 0.0
     waiting: deque[Job] = field(default_factory=deque)
-    load_call: IDelayedCall | None = None
 
     def busy(self) -> int:
         """
@@ -194,6 +190,8 @@ class GPU:
         self.cost = cost
         self.runners: dict[str, Runner] = {}
         self.pending: deque[Job] = deque()
+        self.evicting: Runner | None = None
+        """The runner the queue's head waits to see unloaded, if any."""
         self.loads = 0
 
     def submit(self, job: Job) -> bool:
@@ -217,7 +215,10 @@ class GPU:
         The client went away: stop its work and free what it held.
         """
         if job in self.pending:
+            if job is self.pending[0]:
+                self.evicting = None  # the next head chooses again
             self.pending.remove(job)
+            self._schedule()
             return
         runner = job.runner
         if runner is None:
@@ -257,11 +258,14 @@ class GPU:
                 self.pending.popleft()
                 self._load(job)
                 continue
-            victim = runner if runner is not None else self._victim()
-            victim.expiring = True
-            if victim.refs:
+            # Chosen once, then waited for (Ollama's runnerToExpire); a
+            # request for it meanwhile still takes it (the fast path).
+            if self.evicting is None:
+                self.evicting = runner if runner is not None else self._victim()
+            if self.evicting.refs:
                 return
-            del self.runners[victim.model]
+            del self.runners[self.evicting.model]
+            self.evicting = None
 
     def _victim(self) -> Runner:
         """
@@ -275,7 +279,7 @@ class GPU:
         self.runners[job.model] = runner
         self.loads += 1
         self._attach(job, runner)
-        runner.load_call = self.clock.callLater(self.cost.load_seconds, self._loaded, runner)
+        self.clock.callLater(self.cost.load_seconds, self._loaded, runner)
 
     def _loaded(self, runner: Runner) -> None:
         runner.ready = True
@@ -363,10 +367,7 @@ class GPU:
         runner.refs -= 1
         if runner.refs == 0:
             runner.expires_at = self.clock.seconds() + self.cost.keep_alive
-            if runner.expiring and self.runners.get(runner.model) is runner:
-                if runner.load_call is not None and runner.load_call.active():
-                    runner.load_call.cancel()
-                del self.runners[runner.model]
+            if runner is self.evicting:
                 self._schedule()
                 return
         self._start(runner)

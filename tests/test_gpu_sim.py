@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.iweb import IResponse
 
 from tests.fakes.bench import load_bench
@@ -67,6 +68,7 @@ class Env:
     treq: Any = field(init=False)
     """A C{StubTreq}, whose methods are made at run time (so typed L{Any})."""
     responses: list[IResponse] = field(default_factory=list)
+    sent: list[Deferred[IResponse]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.sim = sim.Simulator(self.clock, self.cost or sim.CostModel(), [M1, M2])
@@ -84,6 +86,7 @@ class Env:
             response.deliverBody(body)
 
         d.addCallback(got)
+        self.sent.append(d)
         self.treq.flush()
         return body
 
@@ -233,6 +236,28 @@ def test_a_request_for_the_loaded_model_passes_a_waiting_switch() -> None:
     # It waited for the running chat, then for its own load.
     assert switch.final()["load_duration"] == ns(running.chunks[-1][0] + 5.0 - 6.0)
     assert env.sim.gpu.loads == 2
+
+
+def test_a_switch_whose_client_left_unloads_nothing() -> None:
+    """
+    A chat for another model that goes away while it waits for the loaded
+    model's chat to end leaves that model loaded: no switch is owed.
+    """
+    env = Env(cost(load_seconds=5.0))
+    env.send("/api/chat", chat(M1, output=100))
+    env.advance(5.1)
+    env.send("/api/chat", chat(M2))
+    left = env.sent[-1]
+    left.cancel()
+    left.addErrback(lambda failure: failure.trap(ResponseNeverReceived))
+    env.treq.flush()
+    assert not env.sim.gpu.pending
+    env.run()
+    assert [m["name"] for m in env.get("/api/ps")["models"]] == [M1]
+    later = env.send("/api/chat", chat(M1))
+    env.run()
+    assert later.final()["load_duration"] == 0
+    assert env.sim.gpu.loads == 1
 
 
 def test_a_num_ctx_change_reloads_the_model() -> None:

@@ -269,10 +269,12 @@ class GPU:
 
     def _victim(self) -> Runner:
         """
-        The model to unload: an idle one if any (the one expiring first),
-        else the one with the fewest requests.
+        The model to unload, as C{findRunnerToUnload}: runners sorted by
+        keep-alive and name (all keep-alives are equal here, so by name),
+        the first idle one, else the first.
         """
-        return min(self.runners.values(), key=lambda r: (r.refs, r.expires_at))
+        ordered = sorted(self.runners.values(), key=lambda r: r.model)
+        return next((r for r in ordered if r.refs == 0), ordered[0])
 
     def _load(self, job: Job) -> None:
         runner = Runner(job.model, job.num_ctx, [Slot() for _ in range(self.cost.num_parallel)])

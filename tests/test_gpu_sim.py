@@ -27,6 +27,7 @@ sim = load_bench("gpu_sim")
 BASE = "http://127.0.0.1:11434"
 M1 = "llama3.1:8b"
 M2 = "qwen2.5:7b"
+M3 = "mistral:7b"
 
 
 class Body(Protocol):
@@ -71,7 +72,7 @@ class Env:
     sent: list[Deferred[IResponse]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.sim = sim.Simulator(self.clock, self.cost or sim.CostModel(), [M1, M2])
+        self.sim = sim.Simulator(self.clock, self.cost or sim.CostModel(), [M1, M2, M3])
         self.treq = StubTreq(self.sim)
 
     def send(self, path: str, doc: Any) -> Body:
@@ -238,6 +239,22 @@ def test_a_request_for_the_loaded_model_passes_a_waiting_switch() -> None:
     assert env.sim.gpu.loads == 2
 
 
+def test_a_switch_unloads_an_idle_model_first() -> None:
+    """
+    With two models fitting, both loaded, a third model's chat unloads the
+    idle one at once (it waits only for its own load), not the busy one.
+    """
+    env = Env(cost(load_seconds=5.0, max_loaded=2))
+    busy = env.send("/api/chat", chat(M1, output=2000))
+    env.send("/api/chat", chat(M2, output=1))
+    env.advance(11.0)
+    third = env.send("/api/chat", chat(M3, output=1))
+    env.advance(6.0)
+    assert third.done and not busy.done
+    assert third.final()["load_duration"] == ns(5.0)
+    assert sorted(m["name"] for m in env.get("/api/ps")["models"]) == sorted([M1, M3])
+
+
 def test_a_switch_whose_client_left_unloads_nothing() -> None:
     """
     A chat for another model that goes away while it waits for the loaded
@@ -382,7 +399,7 @@ def test_the_other_endpoints_speak_ollamas_formats() -> None:
     assert [line["response"] for line in generated.lines()] == ["t0", " t1", ""]
     assert json.loads(embedded.data)["prompt_eval_count"] == 3
     assert env.get("/api/version") == {"version": sim.VERSION}
-    assert [m["name"] for m in env.get("/api/tags")["models"]] == [M1, M2]
+    assert [m["name"] for m in env.get("/api/tags")["models"]] == [M1, M2, M3]
     unknown = env.send("/api/chat", chat("nope"))
     assert json.loads(unknown.data) == {"error": "model 'nope' not found"}
 

@@ -1,6 +1,6 @@
-# -*- test-case-name: tests.test_bench_plot,tests.integration.test_bench_plot -*-
+# -*- test-case-name: tests.test_bench_plot,tests.integration.test_bench_plot,tests.test_gpu_sim -*-
 """
-bench/plot.py, loaded for the tests, and synthetic bench results to draw.
+bench/'s scripts, loaded for the tests, and synthetic bench results to draw.
 """
 
 from __future__ import annotations
@@ -12,17 +12,27 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-PLOT = Path(__file__).resolve().parents[2] / "bench" / "plot.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+PLOT = BENCH / "plot.py"
 
 
 def load_plot() -> ModuleType:
     """
-    bench/plot.py as a module: bench/ is not a package, so the script is
+    bench/plot.py as a module.
+    """
+    return load_bench("plot")
+
+
+def load_bench(name: str) -> ModuleType:
+    """
+    bench/NAME.py as a module: bench/ is not a package, so the script is
     loaded from its path.
     """
-    spec = importlib.util.spec_from_file_location("bench_plot", PLOT)
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    # Registered as an import would be: dataclasses look their module up.
+    sys.modules[spec.name] = module
     # No bench/__pycache__: the tests write nowhere but their tmp_path.
     saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     try:

@@ -4,7 +4,8 @@ The Ollama servers behind the proxy: which models each has and has loaded,
 how busy it is, and whether it answers.
 
 L{BackendPool} asks every backend for C{GET /api/tags} (its models) and
-C{GET /api/ps} (the models in memory) every C{refresh} seconds, and at once
+C{GET /api/ps} (the models in memory, with what each holds: its residency)
+every C{refresh} seconds, and at once
 when told a model changed (a pull, create, copy or delete through the
 proxy).  A backend whose C{/api/tags} does not answer, or that a request
 could not reach, is unhealthy: it gets no requests, and is probed again after 1, 2, 4 ...
@@ -18,6 +19,7 @@ import json
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
@@ -58,6 +60,43 @@ class RecentError:
     count: int = 1
 
 
+@dataclass(frozen=True)
+class Residency:
+    """
+    What a model loaded on a backend holds, as its C{/api/ps} says: the
+    router prefers a backend that has the model loaded, the context rule
+    (L{ollamaproxy.admission.caps.keep_loaded_context}) sends a request
+    with the context its runner was loaded with, and the metrics and the
+    console show the memory it takes.
+
+    @ivar size: Bytes the model takes in memory, in all.
+    @ivar size_vram: Bytes of it in the GPU's memory.
+    @ivar context_length: The context its runner was loaded with, or
+        L{None} when the backend does not say (Ollama before 0.6).
+    @ivar expires_at: When it is unloaded if nothing uses it, as Ollama
+        writes it (RFC 3339), or C{""}.
+    """
+
+    size: int = 0
+    size_vram: int = 0
+    context_length: int | None = None
+    expires_at: str = ""
+
+
+def residency(entry: Any) -> Residency:
+    """
+    The residency one entry of C{/api/ps} gives; a field missing or of the
+    wrong type is left out, for a backend may be older or newer than this.
+    """
+    def whole(name: str) -> int | None:
+        value = entry.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    expires = entry.get("expires_at")
+    return Residency(whole("size") or 0, whole("size_vram") or 0, whole("context_length"),
+                     expires if isinstance(expires, str) else "")
+
+
 @dataclass(eq=False)
 class Backend:
     """
@@ -68,6 +107,7 @@ class Backend:
     @ivar healthy: Whether it gets requests.
     @ivar models: The models it has, or L{None} until it has said.
     @ivar loaded: The models it has in memory.
+    @ivar resident: What each of the models in memory holds (L{Residency}).
     @ivar running: Requests in flight, per model (L{None}: naming none).
     @ivar errors: Its most recent distinct errors, the last to happen
         last (see L{note_error}).
@@ -78,6 +118,7 @@ class Backend:
     healthy: bool = True
     models: frozenset[ModelName] | None = None
     loaded: frozenset[ModelName] = frozenset()
+    resident: dict[ModelName, Residency] = field(default_factory=dict)
     running: Counter[ModelName | None] = field(default_factory=Counter)
     errors: deque[RecentError] = field(default_factory=lambda: deque(maxlen=_RECENT_ERRORS))
     #: The backend's base URL, as logs and metrics name it.
@@ -134,6 +175,15 @@ def model_names(body: bytes, field_name: str = "models") -> frozenset[ModelName]
     return frozenset(listed_model(entry, field_name) for entry in entries)
 
 
+def residencies(body: bytes) -> dict[ModelName, Residency]:
+    """
+    The models an C{/api/ps} answer names, with what each holds.
+    """
+    entries = json.loads(body).get("models") or []
+    return {listed_model(entry): residency(entry) for entry in entries
+            if isinstance(entry, dict)}
+
+
 class BackendPool(Service):
     """
     Keeps every backend's health and models current.
@@ -141,6 +191,9 @@ class BackendPool(Service):
     @ivar backends: The backends, in the order they were configured.
     @param on_change: Called when a backend becomes healthy or learns its
         models, so that requests waiting for it can go on.
+    @param on_load: Called with a backend's name and a model that its
+        C{/api/ps} names and its previous one (there was one) did not: a
+        load seen, for the metrics.
     """
 
     def __init__(
@@ -149,9 +202,12 @@ class BackendPool(Service):
         on_change: Callable[[], None] = lambda: None,
         refresh: float = DEFAULT_REFRESH,
         max_backoff: float = DEFAULT_MAX_BACKOFF,
+        on_load: Callable[[str, ModelName], None] = lambda backend, model: None,
     ) -> None:
         self.backends = list(backends)
         self.on_change = on_change
+        self._on_load = on_load
+        self._read_ps: set[Backend] = set()
         self._refresh = refresh
         self._max_backoff = max_backoff
         self._timers: dict[Backend, IDelayedCall] = {}
@@ -221,14 +277,20 @@ class BackendPool(Service):
             self._set_health(backend, False, reason)
             return
         try:
-            loaded = model_names(await self._get(backend, b"/api/ps"))
+            resident = residencies(await self._get(backend, b"/api/ps"))
         except CancelledError:
             return
         except Exception:
             # Which models are in memory only orders the choice.
-            loaded = frozenset()
+            resident = {}
+        else:
+            if backend in self._read_ps:
+                for model in resident.keys() - backend.resident.keys():
+                    self._on_load(backend.name, model)
+            self._read_ps.add(backend)
+        loaded = frozenset(resident)
         learned = backend.models != models or backend.loaded != loaded
-        backend.models, backend.loaded = models, loaded
+        backend.models, backend.loaded, backend.resident = models, loaded, resident
         self._backoff.pop(backend, None)
         if not self._set_health(backend, True, "") and learned:
             self.on_change()

@@ -171,3 +171,44 @@ def test_a_backend_without_api_ps_is_still_healthy() -> None:
     assert t.backend.models == frozenset({resolve("llama3.2"), resolve("mistral")})
     assert t.backend.loaded == frozenset()
     t.pool.stopService()
+
+
+def test_residency_is_read_and_kept() -> None:
+    """
+    Each loaded model's size, VRAM, context and expiry are read from
+    C{/api/ps} with the models, in the same refresh, and kept per model.
+    """
+    t = Setup()
+    t.fake.load("llama3.2", 8192)
+    t.pool.startService()
+    t.switch.agent.flush()
+    kept = t.backend.resident[resolve("llama3.2")]
+    assert kept.context_length == 8192
+    assert kept.size_vram > 0 and kept.size == kept.size_vram
+    assert kept.expires_at.startswith("19")  # the fake's clock starts at the epoch
+    assert t.backend.loaded == frozenset({resolve("llama3.2")})
+    t.pool.stopService()
+
+
+def test_a_model_that_appears_is_a_load_seen() -> None:
+    """
+    A model that C{/api/ps} names and the previous read did not is reported
+    as a load; those loaded before the first read are not (nobody saw them
+    load), nor is one still loaded at the next read.
+    """
+    t = Setup()
+    loads: list[tuple[str, str]] = []
+    pool = BackendPool([t.backend], refresh=5,
+                       on_load=lambda backend, model: loads.append((backend, model.canonical)))
+    t.fake.load("llama3.2")
+    pool.startService()
+    t.switch.agent.flush()
+    assert loads == []
+    t.fake.load("mistral")
+    t.clock.advance(5)
+    t.switch.agent.flush()
+    assert loads == [("http://127.0.0.1:11434", "mistral:latest")]
+    t.clock.advance(5)
+    t.switch.agent.flush()
+    assert len(loads) == 1
+    pool.stopService()

@@ -73,6 +73,8 @@ from ollamaproxy.backends.everywhere import BytesProducer
 
 VERSION = "0.33.0"
 DEFAULT_TOKENS = 5
+#: The context Ollama loads a model with when a request names none.
+DEFAULT_CONTEXT = 4096
 MODEL_ERROR = "an error was encountered while running the model"
 HOLD, SLOWHEAD, BROKEN = "hold", "slowhead", "broken"
 
@@ -513,6 +515,12 @@ class FakeOllama(Resource):
         self.held: list[HeldStream] = []
         self.connections_lost = 0
         self._loaded: list[str] = []
+        #: The context each loaded model's runner was loaded with.
+        self.contexts: dict[str, int] = {}
+        #: Each model load, with its context, in order: one for a model's
+        #: first request and one for each change of C{num_ctx} (a reload,
+        #: as Ollama's scheduler does).
+        self.loads: list[tuple[str, int]] = []
         self._ids = itertools.count()
         self._stamps: list[tuple[int, str]] = []
         both = (b"GET", b"HEAD")
@@ -679,8 +687,10 @@ class FakeOllama(Resource):
 
     def _ps(self, request: WebRequest, rec: ReceivedRequest, param: str) -> bytes:
         expires = _rfc3339nano(self.clock.seconds() + 300)
-        models = [{**d, "expires_at": expires, "size_vram": d["size"], "context_length": 4096}
-                  for d in map(self._describe, self._loaded)]
+        models = [{**self._describe(name), "expires_at": expires,
+                   "size_vram": self._describe(name)["size"],
+                   "context_length": self.contexts.get(name, DEFAULT_CONTEXT)}
+                  for name in self._loaded]
         return self._send(request, _Reply(200, _dumps({"models": models}), _JSON))
 
     def _show(self, request: WebRequest, rec: ReceivedRequest, param: str) -> bytes:
@@ -746,8 +756,9 @@ class FakeOllama(Resource):
         base = name.split(":")[0]
         if api in ("chat", "generate") and not (body.get("messages") or body.get("prompt")):
             return self._load(request, job, body.get("keep_alive"))
-        if name not in self._loaded:
-            self._loaded.append(name)
+        options = body.get("options")
+        asked = options.get("num_ctx") if isinstance(options, dict) else None
+        self.load(name, asked if isinstance(asked, int) else DEFAULT_CONTEXT)
         if base in (HOLD, SLOWHEAD):
             held = HeldStream(self, request, job)
             self.held.append(held)
@@ -767,6 +778,20 @@ class FakeOllama(Resource):
         request.setHeader(b"content-length", b"%d" % len(whole))
         _LineStream(self, request, iter([whole]), 0, first_delay=tokens * delay).start()
         return NOT_DONE_YET
+
+    def load(self, model: str, context: int = 0) -> None:
+        """
+        Have C{model} loaded with C{context} (Ollama's default, 4096, if
+        0), loading it again if it ran with another: the reload a change of
+        C{num_ctx} costs.
+        """
+        name, context = _canonical(model), context or DEFAULT_CONTEXT
+        if name in self._loaded and self.contexts.get(name) == context:
+            return
+        if name not in self._loaded:
+            self._loaded.append(name)
+        self.contexts[name] = context
+        self.loads.append((name, context))
 
     def _load(self, request: WebRequest, job: _Job, keep_alive: Any) -> bytes:
         """

@@ -45,6 +45,7 @@ MIN_API_KEY_LENGTH = 16
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _ENDPOINT = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S")
 _TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 # The key under which a field's metadata holds its Option.
 _OPTION = "ollamaproxy.option"
 
@@ -282,6 +283,18 @@ def _endpoint(name: str, value: str) -> str:
             "tcp:5000 or ssl:5443:privateKey=key.pem:certKey=cert.pem"
         )
     return value
+
+
+def _yes_no(name: str, value: str) -> bool:
+    """
+    A switch that is on by default, so that it needs a value to turn off:
+    the words a flag's variable takes for on (C{1}, C{true}, C{yes},
+    C{on}), or their opposites.
+    """
+    word = value.strip().lower()
+    if word not in _TRUE + _FALSE:
+        raise ConfigError(f"--{name}: {value!r} is not yes or no")
+    return word in _TRUE
 
 
 def _keep_alive(name: str, value: str) -> float:
@@ -617,6 +630,15 @@ class Config:
         _positive, None, metavar="N",
         help="Largest options.num_ctx a request may ask for; larger is clamped to it",
         doc="largest `options.num_ctx` a request may ask for; larger is clamped to it",
+    )
+    keep_loaded_context: bool = option(
+        _yes_no, "yes", metavar="yes|no",
+        help="Send a request for a loaded model that asks for a smaller num_ctx, or none, "
+        "with the context it is loaded with, so that it is not reloaded",
+        doc="send a request for a loaded model that asks for a smaller `options.num_ctx`, or "
+        "none, with the context its runner is loaded with (from the backends' `/api/ps`), "
+        "so that Ollama does not reload it; `no` sends every request as it came; "
+        "`--max-num-ctx` still bounds it",
     )
     api_key: str | None = option(
         _api_key, None, metavar="KEY",

@@ -527,7 +527,8 @@ def _proxy(
         body_sample_bytes=config.body_sample_bytes,
         redact=Redactor(keys.is_key, _clear_keys(config)),
         trusted_proxies=TrustedProxies(config.trusted_proxies),
-        caps=Caps(config.max_keep_alive, config.max_num_ctx),
+        caps=Caps(config.max_keep_alive, config.max_num_ctx,
+                  router.loaded_context if config.keep_loaded_context else None),
         throttle=throttle,
     )
 

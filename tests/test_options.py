@@ -62,6 +62,7 @@ SAMPLES = {
     "redis": "redis://cache",
     "redis-failure": "closed",
     "redis-lease": "10",
+    "keep-loaded-context": "no",
 }
 ENVIRON = {"HOME": "/home/sample"}
 
@@ -205,3 +206,18 @@ def test_the_table_is_in_the_base_layer(module: str) -> None:
     """The table and what is made from it import no room, not even indirectly."""
     rooms = {name for name in imports(module) if name.split(".")[1] in ROOMS}
     assert rooms == set()
+
+
+@pytest.mark.parametrize(("value", "keep"), [("yes", True), ("on", True), ("No", False),
+                                             ("0", False)])
+def test_keep_loaded_context_is_a_switch(value: str, keep: bool) -> None:
+    """
+    C{--keep-loaded-context} is on by default and takes yes or no (or a
+    flag's other words); anything else stops the start.
+    """
+    assert from_environment({}).keep_loaded_context is True
+    parsed = Options(environ={})
+    parsed.parseOptions(["--keep-loaded-context", value])
+    assert parsed.config.keep_loaded_context is keep
+    with pytest.raises(SystemExit, match=r"^ollamaproxy: --keep-loaded-context: "):
+        Options(environ={}).parseOptions(["--keep-loaded-context", "maybe"])

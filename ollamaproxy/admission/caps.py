@@ -20,6 +20,15 @@ default, as if the field were absent; and C{Options.FromMap} skips a nil
 option, so C{"num_ctx": null} is the default context too.  The proxy
 passes both unchanged, as it passes an absent field (no cap adds a field
 to a body).
+
+The context rule (L{keep_loaded_context}, C{--keep-loaded-context}, on by
+default) rewrites the same field the other way: Ollama reloads a model
+whose runner was loaded with another C{num_ctx} than a request names (or
+than its default, for one that names none), seconds of work for nothing
+when the request asked for less than it already has.  A request for a
+loaded model is sent with the loaded context when it asks for less or
+names none; one that asks for more goes as asked.  The caps bound it: a
+loaded context over C{--max-num-ctx} is never put into a body.
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from ollamaproxy.durations import keep_alive_cap as keep_alive_cap
 from ollamaproxy.durations import parse_duration as parse_duration
+from ollamaproxy.model_names import ModelName
 
 _N = TypeVar("_N", int, float)
 
@@ -57,10 +68,20 @@ class Caps:
     @ivar keep_alive: The most seconds a model may stay loaded after a
         request, or L{None} for no cap.
     @ivar num_ctx: The largest context a request may ask for, or L{None}.
+    @ivar loaded_context: The context a model's runners are loaded with,
+        if known (L{ollamaproxy.backends.router.Router.loaded_context}), for
+        the context rule (L{keep_loaded_context}); L{None} when the rule is
+        off (C{--keep-loaded-context no}).  It travels with the caps because
+        both rewrite C{options.num_ctx} of the same bodies, the caps last;
+        it is no cap, so it neither makes the proxy read a body it would
+        not (a body it cannot read whole goes as it came) nor counts in
+        comparisons.
     """
 
     keep_alive: float | None = None
     num_ctx: int | None = None
+    loaded_context: Callable[[ModelName], int | None] | None = field(
+        default=None, compare=False)
 
     def __bool__(self) -> bool:
         return self.keep_alive is not None or self.num_ctx is not None
@@ -69,7 +90,8 @@ class Caps:
         """
         Each cap the smaller of the two.
         """
-        return Caps(_least(self.keep_alive, other.keep_alive), _least(self.num_ctx, other.num_ctx))
+        return Caps(_least(self.keep_alive, other.keep_alive), _least(self.num_ctx, other.num_ctx),
+                    self.loaded_context)
 
 
 #: No caps: bodies pass as they are.
@@ -159,12 +181,87 @@ def clamp(body: bytes, caps: Caps) -> tuple[bytes, list[str]]:
                     ctx_changes.append(f"num_ctx {asked_ctx:g} clamped to {caps.num_ctx}")
     if not edits:
         return body, []
+    return _edited(text, edits), changes + ctx_changes
+
+
+def _edited(text: str, edits: list[tuple[int, int, str]]) -> bytes:
+    """
+    C{text} with each C{(start, end, replacement)} of C{edits} made (none
+    overlapping), as UTF-8.
+    """
     pieces, done = [], 0
     for start, end, replacement in sorted(edits):
         pieces += [text[done:start], replacement]
         done = end
     pieces.append(text[done:])
-    return "".join(pieces).encode("utf-8"), changes + ctx_changes
+    return "".join(pieces).encode("utf-8")
+
+
+def keep_loaded_context(body: bytes, loaded: int) -> tuple[bytes, list[str]]:
+    """
+    A request body with C{options.num_ctx} raised to C{loaded}, the context
+    its model's runner is loaded with, where it asks for less or names none
+    (a C{null} names none, as for Ollama); and what was changed.  A larger
+    one is left as asked, and so is a body whose C{options} is not an
+    object, which Ollama refuses whatever its context.
+
+    Fields are found as in L{clamp}, and every C{num_ctx} under the loaded
+    one is raised.  When none is named, C{num_ctx} is added to the last
+    C{options} (a repeated C{options} is merged by Go's decoder, the last
+    winning), or an C{options} holding it is added to the body.  The rest
+    passes byte for byte.
+
+    @param body: A JSON object (already checked, so bounded).
+    @raise ValueError: If the body is not a JSON object, or a C{num_ctx}
+        is not a number.
+    """
+    text = body.decode("utf-8")
+    members = _members(text, _skip(text, 0))
+    if _skip(text, members.end) != len(text):
+        raise ValueError("request body is not a single JSON object")
+    edits: list[tuple[int, int, str]] = []
+    changes: list[str] = []
+    named = False
+    last_options: tuple[object, int, int] | None = None
+    for key, value, start, end in members.pairs:
+        if not go_field(key, "options"):
+            continue
+        last_options = (value, start, end)
+        if not isinstance(value, dict):
+            continue
+        for name, asked, ctx_start, ctx_end in _members(text, start).pairs:
+            if not go_field(name, "num_ctx"):
+                continue
+            if asked is None:
+                # Go's decoder would set the merged map's value to nil, over
+                # any num_ctx added before it.
+                edits.append((ctx_start, ctx_end, str(loaded)))
+                continue
+            if not isinstance(asked, (int, float)) or isinstance(asked, bool):
+                raise ValueError(f"options.num_ctx is not a number: {asked!r}")
+            named = True
+            if asked < loaded:
+                edits.append((ctx_start, ctx_end, str(loaded)))
+                changes.append(f"num_ctx {asked:g} raised to {loaded}, as loaded")
+    if not named and not edits:
+        # None named, not even a null (each of which now holds it): add it.
+        field_text = f'"num_ctx":{loaded}'
+        if last_options is None:
+            at = _skip(text, 0) + 1
+            rest = "," if members.pairs else ""
+            edits.append((at, at, '"options":{' + field_text + "}" + rest))
+        elif last_options[0] is None:
+            edits.append((last_options[1], last_options[2], "{" + field_text + "}"))
+        elif isinstance(last_options[0], dict):
+            at = last_options[1] + 1
+            edits.append((at, at, field_text + ("," if last_options[0] else "")))
+        else:
+            return body, []
+    if not named:
+        changes.append(f"num_ctx set to {loaded}, as loaded")
+    if not edits:
+        return body, []
+    return _edited(text, edits), changes
 
 
 @dataclass

@@ -22,7 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from ollamaproxy.admission.caps import CAPPED_ROUTES, NO_CAPS, Caps, clamp
+from ollamaproxy.admission.caps import (
+    CAPPED_ROUTES,
+    NO_CAPS,
+    Caps,
+    clamp,
+    keep_loaded_context,
+)
 from ollamaproxy.admission.estimate import NOTHING, Estimate, estimate
 from ollamaproxy.admission.keys import ApiKey
 from ollamaproxy.admission.policy import (
@@ -127,15 +133,40 @@ async def plan_request(
         check_models(key, [name for _, name in named])
     plan = Plan(model=_routed(named, route), body=body if request.body is not None else None,
                 estimate=estimate(route, body))
-    if caps != NO_CAPS and request.body is not None:
+    if request.body is None:
+        return plan
+    sent = body
+    if caps.loaded_context is not None and plan.model is not None:
+        sent, plan.notes = _keep_context(body, plan.model, caps)
+    if caps != NO_CAPS:
         try:
-            clamped, plan.notes = clamp(body, caps)
+            sent, clamped = clamp(sent, caps)
         except ValueError as e:
             raise ProxyError(400, str(e)) from None
-        if plan.notes:
-            request.body.replace(clamped)
-            plan.body = clamped
+        plan.notes += clamped
+    if sent is not body:
+        request.body.replace(sent)
+        plan.body = sent
     return plan
+
+
+def _keep_context(body: bytes, model: ModelName, caps: Caps) -> tuple[bytes, list[str]]:
+    """
+    The body with the context C{model} is loaded with, by the context rule
+    (L{keep_loaded_context}), unless no context is known or the caps
+    forbid it (a loaded context over C{--max-num-ctx} would be clamped
+    back, reloading all the same).
+    """
+    assert caps.loaded_context is not None
+    loaded = caps.loaded_context(model)
+    if loaded is None or (caps.num_ctx is not None and loaded > caps.num_ctx):
+        return body, []
+    try:
+        return keep_loaded_context(body, loaded)
+    except ValueError:
+        # Ollama answers for a body it cannot take; without a cap, as it
+        # came (with one, the caps refuse it next).
+        return body, []
 
 
 def _readable(request: Downstream) -> bool:

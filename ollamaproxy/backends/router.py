@@ -198,6 +198,29 @@ class Router:
     def backends(self) -> list[Backend]:
         return self.pool.backends
 
+    def loaded_context(self, model: ModelName) -> int | None:
+        """
+        The context C{model}'s runners are loaded with, if it is loaded and
+        its backends agree: what a request for it is sent with so that no
+        runner reloads (L{ollamaproxy.admission.caps.keep_loaded_context}).
+
+        The body is rewritten before the router picks a backend (once
+        admitted, and once for all the backends it may be retried on), so
+        the context must hold for whichever it picks.  The router gives a
+        request a backend that has its model loaded while one has a free
+        slot: when every healthy backend with the model loaded runs it with
+        the same context, that is the one the request meets.  When they
+        differ, any one context reloads some backend, so the request goes
+        as it came (L{None}), as it would without the rule.
+        """
+        contexts = {
+            r.context_length for b in self.backends
+            if (b.healthy or not self.several) and (r := b.resident.get(model)) is not None
+        }
+        if len(contexts) != 1:
+            return None
+        return contexts.pop()
+
     def acquire(
         self,
         key: str,

@@ -111,7 +111,7 @@ class OllamaProxy:
         self._cors = cors
         self._metrics = metrics
         self._readiness = readiness
-        self._caps = caps or Caps()
+        self._caps = Caps() if caps is None else caps
         self._console = console
         self._catalogue = catalogue or Catalogue()
 

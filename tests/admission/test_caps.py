@@ -8,8 +8,10 @@ import json
 import math
 
 import pytest
+from twisted.logger import LogEvent
 
-from ollamaproxy.admission.caps import Caps, clamp, parse_duration
+from ollamaproxy.admission.caps import NO_CAPS, Caps, clamp, keep_loaded_context, parse_duration
+from tests.fakes.chain import Chain, chat
 
 
 @pytest.mark.parametrize(
@@ -147,3 +149,131 @@ def test_a_null_does_not_hide_a_repeated_keep_alive() -> None:
     clamped, changes = clamp(body, Caps(600))
     assert clamped == b'{"model": "m", "keep_alive": null, "keep_alive": "10m"}'
     assert changes == ["keep_alive forever clamped to 10m"]
+
+
+def _loaded_chain(context: int, caps: Caps = NO_CAPS, keep: bool = True) -> Chain:
+    """
+    A chain whose Ollama has llama3.2 loaded with C{context}, as the pool
+    has read it, and the context rule on (or, C{keep=False}, off).
+    """
+    chain: Chain = Chain(caps=Caps(
+        caps.keep_alive, caps.num_ctx,
+        (lambda model: chain.router.loaded_context(model)) if keep else None,
+    ))
+    chain.fake.load("llama3.2", context)
+    chain.pool.refresh(chain.backends[0])
+    chain.flush()
+    return chain
+
+
+def _sent_context(chain: Chain, options: dict[str, object] | None) -> object:
+    """
+    The C{num_ctx} a chat with C{options} reaches Ollama with (C{None}: none).
+    """
+    fields = {} if options is None else {"options": options}
+    chain.body(chain.respond("POST", "/api/chat", data=chat("llama3.2", stream=False, **fields)))
+    return (chain.fake.received[-1].json().get("options") or {}).get("num_ctx")
+
+
+def test_a_smaller_context_is_raised_to_the_loaded_one(access_events: list[LogEvent]) -> None:
+    """
+    A request for a loaded model that asks for less context than its runner
+    was loaded with is sent with the loaded context, so Ollama does not
+    reload it; the access line says so.
+    """
+    chain = _loaded_chain(8192)
+    assert _sent_context(chain, {"num_ctx": 2048, "temperature": 0}) == 8192
+    assert access_events[-1]["notes"] == "num_ctx 2048 raised to 8192, as loaded"
+    assert chain.fake.loads == [("llama3.2:latest", 8192)]
+
+
+def test_a_larger_context_is_sent_as_asked() -> None:
+    """
+    A request that asks for more than the loaded context goes as asked,
+    byte for byte.
+    """
+    chain = _loaded_chain(8192)
+    body = chat("llama3.2", stream=False, options={"num_ctx": 16384})
+    chain.body(chain.respond("POST", "/api/chat", data=body))
+    assert chain.fake.received[-1].body == body
+
+
+@pytest.mark.parametrize("options", [None, {}, {"temperature": 0}, {"num_ctx": None}])
+def test_none_given_gets_the_loaded_context(
+    options: dict[str, object] | None, access_events: list[LogEvent]
+) -> None:
+    """
+    A request that names no context (no options, none in them, or null) for
+    a runner loaded with one is sent with it: otherwise Ollama's default
+    would reload it.
+    """
+    chain = _loaded_chain(8192)
+    assert _sent_context(chain, options) == 8192
+    assert access_events[-1]["notes"] == "num_ctx set to 8192, as loaded"
+    assert chain.fake.loads == [("llama3.2:latest", 8192)]
+
+
+def test_the_rule_off_sends_every_request_as_it_came() -> None:
+    """
+    With C{--keep-loaded-context no}, a smaller context and none at all go
+    as they came, and Ollama reloads as it would.
+    """
+    chain = _loaded_chain(8192, keep=False)
+    smaller = chat("llama3.2", stream=False, options={"num_ctx": 2048})
+    chain.body(chain.respond("POST", "/api/chat", data=smaller))
+    assert chain.fake.received[-1].body == smaller
+    assert _sent_context(chain, None) is None
+    assert len(chain.fake.loads) == 3
+
+
+def test_a_cap_still_bounds_the_context() -> None:
+    """
+    A loaded context over C{--max-num-ctx} is never put into a body: a
+    smaller request is only clamped as usual, and a larger one clamped to
+    the cap.
+    """
+    chain = _loaded_chain(32768, Caps(num_ctx=8192))
+    assert _sent_context(chain, {"num_ctx": 2048}) == 2048
+    assert _sent_context(chain, {"num_ctx": 65536}) == 8192
+    assert _sent_context(chain, None) is None
+    within = _loaded_chain(4096, Caps(num_ctx=8192))
+    assert _sent_context(within, {"num_ctx": 2048}) == 4096
+
+
+def test_an_unloaded_model_goes_as_asked() -> None:
+    """
+    Nothing is rewritten for a model no backend has loaded.
+    """
+    chain = _loaded_chain(8192)
+    body = chat("mistral", stream=False, options={"num_ctx": 2048})
+    chain.body(chain.respond("POST", "/api/chat", data=body))
+    assert chain.fake.received[-1].body == body
+
+
+@pytest.mark.parametrize(
+    ("body", "sent"),
+    [
+        (b'{"model":"m"}', b'{"options":{"num_ctx":8192},"model":"m"}'),
+        (b'{"model":"m","options":null}', b'{"model":"m","options":{"num_ctx":8192}}'),
+        (b'{"model":"m","options":{}}', b'{"model":"m","options":{"num_ctx":8192}}'),
+        (b'{"model":"m","options":{"top_k":1}}',
+         b'{"model":"m","options":{"num_ctx":8192,"top_k":1}}'),
+        (b'{"model":"m","options":{"num_ctx":1},"options":{"NUM_CTX":2}}',
+         b'{"model":"m","options":{"num_ctx":8192},"options":{"NUM_CTX":8192}}'),
+    ],
+)
+def test_the_loaded_context_is_written_where_go_reads_it(body: bytes, sent: bytes) -> None:
+    """
+    The context is added to the last C{options}, or in one added, and every
+    smaller one raised, as Go's decoder will read them; the rest is kept.
+    """
+    assert keep_loaded_context(body, 8192)[0] == sent
+
+
+def test_options_ollama_refuses_are_left_alone() -> None:
+    """
+    A body whose C{options} is no object goes as it came: Ollama refuses
+    it, whatever its context.
+    """
+    body = b'{"model":"m","options":"x"}'
+    assert keep_loaded_context(body, 8192) == (body, [])

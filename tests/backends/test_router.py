@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.web.iweb import IAgent
 
-from ollamaproxy.backends.pool import Backend, BackendPool
+from ollamaproxy.backends.pool import Backend, BackendPool, Residency
 from ollamaproxy.backends.router import UNREAD_MODEL, Lease, Router
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.errors import ProxyError
@@ -505,3 +505,26 @@ def test_a_cut_stream_costs_what_the_meter_counted() -> None:
     meter.generating, meter.output = True, 7
     lease.release()
     assert r.queue.finish("k") == 20 + 2 * 7
+
+
+def test_the_loaded_context_is_the_one_the_loaded_backends_agree_on() -> None:
+    """
+    A model's loaded context is known when every healthy backend that has
+    it loaded runs it with the same one: the router sends a request to one
+    of those.  When they differ, none is given (any one would reload some
+    backend), and an unhealthy backend's does not count.
+    """
+    clock = Clock()
+    a = backend(clock, "a", ("llama3.2",))
+    b = backend(clock, "b", ("llama3.2",))
+    r = router(a, b, clock=clock)
+    model = resolve("llama3.2")
+    assert r.loaded_context(model) is None
+    a.resident = {model: Residency(context_length=8192)}
+    assert r.loaded_context(model) == 8192
+    b.resident = {model: Residency(context_length=8192)}
+    assert r.loaded_context(model) == 8192
+    b.resident = {model: Residency(context_length=4096)}
+    assert r.loaded_context(model) is None
+    b.healthy = False
+    assert r.loaded_context(model) == 8192

@@ -756,8 +756,8 @@ class FakeOllama(Resource):
         base = name.split(":")[0]
         if api in ("chat", "generate") and not (body.get("messages") or body.get("prompt")):
             return self._load(request, job, body.get("keep_alive"))
-        options = body.get("options")
-        asked = options.get("num_ctx") if isinstance(options, dict) else None
+        sent = body.get("options")
+        asked = sent.get("num_ctx") if isinstance(sent, dict) else None
         self.load(name, asked if isinstance(asked, int) else DEFAULT_CONTEXT)
         if base in (HOLD, SLOWHEAD):
             held = HeldStream(self, request, job)

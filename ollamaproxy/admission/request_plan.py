@@ -133,8 +133,20 @@ async def plan_request(
         check_models(key, [name for _, name in named])
     plan = Plan(model=_routed(named, route), body=body if request.body is not None else None,
                 estimate=estimate(route, body))
-    if request.body is None:
-        return plan
+    if request.body is not None:
+        _rewrite(plan, request, body, caps)
+    return plan
+
+
+def _rewrite(plan: Plan, request: Downstream, body: bytes, caps: Caps) -> None:
+    """
+    Rewrite the body of a request that has one as the context rule and the
+    caps say, the caps last, so that they bound what the rule wrote; note
+    each change in C{plan}.
+
+    @raise ProxyError: 400 for a value the caps cannot read.
+    """
+    assert request.body is not None
     sent = body
     if caps.loaded_context is not None and plan.model is not None:
         sent, plan.notes = _keep_context(body, plan.model, caps)
@@ -147,7 +159,6 @@ async def plan_request(
     if sent is not body:
         request.body.replace(sent)
         plan.body = sent
-    return plan
 
 
 def _keep_context(body: bytes, model: ModelName, caps: Caps) -> tuple[bytes, list[str]]:

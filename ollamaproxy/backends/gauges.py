@@ -9,6 +9,12 @@ keys wait, the L{MAX_WAITING_KEYS} with the most waiting (the first come
 among equals) have their own value and the rest are summed under C{other}.
 C{other} is always there, 0 when nothing is beyond the bound, so that a sum
 over the keys is 0, not empty, while nobody waits.
+
+Each backend's loaded models' VRAM (C{ollamaproxy_backend_model_vram_bytes},
+from its last C{/api/ps}: L{ollamaproxy.backends.pool.Residency}) is by
+backend and model; the model label is bounded as the request metrics bound
+it, L{MAX_MODELS} models a backend (the largest), the rest summed under
+C{other}.  A model unloaded is gone from the next scrape.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ollamaproxy.backends.router import Router
+from ollamaproxy.record.metrics import MAX_MODELS
 
 #: How many keys get a value of their own in C{ollamaproxy_queue_waiting}.
 MAX_WAITING_KEYS = 200
@@ -58,9 +65,21 @@ class RouterGauges(Collector):
             "ollamaproxy_backend_in_flight", "Requests in flight to a backend.",
             labels=["backend"],
         )
+        vram = GaugeMetricFamily(
+            "ollamaproxy_backend_model_vram_bytes",
+            "Bytes of GPU memory a model loaded on a backend takes, as its /api/ps says.",
+            labels=["backend", "model"],
+        )
         for backend in self._router.backends:
             up.add_metric([backend.name], 1.0 if backend.healthy else 0.0)
             in_flight.add_metric([backend.name], float(backend.in_flight))
+            ranked = sorted(((r.size_vram, m.canonical) for m, r in backend.resident.items()),
+                            reverse=True)
+            for size, model in ranked[:MAX_MODELS]:
+                vram.add_metric([backend.name, model], float(size))
+            if len(ranked) > MAX_MODELS:
+                vram.add_metric([backend.name, OTHER],
+                                float(sum(size for size, _ in ranked[MAX_MODELS:])))
         waiting = GaugeMetricFamily(
             "ollamaproxy_queue_waiting",
             "Requests waiting in the fair queue for a busy model, by key.",
@@ -68,4 +87,4 @@ class RouterGauges(Collector):
         )
         for key, count in waiting_by_label(self._router.queue.waiting()).items():
             waiting.add_metric([key], float(count))
-        return [up, in_flight, waiting]
+        return [up, in_flight, vram, waiting]

@@ -202,7 +202,7 @@ class BackendPool(Service):
         on_change: Callable[[], None] = lambda: None,
         refresh: float = DEFAULT_REFRESH,
         max_backoff: float = DEFAULT_MAX_BACKOFF,
-        on_load: Callable[[str, ModelName], None] = lambda backend, model: None,
+        on_load: Callable[[str, str], None] = lambda backend, model: None,
     ) -> None:
         self.backends = list(backends)
         self.on_change = on_change
@@ -286,7 +286,7 @@ class BackendPool(Service):
         else:
             if backend in self._read_ps:
                 for model in resident.keys() - backend.resident.keys():
-                    self._on_load(backend.name, model)
+                    self._on_load(backend.name, model.canonical)
             self._read_ps.add(backend)
         loaded = frozenset(resident)
         learned = backend.models != models or backend.loaded != loaded

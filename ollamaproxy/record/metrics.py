@@ -19,7 +19,18 @@ Every label has a bounded set of values, whatever clients send:
   - C{period} (of a token quota) is C{day} or C{month};
   - C{model} comes from Ollama's answers and is free text, so only the
     first L{MAX_MODELS} distinct models get their own label value; later
-    ones are counted as C{other}.
+    ones are counted as C{other};
+  - C{backend} is a backend's base URL, from the operator's configuration.
+
+Model loads (C{ollamaproxy_model_loads_total}) are seen two ways: an answer
+whose C{load_duration} is at least L{LOAD_SECONDS} (Ollama reports a few
+milliseconds for a model already loaded), and a model that a backend's
+C{/api/ps} names and its previous one did not
+(L{ollamaproxy.backends.pool.BackendPool}'s C{on_load}).  A load through
+the proxy is seen both ways, in either order (the C{/api/ps} read may come
+while the answer streams): each sighting of one kind waits for its twin of
+the other, and the pair counts once.  A load by a client beside the proxy,
+or one whose answer never came, is seen once and counted once.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from ollamaproxy.exchange import HTTP_METHODS, OUTCOMES, Exchange
+from ollamaproxy.model_names import resolve
 from ollamaproxy.readiness import READY_PATH, Readiness
 
 __all__ = ["DURATION_BUCKETS", "MAX_MODELS", "Metrics"]
@@ -43,6 +55,10 @@ DURATION_BUCKETS = (
 
 # How many distinct models get their own label value.
 MAX_MODELS = 100
+#: The least C{load_duration} (seconds) that counts as a model load: for a
+#: model already in memory Ollama reports the few milliseconds it took to
+#: find its runner.
+LOAD_SECONDS = 0.5
 
 OTHER = "other"
 
@@ -125,6 +141,13 @@ class Metrics:
             ["key", "period"],
             registry=self.registry,
         )
+        self._loads = Counter(
+            "ollamaproxy_model_loads",
+            "Models loaded into a backend's memory, as its answers' load_duration and its "
+            "/api/ps show them, by backend and model.",
+            ["backend", "model"],
+            registry=self.registry,
+        )
         self._queued = Histogram(
             "ollamaproxy_queue_wait_seconds",
             "Seconds requests that waited for a busy model spent in the fair queue.",
@@ -137,6 +160,10 @@ class Metrics:
         for status in _AUTH_FAILURES:
             self._auth_failures.labels(status=str(status))
         self._models: set[str] = set()
+        # Loads seen one way, waiting for their twin seen the other way
+        # (see the module's docstring): bounded by backends times models.
+        self._answered_loads: set[tuple[str, str]] = set()
+        self._listed_loads: set[tuple[str, str]] = set()
 
     def _model_label(self, model: str) -> str:
         """
@@ -184,6 +211,31 @@ class Metrics:
                 ("completion", summary.completion_tokens),
             ):
                 self._tokens.labels(key=exchange.key, model=model, kind=kind).inc(max(0, count))
+            if (summary.load_seconds or 0) >= LOAD_SECONDS and exchange.backend:
+                self._load_seen(exchange.backend, resolve(summary.model).canonical,
+                                self._answered_loads, self._listed_loads)
+
+    def model_loaded(self, backend: str, model: str) -> None:
+        """
+        A backend's C{/api/ps} names a model its previous one did not.
+
+        @param model: The model's canonical name.
+        """
+        self._load_seen(backend, model, self._listed_loads, self._answered_loads)
+
+    def _load_seen(self, backend: str, model: str, mine: set[tuple[str, str]],
+                   twins: set[tuple[str, str]]) -> None:
+        """
+        Count a load seen one way, unless its twin seen the other way
+        already was (see the module's docstring).
+        """
+        label = self._model_label(model)
+        seen = (backend, label)
+        if seen in twins:
+            twins.discard(seen)
+            return
+        mine.add(seen)
+        self._loads.labels(backend=backend, model=label).inc()
 
     def quota_refused(self, key: str, period: str) -> None:
         """

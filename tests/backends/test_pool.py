@@ -199,7 +199,7 @@ def test_a_model_that_appears_is_a_load_seen() -> None:
     t = Setup()
     loads: list[tuple[str, str]] = []
     pool = BackendPool([t.backend], refresh=5,
-                       on_load=lambda backend, model: loads.append((backend, model.canonical)))
+                       on_load=lambda backend, model: loads.append((backend, model)))
     t.fake.load("llama3.2")
     pool.startService()
     t.switch.agent.flush()

@@ -392,3 +392,65 @@ def test_queue_waits_and_rejections_are_counted() -> None:
     assert value(samples, "ollamaproxy_queue_wait_seconds_sum") == 2.0
     assert value(samples, "ollamaproxy_requests_total", route="/api/chat", method="POST",
                  status="503", key="alice", outcome="queue_full") == 1.0
+
+
+def test_model_loads_are_counted_once_however_seen() -> None:
+    """
+    A load seen in an answer's C{load_duration} and again as a model that
+    appears in C{/api/ps}, in either order, counts once; one seen only one
+    way counts too; a C{load_duration} of a model already loaded (a few
+    milliseconds) is no load.
+    """
+    metrics = Metrics()
+    a, b = "http://a:11434", "http://b:11434"
+
+    def answered(backend: str, load_seconds: float) -> None:
+        ended = exchange(summary=StreamSummary("llama3.2", "stop", 1, 1,
+                                               load_seconds=load_seconds))
+        ended.backend = backend
+        metrics.observe(ended, 1005.0)
+
+    answered(a, 6.5)
+    metrics.model_loaded(a, "llama3.2:latest")
+    metrics.model_loaded(b, "llama3.2:latest")
+    answered(b, 7.0)
+    answered(a, 0.02)
+    metrics.model_loaded(a, "mistral:latest")
+    samples = scrape(metrics)
+    name = "ollamaproxy_model_loads_total"
+    assert value(samples, name, backend=a, model="llama3.2:latest") == 1.0
+    assert value(samples, name, backend=b, model="llama3.2:latest") == 1.0
+    assert value(samples, name, backend=a, model="mistral:latest") == 1.0
+    answered(a, 6.5)
+    assert value(scrape(metrics), name, backend=a, model="llama3.2:latest") == 2.0
+
+
+def test_each_loaded_model_s_vram_is_shown() -> None:
+    """
+    C{ollamaproxy_backend_model_vram_bytes} gives each backend's loaded
+    models' VRAM, as its last C{/api/ps} said, at each scrape; beyond
+    L{MAX_MODELS} models on a backend the rest are summed under C{other}.
+    """
+    from typing import cast
+
+    from twisted.internet.task import Clock
+    from twisted.web.iweb import IAgent
+
+    from ollamaproxy.backends.pool import Backend, BackendPool, Residency
+    from ollamaproxy.backends.router import Router
+    from ollamaproxy.backends.upstream import Upstream
+    from ollamaproxy.model_names import resolve
+
+    clock = Clock()
+    backend = Backend(Upstream(cast(IAgent, None), b"http://a:11434", clock, 1, 1), 1)
+    metrics = Metrics()
+    metrics.registry.register(RouterGauges(Router(BackendPool([backend]), clock)))
+    name = "ollamaproxy_backend_model_vram_bytes"
+    backend.resident = {resolve("llama3.2"): Residency(3 << 30, 2 << 30, 8192)}
+    samples = scrape(metrics)
+    assert value(samples, name, backend="http://a:11434", model="llama3.2:latest") == 2 << 30
+    backend.resident = {resolve(f"m{i}"): Residency(10, 1) for i in range(MAX_MODELS + 3)}
+    samples = scrape(metrics)
+    shown = [labels for (n, labels) in samples if n == name]
+    assert len(shown) == MAX_MODELS + 1
+    assert value(samples, name, backend="http://a:11434", model="other") == 3.0

@@ -66,9 +66,11 @@ def _model_label(model: ModelName | None) -> str:
 
 def backends_view(router: Router, redact: Callable[[str], str] = str) -> list[dict[str, Any]]:
     """
-    Every backend: health, models, models in memory, requests in flight per
-    model against its C{parallel}, recent errors (each with its count and
-    times, in seconds since the epoch).
+    Every backend: health, models, models in memory (and, in C{resident},
+    what each holds, as its C{/api/ps} said: bytes in all and in VRAM, the
+    context its runner was loaded with, when it is unloaded), requests in
+    flight per model against its C{parallel}, recent errors (each with its
+    count and times, in seconds since the epoch).
 
     An unhealthy backend shows no model in memory: what it said it had
     loaded is as old as its last answer, and it may have restarted since.
@@ -89,6 +91,12 @@ def backends_view(router: Router, redact: Callable[[str], str] = str) -> list[di
             else sorted(model.canonical for model in backend.models),
             "loaded": sorted(model.canonical for model in backend.loaded)
             if backend.healthy else [],
+            "resident": [
+                {"model": model.canonical, "size": held.size, "size_vram": held.size_vram,
+                 "context_length": held.context_length, "expires_at": held.expires_at}
+                for model, held in sorted(backend.resident.items(),
+                                          key=lambda item: item[0].canonical)
+            ] if backend.healthy else [],
             "running": running,
             "errors": [
                 {"error": clean_text(error.reason, redact), "count": error.count,

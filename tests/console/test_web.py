@@ -279,6 +279,27 @@ def test_an_unhealthy_backend_shows_no_model_in_memory() -> None:
     assert backends_of(chain)[1]["loaded"] == []
 
 
+def test_each_loaded_model_shows_its_vram_and_context() -> None:
+    """
+    The backends' view gives each loaded model's memory, VRAM, context and
+    expiry, as the backend's C{/api/ps} said them, and the page shows the
+    VRAM and the context; none for an unhealthy backend (stale).
+    """
+    chain = Chain()
+    chain.fake.load("llama3.2", 8192)
+    chain.pool.refresh(chain.backends[0])
+    chain.flush()
+    [resident] = backends_of(chain)[0]["resident"]
+    assert resident["model"] == "llama3.2:latest"
+    assert resident["context_length"] == 8192
+    assert resident["size_vram"] > 0 and resident["size"] >= resident["size_vram"]
+    assert resident["expires_at"]
+    script = chain.body(chain.respond("GET", "/-/console/static/console.js", key=None))
+    assert b"GiB VRAM" in script and b"ctx ${r.context_length}" in script
+    chain.pool.failed(chain.backends[0], "cannot reach Ollama: refused")
+    assert backends_of(chain)[0]["resident"] == []
+
+
 def test_feed_request_and_transport_are_not_kept_after_a_disconnect() -> None:
     """
     A feed whose client vanished without a clean close (the transport's

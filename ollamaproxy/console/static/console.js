@@ -402,6 +402,13 @@
     lineChart($("chart-rate"), [{ points: state.points.map((p) => [p[0], p[3]]), className: "s1" }], now, span);
   }
 
+  // A loaded model's VRAM and context, as " · 4.2 GiB VRAM · ctx 8192".
+  function holds(r) {
+    if (!r) return "";
+    const gib = (r.size_vram / 2 ** 30).toFixed(1);
+    return ` · ${gib} GiB VRAM` + (r.context_length ? ` · ctx ${r.context_length}` : "");
+  }
+
   function renderBackends() {
     const cards = state.backends.map((b) => {
       const card = el("article", null, "backend");
@@ -420,8 +427,10 @@
       }
       card.appendChild(el("div", "Models" + (b.models ? ` (${b.models.length})` : " (not known yet)"), "meta"));
       const models = el("ul");
+      // What each loaded model holds, from the backend's /api/ps.
+      const held = new Map((b.resident || []).map((r) => [r.model, r]));
       for (const m of b.models || []) {
-        models.appendChild(el("li", m + (b.loaded.includes(m) ? " · in memory" : "")));
+        models.appendChild(el("li", m + (b.loaded.includes(m) ? " · in memory" + holds(held.get(m)) : "")));
       }
       card.appendChild(models);
       if (b.errors.length) {

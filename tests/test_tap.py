@@ -139,6 +139,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "output-token-weight": None,
         "max-keep-alive": None,
         "max-num-ctx": None,
+        "keep-loaded-context": None,
         "api-key": None,
         "keys-file": None,
         "log-dir": None,

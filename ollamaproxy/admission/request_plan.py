@@ -133,7 +133,7 @@ async def plan_request(
         check_models(key, [name for _, name in named])
     plan = Plan(model=_routed(named, route), body=body if request.body is not None else None,
                 estimate=estimate(route, body))
-    if request.body is not None:
+    if request.body is not None and (caps.loaded_context is not None or caps != NO_CAPS):
         _rewrite(plan, request, body, caps)
     return plan
 

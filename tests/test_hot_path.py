@@ -25,6 +25,7 @@ from twisted.logger import capturedLogs
 from twisted.web.http_headers import Headers
 
 import ollamaproxy
+from ollamaproxy.admission.caps import Caps
 from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.backends.relay import _BodyAnswer
 from ollamaproxy.backends.upstream import Upstream
@@ -128,7 +129,13 @@ def test_calls_per_relayed_chunk_stay_within_budget(content_type: bytes, chunk: 
 # meter read, the cost reckoned again and the key's virtual time trued up
 # when the slot is given back); none per chunk.  Building no set of header
 # names to drop when none is listed in Connection took one off each.
-REQUEST_BUDGET = {"GET /api/tags": 183, "POST /api/chat": 339, "POST /api/chat checked": 354}
+# Issue 21's context rule (on by default; the entries above have it off, as
+# the chain does): +8 for a chat (the rule asked, the router's residency
+# read), +14 more for a chat of a loaded model that names no num_ctx (the
+# body searched, the context added without a parse, the body replaced, the
+# note): 339 to 361, the fourth entry.
+REQUEST_BUDGET = {"GET /api/tags": 183, "POST /api/chat": 339, "POST /api/chat checked": 354,
+                  "POST /api/chat loaded": 361}
 _CHAT = json.dumps(
     {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 ).encode()
@@ -142,8 +149,14 @@ def test_own_calls_per_request_stay_within_budget(route: str) -> None:
     Agent already cost more than the targets allow, so the proxy's share
     must not grow unnoticed.
     """
-    chain = Chain()
     method, path, *checked = route.split(" ")
+    if checked == ["loaded"]:
+        chain = Chain(caps=Caps(loaded_context=lambda model: chain.router.loaded_context(model)))
+        chain.fake.load("llama3.2", 8192)
+        chain.pool.refresh(chain.backends[0])
+        checked = []
+    else:
+        chain = Chain()
     data = _CHAT if method == "POST" else None
     key = KEY
     if checked:

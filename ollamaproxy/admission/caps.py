@@ -111,6 +111,7 @@ def _least(a: _N | None, b: _N | None) -> _N | None:
 _FOLDS_TO_ASCII = {"\u212a": "k", "\u017f": "s"}
 _GO_FOLD = str.maketrans(_FOLDS_TO_ASCII)
 _KELVIN = "\u212a".encode()
+_LONG_S = "\u017f".encode()
 _SPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 
@@ -215,6 +216,17 @@ def keep_loaded_context(body: bytes, loaded: int) -> tuple[bytes, list[str]]:
     @raise ValueError: If the body is not a JSON object, or a C{num_ctx}
         is not a number.
     """
+    lowered = body.lower()
+    if (b"num_ctx" not in lowered and b"options" not in lowered and b"\\u" not in body
+            and _LONG_S not in body):
+        # No options in any spelling (an escape, or a long s for the s, could
+        # make one): most bodies, added to without a parse.
+        at = len(body) - len(body.lstrip(b" \t\n\r"))
+        if body[at:at + 1] != b"{":
+            raise ValueError("request body must be a JSON object")
+        comma = b"" if body[at + 1:].lstrip(b" \t\n\r")[:1] == b"}" else b","
+        added = b'"options":{"num_ctx":%d}' % loaded
+        return body[:at + 1] + added + comma + body[at + 1:], [_set(loaded)]
     text = body.decode("utf-8")
     members = _members(text, _skip(text, 0))
     if _skip(text, members.end) != len(text):
@@ -258,10 +270,17 @@ def keep_loaded_context(body: bytes, loaded: int) -> tuple[bytes, list[str]]:
         else:
             return body, []
     if not named:
-        changes.append(f"num_ctx set to {loaded}, as loaded")
+        changes.append(_set(loaded))
     if not edits:
         return body, []
     return _edited(text, edits), changes
+
+
+def _set(loaded: int) -> str:
+    """
+    The access line's note for a context added to a body that named none.
+    """
+    return f"num_ctx set to {loaded}, as loaded"
 
 
 @dataclass

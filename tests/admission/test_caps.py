@@ -254,6 +254,11 @@ def test_an_unloaded_model_goes_as_asked() -> None:
     ("body", "sent"),
     [
         (b'{"model":"m"}', b'{"options":{"num_ctx":8192},"model":"m"}'),
+        (b' { } ', b' {"options":{"num_ctx":8192} } '),
+        (b'{"model":"m","opti\\u006fns":{"num_ctx":1}}',
+         b'{"model":"m","opti\\u006fns":{"num_ctx":8192}}'),
+        ('{"model":"m","option\u017f":{"num_ctx":1}}'.encode(),
+         '{"model":"m","option\u017f":{"num_ctx":8192}}'.encode()),
         (b'{"model":"m","options":null}', b'{"model":"m","options":{"num_ctx":8192}}'),
         (b'{"model":"m","options":{}}', b'{"model":"m","options":{"num_ctx":8192}}'),
         (b'{"model":"m","options":{"top_k":1}}',

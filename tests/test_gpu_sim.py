@@ -11,16 +11,18 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pytest
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseNeverReceived
+from twisted.web.client import Agent, ResponseNeverReceived
 from twisted.web.iweb import IResponse
 
+from ollamaproxy.admission.caps import Caps
 from tests.fakes.bench import load_bench
+from tests.fakes.chain import Chain
 
 sim = load_bench("gpu_sim")
 
@@ -418,3 +420,37 @@ def test_every_figure_is_an_option() -> None:
     assert (port, models) == (8080, ["a:1", "b:2"])
     assert {name: getattr(model, name) for name in names} == \
         {name: getattr(defaults, name) * 2 for name in names}
+
+
+def test_the_proxy_keeps_the_loaded_context_so_the_sim_does_not_reload() -> None:
+    """
+    Two clients of one model, one asking for 8192 tokens of context and one
+    for 2048 or none: through the proxy, once it has read the runner's
+    context from C{/api/ps}, the second client's requests are sent with
+    8192 and the simulated GPU loads the model once, not on every switch.
+    """
+    env = Env(cost(load_seconds=2.0))
+    agent = RequestTraversalAgent(env.sim)
+    chain: Chain = Chain(agent=cast(Agent, agent), caps=Caps(
+        loaded_context=lambda model: chain.router.loaded_context(model)))
+
+    def run() -> None:
+        # The simulator's time, with the proxy's bytes moved at each step.
+        while env.clock.getDelayedCalls():
+            env.clock.advance(min(c.getTime() for c in env.clock.getDelayedCalls())
+                              - env.clock.seconds())
+            chain.flush()
+
+    def through(doc: dict[str, Any]) -> None:
+        d = chain.request("POST", "/api/chat", data=json.dumps(doc).encode())
+        run()
+        collector = chain.stream(chain.result(d))
+        run()
+        chain.result(collector.done)
+
+    through(chat(M1, num_ctx=8192))
+    chain.pool.refresh(chain.backends[0])
+    chain.flush()
+    for options in ({"num_ctx": 2048}, {}, {"num_ctx": 8192}, {"num_ctx": 2048}, {}):
+        through(chat(M1, **options))
+    assert env.sim.gpu.loads == 1

@@ -500,6 +500,16 @@ def _clear_keys(config: Config) -> list[str]:
     return [config.api_key] if config.api_key else []
 
 
+def _caps(config: Config, router: Router) -> Caps:
+    """
+    The caps on C{keep_alive} and C{num_ctx}, with the context rule's
+    source of loaded contexts, the router, unless C{--keep-loaded-context
+    no}.
+    """
+    return Caps(config.max_keep_alive, config.max_num_ctx,
+                router.loaded_context if config.keep_loaded_context else None)
+
+
 def _proxy(
     config: Config,
     keys: KeyStore,
@@ -527,8 +537,7 @@ def _proxy(
         body_sample_bytes=config.body_sample_bytes,
         redact=Redactor(keys.is_key, _clear_keys(config)),
         trusted_proxies=TrustedProxies(config.trusted_proxies),
-        caps=Caps(config.max_keep_alive, config.max_num_ctx,
-                  router.loaded_context if config.keep_loaded_context else None),
+        caps=_caps(config, router),
         throttle=throttle,
     )
 

@@ -789,3 +789,18 @@ def test_the_fair_queue_options_reach_the_router(
     meter.expect(20, "llama3.2")
     router.acquire("k", resolve("llama3.2"), runs=True, meter=meter, expected_output=5)
     assert router.queue.finish("k") == cost
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_context_rule_reads_the_router_unless_off(tmp_path: Path, keep: bool) -> None:
+    """
+    --keep-loaded-context (on by default) gives the caps the router's
+    loaded contexts, beside --max-num-ctx; off, none.
+    """
+    clock = MemoryReactorClock()
+    upstream = Upstream(cast(IAgent, None), b"http://a", clock, 600, 600)
+    config = base_config(tmp_path, keep_loaded_context=keep, max_num_ctx=8192)
+    router = tap._router(config, clock, BackendPool([Backend(upstream, 1)]))
+    caps = tap._caps(config, router)
+    assert caps.num_ctx == 8192
+    assert (caps.loaded_context == router.loaded_context) is keep

@@ -2,7 +2,8 @@
 """
 What the proxy must know of a request before it sends it on: the model it
 names (for the key's model list and the cloud scope, and for the router),
-the body to send (a C{keep_alive} over its cap is clamped), and how its
+the body to send (a C{keep_alive} over its cap is clamped; a loaded model's
+context kept, L{ollamaproxy.admission.caps.keep_loaded_context}), and how its
 answer is rewritten (a model listing narrowed to the key's models).
 
 A body is read only when something needs it: a key limited to models or

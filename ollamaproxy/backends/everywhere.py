@@ -17,10 +17,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer
-from twisted.web.iweb import IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IResponse
 
 from ollamaproxy.backends.downstream import Downstream
 from ollamaproxy.backends.pool import Backend
@@ -34,33 +31,8 @@ from ollamaproxy.backends.relay import (
     send,
     whole_body,
 )
+from ollamaproxy.backends.upstream import BytesProducer
 from ollamaproxy.errors import ProxyError, error_body
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """
-    A small body held whole, written at once: the same request to several
-    backends (and, in the tests, a fake client's bodies: treq's default
-    producer needs a running reactor).
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,14 @@ from typing import NoReturn
 
 from twisted.application.service import Service
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IConsumer, IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
@@ -85,6 +85,32 @@ class Upstream:
         d = self.agent.request(method, self.base + target, headers, body)
         d.addErrback(_plain_cancellation)
         return d.addTimeout(self.header_timeout, self.clock, onTimeoutCancel=_timed_out)
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    A small body held whole, written at once: the same request to several
+    backends, the pool's generation checks (and, in the tests, a fake
+    client's bodies: treq's default producer needs a running reactor).
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 def _plain_cancellation(failure: Failure) -> Failure:

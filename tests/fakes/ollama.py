@@ -69,7 +69,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from ollamaproxy.backends.everywhere import BytesProducer
+from ollamaproxy.backends.upstream import BytesProducer
 
 VERSION = "0.33.0"
 DEFAULT_TOKENS = 5

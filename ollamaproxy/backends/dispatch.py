@@ -193,7 +193,12 @@ class Dispatcher:
                 unreachable = e
                 continue
             except NoResponseHead as e:
-                self._pool.failed(backend, e.message)
+                if e.code == 504 and job.model is not None:
+                    # Timed out: its listings may answer while this model's
+                    # runs hang, so only a run of the model brings it back.
+                    self._pool.hung(backend, job.model, e.message)
+                else:
+                    self._pool.failed(backend, e.message)
                 raise
             finally:
                 lease.release()

@@ -11,6 +11,13 @@ proxy).  A backend whose C{/api/tags} does not answer, or that a request
 could not reach, is unhealthy: it gets no requests, and is probed again after 1, 2, 4 ...
 seconds (at most C{max_backoff}), so it comes back within seconds of
 recovering.  Each change of health is one log line.
+
+A backend can answer its listings while its generations hang (Ollama
+#17408).  One that takes a generation and sends no response head within
+the header timeout is out of rotation for that model only (L{Backend.hung}):
+its listings say nothing of whether the model runs, so only a one-token
+generation of that model brings it back, tried with the same backoff.  It
+goes out and comes back with one log line each.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from twisted.web.http_headers import Headers
 
 from ollamaproxy import __version__
 from ollamaproxy.backends.relay import whole_body
-from ollamaproxy.backends.upstream import Upstream
+from ollamaproxy.backends.upstream import BytesProducer, Upstream
 from ollamaproxy.config import DEFAULT_PARALLEL
 from ollamaproxy.model_names import ModelName, listed_model
 
@@ -111,6 +118,8 @@ class Backend:
     @ivar running: Requests in flight, per model (L{None}: naming none).
     @ivar errors: Its most recent distinct errors, the last to happen
         last (see L{note_error}).
+    @ivar hung: The models it is out of rotation for: a generation of each
+        hung, and no check has generated since.
     """
 
     upstream: Upstream
@@ -121,6 +130,7 @@ class Backend:
     resident: dict[ModelName, Residency] = field(default_factory=dict)
     running: Counter[ModelName | None] = field(default_factory=Counter)
     errors: deque[RecentError] = field(default_factory=lambda: deque(maxlen=_RECENT_ERRORS))
+    hung: set[ModelName] = field(default_factory=set)
     #: The backend's base URL, as logs and metrics name it.
     name: str = field(init=False)
 
@@ -147,6 +157,13 @@ class Backend:
                 self.errors.append(kept)
                 return
         self.errors.append(RecentError(reason, now, now))
+
+    def serves(self, model: ModelName | None) -> bool:
+        """
+        Whether the backend gets requests for C{model} (L{None}: naming
+        none): it is healthy, and the model's generations do not hang on it.
+        """
+        return self.healthy and (model is None or model not in self.hung)
 
     def has(self, model: ModelName) -> bool:
         """
@@ -184,6 +201,10 @@ def residencies(body: bytes) -> dict[ModelName, Residency]:
             if isinstance(entry, dict)}
 
 
+#: A backend and a model whose generations hung on it.
+_Hung = tuple[Backend, ModelName]
+
+
 class BackendPool(Service):
     """
     Keeps every backend's health and models current.
@@ -210,9 +231,9 @@ class BackendPool(Service):
         self._read_ps: set[Backend] = set()
         self._refresh = refresh
         self._max_backoff = max_backoff
-        self._timers: dict[Backend, IDelayedCall] = {}
-        self._backoff: dict[Backend, float] = {}
-        self._probing: dict[Backend, Deferred[None]] = {}
+        self._timers: dict[Backend | _Hung, IDelayedCall] = {}
+        self._backoff: dict[Backend | _Hung, float] = {}
+        self._probing: dict[Backend | _Hung, Deferred[None]] = {}
 
     def startService(self) -> None:
         super().startService()
@@ -265,6 +286,66 @@ class BackendPool(Service):
         backend.note_error(reason, backend.upstream.clock.seconds())
         self._set_health(backend, False, reason)
         self._schedule(backend)
+
+    def hung(self, backend: Backend, model: ModelName, reason: str) -> None:
+        """
+        A generation of C{model} sent no response head in time: C{backend}
+        gets no more requests for it until a one-token generation answers
+        (checked after 1, 2, 4 ... seconds).  Its listings may well go on
+        answering, and keep it in rotation for its other models.
+        """
+        backend.note_error(reason, backend.upstream.clock.seconds())
+        if model in backend.hung:
+            return
+        backend.hung.add(model)
+        log.warn("Backend {backend} is out for model {model}: {reason}",
+                 backend=backend.name, model=model.canonical, reason=reason)
+        self._schedule_check((backend, model))
+
+    def _schedule_check(self, hung: _Hung) -> None:
+        if self.running:
+            self._timers[hung] = hung[0].upstream.clock.callLater(
+                self._next_backoff(hung), self._check, hung)
+
+    def _check(self, hung: _Hung) -> None:
+        check = Deferred.fromCoroutine(self._generate(*hung))
+        self._probing[hung] = check
+
+        def done(_: object) -> None:
+            self._probing.pop(hung, None)
+            if hung[1] in hung[0].hung:
+                self._schedule_check(hung)
+
+        check.addBoth(done)
+
+    async def _generate(self, backend: Backend, model: ModelName) -> None:
+        """
+        Ask C{backend} for one token of C{model}, with no C{keep_alive}, so
+        the model's residency is left as it was.  The prompt is not empty:
+        an empty one only loads the model (Ollama answers C{"done_reason":
+        "load"}) and a loaded model's hung runner would pass.
+        """
+        body = json.dumps({"model": model.canonical, "prompt": "Hi", "stream": False,
+                           "options": {"num_predict": 1}}).encode()
+        headers = own_request_headers(backend.upstream)
+        headers.setRawHeaders(b"content-type", [b"application/json"])
+        try:
+            response = await backend.upstream.request(b"POST", b"/api/generate", headers,
+                                                      BytesProducer(body))
+            await whole_body(response)
+            if response.code != 200:
+                raise ValueError(f"/api/generate answered {response.code}")
+        except CancelledError:
+            return
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            backend.note_error(reason, backend.upstream.clock.seconds())
+            return
+        backend.hung.discard(model)
+        self._backoff.pop((backend, model), None)
+        log.info("Backend {backend} generates model {model} again",
+                 backend=backend.name, model=model.canonical)
+        self.on_change()
 
     async def _probe(self, backend: Backend) -> None:
         try:
@@ -324,12 +405,16 @@ class BackendPool(Service):
         timer = self._timers.get(backend)
         if timer is not None and timer.active():
             timer.cancel()
-        if backend.healthy:
-            delay = self._refresh
-        else:
-            delay = self._backoff.get(backend, 0.5) * 2
-            self._backoff[backend] = min(delay, self._max_backoff)
-            delay = self._backoff[backend]
+        delay = self._refresh if backend.healthy else self._next_backoff(backend)
         clock = backend.upstream.clock
         self._timers[backend] = clock.callLater(delay, self.refresh, backend)
 
+
+    def _next_backoff(self, key: Backend | _Hung) -> float:
+        """
+        The wait before probing C{key} again: 1 s, then twice the last, at
+        most C{max_backoff}, until a probe succeeds (which forgets it).
+        """
+        delay = min(self._backoff.get(key, 0.5) * 2, self._max_backoff)
+        self._backoff[key] = delay
+        return delay

@@ -5,8 +5,9 @@ Giving a request a backend: the one small question the app asks.
 C{router.acquire(model, key)} fires with a L{Lease} on a backend once one
 may run the request; C{lease.release()} gives the slot back when the request
 has ended.  A request naming model M goes only to a healthy backend that has
-M; among those, to one that has M in memory (no load time), then to the one
-with the fewest requests in flight.  When every such backend already runs
+M and is not out for M (its generations of M hung: L{Backend.hung}); among
+those, to one that has M in memory (no load time), then to the one with the
+fewest requests in flight.  When every such backend already runs
 C{parallel} requests for M, the request waits in the fair queue
 (L{ollamaproxy.backends.queue}).  A request naming no model goes to the
 healthy backend with the fewest requests in flight, at once.
@@ -215,7 +216,7 @@ class Router:
         """
         contexts = {
             r.context_length for b in self.backends
-            if (b.healthy or not self.several) and (r := b.resident.get(model)) is not None
+            if (not self.several or b.serves(model)) and (r := b.resident.get(model)) is not None
         }
         if len(contexts) != 1:
             return None
@@ -310,7 +311,7 @@ class Router:
             assert model is not None
             raise ProxyError(404, f"model '{model.canonical}' not found on any backend",
                              outcome="rejected")
-        if not any(b.healthy and b not in excluded for b in having):
+        if not any(b.serves(model) and b not in excluded for b in having):
             what = "any model" if model is None else f"model '{model.canonical}'"
             raise busy(f"no healthy backend has {what}", 1)
 
@@ -332,7 +333,8 @@ class Router:
         named = named or model
         free = [
             b for b in self.backends
-            if (b.healthy or not self.several) and b not in excluded and free_for(b, model)
+            if (not self.several or b.serves(named)) and b not in excluded
+            and free_for(b, model)
             and (named is None or self._has(b, named))
         ]
         if not free:

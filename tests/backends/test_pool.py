@@ -212,3 +212,51 @@ def test_a_model_that_appears_is_a_load_seen() -> None:
     t.switch.agent.flush()
     assert len(loads) == 1
     pool.stopService()
+
+
+def test_a_hung_generation_takes_the_backend_out_for_that_model_only() -> None:
+    """
+    A generation of one model that hung takes the backend out for that
+    model only, with one log line: its listings, answering, keep it in for
+    its other models and do not bring it back.  A one-token generation of
+    the model, with no C{keep_alive}, is tried after 1 s, then 2 s after
+    one that timed out; the one that answers brings it back, with one log
+    line, and the waiting requests are told.
+    """
+    t = Setup()
+    clock, switch, backend, pool, fake = t.clock, t.switch, t.backend, t.pool, t.fake
+    slow, llama = resolve("slowhead"), resolve("llama3.2")
+    fake.models.append("slowhead:latest")
+    pool.startService()
+    switch.agent.flush()
+    with capturedLogs() as events:
+        pool.hung(backend, slow, "no response head")
+        assert backend.healthy and backend.serves(llama) and not backend.serves(slow)
+        clock.advance(1)
+        switch.agent.flush()
+        [check] = [c for c in fake.checks if c.uri == b"/api/generate"]
+        assert check.method == b"POST"
+        assert check.json() == {"model": "slowhead:latest", "prompt": "Hi", "stream": False,
+                                "options": {"num_predict": 1}}
+        clock.advance(5)  # the check times out; the listings answer
+        switch.agent.flush()
+        assert backend.healthy and not backend.serves(slow)
+        assert "TimeoutError" in backend.errors[-1].reason
+        clock.advance(1)
+        switch.agent.flush()
+        assert len([c for c in fake.checks if c.uri == b"/api/generate"]) == 1
+        clock.advance(1)
+        switch.agent.flush()
+        assert len([c for c in fake.checks if c.uri == b"/api/generate"]) == 2
+        changes = len(t.changes)
+        fake.held[-1].release()
+        for _ in range(3):
+            clock.advance(0)
+            switch.agent.flush()
+    assert backend.serves(slow)
+    assert len(t.changes) == changes + 1
+    lines = [e["log_format"] for e in events if "Backend" in e.get("log_format", "")]
+    assert lines == ["Backend {backend} is out for model {model}: {reason}",
+                     "Backend {backend} generates model {model} again"]
+    pool.stopService()
+    assert clock.getDelayedCalls() == []

@@ -18,6 +18,7 @@ from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.exchange import Meter, StreamSummary
 from ollamaproxy.model_names import resolve
+from tests.fakes.chain import HEADER_TIMEOUT, Chain, chat
 
 LLAMA, MISTRAL, QWEN = resolve("llama3.2"), resolve("mistral"), resolve("qwen3")
 
@@ -528,3 +529,35 @@ def test_the_loaded_context_is_the_one_the_loaded_backends_agree_on() -> None:
     assert r.loaded_context(model) is None
     b.healthy = False
     assert r.loaded_context(model) == 8192
+
+
+def test_a_backend_out_for_a_model_gets_none_of_its_requests() -> None:
+    """
+    Through the proxy: a backend whose generation of a model hung is
+    skipped for that model, though its listings keep answering (the pool
+    runs), and still gets other models' requests; once its check
+    generates, it gets the model's requests again.
+    """
+    chain = Chain(backends=[["slowhead:latest", "llama3.2:latest"]] * 2)
+    chain.pool.startService()
+    chain.flush()
+    hung = chain.request("POST", "/api/chat", data=chat("slowhead"))
+    assert len(chain.fakes[0].received) == 1
+    chain.clock.advance(HEADER_TIMEOUT)
+    chain.flush()
+    assert chain.result(hung).code == 504
+    chain.clock.advance(10)  # the listings answer: backend 0 stays healthy
+    chain.flush()
+    chain.request("POST", "/api/chat", data=chat("slowhead"))
+    chain.request("POST", "/api/chat", data=chat("slowhead"))
+    assert [r.uri for r in chain.fakes[0].received] == [b"/api/chat"]
+    assert len(chain.fakes[1].received) == 2
+    chain.request("POST", "/api/chat", data=chat("llama3.2"))
+    assert len(chain.fakes[0].received) == 2
+    assert [c.uri for c in chain.fakes[0].checks].count(b"/api/generate") == 1
+    chain.fakes[0].held[-1].release()
+    chain.flush()
+    assert chain.backends[0].serves(resolve("slowhead"))
+    chain.request("POST", "/api/chat", data=chat("slowhead"))
+    assert len(chain.fakes[0].received) == 3
+    chain.pool.stopService()

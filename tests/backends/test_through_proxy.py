@@ -16,6 +16,7 @@ from ollamaproxy.admission.caps import Caps
 from ollamaproxy.admission.estimate import DEFAULT_OUTPUT_TOKENS
 from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.admission.policy import MAX_CHECKED_BODY
+from ollamaproxy.model_names import resolve
 from tests.fakes.agents import Refusing
 from tests.fakes.backends import HI, OTHER, USER, two_backends
 from tests.fakes.chain import HEADER_TIMEOUT, Chain, chat
@@ -85,8 +86,9 @@ def test_a_backend_that_sends_no_head_in_time_is_marked_and_skipped(
     """
     A backend that takes a request but sends no response head within
     --header-timeout: the client gets the 504 (the request is not sent
-    again), the backend is marked unhealthy, and the next request for a
-    model both backends have goes to the other one.
+    again), the backend is out of rotation for that model (healthy for
+    others), and the next request for a model both backends have goes to
+    the other one.
     """
     chain = Chain(backends=[["slowhead:latest"], ["slowhead:latest"]])
     chain.pool.refresh_all()
@@ -98,7 +100,8 @@ def test_a_backend_that_sends_no_head_in_time_is_marked_and_skipped(
     response = chain.result(d)
     assert response.code == 504
     chain.body(response)
-    assert not chain.backends[0].healthy
+    assert chain.backends[0].healthy
+    assert not chain.backends[0].serves(resolve("slowhead"))
     assert chain.fakes[1].received == []
     assert access_events[-1]["outcome"] == "timeout"
     chain.request("POST", "/api/chat", data=chat("slowhead"))

@@ -49,6 +49,12 @@ from ollamaproxy.model_names import ModelName
 from ollamaproxy.routes import Placement, RouteSpec
 
 _EVERY = (Placement.EVERY, Placement.EVERY_HAVING)
+#: The routes that generate text: a model's generation that timed out is
+#: checked by generating one token of it
+#: (L{ollamaproxy.backends.pool.BackendPool.hung}), which an embedding or
+#: image model cannot; their timeouts mark the backend failed.
+_GENERATING = frozenset({"/api/generate", "/api/chat", "/v1/chat/completions",
+                         "/v1/completions", "/v1/responses", "/v1/messages"})
 
 
 @dataclass(frozen=True)
@@ -193,7 +199,8 @@ class Dispatcher:
                 unreachable = e
                 continue
             except NoResponseHead as e:
-                if e.code == 504 and job.model is not None:
+                if e.code == 504 and job.model is not None and route is not None \
+                        and route.pattern in _GENERATING:
                     # Timed out: its listings may answer while this model's
                     # runs hang, so only a run of the model brings it back.
                     self._pool.hung(backend, job.model, e.message)

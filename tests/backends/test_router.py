@@ -10,7 +10,8 @@ from typing import Any, cast
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.web.iweb import IAgent
+from twisted.web.iweb import IAgent, IResponse
+from zope.interface import implementer
 
 from ollamaproxy.backends.pool import Backend, BackendPool, Residency
 from ollamaproxy.backends.router import UNREAD_MODEL, Lease, Router
@@ -561,3 +562,30 @@ def test_a_backend_out_for_a_model_gets_none_of_its_requests() -> None:
     chain.request("POST", "/api/chat", data=chat("slowhead"))
     assert len(chain.fakes[0].received) == 3
     chain.pool.stopService()
+
+
+@implementer(IAgent)
+class Silent:
+    """
+    An agent to a backend that takes every request and never answers.
+    """
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None,
+                bodyProducer: Any = None) -> Deferred[IResponse]:
+        return Deferred()
+
+
+def test_an_embedding_that_times_out_marks_the_backend_failed() -> None:
+    """
+    Only a generation that timed out takes a backend out for its model: a
+    one-token generation cannot check an embedding model, so an embedding
+    that times out marks the backend failed, for its listing probe to
+    bring back.
+    """
+    chain = Chain(backends=[["llama3.2:latest"]] * 2, agent=Silent())
+    d = chain.request("POST", "/api/embed", data=b'{"model": "llama3.2", "input": "hi"}')
+    chain.clock.advance(HEADER_TIMEOUT)
+    chain.flush()
+    assert chain.result(d).code == 504
+    assert not chain.backends[0].healthy
+    assert chain.backends[0].hung == set()

@@ -201,6 +201,13 @@ def residencies(body: bytes) -> dict[ModelName, Residency]:
             if isinstance(entry, dict)}
 
 
+def _reason(e: Exception) -> str:
+    """
+    An error as a backend's recent errors and the log name it.
+    """
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
 #: A backend and a model whose generations hung on it.
 _Hung = tuple[Backend, ModelName]
 
@@ -338,7 +345,7 @@ class BackendPool(Service):
         except CancelledError:
             return
         except Exception as e:
-            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            reason = _reason(e)
             backend.note_error(reason, backend.upstream.clock.seconds())
             return
         backend.hung.discard(model)
@@ -353,7 +360,7 @@ class BackendPool(Service):
         except CancelledError:
             return
         except Exception as e:
-            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            reason = _reason(e)
             backend.note_error(reason, backend.upstream.clock.seconds())
             self._set_health(backend, False, reason)
             return

@@ -90,6 +90,10 @@ class RouteSpec:
     @ivar placement: Which backend a request goes to, with several.
     @ivar changes_models: Whether a request changes a backend's models, so
         that the proxy asks it again for them once the request has ended.
+    @ivar generates: Whether a request generates text: a backend that does
+        not answer one in time is checked with a one-token generation of
+        its model (L{ollamaproxy.backends.pool.BackendPool.hung}), which
+        an embedding or image model cannot take.
     """
 
     pattern: str
@@ -101,6 +105,7 @@ class RouteSpec:
     runs: bool = False
     placement: Placement = Placement.MODEL
     changes_models: bool = False
+    generates: bool = False
 
     @property
     def prefix(self) -> bytes | None:
@@ -115,9 +120,9 @@ class RouteSpec:
 def _route(pattern: str, methods: str, scope: Scope, model_in: ModelIn = ModelIn.NOWHERE,
            *, fields: tuple[str, ...] = ("model", "name"), listing: str | None = None,
            runs: bool = False, placement: Placement = Placement.MODEL,
-           changes_models: bool = False) -> RouteSpec:
+           changes_models: bool = False, generates: bool = False) -> RouteSpec:
     return RouteSpec(pattern, frozenset(m.encode("ascii") for m in methods.split()), scope,
-                     model_in, fields, listing, runs, placement, changes_models)
+                     model_in, fields, listing, runs, placement, changes_models, generates)
 
 
 OPEN, INFERENCE, ADMIN = Scope.OPEN, Scope.INFERENCE, Scope.ADMIN
@@ -133,8 +138,8 @@ OLLAMA_ROUTES = (
     _route("/api/tags", "GET HEAD", INFERENCE, listing="models"),
     _route("/api/ps", "GET", INFERENCE, listing="models"),
     _route("/api/show", "POST", INFERENCE, JSON),
-    _route("/api/generate", "POST", INFERENCE, JSON, runs=True),
-    _route("/api/chat", "POST", INFERENCE, JSON, runs=True),
+    _route("/api/generate", "POST", INFERENCE, JSON, runs=True, generates=True),
+    _route("/api/chat", "POST", INFERENCE, JSON, runs=True, generates=True),
     _route("/api/embed", "POST", INFERENCE, JSON, runs=True),
     _route("/api/embeddings", "POST", INFERENCE, JSON, runs=True),
     _route("/api/pull", "POST", ADMIN, JSON, placement=EVERY, changes_models=True),
@@ -151,11 +156,11 @@ OLLAMA_ROUTES = (
     _route("/api/experimental/web_search", "POST", ADMIN),
     _route("/api/experimental/web_fetch", "POST", ADMIN),
     _route("/api/experimental/model-recommendations", "GET", ADMIN),
-    _route("/v1/chat/completions", "POST", INFERENCE, JSON, runs=True),
-    _route("/v1/completions", "POST", INFERENCE, JSON, runs=True),
+    _route("/v1/chat/completions", "POST", INFERENCE, JSON, runs=True, generates=True),
+    _route("/v1/completions", "POST", INFERENCE, JSON, runs=True, generates=True),
     _route("/v1/embeddings", "POST", INFERENCE, JSON, runs=True),
-    _route("/v1/responses", "POST", INFERENCE, JSON, runs=True),
-    _route("/v1/messages", "POST", INFERENCE, JSON, runs=True),
+    _route("/v1/responses", "POST", INFERENCE, JSON, runs=True, generates=True),
+    _route("/v1/messages", "POST", INFERENCE, JSON, runs=True, generates=True),
     _route("/v1/messages/count_tokens", "POST", INFERENCE, JSON),
     _route("/v1/images/generations", "POST", INFERENCE, JSON, runs=True),
     _route("/v1/images/edits", "POST", INFERENCE, FORM, fields=("model",), runs=True),

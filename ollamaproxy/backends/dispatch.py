@@ -49,12 +49,6 @@ from ollamaproxy.model_names import ModelName
 from ollamaproxy.routes import Placement, RouteSpec
 
 _EVERY = (Placement.EVERY, Placement.EVERY_HAVING)
-#: The routes that generate text: a model's generation that timed out is
-#: checked by generating one token of it
-#: (L{ollamaproxy.backends.pool.BackendPool.hung}), which an embedding or
-#: image model cannot; their timeouts mark the backend failed.
-_GENERATING = frozenset({"/api/generate", "/api/chat", "/v1/chat/completions",
-                         "/v1/completions", "/v1/responses", "/v1/messages"})
 
 
 @dataclass(frozen=True)
@@ -200,7 +194,7 @@ class Dispatcher:
                 continue
             except NoResponseHead as e:
                 if e.code == 504 and job.model is not None and route is not None \
-                        and route.pattern in _GENERATING:
+                        and route.generates:
                     # Timed out: its listings may answer while this model's
                     # runs hang, so only a run of the model brings it back.
                     self._pool.hung(backend, job.model, e.message)

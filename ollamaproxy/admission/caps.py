@@ -154,10 +154,7 @@ def clamp(body: bytes, caps: Caps) -> tuple[bytes, list[str]]:
         # one: an escape, or a Kelvin sign for the k (a long s can spell
         # only options, which needs a num_ctx to matter).
         return body, []
-    text = body.decode("utf-8")
-    members = _members(text, _skip(text, 0))
-    if _skip(text, members.end) != len(text):
-        raise ValueError("request body is not a single JSON object")
+    text, members = _object(body)
     edits: list[tuple[int, int, str]] = []
     changes: list[str] = []
     ctx_changes: list[str] = []
@@ -227,10 +224,7 @@ def keep_loaded_context(body: bytes, loaded: int) -> tuple[bytes, list[str]]:
         comma = b"" if body[at + 1:].lstrip(b" \t\n\r")[:1] == b"}" else b","
         added = b'"options":{"num_ctx":%d}' % loaded
         return body[:at + 1] + added + comma + body[at + 1:], [_set(loaded)]
-    text = body.decode("utf-8")
-    members = _members(text, _skip(text, 0))
-    if _skip(text, members.end) != len(text):
-        raise ValueError("request body is not a single JSON object")
+    text, members = _object(body)
     edits: list[tuple[int, int, str]] = []
     changes: list[str] = []
     named = False
@@ -295,6 +289,19 @@ class _Members:
 
     pairs: list[tuple[str, object, int, int]]
     end: int
+
+
+def _object(body: bytes) -> tuple[str, _Members]:
+    """
+    A body that is one JSON object, as text, and its members.
+
+    @raise ValueError: If it is not one JSON object.
+    """
+    text = body.decode("utf-8")
+    members = _members(text, _skip(text, 0))
+    if _skip(text, members.end) != len(text):
+        raise ValueError("request body is not a single JSON object")
+    return text, members
 
 
 def _members(text: str, at: int) -> _Members:

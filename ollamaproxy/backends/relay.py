@@ -401,6 +401,11 @@ class _BodyAnswer(Protocol):
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._previous = self._last = b""
+        # The lines last written whole from pieces joined (a line that
+        # spanned them), until a line is written as it came: the final
+        # object of a stream whose last line spanned more than two pieces
+        # (C{/api/generate}'s C{context} after a long prompt).
+        self._joined = b""
         # Of a body that is no stream: its start and a bounded tail, for
         # the final object however many pieces it spans.
         self._head = b""
@@ -450,9 +455,12 @@ class _BodyAnswer(Protocol):
     def summary(self) -> StreamSummary | None:
         """
         What the body that has ended says it used (L{summarise}): read from
-        the last two pieces of a stream, which hold its final object, or
-        from what was kept of any other body.
+        an NDJSON stream's last line joined from its pieces, if it spanned
+        them, else from the last two pieces of a stream, which hold its
+        final object, or from what was kept of any other body.
         """
+        if self._joined:
+            return summarise(self._joined, self._openai, self.meter.output)
         if self._lines or self._sse:
             return summarise(self._previous + self._last, self._openai, self.meter.output)
         head = self._head if self._dropped else b""
@@ -471,13 +479,15 @@ class _BodyAnswer(Protocol):
             self._pending.append(head)
             self._flush_pending()
         else:
+            self._joined = b""
             self._request.write(head)
         if end < len(data):
             self._pending.append(data[end:])
             self._pending_size = len(data) - end
 
     def _flush_pending(self) -> None:
-        self._request.write(b"".join(self._pending))
+        self._joined = b"".join(self._pending)
+        self._request.write(self._joined)
         self._pending = []
         self._pending_size = 0
 

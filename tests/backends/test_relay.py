@@ -453,3 +453,20 @@ def test_long_answer_is_summarised_from_many_pieces_in_bounded_memory() -> None:
                       b'"eval_count":1000,"eval_duration":1000000000}')
     assert body.summary() == StreamSummary(
         "llama3.2", "stop", prompt_tokens=26, completion_tokens=1000, tokens_per_second=1000.0)
+
+
+def test_a_streamed_final_line_in_many_pieces_is_summarised() -> None:
+    """
+    A stream whose final line spans more than two pieces (C{/api/generate}'s
+    C{context} after a long prompt) is summarised from that whole line:
+    Ollama's own counts, not an estimate.
+    """
+    body = _relay(b"application/x-ndjson", Meter())
+    body.dataReceived(b'{"model":"llama3.2","response":"hi","done":false}\n')
+    body.dataReceived(b'{"model":"llama3.2","response":"","done":true,"done_reason":"stop",'
+                      b'"context":[')
+    for _ in range(20):
+        body.dataReceived(b"1234," * 1000)
+    body.dataReceived(b'1],"prompt_eval_count":26,"eval_count":2,"eval_duration":1000000000}\n')
+    assert body.summary() == StreamSummary(
+        "llama3.2", "stop", prompt_tokens=26, completion_tokens=2, tokens_per_second=2.0)

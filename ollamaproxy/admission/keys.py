@@ -15,7 +15,7 @@ The keys file is JSON (only C{name} and C{hash} are required)::
                "scopes": ["inference"], "models": ["llama3*"],
                "rpm": 60, "max_streams": 2,
                "tokens_per_day": 200000, "tokens_per_month": 3000000,
-               "weight": 2}]}
+               "weight": 2, "user_header": "X-OpenWebUI-User-Id"}]}
 
 and is always replaced atomically (write a temporary file, then rename).
 """
@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ollamaproxy.admission.caps import Caps, keep_alive_cap, show_duration
+from ollamaproxy.admission.users import check_user_header
 from ollamaproxy.record.redact import KEY_PREFIX
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -80,6 +81,10 @@ class ApiKey:
     @ivar weight: The key's share of turns in the fair queue for a busy
         model: a key of weight 3 is served three times for every once of
         a key of weight 1.
+    @ivar user_header: The header in which the key's front-end names the
+        user a request is for, whose share of the key's the fair queue
+        gives it (L{ollamaproxy.admission.users}), or L{None}: the key is
+        one user.
     """
 
     name: str
@@ -94,6 +99,7 @@ class ApiKey:
     tokens_per_day: int | None = None
     tokens_per_month: int | None = None
     weight: int = 1
+    user_header: str | None = None
 
     @property
     def admin(self) -> bool:
@@ -303,7 +309,20 @@ def _key_from_json(entry: Mapping[str, Any]) -> ApiKey:
         tokens_per_day=_limit(entry, "tokens_per_day"),
         tokens_per_month=_limit(entry, "tokens_per_month"),
         weight=_limit(entry, "weight") or 1,
+        user_header=_user_header(entry),
     )
+
+
+def _user_header(entry: Mapping[str, Any]) -> str | None:
+    value = entry.get("user_header")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"key {entry['name']!r}: user_header must be a string")
+    try:
+        return check_user_header(value)
+    except ValueError as e:
+        raise ValueError(f"key {entry['name']!r}: user_header {e}") from None
 
 
 def _keep_alive(entry: Mapping[str, Any]) -> float | None:
@@ -359,6 +378,8 @@ def key_to_json(key: ApiKey) -> dict[str, Any]:
         entry["tokens_per_month"] = key.tokens_per_month
     if key.weight != 1:
         entry["weight"] = key.weight
+    if key.user_header is not None:
+        entry["user_header"] = key.user_header
     return entry
 
 

@@ -16,7 +16,7 @@ shape stays as it is (fields may be added, never renamed or removed)::
 
     {"name": "bob", "scopes": ["inference"], "models": ["llama3*"],
      "rpm": 60, "max_streams": 2, "max_keep_alive": "10m",
-     "max_num_ctx": 8192, "weight": 1,
+     "max_num_ctx": 8192, "weight": 1, "user_header": null,
      "tokens_per_day": 200000, "tokens_per_month": null,
      "used_today": 1234, "used_this_month": 56789,
      "created": "2026-11-27T07:00:00Z", "expires": null, "expired": false,
@@ -53,6 +53,7 @@ from ollamaproxy.admission.keys import (
     generate_key,
 )
 from ollamaproxy.admission.quota_periods import window
+from ollamaproxy.admission.users import check_user_header
 from ollamaproxy.cli.common import (
     PROG,
     CommandFailed,
@@ -121,6 +122,16 @@ def _models_or_all(text: str) -> list[Any]:
 def _keep_alive(text: str) -> float:
     try:
         return keep_alive_cap(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _user_header(text: str) -> str:
+    """
+    Accept the name of a key's user header (L{check_user_header}).
+    """
+    try:
+        return check_user_header(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -216,6 +227,7 @@ def _row(view: dict[str, Any]) -> dict[str, str]:
         "WEIGHT": str(view["weight"]),
         "TOKENS TODAY": _of(view["used_today"], view["tokens_per_day"]),
         "TOKENS THIS MONTH": _of(view["used_this_month"], view["tokens_per_month"]),
+        "USER HEADER": _unset(view["user_header"]),
         "CREATED": _unset(view["created"]),
         "EXPIRES": expires,
     }
@@ -237,6 +249,7 @@ def _summary(key: ApiKey) -> str:
         + (f"tokens per month {key.tokens_per_month}; "
            if key.tokens_per_month is not None else "")
         + (f"weight {key.weight}; " if key.weight != 1 else "")
+        + (f"user header {key.user_header}; " if key.user_header is not None else "")
         + f"expires {'never' if key.expires is None else show_time(key.expires)}"
     )
 
@@ -357,6 +370,12 @@ def _key_options(parser: argparse.ArgumentParser, update: bool) -> None:
                         help="share of turns when requests wait for a busy model: weight 3 "
                         "is served three times for every once of weight 1 "
                         f"(default: {unset or 1})")
+    parser.add_argument("--user-header", metavar="HEADER", type=limit(_user_header, ""),
+                        help="the header in which the key's front-end names the user a "
+                        "request is for, e.g. X-OpenWebUI-User-Id: the key's share of the "
+                        "fair queue is divided among its users "
+                        + ("('' for none; default: unchanged)" if update
+                           else "(default: none, the key is one user)"))
 
 
 def _storage(args: argparse.Namespace, environ: Mapping[str, str]) -> KeyStorage:
@@ -414,6 +433,7 @@ def _add(args: argparse.Namespace, storage: KeyStorage, out: TextIO, now: dateti
         tokens_per_day=args.tokens_per_day,
         tokens_per_month=args.tokens_per_month,
         weight=args.weight or 1,
+        user_header=args.user_header,
     )
 
     def add(keys: list[ApiKey]) -> list[ApiKey]:
@@ -540,7 +560,8 @@ def _changed(key: ApiKey, args: argparse.Namespace, now: datetime) -> ApiKey:
         return None if value is CLEAR else value
 
     settings = ("admin", "cloud", "models", "rpm", "max_streams", "max_keep_alive",
-                "max_num_ctx", "expires", "tokens_per_day", "tokens_per_month", "weight")
+                "max_num_ctx", "expires", "tokens_per_day", "tokens_per_month", "weight",
+                "user_header")
     if all(getattr(args, setting) is None for setting in settings):
         raise UsageError(
             f"keys update: give a setting to change (see '{PROG} keys update --help')"
@@ -567,5 +588,6 @@ def _changed(key: ApiKey, args: argparse.Namespace, now: datetime) -> ApiKey:
         tokens_per_day=given(args.tokens_per_day, key.tokens_per_day),
         tokens_per_month=given(args.tokens_per_month, key.tokens_per_month),
         weight=given(args.weight, key.weight) or 1,
+        user_header=given(args.user_header, key.user_header),
     )
 

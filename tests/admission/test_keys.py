@@ -276,6 +276,11 @@ def test_invalid_file(tmp_path: Path, document: object) -> None:
         ({"keys": ["alice"]}, "key number 1 is not an object"),
         ({"keys": [{"name": "alice"}]}, "key 'alice' has no \"hash\""),
         ({"keys": [{"hash": "sha256:" + "0" * 64}]}, "key number 1 has no \"name\""),
+        ({"keys": [{"name": "a", "hash": "sha256:" + "0" * 64, "user_header": 5}]},
+         "key 'a': user_header must be a string"),
+        ({"keys": [{"name": "a", "hash": "sha256:" + "0" * 64, "user_header": "X-API-Key"}]},
+         "key 'a': user_header 'X-API-Key' carries credentials or describes the "
+         "connection, not a user"),
     ],
 )
 def test_invalid_file_says_what_is_wrong(tmp_path: Path, document: object, reason: str) -> None:
@@ -347,7 +352,10 @@ def test_failed_first_write_leaves_nothing(
 
 
 def test_full_key_round_trips(tmp_path: Path) -> None:
-    """Every field of a key (expiry, scopes, models, limits, quotas, weight) survives the file."""
+    """
+    Every field of a key (expiry, scopes, models, limits, quotas, weight,
+    user header) survives the file.
+    """
     path = str(tmp_path / "keys.json")
     key = ApiKey(
         "alice", digest(generate_key()), WHEN,
@@ -359,6 +367,7 @@ def test_full_key_round_trips(tmp_path: Path) -> None:
         tokens_per_day=200_000,
         tokens_per_month=3_000_000,
         weight=3,
+        user_header="X-OpenWebUI-User-Id",
     )
     write_keys_file(path, [key])
     assert load_keys_file(path) == [key]

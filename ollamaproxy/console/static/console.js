@@ -539,6 +539,7 @@
       if (k.max_keep_alive !== null) limits.push("keep_alive ≤ " + k.max_keep_alive);
       if (k.max_num_ctx !== null) limits.push("num_ctx ≤ " + k.max_num_ctx);
       if (k.weight !== 1) limits.push("weight " + k.weight);
+      if (k.user_header !== null) limits.push("users by " + k.user_header);
       const quota = [];
       if (k.tokens_per_day !== null) quota.push(`${fmt(k.used_today)} / ${fmt(k.tokens_per_day)} a day`);
       if (k.tokens_per_month !== null) quota.push(`${fmt(k.used_this_month)} / ${fmt(k.tokens_per_month)} a month`);

@@ -38,6 +38,11 @@ Outcome = Literal[
 ]
 OUTCOMES: frozenset[str] = frozenset(get_args(Outcome))
 
+#: The user of a request of a key that names its users
+#: (L{ollamaproxy.admission.users}) when the request names none: the key's
+#: anonymous user.
+ANONYMOUS = ""
+
 #: The methods of HTTP that clients send; any other is a token of the
 #: client's choosing (a key, even), shown only redacted.
 HTTP_METHODS: frozenset[str] = frozenset(
@@ -177,6 +182,9 @@ class Exchange:
     @ivar model: The model the request names, once read (for the
         console's view of requests in flight).
     @ivar outcome: How it ended (L{Outcome}).
+    @ivar user: Who it was for behind its key, for a key that names its
+        users (L{ANONYMOUS} if it named none); L{None} for a key that
+        does not.
     """
 
     method: str
@@ -189,6 +197,7 @@ class Exchange:
     notes: str = ""
     model: ModelName | None = None
     key: str = "-"
+    user: str | None = None
     status: int | None = None
     first_byte: float | None = None
     outcome: Outcome = "completed"

@@ -34,6 +34,7 @@ from twisted.web.http_headers import Headers
 
 from ollamaproxy.backends.headers import NEVER_UPSTREAM
 from ollamaproxy.errors import ProxyError
+from ollamaproxy.exchange import ANONYMOUS
 
 #: The longest user a request may name.
 MAX_USER_LENGTH: Final = 128
@@ -42,9 +43,6 @@ _USER: Final = re.compile(rf"[A-Za-z0-9._@+:-]{{1,{MAX_USER_LENGTH}}}")
 
 # A field name is a token (RFC 9110 section 5.1, 5.6.2).
 _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
-
-#: The user of a request of a key with a user header that sent none.
-ANONYMOUS: Final = ""
 
 
 def check_user_header(name: str) -> str:

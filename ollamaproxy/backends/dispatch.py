@@ -61,6 +61,8 @@ class Job:
     @ivar key: The name of the key it came with (its turn in the fair
         queue), C{-} for none.
     @ivar weight: The key's share of turns in the fair queue.
+    @ivar user: Who it is for behind its key, whose share of the key's
+        it has in the fair queue; L{None} for a key that names no users.
     @ivar model: The model it runs or names, for the router.
     @ivar rewrite: How to rewrite a successful answer, if it needs it.
     @ivar body: Its body, if it was read whole (as sent on).
@@ -77,6 +79,7 @@ class Job:
     rewrite: Callable[[bytes], bytes] | None = None
     body: bytes | None = None
     expected_output: int = 0
+    user: str | None = None
 
 
 @dataclass
@@ -165,6 +168,7 @@ class Dispatcher:
                     weight=job.weight,
                     meter=trip.meter,
                     expected_output=job.expected_output,
+                    user=job.user,
                 )
                 if acquiring.called:
                     # Most requests get their lease at once, for no call more.

@@ -133,6 +133,7 @@ class Lease:
     # Who the fair queue charged for the slot, how much, and the meter that
     # says, at release, what the request did cost (None: no true-up).
     _key: str = "-"
+    _user: str | None = None
     _weight: float = 1.0
     _charged: float = 0.0
     _meter: Meter | None = field(default=None, repr=False)
@@ -233,6 +234,7 @@ class Router:
         weight: int = 1,
         meter: Meter | None = None,
         expected_output: int = 0,
+        user: str | None = None,
     ) -> Deferred[Lease]:
         """
         A backend for a request of key C{key} naming C{model}.
@@ -250,6 +252,9 @@ class Router:
             and its reading replaces them when the slot is given back.
         @param expected_output: The tokens the request may generate, as its
             plan estimates them.
+        @param user: Who the request is for behind its key, whose share of
+            the key's it has (L{FairQueue}); L{None} for a key that names
+            no users.
         @return: Fires with a L{Lease} at once, or once the request's turn has
             come; cancelling it leaves the queue.
         @raise ProxyError: 404 if no backend has the model, 503 if none that
@@ -278,10 +283,10 @@ class Router:
         if not len(self.queue):
             lease = self._grant((model, now, excluded))
             if lease is not None:
-                self.queue.served(key, weight, cost)
-                return succeed(self._bill(lease, key, weight, cost, meter))
-        waiting = self.queue.wait(key, (model, now, excluded), weight, cost)
-        waiting.addCallback(self._bill, key, weight, cost, meter)
+                self.queue.served(key, weight, cost, user)
+                return succeed(self._bill(lease, key, weight, cost, meter, user))
+        waiting = self.queue.wait(key, (model, now, excluded), weight, cost, user)
+        waiting.addCallback(self._bill, key, weight, cost, meter, user)
         self._serve_queue()
         return waiting
 
@@ -295,12 +300,14 @@ class Router:
         return cost if cost > 1 else 1.0
 
     @staticmethod
-    def _bill(lease: Lease, key: str, weight: float, cost: float, meter: Meter | None) -> Lease:
+    def _bill(lease: Lease, key: str, weight: float, cost: float, meter: Meter | None,
+              user: str | None) -> Lease:
         """
-        Write on C{lease} what its slot was charged, for the true-up at
-        release.
+        Write on C{lease} what its slot was charged, and to whom, for the
+        true-up at release.
         """
         lease._key, lease._weight, lease._charged, lease._meter = key, weight, cost, meter
+        lease._user = user
         return lease
 
     def _check_available(self, model: ModelName | None, excluded: frozenset[Backend]) -> None:
@@ -359,7 +366,8 @@ class Router:
             reading = meter.reading()
             used = (0, 0) if reading is None else (reading.prompt_tokens,
                                                    reading.completion_tokens)
-            self.queue.charge(lease._key, lease._weight, self._cost(*used) - lease._charged)
+            self.queue.charge(lease._key, lease._weight, self._cost(*used) - lease._charged,
+                              lease._user)
         self._serve_queue(model)
 
     def _pace_of(self, wants: tuple[ModelName | None, float, frozenset[Backend]]) -> float | None:

@@ -384,17 +384,21 @@ class Backlog:
                              Clock(), max_queue=2000, queue_timeout=60, **options)
         self._granted: list[tuple[str, Lease, Meter, int, int]] = []
 
-    def add(self, key: str, prompt: int, output: int, count: int, weight: int = 1) -> None:
+    def add(self, key: str, prompt: int, output: int, count: int, weight: int = 1,
+            user: str | None = None) -> None:
         """
-        C{count} requests of C{key}, each of C{prompt} tokens that generates
-        C{output}, as its plan estimates them and as Ollama counts them.
+        C{count} requests of C{key} (for C{user} behind it, if given), each
+        of C{prompt} tokens that generates C{output}, as its plan estimates
+        them and as Ollama counts them.  They are served as C{key}, or
+        C{key/user}.
         """
+        label = key if user is None else f"{key}/{user}"
         for _ in range(count):
             meter = Meter()
             meter.expect(prompt, "llama3.2")
             acquiring = self.router.acquire(key, LLAMA, runs=True, weight=weight, meter=meter,
-                                            expected_output=output)
-            acquiring.addCallback(self._grant, key, meter, prompt, output)
+                                            expected_output=output, user=user)
+            acquiring.addCallback(self._grant, label, meter, prompt, output)
 
     def _grant(self, lease: Lease, key: str, meter: Meter, prompt: int, output: int) -> None:
         self._granted.append((key, lease, meter, prompt, output))
@@ -492,6 +496,25 @@ def test_an_idle_key_rejoins_at_the_present() -> None:
     assert abs(served.count("newcomer") - served.count("short")) <= 1
 
 
+def test_users_share_their_keys_tokens() -> None:
+    """
+    Two users behind one key, one generating 600 tokens a request and one
+    30, against another key generating 30, all backlogged: the two keys
+    get as many tokens as each other, and within the first key its two
+    users as many as each other, each within 10 %; the estimate charged
+    at the slot is trued up with what was used, per user too.
+    """
+    backlog = Backlog()
+    backlog.add("webui", 0, 600, 100, user="flood")
+    backlog.add("webui", 0, 30, 400, user="chat")
+    backlog.add("other", 0, 30, 800)
+    served = backlog.serve(840)
+    flood, chat = tokens(served, "webui/flood", 1200), tokens(served, "webui/chat", 60)
+    other = tokens(served, "other", 60)
+    assert abs((flood + chat) - other) <= 0.1 * other
+    assert abs(flood - chat) <= 0.1 * max(flood, chat)
+
+
 def test_a_cut_stream_costs_what_the_meter_counted() -> None:
     """
     A request is charged its estimate when it gets its slot (its prompt
@@ -507,6 +530,27 @@ def test_a_cut_stream_costs_what_the_meter_counted() -> None:
     meter.generating, meter.output = True, 7
     lease.release()
     assert r.queue.finish("k") == 20 + 2 * 7
+
+
+def test_a_users_turns_are_trued_up_with_what_it_used() -> None:
+    """
+    The estimate a user's request is charged at its slot is trued up, for
+    the user as for its key, with what the meter read when the slot is
+    given back; a key with no users has no user's turns to keep.
+    """
+    r = router(backend(Clock(), "a", ("llama3.2",), parallel=2))
+    meters = [Meter(), Meter()]
+    for meter in meters:
+        meter.expect(20, "llama3.2")
+    lease = now(r.acquire("webui", LLAMA, runs=True, meter=meters[0], expected_output=500,
+                          user="alice"))
+    other = now(r.acquire("plain", LLAMA, runs=True, meter=meters[1], expected_output=500))
+    assert r.queue.user_finish("webui", "alice") == 20 + 2 * 500
+    meters[0].generating, meters[0].output = True, 7
+    lease.release()
+    other.release()
+    assert r.queue.user_finish("webui", "alice") == r.queue.finish("webui") == 20 + 2 * 7
+    assert "plain" not in r.queue._users
 
 
 def test_the_loaded_context_is_the_one_the_loaded_backends_agree_on() -> None:

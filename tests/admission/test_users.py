@@ -8,13 +8,9 @@ from __future__ import annotations
 import pytest
 from twisted.web.http_headers import Headers
 
-from ollamaproxy.admission.users import (
-    ANONYMOUS,
-    MAX_USER_LENGTH,
-    check_user_header,
-    user_of,
-)
+from ollamaproxy.admission.users import MAX_USER_LENGTH, check_user_header, user_of
 from ollamaproxy.errors import ProxyError
+from ollamaproxy.exchange import ANONYMOUS
 
 HEADER = b"X-OpenWebUI-User-Id"
 

@@ -303,6 +303,7 @@ class Sampler(Service):
             samples = track.samples if track is not None else ()
             rows.append({
                 "key": exchange.key,
+                "user": exchange.user,
                 "model": exchange.model.canonical if exchange.model is not None else "",
                 "backend": _shown(backend, self._redact),
                 "route": exchange.route,

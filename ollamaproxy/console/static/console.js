@@ -375,7 +375,7 @@
     const now = serverNow();
     const rows = state.requests.map((r) => {
       const tr = row([
-        r.key, r.model || "–", r.route, r.client, r.backend || "–", age(now - r.started) + " ago",
+        r.user ? r.key + " / " + r.user : r.key, r.model || "–", r.route, r.client, r.backend || "–", age(now - r.started) + " ago",
         num(r.tokens), num(r.tokens_per_second),
       ]);
       const cell = el("td");

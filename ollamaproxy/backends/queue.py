@@ -53,8 +53,12 @@ The waiting room is shared fairly too.  When C{limit} requests wait, a
 newcomer whose key, counting the newcomer, would still hold fewer places
 than the key holding the most takes the place of that key's newest waiting
 request, which fails with the 503 instead (among keys holding as many, the
-one whose newest came last gives it up).  So nobody with nothing waiting is
-refused while another key holds more than one place, and places do not
+one whose newest came last gives it up).  The same holds among the users
+behind a key: a newcomer whose key holds the most takes the place of the
+newest request of its key's user holding the most, if its own user would
+still hold fewer; and the place a key gives up is its busiest user's.  So
+nobody with nothing waiting is refused while another key (or another user
+of its own key) holds more than one place, and places do not
 swap back and forth between two keys a place apart; when every key holds
 one, the newcomer is refused, as it would be with a single pool.  Places
 are counted per key, whatever the keys' weights: a weight shares turns,
@@ -72,7 +76,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Generic, TypeVar
@@ -138,6 +142,22 @@ class _Users:
 
     def charge(self, user: str, cost: float) -> None:
         self.finish[user] = self.finish.get(user, self.virtual) + cost
+
+
+def _newest(lines: Iterable[Iterable[deque[_Waiter[W, G]]]]) -> _Waiter[W, G]:
+    """
+    The request that came last of those in C{lines} (groups of lines).
+    """
+    return max((waiters[-1] for group in lines for waiters in group), key=_by_arrival)
+
+
+def _newest_of_most(users: dict[str | None, list[deque[_Waiter[W, G]]]]) -> _Waiter[W, G]:
+    """
+    The newest waiting request of the user holding the most places (among
+    users holding as many, the one whose newest came last).
+    """
+    most = max(sum(map(len, lines)) for lines in users.values())
+    return _newest(lines for lines in users.values() if sum(map(len, lines)) == most)
 
 
 def _same(wants: Hashable) -> Hashable:
@@ -231,7 +251,7 @@ class FairQueue(Generic[W, G]):
         """
         displaced = None
         if self._size >= self.limit:
-            displaced = self._displaced(key)
+            displaced = self._displaced(key, user)
             if displaced is None:
                 raise self._full(wants)
             self._remove(displaced)
@@ -257,27 +277,41 @@ class FairQueue(Generic[W, G]):
         return busy(f"too many requests waiting ({self.limit}); try again shortly",
                     self.retry_after(wants), "queue_full")
 
-    def _displaced(self, key: str) -> _Waiter[W, G] | None:
+    def _displaced(self, key: str, user: str | None) -> _Waiter[W, G] | None:
         """
-        The waiting request a newcomer of C{key} takes the place of in a
-        full queue, or L{None} if it takes none: the newest of the key
+        The waiting request a newcomer of C{key} (and C{user}) takes the
+        place of in a full queue, or L{None} if it takes none: of the key
         holding the most places, if C{key} would hold fewer with the
-        newcomer.  Asked only when the queue is full, so the count may cost
-        a pass over the keys.
+        newcomer, else of C{key} itself, if C{user} would hold fewer than
+        the key's user holding the most; in either key, the newest of its
+        user holding the most.  Asked only when the queue is full, so the
+        count may cost a pass over the keys.
         """
         if not self._keys:
             return None
         counts = self.waiting()
-
-        def newest(holder: str) -> _Waiter[W, G]:
-            return max((waiters[-1] for waiters in self._keys[holder].values()),
-                       key=_by_arrival)
-
         most = max(counts.values())
-        if counts.get(key, 0) + 1 >= most:
+        if counts.get(key, 0) + 1 < most:
+            holders = [self._by_user(holder) for holder, n in counts.items() if n == most]
+            # Among keys holding as many, the one whose newest came last.
+            return _newest_of_most(max(holders, key=lambda users: _newest(users.values()).number))
+        kinds = self._keys.get(key)
+        if user is None or kinds is None:
             return None
-        return max((newest(holder) for holder, n in counts.items() if n == most),
-                   key=_by_arrival)
+        users = self._by_user(key)
+        mine = sum(map(len, users.get(user, ())))
+        if mine + 1 >= max(sum(map(len, lines)) for lines in users.values()):
+            return None
+        return _newest_of_most(users)
+
+    def _by_user(self, key: str) -> dict[str | None, list[deque[_Waiter[W, G]]]]:
+        """
+        C{key}'s lines of waiting requests, by the user they are for.
+        """
+        users: dict[str | None, list[deque[_Waiter[W, G]]]] = {}
+        for waiters in self._keys[key].values():
+            users.setdefault(waiters[0].user, []).append(waiters)
+        return users
 
     def retry_after(self, wants: W) -> float:
         """

@@ -516,3 +516,48 @@ def test_a_users_request_leaves_when_cancelled_or_timed_out() -> None:
     assert len(queue) == 0 and queue.waiting() == {}
     error = failures[0].value
     assert isinstance(error, ProxyError) and error.code == 503
+
+
+def test_a_full_queue_is_shared_among_a_keys_users() -> None:
+    """
+    A full queue held by one user behind a key: another user of the same
+    key, with nothing waiting, takes the place of that user's newest
+    request, which gets the 503, and again while it holds fewer than the
+    other less one; then it is refused.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=4, timeout=60)
+    failures: dict[str, Failure] = {}
+
+    def note(failure: Failure, label: str) -> None:
+        failures[label] = failure
+
+    for label in ("flood-0", "flood-1", "flood-2", "flood-3"):
+        queue.wait("webui", "m", user="flood").addErrback(note, label)
+    queue.wait("webui", "m", user="chat")
+    assert list(failures) == ["flood-3"] and len(queue) == 4
+    error = failures["flood-3"].value
+    assert isinstance(error, ProxyError) and error.code == 503
+    assert queue.waiting() == {"webui": 4}
+    queue.wait("webui", "m", user="chat")
+    assert list(failures) == ["flood-3", "flood-2"]
+    with pytest.raises(ProxyError):
+        queue.wait("webui", "m", user="chat")
+
+
+def test_the_place_a_key_gives_up_is_its_busiest_users() -> None:
+    """
+    A newcomer of another key takes its place from the key holding the
+    most, and there from the user holding the most, not from the user
+    who came last with one request.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=4, timeout=60)
+    failed: list[str] = []
+
+    def note(failure: Failure, label: str) -> None:
+        failed.append(label)
+
+    for label in ("flood-0", "flood-1", "flood-2"):
+        queue.wait("webui", "m", user="flood").addErrback(note, label)
+    queue.wait("webui", "m", user="chat").addErrback(note, "chat")
+    queue.wait("other", "m")
+    assert failed == ["flood-2"]

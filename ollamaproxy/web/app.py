@@ -221,7 +221,7 @@ class OllamaProxy:
         release = await admission.reserve(plan.estimate.tokens)
         try:
             job = Job(target, route, key.name, key.weight, plan.model, plan.rewrite, plan.body,
-                      plan.estimate.output, user)
+                      plan.estimate.output, user=user)
             await self._dispatcher.dispatch(request, job, flight.trip)
         finally:
             release(meter.tokens)

@@ -67,6 +67,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.queue import FairQueue, busy
+from ollamaproxy.backends.shared import Ask, SharedQueue
 from ollamaproxy.config import (
     DEFAULT_FAIR_SHARE,
     DEFAULT_MAX_QUEUE,
@@ -136,6 +137,10 @@ class Lease:
     _weight: float = 1.0
     _charged: float = 0.0
     _meter: Meter | None = field(default=None, repr=False)
+    # The queue kept outside this process that gave the slot, and its name
+    # for it (None: this process's own).
+    _shared: SharedQueue | None = field(default=None, repr=False)
+    _ticket: str = ""
 
     def release(self) -> None:
         """
@@ -191,6 +196,9 @@ class Router:
         # One backend gets every request, healthy or not: Ollama (or the
         # 502 for it) answers, as without the proxy.
         self.several = len(pool.backends) > 1
+        #: The queue shared with other proxies that keeps named models'
+        #: slots, if there is one (L{ollamaproxy.backends.shared}).
+        self.shared: SharedQueue | None = None
 
     #: Whether there is more than one backend to choose from.
     several: bool
@@ -233,6 +241,7 @@ class Router:
         weight: int = 1,
         meter: Meter | None = None,
         expected_output: int = 0,
+        local: bool = False,
     ) -> Deferred[Lease]:
         """
         A backend for a request of key C{key} naming C{model}.
@@ -250,6 +259,8 @@ class Router:
             and its reading replaces them when the slot is given back.
         @param expected_output: The tokens the request may generate, as its
             plan estimates them.
+        @param local: Whether it waits in this process's queue even when
+            there is a shared one (L{shared}): the shared queue's fallback.
         @return: Fires with a L{Lease} at once, or once the request's turn has
             come; cancelling it leaves the queue.
         @raise ProxyError: 404 if no backend has the model, 503 if none that
@@ -275,6 +286,9 @@ class Router:
             cost = self._cost(meter.prompt_estimate, expected_output)
         else:
             cost, meter = 1.0, None
+        if self.shared is not None and not local and model is not None and model.canonical:
+            return self._take_shared(key, (model, now, excluded), weight, cost, meter,
+                                     expected_output)
         if not len(self.queue):
             lease = self._grant((model, now, excluded))
             if lease is not None:
@@ -284,6 +298,37 @@ class Router:
         waiting.addCallback(self._bill, key, weight, cost, meter)
         self._serve_queue()
         return waiting
+
+    def _take_shared(
+        self,
+        key: str,
+        wants: tuple[ModelName | None, float, frozenset[Backend]],
+        weight: int,
+        cost: float,
+        meter: Meter | None,
+        expected_output: int,
+    ) -> Deferred[Lease]:
+        """
+        A slot of a named model from the queue shared with other proxies,
+        which falls back to this process's own while it cannot be asked.
+        """
+        model, since, excluded = wants
+        assert self.shared is not None and model is not None
+        candidates = [
+            b for b in self.backends
+            if (not self.several or b.serves(model)) and b not in excluded
+            and self._has(b, model)
+        ]
+        candidates.sort(key=lambda b: (model not in b.loaded, b.in_flight))
+
+        def lease(backend: Backend) -> Lease:
+            return self._bill(self._lease(backend, model, since), key, weight, cost, meter)
+
+        return self.shared.take(Ask(
+            key, model, candidates, weight, cost, since, lease,
+            lambda: self.acquire(key, model, runs=True, exclude=excluded, weight=weight,
+                                 meter=meter, expected_output=expected_output, local=True),
+        ))
 
     def _cost(self, prompt: int, output: int) -> float:
         """
@@ -353,13 +398,18 @@ class Router:
         if running[model] <= 0:
             del running[model]
         meter = lease._meter
+        charge = 0.0
         if meter is not None:
             # The meter's reading, not the estimate charged, is what the
             # request cost: before the next slot is given.
             reading = meter.reading()
             used = (0, 0) if reading is None else (reading.prompt_tokens,
                                                    reading.completion_tokens)
-            self.queue.charge(lease._key, lease._weight, self._cost(*used) - lease._charged)
+            charge = self._cost(*used) - lease._charged
+        if lease._shared is not None:
+            lease._shared.give_back(lease, charge / lease._weight)
+        elif meter is not None:
+            self.queue.charge(lease._key, lease._weight, charge)
         self._serve_queue(model)
 
     def _pace_of(self, wants: tuple[ModelName | None, float, frozenset[Backend]]) -> float | None:

@@ -123,7 +123,8 @@ def test_down_and_back_logged_once(logged: list[LogEvent]) -> None:
         "Limits are shared through Redis at redis://cache:6379/0",
         "Redis at redis://cache:6379/0 cannot be reached (ConnectionError: Lost "
         "connection): the proxy keeps them itself",
-        "Redis at redis://cache:6379/0 answers again: limits are shared again",
+        "Redis at redis://cache:6379/0 answers again: limits and the fair queue are shared "
+        "again",
     ]
     link.stopService()
 

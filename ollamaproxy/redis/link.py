@@ -331,8 +331,18 @@ class TxRedisSubscription:
             @inlineCallbacks
             def connectionMade(self) -> Any:
                 yield txredisapi.SubscriberProtocol.connectionMade(self)
-                if self.connected:
-                    yield self.subscribe(channel)
+                if not self.connected:
+                    return
+                try:
+                    answer = yield self.subscribe(channel)
+                    if isinstance(answer, Exception):
+                        raise answer
+                except Exception as e:
+                    # A user not allowed SUBSCRIBE or the channel: grants
+                    # then come only with each round, seconds late.
+                    log.warn("Redis refused to let this proxy listen on {channel} ({reason}): "
+                             "the fair queue's grants wait for the next round",
+                             channel=channel, reason=str(e))
 
             def messageReceived(self, pattern: object, to: object, message: object) -> None:
                 heard(message.decode() if isinstance(message, bytes) else str(message))

@@ -8,12 +8,14 @@ each test moves, so that leases expire without waiting.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import pytest_twisted
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.web.iweb import IAgent
 
 from ollamaproxy.backends.pool import Backend, BackendPool
@@ -26,6 +28,7 @@ from ollamaproxy.redis.queue import RedisQueue
 from ollamaproxy.redis_address import parse_redis_url
 from tests.fakes.client import sleep
 from tests.fakes.engines import RedisServer, redis_server
+from tests.fakes.engines import redis_server_binary as redis_binary
 
 __all__ = ["redis_server"]
 
@@ -201,3 +204,25 @@ async def test_leaving_the_line(reactor: Any, pair: list[Proxy]) -> None:
     await sleep(reactor, 0.1)
     held = await a.link.call("return redis.call('HLEN', KEYS[1])", [f"{PREFIX}q:granted"], [])
     assert held == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_subscription_is_logged(
+    reactor: Any, redis_server: RedisServer
+) -> None:
+    """
+    A Redis user not allowed the queue's channel: the subscriber logs one
+    warning that grants will wait for the rounds, rather than nothing.
+    """
+    cli = str(redis_binary().with_name("redis-cli"))
+    subprocess.run([cli, "-p", str(redis_server.port), "ACL", "SETUSER", "shut", "on", ">pw",
+                    "~*", "resetchannels", "+@all"], check=True, capture_output=True)
+    address = parse_redis_url(f"redis://shut:pw@127.0.0.1:{redis_server.port}/0")
+    with capturedLogs() as events:
+        subscription = subscriber(address, reactor)("ollamaproxy:q:grants:x", lambda _: None)
+        try:
+            await until(reactor, lambda: any("refused" in formatEvent(e) for e in events))
+        finally:
+            await subscription.close()
+    (said,) = [formatEvent(e) for e in events if "refused" in formatEvent(e)]
+    assert "ollamaproxy:q:grants:x" in said and "NOPERM" in said

@@ -330,6 +330,17 @@ class Router:
                                  meter=meter, expected_output=expected_output, local=True),
         ))
 
+    def waiting(self) -> dict[str, int]:
+        """
+        How many of this proxy's requests each key has waiting: in its own
+        queue, and in the shared one if there is one.
+        """
+        waiting = self.queue.waiting()
+        if self.shared is not None:
+            for key, count in self.shared.waiting().items():
+                waiting[key] = waiting.get(key, 0) + count
+        return waiting
+
     def _cost(self, prompt: int, output: int) -> float:
         """
         What a request of C{prompt} tokens that generates C{output} costs in

@@ -77,6 +77,11 @@ class SharedQueue(Protocol):
         @raise ProxyError: 503 if too many requests wait.
         """
 
+    def waiting(self) -> dict[str, int]:
+        """
+        How many of this proxy's requests each key has waiting in it.
+        """
+
     def give_back(self, lease: Lease, charge: float) -> None:
         """
         The request of C{lease} has ended (its backend's count is already

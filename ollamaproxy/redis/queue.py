@@ -58,6 +58,7 @@ without the fair waiting room's displacement.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from dataclasses import dataclass
 from secrets import token_hex
 from typing import Any
@@ -284,6 +285,13 @@ class RedisQueue(Service):
         it to expire.
         """
         self._call(scripts.DONE, ticket, key, repr(charge)).addCallbacks(self._grants, _ignore)
+
+    def waiting(self) -> dict[str, int]:
+        """
+        How many of this proxy's requests each key has waiting in Redis
+        (L{SharedQueue.waiting}): for the metric and the console.
+        """
+        return dict(Counter(w.ask.key for w in self._waiting.values()))
 
     def give_back(self, lease: Lease, charge: float) -> None:
         """

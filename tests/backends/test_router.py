@@ -608,6 +608,9 @@ class _Shared:
         lease._shared = self
         return succeed(lease)
 
+    def waiting(self) -> dict[str, int]:
+        return {"k": 2, "j": 1}
+
     def give_back(self, lease: Lease, charge: float) -> None:
         self.given.append((lease, charge))
 
@@ -642,3 +645,17 @@ def test_a_shared_queue_keeps_named_models_slots() -> None:
     now(r.acquire("k", LLAMA)).release()
     now(r.acquire("k", None, runs=True)).release()
     assert len(shared.asks) == 1 and len(shared.given) == 1
+
+
+def test_waiting_counts_the_shared_queue_too() -> None:
+    """
+    What the metric and the console show waiting is this proxy's requests
+    in its own queue and in the shared one, by key.
+    """
+    clock = Clock()
+    r = router(backend(clock, "a", ("llama3.2",), parallel=1))
+    now(r.acquire("k", LLAMA, runs=True))
+    r.acquire("k", LLAMA, runs=True)
+    assert r.waiting() == {"k": 1}
+    r.shared = _Shared()
+    assert r.waiting() == {"k": 3, "j": 1}

@@ -15,6 +15,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.web.iweb import IAgent
 
+from ollamaproxy.backends.gauges import RouterGauges
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import Lease, Router
 from ollamaproxy.backends.upstream import Upstream
@@ -311,3 +312,25 @@ def test_the_subscription_ends_with_the_service() -> None:
     shared = Shared()
     shared.queue.stopService()
     assert shared.listening.closed
+
+
+def test_requests_waiting_in_redis_show_in_the_metric() -> None:
+    """
+    C{ollamaproxy_queue_waiting} counts this proxy's requests waiting in
+    Redis, by key, and not once they have their slot.
+    """
+    shared = Shared()
+    gauges = RouterGauges(shared.router)
+
+    def shown() -> dict[str, float]:
+        (family,) = [m for m in gauges.collect() if m.name == "ollamaproxy_queue_waiting"]
+        return {s.labels["key"]: s.value for s in family.samples if s.value}
+
+    shared.ask("alice")
+    shared.redis.calls[0].answer.callback([])
+    shared.ask("alice")
+    shared.ask("bob")
+    assert shown() == {"alice": 2.0, "bob": 1.0}
+    assert shared.listening.heard is not None
+    shared.listening.heard(f"{shared.redis.calls[0].args[4]}\n{GPU}")
+    assert shown() == {"alice": 1.0, "bob": 1.0}

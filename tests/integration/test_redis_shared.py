@@ -379,3 +379,47 @@ async def test_killed_proxy_frees_its_slot(
     stream.write_line({"model": "hold", "done": True})
     stream.finish()
     assert (await waiting)[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_through_a_redis_outage(
+    reactor: Any, one_slot: list[Twistd], upstream: Upstream, redis: RedisServer
+) -> None:
+    """
+    Redis stopped while proxy A runs a request on the slot Redis gave it:
+    that request ends and gives its slot back in A (A's next request runs
+    at once, on A's own queue), B serves on its own too; once Redis is
+    back, the slot is shared again: A's request running, B's waits.
+    """
+    a, b = one_slot
+
+    async def finish(index: int, answer: Deferred[tuple[int, bytes]]) -> None:
+        await wait_for(reactor, lambda: len(upstream.fake.held) > index, "the stream")
+        stream = upstream.fake.held[index]
+        stream.write_line({"model": "hold", "done": True})
+        stream.finish()
+        assert (await answer)[0] == 200
+
+    first = _held_chat(reactor, a, TEST_KEY, "before")
+    await wait_for(reactor, lambda: len(upstream.fake.held) == 1, "the first stream")
+    redis.stop()
+    await finish(0, first)
+    for proxy in one_slot:
+        await wait_for(reactor, _logged(proxy, "cannot be reached"), "the outage logged")
+    await finish(1, _held_chat(reactor, a, TEST_KEY, "during-a"))
+    await finish(2, _held_chat(reactor, b, TEST_KEY, "during-b"))
+    redis.start()
+    for proxy in one_slot:
+        await wait_for(reactor, _logged(proxy, "the fair queue are shared again"),
+                       "the recovery logged")
+    running = _held_chat(reactor, a, TEST_KEY, "after-a")
+    await wait_for(reactor, lambda: len(upstream.fake.held) == 4, "A's stream")
+    waiting = _held_chat(reactor, b, KEYS["solo"][0], "after-b")
+    await sleep(reactor, 0.3)
+    assert len(upstream.fake.held) == 4
+    await finish(3, running)
+    await finish(4, waiting)
+    for proxy in one_slot:
+        assert proxy.output.count("cannot be reached") == 1
+        assert "its own fair queue" in proxy.output
+        assert "Traceback" not in proxy.output and "Unhandled" not in proxy.output

@@ -51,6 +51,11 @@ chunk; an estimate too high while the request runs only delays the key's
 next turn until the true-up.  Under C{--fair-share requests} every request
 costs one turn.
 
+Under C{--redis}, the slots of named models and the turns of the requests
+waiting for them are kept for every proxy together: the router asks the
+shared queue (L{ollamaproxy.backends.shared}) for them, with the backends
+the request may use, best first, and keeps its backends' counts as usual.
+
 With a single backend the proxy decides nothing about models or health:
 every request goes to it, and Ollama answers for a model it does not have
 (or the proxy's 502 says it cannot be reached), as without the proxy; only

@@ -21,6 +21,7 @@ from twisted.web.iweb import IAgent
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import Lease, Router
 from ollamaproxy.backends.upstream import Upstream
+from ollamaproxy.exchange import Meter
 from ollamaproxy.model_names import resolve
 from ollamaproxy.redis.limits import PREFIX
 from ollamaproxy.redis.link import RedisLink, TxRedisClient, subscriber
@@ -48,8 +49,8 @@ class Proxy:
         self.clock.advance(start)
         upstream = Upstream(cast(IAgent, None), b"http://gpu:11434", self.clock, 600, 600)
         self.backend = Backend(upstream, 1, models=frozenset({LLAMA}))
-        self.router = Router(BackendPool([self.backend]), self.clock, queue_timeout=600,
-                             fair_share="requests")
+        # Under --fair-share tokens; a request without a meter costs 1.
+        self.router = Router(BackendPool([self.backend]), self.clock, queue_timeout=600)
         self.link = RedisLink(lambda: TxRedisClient(address, reactor, 1.5), reactor,
                               address.shown, "local", interval=3600)
         self.queue = RedisQueue(self.link, self.router, self.clock, subscriber(address, reactor),
@@ -226,3 +227,60 @@ async def test_a_refused_subscription_is_logged(
             await subscription.close()
     (said,) = [formatEvent(e) for e in events if "refused" in formatEvent(e)]
     assert "ollamaproxy:q:grants:x" in said and "NOPERM" in said
+
+
+async def finish_of(link: RedisLink, key: str) -> float:
+    """
+    C{key}'s virtual finish, as Redis keeps it.
+    """
+    value = await link.call("return redis.call('HGET', KEYS[1], ARGV[1])",
+                            [f"{PREFIX}q:finish"], [key])
+    return float(value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_charged_and_trued_up_in_redis(reactor: Any, pair: list[Proxy]) -> None:
+    """
+    Under --fair-share tokens, a key's finish in Redis moves on by the
+    estimate over its weight when its request gets the slot, and by the
+    difference from what the meter read when the slot is given back.
+    """
+    a, _ = pair
+    meter = Meter()
+    meter.expect(20, "llama3.2")
+    lease = await a.router.acquire("tok", LLAMA, runs=True, meter=meter, expected_output=500,
+                                   weight=2)
+    assert await finish_of(a.link, "tok") == (20 + 2 * 500) / 2
+    meter.generating, meter.output = True, 7
+    lease.release()
+    for _ in range(100):
+        if await finish_of(a.link, "tok") != (20 + 2 * 500) / 2:
+            break
+        await sleep(reactor, 0.02)
+    assert await finish_of(a.link, "tok") == (20 + 2 * 7) / 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_dead_proxys_waiter_is_swept(reactor: Any, pair: list[Proxy]) -> None:
+    """
+    A proxy that dies with a request waiting leaves it in Redis only until
+    its lease has passed: the slot freed after that goes to a live
+    proxy's request that came later.
+    """
+    a, b = pair
+    running = await b.ask("k1")
+    dead = a.ask("k2")  # A dies: it renews nothing from now on
+    dead.addErrback(lambda _: None)
+    await sleep(reactor, 0.1)
+    live = results(b.ask("k3"))
+    await sleep(reactor, 0.1)
+    assert await redis_count(b.link, "waiters") == 2
+    b.clock.advance(LEASE / 2)
+    await b.queue.renew()
+    b.clock.advance(LEASE / 2 + 1)
+    await b.queue.renew()
+    assert await redis_count(b.link, "waiters") == 1
+    running.release()
+    await until(reactor, lambda: live != [])
+    assert a.backend.in_flight == 0
+    live[0].release()

@@ -168,6 +168,8 @@ return -1
 #   - C{q:w:TICKET}: a hash, what a waiting request wants (key, model, its
 #     backends as lines of C{URL<TAB>PARALLEL}, cost, weight, proxy);
 #   - C{q:waiters}: a sorted set of every waiting ticket, by its expiry;
+#   - C{q:kinds}: a hash, how many wait for each kind of slot (a model and
+#     its backends), so that a pass stops once every kind is found busy;
 #   - C{q:slots:URL<LF>MODEL}: a sorted set of the tickets running MODEL
 #     at the backend URL, by their lease's expiry;
 #   - C{q:slotsets}: the set of those sets, for the sweep;
@@ -191,7 +193,13 @@ local me = ARGV[4]
 
 local function drop_waiter(id)
   local w = P .. 'q:w:' .. id
-  local key = redis.call('HGET', w, 'key')
+  local key, model, backends = unpack(redis.call('HMGET', w, 'key', 'model', 'backends'))
+  if model then
+    local kind = model .. '\\n' .. backends
+    if redis.call('HINCRBY', P .. 'q:kinds', kind, -1) <= 0 then
+      redis.call('HDEL', P .. 'q:kinds', kind)
+    end
+  end
   redis.call('DEL', w)
   redis.call('ZREM', P .. 'q:waiters', id)
   if key then
@@ -239,8 +247,10 @@ end
 
 -- The waiting key whose turn is first (least start, then first come), and
 -- its first request, by arrival, with a free slot; kinds (a model and its
--- backends) found with none are skipped, as giving slots frees none.
+-- backends) found with none are skipped, as giving slots frees none, and
+-- once every kind waiting is found so, nothing more is looked at.
 local function next_grant(full, virtual)
+  local kinds = redis.call('HLEN', P .. 'q:kinds')
   local keys = redis.call('ZRANGE', P .. 'q:keys', 0, -1, 'WITHSCORES')
   local order = {}
   for i = 1, #keys, 2 do
@@ -260,6 +270,8 @@ local function next_grant(full, virtual)
         local url, slot = free_slot(w[1], w[2])
         if url then return id, url, slot, entry, w end
         full[kind] = true
+        full.n = full.n + 1
+        if full.n >= kinds then return nil end
       end
     end
   end
@@ -268,7 +280,7 @@ end
 
 local function serve()
   local mine = {}
-  local full = {}
+  local full = {n = 0}
   local virtual = virtual_now()
   for _ = 1, redis.call('ZCARD', P .. 'q:waiters') do
     local id, url, slot, entry, w = next_grant(full, virtual)
@@ -295,8 +307,8 @@ local function serve()
   end
   -- Nobody using the queue for a while: it is forgotten, as a key idle
   -- long enough would be (no credit, no debt).
-  for _, name in ipairs({'q:virtual', 'q:finish', 'q:keys', 'q:waiters', 'q:slotsets',
-                         'q:granted', 'q:seq'}) do
+  for _, name in ipairs({'q:virtual', 'q:finish', 'q:keys', 'q:waiters', 'q:kinds',
+                         'q:slotsets', 'q:granted', 'q:seq'}) do
     redis.call('PEXPIRE', P .. name, 2 * lease_ms + 3600000)
   end
   return mine
@@ -315,6 +327,7 @@ local w = P .. 'q:w:' .. id
 redis.call('HSET', w, 'key', key, 'model', ARGV[7], 'backends', ARGV[8], 'cost', ARGV[9],
            'weight', ARGV[10], 'proxy', me)
 redis.call('PEXPIRE', w, 2 * lease_ms)
+redis.call('HINCRBY', P .. 'q:kinds', ARGV[7] .. '\\n' .. ARGV[8], 1)
 redis.call('ZADD', P .. 'q:waiters', expiry, id)
 local kw = P .. 'q:kw:' .. key
 redis.call('ZADD', kw, seq, id)

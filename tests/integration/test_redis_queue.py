@@ -284,3 +284,26 @@ async def test_dead_proxys_waiter_is_swept(reactor: Any, pair: list[Proxy]) -> N
     await until(reactor, lambda: live != [])
     assert a.backend.in_flight == 0
     live[0].release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_free_model_is_not_held_up_by_a_busy_one(
+    reactor: Any, pair: list[Proxy]
+) -> None:
+    """
+    Requests waiting for a busy model do not hold up a request for a model
+    with a free slot: it runs at once, whatever its turn; and the busy
+    model's next slot goes to its first waiter.
+    """
+    a, b = pair
+    mistral = resolve("mistral")
+    a.backend.models = b.backend.models = frozenset({LLAMA, mistral})
+    running = await a.ask("k1")
+    busy = results(b.ask("k2"))
+    await sleep(reactor, 0.1)
+    other = await b.router.acquire("k2", mistral, runs=True)
+    assert other.model == mistral and busy == []
+    running.release()
+    await until(reactor, lambda: busy != [])
+    other.release()
+    busy[0].release()

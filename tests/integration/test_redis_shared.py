@@ -374,7 +374,7 @@ async def test_killed_proxy_frees_its_slot(
     await a.protocol.ended
     killed = reactor.seconds()
     await wait_for(reactor, lambda: len(upstream.fake.held) == 2, "the slot freed")
-    assert 1.5 < reactor.seconds() - killed < 6
+    assert 1.5 < reactor.seconds() - killed < 8  # the lease, a round, a loaded machine
     stream = upstream.fake.held[1]
     stream.write_line({"model": "hold", "done": True})
     stream.finish()

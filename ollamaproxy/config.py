@@ -805,12 +805,14 @@ class Config:
     # A field, as every option() here is (ruff sees only this one's type as mutable).
     redis: RedisAddress | None = option(  # noqa: RUF009
         _redis, None, metavar="URL", shown_default="none; in this process",
-        help="Keep each key's rpm, max_streams and token quotas, and the wrong-key "
-        "throttle, in this Redis, shared by every proxy using it: "
+        help="Keep each key's rpm, max_streams and token quotas, the wrong-key "
+        "throttle, and the fair queue with each backend's --parallel, in this Redis, "
+        "shared by every proxy using it: "
         "redis://[user:password@]host:port/db, rediss:// for TLS; prefer OLLAMAPROXY_REDIS "
         "when there is a password",
-        doc="keep each key's `rpm`, `max_streams` and token quotas, and the wrong-key "
-        "throttle, in this Redis, shared by every proxy using it: "
+        doc="keep each key's `rpm`, `max_streams` and token quotas, the wrong-key "
+        "throttle, and the fair queue with each backend's `--parallel`, in this Redis, "
+        "shared by every proxy using it: "
         "`redis://[user:password@]host:port/db`, `rediss://` for TLS; give a URL with a "
         "password in the variable, since options show in `ps`",
     )
@@ -827,9 +829,10 @@ class Config:
     # renewed six times within it.
     redis_lease: float = option(
         _redis_lease, "30", metavar="S",
-        help="Seconds a request stays counted in Redis after its proxy died (its lease is "
-        "renewed six times as often)",
-        doc="seconds a request stays counted in Redis after its proxy died; a live proxy "
+        help="Seconds a request (running or waiting) stays counted in Redis after its proxy "
+        "died (its lease is renewed six times as often)",
+        doc="seconds a request (running or waiting) stays counted in Redis after its proxy "
+        "died; a live proxy "
         "renews its requests six times as often",
     )
 

@@ -66,6 +66,7 @@ from ollamaproxy.reactors import daemon_reactor
 from ollamaproxy.record.logs import LogFilesService
 from ollamaproxy.record.usage import UsageStore
 from ollamaproxy.redis.link import RedisLink
+from ollamaproxy.redis.queue import RedisQueue
 from ollamaproxy.redis_address import parse_redis_url
 from ollamaproxy.tap import (
     DrainDelay,
@@ -598,7 +599,8 @@ def test_plugin_is_discoverable() -> None:
 def test_redis_wiring(tmp_path: Path, policy: str, required: bool) -> None:
     """
     With --redis, the link to Redis is a service stopped after the requests
-    in flight (after DrainService), /-/ready reports a C{redis} check (not
+    in flight (after DrainService), followed by the fair queue shared
+    through it (stopped before it), /-/ready reports a C{redis} check (not
     yet connected here) that makes the proxy unready under the closed
     policy and only degraded under the local one, and the metrics show
     C{ollamaproxy_redis_up}; without it, none of these (test_service_structure).
@@ -607,8 +609,8 @@ def test_redis_wiring(tmp_path: Path, policy: str, required: bool) -> None:
                          redis_failure=policy)
     service = build_service(config, daemon_reactor(MemoryReactorClock()), lambda text: None)
     kinds = [type(child) for child in children(service)]
-    assert kinds == [PoolService, BackendPool, UsageStore, QuotaSeed, RedisLink, KeysReloader,
-                     DrainService, Sampler, Listeners, UpstreamProbe, DrainDelay]
+    assert kinds == [PoolService, BackendPool, UsageStore, QuotaSeed, RedisLink, RedisQueue,
+                     KeysReloader, DrainService, Sampler, Listeners, UpstreamProbe, DrainDelay]
     stub: Any = StubTreq(endpoint_services(service)[0].factory.resource)
     response = stub.get("http://127.0.0.1/-/ready")
     stub.flush()

@@ -85,6 +85,6 @@ class RouterGauges(Collector):
             "Requests waiting in the fair queue for a busy model, by key.",
             labels=["key"],
         )
-        for key, count in waiting_by_label(self._router.queue.waiting()).items():
+        for key, count in waiting_by_label(self._router.waiting()).items():
             waiting.add_metric([key], float(count))
         return [up, in_flight, vram, waiting]

@@ -51,6 +51,11 @@ chunk; an estimate too high while the request runs only delays the key's
 next turn until the true-up.  Under C{--fair-share requests} every request
 costs one turn.
 
+Under C{--redis}, the slots of named models and the turns of the requests
+waiting for them are kept for every proxy together: the router asks the
+shared queue (L{ollamaproxy.backends.shared}) for them, with the backends
+the request may use, best first, and keeps its backends' counts as usual.
+
 With a single backend the proxy decides nothing about models or health:
 every request goes to it, and Ollama answers for a model it does not have
 (or the proxy's 502 says it cannot be reached), as without the proxy; only
@@ -67,6 +72,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.queue import FairQueue, busy
+from ollamaproxy.backends.shared import Ask, SharedQueue
 from ollamaproxy.config import (
     DEFAULT_FAIR_SHARE,
     DEFAULT_MAX_QUEUE,
@@ -137,6 +143,10 @@ class Lease:
     _weight: float = 1.0
     _charged: float = 0.0
     _meter: Meter | None = field(default=None, repr=False)
+    # The queue kept outside this process that gave the slot, and its name
+    # for it (None: this process's own).
+    _shared: SharedQueue | None = field(default=None, repr=False)
+    _ticket: str = ""
 
     def release(self) -> None:
         """
@@ -192,6 +202,9 @@ class Router:
         # One backend gets every request, healthy or not: Ollama (or the
         # 502 for it) answers, as without the proxy.
         self.several = len(pool.backends) > 1
+        #: The queue shared with other proxies that keeps named models'
+        #: slots, if there is one (L{ollamaproxy.backends.shared}).
+        self.shared: SharedQueue | None = None
 
     #: Whether there is more than one backend to choose from.
     several: bool
@@ -235,6 +248,7 @@ class Router:
         meter: Meter | None = None,
         expected_output: int = 0,
         user: str | None = None,
+        local: bool = False,
     ) -> Deferred[Lease]:
         """
         A backend for a request of key C{key} naming C{model}.
@@ -255,6 +269,8 @@ class Router:
         @param user: Who the request is for behind its key, whose share of
             the key's it has (L{FairQueue}); L{None} for a key that names
             no users.
+        @param local: Whether it waits in this process's queue even when
+            there is a shared one (L{shared}): the shared queue's fallback.
         @return: Fires with a L{Lease} at once, or once the request's turn has
             come; cancelling it leaves the queue.
         @raise ProxyError: 404 if no backend has the model, 503 if none that
@@ -280,6 +296,9 @@ class Router:
             cost = self._cost(meter.prompt_estimate, expected_output)
         else:
             cost, meter = 1.0, None
+        if self.shared is not None and not local and model is not None and model.canonical:
+            return self._take_shared(key, (model, now, excluded), weight, cost, meter,
+                                     expected_output, user)
         if not len(self.queue):
             lease = self._grant((model, now, excluded))
             if lease is not None:
@@ -288,6 +307,53 @@ class Router:
         waiting = self.queue.wait(key, (model, now, excluded), weight, cost, user)
         waiting.addCallback(self._bill, key, weight, cost, meter, user)
         self._serve_queue()
+        return waiting
+
+    def _take_shared(
+        self,
+        key: str,
+        wants: tuple[ModelName | None, float, frozenset[Backend]],
+        weight: int,
+        cost: float,
+        meter: Meter | None,
+        expected_output: int,
+        user: str | None,
+    ) -> Deferred[Lease]:
+        """
+        A slot of a named model from the queue shared with other proxies,
+        which falls back to this process's own while it cannot be asked.
+        The shared queue orders keys, not the users behind a key: a key's
+        users share its turns in the order they came there, and by the
+        users' rule only in this process's queue.
+        """
+        model, since, excluded = wants
+        assert self.shared is not None and model is not None
+        candidates = [
+            b for b in self.backends
+            if (not self.several or b.serves(model)) and b not in excluded
+            and self._has(b, model)
+        ]
+        candidates.sort(key=lambda b: (model not in b.loaded, b.in_flight))
+
+        def lease(backend: Backend) -> Lease:
+            return self._bill(self._lease(backend, model, since), key, weight, cost, meter, user)
+
+        return self.shared.take(Ask(
+            key, model, candidates, weight, cost, since, lease,
+            lambda: self.acquire(key, model, runs=True, exclude=excluded, weight=weight,
+                                 meter=meter, expected_output=expected_output, user=user,
+                                 local=True),
+        ))
+
+    def waiting(self) -> dict[str, int]:
+        """
+        How many of this proxy's requests each key has waiting: in its own
+        queue, and in the shared one if there is one.
+        """
+        waiting = self.queue.waiting()
+        if self.shared is not None:
+            for key, count in self.shared.waiting().items():
+                waiting[key] = waiting.get(key, 0) + count
         return waiting
 
     def _cost(self, prompt: int, output: int) -> float:
@@ -360,14 +426,18 @@ class Router:
         if running[model] <= 0:
             del running[model]
         meter = lease._meter
+        charge = 0.0
         if meter is not None:
             # The meter's reading, not the estimate charged, is what the
             # request cost: before the next slot is given.
             reading = meter.reading()
             used = (0, 0) if reading is None else (reading.prompt_tokens,
                                                    reading.completion_tokens)
-            self.queue.charge(lease._key, lease._weight, self._cost(*used) - lease._charged,
-                              lease._user)
+            charge = self._cost(*used) - lease._charged
+        if lease._shared is not None:
+            lease._shared.give_back(lease, charge / lease._weight)
+        elif meter is not None:
+            self.queue.charge(lease._key, lease._weight, charge, lease._user)
         self._serve_queue(model)
 
     def _pace_of(self, wants: tuple[ModelName | None, float, frozenset[Backend]]) -> float | None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 from typing import Any, cast
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
 from ollamaproxy.backends.pool import Backend, BackendPool, Residency
 from ollamaproxy.backends.router import UNREAD_MODEL, Lease, Router
+from ollamaproxy.backends.shared import Ask
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.exchange import Meter, StreamSummary
@@ -633,3 +634,72 @@ def test_an_embedding_that_times_out_marks_the_backend_failed() -> None:
     assert chain.result(d).code == 504
     assert not chain.backends[0].healthy
     assert chain.backends[0].hung == set()
+
+
+class _Shared:
+    """
+    A shared queue (L{ollamaproxy.backends.shared.SharedQueue}) that grants
+    every ask on its first backend, and notes what it was asked and given.
+    """
+
+    def __init__(self) -> None:
+        self.asks: list[Ask] = []
+        self.given: list[tuple[Lease, float]] = []
+
+    def take(self, ask: Ask) -> Deferred[Lease]:
+        self.asks.append(ask)
+        lease = ask.lease(ask.backends[0])
+        lease._shared = self
+        return succeed(lease)
+
+    def waiting(self) -> dict[str, int]:
+        return {"k": 2, "j": 1}
+
+    def give_back(self, lease: Lease, charge: float) -> None:
+        self.given.append((lease, charge))
+
+
+def test_a_shared_queue_keeps_named_models_slots() -> None:
+    """
+    With a shared queue, a request running a named model asks it, with
+    the backends it may use best first (the model loaded, then fewer in
+    flight; not one excluded), and gives the lease back to it, trued up
+    over the key's weight; the backend's count is kept here all the same.
+    Requests that take no slot, and those whose model the proxy cannot
+    name, stay in this process's queue.
+    """
+    clock = Clock()
+    a = backend(clock, "a", ("llama3.2",))
+    b = backend(clock, "b", ("llama3.2",), loaded=("llama3.2",))
+    c = backend(clock, "c", ("llama3.2",))
+    r = router(a, b, c)
+    shared = _Shared()
+    r.shared = shared
+    a.running[MISTRAL] = 1
+    meter = Meter()
+    meter.expect(20, "llama3.2")
+    lease = now(r.acquire("k", LLAMA, runs=True, exclude=[c], weight=2, meter=meter,
+                          expected_output=5))
+    (ask,) = shared.asks
+    assert (ask.key, ask.model, ask.backends, ask.weight, ask.cost) == ("k", LLAMA, [b, a], 2, 30)
+    assert lease.backend is b and b.running[LLAMA] == 1
+    meter.generating, meter.output = True, 1
+    lease.release()
+    assert shared.given == [(lease, (22 - 30) / 2)] and not b.running
+    now(r.acquire("k", LLAMA)).release()
+    now(r.acquire("k", None, runs=True)).release()
+    assert len(shared.asks) == 1 and len(shared.given) == 1
+
+
+def test_waiting_counts_the_shared_queue_too() -> None:
+    """
+    What the metric and the console show waiting is this proxy's requests
+    in its own queue and in the shared one, by key.
+    """
+    clock = Clock()
+    r = router(backend(clock, "a", ("llama3.2",), parallel=1))
+    now(r.acquire("k", LLAMA, runs=True))
+    r.acquire("k", LLAMA, runs=True)
+    assert r.waiting() == {"k": 1}
+    r.shared = _Shared()
+    assert r.waiting() == {"k": 3, "j": 1}

@@ -51,6 +51,12 @@ chunk; an estimate too high while the request runs only delays the key's
 next turn until the true-up.  Under C{--fair-share requests} every request
 costs one turn.
 
+A request that carries a conversation (the digest the plan makes of what
+identifies it, L{ollamaproxy.admission.conversation}) is sent, among the
+backends with a free slot, to the one its conversation's last turn went
+to, within C{--affinity-slack} (L{ollamaproxy.backends.affinity}); the
+lease says how its backend compares with that last one.
+
 With a single backend the proxy decides nothing about models or health:
 every request goes to it, and Ollama answers for a model it does not have
 (or the proxy's 502 says it cannot be reached), as without the proxy; only
@@ -65,9 +71,11 @@ from dataclasses import dataclass, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
+from ollamaproxy.backends.affinity import Affinity, Placement
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.queue import FairQueue, busy
 from ollamaproxy.config import (
+    DEFAULT_AFFINITY_SLACK,
     DEFAULT_FAIR_SHARE,
     DEFAULT_MAX_QUEUE,
     DEFAULT_OUTPUT_TOKEN_WEIGHT,
@@ -123,12 +131,16 @@ class Lease:
     @ivar backend: Where the request goes.
     @ivar model: The model it named, if any.
     @ivar queued: Seconds it waited for the slot.
+    @ivar placement: For a request that carries a conversation, how its
+        backend compares with the one its conversation's last turn went to
+        (L{Placement}); else L{None}.
     """
 
     backend: Backend
     model: ModelName | None
     queued: float
     _router: Router = field(repr=False)
+    placement: Placement | None = None
     _released: bool = False
     # Who the fair queue charged for the slot, how much, and the meter that
     # says, at release, what the request did cost (None: no true-up).
@@ -161,12 +173,16 @@ class Router:
         queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
         fair_share: str = DEFAULT_FAIR_SHARE,
         output_token_weight: float = DEFAULT_OUTPUT_TOKEN_WEIGHT,
+        affinity_slack: int | None = DEFAULT_AFFINITY_SLACK,
     ) -> None:
         """
         @param fair_share: What the fair queue shares out: C{tokens} or
             C{requests} (see the module's docstring).
         @param output_token_weight: What an output token costs against a
             prompt token, under C{tokens}.
+        @param affinity_slack: How much busier than the least busy backend
+            a conversation's home may be and still get its next turn
+            (L{ollamaproxy.backends.affinity}); L{None} sends no turn home.
         """
         self.pool = pool
         self._clock = clock
@@ -191,6 +207,10 @@ class Router:
         # One backend gets every request, healthy or not: Ollama (or the
         # 502 for it) answers, as without the proxy.
         self.several = len(pool.backends) > 1
+        #: Where conversations live, if turns go home: with one backend,
+        #: every turn does anyway.
+        self.affinity = (Affinity(affinity_slack) if self.several and affinity_slack is not None
+                         else None)
 
     #: Whether there is more than one backend to choose from.
     several: bool
@@ -233,6 +253,7 @@ class Router:
         weight: int = 1,
         meter: Meter | None = None,
         expected_output: int = 0,
+        conversation: bytes | None = None,
     ) -> Deferred[Lease]:
         """
         A backend for a request of key C{key} naming C{model}.
@@ -250,6 +271,8 @@ class Router:
             and its reading replaces them when the slot is given back.
         @param expected_output: The tokens the request may generate, as its
             plan estimates them.
+        @param conversation: The digest of the conversation the request
+            continues, if it carries one: it goes home if it may.
         @return: Fires with a L{Lease} at once, or once the request's turn has
             come; cancelling it leaves the queue.
         @raise ProxyError: 404 if no backend has the model, 503 if none that
@@ -275,13 +298,15 @@ class Router:
             cost = self._cost(meter.prompt_estimate, expected_output)
         else:
             cost, meter = 1.0, None
+        if self.affinity is None:
+            conversation = None
         if not len(self.queue):
-            lease = self._grant((model, now, excluded))
+            lease = self._grant((model, now, excluded), conversation=conversation)
             if lease is not None:
                 self.queue.served(key, weight, cost)
-                return succeed(self._bill(lease, key, weight, cost, meter))
+                return succeed(self._bill(lease, key, weight, cost, meter, conversation))
         waiting = self.queue.wait(key, (model, now, excluded), weight, cost)
-        waiting.addCallback(self._bill, key, weight, cost, meter)
+        waiting.addCallback(self._bill, key, weight, cost, meter, conversation)
         self._serve_queue()
         return waiting
 
@@ -294,13 +319,15 @@ class Router:
         cost = prompt + output * self._output_weight
         return cost if cost > 1 else 1.0
 
-    @staticmethod
-    def _bill(lease: Lease, key: str, weight: float, cost: float, meter: Meter | None) -> Lease:
+    def _bill(self, lease: Lease, key: str, weight: float, cost: float, meter: Meter | None,
+              conversation: bytes | None) -> Lease:
         """
         Write on C{lease} what its slot was charged, for the true-up at
-        release.
+        release; and move its conversation, if any, to its backend.
         """
         lease._key, lease._weight, lease._charged, lease._meter = key, weight, cost, meter
+        if conversation is not None and self.affinity is not None:
+            lease.placement = self.affinity.went(conversation, lease.backend)
         return lease
 
     def _check_available(self, model: ModelName | None, excluded: frozenset[Backend]) -> None:
@@ -322,12 +349,15 @@ class Router:
         self,
         wants: tuple[ModelName | None, float, frozenset[Backend]],
         named: ModelName | None = None,
+        conversation: bytes | None = None,
     ) -> Lease | None:
         """
         A lease on the best backend with a free slot for C{model}, or
         L{None}.
 
         @param named: For a request that takes no slot, the model it names.
+        @param conversation: The digest of the conversation the request
+            continues, if any: its home may be chosen.
         """
         model, since, excluded = wants
         named = named or model
@@ -340,6 +370,8 @@ class Router:
         if not free:
             return None
         backend = min(free, key=lambda b: (named is None or named not in b.loaded, b.in_flight))
+        if conversation is not None and self.affinity is not None:
+            backend = self.affinity.choose(conversation, free, backend, named)
         return self._lease(backend, model, since)
 
     def _lease(self, backend: Backend, slot: ModelName | None, since: float) -> Lease:

@@ -177,6 +177,10 @@ class Exchange:
     @ivar model: The model the request names, once read (for the
         console's view of requests in flight).
     @ivar outcome: How it ended (L{Outcome}).
+    @ivar placement: For a turn of a conversation the router sends home,
+        where it went against its conversation's last turn: C{home} (the
+        same backend), C{moved} (another) or C{new} (none remembered);
+        empty for other requests.
     """
 
     method: str
@@ -196,6 +200,7 @@ class Exchange:
     summary: StreamSummary | None = None
     request_sample: bytes = b""
     response_sample: bytes = b""
+    placement: str = ""
 
     def responded(self, now: float, status: int) -> None:
         """

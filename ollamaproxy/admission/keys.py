@@ -15,7 +15,7 @@ The keys file is JSON (only C{name} and C{hash} are required)::
                "scopes": ["inference"], "models": ["llama3*"],
                "rpm": 60, "max_streams": 2,
                "tokens_per_day": 200000, "tokens_per_month": 3000000,
-               "weight": 2}]}
+               "weight": 2, "chat_header": "X-OpenWebUI-Chat-Id"}]}
 
 and is always replaced atomically (write a temporary file, then rename).
 """
@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import tempfile
 import zlib
@@ -80,6 +81,11 @@ class ApiKey:
     @ivar weight: The key's share of turns in the fair queue for a busy
         model: a key of weight 3 is served three times for every once of
         a key of weight 1.
+    @ivar chat_header: The header, in lower case, whose value names the
+        conversation a request of the key continues (Open WebUI's
+        C{X-OpenWebUI-Chat-Id}), so that its turns go home
+        (L{ollamaproxy.admission.conversation}); L{None} to know
+        conversations by their messages.
     """
 
     name: str
@@ -94,6 +100,7 @@ class ApiKey:
     tokens_per_day: int | None = None
     tokens_per_month: int | None = None
     weight: int = 1
+    chat_header: bytes | None = None
 
     @property
     def admin(self) -> bool:
@@ -303,7 +310,42 @@ def _key_from_json(entry: Mapping[str, Any]) -> ApiKey:
         tokens_per_day=_limit(entry, "tokens_per_day"),
         tokens_per_month=_limit(entry, "tokens_per_month"),
         weight=_limit(entry, "weight") or 1,
+        chat_header=_chat_header(entry),
     )
+
+
+#: Headers that carry credentials: never a conversation's name, so that no
+#: digest is made of a key.
+_CREDENTIAL_HEADERS = frozenset(
+    {b"authorization", b"proxy-authorization", b"x-api-key", b"cookie"})
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}\Z")
+
+
+def header_name(text: str) -> bytes:
+    """
+    A header's name as a key stores it: an HTTP token, in lower case (as
+    twisted.web looks headers up), not one that carries credentials.
+
+    @raise ValueError: If it is not such a name.
+    """
+    if not _TOKEN.match(text):
+        raise ValueError(f"{text!r} is not a header name")
+    name = text.lower().encode("ascii")
+    if name in _CREDENTIAL_HEADERS:
+        raise ValueError(f"{text!r} carries credentials, not a conversation")
+    return name
+
+
+def _chat_header(entry: Mapping[str, Any]) -> bytes | None:
+    value = entry.get("chat_header")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"key {entry['name']!r}: chat_header must be a string")
+    try:
+        return header_name(value)
+    except ValueError as e:
+        raise ValueError(f"key {entry['name']!r}: chat_header {e}") from None
 
 
 def _keep_alive(entry: Mapping[str, Any]) -> float | None:
@@ -359,6 +401,8 @@ def key_to_json(key: ApiKey) -> dict[str, Any]:
         entry["tokens_per_month"] = key.tokens_per_month
     if key.weight != 1:
         entry["weight"] = key.weight
+    if key.chat_header is not None:
+        entry["chat_header"] = key.chat_header.decode("ascii")
     return entry
 
 

@@ -16,7 +16,7 @@ shape stays as it is (fields may be added, never renamed or removed)::
 
     {"name": "bob", "scopes": ["inference"], "models": ["llama3*"],
      "rpm": 60, "max_streams": 2, "max_keep_alive": "10m",
-     "max_num_ctx": 8192, "weight": 1,
+     "max_num_ctx": 8192, "weight": 1, "chat_header": null,
      "tokens_per_day": 200000, "tokens_per_month": null,
      "used_today": 1234, "used_this_month": 56789,
      "created": "2026-11-27T07:00:00Z", "expires": null, "expired": false,
@@ -51,6 +51,7 @@ from ollamaproxy.admission.keys import (
     ApiKey,
     digest,
     generate_key,
+    header_name,
 )
 from ollamaproxy.admission.quota_periods import window
 from ollamaproxy.cli.common import (
@@ -121,6 +122,16 @@ def _models_or_all(text: str) -> list[Any]:
 def _keep_alive(text: str) -> float:
     try:
         return keep_alive_cap(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _header(text: str) -> bytes:
+    """
+    Parse a header's name (L{header_name}).
+    """
+    try:
+        return header_name(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -237,6 +248,8 @@ def _summary(key: ApiKey) -> str:
         + (f"tokens per month {key.tokens_per_month}; "
            if key.tokens_per_month is not None else "")
         + (f"weight {key.weight}; " if key.weight != 1 else "")
+        + (f"chat header {key.chat_header.decode('ascii')}; "
+           if key.chat_header is not None else "")
         + f"expires {'never' if key.expires is None else show_time(key.expires)}"
     )
 
@@ -357,6 +370,10 @@ def _key_options(parser: argparse.ArgumentParser, update: bool) -> None:
                         help="share of turns when requests wait for a busy model: weight 3 "
                         "is served three times for every once of weight 1 "
                         f"(default: {unset or 1})")
+    parser.add_argument("--chat-header", metavar="HEADER", type=limit(_header),
+                        help="a header whose value names the conversation a request "
+                        "continues, e.g. X-OpenWebUI-Chat-Id: its turns go to the backend "
+                        f"of its last (default: {unset or 'none; known by its messages'})")
 
 
 def _storage(args: argparse.Namespace, environ: Mapping[str, str]) -> KeyStorage:
@@ -414,6 +431,7 @@ def _add(args: argparse.Namespace, storage: KeyStorage, out: TextIO, now: dateti
         tokens_per_day=args.tokens_per_day,
         tokens_per_month=args.tokens_per_month,
         weight=args.weight or 1,
+        chat_header=args.chat_header,
     )
 
     def add(keys: list[ApiKey]) -> list[ApiKey]:
@@ -540,7 +558,8 @@ def _changed(key: ApiKey, args: argparse.Namespace, now: datetime) -> ApiKey:
         return None if value is CLEAR else value
 
     settings = ("admin", "cloud", "models", "rpm", "max_streams", "max_keep_alive",
-                "max_num_ctx", "expires", "tokens_per_day", "tokens_per_month", "weight")
+                "max_num_ctx", "expires", "tokens_per_day", "tokens_per_month", "weight",
+                "chat_header")
     if all(getattr(args, setting) is None for setting in settings):
         raise UsageError(
             f"keys update: give a setting to change (see '{PROG} keys update --help')"
@@ -567,5 +586,6 @@ def _changed(key: ApiKey, args: argparse.Namespace, now: datetime) -> ApiKey:
         tokens_per_day=given(args.tokens_per_day, key.tokens_per_day),
         tokens_per_month=given(args.tokens_per_month, key.tokens_per_month),
         weight=given(args.weight, key.weight) or 1,
+        chat_header=given(args.chat_header, key.chat_header),
     )
 

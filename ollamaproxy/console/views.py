@@ -139,6 +139,7 @@ def keys_view(
             else show_duration(key.caps.keep_alive),
             "max_num_ctx": key.caps.num_ctx,
             "weight": key.weight,
+            "chat_header": None if key.chat_header is None else key.chat_header.decode("ascii"),
             "tokens_per_day": key.tokens_per_day,
             "tokens_per_month": key.tokens_per_month,
             "used_today": used_today.get(key.name, 0),

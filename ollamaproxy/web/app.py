@@ -200,7 +200,7 @@ class OllamaProxy:
         admission = await self._limits.admit(key)
         try:
             plan = await plan_request(key, request, target, path, route, self._caps,
-                                      self._dispatcher.several)
+                                      self._dispatcher.several, self._dispatcher.conversations)
         except BaseException:
             admission.give_back()
             raise
@@ -213,7 +213,7 @@ class OllamaProxy:
         release = await admission.reserve(plan.estimate.tokens)
         try:
             job = Job(target, route, key.name, key.weight, plan.model, plan.rewrite, plan.body,
-                      plan.estimate.output)
+                      plan.estimate.output, plan.conversation)
             await self._dispatcher.dispatch(request, job, flight.trip)
         finally:
             release(meter.tokens)
@@ -248,6 +248,7 @@ class OllamaProxy:
         """
         exchange, trip = flight.exchange, flight.trip
         exchange.backend, exchange.queued = trip.backend, trip.queued
+        exchange.placement = trip.placement
         if exchange.status is None:
             exchange.status = trip.status
         if trip.responded is not None:

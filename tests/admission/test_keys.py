@@ -347,7 +347,10 @@ def test_failed_first_write_leaves_nothing(
 
 
 def test_full_key_round_trips(tmp_path: Path) -> None:
-    """Every field of a key (expiry, scopes, models, limits, quotas, weight) survives the file."""
+    """
+    Every field of a key (expiry, scopes, models, limits, quotas, weight,
+    chat id header) survives the file.
+    """
     path = str(tmp_path / "keys.json")
     key = ApiKey(
         "alice", digest(generate_key()), WHEN,
@@ -359,6 +362,7 @@ def test_full_key_round_trips(tmp_path: Path) -> None:
         tokens_per_day=200_000,
         tokens_per_month=3_000_000,
         weight=3,
+        chat_header=b"x-openwebui-chat-id",
     )
     write_keys_file(path, [key])
     assert load_keys_file(path) == [key]
@@ -387,5 +391,21 @@ def test_a_cap_that_is_no_duration_is_refused(tmp_path: Path, value: str) -> Non
     path = tmp_path / "keys.json"
     path.write_text('{"keys": [{"name": "a", "hash": "sha256:' + "0" * 64
                     + '", "max_keep_alive": ' + value + "}]}")
+    with pytest.raises(KeysFileError):
+        load_keys_file(str(path))
+
+
+@pytest.mark.parametrize("value", ['"Authorization"', '"x-api-key"', '"Cookie"', '"a b"', '""',
+                                   "7"])
+def test_a_chat_header_that_is_no_header_or_a_credential_is_refused(
+    tmp_path: Path, value: str
+) -> None:
+    """
+    A chat id header must be a header's name, and none that carries a
+    credential: no conversation's digest is ever made of a key.
+    """
+    path = tmp_path / "keys.json"
+    path.write_text('{"keys": [{"name": "a", "hash": "sha256:' + "0" * 64
+                    + '", "chat_header": ' + value + "}]}")
     with pytest.raises(KeysFileError):
         load_keys_file(str(path))

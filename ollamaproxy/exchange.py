@@ -58,6 +58,9 @@ class StreamSummary:
     @ivar tokens_per_second: Generation speed, when Ollama reports the
         time it took (C{eval_duration}).
     @ivar load_seconds: Time spent loading the model, when reported.
+    @ivar prompt_seconds: Time spent evaluating the prompt, when reported
+        (C{prompt_eval_duration}): the part of it not in a slot's cache
+        (L{ollamaproxy.record.metrics}'s cache reuse).
     @ivar counted: Whether C{completion_tokens} were counted by the proxy,
         one per NDJSON line or SSE event relayed, because Ollama reported
         none: a C{/v1} stream without C{stream_options.include_usage}, or
@@ -73,6 +76,7 @@ class StreamSummary:
     completion_tokens: int = 0
     tokens_per_second: float | None = None
     load_seconds: float | None = None
+    prompt_seconds: float | None = None
     counted: bool = False
     prompt_estimated: bool = False
 

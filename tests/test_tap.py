@@ -140,6 +140,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "max-keep-alive": None,
         "max-num-ctx": None,
         "keep-loaded-context": None,
+        "affinity-slack": None,
         "api-key": None,
         "keys-file": None,
         "log-dir": None,

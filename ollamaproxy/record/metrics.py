@@ -154,8 +154,7 @@ class Metrics:
         )
         self._shed = Counter(
             "ollamaproxy_connections_shed",
-            "Idle client connections closed to make room for new ones.",
-            registry=self.registry,
+            "Idle client connections closed to make room for new ones.", registry=self.registry,
         )
         self._quota_refusals = Counter(
             "ollamaproxy_quota_refusals",
@@ -177,27 +176,7 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
-        self._prompt = Counter(
-            "ollamaproxy_prompt_tokens",
-            "Prompt tokens of generations whose answer said how long the prompt took, on "
-            "backends whose prefill rate is known, by backend.",
-            ["backend"],
-            registry=self.registry,
-        )
-        self._cached = Counter(
-            "ollamaproxy_prompt_tokens_cached_estimate",
-            "Of those, the tokens estimated to have come from Ollama's prompt cache "
-            "(prompt_eval_duration against the backend's measured prefill rate), by backend.",
-            ["backend"],
-            registry=self.registry,
-        )
-        self._turns = Counter(
-            "ollamaproxy_conversation_turns",
-            "Turns of conversations, by backend and where they went against their "
-            "conversation's last turn (home, moved, new).",
-            ["backend", "placement"],
-            registry=self.registry,
-        )
+        self._conversations()
         # Present from the start, so that rate() sees the first one.
         for kind in _UPSTREAM_ERRORS:
             self._upstream_errors.labels(kind=kind)
@@ -208,6 +187,27 @@ class Metrics:
         # (see the module's docstring): bounded by backends times models.
         self._answered_loads: set[tuple[str, str]] = set()
         self._listed_loads: set[tuple[str, str]] = set()
+
+    def _conversations(self) -> None:
+        """
+        The metrics of conversations' turns and of the prompt cache's use
+        (see the module's docstring).
+        """
+        self._turns = Counter(
+            "ollamaproxy_conversation_turns",
+            "Turns of conversations, by backend and where they went against their "
+            "conversation's last turn (home, moved, new).",
+            ["backend", "placement"], registry=self.registry)
+        self._prompt = Counter(
+            "ollamaproxy_prompt_tokens",
+            "Prompt tokens of turns whose answer said how long the prompt took, on backends "
+            "whose prefill rate is known, by backend.",
+            ["backend"], registry=self.registry)
+        self._cached = Counter(
+            "ollamaproxy_prompt_tokens_cached_estimate",
+            "Of those, the tokens estimated to have come from Ollama's prompt cache "
+            "(prompt_eval_duration against the backend's measured prefill rate), by backend.",
+            ["backend"], registry=self.registry)
         # Cold turns' prefill rates, per backend and model label: bounded by
         # backends times MAX_MODELS + 1.
         self._prefill: dict[tuple[str, str], deque[float]] = {}

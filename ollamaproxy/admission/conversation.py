@@ -61,9 +61,9 @@ def conversation(
     @param members: The body's top-level members, by case-folded name, each
         object inside as its list of C{(name, value)} pairs.
     @param chat_id: The value of the chat id header the key names, if the
-        request carries it: it wins.
+        request carries it: it wins, unless empty (no chat named).
     """
-    if chat_id is not None:
+    if chat_id:
         return _digest(model, ("chat-id", chat_id))
     if route in _CHATS:
         messages = members.get("messages")

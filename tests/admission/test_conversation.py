@@ -100,6 +100,7 @@ def test_a_chat_id_wins() -> None:
     """
     The key's chat id header names the conversation, whatever the messages
     say; another id is another conversation, on any route that runs a model.
+    An empty one names none.
     """
     body = {"model": "llama3.2", "messages": turns("hi", 0)[0]}
     other = {"model": "llama3.2", "messages": turns("hello", 3)[3]}
@@ -107,6 +108,7 @@ def test_a_chat_id_wins() -> None:
     assert digest_of("/api/chat", body, b"c-1") != digest_of("/api/chat", body, b"c-2")
     assert digest_of("/api/chat", body, b"c-1") != digest_of("/api/chat", body)
     assert digest_of("/api/embed", {"model": "llama3.2", "input": "x"}, b"c-1") is not None
+    assert digest_of("/api/chat", body, b"") == digest_of("/api/chat", body)
 
 
 @pytest.mark.parametrize(("route", "body"), [

@@ -21,11 +21,12 @@ a free slot for it and the one it would pick without affinity:
     busy of them;
   - else the router's own choice stands, and the conversation's home moves
     to wherever the turn went (L{Affinity.went});
-  - a conversation seen for the first time goes where the router would
-    send it, but among backends that tie for that (as loaded, as busy) to
-    the one that is home to the fewest conversations, so that new
-    conversations spread over the backends rather than all going to the
-    first one listed while the backends are idle.
+  - a conversation seen for the first time goes, among the backends that
+    have its model loaded as the router's choice has and run at most
+    C{slack} requests more than it, to the one home to the fewest
+    conversations (then the least busy), so that conversations spread
+    evenly over the backends' slots rather than all starting on the first
+    one listed while the backends are idle.
 
 A request that had to wait in the fair queue takes the first slot that
 frees, wherever it is: keeping it waiting longer for its home would cost
@@ -36,9 +37,9 @@ conversations' caches; a further conversation evicts the least recently
 used one.  The rule does not move a conversation because its home holds
 many: moving it makes a miss certain, staying keeps the chance that its
 slot was not reused.  What it does is place new conversations where the
-fewest conversations live (above), and the slack bounds how much busier a
-home may be.  More live conversations than slots in all make misses
-whatever the routing: the cache-reuse metric shows it.
+fewest conversations live (above), within the slack, which also bounds
+how much busier a home may be.  More live conversations than slots in all
+make misses whatever the routing: the cache-reuse metric shows it.
 
 Memory is bounded: the digests of the last L{CONVERSATIONS} conversations
 seen, each with its backend, least recently used forgotten first.  Nothing
@@ -117,16 +118,19 @@ class Affinity:
         self, free: Sequence[Backend], chosen: Backend, model: ModelName | None
     ) -> Backend:
         """
-        Among the backends as good as C{chosen} by the router's measure, the
-        one home to the fewest conversations (C{chosen} on a tie).
+        Among the backends that have the model loaded as C{chosen} has and
+        run at most C{slack} requests more than it, the one home to the
+        fewest conversations, the least busy of those, C{chosen} on a tie.
         """
         loaded = model is None or model in chosen.loaded
-        busy = chosen.in_flight
-        best, fewest = chosen, self._living[chosen]
+        most = chosen.in_flight + self.slack
+        living = self._living
+        best, rank = chosen, (living[chosen], chosen.in_flight)
         for backend in free:
-            if (backend.in_flight == busy and self._living[backend] < fewest
+            busy = backend.in_flight
+            if (busy <= most and (living[backend], busy) < rank
                     and (model is None or model in backend.loaded) == loaded):
-                best, fewest = backend, self._living[backend]
+                best, rank = backend, (living[backend], busy)
         return best
 
     def went(self, conversation: bytes, backend: Backend) -> Placement:

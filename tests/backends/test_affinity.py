@@ -228,3 +228,25 @@ def test_memory_is_bounded_least_recently_used_first() -> None:
     assert (affinity.home(bytes([0])), affinity.home(bytes([2]))) == (b, a)
     assert affinity.went(bytes([1]), a) == "new"
     assert len(affinity) == 3
+
+
+def test_new_conversations_go_where_fewest_live_within_the_slack() -> None:
+    """
+    A new conversation goes to the backend home to the fewest conversations
+    among those at most C{slack} busier than the router's choice, not past
+    the slack.
+    """
+    chain = four(parallel=8)
+    chain.router.affinity = Affinity(slack=1)
+    for number in range(3):  # one conversation on each of the first three
+        lease = turn(chain.router, bytes([number]) * 16)
+        lease.release()
+    idle = chain.backends[3]
+    pinned = [now(chain.router.acquire("k", LLAMA, runs=True, exclude=chain.backends[:3]))
+              for _ in range(2)]
+    assert all(p.backend is idle for p in pinned)
+    # The fourth, home to none, runs 2 against 0: past the slack of 1.
+    assert turn(chain.router, b"m" * 16).backend is chain.backends[0]
+    pinned[0].release()
+    # It runs 1 against 0 now: within the slack, and home to the fewest.
+    assert turn(chain.router, b"n" * 16).backend is idle

@@ -285,6 +285,15 @@ def _endpoint(name: str, value: str) -> str:
     return value
 
 
+def _slack(name: str, value: str) -> int | None:
+    """
+    A whole number of requests, or C{off}: L{None}.
+    """
+    if value.strip().lower() == "off":
+        return None
+    return _whole(name, value)
+
+
 def _yes_no(name: str, value: str) -> bool:
     """
     A switch that is on by default, so that it needs a value to turn off:
@@ -640,6 +649,19 @@ class Config:
         "so that Ollama does not reload it; `no` sends every request as it came; "
         "`--max-num-ctx` still bounds it",
     )
+    # Ollama keeps a prompt cache per slot: a turn sent where the last went
+    # evaluates only what is new.  Two requests' wait is what a GPU's
+    # prefill of a long history costs, about.
+    affinity_slack: int | None = option(
+        _slack, "2", metavar="N|off",
+        help="Send a conversation's next turn to the backend that served the last while it "
+        "runs at most N requests more than the least busy one; off: never",
+        doc="send a conversation's next turn to the backend that served its last turn (where "
+        "Ollama holds its prompt in cache), while that backend is healthy, has the model, "
+        "has a free slot and runs at most N requests more than the least busy backend that "
+        "could take it; `0` only on a tie, `off` routes every turn as if it were the first "
+        "(see [Conversations go home](backends.md#conversations-go-home))",
+    )
     api_key: str | None = option(
         _api_key, None, metavar="KEY",
         help="A key clients must send (Authorization: Bearer KEY or X-API-Key: KEY), at "
@@ -899,4 +921,5 @@ DEFAULT_MAX_QUEUE = Config.max_queue
 DEFAULT_QUEUE_TIMEOUT = Config.queue_timeout
 DEFAULT_FAIR_SHARE = Config.fair_share
 DEFAULT_OUTPUT_TOKEN_WEIGHT = Config.output_token_weight
+DEFAULT_AFFINITY_SLACK = Config.affinity_slack
 DEFAULT_OPEN_ROUTES = str(option_named("open-routes").default)

@@ -63,6 +63,7 @@ SAMPLES = {
     "redis-failure": "closed",
     "redis-lease": "10",
     "keep-loaded-context": "no",
+    "affinity-slack": "off",
 }
 ENVIRON = {"HOME": "/home/sample"}
 

@@ -141,6 +141,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "max-keep-alive": None,
         "max-num-ctx": None,
         "keep-loaded-context": None,
+        "affinity-slack": None,
         "api-key": None,
         "keys-file": None,
         "log-dir": None,
@@ -806,3 +807,21 @@ def test_the_context_rule_reads_the_router_unless_off(tmp_path: Path, keep: bool
     caps = tap._caps(config, router)
     assert caps.num_ctx == 8192
     assert (caps.loaded_context == router.loaded_context) is keep
+
+
+@pytest.mark.parametrize(("slack", "remembers"), [(3, True), (None, False)])
+def test_the_affinity_slack_reaches_the_router(
+    tmp_path: Path, slack: int | None, remembers: bool
+) -> None:
+    """
+    --affinity-slack gives the router of several backends its slack; off,
+    the router remembers no conversation.
+    """
+    clock = MemoryReactorClock()
+    backends = [Backend(Upstream(cast(IAgent, None), url, clock, 600, 600), 1)
+                for url in (b"http://a", b"http://b")]
+    router = tap._router(base_config(tmp_path, affinity_slack=slack), clock,
+                         BackendPool(backends))
+    assert (router.affinity is not None) is remembers
+    if router.affinity is not None:
+        assert router.affinity.slack == slack

@@ -32,7 +32,6 @@ from typing import Final
 
 from twisted.web.http_headers import Headers
 
-from ollamaproxy.backends.headers import NEVER_UPSTREAM
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.exchange import ANONYMOUS
 
@@ -40,32 +39,6 @@ from ollamaproxy.exchange import ANONYMOUS
 MAX_USER_LENGTH: Final = 128
 
 _USER: Final = re.compile(rf"[A-Za-z0-9._@+:-]{{1,{MAX_USER_LENGTH}}}")
-
-# A field name is a token (RFC 9110 section 5.1, 5.6.2).
-_TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
-
-
-def check_user_header(name: str) -> str:
-    """
-    Accept the name of a key's user header: a field name (a token of RFC
-    9110), and none the proxy reads for itself or never sends on (the
-    key's own headers, cookies, hop-by-hop ones): a user read from
-    C{X-API-Key} would be the key itself, written into every log.
-
-    @return: C{name}, as given.
-    @raise ValueError: If it is not one, saying why.
-    """
-    if not _TOKEN.fullmatch(name):
-        raise ValueError(
-            f"{name!r} is not a header name: use 1 to 128 letters, digits or "
-            "!#$%&'*+-.^_`|~ (RFC 9110)"
-        )
-    if name.lower().encode("ascii") in NEVER_UPSTREAM:
-        raise ValueError(
-            f"{name!r} carries credentials or describes the connection, not a user"
-        )
-    return name
-
 
 def user_of(header: bytes, headers: Headers) -> str:
     """

@@ -56,6 +56,12 @@ waiting for them are kept for every proxy together: the router asks the
 shared queue (L{ollamaproxy.backends.shared}) for them, with the backends
 the request may use, best first, and keeps its backends' counts as usual.
 
+A request that carries a conversation (the digest the plan makes of what
+identifies it, L{ollamaproxy.admission.conversation}) is sent, among the
+backends with a free slot, to the one its conversation's last turn went
+to, within C{--affinity-slack} (L{ollamaproxy.backends.affinity}); the
+lease says how its backend compares with that last one.
+
 With a single backend the proxy decides nothing about models or health:
 every request goes to it, and Ollama answers for a model it does not have
 (or the proxy's 502 says it cannot be reached), as without the proxy; only
@@ -70,10 +76,12 @@ from dataclasses import dataclass, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
+from ollamaproxy.backends.affinity import Affinity, Placement
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.queue import FairQueue, busy
 from ollamaproxy.backends.shared import Ask, SharedQueue
 from ollamaproxy.config import (
+    DEFAULT_AFFINITY_SLACK,
     DEFAULT_FAIR_SHARE,
     DEFAULT_MAX_QUEUE,
     DEFAULT_OUTPUT_TOKEN_WEIGHT,
@@ -129,12 +137,16 @@ class Lease:
     @ivar backend: Where the request goes.
     @ivar model: The model it named, if any.
     @ivar queued: Seconds it waited for the slot.
+    @ivar placement: For a request that carries a conversation, how its
+        backend compares with the one its conversation's last turn went to
+        (L{Placement}); else L{None}.
     """
 
     backend: Backend
     model: ModelName | None
     queued: float
     _router: Router = field(repr=False)
+    placement: Placement | None = None
     _released: bool = False
     # Who the fair queue charged for the slot, how much, and the meter that
     # says, at release, what the request did cost (None: no true-up).
@@ -172,12 +184,16 @@ class Router:
         queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
         fair_share: str = DEFAULT_FAIR_SHARE,
         output_token_weight: float = DEFAULT_OUTPUT_TOKEN_WEIGHT,
+        affinity_slack: int | None = DEFAULT_AFFINITY_SLACK,
     ) -> None:
         """
         @param fair_share: What the fair queue shares out: C{tokens} or
             C{requests} (see the module's docstring).
         @param output_token_weight: What an output token costs against a
             prompt token, under C{tokens}.
+        @param affinity_slack: How much busier than the least busy backend
+            a conversation's home may be and still get its next turn
+            (L{ollamaproxy.backends.affinity}); L{None} sends no turn home.
         """
         self.pool = pool
         self._clock = clock
@@ -205,6 +221,10 @@ class Router:
         #: The queue shared with other proxies that keeps named models'
         #: slots, if there is one (L{ollamaproxy.backends.shared}).
         self.shared: SharedQueue | None = None
+        #: Where conversations live, if turns go home: with one backend,
+        #: every turn does anyway.
+        self.affinity = (Affinity(affinity_slack) if self.several and affinity_slack is not None
+                         else None)
 
     #: Whether there is more than one backend to choose from.
     several: bool
@@ -248,6 +268,7 @@ class Router:
         meter: Meter | None = None,
         expected_output: int = 0,
         user: str | None = None,
+        conversation: bytes | None = None,
         local: bool = False,
     ) -> Deferred[Lease]:
         """
@@ -271,6 +292,8 @@ class Router:
             no users.
         @param local: Whether it waits in this process's queue even when
             there is a shared one (L{shared}): the shared queue's fallback.
+        @param conversation: The digest of the conversation the request
+            continues, if it carries one: it goes home if it may.
         @return: Fires with a L{Lease} at once, or once the request's turn has
             come; cancelling it leaves the queue.
         @raise ProxyError: 404 if no backend has the model, 503 if none that
@@ -296,16 +319,18 @@ class Router:
             cost = self._cost(meter.prompt_estimate, expected_output)
         else:
             cost, meter = 1.0, None
+        if self.affinity is None:
+            conversation = None
         if self.shared is not None and not local and model is not None and model.canonical:
             return self._take_shared(key, (model, now, excluded), weight, cost, meter,
-                                     expected_output, user)
+                                     expected_output, user, conversation)
         if not len(self.queue):
-            lease = self._grant((model, now, excluded))
+            lease = self._grant((model, now, excluded), conversation=conversation)
             if lease is not None:
                 self.queue.served(key, weight, cost, user)
-                return succeed(self._bill(lease, key, weight, cost, meter, user))
+                return succeed(self._bill(lease, key, weight, cost, meter, user, conversation))
         waiting = self.queue.wait(key, (model, now, excluded), weight, cost, user)
-        waiting.addCallback(self._bill, key, weight, cost, meter, user)
+        waiting.addCallback(self._bill, key, weight, cost, meter, user, conversation)
         self._serve_queue()
         return waiting
 
@@ -318,13 +343,15 @@ class Router:
         meter: Meter | None,
         expected_output: int,
         user: str | None,
+        conversation: bytes | None,
     ) -> Deferred[Lease]:
         """
         A slot of a named model from the queue shared with other proxies,
         which falls back to this process's own while it cannot be asked.
         The shared queue orders keys, not the users behind a key: a key's
         users share its turns in the order they came there, and by the
-        users' rule only in this process's queue.
+        users' rule only in this process's queue.  A conversation's home
+        is asked first, if the affinity rule would choose it.
         """
         model, since, excluded = wants
         assert self.shared is not None and model is not None
@@ -334,15 +361,20 @@ class Router:
             and self._has(b, model)
         ]
         candidates.sort(key=lambda b: (model not in b.loaded, b.in_flight))
+        if conversation is not None and self.affinity is not None and candidates:
+            home = self.affinity.choose(conversation, candidates, candidates[0], model)
+            candidates.remove(home)
+            candidates.insert(0, home)
 
         def lease(backend: Backend) -> Lease:
-            return self._bill(self._lease(backend, model, since), key, weight, cost, meter, user)
+            return self._bill(self._lease(backend, model, since), key, weight, cost, meter, user,
+                              conversation)
 
         return self.shared.take(Ask(
             key, model, candidates, weight, cost, since, lease,
             lambda: self.acquire(key, model, runs=True, exclude=excluded, weight=weight,
                                  meter=meter, expected_output=expected_output, user=user,
-                                 local=True),
+                                 conversation=conversation, local=True),
         ))
 
     def waiting(self) -> dict[str, int]:
@@ -365,15 +397,17 @@ class Router:
         cost = prompt + output * self._output_weight
         return cost if cost > 1 else 1.0
 
-    @staticmethod
-    def _bill(lease: Lease, key: str, weight: float, cost: float, meter: Meter | None,
-              user: str | None) -> Lease:
+    def _bill(self, lease: Lease, key: str, weight: float, cost: float, meter: Meter | None,
+              user: str | None, conversation: bytes | None) -> Lease:
         """
         Write on C{lease} what its slot was charged, and to whom, for the
-        true-up at release.
+        true-up at release; and move its conversation, if any, to its
+        backend.
         """
         lease._key, lease._weight, lease._charged, lease._meter = key, weight, cost, meter
         lease._user = user
+        if conversation is not None and self.affinity is not None:
+            lease.placement = self.affinity.went(conversation, lease.backend)
         return lease
 
     def _check_available(self, model: ModelName | None, excluded: frozenset[Backend]) -> None:
@@ -395,12 +429,15 @@ class Router:
         self,
         wants: tuple[ModelName | None, float, frozenset[Backend]],
         named: ModelName | None = None,
+        conversation: bytes | None = None,
     ) -> Lease | None:
         """
         A lease on the best backend with a free slot for C{model}, or
         L{None}.
 
         @param named: For a request that takes no slot, the model it names.
+        @param conversation: The digest of the conversation the request
+            continues, if any: its home may be chosen.
         """
         model, since, excluded = wants
         named = named or model
@@ -413,6 +450,8 @@ class Router:
         if not free:
             return None
         backend = min(free, key=lambda b: (named is None or named not in b.loaded, b.in_flight))
+        if conversation is not None and self.affinity is not None:
+            backend = self.affinity.choose(conversation, free, backend, named)
         return self._lease(backend, model, since)
 
     def _lease(self, backend: Backend, slot: ModelName | None, since: float) -> Lease:

@@ -140,6 +140,7 @@ def keys_view(
             "max_num_ctx": key.caps.num_ctx,
             "weight": key.weight,
             "user_header": key.user_header,
+            "chat_header": key.chat_header,
             "tokens_per_day": key.tokens_per_day,
             "tokens_per_month": key.tokens_per_month,
             "used_today": used_today.get(key.name, 0),

@@ -208,7 +208,7 @@ class OllamaProxy:
         admission = await self._limits.admit(key)
         try:
             plan = await plan_request(key, request, target, path, route, self._caps,
-                                      self._dispatcher.several)
+                                      self._dispatcher.several, self._dispatcher.conversations)
         except BaseException:
             admission.give_back()
             raise
@@ -221,7 +221,7 @@ class OllamaProxy:
         release = await admission.reserve(plan.estimate.tokens)
         try:
             job = Job(target, route, key.name, key.weight, plan.model, plan.rewrite, plan.body,
-                      plan.estimate.output, user=user)
+                      plan.estimate.output, user=user, conversation=plan.conversation)
             await self._dispatcher.dispatch(request, job, flight.trip)
         finally:
             release(meter.tokens)
@@ -256,6 +256,7 @@ class OllamaProxy:
         """
         exchange, trip = flight.exchange, flight.trip
         exchange.backend, exchange.queued = trip.backend, trip.queued
+        exchange.placement = trip.placement
         if exchange.status is None:
             exchange.status = trip.status
         if trip.responded is not None:

@@ -478,12 +478,14 @@ def test_update_clears_limits(keys_file: Path) -> None:
     secret = add(keys_file, "bob", "--admin", "--cloud", "--models", "llama3*", "--rpm", "60",
                  "--max-streams", "2", "--max-keep-alive", "10m", "--max-num-ctx", "8192",
                  "--expires", "2027-01-01", "--tokens-per-day", "5", "--tokens-per-month", "9",
-                 "--weight", "3")
+                 "--weight", "3", "--chat-header", "X-OpenWebUI-Chat-Id")
     assert load_keys_file(str(keys_file))[0].weight == 3
+    assert load_keys_file(str(keys_file))[0].chat_header == "X-OpenWebUI-Chat-Id"
     result = run("keys", "update", "bob", "--no-admin", "--no-cloud", "--models", "all",
                  "--rpm", "none", "--max-streams", "none", "--max-keep-alive", "none",
                  "--max-num-ctx", "none", "--expires", "never", "--tokens-per-day", "none",
-                 "--tokens-per-month", "none", "--weight", "none", "--keys-file", str(keys_file))
+                 "--tokens-per-month", "none", "--weight", "none", "--chat-header", "",
+                 "--keys-file", str(keys_file))
     assert (result.code, result.err) == (0, "")
     assert load_keys_file(str(keys_file)) == [ApiKey("bob", digest(secret), created=NOW)]
 
@@ -500,6 +502,8 @@ def test_update_clears_limits(keys_file: Path) -> None:
         (["bob", "--expires", "none"], 2, "--expires: 'none' is not a date"),
         (["bob", "--models", "a", "b"], 2, "unrecognized arguments: b"),
         (["bob", "--admin", "--no-admin", "--bogus"], 2, "unrecognized arguments: --bogus"),
+        (["bob", "--chat-header", "Authorization"], 2, "carries credentials"),
+        (["bob", "--chat-header", "a:b"], 2, "is not a header name"),
     ],
 )
 def test_update_errors(keys_file: Path, argv: list[str], code: int, fragment: str) -> None:
@@ -664,7 +668,7 @@ def test_show_json(keys_file: Path, usage_file: Path) -> None:
     use, in the documented shape; neither the key nor its hash.
     """
     secret = add(keys_file, "bob", "--models", "llama3*", "--max-keep-alive", "10m",
-                 "--tokens-per-month", "1000")
+                 "--tokens-per-month", "1000", "--chat-header", "X-OpenWebUI-Chat-Id")
     result = run("keys", "show", "bob", "--json", "--keys-file", str(keys_file),
                  "--usage-file", str(usage_file))
     assert (result.code, result.err) == (0, "")
@@ -679,6 +683,7 @@ def test_show_json(keys_file: Path, usage_file: Path) -> None:
         "max_num_ctx": None,
         "weight": 1,
         "user_header": None,
+        "chat_header": "X-OpenWebUI-Chat-Id",
         "tokens_per_day": None,
         "tokens_per_month": 1000,
         "used_today": 7,

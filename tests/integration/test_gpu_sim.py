@@ -5,6 +5,7 @@ real port, with the proxy as a real C{twistd} in front of it.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
@@ -14,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from tests.fakes.client import chat_lines
+from tests.fakes.client import agent, body, chat_lines, read, request
 from tests.fakes.twistd import REPO, START_TIMEOUT, TEST_KEY, TwistdLauncher, proxy_args
 
 SCRIPT = REPO / "bench" / "gpu_sim.py"
@@ -71,3 +72,71 @@ async def test_the_proxy_streams_a_chat_from_the_simulator(
         if simulator.transport is not None and not simulator.ended.called:
             simulator.transport.signalProcess("KILL")
         await simulator.ended
+
+
+async def _chat(reactor: Any, url: str, messages: list[dict[str, str]]) -> dict[str, Any]:
+    """
+    A chat through the proxy, not streamed: its answer.
+    """
+    response = await request(
+        agent(reactor), b"POST", url + "/api/chat",
+        {"Authorization": f"Bearer {TEST_KEY}", "Content-Type": "application/json"},
+        body(json.dumps({"model": "llama3.2", "messages": messages, "stream": False}).encode()),
+    )
+    assert response.code == 200
+    arrivals = await read(response)
+    await arrivals.done
+    answer: dict[str, Any] = json.loads(arrivals.body)
+    return answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_conversations_go_home_over_four_simulated_gpus(
+    reactor: Any, twistd: TwistdLauncher
+) -> None:
+    """
+    Three users chat three turns each, in rounds, through the proxy in front
+    of four simulated GPUs of one slot each: every turn after a user's
+    first finds its history in the slot's cache (the simulator evaluates
+    only the new words), so each went to the backend of the turn before;
+    and the proxy's metrics count those turns as gone home.  (Sent where
+    the router alone sends them, every turn to the first backend, the
+    users' histories would evict each other from its one slot.)
+    """
+    prefill = 1000.0
+    simulators = [SimulatorProcess() for _ in range(4)]
+    for simulator in simulators:
+        args = [sys.executable, str(SCRIPT), "0", "--model", "llama3.2", "--load-seconds",
+                "0.1", "--default-output", "3", "--prefill-tps", str(prefill)]
+        reactor.spawnProcess(simulator, sys.executable, args, env=dict(os.environ),
+                             path=str(REPO))
+    try:
+        ports = [await s.listening.addTimeout(START_TIMEOUT, reactor) for s in simulators]
+        upstreams = [f"http://127.0.0.1:{port}" for port in ports]
+        extra = [arg for url in upstreams[1:] for arg in ("--upstream", url)]
+        proxy = await twistd.start(proxy_args(upstreams[0], *extra, "--parallel", "1"))
+        histories = {user: [{"role": "user", "content": f"I am user {user} " + "word " * 200}]
+                     for user in range(3)}
+        for number in range(3):
+            for history in histories.values():
+                answer = await _chat(reactor, proxy.url, history)
+                evaluated = round(answer["prompt_eval_duration"] / 1e9 * prefill)
+                if number:
+                    # At least the first message came from the cache.
+                    assert evaluated <= answer["prompt_eval_count"] - 200
+                history += [answer["message"],
+                            {"role": "user", "content": f"question {number} " + "word " * 20}]
+        response = await request(agent(reactor), b"GET", proxy.url + "/metrics",
+                                 {"Authorization": f"Bearer {TEST_KEY}"})
+        scraped = await read(response)
+        await scraped.done
+        turns = [line for line in scraped.body.decode().splitlines()
+                 if line.startswith("ollamaproxy_conversation_turns_total{")]
+        homes = sum(float(line.split()[-1]) for line in turns if 'placement="home"' in line)
+        assert homes == 6.0
+    finally:
+        for simulator in simulators:
+            if simulator.transport is not None and not simulator.ended.called:
+                simulator.transport.signalProcess("KILL")
+        for simulator in simulators:
+            await simulator.ended

@@ -454,3 +454,37 @@ def test_each_loaded_model_s_vram_is_shown() -> None:
     shown = [labels for (n, labels) in samples if n == name]
     assert len(shown) == MAX_MODELS + 1
     assert value(samples, name, backend="http://a:11434", model="other") == 3.0
+
+
+def test_prompt_cache_reuse_is_estimated_from_cold_turns_rates() -> None:
+    """
+    A backend's prefill rate is learned from turns that found no cache of
+    their conversation there (new, moved); a turn that went home and took a
+    tenth of the time its prompt would at that rate counts nine tenths of
+    its prompt as cached.  Before a rate is known, and for requests that
+    are no turns, nothing is counted; the turns are counted by placement.
+    """
+    metrics = Metrics()
+    backend = "http://127.0.0.1:11434"
+
+    def turn(placement: str, tokens: int, seconds: float, model: str = "llama3.2") -> None:
+        observed = exchange(summary=StreamSummary(model, "stop", tokens, 10,
+                                                  prompt_seconds=seconds))
+        observed.backend, observed.placement = backend, placement
+        metrics.observe(observed, 1005.0)
+
+    turn("home", 1000, 0.1)  # no rate yet: not counted
+    metrics.observe(exchange(summary=StreamSummary("llama3.2", "stop", 500, 10,
+                                                   prompt_seconds=0.5)), 1005.0)
+    assert value(scrape(metrics), "ollamaproxy_prompt_tokens_total", backend=backend) is None
+    for tokens in (1000, 2000, 3000):
+        turn("new", tokens, tokens / 1000)  # 1000 tokens a second, all evaluated
+    turn("home", 4000, 0.4)  # 400 evaluated, 3600 from the cache
+    turn("home", 1000, 0.1, model="mistral")  # mistral's rate is not known
+    samples = scrape(metrics)
+    assert value(samples, "ollamaproxy_prompt_tokens_total", backend=backend) == 10_000.0
+    assert value(samples, "ollamaproxy_prompt_tokens_cached_estimate_total",
+                 backend=backend) == pytest.approx(3600.0)
+    name = "ollamaproxy_conversation_turns_total"
+    assert value(samples, name, backend=backend, placement="home") == 3.0
+    assert value(samples, name, backend=backend, placement="new") == 3.0

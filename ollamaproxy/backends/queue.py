@@ -56,7 +56,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, KeysView
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Generic, TypeVar
@@ -159,6 +159,12 @@ class FairQueue(Generic[W, G]):
 
     def __len__(self) -> int:
         return self._size
+
+    def kinds(self) -> KeysView[Hashable]:
+        """
+        The kinds of slot that waiting requests want.
+        """
+        return self._kinds.keys()
 
     def waiting(self) -> dict[str, int]:
         """

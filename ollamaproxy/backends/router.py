@@ -54,17 +54,26 @@ costs one turn.
 With a single backend the proxy decides nothing about models or health:
 every request goes to it, and Ollama answers for a model it does not have
 (or the proxy's 502 says it cannot be reached), as without the proxy; only
-the fair queue for a busy model is added.
+the fair queue for a busy model, and collation, are added.
+
+Collation (C{--switch-hold}, L{ollamaproxy.backends.collate}): a backend
+that would have to switch models for the next request in line first serves
+the requests waiting for the models it holds, for at most the hold, then
+drains for the switch.  A backend holds the models the proxy last gave it,
+at most as many as its C{/api/ps} has been seen listing at once (at least
+one); a request for another model when it holds that many is a switch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
+from ollamaproxy.backends.collate import Collator
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.queue import FairQueue, busy
 from ollamaproxy.config import (
@@ -161,12 +170,17 @@ class Router:
         queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
         fair_share: str = DEFAULT_FAIR_SHARE,
         output_token_weight: float = DEFAULT_OUTPUT_TOKEN_WEIGHT,
+        switch_hold: float = 0.0,
     ) -> None:
         """
         @param fair_share: What the fair queue shares out: C{tokens} or
             C{requests} (see the module's docstring).
         @param output_token_weight: What an output token costs against a
             prompt token, under C{tokens}.
+        @param switch_hold: The most seconds a backend serves the requests
+            for the models it holds before it switches
+            (L{ollamaproxy.backends.collate}); 0, the default here, turns
+            collation off (the daemon's default is C{--switch-hold}'s).
         """
         self.pool = pool
         self._clock = clock
@@ -188,6 +202,10 @@ class Router:
         # only between two releases of one stretch of waiting.
         self._stretch = 0
         pool.on_change = self._serve_queue
+        self.collator = (
+            Collator(clock, switch_hold, self._waiting_on, self._serve_queue)
+            if switch_hold > 0 else None
+        )
         # One backend gets every request, healthy or not: Ollama (or the
         # 502 for it) answers, as without the proxy.
         self.several = len(pool.backends) > 1
@@ -337,10 +355,25 @@ class Router:
             and free_for(b, model)
             and (named is None or self._has(b, named))
         ]
+        collator = self.collator
+        if collator is not None and model is not None and model.canonical:
+            free = collator.allowed(model, free)
         if not free:
             return None
         backend = min(free, key=lambda b: (named is None or named not in b.loaded, b.in_flight))
+        if collator is not None and model is not None and model.canonical:
+            collator.granted(backend, model)
         return self._lease(backend, model, since)
+
+    def _waiting_on(self, backend: Backend) -> set[ModelName]:
+        """
+        The models that requests waiting in the fair queue want, of those
+        that may go to C{backend}: what the collator asks before a switch.
+        """
+        # The queue's kinds are the router's (model, backends excluded).
+        kinds = cast("Iterable[tuple[ModelName | None, frozenset[Backend]]]", self.queue.kinds())
+        return {model for model, excluded in kinds
+                if model is not None and backend not in excluded}
 
     def _lease(self, backend: Backend, slot: ModelName | None, since: float) -> Lease:
         backend.running[slot] += 1

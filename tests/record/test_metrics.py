@@ -454,3 +454,30 @@ def test_each_loaded_model_s_vram_is_shown() -> None:
     shown = [labels for (n, labels) in samples if n == name]
     assert len(shown) == MAX_MODELS + 1
     assert value(samples, name, backend="http://a:11434", model="other") == 3.0
+
+
+def test_each_backend_s_model_switches_are_counted() -> None:
+    """
+    C{ollamaproxy_model_switches_total} gives each backend's switches, as
+    the router's collator counted them.
+    """
+    from typing import cast
+
+    from twisted.internet.task import Clock
+    from twisted.web.iweb import IAgent
+
+    from ollamaproxy.backends.pool import Backend, BackendPool
+    from ollamaproxy.backends.router import Router
+    from ollamaproxy.backends.upstream import Upstream
+    from ollamaproxy.model_names import resolve
+
+    clock = Clock()
+    backend = Backend(Upstream(cast(IAgent, None), b"http://a:11434", clock, 1, 1), 1,
+                      loaded=frozenset([resolve("llama3.2")]))
+    router = Router(BackendPool([backend]), clock, switch_hold=3)
+    metrics = Metrics()
+    metrics.registry.register(RouterGauges(router))
+    name = "ollamaproxy_model_switches_total"
+    assert value(scrape(metrics), name, backend="http://a:11434") == 0
+    router.acquire("k", resolve("mistral"), runs=True)
+    assert value(scrape(metrics), name, backend="http://a:11434") == 1

@@ -62,6 +62,11 @@ the requests waiting for the models it holds, for at most the hold, then
 drains for the switch.  A backend holds the models the proxy last gave it,
 at most as many as its C{/api/ps} has been seen listing at once (at least
 one); a request for another model when it holds that many is a switch.
+
+A backend seen running fewer of a model's requests at once than
+C{parallel} is given only that many (L{Backend.effective},
+L{ollamaproxy.backends.effective}): the dispatcher tells each lease when
+its answer begins (L{Lease.answering}), and its release tells the rest.
 """
 
 from __future__ import annotations
@@ -72,8 +77,10 @@ from typing import cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IResponse
 
 from ollamaproxy.backends.collate import Collator
+from ollamaproxy.backends.effective import EffectiveParallel, Watch
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.queue import FairQueue, busy
 from ollamaproxy.config import (
@@ -91,6 +98,8 @@ from ollamaproxy.model_names import ModelName
 _SMOOTHING = 0.2
 
 _UNMEASURED = -1.0
+
+_NO_TYPE = [b""]
 
 #: How many models' releases are timed; beyond, the timings start afresh
 #: (with a single backend, any name a client sends gets a slot).
@@ -121,7 +130,11 @@ def free_for(backend: Backend, slot: ModelName | None) -> bool:
     if not slot.canonical:
         # Counter: reading a missing slot adds nothing.
         return backend.in_flight == running[None]
-    return running[slot] < backend.parallel and not (running and UNREAD_MODEL in running)
+    # An effective parallel lowered (L{EffectiveParallel}) only when the
+    # backend has one: an empty dict is no call.
+    limit = backend.effective[slot] if backend.effective and slot in backend.effective \
+        else backend.parallel
+    return running[slot] < limit and not (running and UNREAD_MODEL in running)
 
 
 @dataclass(eq=False)
@@ -145,6 +158,22 @@ class Lease:
     _weight: float = 1.0
     _charged: float = 0.0
     _meter: Meter | None = field(default=None, repr=False)
+    # What its first byte showed, for the effective parallel (None: none
+    # came yet, or the request names no model).
+    _watch: Watch | None = field(default=None, repr=False)
+    _streamed: bool = False
+
+    def answering(self, response: IResponse) -> None:
+        """
+        The request's answer has begun (its response head came): what the
+        router's L{EffectiveParallel} counts as running, if it streams.
+        """
+        model = self.model
+        if model is not None and model.canonical:
+            kind = response.headers.getRawHeaders(b"content-type", _NO_TYPE)[0]
+            # Sliced, not startswith(): no call more on every request.
+            self._router.effective.head(
+                self, kind[:20] == b"application/x-ndjson" or kind[:17] == b"text/event-stream")
 
     def release(self) -> None:
         """
@@ -202,6 +231,7 @@ class Router:
         # only between two releases of one stretch of waiting.
         self._stretch = 0
         pool.on_change = self._serve_queue
+        self.effective = EffectiveParallel(clock)
         self.collator = (
             Collator(clock, switch_hold, self._waiting_on, self._serve_queue)
             if switch_hold > 0 else None
@@ -382,9 +412,13 @@ class Router:
     def _release(self, lease: Lease) -> None:
         model = lease.model
         running = lease.backend.running
-        running[model] -= 1
-        if running[model] <= 0:
+        left = running[model] - 1
+        if left <= 0:
             del running[model]
+        else:
+            running[model] = left
+        if lease._watch is not None:
+            self.effective.released(lease, lease._watch, left)
         meter = lease._meter
         if meter is not None:
             # The meter's reading, not the estimate charged, is what the

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.backends.test_router,tests.backends.test_collate -*-
+# -*- test-case-name: tests.backends.test_collate,tests.backends.test_effective -*-
 """
 Backends that nothing is sent to, for tests of the router's choices.
 """
@@ -9,7 +9,8 @@ from typing import cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.web.iweb import IAgent
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
 
 from ollamaproxy.backends.pool import Backend
 from ollamaproxy.backends.router import Lease
@@ -37,3 +38,21 @@ def now(d: Deferred[Lease]) -> Lease:
     d.addCallback(results.append)
     assert results, "no backend yet"
     return results[0]
+
+
+class _Head:
+    """
+    A response head of the given content type: all a lease reads of it.
+    """
+
+    def __init__(self, content_type: bytes) -> None:
+        self.headers = Headers({b"content-type": [content_type]})
+
+
+def first_byte(lease: Lease, content_type: bytes = b"application/x-ndjson") -> Lease:
+    """
+    Tell C{lease} its answer has begun, streamed unless C{content_type} says
+    otherwise.
+    """
+    lease.answering(cast(IResponse, _Head(content_type)))
+    return lease

@@ -14,7 +14,9 @@ request has its slot, which it gets as soon as that model has no request
 running there.  Without the drain, the switch could wait for ever: since
 v0.11.5 Ollama lets a request for a loaded model pass a waiting switch.  A
 key's request thus waits at most one hold, and the requests already
-running for the old model, beyond its fair turn.
+running for the old model, beyond its fair turn; a request for a third
+model whose turn comes meanwhile waits for that switch to go, then for
+its own hold.
 
 What a backend holds, and when a request is a switch, is told by this
 simple rule: a backend holds the models the proxy last gave it, at most as
@@ -141,20 +143,26 @@ class Collator:
 
     def _may_switch(self, backend: Backend, seat: _Seat, model: ModelName) -> bool:
         """
-        Whether C{backend} may switch to C{model} now: at once if a model it
-        holds has nothing running there nor waiting; else once the hold is
-        over and the model held longest has nothing running there.
+        Whether C{backend} may switch to C{model} now.  A switch already due
+        for another model that still waits goes first, whatever requests
+        for other models came since: so no request waits more than that
+        switch and then its own hold.  Else at once if a model it holds has
+        nothing running there nor waiting; else once the hold is over and
+        the model held longest has nothing running there.
         """
         waiting = self._waiting(backend)
+        if seat.due is not None and seat.to != model:
+            if seat.to in waiting:
+                return False
+            # The request it was due for no longer waits.
+            self._cancel(seat)
+            seat.due = seat.to = seat.draining = None
         running = backend.running
         if any(not running[held] and held not in waiting for held in seat.held):
             return True
         now = self._clock.seconds()
-        if seat.due is None or (seat.to != model and seat.to not in waiting):
-            # Due now: for the first request that would switch, or afresh
-            # when the one it was due for no longer waits.
-            self._cancel(seat)
-            seat.due, seat.to, seat.draining = now, model, None
+        if seat.due is None:
+            seat.due, seat.to = now, model
             seat.timer = self._clock.callLater(self._hold, self._held, seat)
         if now < seat.due + self._hold:
             return False

@@ -12,6 +12,7 @@ from twisted.logger import capturedLogs
 
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import Lease, Router
+from ollamaproxy.exchange import Meter, StreamSummary
 from ollamaproxy.model_names import ModelName
 from tests.fakes.routers import LLAMA, MISTRAL, QWEN, backend, now
 
@@ -107,6 +108,31 @@ def test_a_switch_waits_at_most_one_hold_then_the_backend_drains() -> None:
     # Served meanwhile: the model held, during the hold only.
     assert models[:when] == [LLAMA] * when and when >= 5
     assert all(t <= HOLD for t, _ in grants.leases[:when])
+
+
+def test_the_switch_due_first_goes_first() -> None:
+    """
+    A request for a third model whose key is ahead in the fair order comes
+    while a switch is held: once the backend has drained, the switch that
+    became due first goes, so that its request waits one hold, not two.
+    """
+    clock = Clock()
+    r = collating(clock, one(clock, parallel=2))
+    grants = Grants(clock)
+    grants.watch(r.acquire("a", LLAMA, runs=True))
+    costly = Meter()
+    costly.expect(10, "llama3.2")  # b's turns come after c's
+    costly.final = StreamSummary(model="llama3.2:latest", prompt_tokens=10)
+    grants.watch(r.acquire("b", LLAMA, runs=True, meter=costly))
+    for key, model in [("b", MISTRAL), ("a", LLAMA), ("c", QWEN)]:
+        grants.watch(r.acquire(key, model, runs=True))
+    clock.advance(1)
+    grants.release_running()  # the waiting llama3.2 goes: the hold
+    clock.advance(HOLD)  # the hold is over: the backend drains
+    grants.release_running()
+    grants.release_running()
+    assert grants.models() == [LLAMA, LLAMA, LLAMA, MISTRAL]
+    assert grants.leases[-1][0] == HOLD + 1
 
 
 def test_a_switch_goes_at_once_when_nothing_wants_the_model_held() -> None:

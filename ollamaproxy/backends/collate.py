@@ -120,13 +120,33 @@ class Collator:
     def allowed(self, model: ModelName, free: list[Backend]) -> list[Backend]:
         """
         Those of the backends C{free} (each has a slot for C{model}) that
-        may take a request for C{model} now: one that holds it and is not
-        draining it for a switch, one that holds fewer models than it can,
-        and one whose switch to it may go.
+        may take a request for C{model} now: those that need no switch for
+        it (they hold it and are not draining it, or hold fewer models than
+        they can); else one whose switch to it may go.  Only one backend is
+        held and drained for a switch at a time: the one whose switch is
+        due for the model, else the least busy.
         """
-        return [backend for backend in free if self._may_take(backend, model)]
+        plain = [backend for backend in free if self._takes(backend, model)]
+        if plain or not free:
+            return plain
+        open_: list[Backend] = []
+        for backend in free:
+            seat, waiting = self._seats[backend], self._waiting(backend)
+            if self._due_for_another(seat, model, waiting):
+                continue
+            if self._idle(backend, seat, waiting):
+                return [backend]  # a switch that keeps nobody waiting
+            open_.append(backend)
+        if not open_:
+            return []
+        due = [b for b in open_ if self._seats[b].to == model]
+        backend = due[0] if due else min(open_, key=lambda b: b.in_flight)
+        return [backend] if self._may_switch(backend, self._seats[backend], model) else []
 
-    def _may_take(self, backend: Backend, model: ModelName) -> bool:
+    def _takes(self, backend: Backend, model: ModelName) -> bool:
+        """
+        Whether C{backend} may take a request for C{model} with no switch.
+        """
         seat = self._seat(backend)
         if model in seat.held:
             if seat.draining != model:
@@ -137,29 +157,40 @@ class Collator:
             self._cancel(seat)
             seat.due = seat.to = seat.draining = None
             return True
-        if len(seat.held) < seat.capacity:
+        return len(seat.held) < seat.capacity
+
+    def _due_for_another(self, seat: _Seat, model: ModelName, waiting: set[ModelName]) -> bool:
+        """
+        Whether a switch is due on the backend for another model than
+        C{model}, whose request still waits: it goes first, whatever
+        requests for other models came since, so that no request waits
+        more than that switch and then its own hold.  A switch due for a
+        request that no longer waits is forgotten.
+        """
+        if seat.due is None or seat.to == model:
+            return False
+        if seat.to in waiting:
             return True
-        return self._may_switch(backend, seat, model)
+        self._cancel(seat)
+        seat.due = seat.to = seat.draining = None
+        return False
+
+    @staticmethod
+    def _idle(backend: Backend, seat: _Seat, waiting: set[ModelName]) -> bool:
+        """
+        Whether a model C{backend} holds has nothing running there nor
+        waiting: a switch may unload it at once.
+        """
+        running = backend.running
+        return any(not running[held] and held not in waiting for held in seat.held)
 
     def _may_switch(self, backend: Backend, seat: _Seat, model: ModelName) -> bool:
         """
-        Whether C{backend} may switch to C{model} now.  A switch already due
-        for another model that still waits goes first, whatever requests
-        for other models came since: so no request waits more than that
-        switch and then its own hold.  Else at once if a model it holds has
-        nothing running there nor waiting; else once the hold is over and
-        the model held longest has nothing running there.
+        Whether C{backend}, which holds as many models as it can, all in
+        use, may switch to C{model} now: once the hold is over (it starts
+        now, if no switch is due yet) and the model held longest has
+        nothing running there.
         """
-        waiting = self._waiting(backend)
-        if seat.due is not None and seat.to != model:
-            if seat.to in waiting:
-                return False
-            # The request it was due for no longer waits.
-            self._cancel(seat)
-            seat.due = seat.to = seat.draining = None
-        running = backend.running
-        if any(not running[held] and held not in waiting for held in seat.held):
-            return True
         now = self._clock.seconds()
         if seat.due is None:
             seat.due, seat.to = now, model
@@ -167,7 +198,7 @@ class Collator:
         if now < seat.due + self._hold:
             return False
         seat.draining = seat.held[0]
-        return not running[seat.draining]
+        return not backend.running[seat.draining]
 
     def _held(self, seat: _Seat) -> None:
         seat.timer = None

@@ -135,6 +135,27 @@ def test_the_switch_due_first_goes_first() -> None:
     assert grants.leases[-1][0] == HOLD + 1
 
 
+def test_one_backend_at_a_time_is_drained_for_a_switch() -> None:
+    """
+    Two backends run the model they hold, and a request for another comes:
+    only one is held and drained for it; the other goes on serving the
+    model it holds.
+    """
+    clock = Clock()
+    a = backend(clock, "a", ("llama3.2", "mistral"), ("llama3.2",), parallel=1)
+    b = backend(clock, "b", ("llama3.2", "mistral"), ("llama3.2",), parallel=1)
+    r = collating(clock, a, b)
+    on_a, on_b = now(r.acquire("k", LLAMA, runs=True)), now(r.acquire("k", LLAMA, runs=True))
+    assert (on_a.backend, on_b.backend) == (a, b)
+    switching = r.acquire("x", MISTRAL, runs=True)
+    held = r.acquire("k", LLAMA, runs=True)
+    clock.advance(HOLD)
+    on_b.release()
+    assert now(held).backend is b and not switching.called
+    on_a.release()
+    assert now(switching).backend is a
+
+
 def test_a_switch_goes_at_once_when_nothing_wants_the_model_held() -> None:
     """
     A backend that holds a model nobody runs or waits for switches at once,

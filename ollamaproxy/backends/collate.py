@@ -16,7 +16,9 @@ v0.11.5 Ollama lets a request for a loaded model pass a waiting switch.  A
 key's request thus waits at most one hold, and the requests already
 running for the old model, beyond its fair turn; a request for a third
 model whose turn comes meanwhile waits for that switch to go, then for
-its own hold.
+its own hold.  Of several backends that would each have to switch, one
+is held and drained (the one the switch is due on, else the least busy):
+the others go on serving the models they hold.
 
 What a backend holds, and when a request is a switch, is told by this
 simple rule: a backend holds the models the proxy last gave it, at most as
@@ -29,6 +31,10 @@ request running there and none waiting (Ollama unloads that one, an idle
 one first), else after the hold and the drain, of the model held longest.
 A backend that can hold several models shows it in its C{/api/ps} as soon
 as it loads a second beside the first, and from then on the proxy lets it.
+The rule counts models, not their sizes: a backend seen holding two small
+ones is let hold two large ones, and Ollama then switches as it would
+without the proxy.  A model Ollama unloaded on its own (its C{keep_alive}
+ran out) is held until the switch that replaces it, which goes at once.
 
 Each switch (a backend that held as many models as it could given a
 request for another) is counted by backend and logged in one line.

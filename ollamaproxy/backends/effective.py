@@ -12,10 +12,15 @@ streamed answer I{runs} from its first byte (its response head: Ollama
 sends it with the first token) until it ends.
 
 The evidence: a I{short} release is the end of a streamed answer of model
-M on backend B while another request of M sent to B has had no first
-byte.  After L{EVIDENCE} short releases in a row, during which no more
-than k < its limit of M's answers ran at once on B, B's effective
-parallel for M is lowered to k (at least 1): one log line, the gauge
+M on backend B while a request of M sent to B before that answer's first
+byte has still had none: it waited for a slot all through the answer.  (A
+request merely reading its prompt in a slot of its own has its first byte
+by then, unless reading its prompt takes longer than generating the other
+answer: a backend whose prompts take longer to read than its answers to
+generate may look lowered.)  After L{EVIDENCE} short releases in a row,
+during which no more than k < its limit of M's answers ran at once on B,
+B's effective parallel for M is lowered to k (at least 1): one log line,
+the gauge
 C{ollamaproxy_backend_effective_parallel{backend,model}} (present only
 while lowered), the console.  A release with nothing waiting for its
 first byte ends the run of evidence: the backend kept up.  An answer that
@@ -65,6 +70,8 @@ class Watch:
     What is seen of one model's requests on one backend.
 
     @ivar heads: Its requests in flight that have had their first byte.
+    @ivar total: First bytes it has had in all: where each lease marks the
+        count, so that its release knows how many came since its own.
     @ivar answering: Those of them that stream.
     @ivar peak: The most answering at once since the evidence began.
     @ivar streak: Short releases in a row.
@@ -75,6 +82,7 @@ class Watch:
     """
 
     heads: int = 0
+    total: int = 0
     answering: int = 0
     peak: int = 0
     streak: int = 0
@@ -112,7 +120,12 @@ class EffectiveParallel:
                                  if kept.lowered is not None or kept.heads}
             watch = self._watches[where] = Watch()
         watch.heads += 1
+        watch.total += 1
         lease._watch, lease._streamed = watch, streamed
+        # Sent before it and still with no first byte: those that, if they
+        # have none when it ends, waited for a slot all through its answer.
+        lease._behind = lease.backend.running[lease.model] - watch.heads
+        lease._mark = watch.total
         if not streamed:
             return
         watch.answering += 1
@@ -121,11 +134,14 @@ class EffectiveParallel:
         if watch.probing and watch.lowered is not None and watch.peak > watch.lowered:
             self._raise(lease.backend, lease.model, watch)
 
-    def released(self, lease: Lease, watch: Watch, left: int) -> None:
+    def released(self, lease: Lease, watch: Watch) -> None:
         """
         C{lease}'s request, which had its first byte (L{head} gave it
-        C{watch}), has ended, and C{left} of its model's requests are in
-        flight on its backend without it.
+        C{watch}), has ended.  Its release is short when a request sent
+        before its first byte still has none: the first bytes come in the
+        order the requests were sent (Ollama gives its slots first come,
+        first served), so those that came since its own went first to the
+        requests it had C{_behind}.
         """
         backend, model = lease.backend, lease.model
         assert model is not None
@@ -134,7 +150,7 @@ class EffectiveParallel:
             return
         effective = backend.effective
         limit = effective[model] if effective and model in effective else backend.parallel
-        if left - watch.heads <= 0 or watch.peak >= limit:
+        if lease._behind <= watch.total - lease._mark or watch.peak >= limit:
             watch.streak, watch.peak = 0, watch.answering
         else:
             watch.streak += 1

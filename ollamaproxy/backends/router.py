@@ -162,6 +162,8 @@ class Lease:
     # came yet, or the request names no model).
     _watch: Watch | None = field(default=None, repr=False)
     _streamed: bool = False
+    _behind: int = 0
+    _mark: int = 0
 
     def answering(self, response: IResponse) -> None:
         """
@@ -418,7 +420,7 @@ class Router:
         else:
             running[model] = left
         if lease._watch is not None:
-            self.effective.released(lease, lease._watch, left)
+            self.effective.released(lease, lease._watch)
         meter = lease._meter
         if meter is not None:
             # The meter's reading, not the estimate charged, is what the

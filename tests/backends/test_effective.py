@@ -20,14 +20,17 @@ PARALLEL = 4
 
 class Ollama:
     """
-    Drives a router's leases as a backend that answers C{slots} of them at
-    once (their first byte, in the order they were sent), whatever it was
-    sent: the rest wait inside it with no first byte.
+    Drives a router's leases as a backend with C{slots} slots, given first
+    come, first served to the requests sent: a request in a slot reads its
+    prompt for C{prefill} steps, then its first byte comes; the rest wait
+    inside it with none.  Each step one answer ends (L{finish}).
     """
 
-    def __init__(self, router: Router, backend: Backend, slots: int) -> None:
-        self.router, self.backend, self.slots = router, backend, slots
+    def __init__(self, router: Router, backend: Backend, slots: int, prefill: int = 0) -> None:
+        self.router, self.backend, self.slots, self.prefill = router, backend, slots, prefill
+        self.step = 0
         self.sent: list[Lease] = []
+        self.started: dict[Lease, int] = {}
         self.answering: list[Lease] = []
 
     def send(self, count: int) -> None:
@@ -45,26 +48,31 @@ class Ollama:
 
     def _answer(self) -> None:
         for lease in self.sent:
-            if len(self.answering) >= self.slots:
-                return
-            if lease not in self.answering:
+            if lease not in self.started and len(self.started) < self.slots:
+                self.started[lease] = self.step
+        for lease, at in self.started.items():
+            if lease not in self.answering and self.step - at >= self.prefill:
                 self.answering.append(first_byte(lease))
 
     def finish(self) -> None:
         """
-        The oldest answer ends; the next waiting inside gets its first byte.
+        The next step: the oldest answer, if any, ends; its slot goes to
+        the next waiting inside.
         """
-        lease = self.answering.pop(0)
-        self.sent.remove(lease)
-        lease.release()
+        self.step += 1
+        if self.answering:
+            lease = self.answering.pop(0)
+            self.sent.remove(lease)
+            del self.started[lease]
+            lease.release()
         self._answer()
 
 
-def setup(slots: int) -> tuple[Clock, Backend, Router, Ollama]:
+def setup(slots: int, prefill: int = 0) -> tuple[Clock, Backend, Router, Ollama]:
     clock = Clock()
     a = backend(clock, "a", ("llama3.2",), parallel=PARALLEL)
     r = Router(BackendPool([a]), clock, queue_timeout=6000)
-    return clock, a, r, Ollama(r, a, slots)
+    return clock, a, r, Ollama(r, a, slots, prefill)
 
 
 def test_a_backend_that_answers_one_at_a_time_is_sent_one_at_a_time() -> None:
@@ -110,6 +118,22 @@ def test_a_backend_that_answers_all_it_is_sent_keeps_its_parallel() -> None:
     while leases:
         first_byte(leases.pop(0), b"application/json; charset=utf-8").release()
     assert a.effective == {}
+
+
+def test_requests_reading_their_prompts_are_not_taken_for_waiting_ones() -> None:
+    """
+    A backend running all four, each new request reading its prompt while
+    the others answer (so three answer at once, and one always has no first
+    byte when an answer ends): nothing is lowered, for the request without
+    a first byte came after the answer that ends had its own.
+    """
+    clock, a, r, ollama = setup(slots=PARALLEL, prefill=1)
+    ollama.send(60)
+    for _ in range(40):
+        clock.advance(1)
+        ollama.finish()
+    assert len(ollama.answering) == PARALLEL - 1
+    assert a.effective == {} and r.effective.lowered() == []
 
 
 def test_the_effective_parallel_is_raised_when_the_backend_runs_more() -> None:

@@ -79,7 +79,8 @@ async def test_the_proxy_streams_a_chat_from_the_simulator(
 MODELS = ("alpha", "beta", "gamma")
 
 
-async def alternating(reactor: Any, url: str, headers: dict[str, str], count: int) -> int:
+async def alternating(reactor: Any, url: str, headers: dict[str, str], count: int,
+                      models: tuple[str, ...] = MODELS) -> int:
     """
     Send C{count} streamed chats, one every 10 ms, their models taking
     turns (C{alpha beta gamma alpha ...}), and count the switches: the
@@ -102,7 +103,7 @@ async def alternating(reactor: Any, url: str, headers: dict[str, str], count: in
 
     sent = []
     for n in range(count):
-        sent.append(Deferred.fromCoroutine(one(MODELS[n % len(MODELS)])))
+        sent.append(Deferred.fromCoroutine(one(models[n % len(models)])))
         await sleep(reactor, 0.01)
     for d in sent:
         await d
@@ -132,6 +133,38 @@ async def test_collation_makes_a_fifth_of_the_switches_of_ollama_alone(
                                     45)
         assert alone >= 20
         assert through * 5 <= alone
+    finally:
+        if simulator.transport is not None and not simulator.ended.called:
+            simulator.transport.signalProcess("KILL")
+        await simulator.ended
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backend_running_one_at_a_time_gets_one_at_a_time(
+    reactor: Any, twistd: TwistdLauncher
+) -> None:
+    """
+    A simulator with one slot behind a proxy told --parallel 4: the
+    requests sent beyond the slot wait inside it with no first byte, so the
+    proxy lowers the backend's effective parallel for the model to 1, says
+    so in its log and its metrics.
+    """
+    simulator = SimulatorProcess()
+    args = [sys.executable, str(SCRIPT), "0", "--load-seconds", "0.05", "--num-parallel", "1",
+            "--model", "alpha"]
+    reactor.spawnProcess(simulator, sys.executable, args, env=dict(os.environ), path=str(REPO))
+    try:
+        port = await simulator.listening.addTimeout(START_TIMEOUT, reactor)
+        proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}", "--parallel", "4"))
+        key = {"Authorization": f"Bearer {TEST_KEY}"}
+        await alternating(reactor, proxy.url, key, 12, models=("alpha",))
+        assert "runs at most 1 requests of model alpha:latest at once" in proxy.output
+        response = await request(agent(reactor), b"GET", proxy.url + "/metrics", key)
+        arrivals = await read(response)
+        await arrivals.done
+        metrics = arrivals.body.decode()
+        assert 'ollamaproxy_backend_effective_parallel{backend="http://127.0.0.1:' in metrics
+        assert 'model="alpha:latest"} 1.0' in metrics
     finally:
         if simulator.transport is not None and not simulator.ended.called:
             simulator.transport.signalProcess("KILL")

@@ -50,6 +50,7 @@ from twisted.logger import Logger
 
 from ollamaproxy.backends.pool import Backend
 from ollamaproxy.model_names import ModelName
+from ollamaproxy.record.redact import blank_credentials
 
 log = Logger()
 
@@ -78,12 +79,26 @@ class _Seat:
     switches: int = 0
 
 
+def _listed(backend: Backend, model: ModelName) -> bool:
+    """
+    Whether C{backend} has C{model}, as far as it has said: one it does not
+    list (a single backend is sent every request) loads nothing, and its
+    name, which a client chose, is no model to hold or to log.
+    """
+    return backend.models is None or model in backend.models
+
+
 class Collator:
     """
     Says which backends may take a request now, so that each serves the
     requests for the models it holds before it switches (see the module's
     docstring).
+
+    @ivar redact: Blanks credentials in the model names its log lines give
+        (a client names the model, and may paste a key there).
     """
+
+    redact: Callable[[str], str] = staticmethod(blank_credentials)
 
     def __init__(
         self,
@@ -154,6 +169,8 @@ class Collator:
         Whether C{backend} may take a request for C{model} with no switch.
         """
         seat = self._seat(backend)
+        if not _listed(backend, model):
+            return True  # Ollama answers 404: nothing is loaded
         if model in seat.held:
             if seat.draining != model:
                 return True
@@ -217,7 +234,7 @@ class Collator:
         """
         seat = self._seat(backend)
         held = seat.held
-        if held and held[-1] == model:
+        if (held and held[-1] == model) or not _listed(backend, model):
             return
         if model in held:
             held.remove(model)
@@ -228,7 +245,8 @@ class Collator:
             held.remove(given_up)
             seat.switches += 1
             log.info("Backend {backend} switches from model {old} to {new}",
-                     backend=backend.name, old=given_up.canonical, new=model.canonical)
+                     backend=backend.name, old=self.redact(given_up.canonical),
+                     new=self.redact(model.canonical))
             self._cancel(seat)
             seat.due = seat.to = seat.draining = None
         held.append(model)

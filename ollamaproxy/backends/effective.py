@@ -37,6 +37,7 @@ most L{MAX_PROBE_AFTER}.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,7 @@ from twisted.logger import Logger
 
 from ollamaproxy.backends.pool import Backend
 from ollamaproxy.model_names import ModelName
+from ollamaproxy.record.redact import blank_credentials
 
 if TYPE_CHECKING:
     from ollamaproxy.backends.router import Lease
@@ -97,7 +99,11 @@ class EffectiveParallel:
     Lowers and raises each backend's effective parallel per model from
     the first bytes and the releases of its requests (see the module's
     docstring): the router's limit is L{Backend.effective}.
+
+    @ivar redact: Blanks credentials in the model names its log lines give.
     """
+
+    redact: Callable[[str], str] = staticmethod(blank_credentials)
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
@@ -185,7 +191,7 @@ class EffectiveParallel:
             log.warn("Backend {backend} runs at most {seen} requests of model {model} at "
                      "once (its --parallel is {parallel}): the others sent wait inside it "
                      "with no first byte, so it gets at most {seen}",
-                     backend=backend.name, model=model.canonical, seen=seen,
+                     backend=backend.name, model=self.redact(model.canonical), seen=seen,
                      parallel=backend.parallel)
         watch.lowered, watch.probing = seen, False
         watch.probe_at = now + watch.wait
@@ -203,7 +209,7 @@ class EffectiveParallel:
         watch.probe_at = self._clock.seconds() + watch.wait
         watch.streak = 0
         log.info("Backend {backend} runs {seen} requests of model {model} at once again",
-                 backend=backend.name, model=model.canonical, seen=watch.lowered)
+                 backend=backend.name, model=self.redact(model.canonical), seen=watch.lowered)
         if watch.lowered >= backend.parallel:
             watch.lowered = None
             del backend.effective[model]

@@ -71,7 +71,7 @@ its answer begins (L{Lease.answering}), and its release tells the rest.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -244,6 +244,16 @@ class Router:
 
     #: Whether there is more than one backend to choose from.
     several: bool
+
+    def redact_with(self, redact: Callable[[str], str]) -> None:
+        """
+        Blank credentials and the proxy's keys with C{redact} in the model
+        names the router's log lines give (the collator's, the effective
+        parallel's): a client names the model, and may paste a key there.
+        """
+        self.effective.redact = redact
+        if self.collator is not None:
+            self.collator.redact = redact
 
     @property
     def backends(self) -> list[Backend]:

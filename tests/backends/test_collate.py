@@ -13,7 +13,7 @@ from twisted.logger import capturedLogs
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import Lease, Router
 from ollamaproxy.exchange import Meter, StreamSummary
-from ollamaproxy.model_names import ModelName
+from ollamaproxy.model_names import ModelName, resolve
 from tests.fakes.routers import LLAMA, MISTRAL, QWEN, backend, now
 
 HOLD = 5.0
@@ -170,6 +170,26 @@ def test_a_switch_goes_at_once_when_nothing_wants_the_model_held() -> None:
     assert r.collator is not None and r.collator.switches(a) == 1
     [line] = [e for e in events if "switches" in e.get("log_format", "")]
     assert (line["old"], line["new"]) == ("llama3.2:latest", "mistral:latest")
+
+
+def test_a_switch_s_log_line_shows_no_key() -> None:
+    """
+    A client may paste a key as a model name: the switch's log line blanks
+    it with the proxy's redactor (L{Router.redact_with}), though the
+    backend has not said which models it has.  A model it lists as not
+    had is no switch at all: Ollama answers 404, and nothing is loaded.
+    """
+    clock = Clock()
+    a = one(clock, loaded=("llama3.2",))
+    r = collating(clock, a)
+    now(r.acquire("k", resolve("not-there"), runs=True)).release()
+    assert r.collator is not None and r.collator.switches(a) == 0
+    a.models = None
+    r.redact_with(lambda text: text.replace("hunter2", "[redacted]"))
+    with capturedLogs() as events:
+        now(r.acquire("k", resolve("hunter2"), runs=True))
+    [line] = [e for e in events if "switches" in e.get("log_format", "")]
+    assert line["new"] == "[redacted]:latest"
 
 
 def test_a_backend_seen_holding_two_models_runs_both_without_a_switch() -> None:

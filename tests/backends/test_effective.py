@@ -92,7 +92,7 @@ def test_a_backend_that_answers_one_at_a_time_is_sent_one_at_a_time() -> None:
     assert a.effective == {LLAMA: 1}
     assert r.effective.lowered() == [(a, "llama3.2:latest", 1)]
     [line] = [e for e in events if "at most" in e.get("log_format", "")]
-    assert (line["seen"], line["parallel"]) == (1, PARALLEL)
+    assert (line["seen"], line["parallel"], line["model"]) == (1, PARALLEL, "llama3.2:latest")
     for _ in range(PARALLEL):
         clock.advance(1)
         ollama.finish()

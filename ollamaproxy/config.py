@@ -612,6 +612,16 @@ class Config:
         doc="seconds a request may wait for a busy model; then `503` with `Retry-After`, "
         "never sent",
     )
+    # A switch costs a load (seconds); a few seconds' hold lets the
+    # requests for the loaded model go first without keeping anyone long.
+    switch_hold: float = option(
+        _seconds_or_zero, "3", metavar="S",
+        help="Seconds a backend keeps serving the requests waiting for the model it holds "
+        "before it switches to another model; 0 switches at once",
+        doc="seconds a backend that would have to switch models for the next request in "
+        "line first serves the requests waiting for the model it holds; then it drains for "
+        "the switch (no more requests for the old model) until it goes.  `0` turns it off",
+    )
     fair_share: str = option(
         _fair_share, "tokens", metavar="WHAT",
         help="What the fair queue shares out between keys: 'tokens' (each key's turns "

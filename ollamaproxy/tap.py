@@ -380,7 +380,7 @@ def _router(config: Config, reactor: IReactorTime, pool: BackendPool) -> Router:
     options.
     """
     return Router(pool, reactor, config.max_queue, config.queue_timeout, config.fair_share,
-                  config.output_token_weight, config.affinity_slack)
+                  config.output_token_weight, config.affinity_slack, config.switch_hold)
 
 
 def _shared_queue(

@@ -138,6 +138,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "queue-timeout": None,
         "fair-share": None,
         "output-token-weight": None,
+        "switch-hold": None,
         "max-keep-alive": None,
         "max-num-ctx": None,
         "keep-loaded-context": None,
@@ -792,6 +793,18 @@ def test_the_fair_queue_options_reach_the_router(
     meter.expect(20, "llama3.2")
     router.acquire("k", resolve("llama3.2"), runs=True, meter=meter, expected_output=5)
     assert router.queue.finish("k") == cost
+
+
+@pytest.mark.parametrize(("hold", "collates"), [("3", True), ("0", False)])
+def test_switch_hold_reaches_the_router(tmp_path: Path, hold: str, collates: bool) -> None:
+    """
+    --switch-hold collates the router's requests by model; 0 does not.
+    """
+    clock = MemoryReactorClock()
+    upstream = Upstream(cast(IAgent, None), b"http://a", clock, 600, 600)
+    config = parse(["--switch-hold", hold]).config
+    router = tap._router(config, clock, BackendPool([Backend(upstream, 1)]))
+    assert (router.collator is not None) is collates
 
 
 @pytest.mark.parametrize("keep", [True, False])

@@ -199,6 +199,8 @@ class Dispatcher:
             try:
                 response = await send(request, backend.upstream, job.target, method)
                 trip.status, trip.responded = response.code, backend.upstream.clock.seconds()
+                if lease.model is not None:
+                    lease.answering(response)
                 trip.answered = await answer(request, response, backend.upstream, job.target,
                                              job.rewrite, self._sample_bytes, trip.meter)
             except Unreachable as e:

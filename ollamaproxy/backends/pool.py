@@ -120,6 +120,9 @@ class Backend:
         last (see L{note_error}).
     @ivar hung: The models it is out of rotation for: a generation of each
         hung, and no check has generated since.
+    @ivar effective: Requests it may run at once for a model whose
+        effective parallel is lowered below C{parallel}
+        (L{ollamaproxy.backends.effective}); a model not in it, C{parallel}.
     """
 
     upstream: Upstream
@@ -131,6 +134,7 @@ class Backend:
     running: Counter[ModelName | None] = field(default_factory=Counter)
     errors: deque[RecentError] = field(default_factory=lambda: deque(maxlen=_RECENT_ERRORS))
     hung: set[ModelName] = field(default_factory=set)
+    effective: dict[ModelName, int] = field(default_factory=dict)
     #: The backend's base URL, as logs and metrics name it.
     name: str = field(init=False)
 

@@ -76,7 +76,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, KeysView
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Generic, TypeVar
@@ -226,6 +226,12 @@ class FairQueue(Generic[W, G]):
 
     def __len__(self) -> int:
         return self._size
+
+    def kinds(self) -> KeysView[Hashable]:
+        """
+        The kinds of slot that waiting requests want.
+        """
+        return self._kinds.keys()
 
     def waiting(self) -> dict[str, int]:
         """

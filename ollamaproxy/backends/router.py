@@ -65,18 +65,34 @@ lease says how its backend compares with that last one.
 With a single backend the proxy decides nothing about models or health:
 every request goes to it, and Ollama answers for a model it does not have
 (or the proxy's 502 says it cannot be reached), as without the proxy; only
-the fair queue for a busy model is added.
+the fair queue for a busy model, and collation, are added.
+
+Collation (C{--switch-hold}, L{ollamaproxy.backends.collate}): a backend
+that would have to switch models for the next request in line first serves
+the requests waiting for the models it holds, for at most the hold, then
+drains for the switch.  A backend holds the models the proxy last gave it,
+at most as many as its C{/api/ps} has been seen listing at once (at least
+one); a request for another model when it holds that many is a switch.
+
+A backend seen running fewer of a model's requests at once than
+C{parallel} is given only that many (L{Backend.effective},
+L{ollamaproxy.backends.effective}): the dispatcher tells each lease when
+its answer begins (L{Lease.answering}), and its release tells the rest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IResponse
 
 from ollamaproxy.backends.affinity import Affinity, Placement
+from ollamaproxy.backends.collate import Collator
+from ollamaproxy.backends.effective import EffectiveParallel, Watch
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.queue import FairQueue, busy
 from ollamaproxy.backends.shared import Ask, SharedQueue
@@ -96,6 +112,8 @@ from ollamaproxy.model_names import ModelName
 _SMOOTHING = 0.2
 
 _UNMEASURED = -1.0
+
+_NO_TYPE = [b""]
 
 #: How many models' releases are timed; beyond, the timings start afresh
 #: (with a single backend, any name a client sends gets a slot).
@@ -126,7 +144,11 @@ def free_for(backend: Backend, slot: ModelName | None) -> bool:
     if not slot.canonical:
         # Counter: reading a missing slot adds nothing.
         return backend.in_flight == running[None]
-    return running[slot] < backend.parallel and not (running and UNREAD_MODEL in running)
+    # An effective parallel lowered (L{EffectiveParallel}) only when the
+    # backend has one: an empty dict is no call.
+    limit = backend.effective[slot] if backend.effective and slot in backend.effective \
+        else backend.parallel
+    return running[slot] < limit and not (running and UNREAD_MODEL in running)
 
 
 @dataclass(eq=False)
@@ -159,6 +181,24 @@ class Lease:
     # for it (None: this process's own).
     _shared: SharedQueue | None = field(default=None, repr=False)
     _ticket: str = ""
+    # What its first byte showed, for the effective parallel (None: none
+    # came yet, or the request names no model).
+    _watch: Watch | None = field(default=None, repr=False)
+    _streamed: bool = False
+    _behind: int = 0
+    _mark: int = 0
+
+    def answering(self, response: IResponse) -> None:
+        """
+        The request's answer has begun (its response head came): what the
+        router's L{EffectiveParallel} counts as running, if it streams.
+        """
+        model = self.model
+        if model is not None and model.canonical:
+            kind = response.headers.getRawHeaders(b"content-type", _NO_TYPE)[0]
+            # Sliced, not startswith(): no call more on every request.
+            self._router.effective.head(
+                self, kind[:20] == b"application/x-ndjson" or kind[:17] == b"text/event-stream")
 
     def release(self) -> None:
         """
@@ -185,6 +225,7 @@ class Router:
         fair_share: str = DEFAULT_FAIR_SHARE,
         output_token_weight: float = DEFAULT_OUTPUT_TOKEN_WEIGHT,
         affinity_slack: int | None = DEFAULT_AFFINITY_SLACK,
+        switch_hold: float = 0.0,
     ) -> None:
         """
         @param fair_share: What the fair queue shares out: C{tokens} or
@@ -194,6 +235,10 @@ class Router:
         @param affinity_slack: How much busier than the least busy backend
             a conversation's home may be and still get its next turn
             (L{ollamaproxy.backends.affinity}); L{None} sends no turn home.
+        @param switch_hold: The most seconds a backend serves the requests
+            for the models it holds before it switches
+            (L{ollamaproxy.backends.collate}); 0, the default here, turns
+            collation off (the daemon's default is C{--switch-hold}'s).
         """
         self.pool = pool
         self._clock = clock
@@ -215,6 +260,11 @@ class Router:
         # only between two releases of one stretch of waiting.
         self._stretch = 0
         pool.on_change = self._serve_queue
+        self.effective = EffectiveParallel(clock)
+        self.collator = (
+            Collator(clock, switch_hold, self._waiting_on, self._serve_queue)
+            if switch_hold > 0 else None
+        )
         # One backend gets every request, healthy or not: Ollama (or the
         # 502 for it) answers, as without the proxy.
         self.several = len(pool.backends) > 1
@@ -228,6 +278,16 @@ class Router:
 
     #: Whether there is more than one backend to choose from.
     several: bool
+
+    def redact_with(self, redact: Callable[[str], str]) -> None:
+        """
+        Blank credentials and the proxy's keys with C{redact} in the model
+        names the router's log lines give (the collator's, the effective
+        parallel's): a client names the model, and may paste a key there.
+        """
+        self.effective.redact = redact
+        if self.collator is not None:
+            self.collator.redact = redact
 
     @property
     def backends(self) -> list[Backend]:
@@ -447,12 +507,27 @@ class Router:
             and free_for(b, model)
             and (named is None or self._has(b, named))
         ]
+        collator = self.collator
+        if collator is not None and model is not None and model.canonical:
+            free = collator.allowed(model, free)
         if not free:
             return None
         backend = min(free, key=lambda b: (named is None or named not in b.loaded, b.in_flight))
         if conversation is not None and self.affinity is not None:
             backend = self.affinity.choose(conversation, free, backend, named)
+        if collator is not None and model is not None and model.canonical:
+            collator.granted(backend, model)
         return self._lease(backend, model, since)
+
+    def _waiting_on(self, backend: Backend) -> set[ModelName]:
+        """
+        The models that requests waiting in the fair queue want, of those
+        that may go to C{backend}: what the collator asks before a switch.
+        """
+        # The queue's kinds are the router's (model, backends excluded).
+        kinds = cast("Iterable[tuple[ModelName | None, frozenset[Backend]]]", self.queue.kinds())
+        return {model for model, excluded in kinds
+                if model is not None and backend not in excluded}
 
     def _lease(self, backend: Backend, slot: ModelName | None, since: float) -> Lease:
         backend.running[slot] += 1
@@ -461,9 +536,13 @@ class Router:
     def _release(self, lease: Lease) -> None:
         model = lease.model
         running = lease.backend.running
-        running[model] -= 1
-        if running[model] <= 0:
+        left = running[model] - 1
+        if left <= 0:
             del running[model]
+        else:
+            running[model] = left
+        if lease._watch is not None:
+            self.effective.released(lease, lease._watch)
         meter = lease._meter
         charge = 0.0
         if meter is not None:

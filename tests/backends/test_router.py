@@ -5,7 +5,7 @@ when.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, succeed
@@ -16,34 +16,15 @@ from zope.interface import implementer
 from ollamaproxy.backends.pool import Backend, BackendPool, Residency
 from ollamaproxy.backends.router import UNREAD_MODEL, Lease, Router
 from ollamaproxy.backends.shared import Ask
-from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.exchange import Meter, StreamSummary
 from ollamaproxy.model_names import resolve
 from tests.fakes.chain import HEADER_TIMEOUT, Chain, chat
-
-LLAMA, MISTRAL, QWEN = resolve("llama3.2"), resolve("mistral"), resolve("qwen3")
-
-
-def backend(clock: Clock, name: str, models: tuple[str, ...] = (), loaded: tuple[str, ...] = (),
-            parallel: int = 2) -> Backend:
-    """
-    A backend at C{http://NAME} that has C{models}; nothing is sent to it.
-    """
-    upstream = Upstream(cast(IAgent, None), f"http://{name}".encode(), clock, 600, 600)
-    return Backend(upstream, parallel, models=frozenset(map(resolve, models)),
-                   loaded=frozenset(map(resolve, loaded)))
+from tests.fakes.routers import LLAMA, MISTRAL, QWEN, backend, now
 
 
 def router(*backends: Backend, clock: Clock | None = None, max_queue: int = 512) -> Router:
     return Router(BackendPool(backends), clock or Clock(), max_queue=max_queue, queue_timeout=60)
-
-
-def now(d: Deferred[Lease]) -> Lease:
-    results: list[Lease] = []
-    d.addCallback(results.append)
-    assert results, "no backend yet"
-    return results[0]
 
 
 def test_a_model_goes_only_to_a_backend_that_has_it() -> None:

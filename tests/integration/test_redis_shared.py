@@ -15,6 +15,7 @@ import json
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 
 from ollamaproxy.admission.keys import digest
+from ollamaproxy.redis.limits import PREFIX
 from tests.fakes.client import agent, body, read, request, sleep, wait_for
 from tests.fakes.engines import RedisServer
 from tests.fakes.twistd import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args
@@ -280,6 +282,13 @@ async def one_slot(
     yield proxies
 
 
+def _waiting_in_redis(redis: RedisServer, count: int) -> bool:
+    """
+    Whether C{count} requests wait in the shared queue (its waiters' set).
+    """
+    return redis.command("ZCARD", f"{PREFIX}q:waiters") == f":{count}\r\n".encode()
+
+
 def _held_chat(reactor: Any, proxy: Twistd, key: str, tag: str) -> Deferred[tuple[int, bytes]]:
     """
     A streamed chat with the fake's C{hold} model, its message C{tag}.
@@ -313,7 +322,7 @@ def _tag(upstream: Upstream, held: Any) -> str:
 
 @pytest_twisted.ensureDeferred
 async def test_one_slot_one_order_for_both_proxies(
-    reactor: Any, one_slot: list[Twistd], upstream: Upstream
+    reactor: Any, one_slot: list[Twistd], upstream: Upstream, redis: RedisServer
 ) -> None:
     """
     A key flooding proxy A with four requests and another key's single
@@ -334,9 +343,9 @@ async def test_one_slot_one_order_for_both_proxies(
     answers = [_held_chat(reactor, a, flood, "flood-0")]
     await wait_for(reactor, lambda: len(upstream.fake.held) == 1, "the first stream")
     answers += [_held_chat(reactor, a, flood, f"flood-{i}") for i in range(1, 4)]
-    await sleep(reactor, 0.3)
+    await wait_for(reactor, partial(_waiting_in_redis, redis, 3), "the flood to wait in Redis")
     answers.append(_held_chat(reactor, b, solo, "solo"))
-    await sleep(reactor, 0.3)
+    await wait_for(reactor, partial(_waiting_in_redis, redis, 4), "the solo request to wait")
     order = []
     for turn in range(5):
         assert len(upstream.fake.held) == turn + 1, "a request ran beside another"

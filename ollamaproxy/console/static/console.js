@@ -417,11 +417,18 @@
       title.appendChild(badge(b.healthy ? "healthy" : "unhealthy", b.healthy ? "ok" : "bad"));
       card.appendChild(title);
       card.appendChild(el("div", `${b.in_flight} in flight · parallel ${b.parallel} per model`, "meta"));
+      // A model the backend was seen running fewer of at once than
+      // --parallel is sent only that many (its effective parallel).
+      const effective = b.effective || {};
+      for (const [model, limit] of Object.entries(effective)) {
+        card.appendChild(el("div", `${model}: effective parallel ${limit} of ${b.parallel}`, "meta"));
+      }
       for (const r of b.running) {
-        card.appendChild(el("div", `${r.model}: ${r.count} of ${b.parallel}`));
-        const bar = el("div", null, "bar" + (r.count >= b.parallel ? " full" : ""));
+        const limit = effective[r.model] || b.parallel;
+        card.appendChild(el("div", `${r.model}: ${r.count} of ${limit}`));
+        const bar = el("div", null, "bar" + (r.count >= limit ? " full" : ""));
         const fill = el("span");
-        fill.style.width = Math.min(100, (100 * r.count) / b.parallel) + "%";
+        fill.style.width = Math.min(100, (100 * r.count) / limit) + "%";
         bar.appendChild(fill);
         card.appendChild(bar);
       }

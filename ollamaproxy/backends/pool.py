@@ -39,6 +39,7 @@ from ollamaproxy.backends.relay import whole_body
 from ollamaproxy.backends.upstream import BytesProducer, Upstream
 from ollamaproxy.config import DEFAULT_PARALLEL
 from ollamaproxy.model_names import ModelName, listed_model
+from ollamaproxy.record.redact import blank_credentials
 
 log = Logger()
 
@@ -245,6 +246,10 @@ class BackendPool(Service):
         self._timers: dict[Backend | _Hung, IDelayedCall] = {}
         self._backoff: dict[Backend | _Hung, float] = {}
         self._probing: dict[Backend | _Hung, Deferred[None]] = {}
+        #: Blanks credentials and the proxy's keys in the model names the
+        #: log lines give: with one backend, a client names any model, and
+        #: may paste a key there (L{ollamaproxy.backends.router.Router.redact_with}).
+        self.redact: Callable[[str], str] = blank_credentials
 
     def startService(self) -> None:
         super().startService()
@@ -310,7 +315,7 @@ class BackendPool(Service):
             return
         backend.hung.add(model)
         log.warn("Backend {backend} is out for model {model}: {reason}",
-                 backend=backend.name, model=model.canonical, reason=reason)
+                 backend=backend.name, model=self.redact(model.canonical), reason=reason)
         self._schedule_check((backend, model))
 
     def _schedule_check(self, hung: _Hung) -> None:
@@ -355,7 +360,7 @@ class BackendPool(Service):
         backend.hung.discard(model)
         self._backoff.pop((backend, model), None)
         log.info("Backend {backend} generates model {model} again",
-                 backend=backend.name, model=model.canonical)
+                 backend=backend.name, model=self.redact(model.canonical))
         self.on_change()
 
     async def _probe(self, backend: Backend) -> None:

@@ -283,8 +283,10 @@ class Router:
         """
         Blank credentials and the proxy's keys with C{redact} in the model
         names the router's log lines give (the collator's, the effective
-        parallel's): a client names the model, and may paste a key there.
+        parallel's, the pool's): a client names the model, and may paste a
+        key there.
         """
+        self.pool.redact = redact
         self.effective.redact = redact
         if self.collator is not None:
             self.collator.redact = redact

@@ -486,3 +486,31 @@ async def test_a_lowered_effective_parallel_holds_for_every_proxy(
     assert b.backend.in_flight == 2
     second[0].release()
     third[0].release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_users_charge_and_true_up_in_redis(reactor: Any, pair: list[Proxy]) -> None:
+    """
+    A request of a user behind a key moves the user's finish in the key's
+    own time by its estimate before the key's weight when it gets the
+    slot, and by the difference from what the meter read at release.
+    """
+    a, _ = pair
+    meter = Meter()
+    meter.expect(20, "llama3.2")
+    lease = await a.router.acquire("team", LLAMA, runs=True, meter=meter, expected_output=500,
+                                   weight=2, user="ann")
+
+    async def ann() -> float:
+        value = await a.link.call("return redis.call('HGET', KEYS[1], ARGV[1])",
+                                  [f"{PREFIX}q:u:team"], ["@ann"])
+        return float(value)
+
+    assert await ann() == 20 + 2 * 500
+    meter.generating, meter.output = True, 7
+    lease.release()
+    for _ in range(100):
+        if await ann() != 20 + 2 * 500:
+            break
+        await sleep(reactor, 0.02)
+    assert await ann() == 20 + 2 * 7

@@ -514,3 +514,25 @@ async def test_a_users_charge_and_true_up_in_redis(reactor: Any, pair: list[Prox
             break
         await sleep(reactor, 0.02)
     assert await ann() == 20 + 2 * 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_raised_effective_parallel_clears_the_lowering(
+    reactor: Any, pair: list[Proxy]
+) -> None:
+    """
+    Proxy A's lowering to 1 of a backend of parallel 2 is gone from Redis
+    with A's next request once A no longer has it lowered: B's request
+    then runs beside A's, before any lease has passed.
+    """
+    a, b = pair
+    a.backend.parallel = b.backend.parallel = 2
+    a.backend.effective[LLAMA] = 1
+    first = await a.ask("k1")
+    first.release()
+    del a.backend.effective[LLAMA]
+    second = await a.ask("k2")
+    third = results(b.ask("k3"))
+    await until(reactor, lambda: third != [])
+    second.release()
+    third[0].release()

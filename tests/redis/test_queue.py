@@ -371,6 +371,22 @@ def test_the_round_renews_and_recovers() -> None:
     assert shared.ticket() == forgotten_ticket
 
 
+def test_the_round_finds_a_refusal_whose_message_was_lost() -> None:
+    """
+    A waiting ticket the round's answer says was refused (displaced from a
+    full queue: C{!MS}, its message lost) gets the 503, not a new ACQUIRE.
+    """
+    shared = Shared()
+    waiting = shared.ask()
+    shared.redis.calls[0].answer.callback([])
+    failures: list[Any] = []
+    waiting.addErrback(failures.append)
+    shared.queue.renew()
+    shared.last(scripts.RENEW_QUEUE).answer.callback([[shared.ticket(), "!5000"], []])
+    assert failures[0].value.headers == {b"Retry-After": b"5"}
+    assert [c.script for c in shared.redis.calls] == [scripts.ACQUIRE, scripts.RENEW_QUEUE]
+
+
 def test_the_subscription_ends_with_the_service() -> None:
     """
     Stopping the queue closes its subscription.

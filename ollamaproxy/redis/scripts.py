@@ -312,7 +312,7 @@ local function users_in_turn(key)
   for _, user in ipairs(users) do
     local finish = tonumber(redis.call('HGET', turns, user) or '0')
     local first = redis.call('ZRANGE', user_line(key, user), 0, 0, 'WITHSCORES')
-    order[#order + 1] = {user, math.max(virtual, finish), tonumber(first[2])}
+    order[#order + 1] = {user, math.max(virtual, finish), tonumber(first[2] or '0')}
   end
   local names = {}
   for i, entry in ipairs(by_turn(order)) do names[i] = entry[1] end
@@ -337,8 +337,12 @@ local function next_grant(full, virtual)
       for _, id in ipairs(redis.call('ZRANGE', user_line(entry[1], user), 0, -1)) do
         local w = redis.call('HMGET', P .. 'q:w:' .. id, 'model', 'backends', 'cost', 'weight',
                              'proxy', 'user')
-        local kind = w[1] .. '\\n' .. w[2]
-        if not full[kind] then
+        -- A ticket left in a user's line with no request (taken out by a
+        -- proxy of the version before users) is dropped.
+        local kind = w[1] and w[1] .. '\\n' .. w[2]
+        if not kind then
+          redis.call('ZREM', user_line(entry[1], user), id)
+        elseif not full[kind] then
           local url, slot = free_slot(w[1], w[2])
           if url then return id, url, slot, entry, w end
           full[kind] = true

@@ -536,3 +536,23 @@ async def test_a_raised_effective_parallel_clears_the_lowering(
     await until(reactor, lambda: third != [])
     second.release()
     third[0].release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_ticket_with_no_request_is_passed_over(reactor: Any, pair: list[Proxy]) -> None:
+    """
+    A ticket left in a user's line whose request is gone (a proxy of the
+    version before users took it out of line, leaving the line as it
+    was) does not stop the pass: it is dropped, and the request after it
+    gets the slot.
+    """
+    a, b = pair
+    running = await a.ask("k1")
+    waiting = results(b.ask("k2"))
+    await until_waiting(reactor, a.link, 1)
+    await a.link.call("redis.call('ZADD', KEYS[1], 0, 'gone'); return 0",
+                      [f"{PREFIX}q:kwu:k2\n"], [])
+    running.release()
+    await until(reactor, lambda: waiting != [])
+    assert await redis_count(a.link, "kwu:k2\n") == 0
+    waiting[0].release()

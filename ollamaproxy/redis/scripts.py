@@ -488,7 +488,8 @@ end
 local mine = {}
 if redis.call('ZCARD', P .. 'q:waiters') >= tonumber(ARGV[14]) then
   local victim = displaced(key, user)
-  if not victim then return {id, '!' .. retry_after(model, backends)} end
+  -- Refused: what the sweep freed is still given out.
+  if not victim then return serve({id, '!' .. retry_after(model, backends)}) end
   local v = redis.call('HMGET', P .. 'q:w:' .. victim, 'model', 'backends', 'proxy')
   drop_waiter(victim)
   local refused = '!' .. retry_after(v[1], v[2])

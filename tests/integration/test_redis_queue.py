@@ -556,3 +556,28 @@ async def test_a_ticket_with_no_request_is_passed_over(reactor: Any, pair: list[
     await until(reactor, lambda: waiting != [])
     assert await redis_count(a.link, "kwu:k2\n") == 0
     waiting[0].release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_acquire_still_gives_out_what_it_swept(
+    reactor: Any, small: list[Proxy]
+) -> None:
+    """
+    A newcomer refused by a full queue whose ACQUIRE swept away the slot
+    of a proxy that died: the first waiting request gets that slot at
+    once, not at the next round.
+    """
+    a, b = small
+    await a.ask("k0")  # never released: A dies
+    waiting = [results(b.ask(key)) for key in ("k1", "k2", "k3")]
+    await until_waiting(reactor, b.link, 3)
+    b.clock.advance(LEASE / 2)
+    await b.queue.renew()
+    b.clock.advance(LEASE / 2 + 1)
+    refused = refusals(b.ask("k4"))
+    await until(reactor, lambda: refused != [] and waiting[0] != [])
+    assert [len(w) for w in waiting] == [1, 0, 0]
+    waiting[0][0].release()
+    for w in waiting[1:]:
+        await until(reactor, lambda w=w: w != [])  # type: ignore[misc]
+        w[0].release()

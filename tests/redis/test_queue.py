@@ -256,7 +256,8 @@ def test_users_and_their_charges_go_to_redis() -> None:
     """
     A request for a user behind its key names the user in its ACQUIRE
     (C{@NAME}; C{@} for the key's anonymous user); its DONE trues up the
-    user's finish by the charge before the key's weight, the key's after.
+    user's finish by the charge before the key's weight, the key's after:
+    still two round trips.
     """
     shared = Shared()
     meter = Meter()
@@ -269,6 +270,7 @@ def test_users_and_their_charges_go_to_redis() -> None:
     got[0].release()
     assert shared.last(scripts.DONE).args[7:] == [
         repr((20 + 2 * 7 - 1020) / 2), "@ann", repr(20.0 + 2 * 7 - 1020)]
+    assert [c.script for c in shared.redis.calls] == [scripts.ACQUIRE, scripts.DONE]
     shared.router.acquire("k", LLAMA, runs=True, user="")
     assert shared.last(scripts.ACQUIRE).args[7] == "@"
 

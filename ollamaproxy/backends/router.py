@@ -409,11 +409,9 @@ class Router:
     ) -> Deferred[Lease]:
         """
         A slot of a named model from the queue shared with other proxies,
-        which falls back to this process's own while it cannot be asked.
-        The shared queue orders keys, not the users behind a key: a key's
-        users share its turns in the order they came there, and by the
-        users' rule only in this process's queue.  A conversation's home
-        is asked first, if the affinity rule would choose it.
+        which falls back to this process's own while it cannot be asked;
+        its users share a key's turns there as here.  A conversation's
+        home is asked first, if the affinity rule would choose it.
         """
         model, since, excluded = wants
         assert self.shared is not None and model is not None
@@ -437,6 +435,7 @@ class Router:
             lambda: self.acquire(key, model, runs=True, exclude=excluded, weight=weight,
                                  meter=meter, expected_output=expected_output, user=user,
                                  conversation=conversation, local=True),
+            user,
         ))
 
     def waiting(self) -> dict[str, int]:

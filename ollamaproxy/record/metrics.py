@@ -35,8 +35,11 @@ or one whose answer never came, is seen once and counted once.
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics import MetricWrapperBase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -66,12 +69,30 @@ _UPSTREAM_ERRORS = ("upstream_error", "timeout")
 _AUTH_FAILURES = (401, 403, 429)
 
 
-def _status_label(status: int | None) -> str:
-    if status is None:
-        return "none"
-    if 100 <= status <= 599:
-        return str(status)
-    return OTHER
+#: The label of each status a response can have; any other is C{other}.
+_STATUS_LABELS: dict[int | None, str] = {
+    None: "none", **{status: str(status) for status in range(100, 600)}
+}
+
+_Metric = TypeVar("_Metric", bound=MetricWrapperBase)
+
+
+class _Children(dict[tuple[str, ...], _Metric], Generic[_Metric]):
+    """
+    A labelled metric's children, by their label values, each looked up in
+    the metric once: C{labels()} checks and converts every value and takes
+    a lock on each call, most of the cost of counting a request, for a
+    child that is the same every time.  Bounded as the label values are
+    (the module's docstring); the metric keeps every child anyway.
+    """
+
+    def __init__(self, metric: _Metric) -> None:
+        super().__init__()
+        self._metric = metric
+
+    def __missing__(self, values: tuple[str, ...]) -> _Metric:
+        child = self[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -154,6 +175,10 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self._requests_by = _Children(self._requests)
+        self._duration_by = _Children(self._duration)
+        self._first_byte_by = _Children(self._first_byte)
+        self._tokens_by = _Children(self._tokens)
         # Present from the start, so that rate() sees the first one.
         for kind in _UPSTREAM_ERRORS:
             self._upstream_errors.labels(kind=kind)
@@ -185,18 +210,20 @@ class Metrics:
         @param exchange: What happened to it.
         @param now: When it ended, on the clock that set C{exchange.started}.
         """
-        route = exchange.route
-        status = _status_label(exchange.status)
-        self._requests.labels(
-            route=route,
-            method=exchange.method if exchange.method in HTTP_METHODS else OTHER,
-            status=status,
-            key=exchange.key,
-            outcome=exchange.outcome if exchange.outcome in OUTCOMES else OTHER,
-        ).inc()
-        self._duration.labels(route=route).observe(max(0.0, now - exchange.started))
-        if exchange.first_byte is not None:
-            self._first_byte.labels(route=route).observe(max(0.0, exchange.first_byte))
+        route, method, outcome = exchange.route, exchange.method, exchange.outcome
+        status = _STATUS_LABELS.get(exchange.status, OTHER)
+        self._requests_by[(
+            route,
+            method if method in HTTP_METHODS else OTHER,
+            status,
+            exchange.key,
+            outcome if outcome in OUTCOMES else OTHER,
+        )].inc()
+        duration = now - exchange.started
+        self._duration_by[(route,)].observe(duration if duration > 0 else 0.0)
+        first_byte = exchange.first_byte
+        if first_byte is not None:
+            self._first_byte_by[(route,)].observe(first_byte if first_byte > 0 else 0.0)
         if exchange.queued:
             self._queued.observe(exchange.queued)
         if exchange.outcome in _UPSTREAM_ERRORS:
@@ -210,7 +237,7 @@ class Metrics:
                 ("prompt", summary.prompt_tokens),
                 ("completion", summary.completion_tokens),
             ):
-                self._tokens.labels(key=exchange.key, model=model, kind=kind).inc(max(0, count))
+                self._tokens_by[(exchange.key, model, kind)].inc(max(0, count))
             if (summary.load_seconds or 0) >= LOAD_SECONDS and exchange.backend:
                 self._load_seen(exchange.backend, resolve(summary.model).canonical,
                                 self._answered_loads, self._listed_loads)

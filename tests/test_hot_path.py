@@ -136,8 +136,27 @@ def test_calls_per_relayed_chunk_stay_within_budget(content_type: bytes, chunk: 
 # read), +14 more for a chat of a loaded model that names no num_ctx (the
 # body searched, the context added without a parse, the body replaced, the
 # note): 339 to 361, the fourth entry.
-REQUEST_BUDGET = {"GET /api/tags": 183, "POST /api/chat": 339, "POST /api/chat checked": 354,
-                  "POST /api/chat loaded": 361}
+#
+# Issue 18, item 8: a request for one of Ollama's fixed routes goes to the
+# pipeline without Klein's routing (web/front.py): the proxy's own code now
+# makes the calls Klein made around its handler (+6: the pipeline started
+# as a Deferred, cancelled if the request ends first, the request finished
+# after it), and Klein's ~140 calls are gone (the second budget below); the
+# access event's own calls -1 (made whole, Logger.emit's are gone), the
+# metrics' -5 (each labelled child looked up once): 183 to 184, 339 to 338,
+# 354 to 353, 361 to 360.
+REQUEST_BUDGET = {"GET /api/tags": 184, "POST /api/chat": 338, "POST /api/chat checked": 353,
+                  "POST /api/chat loaded": 360}
+# Every call made while answering one request through the chain, the
+# in-memory client's and the fake Ollama's included (the same for any
+# proxy), with twisted.web's, the Agent's and Klein's: the guard on what
+# the proxy makes its libraries do, which the budget above does not see.
+# Issue 18, item 8 measured them at 3892, 4351, 4362 and 4376 when it began;
+# the access event made whole (-11 an event), the metrics' children looked
+# up once (-24, -60 for a chat and its tokens), Klein's routing skipped for
+# Ollama's fixed routes (-140): 3715, 4154, 4165 and 4179.
+REQUEST_TOTAL_BUDGET = {"GET /api/tags": 3730, "POST /api/chat": 4170,
+                        "POST /api/chat checked": 4180, "POST /api/chat loaded": 4195}
 _CHAT = json.dumps(
     {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 ).encode()
@@ -149,7 +168,8 @@ def test_own_calls_per_request_stay_within_budget(route: str) -> None:
     Answering a request through the whole chain makes no more calls from the
     proxy's own code than the budget: per request, twisted.web and the
     Agent already cost more than the targets allow, so the proxy's share
-    must not grow unnoticed.
+    must not grow unnoticed; nor do all the calls made to answer it, the
+    libraries' included.
     """
     method, path, *checked = route.split(" ")
     if checked == ["loaded"]:
@@ -170,6 +190,7 @@ def test_own_calls_per_request_stay_within_budget(route: str) -> None:
 
     answer()  # the first request opens the connection and fills caches
     assert count_calls(answer, own_only=True) <= REQUEST_BUDGET[route]
+    assert count_calls(answer) <= REQUEST_TOTAL_BUDGET[route]
 
 
 # Calls to write one request's access event to each kind of log file, with

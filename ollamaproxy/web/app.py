@@ -44,6 +44,7 @@ from ollamaproxy.record.recorder import Recorder
 from ollamaproxy.routes import CONSOLE_ROUTE, METRICS_ROUTE, Catalogue, decoded_path
 from ollamaproxy.web.answers import ErrorAnswers, target_of
 from ollamaproxy.web.cors import Cors
+from ollamaproxy.web.front import Front
 from ollamaproxy.web.gate import Gate, keyed
 from ollamaproxy.web.in_flight import Flight, InFlight
 from ollamaproxy.web.site import ProxyRequest
@@ -81,6 +82,7 @@ class OllamaProxy:
     @param console: The operator console, served at C{/-/console/}, or
         L{None}.
     @param catalogue: Ollama's routes.
+    @ivar catalogue: Ollama's routes.
     """
 
     app = Klein()
@@ -113,13 +115,13 @@ class OllamaProxy:
         self._readiness = readiness
         self._caps = Caps() if caps is None else caps
         self._console = console
-        self._catalogue = catalogue or Catalogue()
+        self.catalogue = catalogue or Catalogue()
 
     def resource(self) -> IResource:
         """
         The resource to serve, for a L{twisted.web.server.Site}.
         """
-        return self.app.resource()
+        return Front(self.catalogue, self.proxy, self._answers, self.app.resource())
 
     @app.route("/", branch=True)
     async def proxy(self, request: ProxyRequest) -> None:
@@ -185,7 +187,7 @@ class OllamaProxy:
         self._check_accepting(request)
         # Every check sees the path Ollama's router will see.
         path = decoded_path(target.path)
-        route = self._catalogue.find(path)
+        route = self.catalogue.find(path)
         if route is not None:
             exchange.route = route.pattern
         key = await self.gate.key(request, path, route, exchange.client)
@@ -332,3 +334,4 @@ class OllamaProxy:
         Answer a bug of a route other than the proxy's own.
         """
         return self._answers.bug(request, failure)
+

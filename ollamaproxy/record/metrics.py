@@ -127,11 +127,14 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
-        self._active = Gauge(
+        # Read when scraped, not set at each request's start and end (each
+        # a check and a lock in prometheus_client).
+        self._streams = 0
+        Gauge(
             "ollamaproxy_active_streams",
             "Requests in flight to Ollama.",
             registry=self.registry,
-        )
+        ).set_function(lambda: self._streams)
         self._tokens = Counter(
             "ollamaproxy_tokens",
             "Tokens Ollama reported, by key name, model and kind (prompt or completion).",
@@ -281,13 +284,13 @@ class Metrics:
         """
         A request is now in flight to Ollama.
         """
-        self._active.inc()
+        self._streams += 1
 
     def stream_ended(self) -> None:
         """
         A request in flight to Ollama has ended, however it ended.
         """
-        self._active.dec()
+        self._streams -= 1
 
     def render(self, accept: bytes | None) -> tuple[bytes, bytes]:
         """

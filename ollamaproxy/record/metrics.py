@@ -107,40 +107,36 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
-        self._requests = Counter(
+        self._requests = _Children(Counter(
             "ollamaproxy_requests",
             "Requests answered, by route family, method, status, key name and outcome.",
             ["route", "method", "status", "key", "outcome"],
             registry=self.registry,
-        )
-        self._duration = Histogram(
+        ))
+        self._duration = _Children(Histogram(
             "ollamaproxy_request_duration_seconds",
             "Seconds from a request's arrival to its end, by route family.",
             ["route"],
             buckets=DURATION_BUCKETS,
             registry=self.registry,
-        )
-        self._first_byte = Histogram(
+        ))
+        self._first_byte = _Children(Histogram(
             "ollamaproxy_time_to_first_byte_seconds",
             "Seconds from a request's arrival to Ollama's response head, by route family.",
             ["route"],
             buckets=DURATION_BUCKETS,
             registry=self.registry,
-        )
-        # Read when scraped, not set at each request's start and end (each
-        # a check and a lock in prometheus_client).
+        ))
+        # Read when scraped, not set twice a request (a check and a lock each).
         self._streams = 0
-        Gauge(
-            "ollamaproxy_active_streams",
-            "Requests in flight to Ollama.",
-            registry=self.registry,
-        ).set_function(lambda: self._streams)
-        self._tokens = Counter(
+        Gauge("ollamaproxy_active_streams", "Requests in flight to Ollama.",
+              registry=self.registry).set_function(lambda: self._streams)
+        self._tokens = _Children(Counter(
             "ollamaproxy_tokens",
             "Tokens Ollama reported, by key name, model and kind (prompt or completion).",
             ["key", "model", "kind"],
             registry=self.registry,
-        )
+        ))
         self._upstream_errors = Counter(
             "ollamaproxy_upstream_errors",
             "Requests that failed on Ollama's side, by kind (upstream_error or timeout).",
@@ -178,10 +174,6 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
-        self._requests_by = _Children(self._requests)
-        self._duration_by = _Children(self._duration)
-        self._first_byte_by = _Children(self._first_byte)
-        self._tokens_by = _Children(self._tokens)
         # Present from the start, so that rate() sees the first one.
         for kind in _UPSTREAM_ERRORS:
             self._upstream_errors.labels(kind=kind)
@@ -215,7 +207,7 @@ class Metrics:
         """
         route, method, outcome = exchange.route, exchange.method, exchange.outcome
         status = _STATUS_LABELS.get(exchange.status, OTHER)
-        self._requests_by[(
+        self._requests[(
             route,
             method if method in HTTP_METHODS else OTHER,
             status,
@@ -223,10 +215,10 @@ class Metrics:
             outcome if outcome in OUTCOMES else OTHER,
         )].inc()
         duration = now - exchange.started
-        self._duration_by[(route,)].observe(duration if duration > 0 else 0.0)
+        self._duration[(route,)].observe(duration if duration > 0 else 0.0)
         first_byte = exchange.first_byte
         if first_byte is not None:
-            self._first_byte_by[(route,)].observe(first_byte if first_byte > 0 else 0.0)
+            self._first_byte[(route,)].observe(first_byte if first_byte > 0 else 0.0)
         if exchange.queued:
             self._queued.observe(exchange.queued)
         if exchange.outcome in _UPSTREAM_ERRORS:
@@ -240,7 +232,7 @@ class Metrics:
                 ("prompt", summary.prompt_tokens),
                 ("completion", summary.completion_tokens),
             ):
-                self._tokens_by[(exchange.key, model, kind)].inc(max(0, count))
+                self._tokens[(exchange.key, model, kind)].inc(max(0, count))
             if (summary.load_seconds or 0) >= LOAD_SECONDS and exchange.backend:
                 self._load_seen(exchange.backend, resolve(summary.model).canonical,
                                 self._answered_loads, self._listed_loads)

@@ -132,7 +132,7 @@ def measure(name: str, command: list[str], env: dict[str, str], tmp: str,
             subprocess.run([*control, "-d", str(process.pid)], check=True, capture_output=True)
             subprocess.run([*control, "-i", "off", str(process.pid)], check=True,
                            capture_output=True)
-            [dump] = [path for path in glob.glob(f"{out}.*") if path.rsplit(".", 1)[-1] != "%p"]
+            [dump] = glob.glob(f"{out}.*")
             result[route] = total(dump) / args.requests
             shutil.copy(dump, os.path.join(tmp, f"{name}-{method}.callgrind"))
             os.remove(dump)

@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
+from ollamaproxy.errors import ProxyError
 from ollamaproxy.routes import Catalogue
 from ollamaproxy.web.answers import ErrorAnswers
 from ollamaproxy.web.site import ProxyRequest
@@ -34,7 +35,7 @@ class Front(Resource):
     does around a handler, the pipeline needs here too: it is cancelled
     when the request ends first (a client that left), the request is
     finished after it, and a failure that escaped it is answered as the
-    app's error handler answers one.
+    app's error handlers answer one.
 
     @param catalogue: Ollama's routes.
     @param serve: The pipeline (L{ollamaproxy.web.app.OllamaProxy.proxy}).
@@ -74,7 +75,11 @@ class Front(Resource):
 
         def failed(failure: Failure) -> None:
             if not ended:
-                request.write(self._answers.bug(request, failure))
+                error = failure.value
+                request.write(
+                    self._answers.error(request, error) if isinstance(error, ProxyError)
+                    else self._answers.bug(request, failure)
+                )
                 request.finish()
             elif not failure.check(CancelledError):
                 log.failure("Unhandled error serving a request", failure)

@@ -82,7 +82,6 @@ class OllamaProxy:
     @param console: The operator console, served at C{/-/console/}, or
         L{None}.
     @param catalogue: Ollama's routes.
-    @ivar catalogue: Ollama's routes.
     """
 
     app = Klein()
@@ -115,13 +114,15 @@ class OllamaProxy:
         self._readiness = readiness
         self._caps = Caps() if caps is None else caps
         self._console = console
-        self.catalogue = catalogue or Catalogue()
+        self._catalogue = catalogue or Catalogue()
 
     def resource(self) -> IResource:
         """
-        The resource to serve, for a L{twisted.web.server.Site}.
+        The resource to serve, for a L{twisted.web.server.Site}: Ollama's
+        fixed routes straight to L{proxy}, any other path through Klein's
+        routes (L{Front}).
         """
-        return Front(self.catalogue, self.proxy, self._answers, self.app.resource())
+        return Front(self._catalogue, self.proxy, self._answers, self.app.resource())
 
     @app.route("/", branch=True)
     async def proxy(self, request: ProxyRequest) -> None:
@@ -187,7 +188,7 @@ class OllamaProxy:
         self._check_accepting(request)
         # Every check sees the path Ollama's router will see.
         path = decoded_path(target.path)
-        route = self.catalogue.find(path)
+        route = self._catalogue.find(path)
         if route is not None:
             exchange.route = route.pattern
         key = await self.gate.key(request, path, route, exchange.client)
@@ -334,4 +335,3 @@ class OllamaProxy:
         Answer a bug of a route other than the proxy's own.
         """
         return self._answers.bug(request, failure)
-

@@ -16,17 +16,22 @@ from twisted.web.server import NOT_DONE_YET
 
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.routes import Catalogue
-from ollamaproxy.web.answers import ErrorAnswers
+from ollamaproxy.web.answers import PREFIX, ErrorAnswers
 from ollamaproxy.web.site import ProxyRequest
 
 log = Logger()
+
+#: A fixed route's path under the prefix the API is served under too.
+_PREFIXED = PREFIX + b"/"
+_AFTER = len(PREFIX)
 
 
 class Front(Resource):
     """
     A request for one of Ollama's fixed routes (C{/api/tags}, C{/api/chat},
-    ...: most requests) goes straight to the proxy's pipeline; any other
-    path goes to Klein, which finds its route.
+    ...: most requests), with or without the C{/proxy} prefix, goes straight
+    to the proxy's pipeline; any other path goes to Klein, which finds its
+    route.
 
     Klein's routing (the URL's parts, a werkzeug map bound for each
     request, its match, an adapter on the request) costs about as much as
@@ -59,7 +64,8 @@ class Front(Resource):
         self._routed = routed
 
     def render(self, request: ProxyRequest) -> object:
-        if request.path not in self._catalogue.fixed:
+        path, fixed = request.path, self._catalogue.fixed
+        if path not in fixed and not (path.startswith(_PREFIXED) and path[_AFTER:] in fixed):
             return self._routed.render(request)
         ended = False
 

@@ -88,6 +88,7 @@ def assemble(
     @param throttle: Slows down addresses that guess keys, or L{None}.
     """
     redact = redact or Redactor(auth.keys.is_key)
+    router.redact_with(redact)
     in_flight = InFlight(clock)
     recorder = Recorder(clock, metrics, usage, redact)
     gate = Gate(auth, recorder, clock, trusted_proxies, throttle)

@@ -285,6 +285,15 @@ def _endpoint(name: str, value: str) -> str:
     return value
 
 
+def _slack(name: str, value: str) -> int | None:
+    """
+    A whole number of requests, or C{off}: L{None}.
+    """
+    if value.strip().lower() == "off":
+        return None
+    return _whole(name, value)
+
+
 def _yes_no(name: str, value: str) -> bool:
     """
     A switch that is on by default, so that it needs a value to turn off:
@@ -603,6 +612,16 @@ class Config:
         doc="seconds a request may wait for a busy model; then `503` with `Retry-After`, "
         "never sent",
     )
+    # A switch costs a load (seconds); a few seconds' hold lets the
+    # requests for the loaded model go first without keeping anyone long.
+    switch_hold: float = option(
+        _seconds_or_zero, "3", metavar="S",
+        help="Seconds a backend keeps serving the requests waiting for the model it holds "
+        "before it switches to another model; 0 switches at once",
+        doc="seconds a backend that would have to switch models for the next request in "
+        "line first serves the requests waiting for the model it holds; then it drains for "
+        "the switch (no more requests for the old model) until it goes.  `0` turns it off",
+    )
     fair_share: str = option(
         _fair_share, "tokens", metavar="WHAT",
         help="What the fair queue shares out between keys: 'tokens' (each key's turns "
@@ -639,6 +658,19 @@ class Config:
         "none, with the context its runner is loaded with (from the backends' `/api/ps`), "
         "so that Ollama does not reload it; `no` sends every request as it came; "
         "`--max-num-ctx` still bounds it",
+    )
+    # Ollama keeps a prompt cache per slot: a turn sent where the last went
+    # evaluates only what is new.  Two requests' wait is what a GPU's
+    # prefill of a long history costs, about.
+    affinity_slack: int | None = option(
+        _slack, "2", metavar="N|off",
+        help="Send a conversation's next turn to the backend that served the last while it "
+        "runs at most N requests more than the least busy one; off: never",
+        doc="send a conversation's next turn to the backend that served its last turn (where "
+        "Ollama holds its prompt in cache), while that backend is healthy, has the model, "
+        "has a free slot and runs at most N requests more than the least busy backend that "
+        "could take it; `0` only on a tie, `off` routes every turn as if it were the first "
+        "(see [Conversations go home](backends.md#conversations-go-home))",
     )
     api_key: str | None = option(
         _api_key, None, metavar="KEY",
@@ -805,12 +837,14 @@ class Config:
     # A field, as every option() here is (ruff sees only this one's type as mutable).
     redis: RedisAddress | None = option(  # noqa: RUF009
         _redis, None, metavar="URL", shown_default="none; in this process",
-        help="Keep each key's rpm, max_streams and token quotas, and the wrong-key "
-        "throttle, in this Redis, shared by every proxy using it: "
+        help="Keep each key's rpm, max_streams and token quotas, the wrong-key "
+        "throttle, and the fair queue with each backend's --parallel, in this Redis, "
+        "shared by every proxy using it: "
         "redis://[user:password@]host:port/db, rediss:// for TLS; prefer OLLAMAPROXY_REDIS "
         "when there is a password",
-        doc="keep each key's `rpm`, `max_streams` and token quotas, and the wrong-key "
-        "throttle, in this Redis, shared by every proxy using it: "
+        doc="keep each key's `rpm`, `max_streams` and token quotas, the wrong-key "
+        "throttle, and the fair queue with each backend's `--parallel`, in this Redis, "
+        "shared by every proxy using it: "
         "`redis://[user:password@]host:port/db`, `rediss://` for TLS; give a URL with a "
         "password in the variable, since options show in `ps`",
     )
@@ -827,9 +861,10 @@ class Config:
     # renewed six times within it.
     redis_lease: float = option(
         _redis_lease, "30", metavar="S",
-        help="Seconds a request stays counted in Redis after its proxy died (its lease is "
-        "renewed six times as often)",
-        doc="seconds a request stays counted in Redis after its proxy died; a live proxy "
+        help="Seconds a request (running or waiting) stays counted in Redis after its proxy "
+        "died (its lease is renewed six times as often)",
+        doc="seconds a request (running or waiting) stays counted in Redis after its proxy "
+        "died; a live proxy "
         "renews its requests six times as often",
     )
 
@@ -896,4 +931,5 @@ DEFAULT_MAX_QUEUE = Config.max_queue
 DEFAULT_QUEUE_TIMEOUT = Config.queue_timeout
 DEFAULT_FAIR_SHARE = Config.fair_share
 DEFAULT_OUTPUT_TOKEN_WEIGHT = Config.output_token_weight
+DEFAULT_AFFINITY_SLACK = Config.affinity_slack
 DEFAULT_OPEN_ROUTES = str(option_named("open-routes").default)

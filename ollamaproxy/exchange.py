@@ -38,6 +38,11 @@ Outcome = Literal[
 ]
 OUTCOMES: frozenset[str] = frozenset(get_args(Outcome))
 
+#: The user of a request of a key that names its users
+#: (L{ollamaproxy.admission.users}) when the request names none: the key's
+#: anonymous user.
+ANONYMOUS = ""
+
 #: The methods of HTTP that clients send; any other is a token of the
 #: client's choosing (a key, even), shown only redacted.
 HTTP_METHODS: frozenset[str] = frozenset(
@@ -58,6 +63,9 @@ class StreamSummary:
     @ivar tokens_per_second: Generation speed, when Ollama reports the
         time it took (C{eval_duration}).
     @ivar load_seconds: Time spent loading the model, when reported.
+    @ivar prompt_seconds: Time spent evaluating the prompt, when reported
+        (C{prompt_eval_duration}): the part of it not in a slot's cache
+        (L{ollamaproxy.record.metrics}'s cache reuse).
     @ivar counted: Whether C{completion_tokens} were counted by the proxy,
         one per NDJSON line or SSE event relayed, because Ollama reported
         none: a C{/v1} stream without C{stream_options.include_usage}, or
@@ -73,6 +81,7 @@ class StreamSummary:
     completion_tokens: int = 0
     tokens_per_second: float | None = None
     load_seconds: float | None = None
+    prompt_seconds: float | None = None
     counted: bool = False
     prompt_estimated: bool = False
 
@@ -177,6 +186,13 @@ class Exchange:
     @ivar model: The model the request names, once read (for the
         console's view of requests in flight).
     @ivar outcome: How it ended (L{Outcome}).
+    @ivar user: Who it was for behind its key, for a key that names its
+        users (L{ANONYMOUS} if it named none); L{None} for a key that
+        does not.
+    @ivar placement: For a turn of a conversation the router sends home,
+        where it went against its conversation's last turn: C{home} (the
+        same backend), C{moved} (another) or C{new} (none remembered);
+        empty for other requests.
     """
 
     method: str
@@ -189,6 +205,7 @@ class Exchange:
     notes: str = ""
     model: ModelName | None = None
     key: str = "-"
+    user: str | None = None
     status: int | None = None
     first_byte: float | None = None
     outcome: Outcome = "completed"
@@ -196,6 +213,7 @@ class Exchange:
     summary: StreamSummary | None = None
     request_sample: bytes = b""
     response_sample: bytes = b""
+    placement: str = ""
 
     def responded(self, now: float, status: int) -> None:
         """

@@ -54,7 +54,8 @@ from ollamaproxy.record.metrics import Metrics, MetricsResource
 from ollamaproxy.record.redact import Redactor
 from ollamaproxy.record.usage import ThreadWorker, UsageCollector, UsageStore
 from ollamaproxy.redis.limits import RedisLimits, RedisThrottle
-from ollamaproxy.redis.link import RedisLink, open_link
+from ollamaproxy.redis.link import RedisLink, open_link, subscriber
+from ollamaproxy.redis.queue import RedisQueue
 from ollamaproxy.web.client_address import TrustedProxies
 from ollamaproxy.web.cors import Cors
 from ollamaproxy.web.in_flight import InFlight
@@ -354,7 +355,7 @@ def build_service(
         # file, the next is this read, before any of this process's usage.
         QuotaSeed(quotas, reactor, usage_store.tokens_by_key),
         # Stops after the requests in flight have ended and released.
-        *([] if redis is None else [redis]),
+        *([] if redis is None else [redis, _shared_queue(config, reactor, router, redis)]),
         *_key_watchers(config, keys, shared, reactor),
         DrainService(assembled.in_flight, config.grace_period),
         # The console's sampler; it stops before the drain, ending open feeds.
@@ -379,7 +380,19 @@ def _router(config: Config, reactor: IReactorTime, pool: BackendPool) -> Router:
     options.
     """
     return Router(pool, reactor, config.max_queue, config.queue_timeout, config.fair_share,
-                  config.output_token_weight)
+                  config.output_token_weight, config.affinity_slack, config.switch_hold)
+
+
+def _shared_queue(
+    config: Config, reactor: IDaemonReactor, router: Router, redis: RedisLink
+) -> RedisQueue:
+    """
+    The fair queue and the named models' slots, shared through C{redis} by
+    every proxy using it; it stops before the link (started after it).
+    """
+    assert config.redis is not None
+    return RedisQueue(redis, router, reactor, subscriber(config.redis, reactor),
+                      config.redis_lease, config.max_queue, config.queue_timeout)
 
 
 def _keys(

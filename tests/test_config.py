@@ -418,6 +418,16 @@ def test_queue_and_caps_options() -> None:
             default.max_num_ctx) == (512, 300.0, None, None)
 
 
+def test_affinity_slack() -> None:
+    """
+    --affinity-slack is a number of requests, 2 unless given, and C{off}
+    (in any case) turns affinity off.
+    """
+    assert Config.from_sources({}, {}).affinity_slack == 2
+    assert Config.from_sources({"affinity-slack": "0"}, {}).affinity_slack == 0
+    assert Config.from_sources({}, {"OLLAMAPROXY_AFFINITY_SLACK": "Off"}).affinity_slack is None
+
+
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [
@@ -430,6 +440,8 @@ def test_queue_and_caps_options() -> None:
         ({"max-keep-alive": "-1"}, "max-keep-alive"),
         ({"max-keep-alive": "forever"}, "max-keep-alive"),
         ({"max-num-ctx": "0"}, "must be 1 or more"),
+        ({"affinity-slack": "-1"}, "not a whole number"),
+        ({"affinity-slack": "never"}, "not a whole number"),
     ],
 )
 def test_bad_backend_settings_are_one_clear_error(

@@ -36,6 +36,7 @@ SAMPLES = {
     "queue-timeout": "5",
     "fair-share": "requests",
     "output-token-weight": "1.5",
+    "switch-hold": "0",
     "max-keep-alive": "10m",
     "max-num-ctx": "2048",
     "api-key": "sample-key-0123456789",
@@ -63,6 +64,7 @@ SAMPLES = {
     "redis-failure": "closed",
     "redis-lease": "10",
     "keep-loaded-context": "no",
+    "affinity-slack": "off",
 }
 ENVIRON = {"HOME": "/home/sample"}
 

@@ -65,6 +65,7 @@ from ollamaproxy.reactors import daemon_reactor
 from ollamaproxy.record.logs import LogFilesService
 from ollamaproxy.record.usage import UsageStore
 from ollamaproxy.redis.link import RedisLink
+from ollamaproxy.redis.queue import RedisQueue
 from ollamaproxy.redis_address import parse_redis_url
 from ollamaproxy.tap import (
     DrainDelay,
@@ -137,9 +138,11 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "queue-timeout": None,
         "fair-share": None,
         "output-token-weight": None,
+        "switch-hold": None,
         "max-keep-alive": None,
         "max-num-ctx": None,
         "keep-loaded-context": None,
+        "affinity-slack": None,
         "api-key": None,
         "keys-file": None,
         "log-dir": None,
@@ -601,7 +604,8 @@ def test_plugin_is_discoverable() -> None:
 def test_redis_wiring(tmp_path: Path, policy: str, required: bool) -> None:
     """
     With --redis, the link to Redis is a service stopped after the requests
-    in flight (after DrainService), /-/ready reports a C{redis} check (not
+    in flight (after DrainService), followed by the fair queue shared
+    through it (stopped before it), /-/ready reports a C{redis} check (not
     yet connected here) that makes the proxy unready under the closed
     policy and only degraded under the local one, and the metrics show
     C{ollamaproxy_redis_up}; without it, none of these (test_service_structure).
@@ -610,8 +614,8 @@ def test_redis_wiring(tmp_path: Path, policy: str, required: bool) -> None:
                          redis_failure=policy)
     service = build_service(config, daemon_reactor(MemoryReactorClock()), lambda text: None)
     kinds = [type(child) for child in children(service)]
-    assert kinds == [PoolService, BackendPool, UsageStore, QuotaSeed, RedisLink, KeysReloader,
-                     DrainService, Sampler, Listeners, UpstreamProbe, DrainDelay]
+    assert kinds == [PoolService, BackendPool, UsageStore, QuotaSeed, RedisLink, RedisQueue,
+                     KeysReloader, DrainService, Sampler, Listeners, UpstreamProbe, DrainDelay]
     stub: Any = StubTreq(endpoint_services(service)[0].factory.resource)
     response = stub.get("http://127.0.0.1/-/ready")
     stub.flush()
@@ -794,6 +798,18 @@ def test_the_fair_queue_options_reach_the_router(
     assert router.queue.finish("k") == cost
 
 
+@pytest.mark.parametrize(("hold", "collates"), [("3", True), ("0", False)])
+def test_switch_hold_reaches_the_router(tmp_path: Path, hold: str, collates: bool) -> None:
+    """
+    --switch-hold collates the router's requests by model; 0 does not.
+    """
+    clock = MemoryReactorClock()
+    upstream = Upstream(cast(IAgent, None), b"http://a", clock, 600, 600)
+    config = parse(["--switch-hold", hold]).config
+    router = tap._router(config, clock, BackendPool([Backend(upstream, 1)]))
+    assert (router.collator is not None) is collates
+
+
 @pytest.mark.parametrize("keep", [True, False])
 def test_the_context_rule_reads_the_router_unless_off(tmp_path: Path, keep: bool) -> None:
     """
@@ -807,3 +823,21 @@ def test_the_context_rule_reads_the_router_unless_off(tmp_path: Path, keep: bool
     caps = tap._caps(config, router)
     assert caps.num_ctx == 8192
     assert (caps.loaded_context == router.loaded_context) is keep
+
+
+@pytest.mark.parametrize(("slack", "remembers"), [(3, True), (None, False)])
+def test_the_affinity_slack_reaches_the_router(
+    tmp_path: Path, slack: int | None, remembers: bool
+) -> None:
+    """
+    --affinity-slack gives the router of several backends its slack; off,
+    the router remembers no conversation.
+    """
+    clock = MemoryReactorClock()
+    backends = [Backend(Upstream(cast(IAgent, None), url, clock, 600, 600), 1)
+                for url in (b"http://a", b"http://b")]
+    router = tap._router(base_config(tmp_path, affinity_slack=slack), clock,
+                         BackendPool(backends))
+    assert (router.affinity is not None) is remembers
+    if router.affinity is not None:
+        assert router.affinity.slack == slack

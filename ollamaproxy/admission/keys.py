@@ -15,7 +15,8 @@ The keys file is JSON (only C{name} and C{hash} are required)::
                "scopes": ["inference"], "models": ["llama3*"],
                "rpm": 60, "max_streams": 2,
                "tokens_per_day": 200000, "tokens_per_month": 3000000,
-               "weight": 2}]}
+               "weight": 2, "user_header": "X-OpenWebUI-User-Id",
+               "chat_header": "X-OpenWebUI-Chat-Id"}]}
 
 and is always replaced atomically (write a temporary file, then rename).
 """
@@ -26,6 +27,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import tempfile
 import zlib
@@ -35,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ollamaproxy.admission.caps import Caps, keep_alive_cap, show_duration
+from ollamaproxy.backends.headers import NEVER_UPSTREAM
 from ollamaproxy.record.redact import KEY_PREFIX
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -80,6 +83,15 @@ class ApiKey:
     @ivar weight: The key's share of turns in the fair queue for a busy
         model: a key of weight 3 is served three times for every once of
         a key of weight 1.
+    @ivar user_header: The header in which the key's front-end names the
+        user a request is for, whose share of the key's the fair queue
+        gives it (L{ollamaproxy.admission.users}), or L{None}: the key is
+        one user.
+    @ivar chat_header: The header whose value names the
+        conversation a request of the key continues (Open WebUI's
+        C{X-OpenWebUI-Chat-Id}), so that its turns go home
+        (L{ollamaproxy.admission.conversation}); L{None} to know
+        conversations by their messages.
     """
 
     name: str
@@ -94,6 +106,8 @@ class ApiKey:
     tokens_per_day: int | None = None
     tokens_per_month: int | None = None
     weight: int = 1
+    user_header: str | None = None
+    chat_header: str | None = None
 
     @property
     def admin(self) -> bool:
@@ -303,7 +317,50 @@ def _key_from_json(entry: Mapping[str, Any]) -> ApiKey:
         tokens_per_day=_limit(entry, "tokens_per_day"),
         tokens_per_month=_limit(entry, "tokens_per_month"),
         weight=_limit(entry, "weight") or 1,
+        user_header=_header(entry, "user_header", "a user"),
+        chat_header=_header(entry, "chat_header", "a conversation"),
     )
+
+
+# A field name is a token (RFC 9110 section 5.1, 5.6.2).
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
+
+
+def header_name(name: str, names: str) -> str:
+    """
+    Accept the name of a header a key reads something from (its users',
+    its conversations'): a field name (a token of RFC 9110), and none the
+    proxy reads for itself or never sends on (the key's own headers,
+    cookies, hop-by-hop ones): a user or a conversation read from
+    C{X-API-Key} would be the key itself, written into every log or made
+    into a digest.
+
+    @param names: What the header names, for the error ("a user").
+    @return: C{name}, as given.
+    @raise ValueError: If it is not one, saying why.
+    """
+    if not _TOKEN.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is not a header name: use 1 to 128 letters, digits or "
+            "!#$%&'*+-.^_`|~ (RFC 9110)"
+        )
+    if name.lower().encode("ascii") in NEVER_UPSTREAM:
+        raise ValueError(
+            f"{name!r} carries credentials or describes the connection, not {names}"
+        )
+    return name
+
+
+def _header(entry: Mapping[str, Any], setting: str, names: str) -> str | None:
+    value = entry.get(setting)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"key {entry['name']!r}: {setting} must be a string")
+    try:
+        return header_name(value, names)
+    except ValueError as e:
+        raise ValueError(f"key {entry['name']!r}: {setting} {e}") from None
 
 
 def _keep_alive(entry: Mapping[str, Any]) -> float | None:
@@ -359,6 +416,10 @@ def key_to_json(key: ApiKey) -> dict[str, Any]:
         entry["tokens_per_month"] = key.tokens_per_month
     if key.weight != 1:
         entry["weight"] = key.weight
+    if key.user_header is not None:
+        entry["user_header"] = key.user_header
+    if key.chat_header is not None:
+        entry["chat_header"] = key.chat_header
     return entry
 
 

@@ -78,12 +78,22 @@ def json_models(body: bytes, fields: tuple[str, ...]) -> list[str]:
     return [name for _, name in json_model_fields(body, fields)]
 
 
-def json_model_fields(body: bytes, fields: tuple[str, ...]) -> list[tuple[str, str]]:
+def json_model_fields(
+    body: bytes, fields: tuple[str, ...], members: dict[str, object] | None = None
+) -> list[tuple[str, str]]:
     """
     Every model a JSON body names in its top-level C{fields}, with the field
     that names it, in the body's order.  Go's decoder,
     which Ollama uses, matches field names without regard to case and takes
     the last of repeated ones, so every spelling and repetition counts here.
+
+    @param members: If given, filled with the body's top-level members by
+        case-folded name (the last of repeated ones, as Go's decoder), each
+        object inside them as the list of its C{(name, value)} pairs and
+        each number as the length of its text: what the conversation's
+        digest is made of (L{ollamaproxy.admission.conversation}), from
+        this one parse.  Without it, nothing inside the top-level object is
+        kept while the body is parsed.
 
     @raise ProxyError: 400 if the body is not a JSON object, names a model
         with something other than a string, or is too large a structure to
@@ -108,9 +118,17 @@ def json_model_fields(body: bytes, fields: tuple[str, ...]) -> list[tuple[str, s
         pairs[:] = items
         return _OBJECT
 
+    def keep_all(items: list[tuple[str, object]]) -> object:
+        # The same, each object kept as its pairs: the body is an object if
+        # it is the last one decoded.
+        nonlocal pairs
+        pairs = items
+        return items
+
     # Numbers are not needed: their length stands in (a builtin, and no
     # big int is built, which Python refuses past 4300 digits and Go not).
-    decoder = json.JSONDecoder(object_pairs_hook=keep_pairs, parse_constant=_not_json,
+    decoder = json.JSONDecoder(object_pairs_hook=keep_pairs if members is None else keep_all,
+                               parse_constant=_not_json,
                                parse_int=len, parse_float=len)
     text = body.decode("utf-8", "surrogateescape").lstrip(_WHITESPACE)
     try:
@@ -119,8 +137,10 @@ def json_model_fields(body: bytes, fields: tuple[str, ...]) -> list[tuple[str, s
         raise ProxyError(400, "request body is nested too deeply") from None
     except ValueError:
         raise ProxyError(400, "request body is not valid JSON") from None
-    if document is not _OBJECT:
+    if document is not (_OBJECT if members is None else pairs):
         raise ProxyError(400, "request body must be a JSON object")
+    if members is not None:
+        members.update((field.casefold(), value) for field, value in pairs)
     wanted = {field.casefold() for field in fields}
     names = []
     for field, value in pairs:
@@ -220,15 +240,19 @@ def allows(key: ApiKey, model: ModelName) -> bool:
 
 
 def models_named(route: RouteSpec, body: bytes, content_type: bytes | None,
-                 query: bytes) -> list[tuple[str, str]]:
+                 query: bytes, members: dict[str, object] | None = None
+                 ) -> list[tuple[str, str]]:
     """
     The models a request on C{route} names in its body (JSON or form), each
     with the field that names it.
+
+    @param members: If given, filled with a JSON body's top-level members
+        (L{json_model_fields}).
     """
     if route.model_in is ModelIn.FORM:
         field = route.model_fields[0]
         return [(field, name) for name in form_models(body, content_type, query, field)]
-    return json_model_fields(body, route.model_fields)
+    return json_model_fields(body, route.model_fields, members)
 
 
 def filter_listing(key: ApiKey, field: str, body: bytes) -> bytes:

@@ -30,6 +30,7 @@ from ollamaproxy.admission.caps import (
     clamp,
     keep_loaded_context,
 )
+from ollamaproxy.admission.conversation import conversation
 from ollamaproxy.admission.estimate import NOTHING, Estimate, estimate
 from ollamaproxy.admission.keys import ApiKey
 from ollamaproxy.admission.policy import (
@@ -58,6 +59,9 @@ class Plan:
     @ivar body: The request's body, if it was read whole (as sent on).
     @ivar estimate: What the request is expected to cost in tokens, which
         its key's quotas reserve (L{ollamaproxy.admission.estimate}).
+    @ivar conversation: The digest of the conversation it continues, if
+        the router sends turns home and it has one
+        (L{ollamaproxy.admission.conversation}).
     """
 
     model: ModelName | None = None
@@ -65,6 +69,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     body: bytes | None = None
     estimate: Estimate = NOTHING
+    conversation: bytes | None = None
 
 
 async def plan_request(
@@ -75,6 +80,7 @@ async def plan_request(
     route: RouteSpec | None,
     caps: Caps,
     several_backends: bool,
+    conversations: bool = False,
 ) -> Plan:
     """
     Read what must be read of a request, refuse what its key may not do, and
@@ -83,6 +89,8 @@ async def plan_request(
     @param key: The key presented, or L{None} on an open route.
     @param caps: The proxy's caps (a key's own make them tighter).
     @param several_backends: Whether the router chooses among backends.
+    @param conversations: Whether the router sends a conversation's turns
+        home, so that the plan says which conversation a request continues.
     @raise ProxyError: 403 for a model the key may not use, or for a route
         the proxy does not know when the key is limited to some models; 400
         or 413 for a body it cannot read.
@@ -109,6 +117,7 @@ async def plan_request(
     must = check or caps != NO_CAPS
     if not (must or route.runs or several_backends):
         return Plan()
+    members: dict[str, object] | None = {} if conversations and route.runs else None
     if route.model_in is ModelIn.PATH:
         named = [(route.model_fields[0], path_model(path, route))]
         body = b""
@@ -124,7 +133,8 @@ async def plan_request(
         body = await _read(request)
         query = target.uri.partition(b"?")[2]
         try:
-            named = models_named(route, body, request.getHeader(b"content-type"), query)
+            named = models_named(route, body, request.getHeader(b"content-type"), query,
+                                 members)
         except ProxyError:
             if must:
                 raise
@@ -134,6 +144,11 @@ async def plan_request(
         check_models(key, [name for _, name in named])
     plan = Plan(model=_routed(named, route), body=body if request.body is not None else None,
                 estimate=estimate(route, body))
+    if members is not None and plan.model is not None:
+        header = key.chat_header if key is not None else None
+        plan.conversation = conversation(
+            route.pattern, plan.model, members,
+            request.getHeader(header.encode("ascii")) if header is not None else None)
     if request.body is not None and (caps.loaded_context is not None or caps != NO_CAPS):
         _rewrite(plan, request, body, caps)
     return plan

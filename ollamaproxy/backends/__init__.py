@@ -4,7 +4,8 @@ The Ollama servers behind the proxy, and talking to them.
   - L{ollamaproxy.backends.pool}: the backends, their health, models and
     models in memory; L{ollamaproxy.backends.gauges}, the same as metrics;
   - L{ollamaproxy.backends.router}: gives a request a backend (and a slot),
-    or makes it wait in L{ollamaproxy.backends.queue}, the fair queue;
+    or makes it wait in L{ollamaproxy.backends.queue}, the fair queue, or
+    asks the queue shared by every proxy (L{ollamaproxy.backends.shared});
   - L{ollamaproxy.backends.dispatch}: an admitted request sent to the
     backend the router gives it (another if it cannot be reached), or to
     every backend, or a listing merged from all;

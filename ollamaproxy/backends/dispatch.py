@@ -61,12 +61,16 @@ class Job:
     @ivar key: The name of the key it came with (its turn in the fair
         queue), C{-} for none.
     @ivar weight: The key's share of turns in the fair queue.
+    @ivar user: Who it is for behind its key, whose share of the key's
+        it has in the fair queue; L{None} for a key that names no users.
     @ivar model: The model it runs or names, for the router.
     @ivar rewrite: How to rewrite a successful answer, if it needs it.
     @ivar body: Its body, if it was read whole (as sent on).
     @ivar expected_output: The tokens it may generate, as its plan
         estimates them: with its meter's prompt estimate, what the fair
         queue charges it until the meter says (L{Router}).
+    @ivar conversation: The digest of the conversation it continues, if
+        any: the router sends it home if it may.
     """
 
     target: Target
@@ -77,6 +81,8 @@ class Job:
     rewrite: Callable[[bytes], bytes] | None = None
     body: bytes | None = None
     expected_output: int = 0
+    user: str | None = None
+    conversation: bytes | None = None
 
 
 @dataclass
@@ -91,6 +97,9 @@ class Trip:
     @ivar answered: What the answer amounted to.
     @ivar meter: The tokens the answer used, counted as it streams (so
         that a request cancelled mid-stream still has them).
+    @ivar placement: For a request that carried a conversation, how its
+        backend compared with its conversation's last (C{home}, C{moved},
+        C{new}); empty for others.
     """
 
     backend: str = ""
@@ -99,6 +108,7 @@ class Trip:
     responded: float | None = None
     answered: Answered = NOTHING_ANSWERED
     meter: Meter = field(default_factory=Meter)
+    placement: str = ""
 
 
 class Dispatcher:
@@ -118,6 +128,8 @@ class Dispatcher:
         self._clock = router.backends[0].upstream.clock
         #: Whether the router chooses among backends.
         self.several = router.several
+        #: Whether it sends a conversation's turns home.
+        self.conversations = router.affinity is not None
         #: This process's mark, which every backend's client carries.
         self.via = router.backends[0].upstream.via
         #: The backends, as an operator names them.
@@ -165,6 +177,8 @@ class Dispatcher:
                     weight=job.weight,
                     meter=trip.meter,
                     expected_output=job.expected_output,
+                    user=job.user,
+                    conversation=job.conversation,
                 )
                 if acquiring.called:
                     # Most requests get their lease at once, for no call more.
@@ -180,9 +194,13 @@ class Dispatcher:
                 raise
             backend = lease.backend
             trip.backend, trip.queued = backend.name, lease.queued
+            if lease.placement is not None:
+                trip.placement = lease.placement
             try:
                 response = await send(request, backend.upstream, job.target, method)
                 trip.status, trip.responded = response.code, backend.upstream.clock.seconds()
+                if lease.model is not None:
+                    lease.answering(response)
                 trip.answered = await answer(request, response, backend.upstream, job.target,
                                              job.rewrite, self._sample_bytes, trip.meter)
             except Unreachable as e:

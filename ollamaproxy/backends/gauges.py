@@ -15,6 +15,13 @@ from its last C{/api/ps}: L{ollamaproxy.backends.pool.Residency}) is by
 backend and model; the model label is bounded as the request metrics bound
 it, L{MAX_MODELS} models a backend (the largest), the rest summed under
 C{other}.  A model unloaded is gone from the next scrape.
+
+The model switches each backend made (C{ollamaproxy_model_switches_total},
+L{ollamaproxy.backends.collate}) are counted by the router's collator and
+read here, 0 for every backend while C{--switch-hold} is 0.  A backend's
+effective parallel for a model (C{ollamaproxy_backend_effective_parallel},
+L{ollamaproxy.backends.effective}) is there only while it is lowered: at
+most one value for each model a backend ran, each lowered on evidence.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ollamaproxy.backends.router import Router
@@ -80,11 +87,29 @@ class RouterGauges(Collector):
             if len(ranked) > MAX_MODELS:
                 vram.add_metric([backend.name, OTHER],
                                 float(sum(size for size, _ in ranked[MAX_MODELS:])))
+        switches = CounterMetricFamily(
+            "ollamaproxy_model_switches",
+            "Times a backend holding as many models as it can was given a request for "
+            "another (--switch-hold collates them).",
+            labels=["backend"],
+        )
+        collator = self._router.collator
+        for backend in self._router.backends:
+            count = 0 if collator is None else collator.switches(backend)
+            switches.add_metric([backend.name], float(count))
+        effective = GaugeMetricFamily(
+            "ollamaproxy_backend_effective_parallel",
+            "Requests of a model a backend is sent at once, where it was seen running fewer "
+            "than --parallel (present only while lowered).",
+            labels=["backend", "model"],
+        )
+        for backend, model, lowered in self._router.effective.lowered():
+            effective.add_metric([backend.name, model], float(lowered))
         waiting = GaugeMetricFamily(
             "ollamaproxy_queue_waiting",
             "Requests waiting in the fair queue for a busy model, by key.",
             labels=["key"],
         )
-        for key, count in waiting_by_label(self._router.queue.waiting()).items():
+        for key, count in waiting_by_label(self._router.waiting()).items():
             waiting.add_metric([key], float(count))
-        return [up, in_flight, vram, waiting]
+        return [up, in_flight, vram, switches, effective, waiting]

@@ -39,6 +39,7 @@ from ollamaproxy.backends.relay import whole_body
 from ollamaproxy.backends.upstream import BytesProducer, Upstream
 from ollamaproxy.config import DEFAULT_PARALLEL
 from ollamaproxy.model_names import ModelName, listed_model
+from ollamaproxy.record.redact import blank_credentials
 
 log = Logger()
 
@@ -120,6 +121,9 @@ class Backend:
         last (see L{note_error}).
     @ivar hung: The models it is out of rotation for: a generation of each
         hung, and no check has generated since.
+    @ivar effective: Requests it may run at once for a model whose
+        effective parallel is lowered below C{parallel}
+        (L{ollamaproxy.backends.effective}); a model not in it, C{parallel}.
     """
 
     upstream: Upstream
@@ -131,6 +135,7 @@ class Backend:
     running: Counter[ModelName | None] = field(default_factory=Counter)
     errors: deque[RecentError] = field(default_factory=lambda: deque(maxlen=_RECENT_ERRORS))
     hung: set[ModelName] = field(default_factory=set)
+    effective: dict[ModelName, int] = field(default_factory=dict)
     #: The backend's base URL, as logs and metrics name it.
     name: str = field(init=False)
 
@@ -241,6 +246,10 @@ class BackendPool(Service):
         self._timers: dict[Backend | _Hung, IDelayedCall] = {}
         self._backoff: dict[Backend | _Hung, float] = {}
         self._probing: dict[Backend | _Hung, Deferred[None]] = {}
+        #: Blanks credentials and the proxy's keys in the model names the
+        #: log lines give: with one backend, a client names any model, and
+        #: may paste a key there (L{ollamaproxy.backends.router.Router.redact_with}).
+        self.redact: Callable[[str], str] = blank_credentials
 
     def startService(self) -> None:
         super().startService()
@@ -306,7 +315,7 @@ class BackendPool(Service):
             return
         backend.hung.add(model)
         log.warn("Backend {backend} is out for model {model}: {reason}",
-                 backend=backend.name, model=model.canonical, reason=reason)
+                 backend=backend.name, model=self.redact(model.canonical), reason=reason)
         self._schedule_check((backend, model))
 
     def _schedule_check(self, hung: _Hung) -> None:
@@ -351,7 +360,7 @@ class BackendPool(Service):
         backend.hung.discard(model)
         self._backoff.pop((backend, model), None)
         log.info("Backend {backend} generates model {model} again",
-                 backend=backend.name, model=model.canonical)
+                 backend=backend.name, model=self.redact(model.canonical))
         self.on_change()
 
     async def _probe(self, backend: Backend) -> None:

@@ -33,12 +33,32 @@ A wait is a L{Deferred}: cancelling it (the client left) takes the request
 out of the queue, and a request that waits longer than the timeout fails
 with a 503 that says when to try again.  Neither ever reaches Ollama.
 
+A key's share is divided among the people behind it the same way, when
+its front-end says who each request is for (a key's user header,
+L{ollamaproxy.admission.users}): two levels, keys first, then users within
+a key.  Which key goes next is decided as above, the key as a whole;
+which of that key's requests then goes is decided among its users by the
+same rule, each user with a finish of its own in the key's own virtual
+time (the start of the last slot the key's users got), moved on by each
+of its slots' cost and trued up alike, all users of a key of equal weight.
+A user that was idle starts at the key's present, as a key does at the
+queue's.  A request of such a key that names no user is the key's
+anonymous user, one more user.  So one person's batch of twenty behind a
+shared key holds back that person's next turn, not the other people's: the
+next slot the key gets goes to the person whose turn is first.  A key with
+no user header has one user, and no second level: its requests cost
+nothing more.
+
 The waiting room is shared fairly too.  When C{limit} requests wait, a
 newcomer whose key, counting the newcomer, would still hold fewer places
 than the key holding the most takes the place of that key's newest waiting
 request, which fails with the 503 instead (among keys holding as many, the
-one whose newest came last gives it up).  So nobody with nothing waiting is
-refused while another key holds more than one place, and places do not
+one whose newest came last gives it up).  The same holds among the users
+behind a key: a newcomer whose key holds the most takes the place of the
+newest request of its key's user holding the most, if its own user would
+still hold fewer; and the place a key gives up is its busiest user's.  So
+nobody with nothing waiting is refused while another key (or another user
+of its own key) holds more than one place, and places do not
 swap back and forth between two keys a place apart; when every key holds
 one, the newcomer is refused, as it would be with a single pool.  Places
 are counted per key, whatever the keys' weights: a weight shares turns,
@@ -56,7 +76,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable, KeysView
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Generic, TypeVar
@@ -65,7 +85,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from ollamaproxy.errors import ProxyError
-from ollamaproxy.exchange import Outcome
+from ollamaproxy.exchange import ANONYMOUS, Outcome
 
 # How many keys' last turns are remembered.
 _REMEMBERED = 4096
@@ -93,6 +113,51 @@ class _Waiter(Generic[W, G]):
     # What its slot moves its key's finish by, before the key's weight.
     cost: float = 1.0
     timer: IDelayedCall | None = None
+    # Who it is for behind its key (None: the key has no users); and the
+    # line it waits in among its key's: its kind, or its user's kind.
+    user: str | None = None
+    lane: Hashable = None
+
+
+@dataclass
+class _Users:
+    """
+    The turns of the users behind one key: the key's own virtual time and
+    each user's finish in it, as L{FairQueue} keeps them for keys.
+    """
+
+    virtual: float = 0.0
+    finish: dict[str, float] = field(default_factory=dict)
+
+    def start(self, user: str) -> float:
+        finish = self.finish.get(user, 0.0)
+        return finish if finish > self.virtual else self.virtual
+
+    def served(self, user: str, cost: float) -> None:
+        start = self.start(user)
+        self.virtual = start
+        self.finish[user] = start + cost
+        if len(self.finish) > _REMEMBERED:
+            self.finish = {u: f for u, f in self.finish.items() if f > self.virtual}
+
+    def charge(self, user: str, cost: float) -> None:
+        self.finish[user] = self.finish.get(user, self.virtual) + cost
+
+
+def _newest(lines: Iterable[Iterable[deque[_Waiter[W, G]]]]) -> _Waiter[W, G]:
+    """
+    The request that came last of those in C{lines} (groups of lines).
+    """
+    return max((waiters[-1] for group in lines for waiters in group), key=_by_arrival)
+
+
+def _newest_of_most(users: dict[str | None, list[deque[_Waiter[W, G]]]]) -> _Waiter[W, G]:
+    """
+    The newest waiting request of the user holding the most places (among
+    users holding as many, the one whose newest came last).
+    """
+    most = max(sum(map(len, lines)) for lines in users.values())
+    return _newest(lines for lines in users.values() if sum(map(len, lines)) == most)
 
 
 def _same(wants: Hashable) -> Hashable:
@@ -156,9 +221,17 @@ class FairQueue(Generic[W, G]):
     _finish: dict[str, float] = field(default_factory=dict)
     _virtual: float = 0.0
     _weights: dict[str, float] = field(default_factory=dict)
+    # The users of each key that has named any (see the module's docstring).
+    _users: dict[str, _Users] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self._size
+
+    def kinds(self) -> KeysView[Hashable]:
+        """
+        The kinds of slot that waiting requests want.
+        """
+        return self._kinds.keys()
 
     def waiting(self) -> dict[str, int]:
         """
@@ -166,12 +239,15 @@ class FairQueue(Generic[W, G]):
         """
         return {key: sum(map(len, kinds.values())) for key, kinds in self._keys.items()}
 
-    def wait(self, key: str, wants: W, weight: float = 1.0, cost: float = 1.0) -> Deferred[G]:
+    def wait(self, key: str, wants: W, weight: float = 1.0, cost: float = 1.0,
+             user: str | None = None) -> Deferred[G]:
         """
         Wait in line for C{wants}.
 
         @param weight: The key's share of turns against other keys'.
         @param cost: What the request's slot is charged (see L{served}).
+        @param user: Who the request is for behind its key, or L{None} for
+            a key that names no users (see the module's docstring).
         @return: Fires with what L{serve} grants; fails with a 503
             L{ProxyError} after C{timeout} seconds; cancelling it leaves the
             queue.
@@ -181,7 +257,7 @@ class FairQueue(Generic[W, G]):
         """
         displaced = None
         if self._size >= self.limit:
-            displaced = self._displaced(key)
+            displaced = self._displaced(key, user)
             if displaced is None:
                 raise self._full(wants)
             self._remove(displaced)
@@ -191,9 +267,9 @@ class FairQueue(Generic[W, G]):
 
         kind = self.kind(wants)
         waiter: _Waiter[W, G] = _Waiter(key, wants, kind, next(self._arrivals), Deferred(leave),
-                                        cost)
+                                        cost, None, user, kind if user is None else (user, kind))
         waiter.timer = self.clock.callLater(self.timeout, self._expire, waiter)
-        self._keys.setdefault(key, {}).setdefault(kind, deque()).append(waiter)
+        self._keys.setdefault(key, {}).setdefault(waiter.lane, deque()).append(waiter)
         self._kinds[kind] += 1
         self._weights[key] = weight
         self._size += 1
@@ -207,27 +283,41 @@ class FairQueue(Generic[W, G]):
         return busy(f"too many requests waiting ({self.limit}); try again shortly",
                     self.retry_after(wants), "queue_full")
 
-    def _displaced(self, key: str) -> _Waiter[W, G] | None:
+    def _displaced(self, key: str, user: str | None) -> _Waiter[W, G] | None:
         """
-        The waiting request a newcomer of C{key} takes the place of in a
-        full queue, or L{None} if it takes none: the newest of the key
+        The waiting request a newcomer of C{key} (and C{user}) takes the
+        place of in a full queue, or L{None} if it takes none: of the key
         holding the most places, if C{key} would hold fewer with the
-        newcomer.  Asked only when the queue is full, so the count may cost
-        a pass over the keys.
+        newcomer, else of C{key} itself, if C{user} would hold fewer than
+        the key's user holding the most; in either key, the newest of its
+        user holding the most.  Asked only when the queue is full, so the
+        count may cost a pass over the keys.
         """
         if not self._keys:
             return None
         counts = self.waiting()
-
-        def newest(holder: str) -> _Waiter[W, G]:
-            return max((waiters[-1] for waiters in self._keys[holder].values()),
-                       key=_by_arrival)
-
         most = max(counts.values())
-        if counts.get(key, 0) + 1 >= most:
+        if counts.get(key, 0) + 1 < most:
+            holders = [self._by_user(holder) for holder, n in counts.items() if n == most]
+            # Among keys holding as many, the one whose newest came last.
+            return _newest_of_most(max(holders, key=lambda users: _newest(users.values()).number))
+        kinds = self._keys.get(key)
+        if user is None or kinds is None:
             return None
-        return max((newest(holder) for holder, n in counts.items() if n == most),
-                   key=_by_arrival)
+        users = self._by_user(key)
+        mine = sum(map(len, users.get(user, ())))
+        if mine + 1 >= max(sum(map(len, lines)) for lines in users.values()):
+            return None
+        return _newest_of_most(users)
+
+    def _by_user(self, key: str) -> dict[str | None, list[deque[_Waiter[W, G]]]]:
+        """
+        C{key}'s lines of waiting requests, by the user they are for.
+        """
+        users: dict[str | None, list[deque[_Waiter[W, G]]]] = {}
+        for waiters in self._keys[key].values():
+            users.setdefault(waiters[0].user, []).append(waiters)
+        return users
 
     def retry_after(self, wants: W) -> float:
         """
@@ -242,14 +332,18 @@ class FairQueue(Generic[W, G]):
         ahead = self._kinds.get(self.kind(wants), 0)
         return min(self.timeout, max(1.0, (ahead + 1) * pace))
 
-    def served(self, key: str, weight: float = 1.0, cost: float = 1.0) -> None:
+    def served(self, key: str, weight: float = 1.0, cost: float = 1.0,
+               user: str | None = None) -> None:
         """
         A request of C{key} got a slot: its turn was now, and it moves the
-        key's finish on by C{cost / weight}.
+        key's finish on by C{cost / weight}, and its C{user}'s, if it
+        names one, by C{cost} in the key's own time.
 
         @param cost: What the request is expected to cost: 1 for a turn, or
             its tokens (trued up later with L{charge}).
         """
+        if user is not None:
+            self._users_of(key).served(user, cost)
         # _start, inlined: this runs for every request that runs a model.
         finish = self._finish.get(key, 0.0)
         start = finish if finish > self._virtual else self._virtual
@@ -259,14 +353,17 @@ class FairQueue(Generic[W, G]):
             # A key whose finish has passed is as good as one never seen.
             self._finish = {k: f for k, f in self._finish.items() if f > self._virtual}
 
-    def charge(self, key: str, weight: float, cost: float) -> None:
+    def charge(self, key: str, weight: float, cost: float, user: str | None = None) -> None:
         """
         Move C{key}'s finish on by C{cost / weight} more, or back for a
         negative C{cost}: a served request turned out to cost more, or less,
         than L{served} was told.  The turn it had stays had: only the key's
         next start moves, and never to before the present (L{_start}), so
-        an overestimate given back earns no credit.
+        an overestimate given back earns no credit.  Its C{user}'s, if it
+        names one, moves alike.
         """
+        if user is not None:
+            self._users_of(key).charge(user, cost)
         # A key forgotten since was at or before the present.
         self._finish[key] = self._finish.get(key, self._virtual) + cost / weight
 
@@ -277,6 +374,30 @@ class FairQueue(Generic[W, G]):
         tests check the charges by.)
         """
         return self._finish.get(key, 0.0)
+
+    def _users_of(self, key: str) -> _Users:
+        """
+        The turns of C{key}'s users, made when it first names one.  Keys
+        whose users all have their finish behind them are forgotten beyond
+        L{_REMEMBERED} keys, as keys are: they would start at the present.
+        """
+        users = self._users.get(key)
+        if users is None:
+            if len(self._users) >= _REMEMBERED:
+                self._users = {
+                    k: u for k, u in self._users.items()
+                    if k in self._keys or any(f > u.virtual for f in u.finish.values())
+                }
+            users = self._users[key] = _Users()
+        return users
+
+    def user_finish(self, key: str, user: str) -> float:
+        """
+        Where C{user}'s turns have taken it in C{key}'s virtual time (what
+        the tests check the charges by).
+        """
+        users = self._users.get(key)
+        return 0.0 if users is None else users.finish.get(user, 0.0)
 
     def _start(self, key: str) -> float:
         """
@@ -298,11 +419,11 @@ class FairQueue(Generic[W, G]):
         full: set[Hashable] = set()
         while self._size:
             for key in sorted(self._keys, key=self._start):
-                waiter, granted = self._first_granted(self._keys[key], grant, full)
+                waiter, granted = self._first_granted(key, grant, full)
                 if waiter is not None and granted is not None:
                     weight = self._weights[key]
                     self._remove(waiter)
-                    self.served(key, weight, waiter.cost)
+                    self.served(key, weight, waiter.cost, waiter.user)
                     waiter.granted.callback(granted)
                     break
                 if waiter is not None:
@@ -314,18 +435,28 @@ class FairQueue(Generic[W, G]):
 
     def _first_granted(
         self,
-        kinds: dict[Hashable, deque[_Waiter[W, G]]],
+        key: str,
         grant: Callable[[W], G | None],
         full: set[Hashable],
     ) -> tuple[_Waiter[W, G] | None, G | None]:
         """
-        A key's first request, in the order they came, that C{grant} gives
-        a slot: asked once for each kind not yet found C{full}.  A request
-        that holds the line and is given none comes back without a slot,
-        and no later one is asked.
+        A key's first request, by its users' turns (if it names users),
+        then in the order they came, that C{grant} gives a slot: asked once
+        for each line not yet found C{full}.  A request that holds the
+        line and is given none comes back without a slot, and no later one
+        is asked.
         """
-        heads = [waiters[0] for kind, waiters in kinds.items() if kind not in full]
-        for waiter in sorted(heads, key=_by_arrival):
+        heads = [waiters[0] for waiters in self._keys[key].values()
+                 if waiters[0].kind not in full]
+        users = self._users.get(key)
+        if users is not None:
+            start = users.start
+            heads.sort(key=lambda w: (start(w.user or ANONYMOUS), w.number))
+        else:
+            heads.sort(key=_by_arrival)
+        for waiter in heads:
+            if waiter.kind in full:
+                continue  # another user's request of this kind found none
             granted = grant(waiter.wants)
             if granted is not None:
                 return waiter, granted
@@ -345,7 +476,7 @@ class FairQueue(Generic[W, G]):
 
     def _remove(self, waiter: _Waiter[W, G]) -> None:
         kinds = self._keys.get(waiter.key)
-        waiters = None if kinds is None else kinds.get(waiter.kind)
+        waiters = None if kinds is None else kinds.get(waiter.lane)
         if kinds is None or waiters is None or waiter not in waiters:
             return
         waiters.remove(waiter)
@@ -354,7 +485,7 @@ class FairQueue(Generic[W, G]):
         if not self._kinds[waiter.kind]:
             del self._kinds[waiter.kind]
         if not waiters:
-            del kinds[waiter.kind]
+            del kinds[waiter.lane]
             if not kinds:
                 del self._keys[waiter.key]
                 del self._weights[waiter.key]

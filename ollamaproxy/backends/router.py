@@ -51,23 +51,53 @@ chunk; an estimate too high while the request runs only delays the key's
 next turn until the true-up.  Under C{--fair-share requests} every request
 costs one turn.
 
+Under C{--redis}, the slots of named models and the turns of the requests
+waiting for them are kept for every proxy together: the router asks the
+shared queue (L{ollamaproxy.backends.shared}) for them, with the backends
+the request may use, best first, and keeps its backends' counts as usual.
+
+A request that carries a conversation (the digest the plan makes of what
+identifies it, L{ollamaproxy.admission.conversation}) is sent, among the
+backends with a free slot, to the one its conversation's last turn went
+to, within C{--affinity-slack} (L{ollamaproxy.backends.affinity}); the
+lease says how its backend compares with that last one.
+
 With a single backend the proxy decides nothing about models or health:
 every request goes to it, and Ollama answers for a model it does not have
 (or the proxy's 502 says it cannot be reached), as without the proxy; only
-the fair queue for a busy model is added.
+the fair queue for a busy model, and collation, are added.
+
+Collation (C{--switch-hold}, L{ollamaproxy.backends.collate}): a backend
+that would have to switch models for the next request in line first serves
+the requests waiting for the models it holds, for at most the hold, then
+drains for the switch.  A backend holds the models the proxy last gave it,
+at most as many as its C{/api/ps} has been seen listing at once (at least
+one); a request for another model when it holds that many is a switch.
+
+A backend seen running fewer of a model's requests at once than
+C{parallel} is given only that many (L{Backend.effective},
+L{ollamaproxy.backends.effective}): the dispatcher tells each lease when
+its answer begins (L{Lease.answering}), and its release tells the rest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IResponse
 
+from ollamaproxy.backends.affinity import Affinity, Placement
+from ollamaproxy.backends.collate import Collator
+from ollamaproxy.backends.effective import EffectiveParallel, Watch
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.queue import FairQueue, busy
+from ollamaproxy.backends.shared import Ask, SharedQueue
 from ollamaproxy.config import (
+    DEFAULT_AFFINITY_SLACK,
     DEFAULT_FAIR_SHARE,
     DEFAULT_MAX_QUEUE,
     DEFAULT_OUTPUT_TOKEN_WEIGHT,
@@ -82,6 +112,8 @@ from ollamaproxy.model_names import ModelName
 _SMOOTHING = 0.2
 
 _UNMEASURED = -1.0
+
+_NO_TYPE = [b""]
 
 #: How many models' releases are timed; beyond, the timings start afresh
 #: (with a single backend, any name a client sends gets a slot).
@@ -112,7 +144,11 @@ def free_for(backend: Backend, slot: ModelName | None) -> bool:
     if not slot.canonical:
         # Counter: reading a missing slot adds nothing.
         return backend.in_flight == running[None]
-    return running[slot] < backend.parallel and not (running and UNREAD_MODEL in running)
+    # An effective parallel lowered (L{EffectiveParallel}) only when the
+    # backend has one: an empty dict is no call.
+    limit = backend.effective[slot] if backend.effective and slot in backend.effective \
+        else backend.parallel
+    return running[slot] < limit and not (running and UNREAD_MODEL in running)
 
 
 @dataclass(eq=False)
@@ -123,19 +159,46 @@ class Lease:
     @ivar backend: Where the request goes.
     @ivar model: The model it named, if any.
     @ivar queued: Seconds it waited for the slot.
+    @ivar placement: For a request that carries a conversation, how its
+        backend compares with the one its conversation's last turn went to
+        (L{Placement}); else L{None}.
     """
 
     backend: Backend
     model: ModelName | None
     queued: float
     _router: Router = field(repr=False)
+    placement: Placement | None = None
     _released: bool = False
     # Who the fair queue charged for the slot, how much, and the meter that
     # says, at release, what the request did cost (None: no true-up).
     _key: str = "-"
+    _user: str | None = None
     _weight: float = 1.0
     _charged: float = 0.0
     _meter: Meter | None = field(default=None, repr=False)
+    # The queue kept outside this process that gave the slot, and its name
+    # for it (None: this process's own).
+    _shared: SharedQueue | None = field(default=None, repr=False)
+    _ticket: str = ""
+    # What its first byte showed, for the effective parallel (None: none
+    # came yet, or the request names no model).
+    _watch: Watch | None = field(default=None, repr=False)
+    _streamed: bool = False
+    _behind: int = 0
+    _mark: int = 0
+
+    def answering(self, response: IResponse) -> None:
+        """
+        The request's answer has begun (its response head came): what the
+        router's L{EffectiveParallel} counts as running, if it streams.
+        """
+        model = self.model
+        if model is not None and model.canonical:
+            kind = response.headers.getRawHeaders(b"content-type", _NO_TYPE)[0]
+            # Sliced, not startswith(): no call more on every request.
+            self._router.effective.head(
+                self, kind[:20] == b"application/x-ndjson" or kind[:17] == b"text/event-stream")
 
     def release(self) -> None:
         """
@@ -161,12 +224,21 @@ class Router:
         queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
         fair_share: str = DEFAULT_FAIR_SHARE,
         output_token_weight: float = DEFAULT_OUTPUT_TOKEN_WEIGHT,
+        affinity_slack: int | None = DEFAULT_AFFINITY_SLACK,
+        switch_hold: float = 0.0,
     ) -> None:
         """
         @param fair_share: What the fair queue shares out: C{tokens} or
             C{requests} (see the module's docstring).
         @param output_token_weight: What an output token costs against a
             prompt token, under C{tokens}.
+        @param affinity_slack: How much busier than the least busy backend
+            a conversation's home may be and still get its next turn
+            (L{ollamaproxy.backends.affinity}); L{None} sends no turn home.
+        @param switch_hold: The most seconds a backend serves the requests
+            for the models it holds before it switches
+            (L{ollamaproxy.backends.collate}); 0, the default here, turns
+            collation off (the daemon's default is C{--switch-hold}'s).
         """
         self.pool = pool
         self._clock = clock
@@ -188,12 +260,36 @@ class Router:
         # only between two releases of one stretch of waiting.
         self._stretch = 0
         pool.on_change = self._serve_queue
+        self.effective = EffectiveParallel(clock)
+        self.collator = (
+            Collator(clock, switch_hold, self._waiting_on, self._serve_queue)
+            if switch_hold > 0 else None
+        )
         # One backend gets every request, healthy or not: Ollama (or the
         # 502 for it) answers, as without the proxy.
         self.several = len(pool.backends) > 1
+        #: The queue shared with other proxies that keeps named models'
+        #: slots, if there is one (L{ollamaproxy.backends.shared}).
+        self.shared: SharedQueue | None = None
+        #: Where conversations live, if turns go home: with one backend,
+        #: every turn does anyway.
+        self.affinity = (Affinity(affinity_slack) if self.several and affinity_slack is not None
+                         else None)
 
     #: Whether there is more than one backend to choose from.
     several: bool
+
+    def redact_with(self, redact: Callable[[str], str]) -> None:
+        """
+        Blank credentials and the proxy's keys with C{redact} in the model
+        names the router's log lines give (the collator's, the effective
+        parallel's, the pool's): a client names the model, and may paste a
+        key there.
+        """
+        self.pool.redact = redact
+        self.effective.redact = redact
+        if self.collator is not None:
+            self.collator.redact = redact
 
     @property
     def backends(self) -> list[Backend]:
@@ -233,6 +329,9 @@ class Router:
         weight: int = 1,
         meter: Meter | None = None,
         expected_output: int = 0,
+        user: str | None = None,
+        conversation: bytes | None = None,
+        local: bool = False,
     ) -> Deferred[Lease]:
         """
         A backend for a request of key C{key} naming C{model}.
@@ -250,6 +349,13 @@ class Router:
             and its reading replaces them when the slot is given back.
         @param expected_output: The tokens the request may generate, as its
             plan estimates them.
+        @param user: Who the request is for behind its key, whose share of
+            the key's it has (L{FairQueue}); L{None} for a key that names
+            no users.
+        @param local: Whether it waits in this process's queue even when
+            there is a shared one (L{shared}): the shared queue's fallback.
+        @param conversation: The digest of the conversation the request
+            continues, if it carries one: it goes home if it may.
         @return: Fires with a L{Lease} at once, or once the request's turn has
             come; cancelling it leaves the queue.
         @raise ProxyError: 404 if no backend has the model, 503 if none that
@@ -275,14 +381,73 @@ class Router:
             cost = self._cost(meter.prompt_estimate, expected_output)
         else:
             cost, meter = 1.0, None
+        if self.affinity is None:
+            conversation = None
+        if self.shared is not None and not local and model is not None and model.canonical:
+            return self._take_shared(key, (model, now, excluded), weight, cost, meter,
+                                     expected_output, user, conversation)
         if not len(self.queue):
-            lease = self._grant((model, now, excluded))
+            lease = self._grant((model, now, excluded), conversation=conversation)
             if lease is not None:
-                self.queue.served(key, weight, cost)
-                return succeed(self._bill(lease, key, weight, cost, meter))
-        waiting = self.queue.wait(key, (model, now, excluded), weight, cost)
-        waiting.addCallback(self._bill, key, weight, cost, meter)
+                self.queue.served(key, weight, cost, user)
+                return succeed(self._bill(lease, key, weight, cost, meter, user, conversation))
+        waiting = self.queue.wait(key, (model, now, excluded), weight, cost, user)
+        waiting.addCallback(self._bill, key, weight, cost, meter, user, conversation)
         self._serve_queue()
+        return waiting
+
+    def _take_shared(
+        self,
+        key: str,
+        wants: tuple[ModelName | None, float, frozenset[Backend]],
+        weight: int,
+        cost: float,
+        meter: Meter | None,
+        expected_output: int,
+        user: str | None,
+        conversation: bytes | None,
+    ) -> Deferred[Lease]:
+        """
+        A slot of a named model from the queue shared with other proxies,
+        which falls back to this process's own while it cannot be asked.
+        The shared queue orders keys, not the users behind a key: a key's
+        users share its turns in the order they came there, and by the
+        users' rule only in this process's queue.  A conversation's home
+        is asked first, if the affinity rule would choose it.
+        """
+        model, since, excluded = wants
+        assert self.shared is not None and model is not None
+        candidates = [
+            b for b in self.backends
+            if (not self.several or b.serves(model)) and b not in excluded
+            and self._has(b, model)
+        ]
+        candidates.sort(key=lambda b: (model not in b.loaded, b.in_flight))
+        if conversation is not None and self.affinity is not None and candidates:
+            home = self.affinity.choose(conversation, candidates, candidates[0], model)
+            candidates.remove(home)
+            candidates.insert(0, home)
+
+        def lease(backend: Backend) -> Lease:
+            return self._bill(self._lease(backend, model, since), key, weight, cost, meter, user,
+                              conversation)
+
+        return self.shared.take(Ask(
+            key, model, candidates, weight, cost, since, lease,
+            lambda: self.acquire(key, model, runs=True, exclude=excluded, weight=weight,
+                                 meter=meter, expected_output=expected_output, user=user,
+                                 conversation=conversation, local=True),
+        ))
+
+    def waiting(self) -> dict[str, int]:
+        """
+        How many of this proxy's requests each key has waiting: in its own
+        queue, and in the shared one if there is one.
+        """
+        waiting = self.queue.waiting()
+        if self.shared is not None:
+            for key, count in self.shared.waiting().items():
+                waiting[key] = waiting.get(key, 0) + count
         return waiting
 
     def _cost(self, prompt: int, output: int) -> float:
@@ -294,13 +459,17 @@ class Router:
         cost = prompt + output * self._output_weight
         return cost if cost > 1 else 1.0
 
-    @staticmethod
-    def _bill(lease: Lease, key: str, weight: float, cost: float, meter: Meter | None) -> Lease:
+    def _bill(self, lease: Lease, key: str, weight: float, cost: float, meter: Meter | None,
+              user: str | None, conversation: bytes | None) -> Lease:
         """
-        Write on C{lease} what its slot was charged, for the true-up at
-        release.
+        Write on C{lease} what its slot was charged, and to whom, for the
+        true-up at release; and move its conversation, if any, to its
+        backend.
         """
         lease._key, lease._weight, lease._charged, lease._meter = key, weight, cost, meter
+        lease._user = user
+        if conversation is not None and self.affinity is not None:
+            lease.placement = self.affinity.went(conversation, lease.backend)
         return lease
 
     def _check_available(self, model: ModelName | None, excluded: frozenset[Backend]) -> None:
@@ -322,12 +491,15 @@ class Router:
         self,
         wants: tuple[ModelName | None, float, frozenset[Backend]],
         named: ModelName | None = None,
+        conversation: bytes | None = None,
     ) -> Lease | None:
         """
         A lease on the best backend with a free slot for C{model}, or
         L{None}.
 
         @param named: For a request that takes no slot, the model it names.
+        @param conversation: The digest of the conversation the request
+            continues, if any: its home may be chosen.
         """
         model, since, excluded = wants
         named = named or model
@@ -337,10 +509,27 @@ class Router:
             and free_for(b, model)
             and (named is None or self._has(b, named))
         ]
+        collator = self.collator
+        if collator is not None and model is not None and model.canonical:
+            free = collator.allowed(model, free)
         if not free:
             return None
         backend = min(free, key=lambda b: (named is None or named not in b.loaded, b.in_flight))
+        if conversation is not None and self.affinity is not None:
+            backend = self.affinity.choose(conversation, free, backend, named)
+        if collator is not None and model is not None and model.canonical:
+            collator.granted(backend, model)
         return self._lease(backend, model, since)
+
+    def _waiting_on(self, backend: Backend) -> set[ModelName]:
+        """
+        The models that requests waiting in the fair queue want, of those
+        that may go to C{backend}: what the collator asks before a switch.
+        """
+        # The queue's kinds are the router's (model, backends excluded).
+        kinds = cast("Iterable[tuple[ModelName | None, frozenset[Backend]]]", self.queue.kinds())
+        return {model for model, excluded in kinds
+                if model is not None and backend not in excluded}
 
     def _lease(self, backend: Backend, slot: ModelName | None, since: float) -> Lease:
         backend.running[slot] += 1
@@ -349,17 +538,26 @@ class Router:
     def _release(self, lease: Lease) -> None:
         model = lease.model
         running = lease.backend.running
-        running[model] -= 1
-        if running[model] <= 0:
+        left = running[model] - 1
+        if left <= 0:
             del running[model]
+        else:
+            running[model] = left
+        if lease._watch is not None:
+            self.effective.released(lease, lease._watch)
         meter = lease._meter
+        charge = 0.0
         if meter is not None:
             # The meter's reading, not the estimate charged, is what the
             # request cost: before the next slot is given.
             reading = meter.reading()
             used = (0, 0) if reading is None else (reading.prompt_tokens,
                                                    reading.completion_tokens)
-            self.queue.charge(lease._key, lease._weight, self._cost(*used) - lease._charged)
+            charge = self._cost(*used) - lease._charged
+        if lease._shared is not None:
+            lease._shared.give_back(lease, charge / lease._weight)
+        elif meter is not None:
+            self.queue.charge(lease._key, lease._weight, charge, lease._user)
         self._serve_queue(model)
 
     def _pace_of(self, wants: tuple[ModelName | None, float, frozenset[Backend]]) -> float | None:

@@ -12,11 +12,11 @@ import argparse
 import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO, TypeVar
 
 from ollamaproxy import __version__
 from ollamaproxy.config import ConfigError, option_named
-from ollamaproxy.record.usage_db import DatabaseDown, Row, SqliteUsage
+from ollamaproxy.record.usage_db import By, DatabaseDown, Row, SqliteUsage
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -177,10 +177,10 @@ class UsageReader(Protocol):
         The file, or the URL without its password.
         """
 
-    def summarise(self, since: float | None, by: Literal["key", "model"],
-                  until: float | None = None) -> list[Row]:
+    def summarise(self, since: float | None, by: By, until: float | None = None) -> list[Row]:
         """
-        Requests, refusals and tokens per key or model between two times.
+        Requests, refusals and tokens per key, model or user between two
+        times.
         """
 
     def tokens_by_key(self, since: float) -> dict[str, int]:

@@ -16,7 +16,7 @@ shape stays as it is (fields may be added, never renamed or removed)::
 
     {"name": "bob", "scopes": ["inference"], "models": ["llama3*"],
      "rpm": 60, "max_streams": 2, "max_keep_alive": "10m",
-     "max_num_ctx": 8192, "weight": 1,
+     "max_num_ctx": 8192, "weight": 1, "user_header": null, "chat_header": null,
      "tokens_per_day": 200000, "tokens_per_month": null,
      "used_today": 1234, "used_this_month": 56789,
      "created": "2026-11-27T07:00:00Z", "expires": null, "expired": false,
@@ -51,6 +51,7 @@ from ollamaproxy.admission.keys import (
     ApiKey,
     digest,
     generate_key,
+    header_name,
 )
 from ollamaproxy.admission.quota_periods import window
 from ollamaproxy.cli.common import (
@@ -123,6 +124,18 @@ def _keep_alive(text: str) -> float:
         return keep_alive_cap(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _header(names: str) -> Callable[[str], str]:
+    """
+    Accept the name of a header a key reads C{names} from (L{header_name}).
+    """
+    def parse(text: str) -> str:
+        try:
+            return header_name(text, names)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
 
 
 def _globs(text: str) -> list[str]:
@@ -216,6 +229,7 @@ def _row(view: dict[str, Any]) -> dict[str, str]:
         "WEIGHT": str(view["weight"]),
         "TOKENS TODAY": _of(view["used_today"], view["tokens_per_day"]),
         "TOKENS THIS MONTH": _of(view["used_this_month"], view["tokens_per_month"]),
+        "USER HEADER": _unset(view["user_header"]),
         "CREATED": _unset(view["created"]),
         "EXPIRES": expires,
     }
@@ -237,6 +251,8 @@ def _summary(key: ApiKey) -> str:
         + (f"tokens per month {key.tokens_per_month}; "
            if key.tokens_per_month is not None else "")
         + (f"weight {key.weight}; " if key.weight != 1 else "")
+        + (f"user header {key.user_header}; " if key.user_header is not None else "")
+        + (f"chat header {key.chat_header}; " if key.chat_header is not None else "")
         + f"expires {'never' if key.expires is None else show_time(key.expires)}"
     )
 
@@ -357,6 +373,29 @@ def _key_options(parser: argparse.ArgumentParser, update: bool) -> None:
                         help="share of turns when requests wait for a busy model: weight 3 "
                         "is served three times for every once of weight 1 "
                         f"(default: {unset or 1})")
+    _header_options(parser, limit, update)
+
+
+def _header_options(
+    parser: argparse.ArgumentParser, limit: Callable[[Callable[[str], Any], str], Any],
+    update: bool,
+) -> None:
+    """
+    Add the options naming the headers a key's front-end says things in.
+    """
+    clear = "('' for none; default: unchanged)"
+    parser.add_argument("--user-header", metavar="HEADER", type=limit(_header("a user"), ""),
+                        help="the header in which the key's front-end names the user a "
+                        "request is for, e.g. X-OpenWebUI-User-Id: the key's share of the "
+                        "fair queue is divided among its users "
+                        + (clear if update else "(default: none, the key is one user)"))
+    parser.add_argument("--chat-header", metavar="HEADER",
+                        type=limit(_header("a conversation"), ""),
+                        help="a header whose value names the conversation a request "
+                        "continues, e.g. X-OpenWebUI-Chat-Id: its turns go to the backend "
+                        "of its last "
+                        + (clear if update
+                           else "(default: none, conversations known by their messages)"))
 
 
 def _storage(args: argparse.Namespace, environ: Mapping[str, str]) -> KeyStorage:
@@ -414,6 +453,8 @@ def _add(args: argparse.Namespace, storage: KeyStorage, out: TextIO, now: dateti
         tokens_per_day=args.tokens_per_day,
         tokens_per_month=args.tokens_per_month,
         weight=args.weight or 1,
+        user_header=args.user_header,
+        chat_header=args.chat_header,
     )
 
     def add(keys: list[ApiKey]) -> list[ApiKey]:
@@ -540,7 +581,8 @@ def _changed(key: ApiKey, args: argparse.Namespace, now: datetime) -> ApiKey:
         return None if value is CLEAR else value
 
     settings = ("admin", "cloud", "models", "rpm", "max_streams", "max_keep_alive",
-                "max_num_ctx", "expires", "tokens_per_day", "tokens_per_month", "weight")
+                "max_num_ctx", "expires", "tokens_per_day", "tokens_per_month", "weight",
+                "user_header", "chat_header")
     if all(getattr(args, setting) is None for setting in settings):
         raise UsageError(
             f"keys update: give a setting to change (see '{PROG} keys update --help')"
@@ -567,5 +609,7 @@ def _changed(key: ApiKey, args: argparse.Namespace, now: datetime) -> ApiKey:
         tokens_per_day=given(args.tokens_per_day, key.tokens_per_day),
         tokens_per_month=given(args.tokens_per_month, key.tokens_per_month),
         weight=given(args.weight, key.weight) or 1,
+        user_header=given(args.user_header, key.user_header),
+        chat_header=given(args.chat_header, key.chat_header),
     )
 

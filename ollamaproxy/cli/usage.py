@@ -21,7 +21,10 @@ renamed or removed)::
                "total_tokens": 3000}]}
 
 C{since} and C{until} are as given (UTC), or C{null}; with C{--by model} the
-rows have C{model} instead of C{key}, C{""} for requests that named none.
+rows have C{model} instead of C{key}, C{""} for requests that named none;
+with C{--by user} they have C{key} and C{user}, one row per user behind
+each key, C{""} for the key's anonymous user (and for every request of a
+key that names no users, L{ollamaproxy.admission.users}).
 """
 
 from __future__ import annotations
@@ -52,9 +55,9 @@ def add_usage_parser(commands: Any, stdout: TextIO) -> None:
     """
     usage = commands.add_parser(
         "usage",
-        help="show requests and tokens per key or per model",
+        help="show requests and tokens per key, model or user",
         description="Show the requests the proxy has recorded, served and refused, and their "
-        "tokens, per key or per model, most tokens first.",
+        "tokens, per key, per model or per user behind a key, most tokens first.",
         stdout=stdout,
     )
     usage.add_argument("--since", metavar="DATE",
@@ -63,8 +66,10 @@ def add_usage_parser(commands: Any, stdout: TextIO) -> None:
     usage.add_argument("--until", metavar="DATE",
                        help="count up to (not including) this date or time, given as for "
                        "--since (default: now)")
-    usage.add_argument("--by", choices=("key", "model"), default="key",
-                       help="one row per key or per model (default: key)")
+    usage.add_argument("--by", choices=("key", "model", "user"), default="key",
+                       help="one row per key, per model, or per user behind each key "
+                       "(keys add --user-header; '-' is a key's anonymous user) "
+                       "(default: key)")
     usage.add_argument("--json", action="store_true",
                        help="print one JSON document instead of a table")
     add_usage_options(usage, database=True)
@@ -109,7 +114,8 @@ def _document(
         "since": None if since is None else show_time(since),
         "until": None if until is None else show_time(until),
         "rows": [
-            {by: row.name, "requests": row.requests, "refused": row.refused,
+            {**({"key": row.name, "user": row.user} if by == "user" else {by: row.name}),
+             "requests": row.requests, "refused": row.refused,
              "prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
              "total_tokens": row.total_tokens}
             for row in rows
@@ -121,17 +127,21 @@ def _usage_table(rows: Sequence[Row], by: str) -> list[str]:
     """
     The lines of C{usage}'s table: names on the left, numbers on the right.
     """
-    header = [by.upper(), "REQUESTS", "REFUSED", "PROMPT TOKENS", "COMPLETION TOKENS", "TOTAL"]
+    names = ["KEY", "USER"] if by == "user" else [by.upper()]
+    header = [*names, "REQUESTS", "REFUSED", "PROMPT TOKENS", "COMPLETION TOKENS", "TOTAL"]
     cells = [
-        [show(row.name) or "-", str(row.requests), str(row.refused), str(row.prompt_tokens),
+        [show(row.name) or "-", *([show(row.user or "") or "-"] if by == "user" else []),
+         str(row.requests), str(row.refused), str(row.prompt_tokens),
          str(row.completion_tokens), str(row.total_tokens)]
         for row in rows
     ]
+    left = len(names)
     widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
     return [
         "  ".join(
-            [line[0].ljust(widths[0])]
-            + [cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True)]
+            [cell.ljust(width) for cell, width in zip(line[:left], widths[:left], strict=True)]
+            + [cell.rjust(width)
+               for cell, width in zip(line[left:], widths[left:], strict=True)]
         ).rstrip()
         for line in [header, *cells]
     ]

@@ -303,6 +303,7 @@ class Sampler(Service):
             samples = track.samples if track is not None else ()
             rows.append({
                 "key": exchange.key,
+                "user": exchange.user,
                 "model": exchange.model.canonical if exchange.model is not None else "",
                 "backend": _shown(backend, self._redact),
                 "route": exchange.route,
@@ -316,7 +317,7 @@ class Sampler(Service):
         self._state = {
             "requests": rows[:MAX_ROWS],
             "more": max(0, len(rows) - MAX_ROWS),
-            "waiting": self._router.queue.waiting(),
+            "waiting": self._router.waiting(),
             "backends": backends_view(self._router, self._redact),
         }
         self._encoded = json.dumps(self._state, sort_keys=True).encode("utf-8")

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ollamaproxy.admission.caps import show_duration
 from ollamaproxy.admission.keys import ApiKey
+from ollamaproxy.backends.pool import Backend
 from ollamaproxy.backends.router import UNREAD_MODEL, Router
 from ollamaproxy.model_names import ModelName
 from ollamaproxy.record.usage_db import SeriesRow
@@ -69,13 +70,18 @@ def backends_view(router: Router, redact: Callable[[str], str] = str) -> list[di
     Every backend: health, models, models in memory (and, in C{resident},
     what each holds, as its C{/api/ps} said: bytes in all and in VRAM, the
     context its runner was loaded with, when it is unloaded), requests in
-    flight per model against its C{parallel}, recent errors (each with its
-    count and times, in seconds since the epoch).
+    flight per model against its C{parallel}, or its effective parallel for
+    the model where that is lowered (C{effective}:
+    L{ollamaproxy.backends.effective}), recent errors (each with its count
+    and times, in seconds since the epoch).
 
     An unhealthy backend shows no model in memory: what it said it had
     loaded is as old as its last answer, and it may have restarted since.
     """
     shown = []
+    lowered: dict[Backend, dict[str, int]] = {}
+    for backend, model, limit in router.effective.lowered():
+        lowered.setdefault(backend, {})[model] = limit
     for backend in router.backends:
         running = sorted(
             ({"model": _model_label(model), "count": count}
@@ -98,6 +104,7 @@ def backends_view(router: Router, redact: Callable[[str], str] = str) -> list[di
                                           key=lambda item: item[0].canonical)
             ] if backend.healthy else [],
             "running": running,
+            "effective": lowered.get(backend, {}),
             "errors": [
                 {"error": clean_text(error.reason, redact), "count": error.count,
                  "first": round(error.first, 3), "last": round(error.last, 3)}
@@ -139,6 +146,8 @@ def keys_view(
             else show_duration(key.caps.keep_alive),
             "max_num_ctx": key.caps.num_ctx,
             "weight": key.weight,
+            "user_header": key.user_header,
+            "chat_header": key.chat_header,
             "tokens_per_day": key.tokens_per_day,
             "tokens_per_month": key.tokens_per_month,
             "used_today": used_today.get(key.name, 0),

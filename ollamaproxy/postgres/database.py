@@ -68,6 +68,13 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
         "ALTER TABLE usage ADD COLUMN refused bigint NOT NULL DEFAULT 0",
     ),
+    # 3: usage per user behind a key too (L{ollamaproxy.record.usage_db});
+    # rows written before are the keys' anonymous users', as they were.
+    (
+        "ALTER TABLE usage ADD COLUMN end_user text NOT NULL DEFAULT ''",
+        "ALTER TABLE usage DROP CONSTRAINT usage_pkey",
+        "ALTER TABLE usage ADD PRIMARY KEY (minute, key, model, end_user)",
+    ),
 )
 
 

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.integration.test_postgres_database -*-
 """
 Usage in PostgreSQL: the same rows as the SQLite file (L{ollamaproxy.record.usage_db}),
-requests served, requests refused and tokens per minute, key name and model,
+requests served, requests refused and tokens per minute, key name, model
+and user behind the key,
 added to by every proxy that uses the database, so that C{ollamaproxy usage
 --database URL} sums them all.  Keys never appear in it: rows name a key by
 its name.
@@ -12,25 +13,26 @@ Blocking: the usage service calls it on its own thread.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 from ollamaproxy.postgres.database import Connection, Database
 from ollamaproxy.record.usage_db import (
     BUCKET_SECONDS,
     Bucket,
+    By,
     Row,
     SeriesRow,
     UsageRow,
     aggregate,
     minute,
+    rows_of,
     summary_query,
 )
 
 _ADD = (
     "INSERT INTO usage AS u "
-    "(minute, key, model, requests, prompt_tokens, completion_tokens, refused) "
-    "VALUES (to_timestamp(%s), %s, %s, %s, %s, %s, %s) "
-    "ON CONFLICT (minute, key, model) DO UPDATE SET "
+    "(minute, key, model, requests, prompt_tokens, completion_tokens, refused, end_user) "
+    "VALUES (to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s) "
+    "ON CONFLICT (minute, key, model, end_user) DO UPDATE SET "
     "requests = u.requests + excluded.requests, "
     "prompt_tokens = u.prompt_tokens + excluded.prompt_tokens, "
     "completion_tokens = u.completion_tokens + excluded.completion_tokens, "
@@ -41,7 +43,7 @@ _ADD = (
 def write_rows(connection: Connection,
                rows: Sequence[UsageRow]) -> None:
     """
-    Add C{rows}, summed per minute, key and model, in one transaction.
+    Add C{rows}, summed per minute, key, model and user, in one transaction.
     """
     summed = aggregate(rows)
     if not summed:
@@ -53,21 +55,17 @@ def write_rows(connection: Connection,
 def summarise(
     connection: Connection,
     since: float | None,
-    by: Literal["key", "model"],
+    by: By,
     until: float | None = None,
 ) -> list[Row]:
     """
-    Sum the usage per key or per model, as L{ollamaproxy.record.usage_db.summarise}
-    does for the file.
+    Sum the usage per key, model or user, as
+    L{ollamaproxy.record.usage_db.summarise} does for the file.
     """
     query, parameters = summary_query(
         by, since, until, "minute >= to_timestamp(%s)", "minute < to_timestamp(%s)"
     )
-    sums = connection.execute(query, parameters).fetchall()
-    return [
-        Row(str(name), int(r or 0), int(p or 0), int(c or 0), int(f or 0))
-        for name, r, p, c, f in sums
-    ]
+    return rows_of(connection.execute(query, parameters).fetchall(), by)
 
 
 def series(
@@ -126,8 +124,7 @@ class PostgresUsage:
         """
         self._database.run(lambda connection: write_rows(connection, rows))
 
-    def summarise(self, since: float | None, by: Literal["key", "model"],
-                  until: float | None = None) -> list[Row]:
+    def summarise(self, since: float | None, by: By, until: float | None = None) -> list[Row]:
         return self._database.run(lambda connection: summarise(connection, since, by, until))
 
     def tokens_by_key(self, since: float) -> dict[str, int]:
@@ -148,7 +145,7 @@ class PostgresUsage:
         self._database.close()
 
 
-def summarise_database(url: str, since: float | None, by: Literal["key", "model"],
+def summarise_database(url: str, since: float | None, by: By,
                        until: float | None = None) -> list[Row]:
     """
     Sum the usage in the database at C{url} (made or migrated first if need

@@ -94,6 +94,11 @@ def log_exchange(
         f"{'-' if status is None else status} {exchange.outcome} {sent_bytes}B "
         f"{duration:.3f}s"
     )
+    user = exchange.user
+    if user:
+        # Who it was for behind a key that names its users; a front-end's
+        # other headers about them (name, e-mail) are never logged.
+        line += f" user {user}"
     if name_backend and upstream:
         line += f" backend {upstream}"
     # A request given its slot at once has waited the microseconds the
@@ -110,6 +115,7 @@ def log_exchange(
         line,
         client=exchange.client,
         key=exchange.key,
+        user=user,
         method=exchange.method,
         path=path,
         status=status,

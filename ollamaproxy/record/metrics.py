@@ -31,10 +31,27 @@ the proxy is seen both ways, in either order (the C{/api/ps} read may come
 while the answer streams): each sighting of one kind waits for its twin of
 the other, and the pair counts once.  A load by a client beside the proxy,
 or one whose answer never came, is seen once and counted once.
+
+Prompt-cache reuse is estimated, since Ollama does not report it: its
+C{prompt_eval_count} is the whole prompt, cached or not, and its
+C{prompt_eval_duration} the time spent on the part that was not cached.
+The proxy learns each backend's prefill rate for each model (tokens a
+second) from turns it knows found no cache of their own conversation there
+(a conversation's first turn, or one that moved: L{Exchange}'s
+C{placement}), as the median of the last L{PREFILL_SAMPLES} such rates;
+a turn's evaluated tokens are then its C{prompt_eval_duration} times that
+rate, and the rest of its prompt is counted as cached
+(C{ollamaproxy_prompt_tokens_cached_estimate_total}, beside
+C{ollamaproxy_prompt_tokens_total}).  Rough by design: a first turn that
+shares a system prompt cached by another conversation looks faster than
+the GPU is, which makes the estimate err low; answers without durations
+(C{/v1}) and backends whose rate is not yet known count in neither.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from statistics import median
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -62,6 +79,11 @@ MAX_MODELS = 100
 #: model already in memory Ollama reports the few milliseconds it took to
 #: find its runner.
 LOAD_SECONDS = 0.5
+#: How many cold turns' prefill rates, per backend and model, the rate that
+#: estimates cache reuse is the median of.
+PREFILL_SAMPLES = 15
+# Where a turn went that found no cache of its own conversation.
+_COLD = ("new", "moved")
 
 OTHER = "other"
 
@@ -151,8 +173,7 @@ class Metrics:
         )
         self._shed = Counter(
             "ollamaproxy_connections_shed",
-            "Idle client connections closed to make room for new ones.",
-            registry=self.registry,
+            "Idle client connections closed to make room for new ones.", registry=self.registry,
         )
         self._quota_refusals = Counter(
             "ollamaproxy_quota_refusals",
@@ -174,6 +195,7 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self._conversations()
         # Present from the start, so that rate() sees the first one.
         for kind in _UPSTREAM_ERRORS:
             self._upstream_errors.labels(kind=kind)
@@ -184,6 +206,30 @@ class Metrics:
         # (see the module's docstring): bounded by backends times models.
         self._answered_loads: set[tuple[str, str]] = set()
         self._listed_loads: set[tuple[str, str]] = set()
+
+    def _conversations(self) -> None:
+        """
+        The metrics of conversations' turns and of the prompt cache's use
+        (see the module's docstring).
+        """
+        self._turns = Counter(
+            "ollamaproxy_conversation_turns",
+            "Turns of conversations, by backend and where they went against their "
+            "conversation's last turn (home, moved, new).",
+            ["backend", "placement"], registry=self.registry)
+        self._prompt = Counter(
+            "ollamaproxy_prompt_tokens",
+            "Prompt tokens of turns whose answer said how long the prompt took, on backends "
+            "whose prefill rate is known, by backend.",
+            ["backend"], registry=self.registry)
+        self._cached = Counter(
+            "ollamaproxy_prompt_tokens_cached_estimate",
+            "Of those, the tokens estimated to have come from Ollama's prompt cache "
+            "(prompt_eval_duration against the backend's measured prefill rate), by backend.",
+            ["backend"], registry=self.registry)
+        # Cold turns' prefill rates, per backend and model label: bounded by
+        # backends times MAX_MODELS + 1.
+        self._prefill: dict[tuple[str, str], deque[float]] = {}
 
     def _model_label(self, model: str) -> str:
         """
@@ -236,6 +282,32 @@ class Metrics:
             if (summary.load_seconds or 0) >= LOAD_SECONDS and exchange.backend:
                 self._load_seen(exchange.backend, resolve(summary.model).canonical,
                                 self._answered_loads, self._listed_loads)
+        if exchange.placement and exchange.backend:
+            # A turn of a conversation: only those say whether a cache of
+            # theirs could be there (see the module's docstring).
+            self._turns.labels(backend=exchange.backend, placement=exchange.placement).inc()
+            if summary is not None and summary.prompt_seconds and summary.prompt_tokens > 0:
+                self._prompt_seen(exchange.backend, self._model_label(summary.model),
+                                  summary.prompt_tokens, summary.prompt_seconds,
+                                  exchange.placement)
+
+    def _prompt_seen(self, backend: str, model: str, tokens: int, seconds: float,
+                     placement: str) -> None:
+        """
+        Count a prompt of C{tokens} that took C{seconds} to evaluate, and
+        the part of it estimated cached; learn the prefill rate from a cold
+        turn (see the module's docstring).
+        """
+        rates = self._prefill.get((backend, model))
+        if placement in _COLD:
+            if rates is None:
+                rates = self._prefill[backend, model] = deque(maxlen=PREFILL_SAMPLES)
+            rates.append(tokens / seconds)
+        if rates is None:
+            return
+        evaluated = seconds * median(rates)
+        self._prompt.labels(backend=backend).inc(tokens)
+        self._cached.labels(backend=backend).inc(max(0.0, tokens - evaluated))
 
     def model_loaded(self, backend: str, model: str) -> None:
         """

@@ -69,4 +69,5 @@ class Recorder:
             self._metrics.observe(exchange, now)
         if self._usage is not None and exchange.key != "-":
             self._usage.record_summary(exchange.key, exchange.summary, now,
-                                       refused=exchange.outcome in REFUSED_OUTCOMES)
+                                       refused=exchange.outcome in REFUSED_OUTCOMES,
+                                       user=exchange.user or "")

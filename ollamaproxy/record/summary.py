@@ -51,7 +51,7 @@ HEAD_BYTES: Final = 4 * 1024
 # name preceded by "{" or "," cannot be a string's content.
 _FIELD = re.compile(
     rb'[{,]\s*"(model|done_reason|finish_reason|prompt_eval_count|eval_count|eval_duration'
-    rb'|load_duration|prompt_tokens|completion_tokens)"\s*:\s*'
+    rb'|load_duration|prompt_eval_duration|prompt_tokens|completion_tokens)"\s*:\s*'
     rb'("(?:[^"\\]|\\.)*"|-?[0-9]+|null)'
 )
 
@@ -217,6 +217,7 @@ def _ollama(document: dict[str, Any]) -> StreamSummary | None:
     completion = _count(document.get("eval_count"))
     eval_seconds = _count(document.get("eval_duration")) / NANOSECONDS
     load = document.get("load_duration")
+    prompt = document.get("prompt_eval_duration")
     return StreamSummary(
         model=str(document["model"]),
         done_reason=_text(document.get("done_reason")),
@@ -224,6 +225,9 @@ def _ollama(document: dict[str, Any]) -> StreamSummary | None:
         completion_tokens=completion,
         tokens_per_second=completion / eval_seconds if eval_seconds > 0 else None,
         load_seconds=_count(load) / NANOSECONDS if load is not None else None,
+        # Asked of its class, not with isinstance as _count does: one call
+        # fewer per request (a JSON number's class is int, a bool's is not).
+        prompt_seconds=prompt / NANOSECONDS if prompt.__class__ is int and prompt > 0 else None,
     )
 
 

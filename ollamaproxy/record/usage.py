@@ -35,7 +35,7 @@ memory, with a fake database.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final, Literal, Protocol, TypeVar
+from typing import Final, Protocol, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -51,11 +51,13 @@ from twisted.python.threadpool import ThreadPool
 from ollamaproxy.exchange import StreamSummary
 from ollamaproxy.record.usage_db import (
     Bucket,
+    By,
     DatabaseDown,
     Row,
     SeriesRow,
     SqliteUsage,
     UsageRow,
+    UserRow,
     aggregate,
 )
 
@@ -84,16 +86,18 @@ class UsageDatabase(Protocol):
 
     def write(self, rows: Sequence[UsageRow]) -> None:
         """
-        Add C{rows} in one transaction, summed per minute, key and model;
+        Add C{rows} in one transaction, summed per minute, key, model and
+        user;
         with none, only check that the database can be written.
 
         @raise Exception: If it cannot; then nothing is written.
         """
 
-    def summarise(self, since: float | None, by: Literal["key", "model"]) -> list[Row]:
+    def summarise(self, since: float | None, by: By) -> list[Row]:
         """
-        Requests and tokens per key or per model, from the minute holding
-        C{since} on (or all), most total tokens first.
+        Requests and tokens per key, per model or per user behind a key,
+        from the minute holding C{since} on (or all), most total tokens
+        first.
         """
 
     def tokens_by_key(self, since: float) -> dict[str, int]:
@@ -247,7 +251,7 @@ class UsageStore(Service):
         self._worker = worker
         self._spill = spill
         self._max_pending = max_pending
-        self._pending: list[UsageRow] = []
+        self._pending: list[UserRow] = []
         self._writing: set[Deferred[None]] = set()
         self._loop: LoopingCall | None = None
         # Whether the last write went through; None before the first.
@@ -290,6 +294,7 @@ class UsageStore(Service):
         when: float | None = None,
         *,
         refused: bool = False,
+        user: str = "",
     ) -> None:
         """
         Count one request.  Cheap: nothing is written until the next flush.
@@ -300,6 +305,7 @@ class UsageStore(Service):
             L{None}.
         @param refused: Whether the proxy refused it rather than Ollama
             serving it: counted apart (L{ollamaproxy.record.usage_db}).
+        @param user: Who it was for behind its key; C{""} for none.
         """
         if self._stopped:
             log.warn(
@@ -312,23 +318,24 @@ class UsageStore(Service):
         if when is None:
             when = self._clock.seconds()
         self._pending.append(
-            (when, key, model, int(not refused), prompt_tokens, completion_tokens, int(refused))
+            (when, key, model, int(not refused), prompt_tokens, completion_tokens, int(refused),
+             user)
         )
 
     def record_summary(
         self, key: str, summary: StreamSummary | None, when: float | None = None,
-        *, refused: bool = False,
+        *, refused: bool = False, user: str = "",
     ) -> None:
         """
         Count one request and what its generation used, if anything (a
         request without a summary counts with no model and no tokens).
         """
         if summary is None:
-            self.record(key, when=when, refused=refused)
+            self.record(key, when=when, refused=refused, user=user)
         else:
             self.record(
                 key, summary.model, summary.prompt_tokens, summary.completion_tokens, when,
-                refused=refused,
+                refused=refused, user=user,
             )
 
     # Reads of the database, on the store's worker (off the reactor thread,
@@ -378,7 +385,7 @@ class UsageStore(Service):
         self._writing.add(work)
         work.addBoth(self._finished, work)
 
-    def _submit(self, batch: list[UsageRow]) -> None:
+    def _submit(self, batch: list[UserRow]) -> None:
         """
         Hand C{batch} to the worker, and keep track of the write until it ends.
         """
@@ -396,7 +403,7 @@ class UsageStore(Service):
         self._up = True
         self._drain()
 
-    def _failed(self, reason: Failure, batch: list[UsageRow]) -> Deferred[None] | None:
+    def _failed(self, reason: Failure, batch: list[UserRow]) -> Deferred[None] | None:
         requests = sum(row[3] for row in batch)
         if self._stopped:
             if self._spill is not None and batch:
@@ -458,7 +465,7 @@ class UsageStore(Service):
             requests=sum(row[3] for row in dropped),
         )
 
-    def _to_spill(self, batch: list[UsageRow], why: str) -> Deferred[None]:
+    def _to_spill(self, batch: list[UserRow], why: str) -> Deferred[None]:
         """
         Write C{batch} to the spill file, to be handed to the database later.
         """

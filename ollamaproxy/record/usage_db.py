@@ -10,9 +10,16 @@ With C{--database}, usage goes to PostgreSQL (L{ollamaproxy.postgres.usage})
 instead, and this file is only where usage waits when PostgreSQL cannot take
 it (L{SqliteUsage.drain} hands it over when it can).
 
-Rows are summed per minute, key and model, so the table grows with time and
-the number of keys and models, not with traffic.  Keys never appear in the
-database: rows name a key by its name.
+Rows are summed per minute, key, model and user, so the table grows with
+time and the number of keys, models and users, not with traffic.  Keys
+never appear in the database: rows name a key by its name.  The user is
+who a request was for behind a key that names its users
+(L{ollamaproxy.admission.users}), in column C{end_user} (C{user} is a
+word of SQL's): C{""} for the key's anonymous user and for every key that
+names none.  It is personal data (an Open WebUI user's id, or an e-mail
+address if the key's header is one): it stays in the database as long as
+the rows do.  Files written before users were counted get the column (at
+C{""}) when next opened, and their rows keep what they counted.
 
 A request is I{served} when it reached Ollama, whatever Ollama answered,
 and I{refused} when the proxy turned it away itself (a model the key may
@@ -42,28 +49,42 @@ _MINUTE: Final = 60
 
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS usage (ts REAL, key TEXT, model TEXT, requests INTEGER, "
-    "prompt_tokens INTEGER, completion_tokens INTEGER, refused INTEGER NOT NULL DEFAULT 0)",
-    # Leads with ts, so it is also the index that --since uses; unique, so
-    # that every flush adds to a minute's row instead of adding a row.
-    "CREATE UNIQUE INDEX IF NOT EXISTS usage_minute ON usage (ts, key, model)",
+    "prompt_tokens INTEGER, completion_tokens INTEGER, refused INTEGER NOT NULL DEFAULT 0, "
+    "end_user TEXT NOT NULL DEFAULT '')",
 )
-# A file made before refusals were counted apart lacks the column.
-_ADD_REFUSED: Final = "ALTER TABLE usage ADD COLUMN refused INTEGER NOT NULL DEFAULT 0"
+# The columns a file made before them lacks, and how each is added: before
+# users, a minute's row was one per key and model, and so was its index.
+_ADD_COLUMNS: Final = {
+    "refused": ("ALTER TABLE usage ADD COLUMN refused INTEGER NOT NULL DEFAULT 0",),
+    "end_user": ("ALTER TABLE usage ADD COLUMN end_user TEXT NOT NULL DEFAULT ''",
+                 "DROP INDEX IF EXISTS usage_minute"),
+}
+# Leads with ts, so it is also the index that --since uses; unique, so that
+# every flush adds to a minute's row instead of adding a row.
+_INDEX: Final = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS usage_minute_user ON usage (ts, key, model, end_user)"
+)
 _ADD = (
-    "INSERT INTO usage (ts, key, model, requests, prompt_tokens, completion_tokens, refused) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (ts, key, model) DO UPDATE SET "
+    "INSERT INTO usage (ts, key, model, requests, prompt_tokens, completion_tokens, refused, "
+    "end_user) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (ts, key, model, end_user) DO UPDATE SET "
     "requests = requests + excluded.requests, "
     "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
     "completion_tokens = completion_tokens + excluded.completion_tokens, "
     "refused = refused + excluded.refused"
 )
 
-UsageRow = tuple[float, str, str, int, int, int, int]
+UserRow = tuple[float, str, str, int, int, int, int, str]
 """
-C{(ts, key, model, requests, prompt_tokens, completion_tokens, refused)}:
-one request as recorded (C{ts} its time, C{requests} 1 if it was served,
-C{refused} 1 if it was refused), or a minute's sum.
+C{(ts, key, model, requests, prompt_tokens, completion_tokens, refused,
+user)}: one request as recorded (C{ts} its time, C{requests} 1 if it was
+served, C{refused} 1 if it was refused, C{user} who it was for behind its
+key, C{""} for none), or a minute's sum.
+"""
+
+UsageRow = UserRow | tuple[float, str, str, int, int, int, int]
+"""
+A L{UserRow}, or one without its user, of no user: what is written.
 """
 
 
@@ -87,19 +108,23 @@ def minute(when: float) -> float:
     return float(math.floor(when / _MINUTE) * _MINUTE)
 
 
-def aggregate(rows: Iterable[UsageRow]) -> list[UsageRow]:
+def aggregate(rows: Iterable[UsageRow]) -> list[UserRow]:
     """
-    Sum rows per minute, key and model.
+    Sum rows per minute, key, model and user.
 
-    @return: One row per minute, key and model, its C{ts} the start of the
-        minute, in the order each first appears.
+    @return: One row per minute, key, model and user, its C{ts} the start
+        of the minute, in the order each first appears.
     """
-    sums: dict[tuple[float, str, str], tuple[int, int, int, int]] = {}
-    for ts, key, model, requests, prompt_tokens, completion_tokens, refused in rows:
-        where = (minute(ts), key, model)
+    sums: dict[tuple[float, str, str, str], tuple[int, int, int, int]] = {}
+    for row in rows:
+        ts, key, model, requests, prompt_tokens, completion_tokens, refused = row[:7]
+        where = (minute(ts), key, model, row[7] if len(row) > 7 else "")
         r, p, c, f = sums.get(where, (0, 0, 0, 0))
         sums[where] = (r + requests, p + prompt_tokens, c + completion_tokens, f + refused)
-    return [(ts, key, model, r, p, c, f) for (ts, key, model), (r, p, c, f) in sums.items()]
+    return [
+        (ts, key, model, r, p, c, f, user)
+        for (ts, key, model, user), (r, p, c, f) in sums.items()
+    ]
 
 
 def open_database(path: str) -> sqlite3.Connection:
@@ -125,8 +150,11 @@ def open_database(path: str) -> sqlite3.Connection:
         for statement in _SCHEMA:
             connection.execute(statement)
         columns = {row[1] for row in connection.execute("PRAGMA table_info(usage)")}
-        if "refused" not in columns:
-            connection.execute(_ADD_REFUSED)
+        for column, statements in _ADD_COLUMNS.items():
+            if column not in columns:
+                for statement in statements:
+                    connection.execute(statement)
+        connection.execute(_INDEX)
     except BaseException:
         connection.close()
         raise
@@ -155,12 +183,14 @@ def write_rows(path: str, rows: Sequence[UsageRow]) -> None:
 @dataclass(frozen=True)
 class Row:
     """
-    What one key, or one model, used.
+    What one key, one model, or one user behind a key used.
 
     @ivar name: The key's name, or the model (C{""} for requests that named
         no model or ended before saying what they used).
     @ivar requests: The requests served (that reached Ollama).
     @ivar refused: The requests the proxy refused itself.
+    @ivar user: Summed by user, the user behind the key C{name} (C{""} for
+        its anonymous user, and for a key that names none); else L{None}.
     """
 
     name: str
@@ -168,6 +198,7 @@ class Row:
     prompt_tokens: int
     completion_tokens: int
     refused: int = 0
+    user: str | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -177,34 +208,65 @@ class Row:
         return self.prompt_tokens + self.completion_tokens
 
 
+By = Literal["key", "model", "user"]
+"""
+What usage is summed by: a key, a model, or a user behind a key.
+"""
+
+# What the rows are grouped by for each L{By}.
+_GROUPS: Final[dict[str, tuple[str, ...]]] = {
+    "key": ("key",), "model": ("model",), "user": ("key", "end_user"),
+}
+
+
 def summarise(
-    path: str, since: float | None, by: Literal["key", "model"], until: float | None = None
+    path: str, since: float | None, by: By, until: float | None = None
 ) -> list[Row]:
     """
     Sum the usage in the database at C{path}, without changing it.
 
     @param since: Count only minutes from the one holding this time (seconds
         since the epoch), or everything if L{None}.
-    @param by: Sum per C{key} or per C{model}.
+    @param by: Sum per C{key}, per C{model}, or per C{user} (behind each
+        key).
     @param until: Count only minutes before the one holding this time, or
         to the end if L{None}.
-    @return: One row per key or model, most total tokens first (then most
-        requests, then by name).  An empty database file gives none.
+    @return: One row per key, model or user, most total tokens first (then
+        most requests, then by name).  An empty database file gives none.
     @raise FileNotFoundError: If there is no file at C{path}.
     @raise UsageFileError: If the file is not a usage database, or cannot be
         read.
     """
-    query, parameters = summary_query(by, since, until, "ts >= ?", "ts < ?")
-    try:
-        sums = _read(path, query, tuple(parameters), missing_ok=False)
-    except UsageFileError as e:
-        if "no such column: refused" not in str(e):
-            raise
-        # A file from before refusals were counted apart, not written
-        # since (only a writer adds the column): none counted.
-        query, parameters = summary_query(by, since, until, "ts >= ?", "ts < ?", "SUM(0)")
-        sums = _read(path, query, tuple(parameters), missing_ok=False)
+    # A file from before refusals were counted apart, or before users
+    # were, not written since (only a writer adds the columns): none
+    # refused, every user the anonymous one.
+    missing: dict[str, str] = {}
+    while True:
+        query, parameters = summary_query(by, since, until, "ts >= ?", "ts < ?", **missing)
+        try:
+            sums = _read(path, query, tuple(parameters), missing_ok=False)
+            break
+        except UsageFileError as e:
+            if "no such column: refused" in str(e) and "refused" not in missing:
+                missing["refused"] = "SUM(0)"
+            elif "no such column: end_user" in str(e) and "user" not in missing:
+                missing["user"] = "''"
+            else:
+                raise
+    return rows_of(sums, by)
+
+
+def rows_of(sums: list[tuple[Any, ...]], by: By) -> list[Row]:
+    """
+    The L{Row}s of what L{summary_query} selected, for either engine.
+    """
     # A hand-made row may hold NULLs (SUM skips them; all NULL gives NULL).
+    if by == "user":
+        return [
+            Row(str(key or ""), int(r or 0), int(p or 0), int(c or 0), int(f or 0),
+                str(user or ""))
+            for key, user, r, p, c, f in sums
+        ]
     return [
         Row("" if name is None else str(name), int(r or 0), int(p or 0), int(c or 0),
             int(f or 0))
@@ -213,21 +275,24 @@ def summarise(
 
 
 def summary_query(
-    by: Literal["key", "model"], since: float | None, until: float | None,
+    by: By, since: float | None, until: float | None,
     from_minute: str, before_minute: str, refused: str = "SUM(refused)",
+    user: str = "end_user",
 ) -> tuple[str, list[float]]:
     """
-    The query that sums usage per key or per model between two times, for
-    either engine (L{summarise}, and L{ollamaproxy.postgres.usage}).
+    The query that sums usage per key, model or user between two times,
+    for either engine (L{summarise}, and L{ollamaproxy.postgres.usage}).
 
     @param from_minute: The engine's condition "from the minute of C{%s}"
         (its placeholder standing for a minute's start).
     @param before_minute: Its condition "before the minute of C{%s}".
     @param refused: What sums the refused requests.
+    @param user: What names the user.
     @return: The query and its parameters.
     """
-    if by not in ("key", "model"):
+    if by not in _GROUPS:
         raise ValueError(f"cannot sum usage by {by!r}")
+    group = ", ".join(user if column == "end_user" else column for column in _GROUPS[by])
     conditions, parameters = [], []
     for condition, when in ((from_minute, since), (before_minute, until)):
         if when is not None:
@@ -235,10 +300,10 @@ def summary_query(
             parameters.append(minute(when))
     where = f"WHERE {' AND '.join(conditions)} " if conditions else ""
     return (
-        f"SELECT {by}, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), "
-        f"{refused} FROM usage {where}GROUP BY {by} "
+        f"SELECT {group}, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), "
+        f"{refused} FROM usage {where}GROUP BY {group} "
         "ORDER BY SUM(prompt_tokens) + SUM(completion_tokens) DESC, SUM(requests) DESC, "
-        f"{refused} DESC, {by}",
+        f"{refused} DESC, {group}",
         parameters,
     )
 
@@ -354,12 +419,12 @@ def drain(path: str, into: Callable[[list[UsageRow]], None]) -> int:
     with closing(open_database(path)) as connection:
         connection.execute("BEGIN IMMEDIATE")
         try:
-            rows = [
+            rows: list[UsageRow] = [
                 (float(ts), str(key), str(model), int(r or 0), int(p or 0), int(c or 0),
-                 int(f or 0))
-                for ts, key, model, r, p, c, f in connection.execute(
+                 int(f or 0), str(user or ""))
+                for ts, key, model, r, p, c, f, user in connection.execute(
                     "SELECT ts, key, model, requests, prompt_tokens, completion_tokens, "
-                    "refused FROM usage"
+                    "refused, end_user FROM usage"
                 )
             ]
             if rows:
@@ -393,8 +458,7 @@ class SqliteUsage:
     def write(self, rows: Sequence[UsageRow]) -> None:
         write_rows(self.path, rows)
 
-    def summarise(self, since: float | None, by: Literal["key", "model"],
-                  until: float | None = None) -> list[Row]:
+    def summarise(self, since: float | None, by: By, until: float | None = None) -> list[Row]:
         try:
             return summarise(self.path, since, by, until)
         except FileNotFoundError:

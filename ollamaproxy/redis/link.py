@@ -96,6 +96,7 @@ class RedisLink(Service):
         self._timeout = timeout
         self._interval = interval
         self._rounds: list[Callable[[], Deferred[Any]]] = []
+        self._on_down: list[Callable[[], None]] = []
         self._loop: LoopingCall | None = None
         self._known = False
         self.up = False
@@ -112,6 +113,13 @@ class RedisLink(Service):
         tokens counted while it was down).
         """
         self._rounds.append(work)
+
+    def on_down(self, react: Callable[[], None]) -> None:
+        """
+        Call C{react} each time Redis goes down (not at a start that finds
+        it down): what waits for an answer from Redis must stop waiting.
+        """
+        self._on_down.append(react)
 
     def call(self, script: str, keys: list[str], args: list[Any]) -> Deferred[Any]:
         """
@@ -135,6 +143,7 @@ class RedisLink(Service):
         return Failure(RedisDown(reason))
 
     def _went_down(self, reason: str) -> None:
+        was_up = self.up
         if self.up or not self._known:
             log.warn(
                 "Redis at {redis} cannot be reached ({reason}): {policy}",
@@ -145,11 +154,15 @@ class RedisLink(Service):
         self.up = False
         self._known = True
         self._gauge.set(0)
+        if was_up:
+            for react in self._on_down:
+                react()
 
     def _came_up(self) -> None:
         if not self.up:
             if self._known:
-                log.info("Redis at {redis} answers again: limits are shared again",
+                log.info("Redis at {redis} answers again: limits and the fair queue are "
+                         "shared again",
                          redis=self._shown)
             else:
                 log.info("Limits are shared through Redis at {redis}", redis=self._shown)
@@ -228,8 +241,6 @@ class TxRedisClient:
 
     def __init__(self, address: RedisAddress, reactor: IReactorTCP, timeout: float) -> None:
         import txredisapi  # type: ignore[import-untyped]
-        from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-        from twisted.internet.ssl import optionsForClientTLS
 
         self._factory = txredisapi.RedisFactory(
             address.shown,
@@ -245,10 +256,7 @@ class TxRedisClient:
         # What the first connection attempt makes of the factory's Deferred
         # is told by the link's PING instead.
         self._factory.deferred.addErrback(lambda _: None)
-        endpoint: Any = HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
-        if address.tls:
-            endpoint = wrapClientTLS(optionsForClientTLS(address.host), endpoint)
-        self._factory.startConnecting(endpoint)
+        _connect(self._factory, address, reactor, timeout)
         self._handler = self._factory.handler
 
     @property
@@ -271,10 +279,101 @@ class TxRedisClient:
         return d
 
 
+def _connect(factory: Any, address: RedisAddress, reactor: IReactorTCP, timeout: float) -> None:
+    """
+    Start C{factory}'s connection to C{address} through our reactor's
+    endpoint, checking a TLS server's certificate against its host name.
+    """
+    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+    from twisted.internet.ssl import optionsForClientTLS
+
+    endpoint: Any = HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
+    if address.tls:
+        endpoint = wrapClientTLS(optionsForClientTLS(address.host), endpoint)
+    factory.startConnecting(endpoint)
+
+
+class Subscription(Protocol):
+    """
+    A channel listened to.
+    """
+
+    def close(self) -> Deferred[Any]:
+        """
+        Stop listening, and close the connection.
+        """
+
+
+#: Listens to a channel: each message, as text, goes to the callable.
+Subscribe = Callable[[str, Callable[[str], None]], Subscription]
+
+
+class TxRedisSubscription:
+    """
+    A txredisapi connection of its own (one that has subscribed can send no
+    other command) that listens to one channel, subscribing again each time
+    it reconnects.  Messages published while it is away are lost: what
+    listens must not depend on them alone.
+    """
+
+    def __init__(
+        self,
+        address: RedisAddress,
+        reactor: IReactorTCP,
+        timeout: float,
+        channel: str,
+        heard: Callable[[str], None],
+    ) -> None:
+        import txredisapi
+        from twisted.internet.defer import inlineCallbacks
+
+        class Listener(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+            @inlineCallbacks
+            def connectionMade(self) -> Any:
+                yield txredisapi.SubscriberProtocol.connectionMade(self)
+                if not self.connected:
+                    return
+                try:
+                    answer = yield self.subscribe(channel)
+                    if isinstance(answer, Exception):
+                        raise answer
+                except Exception as e:
+                    # A user not allowed SUBSCRIBE or the channel: grants
+                    # then come only with each round, seconds late.
+                    log.warn("Redis refused to let this proxy listen on {channel} ({reason}): "
+                             "the fair queue's grants wait for the next round",
+                             channel=channel, reason=str(e))
+
+            def messageReceived(self, pattern: object, to: object, message: object) -> None:
+                heard(message.decode() if isinstance(message, bytes) else str(message))
+
+        self._factory = txredisapi.RedisFactory(
+            address.shown, address.db or None, 1, isLazy=True, password=address.password,
+            username=address.username,
+        )
+        self._factory.protocol = Listener
+        self._factory.maxDelay = 2
+        self._factory.deferred.addErrback(lambda _: None)
+        _connect(self._factory, address, reactor, timeout)
+
+    def close(self) -> Deferred[Any]:
+        d: Deferred[Any] = self._factory.disconnect()
+        return d
+
+
+def subscriber(address: RedisAddress, reactor: IReactorTCP) -> Subscribe:
+    """
+    How the proxy listens to a channel of the Redis at C{address}.
+    """
+    return lambda channel, heard: TxRedisSubscription(address, reactor, DEFAULT_TIMEOUT,
+                                                      channel, heard)
+
+
 _WHILE_DOWN = {
-    "local": "until it answers, this proxy keeps each key's limits by itself "
-    "(--redis-failure local)",
-    "closed": "until it answers, keys with limits get 503 (--redis-failure closed)",
+    "local": "until it answers, this proxy keeps each key's limits, and its own fair "
+    "queue, by itself (--redis-failure local)",
+    "closed": "until it answers, keys with limits get 503, and this proxy keeps its own "
+    "fair queue (--redis-failure closed)",
 }
 
 

@@ -33,6 +33,7 @@ from twisted.web.resource import IResource
 from ollamaproxy.admission.caps import Caps
 from ollamaproxy.admission.limits import Limits
 from ollamaproxy.admission.request_plan import plan_request
+from ollamaproxy.admission.users import user_of
 from ollamaproxy.backends.dispatch import Dispatcher, Job
 from ollamaproxy.backends.headers import came_back
 from ollamaproxy.backends.relay import Target
@@ -200,10 +201,17 @@ class OllamaProxy:
             await self._dispatcher.dispatch(request, Job(target, route), flight.trip)
             return
         exchange.key = key.name
+        # Read only for a key that names its users: for any other, the
+        # header is not trusted, and a request costs nothing more.
+        user = None
+        if key.user_header is not None:
+            user = user_of(key.user_header.encode("ascii"), request.requestHeaders)
+            # A user is not a secret, but a client may send a key as one.
+            exchange.user = self._recorder.redact(user)
         admission = await self._limits.admit(key)
         try:
             plan = await plan_request(key, request, target, path, route, self._caps,
-                                      self._dispatcher.several)
+                                      self._dispatcher.several, self._dispatcher.conversations)
         except BaseException:
             admission.give_back()
             raise
@@ -216,7 +224,7 @@ class OllamaProxy:
         release = await admission.reserve(plan.estimate.tokens)
         try:
             job = Job(target, route, key.name, key.weight, plan.model, plan.rewrite, plan.body,
-                      plan.estimate.output)
+                      plan.estimate.output, user=user, conversation=plan.conversation)
             await self._dispatcher.dispatch(request, job, flight.trip)
         finally:
             release(meter.tokens)
@@ -251,6 +259,7 @@ class OllamaProxy:
         """
         exchange, trip = flight.exchange, flight.trip
         exchange.backend, exchange.queued = trip.backend, trip.queued
+        exchange.placement = trip.placement
         if exchange.status is None:
             exchange.status = trip.status
         if trip.responded is not None:

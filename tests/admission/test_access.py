@@ -19,7 +19,7 @@ from zope.interface import implementer
 from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.admission.limits import GuessThrottle
 from ollamaproxy.errors import ProxyError
-from tests.fakes.chain import KEY, Chain
+from tests.fakes.chain import KEY, Chain, chat
 
 USER_KEY = "olpk_userkeyuserkeyuserkeyuserkeyuser00"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -758,3 +758,58 @@ def test_a_body_the_check_cannot_name_a_model_of_waits_its_turn(body: bytes) -> 
         held.finish()
     chain.flush()
     chain.body(chain.result(second))
+
+
+def _served_by(chain: Chain, body: bytes, key: str = KEY,
+               headers: dict[str, str] | None = None) -> int:
+    """
+    Send a chat through C{chain}, and say which of its backends got it.
+    """
+    before = [len(fake.received) for fake in chain.fakes]
+    response = chain.respond("POST", "/api/chat", key=key, data=body, headers=headers)
+    assert response.code == 200
+    chain.body(response)
+    got = [n for n, fake in enumerate(chain.fakes) if len(fake.received) > before[n]]
+    assert len(got) == 1
+    return got[0]
+
+
+def test_turns_of_a_conversation_go_home_through_the_proxy() -> None:
+    """
+    Three users' chats of three turns over four backends: each user's turns
+    all go to the backend of its first, and the users' conversations live
+    on three backends (the router alone sends every turn, one at a time,
+    to the first backend).
+    """
+    chain = Chain(backends=[["llama3.2"]] * 4)
+    homes: dict[int, set[int]] = {user: set() for user in range(3)}
+    histories = {user: [{"role": "user", "content": f"I am user {user}"}] for user in range(3)}
+    for number in range(3):
+        for user, history in histories.items():
+            homes[user].add(_served_by(chain, json.dumps(
+                {"model": "llama3.2", "messages": history, "stream": False}).encode()))
+            history += [{"role": "assistant", "content": f"answer {number}"},
+                        {"role": "user", "content": f"question {number}"}]
+    assert all(len(served) == 1 for served in homes.values())
+    assert len(set.union(*homes.values())) == 3
+
+
+def test_a_key_s_chat_id_header_names_the_conversation() -> None:
+    """
+    A key that names a chat id header has its requests' conversations known
+    by it: chats that begin differently but carry one id go to one backend,
+    and the header reaches Ollama unchanged.  Another key's requests
+    carrying the header are known by their messages.
+    """
+    chain = Chain(backends=[["llama3.2"]] * 4)
+    user = ApiKey(name="user", digest=digest(USER_KEY), chat_header="X-OpenWebUI-Chat-Id")
+    chain.keys.replace([*chain.keys._by_digest.values(), user])
+    header = {"X-OpenWebUI-Chat-Id": "chat-7"}
+    served = {_served_by(chain, chat(messages=[{"role": "user", "content": f"q{n}"}]),
+                         USER_KEY, header) for n in range(3)}
+    assert len(served) == 1
+    last = chain.fakes[served.pop()].received[-1]
+    assert last.headers.getRawHeaders(b"x-openwebui-chat-id") == [b"chat-7"]
+    others = {_served_by(chain, chat(messages=[{"role": "user", "content": f"q{n}"}]),
+                         KEY, header) for n in range(3)}
+    assert len(others) == 3

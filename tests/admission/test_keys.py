@@ -23,6 +23,7 @@ from ollamaproxy.admission.keys import (
     KeyStore,
     digest,
     generate_key,
+    header_name,
     load_keys_file,
     looks_generated,
     write_keys_file,
@@ -276,6 +277,11 @@ def test_invalid_file(tmp_path: Path, document: object) -> None:
         ({"keys": ["alice"]}, "key number 1 is not an object"),
         ({"keys": [{"name": "alice"}]}, "key 'alice' has no \"hash\""),
         ({"keys": [{"hash": "sha256:" + "0" * 64}]}, "key number 1 has no \"name\""),
+        ({"keys": [{"name": "a", "hash": "sha256:" + "0" * 64, "user_header": 5}]},
+         "key 'a': user_header must be a string"),
+        ({"keys": [{"name": "a", "hash": "sha256:" + "0" * 64, "user_header": "X-API-Key"}]},
+         "key 'a': user_header 'X-API-Key' carries credentials or describes the "
+         "connection, not a user"),
     ],
 )
 def test_invalid_file_says_what_is_wrong(tmp_path: Path, document: object, reason: str) -> None:
@@ -347,7 +353,10 @@ def test_failed_first_write_leaves_nothing(
 
 
 def test_full_key_round_trips(tmp_path: Path) -> None:
-    """Every field of a key (expiry, scopes, models, limits, quotas, weight) survives the file."""
+    """
+    Every field of a key (expiry, scopes, models, limits, quotas, weight,
+    user header, its chat id header) survives the file.
+    """
     path = str(tmp_path / "keys.json")
     key = ApiKey(
         "alice", digest(generate_key()), WHEN,
@@ -359,6 +368,8 @@ def test_full_key_round_trips(tmp_path: Path) -> None:
         tokens_per_day=200_000,
         tokens_per_month=3_000_000,
         weight=3,
+        user_header="X-OpenWebUI-User-Id",
+        chat_header="X-OpenWebUI-Chat-Id",
     )
     write_keys_file(path, [key])
     assert load_keys_file(path) == [key]
@@ -389,3 +400,38 @@ def test_a_cap_that_is_no_duration_is_refused(tmp_path: Path, value: str) -> Non
                     + '", "max_keep_alive": ' + value + "}]}")
     with pytest.raises(KeysFileError):
         load_keys_file(str(path))
+
+
+@pytest.mark.parametrize("value", ['"Authorization"', '"x-api-key"', '"Cookie"', '"a b"', '""',
+                                   "7"])
+def test_a_chat_header_that_is_no_header_or_a_credential_is_refused(
+    tmp_path: Path, value: str
+) -> None:
+    """
+    A chat id header must be a header's name, and none that carries a
+    credential: no conversation's digest is ever made of a key.
+    """
+    path = tmp_path / "keys.json"
+    path.write_text('{"keys": [{"name": "a", "hash": "sha256:' + "0" * 64
+                    + '", "chat_header": ' + value + "}]}")
+    with pytest.raises(KeysFileError):
+        load_keys_file(str(path))
+
+
+@pytest.mark.parametrize("name", ["X-OpenWebUI-User-Id", "x-user", "User", "X_User.1~"])
+def test_header_names(name: str) -> None:
+    """A field name of RFC 9110 is accepted as it is written."""
+    assert header_name(name, "a user") == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "X User", "X:User", "X-Üser", "X(User)", "Authorization", "x-api-key",
+             "Cookie", "Connection", "Host"]
+)
+def test_not_header_names(name: str) -> None:
+    """
+    A name that is not a field name, or that names a header holding the
+    key or describing the connection, is refused.
+    """
+    with pytest.raises(ValueError):
+        header_name(name, "a user")

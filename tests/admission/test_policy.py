@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from ollamaproxy.admission.policy import form_models, json_models
+from ollamaproxy.admission.policy import form_models, json_model_fields, json_models
 from ollamaproxy.errors import ProxyError
 
 CT = b"multipart/form-data; boundary=B"
@@ -82,6 +82,25 @@ def test_json_models_refuse_what_go_refuses(body: bytes) -> None:
     with pytest.raises(ProxyError) as raised:
         json_models(body, ("model",))
     assert raised.value.code == 400
+
+
+def test_json_members_from_the_same_parse() -> None:
+    """
+    Asked for, the body's top-level members come from the model check's
+    parse: by case-folded name, the last of repeated ones, objects inside
+    as their pairs, numbers as their text's length; a body that is no
+    object is refused as without them.
+    """
+    members: dict[str, object] = {}
+    body = b'{"Model": "a", "messages": [{"role": "user", "content": "hi", "n": 1234}], ' \
+           b'"stream": false, "STREAM": true}'
+    assert json_model_fields(body, ("model",), members) == [("model", "a")]
+    assert members == {"model": "a", "stream": True,
+                       "messages": [[("role", "user"), ("content", "hi"), ("n", 4)]]}
+    for not_an_object in (b'[{"model": "a"}]', b'"a"'):
+        with pytest.raises(ProxyError) as raised:
+            json_model_fields(not_an_object, ("model",), {})
+        assert raised.value.code == 400
 
 
 @pytest.mark.parametrize(

@@ -260,3 +260,20 @@ def test_a_hung_generation_takes_the_backend_out_for_that_model_only() -> None:
                      "Backend {backend} generates model {model} again"]
     pool.stopService()
     assert clock.getDelayedCalls() == []
+
+
+def test_a_hung_model_s_name_is_redacted_in_its_log_lines() -> None:
+    """
+    With one backend a client may name any model, a pasted key included:
+    the lines that take a backend out for a model, and bring it back, give
+    the name through the pool's C{redact}, as the router's own lines do.
+    """
+    t = Setup()
+    secret = resolve("olpk_" + "A" * 38)
+    t.pool.redact = lambda text: text.replace("olpk_", "<key>")
+    with capturedLogs() as events:
+        t.pool.hung(t.backend, secret, "no response head")
+    [event] = [e for e in events if "out for model" in e.get("log_format", "")]
+    assert "olpk_" not in event["model"]
+    assert event["model"].startswith("<key>")
+    t.pool.stopService()

@@ -381,3 +381,183 @@ def test_a_charge_trues_the_cost_up_but_banks_no_credit() -> None:
     slots.free["m"] = 4
     queue.serve(slots)
     assert served == ["a", "b", "a", "b"]
+
+
+def test_one_users_batch_does_not_hold_back_the_others_behind_its_key() -> None:
+    """
+    Two users behind one key: one with 20 long requests waiting, the
+    other's one request, sent after them all, is served next; then the
+    first user's again.
+    """
+    clock = Clock()
+    queue: FairQueue[str, str] = FairQueue(clock, limit=512, timeout=60)
+    served: list[str] = []
+    for i in range(20):
+        collect(queue.wait("webui", "m", cost=2000, user="batch"), served, f"batch-{i}")
+    clock.advance(1)
+    collect(queue.wait("webui", "m", cost=50, user="chat"), served, "chat")
+    slots = Slots()
+    for _ in range(3):
+        slots.free["m"] = 1
+        queue.serve(slots)
+    assert served == ["batch-0", "chat", "batch-1"]
+    assert queue.waiting() == {"webui": 18}
+
+
+def test_a_key_with_users_still_gets_one_keys_share() -> None:
+    """
+    A key with two users busy gets the share of one key against another
+    key, not two shares; within it, its users take turns.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=512, timeout=60)
+    served: list[str] = []
+    for _ in range(5):
+        collect(queue.wait("webui", "m", user="a"), served, "a")
+    for _ in range(5):
+        collect(queue.wait("webui", "m", user="b"), served, "b")
+    for _ in range(5):
+        collect(queue.wait("batch", "m"), served, "batch")
+    slots = Slots()
+    slots.free["m"] = 6
+    queue.serve(slots)
+    assert served == ["a", "batch", "b", "batch", "a", "batch"]
+    assert queue.finish("webui") == queue.finish("batch") == 3
+
+
+def test_the_anonymous_user_is_one_more_user() -> None:
+    """
+    Requests of a key with users that name none are the key's anonymous
+    user: they take turns with the named users, not one turn each.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=512, timeout=60)
+    served: list[str] = []
+    for _ in range(3):
+        collect(queue.wait("webui", "m", user=""), served, "anonymous")
+    collect(queue.wait("webui", "m", user="alice"), served, "alice")
+    slots = Slots()
+    slots.free["m"] = 3
+    queue.serve(slots)
+    assert served == ["anonymous", "alice", "anonymous"]
+
+
+def test_an_idle_user_rejoins_at_the_keys_present() -> None:
+    """
+    A user served ten times while another was idle does not owe it ten
+    turns: the newcomer starts at the key's present, and they alternate,
+    as an idle key rejoins the queue at its present.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=512, timeout=60)
+    for _ in range(10):
+        queue.served("webui", cost=1, user="a")
+    assert queue.user_finish("webui", "a") == 10
+    served: list[str] = []
+    for _ in range(3):
+        collect(queue.wait("webui", "m", user="a"), served, "a")
+    for _ in range(3):
+        collect(queue.wait("webui", "m", user="b"), served, "b")
+    slots = Slots()
+    slots.free["m"] = 4
+    queue.serve(slots)
+    assert served == ["b", "a", "b", "a"]
+
+
+def test_a_charge_moves_the_users_turns_too() -> None:
+    """
+    The true-up of a served request moves its user's finish within the key
+    as it moves the key's: a user whose request cost more than estimated
+    waits longer for its next turn.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=512, timeout=60)
+    queue.served("webui", weight=2, cost=100, user="a")
+    queue.charge("webui", 2, 300, user="a")
+    assert queue.finish("webui") == 200
+    assert queue.user_finish("webui", "a") == 400
+    queue.served("webui", weight=2, cost=100, user="b")
+    served: list[str] = []
+    collect(queue.wait("webui", "m", cost=100, user="a"), served, "a")
+    collect(queue.wait("webui", "m", cost=100, user="b"), served, "b")
+    slots = Slots()
+    slots.free["m"] = 1
+    queue.serve(slots)
+    assert served == ["b"]
+
+
+def test_users_waiting_for_a_busy_model_are_asked_for_once() -> None:
+    """
+    Hundreds waiting for one busy model from fifty users of one key: a
+    freed slot asks for a slot once to serve the next and once to find the
+    model full again, not once per user.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=1000, timeout=60)
+    for n in range(500):
+        queue.wait("webui", "m", user=f"user{n % 50}")
+    slots = CountingSlots()
+    slots.free["m"] = 1
+    queue.serve(slots)
+    assert slots.asked == 2
+    assert len(queue) == 499
+
+
+def test_a_users_request_leaves_when_cancelled_or_timed_out() -> None:
+    """
+    A user's waiting request leaves the queue when its client goes or its
+    wait times out, as any other: nothing of it is left waiting.
+    """
+    clock = Clock()
+    queue: FairQueue[str, str] = FairQueue(clock, limit=512, timeout=60)
+    cancelled = queue.wait("webui", "m", user="alice")
+    expired = queue.wait("webui", "m", user="bob")
+    cancelled.addErrback(lambda f: f.trap(CancelledError))
+    cancelled.cancel()
+    assert queue.waiting() == {"webui": 1}
+    failures: list[Failure] = []
+    expired.addErrback(failures.append)
+    clock.advance(60)
+    assert len(queue) == 0 and queue.waiting() == {}
+    error = failures[0].value
+    assert isinstance(error, ProxyError) and error.code == 503
+
+
+def test_a_full_queue_is_shared_among_a_keys_users() -> None:
+    """
+    A full queue held by one user behind a key: another user of the same
+    key, with nothing waiting, takes the place of that user's newest
+    request, which gets the 503, and again while it holds fewer than the
+    other less one; then it is refused.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=4, timeout=60)
+    failures: dict[str, Failure] = {}
+
+    def note(failure: Failure, label: str) -> None:
+        failures[label] = failure
+
+    for label in ("flood-0", "flood-1", "flood-2", "flood-3"):
+        queue.wait("webui", "m", user="flood").addErrback(note, label)
+    queue.wait("webui", "m", user="chat")
+    assert list(failures) == ["flood-3"] and len(queue) == 4
+    error = failures["flood-3"].value
+    assert isinstance(error, ProxyError) and error.code == 503
+    assert queue.waiting() == {"webui": 4}
+    queue.wait("webui", "m", user="chat")
+    assert list(failures) == ["flood-3", "flood-2"]
+    with pytest.raises(ProxyError):
+        queue.wait("webui", "m", user="chat")
+
+
+def test_the_place_a_key_gives_up_is_its_busiest_users() -> None:
+    """
+    A newcomer of another key takes its place from the key holding the
+    most, and there from the user holding the most, not from the user
+    who came last with one request.
+    """
+    queue: FairQueue[str, str] = FairQueue(Clock(), limit=4, timeout=60)
+    failed: list[str] = []
+
+    def note(failure: Failure, label: str) -> None:
+        failed.append(label)
+
+    for label in ("flood-0", "flood-1", "flood-2"):
+        queue.wait("webui", "m", user="flood").addErrback(note, label)
+    queue.wait("webui", "m", user="chat").addErrback(note, "chat")
+    queue.wait("other", "m")
+    assert failed == ["flood-2"]

@@ -5,44 +5,26 @@ when.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.web.iweb import IAgent, IResponse
 from zope.interface import implementer
 
 from ollamaproxy.backends.pool import Backend, BackendPool, Residency
 from ollamaproxy.backends.router import UNREAD_MODEL, Lease, Router
-from ollamaproxy.backends.upstream import Upstream
+from ollamaproxy.backends.shared import Ask
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.exchange import Meter, StreamSummary
 from ollamaproxy.model_names import resolve
 from tests.fakes.chain import HEADER_TIMEOUT, Chain, chat
-
-LLAMA, MISTRAL, QWEN = resolve("llama3.2"), resolve("mistral"), resolve("qwen3")
-
-
-def backend(clock: Clock, name: str, models: tuple[str, ...] = (), loaded: tuple[str, ...] = (),
-            parallel: int = 2) -> Backend:
-    """
-    A backend at C{http://NAME} that has C{models}; nothing is sent to it.
-    """
-    upstream = Upstream(cast(IAgent, None), f"http://{name}".encode(), clock, 600, 600)
-    return Backend(upstream, parallel, models=frozenset(map(resolve, models)),
-                   loaded=frozenset(map(resolve, loaded)))
+from tests.fakes.routers import LLAMA, MISTRAL, QWEN, backend, now
 
 
 def router(*backends: Backend, clock: Clock | None = None, max_queue: int = 512) -> Router:
     return Router(BackendPool(backends), clock or Clock(), max_queue=max_queue, queue_timeout=60)
-
-
-def now(d: Deferred[Lease]) -> Lease:
-    results: list[Lease] = []
-    d.addCallback(results.append)
-    assert results, "no backend yet"
-    return results[0]
 
 
 def test_a_model_goes_only_to_a_backend_that_has_it() -> None:
@@ -384,17 +366,21 @@ class Backlog:
                              Clock(), max_queue=2000, queue_timeout=60, **options)
         self._granted: list[tuple[str, Lease, Meter, int, int]] = []
 
-    def add(self, key: str, prompt: int, output: int, count: int, weight: int = 1) -> None:
+    def add(self, key: str, prompt: int, output: int, count: int, weight: int = 1,
+            user: str | None = None) -> None:
         """
-        C{count} requests of C{key}, each of C{prompt} tokens that generates
-        C{output}, as its plan estimates them and as Ollama counts them.
+        C{count} requests of C{key} (for C{user} behind it, if given), each
+        of C{prompt} tokens that generates C{output}, as its plan estimates
+        them and as Ollama counts them.  They are served as C{key}, or
+        C{key/user}.
         """
+        label = key if user is None else f"{key}/{user}"
         for _ in range(count):
             meter = Meter()
             meter.expect(prompt, "llama3.2")
             acquiring = self.router.acquire(key, LLAMA, runs=True, weight=weight, meter=meter,
-                                            expected_output=output)
-            acquiring.addCallback(self._grant, key, meter, prompt, output)
+                                            expected_output=output, user=user)
+            acquiring.addCallback(self._grant, label, meter, prompt, output)
 
     def _grant(self, lease: Lease, key: str, meter: Meter, prompt: int, output: int) -> None:
         self._granted.append((key, lease, meter, prompt, output))
@@ -492,6 +478,25 @@ def test_an_idle_key_rejoins_at_the_present() -> None:
     assert abs(served.count("newcomer") - served.count("short")) <= 1
 
 
+def test_users_share_their_keys_tokens() -> None:
+    """
+    Two users behind one key, one generating 600 tokens a request and one
+    30, against another key generating 30, all backlogged: the two keys
+    get as many tokens as each other, and within the first key its two
+    users as many as each other, each within 10 %; the estimate charged
+    at the slot is trued up with what was used, per user too.
+    """
+    backlog = Backlog()
+    backlog.add("webui", 0, 600, 100, user="flood")
+    backlog.add("webui", 0, 30, 400, user="chat")
+    backlog.add("other", 0, 30, 800)
+    served = backlog.serve(840)
+    flood, chat = tokens(served, "webui/flood", 1200), tokens(served, "webui/chat", 60)
+    other = tokens(served, "other", 60)
+    assert abs((flood + chat) - other) <= 0.1 * other
+    assert abs(flood - chat) <= 0.1 * max(flood, chat)
+
+
 def test_a_cut_stream_costs_what_the_meter_counted() -> None:
     """
     A request is charged its estimate when it gets its slot (its prompt
@@ -507,6 +512,27 @@ def test_a_cut_stream_costs_what_the_meter_counted() -> None:
     meter.generating, meter.output = True, 7
     lease.release()
     assert r.queue.finish("k") == 20 + 2 * 7
+
+
+def test_a_users_turns_are_trued_up_with_what_it_used() -> None:
+    """
+    The estimate a user's request is charged at its slot is trued up, for
+    the user as for its key, with what the meter read when the slot is
+    given back; a key with no users has no user's turns to keep.
+    """
+    r = router(backend(Clock(), "a", ("llama3.2",), parallel=2))
+    meters = [Meter(), Meter()]
+    for meter in meters:
+        meter.expect(20, "llama3.2")
+    lease = now(r.acquire("webui", LLAMA, runs=True, meter=meters[0], expected_output=500,
+                          user="alice"))
+    other = now(r.acquire("plain", LLAMA, runs=True, meter=meters[1], expected_output=500))
+    assert r.queue.user_finish("webui", "alice") == 20 + 2 * 500
+    meters[0].generating, meters[0].output = True, 7
+    lease.release()
+    other.release()
+    assert r.queue.user_finish("webui", "alice") == r.queue.finish("webui") == 20 + 2 * 7
+    assert "plain" not in r.queue._users
 
 
 def test_the_loaded_context_is_the_one_the_loaded_backends_agree_on() -> None:
@@ -589,3 +615,72 @@ def test_an_embedding_that_times_out_marks_the_backend_failed() -> None:
     assert chain.result(d).code == 504
     assert not chain.backends[0].healthy
     assert chain.backends[0].hung == set()
+
+
+class _Shared:
+    """
+    A shared queue (L{ollamaproxy.backends.shared.SharedQueue}) that grants
+    every ask on its first backend, and notes what it was asked and given.
+    """
+
+    def __init__(self) -> None:
+        self.asks: list[Ask] = []
+        self.given: list[tuple[Lease, float]] = []
+
+    def take(self, ask: Ask) -> Deferred[Lease]:
+        self.asks.append(ask)
+        lease = ask.lease(ask.backends[0])
+        lease._shared = self
+        return succeed(lease)
+
+    def waiting(self) -> dict[str, int]:
+        return {"k": 2, "j": 1}
+
+    def give_back(self, lease: Lease, charge: float) -> None:
+        self.given.append((lease, charge))
+
+
+def test_a_shared_queue_keeps_named_models_slots() -> None:
+    """
+    With a shared queue, a request running a named model asks it, with
+    the backends it may use best first (the model loaded, then fewer in
+    flight; not one excluded), and gives the lease back to it, trued up
+    over the key's weight; the backend's count is kept here all the same.
+    Requests that take no slot, and those whose model the proxy cannot
+    name, stay in this process's queue.
+    """
+    clock = Clock()
+    a = backend(clock, "a", ("llama3.2",))
+    b = backend(clock, "b", ("llama3.2",), loaded=("llama3.2",))
+    c = backend(clock, "c", ("llama3.2",))
+    r = router(a, b, c)
+    shared = _Shared()
+    r.shared = shared
+    a.running[MISTRAL] = 1
+    meter = Meter()
+    meter.expect(20, "llama3.2")
+    lease = now(r.acquire("k", LLAMA, runs=True, exclude=[c], weight=2, meter=meter,
+                          expected_output=5))
+    (ask,) = shared.asks
+    assert (ask.key, ask.model, ask.backends, ask.weight, ask.cost) == ("k", LLAMA, [b, a], 2, 30)
+    assert lease.backend is b and b.running[LLAMA] == 1
+    meter.generating, meter.output = True, 1
+    lease.release()
+    assert shared.given == [(lease, (22 - 30) / 2)] and not b.running
+    now(r.acquire("k", LLAMA)).release()
+    now(r.acquire("k", None, runs=True)).release()
+    assert len(shared.asks) == 1 and len(shared.given) == 1
+
+
+def test_waiting_counts_the_shared_queue_too() -> None:
+    """
+    What the metric and the console show waiting is this proxy's requests
+    in its own queue and in the shared one, by key.
+    """
+    clock = Clock()
+    r = router(backend(clock, "a", ("llama3.2",), parallel=1))
+    now(r.acquire("k", LLAMA, runs=True))
+    r.acquire("k", LLAMA, runs=True)
+    assert r.waiting() == {"k": 1}
+    r.shared = _Shared()
+    assert r.waiting() == {"k": 3, "j": 1}

@@ -109,7 +109,7 @@ def test_list_never_shows_keys_or_hashes(keys_file: Path) -> None:
     secrets = [
         add(keys_file, "alice"),
         add(keys_file, "bob", "--admin", "--models", "llama3*,qwen", "--rpm", "60",
-            "--max-streams", "2", "--expires", "2027-01-01"),
+            "--max-streams", "2", "--expires", "2027-01-01", "--user-header", "X-User"),
     ]
     result = run("keys", "list", "--keys-file", str(keys_file))
     assert (result.code, result.err) == (0, "")
@@ -121,14 +121,14 @@ def test_list_never_shows_keys_or_hashes(keys_file: Path) -> None:
     header, alice, bob = result.out.splitlines()
     assert re.split(r"\s{2,}", header) == [
         "NAME", "SCOPES", "MODELS", "RPM", "MAX STREAMS", "MAX KEEP_ALIVE", "MAX NUM_CTX",
-        "WEIGHT", "TOKENS TODAY", "TOKENS THIS MONTH", "CREATED", "EXPIRES",
+        "WEIGHT", "TOKENS TODAY", "TOKENS THIS MONTH", "USER HEADER", "CREATED", "EXPIRES",
     ]
     assert alice.split() == [
-        "alice", "inference", "all", "-", "-", "-", "-", "1", "0", "0",
+        "alice", "inference", "all", "-", "-", "-", "-", "1", "0", "0", "-",
         "2026-11-27T07:00:00Z", "-",
     ]
     assert bob.split() == [
-        "bob", "admin,inference", "llama3*,qwen", "60", "2", "-", "-", "1", "0", "0",
+        "bob", "admin,inference", "llama3*,qwen", "60", "2", "-", "-", "1", "0", "0", "X-User",
         "2026-11-27T07:00:00Z", "2027-01-01T00:00:00Z",
     ]
 
@@ -478,12 +478,14 @@ def test_update_clears_limits(keys_file: Path) -> None:
     secret = add(keys_file, "bob", "--admin", "--cloud", "--models", "llama3*", "--rpm", "60",
                  "--max-streams", "2", "--max-keep-alive", "10m", "--max-num-ctx", "8192",
                  "--expires", "2027-01-01", "--tokens-per-day", "5", "--tokens-per-month", "9",
-                 "--weight", "3")
+                 "--weight", "3", "--chat-header", "X-OpenWebUI-Chat-Id")
     assert load_keys_file(str(keys_file))[0].weight == 3
+    assert load_keys_file(str(keys_file))[0].chat_header == "X-OpenWebUI-Chat-Id"
     result = run("keys", "update", "bob", "--no-admin", "--no-cloud", "--models", "all",
                  "--rpm", "none", "--max-streams", "none", "--max-keep-alive", "none",
                  "--max-num-ctx", "none", "--expires", "never", "--tokens-per-day", "none",
-                 "--tokens-per-month", "none", "--weight", "none", "--keys-file", str(keys_file))
+                 "--tokens-per-month", "none", "--weight", "none", "--chat-header", "",
+                 "--keys-file", str(keys_file))
     assert (result.code, result.err) == (0, "")
     assert load_keys_file(str(keys_file)) == [ApiKey("bob", digest(secret), created=NOW)]
 
@@ -500,6 +502,8 @@ def test_update_clears_limits(keys_file: Path) -> None:
         (["bob", "--expires", "none"], 2, "--expires: 'none' is not a date"),
         (["bob", "--models", "a", "b"], 2, "unrecognized arguments: b"),
         (["bob", "--admin", "--no-admin", "--bogus"], 2, "unrecognized arguments: --bogus"),
+        (["bob", "--chat-header", "Authorization"], 2, "carries credentials"),
+        (["bob", "--chat-header", "a:b"], 2, "is not a header name"),
     ],
 )
 def test_update_errors(keys_file: Path, argv: list[str], code: int, fragment: str) -> None:
@@ -511,6 +515,56 @@ def test_update_errors(keys_file: Path, argv: list[str], code: int, fragment: st
     before = keys_file.read_bytes()
     result = run("keys", "update", *argv, "--keys-file", str(keys_file))
     assert_one_line_error(result, code, fragment)
+    assert keys_file.read_bytes() == before
+
+
+def test_user_header_is_stored_changed_and_cleared(keys_file: Path) -> None:
+    """
+    C{--user-header} is stored with the key as given (C{add} and
+    C{update}), and C{update --user-header ''} removes it; the rest of the
+    key stays as it was.
+    """
+    secret = add(keys_file, "webui", "--user-header", "X-OpenWebUI-User-Id", "--rpm", "60")
+    expected = ApiKey("webui", digest(secret), created=NOW, rpm=60,
+                      user_header="X-OpenWebUI-User-Id")
+    assert load_keys_file(str(keys_file)) == [expected]
+    assert '"user_header": "X-OpenWebUI-User-Id"' in keys_file.read_text()
+    result = run("keys", "update", "webui", "--user-header", "X-User",
+                 "--keys-file", str(keys_file))
+    assert (result.code, result.err) == (0, "")
+    assert "user header X-User" in result.out
+    assert load_keys_file(str(keys_file)) == [replace(expected, user_header="X-User")]
+    result = run("keys", "update", "webui", "--user-header", "", "--keys-file", str(keys_file))
+    assert (result.code, result.err) == (0, "")
+    assert load_keys_file(str(keys_file)) == [replace(expected, user_header=None)]
+
+
+@pytest.mark.parametrize(
+    ("action", "header", "fragment"),
+    [
+        ("add", "X User", "'X User' is not a header name"),
+        ("add", "", "'' is not a header name"),
+        ("add", "X-Üser", "is not a header name"),
+        ("add", "X:User", "is not a header name"),
+        ("add", "X-API-Key", "carries credentials"),
+        ("update", "Authorization", "carries credentials"),
+        ("update", "cookie", "carries credentials"),
+        ("update", "X(User)", "is not a header name"),
+    ],
+)
+def test_user_header_must_be_a_header_name(
+    keys_file: Path, action: str, header: str, fragment: str
+) -> None:
+    """
+    A C{--user-header} that is not a field name of RFC 9110, or that names
+    a header holding the key or describing the connection, is one line
+    and exit 2, and the keys file is left as it was.
+    """
+    add(keys_file, "bob")
+    before = keys_file.read_bytes()
+    name = "carol" if action == "add" else "bob"
+    result = run("keys", action, name, "--user-header", header, "--keys-file", str(keys_file))
+    assert_one_line_error(result, 2, fragment)
     assert keys_file.read_bytes() == before
 
 
@@ -576,7 +630,8 @@ def test_show_prints_one_key(keys_file: Path, usage_file: Path) -> None:
     add(keys_file, "alice")
     secret = add(keys_file, "bob", "--models", "llama3*", "--rpm", "60", "--max-streams", "2",
                  "--max-keep-alive", "10m", "--max-num-ctx", "8192", "--weight", "3",
-                 "--tokens-per-day", "100", "--expires", "2027-01-01")
+                 "--tokens-per-day", "100", "--expires", "2027-01-01",
+                 "--user-header", "X-OpenWebUI-User-Id")
     result = run("keys", "show", "bob", "--keys-file", str(keys_file),
                  "--usage-file", str(usage_file))
     assert (result.code, result.err) == (0, "")
@@ -592,6 +647,7 @@ def test_show_prints_one_key(keys_file: Path, usage_file: Path) -> None:
         "weight:             3\n"
         "tokens today:       7/100 (UTC day)\n"
         "tokens this month:  57 (UTC month)\n"
+        "user header:        X-OpenWebUI-User-Id\n"
         "created:            2026-11-27T07:00:00Z\n"
         "expires:            2027-01-01T00:00:00Z\n"
         "last used:          2026-11-27T06:59:00Z\n"
@@ -612,7 +668,7 @@ def test_show_json(keys_file: Path, usage_file: Path) -> None:
     use, in the documented shape; neither the key nor its hash.
     """
     secret = add(keys_file, "bob", "--models", "llama3*", "--max-keep-alive", "10m",
-                 "--tokens-per-month", "1000")
+                 "--tokens-per-month", "1000", "--chat-header", "X-OpenWebUI-Chat-Id")
     result = run("keys", "show", "bob", "--json", "--keys-file", str(keys_file),
                  "--usage-file", str(usage_file))
     assert (result.code, result.err) == (0, "")
@@ -626,6 +682,8 @@ def test_show_json(keys_file: Path, usage_file: Path) -> None:
         "max_keep_alive": "10m",
         "max_num_ctx": None,
         "weight": 1,
+        "user_header": None,
+        "chat_header": "X-OpenWebUI-Chat-Id",
         "tokens_per_day": None,
         "tokens_per_month": 1000,
         "used_today": 7,

@@ -190,8 +190,8 @@ def test_usage_database_is_a_directory(tmp_path: Path) -> None:
 def test_usage_escapes_unprintable_names(tmp_path: Path) -> None:
     """usage does not pass terminal control characters from the database to the terminal."""
     path = tmp_path / "usage.sqlite3"
-    write_rows(str(path), [(NOW.timestamp(), "evil\x1b[2J", "a\nb", 1, 1, 1, 0)])
-    for by in ("key", "model"):
+    write_rows(str(path), [(NOW.timestamp(), "evil\x1b[2J", "a\nb", 1, 1, 1, 0, "u\x1b[2J")])
+    for by in ("key", "model", "user"):
         result = run("usage", "--by", by, "--usage-file", str(path))
         assert result.code == 0
         assert "\x1b" not in result.out
@@ -233,3 +233,40 @@ def test_usage_help() -> None:
     assert (result.code, result.err) == (0, "")
     assert result.out.startswith("usage: ollamaproxy usage")
     assert "--usage-file" in result.out and "--since" in result.out
+
+
+def test_usage_by_user(tmp_path: Path) -> None:
+    """
+    usage --by user prints one row per user behind each key, most tokens
+    first, the key and the user on the left; a key's anonymous user (and
+    every key naming no users) shows as '-'.  With --json, each row has
+    its key and its user, "" for the anonymous one.
+    """
+    path = tmp_path / "usage.sqlite3"
+    now = NOW.timestamp()
+    write_rows(str(path), [
+        (now, "webui", "qwen2", 1, 100, 200, 0, "3f2b6c1e-8a4d"),
+        (now, "webui", "qwen2", 1, 10, 20, 0, "alice@example.com"),
+        (now, "webui", "qwen2", 1, 1, 2, 0),
+        (now, "webui", "", 0, 0, 0, 1, "alice@example.com"),
+        (now, "laptop", "qwen2", 1, 5, 5, 0),
+    ])
+    result = run("usage", "--by", "user", "--usage-file", str(path))
+    assert (result.code, result.err) == (0, "")
+    assert result.out == (
+        "KEY     USER               REQUESTS  REFUSED  PROMPT TOKENS  COMPLETION TOKENS  TOTAL\n"
+        "webui   3f2b6c1e-8a4d             1        0            100                200    300\n"
+        "webui   alice@example.com         1        1             10                 20     30\n"
+        "laptop  -                         1        0              5                  5     10\n"
+        "webui   -                         1        0              1                  2      3\n"
+    )
+    document = json.loads(run("usage", "--by", "user", "--json", "--usage-file", str(path)).out)
+    assert document["by"] == "user"
+    assert document["rows"][1] == {
+        "key": "webui", "user": "alice@example.com", "requests": 1, "refused": 1,
+        "prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30,
+    }
+    assert [(row["key"], row["user"]) for row in document["rows"]] == [
+        ("webui", "3f2b6c1e-8a4d"), ("webui", "alice@example.com"), ("laptop", ""),
+        ("webui", ""),
+    ]

@@ -97,6 +97,35 @@ def test_feed_rows_name_the_route_and_the_client_address() -> None:
     sampler.stopService()
 
 
+def test_feed_rows_name_the_user_behind_a_key() -> None:
+    """
+    A request in flight of a key that names its users shows the user it
+    is for (C{""} for the key's anonymous user); one of a key that names
+    none shows none (L{None}), whatever headers it sent.
+    """
+    chain = Chain()
+    chain.keys.replace([*chain.keys._by_digest.values(),
+                        ApiKey("webui", digest(WEBUI), user_header="X-OpenWebUI-User-Id")])
+    sampler = started(chain)
+    _, feed = open_feed(chain)
+    for key, headers in ((WEBUI, {"X-OpenWebUI-User-Id": "3f2b6c1e-8a4d"}), (WEBUI, {}),
+                         (KEY, {"X-OpenWebUI-User-Id": "mallory"})):
+        chain.request("POST", "/api/chat", key=key, data=chat("hold"), headers=headers)
+        chain.clock.advance(1)
+    chain.flush()
+    tick(chain)
+    rows = messages(feed)[-1]["requests"]
+    assert [(row["key"], row["user"]) for row in rows] == [
+        ("webui", "3f2b6c1e-8a4d"), ("webui", ""), ("alice", None)]
+    for held in chain.fake.held:
+        held.finish()
+    chain.flush()
+    sampler.stopService()
+
+
+WEBUI = "olpk_webuikeywebuikeywebuikeywebuikey00"
+
+
 def test_feed_sends_nothing_while_nothing_changes_and_pings_now_and_then() -> None:
     """
     Coalescing: with nothing moving, ticks send nothing; a ping comes every

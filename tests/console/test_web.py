@@ -16,7 +16,9 @@ import pytest
 from twisted.internet.testing import StringTransport
 
 from ollamaproxy.admission.keys import digest
+from ollamaproxy.backends.effective import EVIDENCE
 from ollamaproxy.backends.pool import Backend
+from ollamaproxy.backends.router import Lease
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.console.sampler import TICK
 from ollamaproxy.console.web import CSP
@@ -25,6 +27,7 @@ from ollamaproxy.record.usage import UsageStore
 from ollamaproxy.record.usage_db import write_rows
 from tests.fakes.chain import KEY, Chain, chat
 from tests.fakes.console import INFERENCE_KEY, add_inference_key
+from tests.fakes.routers import first_byte
 from tests.fakes.worker import ManualWorker
 
 PAGES = ["/-/console/", "/-/console/static/console.js", "/-/console/static/console.css"]
@@ -298,6 +301,24 @@ def test_each_loaded_model_shows_its_vram_and_context() -> None:
     assert b"GiB VRAM" in script and b"ctx ${r.context_length}" in script
     chain.pool.failed(chain.backends[0], "cannot reach Ollama: refused")
     assert backends_of(chain)[0]["resident"] == []
+
+
+def test_a_lowered_effective_parallel_is_shown() -> None:
+    """
+    The backends' view gives each model whose effective parallel is
+    lowered on a backend, with it, and the page shows it.
+    """
+    chain = Chain()
+    assert backends_of(chain)[0]["effective"] == {}
+    leases: list[Lease] = []
+    for _ in range(2 * EVIDENCE):
+        chain.router.acquire("k", resolve("llama3.2"), runs=True).addCallback(leases.append)
+    while leases:
+        # Ollama answers the oldest only; the others sent have no first byte.
+        first_byte(leases.pop(0)).release()
+    assert backends_of(chain)[0]["effective"] == {"llama3.2:latest": 1}
+    script = chain.body(chain.respond("GET", "/-/console/static/console.js", key=None))
+    assert b"effective parallel ${limit} of ${b.parallel}" in script
 
 
 def test_feed_request_and_transport_are_not_kept_after_a_disconnect() -> None:

@@ -5,8 +5,11 @@ real port, with the proxy as a real C{twistd} in front of it.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
+from itertools import pairwise
 from typing import Any
 
 import pytest_twisted
@@ -14,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from tests.fakes.client import chat_lines
+from tests.fakes.client import agent, body, chat_lines, read, request, sleep
 from tests.fakes.twistd import REPO, START_TIMEOUT, TEST_KEY, TwistdLauncher, proxy_args
 
 SCRIPT = REPO / "bench" / "gpu_sim.py"
@@ -67,6 +70,169 @@ async def test_the_proxy_streams_a_chat_from_the_simulator(
         final = lines[-1]
         assert (final["done"], final["eval_count"], final["prompt_eval_count"]) == (True, 5, 3)
         assert final["load_duration"] >= 200_000_000
+    finally:
+        if simulator.transport is not None and not simulator.ended.called:
+            simulator.transport.signalProcess("KILL")
+        await simulator.ended
+
+
+async def _chat(reactor: Any, url: str, messages: list[dict[str, str]]) -> dict[str, Any]:
+    """
+    A chat through the proxy, not streamed: its answer.
+    """
+    response = await request(
+        agent(reactor), b"POST", url + "/api/chat",
+        {"Authorization": f"Bearer {TEST_KEY}", "Content-Type": "application/json"},
+        body(json.dumps({"model": "llama3.2", "messages": messages, "stream": False}).encode()),
+    )
+    assert response.code == 200
+    arrivals = await read(response)
+    await arrivals.done
+    answer: dict[str, Any] = json.loads(arrivals.body)
+    return answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_conversations_go_home_over_four_simulated_gpus(
+    reactor: Any, twistd: TwistdLauncher
+) -> None:
+    """
+    Three users chat three turns each, in rounds, through the proxy in front
+    of four simulated GPUs of one slot each: every turn after a user's
+    first finds its history in the slot's cache (the simulator evaluates
+    only the new words), so each went to the backend of the turn before;
+    and the proxy's metrics count those turns as gone home.  (Sent where
+    the router alone sends them, every turn to the first backend, the
+    users' histories would evict each other from its one slot.)
+    """
+    prefill = 1000.0
+    simulators = [SimulatorProcess() for _ in range(4)]
+    for simulator in simulators:
+        args = [sys.executable, str(SCRIPT), "0", "--model", "llama3.2", "--load-seconds",
+                "0.1", "--default-output", "3", "--prefill-tps", str(prefill)]
+        reactor.spawnProcess(simulator, sys.executable, args, env=dict(os.environ),
+                             path=str(REPO))
+    try:
+        ports = [await s.listening.addTimeout(START_TIMEOUT, reactor) for s in simulators]
+        upstreams = [f"http://127.0.0.1:{port}" for port in ports]
+        extra = [arg for url in upstreams[1:] for arg in ("--upstream", url)]
+        proxy = await twistd.start(proxy_args(upstreams[0], *extra, "--parallel", "1"))
+        histories = {user: [{"role": "user", "content": f"I am user {user} " + "word " * 200}]
+                     for user in range(3)}
+        for number in range(3):
+            for history in histories.values():
+                answer = await _chat(reactor, proxy.url, history)
+                evaluated = round(answer["prompt_eval_duration"] / 1e9 * prefill)
+                if number:
+                    # At least the first message came from the cache.
+                    assert evaluated <= answer["prompt_eval_count"] - 200
+                history += [answer["message"],
+                            {"role": "user", "content": f"question {number} " + "word " * 20}]
+        response = await request(agent(reactor), b"GET", proxy.url + "/metrics",
+                                 {"Authorization": f"Bearer {TEST_KEY}"})
+        scraped = await read(response)
+        await scraped.done
+        turns = [line for line in scraped.body.decode().splitlines()
+                 if line.startswith("ollamaproxy_conversation_turns_total{")]
+        homes = sum(float(line.split()[-1]) for line in turns if 'placement="home"' in line)
+        assert homes == 6.0
+    finally:
+        for simulator in simulators:
+            if simulator.transport is not None and not simulator.ended.called:
+                simulator.transport.signalProcess("KILL")
+        for simulator in simulators:
+            await simulator.ended
+
+
+MODELS = ("alpha", "beta", "gamma")
+
+
+async def alternating(reactor: Any, url: str, headers: dict[str, str], count: int,
+                      models: tuple[str, ...] = MODELS) -> int:
+    """
+    Send C{count} streamed chats, one every 10 ms, their models taking
+    turns (C{alpha beta gamma alpha ...}), and count the switches: the
+    times the model of an answer that ends differs from the last one's.
+    On a simulator that holds one model and runs one request at a time,
+    answers of two models never overlap, so that is the number of loads
+    after the first.
+    """
+    ended: list[tuple[float, str]] = []
+
+    async def one(model: str) -> None:
+        chat = {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                "options": {"num_predict": 5}}
+        response = await request(agent(reactor), b"POST", url + "/api/chat",
+                                 {**headers, "Content-Type": "application/json"},
+                                 body(json.dumps(chat).encode()))
+        assert response.code == 200
+        await (await read(response)).done
+        ended.append((time.monotonic(), model))
+
+    sent = []
+    for n in range(count):
+        sent.append(Deferred.fromCoroutine(one(models[n % len(models)])))
+        await sleep(reactor, 0.01)
+    for d in sent:
+        await d
+    order = [model for _, model in sorted(ended)]
+    return sum(a != b for a, b in pairwise(order))
+
+
+@pytest_twisted.ensureDeferred
+async def test_collation_makes_a_fifth_of_the_switches_of_ollama_alone(
+    reactor: Any, twistd: TwistdLauncher
+) -> None:
+    """
+    Three models alternating on a backend that holds one: sent straight to
+    the simulator nearly every request is a switch; through the proxy
+    (--switch-hold 1) the requests for the model loaded go first, and the
+    switches are at most a fifth as many.
+    """
+    simulator = SimulatorProcess()
+    args = [sys.executable, str(SCRIPT), "0", "--load-seconds", "0.1",
+            *[arg for model in MODELS for arg in ("--model", model)]]
+    reactor.spawnProcess(simulator, sys.executable, args, env=dict(os.environ), path=str(REPO))
+    try:
+        port = await simulator.listening.addTimeout(START_TIMEOUT, reactor)
+        alone = await alternating(reactor, f"http://127.0.0.1:{port}", {}, 45)
+        proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}", "--switch-hold", "1"))
+        through = await alternating(reactor, proxy.url, {"Authorization": f"Bearer {TEST_KEY}"},
+                                    45)
+        assert alone >= 20
+        assert through * 5 <= alone
+    finally:
+        if simulator.transport is not None and not simulator.ended.called:
+            simulator.transport.signalProcess("KILL")
+        await simulator.ended
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backend_running_one_at_a_time_gets_one_at_a_time(
+    reactor: Any, twistd: TwistdLauncher
+) -> None:
+    """
+    A simulator with one slot behind a proxy told --parallel 4: the
+    requests sent beyond the slot wait inside it with no first byte, so the
+    proxy lowers the backend's effective parallel for the model to 1, says
+    so in its log and its metrics.
+    """
+    simulator = SimulatorProcess()
+    args = [sys.executable, str(SCRIPT), "0", "--load-seconds", "0.05", "--num-parallel", "1",
+            "--model", "alpha"]
+    reactor.spawnProcess(simulator, sys.executable, args, env=dict(os.environ), path=str(REPO))
+    try:
+        port = await simulator.listening.addTimeout(START_TIMEOUT, reactor)
+        proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}", "--parallel", "4"))
+        key = {"Authorization": f"Bearer {TEST_KEY}"}
+        await alternating(reactor, proxy.url, key, 12, models=("alpha",))
+        assert "runs at most 1 requests of model alpha:latest at once" in proxy.output
+        response = await request(agent(reactor), b"GET", proxy.url + "/metrics", key)
+        arrivals = await read(response)
+        await arrivals.done
+        metrics = arrivals.body.decode()
+        assert 'ollamaproxy_backend_effective_parallel{backend="http://127.0.0.1:' in metrics
+        assert 'model="alpha:latest"} 1.0' in metrics
     finally:
         if simulator.transport is not None and not simulator.ended.called:
             simulator.transport.signalProcess("KILL")

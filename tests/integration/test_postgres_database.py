@@ -141,6 +141,48 @@ def test_refused_requests_are_counted_apart(postgres_url: str) -> None:
     usage.close()
 
 
+def test_usage_is_summed_per_user(postgres_url: str) -> None:
+    """
+    Each user behind a key has its own minute rows, summed per user
+    behind each key, a row written without a user the anonymous one's.
+    """
+    usage = PostgresUsage(Database(postgres_url))
+    usage.write([(T0, "webui", "llama3", 1, 10, 5, 0, "alice"),
+                 (T0 + 1, "webui", "llama3", 1, 10, 5, 0, "alice"),
+                 (T0 + 2, "webui", "llama3", 1, 1, 1, 0, "bob"),
+                 (T0 + 3, "webui", "llama3", 1, 1, 0, 0)])
+    assert query(postgres_url, "SELECT count(*) FROM usage") == [(3,)]
+    assert usage.summarise(None, "user") == [
+        Row("webui", 2, 20, 10, 0, "alice"), Row("webui", 1, 1, 1, 0, "bob"),
+        Row("webui", 1, 1, 0, 0, "")]
+    assert usage.summarise(None, "key") == [Row("webui", 4, 22, 11)]
+    usage.close()
+
+
+def test_usage_from_before_users_is_kept_as_the_anonymous_users(postgres_url: str) -> None:
+    """
+    A database at schema 2 (before users) is migrated with its rows kept,
+    each the anonymous user's of its key; its minute rows are then one per
+    user.
+    """
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute(
+            "CREATE TABLE schema_version (version integer PRIMARY KEY,"
+            " applied timestamptz NOT NULL DEFAULT now())")
+        for version in (1, 2):
+            for statement in MIGRATIONS[version - 1]:
+                connection.execute(statement)
+            connection.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+        connection.execute("INSERT INTO usage (minute, key, model, requests, prompt_tokens, "
+                           "completion_tokens) VALUES (to_timestamp(%s), 'bob', 'llama3', 1, "
+                           "2, 3)", (T0,))
+    usage = PostgresUsage(Database(postgres_url))
+    usage.write([(T0, "bob", "llama3", 1, 10, 10, 0, "alice"), (T0, "bob", "llama3", 1, 1, 1, 0)])
+    assert usage.summarise(None, "user") == [Row("bob", 1, 10, 10, 0, "alice"),
+                                             Row("bob", 2, 3, 4, 0, "")]
+    usage.close()
+
+
 def test_keys_show_and_list_read_the_use_in_the_database(
     postgres_url: str, tmp_path: Path
 ) -> None:

@@ -4,7 +4,9 @@ by the test, with a password): a key's rpm, max_streams and token quota,
 and the wrong-key throttle, hold across them; a proxy killed with
 C{SIGKILL} mid-stream holds its stream only until its lease expires; Redis
 stopped and restarted mid-run leaves every request answered, and both the
-outage and the recovery are logged.
+outage and the recovery are logged.  With C{--parallel 1}, the backend's
+one slot is shared by both, in one fair order, and a killed proxy's slot
+is freed within its lease.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import json
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 
 from ollamaproxy.admission.keys import digest
+from ollamaproxy.redis.limits import PREFIX
 from tests.fakes.client import agent, body, read, request, sleep, wait_for
 from tests.fakes.engines import RedisServer
 from tests.fakes.twistd import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args
@@ -31,6 +36,8 @@ KEYS = {
     "rate": ("olpk_ratekeyratekeyratekeyratekeyratekey0", {"rpm": 4}),
     "streams": ("olpk_streamskeystreamskeystreamskeystrea", {"max_streams": 1}),
     "quota": ("olpk_quotakeyquotakeyquotakeyquotakeyquo", {"tokens_per_day": 5}),
+    "flood": ("olpk_floodkeyfloodkeyfloodkeyfloodkeyflo", {}),
+    "solo": ("olpk_solokeysolokeysolokeysolokeysolokeys", {}),
 }
 
 
@@ -247,3 +254,181 @@ async def test_closed_policy(
     await wait_for(reactor, _logged(proxy, "answers again"), "the recovery logged")
     assert await ready() == 200
     assert (await call(reactor, proxy, KEYS["rate"][0]))[0] == 200
+
+
+@pytest_twisted.async_yield_fixture
+async def one_slot(
+    twistd: TwistdLauncher, upstream: Upstream, redis: RedisServer
+) -> AsyncIterator[list[Twistd]]:
+    """
+    Two proxies on one Redis in front of one Ollama that runs one request
+    at a time (C{--parallel 1}), with leases of 3 s.
+    """
+    (twistd.directory / "keys.json").write_text(json.dumps({"keys": [
+        {"name": name, "hash": "sha256:" + digest(key).hex(), **limits}
+        for name, (key, limits) in KEYS.items()
+    ]}))
+    proxies = [
+        await twistd.start(
+            proxy_args(upstream.url, "--parallel", "1", "--redis-lease", "3",
+                       "--usage-file", f"usage{i}.db"),
+            env={"OLLAMAPROXY_REDIS": redis.url},
+        )
+        for i in range(2)
+    ]
+    for proxy in proxies:
+        await wait_for(twistd.reactor, _logged(proxy, "Limits are shared through Redis"),
+                       "the proxy to reach Redis")
+    yield proxies
+
+
+def _waiting_in_redis(redis: RedisServer, count: int) -> bool:
+    """
+    Whether C{count} requests wait in the shared queue (its waiters' set).
+    """
+    return redis.command("ZCARD", f"{PREFIX}q:waiters") == f":{count}\r\n".encode()
+
+
+def _held_chat(reactor: Any, proxy: Twistd, key: str, tag: str) -> Deferred[tuple[int, bytes]]:
+    """
+    A streamed chat with the fake's C{hold} model, its message C{tag}.
+    """
+    data = json.dumps({"model": "hold", "messages": [{"role": "user", "content": tag}]})
+
+    async def chat() -> tuple[int, bytes]:
+        response = await request(agent(reactor), b"POST", proxy.url + "/api/chat",
+                                 {"Authorization": f"Bearer {key}",
+                                  "Content-Type": "application/json"},
+                                 body(data.encode()))
+        arrivals = await read(response)
+        await arrivals.done
+        code: int = response.code
+        return code, arrivals.body
+
+    return Deferred.fromCoroutine(chat())
+
+
+def _running(upstream: Upstream) -> list[Any]:
+    return [h for h in upstream.fake.held if not h.gone]
+
+
+def _tag(upstream: Upstream, held: Any) -> str:
+    """
+    The message of the request a held stream answers.
+    """
+    content: str = json.loads(held.request.content.getvalue())["messages"][0]["content"]
+    return content
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_slot_one_order_for_both_proxies(
+    reactor: Any, one_slot: list[Twistd], upstream: Upstream, redis: RedisServer
+) -> None:
+    """
+    A key flooding proxy A with four requests and another key's single
+    request on proxy B just after: Ollama never runs more than one at a
+    time (sampled every 5 ms throughout), and B's request runs next, one
+    turn after the flood's first, not after the whole flood.
+    """
+    a, b = one_slot
+    most = [0]
+
+    def sample() -> None:
+        most[0] = max(most[0], len(_running(upstream)))
+
+    sampling = LoopingCall(sample)
+    sampling.clock = reactor
+    sampling.start(0.005)
+    flood, solo = KEYS["flood"][0], KEYS["solo"][0]
+    answers = [_held_chat(reactor, a, flood, "flood-0")]
+    await wait_for(reactor, lambda: len(upstream.fake.held) == 1, "the first stream")
+    answers += [_held_chat(reactor, a, flood, f"flood-{i}") for i in range(1, 4)]
+    await wait_for(reactor, partial(_waiting_in_redis, redis, 3), "the flood to wait in Redis")
+    answers.append(_held_chat(reactor, b, solo, "solo"))
+    await wait_for(reactor, partial(_waiting_in_redis, redis, 4), "the solo request to wait")
+    order = []
+    for turn in range(5):
+        assert len(upstream.fake.held) == turn + 1, "a request ran beside another"
+        held = upstream.fake.held[turn]
+        order.append(_tag(upstream, held))
+        held.write_line({"model": "hold", "done": True})
+        held.finish()
+        if turn < 4:
+            await wait_for(reactor, lambda t=turn: len(upstream.fake.held) > t + 1,  # type: ignore[misc]
+                           "the next request to run")
+            await sleep(reactor, 0.1)
+    sampling.stop()
+    assert [(await answer)[0] for answer in answers] == [200] * 5
+    assert order == ["flood-0", "solo", "flood-1", "flood-2", "flood-3"]
+    assert most[0] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_proxy_frees_its_slot(
+    reactor: Any, one_slot: list[Twistd], upstream: Upstream
+) -> None:
+    """
+    A proxy killed with SIGKILL while its request holds the one slot: the
+    request waiting on the other proxy runs once the lease (3 s) has
+    expired and a round has swept it, not before, and not much later.
+    """
+    a, b = one_slot
+    held = _held_chat(reactor, a, TEST_KEY, "dies")
+    held.addErrback(lambda _: None)
+    await wait_for(reactor, lambda: len(upstream.fake.held) == 1, "the held stream")
+    waiting = _held_chat(reactor, b, KEYS["solo"][0], "waits")
+    await sleep(reactor, 0.3)
+    assert len(upstream.fake.held) == 1
+    os.kill(a.pid, signal.SIGKILL)
+    await a.protocol.ended
+    killed = reactor.seconds()
+    await wait_for(reactor, lambda: len(upstream.fake.held) == 2, "the slot freed")
+    assert 1.5 < reactor.seconds() - killed < 8  # the lease, a round, a loaded machine
+    stream = upstream.fake.held[1]
+    stream.write_line({"model": "hold", "done": True})
+    stream.finish()
+    assert (await waiting)[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_through_a_redis_outage(
+    reactor: Any, one_slot: list[Twistd], upstream: Upstream, redis: RedisServer
+) -> None:
+    """
+    Redis stopped while proxy A runs a request on the slot Redis gave it:
+    that request ends and gives its slot back in A (A's next request runs
+    at once, on A's own queue), B serves on its own too; once Redis is
+    back, the slot is shared again: A's request running, B's waits.
+    """
+    a, b = one_slot
+
+    async def finish(index: int, answer: Deferred[tuple[int, bytes]]) -> None:
+        await wait_for(reactor, lambda: len(upstream.fake.held) > index, "the stream")
+        stream = upstream.fake.held[index]
+        stream.write_line({"model": "hold", "done": True})
+        stream.finish()
+        assert (await answer)[0] == 200
+
+    first = _held_chat(reactor, a, TEST_KEY, "before")
+    await wait_for(reactor, lambda: len(upstream.fake.held) == 1, "the first stream")
+    redis.stop()
+    await finish(0, first)
+    for proxy in one_slot:
+        await wait_for(reactor, _logged(proxy, "cannot be reached"), "the outage logged")
+    await finish(1, _held_chat(reactor, a, TEST_KEY, "during-a"))
+    await finish(2, _held_chat(reactor, b, TEST_KEY, "during-b"))
+    redis.start()
+    for proxy in one_slot:
+        await wait_for(reactor, _logged(proxy, "the fair queue are shared again"),
+                       "the recovery logged")
+    running = _held_chat(reactor, a, TEST_KEY, "after-a")
+    await wait_for(reactor, lambda: len(upstream.fake.held) == 4, "A's stream")
+    waiting = _held_chat(reactor, b, KEYS["solo"][0], "after-b")
+    await sleep(reactor, 0.3)
+    assert len(upstream.fake.held) == 4
+    await finish(3, running)
+    await finish(4, waiting)
+    for proxy in one_slot:
+        assert proxy.output.count("cannot be reached") == 1
+        assert "its own fair queue" in proxy.output
+        assert "Traceback" not in proxy.output and "Unhandled" not in proxy.output

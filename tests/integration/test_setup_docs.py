@@ -221,14 +221,16 @@ async def get(reactor: Any, url: str, key: str | None = None) -> tuple[int, byte
 def test_the_redis_user_may_run_what_the_proxy_sends() -> None:
     """
     The doc's Redis user is allowed exactly the commands the proxy sends:
-    C{PING}, C{SELECT}, C{EVAL}, C{EVALSHA}, and every command its Lua scripts
-    call (Redis checks those against the user too).
+    C{PING}, C{SELECT}, C{EVAL}, C{EVALSHA}, C{SUBSCRIBE} (the fair queue's
+    grants, on the proxy's channel, under the prefix), and every command its
+    Lua scripts call (Redis checks those against the user too).
     """
     block = marked_blocks(DOC.read_text())["redis server"]
     setuser = block.replace("\\\n", " ").split("ACL SETUSER", 1)[1].splitlines()[0]
     allowed = set(re.findall(r"\+(\w+)", setuser))
     called = {name.lower() for name in re.findall(r"redis\.call\('(\w+)'", SCRIPTS.read_text())}
-    assert called and allowed == {"ping", "select", "eval", "evalsha"} | called
+    assert called and allowed == {"ping", "select", "eval", "evalsha", "subscribe"} | called
+    assert "'&ollamaproxy:*'" in setuser
 
 
 @pytest_twisted.ensureDeferred

@@ -158,6 +158,30 @@ def test_the_backend_is_named_when_asked() -> None:
     ]
 
 
+def test_the_user_behind_a_key_is_named() -> None:
+    """
+    The access line names the user behind a key that names its users,
+    after the duration and before the backend; the key's anonymous user,
+    and a key with no users, show none.  The event keeps it as a field,
+    L{None} for a key with no users.
+    """
+    lines, users = [], []
+    for user in ("3f2b6c1e-8a4d", "", None):
+        exchange = Exchange("GET", "/api/tags", "127.0.0.1", started=100.0, status=200,
+                            key="webui", user=user, backend="http://10.0.0.2:11434")
+        with capturedLogs() as events:
+            log_exchange(exchange, 5, 100.5, name_backend=True)
+        lines.append(formatEvent(events[0]))
+        users.append(events[0]["user"])
+    assert lines == [
+        "127.0.0.1 webui GET /api/tags 200 completed 5B 0.500s user 3f2b6c1e-8a4d "
+        "backend http://10.0.0.2:11434",
+        "127.0.0.1 webui GET /api/tags 200 completed 5B 0.500s backend http://10.0.0.2:11434",
+        "127.0.0.1 webui GET /api/tags 200 completed 5B 0.500s backend http://10.0.0.2:11434",
+    ]
+    assert users == ["3f2b6c1e-8a4d", "", None]
+
+
 @pytest.mark.parametrize(("queued", "shown"), [
     (0.0000031, ""), (0.0004, ""), (0.0005, " queued 0.001s"), (0.685, " queued 0.685s"),
 ])
@@ -236,6 +260,7 @@ def test_json_access_record_has_the_documented_fields_and_no_other() -> None:
         "text": formatEvent(event),
         "client": "127.0.0.1",
         "key": "laptop",
+        "user": None,
         "method": "POST",
         "path": "/api/chat",
         "status": 200,

@@ -454,3 +454,92 @@ def test_each_loaded_model_s_vram_is_shown() -> None:
     shown = [labels for (n, labels) in samples if n == name]
     assert len(shown) == MAX_MODELS + 1
     assert value(samples, name, backend="http://a:11434", model="other") == 3.0
+
+
+def test_prompt_cache_reuse_is_estimated_from_cold_turns_rates() -> None:
+    """
+    A backend's prefill rate is learned from turns that found no cache of
+    their conversation there (new, moved); a turn that went home and took a
+    tenth of the time its prompt would at that rate counts nine tenths of
+    its prompt as cached.  Before a rate is known, and for requests that
+    are no turns, nothing is counted; the turns are counted by placement.
+    """
+    metrics = Metrics()
+    backend = "http://127.0.0.1:11434"
+
+    def turn(placement: str, tokens: int, seconds: float, model: str = "llama3.2") -> None:
+        observed = exchange(summary=StreamSummary(model, "stop", tokens, 10,
+                                                  prompt_seconds=seconds))
+        observed.backend, observed.placement = backend, placement
+        metrics.observe(observed, 1005.0)
+
+    turn("home", 1000, 0.1)  # no rate yet: not counted
+    metrics.observe(exchange(summary=StreamSummary("llama3.2", "stop", 500, 10,
+                                                   prompt_seconds=0.5)), 1005.0)
+    assert value(scrape(metrics), "ollamaproxy_prompt_tokens_total", backend=backend) is None
+    for tokens in (1000, 2000, 3000):
+        turn("new", tokens, tokens / 1000)  # 1000 tokens a second, all evaluated
+    turn("home", 4000, 0.4)  # 400 evaluated, 3600 from the cache
+    turn("home", 1000, 0.1, model="mistral")  # mistral's rate is not known
+    samples = scrape(metrics)
+    assert value(samples, "ollamaproxy_prompt_tokens_total", backend=backend) == 10_000.0
+    assert value(samples, "ollamaproxy_prompt_tokens_cached_estimate_total",
+                 backend=backend) == pytest.approx(3600.0)
+    name = "ollamaproxy_conversation_turns_total"
+    assert value(samples, name, backend=backend, placement="home") == 3.0
+    assert value(samples, name, backend=backend, placement="new") == 3.0
+
+
+def test_each_backend_s_model_switches_are_counted() -> None:
+    """
+    C{ollamaproxy_model_switches_total} gives each backend's switches, as
+    the router's collator counted them.
+    """
+    from typing import cast
+
+    from twisted.internet.task import Clock
+    from twisted.web.iweb import IAgent
+
+    from ollamaproxy.backends.pool import Backend, BackendPool
+    from ollamaproxy.backends.router import Router
+    from ollamaproxy.backends.upstream import Upstream
+    from ollamaproxy.model_names import resolve
+
+    clock = Clock()
+    backend = Backend(Upstream(cast(IAgent, None), b"http://a:11434", clock, 1, 1), 1,
+                      loaded=frozenset([resolve("llama3.2")]))
+    router = Router(BackendPool([backend]), clock, switch_hold=3)
+    metrics = Metrics()
+    metrics.registry.register(RouterGauges(router))
+    name = "ollamaproxy_model_switches_total"
+    assert value(scrape(metrics), name, backend="http://a:11434") == 0
+    router.acquire("k", resolve("mistral"), runs=True)
+    assert value(scrape(metrics), name, backend="http://a:11434") == 1
+
+
+def test_a_lowered_effective_parallel_is_a_gauge() -> None:
+    """
+    C{ollamaproxy_backend_effective_parallel} gives a backend's effective
+    parallel for a model while it is lowered, and nothing before.
+    """
+    from twisted.internet.task import Clock
+
+    from ollamaproxy.backends.effective import EVIDENCE
+    from ollamaproxy.backends.pool import BackendPool
+    from ollamaproxy.backends.router import Lease, Router
+    from ollamaproxy.model_names import resolve
+    from tests.fakes.routers import backend, first_byte
+
+    clock = Clock()
+    a = backend(clock, "a:11434", ("llama3.2",), parallel=3)
+    router = Router(BackendPool([a]), clock)
+    metrics = Metrics()
+    metrics.registry.register(RouterGauges(router))
+    name = "ollamaproxy_backend_effective_parallel"
+    assert not [n for n, _ in scrape(metrics) if n == name]
+    leases: list[Lease] = []
+    for _ in range(2 * EVIDENCE):
+        router.acquire("k", resolve("llama3.2"), runs=True).addCallback(leases.append)
+    while leases:
+        first_byte(leases.pop(0)).release()
+    assert value(scrape(metrics), name, backend="http://a:11434", model="llama3.2:latest") == 1

@@ -81,3 +81,27 @@ def test_usage_counts_refused_requests_apart(tmp_path: Path) -> None:
     store.stopService()
     assert store.database.summarise(None, "key") == [Row("alice", 1, 0, 0, refused=1)]
     assert store.database.summarise(None, "model") == [Row("", 1, 0, 0, refused=1)]
+
+
+def test_usage_is_recorded_per_user(tmp_path: Path) -> None:
+    """
+    A request of a key that names its users is counted in usage for the
+    user it named, refused or served; one that named none for the key's
+    anonymous user.
+    """
+    store = UsageStore(str(tmp_path / "usage.sqlite3"), Clock(), worker=ManualWorker())
+    store.startService()
+    chain = Chain(usage=store)
+    chain.keys.replace([ApiKey(name="alice", digest=digest(KEY), scopes=SCOPES,
+                               models=("llama3.2",), user_header="X-User")])
+    for user, model, code in (("bob", "llama3.2", 200), ("bob", "qwen3", 403),
+                              (None, "llama3.2", 200)):
+        headers = {} if user is None else {"X-User": user}
+        response = chain.respond("POST", "/api/chat", data=chat(model, stream=False),
+                                 headers=headers)
+        assert response.code == code
+        chain.body(response)
+    store.stopService()
+    rows = store.database.summarise(None, "user")
+    assert [(row.name, row.user, row.requests, row.refused) for row in rows] == [
+        ("alice", "bob", 1, 1), ("alice", "", 1, 0)]

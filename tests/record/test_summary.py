@@ -22,7 +22,7 @@ FINAL = {
 
 def test_ndjson_final_line() -> None:
     """
-    The last NDJSON line of a stream gives model, reason, counts, speed and
+    The last NDJSON line of a stream gives model, reason, counts, speed, the prompt's time and
     load time; a cut first line in the tail is skipped.
     """
     tail = b'ontent":"x"},"done":false}\n{"model":"llama3.2","done":false}\n' + json.dumps(
@@ -30,7 +30,7 @@ def test_ndjson_final_line() -> None:
     ).encode() + b"\n"
     assert summarise(tail, openai=False) == StreamSummary(
         model="llama3.2", done_reason="stop", prompt_tokens=26, completion_tokens=100,
-        tokens_per_second=50.0, load_seconds=0.25,
+        tokens_per_second=50.0, load_seconds=0.25, prompt_seconds=1e-9,
     )
 
 
@@ -97,12 +97,12 @@ def test_long_answer_read_from_its_head_and_tail() -> None:
             {"function": {"name": "f", "arguments": {"eval_count": 99999, "model": "no"}}}]},
         "done": True, "done_reason": "stop", "context": list(range(20_000)),
         "total_duration": 5, "load_duration": 250_000_000, "prompt_eval_count": 26,
-        "eval_count": 500, "eval_duration": 10_000_000_000,
+        "prompt_eval_duration": 2_000_000_000, "eval_count": 500, "eval_duration": 10_000_000_000,
     }).encode()
     summary = summarise(answer[-TAIL_BYTES:], openai=False, head=answer[:HEAD_BYTES])
     assert summary == StreamSummary(
         model="llama3.2", done_reason=None, prompt_tokens=26, completion_tokens=500,
-        tokens_per_second=50.0, load_seconds=0.25,
+        tokens_per_second=50.0, load_seconds=0.25, prompt_seconds=2.0,
     )
 
 

@@ -34,7 +34,9 @@ from ollamaproxy.record.usage import ThreadWorker, UsageStore
 from ollamaproxy.record.usage_db import (
     Row,
     UsageFileError,
+    UsageRow,
     aggregate,
+    drain,
     minute,
     summarise,
     write_rows,
@@ -198,9 +200,10 @@ def test_database_is_made_private_and_in_wal_mode(store: UsageStore, path: str) 
     assert [(c[1], c[2]) for c in columns] == [
         ("ts", "REAL"), ("key", "TEXT"), ("model", "TEXT"), ("requests", "INTEGER"),
         ("prompt_tokens", "INTEGER"), ("completion_tokens", "INTEGER"), ("refused", "INTEGER"),
+        ("end_user", "TEXT"),
     ]
     [index] = indexes
-    assert index[1] == "usage_minute" and index[2] == 1
+    assert index[1] == "usage_minute_user" and index[2] == 1
     store.record("bob")
     store.flush()
     for name in os.listdir(os.path.dirname(path)):
@@ -256,9 +259,9 @@ def test_aggregate() -> None:
         (T0 + 119, "b", "m", 2, 10, 10, 0),
         (T0 + 5, "a", "", 1, 0, 0, 0),
     ]) == [
-        (T0 + 60, "b", "m", 3, 11, 11, 0),
-        (T0, "a", "m", 1, 2, 3, 0),
-        (T0, "a", "", 1, 0, 0, 0),
+        (T0 + 60, "b", "m", 3, 11, 11, 0, ""),
+        (T0, "a", "m", 1, 2, 3, 0, ""),
+        (T0, "a", "", 1, 0, 0, 0, ""),
     ]
     assert aggregate([]) == []
     assert minute(T0 - 0.5) == T0 - 60
@@ -584,3 +587,66 @@ def test_a_file_from_before_refusals_gets_their_column(path: str) -> None:
     assert summarise(path, None, "key") == [Row("bob", 1, 2, 3, refused=0)]
     write_rows(path, [(T0 + 1, "bob", "llama3", 0, 0, 0, 1)])
     assert summarise(path, None, "key") == [Row("bob", 1, 2, 3, refused=1)]
+
+
+def test_usage_is_summed_per_user_behind_a_key(store: UsageStore, clock: Clock,
+                                               path: str) -> None:
+    """
+    Requests of a key that names its users are summed per user: by user,
+    one row per user behind each key, the anonymous user and keys naming
+    none as C{""}; by key, the key's users together, as before.
+    """
+    store.record("webui", "llama3", 1, 10, user="alice")
+    store.record("webui", "llama3", 2, 20, user="alice")
+    store.record("webui", "llama3", 4, 40, user="bob")
+    store.record("webui", "llama3", 8, 80)
+    store.record("webui", refused=True, user="bob")
+    store.record("laptop", "llama3", 16, 160)
+    clock.advance(5)
+    assert summarise(path, None, "user") == [
+        Row("laptop", 1, 16, 160, 0, ""),
+        Row("webui", 1, 8, 80, 0, ""),
+        Row("webui", 1, 4, 40, 1, "bob"),
+        Row("webui", 2, 3, 30, 0, "alice"),
+    ]
+    assert summarise(path, None, "key") == [Row("laptop", 1, 16, 160), Row("webui", 4, 15, 150, 1)]
+
+
+def test_a_file_from_before_users_gets_their_column(path: str) -> None:
+    """
+    A usage file made before users were counted gets the column when next
+    written, keeping its rows as the keys' anonymous users'; its minute
+    rows are then one per user.  Read before that, every user is the
+    anonymous one.
+    """
+    os.makedirs(os.path.dirname(path))
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "CREATE TABLE usage (ts REAL, key TEXT, model TEXT, requests INTEGER, "
+            "prompt_tokens INTEGER, completion_tokens INTEGER, "
+            "refused INTEGER NOT NULL DEFAULT 0)")
+        connection.execute(
+            "CREATE UNIQUE INDEX usage_minute ON usage (ts, key, model)")
+        connection.execute("INSERT INTO usage VALUES (?, 'bob', 'llama3', 1, 2, 3, 0)", (T0,))
+    connection.close()
+    assert summarise(path, None, "user") == [Row("bob", 1, 2, 3, 0, "")]
+    write_rows(path, [(T0 + 1, "bob", "llama3", 1, 10, 10, 0, "alice"),
+                      (T0 + 2, "bob", "llama3", 1, 1, 1, 0)])
+    assert summarise(path, None, "user") == [Row("bob", 1, 10, 10, 0, "alice"),
+                                             Row("bob", 2, 3, 4, 0, "")]
+    with sqlite3.connect(path) as connection:
+        indexes = [row[1] for row in connection.execute("PRAGMA index_list(usage)")]
+    connection.close()
+    assert indexes == ["usage_minute_user"]
+
+
+def test_a_spilled_users_usage_is_handed_over_with_its_user(tmp_path: Any) -> None:
+    """
+    Usage kept in the spill file while the database was down keeps its
+    users when it is handed over.
+    """
+    spill = str(tmp_path / "spill.sqlite3")
+    write_rows(spill, [(T0, "webui", "llama3", 1, 2, 3, 0, "alice")])
+    handed: list[UsageRow] = []
+    assert drain(spill, handed.extend) == 1
+    assert handed == [(T0, "webui", "llama3", 1, 2, 3, 0, "alice")]

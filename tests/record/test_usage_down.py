@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -23,6 +22,7 @@ from zope.interface import implementer
 from ollamaproxy.record.usage import UsageCollector, UsageStore
 from ollamaproxy.record.usage_db import (
     Bucket,
+    By,
     DatabaseDown,
     Row,
     SeriesRow,
@@ -53,14 +53,14 @@ class FakeDatabase:
     def write(self, rows: Sequence[UsageRow]) -> None:
         if not self.up:
             raise DatabaseDown(f"database {self.name}: connection refused")
-        for ts, key, model, r, p, c, _ in aggregate(rows):
+        for ts, key, model, r, p, c, *_ in aggregate(rows):
             old = self.rows.get((ts, key, model), (0, 0, 0))
             self.rows[(ts, key, model)] = (old[0] + r, old[1] + p, old[2] + c)
 
     def requests(self) -> int:
         return sum(r for r, _, _ in self.rows.values())
 
-    def summarise(self, since: float | None, by: Literal["key", "model"]) -> list[Row]:
+    def summarise(self, since: float | None, by: By) -> list[Row]:
         raise NotImplementedError
 
     def tokens_by_key(self, since: float) -> dict[str, int]:

@@ -88,6 +88,28 @@ def test_call_times_out() -> None:
     link.stopService()
 
 
+def test_told_when_redis_goes_down() -> None:
+    """
+    What waits on Redis is told each time it goes down (once for several
+    failed calls), not at a start that finds it down.
+    """
+    clock, made = Clock(), Made()
+    link = _link(clock, made)
+    told: list[bool] = []
+    link.on_down(lambda: told.append(True))
+    link.startService()
+    made.clients[0].pings[0].errback(ConnectionError("refused"))
+    assert told == []
+    clock.advance(5)
+    made.clients[0].pings[1].callback("PONG")
+    for _ in range(2):
+        link.call("return 1", [], []).addErrback(lambda _: None)
+    for call in made.clients[0].calls:
+        call.answer.errback(ConnectionError("Lost connection"))
+    assert told == [True]
+    link.stopService()
+
+
 def test_no_call_while_down() -> None:
     """While Redis is down, a call fails at once without being sent."""
     clock, made = Clock(), Made()
@@ -123,7 +145,8 @@ def test_down_and_back_logged_once(logged: list[LogEvent]) -> None:
         "Limits are shared through Redis at redis://cache:6379/0",
         "Redis at redis://cache:6379/0 cannot be reached (ConnectionError: Lost "
         "connection): the proxy keeps them itself",
-        "Redis at redis://cache:6379/0 answers again: limits are shared again",
+        "Redis at redis://cache:6379/0 answers again: limits and the fair queue are shared "
+        "again",
     ]
     link.stopService()
 

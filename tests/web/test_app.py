@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
+from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.errors import ProxyError
 from tests.fakes.agents import FailingAgent
 from tests.fakes.chain import KEY, Chain, Collector
@@ -1052,3 +1053,111 @@ def test_the_access_line_names_the_backend_when_there_are_several(
     [event] = _access(list(events))
     assert event["upstream"] == OLLAMA
     assert (f" backend {OLLAMA}" in formatEvent(event)) is named
+
+
+WEBUI = "olpk_webuikeywebuikeywebuikeywebuikey00"
+USER_HEADER = "X-OpenWebUI-User-Id"
+
+
+def webui_chain(**options: Any) -> Chain:
+    """
+    The chain with a second key, C{webui}, whose front-end names its users
+    in C{X-OpenWebUI-User-Id}, beside C{alice}, which names none.
+    """
+    chain = Chain(**options)
+    chain.keys.replace([*chain.keys._by_digest.values(),
+                        ApiKey("webui", digest(WEBUI), user_header=USER_HEADER)])
+    return chain
+
+
+def test_users_behind_one_key_take_turns(access_events: list[LogEvent]) -> None:
+    """
+    At --parallel 1, one user's batch behind the C{webui} key waits behind
+    its first request; another user's request of the same key, sent after
+    the batch, is the next to reach Ollama.  Each access event names its
+    user, and the text line shows it.
+    """
+    chain = webui_chain(parallel=1)
+    batch = [chain.request("POST", "/api/chat", key=WEBUI, data=chat("hold", n=i),
+                           headers={USER_HEADER: "batch-user"}) for i in range(4)]
+    other = chain.request("POST", "/api/chat", key=WEBUI, data=chat("hold", n="other"),
+                          headers={USER_HEADER: "chat-user"})
+    assert chain.router.queue.waiting() == {"webui": 4}
+    for held in range(5):
+        chain.fake.held[held].finish()
+        chain.flush()
+    assert [r.json()["n"] for r in chain.fake.received] == [0, "other", 1, 2, 3]
+    for d in [*batch, other]:
+        chain.body(chain.result(d))
+    users = [e["user"] for e in access_events]
+    assert sorted(users) == ["batch-user"] * 4 + ["chat-user"]
+    [line] = [e["line"] for e in access_events if e["user"] == "chat-user"]
+    assert " user chat-user" in line
+
+
+def test_a_request_naming_no_user_is_the_keys_anonymous_user(
+    access_events: list[LogEvent],
+) -> None:
+    """
+    A request of a key with a user header that sends none is served, as
+    the key's anonymous user: its access event's user is empty, and its
+    text line names none.
+    """
+    chain = webui_chain()
+    response = chain.respond("POST", "/api/chat", key=WEBUI, data=chat(stream=False))
+    assert response.code == 200
+    chain.body(response)
+    [event] = access_events
+    assert event["user"] == "" and " user" not in event["line"]
+
+
+@pytest.mark.parametrize("value", ["bob smith", "x" * 129, "a/b", "b\u00f6b"])
+def test_a_user_that_is_no_user_is_refused(access_events: list[LogEvent], value: str) -> None:
+    """
+    A user header's value beyond the bound, or with a character outside
+    letters, digits and C{-._@+:}, is a 400 in Ollama's shape, recorded as
+    rejected; nothing reaches Ollama.
+    """
+    chain = webui_chain()
+    response = chain.respond("POST", "/api/chat", key=WEBUI, data=chat(stream=False),
+                             headers={USER_HEADER: value})
+    assert response.code == 400
+    assert list(json.loads(chain.body(response))) == ["error"]
+    assert chain.fake.received == []
+    [event] = access_events
+    assert (event["status"], event["outcome"], event["user"]) == (400, "rejected", None)
+
+
+def test_the_user_header_is_read_only_for_keys_that_name_it(
+    access_events: list[LogEvent],
+) -> None:
+    """
+    A key that names no user header is one user: the header, whatever its
+    value, is neither read nor refused, and its access event has no user.
+    Ollama receives the header either way, as it receives any header the
+    proxy does not keep to itself.
+    """
+    chain = webui_chain()
+    for key, value in ((KEY, "not a user!"), (WEBUI, "alice@example.com")):
+        response = chain.respond("POST", "/api/chat", key=key, data=chat(stream=False),
+                                 headers={USER_HEADER: value,
+                                          "X-OpenWebUI-User-Email": "a@example.com"})
+        assert response.code == 200
+        chain.body(response)
+    assert [e["user"] for e in access_events] == [None, "alice@example.com"]
+    assert [r.headers.getRawHeaders(USER_HEADER) for r in chain.fake.received] == [
+        ["not a user!"], ["alice@example.com"]]
+    assert all("a@example.com" not in e["line"] for e in access_events)
+
+
+def test_a_key_sent_as_a_user_is_not_logged(access_events: list[LogEvent]) -> None:
+    """
+    A client that sends a key as its user is served, but the key is
+    blanked in the user its access event names, as keys are everywhere.
+    """
+    chain = webui_chain()
+    response = chain.respond("POST", "/api/chat", key=WEBUI, data=chat(stream=False),
+                             headers={USER_HEADER: WEBUI})
+    chain.body(response)
+    [event] = access_events
+    assert WEBUI not in event["user"] and WEBUI not in event["line"]

@@ -375,7 +375,7 @@
     const now = serverNow();
     const rows = state.requests.map((r) => {
       const tr = row([
-        r.key, r.model || "–", r.route, r.client, r.backend || "–", age(now - r.started) + " ago",
+        r.user ? r.key + " / " + r.user : r.key, r.model || "–", r.route, r.client, r.backend || "–", age(now - r.started) + " ago",
         num(r.tokens), num(r.tokens_per_second),
       ]);
       const cell = el("td");
@@ -417,11 +417,18 @@
       title.appendChild(badge(b.healthy ? "healthy" : "unhealthy", b.healthy ? "ok" : "bad"));
       card.appendChild(title);
       card.appendChild(el("div", `${b.in_flight} in flight · parallel ${b.parallel} per model`, "meta"));
+      // A model the backend was seen running fewer of at once than
+      // --parallel is sent only that many (its effective parallel).
+      const effective = b.effective || {};
+      for (const [model, limit] of Object.entries(effective)) {
+        card.appendChild(el("div", `${model}: effective parallel ${limit} of ${b.parallel}`, "meta"));
+      }
       for (const r of b.running) {
-        card.appendChild(el("div", `${r.model}: ${r.count} of ${b.parallel}`));
-        const bar = el("div", null, "bar" + (r.count >= b.parallel ? " full" : ""));
+        const limit = effective[r.model] || b.parallel;
+        card.appendChild(el("div", `${r.model}: ${r.count} of ${limit}`));
+        const bar = el("div", null, "bar" + (r.count >= limit ? " full" : ""));
         const fill = el("span");
-        fill.style.width = Math.min(100, (100 * r.count) / b.parallel) + "%";
+        fill.style.width = Math.min(100, (100 * r.count) / limit) + "%";
         bar.appendChild(fill);
         card.appendChild(bar);
       }
@@ -539,6 +546,7 @@
       if (k.max_keep_alive !== null) limits.push("keep_alive ≤ " + k.max_keep_alive);
       if (k.max_num_ctx !== null) limits.push("num_ctx ≤ " + k.max_num_ctx);
       if (k.weight !== 1) limits.push("weight " + k.weight);
+      if (k.user_header !== null) limits.push("users by " + k.user_header);
       const quota = [];
       if (k.tokens_per_day !== null) quota.push(`${fmt(k.used_today)} / ${fmt(k.tokens_per_day)} a day`);
       if (k.tokens_per_month !== null) quota.push(`${fmt(k.used_this_month)} / ${fmt(k.tokens_per_month)} a month`);

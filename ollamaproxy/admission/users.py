@@ -1,0 +1,63 @@
+# -*- test-case-name: tests.admission.test_users -*-
+"""
+The people behind a shared key: who a request is for, as the front-end in
+front of the proxy says.
+
+A chat front-end (Open WebUI, LibreChat) sends every one of its users
+through one key.  A key may name a header (C{keys add NAME --user-header
+X-OpenWebUI-User-Id}) in which its front-end says which of its users a
+request is for; the fair queue then divides the key's share among them
+(L{ollamaproxy.backends.queue}), and the logs, the usage and the console
+name the user beside the key.
+
+The header is trusted only for a key that names it: a client of any other
+key cannot choose a user, so the header is not read for it at all (and a
+key with no user header costs nothing more per request).  It is a claim of
+the front-end's, which holds the key: whoever holds the key may say any
+user, as they may make any request.  A request of such a key without the
+header is the key's anonymous user (C{""}).
+
+Its value is bounded, since it goes into logs, the usage database and the
+console: at most L{MAX_USER_LENGTH} characters, each an ASCII letter or
+digit or one of C{-._@+:} (a UUID, as Open WebUI sends, an e-mail address,
+a user name).  Anything else is refused with a 400, before the body is
+read, rather than cut or cleaned: a user named differently on each request
+would get a share of its own each time.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from twisted.web.http_headers import Headers
+
+from ollamaproxy.errors import ProxyError
+from ollamaproxy.exchange import ANONYMOUS
+
+#: The longest user a request may name.
+MAX_USER_LENGTH: Final = 128
+
+_USER: Final = re.compile(rf"[A-Za-z0-9._@+:-]{{1,{MAX_USER_LENGTH}}}")
+
+def user_of(header: bytes, headers: Headers) -> str:
+    """
+    The user a request names in its key's user header C{header}, or
+    L{ANONYMOUS} if it names none.
+
+    @raise ProxyError: 400 for a value that is not a user (see the
+        module's docstring), or for several.
+    """
+    values = headers.getRawHeaders(header)
+    if values is None:
+        return ANONYMOUS
+    shown = header.decode("ascii")
+    if len(values) != 1:
+        raise ProxyError(400, f"send one {shown} header, not {len(values)}")
+    value = values[0].decode("latin-1")
+    if not _USER.fullmatch(value):
+        raise ProxyError(
+            400, f"the {shown} header must be 1 to {MAX_USER_LENGTH} ASCII letters, "
+            "digits or -._@+:"
+        )
+    return value

@@ -1,0 +1,157 @@
+# -*- test-case-name: tests.backends.test_affinity -*-
+"""
+Conversations go home: the next turn of a conversation goes to the backend
+that served the one before, where Ollama still holds its prompt in a slot's
+cache, unless that costs more than it saves.
+
+Ollama keeps one prompt cache per parallel slot, and gives a request the
+slot whose cache shares the longest prefix with its prompt
+(C{runner/ollamarunner/cache.go}): only the rest is evaluated.  Sent
+anywhere else, a turn has its whole history evaluated again, which for a
+long conversation is seconds of the GPU's time.  The router asks
+L{Affinity.choose} for a request that carries a conversation (its digest,
+L{ollamaproxy.admission.conversation}) once it has found the backends with
+a free slot for it and the one it would pick without affinity:
+
+  - the conversation's home (the backend its last turn went to) is chosen
+    when it is among those backends (so healthy, having the model, not out
+    for it, with a free slot), still has the model loaded or no other
+    candidate has it loaded (a runner that was unloaded took its caches
+    with it), and runs no more than C{slack} requests more than the least
+    busy of them;
+  - else the router's own choice stands, and the conversation's home moves
+    to wherever the turn went (L{Affinity.went});
+  - a conversation seen for the first time goes, among the backends that
+    have its model loaded as the router's choice has and run at most
+    C{slack} requests more than it, to the one home to the fewest
+    conversations (then the least busy), so that conversations spread
+    evenly over the backends' slots rather than all starting on the first
+    one listed while the backends are idle.
+
+A request that had to wait in the fair queue takes the first slot that
+frees, wherever it is: keeping it waiting longer for its home would cost
+its client more than the cache saves.  It moves its conversation there.
+
+Slots: a backend with C{parallel} slots keeps at most C{parallel}
+conversations' caches; a further conversation evicts the least recently
+used one.  The rule does not move a conversation because its home holds
+many: moving it makes a miss certain, staying keeps the chance that its
+slot was not reused.  What it does is place new conversations where the
+fewest conversations live (above), within the slack, which also bounds
+how much busier a home may be.  More live conversations than slots in all
+make misses whatever the routing: the cache-reuse metric shows it.
+
+Memory is bounded: the digests of the last L{CONVERSATIONS} conversations
+seen, each with its backend, least recently used forgotten first.  Nothing
+of a conversation's content is kept, only its digest.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from typing import Final, Literal
+
+from ollamaproxy.backends.pool import Backend
+from ollamaproxy.model_names import ModelName
+
+#: How many conversations are remembered: at 16 bytes of digest and a
+#: reference each, a couple of MiB at most.
+CONVERSATIONS: Final = 10_000
+
+#: Where a turn went, against its conversation's last: to the same backend,
+#: to another, or the conversation was new (or forgotten).
+Placement = Literal["home", "moved", "new"]
+
+
+class Affinity:
+    """
+    The conversations' homes, and the rule that sends a turn home.
+
+    @ivar slack: How many more requests in flight than the least busy
+        candidate a home may run and still get its conversation's turn.
+    """
+
+    def __init__(self, slack: int, size: int = CONVERSATIONS) -> None:
+        self.slack = slack
+        self._size = size
+        self._homes: OrderedDict[bytes, Backend] = OrderedDict()
+        # How many remembered conversations live on each backend.
+        self._living: Counter[Backend] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._homes)
+
+    def home(self, conversation: bytes) -> Backend | None:
+        """
+        The backend C{conversation}'s last turn went to, if remembered.
+        """
+        return self._homes.get(conversation)
+
+    def choose(
+        self,
+        conversation: bytes,
+        free: Sequence[Backend],
+        chosen: Backend,
+        model: ModelName | None,
+    ) -> Backend:
+        """
+        The backend for a turn of C{conversation} (see the module's
+        docstring for the rule).
+
+        @param free: The backends that may take the request now.
+        @param chosen: The one the router would pick without affinity.
+        @param model: The model the request names, if any.
+        """
+        home = self._homes.get(conversation)
+        if home is None:
+            return self._least_lived(free, chosen, model)
+        if home is chosen or home not in free:
+            return chosen
+        if model is not None and model not in home.loaded and model in chosen.loaded:
+            return chosen
+        if home.in_flight - min(b.in_flight for b in free) > self.slack:
+            return chosen
+        return home
+
+    def _least_lived(
+        self, free: Sequence[Backend], chosen: Backend, model: ModelName | None
+    ) -> Backend:
+        """
+        Among the backends that have the model loaded as C{chosen} has and
+        run at most C{slack} requests more than it, the one home to the
+        fewest conversations, the least busy of those, C{chosen} on a tie.
+        """
+        loaded = model is None or model in chosen.loaded
+        most = chosen.in_flight + self.slack
+        living = self._living
+        best, rank = chosen, (living[chosen], chosen.in_flight)
+        for backend in free:
+            busy = backend.in_flight
+            if (busy <= most and (living[backend], busy) < rank
+                    and (model is None or model in backend.loaded) == loaded):
+                best, rank = backend, (living[backend], busy)
+        return best
+
+    def went(self, conversation: bytes, backend: Backend) -> Placement:
+        """
+        A turn of C{conversation} went to C{backend}, its home from now on;
+        and how that compares with where its last turn went.
+        """
+        homes = self._homes
+        last = homes.pop(conversation, None)
+        if last is not None:
+            self._forget(last)
+        elif len(homes) >= self._size:
+            self._forget(homes.popitem(last=False)[1])
+        homes[conversation] = backend
+        self._living[backend] += 1
+        if last is None:
+            return "new"
+        return "home" if last is backend else "moved"
+
+    def _forget(self, backend: Backend) -> None:
+        living = self._living
+        living[backend] -= 1
+        if living[backend] <= 0:
+            del living[backend]

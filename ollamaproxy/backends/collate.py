@@ -1,0 +1,258 @@
+# -*- test-case-name: tests.backends.test_collate -*-
+"""
+Collating requests by model: a backend serves the requests waiting for the
+model it holds before it switches to another (C{--switch-hold}).
+
+A switch costs a load, seconds of GPU doing nothing for anyone, and a
+server that holds one model thrashes when keys ask for different ones in
+turn: C{A B A C} costs three loads where C{A A B C} costs two.  So when the
+next request in the fair queue's order would make a backend switch, the
+backend first serves the requests waiting for what it holds, for at most
+C{hold} seconds from when the switch became due; then it I{drains}: no more
+requests for the model it gives up are sent to it until the switching
+request has its slot, which it gets as soon as that model has no request
+running there.  Without the drain, the switch could wait for ever: since
+v0.11.5 Ollama lets a request for a loaded model pass a waiting switch.  A
+key's request thus waits at most one hold, and the requests already
+running for the old model, beyond its fair turn; a request for a third
+model whose turn comes meanwhile waits for that switch to go, then for
+its own hold.  Of several backends that would each have to switch, one
+is held and drained (the one the switch is due on, else the least busy):
+the others go on serving the models they hold.
+
+What a backend holds, and when a request is a switch, is told by this
+simple rule: a backend holds the models the proxy last gave it, at most as
+many as it has been seen holding at once (the most models its C{/api/ps}
+has listed together, at least one); until the proxy has given it any, the
+models its C{/api/ps} lists.  A request for a model it holds is never a
+switch; nor is one while it holds fewer than it can.  A request for
+another is a switch: it goes at once if one of the models held has no
+request running there and none waiting (Ollama unloads that one, an idle
+one first), else after the hold and the drain, of the model held longest.
+A backend that can hold several models shows it in its C{/api/ps} as soon
+as it loads a second beside the first, and from then on the proxy lets it.
+The rule counts models, not their sizes: a backend seen holding two small
+ones is let hold two large ones, and Ollama then switches as it would
+without the proxy.  A model Ollama unloaded on its own (its C{keep_alive}
+ran out) is held until the switch that replaces it, which goes at once.
+
+Each switch (a backend that held as many models as it could given a
+request for another) is counted by backend and logged in one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from ollamaproxy.backends.pool import Backend
+from ollamaproxy.model_names import ModelName
+from ollamaproxy.record.redact import blank_credentials
+
+log = Logger()
+
+
+@dataclass(eq=False)
+class _Seat:
+    """
+    What the collator knows of one backend.
+
+    @ivar held: The models it holds, the one given a request longest ago
+        first.
+    @ivar capacity: The most models it has been seen holding at once.
+    @ivar due: When a switch became due, if one is.
+    @ivar to: The model the due switch is for.
+    @ivar draining: The model it gives up once the hold is over: none of
+        its requests go there until the switch has gone.
+    @ivar switches: How many switches it has made.
+    """
+
+    held: list[ModelName]
+    capacity: int = 1
+    due: float | None = None
+    to: ModelName | None = None
+    draining: ModelName | None = None
+    timer: IDelayedCall | None = field(default=None, repr=False)
+    switches: int = 0
+
+
+def _listed(backend: Backend, model: ModelName) -> bool:
+    """
+    Whether C{backend} has C{model}, as far as it has said: one it does not
+    list (a single backend is sent every request) loads nothing, and its
+    name, which a client chose, is no model to hold or to log.
+    """
+    return backend.models is None or model in backend.models
+
+
+class Collator:
+    """
+    Says which backends may take a request now, so that each serves the
+    requests for the models it holds before it switches (see the module's
+    docstring).
+
+    @ivar redact: Blanks credentials in the model names its log lines give
+        (a client names the model, and may paste a key there).
+    """
+
+    redact: Callable[[str], str] = staticmethod(blank_credentials)
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        hold: float,
+        waiting: Callable[[Backend], set[ModelName]],
+        serve: Callable[[], None],
+    ) -> None:
+        """
+        @param hold: The most seconds a switch waits for the requests of
+            the models held.
+        @param waiting: The models that requests waiting in the fair queue
+            want, of those that may go to a backend.
+        @param serve: Called when a hold is over, so that the queue is
+            served again: the backend may now drain for the switch.
+        """
+        self._clock = clock
+        self._hold = hold
+        self._waiting = waiting
+        self._serve = serve
+        self._seats: dict[Backend, _Seat] = {}
+
+    def switches(self, backend: Backend) -> int:
+        """
+        How many switches C{backend} has made.
+        """
+        seat = self._seats.get(backend)
+        return 0 if seat is None else seat.switches
+
+    def _seat(self, backend: Backend) -> _Seat:
+        seat = self._seats.get(backend)
+        if seat is None:
+            seat = self._seats[backend] = _Seat(sorted(backend.loaded, key=str))
+        # The most models its /api/ps listed at once: read here, on the
+        # way of a request, rather than at each listing.
+        if len(backend.loaded) > seat.capacity:
+            seat.capacity = len(backend.loaded)
+        return seat
+
+    def allowed(self, model: ModelName, free: list[Backend]) -> list[Backend]:
+        """
+        Those of the backends C{free} (each has a slot for C{model}) that
+        may take a request for C{model} now: those that need no switch for
+        it (they hold it and are not draining it, or hold fewer models than
+        they can); else one whose switch to it may go.  Only one backend is
+        held and drained for a switch at a time: the one whose switch is
+        due for the model, else the least busy.
+        """
+        plain = [backend for backend in free if self._takes(backend, model)]
+        if plain or not free:
+            return plain
+        open_: list[Backend] = []
+        for backend in free:
+            seat, waiting = self._seats[backend], self._waiting(backend)
+            if self._due_for_another(seat, model, waiting):
+                continue
+            if self._idle(backend, seat, waiting):
+                return [backend]  # a switch that keeps nobody waiting
+            open_.append(backend)
+        if not open_:
+            return []
+        due = [b for b in open_ if self._seats[b].to == model]
+        backend = due[0] if due else min(open_, key=lambda b: b.in_flight)
+        return [backend] if self._may_switch(backend, self._seats[backend], model) else []
+
+    def _takes(self, backend: Backend, model: ModelName) -> bool:
+        """
+        Whether C{backend} may take a request for C{model} with no switch.
+        """
+        seat = self._seat(backend)
+        if not _listed(backend, model):
+            return True  # Ollama answers 404: nothing is loaded
+        if model in seat.held:
+            if seat.draining != model:
+                return True
+            if seat.to in self._waiting(backend):
+                return False
+            # The request the backend drains for left: no switch is due.
+            self._cancel(seat)
+            seat.due = seat.to = seat.draining = None
+            return True
+        return len(seat.held) < seat.capacity
+
+    def _due_for_another(self, seat: _Seat, model: ModelName, waiting: set[ModelName]) -> bool:
+        """
+        Whether a switch is due on the backend for another model than
+        C{model}, whose request still waits: it goes first, whatever
+        requests for other models came since, so that no request waits
+        more than that switch and then its own hold.  A switch due for a
+        request that no longer waits is forgotten.
+        """
+        if seat.due is None or seat.to == model:
+            return False
+        if seat.to in waiting:
+            return True
+        self._cancel(seat)
+        seat.due = seat.to = seat.draining = None
+        return False
+
+    @staticmethod
+    def _idle(backend: Backend, seat: _Seat, waiting: set[ModelName]) -> bool:
+        """
+        Whether a model C{backend} holds has nothing running there nor
+        waiting: a switch may unload it at once.
+        """
+        running = backend.running
+        return any(not running[held] and held not in waiting for held in seat.held)
+
+    def _may_switch(self, backend: Backend, seat: _Seat, model: ModelName) -> bool:
+        """
+        Whether C{backend}, which holds as many models as it can, all in
+        use, may switch to C{model} now: once the hold is over (it starts
+        now, if no switch is due yet) and the model held longest has
+        nothing running there.
+        """
+        now = self._clock.seconds()
+        if seat.due is None:
+            seat.due, seat.to = now, model
+            seat.timer = self._clock.callLater(self._hold, self._held, seat)
+        if now < seat.due + self._hold:
+            return False
+        seat.draining = seat.held[0]
+        return not backend.running[seat.draining]
+
+    def _held(self, seat: _Seat) -> None:
+        seat.timer = None
+        self._serve()
+
+    def granted(self, backend: Backend, model: ModelName) -> None:
+        """
+        C{backend} was given a request for C{model}: it holds it now, and
+        a switch to it is counted.
+        """
+        seat = self._seat(backend)
+        held = seat.held
+        if (held and held[-1] == model) or not _listed(backend, model):
+            return
+        if model in held:
+            held.remove(model)
+        elif len(held) >= seat.capacity:
+            # Ollama unloads an idle model first; else the one held longest.
+            running = backend.running
+            given_up = next((m for m in held if not running[m]), held[0])
+            held.remove(given_up)
+            seat.switches += 1
+            log.info("Backend {backend} switches from model {old} to {new}",
+                     backend=backend.name, old=self.redact(given_up.canonical),
+                     new=self.redact(model.canonical))
+            self._cancel(seat)
+            seat.due = seat.to = seat.draining = None
+        held.append(model)
+
+    @staticmethod
+    def _cancel(seat: _Seat) -> None:
+        if seat.timer is not None and seat.timer.active():
+            seat.timer.cancel()
+        seat.timer = None

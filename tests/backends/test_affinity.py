@@ -1,0 +1,252 @@
+"""
+Tests for L{ollamaproxy.backends.affinity}: a conversation's next turn goes
+to the backend of its last, through the router, within the slack, while
+that backend may take it; memory bounded.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+
+from ollamaproxy.backends.affinity import Affinity
+from ollamaproxy.backends.router import Lease, Router
+from ollamaproxy.model_names import resolve
+from tests.fakes.chain import Chain
+
+LLAMA = resolve("llama3.2")
+ONE, TWO = b"1" * 16, b"2" * 16
+
+
+def now(d: Deferred[Lease]) -> Lease:
+    """
+    The lease C{d} has fired with.
+    """
+    results: list[Lease] = []
+    d.addCallback(results.append)
+    assert results, "no backend yet"
+    return results[0]
+
+
+def four(parallel: int = 2) -> Chain:
+    """
+    A chain of four backends that each have llama3.2 and mistral.
+    """
+    return Chain(backends=[["llama3.2", "mistral"]] * 4, parallel=parallel)
+
+
+def turn(router: Router, conversation: bytes | None, key: str = "k") -> Lease:
+    """
+    A turn of C{conversation} for llama3.2 that gets its slot at once.
+    """
+    return now(router.acquire(key, LLAMA, runs=True, conversation=conversation))
+
+
+def home_on_second(chain: Chain) -> Lease:
+    """
+    Send conversation ONE's first turn to the second backend (the first is
+    busy then) and end it; return a lease that keeps nothing busy.
+    """
+    busy = turn(chain.router, None)
+    first = turn(chain.router, ONE)
+    assert (busy.backend, first.backend, first.placement) == (
+        chain.backends[0], chain.backends[1], "new")
+    busy.release()
+    first.release()
+    return first
+
+
+def test_the_next_turn_goes_home() -> None:
+    """
+    With every backend idle, the router would send a turn to the first
+    listed; a turn of a conversation whose last turn went to the second
+    goes there, and says it went home.
+    """
+    chain = four()
+    home_on_second(chain)
+    again = turn(chain.router, ONE)
+    assert (again.backend, again.placement) == (chain.backends[1], "home")
+    assert turn(chain.router, None).backend is chain.backends[0]
+
+
+def test_a_home_busier_than_the_slack_loses_the_turn() -> None:
+    """
+    A home running more than C{slack} requests more than the least busy
+    candidate loses the turn to the router's choice, and the conversation
+    moves there; at the slack it keeps it.
+    """
+    chain = four(parallel=8)
+    chain.router.affinity = Affinity(slack=2)
+    home_on_second(chain)
+    home = chain.backends[1]
+    elsewhere = [b for b in chain.backends if b is not home]
+    pinned = [now(chain.router.acquire("k", LLAMA, runs=True, exclude=elsewhere))
+              for _ in range(2)]
+    kept = turn(chain.router, ONE)  # 2 against 0: at the slack
+    assert (kept.backend, kept.placement) == (home, "home")
+    moved = turn(chain.router, ONE)  # 3 against 0: over it
+    assert (moved.backend, moved.placement) == (chain.backends[0], "moved")
+    assert chain.router.affinity.home(ONE) is chain.backends[0]
+    for lease in [*pinned, kept, moved]:
+        lease.release()
+
+
+def test_slack_zero_goes_home_only_on_a_tie() -> None:
+    """
+    C{--affinity-slack 0}: the home gets the turn while it is as idle as
+    the least busy candidate, not when it runs one more.
+    """
+    chain = four()
+    chain.router.affinity = Affinity(slack=0)
+    home_on_second(chain)
+    assert turn(chain.router, ONE).backend is chain.backends[1]  # 0 against 0
+    again = turn(chain.router, ONE)  # 1 against 0
+    assert (again.backend, again.placement) == (chain.backends[0], "moved")
+
+
+def test_an_unhealthy_home_is_left() -> None:
+    """
+    A home that is unhealthy gets no turn: the conversation moves.
+    """
+    chain = four()
+    home_on_second(chain)
+    chain.backends[1].healthy = False
+    lease = turn(chain.router, ONE)
+    assert (lease.backend, lease.placement) == (chain.backends[0], "moved")
+
+
+def test_a_home_out_for_the_model_is_left() -> None:
+    """
+    A home whose generations of the model hung (out for it) gets no turn
+    of that model.
+    """
+    chain = four()
+    home_on_second(chain)
+    chain.backends[1].hung.add(LLAMA)
+    assert turn(chain.router, ONE).backend is chain.backends[0]
+
+
+def test_a_home_without_the_model_is_left() -> None:
+    """
+    A home that no longer has the model (deleted there) gets no turn.
+    """
+    chain = four()
+    home_on_second(chain)
+    chain.backends[1].models = frozenset({resolve("mistral")})
+    assert turn(chain.router, ONE).backend is chain.backends[0]
+
+
+def test_a_full_home_is_left() -> None:
+    """
+    A home with no free slot for the model does not make the turn wait:
+    it goes where a slot is free.
+    """
+    chain = four(parallel=1)
+    home_on_second(chain)
+    holding = now(chain.router.acquire("k", LLAMA, runs=True, exclude=[
+        b for b in chain.backends if b is not chain.backends[1]]))
+    assert holding.backend is chain.backends[1]
+    assert turn(chain.router, ONE).backend is chain.backends[0]
+
+
+def test_a_home_that_unloaded_the_model_loses_to_one_that_has_it_loaded() -> None:
+    """
+    A home whose runner of the model is gone (and its caches with it) loses
+    the turn to a backend that has the model loaded; while no candidate has
+    it loaded, the home keeps it.
+    """
+    chain = four()
+    home_on_second(chain)
+    went = turn(chain.router, ONE)
+    assert went.backend is chain.backends[1]
+    went.release()
+    chain.backends[2].loaded = frozenset({LLAMA})
+    lease = turn(chain.router, ONE)
+    assert (lease.backend, lease.placement) == (chain.backends[2], "moved")
+
+
+def test_new_conversations_spread_over_idle_backends() -> None:
+    """
+    While every backend is idle, the router sends every request to the
+    first listed; new conversations go each to the backend home to the
+    fewest, so four conversations live on four backends.
+    """
+    chain = four()
+    homes = []
+    for number in range(4):
+        lease = turn(chain.router, bytes([number]) * 16)
+        homes.append(lease.backend)
+        lease.release()
+    assert set(homes) == set(chain.backends)
+
+
+def test_a_queued_turn_moves_its_conversation_where_its_slot_freed() -> None:
+    """
+    A turn that waited in the fair queue takes the first slot that frees,
+    and its conversation lives there from then on.
+    """
+    chain = Chain(backends=[["llama3.2"]] * 2, parallel=1)
+    home = turn(chain.router, ONE)
+    other = turn(chain.router, None)
+    waiting = chain.router.acquire("k", LLAMA, runs=True, conversation=ONE)
+    assert not waiting.called
+    other.release()
+    lease = now(waiting)
+    assert (lease.backend, lease.placement) == (other.backend, "moved")
+    assert chain.router.affinity is not None
+    assert chain.router.affinity.home(ONE) is other.backend
+    home.release()
+
+
+def test_turns_go_home_only_among_several_backends_and_not_when_off() -> None:
+    """
+    With one backend there is nothing to choose, and C{--affinity-slack
+    off} remembers no conversation: no lease says where it went.
+    """
+    one = Chain()
+    assert one.router.affinity is None
+    assert turn(one.router, ONE).placement is None
+    chain = four()
+    off = Router(chain.pool, chain.clock, affinity_slack=None)
+    assert off.affinity is None
+    assert turn(off, ONE).placement is None
+
+
+def test_memory_is_bounded_least_recently_used_first() -> None:
+    """
+    The conversations remembered are at most the bound; the one whose last
+    turn is oldest is forgotten first, and a forgotten one starts anew.
+    """
+    chain = four()
+    a, b = chain.backends[:2]
+    affinity = Affinity(slack=2, size=3)
+    for number in range(3):
+        affinity.went(bytes([number]), a)
+    assert affinity.went(bytes([0]), b) == "moved"  # 0 is now the newest
+    affinity.went(bytes([3]), a)  # 1 is forgotten
+    assert len(affinity) == 3
+    assert affinity.home(bytes([1])) is None
+    assert (affinity.home(bytes([0])), affinity.home(bytes([2]))) == (b, a)
+    assert affinity.went(bytes([1]), a) == "new"
+    assert len(affinity) == 3
+
+
+def test_new_conversations_go_where_fewest_live_within_the_slack() -> None:
+    """
+    A new conversation goes to the backend home to the fewest conversations
+    among those at most C{slack} busier than the router's choice, not past
+    the slack.
+    """
+    chain = four(parallel=8)
+    chain.router.affinity = Affinity(slack=1)
+    for number in range(3):  # one conversation on each of the first three
+        lease = turn(chain.router, bytes([number]) * 16)
+        lease.release()
+    idle = chain.backends[3]
+    pinned = [now(chain.router.acquire("k", LLAMA, runs=True, exclude=chain.backends[:3]))
+              for _ in range(2)]
+    assert all(p.backend is idle for p in pinned)
+    # The fourth, home to none, runs 2 against 0: past the slack of 1.
+    assert turn(chain.router, b"m" * 16).backend is chain.backends[0]
+    pinned[0].release()
+    # It runs 1 against 0 now: within the slack, and home to the fewest.
+    assert turn(chain.router, b"n" * 16).backend is idle

@@ -1,0 +1,309 @@
+"""
+The shared fair queue's Lua scripts (L{ollamaproxy.redis.queue}) against a
+real Redis, through the real client and the real subscriber connection:
+two proxies' routers in this process, each with its own link and queue, in
+front of one backend with C{parallel} 1.  The queues' time is a L{Clock}
+each test moves, so that leases expire without waiting.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
+
+import pytest_twisted
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.web.iweb import IAgent
+
+from ollamaproxy.backends.pool import Backend, BackendPool
+from ollamaproxy.backends.router import Lease, Router
+from ollamaproxy.backends.upstream import Upstream
+from ollamaproxy.exchange import Meter
+from ollamaproxy.model_names import resolve
+from ollamaproxy.redis.limits import PREFIX
+from ollamaproxy.redis.link import RedisLink, TxRedisClient, subscriber
+from ollamaproxy.redis.queue import RedisQueue
+from ollamaproxy.redis_address import parse_redis_url
+from tests.fakes.client import sleep
+from tests.fakes.engines import RedisServer, redis_server
+from tests.fakes.engines import redis_server_binary as redis_binary
+
+__all__ = ["redis_server"]
+
+LLAMA = resolve("llama3.2")
+LEASE = 30.0
+
+
+class Proxy:
+    """
+    What one proxy has of the shared queue: a router in front of the one
+    backend (at the same URL as every other proxy's), its link and queue.
+    """
+
+    def __init__(self, reactor: Any, url: str, start: float) -> None:
+        address = parse_redis_url(url)
+        self.clock = Clock()
+        self.clock.advance(start)
+        upstream = Upstream(cast(IAgent, None), b"http://gpu:11434", self.clock, 600, 600)
+        self.backend = Backend(upstream, 1, models=frozenset({LLAMA}))
+        # Under --fair-share tokens; a request without a meter costs 1.
+        self.router = Router(BackendPool([self.backend]), self.clock, queue_timeout=600)
+        self.link = RedisLink(lambda: TxRedisClient(address, reactor, 1.5), reactor,
+                              address.shown, "local", interval=3600)
+        self.queue = RedisQueue(self.link, self.router, self.clock, subscriber(address, reactor),
+                                LEASE, queue_timeout=600)
+
+    def ask(self, key: str) -> Deferred[Lease]:
+        return self.router.acquire(key, LLAMA, runs=True)
+
+
+async def until(reactor: Any, condition: Callable[[], bool], seconds: float = 10) -> None:
+    """
+    Wait (bounded) until C{condition} holds.
+    """
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await sleep(reactor, 0.02)
+    raise AssertionError("timed out")
+
+
+@pytest_twisted.async_yield_fixture
+async def pair(reactor: Any, redis_server: RedisServer) -> AsyncIterator[list[Proxy]]:
+    """
+    Two proxies sharing one Redis, connected and listening.
+    """
+    start = float(int(reactor.seconds()))
+    made = [Proxy(reactor, redis_server.url, start) for _ in range(2)]
+    for proxy in made:
+        proxy.link.startService()
+        proxy.queue.startService()
+    await until(reactor, lambda: all(p.link.up for p in made))
+    # The subscriber has its own connection: a PUBLISH reaches it once
+    # Redis counts it.
+    channels = [p.queue.channel for p in made]
+    await until_answer(reactor, made[0].link, channels)
+    yield made
+    for proxy in made:
+        await maybeDeferred(proxy.queue.stopService)
+        await maybeDeferred(proxy.link.stopService)
+
+
+async def until_answer(reactor: Any, link: RedisLink, channels: list[str]) -> None:
+    for _ in range(500):
+        counts = await link.call(
+            "return redis.call('PUBSUB', 'NUMSUB', unpack(KEYS))", channels, [])
+        if all(int(n) == 1 for n in counts[1::2]):
+            return
+        await sleep(reactor, 0.02)
+    raise AssertionError("the subscribers never subscribed")
+
+
+async def redis_count(link: RedisLink, name: str) -> int:
+    """
+    How many members the sorted set C{q:NAME} has.
+    """
+    n = await link.call("return redis.call('ZCARD', KEYS[1])", [f"{PREFIX}q:{name}"], [])
+    return int(n)
+
+
+def results(d: Deferred[Lease]) -> list[Lease]:
+    got: list[Lease] = []
+    d.addCallback(got.append)
+    return got
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_slot_for_both_proxies(reactor: Any, pair: list[Proxy]) -> None:
+    """
+    With parallel 1, a request on proxy A runs; one on proxy B waits,
+    though B's own backend count is 0; A's release gives B the slot at
+    once, by the message Redis publishes, with no call of B's.
+    """
+    a, b = pair
+    first = await a.ask("k1")
+    waiting = results(b.ask("k2"))
+    await until(reactor, lambda: b.link.up)
+    await sleep(reactor, 0.1)
+    assert waiting == [] and b.backend.in_flight == 0
+    assert await redis_count(a.link, "waiters") == 1
+    first.release()
+    await until(reactor, lambda: waiting != [])
+    assert waiting[0].backend is b.backend and b.backend.in_flight == 1
+    assert await redis_count(a.link, "waiters") == 0
+    waiting[0].release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_order_is_global(reactor: Any, pair: list[Proxy]) -> None:
+    """
+    A key flooding proxy A with five requests, and a key sending one to
+    proxy B after them: B's request gets the next slot freed, not the
+    flood's second.
+    """
+    a, b = pair
+    running = await a.ask("flood")
+    flood = [results(a.ask("flood")) for _ in range(4)]
+    await sleep(reactor, 0.1)
+    solo = results(b.ask("solo"))
+    await sleep(reactor, 0.1)
+    running.release()
+    await until(reactor, lambda: solo != [])
+    assert [len(f) for f in flood] == [0, 0, 0, 0]
+    solo[0].release()
+    await until(reactor, lambda: flood[0] != [])
+    assert [len(f) for f in flood] == [1, 0, 0, 0]
+    flood[0][0].release()
+    await until(reactor, lambda: flood[1] != [])
+    for d in flood[1:]:
+        await until(reactor, lambda d=d: d != [])  # type: ignore[misc]
+        d[0].release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_dead_proxy_frees_its_slot(reactor: Any, pair: list[Proxy]) -> None:
+    """
+    A proxy that stops renewing (it died) holding the slot: B's request
+    waits until the lease has passed, when B's next round sweeps it and
+    gives B the slot.
+    """
+    a, b = pair
+    await a.ask("k1")  # never released: A dies
+    waiting = results(b.ask("k2"))
+    await sleep(reactor, 0.1)
+    b.clock.advance(LEASE - 1)
+    await b.queue.renew()
+    assert waiting == []
+    b.clock.advance(2)
+    await b.queue.renew()
+    assert len(waiting) == 1
+    waiting[0].release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_leaving_the_line(reactor: Any, pair: list[Proxy]) -> None:
+    """
+    A waiting request cancelled (its client left) is no longer waiting in
+    Redis, and the next freed slot goes to the one after it.
+    """
+    a, b = pair
+    first = await a.ask("k1")
+    left = b.ask("k2")
+    left.addErrback(lambda f: f.trap(CancelledError))
+    after = results(b.ask("k3"))
+    await sleep(reactor, 0.1)
+    assert await redis_count(a.link, "waiters") == 2
+    left.cancel()
+    await sleep(reactor, 0.1)
+    assert await redis_count(a.link, "waiters") == 1
+    first.release()
+    await until(reactor, lambda: after != [])
+    after[0].release()
+    await sleep(reactor, 0.1)
+    held = await a.link.call("return redis.call('HLEN', KEYS[1])", [f"{PREFIX}q:granted"], [])
+    assert held == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_subscription_is_logged(
+    reactor: Any, redis_server: RedisServer
+) -> None:
+    """
+    A Redis user not allowed the queue's channel: the subscriber logs one
+    warning that grants will wait for the rounds, rather than nothing.
+    """
+    cli = str(redis_binary().with_name("redis-cli"))
+    subprocess.run([cli, "-p", str(redis_server.port), "ACL", "SETUSER", "shut", "on", ">pw",
+                    "~*", "resetchannels", "+@all"], check=True, capture_output=True)
+    address = parse_redis_url(f"redis://shut:pw@127.0.0.1:{redis_server.port}/0")
+    with capturedLogs() as events:
+        subscription = subscriber(address, reactor)("ollamaproxy:q:grants:x", lambda _: None)
+        try:
+            await until(reactor, lambda: any("refused" in formatEvent(e) for e in events))
+        finally:
+            await subscription.close()
+    (said,) = [formatEvent(e) for e in events if "refused" in formatEvent(e)]
+    assert "ollamaproxy:q:grants:x" in said and "NOPERM" in said
+
+
+async def finish_of(link: RedisLink, key: str) -> float:
+    """
+    C{key}'s virtual finish, as Redis keeps it.
+    """
+    value = await link.call("return redis.call('HGET', KEYS[1], ARGV[1])",
+                            [f"{PREFIX}q:finish"], [key])
+    return float(value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_charged_and_trued_up_in_redis(reactor: Any, pair: list[Proxy]) -> None:
+    """
+    Under --fair-share tokens, a key's finish in Redis moves on by the
+    estimate over its weight when its request gets the slot, and by the
+    difference from what the meter read when the slot is given back.
+    """
+    a, _ = pair
+    meter = Meter()
+    meter.expect(20, "llama3.2")
+    lease = await a.router.acquire("tok", LLAMA, runs=True, meter=meter, expected_output=500,
+                                   weight=2)
+    assert await finish_of(a.link, "tok") == (20 + 2 * 500) / 2
+    meter.generating, meter.output = True, 7
+    lease.release()
+    for _ in range(100):
+        if await finish_of(a.link, "tok") != (20 + 2 * 500) / 2:
+            break
+        await sleep(reactor, 0.02)
+    assert await finish_of(a.link, "tok") == (20 + 2 * 7) / 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_dead_proxys_waiter_is_swept(reactor: Any, pair: list[Proxy]) -> None:
+    """
+    A proxy that dies with a request waiting leaves it in Redis only until
+    its lease has passed: the slot freed after that goes to a live
+    proxy's request that came later.
+    """
+    a, b = pair
+    running = await b.ask("k1")
+    dead = a.ask("k2")  # A dies: it renews nothing from now on
+    dead.addErrback(lambda _: None)
+    await sleep(reactor, 0.1)
+    live = results(b.ask("k3"))
+    await sleep(reactor, 0.1)
+    assert await redis_count(b.link, "waiters") == 2
+    b.clock.advance(LEASE / 2)
+    await b.queue.renew()
+    b.clock.advance(LEASE / 2 + 1)
+    await b.queue.renew()
+    assert await redis_count(b.link, "waiters") == 1
+    running.release()
+    await until(reactor, lambda: live != [])
+    assert a.backend.in_flight == 0
+    live[0].release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_free_model_is_not_held_up_by_a_busy_one(
+    reactor: Any, pair: list[Proxy]
+) -> None:
+    """
+    Requests waiting for a busy model do not hold up a request for a model
+    with a free slot: it runs at once, whatever its turn; and the busy
+    model's next slot goes to its first waiter.
+    """
+    a, b = pair
+    mistral = resolve("mistral")
+    a.backend.models = b.backend.models = frozenset({LLAMA, mistral})
+    running = await a.ask("k1")
+    busy = results(b.ask("k2"))
+    await sleep(reactor, 0.1)
+    other = await b.router.acquire("k2", mistral, runs=True)
+    assert other.model == mistral and busy == []
+    running.release()
+    await until(reactor, lambda: busy != [])
+    other.release()
+    busy[0].release()

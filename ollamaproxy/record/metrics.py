@@ -212,21 +212,21 @@ class Metrics:
         The metrics of conversations' turns and of the prompt cache's use
         (see the module's docstring).
         """
-        self._turns = Counter(
+        self._turns = _Children(Counter(
             "ollamaproxy_conversation_turns",
             "Turns of conversations, by backend and where they went against their "
             "conversation's last turn (home, moved, new).",
-            ["backend", "placement"], registry=self.registry)
-        self._prompt = Counter(
+            ["backend", "placement"], registry=self.registry))
+        self._prompt = _Children(Counter(
             "ollamaproxy_prompt_tokens",
             "Prompt tokens of turns whose answer said how long the prompt took, on backends "
             "whose prefill rate is known, by backend.",
-            ["backend"], registry=self.registry)
-        self._cached = Counter(
+            ["backend"], registry=self.registry))
+        self._cached = _Children(Counter(
             "ollamaproxy_prompt_tokens_cached_estimate",
             "Of those, the tokens estimated to have come from Ollama's prompt cache "
             "(prompt_eval_duration against the backend's measured prefill rate), by backend.",
-            ["backend"], registry=self.registry)
+            ["backend"], registry=self.registry))
         # Cold turns' prefill rates, per backend and model label: bounded by
         # backends times MAX_MODELS + 1.
         self._prefill: dict[tuple[str, str], deque[float]] = {}
@@ -285,7 +285,7 @@ class Metrics:
         if exchange.placement and exchange.backend:
             # A turn of a conversation: only those say whether a cache of
             # theirs could be there (see the module's docstring).
-            self._turns.labels(backend=exchange.backend, placement=exchange.placement).inc()
+            self._turns[(exchange.backend, exchange.placement)].inc()
             if summary is not None and summary.prompt_seconds and summary.prompt_tokens > 0:
                 self._prompt_seen(exchange.backend, self._model_label(summary.model),
                                   summary.prompt_tokens, summary.prompt_seconds,
@@ -306,8 +306,8 @@ class Metrics:
         if rates is None:
             return
         evaluated = seconds * median(rates)
-        self._prompt.labels(backend=backend).inc(tokens)
-        self._cached.labels(backend=backend).inc(max(0.0, tokens - evaluated))
+        self._prompt[(backend,)].inc(tokens)
+        self._cached[(backend,)].inc(max(0.0, tokens - evaluated))
 
     def model_loaded(self, backend: str, model: str) -> None:
         """

@@ -511,6 +511,9 @@ class Simulator(Resource):
         self.hang_since: float | None = None
         self.hung: list[float] = []
         """When each hung request came (simulated seconds after the start)."""
+        self.in_flight: dict[str, int] = {}
+        self.most_in_flight: dict[str, int] = {}
+        """The most requests of each model taken and not yet answered at once."""
         self._ids = 0
 
     def render(self, request: Request) -> bytes | int:
@@ -584,7 +587,16 @@ class Simulator(Resource):
         return self._json(request, {
             "loads": gpu.loads, "generations": self.generations,
             "prompt_tokens": gpu.prompt_tokens, "evaluated_tokens": gpu.evaluated_tokens,
-            "most_busy": gpu.most_busy, "hang_since": since, "hung": self.hung})
+            "most_busy": gpu.most_busy, "most_in_flight": self.most_in_flight,
+            "hang_since": since, "hung": self.hung, "now": self.clock.seconds() - self.started})
+
+    def track(self, model: str, change: int) -> None:
+        """
+        A request of C{model} taken (+1) or ended (-1): the most at once
+        is kept for the stats.
+        """
+        now = self.in_flight[model] = self.in_flight.get(model, 0) + change
+        self.most_in_flight[model] = max(self.most_in_flight.get(model, 0), now)
 
     def _hangs(self, model: str) -> bool:
         """
@@ -643,6 +655,7 @@ class Simulator(Resource):
                   output, limited, exchange.token, exchange.done)
         if not self.gpu.submit(job):
             raise _Failed(503, QUEUE_FULL)
+        self.track(model, +1)
         request.notifyFinish().addErrback(lambda _: exchange.lost(job))
         return NOT_DONE_YET
 
@@ -709,6 +722,7 @@ class _Exchange:
         """
         if self.gone:
             return
+        self.simulator.track(self.model, -1)
         self._head()
         text = "".join(self.text)
         usage = {"prompt_tokens": stats.prompt_eval_count,
@@ -753,6 +767,8 @@ class _Exchange:
         """
         The client disconnected: its generation stops and its slot frees.
         """
+        if not self.gone:
+            self.simulator.track(self.model, -1)
         self.gone = True
         self.simulator.gpu.cancel(job)
 

@@ -529,7 +529,8 @@ def test_a_runner_can_run_fewer_slots_than_it_was_given() -> None:
     [loaded] = env.get("/api/ps")["models"]
     assert set(loaded) == {"name", "model", "size", "digest", "details", "expires_at",
                            "size_vram", "context_length"}
-    assert env.get("/sim/stats")["most_busy"] == {M1: 1}
+    stats = env.get("/sim/stats")
+    assert (stats["most_busy"], stats["most_in_flight"]) == ({M1: 1}, {M1: 4})
 
 
 def test_the_stats_count_evaluated_and_cached_prompt_tokens() -> None:

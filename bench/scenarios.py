@@ -42,7 +42,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater, react
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -163,6 +163,32 @@ class Outcome:
         return None if self.first is None else self.first - self.sent
 
 
+class _Whole(Protocol):
+    """
+    A body read whole.
+    """
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.finished: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.finished.callback(self.data)
+
+
+def read(response: IResponse) -> Deferred[bytes]:
+    """
+    C{response}'s body (twisted's C{readBody} warns about the pool's
+    transports).
+    """
+    whole = _Whole()
+    response.deliverBody(whole)
+    return whole.finished
+
+
 class _Lines(Protocol):
     """
     An NDJSON chat stream as it comes: each token's time, the text, the
@@ -241,7 +267,7 @@ class Client:
         GET C{url}'s JSON.
         """
         response = await self.agent.request(b"GET", url.encode())
-        return json.loads(await readBody(response))
+        return json.loads(await read(response))
 
     async def chat(self, url: str, key: str | None, who: str, body: dict[str, Any],
                    timeout: float, headers: dict[str, str] | None = None) -> Outcome:
@@ -261,7 +287,7 @@ class Client:
             response: IResponse = await d.addTimeout(limit, self.reactor)
             if response.code != 200:
                 outcome.error = f"{response.code}"
-                await readBody(response).addTimeout(limit, self.reactor)
+                await read(response).addTimeout(limit, self.reactor)
                 return outcome
             lines = _Lines(outcome, self.now)
             response.deliverBody(lines)
@@ -573,10 +599,13 @@ async def loop(stage: Stage, user: int, key: str, next_body: NextBody, think: fl
 
 
 async def backlog(stage: Stage, key: str, output: int, loops: int, end: float,
-                  first_user: int = 0) -> list[Outcome]:
+                  first_user: int = 0, offset: float = 0.0) -> list[Outcome]:
     """
     C{key} kept backlogged: C{loops} users sending C{output}-token chats
     back to back until simulated time C{end}, those under way then cut.
+    Each starts 0.1 s after the one before, from C{offset}: two keys given
+    offsets 0 and 0.05 arrive in turn, so that neither is first in
+    Ollama's queue by the order the load was written in.
     """
     def next_body(turn: int, last: Outcome | None) -> dict[str, Any]:
         return chat_body(words(f"{key}{turn}w", 20), output)
@@ -586,6 +615,7 @@ async def backlog(stage: Stage, key: str, output: int, loops: int, end: float,
 
     async def one(user: int) -> list[Outcome]:
         outcomes: list[Outcome] = []
+        await stage.client.sleep(offset + 0.1 * (user - first_user))
         while not over():
             left = end - stage.client.now()
             outcomes.append(await stage.client.chat(
@@ -680,7 +710,7 @@ async def long_short(stage: Stage) -> dict[str, Any]:
     end = stage.d(240.0)
     long, short = await gatherResults([
         ensureDeferred(backlog(stage, "long", 600, 8, end)),
-        ensureDeferred(backlog(stage, "short", 30, 8, end, first_user=8))])
+        ensureDeferred(backlog(stage, "short", 30, 8, end, first_user=8, offset=0.05))])
     tokens = {"long": [t for o in long for t in o.tokens],
               "short": [t for o in short for t in o.tokens]}
     return _fairness(tokens, end, stage.d(60.0), {"long": 1.0, "short": 1.0})
@@ -694,7 +724,7 @@ async def weights(stage: Stage) -> dict[str, Any]:
     end = stage.d(180.0)
     heavy, light = await gatherResults([
         ensureDeferred(backlog(stage, "heavy", 200, 8, end)),
-        ensureDeferred(backlog(stage, "light", 200, 8, end, first_user=8))])
+        ensureDeferred(backlog(stage, "light", 200, 8, end, first_user=8, offset=0.05))])
     tokens = {"heavy": [t for o in heavy for t in o.tokens],
               "light": [t for o in light for t in o.tokens]}
     out = _fairness(tokens, end, stage.d(60.0), {"heavy": 3.0, "light": 1.0})
@@ -832,7 +862,7 @@ async def two_proxies(stage: Stage) -> dict[str, Any]:
     end = stage.d(180.0)
     long, short = await gatherResults([
         ensureDeferred(backlog(stage, "long", 600, 8, end)),
-        ensureDeferred(backlog(stage, "short", 30, 8, end, first_user=8))])
+        ensureDeferred(backlog(stage, "short", 30, 8, end, first_user=8, offset=0.05))])
     tokens = {"long": [t for o in long for t in o.tokens],
               "short": [t for o in short for t in o.tokens]}
     return _fairness(tokens, end, stage.d(60.0), {"long": 1.0, "short": 1.0})

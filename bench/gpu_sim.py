@@ -509,8 +509,9 @@ class Simulator(Resource):
         self.generations = 0
         """Generation requests received, hung ones included."""
         self.hang_since: float | None = None
-        self.hung: list[float] = []
-        """When each hung request came (simulated seconds after the start)."""
+        self.hung: list[tuple[float, int]] = []
+        """When each hung request came (simulated seconds after the start),
+        and the tokens it asked: a proxy's one-token check asks one."""
         self.in_flight: dict[str, int] = {}
         self.most_in_flight: dict[str, int] = {}
         """The most requests of each model taken and not yet answered at once."""
@@ -579,8 +580,8 @@ class Simulator(Resource):
         What the simulator knows and Ollama tells no one, for the scenario
         runner (C{bench/scenarios.py}): loads, the prompt tokens given a slot
         and how many of them were evaluated, the most slots busy per model,
-        and the hang's start and the requests it swallowed (simulated
-        seconds after the simulator's start).
+        and the hang's start and the requests it swallowed (when, in simulated
+        seconds after the simulator's start, and how many tokens each asked).
         """
         gpu = self.gpu
         since = None if self.hang_since is None else self.hang_since - self.started
@@ -623,14 +624,6 @@ class Simulator(Resource):
         model = _canonical(str(doc.get("model") or ""))
         if model not in self.models:
             raise _Failed(404, f"model '{doc.get('model')}' not found")
-        if kind != "embed":
-            hangs = self._hangs(model)
-            self.generations += 1
-            if hangs:
-                # No head, no byte: the client or the proxy gives up.
-                self.hung.append(self.clock.seconds() - self.started)
-                request.notifyFinish().addErrback(lambda _: None)
-                return NOT_DONE_YET
         options = doc.get("options") if isinstance(doc.get("options"), dict) else {}
         assert isinstance(options, dict)
         if kind == "chat" or kind == "v1":
@@ -646,6 +639,14 @@ class Simulator(Resource):
             else options.get("num_predict")
         limited = isinstance(asked, int) and asked >= 0
         output = 0 if kind == "embed" else int(asked or 0) if limited else self.cost.default_output
+        if kind != "embed":
+            hangs = self._hangs(model)
+            self.generations += 1
+            if hangs:
+                # No head, no byte: the client or the proxy gives up.
+                self.hung.append((self.clock.seconds() - self.started, output))
+                request.notifyFinish().addErrback(lambda _: None)
+                return NOT_DONE_YET
         num_ctx = options.get("num_ctx")
         stream = bool(doc.get("stream", kind != "v1")) and kind != "embed"
         self._ids += 1

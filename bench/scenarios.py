@@ -553,7 +553,7 @@ class Stage:
             shift = self.client.now() - stats["now"]
             if stats["hang_since"] is not None:
                 stats["hang_since"] += shift
-            stats["hung"] = [when + shift for when in stats["hung"]]
+            stats["hung"] = [[when + shift, output] for when, output in stats["hung"]]
             out.append(stats)
         return out
 
@@ -1076,7 +1076,8 @@ SCENARIOS = (
     Scenario("hang", 21, "One of two backends' generations hang after its first six", hang, ALL,
              (("requests lost", "lost"), ("last sent to the hung backend after (s)",
                                           "sim.out_after"),
-              ("sent to the hung backend", "sim.hung_requests"), ("delayed > 5 s", "delayed"),
+              ("sent to the hung backend", "sim.hung_requests"),
+              ("one-token checks it got", "sim.checks"), ("delayed > 5 s", "delayed"),
               ("requests", "requests"), ("TTFT p99 (s)", "ttft.p99")),
              goal_hang, backends=2, hang=("--hang", MODEL, "--hang-after", "6"), keys=USERS4,
              proxy_args=("--header-timeout", "{header_timeout}")),
@@ -1148,8 +1149,11 @@ def sim_figures(before: list[dict[str, Any]], after: list[dict[str, Any]],
                                           default=0)}
     if hung_backend:
         last = after[-1]
-        since, hung = last["hang_since"], last["hung"]
+        since = last["hang_since"]
+        # A proxy's one-token checks (one token asked) are not the load's.
+        hung = [when for when, output in last["hung"] if output != 1]
         out.update(hang_since=since, hung_requests=len(hung),
+                   checks=len(last["hung"]) - len(hung),
                    out_after=None if since is None or not hung else max(hung) - since)
     return out
 
@@ -1394,6 +1398,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                         help="sizes and durations times this (default 1; 0.1 for a quick look)")
     parser.add_argument("--out", type=Path, default=BENCH / "results",
                         help="where the results go (default bench/results)")
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="keep each process's output and files in DIR (default: removed)")
     args = parser.parse_args(argv)
     for given, known in ((args.only, names), (args.targets, [t.name for t in TARGETS])):
         unknown = set(given.split(",")) - set(known)
@@ -1416,8 +1422,10 @@ async def run_all(reactor: Any, argv: Sequence[str]) -> None:
         "targets": [{"name": t.name, "describe": t.describe, "flags": proxy_flags(t)}
                     for t in TARGETS if t.name in targets]}, "scenarios": {}}
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="scenarios-") as root:
-        run = Run(reactor, args.speed, args.scale, Path(root))
+    with tempfile.TemporaryDirectory(prefix="scenarios-") as scratch:
+        root = args.keep or Path(scratch)
+        root.mkdir(parents=True, exist_ok=True)
+        run = Run(reactor, args.speed, args.scale, root)
         for scenario in SCENARIOS:
             if scenario.name not in chosen:
                 continue

@@ -93,11 +93,13 @@ def test_the_simulators_figures_are_differences() -> None:
 
     before = [stats(1, 10, 10), stats(1, 10, 10)]
     after = [stats(2, 110, 30, most_in_flight={"m": 3}),
-             stats(1, 110, 30, hang_since=5.0, hung=[5.0, 6.5], most_in_flight={"m": 5})]
+             stats(1, 110, 30, hang_since=5.0, hung=[[5.0, 40], [6.5, 40], [30.0, 1]],
+                   most_in_flight={"m": 5})]
     out = scenarios.sim_figures(before, after, hung_backend=True)
     assert (out["loads"], out["prompt_tokens"], out["evaluated_tokens"]) == (1, 200, 40)
     assert out["cache_reuse"] == pytest.approx(0.8)
-    assert (out["most_in_flight"], out["hung_requests"], out["out_after"]) == (5, 2, 1.5)
+    assert (out["most_in_flight"], out["hung_requests"], out["out_after"], out["checks"]) == \
+        (5, 2, 1.5, 1)
 
 
 def results(**targets: dict[str, Any]) -> dict[str, Any]:

@@ -51,7 +51,7 @@ REPO = BENCH.parent
 MODEL = "llama3.1:8b"
 MODELS = ("llama3.1:8b", "qwen2.5:7b", "mistral:7b")
 PARALLEL = 4
-SPEED = 10.0
+SPEED = 5.0
 START_TIMEOUT = 30.0
 """Real seconds a process may take to listen."""
 HEADER_TIMEOUT = 10.0
@@ -1426,6 +1426,9 @@ async def run_all(reactor: Any, argv: Sequence[str]) -> None:
         root = args.keep or Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
         run = Run(reactor, args.speed, args.scale, root)
+        # Stopped by a signal, the reactor ends before the stage's own
+        # cleanup runs: stop what it started then too.
+        reactor.addSystemEventTrigger("before", "shutdown", run.stop)
         for scenario in SCENARIOS:
             if scenario.name not in chosen:
                 continue

@@ -825,6 +825,26 @@ async def hang(stage: Stage) -> dict[str, Any]:
             "ttft": summary(ttfts(outcomes)), "end": end}
 
 
+async def slots(stage: Stage) -> dict[str, Any]:
+    """
+    Issue 21 item 5: of two backends, the second silently runs one slot of
+    its four (ollama#17556); eight users chat: their time to first token,
+    and how the requests were shared.
+    """
+    end = stage.d(120.0)
+
+    def next_body(turn: int, last: Outcome | None) -> dict[str, Any] | None:
+        return chat_body(words(f"s{turn}w", 30), 100)
+
+    runs = await gatherResults([
+        ensureDeferred(loop(stage, u, f"user{u % 4 + 1}", next_body, 1.0,
+                            lambda: stage.client.now() >= end, TIMEOUT))
+        for u in range(8)])
+    outcomes = [o for run in runs for o in run]
+    return {"requests": len(outcomes), "failed": failed(outcomes),
+            "ttft": summary(ttfts(outcomes))}
+
+
 async def users(stage: Stage) -> dict[str, Any]:
     """
     Issue 20: ten users behind one key (Open WebUI), one flooding 32 long
@@ -982,6 +1002,20 @@ def goal_hang(results: Results) -> list[str]:
     return out
 
 
+def goal_slots(results: Results) -> list[str]:
+    out = []
+    for name, figures in results.items():
+        if "skipped" in figures:
+            continue
+        share = get(figures, "sim.generations")
+        total = sum(share or []) or None
+        slow = None if total is None or share is None else share[-1] / total
+        out.append(f"{name}: the one-slot backend got {fmt(slow)} of the requests; issue 21 "
+                   f"sets no figure here (its goal is the effective parallel lowered to what "
+                   f"the backend runs): {_met(None)}")
+    return out
+
+
 def goal_users(results: Results) -> list[str]:
     bound = 2 * service_time(232, 300, PARALLEL)
     out = []
@@ -1012,7 +1046,7 @@ class Scenario:
 
     @ivar columns: (header, dotted figure) for the table, the first two
         plotted.
-    @ivar hang: Options of the last backend alone.
+    @ivar hang: Options of the last backend alone (a hang, fewer slots).
     @ivar keys: (name, options of C{ollamaproxy keys add}) for the proxies.
     @ivar needs: A key of L{FEATURES} the scenario cannot run without.
     """
@@ -1081,6 +1115,12 @@ SCENARIOS = (
               ("requests", "requests"), ("TTFT p99 (s)", "ttft.p99")),
              goal_hang, backends=2, hang=("--hang", MODEL, "--hang-after", "6"), keys=USERS4,
              proxy_args=("--header-timeout", "{header_timeout}")),
+    Scenario("slots", 21, "Of two backends, one silently runs one slot of four", slots, ALL,
+             (("TTFT p99 (s)", "ttft.p99"), ("TTFT p50 (s)", "ttft.p50"),
+              ("requests per backend", "sim.generations"),
+              ("most busy on the one-slot backend", "sim.last_busy"),
+              ("requests", "requests"), ("failed", "failed")),
+             goal_slots, backends=2, hang=("--slots-run", "1"), keys=USERS4),
     Scenario("users", 20, "Ten users behind one key, one flooding", users, ("ollama", "proxy"),
              (("nine users' TTFT p99 (s)", "ttft.p99"), ("nine users' TTFT p50 (s)", "ttft.p50"),
               ("requests", "ttft.n"), ("failed", "failed")),
@@ -1143,6 +1183,9 @@ def sim_figures(before: list[dict[str, Any]], after: list[dict[str, Any]],
 
     prompt, evaluated = delta("prompt_tokens"), delta("evaluated_tokens")
     out: Figures = {"loads": delta("loads"), "prompt_tokens": prompt,
+                    "generations": [a["generations"] - b["generations"]
+                                    for a, b in zip(after, before, strict=True)],
+                    "last_busy": max(after[-1]["most_busy"].values(), default=0),
                     "evaluated_tokens": evaluated,
                     "cache_reuse": None if not prompt else 1 - evaluated / prompt,
                     "most_in_flight": max((n for a in after for n in a["most_in_flight"].values()),
@@ -1267,7 +1310,8 @@ async def stage(run: Run, scenario: Scenario, target: Target) -> Figures:
         before = await the_stage.stats()
         client.origin = run.reactor.seconds()
         figures = await scenario.run(the_stage)
-        figures["sim"] = sim_figures(before, await the_stage.stats(), bool(scenario.hang))
+        figures["sim"] = sim_figures(before, await the_stage.stats(),
+                                     "--hang" in scenario.hang)
         return derive(scenario, figures)
     finally:
         run.stop()

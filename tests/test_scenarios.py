@@ -89,17 +89,19 @@ def test_the_simulators_figures_are_differences() -> None:
     """
     def stats(loads: int, prompt: int, evaluated: int, **more: Any) -> dict[str, Any]:
         return {"loads": loads, "prompt_tokens": prompt, "evaluated_tokens": evaluated,
-                "most_in_flight": {}, "hang_since": None, "hung": [], **more}
+                "most_in_flight": {}, "most_busy": {}, "hang_since": None, "hung": [],
+                "generations": 2, **more}
 
     before = [stats(1, 10, 10), stats(1, 10, 10)]
-    after = [stats(2, 110, 30, most_in_flight={"m": 3}),
+    after = [stats(2, 110, 30, most_in_flight={"m": 3}, generations=12),
              stats(1, 110, 30, hang_since=5.0, hung=[[5.0, 40], [6.5, 40], [30.0, 1]],
-                   most_in_flight={"m": 5})]
+                   most_in_flight={"m": 5}, most_busy={"m": 1}, generations=5)]
     out = scenarios.sim_figures(before, after, hung_backend=True)
     assert (out["loads"], out["prompt_tokens"], out["evaluated_tokens"]) == (1, 200, 40)
     assert out["cache_reuse"] == pytest.approx(0.8)
     assert (out["most_in_flight"], out["hung_requests"], out["out_after"], out["checks"]) == \
         (5, 2, 1.5, 1)
+    assert (out["generations"], out["last_busy"]) == ([10, 3], 1)
 
 
 def results(**targets: dict[str, Any]) -> dict[str, Any]:

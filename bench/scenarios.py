@@ -208,23 +208,27 @@ class _Lines(Protocol):
     def dataReceived(self, data: bytes) -> None:
         *lines, self.buffer = (self.buffer + data).split(b"\n")
         for line in lines:
-            if not line.strip():
-                continue
-            doc = json.loads(line)
-            if "error" in doc:
-                self.outcome.error = str(doc["error"])
-                continue
-            content = (doc.get("message") or {}).get("content") or ""
-            if content:
-                when = self.now()
-                if self.outcome.first is None:
-                    self.outcome.first = when
-                self.outcome.tokens.append(when)
-                self.outcome.text += content
-            if doc.get("done"):
-                self.outcome.final = doc
+            self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        doc = json.loads(line)
+        if "error" in doc:
+            self.outcome.error = str(doc["error"])
+            return
+        content = (doc.get("message") or {}).get("content") or ""
+        if content:
+            when = self.now()
+            if self.outcome.first is None:
+                self.outcome.first = when
+            self.outcome.tokens.append(when)
+            self.outcome.text += content
+        if doc.get("done"):
+            self.outcome.final = doc
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        self._line(self.buffer)  # a last line without its newline
         self.outcome.end = self.now()
         if not self.outcome.final and self.outcome.error is None:
             self.outcome.error = "cut"

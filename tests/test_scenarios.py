@@ -195,3 +195,33 @@ def test_the_command_line_refuses_unknown_names() -> None:
         scenarios.parse(["--only", "nope"])
     with pytest.raises(SystemExit):
         scenarios.parse(["--targets", "haproxy"])
+
+
+def test_a_stream_is_read_line_by_line_whatever_its_pieces() -> None:
+    """
+    An NDJSON chat cut anywhere gives each content token's time, the text
+    and the final object, also when the last line has no newline; an
+    error line is the outcome's error, and a stream cut before its final
+    object is marked cut.
+    """
+    clock = iter([1.0, 2.0, 3.0, 4.0])
+    outcome = scenarios.Outcome("k", 0.5)
+    lines = scenarios._Lines(outcome, lambda: next(clock))
+    data = (b'{"message":{"content":"t0"},"done":false}\n{"message":{"content":" t1"},'
+            b'"done":false}\n{"message":{"content":""},"done":true,"eval_count":2}')
+    for piece in (data[:10], data[10:50], data[50:]):
+        lines.dataReceived(piece)
+    lines.connectionLost()
+    assert (outcome.tokens, outcome.text, outcome.ttft) == ([1.0, 2.0], "t0 t1", 0.5)
+    assert (outcome.final["eval_count"], outcome.error, outcome.end) == (2, None, 3.0)
+    assert lines.finished.called
+    failed = scenarios.Outcome("k", 0.0)
+    cut = scenarios._Lines(failed, lambda: 1.0)
+    cut.dataReceived(b'{"error":"boom"}\n')
+    cut.connectionLost()
+    assert failed.error == "boom"
+    lost = scenarios.Outcome("k", 0.0)
+    half = scenarios._Lines(lost, lambda: 1.0)
+    half.dataReceived(b'{"message":{"content":"t0"},"done":false}\n')
+    half.connectionLost()
+    assert lost.error == "cut"

@@ -309,11 +309,26 @@ class Router:
         the same context, that is the one the request meets.  When they
         differ, any one context reloads some backend, so the request goes
         as it came (L{None}), as it would without the rule.
+
+        A backend's context is the last the proxy sent the model to it with,
+        while that holds (L{BackendPool.sending}), else its C{/api/ps}'s:
+        a request sent right after a load meets the context it loaded, not
+        the one C{/api/ps} listed before it.  A backend the model was sent
+        to but that C{/api/ps} does not yet list counts as having it loaded
+        here, for it is loading it; the router's "loaded first" order still
+        follows C{/api/ps} alone (L{Backend.loaded}), which also says which
+        models it unloaded to make room, and which collation counts.
         """
-        contexts = {
-            r.context_length for b in self.backends
-            if (not self.several or b.serves(model)) and (r := b.resident.get(model)) is not None
-        }
+        contexts: set[int | None] = set()
+        for b in self.backends:
+            if self.several and not b.serves(model):
+                continue
+            # An empty dict is no call: most backends hold no context sent.
+            kept = b.sent.get(model.canonical) if b.sent else None
+            if kept is not None:
+                contexts.add(kept.context)
+            elif (resident := b.resident.get(model)) is not None:
+                contexts.add(resident.context_length)
         if len(contexts) != 1:
             return None
         return contexts.pop()

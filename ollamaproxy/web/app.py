@@ -224,7 +224,8 @@ class OllamaProxy:
         release = await admission.reserve(plan.estimate.tokens)
         try:
             job = Job(target, route, key.name, key.weight, plan.model, plan.rewrite, plan.body,
-                      plan.estimate.output, user=user, conversation=plan.conversation)
+                      plan.estimate.output, user=user, conversation=plan.conversation,
+                      context=plan.context)
             await self._dispatcher.dispatch(request, job, flight.trip)
         finally:
             release(meter.tokens)

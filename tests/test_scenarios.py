@@ -129,6 +129,54 @@ def test_goals_are_judged_against_their_references() -> None:
     assert skipped == [skipped[0]] and "not measured" in skipped[0]
 
 
+def test_users_and_two_proxies_are_judged() -> None:
+    """
+    The users behind one key are judged as a flood is (the nine users'
+    TTFT p99 against twice idle TTFT plus a long request's service), with
+    the flooder's tokens against the nine others'; two proxies are judged
+    on the most in flight at a backend against --parallel, then on the
+    flood's and long_short's figures, the one proxy's beside them.
+    """
+    [met, missed] = scenarios.goal_users(results(
+        round2={"ttft": {"p99": 30.0}, "goal_p99": 20.0,
+                "tokens": {"flooder": 9000, "user1": 40, "user2": 80}},
+        proxy={"ttft": {"p99": 10.0}, "goal_p99": 20.0,
+               "tokens": {"flooder": 3000, "user1": 400, "user2": 400}}))[::-1]
+    assert "**met**" in met and "flooder got 3000 tokens, the nine others 800" in met
+    assert "**not met**" in missed
+    one = {"sim": {"most_in_flight": 4}, "flood": {"ttft": {"p99": 7.0}, "goal_p99": 16.0},
+           "long_short": {"jain_min": 0.97}}
+    two = {"sim": {"most_in_flight": 8}, "flood": {"ttft": {"p99": 9.0}, "goal_p99": 16.0},
+           "long_short": {"jain_min": 0.995}}
+    [line_one, line_two] = scenarios.goal_two_proxies(results(proxy=one, two=two))
+    assert line_one.split("; ")[0].endswith("(most: 4): **met**")
+    assert line_two.split("; ")[0].endswith("(most: 8): **not met**")
+    assert "(one proxy: 7 s)" in line_two and "(lowest 0.995, one proxy 0.97): **met**" in line_two
+
+
+def test_round_2_keys_name_no_user() -> None:
+    """
+    Round 2's proxy had no user header, so its keys are added without
+    C{--user-header} and its value (a shared key is one user); the other
+    targets' keep every option.
+    """
+    targets = {t.name: t for t in scenarios.TARGETS}
+    options = ("--weight", "3", "--user-header", "X-OpenWebUI-User-Id", "--note", "n")
+    assert scenarios.key_options(options, targets["round2"]) == ["--weight", "3", "--note", "n"]
+    assert scenarios.key_options(options, targets["proxy"]) == list(options)
+    assert targets["two"].proxies == 2 and targets["proxy"].proxies == 1
+
+
+def test_each_users_tokens_are_summed() -> None:
+    """
+    Each user's tokens are the sum over their requests, cut ones included.
+    """
+    outcomes = [scenarios.Outcome("a", 0.0, tokens=[1.0, 2.0]),
+                scenarios.Outcome("b", 0.0, tokens=[1.0], error="cut"),
+                scenarios.Outcome("a", 3.0, tokens=[4.0])]
+    assert scenarios.per_user(outcomes) == {"a": 3, "b": 1}
+
+
 def test_derived_figures() -> None:
     """
     Reloads per 100 requests leave out the first load; switches count
@@ -143,16 +191,14 @@ def test_derived_figures() -> None:
     assert (models["switches_per_100"], models["worst_wait_max"]) == (25.0, 7.0)
 
 
-def test_every_scenario_names_known_targets_and_features() -> None:
+def test_every_scenario_names_known_targets() -> None:
     """
-    The table of scenarios only names targets and features that exist, and
-    the later flags of round 2's proxy are kept out until the proxy knows
-    them.
+    The table of scenarios only names targets that exist, and the later
+    flags of round 2's proxy are kept out until the proxy knows them.
     """
     names = {t.name for t in scenarios.TARGETS}
     for scenario in scenarios.SCENARIOS:
         assert set(scenario.targets) <= names
-        assert scenario.needs is None or scenario.needs in scenarios.FEATURES
     round2 = next(t for t in scenarios.TARGETS if t.name == "round2")
     assert ("--switch-hold", "0") in round2.later
 

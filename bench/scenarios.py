@@ -890,7 +890,7 @@ async def two_proxies(stage: Stage) -> dict[str, Any]:
 
 Figures = dict[str, Any]
 Results = dict[str, Figures]
-"""A scenario's figures by target (or C{{"skipped": why}})."""
+"""A scenario's figures by target."""
 
 
 def get(figures: Figures, path: str) -> Any:
@@ -904,8 +904,7 @@ def get(figures: Figures, path: str) -> Any:
 
 
 def _ran(results: Results, name: str) -> Figures | None:
-    figures = results.get(name)
-    return None if figures is None or "skipped" in figures else figures
+    return results.get(name)
 
 
 def _met(ok: bool | None) -> str:
@@ -914,7 +913,7 @@ def _met(ok: bool | None) -> str:
 
 def _proxies(results: Results) -> list[tuple[str, Figures]]:
     return [(name, figures) for name, figures in results.items()
-            if name not in ("ollama", "nginx") and "skipped" not in figures]
+            if name not in ("ollama", "nginx")]
 
 
 def _ttft_goal(name: str, figures: Figures, who: str) -> str:
@@ -1008,8 +1007,6 @@ def goal_hang(results: Results) -> list[str]:
 def goal_slots(results: Results) -> list[str]:
     out = []
     for name, figures in results.items():
-        if "skipped" in figures:
-            continue
         share = get(figures, "sim.generations")
         total = sum(share or []) or None
         slow = None if total is None or share is None else share[-1] / total
@@ -1349,8 +1346,7 @@ async def stage(run: Run, scenario: Scenario, target: Target) -> Figures:
 
 def markdown(report: dict[str, Any]) -> str:
     """
-    A table per scenario, targets as rows, with its goals under it and a
-    line for each target skipped and why.
+    A table per scenario, targets as rows, with its goals under it.
     """
     meta = report["meta"]
     out = [f"# Scenarios on the simulated GPU, {meta['date']}", "",
@@ -1367,13 +1363,9 @@ def markdown(report: dict[str, Any]) -> str:
                 "| target | " + " | ".join(h for h, _ in scenario.columns) + " |",
                 "|---" * (len(scenario.columns) + 1) + "|"]
         for target, figures in entry["targets"].items():
-            if "skipped" in figures:
-                continue
             out.append(f"| {target} | " + " | ".join(fmt(get(figures, path))
                                                      for _, path in scenario.columns) + " |")
         out.append("")
-        out += [f"- skipped for {target}: {figures['skipped']}"
-                for target, figures in entry["targets"].items() if "skipped" in figures]
         out += [f"- goal, {line}" for line in scenario.goal(entry["targets"])]
         if entry.get("plot"):
             out += ["", f"![{name}]({entry['plot']})"]
@@ -1425,8 +1417,7 @@ def plot_scenario(scenario: Scenario, results: Results) -> str:
     """
     panels = []
     for header, path in scenario.columns:
-        values = {name: get(figures, path) for name, figures in results.items()
-                  if "skipped" not in figures}
+        values = {name: get(figures, path) for name, figures in results.items()}
         if any(isinstance(v, int | float) and not isinstance(v, bool) for v in values.values()):
             panels.append((header, {k: float(v) if isinstance(v, int | float) else None
                                     for k, v in values.items()}))
@@ -1441,7 +1432,7 @@ def write(report: dict[str, Any], out: Path, stamp: str) -> Path:
     """
     by_name = {scenario.name: scenario for scenario in SCENARIOS}
     for name, entry in report["scenarios"].items():
-        if any("skipped" not in f for f in entry["targets"].values()):
+        if entry["targets"]:
             svg = f"scenarios-{stamp}-{name}.svg"
             (out / svg).write_text(plot_scenario(by_name[name], entry["targets"]))
             entry["plot"] = svg

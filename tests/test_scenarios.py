@@ -124,9 +124,8 @@ def test_goals_are_judged_against_their_references() -> None:
         nginx={"ttft": {"p99": 5.0}},
         proxy={"ttft": {"p50": 1.05, "p99": 6.0}, "sim": {"cache_reuse": 0.85}}))
     assert turns[0].count("**met**") == 2 and turns[0].count("**not met**") == 1
-    skipped = scenarios.goal_flood(results(proxy={"skipped": "needs feature x"},
-                                           round2={"ttft": {}}))
-    assert skipped == [skipped[0]] and "not measured" in skipped[0]
+    missing = scenarios.goal_flood(results(round2={"ttft": {}}))
+    assert len(missing) == 1 and "not measured" in missing[0]
 
 
 def test_users_and_two_proxies_are_judged() -> None:
@@ -203,11 +202,11 @@ def test_every_scenario_names_known_targets() -> None:
     assert ("--switch-hold", "0") in round2.later
 
 
-def test_the_report_shows_each_table_goal_and_skip(tmp_path: Any) -> None:
+def test_the_report_shows_each_table_goal_and_plot(tmp_path: Any) -> None:
     """
-    The Markdown has a table per scenario with a row per target run, a line
-    per target skipped saying what it needs, the goals, and the plot; the
-    SVG draws a bar per target; the JSON keeps every figure.
+    The Markdown has a table per scenario with a row per target run, the
+    goals, and the plot; the SVG draws a bar per target, and a scenario no
+    target ran gets none; the JSON keeps every figure.
     """
     report = {"meta": {"date": "2026-12-05", "speed": 10.0, "scale": 1.0, "targets": [
         {"name": "ollama", "describe": "alone", "flags": []},
@@ -215,10 +214,9 @@ def test_the_report_shows_each_table_goal_and_skip(tmp_path: Any) -> None:
         "scenarios": {
             "models": {"targets": {"ollama": {"switches_per_100": 80.0, "requests": 36},
                                    "proxy": {"switches_per_100": 8.0, "requests": 36}}},
-            "users": {"targets": {"proxy": {"skipped": "needs feature A"}}}}}
+            "users": {"targets": {}}}}
     md = scenarios.write(report, tmp_path, "stamp").read_text()
     assert "| ollama | 80 |" in md and "| proxy | 8 |" in md
-    assert "- skipped for proxy: needs feature A" in md
     assert "**met**" in md
     assert "![models](scenarios-stamp-models.svg)" in md
     svg = ET.fromstring((tmp_path / "scenarios-stamp-models.svg").read_text().encode())

@@ -124,9 +124,56 @@ def test_goals_are_judged_against_their_references() -> None:
         nginx={"ttft": {"p99": 5.0}},
         proxy={"ttft": {"p50": 1.05, "p99": 6.0}, "sim": {"cache_reuse": 0.85}}))
     assert turns[0].count("**met**") == 2 and turns[0].count("**not met**") == 1
-    skipped = scenarios.goal_flood(results(proxy={"skipped": "needs feature x"},
-                                           round2={"ttft": {}}))
-    assert skipped == [skipped[0]] and "not measured" in skipped[0]
+    missing = scenarios.goal_flood(results(round2={"ttft": {}}))
+    assert len(missing) == 1 and "not measured" in missing[0]
+
+
+def test_users_and_two_proxies_are_judged() -> None:
+    """
+    The users behind one key are judged as a flood is (the nine users'
+    TTFT p99 against twice idle TTFT plus a long request's service), with
+    the flooder's tokens against the nine others'; two proxies are judged
+    on the most in flight at a backend against --parallel, then on the
+    flood's and long_short's figures, the one proxy's beside them.
+    """
+    [met, missed] = scenarios.goal_users(results(
+        round2={"ttft": {"p99": 30.0}, "goal_p99": 20.0,
+                "tokens": {"flooder": 9000, "user1": 40, "user2": 80}},
+        proxy={"ttft": {"p99": 10.0}, "goal_p99": 20.0,
+               "tokens": {"flooder": 3000, "user1": 400, "user2": 400}}))[::-1]
+    assert "**met**" in met and "flooder got 3000 tokens, the nine others 800" in met
+    assert "**not met**" in missed
+    one = {"sim": {"most_in_flight": 4}, "flood": {"ttft": {"p99": 7.0}, "goal_p99": 16.0},
+           "long_short": {"jain_min": 0.97}}
+    two = {"sim": {"most_in_flight": 8}, "flood": {"ttft": {"p99": 9.0}, "goal_p99": 16.0},
+           "long_short": {"jain_min": 0.995}}
+    [line_one, line_two] = scenarios.goal_two_proxies(results(proxy=one, two=two))
+    assert line_one.split("; ")[0].endswith("(most: 4): **met**")
+    assert line_two.split("; ")[0].endswith("(most: 8): **not met**")
+    assert "(one proxy: 7 s)" in line_two and "(lowest 0.995, one proxy 0.97): **met**" in line_two
+
+
+def test_round_2_keys_name_no_user() -> None:
+    """
+    Round 2's proxy had no user header, so its keys are added without
+    C{--user-header} and its value (a shared key is one user); the other
+    targets' keep every option.
+    """
+    targets = {t.name: t for t in scenarios.TARGETS}
+    options = ("--weight", "3", "--user-header", "X-OpenWebUI-User-Id", "--note", "n")
+    assert scenarios.key_options(options, targets["round2"]) == ["--weight", "3", "--note", "n"]
+    assert scenarios.key_options(options, targets["proxy"]) == list(options)
+    assert targets["two"].proxies == 2 and targets["proxy"].proxies == 1
+
+
+def test_each_users_tokens_are_summed() -> None:
+    """
+    Each user's tokens are the sum over their requests, cut ones included.
+    """
+    outcomes = [scenarios.Outcome("a", 0.0, tokens=[1.0, 2.0]),
+                scenarios.Outcome("b", 0.0, tokens=[1.0], error="cut"),
+                scenarios.Outcome("a", 3.0, tokens=[4.0])]
+    assert scenarios.per_user(outcomes) == {"a": 3, "b": 1}
 
 
 def test_derived_figures() -> None:
@@ -143,25 +190,23 @@ def test_derived_figures() -> None:
     assert (models["switches_per_100"], models["worst_wait_max"]) == (25.0, 7.0)
 
 
-def test_every_scenario_names_known_targets_and_features() -> None:
+def test_every_scenario_names_known_targets() -> None:
     """
-    The table of scenarios only names targets and features that exist, and
-    the later flags of round 2's proxy are kept out until the proxy knows
-    them.
+    The table of scenarios only names targets that exist, and the later
+    flags of round 2's proxy are kept out until the proxy knows them.
     """
     names = {t.name for t in scenarios.TARGETS}
     for scenario in scenarios.SCENARIOS:
         assert set(scenario.targets) <= names
-        assert scenario.needs is None or scenario.needs in scenarios.FEATURES
     round2 = next(t for t in scenarios.TARGETS if t.name == "round2")
     assert ("--switch-hold", "0") in round2.later
 
 
-def test_the_report_shows_each_table_goal_and_skip(tmp_path: Any) -> None:
+def test_the_report_shows_each_table_goal_and_plot(tmp_path: Any) -> None:
     """
-    The Markdown has a table per scenario with a row per target run, a line
-    per target skipped saying what it needs, the goals, and the plot; the
-    SVG draws a bar per target; the JSON keeps every figure.
+    The Markdown has a table per scenario with a row per target run, the
+    goals, and the plot; the SVG draws a bar per target, and a scenario no
+    target ran gets none; the JSON keeps every figure.
     """
     report = {"meta": {"date": "2026-12-05", "speed": 10.0, "scale": 1.0, "targets": [
         {"name": "ollama", "describe": "alone", "flags": []},
@@ -169,10 +214,9 @@ def test_the_report_shows_each_table_goal_and_skip(tmp_path: Any) -> None:
         "scenarios": {
             "models": {"targets": {"ollama": {"switches_per_100": 80.0, "requests": 36},
                                    "proxy": {"switches_per_100": 8.0, "requests": 36}}},
-            "users": {"targets": {"proxy": {"skipped": "needs feature A"}}}}}
+            "users": {"targets": {}}}}
     md = scenarios.write(report, tmp_path, "stamp").read_text()
     assert "| ollama | 80 |" in md and "| proxy | 8 |" in md
-    assert "- skipped for proxy: needs feature A" in md
     assert "**met**" in md
     assert "![models](scenarios-stamp-models.svg)" in md
     svg = ET.fromstring((tmp_path / "scenarios-stamp-models.svg").read_text().encode())

@@ -55,13 +55,3 @@ def test_a_tiny_flood_runs_against_two_targets(tmp_path: Path) -> None:
     assert "| ollama |" in md and "| proxy |" in md and "- goal, proxy:" in md
     assert len(list(tmp_path.glob("scenarios-*-flood.svg"))) == 1
 
-
-def test_a_feature_is_found_in_its_help_text() -> None:
-    """
-    A scenario's feature is there when its command's output matches its
-    pattern, and missing otherwise (the runner then says what it needs
-    instead of running the scenario against the proxy).
-    """
-    shown = ("-c", "print('  --user-header HEADER  who the user is')")
-    assert scenarios.has_feature(scenarios.Feature("A's", shown, r"--user-header"))
-    assert not scenarios.has_feature(scenarios.Feature("A's", shown, r"--user-heading"))

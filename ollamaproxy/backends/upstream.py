@@ -25,6 +25,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IConsumer, IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -116,9 +117,13 @@ class BytesProducer:
 def _plain_cancellation(failure: Failure) -> Failure:
     """
     The agent reports a request cancelled before its response as
-    C{ResponseNeverReceived([CancelledError])}; make it a plain
+    C{ResponseNeverReceived([CancelledError])}, or before its connection
+    as C{ConnectingCancelledError}; make it a plain
     L{CancelledError}, so a cancelled request looks cancelled to everyone.
     """
+    if failure.check(ConnectingCancelledError):
+        # Cancelled before the connection was made: the endpoint's own word.
+        return Failure(CancelledError())
     reasons = getattr(failure.value, "reasons", ())
     if failure.check(ResponseNeverReceived, RequestNotSent, ResponseFailed) and any(
         reason.check(CancelledError) for reason in reasons

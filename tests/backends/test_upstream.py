@@ -5,13 +5,20 @@ Tests for L{ollamaproxy.backends.upstream}: the client towards Ollama.
 from __future__ import annotations
 
 import pytest
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.web.client import URI
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
 
-from ollamaproxy.backends.upstream import _Endpoints, agent_for, connection_pool
+from ollamaproxy.backends.upstream import Upstream, _Endpoints, agent_for, connection_pool
 
 
 def test_one_endpoint_per_address() -> None:
@@ -79,3 +86,28 @@ def test_new_connections_are_not_logged() -> None:
         factory.doStart()
         factory.doStop()
     assert list(events) == []
+
+
+def test_a_request_cancelled_while_connecting_looks_cancelled() -> None:
+    """
+    A request cancelled before its connection is made (the client left
+    while the proxy was connecting) fails as the agent's endpoint fails it,
+    with C{ConnectingCancelledError}: the upstream makes that a plain
+    L{CancelledError}, as it does a cancellation after connecting, so that
+    the request is recorded as the client's leaving, not as a bug.
+    """
+    @implementer(IAgent)
+    class Connecting:
+        def request(
+            self, method: bytes, uri: bytes, headers: Headers | None = None,
+            bodyProducer: IBodyProducer | None = None,
+        ) -> Deferred[IResponse]:
+            return Deferred(lambda d: d.errback(Failure(ConnectingCancelledError(None))))
+
+    upstream = Upstream(Connecting(), b"http://127.0.0.1:11434", Clock(), 5, 5)
+    sent = upstream.request(b"POST", b"/api/chat", Headers(), None)
+    failures: list[Failure] = []
+    sent.addErrback(failures.append)
+    sent.cancel()
+    [failure] = failures
+    assert failure.check(CancelledError)

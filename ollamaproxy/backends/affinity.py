@@ -15,31 +15,41 @@ a free slot for it and the one it would pick without affinity:
 
   - the conversation's home (the backend its last turn went to) is chosen
     when it is among those backends (so healthy, having the model, not out
-    for it, with a free slot), still has the model loaded or no other
-    candidate has it loaded (a runner that was unloaded took its caches
-    with it), and runs no more than C{slack} requests more than the least
-    busy of them;
-  - else the router's own choice stands, and the conversation's home moves
-    to wherever the turn went (L{Affinity.went});
-  - a conversation seen for the first time goes, among the backends that
-    have its model loaded as the router's choice has and run at most
-    C{slack} requests more than it, to the one home to the fewest
-    conversations (then the least busy), so that conversations spread
-    evenly over the backends' slots rather than all starting on the first
-    one listed while the backends are idle.
+    for it, with a free slot), holds the model or no other candidate does
+    (a runner that was unloaded took its caches with it), and runs no more
+    than C{slack} requests more than the least busy of them.  A backend
+    holds a model when its listing shows it loaded, or when it runs
+    requests of it that the listing has not caught up with (it is loading
+    it): a home loading the model for the conversation's last turn keeps
+    the next;
+  - else the conversation goes, as a new one does, where it crowds the
+    fewest others (below), and lives there from then on
+    (L{Affinity.went});
+  - a conversation seen for the first time, or moved, goes, among the
+    backends that hold its model if the router's choice does (no load
+    where none was needed) and run at most C{slack} requests more than
+    that choice, to the one whose slots hold the fewest conversations for
+    their number (then the least busy, then the router's choice), so that
+    conversations spread evenly over the backends' slots rather than all
+    starting on the first one listed, or on the first to have loaded the
+    model at a cold start.  A move that lands where every slot's cache
+    holds another live conversation evicts one of them: it costs two
+    misses, not one.
 
 A request that had to wait in the fair queue takes the first slot that
 frees, wherever it is: keeping it waiting longer for its home would cost
 its client more than the cache saves.  It moves its conversation there.
 
 Slots: a backend with C{parallel} slots keeps at most C{parallel}
-conversations' caches; a further conversation evicts the least recently
-used one.  The rule does not move a conversation because its home holds
-many: moving it makes a miss certain, staying keeps the chance that its
-slot was not reused.  What it does is place new conversations where the
-fewest conversations live (above), within the slack, which also bounds
-how much busier a home may be.  More live conversations than slots in all
-make misses whatever the routing: the cache-reuse metric shows it.
+conversations' caches (fewer when it runs fewer at once: its effective
+parallel, L{Backend.effective}); a further conversation evicts one.  The
+rule does not move a conversation because its home holds many: moving it
+makes a miss certain, staying keeps the chance that its slot was not
+reused.  What it does is place new and moved conversations where the
+fewest conversations live for each slot (above), within the slack, which
+also bounds how much busier a home may be.  More live conversations than
+slots in all make misses whatever the routing: the cache-reuse metric
+shows it.
 
 Memory is bounded: the digests of the last L{CONVERSATIONS} conversations
 seen, each with its backend, least recently used forgotten first.  Nothing
@@ -104,34 +114,50 @@ class Affinity:
         @param model: The model the request names, if any.
         """
         home = self._homes.get(conversation)
-        if home is None:
-            return self._least_lived(free, chosen, model)
-        if home is chosen or home not in free:
+        if home is chosen:
             return chosen
-        if model is not None and model not in home.loaded and model in chosen.loaded:
-            return chosen
-        if home.in_flight - min(b.in_flight for b in free) > self.slack:
-            return chosen
-        return home
+        if (home is not None and home in free
+                # A runner that was unloaded took its caches with it.
+                and (model is None or _holds(home, model) or not _holds(chosen, model))
+                and home.in_flight - min(b.in_flight for b in free) <= self.slack):
+            return home
+        return self._least_lived(free, chosen, model)
 
     def _least_lived(
         self, free: Sequence[Backend], chosen: Backend, model: ModelName | None
     ) -> Backend:
         """
-        Among the backends that have the model loaded as C{chosen} has and
-        run at most C{slack} requests more than it, the one home to the
-        fewest conversations, the least busy of those, C{chosen} on a tie.
+        Among the backends that hold the model as C{chosen} does (loaded or
+        loading) and run at most C{slack} requests more than it, the one
+        whose slots hold the fewest conversations for their number (its
+        conversations per slot), the least busy of those, C{chosen} on a
+        tie.
         """
-        loaded = model is None or model in chosen.loaded
+        # Only to a backend that holds the model if the router's choice
+        # does: no load where none was needed.
+        held = model if model is not None and _holds(chosen, model) else None
         most = chosen.in_flight + self.slack
-        living = self._living
-        best, rank = chosen, (living[chosen], chosen.in_flight)
+        best, rank = chosen, (self._crowding(chosen, model), chosen.in_flight)
         for backend in free:
             busy = backend.in_flight
-            if (busy <= most and (living[backend], busy) < rank
-                    and (model is None or model in backend.loaded) == loaded):
-                best, rank = backend, (living[backend], busy)
+            if busy > most or (held is not None and not _holds(backend, held)):
+                continue
+            mine = (self._crowding(backend, model), busy)
+            if mine < rank:
+                best, rank = backend, mine
         return best
+
+    def _crowding(self, backend: Backend, model: ModelName | None) -> float:
+        """
+        How many of the conversations remembered live on C{backend} for
+        each of its slots of C{model}: Ollama keeps a prompt cache per slot,
+        and a backend that runs fewer than C{parallel} at once
+        (L{Backend.effective}) has fewer.
+        """
+        slots = backend.parallel
+        if model is not None and model in backend.effective:
+            slots = backend.effective[model]
+        return self._living[backend] / max(slots, 1)
 
     def went(self, conversation: bytes, backend: Backend) -> Placement:
         """
@@ -155,3 +181,13 @@ class Affinity:
         living[backend] -= 1
         if living[backend] <= 0:
             del living[backend]
+
+
+def _holds(backend: Backend, model: ModelName) -> bool:
+    """
+    Whether C{backend} has C{model}'s runner: loaded, as its C{/api/ps} last
+    said, or loading, since it runs requests of it that the listing has
+    not seen yet.  (Read in this order: the running count only when the
+    listing does not have it.)
+    """
+    return model in backend.loaded or backend.running[model] > 0

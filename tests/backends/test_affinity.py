@@ -250,3 +250,81 @@ def test_new_conversations_go_where_fewest_live_within_the_slack() -> None:
     pinned[0].release()
     # It runs 1 against 0 now: within the slack, and home to the fewest.
     assert turn(chain.router, b"n" * 16).backend is idle
+
+
+def test_a_moved_conversation_goes_where_fewest_live() -> None:
+    """
+    A conversation whose home is past the slack moves, not to the router's
+    own choice, but to the candidate within the slack whose slots hold the
+    fewest conversations: a move that lands on a crowded backend evicts
+    another conversation's cache there.
+    """
+    chain = four(parallel=8)
+    affinity = chain.router.affinity = Affinity(slack=1)
+    first, home, third, last = chain.backends
+    affinity.went(ONE, home)
+    for number, backend in enumerate([first, first, third]):
+        affinity.went(bytes([number]) * 16, backend)
+    pinned = [now(chain.router.acquire("k", LLAMA, runs=True, exclude=[first, third, last]))
+              for _ in range(2)]
+    lease = turn(chain.router, ONE)  # home runs 2 against 0: past the slack
+    assert (lease.backend, lease.placement) == (last, "moved")
+    for held in [*pinned, lease]:
+        held.release()
+
+
+def test_a_home_loading_the_model_keeps_its_turn() -> None:
+    """
+    A home that runs the model although its listing does not show it
+    loaded yet (it is loading it, for this conversation's last turn or
+    another's) keeps the turn against a backend that has it loaded: its
+    runner, and the caches in it, are there.
+    """
+    chain = four()
+    assert chain.router.affinity is not None
+    home = chain.backends[1]
+    chain.router.affinity.went(ONE, home)
+    chain.backends[0].loaded = frozenset({LLAMA})
+    loading = now(chain.router.acquire("k", LLAMA, runs=True, exclude=[
+        b for b in chain.backends if b is not home]))
+    assert LLAMA not in home.loaded
+    lease = turn(chain.router, ONE)
+    assert (lease.backend, lease.placement) == (home, "home")
+    loading.release()
+
+
+def test_new_conversations_spread_over_backends_loading_the_model() -> None:
+    """
+    While the first backend's listing shows the model loaded and the others
+    are still loading it (they run its requests), new conversations do not
+    all start on the first: the loading ones hold the model as much.
+    """
+    chain = four()
+    assert chain.router.affinity is not None
+    first, *others = chain.backends
+    first.loaded = frozenset({LLAMA})
+    for number in range(3):
+        chain.router.affinity.went(bytes([number]) * 16, first)
+    loading = [now(chain.router.acquire("k", LLAMA, runs=True, exclude=[
+        b for b in chain.backends if b is not backend])) for backend in others]
+    lease = turn(chain.router, b"n" * 16)
+    assert (lease.backend in others, lease.placement) == (True, "new")
+    for held in [*loading, lease]:
+        held.release()
+
+
+def test_new_conversations_are_weighed_against_slots() -> None:
+    """
+    A new conversation goes to the backend with the fewest conversations
+    for each of its slots, and a backend whose effective parallel is
+    lowered has fewer: one conversation on its one slot is more crowded
+    than two on four.
+    """
+    chain = four(parallel=4)
+    assert chain.router.affinity is not None
+    roomy, lowered, third, last = chain.backends
+    lowered.effective[LLAMA] = 1
+    for number, backend in enumerate([roomy, roomy, lowered, *[third] * 3, *[last] * 3]):
+        chain.router.affinity.went(bytes([number]) * 16, backend)
+    lease = turn(chain.router, b"n" * 16)
+    assert lease.backend is roomy

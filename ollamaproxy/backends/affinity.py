@@ -42,14 +42,21 @@ its client more than the cache saves.  It moves its conversation there.
 
 Slots: a backend with C{parallel} slots keeps at most C{parallel}
 conversations' caches (fewer when it runs fewer at once: its effective
-parallel, L{Backend.effective}); a further conversation evicts one.  The
-rule does not move a conversation because its home holds many: moving it
-makes a miss certain, staying keeps the chance that its slot was not
-reused.  What it does is place new and moved conversations where the
-fewest conversations live for each slot (above), within the slack, which
-also bounds how much busier a home may be.  More live conversations than
-slots in all make misses whatever the routing: the cache-reuse metric
-shows it.
+parallel, L{Backend.effective}); a further conversation evicts one, and
+the evicted one's next turn, finding no cache of its own, takes another's
+slot: on a backend with more conversations than slots, misses go on.  So
+a turn whose home holds more conversations than slots moves (within the
+slack) to the least crowded candidate if that one has a slot no
+conversation holds: one miss, after which both backends' conversations
+keep their caches.  Where no candidate has room, it stays home: moving
+would make a miss certain and evict another conversation's cache, staying
+keeps the chance that its slot was not reused.  New and moved
+conversations go where the fewest conversations live for each slot
+(above).  More live conversations than slots in all make misses whatever
+the routing: the cache-reuse metric shows it.  The conversations counted
+are those remembered: a proxy that has seen many more than its slots
+over the hours counts every backend full, and moves none for room, as
+before this rule.
 
 Memory is bounded: the digests of the last L{CONVERSATIONS} conversations
 seen, each with its backend, least recently used forgotten first.  Nothing
@@ -120,8 +127,29 @@ class Affinity:
                 # A runner that was unloaded took its caches with it.
                 and (model is None or _holds(home, model) or not _holds(chosen, model))
                 and home.in_flight - min(b.in_flight for b in free) <= self.slack):
-            return home
+            # Asked in the order of their cost: a home with room is most.
+            if self._living[home] <= home.parallel and not home.effective:
+                return home
+            return self._rebalance(home, free, chosen, model)
         return self._least_lived(free, chosen, model)
+
+    def _rebalance(
+        self, home: Backend, free: Sequence[Backend], chosen: Backend, model: ModelName | None
+    ) -> Backend:
+        """
+        The backend for a turn whose home holds more conversations than it
+        has slots, so that its turns evict each other's caches (each miss
+        takes another's slot: they go on missing): the least crowded
+        candidate, if it has a slot that no conversation holds, where the
+        conversation misses once and then stays; else its home.
+        """
+        slots = self._slots(home, model)
+        if self._living[home] <= slots:
+            return home
+        roomy = self._least_lived(free, chosen, model)
+        if roomy is home or self._living[roomy] >= self._slots(roomy, model):
+            return home
+        return roomy
 
     def _least_lived(
         self, free: Sequence[Backend], chosen: Backend, model: ModelName | None
@@ -154,10 +182,18 @@ class Affinity:
         and a backend that runs fewer than C{parallel} at once
         (L{Backend.effective}) has fewer.
         """
+        return self._living[backend] / self._slots(backend, model)
+
+    @staticmethod
+    def _slots(backend: Backend, model: ModelName | None) -> int:
+        """
+        How many prompt caches C{backend} keeps for C{model}: one per slot,
+        its effective parallel if lowered.
+        """
         slots = backend.parallel
         if model is not None and model in backend.effective:
             slots = backend.effective[model]
-        return self._living[backend] / max(slots, 1)
+        return max(slots, 1)
 
     def went(self, conversation: bytes, backend: Backend) -> Placement:
         """

@@ -328,3 +328,27 @@ def test_new_conversations_are_weighed_against_slots() -> None:
         chain.router.affinity.went(bytes([number]) * 16, backend)
     lease = turn(chain.router, b"n" * 16)
     assert lease.backend is roomy
+
+
+def test_a_conversation_leaves_a_home_with_more_conversations_than_slots() -> None:
+    """
+    A home that holds more conversations than it has slots makes their
+    turns evict each other's caches; a turn of one of them moves to a
+    candidate with a slot no conversation holds, where it misses once and
+    then stays.  While no candidate has such a slot, it stays home.
+    """
+    chain = four(parallel=2)
+    affinity = chain.router.affinity
+    assert affinity is not None
+    first, home, third, last = chain.backends
+    owners = [home, home, home, first, first, third, third, last, last]
+    for number, backend in enumerate(owners):
+        affinity.went(bytes([number]) * 16, backend)
+    stays = turn(chain.router, bytes([0]) * 16)
+    assert (stays.backend, stays.placement) == (home, "home")
+    stays.release()
+    affinity.went(bytes([8]) * 16, first)  # the last backend has room now
+    lease = turn(chain.router, bytes([0]) * 16)
+    assert (lease.backend, lease.placement) == (last, "moved")
+    again = turn(chain.router, bytes([0]) * 16)
+    assert (again.backend, again.placement) == (last, "home")

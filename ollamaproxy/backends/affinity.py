@@ -17,13 +17,18 @@ a free slot for it and the one it would pick without affinity:
     when it is among those backends (so healthy, having the model, not out
     for it, with a free slot), holds the model or no other candidate does
     (a runner that was unloaded took its caches with it), and runs no more
-    than C{slack} requests more than the least busy of them.  A backend
+    than C{slack} requests more than the least busy of them.  Past the
+    slack, it moves only to a candidate with a slot that no living
+    conversation holds (see below): moved where every slot holds one, the
+    turn would miss and evict one of them, two histories evaluated again to
+    spare one turn some company on its home's GPU.  A backend
     holds a model when its listing shows it loaded, or when it runs
     requests of it that the listing has not caught up with (it is loading
     it): a home loading the model for the conversation's last turn keeps
     the next;
-  - else the conversation goes, as a new one does, where it crowds the
-    fewest others (below), and lives there from then on
+  - else (or past the slack, where there is room) the conversation goes,
+    as a new one does, where it crowds the fewest others (below), and
+    lives there from then on
     (L{Affinity.went});
   - a conversation seen for the first time, or moved, goes, among the
     backends that hold its model if the router's choice does (no load
@@ -53,10 +58,13 @@ would make a miss certain and evict another conversation's cache, staying
 keeps the chance that its slot was not reused.  New and moved
 conversations go where the fewest conversations live for each slot
 (above).  More live conversations than slots in all make misses whatever
-the routing: the cache-reuse metric shows it.  The conversations counted
-are those remembered: a proxy that has seen many more than its slots
-over the hours counts every backend full, and moves none for room, as
-before this rule.
+the routing: the cache-reuse metric shows it.
+
+The conversations counted on a backend are its living ones: those whose
+last turn went there less than L{LIVE} seconds ago (Ollama's default
+C{keep_alive}).  One idle for longer is still remembered, and its next
+turn still goes home, but it no longer counts as holding a slot: its
+user has most likely left, and the slot been reused.
 
 Memory is bounded: the digests of the last L{CONVERSATIONS} conversations
 seen, each with its backend, least recently used forgotten first.  Nothing
@@ -69,12 +77,20 @@ from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Final, Literal
 
+from twisted.internet.interfaces import IReactorTime
+
 from ollamaproxy.backends.pool import Backend
 from ollamaproxy.model_names import ModelName
 
 #: How many conversations are remembered: at 16 bytes of digest and a
 #: reference each, a couple of MiB at most.
 CONVERSATIONS: Final = 10_000
+
+#: Seconds after its last turn that a conversation stops counting as one
+#: that lives on its backend (and holds a slot's cache there): Ollama's
+#: default C{keep_alive}, after which an idle runner, and its caches, go.
+#: A person reading an answer and typing the next question takes less.
+LIVE: Final = 300.0
 
 #: Where a turn went, against its conversation's last: to the same backend,
 #: to another, or the conversation was new (or forgotten).
@@ -89,11 +105,22 @@ class Affinity:
         candidate a home may run and still get its conversation's turn.
     """
 
-    def __init__(self, slack: int, size: int = CONVERSATIONS) -> None:
+    def __init__(self, slack: int, clock: IReactorTime, size: int = CONVERSATIONS,
+                 live: float = LIVE) -> None:
+        """
+        @param clock: Tells when a turn went, for L{LIVE}.
+        @param size: How many conversations are remembered.
+        @param live: Seconds a conversation counts as living after a turn.
+        """
         self.slack = slack
+        self._clock = clock
         self._size = size
+        self._live_for = live
         self._homes: OrderedDict[bytes, Backend] = OrderedDict()
-        # How many remembered conversations live on each backend.
+        # The conversations that had a turn in the last `live` seconds,
+        # each with its backend and when, the least recent first; and how
+        # many of them live on each backend.
+        self._live: OrderedDict[bytes, tuple[Backend, float]] = OrderedDict()
         self._living: Counter[Backend] = Counter()
 
     def __len__(self) -> int:
@@ -123,15 +150,32 @@ class Affinity:
         home = self._homes.get(conversation)
         if home is chosen:
             return chosen
+        self._expire(self._clock.seconds())
         if (home is not None and home in free
                 # A runner that was unloaded took its caches with it.
-                and (model is None or _holds(home, model) or not _holds(chosen, model))
-                and home.in_flight - min(b.in_flight for b in free) <= self.slack):
+                and (model is None or _holds(home, model) or not _holds(chosen, model))):
+            if home.in_flight - min(b.in_flight for b in free) > self.slack:
+                return self._past_slack(home, free, chosen, model)
             # Asked in the order of their cost: a home with room is most.
             if self._living[home] <= home.parallel and not home.effective:
                 return home
             return self._rebalance(home, free, chosen, model)
         return self._least_lived(free, chosen, model)
+
+    def _past_slack(
+        self, home: Backend, free: Sequence[Backend], chosen: Backend, model: ModelName | None
+    ) -> Backend:
+        """
+        The backend for a turn whose home, with a free slot, runs more than
+        C{slack} requests more than the least busy candidate: the least
+        crowded candidate within the slack, if it has a slot that no living
+        conversation holds; else its home.  Moved where every slot holds
+        a living conversation, the turn would miss and evict one of them,
+        which would miss in its turn: two whole histories evaluated again
+        to spare one turn some company on its home's GPU.
+        """
+        roomy = self._least_lived(free, chosen, model)
+        return roomy if self._living[roomy] < self._slots(roomy, model) else home
 
     def _rebalance(
         self, home: Backend, free: Sequence[Backend], chosen: Backend, model: ModelName | None
@@ -184,6 +228,19 @@ class Affinity:
         """
         return self._living[backend] / self._slots(backend, model)
 
+    def _expire(self, now: float) -> None:
+        """
+        Count no more the conversations whose last turn is older than
+        C{live} seconds: they are remembered still, but hold no cache.
+        """
+        live, since = self._live, now - self._live_for
+        while live:
+            conversation, (backend, when) = next(iter(live.items()))
+            if when > since:
+                return
+            del live[conversation]
+            self._forget(backend)
+
     @staticmethod
     def _slots(backend: Backend, model: ModelName | None) -> int:
         """
@@ -200,17 +257,26 @@ class Affinity:
         A turn of C{conversation} went to C{backend}, its home from now on;
         and how that compares with where its last turn went.
         """
-        homes = self._homes
+        homes, live = self._homes, self._live
         last = homes.pop(conversation, None)
-        if last is not None:
-            self._forget(last)
-        elif len(homes) >= self._size:
-            self._forget(homes.popitem(last=False)[1])
+        if last is None and len(homes) >= self._size:
+            self._unlive(homes.popitem(last=False)[0])
         homes[conversation] = backend
+        self._unlive(conversation)
+        live[conversation] = (backend, self._clock.seconds())
         self._living[backend] += 1
         if last is None:
             return "new"
         return "home" if last is backend else "moved"
+
+    def _unlive(self, conversation: bytes) -> None:
+        """
+        C{conversation} lives nowhere now (it is forgotten, or about to
+        live where its new turn went).
+        """
+        entry = self._live.pop(conversation, None)
+        if entry is not None:
+            self._forget(entry[0])
 
     def _forget(self, backend: Backend) -> None:
         living = self._living

@@ -273,8 +273,8 @@ class Router:
         self.shared: SharedQueue | None = None
         #: Where conversations live, if turns go home: with one backend,
         #: every turn does anyway.
-        self.affinity = (Affinity(affinity_slack) if self.several and affinity_slack is not None
-                         else None)
+        self.affinity = (Affinity(affinity_slack, clock)
+                         if self.several and affinity_slack is not None else None)
 
     #: Whether there is more than one backend to choose from.
     several: bool

@@ -75,7 +75,7 @@ def test_a_home_busier_than_the_slack_loses_the_turn() -> None:
     moves there; at the slack it keeps it.
     """
     chain = four(parallel=8)
-    chain.router.affinity = Affinity(slack=2)
+    chain.router.affinity = Affinity(2, chain.clock)
     home_on_second(chain)
     home = chain.backends[1]
     elsewhere = [b for b in chain.backends if b is not home]
@@ -96,7 +96,7 @@ def test_slack_zero_goes_home_only_on_a_tie() -> None:
     the least busy candidate, not when it runs one more.
     """
     chain = four()
-    chain.router.affinity = Affinity(slack=0)
+    chain.router.affinity = Affinity(0, chain.clock)
     home_on_second(chain)
     assert turn(chain.router, ONE).backend is chain.backends[1]  # 0 against 0
     again = turn(chain.router, ONE)  # 1 against 0
@@ -218,7 +218,7 @@ def test_memory_is_bounded_least_recently_used_first() -> None:
     """
     chain = four()
     a, b = chain.backends[:2]
-    affinity = Affinity(slack=2, size=3)
+    affinity = Affinity(2, chain.clock, size=3)
     for number in range(3):
         affinity.went(bytes([number]), a)
     assert affinity.went(bytes([0]), b) == "moved"  # 0 is now the newest
@@ -237,7 +237,7 @@ def test_new_conversations_go_where_fewest_live_within_the_slack() -> None:
     the slack.
     """
     chain = four(parallel=8)
-    chain.router.affinity = Affinity(slack=1)
+    chain.router.affinity = Affinity(1, chain.clock)
     for number in range(3):  # one conversation on each of the first three
         lease = turn(chain.router, bytes([number]) * 16)
         lease.release()
@@ -260,7 +260,7 @@ def test_a_moved_conversation_goes_where_fewest_live() -> None:
     another conversation's cache there.
     """
     chain = four(parallel=8)
-    affinity = chain.router.affinity = Affinity(slack=1)
+    affinity = chain.router.affinity = Affinity(1, chain.clock)
     first, home, third, last = chain.backends
     affinity.went(ONE, home)
     for number, backend in enumerate([first, first, third]):
@@ -352,3 +352,49 @@ def test_a_conversation_leaves_a_home_with_more_conversations_than_slots() -> No
     assert (lease.backend, lease.placement) == (last, "moved")
     again = turn(chain.router, bytes([0]) * 16)
     assert (again.backend, again.placement) == (last, "home")
+
+
+def test_past_the_slack_a_turn_moves_only_where_a_slot_has_room() -> None:
+    """
+    A home past the slack (with a free slot) keeps the turn while every
+    candidate's slots all hold living conversations: moved, it would miss
+    and evict one of them.  Once a candidate has a slot no living
+    conversation holds, the turn moves there.
+    """
+    chain = four(parallel=4)
+    affinity = chain.router.affinity = Affinity(1, chain.clock)
+    first, home, third, last = chain.backends
+    owners = [home, *[home] * 3, *[first] * 4, *[third] * 4, *[last] * 4]
+    for number, backend in enumerate(owners):
+        affinity.went(bytes([number]) * 16, backend)
+    pinned = [now(chain.router.acquire("k", LLAMA, runs=True, exclude=[first, third, last]))
+              for _ in range(2)]
+    stays = turn(chain.router, bytes([0]) * 16)  # 2 against 0: past the slack
+    assert (stays.backend, stays.placement) == (home, "home")
+    stays.release()
+    affinity.went(bytes([15]) * 16, first)  # the last backend has room now
+    lease = turn(chain.router, bytes([0]) * 16)
+    assert (lease.backend, lease.placement) == (last, "moved")
+    for held in [*pinned, lease]:
+        held.release()
+
+
+def test_a_conversation_idle_for_long_holds_no_slot() -> None:
+    """
+    A conversation whose last turn is older than C{live} seconds is still
+    remembered (its next turn goes home) but no longer counts as holding a
+    slot's cache on its backend: new conversations go there again.
+    """
+    chain = four()
+    affinity = chain.router.affinity = Affinity(2, chain.clock, live=60)
+    first, *others = chain.backends
+    for number in range(2):
+        affinity.went(bytes([number]) * 16, first)
+    chain.clock.advance(61)
+    for number, backend in enumerate(others, start=2):
+        affinity.went(bytes([number]) * 16, backend)
+    lease = turn(chain.router, b"n" * 16)
+    assert (lease.backend, lease.placement) == (first, "new")
+    lease.release()
+    again = turn(chain.router, bytes([0]) * 16)
+    assert (again.backend, again.placement) == (first, "home")

@@ -31,10 +31,13 @@ a free slot for it and the one it would pick without affinity:
     lives there from then on
     (L{Affinity.went});
   - a conversation seen for the first time, or moved, goes, among the
-    backends that hold its model if the router's choice does (no load
-    where none was needed) and run at most C{slack} requests more than
-    that choice, to the one whose slots hold the fewest conversations for
-    their number (then the least busy, then the router's choice), so that
+    backends that run at most C{slack} requests more than the router's
+    choice, and if that choice holds its model, only those where the model
+    is warm (held, or run there for a living conversation's turn: its
+    runner is there though the listing, read every few seconds, may not
+    say so yet; no load where none was needed), to the one whose runner
+    of the model has the fewest living conversations for its slots (then
+    the least busy, then the router's choice), so that
     conversations spread evenly over the backends' slots rather than all
     starting on the first one listed, or on the first to have loaded the
     model at a cold start.  A move that lands where every slot's cache
@@ -60,8 +63,9 @@ conversations go where the fewest conversations live for each slot
 (above).  More live conversations than slots in all make misses whatever
 the routing: the cache-reuse metric shows it.
 
-The conversations counted on a backend are its living ones: those whose
-last turn went there less than L{LIVE} seconds ago (Ollama's default
+The conversations counted on a backend are its living ones, per model
+(each runner has its own slots): those whose last turn went there less
+than L{LIVE} seconds ago (Ollama's default
 C{keep_alive}).  One idle for longer is still remembered, and its next
 turn still goes home, but it no longer counts as holding a slot: its
 user has most likely left, and the slot been reused.
@@ -96,6 +100,10 @@ LIVE: Final = 300.0
 #: to another, or the conversation was new (or forgotten).
 Placement = Literal["home", "moved", "new"]
 
+#: A model's runner on a backend, where conversations live: each has its
+#: own slots, and caches.
+_Runner = tuple[Backend, ModelName | None]
+
 
 class Affinity:
     """
@@ -118,10 +126,11 @@ class Affinity:
         self._live_for = live
         self._homes: OrderedDict[bytes, Backend] = OrderedDict()
         # The conversations that had a turn in the last `live` seconds,
-        # each with its backend and when, the least recent first; and how
-        # many of them live on each backend.
-        self._live: OrderedDict[bytes, tuple[Backend, float]] = OrderedDict()
-        self._living: Counter[Backend] = Counter()
+        # each with its backend's runner (the backend and the model: each
+        # runner has its own slots) and when, the least recent first; and
+        # how many of them live on each runner.
+        self._live: OrderedDict[bytes, tuple[_Runner, float]] = OrderedDict()
+        self._living: Counter[_Runner] = Counter()
 
     def __len__(self) -> int:
         return len(self._homes)
@@ -157,7 +166,7 @@ class Affinity:
             if home.in_flight - min(b.in_flight for b in free) > self.slack:
                 return self._past_slack(home, free, chosen, model)
             # Asked in the order of their cost: a home with room is most.
-            if self._living[home] <= home.parallel and not home.effective:
+            if self._living[home, model] <= home.parallel and not home.effective:
                 return home
             return self._rebalance(home, free, chosen, model)
         return self._least_lived(free, chosen, model)
@@ -175,7 +184,7 @@ class Affinity:
         to spare one turn some company on its home's GPU.
         """
         roomy = self._least_lived(free, chosen, model)
-        return roomy if self._living[roomy] < self._slots(roomy, model) else home
+        return roomy if self._living[roomy, model] < self._slots(roomy, model) else home
 
     def _rebalance(
         self, home: Backend, free: Sequence[Backend], chosen: Backend, model: ModelName | None
@@ -188,10 +197,10 @@ class Affinity:
         conversation misses once and then stays; else its home.
         """
         slots = self._slots(home, model)
-        if self._living[home] <= slots:
+        if self._living[home, model] <= slots:
             return home
         roomy = self._least_lived(free, chosen, model)
-        if roomy is home or self._living[roomy] >= self._slots(roomy, model):
+        if roomy is home or self._living[roomy, model] >= self._slots(roomy, model):
             return home
         return roomy
 
@@ -199,11 +208,11 @@ class Affinity:
         self, free: Sequence[Backend], chosen: Backend, model: ModelName | None
     ) -> Backend:
         """
-        Among the backends that hold the model as C{chosen} does (loaded or
-        loading) and run at most C{slack} requests more than it, the one
-        whose slots hold the fewest conversations for their number (its
-        conversations per slot), the least busy of those, C{chosen} on a
-        tie.
+        Among the backends within the slack of C{chosen} (at most C{slack}
+        requests more than it), and if C{chosen} holds the model, only those
+        where it is warm (L{_warm}), the one whose slots hold the fewest
+        living conversations for their number, the least busy of those,
+        C{chosen} on a tie.
         """
         # Only to a backend that holds the model if the router's choice
         # does: no load where none was needed.
@@ -212,7 +221,7 @@ class Affinity:
         best, rank = chosen, (self._crowding(chosen, model), chosen.in_flight)
         for backend in free:
             busy = backend.in_flight
-            if busy > most or (held is not None and not _holds(backend, held)):
+            if busy > most or (held is not None and not self._warm(backend, held)):
                 continue
             mine = (self._crowding(backend, model), busy)
             if mine < rank:
@@ -221,12 +230,23 @@ class Affinity:
 
     def _crowding(self, backend: Backend, model: ModelName | None) -> float:
         """
-        How many of the conversations remembered live on C{backend} for
-        each of its slots of C{model}: Ollama keeps a prompt cache per slot,
-        and a backend that runs fewer than C{parallel} at once
+        How many living conversations C{backend}'s runner of C{model} has
+        for each of its slots: Ollama keeps a prompt cache per slot of each
+        runner, and a backend that runs fewer than C{parallel} at once
         (L{Backend.effective}) has fewer.
         """
-        return self._living[backend] / self._slots(backend, model)
+        return self._living[backend, model] / self._slots(backend, model)
+
+    def _warm(self, backend: Backend, model: ModelName) -> bool:
+        """
+        Whether C{backend} holds C{model} (L{_holds}), or a living
+        conversation's last turn ran it there: within C{keep_alive}, so
+        its runner is there still though the listing (read every few
+        seconds) may not say so yet.  Only new and moved conversations
+        are placed by it; a home is judged by what is sure, since a turn
+        sent to a home that did unload the model would load it again.
+        """
+        return _holds(backend, model) or (backend, model) in self._living
 
     def _expire(self, now: float) -> None:
         """
@@ -235,11 +255,11 @@ class Affinity:
         """
         live, since = self._live, now - self._live_for
         while live:
-            conversation, (backend, when) = next(iter(live.items()))
+            conversation, (runner, when) = next(iter(live.items()))
             if when > since:
                 return
             del live[conversation]
-            self._forget(backend)
+            self._forget(runner)
 
     @staticmethod
     def _slots(backend: Backend, model: ModelName | None) -> int:
@@ -252,10 +272,11 @@ class Affinity:
             slots = backend.effective[model]
         return max(slots, 1)
 
-    def went(self, conversation: bytes, backend: Backend) -> Placement:
+    def went(self, conversation: bytes, backend: Backend, model: ModelName | None) -> Placement:
         """
-        A turn of C{conversation} went to C{backend}, its home from now on;
-        and how that compares with where its last turn went.
+        A turn of C{conversation} that runs C{model} went to C{backend}, its
+        home from now on; and how that compares with where its last turn
+        went.
         """
         homes, live = self._homes, self._live
         last = homes.pop(conversation, None)
@@ -263,8 +284,8 @@ class Affinity:
             self._unlive(homes.popitem(last=False)[0])
         homes[conversation] = backend
         self._unlive(conversation)
-        live[conversation] = (backend, self._clock.seconds())
-        self._living[backend] += 1
+        live[conversation] = ((backend, model), self._clock.seconds())
+        self._living[backend, model] += 1
         if last is None:
             return "new"
         return "home" if last is backend else "moved"
@@ -278,11 +299,11 @@ class Affinity:
         if entry is not None:
             self._forget(entry[0])
 
-    def _forget(self, backend: Backend) -> None:
+    def _forget(self, runner: _Runner) -> None:
         living = self._living
-        living[backend] -= 1
-        if living[backend] <= 0:
-            del living[backend]
+        living[runner] -= 1
+        if living[runner] <= 0:
+            del living[runner]
 
 
 def _holds(backend: Backend, model: ModelName) -> bool:

@@ -467,7 +467,7 @@ class Router:
         lease._key, lease._weight, lease._charged, lease._meter = key, weight, cost, meter
         lease._user = user
         if conversation is not None and self.affinity is not None:
-            lease.placement = self.affinity.went(conversation, lease.backend)
+            lease.placement = self.affinity.went(conversation, lease.backend, lease.model)
         return lease
 
     def _check_available(self, model: ModelName | None, excluded: frozenset[Backend]) -> None:

@@ -220,13 +220,13 @@ def test_memory_is_bounded_least_recently_used_first() -> None:
     a, b = chain.backends[:2]
     affinity = Affinity(2, chain.clock, size=3)
     for number in range(3):
-        affinity.went(bytes([number]), a)
-    assert affinity.went(bytes([0]), b) == "moved"  # 0 is now the newest
-    affinity.went(bytes([3]), a)  # 1 is forgotten
+        affinity.went(bytes([number]), a, LLAMA)
+    assert affinity.went(bytes([0]), b, LLAMA) == "moved"  # 0 is now the newest
+    affinity.went(bytes([3]), a, LLAMA)  # 1 is forgotten
     assert len(affinity) == 3
     assert affinity.home(bytes([1])) is None
     assert (affinity.home(bytes([0])), affinity.home(bytes([2]))) == (b, a)
-    assert affinity.went(bytes([1]), a) == "new"
+    assert affinity.went(bytes([1]), a, LLAMA) == "new"
     assert len(affinity) == 3
 
 
@@ -262,9 +262,9 @@ def test_a_moved_conversation_goes_where_fewest_live() -> None:
     chain = four(parallel=8)
     affinity = chain.router.affinity = Affinity(1, chain.clock)
     first, home, third, last = chain.backends
-    affinity.went(ONE, home)
+    affinity.went(ONE, home, LLAMA)
     for number, backend in enumerate([first, first, third]):
-        affinity.went(bytes([number]) * 16, backend)
+        affinity.went(bytes([number]) * 16, backend, LLAMA)
     pinned = [now(chain.router.acquire("k", LLAMA, runs=True, exclude=[first, third, last]))
               for _ in range(2)]
     lease = turn(chain.router, ONE)  # home runs 2 against 0: past the slack
@@ -283,7 +283,7 @@ def test_a_home_loading_the_model_keeps_its_turn() -> None:
     chain = four()
     assert chain.router.affinity is not None
     home = chain.backends[1]
-    chain.router.affinity.went(ONE, home)
+    chain.router.affinity.went(ONE, home, LLAMA)
     chain.backends[0].loaded = frozenset({LLAMA})
     loading = now(chain.router.acquire("k", LLAMA, runs=True, exclude=[
         b for b in chain.backends if b is not home]))
@@ -304,7 +304,7 @@ def test_new_conversations_spread_over_backends_loading_the_model() -> None:
     first, *others = chain.backends
     first.loaded = frozenset({LLAMA})
     for number in range(3):
-        chain.router.affinity.went(bytes([number]) * 16, first)
+        chain.router.affinity.went(bytes([number]) * 16, first, LLAMA)
     loading = [now(chain.router.acquire("k", LLAMA, runs=True, exclude=[
         b for b in chain.backends if b is not backend])) for backend in others]
     lease = turn(chain.router, b"n" * 16)
@@ -325,7 +325,7 @@ def test_new_conversations_are_weighed_against_slots() -> None:
     roomy, lowered, third, last = chain.backends
     lowered.effective[LLAMA] = 1
     for number, backend in enumerate([roomy, roomy, lowered, *[third] * 3, *[last] * 3]):
-        chain.router.affinity.went(bytes([number]) * 16, backend)
+        chain.router.affinity.went(bytes([number]) * 16, backend, LLAMA)
     lease = turn(chain.router, b"n" * 16)
     assert lease.backend is roomy
 
@@ -343,11 +343,11 @@ def test_a_conversation_leaves_a_home_with_more_conversations_than_slots() -> No
     first, home, third, last = chain.backends
     owners = [home, home, home, first, first, third, third, last, last]
     for number, backend in enumerate(owners):
-        affinity.went(bytes([number]) * 16, backend)
+        affinity.went(bytes([number]) * 16, backend, LLAMA)
     stays = turn(chain.router, bytes([0]) * 16)
     assert (stays.backend, stays.placement) == (home, "home")
     stays.release()
-    affinity.went(bytes([8]) * 16, first)  # the last backend has room now
+    affinity.went(bytes([8]) * 16, first, LLAMA)  # the last backend has room now
     lease = turn(chain.router, bytes([0]) * 16)
     assert (lease.backend, lease.placement) == (last, "moved")
     again = turn(chain.router, bytes([0]) * 16)
@@ -366,13 +366,13 @@ def test_past_the_slack_a_turn_moves_only_where_a_slot_has_room() -> None:
     first, home, third, last = chain.backends
     owners = [home, *[home] * 3, *[first] * 4, *[third] * 4, *[last] * 4]
     for number, backend in enumerate(owners):
-        affinity.went(bytes([number]) * 16, backend)
+        affinity.went(bytes([number]) * 16, backend, LLAMA)
     pinned = [now(chain.router.acquire("k", LLAMA, runs=True, exclude=[first, third, last]))
               for _ in range(2)]
     stays = turn(chain.router, bytes([0]) * 16)  # 2 against 0: past the slack
     assert (stays.backend, stays.placement) == (home, "home")
     stays.release()
-    affinity.went(bytes([15]) * 16, first)  # the last backend has room now
+    affinity.went(bytes([15]) * 16, first, LLAMA)  # the last backend has room now
     lease = turn(chain.router, bytes([0]) * 16)
     assert (lease.backend, lease.placement) == (last, "moved")
     for held in [*pinned, lease]:
@@ -389,12 +389,49 @@ def test_a_conversation_idle_for_long_holds_no_slot() -> None:
     affinity = chain.router.affinity = Affinity(2, chain.clock, live=60)
     first, *others = chain.backends
     for number in range(2):
-        affinity.went(bytes([number]) * 16, first)
+        affinity.went(bytes([number]) * 16, first, LLAMA)
     chain.clock.advance(61)
     for number, backend in enumerate(others, start=2):
-        affinity.went(bytes([number]) * 16, backend)
+        affinity.went(bytes([number]) * 16, backend, LLAMA)
     lease = turn(chain.router, b"n" * 16)
     assert (lease.backend, lease.placement) == (first, "new")
     lease.release()
     again = turn(chain.router, bytes([0]) * 16)
     assert (again.backend, again.placement) == (first, "home")
+
+
+def test_new_conversations_go_where_a_living_one_ran_the_model() -> None:
+    """
+    A backend whose listing does not show the model (it is read every few
+    seconds) but that ran a living conversation's turn of it has it warm:
+    a new conversation may go there though the router's choice has the
+    model loaded, while backends where it is cold are left out.
+    """
+    chain = four()
+    affinity = chain.router.affinity
+    assert affinity is not None
+    loaded, warm = chain.backends[:2]
+    loaded.loaded = frozenset({LLAMA})
+    for number in range(3):
+        affinity.went(bytes([number]) * 16, loaded, LLAMA)
+    affinity.went(b"w" * 16, warm, LLAMA)
+    lease = turn(chain.router, b"n" * 16)
+    assert (lease.backend, lease.placement) == (warm, "new")
+
+
+def test_conversations_are_counted_per_model() -> None:
+    """
+    Each model's runner has its own slots: conversations of another model
+    on a backend do not crowd a new conversation's model there.
+    """
+    chain = four(parallel=4)
+    affinity = chain.router.affinity
+    assert affinity is not None
+    first, second, third, last = chain.backends
+    mistral = resolve("mistral")
+    for number in range(4):
+        affinity.went(bytes([number]) * 16, first, mistral)
+    owners = [second, third, third, last, last]
+    for number, backend in enumerate(owners, start=4):
+        affinity.went(bytes([number]) * 16, backend, LLAMA)
+    assert turn(chain.router, b"n" * 16).backend is first

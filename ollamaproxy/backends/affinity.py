@@ -301,8 +301,11 @@ class Affinity:
 
     def _forget(self, runner: _Runner) -> None:
         living = self._living
-        living[runner] -= 1
-        if living[runner] <= 0:
+        # Each look-up hashes the model's name (a call): two, not three.
+        left = living[runner] - 1
+        if left > 0:
+            living[runner] = left
+        else:
             del living[runner]
 
 

@@ -65,10 +65,10 @@ the routing: the cache-reuse metric shows it.
 
 The conversations counted on a backend are its living ones, per model
 (each runner has its own slots): those whose last turn went there less
-than L{LIVE} seconds ago (Ollama's default
-C{keep_alive}).  One idle for longer is still remembered, and its next
-turn still goes home, but it no longer counts as holding a slot: its
-user has most likely left, and the slot been reused.
+than L{LIVE} seconds ago (Ollama's default C{keep_alive}).  One idle for
+longer is still remembered, and its next turn still goes home, but it no
+longer counts as holding a slot: its user has most likely left, and the
+slot been reused.
 
 Memory is bounded: the digests of the last L{CONVERSATIONS} conversations
 seen, each with its backend, least recently used forgotten first.  Nothing

@@ -37,7 +37,10 @@ a free slot for it and the one it would pick without affinity:
     runner is there though the listing, read every few seconds, may not
     say so yet; no load where none was needed), to the one whose runner
     of the model has the fewest living conversations for its slots (then
-    the least busy, then the router's choice), so that
+    the least busy, then the router's choice); a new conversation goes
+    past the slack to a backend whose runner has a slot no living
+    conversation holds when none within it has one, since starting where
+    every slot holds another's cache would go on evicting them; so that
     conversations spread evenly over the backends' slots rather than all
     starting on the first one listed, or on the first to have loaded the
     model at a cold start.  A move that lands where every slot's cache
@@ -169,7 +172,7 @@ class Affinity:
             if self._living[home, model] <= home.parallel and not home.effective:
                 return home
             return self._rebalance(home, free, chosen, model)
-        return self._least_lived(free, chosen, model)
+        return self._least_lived(free, chosen, model, room=True)
 
     def _past_slack(
         self, home: Backend, free: Sequence[Backend], chosen: Backend, model: ModelName | None
@@ -205,7 +208,8 @@ class Affinity:
         return roomy
 
     def _least_lived(
-        self, free: Sequence[Backend], chosen: Backend, model: ModelName | None
+        self, free: Sequence[Backend], chosen: Backend, model: ModelName | None,
+        room: bool = False,
     ) -> Backend:
         """
         Among the backends within the slack of C{chosen} (at most C{slack}
@@ -213,17 +217,27 @@ class Affinity:
         where it is warm (L{_warm}), the one whose slots hold the fewest
         living conversations for their number, the least busy of those,
         C{chosen} on a tie.
+
+        @param room: Whether, if none of those has a slot that no living
+            conversation holds, one past the slack that has such a slot
+            is chosen instead (the least crowded, the least busy): for a
+            new conversation, which would otherwise start where every
+            slot's cache is another's, and go on evicting them.  Past the
+            slack it still has a free slot: it runs in more company.
         """
         # Only to a backend that holds the model if the router's choice
         # does: no load where none was needed.
         held = model if model is not None and _holds(chosen, model) else None
         most = chosen.in_flight + self.slack
-        best, rank = chosen, (self._crowding(chosen, model), chosen.in_flight)
+        crowding = self._crowding(chosen, model)
+        best, rank = chosen, (crowding >= 1, False, crowding, chosen.in_flight)
         for backend in free:
             busy = backend.in_flight
-            if busy > most or (held is not None and not self._warm(backend, held)):
+            past = busy > most
+            if (past and not room) or (held is not None and not self._warm(backend, held)):
                 continue
-            mine = (self._crowding(backend, model), busy)
+            crowding = self._crowding(backend, model)
+            mine = (crowding >= 1, past, crowding, busy)
             if mine < rank:
                 best, rank = backend, mine
         return best

@@ -435,3 +435,24 @@ def test_conversations_are_counted_per_model() -> None:
     for number, backend in enumerate(owners, start=4):
         affinity.went(bytes([number]) * 16, backend, LLAMA)
     assert turn(chain.router, b"n" * 16).backend is first
+
+
+def test_a_new_conversation_goes_past_the_slack_for_a_slot_with_room() -> None:
+    """
+    When every backend within the slack has each slot's cache held by a
+    living conversation, a new conversation goes to one past the slack
+    that has a slot no living conversation holds (it has a free slot, so
+    it runs at once), rather than start evicting its neighbours' caches.
+    """
+    chain = four(parallel=4)
+    affinity = chain.router.affinity = Affinity(1, chain.clock)
+    idle, roomy, *full = chain.backends
+    owners = [*[idle] * 4, *[roomy] * 3, *[full[0]] * 4, *[full[1]] * 4]
+    for number, backend in enumerate(owners):
+        affinity.went(bytes([number]) * 16, backend, LLAMA)
+    busy = [now(chain.router.acquire("k", LLAMA, runs=True, exclude=[idle, *full]))
+            for _ in range(3)]
+    lease = turn(chain.router, b"n" * 16)  # roomy runs 3 against 0: past the slack
+    assert (lease.backend, lease.placement) == (roomy, "new")
+    for held in [*busy, lease]:
+        held.release()

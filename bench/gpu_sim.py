@@ -53,6 +53,7 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
 VERSION = "0.11.5"
 QUEUE_FULL = "server busy, please try again.  maximum pending requests exceeded"
@@ -77,6 +78,16 @@ class CostModel:
     default_output: int = 128
     num_ctx: int = 4096
     model_bytes: int = 4_580_000_000
+    slots_run: int = 0
+    """Slots a runner really runs, if fewer than C{num_parallel} (0: all):
+    Ollama drops to fewer when VRAM is short and says so in no API."""
+
+    def slots(self) -> int:
+        """
+        How many slots a runner has: C{slots_run} when it is set below
+        C{num_parallel}, silently, as Ollama does (ollama#17556).
+        """
+        return min(self.slots_run or self.num_parallel, self.num_parallel)
 
     def step(self, busy: int) -> float:
         """
@@ -85,6 +96,58 @@ class CostModel:
         second of all slots together rise.
         """
         return (1 + self.slot_slowdown * max(busy - 1, 0)) / self.decode_tps
+
+
+@dataclass(frozen=True)
+class Hang:
+    """
+    When a model's generations hang: accepted, and never a first byte,
+    while the listings answer (ollama#17408).
+
+    @ivar model: The model whose generations hang; empty for none.
+    @ivar after: Generation requests (of any model) answered first.
+    @ivar at: Simulated seconds after the start before it hangs.
+    """
+
+    model: str = ""
+    after: int = 0
+    at: float = 0.0
+
+
+@implementer(IReactorTime)
+class ScaledClock:
+    """
+    Simulated time running C{speed} times faster than C{real}'s: every
+    duration the simulator waits is divided by C{speed}, and every figure it
+    reports (C{load_duration}, ...) stays in simulated seconds.  Its epoch
+    is C{real}'s time when made, so time stamps stay near the real ones.
+    """
+
+    def __init__(self, real: IReactorTime, speed: float) -> None:
+        if speed <= 0:
+            raise ValueError("speed must be above 0")
+        self.real = real
+        self.speed = speed
+        self.origin = real.seconds()
+
+    def seconds(self) -> float:
+        """
+        Simulated seconds.
+        """
+        return self.origin + (self.real.seconds() - self.origin) * self.speed
+
+    def callLater(self, delay: float, callable: Callable[..., Any],
+                  *args: object, **kw: object) -> IDelayedCall:
+        """
+        Call after C{delay} simulated seconds.
+        """
+        return self.real.callLater(delay / self.speed, callable, *args, **kw)
+
+    def getDelayedCalls(self) -> Sequence[IDelayedCall]:
+        """
+        The real clock's pending calls (their times are real).
+        """
+        return self.real.getDelayedCalls()
 
 
 @dataclass
@@ -193,6 +256,12 @@ class GPU:
         self.evicting: Runner | None = None
         """The runner the queue's head waits to see unloaded, if any."""
         self.loads = 0
+        self.prompt_tokens = 0
+        """Prompt tokens of the requests given a slot, cached or not."""
+        self.evaluated_tokens = 0
+        """Of those, the tokens evaluated (not found in the slot's cache)."""
+        self.most_busy: dict[str, int] = {}
+        """The most slots each model has had busy at once."""
 
     def submit(self, job: Job) -> bool:
         """
@@ -277,7 +346,7 @@ class GPU:
         return next((r for r in ordered if r.refs == 0), ordered[0])
 
     def _load(self, job: Job) -> None:
-        runner = Runner(job.model, job.num_ctx, [Slot() for _ in range(self.cost.num_parallel)])
+        runner = Runner(job.model, job.num_ctx, [Slot() for _ in range(self.cost.slots())])
         self.runners[job.model] = runner
         self.loads += 1
         self._attach(job, runner)
@@ -321,6 +390,10 @@ class GPU:
             kept = max(kept, 0)
             del slot.cache[kept:]
             slot.job = job
+            self.prompt_tokens += len(job.prompt)
+            self.evaluated_tokens += len(job.prompt) - kept
+            self.most_busy[runner.model] = max(self.most_busy.get(runner.model, 0),
+                                               runner.busy())
             job.slot = slot
             job.prompt_eval_duration = (len(job.prompt) - kept) / self.cost.prefill_tps
             job.call = self.clock.callLater(job.prompt_eval_duration, self._prefilled, job)
@@ -425,12 +498,23 @@ class Simulator(Resource):
     isLeaf = True
 
     def __init__(self, clock: IReactorTime, cost: CostModel,
-                 models: Sequence[str] = ("llama3.1:8b",)) -> None:
+                 models: Sequence[str] = ("llama3.1:8b",), hang: Hang = Hang()) -> None:
         self.children = {}  # what Resource.__init__ (unannotated) does
         self.clock = clock
         self.cost = cost
         self.models = [_canonical(m) for m in models]
         self.gpu = GPU(clock, cost)
+        self.hang = replace(hang, model=_canonical(hang.model)) if hang.model else hang
+        self.started = clock.seconds()
+        self.generations = 0
+        """Generation requests received, hung ones included."""
+        self.hang_since: float | None = None
+        self.hung: list[tuple[float, int]] = []
+        """When each hung request came (simulated seconds after the start),
+        and the tokens it asked: a proxy's one-token check asks one."""
+        self.in_flight: dict[str, int] = {}
+        self.most_in_flight: dict[str, int] = {}
+        """The most requests of each model taken and not yet answered at once."""
         self._ids = 0
 
     def render(self, request: Request) -> bytes | int:
@@ -448,6 +532,7 @@ class Simulator(Resource):
             (b"POST", b"/api/generate"): self._infer("generate"),
             (b"POST", b"/api/embed"): self._infer("embed"),
             (b"POST", b"/v1/chat/completions"): self._infer("v1"),
+            (b"GET", b"/sim/stats"): self._stats,
         }
         handler = routes.get((method, request.path))
         if handler is None:
@@ -490,6 +575,42 @@ class Simulator(Resource):
             for runner in self.gpu.runners.values()
         ]})
 
+    def _stats(self, request: Request) -> bytes:
+        """
+        What the simulator knows and Ollama tells no one, for the scenario
+        runner (C{bench/scenarios.py}): loads, the prompt tokens given a slot
+        and how many of them were evaluated, the most slots busy per model,
+        and the hang's start and the requests it swallowed (when, in simulated
+        seconds after the simulator's start, and how many tokens each asked).
+        """
+        gpu = self.gpu
+        since = None if self.hang_since is None else self.hang_since - self.started
+        return self._json(request, {
+            "loads": gpu.loads, "generations": self.generations,
+            "prompt_tokens": gpu.prompt_tokens, "evaluated_tokens": gpu.evaluated_tokens,
+            "most_busy": gpu.most_busy, "most_in_flight": self.most_in_flight,
+            "hang_since": since, "hung": self.hung, "now": self.clock.seconds() - self.started})
+
+    def track(self, model: str, change: int) -> None:
+        """
+        A request of C{model} taken (+1) or ended (-1): the most at once
+        is kept for the stats.
+        """
+        now = self.in_flight[model] = self.in_flight.get(model, 0) + change
+        self.most_in_flight[model] = max(self.most_in_flight.get(model, 0), now)
+
+    def _hangs(self, model: str) -> bool:
+        """
+        Whether a generation of C{model} arriving now hangs (L{Hang}); the
+        hang, once begun, lasts.
+        """
+        hang = self.hang
+        now = self.clock.seconds()
+        if self.hang_since is None and hang.model and self.generations >= hang.after \
+                and now - self.started >= hang.at:
+            self.hang_since = now
+        return self.hang_since is not None and model == hang.model
+
     def _infer(self, kind: str) -> Callable[[Request], int]:
         return lambda request: self._inference(kind, request)
 
@@ -518,6 +639,14 @@ class Simulator(Resource):
             else options.get("num_predict")
         limited = isinstance(asked, int) and asked >= 0
         output = 0 if kind == "embed" else int(asked or 0) if limited else self.cost.default_output
+        if kind != "embed":
+            hangs = self._hangs(model)
+            self.generations += 1
+            if hangs:
+                # No head, no byte: the client or the proxy gives up.
+                self.hung.append((self.clock.seconds() - self.started, output))
+                request.notifyFinish().addErrback(lambda _: None)
+                return NOT_DONE_YET
         num_ctx = options.get("num_ctx")
         stream = bool(doc.get("stream", kind != "v1")) and kind != "embed"
         self._ids += 1
@@ -527,6 +656,7 @@ class Simulator(Resource):
                   output, limited, exchange.token, exchange.done)
         if not self.gpu.submit(job):
             raise _Failed(503, QUEUE_FULL)
+        self.track(model, +1)
         request.notifyFinish().addErrback(lambda _: exchange.lost(job))
         return NOT_DONE_YET
 
@@ -593,6 +723,7 @@ class _Exchange:
         """
         if self.gone:
             return
+        self.simulator.track(self.model, -1)
         self._head()
         text = "".join(self.text)
         usage = {"prompt_tokens": stats.prompt_eval_count,
@@ -637,19 +768,47 @@ class _Exchange:
         """
         The client disconnected: its generation stops and its slot frees.
         """
+        if not self.gone:
+            self.simulator.track(self.model, -1)
         self.gone = True
         self.simulator.gpu.cancel(job)
 
 
-def parse(argv: Sequence[str]) -> tuple[int, CostModel, list[str]]:
+@dataclass(frozen=True)
+class Setup:
+    """
+    The command line's meaning.
+
+    @ivar speed: How many times faster than real time the simulation runs
+        (L{ScaledClock}).
+    """
+
+    port: int
+    cost: CostModel
+    models: list[str]
+    speed: float = 1.0
+    hang: Hang = Hang()
+
+
+def parse(argv: Sequence[str]) -> Setup:
     """
     The command line: the port, the cost model (each field an option whose
-    default is L{CostModel}'s) and the installed models.
+    default is L{CostModel}'s), the installed models, the time scale and
+    the hang.
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("port", type=int)
     parser.add_argument("--model", action="append", dest="models",
                         help="an installed model (repeat; default llama3.1:8b)")
+    parser.add_argument("--speed", type=float, default=1.0,
+                        help="run X times faster than real time; figures stay in simulated "
+                             "seconds (default 1)")
+    parser.add_argument("--hang", default="", metavar="MODEL",
+                        help="generations of MODEL never send a byte (default: none)")
+    parser.add_argument("--hang-after", type=int, default=0, metavar="N",
+                        help="with --hang: only after N generation requests (default 0)")
+    parser.add_argument("--hang-at", type=float, default=0.0, metavar="S",
+                        help="with --hang: only S simulated seconds after the start (default 0)")
     defaults = CostModel()
     for item in fields(CostModel):
         value = getattr(defaults, item.name)
@@ -658,7 +817,10 @@ def parse(argv: Sequence[str]) -> tuple[int, CostModel, list[str]]:
     args = parser.parse_args(argv)
     cost = replace(defaults, **{item.name: getattr(args, item.name)
                                 for item in fields(CostModel)})
-    return args.port, cost, args.models or ["llama3.1:8b"]
+    if args.speed <= 0:
+        parser.error("--speed must be above 0")
+    return Setup(args.port, cost, args.models or ["llama3.1:8b"], args.speed,
+                 Hang(args.hang, args.hang_after, args.hang_at))
 
 
 def main(argv: Sequence[str]) -> None:
@@ -669,10 +831,11 @@ def main(argv: Sequence[str]) -> None:
 
     # The global reactor's module is typed as a module, not as what it is.
     reactor: Any = installed
-    port, cost, models = parse(argv)
-    site = Site(Simulator(reactor, cost, models))
+    setup = parse(argv)
+    clock = ScaledClock(reactor, setup.speed)
+    site = Site(Simulator(clock, setup.cost, setup.models, setup.hang))
     site.noisy = False
-    listening = reactor.listenTCP(port, site, interface="127.0.0.1")
+    listening = reactor.listenTCP(setup.port, site, interface="127.0.0.1")
     print(f"gpu_sim listening on 127.0.0.1:{listening.getHost().port}", flush=True)
     reactor.run()
 

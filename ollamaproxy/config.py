@@ -655,7 +655,8 @@ class Config:
         help="Send a request for a loaded model that asks for a smaller num_ctx, or none, "
         "with the context it is loaded with, so that it is not reloaded",
         doc="send a request for a loaded model that asks for a smaller `options.num_ctx`, or "
-        "none, with the context its runner is loaded with (from the backends' `/api/ps`), "
+        "none, with the context its runner is loaded with (the one the proxy last sent it "
+        "with, else the backends' `/api/ps`), "
         "so that Ollama does not reload it; `no` sends every request as it came; "
         "`--max-num-ctx` still bounds it",
     )

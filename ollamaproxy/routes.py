@@ -191,6 +191,8 @@ class Catalogue:
                 self._exact[route.pattern.encode("ascii")] = route
             else:
                 self._parameters.append((prefix, route))
+        #: The paths of the routes without a parameter.
+        self.fixed: frozenset[bytes] = frozenset(self._exact)
 
     def find(self, path: bytes) -> RouteSpec | None:
         """

@@ -67,6 +67,7 @@ class Env:
 
     cost: Any = None
     clock: Clock = field(default_factory=Clock)
+    hang: Any = None
     sim: Any = None
     treq: Any = field(init=False)
     """A C{StubTreq}, whose methods are made at run time (so typed L{Any})."""
@@ -74,7 +75,8 @@ class Env:
     sent: list[Deferred[IResponse]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.sim = sim.Simulator(self.clock, self.cost or sim.CostModel(), [M1, M2, M3])
+        self.sim = sim.Simulator(self.clock, self.cost or sim.CostModel(), [M1, M2, M3],
+                                 self.hang or sim.Hang())
         self.treq = StubTreq(self.sim)
 
     def send(self, path: str, doc: Any) -> Body:
@@ -416,8 +418,10 @@ def test_every_figure_is_an_option() -> None:
     argv = ["8080", "--model", "a:1", "--model", "b:2"]
     for name in names:
         argv += [f"--{name.replace('_', '-')}", str(getattr(defaults, name) * 2)]
-    port, model, models = sim.parse(argv)
-    assert (port, models) == (8080, ["a:1", "b:2"])
+    setup = sim.parse(argv)
+    assert (setup.port, setup.models, setup.speed, setup.hang) == \
+        (8080, ["a:1", "b:2"], 1.0, sim.Hang())
+    model = setup.cost
     assert {name: getattr(model, name) for name in names} == \
         {name: getattr(defaults, name) * 2 for name in names}
 
@@ -454,3 +458,113 @@ def test_the_proxy_keeps_the_loaded_context_so_the_sim_does_not_reload() -> None
     for options in ({"num_ctx": 2048}, {}, {"num_ctx": 8192}, {"num_ctx": 2048}, {}):
         through(chat(M1, **options))
     assert env.sim.gpu.loads == 1
+
+
+def test_the_time_scale_and_the_hang_are_options() -> None:
+    """
+    C{--speed} sets the time scale (above 0 only), and C{--hang MODEL}
+    with C{--hang-after N} and C{--hang-at S} when a model's generations
+    hang.
+    """
+    setup = sim.parse(["0", "--speed", "10", "--hang", "m:1", "--hang-after", "5",
+                       "--hang-at", "30"])
+    assert (setup.speed, setup.hang) == (10.0, sim.Hang("m:1", 5, 30.0))
+    with pytest.raises(SystemExit):
+        sim.parse(["0", "--speed", "0"])
+
+
+def test_a_hung_model_takes_generations_and_sends_nothing() -> None:
+    """
+    With a hang after one request, the first chat is answered; the next
+    ones of that model get no head and no byte however long they wait,
+    while the listings still answer and another model still generates.
+    The stats tell when the hang began and what it swallowed.
+    """
+    env = Env(cost(), hang=sim.Hang(M1, after=1))
+    first = env.send("/api/chat", chat(M1))
+    env.run()
+    assert first.done
+    env.advance(10.0 - env.clock.seconds())
+    hung = env.send("/api/chat", chat(M1))
+    env.advance(200.0)  # within the keep-alive: the model stays listed
+    assert not hung.chunks and len(env.responses) == 1
+    assert [m["name"] for m in env.get("/api/tags")["models"]] == [M1, M2, M3]
+    assert [m["name"] for m in env.get("/api/ps")["models"]] == [M1]
+    other = env.send("/api/chat", chat(M2))
+    env.run()
+    assert other.done
+    stats = env.get("/sim/stats")
+    assert (stats["hang_since"], stats["hung"], stats["generations"]) == \
+        (pytest.approx(10.0), [[pytest.approx(10.0), 5]], 3)
+
+
+def test_a_hang_can_wait_for_a_time() -> None:
+    """
+    A hang set for a time leaves the model's generations answered before
+    it, and takes every one after it.
+    """
+    env = Env(cost(), hang=sim.Hang(M1, at=50.0))
+    before = env.send("/api/chat", chat(M1))
+    env.run()
+    env.advance(50.0 - env.clock.seconds())
+    after = env.send("/api/chat", chat(M1))
+    env.advance(100.0)
+    assert before.done and not after.chunks
+
+
+def test_a_runner_can_run_fewer_slots_than_it_was_given() -> None:
+    """
+    With four parallel slots configured and one really run, four chats run
+    one at a time, and nothing in /api/ps tells (ollama#17556); the stats
+    show one slot busy at most.
+    """
+    env = Env(cost(num_parallel=4, slots_run=1))
+    bodies = [env.send("/api/chat", chat(output=10)) for _ in range(4)]
+    env.advance(0)
+    assert env.sim.gpu.runners[M1].busy() == 1
+    env.run()
+    starts = sorted(body.chunks[0][0] for body in bodies)
+    ends = sorted(body.chunks[-1][0] for body in bodies)
+    assert all(start >= end for start, end in zip(starts[1:], ends, strict=False))
+    [loaded] = env.get("/api/ps")["models"]
+    assert set(loaded) == {"name", "model", "size", "digest", "details", "expires_at",
+                           "size_vram", "context_length"}
+    stats = env.get("/sim/stats")
+    assert (stats["most_busy"], stats["most_in_flight"]) == ({M1: 1}, {M1: 4})
+
+
+def test_the_stats_count_evaluated_and_cached_prompt_tokens() -> None:
+    """
+    A prompt sent twice is evaluated whole once, then all but one token
+    comes from the slot's cache: the stats count both prompts and what was
+    evaluated.
+    """
+    env = Env(cost())
+    for _ in range(2):
+        env.send("/api/generate", {"model": M1, "prompt": "a b c d",
+                                   "options": {"num_predict": 1}})
+        env.run()
+    stats = env.get("/sim/stats")
+    assert (stats["loads"], stats["prompt_tokens"], stats["evaluated_tokens"]) == (1, 10, 6)
+
+
+def test_a_scaled_clock_runs_simulated_time_faster() -> None:
+    """
+    At speed 10, a chat whose simulated work takes D seconds ends after
+    D / 10 real seconds, and reports its figures in simulated seconds.
+    """
+    real = Clock()
+    real.advance(1000.0)
+    model = cost(load_seconds=5.0)
+    env = Env(model, clock=real)
+    env.sim = sim.Simulator(sim.ScaledClock(real, 10.0), model, [M1])
+    env.treq = StubTreq(env.sim)
+    body = env.send("/api/chat", chat(words=100, output=5))
+    work = 5.0 + 102 / model.prefill_tps + 5 / model.decode_tps
+    env.advance(work / 10 - 1e-6)
+    assert not body.done
+    env.advance(2e-6)
+    assert body.done
+    final = body.final()
+    assert final["load_duration"] == ns(5.0)
+    assert final["total_duration"] == pytest.approx(ns(work), abs=1e4)

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from klein.resource import KleinResource
 from treq.testing import StubTreq
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, IServiceMaker, MultiService, Service
@@ -77,6 +76,7 @@ from ollamaproxy.tap import (
     StopInOrder,
     build_service,
 )
+from ollamaproxy.web.front import Front
 from ollamaproxy.web.site import ProxySite
 from tests.fakes.chain import Chain
 
@@ -322,7 +322,10 @@ def test_process_environment_by_default(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_service_structure(tmp_path: Path) -> None:
-    """One endpoint service per --listen, all serving one Site over the Klein resource."""
+    """
+    One endpoint service per --listen, all serving one Site over the proxy's
+    front resource (Ollama's fixed routes, then Klein's).
+    """
     reactor = MemoryReactorClock()
     config = base_config(
         tmp_path, api_key="k", listen=(LOCAL, "tcp:8080:interface=\\:\\:1")
@@ -339,7 +342,7 @@ def test_service_structure(tmp_path: Path) -> None:
     site = listeners[0].factory
     assert isinstance(site, Site)
     assert listeners[1].factory is site
-    assert isinstance(site.resource, KleinResource)
+    assert isinstance(site.resource, Front)
 
 
 def test_site_is_bounded_by_the_open_files_limit(tmp_path: Path) -> None:

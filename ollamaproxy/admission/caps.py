@@ -270,6 +270,45 @@ def keep_loaded_context(body: bytes, loaded: int) -> tuple[bytes, list[str]]:
     return _edited(text, edits), changes
 
 
+def named_context(body: bytes) -> int | None:
+    """
+    The context Ollama loads a runner with for C{body}, if the body names
+    one: what the proxy remembers it sent to a backend
+    (L{ollamaproxy.backends.pool.BackendPool.sending}).  L{None} when it
+    names none, which leaves the context to Ollama's default and so tells
+    nothing of it, and for a body Ollama would refuse (not a JSON object,
+    C{options} not an object, a C{num_ctx} that is not a positive number).
+
+    Read as Ollama reads it: C{options} is matched as Go matches a struct's
+    fields (L{go_field}), repeated ones merged into one map and a C{null}
+    one resetting it; inside, the map's key is exact (C{num_ctx}, not
+    C{NUM_CTX}), the last one wins, and a C{null} is the default.  Most
+    bodies name no C{num_ctx} at all and are not parsed.
+    """
+    if b"num_ctx" not in body and b"\\u" not in body:
+        return None
+    try:
+        text, members = _object(body)
+    except ValueError:
+        return None
+    named: object = None
+    for key, value, start, _ in members.pairs:
+        if not go_field(key, "options"):
+            continue
+        if value is None:
+            named = None
+        elif not isinstance(value, dict):
+            return None
+        else:
+            for name, asked, _, _ in _members(text, start).pairs:
+                if name == "num_ctx":
+                    named = asked
+    if (not isinstance(named, (int, float)) or isinstance(named, bool) or named < 1
+            or not math.isfinite(named)):
+        return None
+    return int(named)
+
+
 def _set(loaded: int) -> str:
     """
     The access line's note for a context added to a body that named none.

@@ -29,6 +29,7 @@ from ollamaproxy.admission.caps import (
     Caps,
     clamp,
     keep_loaded_context,
+    named_context,
 )
 from ollamaproxy.admission.conversation import conversation
 from ollamaproxy.admission.estimate import NOTHING, Estimate, estimate
@@ -62,6 +63,10 @@ class Plan:
     @ivar conversation: The digest of the conversation it continues, if
         the router sends turns home and it has one
         (L{ollamaproxy.admission.conversation}).
+    @ivar context: The C{num_ctx} its body is sent with, after the context
+        rule and the caps, when the rule is on and the body names one: the
+        context the runner that serves it is loaded with, which the proxy
+        remembers for its backend (L{ollamaproxy.backends.pool.BackendPool.sending}).
     """
 
     model: ModelName | None = None
@@ -70,6 +75,7 @@ class Plan:
     body: bytes | None = None
     estimate: Estimate = NOTHING
     conversation: bytes | None = None
+    context: int | None = None
 
 
 async def plan_request(
@@ -165,7 +171,7 @@ def _rewrite(plan: Plan, request: Downstream, body: bytes, caps: Caps) -> None:
     assert request.body is not None
     sent = body
     if caps.loaded_context is not None and plan.model is not None:
-        sent, plan.notes = _keep_context(body, plan.model, caps)
+        sent, plan.notes, plan.context = _keep_context(body, plan.model, caps)
     if caps != NO_CAPS:
         try:
             sent, clamped = clamp(sent, caps)
@@ -177,23 +183,35 @@ def _rewrite(plan: Plan, request: Downstream, body: bytes, caps: Caps) -> None:
         plan.body = sent
 
 
-def _keep_context(body: bytes, model: ModelName, caps: Caps) -> tuple[bytes, list[str]]:
+def _keep_context(body: bytes, model: ModelName, caps: Caps
+                  ) -> tuple[bytes, list[str], int | None]:
     """
     The body with the context C{model} is loaded with, by the context rule
     (L{keep_loaded_context}), unless no context is known or the caps
     forbid it (a loaded context over C{--max-num-ctx} would be clamped
-    back, reloading all the same).
+    back, reloading all the same); and the context it will be sent with
+    once the caps have clamped it (L{Plan.context}).
+
+    That context is reckoned from what the client named and what the rule
+    and the caps do to it, rather than read again from the rewritten body:
+    a body that names none, most of them, is then never parsed.
     """
     assert caps.loaded_context is not None
+    named = named_context(body)
     loaded = caps.loaded_context(model)
-    if loaded is None or (caps.num_ctx is not None and loaded > caps.num_ctx):
-        return body, []
-    try:
-        return keep_loaded_context(body, loaded)
-    except ValueError:
-        # Ollama answers for a body it cannot take; without a cap, as it
-        # came (with one, the caps refuse it next).
-        return body, []
+    notes: list[str] = []
+    sent = body
+    if loaded is not None and (caps.num_ctx is None or loaded <= caps.num_ctx):
+        try:
+            sent, notes = keep_loaded_context(body, loaded)
+        except ValueError:
+            # Ollama answers for a body it cannot take; without a cap, as
+            # it came (with one, the caps refuse it next).
+            return body, [], None
+        named = loaded if named is None or named < loaded else named
+    if named is not None and caps.num_ctx is not None and named > caps.num_ctx:
+        named = caps.num_ctx
+    return sent, notes, named
 
 
 def _readable(request: Downstream) -> bool:

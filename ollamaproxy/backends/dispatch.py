@@ -71,6 +71,9 @@ class Job:
         queue charges it until the meter says (L{Router}).
     @ivar conversation: The digest of the conversation it continues, if
         any: the router sends it home if it may.
+    @ivar context: The C{num_ctx} its body is sent with, if the plan knows
+        it: the backend it goes to is known to hold its model with that
+        context from the moment it is sent (L{ollamaproxy.backends.pool.BackendPool.sending}).
     """
 
     target: Target
@@ -83,6 +86,7 @@ class Job:
     expected_output: int = 0
     user: str | None = None
     conversation: bytes | None = None
+    context: int | None = None
 
 
 @dataclass
@@ -196,6 +200,10 @@ class Dispatcher:
             trip.backend, trip.queued = backend.name, lease.queued
             if lease.placement is not None:
                 trip.placement = lease.placement
+            # Per request, and only for a body that names a context: a
+            # look-up and a count, then another at its end.
+            sent = (self._pool.sending(backend, lease.model, job.context)
+                    if job.context is not None and lease.model is not None else None)
             try:
                 response = await send(request, backend.upstream, job.target, method)
                 trip.status, trip.responded = response.code, backend.upstream.clock.seconds()
@@ -221,6 +229,8 @@ class Dispatcher:
                 raise
             finally:
                 lease.release()
+                if sent is not None:
+                    self._pool.ended(backend, sent)
             if route is not None and route.changes_models and self._router.several:
                 self._pool.refresh(backend)
             return

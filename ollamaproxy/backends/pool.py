@@ -39,6 +39,7 @@ from ollamaproxy.backends.relay import whole_body
 from ollamaproxy.backends.upstream import BytesProducer, Upstream
 from ollamaproxy.config import DEFAULT_PARALLEL
 from ollamaproxy.model_names import ModelName, listed_model
+from ollamaproxy.record.redact import blank_credentials
 
 log = Logger()
 
@@ -90,6 +91,25 @@ class Residency:
     expires_at: str = ""
 
 
+@dataclass(eq=False)
+class SentContext:
+    """
+    A context the proxy sent a model's requests to a backend with: the one
+    its runner is loaded with from then on, whatever C{/api/ps} said before
+    (Ollama loads the runner with it, or reloads it).
+
+    @ivar context: The C{num_ctx} sent.
+    @ivar in_flight: Requests sent with it that have not ended.
+    @ivar ended: How many C{/api/ps} reads of the backend had begun when
+        the last of them ended: one begun after that sees the runner they
+        loaded (L{BackendPool.sending}).
+    """
+
+    context: int
+    in_flight: int = 0
+    ended: int = 0
+
+
 def residency(entry: Any) -> Residency:
     """
     The residency one entry of C{/api/ps} gives; a field missing or of the
@@ -123,6 +143,11 @@ class Backend:
     @ivar effective: Requests it may run at once for a model whose
         effective parallel is lowered below C{parallel}
         (L{ollamaproxy.backends.effective}); a model not in it, C{parallel}.
+    @ivar sent: The contexts the proxy sent each model's requests with, by
+        the model's canonical name (a string hashes without a call, a
+        L{ModelName} with two), held over what C{/api/ps} said until a read
+        of it begun after they ended (L{BackendPool.sending}).
+    @ivar ps_reads: How many reads of its C{/api/ps} have begun.
     """
 
     upstream: Upstream
@@ -135,6 +160,8 @@ class Backend:
     errors: deque[RecentError] = field(default_factory=lambda: deque(maxlen=_RECENT_ERRORS))
     hung: set[ModelName] = field(default_factory=set)
     effective: dict[ModelName, int] = field(default_factory=dict)
+    sent: dict[str, SentContext] = field(default_factory=dict)
+    ps_reads: int = 0
     #: The backend's base URL, as logs and metrics name it.
     name: str = field(init=False)
 
@@ -245,6 +272,10 @@ class BackendPool(Service):
         self._timers: dict[Backend | _Hung, IDelayedCall] = {}
         self._backoff: dict[Backend | _Hung, float] = {}
         self._probing: dict[Backend | _Hung, Deferred[None]] = {}
+        #: Blanks credentials and the proxy's keys in the model names the
+        #: log lines give: with one backend, a client names any model, and
+        #: may paste a key there (L{ollamaproxy.backends.router.Router.redact_with}).
+        self.redact: Callable[[str], str] = blank_credentials
 
     def startService(self) -> None:
         super().startService()
@@ -298,6 +329,39 @@ class BackendPool(Service):
         self._set_health(backend, False, reason)
         self._schedule(backend)
 
+    def sending(self, backend: Backend, model: ModelName, context: int) -> SentContext:
+        """
+        A request of C{model} that names C{context} (after the context rule
+        and the caps) is being sent to C{backend}: from now on its runner
+        is known to be loaded with that context, for the next requests'
+        context rule (L{ollamaproxy.backends.router.Router.loaded_context}).
+
+        C{/api/ps}, read every few seconds, would say so only after its
+        next read; meanwhile a request for less would be sent with the old
+        context and reload the runner again.  So the context sent is held
+        over what C{/api/ps} says while any request sent with it runs, and
+        until a read of C{/api/ps} begun after the last of them ended: one
+        begun earlier may list the runner before it was reloaded.  Then
+        C{/api/ps} is believed again (the runner may have been unloaded, or
+        reloaded by a client that does not come through the proxy).  A
+        request that names no context tells nothing: Ollama's default is
+        its own.
+
+        @return: What to hand to L{ended} when the request has ended.
+        """
+        kept = backend.sent.get(model.canonical)
+        if kept is None or kept.context != context:
+            kept = backend.sent[model.canonical] = SentContext(context)
+        kept.in_flight += 1
+        return kept
+
+    def ended(self, backend: Backend, kept: SentContext) -> None:
+        """
+        A request that L{sending} was told of has ended, however it ended.
+        """
+        kept.in_flight -= 1
+        kept.ended = backend.ps_reads
+
     def hung(self, backend: Backend, model: ModelName, reason: str) -> None:
         """
         A generation of C{model} sent no response head in time: C{backend}
@@ -310,7 +374,7 @@ class BackendPool(Service):
             return
         backend.hung.add(model)
         log.warn("Backend {backend} is out for model {model}: {reason}",
-                 backend=backend.name, model=model.canonical, reason=reason)
+                 backend=backend.name, model=self.redact(model.canonical), reason=reason)
         self._schedule_check((backend, model))
 
     def _schedule_check(self, hung: _Hung) -> None:
@@ -355,7 +419,7 @@ class BackendPool(Service):
         backend.hung.discard(model)
         self._backoff.pop((backend, model), None)
         log.info("Backend {backend} generates model {model} again",
-                 backend=backend.name, model=model.canonical)
+                 backend=backend.name, model=self.redact(model.canonical))
         self.on_change()
 
     async def _probe(self, backend: Backend) -> None:
@@ -368,6 +432,8 @@ class BackendPool(Service):
             backend.note_error(reason, backend.upstream.clock.seconds())
             self._set_health(backend, False, reason)
             return
+        backend.ps_reads += 1
+        begun = backend.ps_reads
         try:
             resident = residencies(await self._get(backend, b"/api/ps"))
         except CancelledError:
@@ -380,6 +446,13 @@ class BackendPool(Service):
                 for model in resident.keys() - backend.resident.keys():
                     self._on_load(backend.name, model.canonical)
             self._read_ps.add(backend)
+        if backend.sent:
+            # The contexts sent that this read can see the result of: it
+            # speaks for them now (a failed read, which leaves no model
+            # loaded, too).
+            for name, kept in list(backend.sent.items()):
+                if not kept.in_flight and kept.ended < begun:
+                    del backend.sent[name]
         loaded = frozenset(resident)
         learned = backend.models != models or backend.loaded != loaded
         backend.models, backend.loaded, backend.resident = models, loaded, resident

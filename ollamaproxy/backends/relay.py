@@ -66,6 +66,9 @@ UNREACHABLE = (
 
 
 _DONE = Failure(ResponseDone())
+#: How a body that ended properly ends: all of it, or all of it without a
+#: length to check it by.
+_ENDED = (ResponseDone, PotentialDataLoss)
 
 
 class Unreachable(ProxyError):
@@ -345,7 +348,9 @@ class _WholeBody(Protocol):
     def connectionLost(self, reason: Failure = _DONE) -> None:
         if self.done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        # Not reason.check(): it compares the names of every class the
+        # error's class derives from, at each request's end.
+        if isinstance(reason.value, _ENDED):
             self.done.callback(b"".join(self._chunks))
         else:
             self.done.errback(ResponseFailed([reason]))
@@ -497,7 +502,7 @@ class _BodyAnswer(Protocol):
             self._request.unregisterProducer()
         if self.done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if isinstance(reason.value, _ENDED):  # as in _WholeBody
             if self._pending:
                 self._flush_pending()
             self.done.callback(None)

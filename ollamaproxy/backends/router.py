@@ -283,8 +283,10 @@ class Router:
         """
         Blank credentials and the proxy's keys with C{redact} in the model
         names the router's log lines give (the collator's, the effective
-        parallel's): a client names the model, and may paste a key there.
+        parallel's, the pool's): a client names the model, and may paste a
+        key there.
         """
+        self.pool.redact = redact
         self.effective.redact = redact
         if self.collator is not None:
             self.collator.redact = redact
@@ -307,11 +309,26 @@ class Router:
         the same context, that is the one the request meets.  When they
         differ, any one context reloads some backend, so the request goes
         as it came (L{None}), as it would without the rule.
+
+        A backend's context is the last the proxy sent the model to it with,
+        while that holds (L{BackendPool.sending}), else its C{/api/ps}'s:
+        a request sent right after a load meets the context it loaded, not
+        the one C{/api/ps} listed before it.  A backend the model was sent
+        to but that C{/api/ps} does not yet list counts as having it loaded
+        here, for it is loading it; the router's "loaded first" order still
+        follows C{/api/ps} alone (L{Backend.loaded}), which also says which
+        models it unloaded to make room, and which collation counts.
         """
-        contexts = {
-            r.context_length for b in self.backends
-            if (not self.several or b.serves(model)) and (r := b.resident.get(model)) is not None
-        }
+        contexts: set[int | None] = set()
+        for b in self.backends:
+            if self.several and not b.serves(model):
+                continue
+            # An empty dict is no call: most backends hold no context sent.
+            kept = b.sent.get(model.canonical) if b.sent else None
+            if kept is not None:
+                contexts.add(kept.context)
+            elif (resident := b.resident.get(model)) is not None:
+                contexts.add(resident.context_length)
         if len(contexts) != 1:
             return None
         return contexts.pop()
@@ -407,11 +424,9 @@ class Router:
     ) -> Deferred[Lease]:
         """
         A slot of a named model from the queue shared with other proxies,
-        which falls back to this process's own while it cannot be asked.
-        The shared queue orders keys, not the users behind a key: a key's
-        users share its turns in the order they came there, and by the
-        users' rule only in this process's queue.  A conversation's home
-        is asked first, if the affinity rule would choose it.
+        which falls back to this process's own while it cannot be asked;
+        its users share a key's turns there as here.  A conversation's
+        home is asked first, if the affinity rule would choose it.
         """
         model, since, excluded = wants
         assert self.shared is not None and model is not None
@@ -435,6 +450,7 @@ class Router:
             lambda: self.acquire(key, model, runs=True, exclude=excluded, weight=weight,
                                  meter=meter, expected_output=expected_output, user=user,
                                  conversation=conversation, local=True),
+            user,
         ))
 
     def waiting(self) -> dict[str, int]:

@@ -37,8 +37,7 @@ class Ask:
     """
     A request's ask for a slot of a named model.
 
-    @ivar key: Whose turn it is charged to (the seam for users behind a key:
-        the queue's key could become a key and its user).
+    @ivar key: Whose turn it is charged to.
     @ivar model: The model it runs.
     @ivar backends: Where it may run, the best first (the model loaded,
         fewer requests in flight): the shared queue takes the first with a
@@ -52,6 +51,9 @@ class Ask:
         for the true-up).
     @ivar local: Waits for it in this process's queue instead: what the
         shared queue falls back to when it cannot be asked.
+    @ivar user: Who it is for behind its key, whose share of the key's
+        turns it has (L{ollamaproxy.backends.queue}); L{None} for a key
+        that names no users.
     """
 
     key: str
@@ -62,6 +64,7 @@ class Ask:
     since: float
     lease: Callable[[Backend], Lease]
     local: Callable[[], Deferred[Lease]]
+    user: str | None = None
 
 
 class SharedQueue(Protocol):
@@ -74,7 +77,9 @@ class SharedQueue(Protocol):
         A lease for C{ask}: at once, or after its turn among the requests
         of every proxy; cancelling it leaves the queue.
 
-        @raise ProxyError: 503 if too many requests wait.
+        The lease fails with a 503 if too many requests wait, at once or
+        when a newcomer takes its place (the fair waiting room,
+        L{ollamaproxy.backends.queue}).
         """
 
     def waiting(self) -> dict[str, int]:
@@ -87,5 +92,6 @@ class SharedQueue(Protocol):
         The request of C{lease} has ended (its backend's count is already
         down): free its slot, and move its key's finish on by C{charge}
         (already divided by the key's weight; negative when it cost less
-        than charged).
+        than charged), and its user's, if it names one, by C{charge} times
+        the weight, in the key's own time.
         """

@@ -52,9 +52,11 @@ from __future__ import annotations
 
 from collections import deque
 from statistics import median
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics import MetricWrapperBase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -89,12 +91,30 @@ _UPSTREAM_ERRORS = ("upstream_error", "timeout")
 _AUTH_FAILURES = (401, 403, 429)
 
 
-def _status_label(status: int | None) -> str:
-    if status is None:
-        return "none"
-    if 100 <= status <= 599:
-        return str(status)
-    return OTHER
+#: The label of each status a response can have; any other is C{other}.
+_STATUS_LABELS: dict[int | None, str] = {
+    None: "none", **{status: str(status) for status in range(100, 600)}
+}
+
+_Metric = TypeVar("_Metric", bound=MetricWrapperBase)
+
+
+class _Children(dict[tuple[str, ...], _Metric], Generic[_Metric]):
+    """
+    A labelled metric's children, by their label values, each looked up in
+    the metric once: C{labels()} checks and converts every value and takes
+    a lock on each call, most of the cost of counting a request, for a
+    child that is the same every time.  Bounded as the label values are
+    (the module's docstring); the metric keeps every child anyway.
+    """
+
+    def __init__(self, metric: _Metric) -> None:
+        super().__init__()
+        self._metric = metric
+
+    def __missing__(self, values: tuple[str, ...]) -> _Metric:
+        child = self[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -109,37 +129,36 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
-        self._requests = Counter(
+        self._requests = _Children(Counter(
             "ollamaproxy_requests",
             "Requests answered, by route family, method, status, key name and outcome.",
             ["route", "method", "status", "key", "outcome"],
             registry=self.registry,
-        )
-        self._duration = Histogram(
+        ))
+        self._duration = _Children(Histogram(
             "ollamaproxy_request_duration_seconds",
             "Seconds from a request's arrival to its end, by route family.",
             ["route"],
             buckets=DURATION_BUCKETS,
             registry=self.registry,
-        )
-        self._first_byte = Histogram(
+        ))
+        self._first_byte = _Children(Histogram(
             "ollamaproxy_time_to_first_byte_seconds",
             "Seconds from a request's arrival to Ollama's response head, by route family.",
             ["route"],
             buckets=DURATION_BUCKETS,
             registry=self.registry,
-        )
-        self._active = Gauge(
-            "ollamaproxy_active_streams",
-            "Requests in flight to Ollama.",
-            registry=self.registry,
-        )
-        self._tokens = Counter(
+        ))
+        # Read when scraped, not set twice a request (a check and a lock each).
+        self._streams = 0
+        Gauge("ollamaproxy_active_streams", "Requests in flight to Ollama.",
+              registry=self.registry).set_function(lambda: self._streams)
+        self._tokens = _Children(Counter(
             "ollamaproxy_tokens",
             "Tokens Ollama reported, by key name, model and kind (prompt or completion).",
             ["key", "model", "kind"],
             registry=self.registry,
-        )
+        ))
         self._upstream_errors = Counter(
             "ollamaproxy_upstream_errors",
             "Requests that failed on Ollama's side, by kind (upstream_error or timeout).",
@@ -193,21 +212,21 @@ class Metrics:
         The metrics of conversations' turns and of the prompt cache's use
         (see the module's docstring).
         """
-        self._turns = Counter(
+        self._turns = _Children(Counter(
             "ollamaproxy_conversation_turns",
             "Turns of conversations, by backend and where they went against their "
             "conversation's last turn (home, moved, new).",
-            ["backend", "placement"], registry=self.registry)
-        self._prompt = Counter(
+            ["backend", "placement"], registry=self.registry))
+        self._prompt = _Children(Counter(
             "ollamaproxy_prompt_tokens",
             "Prompt tokens of turns whose answer said how long the prompt took, on backends "
             "whose prefill rate is known, by backend.",
-            ["backend"], registry=self.registry)
-        self._cached = Counter(
+            ["backend"], registry=self.registry))
+        self._cached = _Children(Counter(
             "ollamaproxy_prompt_tokens_cached_estimate",
             "Of those, the tokens estimated to have come from Ollama's prompt cache "
             "(prompt_eval_duration against the backend's measured prefill rate), by backend.",
-            ["backend"], registry=self.registry)
+            ["backend"], registry=self.registry))
         # Cold turns' prefill rates, per backend and model label: bounded by
         # backends times MAX_MODELS + 1.
         self._prefill: dict[tuple[str, str], deque[float]] = {}
@@ -232,18 +251,20 @@ class Metrics:
         @param exchange: What happened to it.
         @param now: When it ended, on the clock that set C{exchange.started}.
         """
-        route = exchange.route
-        status = _status_label(exchange.status)
-        self._requests.labels(
-            route=route,
-            method=exchange.method if exchange.method in HTTP_METHODS else OTHER,
-            status=status,
-            key=exchange.key,
-            outcome=exchange.outcome if exchange.outcome in OUTCOMES else OTHER,
-        ).inc()
-        self._duration.labels(route=route).observe(max(0.0, now - exchange.started))
-        if exchange.first_byte is not None:
-            self._first_byte.labels(route=route).observe(max(0.0, exchange.first_byte))
+        route, method, outcome = exchange.route, exchange.method, exchange.outcome
+        status = _STATUS_LABELS.get(exchange.status, OTHER)
+        self._requests[(
+            route,
+            method if method in HTTP_METHODS else OTHER,
+            status,
+            exchange.key,
+            outcome if outcome in OUTCOMES else OTHER,
+        )].inc()
+        duration = now - exchange.started
+        self._duration[(route,)].observe(duration if duration > 0 else 0.0)
+        first_byte = exchange.first_byte
+        if first_byte is not None:
+            self._first_byte[(route,)].observe(first_byte if first_byte > 0 else 0.0)
         if exchange.queued:
             self._queued.observe(exchange.queued)
         if exchange.outcome in _UPSTREAM_ERRORS:
@@ -257,14 +278,14 @@ class Metrics:
                 ("prompt", summary.prompt_tokens),
                 ("completion", summary.completion_tokens),
             ):
-                self._tokens.labels(key=exchange.key, model=model, kind=kind).inc(max(0, count))
+                self._tokens[(exchange.key, model, kind)].inc(max(0, count))
             if (summary.load_seconds or 0) >= LOAD_SECONDS and exchange.backend:
                 self._load_seen(exchange.backend, resolve(summary.model).canonical,
                                 self._answered_loads, self._listed_loads)
         if exchange.placement and exchange.backend:
             # A turn of a conversation: only those say whether a cache of
             # theirs could be there (see the module's docstring).
-            self._turns.labels(backend=exchange.backend, placement=exchange.placement).inc()
+            self._turns[(exchange.backend, exchange.placement)].inc()
             if summary is not None and summary.prompt_seconds and summary.prompt_tokens > 0:
                 self._prompt_seen(exchange.backend, self._model_label(summary.model),
                                   summary.prompt_tokens, summary.prompt_seconds,
@@ -285,8 +306,8 @@ class Metrics:
         if rates is None:
             return
         evaluated = seconds * median(rates)
-        self._prompt.labels(backend=backend).inc(tokens)
-        self._cached.labels(backend=backend).inc(max(0.0, tokens - evaluated))
+        self._prompt[(backend,)].inc(tokens)
+        self._cached[(backend,)].inc(max(0.0, tokens - evaluated))
 
     def model_loaded(self, backend: str, model: str) -> None:
         """
@@ -327,13 +348,13 @@ class Metrics:
         """
         A request is now in flight to Ollama.
         """
-        self._active.inc()
+        self._streams += 1
 
     def stream_ended(self) -> None:
         """
         A request in flight to Ollama has ended, however it ended.
         """
-        self._active.dec()
+        self._streams -= 1
 
     def render(self, accept: bytes | None) -> tuple[bytes, bytes]:
         """

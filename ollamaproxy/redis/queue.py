@@ -12,7 +12,27 @@ virtual time, C{max(now, its finish)}, each slot moving its key's finish
 on by the request's cost over the key's weight, charged at the grant and
 trued up at release with what the meter read (the router's rule,
 L{ollamaproxy.backends.router}).  The virtual time and each key's finish
-are Redis's.
+are Redis's.  So are a key's users' turns (a key with a user header,
+L{ollamaproxy.admission.users}): the slot a key gets goes to its request
+whose user starts first in the key's own virtual time, each user's finish
+moved on by its requests' cost (before the key's weight) and trued up
+alike, as the in-process queue's two levels do.
+
+The waiting room is one too: C{--max-queue} counts the requests waiting
+on every proxy, and when it is full a newcomer takes the place of the
+newest request of the key (then of its own key's user) holding the most
+places, by the in-process queue's rule; that request's proxy answers its
+client the 503, told on its channel like a grant.  A refusal's
+C{Retry-After} is reckoned in Redis from the pace at which the model's
+slots have freed while requests waited (on every proxy, as the router
+times its own), else the queue timeout.
+
+A backend's limit for a model is the lowest of its C{parallel} and the
+effective parallels the proxies have seen lowered there
+(L{ollamaproxy.backends.effective}): each C{ACQUIRE} names this proxy's
+lowered ones, and clears its own that are lowered no longer; a proxy's
+lowering lapses C{--redis-lease} after its last C{ACQUIRE} for the
+model, as the proxy may have died.
 
 Each step is one Lua script (L{ollamaproxy.redis.scripts}), run whole
 before any other command, which also gives out whatever is free:
@@ -32,7 +52,8 @@ channel, which it listens to on a connection of its own; a message lost
 names this proxy's waiting tickets that were granted.  An unqueued
 request so costs two round trips to Redis (C{ACQUIRE}, C{DONE}); a queued
 one the same two, and one message to its proxy; a client that leaves the
-line one more (C{DONE}); and each proxy one C{RENEW_QUEUE} a round.
+line one more (C{DONE}); one refused, or displaced from a full queue, its
+C{ACQUIRE} alone; and each proxy one C{RENEW_QUEUE} a round.
 
 A proxy that dies leaves its waiting requests and its slots behind for
 no longer than C{--redis-lease}: each carries an expiry that the live
@@ -51,8 +72,9 @@ under C{closed}, the limits refuse keys that have any.
 
 Left to this process's queue: requests that take no slot, and those whose
 model the proxy cannot name (L{ollamaproxy.backends.router.UNREAD_MODEL},
-a whole backend).  C{--max-queue} counts this proxy's waiting requests,
-without the fair waiting room's displacement.
+a whole backend).  Collation (C{--switch-hold}) is not applied to the
+requests waiting in Redis (L{ollamaproxy.backends.collate} holds a
+backend on one proxy's timer and its view of what the backend holds).
 """
 
 from __future__ import annotations
@@ -79,6 +101,14 @@ from ollamaproxy.redis.link import RedisLink, Subscribe, Subscription
 
 def _ignore(_: object) -> None:
     return None
+
+
+def _user(user: str | None) -> str:
+    """
+    How Redis knows C{user}: C{@} and the name (C{@} alone for a key's
+    anonymous user), or C{''} for a key that names no users.
+    """
+    return "" if user is None else "@" + user
 
 
 @dataclass(eq=False)
@@ -156,7 +186,8 @@ class RedisQueue(Service):
 
     def _call(self, script: str, *args: Any) -> Deferred[Any]:
         now = int(self._clock.seconds() * 1000)
-        head = [self._prefix, now, int(self._lease * 1000), self.instance]
+        head = [self._prefix, now, int(self._lease * 1000), self.instance,
+                int(self._timeout * 1000)]
         return self._link.call(script, [], [*head, *args])
 
     def take(self, ask: Ask) -> Deferred[Lease]:
@@ -166,9 +197,6 @@ class RedisQueue(Service):
         """
         if not self._link.up:
             return ask.local()
-        if len(self._waiting) >= self._max_queue:
-            raise busy(f"too many requests waiting ({self._max_queue}); try again shortly",
-                       self._timeout, "queue_full")
         ticket = f"{self.instance}-{next(self._serial)}"
 
         def leave(_: Deferred[Lease]) -> None:
@@ -184,10 +212,14 @@ class RedisQueue(Service):
         """
         Send C{waiting}'s C{ACQUIRE}: its answer gives out what is free.
         """
-        ask = waiting.ask
+        ask, model = waiting.ask, waiting.ask.model
         backends = "".join(f"{b.name}\t{b.parallel}\n" for b in ask.backends)
-        asked = self._call(scripts.ACQUIRE, waiting.ticket, ask.key, ask.model.canonical,
-                           backends, repr(ask.cost), repr(ask.weight))
+        # An empty dict is no look-up: a lowering is rare.
+        lowered = "".join(f"{b.name}\t{b.effective[model]}\n" for b in ask.backends
+                          if b.effective and model in b.effective)
+        asked = self._call(scripts.ACQUIRE, waiting.ticket, ask.key, _user(ask.user),
+                           model.canonical, backends, repr(ask.cost), repr(ask.weight), lowered,
+                           self._max_queue)
         asked.addCallbacks(self._grants, self._not_asked, errbackArgs=(waiting,))
 
     def _grants(self, answer: list[Any]) -> None:
@@ -200,21 +232,31 @@ class RedisQueue(Service):
 
     def heard(self, message: str) -> None:
         """
-        A grant published to this proxy's channel: C{TICKET\\nURL}.
+        A grant published to this proxy's channel: C{TICKET\\nURL}, or a
+        refusal, C{TICKET\\n!MS}.
         """
         ticket, _, url = message.partition("\n")
         self._deliver(ticket, url)
 
     def _deliver(self, ticket: str, url: str) -> None:
         """
-        Give the request of C{ticket} its slot on the backend at C{url}.  A
-        ticket no longer waiting has left the line, and its C{DONE}, sent
-        after the grant in Redis's order, freed the slot.
+        Give the request of C{ticket} its slot on the backend at C{url}, or
+        for a C{url} of C{!MS}, the 503 of a full queue, whose
+        C{Retry-After} is MS milliseconds: the queue was full when it came,
+        or a newcomer took its place.  A ticket no longer waiting has left
+        the line, and its C{DONE}, sent after the grant in Redis's order,
+        freed the slot.
         """
         waiting = self._waiting.pop(ticket, None)
         if waiting is None:
             return
         self._stop_timer(waiting)
+        if url[:1] == "!":
+            waiting.granted.errback(busy(
+                f"too many requests waiting ({self._max_queue}); try again shortly",
+                int(url[1:]) / 1000, "queue_full",
+            ))
+            return
         ask = waiting.ask
         backend = next(b for b in ask.backends if b.name == url)
         lease = ask.lease(backend)
@@ -238,7 +280,7 @@ class RedisQueue(Service):
         """
         del self._waiting[waiting.ticket]
         self._stop_timer(waiting)
-        self._done(waiting.ticket, waiting.ask.key, -waiting.ask.cost / waiting.ask.weight)
+        self._give_up(waiting)
         waiting.local = maybeDeferred(waiting.ask.local)
         waiting.local.chainDeferred(waiting.granted)
 
@@ -259,14 +301,13 @@ class RedisQueue(Service):
         if self._waiting.pop(waiting.ticket, None) is None:
             return
         self._stop_timer(waiting)
-        # Given back in full if it was granted meanwhile: it never ran.
-        self._done(waiting.ticket, waiting.ask.key, -waiting.ask.cost / waiting.ask.weight)
+        self._give_up(waiting)
 
     def _expire(self, waiting: _Waiting) -> None:
         waiting.timer = None
         if self._waiting.pop(waiting.ticket, None) is None:
             return
-        self._done(waiting.ticket, waiting.ask.key, -waiting.ask.cost / waiting.ask.weight)
+        self._give_up(waiting)
         waiting.granted.errback(busy(
             f"no backend was free for {self._timeout:g} seconds; try again shortly",
             self._timeout, "queue_timeout",
@@ -278,13 +319,23 @@ class RedisQueue(Service):
             waiting.timer.cancel()
             waiting.timer = None
 
-    def _done(self, ticket: str, key: str, charge: float) -> None:
+    def _give_up(self, waiting: _Waiting) -> None:
         """
-        Tell Redis that C{ticket} has left the line or freed its slot; what
-        that frees is given out in the same script.  A failure only leaves
-        it to expire.
+        C{waiting} leaves Redis's line: given back in full if it was
+        granted meanwhile, as it never ran.
         """
-        self._call(scripts.DONE, ticket, key, repr(charge)).addCallbacks(self._grants, _ignore)
+        ask = waiting.ask
+        self._done(waiting.ticket, ask.key, -ask.cost / ask.weight, ask.user, -ask.cost)
+
+    def _done(self, ticket: str, key: str, charge: float, user: str | None,
+              user_charge: float) -> None:
+        """
+        Tell Redis that C{ticket} has left the line or freed its slot, with
+        its key's C{charge} and its user's; what that frees is given out
+        in the same script.  A failure only leaves it to expire.
+        """
+        self._call(scripts.DONE, ticket, key, repr(charge), _user(user),
+                   repr(user_charge)).addCallbacks(self._grants, _ignore)
 
     def waiting(self) -> dict[str, int]:
         """
@@ -296,10 +347,11 @@ class RedisQueue(Service):
     def give_back(self, lease: Lease, charge: float) -> None:
         """
         C{lease}'s request ended (L{SharedQueue.give_back}): its slot in
-        Redis is freed, and its key's finish trued up by C{charge}.
+        Redis is freed, and its key's finish trued up by C{charge}, its
+        user's by C{charge} before the weight.
         """
         self._held.pop(lease._ticket, None)
-        self._done(lease._ticket, lease._key, charge)
+        self._done(lease._ticket, lease._key, charge, lease._user, charge * lease._weight)
 
     def renew(self) -> Deferred[None]:
         """

@@ -165,23 +165,42 @@ return -1
 #   - C{q:keys}: a sorted set of the keys with requests waiting, scored by
 #     when the key's first waiting request came (the order among equals);
 #   - C{q:kw:NAME}: a sorted set of a key's waiting tickets, by arrival;
-#   - C{q:w:TICKET}: a hash, what a waiting request wants (key, model, its
-#     backends as lines of C{URL<TAB>PARALLEL}, cost, weight, proxy);
+#   - C{q:ku:NAME}: the set of the users of a key with tickets waiting, and
+#     C{q:kwu:NAME<LF>USER}, a sorted set of each one's, by arrival;
+#   - C{q:u:NAME}: a hash, the turns of a key's users: the key's own
+#     virtual time (field C{<LF>}) and each user's finish in it;
+#   - C{q:w:TICKET}: a hash, what a waiting request wants (key, user,
+#     model, its backends as lines of C{URL<TAB>PARALLEL}, cost, weight,
+#     proxy);
 #   - C{q:waiters}: a sorted set of every waiting ticket, by its expiry;
 #   - C{q:kinds}: a hash, how many wait for each kind of slot (a model and
 #     its backends), so that a pass stops once every kind is found busy;
 #   - C{q:slots:URL<LF>MODEL}: a sorted set of the tickets running MODEL
 #     at the backend URL, by their lease's expiry;
+#   - C{q:low:URL<LF>MODEL}: a hash, each proxy's lowered effective
+#     parallel of MODEL at URL, as C{LIMIT<SPACE>EXPIRY}: the lowest
+#     unexpired one is the slots' limit;
 #   - C{q:slotsets}: the set of those sets, for the sweep;
 #   - C{q:granted}: a hash, each running ticket's C{URL<LF>MODEL};
+#   - C{q:pace}: a hash, for each model, C{LAST<SPACE>PACE<SPACE>STRETCH}:
+#     when a slot of it was last freed while requests waited, the moving
+#     average of the milliseconds between two (-1 until two), and the
+#     stretch of waiting it was in (C{q:stretch} counts slots freed with
+#     nobody waiting);
+#   - C{q:r:TICKET}: a waiting ticket refused (displaced), for the round
+#     that finds its message lost;
 #   - C{q:seq}: the arrival counter.
-# A proxy hears of a grant it did not ask for on the channel
-# C{q:grants:PROXY}, as C{TICKET<LF>URL}.
+# A user is sent as C{@NAME} (C{@} alone: a key's anonymous user), or C{''}
+# for a key with no users, which has no second level.  A proxy hears of a
+# grant it did not ask for on the channel C{q:grants:PROXY}, as
+# C{TICKET<LF>URL}; of a refusal as C{TICKET<LF>!MS}, MS the milliseconds
+# its C{Retry-After} says.
 #
 # Every queue script begins with ARGV: the prefix, now (ms), the lease
-# (ms), this proxy's name; sweeps expired waiters and leases; and ends by
-# giving free slots to waiting requests (SERVE), publishing the grants of
-# other proxies and answering this one's as a flat list {ticket, url, ...}.
+# (ms), this proxy's name, the queue's timeout (ms); sweeps expired
+# waiters and leases; and ends by giving free slots to waiting requests
+# (SERVE), publishing the grants of other proxies and answering this one's
+# as a flat list {ticket, url, ...}, where a url C{!MS} is a refusal.
 # The scripts name keys they compute (a backend's set from its URL), so the
 # queue needs one Redis, not a cluster.
 _QUEUE_LIBRARY: Final = """
@@ -190,10 +209,18 @@ local now = tonumber(ARGV[2])
 local lease_ms = tonumber(ARGV[3])
 local expiry = now + lease_ms
 local me = ARGV[4]
+local timeout_ms = tonumber(ARGV[5])
+local LONG = 2 * lease_ms + 3600000
+
+local function user_line(key, user)
+  return P .. 'q:kwu:' .. key .. '\\n' .. user
+end
 
 local function drop_waiter(id)
   local w = P .. 'q:w:' .. id
-  local key, model, backends = unpack(redis.call('HMGET', w, 'key', 'model', 'backends'))
+  local key, user, model, backends = unpack(redis.call('HMGET', w, 'key', 'user', 'model',
+                                                       'backends'))
+  user = user or ''
   if model then
     local kind = model .. '\\n' .. backends
     if redis.call('HINCRBY', P .. 'q:kinds', kind, -1) <= 0 then
@@ -206,6 +233,9 @@ local function drop_waiter(id)
     local kw = P .. 'q:kw:' .. key
     redis.call('ZREM', kw, id)
     if redis.call('ZCARD', kw) == 0 then redis.call('ZREM', P .. 'q:keys', key) end
+    local line = user_line(key, user)
+    redis.call('ZREM', line, id)
+    if redis.call('ZCARD', line) == 0 then redis.call('SREM', P .. 'q:ku:' .. key, user) end
   end
 end
 
@@ -227,10 +257,26 @@ local function virtual_now()
   return tonumber(redis.call('GET', P .. 'q:virtual') or '0')
 end
 
+-- A backend's limit for a model: its parallel, or the lowest effective
+-- parallel a proxy has seen there and told within its lease.
+local function limit_of(slot, parallel)
+  local low = P .. 'q:low:' .. slot
+  local seen = redis.call('HGETALL', low)
+  for i = 1, #seen, 2 do
+    local limit, until_ = string.match(seen[i + 1], '^(%d+) (%d+)$')
+    if tonumber(until_) <= now then
+      redis.call('HDEL', low, seen[i])
+    elseif tonumber(limit) < parallel then
+      parallel = tonumber(limit)
+    end
+  end
+  return parallel
+end
+
 local function free_slot(model, backends)
   for url, parallel in string.gmatch(backends, '([^\\t\\n]+)\\t(%d+)\\n') do
     local slot = url .. '\\n' .. model
-    if redis.call('ZCARD', P .. 'q:slots:' .. slot) < tonumber(parallel) then
+    if redis.call('ZCARD', P .. 'q:slots:' .. slot) < limit_of(slot, tonumber(parallel)) then
       return url, slot
     end
   end
@@ -245,10 +291,39 @@ local function hold(id, slot)
   redis.call('HSET', P .. 'q:granted', id, slot)
 end
 
+-- Entries {name, start, arrival} in turn order: least start, then first come.
+local function by_turn(order)
+  table.sort(order, function(a, b)
+    if a[2] ~= b[2] then return a[2] < b[2] end
+    return a[3] < b[3]
+  end)
+  return order
+end
+
+-- A key's users with requests waiting, in turn order: each user's start
+-- is its finish or the key's own virtual time, if later; among equals,
+-- the one whose first waiting request came first.
+local function users_in_turn(key)
+  local users = redis.call('SMEMBERS', P .. 'q:ku:' .. key)
+  if #users == 1 then return users end
+  local turns = P .. 'q:u:' .. key
+  local virtual = tonumber(redis.call('HGET', turns, '\\n') or '0')
+  local order = {}
+  for _, user in ipairs(users) do
+    local finish = tonumber(redis.call('HGET', turns, user) or '0')
+    local first = redis.call('ZRANGE', user_line(key, user), 0, 0, 'WITHSCORES')
+    order[#order + 1] = {user, math.max(virtual, finish), tonumber(first[2] or '0')}
+  end
+  local names = {}
+  for i, entry in ipairs(by_turn(order)) do names[i] = entry[1] end
+  return names
+end
+
 -- The waiting key whose turn is first (least start, then first come), and
--- its first request, by arrival, with a free slot; kinds (a model and its
--- backends) found with none are skipped, as giving slots frees none, and
--- once every kind waiting is found so, nothing more is looked at.
+-- its first request with a free slot: of its user whose turn is first,
+-- by arrival, then of the next user; kinds (a model and its backends)
+-- found with none are skipped, as giving slots frees none, and once every
+-- kind waiting is found so, nothing more is looked at.
 local function next_grant(full, virtual)
   local kinds = redis.call('HLEN', P .. 'q:kinds')
   local keys = redis.call('ZRANGE', P .. 'q:keys', 0, -1, 'WITHSCORES')
@@ -257,29 +332,58 @@ local function next_grant(full, virtual)
     local finish = tonumber(redis.call('HGET', P .. 'q:finish', keys[i]) or '0')
     order[#order + 1] = {keys[i], math.max(virtual, finish), tonumber(keys[i + 1])}
   end
-  table.sort(order, function(a, b)
-    if a[2] ~= b[2] then return a[2] < b[2] end
-    return a[3] < b[3]
-  end)
-  for _, entry in ipairs(order) do
-    for _, id in ipairs(redis.call('ZRANGE', P .. 'q:kw:' .. entry[1], 0, -1)) do
-      local w = redis.call('HMGET', P .. 'q:w:' .. id, 'model', 'backends', 'cost', 'weight',
-                           'proxy')
-      local kind = w[1] .. '\\n' .. w[2]
-      if not full[kind] then
-        local url, slot = free_slot(w[1], w[2])
-        if url then return id, url, slot, entry, w end
-        full[kind] = true
-        full.n = full.n + 1
-        if full.n >= kinds then return nil end
+  for _, entry in ipairs(by_turn(order)) do
+    for _, user in ipairs(users_in_turn(entry[1])) do
+      for _, id in ipairs(redis.call('ZRANGE', user_line(entry[1], user), 0, -1)) do
+        local w = redis.call('HMGET', P .. 'q:w:' .. id, 'model', 'backends', 'cost', 'weight',
+                             'proxy', 'user')
+        -- A ticket left in a user's line with no request (taken out by a
+        -- proxy of the version before users) is dropped.
+        local kind = w[1] and w[1] .. '\\n' .. w[2]
+        if not kind then
+          redis.call('ZREM', user_line(entry[1], user), id)
+        elseif not full[kind] then
+          local url, slot = free_slot(w[1], w[2])
+          if url then return id, url, slot, entry, w end
+          full[kind] = true
+          full.n = full.n + 1
+          if full.n >= kinds then return nil end
+        end
       end
     end
   end
   return nil
 end
 
-local function serve()
-  local mine = {}
+-- A slot given to a request of a user behind KEY: the key's own virtual
+-- time is the user's start, and the user's finish moves on by the cost.
+local function serve_user(key, user, cost)
+  local turns = P .. 'q:u:' .. key
+  local virtual = tonumber(redis.call('HGET', turns, '\\n') or '0')
+  local start = math.max(virtual, tonumber(redis.call('HGET', turns, user) or '0'))
+  redis.call('HSET', turns, '\\n', tostring(start), user, tostring(start + cost))
+  if redis.call('HLEN', turns) > 4096 then
+    local finish = redis.call('HGETALL', turns)
+    for i = 1, #finish, 2 do
+      if finish[i] ~= '\\n' and tonumber(finish[i + 1]) <= start then
+        redis.call('HDEL', turns, finish[i])
+      end
+    end
+  end
+  redis.call('PEXPIRE', turns, LONG)
+end
+
+-- Tell the proxy of a waiting ticket what it got: mine, or a message.
+local function tell(mine, proxy, id, what)
+  if proxy == me then
+    mine[#mine + 1] = id
+    mine[#mine + 1] = what
+  else
+    redis.call('PUBLISH', P .. 'q:grants:' .. proxy, id .. '\\n' .. what)
+  end
+end
+
+local function serve(mine)
   local full = {n = 0}
   local virtual = virtual_now()
   for _ = 1, redis.call('ZCARD', P .. 'q:waiters') do
@@ -291,12 +395,8 @@ local function serve()
     redis.call('SET', P .. 'q:virtual', tostring(virtual))
     redis.call('HSET', P .. 'q:finish', entry[1],
                tostring(virtual + tonumber(w[3]) / tonumber(w[4])))
-    if w[5] == me then
-      mine[#mine + 1] = id
-      mine[#mine + 1] = url
-    else
-      redis.call('PUBLISH', P .. 'q:grants:' .. w[5], id .. '\\n' .. url)
-    end
+    if w[6] and w[6] ~= '' then serve_user(entry[1], w[6], tonumber(w[3])) end
+    tell(mine, w[5], id, url)
   end
   if redis.call('HLEN', P .. 'q:finish') > 4096 then
     -- A key whose finish has passed is as good as one never seen.
@@ -308,86 +408,203 @@ local function serve()
   -- Nobody using the queue for a while: it is forgotten, as a key idle
   -- long enough would be (no credit, no debt).
   for _, name in ipairs({'q:virtual', 'q:finish', 'q:keys', 'q:waiters', 'q:kinds',
-                         'q:slotsets', 'q:granted', 'q:seq'}) do
-    redis.call('PEXPIRE', P .. name, 2 * lease_ms + 3600000)
+                         'q:slotsets', 'q:granted', 'q:seq', 'q:pace', 'q:stretch'}) do
+    redis.call('PEXPIRE', P .. name, LONG)
   end
   return mine
 end
 """
 
-# ARGV (after the four of every queue script): the ticket, the key, the
-# model, its backends (lines of URL<TAB>PARALLEL, the best first), its cost,
-# the key's weight.  The request waits, and whatever is free is given: to
-# it, if its turn is first.
+# ARGV (after the five of every queue script): the ticket, the key, its
+# user, the model, its backends (lines of URL<TAB>PARALLEL, the best
+# first), its cost, the key's weight, this proxy's lowered effective
+# parallels of the model (lines of URL<TAB>LIMIT), --max-queue.  The
+# request waits, and whatever is free is given: to it, if its turn is
+# first.  When --max-queue requests wait (on every proxy), it takes the
+# place of the newest request of the key holding the most places, if its
+# key would hold fewer with it, else of its own key's user holding the
+# most, if its user would hold fewer (the in-process rule,
+# L{ollamaproxy.backends.queue}); that request is refused.  Else it is
+# refused itself.  A refusal's Retry-After is the requests waiting for its
+# kind of slot and itself times its model's pace, between 1 s and the
+# timeout; the timeout before any pace is measured.
 ACQUIRE: Final = _QUEUE_LIBRARY + """
+local function newest(set)
+  local last = redis.call('ZRANGE', set, -1, -1, 'WITHSCORES')
+  return last[1], tonumber(last[2])
+end
+
+-- Of the names, the one whose line holds the most requests (among equals,
+-- the one whose newest came last), and how many.
+local function busiest(names, line)
+  local most, chosen, latest = 0, nil, -1
+  for _, name in ipairs(names) do
+    local n = redis.call('ZCARD', line(name))
+    local _, last = newest(line(name))
+    if n > most or (n == most and n > 0 and last > latest) then
+      most, chosen, latest = n, name, last
+    end
+  end
+  return chosen, most
+end
+
+local function displaced(key, user)
+  local function key_line(k) return P .. 'q:kw:' .. k end
+  local holder, most = busiest(redis.call('ZRANGE', P .. 'q:keys', 0, -1), key_line)
+  if not holder then return nil end
+  local own = redis.call('ZCARD', key_line(key))
+  if own + 1 >= most then
+    if user == '' or own == 0 then return nil end
+    holder = key
+  end
+  local function line(u) return user_line(holder, u) end
+  local busy, umost = busiest(redis.call('SMEMBERS', P .. 'q:ku:' .. holder), line)
+  if holder == key and redis.call('ZCARD', line(user)) + 1 >= umost then return nil end
+  return (newest(line(busy)))
+end
+
+local function retry_after(model, backends)
+  local timed = redis.call('HGET', P .. 'q:pace', model)
+  local pace = timed and tonumber(string.match(timed, '^%S+ (%S+)')) or -1
+  if pace < 0 then return timeout_ms end
+  local ahead = tonumber(redis.call('HGET', P .. 'q:kinds', model .. '\\n' .. backends) or '0')
+  return math.floor(math.min(timeout_ms, math.max(1000, (ahead + 1) * pace)))
+end
+
 sweep()
-local id, key = ARGV[5], ARGV[6]
+local id, key, user, model, backends = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local lowered = {}
+for url, limit in string.gmatch(ARGV[13], '([^\\t\\n]+)\\t(%d+)\\n') do lowered[url] = limit end
+for url in string.gmatch(backends, '([^\\t\\n]+)\\t%d+\\n') do
+  local low = P .. 'q:low:' .. url .. '\\n' .. model
+  local limit = lowered[url]
+  if limit then
+    redis.call('HSET', low, me, limit .. ' ' .. expiry)
+    redis.call('PEXPIRE', low, 2 * lease_ms)
+  else
+    redis.call('HDEL', low, me)
+  end
+end
+local mine = {}
+if redis.call('ZCARD', P .. 'q:waiters') >= tonumber(ARGV[14]) then
+  local victim = displaced(key, user)
+  -- Refused: what the sweep freed is still given out.
+  if not victim then return serve({id, '!' .. retry_after(model, backends)}) end
+  local v = redis.call('HMGET', P .. 'q:w:' .. victim, 'model', 'backends', 'proxy')
+  drop_waiter(victim)
+  local refused = '!' .. retry_after(v[1], v[2])
+  redis.call('SET', P .. 'q:r:' .. victim, refused, 'PX', 2 * lease_ms)
+  tell(mine, v[3], victim, refused)
+end
 local seq = redis.call('INCR', P .. 'q:seq')
 local w = P .. 'q:w:' .. id
-redis.call('HSET', w, 'key', key, 'model', ARGV[7], 'backends', ARGV[8], 'cost', ARGV[9],
-           'weight', ARGV[10], 'proxy', me)
+redis.call('HSET', w, 'key', key, 'user', user, 'model', model, 'backends', backends,
+           'cost', ARGV[11], 'weight', ARGV[12], 'proxy', me)
 redis.call('PEXPIRE', w, 2 * lease_ms)
-redis.call('HINCRBY', P .. 'q:kinds', ARGV[7] .. '\\n' .. ARGV[8], 1)
+redis.call('HINCRBY', P .. 'q:kinds', model .. '\\n' .. backends, 1)
 redis.call('ZADD', P .. 'q:waiters', expiry, id)
 local kw = P .. 'q:kw:' .. key
 redis.call('ZADD', kw, seq, id)
 redis.call('PEXPIRE', kw, 2 * lease_ms)
+local line = user_line(key, user)
+redis.call('ZADD', line, seq, id)
+redis.call('PEXPIRE', line, 2 * lease_ms)
+redis.call('SADD', P .. 'q:ku:' .. key, user)
+redis.call('PEXPIRE', P .. 'q:ku:' .. key, 2 * lease_ms)
 redis.call('ZADD', P .. 'q:keys', 'NX', seq, key)
-return serve()
+return serve(mine)
 """
 
-# ARGV (after the four): the ticket, its key, the charge (already divided by
-# the weight).  A waiting ticket leaves the queue (its client left, or it
-# timed out); a running one frees its slot, and its key's finish moves by
-# the charge (the true-up; for a grant that came too late, the cost given
-# back).  A lease that expired before its DONE has no true-up.
+# ARGV (after the five): the ticket, its key, the charge (already divided
+# by the weight), its user, the user's charge (not divided).  A waiting
+# ticket leaves the queue (its client left, or it timed out); a running
+# one frees its slot, and its key's finish moves by the charge (the
+# true-up; for a grant that came too late, the cost given back), and its
+# user's finish in the key's time alike.  A lease that expired before its
+# DONE has no true-up.  A slot freed while requests wait moves its
+# model's pace (the stretch, gap and average as the router's own,
+# L{ollamaproxy.backends.router}).
 DONE: Final = _QUEUE_LIBRARY + """
+local function time_release(model)
+  if redis.call('ZCARD', P .. 'q:waiters') == 0 then
+    redis.call('INCR', P .. 'q:stretch')
+    return
+  end
+  local stretch = redis.call('GET', P .. 'q:stretch') or '0'
+  local timed = redis.call('HGET', P .. 'q:pace', model)
+  local pace = -1
+  if timed then
+    local last, was_pace, was = string.match(timed, '^(%S+) (%S+) (%S+)$')
+    pace = tonumber(was_pace)
+    if was == stretch then
+      local gap = math.min(now - tonumber(last), timeout_ms)
+      pace = pace < 0 and gap or pace + 0.2 * (gap - pace)
+    end
+  elseif redis.call('HLEN', P .. 'q:pace') >= 1024 then
+    redis.call('DEL', P .. 'q:pace')
+  end
+  redis.call('HSET', P .. 'q:pace', model, now .. ' ' .. pace .. ' ' .. stretch)
+end
+
 sweep()
-local id, key = ARGV[5], ARGV[6]
+local id, key = ARGV[6], ARGV[7]
 if redis.call('ZSCORE', P .. 'q:waiters', id) then
   drop_waiter(id)
 else
   local slot = redis.call('HGET', P .. 'q:granted', id)
-  local charge = tonumber(ARGV[7])
+  local charge = tonumber(ARGV[8])
   if slot then
     redis.call('ZREM', P .. 'q:slots:' .. slot, id)
     redis.call('HDEL', P .. 'q:granted', id)
     if charge ~= 0 then
       local finish = redis.call('HGET', P .. 'q:finish', key) or virtual_now()
       redis.call('HSET', P .. 'q:finish', key, tostring(tonumber(finish) + charge))
+      local user, turns = ARGV[9], P .. 'q:u:' .. key
+      if user ~= '' then
+        local was = redis.call('HGET', turns, user) or redis.call('HGET', turns, '\\n') or '0'
+        redis.call('HSET', turns, user, tostring(tonumber(was) + tonumber(ARGV[10])))
+        redis.call('PEXPIRE', turns, LONG)
+      end
     end
+    time_release(string.match(slot, '\\n(.*)$'))
   end
 end
-return serve()
+return serve({})
 """
 
-# ARGV (after the four): how many of this proxy's tickets wait, those
+# ARGV (after the five): how many of this proxy's tickets wait, those
 # tickets, then for each of its requests running, its ticket and its
 # C{URL<LF>MODEL}.  The waiting ones' expiry moves on, the running ones'
 # leases are renewed (counted again if they expired meanwhile: Redis was
 # down, or restarted empty: the request still runs).  Answers {lost,
 # grants}: lost, for each waiting ticket that is no longer waiting, the
-# ticket and the URL it was granted ('' if none: it was forgotten), since a
-# grant's message may have been lost with the subscriber's connection.
+# ticket and the URL it was granted, or C{!MS} if it was refused ('' if
+# neither: it was forgotten), since a message may have been lost with the
+# subscriber's connection.
 RENEW_QUEUE: Final = _QUEUE_LIBRARY + """
 sweep()
 local lost = {}
-local waiting = tonumber(ARGV[5])
-for i = 6, 5 + waiting do
+local waiting = tonumber(ARGV[6])
+for i = 7, 6 + waiting do
   local id = ARGV[i]
   local w = P .. 'q:w:' .. id
   if redis.call('ZSCORE', P .. 'q:waiters', id) then
     redis.call('ZADD', P .. 'q:waiters', expiry, id)
     redis.call('PEXPIRE', w, 2 * lease_ms)
-    redis.call('PEXPIRE', P .. 'q:kw:' .. redis.call('HGET', w, 'key'), 2 * lease_ms)
+    local key, user = unpack(redis.call('HMGET', w, 'key', 'user'))
+    for _, name in ipairs({'q:kw:' .. key, 'q:ku:' .. key,
+                           'q:kwu:' .. key .. '\\n' .. (user or '')}) do
+      redis.call('PEXPIRE', P .. name, 2 * lease_ms)
+    end
   else
     local slot = redis.call('HGET', P .. 'q:granted', id)
     lost[#lost + 1] = id
-    lost[#lost + 1] = slot and string.match(slot, '^([^\\n]*)') or ''
+    lost[#lost + 1] = slot and string.match(slot, '^([^\\n]*)')
+                      or redis.call('GET', P .. 'q:r:' .. id) or ''
   end
 end
-for i = 6 + waiting, #ARGV, 2 do
+for i = 7 + waiting, #ARGV, 2 do
   hold(ARGV[i], ARGV[i + 1])
 end
-return {lost, serve()}
+return {lost, serve({})}
 """

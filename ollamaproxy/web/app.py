@@ -45,6 +45,7 @@ from ollamaproxy.record.recorder import Recorder
 from ollamaproxy.routes import CONSOLE_ROUTE, METRICS_ROUTE, Catalogue, decoded_path
 from ollamaproxy.web.answers import ErrorAnswers, target_of
 from ollamaproxy.web.cors import Cors
+from ollamaproxy.web.front import Front
 from ollamaproxy.web.gate import Gate, keyed
 from ollamaproxy.web.in_flight import Flight, InFlight
 from ollamaproxy.web.site import ProxyRequest
@@ -118,9 +119,11 @@ class OllamaProxy:
 
     def resource(self) -> IResource:
         """
-        The resource to serve, for a L{twisted.web.server.Site}.
+        The resource to serve, for a L{twisted.web.server.Site}: Ollama's
+        fixed routes straight to L{proxy}, any other path through Klein's
+        routes (L{Front}).
         """
-        return self.app.resource()
+        return Front(self._catalogue, self.proxy, self._answers, self.app.resource())
 
     @app.route("/", branch=True)
     async def proxy(self, request: ProxyRequest) -> None:
@@ -221,7 +224,8 @@ class OllamaProxy:
         release = await admission.reserve(plan.estimate.tokens)
         try:
             job = Job(target, route, key.name, key.weight, plan.model, plan.rewrite, plan.body,
-                      plan.estimate.output, user=user, conversation=plan.conversation)
+                      plan.estimate.output, user=user, conversation=plan.conversation,
+                      context=plan.context)
             await self._dispatcher.dispatch(request, job, flight.trip)
         finally:
             release(meter.tokens)

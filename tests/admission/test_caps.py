@@ -10,7 +10,14 @@ import math
 import pytest
 from twisted.logger import LogEvent
 
-from ollamaproxy.admission.caps import NO_CAPS, Caps, clamp, keep_loaded_context, parse_duration
+from ollamaproxy.admission.caps import (
+    NO_CAPS,
+    Caps,
+    clamp,
+    keep_loaded_context,
+    named_context,
+    parse_duration,
+)
 from tests.fakes.chain import Chain, chat
 
 
@@ -233,11 +240,84 @@ def test_a_cap_still_bounds_the_context() -> None:
     the cap.
     """
     chain = _loaded_chain(32768, Caps(num_ctx=8192))
+    assert _sent_context(chain, None) is None
     assert _sent_context(chain, {"num_ctx": 2048}) == 2048
     assert _sent_context(chain, {"num_ctx": 65536}) == 8192
-    assert _sent_context(chain, None) is None
     within = _loaded_chain(4096, Caps(num_ctx=8192))
     assert _sent_context(within, {"num_ctx": 2048}) == 4096
+
+
+def test_a_context_sent_is_the_loaded_one_at_once() -> None:
+    """
+    A request that reloads its model with a larger context makes that the
+    loaded context as it is sent: the next requests, for less or for none,
+    go with it before the pool reads C{/api/ps} again, and Ollama loads the
+    runner once, not once a request.
+    """
+    chain = _loaded_chain(2048)
+    assert _sent_context(chain, {"num_ctx": 8192}) == 8192
+    assert _sent_context(chain, None) == 8192
+    assert _sent_context(chain, {"num_ctx": 4096}) == 8192
+    assert chain.fake.loads == [("llama3.2:latest", 2048), ("llama3.2:latest", 8192)]
+
+
+def test_a_context_clamped_by_a_cap_is_the_one_remembered() -> None:
+    """
+    What is remembered is the context sent, after the caps: a request for
+    more than C{--max-num-ctx} loads the runner with the cap, and the next
+    request that names none goes with that, not with what C{/api/ps} said
+    before.
+    """
+    chain = _loaded_chain(2048, Caps(num_ctx=8192))
+    assert _sent_context(chain, {"num_ctx": 65536}) == 8192
+    assert _sent_context(chain, None) == 8192
+    assert chain.fake.loads == [("llama3.2:latest", 2048), ("llama3.2:latest", 8192)]
+
+
+def test_a_request_that_names_no_context_tells_nothing() -> None:
+    """
+    A request sent with no C{num_ctx} (nothing loaded, so the rule adds
+    none) leaves its backend's context unknown: Ollama's default is its own.
+    With the rule off nothing is remembered either, whatever a body names.
+    """
+    chain = _loaded_chain(8192)
+    chain.body(chain.respond("POST", "/api/chat", data=chat("mistral", stream=False)))
+    assert chain.fake.received[-1].json().get("options") is None
+    assert chain.backends[0].sent == {}
+    off = _loaded_chain(2048, keep=False)
+    _sent_context(off, {"num_ctx": 8192})
+    assert off.backends[0].sent == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "context"),
+    [
+        (b'{"model":"m"}', None),
+        (b'{"model":"m","options":{"num_ctx":8192}}', 8192),
+        (b'{"model":"m","options":{"num_ctx":8192.0}}', 8192),
+        (b'{"model":"m","opti\\u006fns":{"num_\\u0063tx":2048}}', 2048),
+        (b'{"model":"m","OPTIONS":{"num_ctx":2048}}', 2048),
+        (b'{"model":"m","options":{"NUM_CTX":2048}}', None),
+        (b'{"model":"m","options":{"num_ctx":1024,"num_ctx":2048}}', 2048),
+        (b'{"model":"m","options":{"num_ctx":1024},"options":{"top_k":1}}', 1024),
+        (b'{"model":"m","options":{"num_ctx":1024},"options":null}', None),
+        (b'{"model":"m","options":{"num_ctx":1024},"options":{"num_ctx":null}}', None),
+        (b'{"model":"m","options":{"num_ctx":"big"}}', None),
+        (b'{"model":"m","options":{"num_ctx":true}}', None),
+        (b'{"model":"m","options":{"num_ctx":0}}', None),
+        (b'{"model":"m","options":{"num_ctx":1e400}}', None),
+        (b'{"model":"m","options":"num_ctx"}', None),
+        (b'["num_ctx"]', None),
+    ],
+)
+def test_the_context_named_is_read_as_ollama_reads_it(body: bytes, context: int | None) -> None:
+    """
+    The context a body loads its runner with is read as Ollama reads it:
+    C{options} in any case, merged when repeated and reset by a C{null};
+    inside it C{num_ctx} exactly, the last one winning; nothing for a body
+    Ollama would refuse or one that leaves the context to its default.
+    """
+    assert named_context(body) == context
 
 
 def test_an_unloaded_model_goes_as_asked() -> None:

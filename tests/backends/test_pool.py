@@ -31,11 +31,20 @@ class Switch:
     def __init__(self, agent: RequestTraversalAgent) -> None:
         self.agent = agent
         self.down = False
+        #: While set, each C{/api/ps} request waits until its gate, appended
+        #: to L{held}, fires: a read begun and not yet answered.
+        self.holding = False
+        self.held: list[Deferred[None]] = []
 
     def request(self, method: bytes, uri: bytes, headers: Any = None,
                 bodyProducer: Any = None) -> Deferred[IResponse]:
         if self.down:
             return fail(ConnectionRefusedError("refused"))
+        if self.holding and uri.endswith(b"/api/ps"):
+            gate: Deferred[None] = Deferred()
+            self.held.append(gate)
+            return gate.addCallback(
+                lambda _: self.agent.request(method, uri, headers, bodyProducer))
         response: Deferred[IResponse] = self.agent.request(method, uri, headers, bodyProducer)
         return response
 
@@ -190,6 +199,65 @@ def test_residency_is_read_and_kept() -> None:
     t.pool.stopService()
 
 
+def test_a_context_sent_holds_until_api_ps_can_have_seen_it() -> None:
+    """
+    A context the proxy sends a model's request with is its backend's from
+    then on, over what C{/api/ps} says, while the request runs and until a
+    read of C{/api/ps} begun after it ended: one begun earlier may list the
+    runner as it was before the reload.  That read then speaks for the
+    model again, whatever it lists.
+    """
+    t = Setup()
+    t.fake.load("llama3.2", 2048)
+    t.switch.holding = True
+    model = resolve("llama3.2")
+
+    def read() -> Deferred[None]:
+        reading = t.pool.refresh(t.backend)
+        t.switch.agent.flush()
+        return reading
+
+    def answer(reading: Deferred[None]) -> None:
+        t.switch.held[-1].callback(None)
+        t.switch.agent.flush()
+        assert reading.called
+
+    answer(read())
+    assert t.backend.sent == {}
+    kept = t.pool.sending(t.backend, model, 8192)
+    assert t.pool.sending(t.backend, model, 8192) is kept
+    answer(read())
+    assert t.backend.sent == {"llama3.2:latest": kept}
+    assert t.backend.resident[model].context_length == 2048
+    t.pool.ended(t.backend, kept)
+    begun = read()
+    t.pool.ended(t.backend, kept)
+    answer(begun)
+    assert t.backend.sent == {"llama3.2:latest": kept}
+    answer(read())
+    assert t.backend.sent == {}
+
+
+def test_a_larger_context_sent_replaces_the_one_held() -> None:
+    """
+    The last context sent is the one held: Ollama reloads the runner for
+    it once the requests before it have run, and the end of one of those
+    does not release the newer.
+    """
+    t = Setup()
+    model = resolve("llama3.2")
+    first = t.pool.sending(t.backend, model, 8192)
+    second = t.pool.sending(t.backend, model, 16384)
+    t.pool.ended(t.backend, first)
+    t.pool.refresh(t.backend)
+    t.switch.agent.flush()
+    assert t.backend.sent == {"llama3.2:latest": second}
+    t.pool.ended(t.backend, second)
+    t.pool.refresh(t.backend)
+    t.switch.agent.flush()
+    assert t.backend.sent == {}
+
+
 def test_a_model_that_appears_is_a_load_seen() -> None:
     """
     A model that C{/api/ps} names and the previous read did not is reported
@@ -260,3 +328,20 @@ def test_a_hung_generation_takes_the_backend_out_for_that_model_only() -> None:
                      "Backend {backend} generates model {model} again"]
     pool.stopService()
     assert clock.getDelayedCalls() == []
+
+
+def test_a_hung_model_s_name_is_redacted_in_its_log_lines() -> None:
+    """
+    With one backend a client may name any model, a pasted key included:
+    the lines that take a backend out for a model, and bring it back, give
+    the name through the pool's C{redact}, as the router's own lines do.
+    """
+    t = Setup()
+    secret = resolve("olpk_" + "A" * 38)
+    t.pool.redact = lambda text: text.replace("olpk_", "<key>")
+    with capturedLogs() as events:
+        t.pool.hung(t.backend, secret, "no response head")
+    [event] = [e for e in events if "out for model" in e.get("log_format", "")]
+    assert "olpk_" not in event["model"]
+    assert event["model"].startswith("<key>")
+    t.pool.stopService()

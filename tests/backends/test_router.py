@@ -558,6 +558,28 @@ def test_the_loaded_context_is_the_one_the_loaded_backends_agree_on() -> None:
     assert r.loaded_context(model) == 8192
 
 
+def test_a_context_sent_counts_over_api_ps_s() -> None:
+    """
+    A backend's loaded context is the last the proxy sent the model with,
+    while the pool holds it, over what C{/api/ps} listed; a backend the
+    model was sent to that C{/api/ps} does not list yet counts as loading
+    it with that context, and backends must still agree.
+    """
+    clock = Clock()
+    a = backend(clock, "a", ("llama3.2",))
+    b = backend(clock, "b", ("llama3.2",))
+    r = router(a, b, clock=clock)
+    model = resolve("llama3.2")
+    a.resident = {model: Residency(context_length=2048)}
+    r.pool.sending(a, model, 8192)
+    assert r.loaded_context(model) == 8192
+    r.pool.sending(b, model, 4096)
+    assert r.loaded_context(model) is None
+    r.pool.sending(b, model, 8192)
+    assert r.loaded_context(model) == 8192
+    assert r.loaded_context(resolve("mistral")) is None
+
+
 def test_a_backend_out_for_a_model_gets_none_of_its_requests() -> None:
     """
     Through the proxy: a backend whose generation of a model hung is

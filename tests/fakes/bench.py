@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_bench_plot,tests.integration.test_bench_plot,tests.test_gpu_sim -*-
+# -*- test-case-name: tests.test_bench_plot,tests.test_gpu_sim,tests.test_scenarios -*-
 """
 bench/'s scripts, loaded for the tests, and synthetic bench results to draw.
 """

@@ -237,3 +237,49 @@ async def test_a_backend_running_one_at_a_time_gets_one_at_a_time(
         if simulator.transport is not None and not simulator.ended.called:
             simulator.transport.signalProcess("KILL")
         await simulator.ended
+
+
+async def _chat_with(reactor: Any, url: str, options: dict[str, int]) -> None:
+    """
+    A chat of llama3.2 through the proxy, with C{options}, read to its end.
+    """
+    chat = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}],
+            "stream": False, "options": {"num_predict": 3, **options}}
+    response = await request(
+        agent(reactor), b"POST", url + "/api/chat",
+        {"Authorization": f"Bearer {TEST_KEY}", "Content-Type": "application/json"},
+        body(json.dumps(chat).encode()))
+    assert response.code == 200
+    await (await read(response)).done
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_right_after_a_larger_context_does_not_reload(
+    reactor: Any, twistd: TwistdLauncher
+) -> None:
+    """
+    A chat that names no context, sent while the simulator reloads its
+    model for a larger one another client asked for (before the proxy's
+    next read of C{/api/ps} could list it), goes with that larger context:
+    the model is loaded twice in all (its default, then 8192), not a third
+    time for the smaller one.
+    """
+    simulator = SimulatorProcess()
+    args = [sys.executable, str(SCRIPT), "0", "--model", "llama3.2", "--load-seconds", "0.5"]
+    reactor.spawnProcess(simulator, sys.executable, args, env=dict(os.environ), path=str(REPO))
+    try:
+        port = await simulator.listening.addTimeout(START_TIMEOUT, reactor)
+        proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}"))
+        await _chat_with(reactor, proxy.url, {})
+        larger = Deferred.fromCoroutine(_chat_with(reactor, proxy.url, {"num_ctx": 8192}))
+        await sleep(reactor, 0.2)
+        await _chat_with(reactor, proxy.url, {})
+        await larger
+        response = await request(agent(reactor), b"GET", f"http://127.0.0.1:{port}/sim/stats")
+        arrivals = await read(response)
+        await arrivals.done
+        assert json.loads(arrivals.body)["loads"] == 2
+    finally:
+        if simulator.transport is not None and not simulator.ended.called:
+            simulator.transport.signalProcess("KILL")
+        await simulator.ended

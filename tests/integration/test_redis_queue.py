@@ -16,11 +16,13 @@ import pytest_twisted
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import Lease, Router
 from ollamaproxy.backends.upstream import Upstream
+from ollamaproxy.errors import ProxyError
 from ollamaproxy.exchange import Meter
 from ollamaproxy.model_names import resolve
 from ollamaproxy.redis.limits import PREFIX
@@ -43,7 +45,7 @@ class Proxy:
     backend (at the same URL as every other proxy's), its link and queue.
     """
 
-    def __init__(self, reactor: Any, url: str, start: float) -> None:
+    def __init__(self, reactor: Any, url: str, start: float, max_queue: int = 512) -> None:
         address = parse_redis_url(url)
         self.clock = Clock()
         self.clock.advance(start)
@@ -54,10 +56,10 @@ class Proxy:
         self.link = RedisLink(lambda: TxRedisClient(address, reactor, 1.5), reactor,
                               address.shown, "local", interval=3600)
         self.queue = RedisQueue(self.link, self.router, self.clock, subscriber(address, reactor),
-                                LEASE, queue_timeout=600)
+                                LEASE, max_queue, queue_timeout=600)
 
-    def ask(self, key: str) -> Deferred[Lease]:
-        return self.router.acquire(key, LLAMA, runs=True)
+    def ask(self, key: str, user: str | None = None) -> Deferred[Lease]:
+        return self.router.acquire(key, LLAMA, runs=True, user=user)
 
 
 async def until(reactor: Any, condition: Callable[[], bool], seconds: float = 10) -> None:
@@ -76,8 +78,24 @@ async def pair(reactor: Any, redis_server: RedisServer) -> AsyncIterator[list[Pr
     """
     Two proxies sharing one Redis, connected and listening.
     """
+    async for made in proxies(reactor, redis_server, 512):
+        yield made
+
+
+@pytest_twisted.async_yield_fixture
+async def small(reactor: Any, redis_server: RedisServer) -> AsyncIterator[list[Proxy]]:
+    """
+    Two proxies sharing one Redis, with --max-queue 3.
+    """
+    async for made in proxies(reactor, redis_server, 3):
+        yield made
+
+
+async def proxies(
+    reactor: Any, redis_server: RedisServer, max_queue: int
+) -> AsyncIterator[list[Proxy]]:
     start = float(int(reactor.seconds()))
-    made = [Proxy(reactor, redis_server.url, start) for _ in range(2)]
+    made = [Proxy(reactor, redis_server.url, start, max_queue) for _ in range(2)]
     for proxy in made:
         proxy.link.startService()
         proxy.queue.startService()
@@ -307,3 +325,259 @@ async def test_a_free_model_is_not_held_up_by_a_busy_one(
     await until(reactor, lambda: busy != [])
     other.release()
     busy[0].release()
+
+
+async def until_waiting(reactor: Any, link: RedisLink, n: int) -> None:
+    """
+    Wait (bounded) until C{n} requests wait in Redis.
+    """
+    for _ in range(500):
+        if await redis_count(link, "waiters") == n:
+            return
+        await sleep(reactor, 0.02)
+    raise AssertionError(f"never {n} waiting")
+
+
+def refusals(d: Deferred[Lease]) -> list[ProxyError]:
+    """
+    The 503s C{d} fails with, as they come.
+    """
+    got: list[ProxyError] = []
+
+    def refused(failure: Failure) -> None:
+        failure.trap(ProxyError)
+        got.append(cast(ProxyError, failure.value))
+
+    d.addErrback(refused)
+    return got
+
+
+@pytest_twisted.ensureDeferred
+async def test_users_behind_a_key_share_its_turns(reactor: Any, pair: list[Proxy]) -> None:
+    """
+    One user of a key floods proxy A; another user of the same key sends
+    one request to proxy B after them: B's user gets the key's next slot
+    (its start in the key's own time is first), not the flood's second.
+    """
+    a, b = pair
+    running = await a.ask("team", "ann")
+    flood = [results(a.ask("team", "ann")) for _ in range(3)]
+    await until_waiting(reactor, a.link, 3)
+    solo = results(b.ask("team", "bob"))
+    await until_waiting(reactor, a.link, 4)
+    running.release()
+    await until(reactor, lambda: solo != [])
+    assert [len(f) for f in flood] == [0, 0, 0]
+    solo[0].release()
+    for d in flood:
+        await until(reactor, lambda d=d: d != [])  # type: ignore[misc]
+        d[0].release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_waiting_room_is_fair_across_proxies(
+    reactor: Any, small: list[Proxy]
+) -> None:
+    """
+    With --max-queue 3 full of one key's requests on proxy A, a request of
+    another key on proxy B takes the place of the flood's newest, whose
+    client gets the 503 (told on A's channel; Retry-After the timeout, no
+    pace being measured yet); a third key's takes the next; when every key
+    holds one place, a fourth key's newcomer is refused.
+    """
+    a, b = small
+    running = await a.ask("flood")
+    flood = [a.ask("flood") for _ in range(3)]
+    refused = [refusals(d) for d in flood]
+    await until_waiting(reactor, a.link, 3)
+    solo = results(b.ask("solo"))
+    await until(reactor, lambda: refused[2] != [])
+    assert (refused[2][0].code, refused[2][0].outcome) == (503, "queue_full")
+    assert refused[2][0].headers == {b"Retry-After": b"600"}
+    third = results(b.ask("third"))
+    await until(reactor, lambda: refused[1] != [])
+    fourth = refusals(b.ask("fourth"))
+    await until(reactor, lambda: fourth != [])
+    assert fourth[0].outcome == "queue_full" and refused[0] == []
+    assert await redis_count(a.link, "waiters") == 3
+    assert a.queue.waiting() == {"flood": 1} and b.queue.waiting() == {"solo": 1, "third": 1}
+    running.release()
+    await until(reactor, lambda: solo != [])
+    assert third == []
+    solo[0].release()
+    await until(reactor, lambda: third != [])
+    third[0].release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_waiting_room_among_a_keys_users(reactor: Any, small: list[Proxy]) -> None:
+    """
+    A full queue held by one key's users (two of Ann's, one of Bob's): a
+    new user of that key takes the place of Ann's newest; then Bob, who
+    would hold two places against everyone's one, is refused.
+    """
+    a, b = small
+    running = await a.ask("team", "ann")
+    ann = [refusals(a.ask("team", "ann")) for _ in range(2)]
+    bob = results(b.ask("team", "bob"))
+    await until_waiting(reactor, a.link, 3)
+    carol = results(b.ask("team", "carol"))
+    await until(reactor, lambda: ann[1] != [])
+    assert ann[1][0].outcome == "queue_full" and ann[0] == []
+    again = refusals(a.ask("team", "bob"))
+    await until(reactor, lambda: again != [])
+    assert again[0].outcome == "queue_full"
+    assert await redis_count(a.link, "waiters") == 3
+    running.release()
+    await until(reactor, lambda: bob != [])
+    bob[0].release()
+    await until(reactor, lambda: carol != [])
+    carol[0].release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_after_from_the_pace_in_redis(reactor: Any, small: list[Proxy]) -> None:
+    """
+    Slots of the model freed 4 s apart while requests wait make its pace
+    4 s, kept in Redis: a request displaced from a full queue then gets a
+    Retry-After of the requests waiting for its kind of slot and itself
+    (3) times 4 s, though the release and the refusal were on different
+    proxies.
+    """
+    a, b = small
+    running = await a.ask("k1")
+    served = [results(a.ask(key)) for key in ("k2", "k3", "k4")]
+    await until_waiting(reactor, a.link, 3)
+    for i in range(2):
+        a.clock.advance(4)
+        (running if i == 0 else served[0][0]).release()
+        await until(reactor, lambda i=i: served[i] != [])  # type: ignore[misc]
+    crowd = [refusals(b.ask("k5")) for _ in range(2)]
+    await until_waiting(reactor, a.link, 3)
+    b.ask("k6").addErrback(lambda _: None)
+    await until(reactor, lambda: crowd[1] != [])
+    assert crowd[1][0].headers == {b"Retry-After": b"12"}
+    served[1][0].release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lowered_effective_parallel_holds_for_every_proxy(
+    reactor: Any, pair: list[Proxy]
+) -> None:
+    """
+    A backend of parallel 2 whose effective parallel for the model proxy A
+    lowered to 1: a request on proxy B, which sees 2, waits while A's
+    runs, and gets A's slot when it ends.  A's lowering expires with its
+    lease: after it, B's next request runs beside its first.
+    """
+    a, b = pair
+    a.backend.parallel = b.backend.parallel = 2
+    a.backend.effective[LLAMA] = 1
+    first = await a.ask("k1")
+    second = results(b.ask("k2"))
+    await until_waiting(reactor, a.link, 1)
+    assert second == []
+    first.release()
+    await until(reactor, lambda: second != [])
+    b.clock.advance(LEASE + 1)
+    await b.queue.renew()
+    third = results(b.ask("k3"))
+    await until(reactor, lambda: third != [])
+    assert b.backend.in_flight == 2
+    second[0].release()
+    third[0].release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_users_charge_and_true_up_in_redis(reactor: Any, pair: list[Proxy]) -> None:
+    """
+    A request of a user behind a key moves the user's finish in the key's
+    own time by its estimate before the key's weight when it gets the
+    slot, and by the difference from what the meter read at release.
+    """
+    a, _ = pair
+    meter = Meter()
+    meter.expect(20, "llama3.2")
+    lease = await a.router.acquire("team", LLAMA, runs=True, meter=meter, expected_output=500,
+                                   weight=2, user="ann")
+
+    async def ann() -> float:
+        value = await a.link.call("return redis.call('HGET', KEYS[1], ARGV[1])",
+                                  [f"{PREFIX}q:u:team"], ["@ann"])
+        return float(value)
+
+    assert await ann() == 20 + 2 * 500
+    meter.generating, meter.output = True, 7
+    lease.release()
+    for _ in range(100):
+        if await ann() != 20 + 2 * 500:
+            break
+        await sleep(reactor, 0.02)
+    assert await ann() == 20 + 2 * 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_raised_effective_parallel_clears_the_lowering(
+    reactor: Any, pair: list[Proxy]
+) -> None:
+    """
+    Proxy A's lowering to 1 of a backend of parallel 2 is gone from Redis
+    with A's next request once A no longer has it lowered: B's request
+    then runs beside A's, before any lease has passed.
+    """
+    a, b = pair
+    a.backend.parallel = b.backend.parallel = 2
+    a.backend.effective[LLAMA] = 1
+    first = await a.ask("k1")
+    first.release()
+    del a.backend.effective[LLAMA]
+    second = await a.ask("k2")
+    third = results(b.ask("k3"))
+    await until(reactor, lambda: third != [])
+    second.release()
+    third[0].release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_ticket_with_no_request_is_passed_over(reactor: Any, pair: list[Proxy]) -> None:
+    """
+    A ticket left in a user's line whose request is gone (a proxy of the
+    version before users took it out of line, leaving the line as it
+    was) does not stop the pass: it is dropped, and the request after it
+    gets the slot.
+    """
+    a, b = pair
+    running = await a.ask("k1")
+    waiting = results(b.ask("k2"))
+    await until_waiting(reactor, a.link, 1)
+    await a.link.call("redis.call('ZADD', KEYS[1], 0, 'gone'); return 0",
+                      [f"{PREFIX}q:kwu:k2\n"], [])
+    running.release()
+    await until(reactor, lambda: waiting != [])
+    assert await redis_count(a.link, "kwu:k2\n") == 0
+    waiting[0].release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_acquire_still_gives_out_what_it_swept(
+    reactor: Any, small: list[Proxy]
+) -> None:
+    """
+    A newcomer refused by a full queue whose ACQUIRE swept away the slot
+    of a proxy that died: the first waiting request gets that slot at
+    once, not at the next round.
+    """
+    a, b = small
+    await a.ask("k0")  # never released: A dies
+    waiting = [results(b.ask(key)) for key in ("k1", "k2", "k3")]
+    await until_waiting(reactor, b.link, 3)
+    b.clock.advance(LEASE / 2)
+    await b.queue.renew()
+    b.clock.advance(LEASE / 2 + 1)
+    refused = refusals(b.ask("k4"))
+    await until(reactor, lambda: refused != [] and waiting[0] != [])
+    assert [len(w) for w in waiting] == [1, 0, 0]
+    waiting[0][0].release()
+    for w in waiting[1:]:
+        await until(reactor, lambda w=w: w != [])  # type: ignore[misc]
+        w[0].release()

@@ -32,12 +32,13 @@ from tests.fakes.twistd import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy
 
 PASSWORD = "redis-test-password-1234"
 # Named keys of the test, by name: each with one limit.
-KEYS = {
+KEYS: dict[str, tuple[str, dict[str, Any]]] = {
     "rate": ("olpk_ratekeyratekeyratekeyratekeyratekey0", {"rpm": 4}),
     "streams": ("olpk_streamskeystreamskeystreamskeystrea", {"max_streams": 1}),
     "quota": ("olpk_quotakeyquotakeyquotakeyquotakeyquo", {"tokens_per_day": 5}),
     "flood": ("olpk_floodkeyfloodkeyfloodkeyfloodkeyflo", {}),
     "solo": ("olpk_solokeysolokeysolokeysolokeysolokeys", {}),
+    "team": ("olpk_teamkeyteamkeyteamkeyteamkeyteamkeyt", {"user_header": "X-User"}),
 }
 
 
@@ -289,16 +290,20 @@ def _waiting_in_redis(redis: RedisServer, count: int) -> bool:
     return redis.command("ZCARD", f"{PREFIX}q:waiters") == f":{count}\r\n".encode()
 
 
-def _held_chat(reactor: Any, proxy: Twistd, key: str, tag: str) -> Deferred[tuple[int, bytes]]:
+def _held_chat(
+    reactor: Any, proxy: Twistd, key: str, tag: str, user: str | None = None
+) -> Deferred[tuple[int, bytes]]:
     """
-    A streamed chat with the fake's C{hold} model, its message C{tag}.
+    A streamed chat with the fake's C{hold} model, its message C{tag}, for
+    C{user} (in the header C{X-User}) if given.
     """
     data = json.dumps({"model": "hold", "messages": [{"role": "user", "content": tag}]})
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    if user is not None:
+        headers["X-User"] = user
 
     async def chat() -> tuple[int, bytes]:
-        response = await request(agent(reactor), b"POST", proxy.url + "/api/chat",
-                                 {"Authorization": f"Bearer {key}",
-                                  "Content-Type": "application/json"},
+        response = await request(agent(reactor), b"POST", proxy.url + "/api/chat", headers,
                                  body(data.encode()))
         arrivals = await read(response)
         await arrivals.done
@@ -361,6 +366,38 @@ async def test_one_slot_one_order_for_both_proxies(
     assert [(await answer)[0] for answer in answers] == [200] * 5
     assert order == ["flood-0", "solo", "flood-1", "flood-2", "flood-3"]
     assert most[0] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_users_of_a_key_share_its_turns_across_proxies(
+    reactor: Any, one_slot: list[Twistd], upstream: Upstream, redis: RedisServer
+) -> None:
+    """
+    One user of a key with a user header floods proxy A with four
+    requests; another user of the same key sends one to proxy B just
+    after: B's user runs next, one turn after the flood's first.
+    """
+    a, b = one_slot
+    team = KEYS["team"][0]
+    answers = [_held_chat(reactor, a, team, "ann-0", "ann")]
+    await wait_for(reactor, lambda: len(upstream.fake.held) == 1, "the first stream")
+    answers += [_held_chat(reactor, a, team, f"ann-{i}", "ann") for i in range(1, 4)]
+    await wait_for(reactor, partial(_waiting_in_redis, redis, 3), "the flood to wait in Redis")
+    answers.append(_held_chat(reactor, b, team, "bob", "bob"))
+    await wait_for(reactor, partial(_waiting_in_redis, redis, 4), "bob's request to wait")
+    order = []
+    for turn in range(5):
+        held = upstream.fake.held[turn]
+        order.append(_tag(upstream, held))
+        held.write_line({"model": "hold", "done": True})
+        held.finish()
+        if turn < 4:
+            await wait_for(reactor, lambda t=turn: len(upstream.fake.held) > t + 1,  # type: ignore[misc]
+                           "the next request to run")
+    assert [(await answer)[0] for answer in answers] == [200] * 5
+    # Ann's three came together, on connections of their own: in any order.
+    assert order[:2] == ["ann-0", "bob"]
+    assert sorted(order[2:]) == ["ann-1", "ann-2", "ann-3"]
 
 
 @pytest_twisted.ensureDeferred

@@ -109,6 +109,24 @@ def test_text_file_reads_as_twisted_writes_it() -> None:
     assert len(set(ours.getvalue().splitlines())) == 3
 
 
+def test_events_are_stamped_when_written_down_and_read_as_their_line() -> None:
+    """
+    A request's events carry the time it was written down, on the proxy's
+    clock, and read as their line in any text observer, braces in the
+    path included.
+    """
+    exchange = Exchange("GET", "/api/{x}}", "127.0.0.1", started=100.0, key="laptop")
+    exchange.responded(100.01, 200)
+    exchange.summary = StreamSummary("llama3.2", "stop", prompt_tokens=1)
+    events = _logged(exchange)
+    assert {event["log_time"] for event in events.values()} == {100.41}
+    access = events["ollamaproxy.access"]
+    assert formatEvent(access) == "127.0.0.1 laptop GET /api/{x}} 200 completed 811B 0.410s"
+    assert access["path"] == "/api/{x}}"
+    [record] = json_records([access])
+    assert record["text"] == formatEvent(access)
+
+
 def test_a_request_without_a_status_shows_a_dash() -> None:
     """
     A request that ended before it had a status (its client left the

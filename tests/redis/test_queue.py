@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, cast
 
-import pytest
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.web.iweb import IAgent
@@ -80,7 +79,7 @@ class Shared:
         return [c for c in self.redis.calls if c.script == script][-1]
 
     def ticket(self) -> str:
-        ticket: str = self.last(scripts.ACQUIRE).args[4]
+        ticket: str = self.last(scripts.ACQUIRE).args[5]
         return ticket
 
     def go_down(self) -> None:
@@ -108,14 +107,15 @@ def test_an_unqueued_request_costs_two_round_trips() -> None:
     got = results(shared.ask("alice"))
     (acquire,) = shared.redis.calls
     assert acquire.script == scripts.ACQUIRE
-    assert acquire.args[:4] == ["ollamaproxy:", 0, 30000, shared.queue.instance]
-    assert acquire.args[5:] == ["alice", "llama3.2:latest", f"{GPU}\t1\n", "1.0", "1"]
+    assert acquire.args[:5] == ["ollamaproxy:", 0, 30000, shared.queue.instance, 60000]
+    assert acquire.args[6:] == ["alice", "", "llama3.2:latest", f"{GPU}\t1\n", "1.0", "1", "",
+                                512]
     acquire.answer.callback([shared.ticket(), GPU])
     assert got[0].backend is shared.backend and shared.backend.in_flight == 1
     got[0].release()
     assert shared.backend.in_flight == 0
     assert [c.script for c in shared.redis.calls] == [scripts.ACQUIRE, scripts.DONE]
-    assert shared.redis.calls[1].args[4:] == [shared.ticket(), "alice", "0.0"]
+    assert shared.redis.calls[1].args[5:] == [shared.ticket(), "alice", "0.0", "", "0.0"]
 
 
 def test_a_queued_request_costs_two_round_trips() -> None:
@@ -146,11 +146,11 @@ def test_the_true_up_goes_to_redis() -> None:
     meter.expect(20, "llama3.2")
     got = results(shared.router.acquire("k", LLAMA, runs=True, meter=meter,
                                         expected_output=500, weight=2))
-    assert shared.last(scripts.ACQUIRE).args[8:] == ["1020.0", "2"]
+    assert shared.last(scripts.ACQUIRE).args[10:12] == ["1020.0", "2"]
     shared.redis.calls[0].answer.callback([shared.ticket(), GPU])
     meter.generating, meter.output = True, 7
     got[0].release()
-    assert shared.last(scripts.DONE).args[6] == repr((20 + 2 * 7 - 1020) / 2)
+    assert shared.last(scripts.DONE).args[7] == repr((20 + 2 * 7 - 1020) / 2)
 
 
 def test_grants_of_other_tickets_in_an_answer() -> None:
@@ -183,7 +183,7 @@ def test_leaving_the_line_tells_redis() -> None:
     waiting.cancel()
     assert failures[0].check(CancelledError)
     done = shared.last(scripts.DONE)
-    assert done.args[4:] == [shared.ticket(), "k", "-1.0"]
+    assert done.args[5:] == [shared.ticket(), "k", "-1.0", "", "-1.0"]
     assert shared.listening.heard is not None
     shared.listening.heard(f"{shared.ticket()}\n{GPU}")
     assert shared.backend.in_flight == 0
@@ -204,21 +204,89 @@ def test_a_request_waits_no_longer_than_the_timeout() -> None:
     assert isinstance(error, ProxyError)
     assert (error.code, error.outcome) == (503, "queue_timeout")
     assert error.headers == {b"Retry-After": b"60"}
-    assert shared.last(scripts.DONE).args[4] == shared.ticket()
+    assert shared.last(scripts.DONE).args[5] == shared.ticket()
 
 
-def test_max_queue_counts_this_proxys_waiting_requests() -> None:
+def test_max_queue_is_counted_in_redis() -> None:
     """
-    With --max-queue 1 and one request waiting in Redis, the next is
-    refused with the 503 at once, without asking Redis.
+    --max-queue goes with each ACQUIRE, for Redis to count every proxy's
+    waiting requests: one waiting here does not refuse the next at once
+    with --max-queue 1; Redis's answer C{!MS} refuses it, with the 503
+    and the Retry-After Redis reckoned, and no DONE (it is not in line).
     """
     shared = Shared(max_queue=1)
     shared.ask()
     shared.redis.calls[0].answer.callback([])
-    with pytest.raises(ProxyError) as refused:
-        shared.ask()
-    assert (refused.value.code, refused.value.outcome) == (503, "queue_full")
-    assert len(shared.redis.calls) == 1
+    refused = shared.ask()
+    acquire = shared.last(scripts.ACQUIRE)
+    assert acquire.args[-1] == 1 and len(shared.redis.calls) == 2
+    failures: list[Any] = []
+    refused.addErrback(failures.append)
+    acquire.answer.callback([shared.ticket(), "!2400"])
+    error = failures[0].value
+    assert isinstance(error, ProxyError)
+    assert (error.code, error.outcome) == (503, "queue_full")
+    assert error.headers == {b"Retry-After": b"3"}
+    assert shared.queue.waiting() == {"k": 1}
+    assert len(shared.redis.calls) == 2
+
+
+def test_a_displaced_request_hears_its_503() -> None:
+    """
+    A request waiting here whose place a newcomer on another proxy took
+    hears so on this proxy's channel (C{TICKET<LF>!MS}): its client gets
+    the 503 with the Retry-After Redis reckoned, and it no longer waits.
+    """
+    shared = Shared()
+    waiting = shared.ask()
+    shared.redis.calls[0].answer.callback([])
+    failures: list[Any] = []
+    waiting.addErrback(failures.append)
+    assert shared.listening.heard is not None
+    shared.listening.heard(f"{shared.ticket()}\n!60000")
+    error = failures[0].value
+    assert isinstance(error, ProxyError)
+    assert (error.code, error.outcome) == (503, "queue_full")
+    assert error.headers == {b"Retry-After": b"60"}
+    assert shared.queue.waiting() == {}
+    assert [c.script for c in shared.redis.calls] == [scripts.ACQUIRE]
+
+
+def test_users_and_their_charges_go_to_redis() -> None:
+    """
+    A request for a user behind its key names the user in its ACQUIRE
+    (C{@NAME}; C{@} for the key's anonymous user); its DONE trues up the
+    user's finish by the charge before the key's weight, the key's after:
+    still two round trips.
+    """
+    shared = Shared()
+    meter = Meter()
+    meter.expect(20, "llama3.2")
+    got = results(shared.router.acquire("k", LLAMA, runs=True, meter=meter,
+                                        expected_output=500, weight=2, user="ann"))
+    assert shared.last(scripts.ACQUIRE).args[6:8] == ["k", "@ann"]
+    shared.redis.calls[0].answer.callback([shared.ticket(), GPU])
+    meter.generating, meter.output = True, 7
+    got[0].release()
+    assert shared.last(scripts.DONE).args[7:] == [
+        repr((20 + 2 * 7 - 1020) / 2), "@ann", repr(20.0 + 2 * 7 - 1020)]
+    assert [c.script for c in shared.redis.calls] == [scripts.ACQUIRE, scripts.DONE]
+    shared.router.acquire("k", LLAMA, runs=True, user="")
+    assert shared.last(scripts.ACQUIRE).args[7] == "@"
+
+
+def test_a_lowered_effective_parallel_goes_to_redis() -> None:
+    """
+    A backend whose effective parallel for the model is lowered on this
+    proxy is named with the lower limit in the ACQUIRE, for Redis to hold
+    every proxy to it; one not lowered names none.
+    """
+    shared = Shared()
+    shared.backend.parallel = 4
+    shared.backend.effective[LLAMA] = 2
+    shared.ask()
+    assert shared.last(scripts.ACQUIRE).args[9:] == [
+        f"{GPU}\t4\n", "1.0", "1", f"{GPU}\t2\n", 512]
 
 
 def test_redis_down_the_queue_is_this_proxys() -> None:
@@ -299,10 +367,26 @@ def test_the_round_renews_and_recovers() -> None:
     forgotten_ticket = shared.ticket()
     shared.queue.renew()
     renew = shared.last(scripts.RENEW_QUEUE)
-    assert renew.args[4:] == [2, lost_ticket, forgotten_ticket, held, f"{GPU}\nllama3.2:latest"]
+    assert renew.args[5:] == [2, lost_ticket, forgotten_ticket, held, f"{GPU}\nllama3.2:latest"]
     renew.answer.callback([[lost_ticket, GPU, forgotten_ticket, ""], []])
     assert len(lost) == 1 and forgotten == [] and len(running) == 1
     assert shared.ticket() == forgotten_ticket
+
+
+def test_the_round_finds_a_refusal_whose_message_was_lost() -> None:
+    """
+    A waiting ticket the round's answer says was refused (displaced from a
+    full queue: C{!MS}, its message lost) gets the 503, not a new ACQUIRE.
+    """
+    shared = Shared()
+    waiting = shared.ask()
+    shared.redis.calls[0].answer.callback([])
+    failures: list[Any] = []
+    waiting.addErrback(failures.append)
+    shared.queue.renew()
+    shared.last(scripts.RENEW_QUEUE).answer.callback([[shared.ticket(), "!5000"], []])
+    assert failures[0].value.headers == {b"Retry-After": b"5"}
+    assert [c.script for c in shared.redis.calls] == [scripts.ACQUIRE, scripts.RENEW_QUEUE]
 
 
 def test_the_subscription_ends_with_the_service() -> None:
@@ -332,5 +416,5 @@ def test_requests_waiting_in_redis_show_in_the_metric() -> None:
     shared.ask("bob")
     assert shown() == {"alice": 2.0, "bob": 1.0}
     assert shared.listening.heard is not None
-    shared.listening.heard(f"{shared.redis.calls[0].args[4]}\n{GPU}")
+    shared.listening.heard(f"{shared.redis.calls[0].args[5]}\n{GPU}")
     assert shown() == {"alice": 1.0, "bob": 1.0}

@@ -28,6 +28,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from ollamaproxy.admission.keys import ApiKey, digest
+from ollamaproxy.errors import ProxyError
 from tests.fakes.agents import FailingAgent
 from tests.fakes.chain import KEY, Chain, Collector
 from tests.fakes.observers import ErrorCollector
@@ -766,6 +767,34 @@ def test_bug_is_a_bare_500_and_is_logged(
         assert leak not in reply.body
     logged = [e["log_failure"] for e in observe_errors.errors if e.get("log_failure")]
     assert [f.type for f in logged] == [RuntimeError]
+    observe_errors.errors.clear()
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [(RuntimeError("kaboom before the pipeline"), 500, INTERNAL),
+     (ProxyError(503, "not now"), 503, "not now")],
+    ids=["bug", "proxy-error"],
+)
+def test_an_error_that_escapes_the_pipeline_is_answered(
+    error: Exception, code: int, message: str, observe_errors: ErrorCollector
+) -> None:
+    """
+    An error raised outside the pipeline's own handling, on one of Ollama's
+    fixed routes (served without Klein's routing, C{web/front.py}), is
+    answered as Klein's error handlers answer one on the proxy's other
+    routes, and the response ends.
+    """
+    chain = Chain()
+
+    def fail() -> None:
+        raise error
+
+    chain.proxy._metrics.stream_started = fail  # type: ignore[method-assign]
+    reply = call(chain, "GET", "/api/tags")
+    assert (reply.code, is_ollama_error(reply)) == (code, message)
+    logged = [e["log_failure"].type for e in observe_errors.errors if e.get("log_failure")]
+    assert logged == ([RuntimeError] if code == 500 else [])
     observe_errors.errors.clear()
 
 

@@ -1,0 +1,189 @@
+"""
+The proxy's per-request cost against the twisted.web + Agent floor
+(C{bench/twisted_floor.py http}), counted in machine instructions rather
+than timed: each target runs under C{valgrind --tool=callgrind}, is warmed up,
+and then serves a fixed number of requests while callgrind counts what its
+process executes.  The counts do not move with the machine's load (a timed
+run on a shared machine does), so a change of a few percent in either
+ratio is the code's, not the neighbours'.
+
+    python3 bench/callgrind_ratio.py [--requests N] [--warmup N]
+
+Needs valgrind, node (the harness's fake Ollama, C{../shared/bench}) and the
+proxy importable by the Python that runs this.  Prints, for C{GET /api/tags}
+and a non-streamed C{POST /api/chat}, one request at a time on one
+keep-alive connection, the instructions per request of each target and the
+proxy's over the floor's.  The proxy runs as C{bench/per_request} runs it
+(a key file, logging to twistd's console, here a file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROJECT = os.path.dirname(HERE)
+# As bench/common.sh finds the harness: $BENCH_HARNESS, or beside the project.
+HARNESS = os.path.dirname(
+    os.environ.get("BENCH_HARNESS", os.path.join(PROJECT, "..", "shared", "bench", "run.py"))
+)
+KEY = "bench-key-0123456789abcdef"
+CHAT = json.dumps(
+    {"model": "bench:latest", "messages": [{"role": "user", "content": "hi"}],
+     "stream": False, "bench_tokens": 10}
+).encode()
+ROUTES: dict[str, tuple[str, str, bytes | None]] = {
+    "GET /api/tags": ("GET", "/api/tags", None),
+    "POST /api/chat (not streamed)": ("POST", "/api/chat", CHAT),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_ready(port: int, process: subprocess.Popen[bytes], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"exited with code {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on {port} after {seconds}s")
+
+
+@contextmanager
+def running(command: list[str], log: str, env: dict[str, str] | None = None
+            ) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                   cwd=PROJECT, start_new_session=True)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def requests(port: int, method: str, path: str, body: bytes | None, count: int) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    headers = {"X-API-Key": KEY}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    for _ in range(count):
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{method} {path}: {response.status}")
+    connection.close()
+
+
+def total(dump: str) -> int:
+    with open(dump) as lines:
+        for line in lines:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise RuntimeError(f"no total in {dump}")
+
+
+def measure(name: str, command: list[str], env: dict[str, str], tmp: str,
+            port: int, args: argparse.Namespace) -> dict[str, float]:
+    """
+    Instructions per request of one target, for each of L{ROUTES}.
+    """
+    out = os.path.join(tmp, f"{name}.callgrind")
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                f"--callgrind-out-file={out}.%p"]
+    result: dict[str, float] = {}
+    with running(valgrind + command, os.path.join(tmp, f"{name}.log"), env) as process:
+        wait_ready(port, process, 300)
+        control = ["callgrind_control"]
+        for route, (method, path, body) in ROUTES.items():
+            requests(port, method, path, body, args.warmup)
+            for flag in ("-i", "on"), ("-z",):
+                subprocess.run([*control, *flag, str(process.pid)], check=True,
+                               capture_output=True)
+            requests(port, method, path, body, args.requests)
+            for old in glob.glob(f"{out}.*"):
+                os.remove(old)
+            subprocess.run([*control, "-d", str(process.pid)], check=True, capture_output=True)
+            subprocess.run([*control, "-i", "off", str(process.pid)], check=True,
+                           capture_output=True)
+            [dump] = glob.glob(f"{out}.*")
+            result[route] = total(dump) / args.requests
+            shutil.copy(dump, os.path.join(tmp, f"{name}-{method}.callgrind"))
+            os.remove(dump)
+    return result
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--keep", help="keep the callgrind files in this folder")
+    parser.add_argument("--only", choices=["ollamaproxy", "twisted-web-floor"],
+                        help="measure one target, not both")
+    args = parser.parse_args(argv)
+    tmp = args.keep or tempfile.mkdtemp(prefix="callgrind-ratio-")
+    os.makedirs(tmp, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=PROJECT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    upstream_port = free_port()
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    targets: dict[str, Callable[[int], list[str]]] = {
+        "ollamaproxy": lambda port: [
+            os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=",
+            "ollamaproxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--upstream", upstream, "--api-key", KEY,
+            "--keys-file", os.path.join(tmp, "keys.json")],
+        "twisted-web-floor": lambda port: [
+            sys.executable, os.path.join(HERE, "twisted_floor.py"), "http", str(port), upstream],
+    }
+    results: dict[str, dict[str, float]] = {}
+    with running(["node", os.path.join(HARNESS, "fake_ollama.js"), str(upstream_port)],
+                 os.path.join(tmp, "upstream.log")) as fake:
+        wait_ready(upstream_port, fake, 30)
+        for name, command in targets.items():
+            if args.only not in (None, name):
+                continue
+            port = free_port()
+            results[name] = measure(name, command(port), env, tmp, port, args)
+    print(f"instructions per request, {args.requests} requests after {args.warmup} "
+          f"(callgrind files: {tmp})")
+    if args.only:
+        for route, count in results[args.only].items():
+            print(f"{args.only}: {route}: {count:,.0f}")
+    else:
+        print("| request | ollamaproxy | twisted-web-floor | ratio |")
+        print("|---|---|---|---|")
+        for route in ROUTES:
+            proxy, floor = results["ollamaproxy"][route], results["twisted-web-floor"][route]
+            print(f"| {route} | {proxy:,.0f} | {floor:,.0f} | {proxy / floor:.2f}x |")
+    if not args.keep:
+        shutil.rmtree(tmp)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -273,8 +273,8 @@ class Router:
         self.shared: SharedQueue | None = None
         #: Where conversations live, if turns go home: with one backend,
         #: every turn does anyway.
-        self.affinity = (Affinity(affinity_slack) if self.several and affinity_slack is not None
-                         else None)
+        self.affinity = (Affinity(affinity_slack, clock)
+                         if self.several and affinity_slack is not None else None)
 
     #: Whether there is more than one backend to choose from.
     several: bool
@@ -483,7 +483,7 @@ class Router:
         lease._key, lease._weight, lease._charged, lease._meter = key, weight, cost, meter
         lease._user = user
         if conversation is not None and self.affinity is not None:
-            lease.placement = self.affinity.went(conversation, lease.backend)
+            lease.placement = self.affinity.went(conversation, lease.backend, lease.model)
         return lease
 
     def _check_available(self, model: ModelName | None, excluded: frozenset[Backend]) -> None:

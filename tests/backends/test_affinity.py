@@ -75,7 +75,7 @@ def test_a_home_busier_than_the_slack_loses_the_turn() -> None:
     moves there; at the slack it keeps it.
     """
     chain = four(parallel=8)
-    chain.router.affinity = Affinity(slack=2)
+    chain.router.affinity = Affinity(2, chain.clock)
     home_on_second(chain)
     home = chain.backends[1]
     elsewhere = [b for b in chain.backends if b is not home]
@@ -96,7 +96,7 @@ def test_slack_zero_goes_home_only_on_a_tie() -> None:
     the least busy candidate, not when it runs one more.
     """
     chain = four()
-    chain.router.affinity = Affinity(slack=0)
+    chain.router.affinity = Affinity(0, chain.clock)
     home_on_second(chain)
     assert turn(chain.router, ONE).backend is chain.backends[1]  # 0 against 0
     again = turn(chain.router, ONE)  # 1 against 0
@@ -218,15 +218,15 @@ def test_memory_is_bounded_least_recently_used_first() -> None:
     """
     chain = four()
     a, b = chain.backends[:2]
-    affinity = Affinity(slack=2, size=3)
+    affinity = Affinity(2, chain.clock, size=3)
     for number in range(3):
-        affinity.went(bytes([number]), a)
-    assert affinity.went(bytes([0]), b) == "moved"  # 0 is now the newest
-    affinity.went(bytes([3]), a)  # 1 is forgotten
+        affinity.went(bytes([number]), a, LLAMA)
+    assert affinity.went(bytes([0]), b, LLAMA) == "moved"  # 0 is now the newest
+    affinity.went(bytes([3]), a, LLAMA)  # 1 is forgotten
     assert len(affinity) == 3
     assert affinity.home(bytes([1])) is None
     assert (affinity.home(bytes([0])), affinity.home(bytes([2]))) == (b, a)
-    assert affinity.went(bytes([1]), a) == "new"
+    assert affinity.went(bytes([1]), a, LLAMA) == "new"
     assert len(affinity) == 3
 
 
@@ -237,7 +237,7 @@ def test_new_conversations_go_where_fewest_live_within_the_slack() -> None:
     the slack.
     """
     chain = four(parallel=8)
-    chain.router.affinity = Affinity(slack=1)
+    chain.router.affinity = Affinity(1, chain.clock)
     for number in range(3):  # one conversation on each of the first three
         lease = turn(chain.router, bytes([number]) * 16)
         lease.release()
@@ -250,3 +250,209 @@ def test_new_conversations_go_where_fewest_live_within_the_slack() -> None:
     pinned[0].release()
     # It runs 1 against 0 now: within the slack, and home to the fewest.
     assert turn(chain.router, b"n" * 16).backend is idle
+
+
+def test_a_moved_conversation_goes_where_fewest_live() -> None:
+    """
+    A conversation whose home is past the slack moves, not to the router's
+    own choice, but to the candidate within the slack whose slots hold the
+    fewest conversations: a move that lands on a crowded backend evicts
+    another conversation's cache there.
+    """
+    chain = four(parallel=8)
+    affinity = chain.router.affinity = Affinity(1, chain.clock)
+    first, home, third, last = chain.backends
+    affinity.went(ONE, home, LLAMA)
+    for number, backend in enumerate([first, first, third]):
+        affinity.went(bytes([number]) * 16, backend, LLAMA)
+    pinned = [now(chain.router.acquire("k", LLAMA, runs=True, exclude=[first, third, last]))
+              for _ in range(2)]
+    lease = turn(chain.router, ONE)  # home runs 2 against 0: past the slack
+    assert (lease.backend, lease.placement) == (last, "moved")
+    for held in [*pinned, lease]:
+        held.release()
+
+
+def test_a_home_loading_the_model_keeps_its_turn() -> None:
+    """
+    A home that runs the model although its listing does not show it
+    loaded yet (it is loading it, for this conversation's last turn or
+    another's) keeps the turn against a backend that has it loaded: its
+    runner, and the caches in it, are there.
+    """
+    chain = four()
+    assert chain.router.affinity is not None
+    home = chain.backends[1]
+    chain.router.affinity.went(ONE, home, LLAMA)
+    chain.backends[0].loaded = frozenset({LLAMA})
+    loading = now(chain.router.acquire("k", LLAMA, runs=True, exclude=[
+        b for b in chain.backends if b is not home]))
+    assert LLAMA not in home.loaded
+    lease = turn(chain.router, ONE)
+    assert (lease.backend, lease.placement) == (home, "home")
+    loading.release()
+
+
+def test_new_conversations_spread_over_backends_loading_the_model() -> None:
+    """
+    While the first backend's listing shows the model loaded and the others
+    are still loading it (they run its requests), new conversations do not
+    all start on the first: the loading ones hold the model as much.
+    """
+    chain = four()
+    assert chain.router.affinity is not None
+    first, *others = chain.backends
+    first.loaded = frozenset({LLAMA})
+    for number in range(3):
+        chain.router.affinity.went(bytes([number]) * 16, first, LLAMA)
+    loading = [now(chain.router.acquire("k", LLAMA, runs=True, exclude=[
+        b for b in chain.backends if b is not backend])) for backend in others]
+    lease = turn(chain.router, b"n" * 16)
+    assert (lease.backend in others, lease.placement) == (True, "new")
+    for held in [*loading, lease]:
+        held.release()
+
+
+def test_new_conversations_are_weighed_against_slots() -> None:
+    """
+    A new conversation goes to the backend with the fewest conversations
+    for each of its slots, and a backend whose effective parallel is
+    lowered has fewer: one conversation on its one slot is more crowded
+    than two on four.
+    """
+    chain = four(parallel=4)
+    assert chain.router.affinity is not None
+    roomy, lowered, third, last = chain.backends
+    lowered.effective[LLAMA] = 1
+    for number, backend in enumerate([roomy, roomy, lowered, *[third] * 3, *[last] * 3]):
+        chain.router.affinity.went(bytes([number]) * 16, backend, LLAMA)
+    lease = turn(chain.router, b"n" * 16)
+    assert lease.backend is roomy
+
+
+def test_a_conversation_leaves_a_home_with_more_conversations_than_slots() -> None:
+    """
+    A home that holds more conversations than it has slots makes their
+    turns evict each other's caches; a turn of one of them moves to a
+    candidate with a slot no conversation holds, where it misses once and
+    then stays.  While no candidate has such a slot, it stays home.
+    """
+    chain = four(parallel=2)
+    affinity = chain.router.affinity
+    assert affinity is not None
+    first, home, third, last = chain.backends
+    owners = [home, home, home, first, first, third, third, last, last]
+    for number, backend in enumerate(owners):
+        affinity.went(bytes([number]) * 16, backend, LLAMA)
+    stays = turn(chain.router, bytes([0]) * 16)
+    assert (stays.backend, stays.placement) == (home, "home")
+    stays.release()
+    affinity.went(bytes([8]) * 16, first, LLAMA)  # the last backend has room now
+    lease = turn(chain.router, bytes([0]) * 16)
+    assert (lease.backend, lease.placement) == (last, "moved")
+    again = turn(chain.router, bytes([0]) * 16)
+    assert (again.backend, again.placement) == (last, "home")
+
+
+def test_past_the_slack_a_turn_moves_only_where_a_slot_has_room() -> None:
+    """
+    A home past the slack (with a free slot) keeps the turn while every
+    candidate's slots all hold living conversations: moved, it would miss
+    and evict one of them.  Once a candidate has a slot no living
+    conversation holds, the turn moves there.
+    """
+    chain = four(parallel=4)
+    affinity = chain.router.affinity = Affinity(1, chain.clock)
+    first, home, third, last = chain.backends
+    owners = [home, *[home] * 3, *[first] * 4, *[third] * 4, *[last] * 4]
+    for number, backend in enumerate(owners):
+        affinity.went(bytes([number]) * 16, backend, LLAMA)
+    pinned = [now(chain.router.acquire("k", LLAMA, runs=True, exclude=[first, third, last]))
+              for _ in range(2)]
+    stays = turn(chain.router, bytes([0]) * 16)  # 2 against 0: past the slack
+    assert (stays.backend, stays.placement) == (home, "home")
+    stays.release()
+    affinity.went(bytes([15]) * 16, first, LLAMA)  # the last backend has room now
+    lease = turn(chain.router, bytes([0]) * 16)
+    assert (lease.backend, lease.placement) == (last, "moved")
+    for held in [*pinned, lease]:
+        held.release()
+
+
+def test_a_conversation_idle_for_long_holds_no_slot() -> None:
+    """
+    A conversation whose last turn is older than C{live} seconds is still
+    remembered (its next turn goes home) but no longer counts as holding a
+    slot's cache on its backend: new conversations go there again.
+    """
+    chain = four()
+    affinity = chain.router.affinity = Affinity(2, chain.clock, live=60)
+    first, *others = chain.backends
+    for number in range(2):
+        affinity.went(bytes([number]) * 16, first, LLAMA)
+    chain.clock.advance(61)
+    for number, backend in enumerate(others, start=2):
+        affinity.went(bytes([number]) * 16, backend, LLAMA)
+    lease = turn(chain.router, b"n" * 16)
+    assert (lease.backend, lease.placement) == (first, "new")
+    lease.release()
+    again = turn(chain.router, bytes([0]) * 16)
+    assert (again.backend, again.placement) == (first, "home")
+
+
+def test_new_conversations_go_where_a_living_one_ran_the_model() -> None:
+    """
+    A backend whose listing does not show the model (it is read every few
+    seconds) but that ran a living conversation's turn of it has it warm:
+    a new conversation may go there though the router's choice has the
+    model loaded, while backends where it is cold are left out.
+    """
+    chain = four()
+    affinity = chain.router.affinity
+    assert affinity is not None
+    loaded, warm = chain.backends[:2]
+    loaded.loaded = frozenset({LLAMA})
+    for number in range(3):
+        affinity.went(bytes([number]) * 16, loaded, LLAMA)
+    affinity.went(b"w" * 16, warm, LLAMA)
+    lease = turn(chain.router, b"n" * 16)
+    assert (lease.backend, lease.placement) == (warm, "new")
+
+
+def test_conversations_are_counted_per_model() -> None:
+    """
+    Each model's runner has its own slots: conversations of another model
+    on a backend do not crowd a new conversation's model there.
+    """
+    chain = four(parallel=4)
+    affinity = chain.router.affinity
+    assert affinity is not None
+    first, second, third, last = chain.backends
+    mistral = resolve("mistral")
+    for number in range(4):
+        affinity.went(bytes([number]) * 16, first, mistral)
+    owners = [second, third, third, last, last]
+    for number, backend in enumerate(owners, start=4):
+        affinity.went(bytes([number]) * 16, backend, LLAMA)
+    assert turn(chain.router, b"n" * 16).backend is first
+
+
+def test_a_new_conversation_goes_past_the_slack_for_a_slot_with_room() -> None:
+    """
+    When every backend within the slack has each slot's cache held by a
+    living conversation, a new conversation goes to one past the slack
+    that has a slot no living conversation holds (it has a free slot, so
+    it runs at once), rather than start evicting its neighbours' caches.
+    """
+    chain = four(parallel=4)
+    affinity = chain.router.affinity = Affinity(1, chain.clock)
+    idle, roomy, *full = chain.backends
+    owners = [*[idle] * 4, *[roomy] * 3, *[full[0]] * 4, *[full[1]] * 4]
+    for number, backend in enumerate(owners):
+        affinity.went(bytes([number]) * 16, backend, LLAMA)
+    busy = [now(chain.router.acquire("k", LLAMA, runs=True, exclude=[idle, *full]))
+            for _ in range(3)]
+    lease = turn(chain.router, b"n" * 16)  # roomy runs 3 against 0: past the slack
+    assert (lease.backend, lease.placement) == (roomy, "new")
+    for held in [*busy, lease]:
+        held.release()

@@ -607,7 +607,10 @@ def test_a_backend_out_for_a_model_gets_none_of_its_requests() -> None:
     chain.fakes[0].held[-1].release()
     chain.flush()
     assert chain.backends[0].serves(resolve("slowhead"))
-    chain.request("POST", "/api/chat", data=chat("slowhead"))
+    # Another conversation: the one that says "hi" lives on backend 1,
+    # which runs it still, so its next turn would go home there.
+    other = [{"role": "user", "content": "another"}]
+    chain.request("POST", "/api/chat", data=chat("slowhead", messages=other))
     assert len(chain.fakes[0].received) == 3
     chain.pool.stopService()
 

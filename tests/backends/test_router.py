@@ -10,8 +10,6 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.web.iweb import IAgent, IResponse
-from zope.interface import implementer
 
 from ollamaproxy.backends.pool import Backend, BackendPool, Residency
 from ollamaproxy.backends.router import UNREAD_MODEL, Lease, Router
@@ -19,6 +17,7 @@ from ollamaproxy.backends.shared import Ask
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.exchange import Meter, StreamSummary
 from ollamaproxy.model_names import resolve
+from tests.fakes.agents import Silent
 from tests.fakes.chain import HEADER_TIMEOUT, Chain, chat
 from tests.fakes.routers import LLAMA, MISTRAL, QWEN, backend, now
 
@@ -615,17 +614,6 @@ def test_a_backend_out_for_a_model_gets_none_of_its_requests() -> None:
                   data=chat("slowhead", messages=[{"role": "user", "content": "new"}]))
     assert len(chain.fakes[0].received) == 3
     chain.pool.stopService()
-
-
-@implementer(IAgent)
-class Silent:
-    """
-    An agent to a backend that takes every request and never answers.
-    """
-
-    def request(self, method: bytes, uri: bytes, headers: Any = None,
-                bodyProducer: Any = None) -> Deferred[IResponse]:
-        return Deferred()
 
 
 def test_an_embedding_that_times_out_marks_the_backend_failed() -> None:

@@ -18,7 +18,7 @@ from ollamaproxy.admission.estimate import DEFAULT_OUTPUT_TOKENS
 from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.admission.policy import MAX_CHECKED_BODY
 from ollamaproxy.model_names import resolve
-from tests.fakes.agents import Refusing
+from tests.fakes.agents import Refusing, Silent
 from tests.fakes.backends import HI, OTHER, USER, two_backends
 from tests.fakes.chain import HEADER_TIMEOUT, Chain, chat
 
@@ -156,6 +156,58 @@ def test_a_hung_generation_is_sent_again_only_once(access_events: list[LogEvent]
     assert line["outcome"] == "timeout"
     assert line["upstream"] == "http://127.0.0.1:11435"
     assert chain.clock.getDelayedCalls() == []
+
+
+def test_a_hung_generation_waits_for_a_slot_on_the_other_backend(
+    access_events: list[LogEvent],
+) -> None:
+    """
+    At --parallel 1, a request sent again while the other backend's one
+    slot is taken waits in the fair queue for it, as any request does,
+    and its access line's wait is that one.  (A header timeout shorter than
+    the idle timeout, so that the other answer is not cut meanwhile.)
+    """
+    chain = _hung_pair(parallel=1, header_timeout=60)
+    d = chain.request("POST", "/api/chat", data=chat("slowhead"))
+    other = chain.request("POST", "/api/chat",
+                          data=chat("slowhead", messages=[{"role": "user", "content": "2"}]))
+    assert [len(fake.received) for fake in chain.fakes] == [1, 1]
+    chain.fakes[1].held[0].send_head()
+    chain.flush()
+    chain.clock.advance(60)
+    chain.flush()
+    assert len(chain.fakes[1].received) == 1
+    chain.clock.advance(3)
+    chain.fakes[1].held[0].finish()
+    chain.flush()
+    chain.body(chain.result(other))
+    assert len(chain.fakes[1].received) == 2
+    chain.fakes[1].held[1].finish()
+    chain.flush()
+    response = chain.result(d)
+    assert response.code == 200
+    chain.body(response)
+    line = access_events[-1]
+    assert line["notes"].startswith("retried after http://127.0.0.1:11434")
+    assert line["queued"] == 3
+
+
+def test_a_request_that_takes_no_slot_is_not_sent_again() -> None:
+    """
+    Only a request that runs a model is sent again: one that takes no
+    slot (a model's details) and times out gets the 504, and the other
+    backend gets nothing.
+    """
+    chain = Chain(backends=[["llama3.2:latest"]] * 2, agent=Silent())
+    chain.pool.refresh_all()
+    chain.flush()
+    d = chain.request("POST", "/api/show", data=b'{"model": "llama3.2"}')
+    chain.clock.advance(HEADER_TIMEOUT)
+    chain.flush()
+    response = chain.result(d)
+    assert response.code == 504
+    chain.body(response)
+    assert chain.fakes[1].received == []
 
 
 def test_a_hung_generation_with_no_other_backend_is_504(access_events: list[LogEvent]) -> None:

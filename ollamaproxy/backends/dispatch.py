@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.web.test_app -*-
+# -*- test-case-name: tests.web.test_app,tests.backends.test_through_proxy -*-
 """
 Sending an admitted request to Ollama and answering the client: the one
 step of the pipeline that talks to the backends.
@@ -6,10 +6,24 @@ step of the pipeline that talks to the backends.
 A request goes to the backend the router gives it; if that backend cannot
 even be connected to (nothing was sent), to another that has its model.  A
 backend that took the request but sent no response head (timed out, or
-broke off) is marked unhealthy too, but the request goes nowhere else: it
-may have been sent, and the client gets the 504 or 502.  With several
-backends, a model listing is every healthy backend's, merged, and a model's
-pull, delete or copy goes to every backend (L{ollamaproxy.backends.everywhere}).
+broke off) is marked unhealthy too (for the model, if it hung on a
+generation), and the request mostly goes nowhere else: it may have been
+sent, and the client gets the 504 or 502.
+
+But a request that runs a model and got no response head within the header
+timeout (a hung generation, Ollama #17408) is sent once more, to another
+backend that serves the model (L{Dispatcher._again}): nothing was written
+to its client, the hung backend answered nothing, and its body, read whole
+by its plan, can be sent again.  A request whose body streamed past the
+proxy unread, one that takes no slot, or one with no other backend for its
+model gets the 504 as before; a client that leaves cancels the retry as it
+cancels any request.  So a client waits at most two header timeouts for a
+response head, with the second's wait for a slot in between (at most
+C{--queue-timeout}).
+
+With several backends, a model listing is every healthy backend's, merged,
+and a model's pull, delete or copy goes to every backend
+(L{ollamaproxy.backends.everywhere}).
 
 What the trip found (the backend, the wait, the status, what the answer
 amounted to) is written in a L{Trip} that the caller hands in and reads
@@ -25,6 +39,7 @@ from dataclasses import dataclass, field
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
 
 from ollamaproxy.backends.downstream import Downstream
 from ollamaproxy.backends.everywhere import on_every_backend
@@ -43,6 +58,7 @@ from ollamaproxy.backends.relay import (
     whole_body,
 )
 from ollamaproxy.backends.router import Lease, Router
+from ollamaproxy.backends.upstream import BytesProducer
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.exchange import Meter
 from ollamaproxy.model_names import ModelName
@@ -104,6 +120,10 @@ class Trip:
     @ivar placement: For a request that carried a conversation, how its
         backend compared with its conversation's last (C{home}, C{moved},
         C{new}); empty for others.
+    @ivar retried: For a request sent again after a backend hung on it,
+        which backend and why (for the access line's notes); empty for
+        others.  C{backend} is then the one it was sent to again, and
+        C{queued} both its waits for a slot.
     """
 
     backend: str = ""
@@ -113,6 +133,7 @@ class Trip:
     answered: Answered = NOTHING_ANSWERED
     meter: Meter = field(default_factory=Meter)
     placement: str = ""
+    retried: str = ""
 
 
 class Dispatcher:
@@ -162,14 +183,17 @@ class Dispatcher:
     async def _on_one_backend(self, request: Downstream, job: Job, trip: Trip) -> None:
         """
         Send a request to the backend the router gives it, or, if that one
-        cannot be connected to, to the next.
+        cannot be connected to, to the next; or, once, if it hung on the
+        request, to another (L{_again}).
         """
         route = job.route
         # A HEAD whose answer is rewritten goes as GET, so that its length
         # is the rewritten body's.
         method = b"GET" if job.rewrite is not None and request.method == b"HEAD" else None
         tried: list[Backend] = []
-        unreachable: Unreachable | None = None
+        # Why it left the last backend it tried: its answer if no other comes.
+        moved_on: ProxyError | None = None
+        again: IBodyProducer | None = None  # its body held whole, once it hung
         while True:
             try:
                 acquiring = self._router.acquire(
@@ -193,11 +217,12 @@ class Dispatcher:
                         request.body.wait()
                     lease = await self._waited(acquiring, trip)
             except ProxyError:
-                if unreachable is not None:
-                    raise unreachable from None
+                if moved_on is not None:
+                    trip.retried = ""
+                    raise moved_on from None
                 raise
             backend = lease.backend
-            trip.backend, trip.queued = backend.name, lease.queued
+            trip.backend, trip.queued = backend.name, trip.queued + lease.queued
             if lease.placement is not None:
                 trip.placement = lease.placement
             # Per request, and only for a body that names a context: a
@@ -205,7 +230,7 @@ class Dispatcher:
             sent = (self._pool.sending(backend, lease.model, job.context)
                     if job.context is not None and lease.model is not None else None)
             try:
-                response = await send(request, backend.upstream, job.target, method)
+                response = await send(request, backend.upstream, job.target, method, again)
                 trip.status, trip.responded = response.code, backend.upstream.clock.seconds()
                 if lease.model is not None:
                     lease.answering(response)
@@ -216,17 +241,16 @@ class Dispatcher:
                 tried.append(backend)
                 if len(tried) == len(self._router.backends):
                     raise
-                unreachable = e
+                moved_on = e
                 continue
             except NoResponseHead as e:
-                if e.code == 504 and job.model is not None and route is not None \
-                        and route.generates:
-                    # Timed out: its listings may answer while this model's
-                    # runs hang, so only a run of the model brings it back.
-                    self._pool.hung(backend, job.model, e.message)
-                else:
-                    self._pool.failed(backend, e.message)
-                raise
+                self._no_head(backend, job, e)
+                if trip.retried or not self._again(request, job, e):
+                    raise
+                trip.retried = f"retried after {backend.name}: {e.message}"
+                tried.append(backend)
+                moved_on, again = e, None if job.body is None else BytesProducer(job.body)
+                continue
             finally:
                 lease.release()
                 if sent is not None:
@@ -235,18 +259,49 @@ class Dispatcher:
                 self._pool.refresh(backend)
             return
 
+    def _no_head(self, backend: Backend, job: Job, error: NoResponseHead) -> None:
+        """
+        C{backend} took C{job}'s request but sent no response head: out of
+        rotation, for the model only if a generation of it timed out (its
+        listings may answer while this model's runs hang, so only a run of
+        the model brings it back).
+        """
+        route = job.route
+        if error.code == 504 and job.model is not None and route is not None \
+                and route.generates:
+            self._pool.hung(backend, job.model, error.message)
+        else:
+            self._pool.failed(backend, error.message)
+
+    def _again(self, request: Downstream, job: Job, error: NoResponseHead) -> bool:
+        """
+        Whether a request that a backend sent no response head for may be
+        sent once more, to another backend (the caller sees to once): it
+        runs a model (it takes a slot: what hangs), it timed out (a 504; a
+        connection that broke may have been the request's own doing, and
+        would break the next backend's too), there are other backends, and
+        its body, if it has one, was read whole by its plan (one streamed
+        past the proxy cannot be sent again).  Nothing was written to its
+        client yet.  Whether another backend serves its model is the
+        router's to say, when the request asks it for one.
+        """
+        route = job.route
+        return (error.code == 504 and route is not None and route.runs and self.several
+                and (request.body is None or job.body is not None))
+
     async def _waited(self, acquiring: Deferred[Lease], trip: Trip) -> Lease:
         """
         The lease C{acquiring}, a wait in the fair queue, fires with.  A
         request that leaves the queue without one (its client left, or it
         waited too long) waited all the same, but the lease that says how
-        long never comes: its wait is measured here, for the log.
+        long never comes: its wait is measured here, for the log (added to
+        any wait before a backend it left).
         """
         since = self._clock.seconds()
         try:
             return await acquiring
         except BaseException:
-            trip.queued = self._clock.seconds() - since
+            trip.queued += self._clock.seconds() - since
             raise
 
     async def _on_every_backend(

@@ -261,6 +261,10 @@ class OllamaProxy:
         exchange, trip = flight.exchange, flight.trip
         exchange.backend, exchange.queued = trip.backend, trip.queued
         exchange.placement = trip.placement
+        if trip.retried:
+            # Sent again after a backend hung on it: said beside what the
+            # plan changed.
+            exchange.notes = "; ".join(n for n in (exchange.notes, trip.retried) if n)
         if exchange.status is None:
             exchange.status = trip.status
         if trip.responded is not None:

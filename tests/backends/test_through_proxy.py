@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from typing import Any
 
 from twisted.logger import LogEvent
 from twisted.web.client import ResponseFailed
@@ -17,7 +18,7 @@ from ollamaproxy.admission.estimate import DEFAULT_OUTPUT_TOKENS
 from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.admission.policy import MAX_CHECKED_BODY
 from ollamaproxy.model_names import resolve
-from tests.fakes.agents import Refusing
+from tests.fakes.agents import Refusing, Silent
 from tests.fakes.backends import HI, OTHER, USER, two_backends
 from tests.fakes.chain import HEADER_TIMEOUT, Chain, chat
 
@@ -80,33 +81,196 @@ def test_failover_before_the_first_byte(access_events: list[LogEvent]) -> None:
     assert access_events[-1]["upstream"] == "http://127.0.0.1:11435"
 
 
-def test_a_backend_that_sends_no_head_in_time_is_marked_and_skipped(
+def _hung_pair(**kwargs: Any) -> Chain:
+    """
+    Two backends that both have C{slowhead} (whose head the test sends),
+    and have said so.
+    """
+    chain = Chain(backends=[["slowhead:latest"], ["slowhead:latest"]], **kwargs)
+    chain.pool.refresh_all()
+    chain.flush()
+    return chain
+
+
+def test_a_hung_generation_is_sent_again_to_another_backend(
     access_events: list[LogEvent],
 ) -> None:
     """
-    A backend that takes a request but sends no response head within
-    --header-timeout: the client gets the 504 (the request is not sent
-    again), the backend is out of rotation for that model (healthy for
-    others), and the next request for a model both backends have goes to
-    the other one.
+    A backend that takes a generation but sends no response head within
+    --header-timeout is out of rotation for that model (healthy for
+    others), its connection is closed, and the request, its body held
+    whole, is sent once more, unchanged, to the other backend that has
+    the model: the client gets that one's answer.  The access line names
+    the backend it ended on, says it was retried and why, and its first
+    byte counts the time waited on the hung one.  The next request goes
+    to the other backend at once.
     """
-    chain = Chain(backends=[["slowhead:latest"], ["slowhead:latest"]])
+    chain = _hung_pair()
+    d = chain.request("POST", "/api/chat", data=chat("slowhead"))
+    assert len(chain.fakes[0].received) == 1
+    chain.clock.advance(HEADER_TIMEOUT)
+    chain.flush()
+    assert chain.fakes[0].held[0].disconnected.called
+    assert chain.backends[0].healthy
+    assert not chain.backends[0].serves(resolve("slowhead"))
+    [again] = chain.fakes[1].received
+    assert again.body == chain.fakes[0].received[0].body
+    assert chain.pending(d)
+    chain.clock.advance(2)
+    chain.fakes[1].held[0].release()
+    chain.flush()
+    response = chain.result(d)
+    assert response.code == 200
+    assert json.loads(chain.body(response).splitlines()[-1])["done"] is True
+    [line] = access_events
+    assert (line["outcome"], line["status"]) == ("completed", 200)
+    assert line["upstream"] == "http://127.0.0.1:11435"
+    assert line["first_byte"] == HEADER_TIMEOUT + 2
+    assert line["notes"] == ("retried after http://127.0.0.1:11434: Ollama sent no "
+                             f"response within {HEADER_TIMEOUT:g} seconds")
+    assert "[retried after http://127.0.0.1:11434" in line["line"]
+    chain.request("POST", "/api/chat", data=chat("slowhead"))
+    assert len(chain.fakes[0].received) == 1
+    assert len(chain.fakes[1].received) == 2
+
+
+def test_a_hung_generation_is_sent_again_only_once(access_events: list[LogEvent]) -> None:
+    """
+    When the backend it is sent again to hangs too, the client gets the
+    504 after two header timeouts, the bound on its wait; both backends
+    are out for the model, and neither gets the request a third time.
+    """
+    chain = _hung_pair()
+    d = chain.request("POST", "/api/chat", data=chat("slowhead"))
+    chain.clock.advance(HEADER_TIMEOUT)
+    chain.flush()
+    assert chain.pending(d)
+    chain.clock.advance(HEADER_TIMEOUT)
+    chain.flush()
+    response = chain.result(d)
+    assert response.code == 504
+    chain.body(response)
+    assert [len(fake.received) for fake in chain.fakes] == [1, 1]
+    assert not any(b.serves(resolve("slowhead")) for b in chain.backends)
+    [line] = access_events
+    assert line["outcome"] == "timeout"
+    assert line["upstream"] == "http://127.0.0.1:11435"
+    assert chain.clock.getDelayedCalls() == []
+
+
+def test_a_hung_generation_waits_for_a_slot_on_the_other_backend(
+    access_events: list[LogEvent],
+) -> None:
+    """
+    At --parallel 1, a request sent again while the other backend's one
+    slot is taken waits in the fair queue for it, as any request does,
+    and its access line's wait is that one.  (A header timeout shorter than
+    the idle timeout, so that the other answer is not cut meanwhile.)
+    """
+    chain = _hung_pair(parallel=1, header_timeout=60)
+    d = chain.request("POST", "/api/chat", data=chat("slowhead"))
+    other = chain.request("POST", "/api/chat",
+                          data=chat("slowhead", messages=[{"role": "user", "content": "2"}]))
+    assert [len(fake.received) for fake in chain.fakes] == [1, 1]
+    chain.fakes[1].held[0].send_head()
+    chain.flush()
+    chain.clock.advance(60)
+    chain.flush()
+    assert len(chain.fakes[1].received) == 1
+    chain.clock.advance(3)
+    chain.fakes[1].held[0].finish()
+    chain.flush()
+    chain.body(chain.result(other))
+    assert len(chain.fakes[1].received) == 2
+    chain.fakes[1].held[1].finish()
+    chain.flush()
+    response = chain.result(d)
+    assert response.code == 200
+    chain.body(response)
+    line = access_events[-1]
+    assert line["notes"].startswith("retried after http://127.0.0.1:11434")
+    assert line["queued"] == 3
+
+
+def test_a_request_that_takes_no_slot_is_not_sent_again() -> None:
+    """
+    Only a request that runs a model is sent again: one that takes no
+    slot (a model's details) and times out gets the 504, and the other
+    backend gets nothing.
+    """
+    chain = Chain(backends=[["llama3.2:latest"]] * 2, agent=Silent())
+    chain.pool.refresh_all()
+    chain.flush()
+    d = chain.request("POST", "/api/show", data=b'{"model": "llama3.2"}')
+    chain.clock.advance(HEADER_TIMEOUT)
+    chain.flush()
+    response = chain.result(d)
+    assert response.code == 504
+    chain.body(response)
+    assert chain.fakes[1].received == []
+
+
+def test_a_hung_generation_with_no_other_backend_is_504(access_events: list[LogEvent]) -> None:
+    """
+    When no other backend has the model, the request hung on its only
+    one gets the 504, as with a single backend, not the 503 of a model
+    no healthy backend has; the other backend gets nothing.
+    """
+    chain = Chain(backends=[["slowhead:latest"], ["llama3.2:latest"]])
     chain.pool.refresh_all()
     chain.flush()
     d = chain.request("POST", "/api/chat", data=chat("slowhead"))
+    chain.clock.advance(HEADER_TIMEOUT)
+    chain.flush()
+    response = chain.result(d)
+    assert response.code == 504
+    assert "no response within" in json.loads(chain.body(response))["error"]
+    assert chain.fakes[1].received == []
+    assert access_events[-1]["notes"] == ""
+
+
+def test_a_streamed_body_that_hung_is_not_sent_again() -> None:
+    """
+    A body the proxy did not read whole (compressed, or too large to
+    read: it streamed on as it came) cannot be sent again: the request
+    that hung gets the 504, and the other backend gets nothing.
+    """
+    chain = _hung_pair()
+    d = chain.request("POST", "/api/chat", data=chat("slowhead"),
+                      headers={"Content-Encoding": "identity"})
     assert len(chain.fakes[0].received) == 1
     chain.clock.advance(HEADER_TIMEOUT)
     chain.flush()
     response = chain.result(d)
     assert response.code == 504
     chain.body(response)
-    assert chain.backends[0].healthy
-    assert not chain.backends[0].serves(resolve("slowhead"))
     assert chain.fakes[1].received == []
-    assert access_events[-1]["outcome"] == "timeout"
-    chain.request("POST", "/api/chat", data=chat("slowhead"))
-    assert len(chain.fakes[0].received) == 1
+
+
+def test_a_client_that_left_is_not_sent_again(access_events: list[LogEvent]) -> None:
+    """
+    A client that hangs up while its request hangs is not sent again
+    when the header timeout comes; one that hangs up while it is being
+    sent again closes that backend's connection too.
+    """
+    chain = _hung_pair()
+    d = chain.request("POST", "/api/chat", data=chat("slowhead"))
+    d.cancel()
+    chain.flush()
+    chain.failure(d)
+    chain.clock.advance(HEADER_TIMEOUT)
+    chain.flush()
+    assert chain.fakes[1].received == []
+    d = chain.request("POST", "/api/chat", data=chat("slowhead"))
+    chain.clock.advance(HEADER_TIMEOUT)
+    chain.flush()
     assert len(chain.fakes[1].received) == 1
+    d.cancel()
+    chain.flush()
+    chain.failure(d)
+    assert chain.fakes[1].held[0].disconnected.called
+    assert [e["outcome"] for e in access_events] == ["client_disconnected"] * 2
+    assert chain.clock.getDelayedCalls() == []
 
 
 def test_a_backend_that_breaks_before_its_head_is_not_retried() -> None:

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.web.test_app,tests.backends.test_through_proxy -*-
 """
 Agents towards Ollama that fail, for the tests of what the proxy does when
-its upstream cannot be reached.
+its upstream cannot be reached, or never answers.
 """
 
 from __future__ import annotations
@@ -47,3 +47,14 @@ class Refusing:
     def request(self, method: bytes, uri: bytes, headers: Any = None,
                 bodyProducer: Any = None) -> Deferred[IResponse]:
         return fail(ConnectionRefusedError("refused"))
+
+
+@implementer(IAgent)
+class Silent:
+    """
+    An agent to a backend that takes every request and never answers.
+    """
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None,
+                bodyProducer: Any = None) -> Deferred[IResponse]:
+        return Deferred()

@@ -713,7 +713,9 @@ class Config:
         help="Seconds to wait for Ollama's response head; with \"stream\": false that is "
         "the whole answer",
         doc="seconds to wait for Ollama's response head (model loading; with "
-        "`\"stream\": false` the whole answer) before answering 504",
+        "`\"stream\": false` the whole answer) before answering 504, or, for a "
+        "generation whose body the proxy holds, sending it once to another backend "
+        "that has the model",
     )
     idle_timeout: float = option(
         _seconds, "600", metavar="S",

@@ -8,13 +8,17 @@ server that holds one model thrashes when keys ask for different ones in
 turn: C{A B A C} costs three loads where C{A A B C} costs two.  So when the
 next request in the fair queue's order would make a backend switch, the
 backend first serves the requests waiting for what it holds, for at most
-C{hold} seconds from when the switch became due; then it I{drains}: no more
+C{hold} seconds from when the switch became due, or, if the backend is
+still loading the model it switched to last (the first request given it
+since has not ended), from when it has loaded: a hold that the load ate
+would give that model's clients nothing; then it I{drains}: no more
 requests for the model it gives up are sent to it until the switching
 request has its slot, which it gets as soon as that model has no request
 running there.  Without the drain, the switch could wait for ever: since
 v0.11.5 Ollama lets a request for a loaded model pass a waiting switch.  A
 key's request thus waits at most one hold, and the requests already
-running for the old model, beyond its fair turn; a request for a third
+running for the old model (the first of which pays its load), beyond its
+fair turn; a request for a third
 model whose turn comes meanwhile waits for that switch to go, then for
 its own hold.  Of several backends that would each have to switch, one
 is held and drained (the one the switch is due on, else the least busy):
@@ -83,6 +87,8 @@ class _Seat:
     @ivar draining: The model it gives up once the hold is over: none of
         its requests go there until the switch has gone.
     @ivar switches: How many switches it has made.
+    @ivar loading: The model the last switch loaded, until its first
+        request there ends: a hold starts no earlier.
     @ivar ended: When the last request for each model held ended there.
     @ivar gap: Serves the queue again when the gap of a model held that
         keeps a switch waiting is over.
@@ -95,6 +101,7 @@ class _Seat:
     draining: ModelName | None = None
     timer: IDelayedCall | None = field(default=None, repr=False)
     switches: int = 0
+    loading: ModelName | None = None
     ended: dict[ModelName, float] = field(default_factory=dict)
     gap: IDelayedCall | None = field(default=None, repr=False)
 
@@ -247,8 +254,17 @@ class Collator:
         backend holds it.
         """
         seat = self._seats.get(backend)
-        if seat is not None and model in seat.held:
-            seat.ended[model] = self._clock.seconds()
+        if seat is None or model not in seat.held:
+            return
+        now = seat.ended[model] = self._clock.seconds()
+        if model == seat.loading:
+            # The load is paid: a switch due meanwhile has its hold now.
+            seat.loading = None
+            if seat.due is not None:
+                seat.due = now
+                if seat.timer is not None and seat.timer.active():
+                    seat.timer.cancel()
+                seat.timer = self._clock.callLater(self._hold, self._held, seat)
 
     def _may_switch(self, backend: Backend, seat: _Seat, model: ModelName) -> bool:
         """
@@ -260,8 +276,9 @@ class Collator:
         now = self._clock.seconds()
         if seat.due is None:
             seat.due, seat.to = now, model
-            seat.timer = self._clock.callLater(self._hold, self._held, seat)
-        if now < seat.due + self._hold:
+            if seat.loading is None:
+                seat.timer = self._clock.callLater(self._hold, self._held, seat)
+        if seat.loading is not None or now < seat.due + self._hold:
             return False
         seat.draining = seat.held[0]
         return not backend.running[seat.draining]
@@ -297,6 +314,7 @@ class Collator:
                      new=self.redact(model.canonical))
             self._cancel(seat)
             seat.due = seat.to = seat.draining = None
+            seat.loading = model
         held.append(model)
 
     @staticmethod

@@ -283,3 +283,31 @@ def test_a_gap_with_no_request_lets_the_switch_go() -> None:
     clock.advance(HOLD / 3)
     assert now(r.acquire("steady", LLAMA, runs=True)).backend is a
     assert r.collator is not None and r.collator.switches(a) == 2
+
+
+def test_a_hold_starts_once_the_model_switched_to_has_loaded() -> None:
+    """
+    A switch's first request pays the load, which may outlast a hold: a
+    switch that becomes due meanwhile has its hold from when that request
+    ends, so that the new model's client gets its next turns in the gap
+    before the backend switches again; then the switch goes within one
+    hold.
+    """
+    clock = Clock()
+    a = one(clock, loaded=("llama3.2",))
+    r = collating(clock, a)
+    grants = Grants(clock)
+    grants.watch(r.acquire("m", MISTRAL, runs=True))  # a switch: mistral loads
+    switching = r.acquire("q", QWEN, runs=True)  # due at 0, during the load
+    grants.watch(switching)
+    clock.advance(2 * HOLD)  # the load and the first answer
+    grants.release_running()
+    assert not switching.called
+    for _ in range(2):
+        clock.advance(0.5)
+        grants.watch(r.acquire("m", MISTRAL, runs=True))
+        clock.advance(1)
+        grants.release_running()
+    assert grants.models() == [MISTRAL] * 3 and not switching.called
+    clock.pump([0.25] * 12)  # no mistral comes: its gap ends, within the hold
+    assert switching.called and 2 * HOLD + 1 < grants.leases[-1][0] <= 3 * HOLD

@@ -509,9 +509,11 @@ class Simulator(Resource):
         self.generations = 0
         """Generation requests received, hung ones included."""
         self.hang_since: float | None = None
-        self.hung: list[tuple[float, int]] = []
+        self.hung: list[list[float | int | None]] = []
         """When each hung request came (simulated seconds after the start),
-        and the tokens it asked: a proxy's one-token check asks one."""
+        the tokens it asked (a proxy's one-token check asks one), and when
+        its client went away (L{None} while it waits): the first a proxy
+        gave up on is when it knew of the hang."""
         self.in_flight: dict[str, int] = {}
         self.most_in_flight: dict[str, int] = {}
         """The most requests of each model taken and not yet answered at once."""
@@ -591,6 +593,12 @@ class Simulator(Resource):
             "most_busy": gpu.most_busy, "most_in_flight": self.most_in_flight,
             "hang_since": since, "hung": self.hung, "now": self.clock.seconds() - self.started})
 
+    def _left(self, entry: list[float | int | None]) -> None:
+        """
+        A hung request's client went away: when, for the stats.
+        """
+        entry[2] = self.clock.seconds() - self.started
+
     def track(self, model: str, change: int) -> None:
         """
         A request of C{model} taken (+1) or ended (-1): the most at once
@@ -644,8 +652,10 @@ class Simulator(Resource):
             self.generations += 1
             if hangs:
                 # No head, no byte: the client or the proxy gives up.
-                self.hung.append((self.clock.seconds() - self.started, output))
-                request.notifyFinish().addErrback(lambda _: None)
+                entry: list[float | int | None] = [self.clock.seconds() - self.started, output,
+                                                   None]
+                self.hung.append(entry)
+                request.notifyFinish().addErrback(lambda _: self._left(entry))
                 return NOT_DONE_YET
         num_ctx = options.get("num_ctx")
         stream = bool(doc.get("stream", kind != "v1")) and kind != "embed"

@@ -478,7 +478,8 @@ def test_a_hung_model_takes_generations_and_sends_nothing() -> None:
     With a hang after one request, the first chat is answered; the next
     ones of that model get no head and no byte however long they wait,
     while the listings still answer and another model still generates.
-    The stats tell when the hang began and what it swallowed.
+    The stats tell when the hang began and what it swallowed, and when a
+    swallowed request's client went away.
     """
     env = Env(cost(), hang=sim.Hang(M1, after=1))
     first = env.send("/api/chat", chat(M1))
@@ -495,7 +496,13 @@ def test_a_hung_model_takes_generations_and_sends_nothing() -> None:
     assert other.done
     stats = env.get("/sim/stats")
     assert (stats["hang_since"], stats["hung"], stats["generations"]) == \
-        (pytest.approx(10.0), [[pytest.approx(10.0), 5]], 3)
+        (pytest.approx(10.0), [[pytest.approx(10.0), 5, None]], 3)
+    gone = env.sent[1]
+    gone.cancel()
+    gone.addErrback(lambda failure: failure.trap(ResponseNeverReceived))
+    env.treq.flush()
+    left = env.clock.seconds()
+    assert env.get("/sim/stats")["hung"] == [[pytest.approx(10.0), 5, pytest.approx(left)]]
 
 
 def test_a_hang_can_wait_for_a_time() -> None:

@@ -94,14 +94,50 @@ def test_the_simulators_figures_are_differences() -> None:
 
     before = [stats(1, 10, 10), stats(1, 10, 10)]
     after = [stats(2, 110, 30, most_in_flight={"m": 3}, generations=12),
-             stats(1, 110, 30, hang_since=5.0, hung=[[5.0, 40], [6.5, 40], [30.0, 1]],
+             stats(1, 110, 30, hang_since=5.0,
+                   hung=[[5.0, 40, 7.0], [6.5, 40, None], [30.0, 1, None]],
                    most_in_flight={"m": 5}, most_busy={"m": 1}, generations=5)]
     out = scenarios.sim_figures(before, after, hung_backend=True)
     assert (out["loads"], out["prompt_tokens"], out["evaluated_tokens"]) == (1, 200, 40)
     assert out["cache_reuse"] == pytest.approx(0.8)
     assert (out["most_in_flight"], out["hung_requests"], out["out_after"], out["checks"]) == \
         (5, 2, 1.5, 1)
+    assert (out["found"], out["sent_after_found"]) == (2.0, 0)
     assert (out["generations"], out["last_busy"]) == ([10, 3], 1)
+
+
+def test_the_hung_backend_is_judged_from_when_its_first_request_timed_out() -> None:
+    """
+    The hang is found when the first request the load sent the hung
+    backend has its client leave (the proxy's header timeout); each request
+    sent after that counts against the proxy, however few, and the proxy's
+    one-token checks do not.  The goal is met with none sent after, found
+    within --header-timeout and one check, and not with one sent after.
+    """
+    since = 10.0
+    hung = [[10.0, 40, 19.0], [12.0, 40, 21.0], [20.0, 1, None], [19.5, 40, None]]
+    figures = scenarios.hung_figures(since, hung)
+    assert (figures["found"], figures["sent_after_found"], figures["checks"]) == (9.0, 1, 1)
+    assert scenarios.hung_figures(since, hung[:3])["sent_after_found"] == 0
+    assert scenarios.hung_figures(since, [[10.0, 40, None]])["found"] is None
+    late = scenarios.HEADER_TIMEOUT + scenarios.CHECK + 0.5
+    judged = scenarios.goal_hang(results(
+        round2={"sim": {"found": 9.0, "sent_after_found": 1}},
+        proxy={"sim": {"found": 9.0, "sent_after_found": 0}},
+        two={"sim": {"found": late, "sent_after_found": 0}}))
+    assert ["**met**" in line for line in judged] == [False, True, False]
+
+
+def test_time_options_are_given_to_the_proxy_in_real_seconds() -> None:
+    """
+    The proxy's options in seconds are written in simulated seconds and
+    divided by the simulators' speed; the others are left as they are.
+    """
+    words = ("--switch-hold", "3", "--fair-share", "requests", "--header-timeout", "10",
+             "--switch-hold", "0")
+    assert scenarios.in_real_seconds(words, 5.0) == [
+        "--switch-hold", "0.6", "--fair-share", "requests", "--header-timeout", "2",
+        "--switch-hold", "0"]
 
 
 def results(**targets: dict[str, Any]) -> dict[str, Any]:

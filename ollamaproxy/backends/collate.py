@@ -8,13 +8,17 @@ server that holds one model thrashes when keys ask for different ones in
 turn: C{A B A C} costs three loads where C{A A B C} costs two.  So when the
 next request in the fair queue's order would make a backend switch, the
 backend first serves the requests waiting for what it holds, for at most
-C{hold} seconds from when the switch became due; then it I{drains}: no more
+C{hold} seconds from when the switch became due, or, if the backend is
+still loading the model it switched to last (the first request given it
+since has not ended), from when it has loaded: a hold that the load ate
+would give that model's clients nothing; then it I{drains}: no more
 requests for the model it gives up are sent to it until the switching
 request has its slot, which it gets as soon as that model has no request
 running there.  Without the drain, the switch could wait for ever: since
 v0.11.5 Ollama lets a request for a loaded model pass a waiting switch.  A
 key's request thus waits at most one hold, and the requests already
-running for the old model, beyond its fair turn; a request for a third
+running for the old model (the first of which pays its load), beyond its
+fair turn; a request for a third
 model whose turn comes meanwhile waits for that switch to go, then for
 its own hold.  Of several backends that would each have to switch, one
 is held and drained (the one the switch is due on, else the least busy):
@@ -27,8 +31,23 @@ has listed together, at least one); until the proxy has given it any, the
 models its C{/api/ps} lists.  A request for a model it holds is never a
 switch; nor is one while it holds fewer than it can.  A request for
 another is a switch: it goes at once if one of the models held has no
-request running there and none waiting (Ollama unloads that one, an idle
-one first), else after the hold and the drain, of the model held longest.
+request running there and none waiting, and has had none end in the last
+C{hold / 3} seconds (Ollama unloads that one, an idle one first), else
+after the hold and the drain, of the model held longest.
+
+That I{gap} anticipates clients that send one request at a time: while one
+reads its answer and writes the next, nothing of its model runs or waits,
+and a switch that went then would be undone by its next request, a load
+each way.  So a model whose last request ended less than C{hold / 3}
+seconds ago counts as in use: the switch waits for its next request, which
+goes if it comes within the gap, and so on, until the hold runs out (then
+the drain, as above) or a gap passes with none (then the switch goes).
+The hold still bounds the wait from when the switch became due, so no key
+waits more than one hold beyond its turn; what anticipation costs a
+switch that nothing follows is the rest of the gap, at most C{hold / 3}
+(one second at the default hold of three).  A third of the hold lets a
+client think for a second at the default, and leaves the held clients at
+least two more turns once a gap has begun.
 A backend that can hold several models shows it in its C{/api/ps} as soon
 as it loads a second beside the first, and from then on the proxy lets it.
 The rule counts models, not their sizes: a backend seen holding two small
@@ -68,6 +87,11 @@ class _Seat:
     @ivar draining: The model it gives up once the hold is over: none of
         its requests go there until the switch has gone.
     @ivar switches: How many switches it has made.
+    @ivar loading: The model the last switch loaded, until its first
+        request there ends: a hold starts no earlier.
+    @ivar ended: When the last request for each model held ended there.
+    @ivar gap: Serves the queue again when the gap of a model held that
+        keeps a switch waiting is over.
     """
 
     held: list[ModelName]
@@ -77,6 +101,9 @@ class _Seat:
     draining: ModelName | None = None
     timer: IDelayedCall | None = field(default=None, repr=False)
     switches: int = 0
+    loading: ModelName | None = None
+    ended: dict[ModelName, float] = field(default_factory=dict)
+    gap: IDelayedCall | None = field(default=None, repr=False)
 
 
 def _listed(backend: Backend, model: ModelName) -> bool:
@@ -155,7 +182,7 @@ class Collator:
             seat, waiting = self._seats[backend], self._waiting(backend)
             if self._due_for_another(seat, model, waiting):
                 continue
-            if self._idle(backend, seat, waiting):
+            if self._idle(backend, seat, waiting, model):
                 return [backend]  # a switch that keeps nobody waiting
             open_.append(backend)
         if not open_:
@@ -198,14 +225,46 @@ class Collator:
         seat.due = seat.to = seat.draining = None
         return False
 
-    @staticmethod
-    def _idle(backend: Backend, seat: _Seat, waiting: set[ModelName]) -> bool:
+    def _idle(self, backend: Backend, seat: _Seat, waiting: set[ModelName],
+              model: ModelName) -> bool:
         """
         Whether a model C{backend} holds has nothing running there nor
-        waiting: a switch may unload it at once.
+        waiting, and had no request end in the last gap: a switch to
+        C{model} may unload it at once.  One in its gap keeps the switch
+        waiting, within the hold, and the queue is served again when the
+        gap is over.
         """
-        running = backend.running
-        return any(not running[held] and held not in waiting for held in seat.held)
+        running, now, gap = backend.running, self._clock.seconds(), self._hold / 3
+        left = 0.0
+        for held in seat.held:
+            if running[held] or held in waiting:
+                continue
+            since = now - seat.ended.get(held, -gap)
+            if since >= gap or (seat.to == model and seat.due is not None
+                                and now >= seat.due + self._hold):
+                return True
+            left = max(left, gap - since)
+        if left and (seat.gap is None or not seat.gap.active()):
+            seat.gap = self._clock.callLater(left, self._gap_over, seat)
+        return False
+
+    def ended(self, backend: Backend, model: ModelName) -> None:
+        """
+        A request for C{model} ended on C{backend}: its gap begins, if the
+        backend holds it.
+        """
+        seat = self._seats.get(backend)
+        if seat is None or model not in seat.held:
+            return
+        now = seat.ended[model] = self._clock.seconds()
+        if model == seat.loading:
+            # The load is paid: a switch due meanwhile has its hold now.
+            seat.loading = None
+            if seat.due is not None:
+                seat.due = now
+                if seat.timer is not None and seat.timer.active():
+                    seat.timer.cancel()
+                seat.timer = self._clock.callLater(self._hold, self._held, seat)
 
     def _may_switch(self, backend: Backend, seat: _Seat, model: ModelName) -> bool:
         """
@@ -217,14 +276,19 @@ class Collator:
         now = self._clock.seconds()
         if seat.due is None:
             seat.due, seat.to = now, model
-            seat.timer = self._clock.callLater(self._hold, self._held, seat)
-        if now < seat.due + self._hold:
+            if seat.loading is None:
+                seat.timer = self._clock.callLater(self._hold, self._held, seat)
+        if seat.loading is not None or now < seat.due + self._hold:
             return False
         seat.draining = seat.held[0]
         return not backend.running[seat.draining]
 
     def _held(self, seat: _Seat) -> None:
         seat.timer = None
+        self._serve()
+
+    def _gap_over(self, seat: _Seat) -> None:
+        seat.gap = None
         self._serve()
 
     def granted(self, backend: Backend, model: ModelName) -> None:
@@ -243,16 +307,19 @@ class Collator:
             running = backend.running
             given_up = next((m for m in held if not running[m]), held[0])
             held.remove(given_up)
+            seat.ended.pop(given_up, None)
             seat.switches += 1
             log.info("Backend {backend} switches from model {old} to {new}",
                      backend=backend.name, old=self.redact(given_up.canonical),
                      new=self.redact(model.canonical))
             self._cancel(seat)
             seat.due = seat.to = seat.draining = None
+            seat.loading = model
         held.append(model)
 
     @staticmethod
     def _cancel(seat: _Seat) -> None:
-        if seat.timer is not None and seat.timer.active():
-            seat.timer.cancel()
-        seat.timer = None
+        for timer in (seat.timer, seat.gap):
+            if timer is not None and timer.active():
+                timer.cancel()
+        seat.timer = seat.gap = None

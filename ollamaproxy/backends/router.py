@@ -559,6 +559,8 @@ class Router:
             running[model] = left
         if lease._watch is not None:
             self.effective.released(lease, lease._watch)
+        if self.collator is not None and model is not None:
+            self.collator.ended(lease.backend, model)
         meter = lease._meter
         charge = 0.0
         if meter is not None:

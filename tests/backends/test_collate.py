@@ -77,6 +77,7 @@ def test_the_requests_for_the_model_held_go_before_a_switch() -> None:
         for _ in range(3):
             clock.advance(1)
             grants.release_running()
+        clock.advance(hold / 3)  # no llama3.2 comes in the gap: the switch goes
         assert grants.models()[1:] == expected
         switches = 0 if r.collator is None else r.collator.switches(a)
         assert switches == (1 if hold else 0)
@@ -222,6 +223,7 @@ def test_a_drain_ends_when_the_switching_request_leaves() -> None:
     running.release()
     assert switching.called and not held.called
     now(switching).release()
+    clock.advance(HOLD / 3)  # no mistral comes in its gap
     assert held.called
     # And the other way round: a leaver's drain is undone.
     again = r.acquire("b", QWEN, runs=True)
@@ -231,3 +233,81 @@ def test_a_drain_ends_when_the_switching_request_leaves() -> None:
     again.cancel()
     now(held).release()
     assert after.called
+
+
+def test_a_client_sending_one_request_at_a_time_keeps_the_model_held() -> None:
+    """
+    The client of the model held sends its next request within the gap
+    (a third of the hold) after each answer: though nothing of its model
+    runs or waits meanwhile, the switch waits for it, until the hold from
+    when the switch became due runs out; then the backend drains, and the
+    switching request goes as soon as the request running ends, within
+    one hold and one request of its turn.
+    """
+    clock = Clock()
+    r = collating(clock, one(clock))
+    grants = Grants(clock)
+    grants.watch(r.acquire("steady", LLAMA, runs=True))
+    switching = r.acquire("other", MISTRAL, runs=True)  # its turn: now, at 0
+    grants.watch(switching)
+    for _ in range(20):
+        clock.advance(0.75)  # each request runs 0.75 s
+        grants.release_running()
+        if switching.called:
+            break
+        clock.advance(0.5)  # the client reads, then sends the next
+        grants.watch(r.acquire("steady", LLAMA, runs=True))
+    models = grants.models()
+    when = models.index(MISTRAL)
+    assert models[:when] == [LLAMA] * when and when >= 4
+    assert grants.leases[when][0] <= HOLD + 0.75
+    assert r.collator is not None and r.collator.switches(r.backends[0]) == 1
+
+
+def test_a_gap_with_no_request_lets_the_switch_go() -> None:
+    """
+    The model held had a request end just now, and no other comes: the
+    switch goes once the gap (a third of the hold) is over, not after the
+    whole hold.  A model whose last request ended longer ago switches at
+    once.
+    """
+    clock = Clock()
+    a = one(clock)
+    r = collating(clock, a)
+    now(r.acquire("steady", LLAMA, runs=True)).release()
+    switching = r.acquire("other", MISTRAL, runs=True)
+    clock.advance(HOLD / 3 - 0.1)
+    assert not switching.called
+    clock.advance(0.1)
+    now(switching).release()
+    clock.advance(HOLD / 3)
+    assert now(r.acquire("steady", LLAMA, runs=True)).backend is a
+    assert r.collator is not None and r.collator.switches(a) == 2
+
+
+def test_a_hold_starts_once_the_model_switched_to_has_loaded() -> None:
+    """
+    A switch's first request pays the load, which may outlast a hold: a
+    switch that becomes due meanwhile has its hold from when that request
+    ends, so that the new model's client gets its next turns in the gap
+    before the backend switches again; then the switch goes within one
+    hold.
+    """
+    clock = Clock()
+    a = one(clock, loaded=("llama3.2",))
+    r = collating(clock, a)
+    grants = Grants(clock)
+    grants.watch(r.acquire("m", MISTRAL, runs=True))  # a switch: mistral loads
+    switching = r.acquire("q", QWEN, runs=True)  # due at 0, during the load
+    grants.watch(switching)
+    clock.advance(2 * HOLD)  # the load and the first answer
+    grants.release_running()
+    assert not switching.called
+    for _ in range(2):
+        clock.advance(0.5)
+        grants.watch(r.acquire("m", MISTRAL, runs=True))
+        clock.advance(1)
+        grants.release_running()
+    assert grants.models() == [MISTRAL] * 3 and not switching.called
+    clock.pump([0.25] * 12)  # no mistral comes: its gap ends, within the hold
+    assert switching.called and 2 * HOLD + 1 < grants.leases[-1][0] <= 3 * HOLD

@@ -207,6 +207,63 @@ async def test_collation_makes_a_fifth_of_the_switches_of_ollama_alone(
         await simulator.ended
 
 
+async def one_at_a_time(reactor: Any, url: str, headers: dict[str, str], turns: int) -> None:
+    """
+    Three clients, one per model, each sending C{turns} streamed chats one
+    at a time, 50 ms after the last answer ended (a client reading it).
+    """
+    async def client(model: str) -> None:
+        chat = {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                "options": {"num_predict": 5}}
+        for _ in range(turns):
+            response = await request(agent(reactor), b"POST", url + "/api/chat",
+                                     {**headers, "Content-Type": "application/json"},
+                                     body(json.dumps(chat).encode()))
+            assert response.code == 200
+            await (await read(response)).done
+            await sleep(reactor, 0.05)
+
+    for d in [Deferred.fromCoroutine(client(model)) for model in MODELS]:
+        await d
+
+
+async def _loads(reactor: Any, port: int) -> int:
+    response = await request(agent(reactor), b"GET", f"http://127.0.0.1:{port}/sim/stats", {})
+    stats = await read(response)
+    await stats.done
+    return int(json.loads(stats.body)["loads"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_clients_sending_one_request_at_a_time_are_collated(
+    reactor: Any, twistd: TwistdLauncher
+) -> None:
+    """
+    Three clients of three models on a backend that holds one, each
+    sending one request at a time: straight to the simulator nearly every
+    request loads its model; through the proxy (--switch-hold 1) each
+    client's next request comes within the gap, so its model stays for the
+    hold, and the loads are at most a third as many.
+    """
+    simulator = SimulatorProcess()
+    args = [sys.executable, str(SCRIPT), "0", "--load-seconds", "0.1",
+            *[arg for model in MODELS for arg in ("--model", model)]]
+    reactor.spawnProcess(simulator, sys.executable, args, env=dict(os.environ), path=str(REPO))
+    try:
+        port = await simulator.listening.addTimeout(START_TIMEOUT, reactor)
+        await one_at_a_time(reactor, f"http://127.0.0.1:{port}", {}, 10)
+        alone = await _loads(reactor, port)
+        proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}", "--switch-hold", "1"))
+        await one_at_a_time(reactor, proxy.url, {"Authorization": f"Bearer {TEST_KEY}"}, 10)
+        through = await _loads(reactor, port) - alone
+        assert alone >= 20
+        assert through * 3 <= alone
+    finally:
+        if simulator.transport is not None and not simulator.ended.called:
+            simulator.transport.signalProcess("KILL")
+        await simulator.ended
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_backend_running_one_at_a_time_gets_one_at_a_time(
     reactor: Any, twistd: TwistdLauncher

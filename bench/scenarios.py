@@ -46,6 +46,8 @@ from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from ollamaproxy.config import DEFAULT_SWITCH_HOLD
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 MODEL = "llama3.1:8b"
@@ -59,7 +61,7 @@ HEADER_TIMEOUT = 10.0
 CHECK = 1.0
 """Simulated seconds from a backend's being found unhealthy to the proxy's
 first check of it (its listing asked again after 1, 2, 4, 8 s)."""
-SWITCH_HOLD = 3.0
+SWITCH_HOLD = DEFAULT_SWITCH_HOLD
 """The proxies' C{--switch-hold} (the daemon's default), in simulated
 seconds."""
 TIME_OPTIONS = frozenset({"--switch-hold", "--header-timeout"})

@@ -612,10 +612,12 @@ class Config:
         doc="seconds a request may wait for a busy model; then `503` with `Retry-After`, "
         "never sent",
     )
-    # A switch costs a load (seconds); a few seconds' hold lets the
-    # requests for the loaded model go first without keeping anyone long.
+    # A switch costs a load: about 5 s for an 8B model (bench/gpu_sim.md).
+    # A hold of about one load lets the requests for the loaded model go
+    # first, and costs a request waiting for the switch at most what one
+    # more switch would.
     switch_hold: float = option(
-        _seconds_or_zero, "3", metavar="S",
+        _seconds_or_zero, "5", metavar="S",
         help="Seconds a backend keeps serving the requests waiting for the model it holds "
         "before it switches to another model; 0 switches at once",
         doc="seconds a backend that would have to switch models for the next request in "
@@ -935,4 +937,5 @@ DEFAULT_QUEUE_TIMEOUT = Config.queue_timeout
 DEFAULT_FAIR_SHARE = Config.fair_share
 DEFAULT_OUTPUT_TOKEN_WEIGHT = Config.output_token_weight
 DEFAULT_AFFINITY_SLACK = Config.affinity_slack
+DEFAULT_SWITCH_HOLD = Config.switch_hold
 DEFAULT_OPEN_ROUTES = str(option_named("open-routes").default)

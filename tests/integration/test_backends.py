@@ -72,6 +72,10 @@ async def test_requests_find_their_model_and_survive_a_backend_stopping(
     for _ in range(4):
         assert await chat(reactor, proxy.url, "llama3.2") == 200
     assert [r.json()["model"] for r in second.fake.received].count("llama3.2") == 4
+    # Found by a chat sent to it, or else by the next look at its models
+    # (the router may send all four where their conversation lives).
+    await wait_for(reactor, lambda: f"Backend {first_url} is unhealthy" in proxy.output,
+                   "the stopped backend to be found unhealthy")
     assert proxy.output.count(f"Backend {first_url} is unhealthy") == 1
 
     restarted = serve(reactor, first.fake, port)

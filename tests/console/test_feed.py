@@ -11,11 +11,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
+from twisted.web.iweb import IResponse
 
 from ollamaproxy.admission.keys import ADMIN, ApiKey, digest
 from ollamaproxy.console.sampler import HEARTBEAT, TICK, Sampler
 from tests.fakes.chain import KEY, Chain, Collector, chat
 from tests.fakes.console import INFERENCE_KEY, add_inference_key
+from tests.fakes.ollama import HeldStream
 
 
 def open_feed(chain: Chain, key: str | None = KEY) -> tuple[Any, Collector]:
@@ -41,6 +44,21 @@ def started(chain: Chain) -> Sampler:
     return sampler
 
 
+def watching_a_held_chat(
+    chain: Chain,
+) -> tuple[Sampler, Collector, Deferred[IResponse], HeldStream]:
+    """
+    A started sampler, a feed open on it, and a chat whose stream Ollama
+    holds open: the chat's reply, and Ollama's side of its stream.
+    """
+    sampler = started(chain)
+    _, feed = open_feed(chain)
+    reply = chain.request("POST", "/api/chat", data=chat("hold"))
+    held = chain.fake.held[-1]
+    chain.flush()
+    return sampler, feed, reply, held
+
+
 def test_feed_shows_a_running_stream_with_its_model_and_tokens_and_drops_it_when_it_ends() -> None:
     """
     A stream in flight shows in the feed with its key's name, its model, its
@@ -48,11 +66,7 @@ def test_feed_shows_a_running_stream_with_its_model_and_tokens_and_drops_it_when
     the next update lists no request.
     """
     chain = Chain()
-    sampler = started(chain)
-    _, feed = open_feed(chain)
-    reply = chain.request("POST", "/api/chat", data=chat("hold"))
-    held = chain.fake.held[-1]
-    chain.flush()
+    sampler, feed, reply, held = watching_a_held_chat(chain)
     for n in range(3):
         held.write_line({"model": "hold", "message": {"content": f"t{n}"}, "done": False})
     chain.flush()
@@ -84,11 +98,7 @@ def test_feed_rows_name_the_route_and_the_client_address() -> None:
     the client that sent it, so that an operator can tell who runs what.
     """
     chain = Chain()
-    sampler = started(chain)
-    _, feed = open_feed(chain)
-    chain.request("POST", "/api/chat", data=chat("hold"))
-    held = chain.fake.held[-1]
-    chain.flush()
+    sampler, feed, _, held = watching_a_held_chat(chain)
     tick(chain)
     [row] = messages(feed)[-1]["requests"]
     assert (row["route"], row["client"]) == ("/api/chat", "127.0.0.1")
@@ -150,11 +160,7 @@ def test_feed_coalesces_many_chunks_into_one_update_a_tick() -> None:
     one update for them, at the tick.
     """
     chain = Chain()
-    sampler = started(chain)
-    _, feed = open_feed(chain)
-    chain.request("POST", "/api/chat", data=chat("hold"))
-    held = chain.fake.held[-1]
-    chain.flush()
+    sampler, feed, _, held = watching_a_held_chat(chain)
     tick(chain)
     before = len(messages(feed))
     for n in range(100):

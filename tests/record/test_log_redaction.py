@@ -19,6 +19,7 @@ from twisted.logger import (
     LogEvent,
     Logger,
     LogPublisher,
+    capturedLogs,
     eventAsText,
     formatEventAsClassicLogText,
     globalLogPublisher,
@@ -26,7 +27,8 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 
 from ollamaproxy.admission.keys import SCOPES, ApiKey, digest
-from ollamaproxy.record.logs import LogFilesService, json_file_observer
+from ollamaproxy.exchange import Exchange
+from ollamaproxy.record.logs import LogFilesService, json_file_observer, log_exchange
 from ollamaproxy.record.redact import Redactor
 from tests.fakes.agents import FailingAgent
 from tests.fakes.chain import KEY, Chain
@@ -211,11 +213,6 @@ def test_a_key_cut_by_the_sample_s_end_is_not_logged() -> None:
     A body sample that ends in the middle of a key logs no part of it: half
     a key matches no pattern, so the word the sample ends on is dropped.
     """
-    from twisted.logger import capturedLogs
-
-    from ollamaproxy.exchange import Exchange
-    from ollamaproxy.record.logs import log_exchange
-
     exchange = Exchange("POST", "/api/chat", "127.0.0.1", started=0.0)
     exchange.request_sample = b'{"model": "llama3.2", "note": "' + KEY[:30].encode()
     exchange.response_sample = b'{"done": true}'

@@ -5,17 +5,28 @@ Prometheus reads it.
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
+from twisted.web.iweb import IAgent
 
+from ollamaproxy.backends.effective import EVIDENCE
 from ollamaproxy.backends.gauges import MAX_WAITING_KEYS, RouterGauges, waiting_by_label
+from ollamaproxy.backends.pool import Backend, BackendPool, Residency
+from ollamaproxy.backends.router import Lease, Router
+from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.exchange import Exchange, Outcome, StreamSummary
+from ollamaproxy.model_names import resolve
 from ollamaproxy.record.metrics import MAX_MODELS, Metrics
 from ollamaproxy.routes import Catalogue
+from tests.fakes.routers import backend as fake_backend
+from tests.fakes.routers import first_byte
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -333,16 +344,6 @@ def test_backends_and_queue_are_shown_at_each_scrape() -> None:
     Each backend's health and requests in flight, and the queue's depth,
     are read from the router when scraped.
     """
-    from typing import cast
-
-    from twisted.internet.task import Clock
-    from twisted.web.iweb import IAgent
-
-    from ollamaproxy.backends.pool import Backend, BackendPool
-    from ollamaproxy.backends.router import Router
-    from ollamaproxy.backends.upstream import Upstream
-    from ollamaproxy.model_names import resolve
-
     clock = Clock()
     backends = [
         Backend(Upstream(cast(IAgent, None), f"http://{name}:11434".encode(), clock, 1, 1), 1)
@@ -431,16 +432,6 @@ def test_each_loaded_model_s_vram_is_shown() -> None:
     models' VRAM, as its last C{/api/ps} said, at each scrape; beyond
     L{MAX_MODELS} models on a backend the rest are summed under C{other}.
     """
-    from typing import cast
-
-    from twisted.internet.task import Clock
-    from twisted.web.iweb import IAgent
-
-    from ollamaproxy.backends.pool import Backend, BackendPool, Residency
-    from ollamaproxy.backends.router import Router
-    from ollamaproxy.backends.upstream import Upstream
-    from ollamaproxy.model_names import resolve
-
     clock = Clock()
     backend = Backend(Upstream(cast(IAgent, None), b"http://a:11434", clock, 1, 1), 1)
     metrics = Metrics()
@@ -495,16 +486,6 @@ def test_each_backend_s_model_switches_are_counted() -> None:
     C{ollamaproxy_model_switches_total} gives each backend's switches, as
     the router's collator counted them.
     """
-    from typing import cast
-
-    from twisted.internet.task import Clock
-    from twisted.web.iweb import IAgent
-
-    from ollamaproxy.backends.pool import Backend, BackendPool
-    from ollamaproxy.backends.router import Router
-    from ollamaproxy.backends.upstream import Upstream
-    from ollamaproxy.model_names import resolve
-
     clock = Clock()
     backend = Backend(Upstream(cast(IAgent, None), b"http://a:11434", clock, 1, 1), 1,
                       loaded=frozenset([resolve("llama3.2")]))
@@ -522,16 +503,8 @@ def test_a_lowered_effective_parallel_is_a_gauge() -> None:
     C{ollamaproxy_backend_effective_parallel} gives a backend's effective
     parallel for a model while it is lowered, and nothing before.
     """
-    from twisted.internet.task import Clock
-
-    from ollamaproxy.backends.effective import EVIDENCE
-    from ollamaproxy.backends.pool import BackendPool
-    from ollamaproxy.backends.router import Lease, Router
-    from ollamaproxy.model_names import resolve
-    from tests.fakes.routers import backend, first_byte
-
     clock = Clock()
-    a = backend(clock, "a:11434", ("llama3.2",), parallel=3)
+    a = fake_backend(clock, "a:11434", ("llama3.2",), parallel=3)
     router = Router(BackendPool([a]), clock)
     metrics = Metrics()
     metrics.registry.register(RouterGauges(router))

@@ -12,11 +12,12 @@ import argparse
 import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
 
 from ollamaproxy import __version__
 from ollamaproxy.config import ConfigError, option_named
-from ollamaproxy.record.usage_db import By, DatabaseDown, Row, SqliteUsage
+from ollamaproxy.record.usage import UsageDatabase
+from ollamaproxy.record.usage_db import DatabaseDown, SqliteUsage
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -164,41 +165,6 @@ def write_json(out: TextIO, document: object) -> None:
     out.write(json.dumps(document, indent=2, ensure_ascii=True) + "\n")
 
 
-class UsageReader(Protocol):
-    """
-    The usage the daemon recorded, as the commands read it: the SQLite
-    file (L{SqliteUsage}) or PostgreSQL
-    (L{ollamaproxy.postgres.usage.PostgresUsage}).
-    """
-
-    @property
-    def name(self) -> str:
-        """
-        The file, or the URL without its password.
-        """
-
-    def summarise(self, since: float | None, by: By, until: float | None = None) -> list[Row]:
-        """
-        Requests, refusals and tokens per key, model or user between two
-        times.
-        """
-
-    def tokens_by_key(self, since: float) -> dict[str, int]:
-        """
-        Tokens per key name from a time on: what the token quotas count.
-        """
-
-    def last_used(self) -> dict[str, float]:
-        """
-        When each key was last used.
-        """
-
-    def close(self) -> None:
-        """
-        Let go of any connection.
-        """
-
-
 def add_usage_options(parser: argparse.ArgumentParser, database: bool) -> None:
     """
     Add the options that say where usage is read: C{--usage-file}, and
@@ -212,7 +178,7 @@ def add_usage_options(parser: argparse.ArgumentParser, database: bool) -> None:
 
 
 def read_usage(
-    args: argparse.Namespace, environ: Mapping[str, str], read: Callable[[UsageReader], _T]
+    args: argparse.Namespace, environ: Mapping[str, str], read: Callable[[UsageDatabase], _T]
 ) -> _T:
     """
     Read the usage where the daemon writes it, as the daemon finds it: in
@@ -225,7 +191,7 @@ def read_usage(
         cannot be read.
     """
     url = daemon_setting("database", args, environ)
-    reader: UsageReader
+    reader: UsageDatabase
     if url is None:
         reader = SqliteUsage(daemon_setting("usage-file", args, environ))
     else:
@@ -245,7 +211,7 @@ def read_usage(
         reader.close()
 
 
-def where(reader: UsageReader) -> str:
+def where(reader: UsageDatabase) -> str:
     """
     What messages call the usage: the file, or C{database} and its URL.
     """

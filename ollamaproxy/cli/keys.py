@@ -59,7 +59,6 @@ from ollamaproxy.cli.common import (
     CommandFailed,
     Parser,
     UsageError,
-    UsageReader,
     add_daemon_option,
     add_usage_options,
     daemon_setting,
@@ -72,6 +71,7 @@ from ollamaproxy.cli.common import (
 from ollamaproxy.console.views import keys_view
 from ollamaproxy.durations import keep_alive_cap
 from ollamaproxy.postgres.key_storage import DatabaseKeys
+from ollamaproxy.record.usage import UsageDatabase
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # The daemon gives this name to the key from --api-key; a second key of that
@@ -190,7 +190,7 @@ def _views(
     """
     seconds = now.timestamp()
 
-    def used(usage: UsageReader) -> list[dict[str, Any]]:
+    def used(usage: UsageDatabase) -> list[dict[str, Any]]:
         return keys_view(
             keys, seconds, usage.last_used(),
             usage.tokens_by_key(window("day", seconds).start),

@@ -93,11 +93,11 @@ class UsageDatabase(Protocol):
         @raise Exception: If it cannot; then nothing is written.
         """
 
-    def summarise(self, since: float | None, by: By) -> list[Row]:
+    def summarise(self, since: float | None, by: By, until: float | None = None) -> list[Row]:
         """
         Requests and tokens per key, per model or per user behind a key,
-        from the minute holding C{since} on (or all), most total tokens
-        first.
+        from the minute holding C{since} on (or all) up to C{until} (or
+        now), most total tokens first (C{ollamaproxy usage}).
         """
 
     def tokens_by_key(self, since: float) -> dict[str, int]:

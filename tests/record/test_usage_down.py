@@ -60,7 +60,7 @@ class FakeDatabase:
     def requests(self) -> int:
         return sum(r for r, _, _ in self.rows.values())
 
-    def summarise(self, since: float | None, by: By) -> list[Row]:
+    def summarise(self, since: float | None, by: By, until: float | None = None) -> list[Row]:
         raise NotImplementedError
 
     def tokens_by_key(self, since: float) -> dict[str, int]:

@@ -157,6 +157,23 @@ def test_cancelled_admit_is_released() -> None:
     link.stopService()
 
 
+def test_a_cancelled_admit_that_falls_back_is_given_back() -> None:
+    """
+    A client gone while Redis fails to answer: the in-process limits that
+    stand in admit the request and give its place back at once, so the
+    key's one stream is free for the next request.
+    """
+    _, client, link, limits = _setup()
+    key = _key(max_streams=1)
+    d = limits.admit(key)
+    d.cancel()
+    d.addErrback(lambda _: None)
+    client.calls[0].answer.errback(ConnectionError("Lost connection"))
+    assert not link.up
+    _admitted(limits.admit(key))
+    link.stopService()
+
+
 def test_one_renewal_for_all_leases() -> None:
     """Every round renews all of this proxy's leases in one call; released ones drop out."""
     clock, client, link, limits = _setup()

@@ -13,6 +13,7 @@ import pytest
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
@@ -810,3 +811,18 @@ def test_a_key_s_chat_id_header_names_the_conversation() -> None:
     others = {_served_by(chain, chat(messages=[{"role": "user", "content": f"q{n}"}]),
                          KEY, header) for n in range(3)}
     assert len(others) == 3
+
+
+def test_a_chat_id_reaches_no_log() -> None:
+    """
+    The value of a key's chat id header names a conversation by its
+    digest alone: it goes on to Ollama, as the client sent it, and into
+    none of the proxy's log events (the access line included).
+    """
+    chain = Chain(backends=[["llama3.2"]] * 2)
+    user = ApiKey(name="user", digest=digest(USER_KEY), chat_header="X-OpenWebUI-Chat-Id")
+    chain.keys.replace([*chain.keys._by_digest.values(), user])
+    with capturedLogs() as events:
+        _served_by(chain, chat(), USER_KEY, {"X-OpenWebUI-Chat-Id": "chat-4f1d9e"})
+    assert [e for e in events if e.get("log_namespace") == "ollamaproxy.access"]
+    assert not [e for e in events if "chat-4f1d9e" in repr(e) + formatEvent(e)]

@@ -39,7 +39,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from secrets import token_hex
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -63,6 +63,8 @@ from ollamaproxy.redis import scripts
 from ollamaproxy.redis.link import RedisDown, RedisLink
 
 log = Logger()
+
+_T = TypeVar("_T")
 
 PREFIX = "ollamaproxy:"
 # A day's or a month's counter is kept this long past its end.
@@ -237,12 +239,7 @@ class RedisLimits:
             if not failure.check(RedisDown):
                 log.failure("Asking Redis for key {name}'s limits failed", failure,
                             name=key.name)
-            local = self._without_redis(key)
-            if answer.called:
-                local.addCallback(lambda admission: admission.give_back())
-                local.addErrback(lambda _: None)
-            else:
-                local.chainDeferred(answer)
+            _fall_back(answer, self._without_redis(key), lambda admission: admission.give_back())
 
         # A mistake in reading the answer falls back too, never leaves the
         # request waiting.
@@ -287,12 +284,8 @@ class RedisLimits:
             if not failure.check(RedisDown):
                 log.failure("Asking Redis to reserve key {name}'s tokens failed", failure,
                             name=key.name)
-            local = self._reserve_without_redis(key, lease, tokens)
-            if answer.called:
-                local.addCallback(lambda release: release(0))
-                local.addErrback(lambda _: None)
-            else:
-                local.chainDeferred(answer)
+            _fall_back(answer, self._reserve_without_redis(key, lease, tokens),
+                       lambda release: release(0))
 
         asked.addCallback(answered).addErrback(failed)
         return answer
@@ -516,6 +509,17 @@ class RedisThrottle:
 
         asked.addCallback(answered).addErrback(failed)
         return answer
+
+
+def _fall_back(answer: Deferred[_T], local: Deferred[_T], undo: Callable[[_T], object]) -> None:
+    """
+    Answer with what the in-process limits answered while Redis could not,
+    or, if the client went away meanwhile (C{answer} cancelled), C{undo} it.
+    """
+    if answer.called:
+        local.addCallback(undo).addErrback(lambda _: None)
+    else:
+        local.chainDeferred(answer)
 
 
 def _give(answer: Deferred[Any], error: Exception) -> None:

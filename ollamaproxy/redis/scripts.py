@@ -592,9 +592,9 @@ for i = 7, 6 + waiting do
     redis.call('ZADD', P .. 'q:waiters', expiry, id)
     redis.call('PEXPIRE', w, 2 * lease_ms)
     local key, user = unpack(redis.call('HMGET', w, 'key', 'user'))
-    for _, name in ipairs({'q:kw:' .. key, 'q:ku:' .. key,
-                           'q:kwu:' .. key .. '\\n' .. (user or '')}) do
-      redis.call('PEXPIRE', P .. name, 2 * lease_ms)
+    for _, name in ipairs({P .. 'q:kw:' .. key, P .. 'q:ku:' .. key,
+                           user_line(key, user or '')}) do
+      redis.call('PEXPIRE', name, 2 * lease_ms)
     end
   else
     local slot = redis.call('HGET', P .. 'q:granted', id)

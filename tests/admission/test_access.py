@@ -10,14 +10,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
+from twisted.web.resource import Resource
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from ollamaproxy.admission.keys import ApiKey, digest
 from ollamaproxy.admission.limits import GuessThrottle
+from ollamaproxy.admission.policy import MAX_CHECKED_BODY
 from ollamaproxy.errors import ProxyError
 from tests.fakes.chain import KEY, Chain, chat
 
@@ -340,8 +346,6 @@ def test_guess_throttle_is_per_address() -> None:
     """
     One address guessing does not throttle another.
     """
-    from twisted.internet.task import Clock
-
     throttle = GuessThrottle(Clock(), failures=2)
     throttle.failed("10.0.0.1")
     throttle.failed("10.0.0.1")
@@ -674,8 +678,6 @@ def test_body_over_the_check_limit_is_413_stating_it() -> None:
     A body larger than the proxy reads to find its model gets 413 naming
     the limit.
     """
-    from ollamaproxy.admission.policy import MAX_CHECKED_BODY
-
     chain = chain_with(models=("llama3*",))
     body = b'{"model": "llama3.2", "prompt": "' + b"x" * MAX_CHECKED_BODY + b'"}'
     code, answer = call(chain, "POST", "/api/generate", body)
@@ -704,10 +706,6 @@ def test_a_listing_that_cannot_be_read_is_502() -> None:
     A listing the proxy must filter for a limited key, but that is not
     Ollama's JSON, is a 502 that says so, not a 500.
     """
-    from treq.testing import RequestTraversalAgent
-    from twisted.web.resource import Resource
-    from twisted.web.server import Request
-
     class NotAListing(Resource):
         isLeaf = True
 
@@ -813,3 +811,18 @@ def test_a_key_s_chat_id_header_names_the_conversation() -> None:
     others = {_served_by(chain, chat(messages=[{"role": "user", "content": f"q{n}"}]),
                          KEY, header) for n in range(3)}
     assert len(others) == 3
+
+
+def test_a_chat_id_reaches_no_log() -> None:
+    """
+    The value of a key's chat id header names a conversation by its
+    digest alone: it goes on to Ollama, as the client sent it, and into
+    none of the proxy's log events (the access line included).
+    """
+    chain = Chain(backends=[["llama3.2"]] * 2)
+    user = ApiKey(name="user", digest=digest(USER_KEY), chat_header="X-OpenWebUI-Chat-Id")
+    chain.keys.replace([*chain.keys._by_digest.values(), user])
+    with capturedLogs() as events:
+        _served_by(chain, chat(), USER_KEY, {"X-OpenWebUI-Chat-Id": "chat-4f1d9e"})
+    assert [e for e in events if e.get("log_namespace") == "ollamaproxy.access"]
+    assert not [e for e in events if "chat-4f1d9e" in repr(e) + formatEvent(e)]

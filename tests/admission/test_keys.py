@@ -17,6 +17,7 @@ from typing import NoReturn
 
 import pytest
 
+from ollamaproxy.admission.caps import Caps
 from ollamaproxy.admission.keys import (
     ApiKey,
     KeysFileError,
@@ -384,8 +385,6 @@ def test_expiry() -> None:
 
 def test_caps_round_trip(tmp_path: Path) -> None:
     """A key's max_keep_alive and max_num_ctx survive the file."""
-    from ollamaproxy.admission.caps import Caps
-
     path = str(tmp_path / "keys.json")
     key = ApiKey("alice", digest(generate_key()), WHEN, caps=Caps(keep_alive=90.0, num_ctx=4096))
     write_keys_file(path, [key])

@@ -28,8 +28,9 @@ from ollamaproxy.admission.quota_periods import window
 from ollamaproxy.admission.quotas import QuotaBook, QuotaSeed
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.record.usage_db import UsageFileError, tokens_by_key, write_rows
-from tests.fakes.chain import IDLE_TIMEOUT, KEY, Chain
+from tests.fakes.chain import IDLE_TIMEOUT, KEY, Chain, Collector
 from tests.fakes.observers import ErrorCollector
+from tests.fakes.ollama import HeldStream
 
 USER_KEY = "olpk_quotakeyquotakeyquotakeyquotakey00"
 
@@ -340,6 +341,19 @@ def held_generate(chain: Chain, **fields: Any) -> tuple[bytes, Deferred[Any]]:
     return body, chain.request("POST", "/api/generate", key=USER_KEY, data=body)
 
 
+def streaming(chain: Chain, tokens: int) -> tuple[bytes, HeldStream, Collector]:
+    """
+    A L{held_generate} whose answer has streamed C{tokens} tokens to the
+    client so far: its body, Ollama's held stream and the client's body.
+    """
+    request, response = held_generate(chain)
+    held = chain.fake.held[-1]
+    for _ in range(tokens):
+        held.write_line({"model": "hold", "response": "tok ", "done": False})
+    chain.flush()
+    return request, held, chain.stream(chain.result(response))
+
+
 def test_a_client_that_hangs_up_mid_stream_is_charged() -> None:
     """
     A client that reads 15 tokens of a stream and hangs up is charged
@@ -348,12 +362,7 @@ def test_a_client_that_hangs_up_mid_stream_is_charged() -> None:
     Twelve such streams (24 tokens each) cannot get past a quota of 100.
     """
     chain = chain_at("2026-12-15T18:00:00", tokens_per_day=100)
-    request, response = held_generate(chain)
-    held = chain.fake.held[-1]
-    for _ in range(15):
-        held.write_line({"model": "hold", "response": "tok ", "done": False})
-    chain.flush()
-    client = chain.stream(chain.result(response))
+    request, _, client = streaming(chain, 15)
     with capturedLogs() as events:
         client.disconnect()
         chain.flush()
@@ -550,12 +559,7 @@ def test_a_stream_ollama_cuts_is_charged(cut: str) -> None:
     prompt, as one whose client hangs up.
     """
     chain = chain_at("2026-12-15T18:00:00", tokens_per_day=100)
-    request, response = held_generate(chain)
-    held = chain.fake.held[-1]
-    for _ in range(10):
-        held.write_line({"model": "hold", "response": "tok ", "done": False})
-    chain.flush()
-    client = chain.stream(chain.result(response))
+    request, held, client = streaming(chain, 10)
     if cut == "idle":
         chain.clock.advance(IDLE_TIMEOUT + 1)
     else:

@@ -96,12 +96,15 @@ async def read(response: IResponse, keep: bool = True) -> Arrivals:
     return arrivals
 
 
-async def wait_for(reactor: Any, condition: Callable[[], bool], what: str) -> None:
+async def wait_for(
+    reactor: Any, condition: Callable[[], bool], what: str = "a condition",
+    seconds: float = WAIT_LIMIT,
+) -> None:
     """
-    Wait until C{condition()} holds, polling, for at most L{WAIT_LIMIT}
-    seconds.
+    Wait until C{condition()} holds, polling, for at most C{seconds}
+    (L{WAIT_LIMIT} unless told).
     """
-    deadline = time.monotonic() + WAIT_LIMIT
+    deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")

@@ -7,7 +7,7 @@ expiries need no waiting.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from ollamaproxy.errors import ProxyError
 from ollamaproxy.redis.limits import RedisLimits, RedisThrottle
 from ollamaproxy.redis.link import RedisLink, TxRedisClient
 from ollamaproxy.redis_address import parse_redis_url
-from tests.fakes.client import sleep
+from tests.fakes.client import sleep, wait_for
 from tests.fakes.engines import RedisServer, redis_server
 from tests.fakes.tls import make_self_signed
 
@@ -58,16 +58,6 @@ class Proxy:
         self.throttle = RedisThrottle(self.link, GuessThrottle(self.clock), self.clock)
 
 
-async def until(reactor: Any, condition: Callable[[], bool], seconds: float = 10) -> None:
-    """
-    Wait (bounded) until C{condition} holds.
-    """
-    for _ in range(int(seconds / 0.05)):
-        if condition():
-            return
-        await sleep(reactor, 0.05)
-    raise AssertionError("timed out")
-
 
 @pytest_twisted.async_yield_fixture
 async def proxies(reactor: Any, redis_server: RedisServer) -> AsyncIterator[list[Proxy]]:
@@ -78,7 +68,7 @@ async def proxies(reactor: Any, redis_server: RedisServer) -> AsyncIterator[list
     made = [Proxy(reactor, redis_server.url, start=start) for _ in range(2)]
     for proxy in made:
         proxy.link.startService()
-    await until(reactor, lambda: all(p.link.up for p in made))
+    await wait_for(reactor, lambda: all(p.link.up for p in made))
     yield made
     for proxy in made:
         await maybeDeferred(proxy.link.stopService)
@@ -163,7 +153,7 @@ async def test_streams_released(
     assert isinstance(refused, ProxyError)
     assert refused.message == "key 'alice' already has 1 requests in flight"
     release(0)
-    await until(reactor, lambda: redis_server.command("ZCARD", "ollamaproxy:streams:alice")
+    await wait_for(reactor, lambda: redis_server.command("ZCARD", "ollamaproxy:streams:alice")
                 == b":0\r\n")
     assert admitted(await b.limits.admit(k))
 
@@ -248,11 +238,11 @@ async def test_racing_requests_reserve_their_cost(
     assert all(isinstance(e, ProxyError) and e.code == 429 for e in refused)
     counter = f"ollamaproxy:tokens:day:{window('day', a.start).label}:alice"
     assert redis_server.command("GET", counter) == b"$3\r\n120\r\n"
-    await until(reactor, lambda: redis_server.command("ZCARD", "ollamaproxy:streams:alice")
+    await wait_for(reactor, lambda: redis_server.command("ZCARD", "ollamaproxy:streams:alice")
                 == b":2\r\n")
     for release, used in zip(releases, (30, 45), strict=True):
         release(used)
-    await until(reactor, lambda: redis_server.command("GET", counter) == b"$2\r\n75\r\n")
+    await wait_for(reactor, lambda: redis_server.command("GET", counter) == b"$2\r\n75\r\n")
 
 
 @pytest_twisted.ensureDeferred
@@ -278,7 +268,7 @@ async def test_names_only_in_redis(
     k = ApiKey("alice", b"\xab" * 32, rpm=5, max_streams=2, tokens_per_day=10)
     (await reserved(await a.limits.admit(k)))(3)
     await a.throttle.failed("10.0.0.9")
-    await until(reactor, lambda: b"tokens:day" in redis_server.command("KEYS", "*"))
+    await wait_for(reactor, lambda: b"tokens:day" in redis_server.command("KEYS", "*"))
     listing = redis_server.command("KEYS", "*")
     names = sorted(part.decode() for part in listing.split(b"\r\n") if b":" in part)
     day, month = window("day", a.start).label, window("month", a.start).label
@@ -333,7 +323,7 @@ async def test_redis_stopped_and_restarted(reactor: Any, redis_server: RedisServ
     with capturedLogs() as events:
         for p in (local, closed):
             p.link.startService()
-        await until(reactor, lambda: local.link.up and closed.link.up)
+        await wait_for(reactor, lambda: local.link.up and closed.link.up)
         redis_server.stop()
         started = reactor.seconds()
         first = await reserved(await local.limits.admit(k))
@@ -342,7 +332,7 @@ async def test_redis_stopped_and_restarted(reactor: Any, redis_server: RedisServ
         assert isinstance(error, ProxyError) and error.code == 503
         assert reactor.seconds() - started < 5
         redis_server.start()
-        await until(reactor, lambda: local.link.up and closed.link.up, 20)
+        await wait_for(reactor, lambda: local.link.up and closed.link.up, seconds=20)
         first(0)
         assert admitted(await local.limits.admit(k))
         assert isinstance(await outcome(closed.limits.admit(k)), ProxyError)
@@ -383,7 +373,7 @@ async def test_rediss(
         assert not untrusted.link.up
         monkeypatch.setenv("SSL_CERT_FILE", str(cert_path))
         trusted.link.startService()
-        await until(reactor, lambda: trusted.link.up)
+        await wait_for(reactor, lambda: trusted.link.up)
         assert admitted(await trusted.limits.admit(key(rpm=1)))
         assert isinstance(await outcome(trusted.limits.admit(key(rpm=1))), ProxyError)
     finally:
@@ -398,7 +388,7 @@ async def test_database_of_the_url(reactor: Any, redis_server: RedisServer) -> N
     proxy = Proxy(reactor, f"redis://127.0.0.1:{redis_server.port}/3")
     proxy.link.startService()
     try:
-        await until(reactor, lambda: proxy.link.up)
+        await wait_for(reactor, lambda: proxy.link.up)
         await proxy.limits.admit(key(rpm=5))
     finally:
         await maybeDeferred(proxy.link.stopService)
@@ -418,11 +408,11 @@ async def test_leases_come_back_after_restart(
     k = key(max_streams=1)
     await a.limits.admit(k)
     redis_server.stop()
-    await until(reactor, lambda: not a.link.up and not b.link.up)
+    await wait_for(reactor, lambda: not a.link.up and not b.link.up)
     redis_server.start()
-    await until(reactor, lambda: a.link.up and b.link.up, 20)
+    await wait_for(reactor, lambda: a.link.up and b.link.up, seconds=20)
     # Its next round puts a's lease back into the empty Redis.
-    await until(reactor, lambda: redis_server.command("ZCARD", "ollamaproxy:streams:alice")
+    await wait_for(reactor, lambda: redis_server.command("ZCARD", "ollamaproxy:streams:alice")
                 == b":1\r\n")
     refused = await outcome(b.limits.admit(k))
     assert isinstance(refused, ProxyError) and refused.code == 429

@@ -9,7 +9,7 @@ each test moves, so that leases expire without waiting.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest_twisted
@@ -29,7 +29,7 @@ from ollamaproxy.redis.limits import PREFIX
 from ollamaproxy.redis.link import RedisLink, TxRedisClient, subscriber
 from ollamaproxy.redis.queue import RedisQueue
 from ollamaproxy.redis_address import parse_redis_url
-from tests.fakes.client import sleep
+from tests.fakes.client import sleep, wait_for
 from tests.fakes.engines import RedisServer, redis_server
 from tests.fakes.engines import redis_server_binary as redis_binary
 
@@ -62,16 +62,6 @@ class Proxy:
         return self.router.acquire(key, LLAMA, runs=True, user=user)
 
 
-async def until(reactor: Any, condition: Callable[[], bool], seconds: float = 10) -> None:
-    """
-    Wait (bounded) until C{condition} holds.
-    """
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await sleep(reactor, 0.02)
-    raise AssertionError("timed out")
-
 
 @pytest_twisted.async_yield_fixture
 async def pair(reactor: Any, redis_server: RedisServer) -> AsyncIterator[list[Proxy]]:
@@ -99,7 +89,7 @@ async def proxies(
     for proxy in made:
         proxy.link.startService()
         proxy.queue.startService()
-    await until(reactor, lambda: all(p.link.up for p in made))
+    await wait_for(reactor, lambda: all(p.link.up for p in made))
     # The subscriber has its own connection: a PUBLISH reaches it once
     # Redis counts it.
     channels = [p.queue.channel for p in made]
@@ -144,12 +134,12 @@ async def test_one_slot_for_both_proxies(reactor: Any, pair: list[Proxy]) -> Non
     a, b = pair
     first = await a.ask("k1")
     waiting = results(b.ask("k2"))
-    await until(reactor, lambda: b.link.up)
+    await wait_for(reactor, lambda: b.link.up)
     await sleep(reactor, 0.1)
     assert waiting == [] and b.backend.in_flight == 0
     assert await redis_count(a.link, "waiters") == 1
     first.release()
-    await until(reactor, lambda: waiting != [])
+    await wait_for(reactor, lambda: waiting != [])
     assert waiting[0].backend is b.backend and b.backend.in_flight == 1
     assert await redis_count(a.link, "waiters") == 0
     waiting[0].release()
@@ -169,15 +159,15 @@ async def test_order_is_global(reactor: Any, pair: list[Proxy]) -> None:
     solo = results(b.ask("solo"))
     await sleep(reactor, 0.1)
     running.release()
-    await until(reactor, lambda: solo != [])
+    await wait_for(reactor, lambda: solo != [])
     assert [len(f) for f in flood] == [0, 0, 0, 0]
     solo[0].release()
-    await until(reactor, lambda: flood[0] != [])
+    await wait_for(reactor, lambda: flood[0] != [])
     assert [len(f) for f in flood] == [1, 0, 0, 0]
     flood[0][0].release()
-    await until(reactor, lambda: flood[1] != [])
+    await wait_for(reactor, lambda: flood[1] != [])
     for d in flood[1:]:
-        await until(reactor, lambda d=d: d != [])  # type: ignore[misc]
+        await wait_for(reactor, lambda d=d: d != [])  # type: ignore[misc]
         d[0].release()
 
 
@@ -218,7 +208,7 @@ async def test_leaving_the_line(reactor: Any, pair: list[Proxy]) -> None:
     await sleep(reactor, 0.1)
     assert await redis_count(a.link, "waiters") == 1
     first.release()
-    await until(reactor, lambda: after != [])
+    await wait_for(reactor, lambda: after != [])
     after[0].release()
     await sleep(reactor, 0.1)
     held = await a.link.call("return redis.call('HLEN', KEYS[1])", [f"{PREFIX}q:granted"], [])
@@ -240,7 +230,7 @@ async def test_a_refused_subscription_is_logged(
     with capturedLogs() as events:
         subscription = subscriber(address, reactor)("ollamaproxy:q:grants:x", lambda _: None)
         try:
-            await until(reactor, lambda: any("refused" in formatEvent(e) for e in events))
+            await wait_for(reactor, lambda: any("refused" in formatEvent(e) for e in events))
         finally:
             await subscription.close()
     (said,) = [formatEvent(e) for e in events if "refused" in formatEvent(e)]
@@ -299,7 +289,7 @@ async def test_dead_proxys_waiter_is_swept(reactor: Any, pair: list[Proxy]) -> N
     await b.queue.renew()
     assert await redis_count(b.link, "waiters") == 1
     running.release()
-    await until(reactor, lambda: live != [])
+    await wait_for(reactor, lambda: live != [])
     assert a.backend.in_flight == 0
     live[0].release()
 
@@ -322,7 +312,7 @@ async def test_a_free_model_is_not_held_up_by_a_busy_one(
     other = await b.router.acquire("k2", mistral, runs=True)
     assert other.model == mistral and busy == []
     running.release()
-    await until(reactor, lambda: busy != [])
+    await wait_for(reactor, lambda: busy != [])
     other.release()
     busy[0].release()
 
@@ -366,11 +356,11 @@ async def test_users_behind_a_key_share_its_turns(reactor: Any, pair: list[Proxy
     solo = results(b.ask("team", "bob"))
     await until_waiting(reactor, a.link, 4)
     running.release()
-    await until(reactor, lambda: solo != [])
+    await wait_for(reactor, lambda: solo != [])
     assert [len(f) for f in flood] == [0, 0, 0]
     solo[0].release()
     for d in flood:
-        await until(reactor, lambda d=d: d != [])  # type: ignore[misc]
+        await wait_for(reactor, lambda d=d: d != [])  # type: ignore[misc]
         d[0].release()
 
 
@@ -391,21 +381,21 @@ async def test_the_waiting_room_is_fair_across_proxies(
     refused = [refusals(d) for d in flood]
     await until_waiting(reactor, a.link, 3)
     solo = results(b.ask("solo"))
-    await until(reactor, lambda: refused[2] != [])
+    await wait_for(reactor, lambda: refused[2] != [])
     assert (refused[2][0].code, refused[2][0].outcome) == (503, "queue_full")
     assert refused[2][0].headers == {b"Retry-After": b"600"}
     third = results(b.ask("third"))
-    await until(reactor, lambda: refused[1] != [])
+    await wait_for(reactor, lambda: refused[1] != [])
     fourth = refusals(b.ask("fourth"))
-    await until(reactor, lambda: fourth != [])
+    await wait_for(reactor, lambda: fourth != [])
     assert fourth[0].outcome == "queue_full" and refused[0] == []
     assert await redis_count(a.link, "waiters") == 3
     assert a.queue.waiting() == {"flood": 1} and b.queue.waiting() == {"solo": 1, "third": 1}
     running.release()
-    await until(reactor, lambda: solo != [])
+    await wait_for(reactor, lambda: solo != [])
     assert third == []
     solo[0].release()
-    await until(reactor, lambda: third != [])
+    await wait_for(reactor, lambda: third != [])
     third[0].release()
 
 
@@ -422,16 +412,16 @@ async def test_the_waiting_room_among_a_keys_users(reactor: Any, small: list[Pro
     bob = results(b.ask("team", "bob"))
     await until_waiting(reactor, a.link, 3)
     carol = results(b.ask("team", "carol"))
-    await until(reactor, lambda: ann[1] != [])
+    await wait_for(reactor, lambda: ann[1] != [])
     assert ann[1][0].outcome == "queue_full" and ann[0] == []
     again = refusals(a.ask("team", "bob"))
-    await until(reactor, lambda: again != [])
+    await wait_for(reactor, lambda: again != [])
     assert again[0].outcome == "queue_full"
     assert await redis_count(a.link, "waiters") == 3
     running.release()
-    await until(reactor, lambda: bob != [])
+    await wait_for(reactor, lambda: bob != [])
     bob[0].release()
-    await until(reactor, lambda: carol != [])
+    await wait_for(reactor, lambda: carol != [])
     carol[0].release()
 
 
@@ -451,11 +441,11 @@ async def test_retry_after_from_the_pace_in_redis(reactor: Any, small: list[Prox
     for i in range(2):
         a.clock.advance(4)
         (running if i == 0 else served[0][0]).release()
-        await until(reactor, lambda i=i: served[i] != [])  # type: ignore[misc]
+        await wait_for(reactor, lambda i=i: served[i] != [])  # type: ignore[misc]
     crowd = [refusals(b.ask("k5")) for _ in range(2)]
     await until_waiting(reactor, a.link, 3)
     b.ask("k6").addErrback(lambda _: None)
-    await until(reactor, lambda: crowd[1] != [])
+    await wait_for(reactor, lambda: crowd[1] != [])
     assert crowd[1][0].headers == {b"Retry-After": b"12"}
     served[1][0].release()
 
@@ -478,11 +468,11 @@ async def test_a_lowered_effective_parallel_holds_for_every_proxy(
     await until_waiting(reactor, a.link, 1)
     assert second == []
     first.release()
-    await until(reactor, lambda: second != [])
+    await wait_for(reactor, lambda: second != [])
     b.clock.advance(LEASE + 1)
     await b.queue.renew()
     third = results(b.ask("k3"))
-    await until(reactor, lambda: third != [])
+    await wait_for(reactor, lambda: third != [])
     assert b.backend.in_flight == 2
     second[0].release()
     third[0].release()
@@ -533,7 +523,7 @@ async def test_a_raised_effective_parallel_clears_the_lowering(
     del a.backend.effective[LLAMA]
     second = await a.ask("k2")
     third = results(b.ask("k3"))
-    await until(reactor, lambda: third != [])
+    await wait_for(reactor, lambda: third != [])
     second.release()
     third[0].release()
 
@@ -553,7 +543,7 @@ async def test_a_ticket_with_no_request_is_passed_over(reactor: Any, pair: list[
     await a.link.call("redis.call('ZADD', KEYS[1], 0, 'gone'); return 0",
                       [f"{PREFIX}q:kwu:k2\n"], [])
     running.release()
-    await until(reactor, lambda: waiting != [])
+    await wait_for(reactor, lambda: waiting != [])
     assert await redis_count(a.link, "kwu:k2\n") == 0
     waiting[0].release()
 
@@ -575,9 +565,9 @@ async def test_a_refused_acquire_still_gives_out_what_it_swept(
     await b.queue.renew()
     b.clock.advance(LEASE / 2 + 1)
     refused = refusals(b.ask("k4"))
-    await until(reactor, lambda: refused != [] and waiting[0] != [])
+    await wait_for(reactor, lambda: refused != [] and waiting[0] != [])
     assert [len(w) for w in waiting] == [1, 0, 0]
     waiting[0][0].release()
     for w in waiting[1:]:
-        await until(reactor, lambda w=w: w != [])  # type: ignore[misc]
+        await wait_for(reactor, lambda w=w: w != [])  # type: ignore[misc]
         w[0].release()

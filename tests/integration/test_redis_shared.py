@@ -65,13 +65,28 @@ async def pair(
     Two proxies using the same Redis (its URL, with the password, in
     OLLAMAPROXY_REDIS) and the same keys file, with leases of 3 s.
     """
+    proxies = await _start_two(twistd, upstream, redis)
+    yield proxies
+    for proxy in proxies:
+        assert PASSWORD not in proxy.output
+
+
+async def _start_two(
+    twistd: TwistdLauncher, upstream: Upstream, redis: RedisServer, *options: str
+) -> list[Twistd]:
+    """
+    Start two proxies with C{options}, on C{redis} (its URL in
+    OLLAMAPROXY_REDIS), the keys of L{KEYS} in one keys file and leases of
+    3 s, and wait until each has reached Redis.
+    """
     (twistd.directory / "keys.json").write_text(json.dumps({"keys": [
         {"name": name, "hash": "sha256:" + digest(key).hex(), **limits}
         for name, (key, limits) in KEYS.items()
     ]}))
     proxies = [
         await twistd.start(
-            proxy_args(upstream.url, "--redis-lease", "3", "--usage-file", f"usage{i}.db"),
+            proxy_args(upstream.url, *options, "--redis-lease", "3",
+                       "--usage-file", f"usage{i}.db"),
             env={"OLLAMAPROXY_REDIS": redis.url},
         )
         for i in range(2)
@@ -79,9 +94,7 @@ async def pair(
     for proxy in proxies:
         await wait_for(twistd.reactor, _logged(proxy, "Limits are shared through Redis"),
                        "the proxy to reach Redis")
-    yield proxies
-    for proxy in proxies:
-        assert PASSWORD not in proxy.output
+    return proxies
 
 
 def _logged(proxy: Twistd, text: str) -> Callable[[], bool]:
@@ -265,22 +278,7 @@ async def one_slot(
     Two proxies on one Redis in front of one Ollama that runs one request
     at a time (C{--parallel 1}), with leases of 3 s.
     """
-    (twistd.directory / "keys.json").write_text(json.dumps({"keys": [
-        {"name": name, "hash": "sha256:" + digest(key).hex(), **limits}
-        for name, (key, limits) in KEYS.items()
-    ]}))
-    proxies = [
-        await twistd.start(
-            proxy_args(upstream.url, "--parallel", "1", "--redis-lease", "3",
-                       "--usage-file", f"usage{i}.db"),
-            env={"OLLAMAPROXY_REDIS": redis.url},
-        )
-        for i in range(2)
-    ]
-    for proxy in proxies:
-        await wait_for(twistd.reactor, _logged(proxy, "Limits are shared through Redis"),
-                       "the proxy to reach Redis")
-    yield proxies
+    yield await _start_two(twistd, upstream, redis, "--parallel", "1")
 
 
 def _waiting_in_redis(redis: RedisServer, count: int) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -156,6 +157,23 @@ def test_cancelled_admit_is_released() -> None:
     link.stopService()
 
 
+def test_a_cancelled_admit_that_falls_back_is_given_back() -> None:
+    """
+    A client gone while Redis fails to answer: the in-process limits that
+    stand in admit the request and give its place back at once, so the
+    key's one stream is free for the next request.
+    """
+    _, client, link, limits = _setup()
+    key = _key(max_streams=1)
+    d = limits.admit(key)
+    d.cancel()
+    d.addErrback(lambda _: None)
+    client.calls[0].answer.errback(ConnectionError("Lost connection"))
+    assert not link.up
+    _admitted(limits.admit(key))
+    link.stopService()
+
+
 def test_one_renewal_for_all_leases() -> None:
     """Every round renews all of this proxy's leases in one call; released ones drop out."""
     clock, client, link, limits = _setup()
@@ -194,19 +212,24 @@ def test_tokens_while_down_are_added_later() -> None:
     link.stopService()
 
 
-def test_tokens_kept_when_release_fails() -> None:
-    """A release that Redis does not take keeps its tokens for later; nothing is lost."""
+@pytest.mark.parametrize(("reserved", "used", "settled"), [(0, 70, 70), (100, 40, -60)])
+def test_tokens_kept_when_release_fails(reserved: int, used: int, settled: int) -> None:
+    """
+    A release that Redis does not take keeps its settlement (the tokens
+    used less those reserved), a negative one too, and adds it once Redis
+    is back; nothing is lost.
+    """
     clock, client, link, limits = _setup()
     d = limits.admit(_key(tokens_per_month=1000))
     client.calls[0].answer.callback([0, 0])
-    reserved = _admitted(d).reserve(0)
+    reservation = _admitted(d).reserve(reserved)
     client.calls[1].answer.callback([0, 0])
-    _released(reserved)(70)
+    _released(reservation)(used)
     client.calls[2].answer.errback(ConnectionError("Lost connection"))
     clock.advance(5)
     client.pings[-1].callback("PONG")
     assert client.calls[-1].script == scripts.ADD_TOKENS
-    assert client.calls[-1].args[0::2] == [70, 70]
+    assert client.calls[-1].args[0::2] == [settled, settled]
     client.calls[-1].answer.callback(2)
     link.stopService()
 
@@ -412,26 +435,6 @@ def test_a_request_that_ends_in_a_new_day_counts_there() -> None:
     assert release.keys[1] == "ollamaproxy:tokens:day:2026-12-02:alice"
     assert release.args[1:3] == [150, -450]
     release.answer.callback(0)
-    link.stopService()
-
-
-def test_an_unsent_settlement_is_added_later() -> None:
-    """
-    A release that Redis does not take keeps its settlement, a negative one
-    too, and adds it once Redis is back.
-    """
-    clock, client, link, limits = _setup()
-    d = limits.admit(_key(tokens_per_month=1000))
-    client.calls[0].answer.callback([0, 0])
-    reserved = _admitted(d).reserve(100)
-    client.calls[1].answer.callback([0, 0])
-    _released(reserved)(40)
-    client.calls[2].answer.errback(ConnectionError("Lost connection"))
-    clock.advance(5)
-    client.pings[-1].callback("PONG")
-    assert client.calls[-1].script == scripts.ADD_TOKENS
-    assert client.calls[-1].args[0::2] == [-60, -60]
-    client.calls[-1].answer.callback(2)
     link.stopService()
 
 

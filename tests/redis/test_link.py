@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.python.failure import Failure
@@ -190,8 +191,6 @@ def test_rounds_while_up() -> None:
 
     async def work() -> None:
         rounds.append(clock.seconds())
-
-    from twisted.internet.defer import Deferred
 
     link.each_round(lambda: Deferred.fromCoroutine(work()))
     link.startService()

@@ -71,6 +71,20 @@ class Placement(Enum):
     EVERY_HAVING = "every having"
 
 
+class Opening(Enum):
+    """
+    What of a request says which conversation it continues
+    (L{ollamaproxy.admission.conversation}).
+    """
+
+    #: Nothing: a request of the route continues no conversation.
+    NONE = "none"
+    #: Its messages, up to the first user message (a chat).
+    MESSAGES = "messages"
+    #: The start of its prompt (a completion).
+    PROMPT = "prompt"
+
+
 @dataclass(frozen=True)
 class RouteSpec:
     """
@@ -94,6 +108,9 @@ class RouteSpec:
         not answer one in time is checked with a one-token generation of
         its model (L{ollamaproxy.backends.pool.BackendPool.hung}), which
         an embedding or image model cannot take.
+    @ivar embeds: Whether its answer is vectors: it reads a prompt and
+        generates no tokens (L{ollamaproxy.admission.estimate}).
+    @ivar opening: What of a request names the conversation it continues.
     """
 
     pattern: str
@@ -106,6 +123,8 @@ class RouteSpec:
     placement: Placement = Placement.MODEL
     changes_models: bool = False
     generates: bool = False
+    embeds: bool = False
+    opening: Opening = Opening.NONE
 
     @property
     def prefix(self) -> bytes | None:
@@ -120,14 +139,17 @@ class RouteSpec:
 def _route(pattern: str, methods: str, scope: Scope, model_in: ModelIn = ModelIn.NOWHERE,
            *, fields: tuple[str, ...] = ("model", "name"), listing: str | None = None,
            runs: bool = False, placement: Placement = Placement.MODEL,
-           changes_models: bool = False, generates: bool = False) -> RouteSpec:
+           changes_models: bool = False, generates: bool = False, embeds: bool = False,
+           opening: Opening = Opening.NONE) -> RouteSpec:
     return RouteSpec(pattern, frozenset(m.encode("ascii") for m in methods.split()), scope,
-                     model_in, fields, listing, runs, placement, changes_models, generates)
+                     model_in, fields, listing, runs, placement, changes_models, generates,
+                     embeds, opening)
 
 
 OPEN, INFERENCE, ADMIN = Scope.OPEN, Scope.INFERENCE, Scope.ADMIN
 JSON, FORM, PATH = ModelIn.JSON, ModelIn.FORM, ModelIn.PATH
 PRIMARY, EVERY, EVERY_HAVING = Placement.PRIMARY, Placement.EVERY, Placement.EVERY_HAVING
+MESSAGES, PROMPT = Opening.MESSAGES, Opening.PROMPT
 
 #: Ollama's routes (server/routes.go), and the few the issue tracker and
 #: Ollama's clients know of that a release may serve.
@@ -138,10 +160,10 @@ OLLAMA_ROUTES = (
     _route("/api/tags", "GET HEAD", INFERENCE, listing="models"),
     _route("/api/ps", "GET", INFERENCE, listing="models"),
     _route("/api/show", "POST", INFERENCE, JSON),
-    _route("/api/generate", "POST", INFERENCE, JSON, runs=True, generates=True),
-    _route("/api/chat", "POST", INFERENCE, JSON, runs=True, generates=True),
-    _route("/api/embed", "POST", INFERENCE, JSON, runs=True),
-    _route("/api/embeddings", "POST", INFERENCE, JSON, runs=True),
+    _route("/api/generate", "POST", INFERENCE, JSON, runs=True, generates=True, opening=PROMPT),
+    _route("/api/chat", "POST", INFERENCE, JSON, runs=True, generates=True, opening=MESSAGES),
+    _route("/api/embed", "POST", INFERENCE, JSON, runs=True, embeds=True),
+    _route("/api/embeddings", "POST", INFERENCE, JSON, runs=True, embeds=True),
     _route("/api/pull", "POST", ADMIN, JSON, placement=EVERY, changes_models=True),
     _route("/api/push", "POST", ADMIN, JSON),
     _route("/api/delete", "DELETE", ADMIN, JSON, placement=EVERY_HAVING, changes_models=True),
@@ -156,11 +178,14 @@ OLLAMA_ROUTES = (
     _route("/api/experimental/web_search", "POST", ADMIN),
     _route("/api/experimental/web_fetch", "POST", ADMIN),
     _route("/api/experimental/model-recommendations", "GET", ADMIN),
-    _route("/v1/chat/completions", "POST", INFERENCE, JSON, runs=True, generates=True),
-    _route("/v1/completions", "POST", INFERENCE, JSON, runs=True, generates=True),
-    _route("/v1/embeddings", "POST", INFERENCE, JSON, runs=True),
+    _route("/v1/chat/completions", "POST", INFERENCE, JSON, runs=True, generates=True,
+           opening=MESSAGES),
+    _route("/v1/completions", "POST", INFERENCE, JSON, runs=True, generates=True,
+           opening=PROMPT),
+    _route("/v1/embeddings", "POST", INFERENCE, JSON, runs=True, embeds=True),
     _route("/v1/responses", "POST", INFERENCE, JSON, runs=True, generates=True),
-    _route("/v1/messages", "POST", INFERENCE, JSON, runs=True, generates=True),
+    _route("/v1/messages", "POST", INFERENCE, JSON, runs=True, generates=True,
+           opening=MESSAGES),
     _route("/v1/messages/count_tokens", "POST", INFERENCE, JSON),
     _route("/v1/images/generations", "POST", INFERENCE, JSON, runs=True),
     _route("/v1/images/edits", "POST", INFERENCE, FORM, fields=("model",), runs=True),

@@ -42,22 +42,22 @@ from hashlib import blake2b
 from typing import Final
 
 from ollamaproxy.model_names import ModelName
+from ollamaproxy.routes import Opening
 
 #: How much of a prompt (characters) says which conversation it continues.
 PROMPT_PREFIX: Final = 256
 
-_CHATS: Final = frozenset({"/api/chat", "/v1/chat/completions", "/v1/messages"})
-_PROMPTS: Final = frozenset({"/api/generate", "/v1/completions"})
-
 
 def conversation(
-    route: str, model: ModelName, members: Mapping[str, object], chat_id: bytes | None = None
+    opening: Opening, model: ModelName, members: Mapping[str, object],
+    chat_id: bytes | None = None,
 ) -> bytes | None:
     """
     The digest of the conversation a request continues, or L{None} if its
     route has none (see the module's docstring for the rule).
 
-    @param route: The route's pattern in the catalogue.
+    @param opening: What of a request of its route names its conversation
+        (the catalogue's C{RouteSpec.opening}).
     @param members: The body's top-level members, by case-folded name, each
         object inside as its list of C{(name, value)} pairs.
     @param chat_id: The value of the chat id header the key names, if the
@@ -65,12 +65,12 @@ def conversation(
     """
     if chat_id:
         return _digest(model, ("chat-id", chat_id))
-    if route in _CHATS:
+    if opening is Opening.MESSAGES:
         messages = members.get("messages")
         if not isinstance(messages, list) or not messages:
             return None
         return _digest(model, (members.get("system"), _leading(messages)))
-    if route in _PROMPTS:
+    if opening is Opening.PROMPT:
         prompt = members.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             return None

@@ -44,9 +44,6 @@ BYTES_PER_TOKEN: Final = 4
 #: The output expected of a generation that sets no limit of its own.
 DEFAULT_OUTPUT_TOKENS: Final = 512
 
-#: The routes whose answers are vectors: they read a prompt, generate none.
-EMBEDDINGS: Final = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings"})
-
 # Strings that are no prompt text.
 _NOT_TEXT: Final = frozenset({"model", "images", "image_url", "keep_alive"})
 
@@ -94,7 +91,7 @@ def estimate(route: RouteSpec | None, body: bytes | None) -> Estimate:
         document = None
         size = len(body)
     prompt = -(-size // BYTES_PER_TOKEN)
-    if route.pattern in EMBEDDINGS:
+    if route.embeds:
         return Estimate(prompt, 0)
     if document is None and body and (
         b'"num_predict"' in body or b'"max_tokens"' in body

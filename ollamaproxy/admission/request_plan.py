@@ -153,7 +153,7 @@ async def plan_request(
     if members is not None and plan.model is not None:
         header = key.chat_header if key is not None else None
         plan.conversation = conversation(
-            route.pattern, plan.model, members,
+            route.opening, plan.model, members,
             request.getHeader(header.encode("ascii")) if header is not None else None)
     if request.body is not None and (caps.loaded_context is not None or caps != NO_CAPS):
         _rewrite(plan, request, body, caps)

@@ -13,6 +13,7 @@ import pytest
 from ollamaproxy.admission.conversation import PROMPT_PREFIX, conversation
 from ollamaproxy.admission.policy import json_model_fields
 from ollamaproxy.model_names import resolve
+from ollamaproxy.routes import Catalogue
 
 LLAMA = resolve("llama3.2")
 SYSTEM = {"role": "system", "content": "You are terse."}
@@ -25,7 +26,9 @@ def digest_of(route: str, body: dict[str, Any], chat_id: bytes | None = None) ->
     """
     members: dict[str, object] = {}
     json_model_fields(json.dumps(body).encode(), ("model",), members)
-    return conversation(route, resolve(str(body["model"])), members, chat_id)
+    spec = Catalogue().find(route.encode())
+    assert spec is not None
+    return conversation(spec.opening, resolve(str(body["model"])), members, chat_id)
 
 
 def turns(first: str, answers: int) -> list[list[dict[str, Any]]]:

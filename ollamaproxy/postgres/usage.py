@@ -143,18 +143,3 @@ class PostgresUsage:
 
     def close(self) -> None:
         self._database.close()
-
-
-def summarise_database(url: str, since: float | None, by: By,
-                       until: float | None = None) -> list[Row]:
-    """
-    Sum the usage in the database at C{url} (made or migrated first if need
-    be), for C{ollamaproxy usage --database}.
-
-    @raise ollamaproxy.postgres.database.DatabaseError: If it cannot be read.
-    """
-    database = Database(url)
-    try:
-        return database.run(lambda connection: summarise(connection, since, by, until))
-    finally:
-        database.close()

@@ -25,12 +25,12 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from tests.fakes.client import WAIT_LIMIT, Arrivals, agent, body, read, request, wait_for
+from tests.fakes.engines import free_port
 from tests.fakes.fronts import (
     CLIENT_ADDRESS,
     ServerLauncher,
     agent_from_client_address,
     caddy_globals,
-    free_port,
     nginx_main,
     render,
     tool,

@@ -120,22 +120,23 @@ def measure(name: str, command: list[str], env: dict[str, str], tmp: str,
     result: dict[str, float] = {}
     with running(valgrind + command, os.path.join(tmp, f"{name}.log"), env) as process:
         wait_ready(port, process, 300)
-        control = ["callgrind_control"]
+
+        def control(*flags: str) -> None:
+            subprocess.run(["callgrind_control", *flags, str(process.pid)], check=True,
+                           capture_output=True)
+
         for route, (method, path, body) in ROUTES.items():
             requests(port, method, path, body, args.warmup)
-            for flag in ("-i", "on"), ("-z",):
-                subprocess.run([*control, *flag, str(process.pid)], check=True,
-                               capture_output=True)
+            control("-i", "on")
+            control("-z")
             requests(port, method, path, body, args.requests)
             for old in glob.glob(f"{out}.*"):
                 os.remove(old)
-            subprocess.run([*control, "-d", str(process.pid)], check=True, capture_output=True)
-            subprocess.run([*control, "-i", "off", str(process.pid)], check=True,
-                           capture_output=True)
+            control("-d")
+            control("-i", "off")
             [dump] = glob.glob(f"{out}.*")
             result[route] = total(dump) / args.requests
-            shutil.copy(dump, os.path.join(tmp, f"{name}-{method}.callgrind"))
-            os.remove(dump)
+            shutil.move(dump, os.path.join(tmp, f"{name}-{method}.callgrind"))
     return result
 
 

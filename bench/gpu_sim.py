@@ -354,8 +354,8 @@ class GPU:
 
     def _loaded(self, runner: Runner) -> None:
         runner.ready = True
-        runner.expires_at = self.clock.seconds() + self.cost.keep_alive
         now = self.clock.seconds()
+        runner.expires_at = now + self.cost.keep_alive
         for job in runner.waiting:
             job.load_duration = now - job.arrived
         self._start(runner)
@@ -383,8 +383,8 @@ class GPU:
             job = runner.waiting.popleft()
             # findLongestCacheSlot: the longest common prefix, ties to the
             # first slot.
-            slot = max(free, key=lambda s: common_prefix(s.cache, job.prompt))
-            kept = common_prefix(slot.cache, job.prompt)
+            kept, slot = max(((common_prefix(s.cache, job.prompt), s) for s in free),
+                             key=lambda shared: shared[0])
             if kept == len(job.prompt):
                 kept -= 1  # one input is always evaluated, to sample from
             kept = max(kept, 0)
@@ -518,14 +518,7 @@ class Simulator(Resource):
         self.most_in_flight: dict[str, int] = {}
         """The most requests of each model taken and not yet answered at once."""
         self._ids = 0
-
-    def render(self, request: Request) -> bytes | int:
-        """
-        Route by method and path, answering errors as Ollama does
-        (C{{"error": ...}}).
-        """
-        method = b"GET" if request.method == b"HEAD" else request.method
-        routes: dict[tuple[bytes, bytes], Callable[[Request], bytes | int]] = {
+        self._routes: dict[tuple[bytes, bytes], Callable[[Request], bytes | int]] = {
             (b"GET", b"/"): self._root,
             (b"GET", b"/api/version"): lambda r: self._json(r, {"version": VERSION}),
             (b"GET", b"/api/tags"): self._tags,
@@ -536,7 +529,15 @@ class Simulator(Resource):
             (b"POST", b"/v1/chat/completions"): self._infer("v1"),
             (b"GET", b"/sim/stats"): self._stats,
         }
-        handler = routes.get((method, request.path))
+        """The handler of each method and path, made once."""
+
+    def render(self, request: Request) -> bytes | int:
+        """
+        Route by method and path, answering errors as Ollama does
+        (C{{"error": ...}}).
+        """
+        method = b"GET" if request.method == b"HEAD" else request.method
+        handler = self._routes.get((method, request.path))
         if handler is None:
             request.setResponseCode(404)
             return b"404 page not found"

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -605,6 +605,34 @@ async def loop(stage: Stage, user: int, key: str, next_body: NextBody, think: fl
     return out
 
 
+def never() -> bool:
+    """
+    An C{until} for a user who stops only when its C{next_body} does.
+    """
+    return False
+
+
+def past(stage: Stage, end: float) -> Callable[[], bool]:
+    """
+    An C{until} for a user who stops at simulated time C{end}.
+    """
+    return lambda: stage.client.now() >= end
+
+
+async def together(runs: Iterable[Coroutine[Any, Any, list[Outcome]]]) -> list[list[Outcome]]:
+    """
+    Each user's C{runs} at once: their outcomes, user by user.
+    """
+    return await gatherResults([ensureDeferred(run) for run in runs])
+
+
+def every(runs: Iterable[list[Outcome]]) -> list[Outcome]:
+    """
+    The outcomes of all the users' runs, one list.
+    """
+    return [o for run in runs for o in run]
+
+
 async def backlog(stage: Stage, key: str, output: int, loops: int, end: float,
                   first_user: int = 0, offset: float = 0.0) -> list[Outcome]:
     """
@@ -617,8 +645,7 @@ async def backlog(stage: Stage, key: str, output: int, loops: int, end: float,
     def next_body(turn: int, last: Outcome | None) -> dict[str, Any]:
         return chat_body(words(f"{key}{turn}w", 20), output)
 
-    def over() -> bool:
-        return stage.client.now() >= end
+    over = past(stage, end)
 
     async def one(user: int) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -630,8 +657,7 @@ async def backlog(stage: Stage, key: str, output: int, loops: int, end: float,
                 max(left, 0.01)))
         return outcomes
 
-    runs = await gatherResults([ensureDeferred(one(first_user + i)) for i in range(loops)])
-    return [o for run in runs for o in run]
+    return every(await together(one(first_user + i) for i in range(loops)))
 
 
 def summary(values: Sequence[float]) -> dict[str, Any]:
@@ -680,12 +706,11 @@ async def flood(stage: Stage) -> dict[str, Any]:
         return chat_body(words(f"i{turn}w", 30), 40) if turn < 40 else None
 
     # Each user on a process of its own turn (two proxies: split across them).
-    users = gatherResults([
-        ensureDeferred(loop(stage, u + 1, f"user{u + 1}", next_body, 2.0,
-                            lambda: batch.called, TIMEOUT))
-        for u in range(4)])
+    users = ensureDeferred(together(
+        loop(stage, u + 1, f"user{u + 1}", next_body, 2.0, lambda: batch.called, TIMEOUT)
+        for u in range(4)))
     done = await batch
-    interactive = [o for run in await users for o in run]
+    interactive = every(await users)
     service = service_time(202, 400, PARALLEL)
     return {"idle_ttft": idle.ttft, "ttft": summary(ttfts(interactive)),
             "batch_done": max((o.end or 0.0) for o in done),
@@ -710,18 +735,30 @@ def _fairness(tokens: dict[str, list[float]], end: float, width: float,
             "tokens_per_s": total / end if end else None}
 
 
+async def two_backlogs(stage: Stage, end: float, outputs: dict[str, int],
+                       weights: dict[str, float]) -> dict[str, Any]:
+    """
+    Two keys, each C{outputs}' tokens a chat, kept backlogged by eight
+    users each until C{end} (the second's users after the first's, 0.05 s
+    behind them): their tokens per 60 s window and Jain's index
+    (L{_fairness}).
+    """
+    (first, first_output), (second, second_output) = outputs.items()
+    runs = await together([
+        backlog(stage, first, first_output, 8, end),
+        backlog(stage, second, second_output, 8, end, first_user=8, offset=0.05)])
+    tokens = {key: [t for o in run for t in o.tokens]
+              for key, run in zip(outputs, runs, strict=True)}
+    return _fairness(tokens, end, stage.d(60.0), weights)
+
+
 async def long_short(stage: Stage) -> dict[str, Any]:
     """
     Issue 20: a 600-token key against a 30-token key, both backlogged:
     tokens per 60 s window each, Jain's index, total tokens a second.
     """
-    end = stage.d(240.0)
-    long, short = await gatherResults([
-        ensureDeferred(backlog(stage, "long", 600, 8, end)),
-        ensureDeferred(backlog(stage, "short", 30, 8, end, first_user=8, offset=0.05))])
-    tokens = {"long": [t for o in long for t in o.tokens],
-              "short": [t for o in short for t in o.tokens]}
-    return _fairness(tokens, end, stage.d(60.0), {"long": 1.0, "short": 1.0})
+    return await two_backlogs(stage, stage.d(240.0), {"long": 600, "short": 30},
+                              {"long": 1.0, "short": 1.0})
 
 
 async def weights(stage: Stage) -> dict[str, Any]:
@@ -729,13 +766,8 @@ async def weights(stage: Stage) -> dict[str, Any]:
     Issue 20: two backlogged keys of weights 3 and 1, the same requests:
     the ratio of their tokens per window.
     """
-    end = stage.d(180.0)
-    heavy, light = await gatherResults([
-        ensureDeferred(backlog(stage, "heavy", 200, 8, end)),
-        ensureDeferred(backlog(stage, "light", 200, 8, end, first_user=8, offset=0.05))])
-    tokens = {"heavy": [t for o in heavy for t in o.tokens],
-              "light": [t for o in light for t in o.tokens]}
-    out = _fairness(tokens, end, stage.d(60.0), {"heavy": 3.0, "light": 1.0})
+    out = await two_backlogs(stage, stage.d(180.0), {"heavy": 200, "light": 200},
+                             {"heavy": 3.0, "light": 1.0})
     ratios = [h / n if n else None for h, n in zip(*out["windows"].values(), strict=True)]
     out["ratios"] = ratios
     known = [r for r in ratios if r is not None]
@@ -763,10 +795,9 @@ async def multiturn(stage: Stage) -> dict[str, Any]:
 
     async def start(number: int) -> list[Outcome]:
         await stage.client.sleep(number * 0.5)
-        return await loop(stage, number, "chat", user(number), 3.0, lambda: False, TIMEOUT)
+        return await loop(stage, number, "chat", user(number), 3.0, never, TIMEOUT)
 
-    runs = await gatherResults([ensureDeferred(start(u)) for u in range(stage.n(20))])
-    outcomes = [o for run in runs for o in run]
+    outcomes = every(await together(start(u) for u in range(stage.n(20))))
     return {"ttft": summary(ttfts(outcomes)), "failed": failed(outcomes),
             "requests": len(outcomes)}
 
@@ -784,10 +815,9 @@ async def contexts(stage: Stage) -> dict[str, Any]:
                 if turn < stage.n(15) else None
         return next_body
 
-    runs = await gatherResults([
-        ensureDeferred(loop(stage, 0, "aider", client(8192), 0.5, lambda: False, TIMEOUT)),
-        ensureDeferred(loop(stage, 1, "webui", client(None), 0.5, lambda: False, TIMEOUT))])
-    outcomes = [o for run in runs for o in run]
+    outcomes = every(await together([
+        loop(stage, 0, "aider", client(8192), 0.5, never, TIMEOUT),
+        loop(stage, 1, "webui", client(None), 0.5, never, TIMEOUT)]))
     return {"requests": len(outcomes), "failed": failed(outcomes)}
 
 
@@ -801,11 +831,9 @@ async def models(stage: Stage) -> dict[str, Any]:
             return chat_body(words(f"m{turn}w", 30), 40, model) if turn < stage.n(12) else None
         return next_body
 
-    runs = await gatherResults([
-        ensureDeferred(loop(stage, i, f"key{i + 1}", client(model), 0.5, lambda: False,
-                            TIMEOUT))
-        for i, model in enumerate(MODELS)])
-    outcomes = [o for run in runs for o in run]
+    runs = await together(loop(stage, i, f"key{i + 1}", client(model), 0.5, never, TIMEOUT)
+                          for i, model in enumerate(MODELS))
+    outcomes = every(runs)
     return {"requests": len(outcomes), "failed": failed(outcomes),
             "worst_wait": {f"key{i + 1}": max(ttfts(run), default=None)
                            for i, run in enumerate(runs)},
@@ -823,11 +851,9 @@ async def hang(stage: Stage) -> dict[str, Any]:
     def next_body(turn: int, last: Outcome | None) -> dict[str, Any] | None:
         return chat_body(words(f"h{turn}w", 30), 40)
 
-    runs = await gatherResults([
-        ensureDeferred(loop(stage, u, f"user{u + 1}", next_body, 1.0,
-                            lambda: stage.client.now() >= end, 60.0))
-        for u in range(4)])
-    outcomes = [o for run in runs for o in run]
+    outcomes = every(await together(
+        loop(stage, u, f"user{u + 1}", next_body, 1.0, past(stage, end), 60.0)
+        for u in range(4)))
     return {"requests": len(outcomes), "lost": failed(outcomes),
             "delayed": sum(1 for t in ttfts(outcomes) if t > 5.0),
             "ttft": summary(ttfts(outcomes)), "end": end}
@@ -844,11 +870,9 @@ async def slots(stage: Stage) -> dict[str, Any]:
     def next_body(turn: int, last: Outcome | None) -> dict[str, Any] | None:
         return chat_body(words(f"s{turn}w", 30), 100)
 
-    runs = await gatherResults([
-        ensureDeferred(loop(stage, u, f"user{u % 4 + 1}", next_body, 1.0,
-                            lambda: stage.client.now() >= end, TIMEOUT))
-        for u in range(8)])
-    outcomes = [o for run in runs for o in run]
+    outcomes = every(await together(
+        loop(stage, u, f"user{u % 4 + 1}", next_body, 1.0, past(stage, end), TIMEOUT)
+        for u in range(8)))
     return {"requests": len(outcomes), "failed": failed(outcomes),
             "ttft": summary(ttfts(outcomes))}
 
@@ -880,9 +904,8 @@ async def users(stage: Stage) -> dict[str, Any]:
             await stage.client.sleep(2.0)
         return out
 
-    runs = await gatherResults([ensureDeferred(chatter(u)) for u in range(1, 10)])
+    others = every(await together(chatter(u) for u in range(1, 10)))
     flooded = await flood
-    others = [o for run in runs for o in run]
     service = service_time(202, 300, PARALLEL)
     return {"idle_ttft": idle.ttft, "ttft": summary(ttfts(others)),
             "failed": failed(others) + failed(flooded),

@@ -320,6 +320,36 @@ def test_the_prompt_cache_shortens_a_repeated_conversation() -> None:
     assert one.final()["prompt_eval_duration"] == ns(202 / model.prefill_tps)
 
 
+def test_a_request_takes_the_free_slot_whose_cache_shares_most() -> None:
+    """
+    Two conversations answered at once on two slots each find, at their
+    next turn, the slot that holds their history (Ollama's
+    findLongestCacheSlot), even with both slots free: each evaluates only
+    its new words, not its whole history again.
+    """
+    model = cost(num_parallel=2)
+    env = Env(model)
+
+    def turn(tag: str, history: list[dict[str, str]]) -> list[dict[str, str]]:
+        return [*history, {"role": "user", "content": " ".join(f"{tag}{i}" for i in range(10))}]
+
+    firsts = {tag: turn(tag, []) for tag in "ab"}
+    bodies = {tag: env.send("/api/chat", {"model": M1, "messages": messages,
+                                          "options": {"num_predict": 4}})
+              for tag, messages in firsts.items()}
+    env.run()
+    for tag, messages in firsts.items():
+        answer = "".join(line["message"]["content"] for line in bodies[tag].lines()[:-1])
+        again = [*messages, {"role": "assistant", "content": answer},
+                 {"role": "user", "content": "more"}]
+        body = env.send("/api/chat", {"model": M1, "messages": again,
+                                      "options": {"num_predict": 4}})
+        env.run()
+        # Evaluated: <user> more <assistant>.
+        assert body.final()["prompt_eval_duration"] == ns(3 / model.prefill_tps)
+    assert env.sim.gpu.prompt_tokens - env.sim.gpu.evaluated_tokens == 2 * 16
+
+
 def test_api_ps_reflects_what_is_loaded() -> None:
     """
     /api/ps is empty before any request, lists the loaded model with its

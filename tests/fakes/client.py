@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from io import BytesIO
 from typing import Any
 
@@ -18,7 +19,11 @@ from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, Resp
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
 
+from tests.fakes.ollama import HOLD, HeldStream
+
 WAIT_LIMIT = 20.0
+HELD_CHAT = json.dumps({"model": HOLD, "messages": [{"role": "user", "content": "hi"}]}).encode()
+"""A chat whose answer the test writes by hand (L{HeldStream})."""
 CHAT = json.dumps(
     {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}],
      "options": {"num_predict": 5, "fake_delay": 0.02}}
@@ -134,3 +139,28 @@ async def chat_lines(reactor: Any, url: str, key: str, tls: Any = None) -> list[
     arrivals = await read(response)
     await arrivals.done
     return [json.loads(line) for line in arrivals.body.splitlines()]
+
+
+def has_lines(client: Arrivals, count: int) -> bool:
+    """
+    Whether C{client} has C{count} whole lines, no more.
+    """
+    return client.body.count(b"\n") == count
+
+
+async def write_line_by_line(
+    reactor: Any, held: HeldStream, client: Arrivals, count: int, written: int = 0
+) -> None:
+    """
+    Write C{{"n": i, "done": false}} for each C{i} below C{count} (but the
+    first C{written}, already written), each only once C{client} has every
+    line before it, and then C{{"n": count, "done": true}}, and wait until
+    the answer ends: whatever buffers a stream on the way fails the wait.
+    """
+    for i in range(count):
+        if i >= written:
+            held.write_line({"n": i, "done": False})
+        await wait_for(reactor, partial(has_lines, client, i + 1), f"line {i}")
+    held.write_line({"n": count, "done": True})
+    held.finish()
+    await client.done

@@ -294,6 +294,17 @@ class RedisServer:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def __enter__(self) -> RedisServer:
+        """
+        Start it, for a fixture's C{with}: stopped at the end, whatever
+        happened.
+        """
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def start(self) -> None:
         """
         Start the server and wait (bounded) until it answers C{PING}.
@@ -378,9 +389,5 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     A Redis server of the test's own, started; stopped when the test ends,
     whatever happened.
     """
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
+    with RedisServer(tmp_path) as server:
         yield server
-    finally:
-        server.stop()

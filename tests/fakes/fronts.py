@@ -61,17 +61,6 @@ def tool(name: str) -> str:
     return path
 
 
-def free_port() -> int:
-    """
-    A TCP port on 127.0.0.1 that nothing listens on now, for a server that
-    must be told its port (nginx and Caddy cannot say which one they got).
-    """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def render(template: str, replacements: Mapping[str, str]) -> str:
     """
     C{template} with each key of C{replacements} replaced by its value.

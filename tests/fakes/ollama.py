@@ -687,10 +687,10 @@ class FakeOllama(Resource):
 
     def _ps(self, request: WebRequest, rec: ReceivedRequest, param: str) -> bytes:
         expires = _rfc3339nano(self.clock.seconds() + 300)
-        models = [{**self._describe(name), "expires_at": expires,
-                   "size_vram": self._describe(name)["size"],
+        models = [{**d, "expires_at": expires, "size_vram": d["size"],
                    "context_length": self.contexts.get(name, DEFAULT_CONTEXT)}
-                  for name in self._loaded]
+                  for name, d in zip(self._loaded, map(self._describe, self._loaded),
+                                     strict=True)]
         return self._send(request, _Reply(200, _dumps({"models": models}), _JSON))
 
     def _show(self, request: WebRequest, rec: ReceivedRequest, param: str) -> bytes:

@@ -24,13 +24,22 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from tests.fakes.client import WAIT_LIMIT, Arrivals, agent, body, read, request, wait_for
+from tests.fakes.client import (
+    HELD_CHAT,
+    WAIT_LIMIT,
+    agent,
+    body,
+    read,
+    request,
+    wait_for,
+    write_line_by_line,
+)
+from tests.fakes.engines import free_port
 from tests.fakes.fronts import (
     CLIENT_ADDRESS,
     ServerLauncher,
     agent_from_client_address,
     caddy_globals,
-    free_port,
     nginx_main,
     render,
     tool,
@@ -44,7 +53,6 @@ UNITS = ["ollamaproxy.service", "ollamaproxy@.service"]
 DOCS_INSTALLED = "file:/usr/share/doc/ollamaproxy/"
 SYSTEMD_UNITS = Path("/usr/lib/systemd/system")
 VERIFY_TIMEOUT = 60
-HOLD = json.dumps({"model": "hold", "messages": [{"role": "user", "content": "hi"}]}).encode()
 #: The site-specific values of the front ends' files, as shipped.
 NAME = "ollama.example.com"
 CERTIFICATE = "/etc/ssl/certs/ollama.example.com.pem"
@@ -237,10 +245,6 @@ async def start_caddy(fronts: ServerLauncher, proxy_port: int, directory: Path) 
 Starter = Callable[[ServerLauncher, int, Path], Awaitable[int]]
 
 
-def _has_lines(client: Arrivals, count: int) -> bool:
-    return client.body.count(b"\n") == count
-
-
 @pytest.mark.parametrize("start", [start_nginx, start_caddy], ids=["nginx", "caddy"])
 @pytest_twisted.ensureDeferred
 async def test_chat_streams_through_the_front_end(
@@ -267,7 +271,7 @@ async def test_chat_streams_through_the_front_end(
         agent_from_client_address(reactor, tmp_path / "cert.pem"), b"POST",
         f"https://localhost:{port}/api/chat",
         {"Authorization": f"Bearer {TEST_KEY}", "Content-Type": "application/json"},
-        body(HOLD),
+        body(HELD_CHAT),
     ))
     await wait_for(reactor, lambda: bool(upstream.fake.held), "the request to reach Ollama")
     held = upstream.fake.held[-1]
@@ -277,13 +281,7 @@ async def test_chat_streams_through_the_front_end(
     response = await sent.addTimeout(WAIT_LIMIT, reactor)
     assert response.code == 200
     client = await read(response)
-    for i in range(3):
-        if i:
-            held.write_line({"n": i, "done": False})
-        await wait_for(reactor, partial(_has_lines, client, i + 1), f"line {i}")
-    held.write_line({"n": 3, "done": True})
-    held.finish()
-    await client.done
+    await write_line_by_line(reactor, held, client, 3, written=1)
     assert [json.loads(line)["n"] for line in client.body.splitlines()] == [0, 1, 2, 3]
 
     await wait_for(reactor, lambda: "POST /api/chat 200" in proxy.output, "the access line")

@@ -9,11 +9,13 @@ import json
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
 import pytest_twisted
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
@@ -49,31 +51,66 @@ class SimulatorProcess(ProcessProtocol):
         self.ended.callback(None)
 
 
+@dataclass
+class Simulators:
+    """
+    Starts simulators and kills whatever is left of them at the end.
+    """
+
+    reactor: Any
+    started: list[SimulatorProcess] = field(default_factory=list)
+
+    async def start(self, *flags: str) -> int:
+        """
+        Run C{python bench/gpu_sim.py 0 FLAGS} and give the port it says
+        it listens on (bounded by the start timeout).
+        """
+        simulator = SimulatorProcess()
+        self.started.append(simulator)
+        self.reactor.spawnProcess(simulator, sys.executable,
+                                  [sys.executable, str(SCRIPT), "0", *flags],
+                                  env=dict(os.environ), path=str(REPO))
+        port: int = await simulator.listening.addTimeout(START_TIMEOUT, self.reactor)
+        return port
+
+    async def stop_all(self) -> None:
+        """
+        Kill every simulator still running and wait until each has ended.
+        """
+        for simulator in self.started:
+            if simulator.transport is not None and not simulator.ended.called:
+                simulator.transport.signalProcess("KILL")
+        for simulator in self.started:
+            await simulator.ended
+
+
+@pytest_twisted.async_yield_fixture
+async def simulators(reactor: Any) -> AsyncIterator[Simulators]:
+    """
+    Start simulators; they are all killed when the test ends.
+    """
+    launcher = Simulators(reactor)
+    yield launcher
+    await launcher.stop_all()
+
+
 @pytest_twisted.ensureDeferred
 async def test_the_proxy_streams_a_chat_from_the_simulator(
-    reactor: Any, twistd: TwistdLauncher
+    reactor: Any, twistd: TwistdLauncher, simulators: Simulators
 ) -> None:
     """
     A chat through the proxy reaches the simulator, whose answer streams
     back line by line with its final figures: the tokens asked, the load
     time given, and the whole prompt counted.
     """
-    simulator = SimulatorProcess()
-    args = [sys.executable, str(SCRIPT), "0", "--model", "llama3.2", "--load-seconds", "0.2"]
-    reactor.spawnProcess(simulator, sys.executable, args, env=dict(os.environ), path=str(REPO))
-    try:
-        port = await simulator.listening.addTimeout(START_TIMEOUT, reactor)
-        proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}"))
-        lines = await chat_lines(reactor, proxy.url, TEST_KEY)
-        assert [line["message"]["content"] for line in lines[:-1]] == \
-            ["t0", " t1", " t2", " t3", " t4"]
-        final = lines[-1]
-        assert (final["done"], final["eval_count"], final["prompt_eval_count"]) == (True, 5, 3)
-        assert final["load_duration"] >= 200_000_000
-    finally:
-        if simulator.transport is not None and not simulator.ended.called:
-            simulator.transport.signalProcess("KILL")
-        await simulator.ended
+    port = await simulators.start("--model", "llama3.2", "--load-seconds", "0.2")
+    proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}"))
+    lines = await chat_lines(reactor, proxy.url, TEST_KEY)
+    assert [line["message"]["content"] for line in lines[:-1]] == \
+        ["t0", " t1", " t2", " t3", " t4"]
+    final = lines[-1]
+    assert (final["done"], final["eval_count"], final["prompt_eval_count"]) == (True, 5, 3)
+    assert final["load_duration"] >= 200_000_000
 
 
 async def _chat(reactor: Any, url: str, messages: list[dict[str, str]]) -> dict[str, Any]:
@@ -94,7 +131,7 @@ async def _chat(reactor: Any, url: str, messages: list[dict[str, str]]) -> dict[
 
 @pytest_twisted.ensureDeferred
 async def test_conversations_go_home_over_four_simulated_gpus(
-    reactor: Any, twistd: TwistdLauncher
+    reactor: Any, twistd: TwistdLauncher, simulators: Simulators
 ) -> None:
     """
     Three users chat three turns each, in rounds, through the proxy in front
@@ -106,45 +143,36 @@ async def test_conversations_go_home_over_four_simulated_gpus(
     users' histories would evict each other from its one slot.)
     """
     prefill = 1000.0
-    simulators = [SimulatorProcess() for _ in range(4)]
-    for simulator in simulators:
-        args = [sys.executable, str(SCRIPT), "0", "--model", "llama3.2", "--load-seconds",
-                "0.1", "--default-output", "3", "--prefill-tps", str(prefill)]
-        reactor.spawnProcess(simulator, sys.executable, args, env=dict(os.environ),
-                             path=str(REPO))
-    try:
-        ports = [await s.listening.addTimeout(START_TIMEOUT, reactor) for s in simulators]
-        upstreams = [f"http://127.0.0.1:{port}" for port in ports]
-        extra = [arg for url in upstreams[1:] for arg in ("--upstream", url)]
-        proxy = await twistd.start(proxy_args(upstreams[0], *extra, "--parallel", "1"))
-        histories = {user: [{"role": "user", "content": f"I am user {user} " + "word " * 200}]
-                     for user in range(3)}
-        for number in range(3):
-            for history in histories.values():
-                answer = await _chat(reactor, proxy.url, history)
-                evaluated = round(answer["prompt_eval_duration"] / 1e9 * prefill)
-                if number:
-                    # At least the first message came from the cache.
-                    assert evaluated <= answer["prompt_eval_count"] - 200
-                history += [answer["message"],
-                            {"role": "user", "content": f"question {number} " + "word " * 20}]
-        response = await request(agent(reactor), b"GET", proxy.url + "/metrics",
-                                 {"Authorization": f"Bearer {TEST_KEY}"})
-        scraped = await read(response)
-        await scraped.done
-        turns = [line for line in scraped.body.decode().splitlines()
-                 if line.startswith("ollamaproxy_conversation_turns_total{")]
-        homes = sum(float(line.split()[-1]) for line in turns if 'placement="home"' in line)
-        assert homes == 6.0
-    finally:
-        for simulator in simulators:
-            if simulator.transport is not None and not simulator.ended.called:
-                simulator.transport.signalProcess("KILL")
-        for simulator in simulators:
-            await simulator.ended
+    flags = ("--model", "llama3.2", "--load-seconds", "0.1", "--default-output", "3",
+             "--prefill-tps", str(prefill))
+    ports = await gatherResults([Deferred.fromCoroutine(simulators.start(*flags))
+                                 for _ in range(4)])
+    upstreams = [f"http://127.0.0.1:{port}" for port in ports]
+    extra = [arg for url in upstreams[1:] for arg in ("--upstream", url)]
+    proxy = await twistd.start(proxy_args(upstreams[0], *extra, "--parallel", "1"))
+    histories = {user: [{"role": "user", "content": f"I am user {user} " + "word " * 200}]
+                 for user in range(3)}
+    for number in range(3):
+        for history in histories.values():
+            answer = await _chat(reactor, proxy.url, history)
+            evaluated = round(answer["prompt_eval_duration"] / 1e9 * prefill)
+            if number:
+                # At least the first message came from the cache.
+                assert evaluated <= answer["prompt_eval_count"] - 200
+            history += [answer["message"],
+                        {"role": "user", "content": f"question {number} " + "word " * 20}]
+    response = await request(agent(reactor), b"GET", proxy.url + "/metrics",
+                             {"Authorization": f"Bearer {TEST_KEY}"})
+    scraped = await read(response)
+    await scraped.done
+    turns = [line for line in scraped.body.decode().splitlines()
+             if line.startswith("ollamaproxy_conversation_turns_total{")]
+    homes = sum(float(line.split()[-1]) for line in turns if 'placement="home"' in line)
+    assert homes == 6.0
 
 
 MODELS = ("alpha", "beta", "gamma")
+MODEL_FLAGS = [arg for model in MODELS for arg in ("--model", model)]
 
 
 async def alternating(reactor: Any, url: str, headers: dict[str, str], count: int,
@@ -181,7 +209,7 @@ async def alternating(reactor: Any, url: str, headers: dict[str, str], count: in
 
 @pytest_twisted.ensureDeferred
 async def test_collation_makes_a_fifth_of_the_switches_of_ollama_alone(
-    reactor: Any, twistd: TwistdLauncher
+    reactor: Any, twistd: TwistdLauncher, simulators: Simulators
 ) -> None:
     """
     Three models alternating on a backend that holds one: sent straight to
@@ -189,22 +217,13 @@ async def test_collation_makes_a_fifth_of_the_switches_of_ollama_alone(
     (--switch-hold 1) the requests for the model loaded go first, and the
     switches are at most a fifth as many.
     """
-    simulator = SimulatorProcess()
-    args = [sys.executable, str(SCRIPT), "0", "--load-seconds", "0.1",
-            *[arg for model in MODELS for arg in ("--model", model)]]
-    reactor.spawnProcess(simulator, sys.executable, args, env=dict(os.environ), path=str(REPO))
-    try:
-        port = await simulator.listening.addTimeout(START_TIMEOUT, reactor)
-        alone = await alternating(reactor, f"http://127.0.0.1:{port}", {}, 45)
-        proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}", "--switch-hold", "1"))
-        through = await alternating(reactor, proxy.url, {"Authorization": f"Bearer {TEST_KEY}"},
-                                    45)
-        assert alone >= 20
-        assert through * 5 <= alone
-    finally:
-        if simulator.transport is not None and not simulator.ended.called:
-            simulator.transport.signalProcess("KILL")
-        await simulator.ended
+    port = await simulators.start("--load-seconds", "0.1", *MODEL_FLAGS)
+    alone = await alternating(reactor, f"http://127.0.0.1:{port}", {}, 45)
+    proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}", "--switch-hold", "1"))
+    through = await alternating(reactor, proxy.url, {"Authorization": f"Bearer {TEST_KEY}"},
+                                45)
+    assert alone >= 20
+    assert through * 5 <= alone
 
 
 async def one_at_a_time(reactor: Any, url: str, headers: dict[str, str], turns: int) -> None:
@@ -236,7 +255,7 @@ async def _loads(reactor: Any, port: int) -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_clients_sending_one_request_at_a_time_are_collated(
-    reactor: Any, twistd: TwistdLauncher
+    reactor: Any, twistd: TwistdLauncher, simulators: Simulators
 ) -> None:
     """
     Three clients of three models on a backend that holds one, each
@@ -245,28 +264,19 @@ async def test_clients_sending_one_request_at_a_time_are_collated(
     client's next request comes within the gap, so its model stays for the
     hold, and the loads are at most a third as many.
     """
-    simulator = SimulatorProcess()
-    args = [sys.executable, str(SCRIPT), "0", "--load-seconds", "0.1",
-            *[arg for model in MODELS for arg in ("--model", model)]]
-    reactor.spawnProcess(simulator, sys.executable, args, env=dict(os.environ), path=str(REPO))
-    try:
-        port = await simulator.listening.addTimeout(START_TIMEOUT, reactor)
-        await one_at_a_time(reactor, f"http://127.0.0.1:{port}", {}, 10)
-        alone = await _loads(reactor, port)
-        proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}", "--switch-hold", "1"))
-        await one_at_a_time(reactor, proxy.url, {"Authorization": f"Bearer {TEST_KEY}"}, 10)
-        through = await _loads(reactor, port) - alone
-        assert alone >= 20
-        assert through * 3 <= alone
-    finally:
-        if simulator.transport is not None and not simulator.ended.called:
-            simulator.transport.signalProcess("KILL")
-        await simulator.ended
+    port = await simulators.start("--load-seconds", "0.1", *MODEL_FLAGS)
+    await one_at_a_time(reactor, f"http://127.0.0.1:{port}", {}, 10)
+    alone = await _loads(reactor, port)
+    proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}", "--switch-hold", "1"))
+    await one_at_a_time(reactor, proxy.url, {"Authorization": f"Bearer {TEST_KEY}"}, 10)
+    through = await _loads(reactor, port) - alone
+    assert alone >= 20
+    assert through * 3 <= alone
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_backend_running_one_at_a_time_gets_one_at_a_time(
-    reactor: Any, twistd: TwistdLauncher
+    reactor: Any, twistd: TwistdLauncher, simulators: Simulators
 ) -> None:
     """
     A simulator with one slot behind a proxy told --parallel 4: the
@@ -274,26 +284,18 @@ async def test_a_backend_running_one_at_a_time_gets_one_at_a_time(
     proxy lowers the backend's effective parallel for the model to 1, says
     so in its log and its metrics.
     """
-    simulator = SimulatorProcess()
-    args = [sys.executable, str(SCRIPT), "0", "--load-seconds", "0.05", "--num-parallel", "1",
-            "--model", "alpha"]
-    reactor.spawnProcess(simulator, sys.executable, args, env=dict(os.environ), path=str(REPO))
-    try:
-        port = await simulator.listening.addTimeout(START_TIMEOUT, reactor)
-        proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}", "--parallel", "4"))
-        key = {"Authorization": f"Bearer {TEST_KEY}"}
-        await alternating(reactor, proxy.url, key, 12, models=("alpha",))
-        assert "runs at most 1 requests of model alpha:latest at once" in proxy.output
-        response = await request(agent(reactor), b"GET", proxy.url + "/metrics", key)
-        arrivals = await read(response)
-        await arrivals.done
-        metrics = arrivals.body.decode()
-        assert 'ollamaproxy_backend_effective_parallel{backend="http://127.0.0.1:' in metrics
-        assert 'model="alpha:latest"} 1.0' in metrics
-    finally:
-        if simulator.transport is not None and not simulator.ended.called:
-            simulator.transport.signalProcess("KILL")
-        await simulator.ended
+    port = await simulators.start("--load-seconds", "0.05", "--num-parallel", "1",
+                                  "--model", "alpha")
+    proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}", "--parallel", "4"))
+    key = {"Authorization": f"Bearer {TEST_KEY}"}
+    await alternating(reactor, proxy.url, key, 12, models=("alpha",))
+    assert "runs at most 1 requests of model alpha:latest at once" in proxy.output
+    response = await request(agent(reactor), b"GET", proxy.url + "/metrics", key)
+    arrivals = await read(response)
+    await arrivals.done
+    metrics = arrivals.body.decode()
+    assert 'ollamaproxy_backend_effective_parallel{backend="http://127.0.0.1:' in metrics
+    assert 'model="alpha:latest"} 1.0' in metrics
 
 
 async def _chat_with(reactor: Any, url: str, options: dict[str, int]) -> None:
@@ -312,7 +314,7 @@ async def _chat_with(reactor: Any, url: str, options: dict[str, int]) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_request_right_after_a_larger_context_does_not_reload(
-    reactor: Any, twistd: TwistdLauncher
+    reactor: Any, twistd: TwistdLauncher, simulators: Simulators
 ) -> None:
     """
     A chat that names no context, sent while the simulator reloads its
@@ -321,22 +323,14 @@ async def test_a_request_right_after_a_larger_context_does_not_reload(
     the model is loaded twice in all (its default, then 8192), not a third
     time for the smaller one.
     """
-    simulator = SimulatorProcess()
-    args = [sys.executable, str(SCRIPT), "0", "--model", "llama3.2", "--load-seconds", "0.5"]
-    reactor.spawnProcess(simulator, sys.executable, args, env=dict(os.environ), path=str(REPO))
-    try:
-        port = await simulator.listening.addTimeout(START_TIMEOUT, reactor)
-        proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}"))
-        await _chat_with(reactor, proxy.url, {})
-        larger = Deferred.fromCoroutine(_chat_with(reactor, proxy.url, {"num_ctx": 8192}))
-        await sleep(reactor, 0.2)
-        await _chat_with(reactor, proxy.url, {})
-        await larger
-        response = await request(agent(reactor), b"GET", f"http://127.0.0.1:{port}/sim/stats")
-        arrivals = await read(response)
-        await arrivals.done
-        assert json.loads(arrivals.body)["loads"] == 2
-    finally:
-        if simulator.transport is not None and not simulator.ended.called:
-            simulator.transport.signalProcess("KILL")
-        await simulator.ended
+    port = await simulators.start("--model", "llama3.2", "--load-seconds", "0.5")
+    proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}"))
+    await _chat_with(reactor, proxy.url, {})
+    larger = Deferred.fromCoroutine(_chat_with(reactor, proxy.url, {"num_ctx": 8192}))
+    await sleep(reactor, 0.2)
+    await _chat_with(reactor, proxy.url, {})
+    await larger
+    response = await request(agent(reactor), b"GET", f"http://127.0.0.1:{port}/sim/stats")
+    arrivals = await read(response)
+    await arrivals.done
+    assert json.loads(arrivals.body)["loads"] == 2

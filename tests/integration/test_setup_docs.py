@@ -183,12 +183,8 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
     folder.mkdir()
     config = folder / "redis.conf"
     config.write_text("")
-    server = RedisServer(folder, config_file=config)
-    server.start()
-    try:
+    with RedisServer(folder, config_file=config) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def imitate_debian(server: PostgresServer) -> None:

@@ -6,7 +6,6 @@ C{twistd} proxy, and the proxy's memory during a long stream.
 from __future__ import annotations
 
 import json
-from functools import partial
 from typing import Any
 
 import pytest_twisted
@@ -14,12 +13,21 @@ from twisted.internet.defer import Deferred
 from twisted.web.server import Site
 
 from tests.fakes.bulk import Bulk
-from tests.fakes.client import Arrivals, agent, body, read, request, sleep, wait_for
+from tests.fakes.client import (
+    HELD_CHAT,
+    Arrivals,
+    agent,
+    body,
+    read,
+    request,
+    sleep,
+    wait_for,
+    write_line_by_line,
+)
 from tests.fakes.ollama import HeldStream
 from tests.fakes.twistd import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args
 
 BULK_BYTES = 100 * 1024 * 1024
-HOLD = json.dumps({"model": "hold", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
 async def held_stream(
@@ -31,15 +39,11 @@ async def held_stream(
     """
     sent = Deferred.fromCoroutine(
         request(agent(reactor), b"POST", proxy.url + "/api/chat", {"X-API-Key": TEST_KEY},
-                body(HOLD))
+                body(HELD_CHAT))
     )
     await wait_for(reactor, lambda: bool(upstream.fake.held), "the request to reach Ollama")
     response = await sent
     return upstream.fake.held[-1], await read(response)
-
-
-def _has_lines(client: Arrivals, count: int) -> bool:
-    return client.body.count(b"\n") == count
 
 
 @pytest_twisted.ensureDeferred
@@ -52,12 +56,7 @@ async def test_each_line_reaches_the_client_before_the_next_is_written(
     """
     proxy = await twistd.start(proxy_args(upstream.url))
     held, client = await held_stream(reactor, upstream, proxy)
-    for i in range(3):
-        held.write_line({"n": i, "done": False})
-        await wait_for(reactor, partial(_has_lines, client, i + 1), f"line {i}")
-    held.write_line({"n": 3, "done": True})
-    held.finish()
-    await client.done
+    await write_line_by_line(reactor, held, client, 3)
     assert [json.loads(line)["n"] for line in client.body.splitlines()] == [0, 1, 2, 3]
 
 

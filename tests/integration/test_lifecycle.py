@@ -21,11 +21,9 @@ from twisted.web.client import FileBodyProducer, ResponseNeverReceived
 from twisted.web.server import Site
 
 from tests.fakes.bulk import Bulk
-from tests.fakes.client import Arrivals, agent, body, read, request, sleep, wait_for
+from tests.fakes.client import HELD_CHAT, Arrivals, agent, body, read, request, sleep, wait_for
 from tests.fakes.ollama import HeldStream
 from tests.fakes.twistd import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args
-
-HOLD = json.dumps({"model": "hold", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
 async def held_stream(
@@ -36,7 +34,7 @@ async def held_stream(
     """
     sent = Deferred.fromCoroutine(
         request(agent(reactor), b"POST", proxy.url + "/api/chat", {"X-API-Key": TEST_KEY},
-                body(HOLD))
+                body(HELD_CHAT))
     )
     await wait_for(reactor, lambda: bool(upstream.fake.held), "the request to reach Ollama")
     return upstream.fake.held[-1], await read(await sent)

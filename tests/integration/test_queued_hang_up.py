@@ -6,7 +6,6 @@ socket is not read is a client whose hang-up is not seen.
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from typing import Any
@@ -14,10 +13,9 @@ from typing import Any
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from tests.fakes.client import agent, body, read, request, sleep, wait_for
+from tests.fakes.client import HELD_CHAT, agent, body, read, request, sleep, wait_for
 from tests.fakes.twistd import TEST_KEY, TwistdLauncher, Upstream, proxy_args
 
-HOLD = json.dumps({"model": "hold", "messages": [{"role": "user", "content": "hi"}]}).encode()
 # More than the proxy holds before it pauses a client (256 KiB) and the
 # kernel's buffers on both sides hold, less than it holds for a waiting
 # request (16 MiB).
@@ -62,7 +60,7 @@ async def test_a_paused_client_that_hangs_up_while_queued_never_reaches_ollama(
     proxy = await twistd.start(proxy_args(upstream.url, "--parallel", "1"))
     first = Deferred.fromCoroutine(
         request(agent(reactor), b"POST", proxy.url + "/api/chat", {"X-API-Key": TEST_KEY},
-                body(HOLD))
+                body(HELD_CHAT))
     )
     await wait_for(reactor, lambda: bool(upstream.fake.held), "the first chat to reach Ollama")
     client = socket.create_connection(("127.0.0.1", proxy.port))

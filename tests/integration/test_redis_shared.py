@@ -49,12 +49,8 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
     """
     folder = tmp_path / "redis"
     folder.mkdir()
-    server = RedisServer(folder, password=PASSWORD)
-    server.start()
-    try:
+    with RedisServer(folder, password=PASSWORD) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest_twisted.async_yield_fixture

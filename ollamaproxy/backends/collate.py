@@ -106,15 +106,6 @@ class _Seat:
     gap: IDelayedCall | None = field(default=None, repr=False)
 
 
-def _listed(backend: Backend, model: ModelName) -> bool:
-    """
-    Whether C{backend} has C{model}, as far as it has said: one it does not
-    list (a single backend is sent every request) loads nothing, and its
-    name, which a client chose, is no model to hold or to log.
-    """
-    return backend.models is None or model in backend.models
-
-
 class Collator:
     """
     Says which backends may take a request now, so that each serves the
@@ -196,8 +187,10 @@ class Collator:
         Whether C{backend} may take a request for C{model} with no switch.
         """
         seat = self._seat(backend)
-        if not _listed(backend, model):
-            return True  # Ollama answers 404: nothing is loaded
+        if not backend.has(model):
+            # One it does not list (a single backend is sent every
+            # request): Ollama answers 404, nothing is loaded.
+            return True
         if model in seat.held:
             if seat.draining != model:
                 return True
@@ -298,7 +291,9 @@ class Collator:
         """
         seat = self._seat(backend)
         held = seat.held
-        if (held and held[-1] == model) or not _listed(backend, model):
+        if (held and held[-1] == model) or not backend.has(model):
+            # A model it does not list loads nothing, and its name, which
+            # a client chose, is no model to hold or to log.
             return
         if model in held:
             held.remove(model)

@@ -197,8 +197,7 @@ class Collator:
             if seat.to in self._waiting(backend):
                 return False
             # The request the backend drains for left: no switch is due.
-            self._cancel(seat)
-            seat.due = seat.to = seat.draining = None
+            self._no_switch(seat)
             return True
         return len(seat.held) < seat.capacity
 
@@ -214,8 +213,7 @@ class Collator:
             return False
         if seat.to in waiting:
             return True
-        self._cancel(seat)
-        seat.due = seat.to = seat.draining = None
+        self._no_switch(seat)
         return False
 
     def _idle(self, backend: Backend, seat: _Seat, waiting: set[ModelName],
@@ -307,14 +305,18 @@ class Collator:
             log.info("Backend {backend} switches from model {old} to {new}",
                      backend=backend.name, old=self.redact(given_up.canonical),
                      new=self.redact(model.canonical))
-            self._cancel(seat)
-            seat.due = seat.to = seat.draining = None
+            self._no_switch(seat)
             seat.loading = model
         held.append(model)
 
     @staticmethod
-    def _cancel(seat: _Seat) -> None:
+    def _no_switch(seat: _Seat) -> None:
+        """
+        No switch is due on C{seat}'s backend any more (it was made, or the
+        request it was for left): its timers stop, and nothing drains.
+        """
         for timer in (seat.timer, seat.gap):
             if timer is not None and timer.active():
                 timer.cancel()
         seat.timer = seat.gap = None
+        seat.due = seat.to = seat.draining = None

@@ -106,15 +106,6 @@ class _Seat:
     gap: IDelayedCall | None = field(default=None, repr=False)
 
 
-def _listed(backend: Backend, model: ModelName) -> bool:
-    """
-    Whether C{backend} has C{model}, as far as it has said: one it does not
-    list (a single backend is sent every request) loads nothing, and its
-    name, which a client chose, is no model to hold or to log.
-    """
-    return backend.models is None or model in backend.models
-
-
 class Collator:
     """
     Says which backends may take a request now, so that each serves the
@@ -196,16 +187,17 @@ class Collator:
         Whether C{backend} may take a request for C{model} with no switch.
         """
         seat = self._seat(backend)
-        if not _listed(backend, model):
-            return True  # Ollama answers 404: nothing is loaded
+        if not backend.has(model):
+            # One it does not list (a single backend is sent every
+            # request): Ollama answers 404, nothing is loaded.
+            return True
         if model in seat.held:
             if seat.draining != model:
                 return True
             if seat.to in self._waiting(backend):
                 return False
             # The request the backend drains for left: no switch is due.
-            self._cancel(seat)
-            seat.due = seat.to = seat.draining = None
+            self._no_switch(seat)
             return True
         return len(seat.held) < seat.capacity
 
@@ -221,8 +213,7 @@ class Collator:
             return False
         if seat.to in waiting:
             return True
-        self._cancel(seat)
-        seat.due = seat.to = seat.draining = None
+        self._no_switch(seat)
         return False
 
     def _idle(self, backend: Backend, seat: _Seat, waiting: set[ModelName],
@@ -298,7 +289,9 @@ class Collator:
         """
         seat = self._seat(backend)
         held = seat.held
-        if (held and held[-1] == model) or not _listed(backend, model):
+        if (held and held[-1] == model) or not backend.has(model):
+            # A model it does not list loads nothing, and its name, which
+            # a client chose, is no model to hold or to log.
             return
         if model in held:
             held.remove(model)
@@ -312,14 +305,18 @@ class Collator:
             log.info("Backend {backend} switches from model {old} to {new}",
                      backend=backend.name, old=self.redact(given_up.canonical),
                      new=self.redact(model.canonical))
-            self._cancel(seat)
-            seat.due = seat.to = seat.draining = None
+            self._no_switch(seat)
             seat.loading = model
         held.append(model)
 
     @staticmethod
-    def _cancel(seat: _Seat) -> None:
+    def _no_switch(seat: _Seat) -> None:
+        """
+        No switch is due on C{seat}'s backend any more (it was made, or the
+        request it was for left): its timers stop, and nothing drains.
+        """
         for timer in (seat.timer, seat.gap):
             if timer is not None and timer.active():
                 timer.cancel()
         seat.timer = seat.gap = None
+        seat.due = seat.to = seat.draining = None

@@ -151,6 +151,23 @@ def free_for(backend: Backend, slot: ModelName | None) -> bool:
     return running[slot] < limit and not (running and UNREAD_MODEL in running)
 
 
+@dataclass(frozen=True)
+class _Charge:
+    """
+    What a request's slot is charged in the fair queue, and to whom: what
+    its lease is billed with, and trued up by at release.
+
+    @ivar meter: Says at release what the request did cost; L{None}: no
+        true-up (C{--fair-share requests}, or no meter).
+    """
+
+    key: str
+    weight: float
+    cost: float
+    meter: Meter | None
+    user: str | None
+
+
 @dataclass(eq=False)
 class Lease:
     """
@@ -346,7 +363,6 @@ class Router:
         expected_output: int = 0,
         user: str | None = None,
         conversation: bytes | None = None,
-        local: bool = False,
     ) -> Deferred[Lease]:
         """
         A backend for a request of key C{key} naming C{model}.
@@ -367,8 +383,6 @@ class Router:
         @param user: Who the request is for behind its key, whose share of
             the key's it has (L{FairQueue}); L{None} for a key that names
             no users.
-        @param local: Whether it waits in this process's queue even when
-            there is a shared one (L{shared}): the shared queue's fallback.
         @param conversation: The digest of the conversation the request
             continues, if it carries one: it goes home if it may.
         @return: Fires with a L{Lease} at once, or once the request's turn has
@@ -387,39 +401,48 @@ class Router:
                 if backend.healthy and backend not in excluded:
                     return succeed(self._lease(backend, None, now))
             raise busy("no backend is healthy", 1)
-        self._check_available(model, excluded)
+        if self.several:
+            self._check_available(model, excluded)
         if not runs:
             lease = self._grant((None, now, excluded), model)
             assert lease is not None
             return succeed(lease)
         if self._tokens and meter is not None:
-            cost = self._cost(meter.prompt_estimate, expected_output)
+            charge = _Charge(key, weight, self._cost(meter.prompt_estimate, expected_output),
+                             meter, user)
         else:
-            cost, meter = 1.0, None
+            charge = _Charge(key, weight, 1.0, None, user)
         if self.affinity is None:
             conversation = None
-        if self.shared is not None and not local and model is not None and model.canonical:
-            return self._take_shared(key, (model, now, excluded), weight, cost, meter,
-                                     expected_output, user, conversation)
+        wants = (model, now, excluded)
+        if self.shared is not None and model is not None and model.canonical:
+            return self._take_shared(charge, wants, conversation)
+        return self._take_local(charge, wants, conversation)
+
+    def _take_local(
+        self,
+        charge: _Charge,
+        wants: tuple[ModelName | None, float, frozenset[Backend]],
+        conversation: bytes | None,
+    ) -> Deferred[Lease]:
+        """
+        A slot from this process's own fair queue: at once if nobody waits
+        and a backend has one free, else at the request's turn.
+        """
         if not len(self.queue):
-            lease = self._grant((model, now, excluded), conversation=conversation)
+            lease = self._grant(wants, conversation=conversation)
             if lease is not None:
-                self.queue.served(key, weight, cost, user)
-                return succeed(self._bill(lease, key, weight, cost, meter, user, conversation))
-        waiting = self.queue.wait(key, (model, now, excluded), weight, cost, user)
-        waiting.addCallback(self._bill, key, weight, cost, meter, user, conversation)
+                self.queue.served(charge.key, charge.weight, charge.cost, charge.user)
+                return succeed(self._bill(lease, charge, conversation))
+        waiting = self.queue.wait(charge.key, wants, charge.weight, charge.cost, charge.user)
+        waiting.addCallback(self._bill, charge, conversation)
         self._serve_queue()
         return waiting
 
     def _take_shared(
         self,
-        key: str,
+        charge: _Charge,
         wants: tuple[ModelName | None, float, frozenset[Backend]],
-        weight: int,
-        cost: float,
-        meter: Meter | None,
-        expected_output: int,
-        user: str | None,
         conversation: bytes | None,
     ) -> Deferred[Lease]:
         """
@@ -442,16 +465,18 @@ class Router:
             candidates.insert(0, home)
 
         def lease(backend: Backend) -> Lease:
-            return self._bill(self._lease(backend, model, since), key, weight, cost, meter, user,
-                              conversation)
+            return self._bill(self._lease(backend, model, since), charge, conversation)
 
-        return self.shared.take(Ask(
-            key, model, candidates, weight, cost, since, lease,
-            lambda: self.acquire(key, model, runs=True, exclude=excluded, weight=weight,
-                                 meter=meter, expected_output=expected_output, user=user,
-                                 conversation=conversation, local=True),
-            user,
-        ))
+        def local() -> Deferred[Lease]:
+            # Asked afresh, as a request that comes now: the backends may
+            # have changed while the shared queue was tried.
+            if self.several:
+                self._check_available(model, excluded)
+            return self._take_local(charge, (model, self._clock.seconds(), excluded),
+                                    conversation)
+
+        return self.shared.take(Ask(charge.key, model, candidates, charge.weight, charge.cost,
+                                    since, lease, local, charge.user))
 
     def waiting(self) -> dict[str, int]:
         """
@@ -473,22 +498,25 @@ class Router:
         cost = prompt + output * self._output_weight
         return cost if cost > 1 else 1.0
 
-    def _bill(self, lease: Lease, key: str, weight: float, cost: float, meter: Meter | None,
-              user: str | None, conversation: bytes | None) -> Lease:
+    def _bill(self, lease: Lease, charge: _Charge, conversation: bytes | None) -> Lease:
         """
         Write on C{lease} what its slot was charged, and to whom, for the
         true-up at release; and move its conversation, if any, to its
         backend.
         """
-        lease._key, lease._weight, lease._charged, lease._meter = key, weight, cost, meter
-        lease._user = user
+        lease._key, lease._weight, lease._charged, lease._meter = (
+            charge.key, charge.weight, charge.cost, charge.meter)
+        lease._user = charge.user
         if conversation is not None and self.affinity is not None:
             lease.placement = self.affinity.went(conversation, lease.backend, lease.model)
         return lease
 
     def _check_available(self, model: ModelName | None, excluded: frozenset[Backend]) -> None:
-        if not self.several:
-            return
+        """
+        Raise the 404 or 503 for a request no backend may take, among
+        several (asked only then: a single backend is given every request,
+        a call less on each).
+        """
         having = [b for b in self.backends if model is None or self._has(b, model)]
         if not having:
             assert model is not None
@@ -518,7 +546,8 @@ class Router:
         model, since, excluded = wants
         named = named or model
         free = [
-            b for b in self.backends
+            # The pool's list, not the property: a call less on each request.
+            b for b in self.pool.backends
             if (not self.several or b.serves(named)) and b not in excluded
             and free_for(b, model)
             and (named is None or self._has(b, named))

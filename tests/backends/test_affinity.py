@@ -6,25 +6,12 @@ that backend may take it; memory bounded.
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
-
 from ollamaproxy.backends.affinity import Affinity
 from ollamaproxy.backends.router import Lease, Router
-from ollamaproxy.model_names import resolve
 from tests.fakes.chain import Chain
+from tests.fakes.routers import LLAMA, MISTRAL, now
 
-LLAMA = resolve("llama3.2")
 ONE, TWO = b"1" * 16, b"2" * 16
-
-
-def now(d: Deferred[Lease]) -> Lease:
-    """
-    The lease C{d} has fired with.
-    """
-    results: list[Lease] = []
-    d.addCallback(results.append)
-    assert results, "no backend yet"
-    return results[0]
 
 
 def four(parallel: int = 2) -> Chain:
@@ -131,7 +118,7 @@ def test_a_home_without_the_model_is_left() -> None:
     """
     chain = four()
     home_on_second(chain)
-    chain.backends[1].models = frozenset({resolve("mistral")})
+    chain.backends[1].models = frozenset({MISTRAL})
     assert turn(chain.router, ONE).backend is chain.backends[0]
 
 
@@ -428,9 +415,8 @@ def test_conversations_are_counted_per_model() -> None:
     affinity = chain.router.affinity
     assert affinity is not None
     first, second, third, last = chain.backends
-    mistral = resolve("mistral")
     for number in range(4):
-        affinity.went(bytes([number]) * 16, first, mistral)
+        affinity.went(bytes([number]) * 16, first, MISTRAL)
     owners = [second, third, third, last, last]
     for number, backend in enumerate(owners, start=4):
         affinity.went(bytes([number]) * 16, backend, LLAMA)

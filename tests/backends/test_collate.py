@@ -59,6 +59,20 @@ class Grants:
         next(lease for _, lease in self.leases if not lease._released).release()
 
 
+def switch_due(clock: Clock) -> tuple[Router, Grants, Deferred[Lease]]:
+    """
+    A collating router over L{one} backend that runs key C{steady}'s
+    request for llama3.2, and key C{other}'s request for mistral, whose
+    turn is now (at 0): a switch due.  Both are watched.
+    """
+    r = collating(clock, one(clock))
+    grants = Grants(clock)
+    grants.watch(r.acquire("steady", LLAMA, runs=True))
+    switching = r.acquire("other", MISTRAL, runs=True)
+    grants.watch(switching)
+    return r, grants, switching
+
+
 def test_the_requests_for_the_model_held_go_before_a_switch() -> None:
     """
     The next request in fair order wants another model than the one the
@@ -92,11 +106,7 @@ def test_a_switch_waits_at_most_one_hold_then_the_backend_drains() -> None:
     its turn, however steady the other key's traffic.
     """
     clock = Clock()
-    r = collating(clock, one(clock))
-    grants = Grants(clock)
-    grants.watch(r.acquire("steady", LLAMA, runs=True))
-    switching = r.acquire("other", MISTRAL, runs=True)  # its turn: now, at 0
-    grants.watch(switching)
+    r, grants, switching = switch_due(clock)
     for _ in range(20):
         grants.watch(r.acquire("steady", LLAMA, runs=True))
         clock.advance(0.75)  # each request runs 0.75 s
@@ -245,11 +255,7 @@ def test_a_client_sending_one_request_at_a_time_keeps_the_model_held() -> None:
     one hold and one request of its turn.
     """
     clock = Clock()
-    r = collating(clock, one(clock))
-    grants = Grants(clock)
-    grants.watch(r.acquire("steady", LLAMA, runs=True))
-    switching = r.acquire("other", MISTRAL, runs=True)  # its turn: now, at 0
-    grants.watch(switching)
+    r, grants, switching = switch_due(clock)
     for _ in range(20):
         clock.advance(0.75)  # each request runs 0.75 s
         grants.release_running()

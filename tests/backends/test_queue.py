@@ -33,6 +33,17 @@ def collect(d: Deferred[str], into: list[str], label: str) -> None:
     d.addCallback(lambda _: into.append(label))
 
 
+def serve_one_at_a_time(queue: FairQueue[str, str], times: int) -> None:
+    """
+    Free a slot of model C{m} C{times} times, one at a time, each taken
+    before the next is freed: the fair queue's order, one turn after another.
+    """
+    slots = Slots()
+    for _ in range(times):
+        slots.free["m"] = 1
+        queue.serve(slots)
+
+
 def test_keys_are_served_in_turn() -> None:
     """
     One key's burst of 100 and another key's one request just after: the
@@ -44,10 +55,7 @@ def test_keys_are_served_in_turn() -> None:
     for i in range(100):
         collect(queue.wait("burst", "m"), served, f"burst-{i}")
     collect(queue.wait("other", "m"), served, "other")
-    slots = Slots()
-    for _ in range(3):
-        slots.free["m"] = 1
-        queue.serve(slots)
+    serve_one_at_a_time(queue, 3)
     assert served == ["burst-0", "other", "burst-1"]
     assert queue.waiting() == {"burst": 98}
 
@@ -396,10 +404,7 @@ def test_one_users_batch_does_not_hold_back_the_others_behind_its_key() -> None:
         collect(queue.wait("webui", "m", cost=2000, user="batch"), served, f"batch-{i}")
     clock.advance(1)
     collect(queue.wait("webui", "m", cost=50, user="chat"), served, "chat")
-    slots = Slots()
-    for _ in range(3):
-        slots.free["m"] = 1
-        queue.serve(slots)
+    serve_one_at_a_time(queue, 3)
     assert served == ["batch-0", "chat", "batch-1"]
     assert queue.waiting() == {"webui": 18}
 

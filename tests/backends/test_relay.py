@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogEvent
+from twisted.logger import LogEvent, capturedLogs
 from twisted.web._newclient import ResponseFailed
 from twisted.web.http_headers import Headers
 
@@ -368,8 +368,6 @@ def test_stream_summary_is_logged(access_events: list[LogEvent]) -> None:
     A finished stream is summarised from its final object, in an event of
     its own, and the tokens are on the request's record.
     """
-    from twisted.logger import capturedLogs
-
     chain = Chain()
     with capturedLogs() as events:
         response = chain.respond(
@@ -387,8 +385,6 @@ def test_body_samples_are_logged_truncated_and_redacted() -> None:
     With body logging on, the start of the request and of the response is
     logged after the exchange, credentials blanked.
     """
-    from twisted.logger import capturedLogs
-
     chain = Chain(body_sample_bytes=40)
     body = b'{"api_key": "hunter2", "model": "llama3.2", "messages": []}'
     with capturedLogs() as events:

@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted.web.client import RequestGenerationFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -171,8 +172,6 @@ def test_chunked_body_growing_over_the_limit_is_413() -> None:
     agent.sent.addErrback(failures.append)
     assert failures and failures[0].check(BodyTooLarge)
     # The agent reports a failed body as RequestGenerationFailed.
-    from twisted.web._newclient import RequestGenerationFailed
-
     agent.response.errback(RequestGenerationFailed([failures[0]]))
     assert transport.value().startswith(b"HTTP/1.1 413 ")
     error = json.loads(transport.value().split(b"\r\n\r\n", 1)[1].split(b"\r\n")[1])

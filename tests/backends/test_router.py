@@ -689,6 +689,65 @@ def test_a_shared_queue_keeps_named_models_slots() -> None:
     assert len(shared.asks) == 1 and len(shared.given) == 1
 
 
+class _SharedDown(_Shared):
+    """
+    A shared queue that cannot be asked: every ask falls back to this
+    process's queue (L{Ask.local}).
+    """
+
+    def take(self, ask: Ask) -> Deferred[Lease]:
+        self.asks.append(ask)
+        return ask.local()
+
+
+def test_a_shared_queue_that_falls_back_charges_as_this_proxys_own() -> None:
+    """
+    A request that the shared queue hands back to this process's queue is
+    charged there what it would have been charged in the shared one, to
+    its key (over its weight) and its user, and trued up at release with
+    its meter's reading; the lease is this process's, not the shared
+    queue's.
+    """
+    clock = Clock()
+    a = backend(clock, "a", ("llama3.2",))
+    r = router(a, backend(clock, "b", ("llama3.2",)))
+    shared = _SharedDown()
+    r.shared = shared
+    meter = Meter()
+    meter.expect(20, "llama3.2")
+    lease = now(r.acquire("k", LLAMA, runs=True, weight=2, meter=meter, expected_output=5,
+                          user="alice"))
+    (ask,) = shared.asks
+    assert ask.cost == 30
+    assert lease.backend is a and a.running[LLAMA] == 1
+    assert r.queue.finish("k") == 30 / 2 and r.queue.user_finish("k", "alice") == 30
+    meter.generating, meter.output = True, 1
+    lease.release()
+    assert r.queue.finish("k") == 22 / 2 and r.queue.user_finish("k", "alice") == 22
+    assert shared.given == [] and not a.running
+
+
+def test_a_shared_queue_that_falls_back_checks_the_backends_again() -> None:
+    """
+    The fallback asks afresh whether a backend may take the request: a
+    model no healthy backend serves by then is the 503 of a request that
+    came then.
+    """
+    clock = Clock()
+    a, b = backend(clock, "a", ("llama3.2",)), backend(clock, "b", ("llama3.2",))
+    r = router(a, b)
+
+    class GoneMeanwhile(_Shared):
+        def take(self, ask: Ask) -> Deferred[Lease]:
+            a.healthy = b.healthy = False
+            return ask.local()
+
+    r.shared = GoneMeanwhile()
+    with pytest.raises(ProxyError) as raised:
+        r.acquire("k", LLAMA, runs=True)
+    assert raised.value.code == 503
+
+
 def test_waiting_counts_the_shared_queue_too() -> None:
     """
     What the metric and the console show waiting is this proxy's requests

@@ -92,6 +92,15 @@ def _hung_pair(**kwargs: Any) -> Chain:
     return chain
 
 
+def _header_timeout_passes(chain: Chain) -> None:
+    """
+    C{--header-timeout} runs out, and what it sets off (the cut, the send
+    to another backend, the 504) has happened.
+    """
+    chain.clock.advance(HEADER_TIMEOUT)
+    chain.flush()
+
+
 def test_a_hung_generation_is_sent_again_to_another_backend(
     access_events: list[LogEvent],
 ) -> None:
@@ -108,8 +117,7 @@ def test_a_hung_generation_is_sent_again_to_another_backend(
     chain = _hung_pair()
     d = chain.request("POST", "/api/chat", data=chat("slowhead"))
     assert len(chain.fakes[0].received) == 1
-    chain.clock.advance(HEADER_TIMEOUT)
-    chain.flush()
+    _header_timeout_passes(chain)
     assert chain.fakes[0].held[0].disconnected.called
     assert chain.backends[0].healthy
     assert not chain.backends[0].serves(resolve("slowhead"))
@@ -142,11 +150,9 @@ def test_a_hung_generation_is_sent_again_only_once(access_events: list[LogEvent]
     """
     chain = _hung_pair()
     d = chain.request("POST", "/api/chat", data=chat("slowhead"))
-    chain.clock.advance(HEADER_TIMEOUT)
-    chain.flush()
+    _header_timeout_passes(chain)
     assert chain.pending(d)
-    chain.clock.advance(HEADER_TIMEOUT)
-    chain.flush()
+    _header_timeout_passes(chain)
     response = chain.result(d)
     assert response.code == 504
     chain.body(response)
@@ -202,8 +208,7 @@ def test_a_request_that_takes_no_slot_is_not_sent_again() -> None:
     chain.pool.refresh_all()
     chain.flush()
     d = chain.request("POST", "/api/show", data=b'{"model": "llama3.2"}')
-    chain.clock.advance(HEADER_TIMEOUT)
-    chain.flush()
+    _header_timeout_passes(chain)
     response = chain.result(d)
     assert response.code == 504
     chain.body(response)
@@ -220,8 +225,7 @@ def test_a_hung_generation_with_no_other_backend_is_504(access_events: list[LogE
     chain.pool.refresh_all()
     chain.flush()
     d = chain.request("POST", "/api/chat", data=chat("slowhead"))
-    chain.clock.advance(HEADER_TIMEOUT)
-    chain.flush()
+    _header_timeout_passes(chain)
     response = chain.result(d)
     assert response.code == 504
     assert "no response within" in json.loads(chain.body(response))["error"]
@@ -239,8 +243,7 @@ def test_a_streamed_body_that_hung_is_not_sent_again() -> None:
     d = chain.request("POST", "/api/chat", data=chat("slowhead"),
                       headers={"Content-Encoding": "identity"})
     assert len(chain.fakes[0].received) == 1
-    chain.clock.advance(HEADER_TIMEOUT)
-    chain.flush()
+    _header_timeout_passes(chain)
     response = chain.result(d)
     assert response.code == 504
     chain.body(response)
@@ -258,12 +261,10 @@ def test_a_client_that_left_is_not_sent_again(access_events: list[LogEvent]) -> 
     d.cancel()
     chain.flush()
     chain.failure(d)
-    chain.clock.advance(HEADER_TIMEOUT)
-    chain.flush()
+    _header_timeout_passes(chain)
     assert chain.fakes[1].received == []
     d = chain.request("POST", "/api/chat", data=chat("slowhead"))
-    chain.clock.advance(HEADER_TIMEOUT)
-    chain.flush()
+    _header_timeout_passes(chain)
     assert len(chain.fakes[1].received) == 1
     d.cancel()
     chain.flush()

@@ -102,6 +102,7 @@ from ollamaproxy.config import (
     DEFAULT_MAX_QUEUE,
     DEFAULT_OUTPUT_TOKEN_WEIGHT,
     DEFAULT_QUEUE_TIMEOUT,
+    DEFAULT_SWITCH_HOLD,
 )
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.exchange import Meter
@@ -242,7 +243,7 @@ class Router:
         fair_share: str = DEFAULT_FAIR_SHARE,
         output_token_weight: float = DEFAULT_OUTPUT_TOKEN_WEIGHT,
         affinity_slack: int | None = DEFAULT_AFFINITY_SLACK,
-        switch_hold: float = 0.0,
+        switch_hold: float = DEFAULT_SWITCH_HOLD,
     ) -> None:
         """
         @param fair_share: What the fair queue shares out: C{tokens} or
@@ -254,8 +255,8 @@ class Router:
             (L{ollamaproxy.backends.affinity}); L{None} sends no turn home.
         @param switch_hold: The most seconds a backend serves the requests
             for the models it holds before it switches
-            (L{ollamaproxy.backends.collate}); 0, the default here, turns
-            collation off (the daemon's default is C{--switch-hold}'s).
+            (L{ollamaproxy.backends.collate}), C{--switch-hold}'s default
+            unless given; 0 turns collation off.
         """
         self.pool = pool
         self._clock = clock

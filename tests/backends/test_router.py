@@ -23,7 +23,12 @@ from tests.fakes.routers import LLAMA, MISTRAL, QWEN, backend, now
 
 
 def router(*backends: Backend, clock: Clock | None = None, max_queue: int = 512) -> Router:
-    return Router(BackendPool(backends), clock or Clock(), max_queue=max_queue, queue_timeout=60)
+    """
+    A router over C{backends} that does not collate models (collation has
+    its own tests, L{tests.backends.test_collate}).
+    """
+    return Router(BackendPool(backends), clock or Clock(), max_queue=max_queue, queue_timeout=60,
+                  switch_hold=0)
 
 
 def test_a_model_goes_only_to_a_backend_that_has_it() -> None:

@@ -149,7 +149,8 @@ class Chain:
             # An in-memory upstream of the test's own moves when flushed too.
             self._upstream_agents.append(agent)
         self.pool = BackendPool(self.backends)
-        self.router = Router(self.pool, self.clock, max_queue, queue_timeout)
+        # No collation: a test of it asks for a hold (tests/backends/test_collate.py).
+        self.router = Router(self.pool, self.clock, max_queue, queue_timeout, switch_hold=0)
         self.keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=SCOPES)])
         self.throttle = GuessThrottle(self.clock)
         auth = Authenticator(self.keys, parse_routes(open_routes), self.clock)

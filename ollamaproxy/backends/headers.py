@@ -9,10 +9,11 @@ Ollama), its cookies, and C{Origin} and C{Referer}: Ollama refuses browser
 origins it does not know with a 403.  The Agent sets C{Host} from the
 upstream URL, which keeps Ollama's DNS-rebinding guard happy, and
 C{Content-Length} or C{Transfer-Encoding} from the body it sends.  The
-header in which a key's front-end names its user (C{keys add --user-header},
-L{ollamaproxy.admission.users}) crosses like any other: it names a person,
-holds no credential (a credential header cannot be one), and Ollama ignores
-it; forwarding it keeps the proxy transparent.
+headers in which a key's front-end names its user (C{keys add --user-header},
+L{ollamaproxy.admission.users}) and its chat (C{--chat-header},
+L{ollamaproxy.admission.conversation}) cross like any other: they name a
+person or a conversation, hold no credential (a credential header cannot be
+one), and Ollama ignores them; forwarding them keeps the proxy transparent.
 
 Every request the proxy forwards carries its mark in C{Via}
 (C{1.1 ollamaproxy-<instance>}, the instance a random token made when the

@@ -351,8 +351,8 @@ def build_service(
         PoolService(pool),
         backend_pool,
         usage_store,
-        # Right after the store: its first work on the worker is making the
-        # file, the next is this read, before any of this process's usage.
+        assembled.recorder,  # Stops before the store: writes what it holds.
+        # The store's first work is making the file, the next this read.
         QuotaSeed(quotas, reactor, usage_store.tokens_by_key),
         # Stops after the requests in flight have ended and released.
         *([] if redis is None else [redis, _shared_queue(config, reactor, router, redis)]),

@@ -161,8 +161,13 @@ def test_calls_per_relayed_chunk_stay_within_budget(content_type: bytes, chunk: 
 # own, the context noted on the backend as it is sent and again at the end,
 # less the set comprehension that read the backends' contexts); none for
 # the others, none per chunk.
-REQUEST_BUDGET = {"GET /api/tags": 182, "POST /api/chat": 337, "POST /api/chat checked": 352,
-                  "POST /api/chat loaded": 361, "GET /proxy/api/tags": 183}
+# Issue 18, item 8: a request is written down once its answer has gone, two
+# turns of the reactor later (record/recorder.py), so that its log line,
+# metrics and usage no longer delay its first byte: +6 (the record kept,
+# the two turns, the batch written), shared by the requests that end in
+# one turn under load: 188, 343, 358, 367, 189.
+REQUEST_BUDGET = {"GET /api/tags": 188, "POST /api/chat": 343, "POST /api/chat checked": 358,
+                  "POST /api/chat loaded": 367, "GET /proxy/api/tags": 189}
 # Every call made while answering one request through the chain, the
 # in-memory client's and the fake Ollama's included (the same for any
 # proxy), with twisted.web's, the Agent's and Klein's: the guard on what
@@ -175,9 +180,12 @@ REQUEST_BUDGET = {"GET /api/tags": 182, "POST /api/chat": 337, "POST /api/chat c
 # error's (-13), the gauge (-10): 3692, 4131, 4142 and 4156; with issue 21's
 # cache-reuse estimate and effective parallel merged, 3692, 4135, 4146 and
 # 4160.  Under the /proxy prefix, 3731 (3871 through Klein's routing).
-REQUEST_TOTAL_BUDGET = {"GET /api/tags": 3700, "POST /api/chat": 4145,
-                        "POST /api/chat checked": 4155, "POST /api/chat loaded": 4170,
-                        "GET /proxy/api/tags": 3740}
+# The record written two turns later: +32, the two calls scheduled and run
+# on the test's Clock (which sorts its calls on each), 3732, 4178, 4189,
+# 4204, 3771.
+REQUEST_TOTAL_BUDGET = {"GET /api/tags": 3735, "POST /api/chat": 4180,
+                        "POST /api/chat checked": 4190, "POST /api/chat loaded": 4205,
+                        "GET /proxy/api/tags": 3775}
 _CHAT = json.dumps(
     {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 ).encode()

@@ -63,6 +63,7 @@ from ollamaproxy.model_names import resolve
 from ollamaproxy.open_files import connection_limit
 from ollamaproxy.reactors import daemon_reactor
 from ollamaproxy.record.logs import LogFilesService
+from ollamaproxy.record.recorder import Recorder
 from ollamaproxy.record.usage import UsageStore
 from ollamaproxy.redis.link import RedisLink
 from ollamaproxy.redis.queue import RedisQueue
@@ -332,9 +333,9 @@ def test_service_structure(tmp_path: Path) -> None:
     )
     service = build_service(config, daemon_reactor(reactor), lambda text: None)
     kinds = [type(child) for child in children(service)]
-    assert kinds == [PoolService, BackendPool, UsageStore, QuotaSeed, KeysReloader,
+    assert kinds == [PoolService, BackendPool, UsageStore, Recorder, QuotaSeed, KeysReloader,
                      DrainService, Sampler, Listeners, UpstreamProbe, DrainDelay]
-    assert [type(child) for child in children(children(service)[7])] == [  # type: ignore[arg-type]
+    assert [type(child) for child in children(children(service)[8])] == [  # type: ignore[arg-type]
         StreamServerEndpointService,
         StreamServerEndpointService,
     ]
@@ -614,8 +615,9 @@ def test_redis_wiring(tmp_path: Path, policy: str, required: bool) -> None:
                          redis_failure=policy)
     service = build_service(config, daemon_reactor(MemoryReactorClock()), lambda text: None)
     kinds = [type(child) for child in children(service)]
-    assert kinds == [PoolService, BackendPool, UsageStore, QuotaSeed, RedisLink, RedisQueue,
-                     KeysReloader, DrainService, Sampler, Listeners, UpstreamProbe, DrainDelay]
+    assert kinds == [PoolService, BackendPool, UsageStore, Recorder, QuotaSeed, RedisLink,
+                     RedisQueue, KeysReloader, DrainService, Sampler, Listeners, UpstreamProbe,
+                     DrainDelay]
     stub: Any = StubTreq(endpoint_services(service)[0].factory.resource)
     response = stub.get("http://127.0.0.1/-/ready")
     stub.flush()

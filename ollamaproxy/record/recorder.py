@@ -6,14 +6,24 @@ and stream events, its metrics and its usage.
 The app records every request that reached it; the web server records the
 ones it refused before they did (a malformed request line, a head too
 large), through the same L{Recorder.record}.
+
+A record is written once the answer it records has gone to the client,
+not before: Twisted sends what a transport holds when a poll finds its
+socket writable, which is after the calls due now, so the writing waits
+for the reactor's turn after next (two C{callLater(0)}: the calls one of
+them schedules run after the next poll).  Logging, metrics and usage then
+never delay an answer's first byte; requests recorded in one turn are
+written together, with the time each ended.  Stopping writes what is left
+(L{Recorder.stopService}), before the usage store stops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import Final, NamedTuple
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.application.service import Service
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from ollamaproxy.exchange import HTTP_METHODS, Exchange
 from ollamaproxy.record.logs import log_exchange
@@ -26,9 +36,21 @@ from ollamaproxy.record.usage import UsageStore
 REFUSED_OUTCOMES: Final = frozenset({"rejected", "queue_full", "queue_timeout", "bad_request"})
 
 
-class Recorder:
+class _Ended(NamedTuple):
     """
-    Writes down requests that have ended.
+    A request recorded and not yet written: L{Recorder.record}'s arguments,
+    and when it was called.
+    """
+
+    exchange: Exchange
+    sent_bytes: int
+    several_backends: bool
+    when: float
+
+
+class Recorder(Service):
+    """
+    Writes down requests that have ended, once their answers have gone.
 
     @param clock: Tells when a request ended.
     @param metrics: Counts them, or L{None} (a web server on its own).
@@ -48,26 +70,59 @@ class Recorder:
         self._metrics = metrics
         self._usage = usage
         self.redact = redact
+        # Recorded in this turn of the reactor; recorded in the last one,
+        # whose answers the next poll sends; the call that writes them.
+        self._ended: list[_Ended] = []
+        self._sent: list[_Ended] = []
+        self._turn: IDelayedCall | None = None
 
     def record(
         self, exchange: Exchange, sent_bytes: int, several_backends: bool = False
     ) -> None:
         """
-        Write down a request that has ended: log, metrics, usage.
+        Write down a request that has ended: log, metrics, usage, once its
+        answer has gone (see the module's docstring).
 
         @param sent_bytes: How many bytes of response body the client was
             sent.
         @param several_backends: Whether the proxy had several backends to
             send it to (its access line then names the one it went to).
         """
-        now = self._clock.seconds()
-        if exchange.method not in HTTP_METHODS:
-            # A token of the client's choosing (a key, even): redacted.
-            exchange.method = self.redact(exchange.method)
-        log_exchange(exchange, sent_bytes, now, self.redact, several_backends)
-        if self._metrics is not None:
-            self._metrics.observe(exchange, now)
-        if self._usage is not None and exchange.key != "-":
-            self._usage.record_summary(exchange.key, exchange.summary, now,
-                                       refused=exchange.outcome in REFUSED_OUTCOMES,
-                                       user=exchange.user or "")
+        self._ended.append(_Ended(exchange, sent_bytes, several_backends, self._clock.seconds()))
+        if self._turn is None:
+            self._turn = self._clock.callLater(0, self._next_turn)
+
+    def stopService(self) -> None:
+        """
+        Write what is recorded and not yet written.
+        """
+        Service.stopService(self)
+        if self._turn is not None:
+            self._turn.cancel()
+            self._turn = None
+        self._write(self._sent)
+        self._write(self._ended)
+
+    def _next_turn(self) -> None:
+        """
+        Write the requests whose answers the last poll sent; those recorded
+        since are written at the next turn, after the poll that sends theirs.
+        """
+        sent, self._sent, self._ended = self._sent, self._ended, []
+        self._turn = self._clock.callLater(0, self._next_turn) if self._sent else None
+        if sent:
+            self._write(sent)
+
+    def _write(self, ended: list[_Ended]) -> None:
+        for exchange, sent_bytes, several_backends, now in ended:
+            if exchange.method not in HTTP_METHODS:
+                # A token of the client's choosing (a key, even): redacted.
+                exchange.method = self.redact(exchange.method)
+            log_exchange(exchange, sent_bytes, now, self.redact, several_backends)
+            if self._metrics is not None:
+                self._metrics.observe(exchange, now)
+            if self._usage is not None and exchange.key != "-":
+                self._usage.record_summary(exchange.key, exchange.summary, now,
+                                           refused=exchange.outcome in REFUSED_OUTCOMES,
+                                           user=exchange.user or "")
+        ended.clear()

@@ -27,10 +27,71 @@ def exchange(method: str = "GET", path: str = "/api/tags", route: str = "/api/ta
                     status=200)
 
 
-def record(recorder: Recorder, done: Exchange, events: list[LogEvent]) -> LogEvent:
+def record(recorder: Recorder, clock: Clock, done: Exchange, events: list[LogEvent]) -> LogEvent:
     recorder.record(done, 0)
+    clock.advance(0)
     [event] = [e for e in events if e.get("log_namespace") == "ollamaproxy.access"]
     return event
+
+
+class Turns(Clock):
+    """
+    A clock that runs its calls a turn of the reactor at a time, as Twisted's
+    reactors do: a call scheduled while a turn runs waits for the next one
+    (after the poll that sends what transports hold), where L{Clock.advance}
+    would run it at once.
+    """
+
+    def turn(self) -> None:
+        due = list(self.calls)
+        self.calls.clear()
+        for call in due:
+            call.func(*call.args, **call.kw)
+
+
+def test_a_request_is_written_after_the_turn_that_sends_its_answer(
+    access_events: list[LogEvent],
+) -> None:
+    """
+    A request recorded in one turn of the reactor is written two turns
+    later, after the poll that sends its answer, with the time it was
+    recorded; requests recorded in one turn are written together, and one
+    recorded between two turns (as the poll runs) is written two turns
+    later.
+    """
+    clock = Turns()
+    clock.advance(7)
+    recorder = Recorder(clock)
+    recorder.record(exchange(path="/api/ps", route="/api/ps"), 0)
+    recorder.record(exchange(), 0)
+    clock.rightNow += 1
+    clock.turn()
+    assert access_events == []
+    recorder.record(exchange(path="/api/version", route="/api/version"), 0)
+    clock.turn()
+    assert [e["path"] for e in access_events] == ["/api/ps", "/api/tags"]
+    assert [e["log_time"] for e in access_events] == [7, 7]
+    clock.turn()
+    assert [e["path"] for e in access_events[2:]] == ["/api/version"]
+    clock.turn()
+    assert clock.calls == []
+
+
+def test_stopping_writes_what_is_held(access_events: list[LogEvent]) -> None:
+    """
+    Stopping writes at once every request recorded and not yet written,
+    however many turns it was from being written, so that the usage store,
+    which stops after, has them all.
+    """
+    clock = Turns()
+    recorder = Recorder(clock)
+    recorder.startService()
+    recorder.record(exchange(path="/api/ps", route="/api/ps"), 0)
+    clock.turn()
+    recorder.record(exchange(), 0)
+    recorder.stopService()
+    assert [e["path"] for e in access_events] == ["/api/ps", "/api/tags"]
+    assert clock.calls == []
 
 
 def test_a_method_that_is_not_http_s_is_redacted(access_events: list[LogEvent]) -> None:
@@ -38,10 +99,11 @@ def test_a_method_that_is_not_http_s_is_redacted(access_events: list[LogEvent]) 
     Any token passes for a method, a key too: one that is not among HTTP's
     is logged redacted; HTTP's own are logged as they are.
     """
-    recorder = Recorder(Clock(), redact=Redactor(secrets=[SECRET]))
-    assert record(recorder, exchange(method=SECRET), access_events)["method"] == "[redacted]"
+    clock = Clock()
+    recorder = Recorder(clock, redact=Redactor(secrets=[SECRET]))
+    assert record(recorder, clock, exchange(method=SECRET), access_events)["method"] == "[redacted]"
     access_events.clear()
-    assert record(recorder, exchange(method="POST"), access_events)["method"] == "POST"
+    assert record(recorder, clock, exchange(method="POST"), access_events)["method"] == "POST"
 
 
 def test_only_a_path_of_the_client_s_choosing_is_searched(access_events: list[LogEvent]) -> None:
@@ -55,12 +117,13 @@ def test_only_a_path_of_the_client_s_choosing_is_searched(access_events: list[Lo
         searched.append(text)
         return text.replace(SECRET, "[redacted]")
 
-    recorder = Recorder(Clock(), redact=redact)
-    record(recorder, exchange(), access_events)
+    clock = Clock()
+    recorder = Recorder(clock, redact=redact)
+    record(recorder, clock, exchange(), access_events)
     assert searched == []
     access_events.clear()
     path = "/api/pull/" + SECRET
-    event = record(recorder, exchange(path=path, route="/api/pull/{model}"), access_events)
+    event = record(recorder, clock, exchange(path=path, route="/api/pull/{model}"), access_events)
     assert event["path"] == "/api/pull/[redacted]"
     assert searched == [path]
 

@@ -136,6 +136,8 @@ def test_request_refused_by_twisted_web_is_answered_and_logged(
     assert b"Unknown" not in head
     assert json.loads(body) == {"error": detail}
     assert transport.disconnecting
+    # Written down once the answer has gone.
+    clock.advance(0)
     [event] = access_events
     assert (event["status"], event["method"], event["path"], event["outcome"],
             event["detail"]) == (status, method, path, "bad_request", detail)
@@ -169,6 +171,7 @@ def test_refused_request_is_logged_once_and_counted() -> None:
         )
         _, other = _connect_site(site)
         other.dataReceived(KEY.encode() + b" / HTTP/1.1\r\nbad\r\n\r\n")
+        chain.clock.advance(0)
     first, second = [e for e in events if e.get("log_namespace") == "ollamaproxy.access"]
     assert KEY not in first["line"] + second["line"]
     assert first["path"] == "/api/pull/[redacted]"

@@ -92,6 +92,10 @@ class _Seat:
     @ivar ended: When the last request for each model held ended there.
     @ivar gap: Serves the queue again when the gap of a model held that
         keeps a switch waiting is over.
+    @ivar until: When the running hold ends (it may be cut sooner), once
+        it has begun: the model it would switch to has loaded.
+    @ivar passing: The models whose requests the running hold has passed
+        over: each spends its budget while the hold lasts.
     """
 
     held: list[ModelName]
@@ -104,6 +108,24 @@ class _Seat:
     loading: ModelName | None = None
     ended: dict[ModelName, float] = field(default_factory=dict)
     gap: IDelayedCall | None = field(default=None, repr=False)
+    until: float | None = None
+    passing: set[ModelName] = field(default_factory=set)
+
+
+@dataclass
+class _Budget:
+    """
+    The seconds of holds that requests for one model, waiting, may still be
+    passed over for.
+
+    @ivar left: Seconds left, as of C{since} if a hold passes the model
+        over now, else now.
+    @ivar since: When the hold that passes the model over now began to, if
+        one does.
+    """
+
+    left: float
+    since: float | None = None
 
 
 class Collator:
@@ -138,6 +160,9 @@ class Collator:
         self._waiting = waiting
         self._serve = serve
         self._seats: dict[Backend, _Seat] = {}
+        # The budget of each model whose requests a hold has passed over,
+        # until one of them is served.
+        self._budgets: dict[ModelName, _Budget] = {}
 
     def switches(self, backend: Backend) -> int:
         """
@@ -172,6 +197,7 @@ class Collator:
         for backend in free:
             seat, waiting = self._seats[backend], self._waiting(backend)
             if self._due_for_another(seat, model, waiting):
+                self._pass_over(seat, model)
                 continue
             if self._idle(backend, seat, waiting, model):
                 return [backend]  # a switch that keeps nobody waiting
@@ -231,8 +257,8 @@ class Collator:
             if running[held] or held in waiting:
                 continue
             since = now - seat.ended.get(held, -gap)
-            if since >= gap or (seat.to == model and seat.due is not None
-                                and now >= seat.due + self._hold):
+            if since >= gap or (seat.to == model and seat.until is not None
+                                and now >= seat.until):
                 return True
             left = max(left, gap - since)
         if left and (seat.gap is None or not seat.gap.active()):
@@ -252,10 +278,7 @@ class Collator:
             # The load is paid: a switch due meanwhile has its hold now.
             seat.loading = None
             if seat.due is not None:
-                seat.due = now
-                if seat.timer is not None and seat.timer.active():
-                    seat.timer.cancel()
-                seat.timer = self._clock.callLater(self._hold, self._held, seat)
+                self._start_hold(backend, seat, now)
 
     def _may_switch(self, backend: Backend, seat: _Seat, model: ModelName) -> bool:
         """
@@ -266,13 +289,85 @@ class Collator:
         """
         now = self._clock.seconds()
         if seat.due is None:
-            seat.due, seat.to = now, model
+            seat.to = model
             if seat.loading is None:
-                seat.timer = self._clock.callLater(self._hold, self._held, seat)
-        if seat.loading is not None or now < seat.due + self._hold:
+                self._start_hold(backend, seat, now)
+            else:
+                seat.due = now
+        if seat.until is None:
+            return False  # the hold begins once the model loading has loaded
+        self._pass_over(seat, model)
+        if now < seat.until:
             return False
-        seat.draining = seat.held[0]
+        if seat.draining is None:
+            self._settle(seat)
+            seat.draining = seat.held[0]
         return not backend.running[seat.draining]
+
+    def _start_hold(self, backend: Backend, seat: _Seat, now: float) -> None:
+        """
+        The hold of the switch due on C{backend} begins: for at most the
+        hold, and less if a model it passes over has less budget left,
+        which the requests it passes over tell (L{_pass_over}).  Budgets
+        of models nobody waits for any more are forgotten.
+        """
+        waiting = self._waiting(backend)
+        for model in [m for m, budget in self._budgets.items()
+                      if budget.since is None and m not in waiting]:
+            del self._budgets[model]
+        seat.due, seat.until = now, now + self._hold
+        self._hold_until(seat, seat.until, now)
+
+    def _hold_until(self, seat: _Seat, until: float, now: float) -> None:
+        """
+        The running hold on C{seat}'s backend ends at C{until}: the queue
+        is served again then.
+        """
+        seat.until = until
+        if seat.timer is not None and seat.timer.active():
+            seat.timer.cancel()
+        seat.timer = self._clock.callLater(max(until - now, 0.0), self._held, seat)
+
+    def _pass_over(self, seat: _Seat, model: ModelName) -> None:
+        """
+        The hold running on C{seat}'s backend, if one is, passed over a
+        request for C{model}: the model's budget (the hold, the first time)
+        is spent from now while the hold lasts, and the hold ends no later
+        than the budget does.
+        """
+        until, now = seat.until, self._clock.seconds()
+        if until is None or seat.draining is not None or now >= until:
+            return
+        seat.passing.add(model)
+        budget = self._budgets.get(model)
+        if budget is None:
+            budget = self._budgets[model] = _Budget(self._hold)
+        if budget.since is None:
+            budget.since = now
+        spent = budget.since + budget.left
+        if spent < until:
+            self._hold_until(seat, spent, now)
+
+    def _settle(self, seat: _Seat) -> None:
+        """
+        The hold on C{seat}'s backend is over, or no switch is due there
+        any more: the models it passed over have spent their budgets until
+        it ended, unless another backend's hold passes them over still.
+        """
+        until, now = seat.until, self._clock.seconds()
+        if until is None or not seat.passing:
+            return
+        end = min(now, until)
+        others = [other.passing for other in self._seats.values()
+                  if other is not seat and other.draining is None
+                  and other.until is not None and now < other.until]
+        for model in seat.passing:
+            budget = self._budgets.get(model)
+            if budget is None or budget.since is None or any(model in p for p in others):
+                continue
+            budget.left = max(budget.left - (end - budget.since), 0.0)
+            budget.since = None
+        seat.passing.clear()
 
     def _held(self, seat: _Seat) -> None:
         seat.timer = None
@@ -289,6 +384,9 @@ class Collator:
         """
         seat = self._seat(backend)
         held = seat.held
+        if self._budgets:
+            # Served: its requests' wait is over, and its budget with it.
+            self._budgets.pop(model, None)
         if (held and held[-1] == model) or not backend.has(model):
             # A model it does not list loads nothing, and its name, which
             # a client chose, is no model to hold or to log.
@@ -309,14 +407,15 @@ class Collator:
             seat.loading = model
         held.append(model)
 
-    @staticmethod
-    def _no_switch(seat: _Seat) -> None:
+    def _no_switch(self, seat: _Seat) -> None:
         """
         No switch is due on C{seat}'s backend any more (it was made, or the
-        request it was for left): its timers stop, and nothing drains.
+        request it was for left): its hold is over, its timers stop, and
+        nothing drains.
         """
+        self._settle(seat)
         for timer in (seat.timer, seat.gap):
             if timer is not None and timer.active():
                 timer.cancel()
         seat.timer = seat.gap = None
-        seat.due = seat.to = seat.draining = None
+        seat.due = seat.to = seat.draining = seat.until = None

@@ -15,14 +15,30 @@ would give that model's clients nothing; then it I{drains}: no more
 requests for the model it gives up are sent to it until the switching
 request has its slot, which it gets as soon as that model has no request
 running there.  Without the drain, the switch could wait for ever: since
-v0.11.5 Ollama lets a request for a loaded model pass a waiting switch.  A
-key's request thus waits at most one hold, and the requests already
-running for the old model (the first of which pays its load), beyond its
-fair turn; a request for a third
-model whose turn comes meanwhile waits for that switch to go, then for
-its own hold.  Of several backends that would each have to switch, one
-is held and drained (the one the switch is due on, else the least busy):
-the others go on serving the models they hold.
+v0.11.5 Ollama lets a request for a loaded model pass a waiting switch.
+Of several backends that would each have to switch, one is held and
+drained (the one the switch is due on, else the least busy): the others
+go on serving the models they hold.
+
+A hold may pass over more than the request it keeps waiting: with three
+models, a request for the third waits through the hold of the switch due
+before it, and would then wait through that model's hold too, once it
+has loaded.  So each model whose requests wait has a I{budget} of one
+hold: a hold spends it from when the fair queue's order first reaches one
+of them (its turn came, and the backend held another model instead) until
+the hold ends, and a hold ends no later than the budget of any model it
+passes over.  Once a model's budget is spent, no hold passes it over: the
+switch it waits for goes next, after the drain, and a switch due before
+it has no hold (its model is loaded, its first request answered, and the
+backend drains at once).  The budget is spent by holds only, not by
+loads or drains, and is whole again once a request for the model is
+served.  A key's request thus waits at most one hold in all, and the
+loads and the requests already running that it would wait for without
+collation, beyond its fair turn: against Ollama alone, at most one hold
+and one request more.  The price: with three models taking turns, each
+request waiting passes two holds between two of its own, so they average
+half a hold (one whole, the next cut), and a backend switches more often
+than with two (C{bench/scenarios.py}, "models").
 
 What a backend holds, and when a request is a switch, is told by this
 simple rule: a backend holds the models the proxy last gave it, at most as
@@ -42,8 +58,9 @@ each way.  So a model whose last request ended less than C{hold / 3}
 seconds ago counts as in use: the switch waits for its next request, which
 goes if it comes within the gap, and so on, until the hold runs out (then
 the drain, as above) or a gap passes with none (then the switch goes).
-The hold still bounds the wait from when the switch became due, so no key
-waits more than one hold beyond its turn; what anticipation costs a
+The hold (and the budgets) still bound the wait from when the switch
+became due, so no key waits more than one hold beyond its turn; what
+anticipation costs a
 switch that nothing follows is the rest of the gap, at most C{hold / 3}
 (one second at the default hold of three).  A third of the hold lets a
 client think for a second at the default, and leaves the held clients at
@@ -231,9 +248,9 @@ class Collator:
         """
         Whether a switch is due on the backend for another model than
         C{model}, whose request still waits: it goes first, whatever
-        requests for other models came since, so that no request waits
-        more than that switch and then its own hold.  A switch due for a
-        request that no longer waits is forgotten.
+        requests for other models came since; the hold passes C{model}'s
+        request over (L{_pass_over}).  A switch due for a request that no
+        longer waits is forgotten.
         """
         if seat.due is None or seat.to == model:
             return False
@@ -284,8 +301,9 @@ class Collator:
         """
         Whether C{backend}, which holds as many models as it can, all in
         use, may switch to C{model} now: once the hold is over (it starts
-        now, if no switch is due yet) and the model held longest has
-        nothing running there.
+        now, if no switch is due yet and nothing is loading; it ends when
+        the hold, or the budget of a model it passes over, runs out) and
+        the model held longest has nothing running there.
         """
         now = self._clock.seconds()
         if seat.due is None:

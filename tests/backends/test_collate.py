@@ -353,7 +353,9 @@ def test_a_third_model_waits_one_hold_not_two() -> None:
     for.  So once that switch's model has loaded, the backend holds it no
     longer: it drains at once, and the third model's switch goes as soon
     as the request that paid the load ends, though that model's client
-    sends its next request within the gap.
+    sends its next request within the gap.  A model served has its whole
+    budget again: the hold after mistral has loaded, which passes over
+    qwen3 again, lasts the whole hold.
     """
     clock = Clock()
     r, grants, third = three_models(clock, 0.0)
@@ -364,6 +366,15 @@ def test_a_third_model_waits_one_hold_not_two() -> None:
     assert third.called and grants.leases[-1][0] == loaded
     assert grants.models()[-1] == MISTRAL
     assert r.collator is not None and r.collator.switches(r.backends[0]) == 2
+    clock.advance(6)  # mistral loads, and answers
+    loaded = clock.seconds()
+    for _ in range(20):
+        grants.watch(r.acquire("m", MISTRAL, runs=True))  # always one in line
+        grants.release_running()
+        if grants.models()[-1] != MISTRAL:
+            break
+        clock.advance(1)
+    assert grants.leases[-1][0] == loaded + HOLD and r.collator.switches(r.backends[0]) == 3
 
 
 def test_a_third_model_s_hold_left_cuts_the_next_hold() -> None:

@@ -295,7 +295,7 @@ class Collator:
             # The load is paid: a switch due meanwhile has its hold now.
             seat.loading = None
             if seat.due is not None:
-                self._start_hold(backend, seat, now)
+                self._start_hold(seat, now)
 
     def _may_switch(self, backend: Backend, seat: _Seat, model: ModelName) -> bool:
         """
@@ -309,7 +309,7 @@ class Collator:
         if seat.due is None:
             seat.to = model
             if seat.loading is None:
-                self._start_hold(backend, seat, now)
+                self._start_hold(seat, now)
             else:
                 seat.due = now
         if seat.until is None:
@@ -322,14 +322,15 @@ class Collator:
             seat.draining = seat.held[0]
         return not backend.running[seat.draining]
 
-    def _start_hold(self, backend: Backend, seat: _Seat, now: float) -> None:
+    def _start_hold(self, seat: _Seat, now: float) -> None:
         """
-        The hold of the switch due on C{backend} begins: for at most the
-        hold, and less if a model it passes over has less budget left,
-        which the requests it passes over tell (L{_pass_over}).  Budgets
-        of models nobody waits for any more are forgotten.
+        The hold of the switch due on C{seat}'s backend begins: for at
+        most the hold, and less if a model it passes over has less budget
+        left, which the requests it passes over tell (L{_pass_over}).
+        Budgets of models nobody waits for any more, on any backend, are
+        forgotten: they are kept no longer than their requests.
         """
-        waiting = self._waiting(backend)
+        waiting: set[ModelName] = set().union(*map(self._waiting, self._seats))
         for model in [m for m, budget in self._budgets.items()
                       if budget.since is None and m not in waiting]:
             del self._budgets[model]

@@ -15,14 +15,30 @@ would give that model's clients nothing; then it I{drains}: no more
 requests for the model it gives up are sent to it until the switching
 request has its slot, which it gets as soon as that model has no request
 running there.  Without the drain, the switch could wait for ever: since
-v0.11.5 Ollama lets a request for a loaded model pass a waiting switch.  A
-key's request thus waits at most one hold, and the requests already
-running for the old model (the first of which pays its load), beyond its
-fair turn; a request for a third
-model whose turn comes meanwhile waits for that switch to go, then for
-its own hold.  Of several backends that would each have to switch, one
-is held and drained (the one the switch is due on, else the least busy):
-the others go on serving the models they hold.
+v0.11.5 Ollama lets a request for a loaded model pass a waiting switch.
+Of several backends that would each have to switch, one is held and
+drained (the one the switch is due on, else the least busy): the others
+go on serving the models they hold.
+
+A hold may pass over more than the request it keeps waiting: with three
+models, a request for the third waits through the hold of the switch due
+before it, and would then wait through that model's hold too, once it
+has loaded.  So each model whose requests wait has a I{budget} of one
+hold: a hold spends it from when the fair queue's order first reaches one
+of them (its turn came, and the backend held another model instead) until
+the hold ends, and a hold ends no later than the budget of any model it
+passes over.  Once a model's budget is spent, no hold passes it over: the
+switch it waits for goes next, after the drain, and a switch due before
+it has no hold (its model is loaded, its first request answered, and the
+backend drains at once).  The budget is spent by holds only, not by
+loads or drains, and is whole again once a request for the model is
+served.  A key's request thus waits at most one hold in all, and the
+loads and the requests already running that it would wait for without
+collation, beyond its fair turn: against Ollama alone, at most one hold
+and one request more.  The price: with three models taking turns, each
+request waiting passes two holds between two of its own, so they average
+half a hold (one whole, the next cut), and a backend switches more often
+than with two (C{bench/scenarios.py}, "models").
 
 What a backend holds, and when a request is a switch, is told by this
 simple rule: a backend holds the models the proxy last gave it, at most as
@@ -42,8 +58,9 @@ each way.  So a model whose last request ended less than C{hold / 3}
 seconds ago counts as in use: the switch waits for its next request, which
 goes if it comes within the gap, and so on, until the hold runs out (then
 the drain, as above) or a gap passes with none (then the switch goes).
-The hold still bounds the wait from when the switch became due, so no key
-waits more than one hold beyond its turn; what anticipation costs a
+The hold (and the budgets) still bound the wait from when the switch
+became due, so no key waits more than one hold beyond its turn; what
+anticipation costs a
 switch that nothing follows is the rest of the gap, at most C{hold / 3}
 (one second at the default hold of three).  A third of the hold lets a
 client think for a second at the default, and leaves the held clients at
@@ -92,6 +109,10 @@ class _Seat:
     @ivar ended: When the last request for each model held ended there.
     @ivar gap: Serves the queue again when the gap of a model held that
         keeps a switch waiting is over.
+    @ivar until: When the running hold ends (it may be cut sooner), once
+        it has begun: the model it would switch to has loaded.
+    @ivar passing: The models whose requests the running hold has passed
+        over: each spends its budget while the hold lasts.
     """
 
     held: list[ModelName]
@@ -104,6 +125,24 @@ class _Seat:
     loading: ModelName | None = None
     ended: dict[ModelName, float] = field(default_factory=dict)
     gap: IDelayedCall | None = field(default=None, repr=False)
+    until: float | None = None
+    passing: set[ModelName] = field(default_factory=set)
+
+
+@dataclass
+class _Budget:
+    """
+    The seconds of holds that requests for one model, waiting, may still be
+    passed over for.
+
+    @ivar left: Seconds left, as of C{since} if a hold passes the model
+        over now, else now.
+    @ivar since: When the hold that passes the model over now began to, if
+        one does.
+    """
+
+    left: float
+    since: float | None = None
 
 
 class Collator:
@@ -138,6 +177,9 @@ class Collator:
         self._waiting = waiting
         self._serve = serve
         self._seats: dict[Backend, _Seat] = {}
+        # The budget of each model whose requests a hold has passed over,
+        # until one of them is served.
+        self._budgets: dict[ModelName, _Budget] = {}
 
     def switches(self, backend: Backend) -> int:
         """
@@ -172,6 +214,7 @@ class Collator:
         for backend in free:
             seat, waiting = self._seats[backend], self._waiting(backend)
             if self._due_for_another(seat, model, waiting):
+                self._pass_over(seat, model)
                 continue
             if self._idle(backend, seat, waiting, model):
                 return [backend]  # a switch that keeps nobody waiting
@@ -205,9 +248,9 @@ class Collator:
         """
         Whether a switch is due on the backend for another model than
         C{model}, whose request still waits: it goes first, whatever
-        requests for other models came since, so that no request waits
-        more than that switch and then its own hold.  A switch due for a
-        request that no longer waits is forgotten.
+        requests for other models came since; the hold passes C{model}'s
+        request over (L{_pass_over}).  A switch due for a request that no
+        longer waits is forgotten.
         """
         if seat.due is None or seat.to == model:
             return False
@@ -231,8 +274,8 @@ class Collator:
             if running[held] or held in waiting:
                 continue
             since = now - seat.ended.get(held, -gap)
-            if since >= gap or (seat.to == model and seat.due is not None
-                                and now >= seat.due + self._hold):
+            if since >= gap or (seat.to == model and seat.until is not None
+                                and now >= seat.until):
                 return True
             left = max(left, gap - since)
         if left and (seat.gap is None or not seat.gap.active()):
@@ -252,27 +295,98 @@ class Collator:
             # The load is paid: a switch due meanwhile has its hold now.
             seat.loading = None
             if seat.due is not None:
-                seat.due = now
-                if seat.timer is not None and seat.timer.active():
-                    seat.timer.cancel()
-                seat.timer = self._clock.callLater(self._hold, self._held, seat)
+                self._start_hold(seat, now)
 
     def _may_switch(self, backend: Backend, seat: _Seat, model: ModelName) -> bool:
         """
         Whether C{backend}, which holds as many models as it can, all in
         use, may switch to C{model} now: once the hold is over (it starts
-        now, if no switch is due yet) and the model held longest has
-        nothing running there.
+        now, if no switch is due yet and nothing is loading; it ends when
+        the hold, or the budget of a model it passes over, runs out) and
+        the model held longest has nothing running there.
         """
         now = self._clock.seconds()
         if seat.due is None:
-            seat.due, seat.to = now, model
+            seat.to = model
             if seat.loading is None:
-                seat.timer = self._clock.callLater(self._hold, self._held, seat)
-        if seat.loading is not None or now < seat.due + self._hold:
+                self._start_hold(seat, now)
+            else:
+                seat.due = now
+        if seat.until is None:
+            return False  # the hold begins once the model loading has loaded
+        self._pass_over(seat, model)
+        if now < seat.until:
             return False
-        seat.draining = seat.held[0]
+        if seat.draining is None:
+            self._settle(seat)
+            seat.draining = seat.held[0]
         return not backend.running[seat.draining]
+
+    def _start_hold(self, seat: _Seat, now: float) -> None:
+        """
+        The hold of the switch due on C{seat}'s backend begins: for at
+        most the hold, and less if a model it passes over has less budget
+        left, which the requests it passes over tell (L{_pass_over}).
+        Budgets of models nobody waits for any more, on any backend, are
+        forgotten: they are kept no longer than their requests.
+        """
+        waiting: set[ModelName] = set().union(*map(self._waiting, self._seats))
+        for model in [m for m, budget in self._budgets.items()
+                      if budget.since is None and m not in waiting]:
+            del self._budgets[model]
+        seat.due, seat.until = now, now + self._hold
+        self._hold_until(seat, seat.until, now)
+
+    def _hold_until(self, seat: _Seat, until: float, now: float) -> None:
+        """
+        The running hold on C{seat}'s backend ends at C{until}: the queue
+        is served again then.
+        """
+        seat.until = until
+        if seat.timer is not None and seat.timer.active():
+            seat.timer.cancel()
+        seat.timer = self._clock.callLater(max(until - now, 0.0), self._held, seat)
+
+    def _pass_over(self, seat: _Seat, model: ModelName) -> None:
+        """
+        The hold running on C{seat}'s backend, if one is, passed over a
+        request for C{model}: the model's budget (the hold, the first time)
+        is spent from now while the hold lasts, and the hold ends no later
+        than the budget does.
+        """
+        until, now = seat.until, self._clock.seconds()
+        if until is None or seat.draining is not None or now >= until:
+            return
+        seat.passing.add(model)
+        budget = self._budgets.get(model)
+        if budget is None:
+            budget = self._budgets[model] = _Budget(self._hold)
+        if budget.since is None:
+            budget.since = now
+        spent = budget.since + budget.left
+        if spent < until:
+            self._hold_until(seat, spent, now)
+
+    def _settle(self, seat: _Seat) -> None:
+        """
+        The hold on C{seat}'s backend is over, or no switch is due there
+        any more: the models it passed over have spent their budgets until
+        it ended, unless another backend's hold passes them over still.
+        """
+        until, now = seat.until, self._clock.seconds()
+        if until is None or not seat.passing:
+            return
+        end = min(now, until)
+        others = [other.passing for other in self._seats.values()
+                  if other is not seat and other.draining is None
+                  and other.until is not None and now < other.until]
+        for model in seat.passing:
+            budget = self._budgets.get(model)
+            if budget is None or budget.since is None or any(model in p for p in others):
+                continue
+            budget.left = max(budget.left - (end - budget.since), 0.0)
+            budget.since = None
+        seat.passing.clear()
 
     def _held(self, seat: _Seat) -> None:
         seat.timer = None
@@ -289,6 +403,9 @@ class Collator:
         """
         seat = self._seat(backend)
         held = seat.held
+        if self._budgets:
+            # Served: its requests' wait is over, and its budget with it.
+            self._budgets.pop(model, None)
         if (held and held[-1] == model) or not backend.has(model):
             # A model it does not list loads nothing, and its name, which
             # a client chose, is no model to hold or to log.
@@ -309,14 +426,15 @@ class Collator:
             seat.loading = model
         held.append(model)
 
-    @staticmethod
-    def _no_switch(seat: _Seat) -> None:
+    def _no_switch(self, seat: _Seat) -> None:
         """
         No switch is due on C{seat}'s backend any more (it was made, or the
-        request it was for left): its timers stop, and nothing drains.
+        request it was for left): its hold is over, its timers stop, and
+        nothing drains.
         """
+        self._settle(seat)
         for timer in (seat.timer, seat.gap):
             if timer is not None and timer.active():
                 timer.cancel()
         seat.timer = seat.gap = None
-        seat.due = seat.to = seat.draining = None
+        seat.due = seat.to = seat.draining = seat.until = None

@@ -317,3 +317,83 @@ def test_a_hold_starts_once_the_model_switched_to_has_loaded() -> None:
     assert grants.models() == [MISTRAL] * 3 and not switching.called
     clock.pump([0.25] * 12)  # no mistral comes: its gap ends, within the hold
     assert switching.called and 2 * HOLD + 1 < grants.leases[-1][0] <= 3 * HOLD
+
+
+def three_models(clock: Clock, late: float) -> tuple[Router, Grants, Deferred[Lease]]:
+    """
+    A collating router over L{one} backend, one slot: key C{steady} runs
+    llama3.2 and sends its next request before each ends (0.75 s each);
+    key C{q}'s request for qwen3 makes a switch due at 0, and key C{m}'s
+    for mistral comes at C{late} (a multiple of 0.75), during the hold.  Returned once qwen3's
+    switch has gone (its request watched, running), with C{m}'s request.
+    """
+    r = collating(clock, one(clock))
+    grants = Grants(clock)
+    grants.watch(r.acquire("steady", LLAMA, runs=True))
+    grants.watch(r.acquire("q", QWEN, runs=True))
+    third: Deferred[Lease] | None = None
+    for _ in range(20):
+        if QWEN in grants.models():
+            break
+        if third is None and clock.seconds() >= late:
+            third = r.acquire("m", MISTRAL, runs=True)
+            grants.watch(third)
+        grants.watch(r.acquire("steady", LLAMA, runs=True))
+        clock.advance(0.75)
+        grants.release_running()
+    assert grants.models()[-1] == QWEN and HOLD <= grants.leases[-1][0] <= HOLD + 0.75
+    assert third is not None and not third.called
+    return r, grants, third
+
+
+def test_a_third_model_waits_one_hold_not_two() -> None:
+    """
+    Three models: a request for a third waits through the hold of the
+    switch due before it, which spends the one hold it may be passed over
+    for.  So once that switch's model has loaded, the backend holds it no
+    longer: it drains at once, and the third model's switch goes as soon
+    as the request that paid the load ends, though that model's client
+    sends its next request within the gap.  A model served has its whole
+    budget again: the hold after mistral has loaded, which passes over
+    qwen3 again, lasts the whole hold.
+    """
+    clock = Clock()
+    r, grants, third = three_models(clock, 0.0)
+    clock.advance(6)  # qwen3 loads, and answers
+    grants.watch(r.acquire("q", QWEN, runs=True))  # its next, in line at once
+    loaded = clock.seconds()
+    grants.release_running()
+    assert third.called and grants.leases[-1][0] == loaded
+    assert grants.models()[-1] == MISTRAL
+    assert r.collator is not None and r.collator.switches(r.backends[0]) == 2
+    clock.advance(6)  # mistral loads, and answers
+    loaded = clock.seconds()
+    for _ in range(20):
+        grants.watch(r.acquire("m", MISTRAL, runs=True))  # always one in line
+        grants.release_running()
+        if grants.models()[-1] != MISTRAL:
+            break
+        clock.advance(1)
+    assert grants.leases[-1][0] == loaded + HOLD and r.collator.switches(r.backends[0]) == 3
+
+
+def test_a_third_model_s_hold_left_cuts_the_next_hold() -> None:
+    """
+    A request for a third model that came during a hold, two seconds
+    before its end, has spent two seconds of its one hold: the hold of the
+    switch due before it, once that model has loaded, is cut to the three
+    seconds it has left (then the drain: the request running ends),
+    instead of the whole hold.
+    """
+    clock = Clock()
+    r, grants, third = three_models(clock, HOLD - 2)
+    clock.advance(6)  # qwen3 loads, and answers
+    loaded = clock.seconds()
+    for _ in range(20):
+        grants.watch(r.acquire("q", QWEN, runs=True))  # always one in line
+        grants.release_running()
+        if third.called:
+            break
+        clock.advance(1)  # each qwen3 request runs 1 s
+    assert grants.models()[-1] == MISTRAL
+    assert loaded + HOLD - 2 <= grants.leases[-1][0] <= loaded + HOLD - 1

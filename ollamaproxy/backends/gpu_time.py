@@ -95,10 +95,12 @@ class GpuTime:
     def estimate(self, model: str, prompt: int, output: int) -> float:
         """
         The seconds a request of C{model} with C{prompt} tokens that
-        generates C{output} is expected to cost, at the model's rates.
+        generates C{output} is expected to cost, at the model's rates (at
+        least one output token's).
         """
-        # No call made here but this one: it runs on every request that
-        # takes a slot (tests/test_hot_path.py's budget).
+        # Asked with "in" and a subscript, not dict.get(), here and in
+        # cost(): no call more on every request that takes a slot
+        # (tests/test_hot_path.py's budget).
         prompt_rate, output_rate = self._fallback
         if model in self._rates:
             measured = self._rates[model]

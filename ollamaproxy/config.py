@@ -537,7 +537,7 @@ def _failure_policy(name: str, value: str) -> str:
 
 
 #: What the fair queue shares out (C{--fair-share}).
-FAIR_SHARES: Final = ("tokens", "requests")
+FAIR_SHARES: Final = ("gpu-time", "tokens", "requests")
 
 
 def _fair_share(name: str, value: str) -> str:
@@ -625,12 +625,15 @@ class Config:
         "the switch (no more requests for the old model) until it goes.  `0` turns it off",
     )
     fair_share: str = option(
-        _fair_share, "tokens", metavar="WHAT",
-        help="What the fair queue shares out between keys: 'tokens' (each key's turns "
-        "cost its requests' tokens) or 'requests' (a turn each)",
-        doc="what the fair queue shares out between keys: `tokens` (the GPU's work: each "
-        "request costs its prompt tokens plus its output tokens times "
-        "`--output-token-weight`) or `requests` (a turn each, whatever it costs)",
+        _fair_share, "gpu-time", metavar="WHAT",
+        help="What the fair queue shares out between keys: 'gpu-time' (each key's turns "
+        "cost the GPU seconds its requests took, as Ollama reports them), 'tokens' (their "
+        "tokens) or 'requests' (a turn each)",
+        doc="what the fair queue shares out between keys: `gpu-time` (the seconds of GPU "
+        "each request took: Ollama's `prompt_eval_duration` plus `eval_duration`, else its "
+        "tokens at the model's measured seconds per token), `tokens` (each request costs its "
+        "prompt tokens plus its output tokens times `--output-token-weight`) or `requests` "
+        "(a turn each, whatever it costs)",
     )
     # Generating a token takes a pass of the model; a prompt's are read
     # many at a time: Sheng et al.'s Virtual Token Counter weighs them 2:1.

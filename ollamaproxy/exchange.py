@@ -66,6 +66,10 @@ class StreamSummary:
     @ivar prompt_seconds: Time spent evaluating the prompt, when reported
         (C{prompt_eval_duration}): the part of it not in a slot's cache
         (L{ollamaproxy.record.metrics}'s cache reuse).
+    @ivar eval_seconds: Time spent generating, when reported
+        (C{eval_duration}): with C{prompt_seconds}, what the request cost
+        the GPU (the fair queue's C{--fair-share gpu-time},
+        L{ollamaproxy.backends.gpu_time}).
     @ivar counted: Whether C{completion_tokens} were counted by the proxy,
         one per NDJSON line or SSE event relayed, because Ollama reported
         none: a C{/v1} stream without C{stream_options.include_usage}, or
@@ -82,6 +86,7 @@ class StreamSummary:
     tokens_per_second: float | None = None
     load_seconds: float | None = None
     prompt_seconds: float | None = None
+    eval_seconds: float | None = None
     counted: bool = False
     prompt_estimated: bool = False
 

@@ -45,6 +45,7 @@ from ollamaproxy.admission.keys import (
 )
 from ollamaproxy.admission.quotas import QuotaSeed
 from ollamaproxy.admission.reload import KeysReloader
+from ollamaproxy.backends.gpu_time import FALLBACK_OUTPUT_SECONDS, FALLBACK_PROMPT_SECONDS
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.probe import UpstreamProbe
 from ollamaproxy.backends.upstream import PoolService, Upstream
@@ -558,6 +559,8 @@ KEYS_FILES = {
         (["--keys-file", "{tmp}/nohash.json"], "key 'alice' has no \"hash\""),
         (["--api-key", "short"], "--api-key: a key must be at least 16 characters"),
         (["--idle-timeout", "soon"], "--idle-timeout: 'soon' is not a number"),
+        (["--fair-share", "gpu"],
+         "--fair-share: 'gpu' is not one of gpu-time, tokens, requests"),
         (["--database", "mysql://me:pw@db/x"],
          "--database: 'mysql://me:***@db/x' is not a PostgreSQL URL"),
         (["--no-such-option"], "option --no-such-option not recognized"),
@@ -779,8 +782,9 @@ def test_kubernetes_example_gives_time_to_drain() -> None:
 
 
 @pytest.mark.parametrize(("changes", "cost"), [
-    ({}, 20 + 2 * 5),
-    ({"output_token_weight": 3.0}, 20 + 3 * 5),
+    ({}, 20 * FALLBACK_PROMPT_SECONDS + 5 * FALLBACK_OUTPUT_SECONDS),
+    ({"fair_share": "tokens"}, 20 + 2 * 5),
+    ({"fair_share": "tokens", "output_token_weight": 3.0}, 20 + 3 * 5),
     ({"fair_share": "requests"}, 1),
 ])
 def test_the_fair_queue_options_reach_the_router(
@@ -788,7 +792,8 @@ def test_the_fair_queue_options_reach_the_router(
 ) -> None:
     """
     --fair-share and --output-token-weight decide what the router's fair
-    queue charges a request of 20 prompt tokens that may generate 5.
+    queue charges a request of 20 prompt tokens that may generate 5: by
+    default GPU seconds, at the fallback rates of a model not measured.
     """
     clock = MemoryReactorClock()
     upstream = Upstream(cast(IAgent, None), b"http://a", clock, 600, 600)

@@ -13,9 +13,10 @@ has a virtual finish time, which every slot it gets (waiting or not) moves
 on by the request's cost divided by the key's weight; the next slot goes
 to the waiting key whose next request would start first, C{max(now,
 finish)} in virtual time.  What a request costs is the caller's to say:
-the router charges its tokens (an estimate when the slot is given, trued
-up with the meter's count when it is given back, L{charge}), so that keys
-of equal weight get equal GPU work, not equal turns; with every cost 1
+the router charges the seconds of GPU it took, or its tokens (an estimate
+when the slot is given, trued up with the meter's reading when it is
+given back, L{charge}), so that keys of equal weight get equal GPU work,
+not equal turns; with every cost 1
 (C{--fair-share requests}) a key of weight 3 is served three times for
 every once of a key of weight 1, and with every weight 1 too this is plain
 round-robin: the key served least recently goes next.  A key that was idle

@@ -40,16 +40,26 @@ gap.  It counts as at most the queue timeout, and weighs L{_SMOOTHING} in
 the average.
 
 Which waiting request goes next depends on what each key has had
-(L{FairQueue}): under C{--fair-share tokens}, the default, a request that runs a model costs its
-key its prompt tokens plus its output tokens times C{--output-token-weight}
-(at least one token).  The cost is charged when the request gets its slot,
-as the plan estimates it (the meter's C{prompt_estimate}, and the output it
-asks for at most), and trued up when the slot is given back with what the
-request's L{Meter} read: Ollama's counts, or for a stream cut short the
-pieces relayed.  The meter is read twice a request, never per streamed
-chunk; an estimate too high while the request runs only delays the key's
-next turn until the true-up.  Under C{--fair-share requests} every request
-costs one turn.
+(L{FairQueue}).  Under C{--fair-share gpu-time}, the default, a request
+that runs a model costs its key the seconds of GPU it took
+(L{ollamaproxy.backends.gpu_time}): Ollama's C{prompt_eval_duration} (the
+part of the prompt not in a slot's cache) plus C{eval_duration}, as its
+L{Meter}'s reading says; where the reading has no duration (a C{/v1}
+answer, a stream cut short, an embedding), its tokens at the seconds per
+prompt and per output token measured for its model from the readings
+that had them (fallback rates before the first).  Under C{--fair-share
+tokens} it costs its prompt tokens plus its output tokens times
+C{--output-token-weight} (at least one token).  Either cost is charged
+when the request gets its slot, as the plan estimates it (the meter's
+C{prompt_estimate}, and the output it asks for at most; in seconds at
+the model's measured rates), and trued up when the slot is given back
+with what the request's meter read: Ollama's figures, or for a stream cut
+short the pieces relayed.  The meter is read twice a request, never per
+streamed chunk; an estimate too high while the request runs only delays
+the key's next turn until the true-up.  Under C{--fair-share requests}
+every request costs one turn.  A cost is a float, divided by the key's
+weight: nothing assumes whole tokens, in this process's queue or in
+Redis's (L{ollamaproxy.redis.queue}).
 
 Under C{--redis}, the slots of named models and the turns of the requests
 waiting for them are kept for every proxy together: the router asks the
@@ -93,6 +103,7 @@ from twisted.web.iweb import IResponse
 from ollamaproxy.backends.affinity import Affinity, Placement
 from ollamaproxy.backends.collate import Collator
 from ollamaproxy.backends.effective import EffectiveParallel, Watch
+from ollamaproxy.backends.gpu_time import GpuTime
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.queue import FairQueue, busy
 from ollamaproxy.backends.shared import Ask, SharedQueue
@@ -244,10 +255,11 @@ class Router:
         output_token_weight: float = DEFAULT_OUTPUT_TOKEN_WEIGHT,
         affinity_slack: int | None = DEFAULT_AFFINITY_SLACK,
         switch_hold: float = DEFAULT_SWITCH_HOLD,
+        gpu_time: GpuTime | None = None,
     ) -> None:
         """
-        @param fair_share: What the fair queue shares out: C{tokens} or
-            C{requests} (see the module's docstring).
+        @param fair_share: What the fair queue shares out: C{gpu-time},
+            C{tokens} or C{requests} (see the module's docstring).
         @param output_token_weight: What an output token costs against a
             prompt token, under C{tokens}.
         @param affinity_slack: How much busier than the least busy backend
@@ -257,10 +269,16 @@ class Router:
             for the models it holds before it switches
             (L{ollamaproxy.backends.collate}), C{--switch-hold}'s default
             unless given; 0 turns collation off.
+        @param gpu_time: What requests cost in seconds under C{gpu-time},
+            each model's rates learned as they end; a new one unless given.
         """
         self.pool = pool
         self._clock = clock
-        self._tokens = fair_share == "tokens"
+        # Whether requests are charged what their meter reads (gpu-time or
+        # tokens), and in seconds (gpu-time).
+        self._metered = fair_share != "requests"
+        #: The seconds of GPU requests cost, under C{--fair-share gpu-time}.
+        self.gpu_time = (gpu_time or GpuTime()) if fair_share == "gpu-time" else None
         self._output_weight = output_token_weight
         self.queue: FairQueue[tuple[ModelName | None, float, frozenset[Backend]], Lease] = (
             # A request's slot depends on its model and the backends it
@@ -408,9 +426,13 @@ class Router:
             lease = self._grant((None, now, excluded), model)
             assert lease is not None
             return succeed(lease)
-        if self._tokens and meter is not None:
-            charge = _Charge(key, weight, self._cost(meter.prompt_estimate, expected_output),
-                             meter, user)
+        if self._metered and meter is not None:
+            gpu = self.gpu_time
+            # A request that runs a model has one here (UNREAD_MODEL, if none).
+            assert model is not None
+            cost = self._cost(meter.prompt_estimate, expected_output) if gpu is None else \
+                gpu.estimate(model.canonical, meter.prompt_estimate, expected_output)
+            charge = _Charge(key, weight, cost, meter, user)
         else:
             charge = _Charge(key, weight, 1.0, None, user)
         if self.affinity is None:
@@ -597,9 +619,15 @@ class Router:
             # The meter's reading, not the estimate charged, is what the
             # request cost: before the next slot is given.
             reading = meter.reading()
-            used = (0, 0) if reading is None else (reading.prompt_tokens,
-                                                   reading.completion_tokens)
-            charge = self._cost(*used) - lease._charged
+            gpu = self.gpu_time
+            if gpu is not None:
+                # A metered request runs a model: it took a slot of one.
+                assert model is not None
+                charge = gpu.cost(model.canonical, reading) - lease._charged
+            else:
+                used = (0, 0) if reading is None else (reading.prompt_tokens,
+                                                       reading.completion_tokens)
+                charge = self._cost(*used) - lease._charged
         if lease._shared is not None:
             lease._shared.give_back(lease, charge / lease._weight)
         elif meter is not None:

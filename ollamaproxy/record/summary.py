@@ -228,6 +228,7 @@ def _ollama(document: dict[str, Any]) -> StreamSummary | None:
         # Asked of its class, not with isinstance as _count does: one call
         # fewer per request (a JSON number's class is int, a bool's is not).
         prompt_seconds=prompt / NANOSECONDS if prompt.__class__ is int and prompt > 0 else None,
+        eval_seconds=eval_seconds if eval_seconds > 0 else None,
     )
 
 

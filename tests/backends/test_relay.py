@@ -448,7 +448,8 @@ def test_long_answer_is_summarised_from_many_pieces_in_bounded_memory() -> None:
     body.dataReceived(b'","done":true,"done_reason":"stop","prompt_eval_count":26,'
                       b'"eval_count":1000,"eval_duration":1000000000}')
     assert body.summary() == StreamSummary(
-        "llama3.2", "stop", prompt_tokens=26, completion_tokens=1000, tokens_per_second=1000.0)
+        "llama3.2", "stop", prompt_tokens=26, completion_tokens=1000, tokens_per_second=1000.0,
+        eval_seconds=1.0)
 
 
 def test_a_streamed_final_line_in_many_pieces_is_summarised() -> None:
@@ -465,4 +466,5 @@ def test_a_streamed_final_line_in_many_pieces_is_summarised() -> None:
         body.dataReceived(b"1234," * 1000)
     body.dataReceived(b'1],"prompt_eval_count":26,"eval_count":2,"eval_duration":1000000000}\n')
     assert body.summary() == StreamSummary(
-        "llama3.2", "stop", prompt_tokens=26, completion_tokens=2, tokens_per_second=2.0)
+        "llama3.2", "stop", prompt_tokens=26, completion_tokens=2, tokens_per_second=2.0,
+        eval_seconds=1.0)

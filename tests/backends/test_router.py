@@ -5,12 +5,14 @@ when.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
+from ollamaproxy.backends.gpu_time import FALLBACK_OUTPUT_SECONDS, FALLBACK_PROMPT_SECONDS
 from ollamaproxy.backends.pool import Backend, BackendPool, Residency
 from ollamaproxy.backends.router import UNREAD_MODEL, Lease, Router
 from ollamaproxy.backends.shared import Ask
@@ -22,13 +24,14 @@ from tests.fakes.chain import HEADER_TIMEOUT, Chain, chat
 from tests.fakes.routers import LLAMA, MISTRAL, QWEN, backend, now
 
 
-def router(*backends: Backend, clock: Clock | None = None, max_queue: int = 512) -> Router:
+def router(*backends: Backend, clock: Clock | None = None, max_queue: int = 512,
+           fair_share: str = "gpu-time") -> Router:
     """
     A router over C{backends} that does not collate models (collation has
     its own tests, L{tests.backends.test_collate}).
     """
     return Router(BackendPool(backends), clock or Clock(), max_queue=max_queue, queue_timeout=60,
-                  switch_hold=0)
+                  fair_share=fair_share, switch_hold=0)
 
 
 def test_a_model_goes_only_to_a_backend_that_has_it() -> None:
@@ -368,26 +371,33 @@ class Backlog:
     def __init__(self, **options: Any) -> None:
         self.router = Router(BackendPool([backend(Clock(), "a", ("llama3.2",), parallel=1)]),
                              Clock(), max_queue=2000, queue_timeout=60, **options)
-        self._granted: list[tuple[str, Lease, Meter, int, int]] = []
+        self._granted: list[tuple[str, Lease, Meter, StreamSummary]] = []
 
     def add(self, key: str, prompt: int, output: int, count: int, weight: int = 1,
-            user: str | None = None) -> None:
+            user: str | None = None, seconds: tuple[float, float] | None = None) -> None:
         """
         C{count} requests of C{key} (for C{user} behind it, if given), each
         of C{prompt} tokens that generates C{output}, as its plan estimates
         them and as Ollama counts them.  They are served as C{key}, or
         C{key/user}.
+
+        @param seconds: The GPU seconds per prompt token and per output
+            token that Ollama reports them to take, if it reports any.
         """
         label = key if user is None else f"{key}/{user}"
+        final = StreamSummary("llama3.2:latest", prompt_tokens=prompt, completion_tokens=output)
+        if seconds is not None:
+            final = replace(final, prompt_seconds=prompt * seconds[0],
+                            eval_seconds=output * seconds[1])
         for _ in range(count):
             meter = Meter()
             meter.expect(prompt, "llama3.2")
             acquiring = self.router.acquire(key, LLAMA, runs=True, weight=weight, meter=meter,
                                             expected_output=output, user=user)
-            acquiring.addCallback(self._grant, label, meter, prompt, output)
+            acquiring.addCallback(self._grant, label, meter, final)
 
-    def _grant(self, lease: Lease, key: str, meter: Meter, prompt: int, output: int) -> None:
-        self._granted.append((key, lease, meter, prompt, output))
+    def _grant(self, lease: Lease, key: str, meter: Meter, final: StreamSummary) -> None:
+        self._granted.append((key, lease, meter, final))
 
     def serve(self, count: int) -> list[str]:
         """
@@ -395,10 +405,9 @@ class Backlog:
         """
         served: list[str] = []
         for _ in range(count):
-            key, lease, meter, prompt, output = self._granted.pop(0)
+            key, lease, meter, final = self._granted.pop(0)
             meter.generating = True
-            meter.final = StreamSummary("llama3.2:latest", prompt_tokens=prompt,
-                                        completion_tokens=output)
+            meter.final = final
             served.append(key)
             lease.release()
         return served
@@ -413,12 +422,12 @@ def tokens(served: list[str], key: str, cost: int) -> int:
 
 def test_keys_share_tokens_not_turns() -> None:
     """
-    A key whose requests generate 600 tokens and one whose requests
-    generate 30, both backlogged: the short key gets 20 turns for each of
-    the long key's, and the tokens each was served (output counted twice)
-    stay within 10 % of each other.
+    Under --fair-share tokens, a key whose requests generate 600 tokens
+    and one whose requests generate 30, both backlogged: the short key
+    gets 20 turns for each of the long key's, and the tokens each was
+    served (output counted twice) stay within 10 % of each other.
     """
-    backlog = Backlog()
+    backlog = Backlog(fair_share="tokens")
     backlog.add("long", 0, 600, 100)
     backlog.add("short", 0, 30, 400)
     served = backlog.serve(210)
@@ -429,11 +438,11 @@ def test_keys_share_tokens_not_turns() -> None:
 
 def test_weights_share_tokens() -> None:
     """
-    Weights 3:1 give 3:1 in tokens, not in turns: the heavy key's requests
-    cost ten times the light key's, so it gets fewer turns than the light
-    key, and three times its tokens.
+    Under --fair-share tokens, weights 3:1 give 3:1 in tokens, not in
+    turns: the heavy key's requests cost ten times the light key's, so it
+    gets fewer turns than the light key, and three times its tokens.
     """
-    backlog = Backlog()
+    backlog = Backlog(fair_share="tokens")
     backlog.add("heavy", 0, 300, 100, weight=3)
     backlog.add("light", 0, 30, 400)
     served = backlog.serve(130)
@@ -460,7 +469,7 @@ def test_output_token_weight_sets_what_output_costs() -> None:
     and 90 does, and the keys alternate; at the default 2 they do not.
     """
     for weight, expected in ((1.0, ["a", "b"] * 3), (2.0, ["a", "b", "a", "b", "a", "a"])):
-        backlog = Backlog(output_token_weight=weight)
+        backlog = Backlog(fair_share="tokens", output_token_weight=weight)
         backlog.add("a", 90, 10, 10)
         backlog.add("b", 10, 90, 10)
         assert backlog.serve(6) == expected, weight
@@ -472,7 +481,7 @@ def test_an_idle_key_rejoins_at_the_present() -> None:
     share from then on, at the present virtual time: it does not catch up
     on the turns it missed while idle, and the long key keeps its share.
     """
-    backlog = Backlog()
+    backlog = Backlog(fair_share="tokens")
     backlog.add("long", 0, 600, 100)
     backlog.add("short", 0, 30, 400)
     backlog.serve(105)
@@ -484,13 +493,14 @@ def test_an_idle_key_rejoins_at_the_present() -> None:
 
 def test_users_share_their_keys_tokens() -> None:
     """
-    Two users behind one key, one generating 600 tokens a request and one
-    30, against another key generating 30, all backlogged: the two keys
-    get as many tokens as each other, and within the first key its two
-    users as many as each other, each within 10 %; the estimate charged
-    at the slot is trued up with what was used, per user too.
+    Under --fair-share tokens, two users behind one key, one generating
+    600 tokens a request and one 30, against another key generating 30,
+    all backlogged: the two keys get as many tokens as each other, and
+    within the first key its two users as many as each other, each within
+    10 %; the estimate charged at the slot is trued up with what was used,
+    per user too.
     """
-    backlog = Backlog()
+    backlog = Backlog(fair_share="tokens")
     backlog.add("webui", 0, 600, 100, user="flood")
     backlog.add("webui", 0, 30, 400, user="chat")
     backlog.add("other", 0, 30, 800)
@@ -501,14 +511,86 @@ def test_users_share_their_keys_tokens() -> None:
     assert abs(flood - chat) <= 0.1 * max(flood, chat)
 
 
+#: What Ollama reports a prompt token and an output token take, in the
+#: GPU-time tests: a prefill of 4000 tokens a second, a decode of 50.
+SECONDS = (1 / 4000, 1 / 50)
+
+
+def test_keys_share_gpu_seconds_not_tokens() -> None:
+    """
+    Under --fair-share gpu-time, the default: a key whose requests read
+    3000 prompt tokens and generate 10 and one whose requests read 10 and
+    generate 300, both backlogged, are served equal GPU seconds as Ollama
+    reports them (within 10 %), though the tokens they are served (prompt
+    plus twice the output) are far apart.
+    """
+    backlog = Backlog()
+    backlog.add("reader", 3000, 10, 400, seconds=SECONDS)
+    backlog.add("writer", 10, 300, 100, seconds=SECONDS)
+    served = backlog.serve(300)
+    reader = served.count("reader") * (3000 * SECONDS[0] + 10 * SECONDS[1])
+    writer = served.count("writer") * (10 * SECONDS[0] + 300 * SECONDS[1])
+    assert abs(reader - writer) <= 0.1 * max(reader, writer)
+    assert tokens(served, "writer", 610) < tokens(served, "reader", 3020) / 2
+
+
+def test_users_share_their_keys_gpu_seconds() -> None:
+    """
+    Under --fair-share gpu-time, two users behind one key, one whose
+    requests generate 300 tokens and one whose requests read 3000, against
+    another key, all backlogged: the keys get as many GPU seconds as each
+    other, and the key's two users as many as each other, within 10 %.
+    """
+    backlog = Backlog()
+    backlog.add("webui", 10, 300, 100, user="writer", seconds=SECONDS)
+    backlog.add("webui", 3000, 10, 400, user="reader", seconds=SECONDS)
+    backlog.add("other", 3000, 10, 800, seconds=SECONDS)
+    served = backlog.serve(500)
+    writer = served.count("webui/writer") * (10 * SECONDS[0] + 300 * SECONDS[1])
+    reader = served.count("webui/reader") * (3000 * SECONDS[0] + 10 * SECONDS[1])
+    other = served.count("other") * (3000 * SECONDS[0] + 10 * SECONDS[1])
+    assert abs((writer + reader) - other) <= 0.1 * other
+    assert abs(writer - reader) <= 0.1 * max(writer, reader)
+
+
+def test_the_estimate_is_in_measured_seconds_once_known() -> None:
+    """
+    Under --fair-share gpu-time, a request of a model not yet measured is
+    charged at its slot its tokens at the fallback rates; its release
+    charges the seconds Ollama reported instead, and the next request's
+    estimate is at the rates those seconds measured.  Another model is
+    still estimated at the fallback rates.
+    """
+    r = router(backend(Clock(), "a", ("llama3.2",), parallel=3))
+    meter = Meter()
+    meter.expect(100, "llama3.2")
+    lease = now(r.acquire("k", LLAMA, runs=True, meter=meter, expected_output=50))
+    assert r.queue.finish("k") == pytest.approx(
+        100 * FALLBACK_PROMPT_SECONDS + 50 * FALLBACK_OUTPUT_SECONDS)
+    meter.generating = True
+    meter.final = StreamSummary("llama3.2:latest", prompt_tokens=100, completion_tokens=50,
+                                prompt_seconds=0.5, eval_seconds=2.5)
+    lease.release()
+    assert r.queue.finish("k") == pytest.approx(3.0)
+    second = Meter()
+    second.expect(200, "llama3.2")
+    now(r.acquire("k", LLAMA, runs=True, meter=second, expected_output=10))
+    assert r.queue.finish("k") == pytest.approx(3.0 + 200 * 0.005 + 10 * 0.05)
+    other = Meter()
+    other.expect(200, "mistral")
+    now(r.acquire("j", MISTRAL, runs=True, meter=other, expected_output=10))
+    assert r.queue.finish("j") - r.queue._virtual == pytest.approx(
+        200 * FALLBACK_PROMPT_SECONDS + 10 * FALLBACK_OUTPUT_SECONDS)
+
+
 def test_a_cut_stream_costs_what_the_meter_counted() -> None:
     """
-    A request is charged its estimate when it gets its slot (its prompt
-    estimated, and the output it asks for at most, counted twice), and
-    when its stream is cut, what the meter counted: the prompt estimated
-    and the pieces relayed.
+    Under --fair-share tokens, a request is charged its estimate when it
+    gets its slot (its prompt estimated, and the output it asks for at
+    most, counted twice), and when its stream is cut, what the meter
+    counted: the prompt estimated and the pieces relayed.
     """
-    r = router(backend(Clock(), "a", ("llama3.2",), parallel=1))
+    r = router(backend(Clock(), "a", ("llama3.2",), parallel=1), fair_share="tokens")
     meter = Meter()
     meter.expect(20, "llama3.2")
     lease = now(r.acquire("k", LLAMA, runs=True, meter=meter, expected_output=500))
@@ -520,11 +602,12 @@ def test_a_cut_stream_costs_what_the_meter_counted() -> None:
 
 def test_a_users_turns_are_trued_up_with_what_it_used() -> None:
     """
-    The estimate a user's request is charged at its slot is trued up, for
-    the user as for its key, with what the meter read when the slot is
-    given back; a key with no users has no user's turns to keep.
+    Under --fair-share tokens, the estimate a user's request is charged at
+    its slot is trued up, for the user as for its key, with what the meter
+    read when the slot is given back; a key with no users has no user's
+    turns to keep.
     """
-    r = router(backend(Clock(), "a", ("llama3.2",), parallel=2))
+    r = router(backend(Clock(), "a", ("llama3.2",), parallel=2), fair_share="tokens")
     meters = [Meter(), Meter()]
     for meter in meters:
         meter.expect(20, "llama3.2")
@@ -675,7 +758,7 @@ def test_a_shared_queue_keeps_named_models_slots() -> None:
     a = backend(clock, "a", ("llama3.2",))
     b = backend(clock, "b", ("llama3.2",), loaded=("llama3.2",))
     c = backend(clock, "c", ("llama3.2",))
-    r = router(a, b, c)
+    r = router(a, b, c, fair_share="tokens")
     shared = _Shared()
     r.shared = shared
     a.running[MISTRAL] = 1
@@ -692,6 +775,30 @@ def test_a_shared_queue_keeps_named_models_slots() -> None:
     now(r.acquire("k", LLAMA)).release()
     now(r.acquire("k", None, runs=True)).release()
     assert len(shared.asks) == 1 and len(shared.given) == 1
+
+
+def test_a_shared_queue_is_charged_gpu_seconds() -> None:
+    """
+    Under --fair-share gpu-time, the shared queue is asked with the
+    request's estimate in seconds and given back, over the key's weight,
+    the seconds Ollama reported less that estimate: floats, not tokens.
+    """
+    clock = Clock()
+    r = router(backend(clock, "a", ("llama3.2",)), backend(clock, "b", ("llama3.2",)))
+    shared = _Shared()
+    r.shared = shared
+    meter = Meter()
+    meter.expect(20, "llama3.2")
+    lease = now(r.acquire("k", LLAMA, runs=True, weight=2, meter=meter, expected_output=5))
+    (ask,) = shared.asks
+    estimate = 20 * FALLBACK_PROMPT_SECONDS + 5 * FALLBACK_OUTPUT_SECONDS
+    assert ask.cost == pytest.approx(estimate)
+    meter.generating = True
+    meter.final = StreamSummary("llama3.2:latest", prompt_tokens=20, completion_tokens=5,
+                                prompt_seconds=0.25, eval_seconds=0.5)
+    lease.release()
+    ((given, charge),) = shared.given
+    assert given is lease and charge == pytest.approx((0.75 - estimate) / 2)
 
 
 class _SharedDown(_Shared):
@@ -715,7 +822,7 @@ def test_a_shared_queue_that_falls_back_charges_as_this_proxys_own() -> None:
     """
     clock = Clock()
     a = backend(clock, "a", ("llama3.2",))
-    r = router(a, backend(clock, "b", ("llama3.2",)))
+    r = router(a, backend(clock, "b", ("llama3.2",)), fair_share="tokens")
     shared = _SharedDown()
     r.shared = shared
     meter = Meter()

@@ -10,6 +10,7 @@ import math
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from twisted.logger import LogEvent
 from twisted.web.client import ResponseFailed
 
@@ -21,6 +22,7 @@ from ollamaproxy.model_names import resolve
 from tests.fakes.agents import Refusing, Silent
 from tests.fakes.backends import HI, OTHER, USER, two_backends
 from tests.fakes.chain import HEADER_TIMEOUT, Chain, chat
+from tests.fakes.ollama import EVAL_NS, PROMPT_EVAL_NS
 
 
 def test_a_request_goes_to_the_backend_that_has_its_model() -> None:
@@ -547,13 +549,13 @@ def test_a_heavier_key_gets_more_turns() -> None:
 
 def test_keys_get_equal_tokens_through_the_proxy() -> None:
     """
-    Through the whole chain at --parallel 1: a key asking for 600 tokens a
-    request and one asking for 30, both backlogged, are served by what
+    Through the whole chain at --parallel 1, under --fair-share tokens: a
+    key asking for 600 tokens a request and one asking for 30, both backlogged, are served by what
     Ollama counts, not by turns: the short key reaches Ollama about 20
     times for each of the long key's, and the tokens each was served
     (prompt, and output counted twice) stay within 10 % of each other.
     """
-    chain = Chain(parallel=1)
+    chain = Chain(parallel=1, fair_share="tokens")
     chain.keys.replace([*chain.keys._by_digest.values(), ApiKey("user", digest(USER)),
                         ApiKey("other", digest(OTHER))])
     asked = {"user": 600, "other": 30}
@@ -579,12 +581,13 @@ def test_keys_get_equal_tokens_through_the_proxy() -> None:
 
 def test_a_cut_stream_costs_its_key_what_the_meter_counted() -> None:
     """
-    A client that reads 15 tokens of a stream and hangs up: its key is
-    charged in the fair queue what the meter counted, its prompt as
+    Under --fair-share tokens, a client that reads 15 tokens of a stream
+    and hangs up: its key is charged in the fair queue what the meter
+    counted, its prompt as
     estimated from the request and the 15 pieces relayed (counted twice),
     not the 512 tokens its request was estimated to generate.
     """
-    chain = Chain(parallel=1)
+    chain = Chain(parallel=1, fair_share="tokens")
     body = chat("hold")
     response = chain.request("POST", "/api/chat", data=body)
     prompt = math.ceil(len(body) / 4)
@@ -598,3 +601,88 @@ def test_a_cut_stream_costs_its_key_what_the_meter_counted() -> None:
     chain.flush()
     chain.failure(client.done)
     assert chain.router.queue.finish("alice") == prompt + 2 * 15
+
+
+def test_keys_get_equal_gpu_seconds_through_the_proxy() -> None:
+    """
+    Through the whole chain at --parallel 1, under --fair-share gpu-time
+    (the default): a key whose chats read 2000 words and ask for 10 tokens
+    and one whose chats say "hi" and ask for 200, both backlogged, are
+    served equal GPU seconds as the fake Ollama reports them (within
+    10 %), not equal tokens: a chat of the first reaches Ollama about 5.7
+    times for each of the second's, where tokens would give it a third.
+    """
+    chain = Chain(parallel=1)
+    chain.keys.replace([*chain.keys._by_digest.values(), ApiKey("user", digest(USER)),
+                        ApiKey("other", digest(OTHER))])
+    reading = [{"role": "user", "content": "w " * 2000}]
+    bodies = {USER: chat(stream=False, fake_delay=0.0001, messages=reading,
+                         options={"num_predict": 10}),
+              OTHER: chat(stream=False, fake_delay=0.0001, options={"num_predict": 200})}
+    sent = [chain.request("POST", "/api/chat", key=key, data=bodies[key])
+            for key, count in ((USER, 220), (OTHER, 45)) for _ in range(count)]
+    while len(chain.fake.received) < len(sent):
+        chain.clock.advance(0.01)
+        chain.flush()
+    chain.clock.advance(1)  # the last request's answer
+    chain.flush()
+    for d in sent:
+        chain.body(chain.result(d))
+    # While both were backlogged: the first 200 requests to reach Ollama.
+    served = [r.json()["options"]["num_predict"] for r in chain.fake.received[:200]]
+    readers, writers = served.count(10), served.count(200)
+    reader = readers * (2000 * PROMPT_EVAL_NS + 10 * EVAL_NS)
+    writer = writers * (1 * PROMPT_EVAL_NS + 200 * EVAL_NS)
+    assert abs(reader - writer) <= 0.1 * max(reader, writer)
+    assert 4 * writers <= readers
+
+
+def test_a_v1_answer_costs_its_tokens_at_the_measured_rates() -> None:
+    """
+    Under --fair-share gpu-time, a C{/v1} answer, which reports tokens but
+    no durations, costs its key its prompt and output tokens at the seconds
+    per token measured from the model's earlier answers that had them.
+    """
+    chain = Chain()
+    chain.body(chain.respond("POST", "/api/chat", data=chat(stream=False)))
+    before = chain.router.queue.finish("alice")
+    body = json.dumps({"model": "llama3.2", "max_tokens": 7,
+                       "messages": [{"role": "user", "content": "one two three"}]}).encode()
+    answer = chain.respond("POST", "/v1/chat/completions", data=body)
+    assert json.loads(chain.body(answer))["usage"]["prompt_tokens"] == 3
+    assert chain.router.queue.finish("alice") - before == pytest.approx(
+        (3 * PROMPT_EVAL_NS + 7 * EVAL_NS) / 1e9)
+
+
+def test_a_cut_stream_costs_its_tokens_at_the_measured_rates() -> None:
+    """
+    Under --fair-share gpu-time, a request is charged at its slot its
+    estimate at its model's measured rates (the prompt estimated, 512
+    tokens of output), and when a client hangs up after 15 tokens, the
+    prompt estimated and the 15 pieces relayed at those rates.
+    """
+    chain = Chain(parallel=1)
+    first = chain.request("POST", "/api/chat", data=chat("hold"))
+    held = chain.fake.held[-1]
+    held.write_line({"model": "hold", "message": {"content": ""}, "done": True,
+                     "prompt_eval_count": 10, "prompt_eval_duration": 1_000_000_000,
+                     "eval_count": 20, "eval_duration": 4_000_000_000})
+    held.finish()
+    chain.flush()
+    chain.body(chain.result(first))
+    before = chain.router.queue.finish("alice")
+    body = chat("hold")
+    response = chain.request("POST", "/api/chat", data=body)
+    prompt = math.ceil(len(body) / 4)
+    assert chain.router.queue.finish("alice") - before == pytest.approx(
+        prompt * 0.1 + DEFAULT_OUTPUT_TOKENS * 0.2)
+    held = chain.fake.held[-1]
+    for _ in range(15):
+        held.write_line({"model": "hold", "message": {"content": "tok "}, "done": False})
+    chain.flush()
+    client = chain.stream(chain.result(response))
+    client.disconnect()
+    chain.flush()
+    chain.failure(client.done)
+    assert chain.router.queue.finish("alice") - before == pytest.approx(
+        prompt * 0.1 + 15 * 0.2)

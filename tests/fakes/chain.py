@@ -35,6 +35,7 @@ from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import Router
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.config import (
+    DEFAULT_FAIR_SHARE,
     DEFAULT_MAX_QUEUE,
     DEFAULT_OPEN_ROUTES,
     DEFAULT_PARALLEL,
@@ -115,6 +116,7 @@ class Chain:
         parallel: int = DEFAULT_PARALLEL,
         max_queue: int = DEFAULT_MAX_QUEUE,
         queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
+        fair_share: str = DEFAULT_FAIR_SHARE,
         caps: Caps | None = None,
         usage: UsageStore | None = None,
     ) -> None:
@@ -122,6 +124,8 @@ class Chain:
         @param backends: With several Ollama servers behind the proxy, the
             models of each (a fake each, at ports 11434, 11435, ...); one
             with the fake's usual models by default.
+        @param fair_share: What the router's fair queue shares out
+            (C{--fair-share}).
         """
         self.clock = Clock()
         self.fakes = (
@@ -150,7 +154,8 @@ class Chain:
             self._upstream_agents.append(agent)
         self.pool = BackendPool(self.backends)
         # No collation: a test of it asks for a hold (tests/backends/test_collate.py).
-        self.router = Router(self.pool, self.clock, max_queue, queue_timeout, switch_hold=0)
+        self.router = Router(self.pool, self.clock, max_queue, queue_timeout, fair_share,
+                             switch_hold=0)
         self.keys = KeyStore([ApiKey(name="alice", digest=digest(KEY), scopes=SCOPES)])
         self.throttle = GuessThrottle(self.clock)
         auth = Authenticator(self.keys, parse_routes(open_routes), self.clock)

@@ -73,6 +73,12 @@ from ollamaproxy.backends.upstream import BytesProducer
 
 VERSION = "0.33.0"
 DEFAULT_TOKENS = 5
+#: The GPU seconds a final object reports (C{prompt_eval_duration},
+#: C{eval_duration}), per prompt token and per token generated: in
+#: proportion, as a real GPU's (prefill thousands a second, decode tens),
+#: so that the fair queue's C{--fair-share gpu-time} has seconds to share.
+PROMPT_EVAL_NS = 250_000
+EVAL_NS = 20_000_000
 #: The context Ollama loads a model with when a request names none.
 DEFAULT_CONTEXT = 4096
 MODEL_ERROR = "an error was encountered while running the model"
@@ -821,8 +827,9 @@ class FakeOllama(Resource):
         if job.api == "generate":
             obj["context"] = [1, 2, 3]
         return {**obj, "total_duration": 512345678, "load_duration": 12345678,
-                "prompt_eval_count": job.prompt_tokens, "prompt_eval_duration": 130079000,
-                "eval_count": job.tokens, "eval_duration": 24150000}
+                "prompt_eval_count": job.prompt_tokens,
+                "prompt_eval_duration": job.prompt_tokens * PROMPT_EVAL_NS,
+                "eval_count": job.tokens, "eval_duration": job.tokens * EVAL_NS}
 
     def _usage(self, job: _Job) -> dict[str, int]:
         return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.tokens,

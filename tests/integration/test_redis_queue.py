@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
+import pytest
 import pytest_twisted
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import Clock
@@ -19,11 +20,12 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
+from ollamaproxy.backends.gpu_time import FALLBACK_OUTPUT_SECONDS, FALLBACK_PROMPT_SECONDS
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import Lease, Router
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.errors import ProxyError
-from ollamaproxy.exchange import Meter
+from ollamaproxy.exchange import Meter, StreamSummary
 from ollamaproxy.model_names import resolve
 from ollamaproxy.redis.limits import PREFIX
 from ollamaproxy.redis.link import RedisLink, TxRedisClient, subscriber
@@ -45,14 +47,17 @@ class Proxy:
     backend (at the same URL as every other proxy's), its link and queue.
     """
 
-    def __init__(self, reactor: Any, url: str, start: float, max_queue: int = 512) -> None:
+    def __init__(self, reactor: Any, url: str, start: float, max_queue: int = 512,
+                 fair_share: str = "tokens") -> None:
         address = parse_redis_url(url)
         self.clock = Clock()
         self.clock.advance(start)
         upstream = Upstream(cast(IAgent, None), b"http://gpu:11434", self.clock, 600, 600)
         self.backend = Backend(upstream, 1, models=frozenset({LLAMA}))
-        # Under --fair-share tokens; a request without a meter costs 1.
-        self.router = Router(BackendPool([self.backend]), self.clock, queue_timeout=600)
+        # Under --fair-share tokens unless asked; a request without a meter
+        # costs 1.
+        self.router = Router(BackendPool([self.backend]), self.clock, queue_timeout=600,
+                             fair_share=fair_share)
         self.link = RedisLink(lambda: TxRedisClient(address, reactor, 1.5), reactor,
                               address.shown, "local", interval=3600)
         self.queue = RedisQueue(self.link, self.router, self.clock, subscriber(address, reactor),
@@ -81,11 +86,20 @@ async def small(reactor: Any, redis_server: RedisServer) -> AsyncIterator[list[P
         yield made
 
 
+@pytest_twisted.async_yield_fixture
+async def gpu_pair(reactor: Any, redis_server: RedisServer) -> AsyncIterator[list[Proxy]]:
+    """
+    Two proxies sharing one Redis, under --fair-share gpu-time.
+    """
+    async for made in proxies(reactor, redis_server, 512, "gpu-time"):
+        yield made
+
+
 async def proxies(
-    reactor: Any, redis_server: RedisServer, max_queue: int
+    reactor: Any, redis_server: RedisServer, max_queue: int, fair_share: str = "tokens"
 ) -> AsyncIterator[list[Proxy]]:
     start = float(int(reactor.seconds()))
-    made = [Proxy(reactor, redis_server.url, start, max_queue) for _ in range(2)]
+    made = [Proxy(reactor, redis_server.url, start, max_queue, fair_share) for _ in range(2)]
     for proxy in made:
         proxy.link.startService()
         proxy.queue.startService()
@@ -266,6 +280,34 @@ async def test_tokens_charged_and_trued_up_in_redis(reactor: Any, pair: list[Pro
             break
         await sleep(reactor, 0.02)
     assert await finish_of(a.link, "tok") == (20 + 2 * 7) / 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_gpu_seconds_charged_and_trued_up_in_redis(
+    reactor: Any, gpu_pair: list[Proxy]
+) -> None:
+    """
+    Under --fair-share gpu-time, a key's finish in Redis moves on by the
+    estimate in seconds over its weight, and is trued up with the seconds
+    Ollama reported: fractions of a second, kept as Redis's Lua writes
+    numbers, with no rounding to whole tokens.
+    """
+    a, _ = gpu_pair
+    meter = Meter()
+    meter.expect(20, "llama3.2")
+    lease = await a.router.acquire("gpu", LLAMA, runs=True, meter=meter, expected_output=5,
+                                   weight=2)
+    estimate = 20 * FALLBACK_PROMPT_SECONDS + 5 * FALLBACK_OUTPUT_SECONDS
+    assert await finish_of(a.link, "gpu") == pytest.approx(estimate / 2)
+    meter.generating = True
+    meter.final = StreamSummary("llama3.2:latest", prompt_tokens=20, completion_tokens=5,
+                                prompt_seconds=0.0123, eval_seconds=0.0456)
+    lease.release()
+    for _ in range(100):
+        if await finish_of(a.link, "gpu") != pytest.approx(estimate / 2):
+            break
+        await sleep(reactor, 0.02)
+    assert await finish_of(a.link, "gpu") == pytest.approx((0.0123 + 0.0456) / 2)
 
 
 @pytest_twisted.ensureDeferred

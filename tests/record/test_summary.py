@@ -22,15 +22,15 @@ FINAL = {
 
 def test_ndjson_final_line() -> None:
     """
-    The last NDJSON line of a stream gives model, reason, counts, speed, the prompt's time and
-    load time; a cut first line in the tail is skipped.
+    The last NDJSON line of a stream gives model, reason, counts, speed, the prompt's and the
+    generation's time and load time; a cut first line in the tail is skipped.
     """
     tail = b'ontent":"x"},"done":false}\n{"model":"llama3.2","done":false}\n' + json.dumps(
         FINAL
     ).encode() + b"\n"
     assert summarise(tail, openai=False) == StreamSummary(
         model="llama3.2", done_reason="stop", prompt_tokens=26, completion_tokens=100,
-        tokens_per_second=50.0, load_seconds=0.25, prompt_seconds=1e-9,
+        tokens_per_second=50.0, load_seconds=0.25, prompt_seconds=1e-9, eval_seconds=2.0,
     )
 
 
@@ -102,7 +102,7 @@ def test_long_answer_read_from_its_head_and_tail() -> None:
     summary = summarise(answer[-TAIL_BYTES:], openai=False, head=answer[:HEAD_BYTES])
     assert summary == StreamSummary(
         model="llama3.2", done_reason=None, prompt_tokens=26, completion_tokens=500,
-        tokens_per_second=50.0, load_seconds=0.25, prompt_seconds=2.0,
+        tokens_per_second=50.0, load_seconds=0.25, prompt_seconds=2.0, eval_seconds=10.0,
     )
 
 

@@ -15,11 +15,12 @@ from twisted.internet.task import Clock
 from twisted.web.iweb import IAgent
 
 from ollamaproxy.backends.gauges import RouterGauges
+from ollamaproxy.backends.gpu_time import FALLBACK_OUTPUT_SECONDS, FALLBACK_PROMPT_SECONDS
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.router import Lease, Router
 from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.errors import ProxyError
-from ollamaproxy.exchange import Meter
+from ollamaproxy.exchange import Meter, StreamSummary
 from ollamaproxy.model_names import resolve
 from ollamaproxy.redis import scripts
 from ollamaproxy.redis.link import RedisLink
@@ -54,7 +55,7 @@ class Shared:
     first C{PING}.
     """
 
-    def __init__(self, max_queue: int = 512) -> None:
+    def __init__(self, max_queue: int = 512, fair_share: str = "tokens") -> None:
         self.clock = Clock()
         self.redis = FakeRedis()
         self.link = RedisLink(lambda: self.redis, self.clock, "redis://cache:6379/0", "local",
@@ -63,7 +64,8 @@ class Shared:
         self.redis.pings[0].callback("PONG")
         upstream = Upstream(cast(IAgent, None), GPU.encode(), self.clock, 600, 600)
         self.backend = Backend(upstream, 1, models=frozenset({LLAMA}))
-        self.router = Router(BackendPool([self.backend]), self.clock, queue_timeout=60)
+        self.router = Router(BackendPool([self.backend]), self.clock, queue_timeout=60,
+                             fair_share=fair_share)
         self.listening = Listening()
         self.queue = RedisQueue(self.link, self.router, self.clock, self.listening, 30.0,
                                 max_queue, 60)
@@ -151,6 +153,29 @@ def test_the_true_up_goes_to_redis() -> None:
     meter.generating, meter.output = True, 7
     got[0].release()
     assert shared.last(scripts.DONE).args[7] == repr((20 + 2 * 7 - 1020) / 2)
+
+
+def test_gpu_seconds_go_to_redis() -> None:
+    """
+    Under --fair-share gpu-time, the ACQUIRE charges the estimate in
+    seconds and the DONE trues it up with the seconds Ollama reported,
+    over the key's weight and for the user before it: floats, written as
+    Python writes them, which Redis's Lua reads with C{tonumber}.
+    """
+    shared = Shared(fair_share="gpu-time")
+    meter = Meter()
+    meter.expect(20, "llama3.2")
+    got = results(shared.router.acquire("k", LLAMA, runs=True, meter=meter,
+                                        expected_output=500, weight=2, user="ann"))
+    estimate = 20 * FALLBACK_PROMPT_SECONDS + 500 * FALLBACK_OUTPUT_SECONDS
+    assert shared.last(scripts.ACQUIRE).args[10:12] == [repr(estimate), "2"]
+    shared.redis.calls[0].answer.callback([shared.ticket(), GPU])
+    meter.generating = True
+    meter.final = StreamSummary("llama3.2:latest", prompt_tokens=20, completion_tokens=7,
+                                prompt_seconds=0.125, eval_seconds=0.25)
+    got[0].release()
+    assert shared.last(scripts.DONE).args[7:] == [
+        repr((0.375 - estimate) / 2), "@ann", repr(0.375 - estimate)]
 
 
 def test_grants_of_other_tickets_in_an_answer() -> None:

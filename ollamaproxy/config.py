@@ -612,12 +612,15 @@ class Config:
         doc="seconds a request may wait for a busy model; then `503` with `Retry-After`, "
         "never sent",
     )
-    # A switch costs a load: about 5 s for an 8B model (bench/gpu_sim.md).
-    # A hold of about one load lets the requests for the loaded model go
-    # first, and costs a request waiting for the switch at most what one
-    # more switch would.
+    # A switch costs a load, about 5 s for an 8B model (bench/gpu_sim.md),
+    # through which every slot of the backend idles.  A waiting request is
+    # passed over for one hold in all (collate.py), so with three models
+    # taking turns holds average half of it: ten seconds, two loads, lets
+    # as many requests share a switch as a hold of one load does with two
+    # models, and a fifth of the switches Ollama alone makes on the
+    # simulator (bench/README.md, "models").
     switch_hold: float = option(
-        _seconds_or_zero, "5", metavar="S",
+        _seconds_or_zero, "10", metavar="S",
         help="Seconds a backend keeps serving the requests waiting for the model it holds "
         "before it switches to another model; 0 switches at once",
         doc="seconds a backend that would have to switch models for the next request in "

@@ -61,9 +61,9 @@ the drain, as above) or a gap passes with none (then the switch goes).
 The hold (and the budgets) still bound the wait from when the switch
 became due, so no key waits more than one hold beyond its turn; what
 anticipation costs a switch that nothing follows is the rest of the gap,
-at most C{hold / 3} (1.7 s at the default hold of five).  A third of the
-hold lets a client think for over a second and a half at the default, and
-leaves the held clients at least two more turns once a gap has begun.
+at most C{hold / 3} (3.3 s at the default hold of ten).  A third of the
+hold lets a client think for a few seconds at the default, and leaves the
+held clients at least two more turns once a gap has begun.
 A backend that can hold several models shows it in its C{/api/ps} as soon
 as it loads a second beside the first, and from then on the proxy lets it.
 The rule counts models, not their sizes: a backend seen holding two small

@@ -18,7 +18,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from ollamaproxy.reuseport import ReusePortEndpoint
-from tests.fakes.client import agent, read, request
+from tests.fakes.client import agent, read, request, wait_for
 from tests.fakes.twistd import (
     START_TIMEOUT,
     TEST_KEY,
@@ -133,11 +133,15 @@ async def test_two_proxies_serve_one_port(
     assert second.port == first.port
     for _ in range(CONNECTIONS):
         await _version_ok(reactor, first.url)
-    assert "GET /api/version 200" in first.output
-    assert "GET /api/version 200" in second.output
+    # Each access line is written once its answer has gone: waited for.
+    for proxy in (first, second):
+        await wait_for(reactor, lambda: "GET /api/version 200" in proxy.output,  # noqa: B023
+                       f"an access line from {proxy.pid}")
 
     assert await first.terminate(reactor), first.output
     served_before = second.output.count("GET /api/version 200")
     for _ in range(4):
         await _version_ok(reactor, second.url)
-    assert second.output.count("GET /api/version 200") == served_before + 4
+    await wait_for(
+        reactor, lambda: second.output.count("GET /api/version 200") == served_before + 4,
+        "the four access lines")

@@ -159,6 +159,8 @@ def _log_summary(key: str, path: str, summary: StreamSummary, now: float) -> Non
         completion_tokens=summary.completion_tokens,
         tokens_per_second=speed,
         load_seconds=summary.load_seconds,
+        prompt_seconds=summary.prompt_seconds,
+        eval_seconds=summary.eval_seconds,
         tokens_counted=summary.counted,
         prompt_estimated=summary.prompt_estimated,
     )

@@ -283,7 +283,8 @@ def test_json_stream_and_bodies_records_have_their_documented_fields() -> None:
     exchange = Exchange("POST", "/api/chat", "127.0.0.1", started=100.0, key="laptop")
     exchange.responded(100.01, 200)
     exchange.summary = StreamSummary("llama3.2", "stop", prompt_tokens=26,
-                                     completion_tokens=290, tokens_per_second=51.25)
+                                     completion_tokens=290, tokens_per_second=51.25,
+                                     prompt_seconds=0.125, eval_seconds=5.5)
     exchange.request_sample = b'{"model": "llama3.2"}'
     with capturedLogs() as events:
         log_exchange(exchange, 811, 100.41)
@@ -295,6 +296,8 @@ def test_json_stream_and_bodies_records_have_their_documented_fields() -> None:
             set(records[name]) & (TWISTED_KEYS | {"line"})
         )
     assert records["stream"]["completion_tokens"] == 290
+    # What the fair queue charged under gpu-time, for the operator to check.
+    assert (records["stream"]["prompt_seconds"], records["stream"]["eval_seconds"]) == (0.125, 5.5)
     assert records["bodies"]["request_body"] == '{"model": "llama3.2"}'
 
 

@@ -24,6 +24,7 @@ from typing import Final, NamedTuple
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 
 from ollamaproxy.exchange import HTTP_METHODS, Exchange
 from ollamaproxy.record.logs import log_exchange
@@ -34,6 +35,8 @@ from ollamaproxy.record.usage import UsageStore
 #: How a request ends when the proxy turned it away itself, before Ollama
 #: served it: its usage counts it as refused, not as a request.
 REFUSED_OUTCOMES: Final = frozenset({"rejected", "queue_full", "queue_timeout", "bad_request"})
+
+log = Logger()
 
 
 class _Ended(NamedTuple):
@@ -114,15 +117,22 @@ class Recorder(Service):
             self._write(sent)
 
     def _write(self, ended: list[_Ended]) -> None:
+        """
+        Write each of C{ended} down; one that fails (a bug) is logged and
+        keeps none of the others from being written.
+        """
         for exchange, sent_bytes, several_backends, now in ended:
-            if exchange.method not in HTTP_METHODS:
-                # A token of the client's choosing (a key, even): redacted.
-                exchange.method = self.redact(exchange.method)
-            log_exchange(exchange, sent_bytes, now, self.redact, several_backends)
-            if self._metrics is not None:
-                self._metrics.observe(exchange, now)
-            if self._usage is not None and exchange.key != "-":
-                self._usage.record_summary(exchange.key, exchange.summary, now,
-                                           refused=exchange.outcome in REFUSED_OUTCOMES,
-                                           user=exchange.user or "")
+            try:
+                if exchange.method not in HTTP_METHODS:
+                    # A token of the client's choosing (a key, even): redacted.
+                    exchange.method = self.redact(exchange.method)
+                log_exchange(exchange, sent_bytes, now, self.redact, several_backends)
+                if self._metrics is not None:
+                    self._metrics.observe(exchange, now)
+                if self._usage is not None and exchange.key != "-":
+                    self._usage.record_summary(exchange.key, exchange.summary, now,
+                                               refused=exchange.outcome in REFUSED_OUTCOMES,
+                                               user=exchange.user or "")
+            except Exception:
+                log.failure("Writing down a request to {route} failed", route=exchange.route)
         ended.clear()

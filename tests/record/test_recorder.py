@@ -6,17 +6,20 @@ with what a client chose redacted and what it did not left as it is.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent
 
 from ollamaproxy.admission.keys import SCOPES, ApiKey, digest
 from ollamaproxy.exchange import Exchange
+from ollamaproxy.record.metrics import Metrics
 from ollamaproxy.record.recorder import Recorder
 from ollamaproxy.record.redact import Redactor
 from ollamaproxy.record.usage import UsageStore
 from ollamaproxy.record.usage_db import Row
 from tests.fakes.chain import KEY, Chain, chat
+from tests.fakes.observers import ErrorCollector
 from tests.fakes.worker import ManualWorker
 
 SECRET = "olpk_recordertestrecordertestrecorderte"
@@ -92,6 +95,43 @@ def test_stopping_writes_what_is_held(access_events: list[LogEvent]) -> None:
     recorder.stopService()
     assert [e["path"] for e in access_events] == ["/api/ps", "/api/tags"]
     assert clock.calls == []
+
+
+class _BrokenOnce:
+    """
+    Metrics whose first observation fails, as a bug would.
+    """
+
+    def __init__(self) -> None:
+        self.observed: list[str] = []
+
+    def observe(self, exchange: Exchange, now: float) -> None:
+        if not self.observed:
+            self.observed.append("failed")
+            raise ZeroDivisionError("a bug")
+        self.observed.append(exchange.path)
+
+
+def test_one_record_that_fails_loses_none_of_the_others(
+    access_events: list[LogEvent], observe_errors: ErrorCollector,
+) -> None:
+    """
+    A record whose writing fails (a bug in a consumer) is logged as a
+    failure, naming its route, and the records written with it are written
+    all the same.
+    """
+    clock = Clock()
+    metrics = _BrokenOnce()
+    recorder = Recorder(clock, cast(Metrics, metrics))
+    recorder.record(exchange(path="/api/ps", route="/api/ps"), 0)
+    recorder.record(exchange(), 0)
+    clock.advance(0)
+    assert metrics.observed == ["failed", "/api/tags"]
+    [failure] = observe_errors.errors
+    assert failure["route"] == "/api/ps"
+    assert failure["log_failure"].check(ZeroDivisionError)
+    observe_errors.errors.clear()
+    assert [e["path"] for e in access_events] == ["/api/ps", "/api/tags"]
 
 
 def test_a_method_that_is_not_http_s_is_redacted(access_events: list[LogEvent]) -> None:

@@ -11,8 +11,10 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.logger import LogEvent
 from twisted.web.client import ResponseFailed
+from twisted.web.iweb import IResponse
 
 from ollamaproxy.admission.caps import Caps
 from ollamaproxy.admission.estimate import DEFAULT_OUTPUT_TOKENS
@@ -547,6 +549,20 @@ def test_a_heavier_key_gets_more_turns() -> None:
         chain.body(chain.result(d))
 
 
+def _answer_all(chain: Chain, sent: list[Deferred[IResponse]]) -> None:
+    """
+    Move time on until Ollama has had every request of C{sent}, and read
+    every answer.
+    """
+    while len(chain.fake.received) < len(sent):
+        chain.clock.advance(0.01)
+        chain.flush()
+    chain.clock.advance(1)  # the last request's answer
+    chain.flush()
+    for d in sent:
+        chain.body(chain.result(d))
+
+
 def test_keys_get_equal_tokens_through_the_proxy() -> None:
     """
     Through the whole chain at --parallel 1, under --fair-share tokens: a
@@ -564,13 +580,7 @@ def test_keys_get_equal_tokens_through_the_proxy() -> None:
                                     options={"num_predict": asked[name]}))
             for key, name, count in ((USER, "user", 10), (OTHER, "other", 150))
             for _ in range(count)]
-    while len(chain.fake.received) < len(sent):
-        chain.clock.advance(0.01)
-        chain.flush()
-    chain.clock.advance(1)  # the last request's answer
-    chain.flush()
-    for d in sent:
-        chain.body(chain.result(d))
+    _answer_all(chain, sent)
     # While both were backlogged: the first 125 requests to reach Ollama.
     served = [r.json()["options"]["num_predict"] for r in chain.fake.received[:125]]
     assert 18 * served.count(600) <= served.count(30) <= 22 * served.count(600)
@@ -621,13 +631,7 @@ def test_keys_get_equal_gpu_seconds_through_the_proxy() -> None:
               OTHER: chat(stream=False, fake_delay=0.0001, options={"num_predict": 200})}
     sent = [chain.request("POST", "/api/chat", key=key, data=bodies[key])
             for key, count in ((USER, 220), (OTHER, 45)) for _ in range(count)]
-    while len(chain.fake.received) < len(sent):
-        chain.clock.advance(0.01)
-        chain.flush()
-    chain.clock.advance(1)  # the last request's answer
-    chain.flush()
-    for d in sent:
-        chain.body(chain.result(d))
+    _answer_all(chain, sent)
     # While both were backlogged: the first 200 requests to reach Ollama.
     served = [r.json()["options"]["num_predict"] for r in chain.fake.received[:200]]
     readers, writers = served.count(10), served.count(200)

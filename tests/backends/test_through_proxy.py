@@ -589,6 +589,21 @@ def test_keys_get_equal_tokens_through_the_proxy() -> None:
     assert abs(long - short) <= 0.1 * max(long, short)
 
 
+def _hang_up_after(chain: Chain, response: Deferred[IResponse], pieces: int) -> None:
+    """
+    Have the held chat's stream relay C{pieces} tokens, and its client
+    hang up.
+    """
+    held = chain.fake.held[-1]
+    for _ in range(pieces):
+        held.write_line({"model": "hold", "message": {"content": "tok "}, "done": False})
+    chain.flush()
+    client = chain.stream(chain.result(response))
+    client.disconnect()
+    chain.flush()
+    chain.failure(client.done)
+
+
 def test_a_cut_stream_costs_its_key_what_the_meter_counted() -> None:
     """
     Under --fair-share tokens, a client that reads 15 tokens of a stream
@@ -602,14 +617,7 @@ def test_a_cut_stream_costs_its_key_what_the_meter_counted() -> None:
     response = chain.request("POST", "/api/chat", data=body)
     prompt = math.ceil(len(body) / 4)
     assert chain.router.queue.finish("alice") == prompt + 2 * DEFAULT_OUTPUT_TOKENS
-    held = chain.fake.held[-1]
-    for _ in range(15):
-        held.write_line({"model": "hold", "message": {"content": "tok "}, "done": False})
-    chain.flush()
-    client = chain.stream(chain.result(response))
-    client.disconnect()
-    chain.flush()
-    chain.failure(client.done)
+    _hang_up_after(chain, response, 15)
     assert chain.router.queue.finish("alice") == prompt + 2 * 15
 
 
@@ -680,13 +688,6 @@ def test_a_cut_stream_costs_its_tokens_at_the_measured_rates() -> None:
     prompt = math.ceil(len(body) / 4)
     assert chain.router.queue.finish("alice") - before == pytest.approx(
         prompt * 0.1 + DEFAULT_OUTPUT_TOKENS * 0.2)
-    held = chain.fake.held[-1]
-    for _ in range(15):
-        held.write_line({"model": "hold", "message": {"content": "tok "}, "done": False})
-    chain.flush()
-    client = chain.stream(chain.result(response))
-    client.disconnect()
-    chain.flush()
-    chain.failure(client.done)
+    _hang_up_after(chain, response, 15)
     assert chain.router.queue.finish("alice") - before == pytest.approx(
         prompt * 0.1 + 15 * 0.2)

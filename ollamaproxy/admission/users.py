@@ -22,12 +22,16 @@ console: at most L{MAX_USER_LENGTH} characters, each an ASCII letter or
 digit or one of C{-._@+:} (a UUID, as Open WebUI sends, an e-mail address,
 a user name).  Anything else is refused with a 400, before the body is
 read, rather than cut or cleaned: a user named differently on each request
-would get a share of its own each time.
+would get a share of its own each time.  So is a value that looks like a
+credential (one of the proxy's keys, or a token of a known shape: the
+L{ollamaproxy.record.redact.Redactor}'s rule): a front-end configured to
+send a key there would have it logged, stored and forwarded to Ollama.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Final
 
 from twisted.web.http_headers import Headers
@@ -40,11 +44,13 @@ MAX_USER_LENGTH: Final = 128
 
 _USER: Final = re.compile(rf"[A-Za-z0-9._@+:-]{{1,{MAX_USER_LENGTH}}}")
 
-def user_of(header: bytes, headers: Headers) -> str:
+def user_of(header: bytes, headers: Headers, redact: Callable[[str], str]) -> str:
     """
     The user a request names in its key's user header C{header}, or
     L{ANONYMOUS} if it names none.
 
+    @param redact: Blanks credentials in a text: a value it changes is a
+        credential, not a user.
     @raise ProxyError: 400 for a value that is not a user (see the
         module's docstring), or for several.
     """
@@ -60,4 +66,7 @@ def user_of(header: bytes, headers: Headers) -> str:
             400, f"the {shown} header must be 1 to {MAX_USER_LENGTH} ASCII letters, "
             "digits or -._@+:"
         )
+    if redact(value) != value:
+        raise ProxyError(400, f"the {shown} header holds a credential: it names a user, "
+                         "never a key")
     return value

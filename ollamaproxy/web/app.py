@@ -205,9 +205,9 @@ class OllamaProxy:
         # header is not trusted, and a request costs nothing more.
         user = None
         if key.user_header is not None:
-            user = user_of(key.user_header.encode("ascii"), request.requestHeaders)
-            # A user is not a secret, but a client may send a key as one.
-            exchange.user = self._recorder.redact(user)
+            # A key sent as a user is refused: never logged nor forwarded.
+            user = exchange.user = user_of(key.user_header.encode("ascii"),
+                                           request.requestHeaders, self._recorder.redact)
         admission = await self._limits.admit(key)
         try:
             plan = await plan_request(key, request, target, path, route, self._caps,

@@ -1150,14 +1150,19 @@ def test_the_user_header_is_read_only_for_keys_that_name_it(
     assert all("a@example.com" not in e["line"] for e in access_events)
 
 
-def test_a_key_sent_as_a_user_is_not_logged(access_events: list[LogEvent]) -> None:
+def test_a_key_sent_as_a_user_is_refused(access_events: list[LogEvent]) -> None:
     """
-    A client that sends a key as its user is served, but the key is
-    blanked in the user its access event names, as keys are everywhere.
+    A client that sends a key as its user (a front-end set up to send its
+    key there) is refused with a 400 that does not repeat it; nothing goes
+    to Ollama, and the key is in no event.
     """
     chain = webui_chain()
     response = chain.respond("POST", "/api/chat", key=WEBUI, data=chat(stream=False),
                              headers={USER_HEADER: WEBUI})
-    chain.body(response)
+    assert response.code == 400
+    body = chain.body(response).decode()
+    assert "credential" in body and WEBUI not in body
+    assert chain.fake.received == []
     [event] = access_events
-    assert WEBUI not in event["user"] and WEBUI not in event["line"]
+    assert event["status"] == 400 and not event["user"]
+    assert WEBUI not in event["line"]

@@ -154,9 +154,7 @@ class EffectiveParallel:
         watch.heads -= 1
         if not lease._streamed:
             return
-        effective = backend.effective
-        limit = effective[model] if effective and model in effective else backend.parallel
-        if lease._behind <= watch.total - lease._mark or watch.peak >= limit:
+        if lease._behind <= watch.total - lease._mark or watch.peak >= backend.limit(model):
             watch.streak, watch.peak = 0, watch.answering
         else:
             watch.streak += 1
@@ -166,7 +164,7 @@ class EffectiveParallel:
         if watch.lowered is not None and not watch.probing \
                 and self._clock.seconds() >= watch.probe_at:
             watch.probing = True
-            effective[model] = watch.lowered + 1
+            backend.effective[model] = watch.lowered + 1
 
     def lowered(self) -> list[tuple[Backend, str, int]]:
         """

@@ -202,6 +202,14 @@ class Backend:
         """
         return self.models is None or model in self.models
 
+    def limit(self, model: ModelName) -> int:
+        """
+        How many of C{model}'s requests the backend may run at once: its
+        effective parallel, if lowered (L{effective}), else C{parallel}.
+        """
+        effective = self.effective
+        return effective[model] if effective and model in effective else self.parallel
+
 
 def own_request_headers(upstream: Upstream) -> Headers:
     """

@@ -156,10 +156,9 @@ def free_for(backend: Backend, slot: ModelName | None) -> bool:
     if not slot.canonical:
         # Counter: reading a missing slot adds nothing.
         return backend.in_flight == running[None]
-    # An effective parallel lowered (L{EffectiveParallel}) only when the
-    # backend has one: an empty dict is no call.
-    limit = backend.effective[slot] if backend.effective and slot in backend.effective \
-        else backend.parallel
+    # Its limit asked (L{Backend.limit}) only when an effective parallel is
+    # lowered there (L{EffectiveParallel}): an empty dict is no call.
+    limit = backend.limit(slot) if backend.effective else backend.parallel
     return running[slot] < limit and not (running and UNREAD_MODEL in running)
 
 

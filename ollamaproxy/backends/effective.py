@@ -93,6 +93,13 @@ class Watch:
     wait: float = PROBE_AFTER
     probing: bool = False
 
+#: What L{EffectiveParallel.head} saw of a lease's first byte, which the
+#: lease keeps for its release: the watch, whether its answer streams, how
+#: many requests sent before it had no first byte yet, and the watch's
+#: C{total} then.  (A tuple: made on every request, and a class's
+#: constructor is a call.)
+Seen = tuple[Watch, bool, int, int]
+
 
 class EffectiveParallel:
     """
@@ -111,10 +118,10 @@ class EffectiveParallel:
         # ModelName with one, and this is on the way of every request.
         self._watches: dict[tuple[Backend, str], Watch] = {}
 
-    def head(self, lease: Lease, streamed: bool) -> None:
+    def head(self, lease: Lease, streamed: bool) -> Seen:
         """
-        C{lease}'s request has had its first byte, streamed or whole: the
-        lease keeps its watch, which its release is told of (L{released}).
+        C{lease}'s request has had its first byte, streamed or whole: what
+        was seen, which the lease keeps for its release (L{released}).
         """
         assert lease.model is not None
         where = (lease.backend, lease.model.canonical)
@@ -127,34 +134,34 @@ class EffectiveParallel:
             watch = self._watches[where] = Watch()
         watch.heads += 1
         watch.total += 1
-        lease._watch, lease._streamed = watch, streamed
         # Sent before it and still with no first byte: those that, if they
         # have none when it ends, waited for a slot all through its answer.
-        lease._behind = lease.backend.running[lease.model] - watch.heads
-        lease._mark = watch.total
+        seen = (watch, streamed, lease.backend.running[lease.model] - watch.heads, watch.total)
         if not streamed:
-            return
+            return seen
         watch.answering += 1
         if watch.answering > watch.peak:
             watch.peak = watch.answering
         if watch.probing and watch.lowered is not None and watch.peak > watch.lowered:
             self._raise(lease.backend, lease.model, watch)
+        return seen
 
-    def released(self, lease: Lease, watch: Watch) -> None:
+    def released(self, lease: Lease, seen: Seen) -> None:
         """
-        C{lease}'s request, which had its first byte (L{head} gave it
-        C{watch}), has ended.  Its release is short when a request sent
-        before its first byte still has none: the first bytes come in the
-        order the requests were sent (Ollama gives its slots first come,
-        first served), so those that came since its own went first to the
-        requests it had C{_behind}.
+        C{lease}'s request, which had its first byte (L{head} saw C{seen}),
+        has ended.  Its release is short when a request sent before its
+        first byte still has none: the first bytes come in the order the
+        requests were sent (Ollama gives its slots first come, first
+        served), so those that came since its own went first to the
+        requests it had behind it.
         """
         backend, model = lease.backend, lease.model
         assert model is not None
+        watch, streamed, behind, mark = seen
         watch.heads -= 1
-        if not lease._streamed:
+        if not streamed:
             return
-        if lease._behind <= watch.total - lease._mark or watch.peak >= backend.limit(model):
+        if behind <= watch.total - mark or watch.peak >= backend.limit(model):
             watch.streak, watch.peak = 0, watch.answering
         else:
             watch.streak += 1

@@ -102,7 +102,7 @@ from twisted.web.iweb import IResponse
 
 from ollamaproxy.backends.affinity import Affinity, Placement
 from ollamaproxy.backends.collate import Collator
-from ollamaproxy.backends.effective import EffectiveParallel, Watch
+from ollamaproxy.backends.effective import EffectiveParallel, Seen
 from ollamaproxy.backends.gpu_time import GpuTime
 from ollamaproxy.backends.pool import Backend, BackendPool
 from ollamaproxy.backends.queue import FairQueue, busy
@@ -211,10 +211,7 @@ class Lease:
     _ticket: str = ""
     # What its first byte showed, for the effective parallel (None: none
     # came yet, or the request names no model).
-    _watch: Watch | None = field(default=None, repr=False)
-    _streamed: bool = False
-    _behind: int = 0
-    _mark: int = 0
+    _seen: Seen | None = field(default=None, repr=False)
 
     def answering(self, response: IResponse) -> None:
         """
@@ -225,7 +222,7 @@ class Lease:
         if model is not None and model.canonical:
             kind = response.headers.getRawHeaders(b"content-type", _NO_TYPE)[0]
             # Sliced, not startswith(): no call more on every request.
-            self._router.effective.head(
+            self._seen = self._router.effective.head(
                 self, kind[:20] == b"application/x-ndjson" or kind[:17] == b"text/event-stream")
 
     def release(self) -> None:
@@ -608,8 +605,8 @@ class Router:
             del running[model]
         else:
             running[model] = left
-        if lease._watch is not None:
-            self.effective.released(lease, lease._watch)
+        if lease._seen is not None:
+            self.effective.released(lease, lease._seen)
         if self.collator is not None and model is not None:
             self.collator.ended(lease.backend, model)
         meter = lease._meter

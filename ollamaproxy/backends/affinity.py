@@ -279,12 +279,9 @@ class Affinity:
     def _slots(backend: Backend, model: ModelName | None) -> int:
         """
         How many prompt caches C{backend} keeps for C{model}: one per slot,
-        its effective parallel if lowered.
+        its effective parallel if lowered (L{Backend.limit}).
         """
-        slots = backend.parallel
-        if model is not None and model in backend.effective:
-            slots = backend.effective[model]
-        return max(slots, 1)
+        return max(backend.parallel if model is None else backend.limit(model), 1)
 
     def went(self, conversation: bytes, backend: Backend, model: ModelName | None) -> Placement:
         """

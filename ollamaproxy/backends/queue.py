@@ -121,28 +121,46 @@ class _Waiter(Generic[W, G]):
 
 
 @dataclass
-class _Users:
+class _Turns:
     """
-    The turns of the users behind one key: the key's own virtual time and
-    each user's finish in it, as L{FairQueue} keeps them for keys.
+    Turns in one virtual time (see the module's docstring): L{FairQueue}
+    keeps one for its keys, and one for the users behind each key that
+    names any, in that key's own time.
+
+    @ivar virtual: The virtual time now: the start of the last slot given.
+    @ivar finish: Each one's virtual finish time.
     """
 
     virtual: float = 0.0
     finish: dict[str, float] = field(default_factory=dict)
 
-    def start(self, user: str) -> float:
-        finish = self.finish.get(user, 0.0)
+    def start(self, name: str) -> float:
+        """
+        When, in virtual time, C{name}'s next request would start.
+        """
+        finish = self.finish.get(name, 0.0)
         return finish if finish > self.virtual else self.virtual
 
-    def served(self, user: str, cost: float) -> None:
-        start = self.start(user)
+    def served(self, name: str, cost: float) -> None:
+        """
+        A request of C{name} got a slot: its turn was now, and it moves
+        C{name}'s finish on by C{cost}.
+        """
+        # start(), inlined: this runs for every request that runs a model.
+        finish = self.finish.get(name, 0.0)
+        start = finish if finish > self.virtual else self.virtual
         self.virtual = start
-        self.finish[user] = start + cost
+        self.finish[name] = start + cost
         if len(self.finish) > _REMEMBERED:
-            self.finish = {u: f for u, f in self.finish.items() if f > self.virtual}
+            # One whose finish has passed is as good as one never seen.
+            self.finish = {n: f for n, f in self.finish.items() if f > self.virtual}
 
-    def charge(self, user: str, cost: float) -> None:
-        self.finish[user] = self.finish.get(user, self.virtual) + cost
+    def charge(self, name: str, cost: float) -> None:
+        """
+        Move C{name}'s finish on by C{cost} more, or back for a negative
+        C{cost}.  (One forgotten since was at or before the present.)
+        """
+        self.finish[name] = self.finish.get(name, self.virtual) + cost
 
 
 def _newest(lines: Iterable[Iterable[deque[_Waiter[W, G]]]]) -> _Waiter[W, G]:
@@ -217,13 +235,12 @@ class FairQueue(Generic[W, G]):
     # How many wait for each kind, all keys together.
     _kinds: Counter[Hashable] = field(default_factory=Counter)
     _size: int = 0
-    # Each key's virtual finish time; the virtual time now (the start of
-    # the last slot given).
-    _finish: dict[str, float] = field(default_factory=dict)
-    _virtual: float = 0.0
+    # The keys' turns: each key's virtual finish time, and the virtual time.
+    _turns: _Turns = field(default_factory=_Turns)
     _weights: dict[str, float] = field(default_factory=dict)
-    # The users of each key that has named any (see the module's docstring).
-    _users: dict[str, _Users] = field(default_factory=dict)
+    # The turns of the users of each key that has named any (see the
+    # module's docstring).
+    _users: dict[str, _Turns] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self._size
@@ -345,28 +362,20 @@ class FairQueue(Generic[W, G]):
         """
         if user is not None:
             self._users_of(key).served(user, cost)
-        # _start, inlined: this runs for every request that runs a model.
-        finish = self._finish.get(key, 0.0)
-        start = finish if finish > self._virtual else self._virtual
-        self._virtual = start
-        self._finish[key] = start + cost / weight
-        if len(self._finish) > _REMEMBERED:
-            # A key whose finish has passed is as good as one never seen.
-            self._finish = {k: f for k, f in self._finish.items() if f > self._virtual}
+        self._turns.served(key, cost / weight)
 
     def charge(self, key: str, weight: float, cost: float, user: str | None = None) -> None:
         """
         Move C{key}'s finish on by C{cost / weight} more, or back for a
         negative C{cost}: a served request turned out to cost more, or less,
         than L{served} was told.  The turn it had stays had: only the key's
-        next start moves, and never to before the present (L{_start}), so
-        an overestimate given back earns no credit.  Its C{user}'s, if it
-        names one, moves alike.
+        next start moves, and never to before the present
+        (L{_Turns.start}), so an overestimate given back earns no credit.
+        Its C{user}'s, if it names one, moves alike.
         """
         if user is not None:
             self._users_of(key).charge(user, cost)
-        # A key forgotten since was at or before the present.
-        self._finish[key] = self._finish.get(key, self._virtual) + cost / weight
+        self._turns.charge(key, cost / weight)
 
     def finish(self, key: str) -> float:
         """
@@ -374,9 +383,9 @@ class FairQueue(Generic[W, G]):
         starts there, or at the present if that is later.  (What the
         tests check the charges by.)
         """
-        return self._finish.get(key, 0.0)
+        return self._turns.finish.get(key, 0.0)
 
-    def _users_of(self, key: str) -> _Users:
+    def _users_of(self, key: str) -> _Turns:
         """
         The turns of C{key}'s users, made when it first names one.  Keys
         whose users all have their finish behind them are forgotten beyond
@@ -389,7 +398,7 @@ class FairQueue(Generic[W, G]):
                     k: u for k, u in self._users.items()
                     if k in self._keys or any(f > u.virtual for f in u.finish.values())
                 }
-            users = self._users[key] = _Users()
+            users = self._users[key] = _Turns()
         return users
 
     def user_finish(self, key: str, user: str) -> float:
@@ -399,12 +408,6 @@ class FairQueue(Generic[W, G]):
         """
         users = self._users.get(key)
         return 0.0 if users is None else users.finish.get(user, 0.0)
-
-    def _start(self, key: str) -> float:
-        """
-        When, in virtual time, C{key}'s next request would start.
-        """
-        return max(self._virtual, self._finish.get(key, 0.0))
 
     def serve(self, grant: Callable[[W], G | None]) -> None:
         """
@@ -419,7 +422,7 @@ class FairQueue(Generic[W, G]):
         # they stay so for the rest of this call.
         full: set[Hashable] = set()
         while self._size:
-            for key in sorted(self._keys, key=self._start):
+            for key in sorted(self._keys, key=self._turns.start):
                 waiter, granted = self._first_granted(key, grant, full)
                 if waiter is not None and granted is not None:
                     weight = self._weights[key]

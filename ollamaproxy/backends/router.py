@@ -448,7 +448,8 @@ class Router:
         A slot from this process's own fair queue: at once if nobody waits
         and a backend has one free, else at the request's turn.
         """
-        if not len(self.queue):
+        # Not len(): a call less, on every request that runs a model.
+        if not self.queue:
             lease = self._grant(wants, conversation=conversation)
             if lease is not None:
                 self.queue.served(charge.key, charge.weight, charge.cost, charge.user)
@@ -646,7 +647,7 @@ class Router:
         @param released: The model whose slot was just released, if any:
             timed while requests wait (see the module's docstring).
         """
-        if len(self.queue):
+        if self.queue:  # as in _take_local
             if released is not None:
                 self._time_release(released)
             self.queue.serve(self._grant)

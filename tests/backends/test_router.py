@@ -579,7 +579,7 @@ def test_the_estimate_is_in_measured_seconds_once_known() -> None:
     other = Meter()
     other.expect(200, "mistral")
     now(r.acquire("j", MISTRAL, runs=True, meter=other, expected_output=10))
-    assert r.queue.finish("j") - r.queue._virtual == pytest.approx(
+    assert r.queue.finish("j") - r.queue._turns.virtual == pytest.approx(
         200 * FALLBACK_PROMPT_SECONDS + 10 * FALLBACK_OUTPUT_SECONDS)
 
 

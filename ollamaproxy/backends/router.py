@@ -179,6 +179,10 @@ class _Charge:
     user: str | None
 
 
+#: What a lease the fair queue did not bill is charged: nothing, to no key.
+_UNCHARGED = _Charge("-", 1.0, 0.0, None, None)
+
+
 @dataclass(eq=False)
 class Lease:
     """
@@ -199,12 +203,8 @@ class Lease:
     placement: Placement | None = None
     _released: bool = False
     # Who the fair queue charged for the slot, how much, and the meter that
-    # says, at release, what the request did cost (None: no true-up).
-    _key: str = "-"
-    _user: str | None = None
-    _weight: float = 1.0
-    _charged: float = 0.0
-    _meter: Meter | None = field(default=None, repr=False)
+    # says, at release, what the request did cost (L{_Charge}).
+    _charge: _Charge = field(default=_UNCHARGED, repr=False)
     # The queue kept outside this process that gave the slot, and its name
     # for it (None: this process's own).
     _shared: SharedQueue | None = field(default=None, repr=False)
@@ -524,9 +524,7 @@ class Router:
         true-up at release; and move its conversation, if any, to its
         backend.
         """
-        lease._key, lease._weight, lease._charged, lease._meter = (
-            charge.key, charge.weight, charge.cost, charge.meter)
-        lease._user = charge.user
+        lease._charge = charge
         if conversation is not None and self.affinity is not None:
             lease.placement = self.affinity.went(conversation, lease.backend, lease.model)
         return lease
@@ -610,7 +608,8 @@ class Router:
             self.effective.released(lease, lease._seen)
         if self.collator is not None and model is not None:
             self.collator.ended(lease.backend, model)
-        meter = lease._meter
+        charged = lease._charge
+        meter = charged.meter
         charge = 0.0
         if meter is not None:
             # The meter's reading, not the estimate charged, is what the
@@ -620,15 +619,15 @@ class Router:
             if gpu is not None:
                 # A metered request runs a model: it took a slot of one.
                 assert model is not None
-                charge = gpu.cost(model.canonical, reading) - lease._charged
+                charge = gpu.cost(model.canonical, reading) - charged.cost
             else:
                 used = (0, 0) if reading is None else (reading.prompt_tokens,
                                                        reading.completion_tokens)
-                charge = self._cost(*used) - lease._charged
+                charge = self._cost(*used) - charged.cost
         if lease._shared is not None:
-            lease._shared.give_back(lease, charge / lease._weight)
+            lease._shared.give_back(lease, charge / charged.weight)
         elif meter is not None:
-            self.queue.charge(lease._key, lease._weight, charge, lease._user)
+            self.queue.charge(charged.key, charged.weight, charge, charged.user)
         self._serve_queue(model)
 
     def _pace_of(self, wants: tuple[ModelName | None, float, frozenset[Backend]]) -> float | None:

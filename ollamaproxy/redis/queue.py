@@ -351,7 +351,8 @@ class RedisQueue(Service):
         user's by C{charge} before the weight.
         """
         self._held.pop(lease._ticket, None)
-        self._done(lease._ticket, lease._key, charge, lease._user, charge * lease._weight)
+        billed = lease._charge
+        self._done(lease._ticket, billed.key, charge, billed.user, charge * billed.weight)
 
     def renew(self) -> Deferred[None]:
         """

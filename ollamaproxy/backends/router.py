@@ -484,8 +484,10 @@ class Router:
             candidates.remove(home)
             candidates.insert(0, home)
 
-        def lease(backend: Backend) -> Lease:
-            return self._bill(self._lease(backend, model, since), charge, conversation)
+        def lease(backend: Backend, ticket: str) -> Lease:
+            made = self._bill(self._lease(backend, model, since), charge, conversation)
+            made._shared, made._ticket = self.shared, ticket
+            return made
 
         def local() -> Deferred[Lease]:
             # Asked afresh, as a request that comes now: the backends may

@@ -47,8 +47,9 @@ class Ask:
         release).
     @ivar since: When it came, for the lease's C{queued}.
     @ivar lease: Makes the request's lease on the backend the shared queue
-        gave it (counted in the backend's requests in flight, and billed
-        for the true-up).
+        gave it, under the shared queue's name for the slot (counted in the
+        backend's requests in flight, billed for the true-up, and given
+        back to the shared queue when it ends).
     @ivar local: Waits for it in this process's queue instead: what the
         shared queue falls back to when it cannot be asked.
     @ivar user: Who it is for behind its key, whose share of the key's
@@ -62,7 +63,7 @@ class Ask:
     weight: float
     cost: float
     since: float
-    lease: Callable[[Backend], Lease]
+    lease: Callable[[Backend, str], Lease]
     local: Callable[[], Deferred[Lease]]
     user: str | None = None
 

@@ -259,8 +259,7 @@ class RedisQueue(Service):
             return
         ask = waiting.ask
         backend = next(b for b in ask.backends if b.name == url)
-        lease = ask.lease(backend)
-        lease._shared, lease._ticket = self, ticket
+        lease = ask.lease(backend, ticket)
         self._held[ticket] = (lease, f"{url}\n{ask.model.canonical}")
         waiting.granted.callback(lease)
 

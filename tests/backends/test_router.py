@@ -734,9 +734,7 @@ class _Shared:
 
     def take(self, ask: Ask) -> Deferred[Lease]:
         self.asks.append(ask)
-        lease = ask.lease(ask.backends[0])
-        lease._shared = self
-        return succeed(lease)
+        return succeed(ask.lease(ask.backends[0], ""))
 
     def waiting(self) -> dict[str, int]:
         return {"k": 2, "j": 1}

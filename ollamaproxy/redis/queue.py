@@ -278,9 +278,7 @@ class RedisQueue(Service):
         ticket leaves Redis's line (if Redis can be told; else it expires
         there).
         """
-        del self._waiting[waiting.ticket]
-        self._stop_timer(waiting)
-        self._give_up(waiting)
+        self._out_of_line(waiting)
         waiting.local = maybeDeferred(waiting.ask.local)
         waiting.local.chainDeferred(waiting.granted)
 
@@ -298,20 +296,30 @@ class RedisQueue(Service):
         if waiting.local is not None:
             waiting.local.cancel()
             return
-        if self._waiting.pop(waiting.ticket, None) is None:
-            return
-        self._stop_timer(waiting)
-        self._give_up(waiting)
+        self._out_of_line(waiting)
 
     def _expire(self, waiting: _Waiting) -> None:
+        # Fired: nothing to cancel.
         waiting.timer = None
-        if self._waiting.pop(waiting.ticket, None) is None:
+        if not self._out_of_line(waiting):
             return
-        self._give_up(waiting)
         waiting.granted.errback(busy(
             f"no backend was free for {self._timeout:g} seconds; try again shortly",
             self._timeout, "queue_timeout",
         ))
+
+    def _out_of_line(self, waiting: _Waiting) -> bool:
+        """
+        Take C{waiting} out of Redis's line, if it is still in it: its
+        timer stopped, its ticket given up in Redis (L{_give_up}).
+
+        @return: Whether it was in line.
+        """
+        if self._waiting.pop(waiting.ticket, None) is None:
+            return False
+        self._stop_timer(waiting)
+        self._give_up(waiting)
+        return True
 
     @staticmethod
     def _stop_timer(waiting: _Waiting) -> None:

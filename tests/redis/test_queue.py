@@ -84,6 +84,24 @@ class Shared:
         ticket: str = self.last(scripts.ACQUIRE).args[5]
         return ticket
 
+    def running(self) -> list[Lease]:
+        """
+        Ask, and Redis answers the ACQUIRE with the slot: the lease, in a
+        list.
+        """
+        got = results(self.ask())
+        self.last(scripts.ACQUIRE).answer.callback([self.ticket(), GPU])
+        return got
+
+    def waiting(self) -> list[Lease]:
+        """
+        Ask, and Redis answers the ACQUIRE with no grant: the request is in
+        line, its list empty until its lease comes.
+        """
+        got = results(self.ask())
+        self.last(scripts.ACQUIRE).answer.callback([])
+        return got
+
     def go_down(self) -> None:
         """
         A call fails: the link finds Redis down.
@@ -127,8 +145,7 @@ def test_a_queued_request_costs_two_round_trips() -> None:
     """
     shared = Shared()
     assert shared.listening.channel == f"ollamaproxy:q:grants:{shared.queue.instance}"
-    got = results(shared.ask())
-    shared.redis.calls[0].answer.callback([])
+    got = shared.waiting()
     assert got == [] and shared.backend.in_flight == 0
     assert shared.listening.heard is not None
     shared.listening.heard(f"{shared.ticket()}\n{GPU}")
@@ -184,10 +201,8 @@ def test_grants_of_other_tickets_in_an_answer() -> None:
     (a DONE freeing a slot that one waiting here gets): each gets its slot.
     """
     shared = Shared()
-    first = results(shared.ask())
-    shared.redis.calls[0].answer.callback([shared.ticket(), GPU])
-    second = results(shared.ask())
-    shared.redis.calls[1].answer.callback([])
+    first = shared.running()
+    second = shared.waiting()
     waiting_ticket = shared.ticket()
     first[0].release()
     shared.last(scripts.DONE).answer.callback([waiting_ticket, GPU])
@@ -337,10 +352,8 @@ def test_waiting_requests_move_here_when_redis_goes_down() -> None:
     process's queue instead, and is served there.
     """
     shared = Shared()
-    running = results(shared.ask())
-    shared.redis.calls[0].answer.callback([shared.ticket(), GPU])
-    waiting = results(shared.ask())
-    shared.redis.calls[1].answer.callback([])
+    running = shared.running()
+    waiting = shared.waiting()
     shared.go_down()
     assert len(shared.router.queue) == 1
     running[0].release()
@@ -365,8 +378,7 @@ def test_a_lease_granted_by_redis_released_while_it_is_down() -> None:
     slot is free for this process's queue.
     """
     shared = Shared()
-    got = results(shared.ask())
-    shared.redis.calls[0].answer.callback([shared.ticket(), GPU])
+    got = shared.running()
     shared.go_down()
     got[0].release()
     got[0].release()
@@ -381,14 +393,11 @@ def test_the_round_renews_and_recovers() -> None:
     its slot, and one Redis forgot is put in line again.
     """
     shared = Shared()
-    running = results(shared.ask())
-    shared.redis.calls[0].answer.callback([shared.ticket(), GPU])
+    running = shared.running()
     held = shared.ticket()
-    lost = results(shared.ask())
-    shared.redis.calls[1].answer.callback([])
+    lost = shared.waiting()
     lost_ticket = shared.ticket()
-    forgotten = results(shared.ask())
-    shared.redis.calls[2].answer.callback([])
+    forgotten = shared.waiting()
     forgotten_ticket = shared.ticket()
     shared.queue.renew()
     renew = shared.last(scripts.RENEW_QUEUE)

@@ -93,7 +93,7 @@ from twisted.python.failure import Failure
 from ollamaproxy.backends.queue import busy
 from ollamaproxy.backends.router import Lease, Router
 from ollamaproxy.backends.shared import Ask
-from ollamaproxy.config import DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT
+from ollamaproxy.config import DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT, DEFAULT_REDIS_LEASE
 from ollamaproxy.redis import scripts
 from ollamaproxy.redis.limits import PREFIX
 from ollamaproxy.redis.link import RedisLink, Subscribe, Subscription
@@ -142,7 +142,7 @@ class RedisQueue(Service):
         router: Router,
         clock: IReactorTime,
         subscribe: Subscribe,
-        lease: float = 30.0,
+        lease: float = DEFAULT_REDIS_LEASE,
         max_queue: int = DEFAULT_MAX_QUEUE,
         queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
         prefix: str = PREFIX,

@@ -102,6 +102,17 @@ class Shared:
         self.last(scripts.ACQUIRE).answer.callback([])
         return got
 
+    def in_line(self) -> tuple[Deferred[Lease], list[Any]]:
+        """
+        Ask, and Redis answers the ACQUIRE with no grant: the request's
+        Deferred, and the list its failure goes to.
+        """
+        waiting = self.ask()
+        self.last(scripts.ACQUIRE).answer.callback([])
+        failures: list[Any] = []
+        waiting.addErrback(failures.append)
+        return waiting, failures
+
     def go_down(self) -> None:
         """
         A call fails: the link finds Redis down.
@@ -216,10 +227,7 @@ def test_leaving_the_line_tells_redis() -> None:
     it afterwards is ignored (that DONE freed the slot).
     """
     shared = Shared()
-    waiting = shared.ask()
-    shared.redis.calls[0].answer.callback([])
-    failures: list[Any] = []
-    waiting.addErrback(failures.append)
+    waiting, failures = shared.in_line()
     waiting.cancel()
     assert failures[0].check(CancelledError)
     done = shared.last(scripts.DONE)
@@ -235,10 +243,7 @@ def test_a_request_waits_no_longer_than_the_timeout() -> None:
     Retry-After, and leaves Redis's line.
     """
     shared = Shared()
-    waiting = shared.ask()
-    shared.redis.calls[0].answer.callback([])
-    failures: list[Any] = []
-    waiting.addErrback(failures.append)
+    _, failures = shared.in_line()
     shared.clock.advance(60)
     error = failures[0].value
     assert isinstance(error, ProxyError)
@@ -278,10 +283,7 @@ def test_a_displaced_request_hears_its_503() -> None:
     the 503 with the Retry-After Redis reckoned, and it no longer waits.
     """
     shared = Shared()
-    waiting = shared.ask()
-    shared.redis.calls[0].answer.callback([])
-    failures: list[Any] = []
-    waiting.addErrback(failures.append)
+    _, failures = shared.in_line()
     assert shared.listening.heard is not None
     shared.listening.heard(f"{shared.ticket()}\n!60000")
     error = failures[0].value
@@ -413,10 +415,7 @@ def test_the_round_finds_a_refusal_whose_message_was_lost() -> None:
     full queue: C{!MS}, its message lost) gets the 503, not a new ACQUIRE.
     """
     shared = Shared()
-    waiting = shared.ask()
-    shared.redis.calls[0].answer.callback([])
-    failures: list[Any] = []
-    waiting.addErrback(failures.append)
+    _, failures = shared.in_line()
     shared.queue.renew()
     shared.last(scripts.RENEW_QUEUE).answer.callback([[shared.ticket(), "!5000"], []])
     assert failures[0].value.headers == {b"Retry-After": b"5"}

@@ -944,4 +944,5 @@ DEFAULT_FAIR_SHARE = Config.fair_share
 DEFAULT_OUTPUT_TOKEN_WEIGHT = Config.output_token_weight
 DEFAULT_AFFINITY_SLACK = Config.affinity_slack
 DEFAULT_SWITCH_HOLD = Config.switch_hold
+DEFAULT_REDIS_LEASE = Config.redis_lease
 DEFAULT_OPEN_ROUTES = str(option_named("open-routes").default)

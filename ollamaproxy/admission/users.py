@@ -57,16 +57,17 @@ def user_of(header: bytes, headers: Headers, redact: Callable[[str], str]) -> st
     values = headers.getRawHeaders(header)
     if values is None:
         return ANONYMOUS
-    shown = header.decode("ascii")
+    # The header's name is decoded for a refusal only, not for every user
+    # read (a key's header name is a token: ASCII).
     if len(values) != 1:
-        raise ProxyError(400, f"send one {shown} header, not {len(values)}")
+        raise ProxyError(400, f"send one {header.decode()} header, not {len(values)}")
     value = values[0].decode("latin-1")
     if not _USER.fullmatch(value):
         raise ProxyError(
-            400, f"the {shown} header must be 1 to {MAX_USER_LENGTH} ASCII letters, "
-            "digits or -._@+:"
+            400, f"the {header.decode()} header must be 1 to {MAX_USER_LENGTH} ASCII "
+            "letters, digits or -._@+:"
         )
     if redact(value) != value:
-        raise ProxyError(400, f"the {shown} header holds a credential: it names a user, "
-                         "never a key")
+        raise ProxyError(400, f"the {header.decode()} header holds a credential: it names "
+                         "a user, never a key")
     return value

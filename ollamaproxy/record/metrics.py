@@ -272,6 +272,7 @@ class Metrics:
         if exchange.outcome == "rejected" and exchange.status in _AUTH_FAILURES:
             self._auth_failures.labels(status=status).inc()
         summary = exchange.summary
+        model = OTHER  # Its label, once read (only with a summary).
         if summary is not None:
             model = self._model_label(summary.model)
             for kind, count in (
@@ -287,9 +288,8 @@ class Metrics:
             # theirs could be there (see the module's docstring).
             self._turns[(exchange.backend, exchange.placement)].inc()
             if summary is not None and summary.prompt_seconds and summary.prompt_tokens > 0:
-                self._prompt_seen(exchange.backend, self._model_label(summary.model),
-                                  summary.prompt_tokens, summary.prompt_seconds,
-                                  exchange.placement)
+                self._prompt_seen(exchange.backend, model, summary.prompt_tokens,
+                                  summary.prompt_seconds, exchange.placement)
 
     def _prompt_seen(self, backend: str, model: str, tokens: int, seconds: float,
                      placement: str) -> None:

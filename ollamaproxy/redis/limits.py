@@ -58,6 +58,7 @@ from ollamaproxy.admission.limits import (
 )
 from ollamaproxy.admission.quota_periods import Window, window
 from ollamaproxy.admission.quotas import QuotaBook, over_quota
+from ollamaproxy.config import DEFAULT_REDIS_LEASE
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.redis import scripts
 from ollamaproxy.redis.link import RedisDown, RedisLink
@@ -176,7 +177,7 @@ class RedisLimits:
         local: Limits,
         clock: IReactorTime,
         policy: str = "local",
-        lease: float = 30.0,
+        lease: float = DEFAULT_REDIS_LEASE,
         prefix: str = PREFIX,
         quotas: QuotaBook | None = None,
     ) -> None:

@@ -93,7 +93,7 @@ from twisted.python.failure import Failure
 from ollamaproxy.backends.queue import busy
 from ollamaproxy.backends.router import Lease, Router
 from ollamaproxy.backends.shared import Ask
-from ollamaproxy.config import DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT
+from ollamaproxy.config import DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT, DEFAULT_REDIS_LEASE
 from ollamaproxy.redis import scripts
 from ollamaproxy.redis.limits import PREFIX
 from ollamaproxy.redis.link import RedisLink, Subscribe, Subscription
@@ -142,7 +142,7 @@ class RedisQueue(Service):
         router: Router,
         clock: IReactorTime,
         subscribe: Subscribe,
-        lease: float = 30.0,
+        lease: float = DEFAULT_REDIS_LEASE,
         max_queue: int = DEFAULT_MAX_QUEUE,
         queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
         prefix: str = PREFIX,
@@ -277,9 +277,7 @@ class RedisQueue(Service):
         ticket leaves Redis's line (if Redis can be told; else it expires
         there).
         """
-        del self._waiting[waiting.ticket]
-        self._stop_timer(waiting)
-        self._give_up(waiting)
+        self._out_of_line(waiting)
         waiting.local = maybeDeferred(waiting.ask.local)
         waiting.local.chainDeferred(waiting.granted)
 
@@ -297,20 +295,30 @@ class RedisQueue(Service):
         if waiting.local is not None:
             waiting.local.cancel()
             return
-        if self._waiting.pop(waiting.ticket, None) is None:
-            return
-        self._stop_timer(waiting)
-        self._give_up(waiting)
+        self._out_of_line(waiting)
 
     def _expire(self, waiting: _Waiting) -> None:
+        # Fired: nothing to cancel.
         waiting.timer = None
-        if self._waiting.pop(waiting.ticket, None) is None:
+        if not self._out_of_line(waiting):
             return
-        self._give_up(waiting)
         waiting.granted.errback(busy(
             f"no backend was free for {self._timeout:g} seconds; try again shortly",
             self._timeout, "queue_timeout",
         ))
+
+    def _out_of_line(self, waiting: _Waiting) -> bool:
+        """
+        Take C{waiting} out of Redis's line, if it is still in it: its
+        timer stopped, its ticket given up in Redis (L{_give_up}).
+
+        @return: Whether it was in line.
+        """
+        if self._waiting.pop(waiting.ticket, None) is None:
+            return False
+        self._stop_timer(waiting)
+        self._give_up(waiting)
+        return True
 
     @staticmethod
     def _stop_timer(waiting: _Waiting) -> None:

@@ -84,6 +84,35 @@ class Shared:
         ticket: str = self.last(scripts.ACQUIRE).args[5]
         return ticket
 
+    def running(self) -> list[Lease]:
+        """
+        Ask, and Redis answers the ACQUIRE with the slot: the lease, in a
+        list.
+        """
+        got = results(self.ask())
+        self.last(scripts.ACQUIRE).answer.callback([self.ticket(), GPU])
+        return got
+
+    def waiting(self) -> list[Lease]:
+        """
+        Ask, and Redis answers the ACQUIRE with no grant: the request is in
+        line, its list empty until its lease comes.
+        """
+        got = results(self.ask())
+        self.last(scripts.ACQUIRE).answer.callback([])
+        return got
+
+    def in_line(self) -> tuple[Deferred[Lease], list[Any]]:
+        """
+        Ask, and Redis answers the ACQUIRE with no grant: the request's
+        Deferred, and the list its failure goes to.
+        """
+        waiting = self.ask()
+        self.last(scripts.ACQUIRE).answer.callback([])
+        failures: list[Any] = []
+        waiting.addErrback(failures.append)
+        return waiting, failures
+
     def go_down(self) -> None:
         """
         A call fails: the link finds Redis down.
@@ -127,8 +156,7 @@ def test_a_queued_request_costs_two_round_trips() -> None:
     """
     shared = Shared()
     assert shared.listening.channel == f"ollamaproxy:q:grants:{shared.queue.instance}"
-    got = results(shared.ask())
-    shared.redis.calls[0].answer.callback([])
+    got = shared.waiting()
     assert got == [] and shared.backend.in_flight == 0
     assert shared.listening.heard is not None
     shared.listening.heard(f"{shared.ticket()}\n{GPU}")
@@ -184,10 +212,8 @@ def test_grants_of_other_tickets_in_an_answer() -> None:
     (a DONE freeing a slot that one waiting here gets): each gets its slot.
     """
     shared = Shared()
-    first = results(shared.ask())
-    shared.redis.calls[0].answer.callback([shared.ticket(), GPU])
-    second = results(shared.ask())
-    shared.redis.calls[1].answer.callback([])
+    first = shared.running()
+    second = shared.waiting()
     waiting_ticket = shared.ticket()
     first[0].release()
     shared.last(scripts.DONE).answer.callback([waiting_ticket, GPU])
@@ -201,10 +227,7 @@ def test_leaving_the_line_tells_redis() -> None:
     it afterwards is ignored (that DONE freed the slot).
     """
     shared = Shared()
-    waiting = shared.ask()
-    shared.redis.calls[0].answer.callback([])
-    failures: list[Any] = []
-    waiting.addErrback(failures.append)
+    waiting, failures = shared.in_line()
     waiting.cancel()
     assert failures[0].check(CancelledError)
     done = shared.last(scripts.DONE)
@@ -220,10 +243,7 @@ def test_a_request_waits_no_longer_than_the_timeout() -> None:
     Retry-After, and leaves Redis's line.
     """
     shared = Shared()
-    waiting = shared.ask()
-    shared.redis.calls[0].answer.callback([])
-    failures: list[Any] = []
-    waiting.addErrback(failures.append)
+    _, failures = shared.in_line()
     shared.clock.advance(60)
     error = failures[0].value
     assert isinstance(error, ProxyError)
@@ -263,10 +283,7 @@ def test_a_displaced_request_hears_its_503() -> None:
     the 503 with the Retry-After Redis reckoned, and it no longer waits.
     """
     shared = Shared()
-    waiting = shared.ask()
-    shared.redis.calls[0].answer.callback([])
-    failures: list[Any] = []
-    waiting.addErrback(failures.append)
+    _, failures = shared.in_line()
     assert shared.listening.heard is not None
     shared.listening.heard(f"{shared.ticket()}\n!60000")
     error = failures[0].value
@@ -337,10 +354,8 @@ def test_waiting_requests_move_here_when_redis_goes_down() -> None:
     process's queue instead, and is served there.
     """
     shared = Shared()
-    running = results(shared.ask())
-    shared.redis.calls[0].answer.callback([shared.ticket(), GPU])
-    waiting = results(shared.ask())
-    shared.redis.calls[1].answer.callback([])
+    running = shared.running()
+    waiting = shared.waiting()
     shared.go_down()
     assert len(shared.router.queue) == 1
     running[0].release()
@@ -365,8 +380,7 @@ def test_a_lease_granted_by_redis_released_while_it_is_down() -> None:
     slot is free for this process's queue.
     """
     shared = Shared()
-    got = results(shared.ask())
-    shared.redis.calls[0].answer.callback([shared.ticket(), GPU])
+    got = shared.running()
     shared.go_down()
     got[0].release()
     got[0].release()
@@ -381,14 +395,11 @@ def test_the_round_renews_and_recovers() -> None:
     its slot, and one Redis forgot is put in line again.
     """
     shared = Shared()
-    running = results(shared.ask())
-    shared.redis.calls[0].answer.callback([shared.ticket(), GPU])
+    running = shared.running()
     held = shared.ticket()
-    lost = results(shared.ask())
-    shared.redis.calls[1].answer.callback([])
+    lost = shared.waiting()
     lost_ticket = shared.ticket()
-    forgotten = results(shared.ask())
-    shared.redis.calls[2].answer.callback([])
+    forgotten = shared.waiting()
     forgotten_ticket = shared.ticket()
     shared.queue.renew()
     renew = shared.last(scripts.RENEW_QUEUE)
@@ -404,10 +415,7 @@ def test_the_round_finds_a_refusal_whose_message_was_lost() -> None:
     full queue: C{!MS}, its message lost) gets the 503, not a new ACQUIRE.
     """
     shared = Shared()
-    waiting = shared.ask()
-    shared.redis.calls[0].answer.callback([])
-    failures: list[Any] = []
-    waiting.addErrback(failures.append)
+    _, failures = shared.in_line()
     shared.queue.renew()
     shared.last(scripts.RENEW_QUEUE).answer.callback([[shared.ticket(), "!5000"], []])
     assert failures[0].value.headers == {b"Retry-After": b"5"}

@@ -1065,7 +1065,7 @@ def webui_chain(**options: Any) -> Chain:
     in C{X-OpenWebUI-User-Id}, beside C{alice}, which names none.
     """
     chain = Chain(**options)
-    chain.keys.replace([*chain.keys._by_digest.values(),
+    chain.keys.replace([*chain.keys,
                         ApiKey("webui", digest(WEBUI), user_header=USER_HEADER)])
     return chain
 

@@ -20,7 +20,8 @@ by how it I{began}, which no later turn changes:
   - any route that runs a model, when the request's key names a chat id
     header (C{keys add NAME --chat-header X-OpenWebUI-Chat-Id}) and the
     request carries it: the model and that header's value, which the
-    client keeps for the conversation's life.
+    client keeps for the conversation's life.  A value that is a credential
+    is refused (L{chat_id_of}), as a user header's is.
 
 Two conversations that began alike (the same system prompt and first
 question) share a digest, and so a backend: harmless, since Ollama's cache
@@ -37,15 +38,34 @@ changes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from hashlib import blake2b
 from typing import Final
 
+from twisted.web.http_headers import Headers
+
+from ollamaproxy.admission.keys import refuse_credential
 from ollamaproxy.model_names import ModelName
 from ollamaproxy.routes import Opening
 
 #: How much of a prompt (characters) says which conversation it continues.
 PROMPT_PREFIX: Final = 256
+
+
+def chat_id_of(header: bytes, headers: Headers, redact: Callable[[str], str]) -> bytes | None:
+    """
+    The chat id a request names in its key's chat id header C{header} (the
+    last, if sent more than once), or L{None}.
+
+    @param redact: Blanks credentials in a text: a value it changes is a
+        credential, not a chat id.
+    @raise ProxyError: 400 for a credential.
+    """
+    values = headers.getRawHeaders(header)
+    if values is None:
+        return None
+    refuse_credential(header, values[-1].decode("latin-1"), "a conversation", redact)
+    return values[-1]
 
 
 def conversation(

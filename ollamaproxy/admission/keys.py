@@ -38,6 +38,7 @@ from typing import Any
 
 from ollamaproxy.admission.caps import Caps, keep_alive_cap, show_duration
 from ollamaproxy.backends.headers import NEVER_UPSTREAM
+from ollamaproxy.errors import ProxyError
 from ollamaproxy.record.redact import KEY_PREFIX
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -324,6 +325,24 @@ def _key_from_json(entry: Mapping[str, Any]) -> ApiKey:
 
 # A field name is a token (RFC 9110 section 5.1, 5.6.2).
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
+
+
+def refuse_credential(
+    header: bytes, value: str, names: str, redact: Callable[[str], str]
+) -> None:
+    """
+    Refuse the value of a header a key reads something from (L{header_name})
+    when it is a credential: a front-end set up to send its key there would
+    have it logged, made into a digest, and forwarded to Ollama.
+
+    @param names: What the header names, for the error ("a user").
+    @param redact: Blanks credentials in a text (the proxy's keys, and
+        their shape): a value it changes is one.
+    @raise ProxyError: 400, not repeating the value.
+    """
+    if redact(value) != value:
+        raise ProxyError(400, f"the {header.decode()} header holds a credential: it names "
+                         f"{names}, never a key")
 
 
 def header_name(name: str, names: str) -> str:

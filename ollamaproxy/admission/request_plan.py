@@ -87,6 +87,7 @@ async def plan_request(
     caps: Caps,
     several_backends: bool,
     conversations: bool = False,
+    chat_id: bytes | None = None,
 ) -> Plan:
     """
     Read what must be read of a request, refuse what its key may not do, and
@@ -97,6 +98,8 @@ async def plan_request(
     @param several_backends: Whether the router chooses among backends.
     @param conversations: Whether the router sends a conversation's turns
         home, so that the plan says which conversation a request continues.
+    @param chat_id: The chat id the request names in its key's chat id
+        header (L{ollamaproxy.admission.conversation.chat_id_of}), if any.
     @raise ProxyError: 403 for a model the key may not use, or for a route
         the proxy does not know when the key is limited to some models; 400
         or 413 for a body it cannot read.
@@ -151,10 +154,7 @@ async def plan_request(
     plan = Plan(model=_routed(named, route), body=body if request.body is not None else None,
                 estimate=estimate(route, body))
     if members is not None and plan.model is not None:
-        header = key.chat_header if key is not None else None
-        plan.conversation = conversation(
-            route.opening, plan.model, members,
-            request.getHeader(header.encode("ascii")) if header is not None else None)
+        plan.conversation = conversation(route.opening, plan.model, members, chat_id)
     if request.body is not None and (caps.loaded_context is not None or caps != NO_CAPS):
         _rewrite(plan, request, body, caps)
     return plan

@@ -36,6 +36,7 @@ from typing import Final
 
 from twisted.web.http_headers import Headers
 
+from ollamaproxy.admission.keys import refuse_credential
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.exchange import ANONYMOUS
 
@@ -67,7 +68,5 @@ def user_of(header: bytes, headers: Headers, redact: Callable[[str], str]) -> st
             400, f"the {header.decode()} header must be 1 to {MAX_USER_LENGTH} ASCII "
             "letters, digits or -._@+:"
         )
-    if redact(value) != value:
-        raise ProxyError(400, f"the {header.decode()} header holds a credential: it names "
-                         "a user, never a key")
+    refuse_credential(header, value, "a user", redact)
     return value

@@ -31,6 +31,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from ollamaproxy.admission.caps import Caps
+from ollamaproxy.admission.conversation import chat_id_of
 from ollamaproxy.admission.limits import Limits
 from ollamaproxy.admission.request_plan import plan_request
 from ollamaproxy.admission.users import user_of
@@ -203,15 +204,20 @@ class OllamaProxy:
         exchange.key = key.name
         # Read only for a key that names its users: for any other, the
         # header is not trusted, and a request costs nothing more.
-        user = None
+        user = chat_id = None
+        # A key sent as a user or a chat id is refused: never logged, made
+        # into a digest, nor forwarded.
         if key.user_header is not None:
-            # A key sent as a user is refused: never logged nor forwarded.
             user = exchange.user = user_of(key.user_header.encode("ascii"),
                                            request.requestHeaders, self._recorder.redact)
+        if key.chat_header is not None:
+            chat_id = chat_id_of(key.chat_header.encode("ascii"), request.requestHeaders,
+                                 self._recorder.redact)
         admission = await self._limits.admit(key)
         try:
             plan = await plan_request(key, request, target, path, route, self._caps,
-                                      self._dispatcher.several, self._dispatcher.conversations)
+                                      self._dispatcher.several, self._dispatcher.conversations,
+                                      chat_id)
         except BaseException:
             admission.give_back()
             raise

@@ -826,3 +826,23 @@ def test_a_chat_id_reaches_no_log() -> None:
         _served_by(chain, chat(), USER_KEY, {"X-OpenWebUI-Chat-Id": "chat-4f1d9e"})
     assert [e for e in events if e.get("log_namespace") == "ollamaproxy.access"]
     assert not [e for e in events if "chat-4f1d9e" in repr(e) + formatEvent(e)]
+
+
+def test_a_key_sent_as_a_chat_id_is_refused() -> None:
+    """
+    A request whose key names a chat id header, carrying a key there, is
+    refused with a 400 that does not repeat it: nothing reaches Ollama,
+    and the key is in none of the proxy's log events.
+    """
+    chain = Chain(backends=[["llama3.2"]] * 2)
+    user = ApiKey(name="user", digest=digest(USER_KEY), chat_header="X-OpenWebUI-Chat-Id")
+    chain.keys.replace([*chain.keys, user])
+    with capturedLogs() as events:
+        response = chain.respond("POST", "/api/chat", key=USER_KEY, data=chat(),
+                                 headers={"X-OpenWebUI-Chat-Id": KEY})
+        body = chain.body(response).decode()
+    assert response.code == 400
+    assert "credential" in body and KEY not in body
+    assert all(fake.received == [] for fake in chain.fakes)
+    assert [e for e in events if e.get("log_namespace") == "ollamaproxy.access"]
+    assert not [e for e in events if KEY in repr(e) + formatEvent(e)]

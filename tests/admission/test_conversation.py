@@ -9,10 +9,13 @@ import json
 from typing import Any
 
 import pytest
+from twisted.web.http_headers import Headers
 
-from ollamaproxy.admission.conversation import PROMPT_PREFIX, conversation
+from ollamaproxy.admission.conversation import PROMPT_PREFIX, chat_id_of, conversation
 from ollamaproxy.admission.policy import json_model_fields
+from ollamaproxy.errors import ProxyError
 from ollamaproxy.model_names import resolve
+from ollamaproxy.record.redact import Redactor
 from ollamaproxy.routes import Catalogue
 
 LLAMA = resolve("llama3.2")
@@ -112,6 +115,34 @@ def test_a_chat_id_wins() -> None:
     assert digest_of("/api/chat", body, b"c-1") != digest_of("/api/chat", body)
     assert digest_of("/api/embed", {"model": "llama3.2", "input": "x"}, b"c-1") is not None
     assert digest_of("/api/chat", body, b"") == digest_of("/api/chat", body)
+
+
+CHAT_ID = b"X-OpenWebUI-Chat-Id"
+#: A key of the keys file, whatever its shape (checked word by word).
+TEAM_KEY = "team-key.2026"
+REDACT = Redactor(lambda word: word == TEAM_KEY)
+
+
+def test_a_chat_id_is_read_as_sent() -> None:
+    """
+    The chat id is the header's value as sent (the last, if sent twice),
+    and none without the header.
+    """
+    assert chat_id_of(CHAT_ID, Headers({CHAT_ID: [b"c-1", b"c-2"]}), REDACT) == b"c-2"
+    assert chat_id_of(CHAT_ID, Headers({b"x-other": [b"c-1"]}), REDACT) is None
+
+
+@pytest.mark.parametrize("value", [TEAM_KEY, "olpk_" + "chatidtest" * 3 + "chatidte"])
+def test_a_credential_is_no_chat_id(value: str) -> None:
+    """
+    One of the proxy's keys, or a token of its keys' shape, sent as the
+    chat id (a front-end set up to send its key there) is a 400 that does
+    not repeat it, rather than a digest made of it and the key forwarded.
+    """
+    with pytest.raises(ProxyError) as e:
+        chat_id_of(CHAT_ID, Headers({CHAT_ID: [value.encode()]}), REDACT)
+    assert e.value.code == 400
+    assert "credential" in e.value.message and value not in e.value.message
 
 
 @pytest.mark.parametrize(("route", "body"), [

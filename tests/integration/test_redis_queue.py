@@ -9,7 +9,8 @@ each test moves, so that leases expire without waiting.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any, cast
 
 import pytest
@@ -64,8 +65,10 @@ class Proxy:
                                 LEASE, max_queue, queue_timeout=600)
 
     def ask(self, key: str, user: str | None = None) -> Deferred[Lease]:
+        """
+        A lease of the backend for a request of C{key} (and C{user}).
+        """
         return self.router.acquire(key, LLAMA, runs=True, user=user)
-
 
 
 @pytest_twisted.async_yield_fixture
@@ -114,14 +117,28 @@ async def proxies(
         await maybeDeferred(proxy.link.stopService)
 
 
-async def until_answer(reactor: Any, link: RedisLink, channels: list[str]) -> None:
+async def until(reactor: Any, check: Callable[[], Awaitable[bool]], what: str) -> None:
+    """
+    Wait (bounded: 10 s) until C{await check()} holds, asking every 20 ms:
+    a L{wait_for} for what only a call to Redis can tell.
+    """
     for _ in range(500):
-        counts = await link.call(
-            "return redis.call('PUBSUB', 'NUMSUB', unpack(KEYS))", channels, [])
-        if all(int(n) == 1 for n in counts[1::2]):
+        if await check():
             return
         await sleep(reactor, 0.02)
-    raise AssertionError("the subscribers never subscribed")
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def until_answer(reactor: Any, link: RedisLink, channels: list[str]) -> None:
+    """
+    Wait until each of C{channels} has its one subscriber.
+    """
+    async def subscribed() -> bool:
+        counts = await link.call(
+            "return redis.call('PUBSUB', 'NUMSUB', unpack(KEYS))", channels, [])
+        return all(int(n) == 1 for n in counts[1::2])
+
+    await until(reactor, subscribed, "the subscribers to subscribe")
 
 
 async def redis_count(link: RedisLink, name: str) -> int:
@@ -133,6 +150,9 @@ async def redis_count(link: RedisLink, name: str) -> int:
 
 
 def results(d: Deferred[Lease]) -> list[Lease]:
+    """
+    The lease C{d} gives, once it has.
+    """
     got: list[Lease] = []
     d.addCallback(got.append)
     return got
@@ -251,6 +271,19 @@ async def test_a_refused_subscription_is_logged(
     assert "ollamaproxy:q:grants:x" in said and "NOPERM" in said
 
 
+async def until_moved(
+    reactor: Any, read: Callable[[], Awaitable[float]], before: object
+) -> None:
+    """
+    Wait (bounded) until what C{read} gives is no longer C{before}: the
+    true-up written, once the slot is given back.
+    """
+    async def moved() -> bool:
+        return await read() != before
+
+    await until(reactor, moved, "the true-up")
+
+
 async def finish_of(link: RedisLink, key: str) -> float:
     """
     C{key}'s virtual finish, as Redis keeps it.
@@ -275,10 +308,7 @@ async def test_tokens_charged_and_trued_up_in_redis(reactor: Any, pair: list[Pro
     assert await finish_of(a.link, "tok") == (20 + 2 * 500) / 2
     meter.generating, meter.output = True, 7
     lease.release()
-    for _ in range(100):
-        if await finish_of(a.link, "tok") != (20 + 2 * 500) / 2:
-            break
-        await sleep(reactor, 0.02)
+    await until_moved(reactor, partial(finish_of, a.link, "tok"), (20 + 2 * 500) / 2)
     assert await finish_of(a.link, "tok") == (20 + 2 * 7) / 2
 
 
@@ -303,10 +333,7 @@ async def test_gpu_seconds_charged_and_trued_up_in_redis(
     meter.final = StreamSummary("llama3.2:latest", prompt_tokens=20, completion_tokens=5,
                                 prompt_seconds=0.0123, eval_seconds=0.0456)
     lease.release()
-    for _ in range(100):
-        if await finish_of(a.link, "gpu") != pytest.approx(estimate / 2):
-            break
-        await sleep(reactor, 0.02)
+    await until_moved(reactor, partial(finish_of, a.link, "gpu"), pytest.approx(estimate / 2))
     assert await finish_of(a.link, "gpu") == pytest.approx((0.0123 + 0.0456) / 2)
 
 
@@ -363,11 +390,10 @@ async def until_waiting(reactor: Any, link: RedisLink, n: int) -> None:
     """
     Wait (bounded) until C{n} requests wait in Redis.
     """
-    for _ in range(500):
-        if await redis_count(link, "waiters") == n:
-            return
-        await sleep(reactor, 0.02)
-    raise AssertionError(f"never {n} waiting")
+    async def waiting() -> bool:
+        return await redis_count(link, "waiters") == n
+
+    await until(reactor, waiting, f"{n} waiting")
 
 
 def refusals(d: Deferred[Lease]) -> list[ProxyError]:
@@ -541,10 +567,7 @@ async def test_a_users_charge_and_true_up_in_redis(reactor: Any, pair: list[Prox
     assert await ann() == 20 + 2 * 500
     meter.generating, meter.output = True, 7
     lease.release()
-    for _ in range(100):
-        if await ann() != 20 + 2 * 500:
-            break
-        await sleep(reactor, 0.02)
+    await until_moved(reactor, ann, 20 + 2 * 500)
     assert await ann() == 20 + 2 * 7
 
 

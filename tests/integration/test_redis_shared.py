@@ -139,9 +139,7 @@ async def test_limits_hold_across_proxies(
     code, answer = await call(reactor, b, streams)
     assert code == 429
     assert json.loads(answer) == {"error": "key 'streams' already has 1 requests in flight"}
-    stream = upstream.fake.held[0]
-    stream.write_line({"model": "hold", "done": True})
-    stream.finish()
+    _end(upstream.fake.held[0])
     assert (await first)[0] == 200
 
     # The release reaches Redis just after the response: bounded retries.

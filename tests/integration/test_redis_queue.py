@@ -32,7 +32,7 @@ from ollamaproxy.redis.limits import PREFIX
 from ollamaproxy.redis.link import RedisLink, TxRedisClient, subscriber
 from ollamaproxy.redis.queue import RedisQueue
 from ollamaproxy.redis_address import parse_redis_url
-from tests.fakes.client import sleep, wait_for
+from tests.fakes.client import sleep, wait_for, wait_for_call
 from tests.fakes.engines import RedisServer, redis_server
 from tests.fakes.engines import redis_server_binary as redis_binary
 
@@ -117,18 +117,6 @@ async def proxies(
         await maybeDeferred(proxy.link.stopService)
 
 
-async def until(reactor: Any, check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """
-    Wait (bounded: 10 s) until C{await check()} holds, asking every 20 ms:
-    a L{wait_for} for what only a call to Redis can tell.
-    """
-    for _ in range(500):
-        if await check():
-            return
-        await sleep(reactor, 0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def until_answer(reactor: Any, link: RedisLink, channels: list[str]) -> None:
     """
     Wait until each of C{channels} has its one subscriber.
@@ -138,7 +126,7 @@ async def until_answer(reactor: Any, link: RedisLink, channels: list[str]) -> No
             "return redis.call('PUBSUB', 'NUMSUB', unpack(KEYS))", channels, [])
         return all(int(n) == 1 for n in counts[1::2])
 
-    await until(reactor, subscribed, "the subscribers to subscribe")
+    await wait_for_call(reactor, subscribed, "the subscribers to subscribe")
 
 
 async def redis_count(link: RedisLink, name: str) -> int:
@@ -281,7 +269,7 @@ async def until_moved(
     async def moved() -> bool:
         return await read() != before
 
-    await until(reactor, moved, "the true-up")
+    await wait_for_call(reactor, moved, "the true-up")
 
 
 async def finish_of(link: RedisLink, key: str) -> float:
@@ -393,7 +381,7 @@ async def until_waiting(reactor: Any, link: RedisLink, n: int) -> None:
     async def waiting() -> bool:
         return await redis_count(link, "waiters") == n
 
-    await until(reactor, waiting, f"{n} waiting")
+    await wait_for_call(reactor, waiting, f"{n} waiting")
 
 
 def refusals(d: Deferred[Lease]) -> list[ProxyError]:

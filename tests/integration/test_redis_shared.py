@@ -26,7 +26,7 @@ from twisted.internet.task import LoopingCall
 
 from ollamaproxy.admission.keys import digest
 from ollamaproxy.redis.limits import PREFIX
-from tests.fakes.client import agent, body, read, request, sleep, wait_for
+from tests.fakes.client import agent, body, read, request, sleep, wait_for, wait_for_call
 from tests.fakes.engines import RedisServer
 from tests.fakes.twistd import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args
 
@@ -143,12 +143,10 @@ async def test_limits_hold_across_proxies(
     assert (await first)[0] == 200
 
     # The release reaches Redis just after the response: bounded retries.
-    for _ in range(50):
-        if (await call(reactor, b, streams))[0] == 200:
-            break
-        await sleep(reactor, 0.05)
-    else:
-        raise AssertionError("the stream was not given back")
+    async def given_back() -> bool:
+        return (await call(reactor, b, streams))[0] == 200
+
+    await wait_for_call(reactor, given_back, "the stream to be given back")
 
     quota = KEYS["quota"][0]
     assert (await call(reactor, a, quota, "llama3.2"))[0] == 200
@@ -245,10 +243,10 @@ async def test_closed_policy(
         return code
 
     # Ready once the token quotas are read from the usage file, too.
-    for _ in range(100):
-        if await ready() == 200:
-            break
-        await sleep(reactor, 0.05)
+    async def is_ready() -> bool:
+        return await ready() == 200
+
+    await wait_for_call(reactor, is_ready, "the proxy to be ready")
     assert await ready() == 200
     redis.stop()
     started = reactor.seconds()

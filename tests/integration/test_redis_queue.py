@@ -19,12 +19,10 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from twisted.web.iweb import IAgent
 
 from ollamaproxy.backends.gpu_time import FALLBACK_OUTPUT_SECONDS, FALLBACK_PROMPT_SECONDS
-from ollamaproxy.backends.pool import Backend, BackendPool
+from ollamaproxy.backends.pool import BackendPool
 from ollamaproxy.backends.router import Lease, Router
-from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.exchange import Meter, StreamSummary
 from ollamaproxy.model_names import resolve
@@ -35,10 +33,10 @@ from ollamaproxy.redis_address import parse_redis_url
 from tests.fakes.client import sleep, wait_for, wait_for_call
 from tests.fakes.engines import RedisServer, redis_server
 from tests.fakes.engines import redis_server_binary as redis_binary
+from tests.fakes.routers import LLAMA, backend
 
 __all__ = ["redis_server"]
 
-LLAMA = resolve("llama3.2")
 LEASE = 30.0
 
 
@@ -53,8 +51,7 @@ class Proxy:
         address = parse_redis_url(url)
         self.clock = Clock()
         self.clock.advance(start)
-        upstream = Upstream(cast(IAgent, None), b"http://gpu:11434", self.clock, 600, 600)
-        self.backend = Backend(upstream, 1, models=frozenset({LLAMA}))
+        self.backend = backend(self.clock, "gpu:11434", ("llama3.2",), parallel=1)
         # Under --fair-share tokens unless asked; a request without a meter
         # costs 1.
         self.router = Router(BackendPool([self.backend]), self.clock, queue_timeout=600,

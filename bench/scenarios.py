@@ -954,10 +954,6 @@ def get(figures: Figures, path: str) -> Any:
     return value
 
 
-def _ran(results: Results, name: str) -> Figures | None:
-    return results.get(name)
-
-
 def _met(ok: bool | None) -> str:
     return "not measured" if ok is None else "**met**" if ok else "**not met**"
 
@@ -983,7 +979,7 @@ def goal_flood(results: Results) -> list[str]:
 
 
 def goal_long_short(results: Results) -> list[str]:
-    alone = get(_ran(results, "ollama") or {}, "tokens_per_s")
+    alone = get(results, "ollama.tokens_per_s")
     out = []
     for name, figures in _proxies(results):
         low, rate = figures.get("jain_min"), figures.get("tokens_per_s")
@@ -1006,14 +1002,12 @@ def goal_weights(results: Results) -> list[str]:
 
 
 def goal_multiturn(results: Results) -> list[str]:
-    pinned, robin = _ran(results, "ollama"), _ran(results, "nginx")
+    base50, base_reuse = get(results, "ollama.ttft.p50"), get(results, "ollama.sim.cache_reuse")
+    p99_rr = get(results, "nginx.ttft.p99")
     out = []
     for name, figures in _proxies(results):
         p50, reuse, p99 = (get(figures, "ttft.p50"), get(figures, "sim.cache_reuse"),
                            get(figures, "ttft.p99"))
-        base50 = get(pinned or {}, "ttft.p50")
-        base_reuse = get(pinned or {}, "sim.cache_reuse")
-        p99_rr = get(robin or {}, "ttft.p99")
         ok50 = None if None in (p50, base50) else p50 <= 1.1 * base50
         ok_reuse = None if None in (reuse, base_reuse) else reuse >= 0.9 * base_reuse
         ok99 = None if None in (p99, p99_rr) else p99 <= p99_rr
@@ -1034,7 +1028,7 @@ def goal_contexts(results: Results) -> list[str]:
 
 
 def goal_models(results: Results) -> list[str]:
-    alone = get(_ran(results, "ollama") or {}, "switches_per_100")
+    alone = get(results, "ollama.switches_per_100")
     out = []
     for name, figures in _proxies(results):
         mine = figures.get("switches_per_100")
@@ -1087,12 +1081,12 @@ def goal_users(results: Results) -> list[str]:
 
 
 def goal_two_proxies(results: Results) -> list[str]:
-    one = _ran(results, "proxy") or {}
+    low_one = get(results, "proxy.long_short.jain_min")
+    p99_one = get(results, "proxy.flood.ttft.p99")
     out = []
     for name, figures in _proxies(results):
         most = get(figures, "sim.most_in_flight")
-        low, low_one = get(figures, "long_short.jain_min"), get(one, "long_short.jain_min")
-        p99_one = get(one, "flood.ttft.p99")
+        low = get(figures, "long_short.jain_min")
         held = None if most is None else most <= PARALLEL
         out.append(f"{name}: never more than --parallel ({PARALLEL}) in flight at a backend for "
                    f"a model (most: {fmt(most)}): {_met(held)}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from io import BytesIO
 from typing import Any
@@ -114,6 +114,22 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await sleep(reactor, 0.01)
+
+
+async def wait_for_call(
+    reactor: Any, check: Callable[[], Awaitable[bool]], what: str = "a condition",
+    seconds: float = WAIT_LIMIT,
+) -> None:
+    """
+    L{wait_for} for a condition only a call can tell (to Redis, to the
+    proxy): until C{await check()} holds, asking every 20 ms, for at most
+    C{seconds}.
+    """
+    deadline = time.monotonic() + seconds
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await sleep(reactor, 0.02)
 
 
 def sleep(reactor: Any, seconds: float) -> Deferred[None]:

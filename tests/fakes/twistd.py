@@ -28,7 +28,8 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from tests.fakes.ollama import FakeOllama
+from tests.fakes.client import HELD_CHAT, Arrivals, agent, body, read, request, wait_for
+from tests.fakes.ollama import FakeOllama, HeldStream
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_KEY = "olpk_integrationtestkeyintegrationtestkey"
@@ -245,3 +246,19 @@ async def stop(upstream: Upstream) -> None:
     await maybeDeferred(upstream.port.stopListening)
     for protocol in list(connections.protocols):
         protocol.transport.abortConnection()
+
+
+async def held_stream(
+    reactor: Any, upstream: Upstream, proxy: Twistd
+) -> tuple[HeldStream, Arrivals]:
+    """
+    A chat whose answer the test writes by hand, read by a real client
+    through the proxy.
+    """
+    sent = Deferred.fromCoroutine(
+        request(agent(reactor), b"POST", proxy.url + "/api/chat", {"X-API-Key": TEST_KEY},
+                body(HELD_CHAT))
+    )
+    await wait_for(reactor, lambda: bool(upstream.fake.held), "the request to reach Ollama")
+    response = await sent
+    return upstream.fake.held[-1], await read(response)

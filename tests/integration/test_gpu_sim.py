@@ -113,19 +113,41 @@ async def test_the_proxy_streams_a_chat_from_the_simulator(
     assert final["load_duration"] >= 200_000_000
 
 
+KEYED = {"Authorization": f"Bearer {TEST_KEY}"}
+
+
+async def _get(reactor: Any, url: str, headers: dict[str, str] | None = None) -> bytes:
+    """
+    The body of C{GET url}, read to its end.
+    """
+    response = await request(agent(reactor), b"GET", url, headers)
+    arrivals = await read(response)
+    await arrivals.done
+    return arrivals.body
+
+
+async def _post_chat(
+    reactor: Any, url: str, headers: dict[str, str], chat: dict[str, Any]
+) -> bytes:
+    """
+    C{chat} sent to C{url}'s C{/api/chat} with C{headers}: answered with a
+    200, its body read to its end.
+    """
+    response = await request(agent(reactor), b"POST", url + "/api/chat",
+                             {**headers, "Content-Type": "application/json"},
+                             body(json.dumps(chat).encode()))
+    assert response.code == 200
+    arrivals = await read(response)
+    await arrivals.done
+    return arrivals.body
+
+
 async def _chat(reactor: Any, url: str, messages: list[dict[str, str]]) -> dict[str, Any]:
     """
     A chat through the proxy, not streamed: its answer.
     """
-    response = await request(
-        agent(reactor), b"POST", url + "/api/chat",
-        {"Authorization": f"Bearer {TEST_KEY}", "Content-Type": "application/json"},
-        body(json.dumps({"model": "llama3.2", "messages": messages, "stream": False}).encode()),
-    )
-    assert response.code == 200
-    arrivals = await read(response)
-    await arrivals.done
-    answer: dict[str, Any] = json.loads(arrivals.body)
+    answer: dict[str, Any] = json.loads(await _post_chat(
+        reactor, url, KEYED, {"model": "llama3.2", "messages": messages, "stream": False}))
     return answer
 
 
@@ -161,11 +183,8 @@ async def test_conversations_go_home_over_four_simulated_gpus(
                 assert evaluated <= answer["prompt_eval_count"] - 200
             history += [answer["message"],
                         {"role": "user", "content": f"question {number} " + "word " * 20}]
-    response = await request(agent(reactor), b"GET", proxy.url + "/metrics",
-                             {"Authorization": f"Bearer {TEST_KEY}"})
-    scraped = await read(response)
-    await scraped.done
-    turns = [line for line in scraped.body.decode().splitlines()
+    scraped = await _get(reactor, proxy.url + "/metrics", KEYED)
+    turns = [line for line in scraped.decode().splitlines()
              if line.startswith("ollamaproxy_conversation_turns_total{")]
     homes = sum(float(line.split()[-1]) for line in turns if 'placement="home"' in line)
     assert homes == 6.0
@@ -173,6 +192,14 @@ async def test_conversations_go_home_over_four_simulated_gpus(
 
 MODELS = ("alpha", "beta", "gamma")
 MODEL_FLAGS = [arg for model in MODELS for arg in ("--model", model)]
+
+
+def _short_chat(model: str) -> dict[str, Any]:
+    """
+    A streamed chat of C{model} that asks for five tokens.
+    """
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}],
+            "options": {"num_predict": 5}}
 
 
 async def alternating(reactor: Any, url: str, headers: dict[str, str], count: int,
@@ -188,13 +215,7 @@ async def alternating(reactor: Any, url: str, headers: dict[str, str], count: in
     ended: list[tuple[float, str]] = []
 
     async def one(model: str) -> None:
-        chat = {"model": model, "messages": [{"role": "user", "content": "hi"}],
-                "options": {"num_predict": 5}}
-        response = await request(agent(reactor), b"POST", url + "/api/chat",
-                                 {**headers, "Content-Type": "application/json"},
-                                 body(json.dumps(chat).encode()))
-        assert response.code == 200
-        await (await read(response)).done
+        await _post_chat(reactor, url, headers, _short_chat(model))
         ended.append((time.monotonic(), model))
 
     sent = []
@@ -220,8 +241,7 @@ async def test_collation_makes_a_fifth_of_the_switches_of_ollama_alone(
     port = await simulators.start("--load-seconds", "0.1", *MODEL_FLAGS)
     alone = await alternating(reactor, f"http://127.0.0.1:{port}", {}, 45)
     proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}", "--switch-hold", "1"))
-    through = await alternating(reactor, proxy.url, {"Authorization": f"Bearer {TEST_KEY}"},
-                                45)
+    through = await alternating(reactor, proxy.url, KEYED, 45)
     assert alone >= 20
     assert through * 5 <= alone
 
@@ -232,14 +252,8 @@ async def one_at_a_time(reactor: Any, url: str, headers: dict[str, str], turns: 
     at a time, 50 ms after the last answer ended (a client reading it).
     """
     async def client(model: str) -> None:
-        chat = {"model": model, "messages": [{"role": "user", "content": "hi"}],
-                "options": {"num_predict": 5}}
         for _ in range(turns):
-            response = await request(agent(reactor), b"POST", url + "/api/chat",
-                                     {**headers, "Content-Type": "application/json"},
-                                     body(json.dumps(chat).encode()))
-            assert response.code == 200
-            await (await read(response)).done
+            await _post_chat(reactor, url, headers, _short_chat(model))
             await sleep(reactor, 0.05)
 
     for d in [Deferred.fromCoroutine(client(model)) for model in MODELS]:
@@ -247,10 +261,10 @@ async def one_at_a_time(reactor: Any, url: str, headers: dict[str, str], turns: 
 
 
 async def _loads(reactor: Any, port: int) -> int:
-    response = await request(agent(reactor), b"GET", f"http://127.0.0.1:{port}/sim/stats", {})
-    stats = await read(response)
-    await stats.done
-    return int(json.loads(stats.body)["loads"])
+    """
+    How many times the simulator at C{port} has loaded a model.
+    """
+    return int(json.loads(await _get(reactor, f"http://127.0.0.1:{port}/sim/stats"))["loads"])
 
 
 @pytest_twisted.ensureDeferred
@@ -268,7 +282,7 @@ async def test_clients_sending_one_request_at_a_time_are_collated(
     await one_at_a_time(reactor, f"http://127.0.0.1:{port}", {}, 10)
     alone = await _loads(reactor, port)
     proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}", "--switch-hold", "1"))
-    await one_at_a_time(reactor, proxy.url, {"Authorization": f"Bearer {TEST_KEY}"}, 10)
+    await one_at_a_time(reactor, proxy.url, KEYED, 10)
     through = await _loads(reactor, port) - alone
     assert alone >= 20
     assert through * 3 <= alone
@@ -287,13 +301,9 @@ async def test_a_backend_running_one_at_a_time_gets_one_at_a_time(
     port = await simulators.start("--load-seconds", "0.05", "--num-parallel", "1",
                                   "--model", "alpha")
     proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}", "--parallel", "4"))
-    key = {"Authorization": f"Bearer {TEST_KEY}"}
-    await alternating(reactor, proxy.url, key, 12, models=("alpha",))
+    await alternating(reactor, proxy.url, KEYED, 12, models=("alpha",))
     assert "runs at most 1 requests of model alpha:latest at once" in proxy.output
-    response = await request(agent(reactor), b"GET", proxy.url + "/metrics", key)
-    arrivals = await read(response)
-    await arrivals.done
-    metrics = arrivals.body.decode()
+    metrics = (await _get(reactor, proxy.url + "/metrics", KEYED)).decode()
     assert 'ollamaproxy_backend_effective_parallel{backend="http://127.0.0.1:' in metrics
     assert 'model="alpha:latest"} 1.0' in metrics
 
@@ -304,12 +314,7 @@ async def _chat_with(reactor: Any, url: str, options: dict[str, int]) -> None:
     """
     chat = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}],
             "stream": False, "options": {"num_predict": 3, **options}}
-    response = await request(
-        agent(reactor), b"POST", url + "/api/chat",
-        {"Authorization": f"Bearer {TEST_KEY}", "Content-Type": "application/json"},
-        body(json.dumps(chat).encode()))
-    assert response.code == 200
-    await (await read(response)).done
+    await _post_chat(reactor, url, KEYED, chat)
 
 
 @pytest_twisted.ensureDeferred
@@ -330,7 +335,4 @@ async def test_a_request_right_after_a_larger_context_does_not_reload(
     await sleep(reactor, 0.2)
     await _chat_with(reactor, proxy.url, {})
     await larger
-    response = await request(agent(reactor), b"GET", f"http://127.0.0.1:{port}/sim/stats")
-    arrivals = await read(response)
-    await arrivals.done
-    assert json.loads(arrivals.body)["loads"] == 2
+    assert await _loads(reactor, port) == 2

@@ -21,23 +21,8 @@ from twisted.web.client import FileBodyProducer, ResponseNeverReceived
 from twisted.web.server import Site
 
 from tests.fakes.bulk import Bulk
-from tests.fakes.client import HELD_CHAT, Arrivals, agent, body, read, request, sleep, wait_for
-from tests.fakes.ollama import HeldStream
-from tests.fakes.twistd import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args
-
-
-async def held_stream(
-    reactor: Any, upstream: Upstream, proxy: Twistd
-) -> tuple[HeldStream, Arrivals]:
-    """
-    A chat whose answer the test writes by hand, read through the proxy.
-    """
-    sent = Deferred.fromCoroutine(
-        request(agent(reactor), b"POST", proxy.url + "/api/chat", {"X-API-Key": TEST_KEY},
-                body(HELD_CHAT))
-    )
-    await wait_for(reactor, lambda: bool(upstream.fake.held), "the request to reach Ollama")
-    return upstream.fake.held[-1], await read(await sent)
+from tests.fakes.client import agent, body, read, request, sleep, wait_for
+from tests.fakes.twistd import TEST_KEY, TwistdLauncher, Upstream, held_stream, proxy_args
 
 
 def _consume(d: Deferred[Any]) -> None:

@@ -7,7 +7,7 @@ expiries need no waiting.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ from tests.fakes.tls import make_self_signed
 __all__ = ["redis_server"]
 
 
-
 class Proxy:
     """
     What one proxy has of the shared limits: its link, its limits and its
@@ -57,6 +56,13 @@ class Proxy:
         self.limits = RedisLimits(self.link, KeyLimits(self.clock), self.clock, policy)
         self.throttle = RedisThrottle(self.link, GuessThrottle(self.clock), self.clock)
 
+
+def streams_held(redis_server: RedisServer, count: int) -> Callable[[], bool]:
+    """
+    Whether alice holds C{count} streams in Redis (its leases' set).
+    """
+    held = f":{count}\r\n".encode()
+    return lambda: redis_server.command("ZCARD", "ollamaproxy:streams:alice") == held
 
 
 @pytest_twisted.async_yield_fixture
@@ -153,8 +159,7 @@ async def test_streams_released(
     assert isinstance(refused, ProxyError)
     assert refused.message == "key 'alice' already has 1 requests in flight"
     release(0)
-    await wait_for(reactor, lambda: redis_server.command("ZCARD", "ollamaproxy:streams:alice")
-                == b":0\r\n")
+    await wait_for(reactor, streams_held(redis_server, 0))
     assert admitted(await b.limits.admit(k))
 
 
@@ -238,8 +243,7 @@ async def test_racing_requests_reserve_their_cost(
     assert all(isinstance(e, ProxyError) and e.code == 429 for e in refused)
     counter = f"ollamaproxy:tokens:day:{window('day', a.start).label}:alice"
     assert redis_server.command("GET", counter) == b"$3\r\n120\r\n"
-    await wait_for(reactor, lambda: redis_server.command("ZCARD", "ollamaproxy:streams:alice")
-                == b":2\r\n")
+    await wait_for(reactor, streams_held(redis_server, 2))
     for release, used in zip(releases, (30, 45), strict=True):
         release(used)
     await wait_for(reactor, lambda: redis_server.command("GET", counter) == b"$2\r\n75\r\n")
@@ -412,7 +416,6 @@ async def test_leases_come_back_after_restart(
     redis_server.start()
     await wait_for(reactor, lambda: a.link.up and b.link.up, seconds=20)
     # Its next round puts a's lease back into the empty Redis.
-    await wait_for(reactor, lambda: redis_server.command("ZCARD", "ollamaproxy:streams:alice")
-                == b":1\r\n")
+    await wait_for(reactor, streams_held(redis_server, 1))
     refused = await outcome(b.limits.admit(k))
     assert isinstance(refused, ProxyError) and refused.code == 429

@@ -9,7 +9,8 @@ each test moves, so that leases expire without waiting.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any, cast
 
 import pytest
@@ -18,12 +19,10 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from twisted.web.iweb import IAgent
 
 from ollamaproxy.backends.gpu_time import FALLBACK_OUTPUT_SECONDS, FALLBACK_PROMPT_SECONDS
-from ollamaproxy.backends.pool import Backend, BackendPool
+from ollamaproxy.backends.pool import BackendPool
 from ollamaproxy.backends.router import Lease, Router
-from ollamaproxy.backends.upstream import Upstream
 from ollamaproxy.errors import ProxyError
 from ollamaproxy.exchange import Meter, StreamSummary
 from ollamaproxy.model_names import resolve
@@ -31,13 +30,13 @@ from ollamaproxy.redis.limits import PREFIX
 from ollamaproxy.redis.link import RedisLink, TxRedisClient, subscriber
 from ollamaproxy.redis.queue import RedisQueue
 from ollamaproxy.redis_address import parse_redis_url
-from tests.fakes.client import sleep, wait_for
+from tests.fakes.client import sleep, wait_for, wait_for_call
 from tests.fakes.engines import RedisServer, redis_server
 from tests.fakes.engines import redis_server_binary as redis_binary
+from tests.fakes.routers import LLAMA, backend
 
 __all__ = ["redis_server"]
 
-LLAMA = resolve("llama3.2")
 LEASE = 30.0
 
 
@@ -52,8 +51,7 @@ class Proxy:
         address = parse_redis_url(url)
         self.clock = Clock()
         self.clock.advance(start)
-        upstream = Upstream(cast(IAgent, None), b"http://gpu:11434", self.clock, 600, 600)
-        self.backend = Backend(upstream, 1, models=frozenset({LLAMA}))
+        self.backend = backend(self.clock, "gpu:11434", ("llama3.2",), parallel=1)
         # Under --fair-share tokens unless asked; a request without a meter
         # costs 1.
         self.router = Router(BackendPool([self.backend]), self.clock, queue_timeout=600,
@@ -64,8 +62,10 @@ class Proxy:
                                 LEASE, max_queue, queue_timeout=600)
 
     def ask(self, key: str, user: str | None = None) -> Deferred[Lease]:
+        """
+        A lease of the backend for a request of C{key} (and C{user}).
+        """
         return self.router.acquire(key, LLAMA, runs=True, user=user)
-
 
 
 @pytest_twisted.async_yield_fixture
@@ -115,13 +115,15 @@ async def proxies(
 
 
 async def until_answer(reactor: Any, link: RedisLink, channels: list[str]) -> None:
-    for _ in range(500):
+    """
+    Wait until each of C{channels} has its one subscriber.
+    """
+    async def subscribed() -> bool:
         counts = await link.call(
             "return redis.call('PUBSUB', 'NUMSUB', unpack(KEYS))", channels, [])
-        if all(int(n) == 1 for n in counts[1::2]):
-            return
-        await sleep(reactor, 0.02)
-    raise AssertionError("the subscribers never subscribed")
+        return all(int(n) == 1 for n in counts[1::2])
+
+    await wait_for_call(reactor, subscribed, "the subscribers to subscribe")
 
 
 async def redis_count(link: RedisLink, name: str) -> int:
@@ -133,6 +135,9 @@ async def redis_count(link: RedisLink, name: str) -> int:
 
 
 def results(d: Deferred[Lease]) -> list[Lease]:
+    """
+    The lease C{d} gives, once it has.
+    """
     got: list[Lease] = []
     d.addCallback(got.append)
     return got
@@ -251,6 +256,19 @@ async def test_a_refused_subscription_is_logged(
     assert "ollamaproxy:q:grants:x" in said and "NOPERM" in said
 
 
+async def until_moved(
+    reactor: Any, read: Callable[[], Awaitable[float]], before: object
+) -> None:
+    """
+    Wait (bounded) until what C{read} gives is no longer C{before}: the
+    true-up written, once the slot is given back.
+    """
+    async def moved() -> bool:
+        return await read() != before
+
+    await wait_for_call(reactor, moved, "the true-up")
+
+
 async def finish_of(link: RedisLink, key: str) -> float:
     """
     C{key}'s virtual finish, as Redis keeps it.
@@ -275,10 +293,7 @@ async def test_tokens_charged_and_trued_up_in_redis(reactor: Any, pair: list[Pro
     assert await finish_of(a.link, "tok") == (20 + 2 * 500) / 2
     meter.generating, meter.output = True, 7
     lease.release()
-    for _ in range(100):
-        if await finish_of(a.link, "tok") != (20 + 2 * 500) / 2:
-            break
-        await sleep(reactor, 0.02)
+    await until_moved(reactor, partial(finish_of, a.link, "tok"), (20 + 2 * 500) / 2)
     assert await finish_of(a.link, "tok") == (20 + 2 * 7) / 2
 
 
@@ -303,10 +318,7 @@ async def test_gpu_seconds_charged_and_trued_up_in_redis(
     meter.final = StreamSummary("llama3.2:latest", prompt_tokens=20, completion_tokens=5,
                                 prompt_seconds=0.0123, eval_seconds=0.0456)
     lease.release()
-    for _ in range(100):
-        if await finish_of(a.link, "gpu") != pytest.approx(estimate / 2):
-            break
-        await sleep(reactor, 0.02)
+    await until_moved(reactor, partial(finish_of, a.link, "gpu"), pytest.approx(estimate / 2))
     assert await finish_of(a.link, "gpu") == pytest.approx((0.0123 + 0.0456) / 2)
 
 
@@ -363,11 +375,10 @@ async def until_waiting(reactor: Any, link: RedisLink, n: int) -> None:
     """
     Wait (bounded) until C{n} requests wait in Redis.
     """
-    for _ in range(500):
-        if await redis_count(link, "waiters") == n:
-            return
-        await sleep(reactor, 0.02)
-    raise AssertionError(f"never {n} waiting")
+    async def waiting() -> bool:
+        return await redis_count(link, "waiters") == n
+
+    await wait_for_call(reactor, waiting, f"{n} waiting")
 
 
 def refusals(d: Deferred[Lease]) -> list[ProxyError]:
@@ -541,10 +552,7 @@ async def test_a_users_charge_and_true_up_in_redis(reactor: Any, pair: list[Prox
     assert await ann() == 20 + 2 * 500
     meter.generating, meter.output = True, 7
     lease.release()
-    for _ in range(100):
-        if await ann() != 20 + 2 * 500:
-            break
-        await sleep(reactor, 0.02)
+    await until_moved(reactor, ann, 20 + 2 * 500)
     assert await ann() == 20 + 2 * 7
 
 

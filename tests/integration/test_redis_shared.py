@@ -26,7 +26,7 @@ from twisted.internet.task import LoopingCall
 
 from ollamaproxy.admission.keys import digest
 from ollamaproxy.redis.limits import PREFIX
-from tests.fakes.client import agent, body, read, request, sleep, wait_for
+from tests.fakes.client import agent, body, read, request, sleep, wait_for, wait_for_call
 from tests.fakes.engines import RedisServer
 from tests.fakes.twistd import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args
 
@@ -139,18 +139,14 @@ async def test_limits_hold_across_proxies(
     code, answer = await call(reactor, b, streams)
     assert code == 429
     assert json.loads(answer) == {"error": "key 'streams' already has 1 requests in flight"}
-    stream = upstream.fake.held[0]
-    stream.write_line({"model": "hold", "done": True})
-    stream.finish()
+    _end(upstream.fake.held[0])
     assert (await first)[0] == 200
 
     # The release reaches Redis just after the response: bounded retries.
-    for _ in range(50):
-        if (await call(reactor, b, streams))[0] == 200:
-            break
-        await sleep(reactor, 0.05)
-    else:
-        raise AssertionError("the stream was not given back")
+    async def given_back() -> bool:
+        return (await call(reactor, b, streams))[0] == 200
+
+    await wait_for_call(reactor, given_back, "the stream to be given back")
 
     quota = KEYS["quota"][0]
     assert (await call(reactor, a, quota, "llama3.2"))[0] == 200
@@ -247,10 +243,10 @@ async def test_closed_policy(
         return code
 
     # Ready once the token quotas are read from the usage file, too.
-    for _ in range(100):
-        if await ready() == 200:
-            break
-        await sleep(reactor, 0.05)
+    async def is_ready() -> bool:
+        return await ready() == 200
+
+    await wait_for_call(reactor, is_ready, "the proxy to be ready")
     assert await ready() == 200
     redis.stop()
     started = reactor.seconds()
@@ -308,15 +304,50 @@ def _held_chat(
 
 
 def _running(upstream: Upstream) -> list[Any]:
+    """
+    The held streams Ollama is running now.
+    """
     return [h for h in upstream.fake.held if not h.gone]
 
 
-def _tag(upstream: Upstream, held: Any) -> str:
+def _tag(held: Any) -> str:
     """
     The message of the request a held stream answers.
     """
     content: str = json.loads(held.request.content.getvalue())["messages"][0]["content"]
     return content
+
+
+def _end(held: Any) -> None:
+    """
+    End a held stream with its last line, done.
+    """
+    held.write_line({"model": "hold", "done": True})
+    held.finish()
+
+
+async def _finish_in_turn(
+    reactor: Any, upstream: Upstream, turns: int, settle: float | None = None
+) -> list[str]:
+    """
+    End the held streams one at a time, each once it has started, and
+    return their tags in the order they ran.  With C{settle}, check before
+    each turn that no request runs beside the one of the turn, and wait
+    C{settle} seconds after each start, for one that would.
+    """
+    order = []
+    for turn in range(turns):
+        if settle is not None:
+            assert len(upstream.fake.held) == turn + 1, "a request ran beside another"
+        held = upstream.fake.held[turn]
+        order.append(_tag(held))
+        _end(held)
+        if turn < turns - 1:
+            await wait_for(reactor, lambda t=turn: len(upstream.fake.held) > t + 1,  # type: ignore[misc]
+                           "the next request to run")
+            if settle is not None:
+                await sleep(reactor, settle)
+    return order
 
 
 @pytest_twisted.ensureDeferred
@@ -348,17 +379,7 @@ async def test_one_slot_one_order_for_both_proxies(
         await wait_for(reactor, partial(_waiting_in_redis, redis, i), f"flood-{i} to wait")
     answers.append(_held_chat(reactor, b, solo, "solo"))
     await wait_for(reactor, partial(_waiting_in_redis, redis, 4), "the solo request to wait")
-    order = []
-    for turn in range(5):
-        assert len(upstream.fake.held) == turn + 1, "a request ran beside another"
-        held = upstream.fake.held[turn]
-        order.append(_tag(upstream, held))
-        held.write_line({"model": "hold", "done": True})
-        held.finish()
-        if turn < 4:
-            await wait_for(reactor, lambda t=turn: len(upstream.fake.held) > t + 1,  # type: ignore[misc]
-                           "the next request to run")
-            await sleep(reactor, 0.1)
+    order = await _finish_in_turn(reactor, upstream, 5, settle=0.1)
     sampling.stop()
     assert [(await answer)[0] for answer in answers] == [200] * 5
     assert order == ["flood-0", "solo", "flood-1", "flood-2", "flood-3"]
@@ -382,15 +403,7 @@ async def test_users_of_a_key_share_its_turns_across_proxies(
     await wait_for(reactor, partial(_waiting_in_redis, redis, 3), "the flood to wait in Redis")
     answers.append(_held_chat(reactor, b, team, "bob", "bob"))
     await wait_for(reactor, partial(_waiting_in_redis, redis, 4), "bob's request to wait")
-    order = []
-    for turn in range(5):
-        held = upstream.fake.held[turn]
-        order.append(_tag(upstream, held))
-        held.write_line({"model": "hold", "done": True})
-        held.finish()
-        if turn < 4:
-            await wait_for(reactor, lambda t=turn: len(upstream.fake.held) > t + 1,  # type: ignore[misc]
-                           "the next request to run")
+    order = await _finish_in_turn(reactor, upstream, 5)
     assert [(await answer)[0] for answer in answers] == [200] * 5
     # Ann's three came together, on connections of their own: in any order.
     assert order[:2] == ["ann-0", "bob"]
@@ -418,9 +431,7 @@ async def test_killed_proxy_frees_its_slot(
     killed = reactor.seconds()
     await wait_for(reactor, lambda: len(upstream.fake.held) == 2, "the slot freed")
     assert 1.5 < reactor.seconds() - killed < 8  # the lease, a round, a loaded machine
-    stream = upstream.fake.held[1]
-    stream.write_line({"model": "hold", "done": True})
-    stream.finish()
+    _end(upstream.fake.held[1])
     assert (await waiting)[0] == 200
 
 
@@ -438,9 +449,7 @@ async def test_queue_through_a_redis_outage(
 
     async def finish(index: int, answer: Deferred[tuple[int, bytes]]) -> None:
         await wait_for(reactor, lambda: len(upstream.fake.held) > index, "the stream")
-        stream = upstream.fake.held[index]
-        stream.write_line({"model": "hold", "done": True})
-        stream.finish()
+        _end(upstream.fake.held[index])
         assert (await answer)[0] == 200
 
     first = _held_chat(reactor, a, TEST_KEY, "before")

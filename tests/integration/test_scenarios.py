@@ -13,10 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.fakes.bench import BENCH, load_bench
+from tests.fakes.bench import BENCH
 
 RUN_TIMEOUT = 240.0
-scenarios = load_bench("scenarios")
 
 
 def test_a_tiny_flood_runs_against_two_targets(tmp_path: Path) -> None:
@@ -54,4 +53,3 @@ def test_a_tiny_flood_runs_against_two_targets(tmp_path: Path) -> None:
     md = result.with_suffix(".md").read_text()
     assert "| ollama |" in md and "| proxy |" in md and "- goal, proxy:" in md
     assert len(list(tmp_path.glob("scenarios-*-flood.svg"))) == 1
-

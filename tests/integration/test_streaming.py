@@ -9,13 +9,10 @@ import json
 from typing import Any
 
 import pytest_twisted
-from twisted.internet.defer import Deferred
 from twisted.web.server import Site
 
 from tests.fakes.bulk import Bulk
 from tests.fakes.client import (
-    HELD_CHAT,
-    Arrivals,
     agent,
     body,
     read,
@@ -24,26 +21,9 @@ from tests.fakes.client import (
     wait_for,
     write_line_by_line,
 )
-from tests.fakes.ollama import HeldStream
-from tests.fakes.twistd import TEST_KEY, Twistd, TwistdLauncher, Upstream, proxy_args
+from tests.fakes.twistd import TEST_KEY, TwistdLauncher, Upstream, held_stream, proxy_args
 
 BULK_BYTES = 100 * 1024 * 1024
-
-
-async def held_stream(
-    reactor: Any, upstream: Upstream, proxy: Twistd
-) -> tuple[HeldStream, Arrivals]:
-    """
-    A chat whose answer the test writes by hand, read by a real client
-    through the proxy.
-    """
-    sent = Deferred.fromCoroutine(
-        request(agent(reactor), b"POST", proxy.url + "/api/chat", {"X-API-Key": TEST_KEY},
-                body(HELD_CHAT))
-    )
-    await wait_for(reactor, lambda: bool(upstream.fake.held), "the request to reach Ollama")
-    response = await sent
-    return upstream.fake.held[-1], await read(response)
 
 
 @pytest_twisted.ensureDeferred

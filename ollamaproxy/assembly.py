@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from ollamaproxy.admission.auth import Authenticator
 from ollamaproxy.admission.caps import Caps
 from ollamaproxy.admission.limits import Limits, Throttle
+from ollamaproxy.after_send import AfterSend
 from ollamaproxy.backends.dispatch import Dispatcher
 from ollamaproxy.backends.gauges import RouterGauges
 from ollamaproxy.backends.router import Router
@@ -90,7 +91,9 @@ def assemble(
     redact = redact or Redactor(auth.keys.is_key)
     router.redact_with(redact)
     in_flight = InFlight(clock)
-    recorder = Recorder(clock, metrics, usage, redact)
+    # One for the process: the calls of a turn share its timers.
+    after_send = AfterSend(clock)
+    recorder = Recorder(clock, metrics, usage, redact, after_send)
     gate = Gate(auth, recorder, clock, trusted_proxies, throttle)
     metrics.registry.register(RouterGauges(router))
     readiness.add("backends", lambda: any(b.healthy for b in router.backends))
@@ -101,7 +104,7 @@ def assemble(
     proxy = OllamaProxy(
         gate,
         limits,
-        Dispatcher(router, body_sample_bytes),
+        Dispatcher(router, after_send, body_sample_bytes),
         recorder,
         in_flight,
         clock,

@@ -166,8 +166,14 @@ def test_calls_per_relayed_chunk_stay_within_budget(content_type: bytes, chunk: 
 # metrics and usage no longer delay its first byte: +6 (the record kept,
 # the two turns, the batch written), shared by the requests that end in
 # one turn under load: 188, 343, 358, 367, 189.
-REQUEST_BUDGET = {"GET /api/tags": 188, "POST /api/chat": 343, "POST /api/chat checked": 358,
-                  "POST /api/chat loaded": 367, "GET /proxy/api/tags": 189}
+# Then the rest of a request's trip (its slot freed, its tokens settled) made
+# to wait the same two turns, after the relay ends the response with the last
+# byte of its answer (ollamaproxy/after_send.py, which the recorder now uses
+# too): +12 to +14, the relay's call and the recorder's each waiting two
+# turns of their own in this chain, one request at a time; a busy proxy's
+# requests share them: 200, 357, 372, 381, 201.
+REQUEST_BUDGET = {"GET /api/tags": 200, "POST /api/chat": 357, "POST /api/chat checked": 372,
+                  "POST /api/chat loaded": 381, "GET /proxy/api/tags": 201}
 # Every call made while answering one request through the chain, the
 # in-memory client's and the fake Ollama's included (the same for any
 # proxy), with twisted.web's, the Agent's and Klein's: the guard on what
@@ -182,10 +188,11 @@ REQUEST_BUDGET = {"GET /api/tags": 188, "POST /api/chat": 343, "POST /api/chat c
 # 4160.  Under the /proxy prefix, 3731 (3871 through Klein's routing).
 # The record written two turns later: +32, the two calls scheduled and run
 # on the test's Clock (which sorts its calls on each), 3732, 4178, 4189,
-# 4204, 3771.
-REQUEST_TOTAL_BUDGET = {"GET /api/tags": 3735, "POST /api/chat": 4180,
-                        "POST /api/chat checked": 4190, "POST /api/chat loaded": 4205,
-                        "GET /proxy/api/tags": 3775}
+# 4204, 3771.  The trip's end waiting for its answer to be sent: +39 to +52,
+# 3771, 4230, 4241, 4256, 3810.
+REQUEST_TOTAL_BUDGET = {"GET /api/tags": 3771, "POST /api/chat": 4230,
+                        "POST /api/chat checked": 4241, "POST /api/chat loaded": 4256,
+                        "GET /proxy/api/tags": 3810}
 _CHAT = json.dumps(
     {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
 ).encode()

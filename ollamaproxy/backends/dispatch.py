@@ -41,6 +41,7 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 
+from ollamaproxy.after_send import AfterSend
 from ollamaproxy.backends.downstream import Downstream
 from ollamaproxy.backends.everywhere import on_every_backend
 from ollamaproxy.backends.headers import upstream_request_headers
@@ -141,12 +142,16 @@ class Dispatcher:
     Sends admitted requests to the backends the router gives them, and
     answers their clients.
 
+    @param after_send: Makes the calls that wait until an answer has been
+        sent: a request's end of trip (its slot freed, its tokens settled)
+        never delays its answer.
     @param sample_bytes: How much of each response body to keep for the
         log; 0 for none.
     """
 
-    def __init__(self, router: Router, sample_bytes: int = 0) -> None:
+    def __init__(self, router: Router, after_send: AfterSend, sample_bytes: int = 0) -> None:
         self._router = router
+        self._after_send = after_send
         self._pool = router.pool
         self._sample_bytes = sample_bytes
         # Every backend's client carries the process's clock.
@@ -235,7 +240,8 @@ class Dispatcher:
                 if lease.model is not None:
                     lease.answering(response)
                 trip.answered = await answer(request, response, backend.upstream, job.target,
-                                             job.rewrite, self._sample_bytes, trip.meter)
+                                             self._after_send, job.rewrite, self._sample_bytes,
+                                             trip.meter)
             except Unreachable as e:
                 self._pool.failed(backend, e.message)
                 tried.append(backend)

@@ -69,6 +69,9 @@ class Downstream(Protocol):
     def unregisterProducer(self) -> None:
         """Forget the producer."""
 
+    def finish(self) -> None:
+        """End the response: all of its body has been written."""
+
     def loseConnection(self) -> None:
         """Close the client's connection without ending the response."""
 

@@ -15,7 +15,10 @@ The relay is also a push producer on the client's connection, so a client
 that reads slowly pauses the reading of Ollama's socket, and a client that
 goes away closes it, which makes Ollama stop generating.  A body that stops
 early never looks finished: the client gets an error line in the stream's own
-format and a connection closed without the final empty chunk.
+format and a connection closed without the final empty chunk.  A body that
+ends whole ends the client's response at once, in the turn that relays its
+last bytes; what the request does next waits until they have been sent
+(L{ollamaproxy.after_send}).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
+from ollamaproxy.after_send import AfterSend
 from ollamaproxy.backends.downstream import Downstream
 from ollamaproxy.backends.headers import copy_response_headers, upstream_request_headers
 from ollamaproxy.backends.request_body import BodyTooLarge
@@ -185,6 +189,7 @@ async def answer(
     response: IResponse,
     upstream: Upstream,
     target: Target,
+    after_send: AfterSend,
     rewrite: Callable[[bytes], bytes] | None = None,
     sample_bytes: int = 0,
     meter: Meter | None = None,
@@ -193,6 +198,8 @@ async def answer(
     Answer the client with Ollama's response: its head, then its body as it
     comes.
 
+    @param after_send: Makes the call that returns once a body that ended
+        whole, and with it the response, has been sent (L{answer_body}).
     @param rewrite: For the few small answers the proxy must change (model
         listings for a key limited to some models): called with a whole
         successful body, and what it returns is sent instead.
@@ -217,7 +224,8 @@ async def answer(
         return Answered()
     answer_head(request, response)
     request.write(b"")  # the response head goes out now, as Ollama sent it
-    return await answer_body(request, response, upstream, target.openai, sample_bytes, meter)
+    return await answer_body(request, response, upstream, target.openai, sample_bytes, meter,
+                             after_send)
 
 
 def answer_head(request: Downstream, response: IResponse) -> None:
@@ -237,10 +245,17 @@ async def answer_body(
     openai: bool,
     sample_bytes: int = 0,
     meter: Meter | None = None,
+    after_send: AfterSend | None = None,
 ) -> Answered:
     """
     Stream Ollama's response body to the client as it comes (the head has
     been answered); end a body cut short with L{end_cut}.
+
+    @param after_send: Given when the body is the whole response: one that
+        ends whole then ends the response at once, and the call returns
+        only once that end has been sent (a call made by C{after_send}), so
+        that what the caller does next never delays it.  Without, the
+        response is left open for more.
 
     @param meter: Counts the answer's pieces as they are relayed, and is
         given Ollama's own figures when the body ends whole.  It is written
@@ -250,7 +265,7 @@ async def answer_body(
     if meter is None:
         meter = Meter()
     meter.generating = 200 <= response.code < 300
-    body = _BodyAnswer(request, response, upstream, openai, sample_bytes, meter)
+    body = _BodyAnswer(request, response, upstream, openai, sample_bytes, meter, after_send)
     response.deliverBody(body)
     try:
         await body.done
@@ -378,8 +393,10 @@ class _BodyAnswer(Protocol):
     """
     Receives Ollama's response body and writes it to the client.
 
-    @ivar done: Fires when the body has been relayed, fails with L{BodyCut}
-        if it stopped early, and closes Ollama's connection if cancelled.
+    @ivar done: Fires once the body has been relayed whole (and, with
+        C{after_send}, the response ended and its end sent), fails with
+        L{BodyCut} if it stopped early, and closes Ollama's connection if
+        cancelled.
     @ivar sample: The start of the body, up to C{sample_bytes}, for the log.
     @ivar meter: Counts the NDJSON lines or SSE events relayed, each about
         one generated token: one C{bytes.count} per piece, the only work
@@ -394,9 +411,11 @@ class _BodyAnswer(Protocol):
         openai: bool,
         sample_bytes: int = 0,
         meter: Meter | None = None,
+        after_send: AfterSend | None = None,
     ) -> None:
         self.done: Deferred[None] = Deferred(lambda _: self._stop_upstream())
         self._request = request
+        self._after_send = after_send
         self._clock = upstream.clock
         self._idle_timeout = upstream.idle_timeout
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
@@ -505,11 +524,24 @@ class _BodyAnswer(Protocol):
         if isinstance(reason.value, _ENDED):  # as in _WholeBody
             if self._pending:
                 self._flush_pending()
-            self.done.callback(None)
+            if self._after_send is None:
+                self.done.callback(None)
+                return
+            if self._request.channel is not None:
+                self._request.finish()
+            self._after_send.call(self._sent)
             return
         why = self._cut_reason or "Ollama's connection broke off in the middle of the response"
         self._write_error(why)
         self.done.errback(BodyCut(why))
+
+    def _sent(self) -> None:
+        """
+        The whole body has been sent (unless the request was cancelled
+        meanwhile: its client left, or the proxy stopped waiting).
+        """
+        if not self.done.called:
+            self.done.callback(None)
 
     def _write_error(self, message: str) -> None:
         """

@@ -8,24 +8,23 @@ ones it refused before they did (a malformed request line, a head too
 large), through the same L{Recorder.record}.
 
 A record is written once the answer it records has gone to the client,
-not before: Twisted sends what a transport holds when a poll finds its
-socket writable, which is after the calls due now, so the writing waits
-for the reactor's turn after next (two C{callLater(0)}: the calls one of
-them schedules run after the next poll).  Logging, metrics and usage then
-never delay an answer's first byte; requests recorded in one turn are
-written together, with the time each ended.  Stopping writes what is left
+not before (L{ollamaproxy.after_send}): logging, metrics and usage then
+never delay an answer; requests recorded in one turn are written together,
+each with the time it ended.  Stopping writes what is left
 (L{Recorder.stopService}), before the usage store stops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final, NamedTuple
+from functools import partial
+from typing import Final
 
 from twisted.application.service import Service
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ollamaproxy.after_send import AfterSend
 from ollamaproxy.exchange import HTTP_METHODS, Exchange
 from ollamaproxy.record.logs import log_exchange
 from ollamaproxy.record.metrics import Metrics
@@ -39,18 +38,6 @@ REFUSED_OUTCOMES: Final = frozenset({"rejected", "queue_full", "queue_timeout", 
 log = Logger()
 
 
-class _Ended(NamedTuple):
-    """
-    A request recorded and not yet written: L{Recorder.record}'s arguments,
-    and when it was called.
-    """
-
-    exchange: Exchange
-    sent_bytes: int
-    several_backends: bool
-    when: float
-
-
 class Recorder(Service):
     """
     Writes down requests that have ended, once their answers have gone.
@@ -58,6 +45,8 @@ class Recorder(Service):
     @param clock: Tells when a request ended.
     @param metrics: Counts them, or L{None} (a web server on its own).
     @param usage: Keeps each key's requests and tokens, or L{None}.
+    @param after_send: Makes the calls that wait for answers to be sent;
+        by default, one of the recorder's own.
     @ivar redact: Blanks credentials and keys in what the proxy logs or
         answers with (L{ollamaproxy.record.redact.Redactor}).
     """
@@ -68,16 +57,13 @@ class Recorder(Service):
         metrics: Metrics | None = None,
         usage: UsageStore | None = None,
         redact: Callable[[str], str] = blank_credentials,
+        after_send: AfterSend | None = None,
     ) -> None:
         self._clock = clock
         self._metrics = metrics
         self._usage = usage
         self.redact = redact
-        # Recorded in this turn of the reactor; recorded in the last one,
-        # whose answers the next poll sends; the call that writes them.
-        self._ended: list[_Ended] = []
-        self._sent: list[_Ended] = []
-        self._turn: IDelayedCall | None = None
+        self._after_send = AfterSend(clock) if after_send is None else after_send
 
     def record(
         self, exchange: Exchange, sent_bytes: int, several_backends: bool = False
@@ -91,48 +77,34 @@ class Recorder(Service):
         @param several_backends: Whether the proxy had several backends to
             send it to (its access line then names the one it went to).
         """
-        self._ended.append(_Ended(exchange, sent_bytes, several_backends, self._clock.seconds()))
-        if self._turn is None:
-            self._turn = self._clock.callLater(0, self._next_turn)
+        self._after_send.call(
+            partial(self._write, exchange, sent_bytes, several_backends, self._clock.seconds())
+        )
 
     def stopService(self) -> None:
         """
         Write what is recorded and not yet written.
         """
         Service.stopService(self)
-        if self._turn is not None:
-            self._turn.cancel()
-            self._turn = None
-        self._write(self._sent)
-        self._write(self._ended)
+        self._after_send.flush()
 
-    def _next_turn(self) -> None:
+    def _write(
+        self, exchange: Exchange, sent_bytes: int, several_backends: bool, now: float
+    ) -> None:
         """
-        Write the requests whose answers the last poll sent; those recorded
-        since are written at the next turn, after the poll that sends theirs.
+        Write a request down; one that fails (a bug) is logged and keeps no
+        other from being written.
         """
-        sent, self._sent, self._ended = self._sent, self._ended, []
-        self._turn = self._clock.callLater(0, self._next_turn) if self._sent else None
-        if sent:
-            self._write(sent)
-
-    def _write(self, ended: list[_Ended]) -> None:
-        """
-        Write each of C{ended} down; one that fails (a bug) is logged and
-        keeps none of the others from being written.
-        """
-        for exchange, sent_bytes, several_backends, now in ended:
-            try:
-                if exchange.method not in HTTP_METHODS:
-                    # A token of the client's choosing (a key, even): redacted.
-                    exchange.method = self.redact(exchange.method)
-                log_exchange(exchange, sent_bytes, now, self.redact, several_backends)
-                if self._metrics is not None:
-                    self._metrics.observe(exchange, now)
-                if self._usage is not None and exchange.key != "-":
-                    self._usage.record_summary(exchange.key, exchange.summary, now,
-                                               refused=exchange.outcome in REFUSED_OUTCOMES,
-                                               user=exchange.user or "")
-            except Exception:
-                log.failure("Writing down a request to {route} failed", route=exchange.route)
-        ended.clear()
+        try:
+            if exchange.method not in HTTP_METHODS:
+                # A token of the client's choosing (a key, even): redacted.
+                exchange.method = self.redact(exchange.method)
+            log_exchange(exchange, sent_bytes, now, self.redact, several_backends)
+            if self._metrics is not None:
+                self._metrics.observe(exchange, now)
+            if self._usage is not None and exchange.key != "-":
+                self._usage.record_summary(exchange.key, exchange.summary, now,
+                                           refused=exchange.outcome in REFUSED_OUTCOMES,
+                                           user=exchange.user or "")
+        except Exception:
+            log.failure("Writing down a request to {route} failed", route=exchange.route)

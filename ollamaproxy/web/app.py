@@ -154,9 +154,8 @@ class OllamaProxy:
         try:
             await self._serve(request, target, flight)
         except ProxyError as e:
-            exchange.status = e.code
             exchange.failed(e.outcome, e.message)
-            request.write(self._answers.error(request, e))
+            self._answer(request, exchange, e.code, self._answers.error(request, e))
         except CancelledError:
             # Klein cancels the handler when the client goes away, or when
             # the connection refused the rest of the request (site.py).
@@ -167,15 +166,25 @@ class OllamaProxy:
                 exchange.failed("client_disconnected", "")
             raise
         except Exception as e:
-            exchange.status = 500
             exchange.failed("internal_error", type(e).__name__)
-            request.write(self._answers.bug(request, Failure()))
+            self._answer(request, exchange, 500, self._answers.bug(request, Failure()))
         finally:
             self._metrics.stream_ended()
             self._record(request, flight)
             # Last: a drain waiting for this request goes on to close the
             # log files and the usage store.
             self._in_flight.remove(request)
+
+    @staticmethod
+    def _answer(request: ProxyRequest, exchange: Exchange, code: int, error: bytes) -> None:
+        """
+        Answer with an error, unless the response has already ended: the
+        relay ends it with the last byte of Ollama's answer, before the
+        request is done with.
+        """
+        if not request.finished:
+            exchange.status = code
+            request.write(error)
 
     async def _serve(self, request: ProxyRequest, target: Target, flight: Flight) -> None:
         """

@@ -39,8 +39,8 @@ class Front(Resource):
     route: none of the proxy's own routes is one of Ollama's.  What Klein
     does around a handler, the pipeline needs here too: it is cancelled
     when the request ends first (a client that left), the request is
-    finished after it, and a failure that escaped it is answered as the
-    app's error handlers answer one.
+    finished after it (unless the relay did), and a failure that escaped
+    it is answered as the app's error handlers answer one.
 
     @param catalogue: Ollama's routes.
     @param serve: The pipeline (L{ollamaproxy.web.app.OllamaProxy.proxy}).
@@ -76,7 +76,8 @@ class Front(Resource):
                 serving.cancel()
 
         def served(result: object) -> None:
-            if not ended:
+            # The relay ends a response with the last byte of its answer.
+            if not (ended or request.finished):
                 request.finish()
 
         def failed(failure: Failure) -> None:

@@ -10,12 +10,16 @@ import json
 from typing import Any
 
 import pytest
+from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, capturedLogs
+from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseFailed
+from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
+from ollamaproxy.after_send import AfterSend
 from ollamaproxy.backends import relay as relay_module
 from ollamaproxy.backends.relay import _BodyAnswer
 from ollamaproxy.backends.upstream import Upstream
@@ -23,6 +27,7 @@ from ollamaproxy.exchange import Meter, StreamSummary
 from ollamaproxy.record.summary import TAIL_BYTES
 from tests.fakes.chain import HEADER_TIMEOUT, IDLE_TIMEOUT, Chain, Collector
 from tests.fakes.ollama import HeldStream
+from tests.fakes.turns import Turns
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -322,9 +327,13 @@ class _Request:
         self.channel = object()
         self.written: list[bytes] = []
         self.producer: object = None
+        self.finished = False
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
+
+    def finish(self) -> None:
+        self.finished = True
 
     def registerProducer(self, producer: object, streaming: bool) -> None:
         assert streaming
@@ -411,6 +420,47 @@ def _relay(content_type: bytes, meter: Meter, openai: bool = False) -> _BodyAnsw
                        openai=openai, meter=meter)
     body.makeConnection(StringTransport())
     return body
+
+
+def test_a_whole_answer_ends_the_response_before_the_trip_goes_on() -> None:
+    """
+    Given the calls that wait for a send, a body that ends whole ends the
+    client's response in the turn that relays its last bytes, and the relay
+    is done only two turns later, after the poll that sends them: what the
+    request does next (its slot freed, its tokens settled, its record)
+    never delays its answer.  A body cut short is done at once.  Without,
+    the response is left open for more (several backends' bodies in one
+    answer) and the relay is done at once.
+    """
+    clock = Turns()
+    upstream = Upstream(agent=None, base=b"", clock=clock,  # type: ignore[arg-type]
+                        header_timeout=1, idle_timeout=5)
+    request = _Request()
+    body = _BodyAnswer(request, _Typed(b"application/json"), upstream,  # type: ignore[arg-type]
+                       openai=False, after_send=AfterSend(clock))
+    body.makeConnection(StringTransport())
+    body.dataReceived(b'{"done":true}')
+    body.connectionLost(Failure(ResponseDone()))
+    assert (request.written, request.finished, body.done.called) == (
+        [b'{"done":true}'], True, False)
+    clock.turn()
+    assert not body.done.called
+    clock.turn()
+    assert body.done.called
+
+    cut = _BodyAnswer(_Request(), _Typed(b"application/x-ndjson"),
+                      upstream, openai=False, after_send=AfterSend(clock))
+    cut.makeConnection(StringTransport())
+    cut.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost())])))
+    assert cut.done.called
+    cut.done.addErrback(lambda f: f.trap(relay_module.BodyCut))
+
+    open_request = _Request()
+    more = _BodyAnswer(open_request, _Typed(b"application/x-ndjson"),
+                       upstream, openai=False)
+    more.makeConnection(StringTransport())
+    more.connectionLost(Failure(ResponseDone()))
+    assert (open_request.finished, more.done.called) == (False, True)
 
 
 def test_pieces_are_metered_as_they_stream_and_stay_when_cancelled() -> None:

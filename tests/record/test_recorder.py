@@ -20,6 +20,7 @@ from ollamaproxy.record.usage import UsageStore
 from ollamaproxy.record.usage_db import Row
 from tests.fakes.chain import KEY, Chain, chat
 from tests.fakes.observers import ErrorCollector
+from tests.fakes.turns import Turns
 from tests.fakes.worker import ManualWorker
 
 SECRET = "olpk_recordertestrecordertestrecorderte"
@@ -35,21 +36,6 @@ def record(recorder: Recorder, clock: Clock, done: Exchange, events: list[LogEve
     clock.advance(0)
     [event] = [e for e in events if e.get("log_namespace") == "ollamaproxy.access"]
     return event
-
-
-class Turns(Clock):
-    """
-    A clock that runs its calls a turn of the reactor at a time, as Twisted's
-    reactors do: a call scheduled while a turn runs waits for the next one
-    (after the poll that sends what transports hold), where L{Clock.advance}
-    would run it at once.
-    """
-
-    def turn(self) -> None:
-        due = list(self.calls)
-        self.calls.clear()
-        for call in due:
-            call.func(*call.args, **call.kw)
 
 
 def test_a_request_is_written_after_the_turn_that_sends_its_answer(

@@ -1,12 +1,13 @@
 # -*- test-case-name: tests.web.test_app -*-
 """
-The Klein application: the route tree every request enters by, and the
-conductor of each request's pipeline.
+The conductor of each request's pipeline, and the route tree every request
+enters by (L{Front}: Ollama's routes here, the proxy's own in
+L{ollamaproxy.web.own_routes}).
 
-One catch-all route takes the whole Ollama API, and the same tree is mounted
-again under C{/proxy/}, the prefix the project's first version served it
-under.  Each request goes through the same steps, each of which returns what
-it found or raises a L{ProxyError}::
+The whole Ollama API is served, and again under C{/proxy/}, the prefix the
+project's first version served it under.  Each request goes through the
+same steps, each of which returns what it found or raises a
+L{ProxyError}::
 
     preflight -> gate (the key) -> admit (limits) -> plan (models, caps,
               expected cost) -> reserve (the cost, against the quotas)
@@ -20,14 +21,10 @@ JSON shape, before the request is recorded, so that its body is counted.
 
 from __future__ import annotations
 
-from typing import Protocol
-
-from klein import Klein
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from ollamaproxy.admission.caps import Caps
@@ -38,32 +35,21 @@ from ollamaproxy.admission.users import user_of
 from ollamaproxy.backends.dispatch import Dispatcher, Job
 from ollamaproxy.backends.headers import came_back
 from ollamaproxy.backends.relay import Target
-from ollamaproxy.errors import ProxyError, reason_phrase
+from ollamaproxy.errors import ProxyError
 from ollamaproxy.exchange import Exchange
-from ollamaproxy.readiness import READY_PATH, Readiness
+from ollamaproxy.readiness import Readiness
 from ollamaproxy.record.metrics import Metrics
 from ollamaproxy.record.recorder import Recorder
-from ollamaproxy.routes import CONSOLE_ROUTE, METRICS_ROUTE, Catalogue, decoded_path
+from ollamaproxy.routes import Catalogue, decoded_path
 from ollamaproxy.web.answers import ErrorAnswers, target_of
 from ollamaproxy.web.cors import Cors
 from ollamaproxy.web.front import Front
-from ollamaproxy.web.gate import Gate, keyed
+from ollamaproxy.web.gate import Gate
 from ollamaproxy.web.in_flight import Flight, InFlight
+from ollamaproxy.web.own_routes import Mountable, OwnRoutes
 from ollamaproxy.web.site import ProxyRequest
 
 log = Logger()
-
-
-class Mountable(Protocol):
-    """
-    A part of the proxy served under a path of its own (the console).
-    """
-
-    def serve(self, request: IRequest) -> IResource:
-        """The resource that answers a request under the path."""
-
-    def redirect(self, request: IRequest) -> bytes:
-        """Answer the path without its trailing slash."""
 
 
 class OllamaProxy:
@@ -85,8 +71,6 @@ class OllamaProxy:
         L{None}.
     @param catalogue: Ollama's routes.
     """
-
-    app = Klein()
 
     def __init__(
         self,
@@ -122,11 +106,12 @@ class OllamaProxy:
         """
         The resource to serve, for a L{twisted.web.server.Site}: Ollama's
         fixed routes straight to L{proxy}, any other path through Klein's
-        routes (L{Front}).
+        routes, the proxy's own and a catch-all to L{proxy} (L{Front}).
         """
-        return Front(self._catalogue, self.proxy, self._answers, self.app.resource())
+        own = OwnRoutes(self.gate, self.proxy, self._answers, self._metrics, self._readiness,
+                        self._console)
+        return Front(self._catalogue, self.proxy, self._answers, own.app.resource())
 
-    @app.route("/", branch=True)
     async def proxy(self, request: ProxyRequest) -> None:
         """
         Take a request through the pipeline, and record how it ended.
@@ -306,61 +291,3 @@ class OllamaProxy:
         if headers is None:
             exchange.failed("rejected", "origin not allowed")
         self._recorder.record(exchange, 0)
-
-    @app.route(METRICS_ROUTE.pattern, methods=["GET"])
-    @keyed(METRICS_ROUTE)
-    async def metrics(self, request: ProxyRequest) -> bytes:
-        """
-        Prometheus metrics, for admin keys (or, without a key, on the
-        separate C{--metrics-listen} endpoint).
-        """
-        content_type, body = self._metrics.render(request.getHeader(b"accept"))
-        request.setHeader(b"content-type", content_type)
-        return body
-
-    @app.route(CONSOLE_ROUTE.pattern + "/", branch=True)
-    def console_page(self, request: ProxyRequest) -> IResource:
-        """
-        The operator console (L{ollamaproxy.console}): admin keys only, but
-        for the page's own files.
-        """
-        if self._console is None:
-            raise ProxyError(404, "this proxy has no console")
-        return self._console.serve(request)
-
-    @app.route(CONSOLE_ROUTE.pattern)
-    def console_redirect(self, request: ProxyRequest) -> bytes:
-        """
-        The console's address without its slash: to the page.
-        """
-        if self._console is None:
-            raise ProxyError(404, "this proxy has no console")
-        return self._console.redirect(request)
-
-    @app.route(READY_PATH.decode("ascii"), methods=["GET", "HEAD"])
-    def ready(self, request: ProxyRequest) -> bytes:
-        """
-        Whether this proxy can serve (L{Readiness}), without a key.
-        """
-        code, body = self._readiness.answer()
-        request.setResponseCode(code, reason_phrase(code))
-        request.setHeader(b"content-type", b"application/json; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-store")
-        return body
-
-    @app.handle_errors(ProxyError)
-    def proxy_error(self, request: IRequest, failure: Failure) -> bytes:
-        """
-        Answer an error of a route other than the proxy's own (the console,
-        the metrics).
-        """
-        error = failure.value
-        assert isinstance(error, ProxyError)
-        return self._answers.error(request, error)
-
-    @app.handle_errors(Exception)
-    def unexpected_error(self, request: IRequest, failure: Failure) -> bytes:
-        """
-        Answer a bug of a route other than the proxy's own.
-        """
-        return self._answers.bug(request, failure)

@@ -39,7 +39,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 # bench/ is not a package: its modules import each other from their folder.
-from scenarios import NGINX_CONF, free_port, percentile, words  # type: ignore[import-not-found]  # noqa: E402
+from scenarios import (  # type: ignore[import-not-found]  # noqa: E402
+    NGINX_CONF,
+    Process,
+    free_port,
+    percentile,
+    words,
+)
 
 TARGET_CPU, CLIENT_CPU = "0", "1"
 #: How long a process may take to listen.
@@ -71,17 +77,13 @@ def _started(name: str, argv: Sequence[str], port: int, tmp: Path) -> Iterator[i
     """
     log = tmp / f"{name}.log"
     with log.open("wb") as out:
-        process = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=tmp)
+        process = Process(name, subprocess.Popen(list(argv), stdout=out,
+                                                 stderr=subprocess.STDOUT, cwd=tmp), log)
     try:
-        _wait_for(port, process, log)
+        _wait_for(port, process.popen, log)
         yield port
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        process.stop()
 
 
 def _key(tmp: Path) -> str:

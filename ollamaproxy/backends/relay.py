@@ -251,16 +251,15 @@ async def answer_body(
     Stream Ollama's response body to the client as it comes (the head has
     been answered); end a body cut short with L{end_cut}.
 
+    @param meter: Counts the answer's pieces as they are relayed, and is
+        given Ollama's own figures when the body ends whole.  It is written
+        as the body goes, so that a request cancelled (its client left) or
+        cut still leaves what was generated where the caller reads it.
     @param after_send: Given when the body is the whole response: one that
         ends whole then ends the response at once, and the call returns
         only once that end has been sent (a call made by C{after_send}), so
         that what the caller does next never delays it.  Without, the
         response is left open for more.
-
-    @param meter: Counts the answer's pieces as they are relayed, and is
-        given Ollama's own figures when the body ends whole.  It is written
-        as the body goes, so that a request cancelled (its client left) or
-        cut still leaves what was generated where the caller reads it.
     """
     if meter is None:
         meter = Meter()

@@ -83,7 +83,8 @@ class Recorder(Service):
 
     def stopService(self) -> None:
         """
-        Write what is recorded and not yet written.
+        Write what is recorded and not yet written (making every call that
+        waits for a send: the requests' own ends, which record them).
         """
         Service.stopService(self)
         self._after_send.flush()

@@ -770,6 +770,37 @@ def test_bug_is_a_bare_500_and_is_logged(
     observe_errors.errors.clear()
 
 
+def test_a_bug_after_the_answer_ended_is_logged_not_answered(
+    observe_errors: ErrorCollector, access_events: list[LogEvent]
+) -> None:
+    """
+    A bug in what a request does after its answer has ended (the relay ends
+    the response with Ollama's last byte: here, settling its tokens) is
+    logged, and recorded as what it was: the client has had its whole
+    answer, with its status, and nothing is written after it.
+    """
+    chain = Chain()
+    reserve = chain.quotas.reserve
+
+    def settle_badly(key: ApiKey, tokens: int) -> Callable[[int], None]:
+        reserve(key, tokens)
+
+        def settle(used: int) -> None:
+            raise RuntimeError("kaboom after the answer")
+
+        return settle
+
+    chain.quotas.reserve = settle_badly  # type: ignore[method-assign]
+    reply = call(chain, "POST", "/api/chat", data=chat())
+    assert reply.code == 200
+    assert json.loads(reply.body.splitlines()[-1])["done"] is True
+    [access] = access_events
+    assert (access["status"], access["outcome"]) == (200, "internal_error")
+    logged = [e["log_failure"].type for e in observe_errors.errors if e.get("log_failure")]
+    assert logged == [RuntimeError]
+    observe_errors.errors.clear()
+
+
 @pytest.mark.parametrize(
     ("error", "code", "message"),
     [(RuntimeError("kaboom before the pipeline"), 500, INTERNAL),

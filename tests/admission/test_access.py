@@ -37,7 +37,7 @@ def chain_with(**fields: Any) -> Chain:
     """
     chain = Chain()
     user = ApiKey(name="user", digest=digest(USER_KEY), **fields)
-    chain.keys.replace([*chain.keys._by_digest.values(), user])
+    chain.keys.replace([*chain.keys, user])
     return chain
 
 
@@ -383,7 +383,7 @@ def test_key_revoked_during_a_stream() -> None:
     held.write_line({"n": 0, "done": False})
     chain.flush()
     client = chain.stream(chain.result(d))
-    chain.keys.replace([k for k in chain.keys._by_digest.values() if k.name != "user"])
+    chain.keys.replace([k for k in chain.keys if k.name != "user"])
     held.write_line({"n": 1, "done": True})
     held.finish()
     chain.flush()
@@ -714,7 +714,7 @@ def test_a_listing_that_cannot_be_read_is_502() -> None:
 
     chain = Chain(agent=RequestTraversalAgent(NotAListing()))
     user = ApiKey(name="user", digest=digest(USER_KEY), models=("llama3*",))
-    chain.keys.replace([*chain.keys._by_digest.values(), user])
+    chain.keys.replace([*chain.keys, user])
     code, body = call(chain, "GET", "/api/tags")
     assert code == 502
     assert "could not be read" in json.loads(body)["error"]
@@ -801,7 +801,7 @@ def test_a_key_s_chat_id_header_names_the_conversation() -> None:
     """
     chain = Chain(backends=[["llama3.2"]] * 4)
     user = ApiKey(name="user", digest=digest(USER_KEY), chat_header="X-OpenWebUI-Chat-Id")
-    chain.keys.replace([*chain.keys._by_digest.values(), user])
+    chain.keys.replace([*chain.keys, user])
     header = {"X-OpenWebUI-Chat-Id": "chat-7"}
     served = {_served_by(chain, chat(messages=[{"role": "user", "content": f"q{n}"}]),
                          USER_KEY, header) for n in range(3)}
@@ -821,7 +821,7 @@ def test_a_chat_id_reaches_no_log() -> None:
     """
     chain = Chain(backends=[["llama3.2"]] * 2)
     user = ApiKey(name="user", digest=digest(USER_KEY), chat_header="X-OpenWebUI-Chat-Id")
-    chain.keys.replace([*chain.keys._by_digest.values(), user])
+    chain.keys.replace([*chain.keys, user])
     with capturedLogs() as events:
         _served_by(chain, chat(), USER_KEY, {"X-OpenWebUI-Chat-Id": "chat-4f1d9e"})
     assert [e for e in events if e.get("log_namespace") == "ollamaproxy.access"]

@@ -60,7 +60,7 @@ def test_listings_are_merged_and_filtered() -> None:
     assert names == {"llama3.2:latest", "mistral:latest", "hold:latest"}
     ids = [m["id"] for m in json.loads(chain.body(chain.respond("GET", "/v1/models")))["data"]]
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 3
-    chain.keys.replace([*chain.keys._by_digest.values(),
+    chain.keys.replace([*chain.keys,
                         ApiKey("limited", digest(USER), models=("mistral",))])
     limited = chain.body(chain.respond("GET", "/api/tags", key=USER))
     assert [m["name"] for m in json.loads(limited)["models"]] == ["mistral:latest"]
@@ -338,7 +338,7 @@ def test_keys_are_served_in_turn(access_events: list[LogEvent]) -> None:
     Ollama, and its access line says how long it was queued.
     """
     chain = Chain(parallel=1)
-    chain.keys.replace([*chain.keys._by_digest.values(), ApiKey("user", digest(USER)),
+    chain.keys.replace([*chain.keys, ApiKey("user", digest(USER)),
                         ApiKey("other", digest(OTHER))])
     burst = [chain.request("POST", "/api/chat", key=USER, data=chat("hold", n=i))
              for i in range(4)]
@@ -416,7 +416,7 @@ def test_a_key_holding_the_waiting_room_gives_up_its_newest_place(
     Ollama before its turn.
     """
     chain = Chain(parallel=1, max_queue=3, queue_timeout=30)
-    chain.keys.replace([*chain.keys._by_digest.values(), ApiKey("user", digest(USER)),
+    chain.keys.replace([*chain.keys, ApiKey("user", digest(USER)),
                         ApiKey("other", digest(OTHER))])
     burst = [chain.request("POST", "/api/chat", key=USER, data=chat("hold", n=i))
              for i in range(4)]
@@ -460,7 +460,7 @@ def test_a_key_s_own_cap_is_tighter() -> None:
     A key's max_keep_alive below the proxy's wins.
     """
     chain = Chain(caps=Caps(keep_alive=3600))
-    chain.keys.replace([*chain.keys._by_digest.values(),
+    chain.keys.replace([*chain.keys,
                         ApiKey("user", digest(USER), caps=Caps(keep_alive=60))])
     chain.body(chain.respond("POST", "/api/chat", key=USER,
                              data=chat("llama3.2", stream=False, keep_alive="1h")))
@@ -535,7 +535,7 @@ def test_a_heavier_key_gets_more_turns() -> None:
     --parallel 1: the slots go two to one, as the fake upstream sees them.
     """
     chain = Chain(parallel=1)
-    chain.keys.replace([*chain.keys._by_digest.values(),
+    chain.keys.replace([*chain.keys,
                         ApiKey("user", digest(USER), weight=2), ApiKey("other", digest(OTHER))])
     first = chain.request("POST", "/api/chat", data=chat("hold", n="first"))
     waiting = [chain.request("POST", "/api/chat", key=key, data=chat("hold", n=f"{name}{i}"))
@@ -572,7 +572,7 @@ def test_keys_get_equal_tokens_through_the_proxy() -> None:
     (prompt, and output counted twice) stay within 10 % of each other.
     """
     chain = Chain(parallel=1, fair_share="tokens")
-    chain.keys.replace([*chain.keys._by_digest.values(), ApiKey("user", digest(USER)),
+    chain.keys.replace([*chain.keys, ApiKey("user", digest(USER)),
                         ApiKey("other", digest(OTHER))])
     asked = {"user": 600, "other": 30}
     sent = [chain.request("POST", "/api/chat", key=key,
@@ -631,7 +631,7 @@ def test_keys_get_equal_gpu_seconds_through_the_proxy() -> None:
     times for each of the second's, where tokens would give it a third.
     """
     chain = Chain(parallel=1)
-    chain.keys.replace([*chain.keys._by_digest.values(), ApiKey("user", digest(USER)),
+    chain.keys.replace([*chain.keys, ApiKey("user", digest(USER)),
                         ApiKey("other", digest(OTHER))])
     reading = [{"role": "user", "content": "w " * 2000}]
     bodies = {USER: chat(stream=False, fake_delay=0.0001, messages=reading,

@@ -114,7 +114,7 @@ def test_feed_rows_name_the_user_behind_a_key() -> None:
     none shows none (L{None}), whatever headers it sent.
     """
     chain = Chain()
-    chain.keys.replace([*chain.keys._by_digest.values(),
+    chain.keys.replace([*chain.keys,
                         ApiKey("webui", digest(WEBUI), user_header="X-OpenWebUI-User-Id")])
     sampler = started(chain)
     _, feed = open_feed(chain)

@@ -22,7 +22,7 @@ def two_backends(**kwargs: Any) -> Chain:
     """
     chain = Chain(backends=[["llama3.2:latest", "hold:latest"], ["mistral:latest", "hold:latest"]],
                   **kwargs)
-    chain.keys.replace([*chain.keys._by_digest.values(), ApiKey("user", digest(USER)),
+    chain.keys.replace([*chain.keys, ApiKey("user", digest(USER)),
                         ApiKey("other", digest(OTHER))])
     chain.pool.refresh_all()
     chain.flush()

@@ -9,9 +9,15 @@ to the access log (L{ollamaproxy.record.logs}), the metrics and the usage store.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal, get_args
+from typing import Final, Literal, get_args
 
 from ollamaproxy.model_names import ModelName
+
+#: Where a turn of a conversation went, against its conversation's last: to
+#: the same backend, to another, or the conversation was new (or forgotten).
+TurnPlacement = Literal["home", "moved", "new"]
+#: The turns that found no cache of their own conversation.
+COLD_TURNS: Final = frozenset({"moved", "new"})
 
 #: How a request ended:
 #:  - C{completed}: answered, by Ollama or the proxy, as it should be;

@@ -82,11 +82,12 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from typing import Final, Literal
+from typing import Final
 
 from twisted.internet.interfaces import IReactorTime
 
 from ollamaproxy.backends.pool import Backend
+from ollamaproxy.exchange import TurnPlacement
 from ollamaproxy.model_names import ModelName
 
 #: How many conversations are remembered: at 16 bytes of digest and a
@@ -98,10 +99,6 @@ CONVERSATIONS: Final = 10_000
 #: default C{keep_alive}, after which an idle runner, and its caches, go.
 #: A person reading an answer and typing the next question takes less.
 LIVE: Final = 300.0
-
-#: Where a turn went, against its conversation's last: to the same backend,
-#: to another, or the conversation was new (or forgotten).
-Placement = Literal["home", "moved", "new"]
 
 #: A model's runner on a backend, where conversations live: each has its
 #: own slots, and caches.
@@ -283,7 +280,7 @@ class Affinity:
         """
         return max(backend.parallel if model is None else backend.limit(model), 1)
 
-    def went(self, conversation: bytes, backend: Backend, model: ModelName | None) -> Placement:
+    def went(self, conversation: bytes, backend: Backend, model: ModelName | None) -> TurnPlacement:
         """
         A turn of C{conversation} that runs C{model} went to C{backend}, its
         home from now on; and how that compares with where its last turn

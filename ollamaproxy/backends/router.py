@@ -100,7 +100,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IResponse
 
-from ollamaproxy.backends.affinity import Affinity, Placement
+from ollamaproxy.backends.affinity import Affinity
 from ollamaproxy.backends.collate import Collator
 from ollamaproxy.backends.effective import EffectiveParallel, Seen
 from ollamaproxy.backends.gpu_time import GpuTime
@@ -116,7 +116,7 @@ from ollamaproxy.config import (
     DEFAULT_SWITCH_HOLD,
 )
 from ollamaproxy.errors import ProxyError
-from ollamaproxy.exchange import Meter
+from ollamaproxy.exchange import Meter, TurnPlacement
 from ollamaproxy.model_names import ModelName
 
 #: The weight of the newest gap between two releases in a model's moving
@@ -193,14 +193,14 @@ class Lease:
     @ivar queued: Seconds it waited for the slot.
     @ivar placement: For a request that carries a conversation, how its
         backend compares with the one its conversation's last turn went to
-        (L{Placement}); else L{None}.
+        (L{TurnPlacement}); else L{None}.
     """
 
     backend: Backend
     model: ModelName | None
     queued: float
     _router: Router = field(repr=False)
-    placement: Placement | None = None
+    placement: TurnPlacement | None = None
     _released: bool = False
     # Who the fair queue charged for the slot, how much, and the meter that
     # says, at release, what the request did cost (L{_Charge}).

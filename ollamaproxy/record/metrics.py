@@ -60,7 +60,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from ollamaproxy.exchange import HTTP_METHODS, OUTCOMES, Exchange
+from ollamaproxy.exchange import COLD_TURNS, HTTP_METHODS, OUTCOMES, Exchange
 from ollamaproxy.model_names import resolve
 from ollamaproxy.readiness import READY_PATH, Readiness
 
@@ -82,8 +82,6 @@ LOAD_SECONDS = 0.5
 #: How many cold turns' prefill rates, per backend and model, the rate that
 #: estimates cache reuse is the median of.
 PREFILL_SAMPLES = 15
-# Where a turn went that found no cache of its own conversation.
-_COLD = ("new", "moved")
 
 OTHER = "other"
 
@@ -299,7 +297,7 @@ class Metrics:
         turn (see the module's docstring).
         """
         rates = self._prefill.get((backend, model))
-        if placement in _COLD:
+        if placement in COLD_TURNS:
             if rates is None:
                 rates = self._prefill[backend, model] = deque(maxlen=PREFILL_SAMPLES)
             rates.append(tokens / seconds)

@@ -627,7 +627,8 @@ class Router:
                                                        reading.completion_tokens)
                 charge = self._cost(*used) - charged.cost
         if lease._shared is not None:
-            lease._shared.give_back(lease, charge / charged.weight)
+            lease._shared.give_back(lease._ticket, charged.key, charge / charged.weight,
+                                    charged.user, charge)
         elif meter is not None:
             self.queue.charge(charged.key, charged.weight, charge, charged.user)
         self._serve_queue(model)

@@ -88,11 +88,13 @@ class SharedQueue(Protocol):
         How many of this proxy's requests each key has waiting in it.
         """
 
-    def give_back(self, lease: Lease, charge: float) -> None:
+    def give_back(
+        self, ticket: str, key: str, charge: float, user: str | None, user_charge: float
+    ) -> None:
         """
-        The request of C{lease} has ended (its backend's count is already
-        down): free its slot, and move its key's finish on by C{charge}
-        (already divided by the key's weight; negative when it cost less
-        than charged), and its user's, if it names one, by C{charge} times
-        the weight, in the key's own time.
+        The request its C{ticket} (L{Ask.lease}) names has ended (its
+        backend's count is already down): free its slot, and move C{key}'s
+        finish on by C{charge} (already divided by the key's weight;
+        negative when it cost less than charged), and its C{user}'s, if it
+        names one, by C{user_charge}, in the key's own time.
         """

@@ -351,15 +351,16 @@ class RedisQueue(Service):
         """
         return dict(Counter(w.ask.key for w in self._waiting.values()))
 
-    def give_back(self, lease: Lease, charge: float) -> None:
+    def give_back(
+        self, ticket: str, key: str, charge: float, user: str | None, user_charge: float
+    ) -> None:
         """
-        C{lease}'s request ended (L{SharedQueue.give_back}): its slot in
+        C{ticket}'s request ended (L{SharedQueue.give_back}): its slot in
         Redis is freed, and its key's finish trued up by C{charge}, its
-        user's by C{charge} before the weight.
+        user's by C{user_charge}.
         """
-        self._held.pop(lease._ticket, None)
-        billed = lease._charge
-        self._done(lease._ticket, billed.key, charge, billed.user, charge * billed.weight)
+        self._held.pop(ticket, None)
+        self._done(ticket, key, charge, user, user_charge)
 
     def renew(self) -> Deferred[None]:
         """

@@ -730,17 +730,19 @@ class _Shared:
 
     def __init__(self) -> None:
         self.asks: list[Ask] = []
-        self.given: list[tuple[Lease, float]] = []
+        self.given: list[tuple[str, str, float, str | None, float]] = []
 
     def take(self, ask: Ask) -> Deferred[Lease]:
         self.asks.append(ask)
-        return succeed(ask.lease(ask.backends[0], ""))
+        return succeed(ask.lease(ask.backends[0], f"ticket {len(self.asks)}"))
 
     def waiting(self) -> dict[str, int]:
         return {"k": 2, "j": 1}
 
-    def give_back(self, lease: Lease, charge: float) -> None:
-        self.given.append((lease, charge))
+    def give_back(
+        self, ticket: str, key: str, charge: float, user: str | None, user_charge: float
+    ) -> None:
+        self.given.append((ticket, key, charge, user, user_charge))
 
 
 def test_a_shared_queue_keeps_named_models_slots() -> None:
@@ -769,7 +771,7 @@ def test_a_shared_queue_keeps_named_models_slots() -> None:
     assert lease.backend is b and b.running[LLAMA] == 1
     meter.generating, meter.output = True, 1
     lease.release()
-    assert shared.given == [(lease, (22 - 30) / 2)] and not b.running
+    assert shared.given == [("ticket 1", "k", (22 - 30) / 2, None, 22 - 30)] and not b.running
     now(r.acquire("k", LLAMA)).release()
     now(r.acquire("k", None, runs=True)).release()
     assert len(shared.asks) == 1 and len(shared.given) == 1
@@ -795,8 +797,10 @@ def test_a_shared_queue_is_charged_gpu_seconds() -> None:
     meter.final = StreamSummary("llama3.2:latest", prompt_tokens=20, completion_tokens=5,
                                 prompt_seconds=0.25, eval_seconds=0.5)
     lease.release()
-    ((given, charge),) = shared.given
-    assert given is lease and charge == pytest.approx((0.75 - estimate) / 2)
+    ((ticket, key, charge, user, user_charge),) = shared.given
+    assert (ticket, key, user) == ("ticket 1", "k", None)
+    assert charge == pytest.approx((0.75 - estimate) / 2)
+    assert user_charge == pytest.approx(0.75 - estimate)
 
 
 class _SharedDown(_Shared):

@@ -35,10 +35,8 @@ meanwhile are added to Redis's counters once it is back.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from secrets import token_hex
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -188,8 +186,6 @@ class RedisLimits:
         self._policy = policy
         self._lease = lease
         self._prefix = prefix
-        self._instance = token_hex(6)
-        self._serial = itertools.count()
         # Lease id -> streams set, for this proxy's requests in flight.
         self._leases: dict[str, str] = {}
         # Counter -> [tokens, when it expires (ms)]: tokens that could not
@@ -212,7 +208,7 @@ class RedisLimits:
             return self._without_redis(key)
         now = self._clock.seconds()
         day, month = window("day", now), window("month", now)
-        lease = "" if key.max_streams is None else f"{self._instance}:{next(self._serial)}"
+        lease = "" if key.max_streams is None else self._link.unique()
         asked = self._link.call(
             scripts.ADMIT,
             [self._key("rate", key.name), self._key("streams", key.name),
@@ -480,8 +476,6 @@ class RedisThrottle:
         self._local = local
         self._clock = clock
         self._prefix = prefix
-        self._instance = token_hex(6)
-        self._serial = itertools.count()
 
     def failed(self, address: str) -> Deferred[None]:
         """
@@ -493,7 +487,7 @@ class RedisThrottle:
             scripts.GUESS,
             [f"{self._prefix}guesses:{address}"],
             [_ms(self._clock.seconds()), _ms(self._local.window), self._local.failures,
-             f"{self._instance}:{next(self._serial)}"],
+             self._link.unique()],
         )
         answer: Deferred[None] = Deferred(lambda _: None)
 

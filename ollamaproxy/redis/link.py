@@ -11,7 +11,9 @@ once, and shown by the metric C{ollamaproxy_redis_up}.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
+from secrets import token_hex
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Gauge
@@ -100,12 +102,22 @@ class RedisLink(Service):
         self._loop: LoopingCall | None = None
         self._known = False
         self.up = False
+        #: This proxy's name in Redis, at random: what it names there (its
+        #: requests' leases, its queue's tickets and channel) is its own.
+        self.instance = token_hex(6)
+        self._serial = itertools.count()
         self._gauge = Gauge(
             "ollamaproxy_redis_up",
             "1 while the Redis that keeps the shared limits answers, 0 while not.",
             registry=registry,
         )
         self._gauge.set(0)
+
+    def unique(self) -> str:
+        """
+        A name that no other proxy on this Redis gives, nor this one again.
+        """
+        return f"{self.instance}:{next(self._serial)}"
 
     def each_round(self, work: Callable[[], Deferred[Any]]) -> None:
         """

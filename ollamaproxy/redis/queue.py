@@ -79,10 +79,8 @@ backend on one proxy's timer and its view of what the backend holds).
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 from dataclasses import dataclass
-from secrets import token_hex
 from typing import Any
 
 from twisted.application.service import Service
@@ -154,9 +152,6 @@ class RedisQueue(Service):
         self._max_queue = max_queue
         self._timeout = queue_timeout
         self._prefix = prefix
-        #: This proxy's name in Redis: its tickets and its channel.
-        self.instance = token_hex(6)
-        self._serial = itertools.count()
         self._waiting: dict[str, _Waiting] = {}
         # Ticket -> (lease, "URL\nMODEL") of each request running on a slot
         # that Redis gave.
@@ -171,7 +166,7 @@ class RedisQueue(Service):
         """
         Where Redis tells this proxy of grants it did not ask for.
         """
-        return f"{self._prefix}q:grants:{self.instance}"
+        return f"{self._prefix}q:grants:{self._link.instance}"
 
     def startService(self) -> None:
         super().startService()
@@ -186,7 +181,7 @@ class RedisQueue(Service):
 
     def _call(self, script: str, *args: Any) -> Deferred[Any]:
         now = int(self._clock.seconds() * 1000)
-        head = [self._prefix, now, int(self._lease * 1000), self.instance,
+        head = [self._prefix, now, int(self._lease * 1000), self._link.instance,
                 int(self._timeout * 1000)]
         return self._link.call(script, [], [*head, *args])
 
@@ -197,7 +192,7 @@ class RedisQueue(Service):
         """
         if not self._link.up:
             return ask.local()
-        ticket = f"{self.instance}-{next(self._serial)}"
+        ticket = self._link.unique()
 
         def leave(_: Deferred[Lease]) -> None:
             self._leave(waiting)

@@ -138,7 +138,7 @@ def test_an_unqueued_request_costs_two_round_trips() -> None:
     got = results(shared.ask("alice"))
     (acquire,) = shared.redis.calls
     assert acquire.script == scripts.ACQUIRE
-    assert acquire.args[:5] == ["ollamaproxy:", 0, 30000, shared.queue.instance, 60000]
+    assert acquire.args[:5] == ["ollamaproxy:", 0, 30000, shared.link.instance, 60000]
     assert acquire.args[6:] == ["alice", "", "llama3.2:latest", f"{GPU}\t1\n", "1.0", "1", "",
                                 512]
     acquire.answer.callback([shared.ticket(), GPU])
@@ -155,7 +155,7 @@ def test_a_queued_request_costs_two_round_trips() -> None:
     as a message on the proxy's channel, not by asking.
     """
     shared = Shared()
-    assert shared.listening.channel == f"ollamaproxy:q:grants:{shared.queue.instance}"
+    assert shared.listening.channel == f"ollamaproxy:q:grants:{shared.link.instance}"
     got = shared.waiting()
     assert got == [] and shared.backend.in_flight == 0
     assert shared.listening.heard is not None

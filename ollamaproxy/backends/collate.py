@@ -98,8 +98,7 @@ class _Seat:
     @ivar held: The models it holds, the one given a request longest ago
         first.
     @ivar capacity: The most models it has been seen holding at once.
-    @ivar due: When a switch became due, if one is.
-    @ivar to: The model the due switch is for.
+    @ivar to: The model a switch due is for, if one is.
     @ivar draining: The model it gives up once the hold is over: none of
         its requests go there until the switch has gone.
     @ivar switches: How many switches it has made.
@@ -116,7 +115,6 @@ class _Seat:
 
     held: list[ModelName]
     capacity: int = 1
-    due: float | None = None
     to: ModelName | None = None
     draining: ModelName | None = None
     timer: IDelayedCall | None = field(default=None, repr=False)
@@ -251,7 +249,7 @@ class Collator:
         request over (L{_pass_over}).  A switch due for a request that no
         longer waits is forgotten.
         """
-        if seat.due is None or seat.to == model:
+        if seat.to is None or seat.to == model:
             return False
         if seat.to in waiting:
             return True
@@ -293,7 +291,7 @@ class Collator:
         if model == seat.loading:
             # The load is paid: a switch due meanwhile has its hold now.
             seat.loading = None
-            if seat.due is not None:
+            if seat.to is not None:
                 self._start_hold(seat, now)
 
     def _may_switch(self, backend: Backend, seat: _Seat, model: ModelName) -> bool:
@@ -305,12 +303,10 @@ class Collator:
         the model held longest has nothing running there.
         """
         now = self._clock.seconds()
-        if seat.due is None:
+        if seat.to is None:
             seat.to = model
             if seat.loading is None:
                 self._start_hold(seat, now)
-            else:
-                seat.due = now
         if seat.until is None:
             return False  # the hold begins once the model loading has loaded
         self._pass_over(seat, model)
@@ -333,7 +329,7 @@ class Collator:
         for model in [m for m, budget in self._budgets.items()
                       if budget.since is None and m not in waiting]:
             del self._budgets[model]
-        seat.due, seat.until = now, now + self._hold
+        seat.until = now + self._hold
         self._hold_until(seat, seat.until, now)
 
     def _hold_until(self, seat: _Seat, until: float, now: float) -> None:
@@ -436,4 +432,4 @@ class Collator:
             if timer is not None and timer.active():
                 timer.cancel()
         seat.timer = seat.gap = None
-        seat.due = seat.to = seat.draining = seat.until = None
+        seat.to = seat.draining = seat.until = None

@@ -63,9 +63,6 @@ SMOOTHING: Final = 0.2
 #: How many models' rates are remembered.
 MODELS: Final = 1024
 
-# A rate not measured yet (the fallback stands in).
-_UNMEASURED = -1.0
-
 
 class GpuTime:
     """
@@ -88,8 +85,10 @@ class GpuTime:
         """
         self._fallback = (prompt_seconds, output_seconds)
         self._models = models
-        # For each model (its canonical name): seconds per prompt token and
-        # per output token, _UNMEASURED until a reading has said.
+        # For each model (its canonical name) met in a reading: seconds per
+        # prompt token and per output token (the fallback's until a reading
+        # has said), and the weight the next reading of each has in them: 1
+        # for the first, which replaces the fallback, then SMOOTHING.
         self._rates: dict[str, list[float]] = {}
 
     def estimate(self, model: str, prompt: int, output: int) -> float:
@@ -101,15 +100,9 @@ class GpuTime:
         # Asked with "in" and a subscript, not dict.get(), here and in
         # cost(): no call more on every request that takes a slot
         # (tests/test_hot_path.py's budget).
-        prompt_rate, output_rate = self._fallback
-        if model in self._rates:
-            measured = self._rates[model]
-            if measured[0] != _UNMEASURED:
-                prompt_rate = measured[0]
-            if measured[1] != _UNMEASURED:
-                output_rate = measured[1]
-        cost = prompt * prompt_rate + output * output_rate
-        return cost if cost > output_rate else output_rate
+        rates = self._rates[model] if model in self._rates else self._fallback
+        cost = prompt * rates[0] + output * rates[1]
+        return cost if cost > rates[1] else rates[1]
 
     def cost(self, model: str, reading: StreamSummary | None) -> float:
         """
@@ -126,30 +119,26 @@ class GpuTime:
         if spent is not None:
             cost = spent
             if reading.prompt_tokens and not reading.prompt_estimated:
-                rate, was = spent / reading.prompt_tokens, rates[0]
-                rates[0] = rate if was == _UNMEASURED else was + SMOOTHING * (rate - was)
+                rates[0] += rates[2] * (spent / reading.prompt_tokens - rates[0])
+                rates[2] = SMOOTHING
         elif reading.prompt_tokens:
-            cost = reading.prompt_tokens * (
-                self._fallback[0] if rates[0] == _UNMEASURED else rates[0])
-        output_rate = self._fallback[1] if rates[1] == _UNMEASURED else rates[1]
+            cost = reading.prompt_tokens * rates[0]
         spent = reading.eval_seconds
         if spent is not None:
             cost += spent
             if reading.completion_tokens and not reading.counted:
-                rate = spent / reading.completion_tokens
-                output_rate = rate if rates[1] == _UNMEASURED else (
-                    rates[1] + SMOOTHING * (rate - rates[1]))
-                rates[1] = output_rate
+                rates[1] += rates[3] * (spent / reading.completion_tokens - rates[1])
+                rates[3] = SMOOTHING
         else:
-            cost += reading.completion_tokens * output_rate
-        return cost if cost > output_rate else output_rate
+            cost += reading.completion_tokens * rates[1]
+        return cost if cost > rates[1] else rates[1]
 
     def _new(self, model: str) -> list[float]:
         """
-        The rates of a model seen for the first time, both unmeasured;
-        beyond the models remembered, every rate starts afresh.
+        The rates of a model seen for the first time, the fallback's until
+        measured; beyond the models remembered, every rate starts afresh.
         """
         if len(self._rates) >= self._models:
             self._rates.clear()
-        rates = self._rates[model] = [_UNMEASURED, _UNMEASURED]
+        rates = self._rates[model] = [*self._fallback, 1.0, 1.0]
         return rates

@@ -94,7 +94,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TypeAlias, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -131,12 +131,16 @@ _NO_TYPE = [b""]
 #: (with a single backend, any name a client sends gets a slot).
 _TIMED_MODELS = 1024
 
+#: What a request waits for in the fair queue: a slot of its model (L{None}:
+#: none), since when, and the backends it may not use.
+_Wants: TypeAlias = "tuple[ModelName | None, float, frozenset[Backend]]"
+
 #: The model of a request that runs one but whose model the proxy cannot
 #: name: its slot is a whole backend (see the module's docstring).
 UNREAD_MODEL = ModelName("", cloud=False)
 
 
-def _unread(wants: tuple[ModelName | None, float, frozenset[Backend]]) -> bool:
+def _unread(wants: _Wants) -> bool:
     return wants[0] == UNREAD_MODEL
 
 
@@ -276,7 +280,7 @@ class Router:
         #: The seconds of GPU requests cost, under C{--fair-share gpu-time}.
         self.gpu_time = (gpu_time or GpuTime()) if fair_share == "gpu-time" else None
         self._output_weight = output_token_weight
-        self.queue: FairQueue[tuple[ModelName | None, float, frozenset[Backend]], Lease] = (
+        self.queue: FairQueue[_Wants, Lease] = (
             # A request's slot depends on its model and the backends it
             # may not use, not on when it came.
             FairQueue(clock, max_queue, queue_timeout, kind=lambda wants: (wants[0], wants[2]),
@@ -439,10 +443,7 @@ class Router:
         return self._take_local(charge, wants, conversation)
 
     def _take_local(
-        self,
-        charge: _Charge,
-        wants: tuple[ModelName | None, float, frozenset[Backend]],
-        conversation: bytes | None,
+        self, charge: _Charge, wants: _Wants, conversation: bytes | None
     ) -> Deferred[Lease]:
         """
         A slot from this process's own fair queue: at once if nobody waits
@@ -460,10 +461,7 @@ class Router:
         return waiting
 
     def _take_shared(
-        self,
-        charge: _Charge,
-        wants: tuple[ModelName | None, float, frozenset[Backend]],
-        conversation: bytes | None,
+        self, charge: _Charge, wants: _Wants, conversation: bytes | None
     ) -> Deferred[Lease]:
         """
         A slot of a named model from the queue shared with other proxies,
@@ -550,10 +548,7 @@ class Router:
         return not self.several or model == UNREAD_MODEL or backend.has(model)
 
     def _grant(
-        self,
-        wants: tuple[ModelName | None, float, frozenset[Backend]],
-        named: ModelName | None = None,
-        conversation: bytes | None = None,
+        self, wants: _Wants, named: ModelName | None = None, conversation: bytes | None = None
     ) -> Lease | None:
         """
         A lease on the best backend with a free slot for C{model}, or
@@ -633,7 +628,7 @@ class Router:
             self.queue.charge(charged.key, charged.weight, charge, charged.user)
         self._serve_queue(model)
 
-    def _pace_of(self, wants: tuple[ModelName | None, float, frozenset[Backend]]) -> float | None:
+    def _pace_of(self, wants: _Wants) -> float | None:
         """
         The measured seconds between two releases of the slots of the model
         a request wants, or L{None} before two have been seen.

@@ -17,7 +17,16 @@ class Turns(Clock):
     """
 
     def turn(self) -> None:
-        due = list(self.calls)
-        self.calls.clear()
-        for call in due:
+        """
+        Run the calls due now that were scheduled before this turn, as
+        C{runUntilCurrent} does: one cancelled by a call made before it in
+        the turn is not run, and each is marked called, as L{Clock.advance}
+        marks it.
+        """
+        now = self.seconds()
+        for call in [call for call in self.calls if call.getTime() <= now]:
+            if call.cancelled:
+                continue
+            self.calls.remove(call)
+            call.called = 1
             call.func(*call.args, **call.kw)

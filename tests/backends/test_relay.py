@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 import pytest
+from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -461,6 +462,32 @@ def test_a_whole_answer_ends_the_response_before_the_trip_goes_on() -> None:
     more.makeConnection(StringTransport())
     more.connectionLost(Failure(ResponseDone()))
     assert (open_request.finished, more.done.called) == (False, True)
+
+
+def test_a_whole_answer_cancelled_before_it_is_sent_stays_cancelled() -> None:
+    """
+    A relay whose body ended whole, cancelled while its end waits to be
+    sent (the proxy stopped waiting), fails with the cancellation, and the
+    call made once the end has been sent changes nothing: no second result,
+    no error logged.
+    """
+    clock = Turns()
+    upstream = Upstream(agent=None, base=b"", clock=clock,  # type: ignore[arg-type]
+                        header_timeout=1, idle_timeout=5)
+    request = _Request()
+    body = _BodyAnswer(request, _Typed(b"application/json"), upstream,  # type: ignore[arg-type]
+                       openai=False, after_send=AfterSend(clock))
+    body.makeConnection(StringTransport())
+    body.dataReceived(b'{"done":true}')
+    body.connectionLost(Failure(ResponseDone()))
+    failures: list[Failure] = []
+    body.done.addErrback(failures.append)
+    body.done.cancel()
+    clock.turn()
+    clock.turn()
+    assert request.finished and clock.calls == []
+    [failure] = failures
+    assert failure.check(CancelledError)
 
 
 def test_pieces_are_metered_as_they_stream_and_stay_when_cancelled() -> None:

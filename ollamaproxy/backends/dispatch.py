@@ -176,7 +176,7 @@ class Dispatcher:
             short is not an error, but C{trip.answered.cut}.
         """
         route = job.route
-        if route is not None and self._router.several:
+        if route is not None and self.several:
             if route.listing is not None:
                 await self._merged_listing(request, job, route.listing, trip)
                 return
@@ -261,7 +261,7 @@ class Dispatcher:
                 lease.release()
                 if sent is not None:
                     self._pool.ended(backend, sent)
-            if route is not None and route.changes_models and self._router.several:
+            if route is not None and route.changes_models and self.several:
                 self._pool.refresh(backend)
             return
 

@@ -2,7 +2,7 @@
 """
 Putting the request pipeline together from its rooms: the gate, the
 dispatcher, the recorder, the registry of requests in flight and the
-console, around the Klein app that conducts them.
+console, around the conductor of each request (L{OllamaProxy}).
 
 The daemon (L{ollamaproxy.tap}) and the tests' in-memory chain build the
 proxy here, the same way; nothing below this module builds a part of
@@ -41,7 +41,8 @@ class Assembled:
     """
     The proxy, and the parts the daemon runs or stops beside it.
 
-    @ivar proxy: The Klein app.
+    @ivar proxy: The conductor of each request; its C{resource()} is what
+        the web server serves.
     @ivar in_flight: The requests in flight; drained on shutdown.
     @ivar recorder: Writes down every request; the web server records
         those it refuses itself through it too.

@@ -319,7 +319,7 @@ def build_service(
     open_files: int | None = None,
 ) -> MultiService:
     """
-    Wire the proxy together: keys, the upstream client, the Klein app, the
+    Wire the proxy together: keys, the upstream client, the pipeline, the
     listening endpoints and the log files.
 
     @param reactor: The reactor to listen, connect and tell time with.
@@ -535,7 +535,7 @@ def _proxy(
     readiness: Readiness,
 ) -> Assembled:
     """
-    The Klein app and its parts, from the settings and the parts it works
+    The pipeline and its parts, from the settings and the parts it works
     with.
     """
     return assemble(

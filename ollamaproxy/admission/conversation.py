@@ -59,12 +59,14 @@ def chat_id_of(header: bytes, headers: Headers, redact: Callable[[str], str]) ->
 
     @param redact: Blanks credentials in a text: a value it changes is a
         credential, not a chat id.
-    @raise ProxyError: 400 for a credential.
+    @raise ProxyError: 400 for a credential, in any of the values: each
+        goes on to Ollama, not only the one read.
     """
     values = headers.getRawHeaders(header)
     if values is None:
         return None
-    refuse_credential(header, values[-1].decode("latin-1"), "a conversation", redact)
+    for value in values:
+        refuse_credential(header, value.decode("latin-1"), "a conversation", redact)
     return values[-1]
 
 

@@ -269,25 +269,26 @@ class Metrics:
             self._upstream_errors.labels(kind=exchange.outcome).inc()
         if exchange.outcome == "rejected" and exchange.status in _AUTH_FAILURES:
             self._auth_failures.labels(status=status).inc()
-        summary = exchange.summary
-        model = OTHER  # Its label, once read (only with a summary).
-        if summary is not None:
-            model = self._model_label(summary.model)
-            for kind, count in (
-                ("prompt", summary.prompt_tokens),
-                ("completion", summary.completion_tokens),
-            ):
-                self._tokens[(exchange.key, model, kind)].inc(max(0, count))
-            if (summary.load_seconds or 0) >= LOAD_SECONDS and exchange.backend:
-                self._load_seen(exchange.backend, resolve(summary.model).canonical,
-                                self._answered_loads, self._listed_loads)
-        if exchange.placement and exchange.backend:
-            # A turn of a conversation: only those say whether a cache of
-            # theirs could be there (see the module's docstring).
+        # A turn of a conversation: only those say whether a cache of
+        # theirs could be there (see the module's docstring).
+        turn = exchange.placement and exchange.backend
+        if turn:
             self._turns[(exchange.backend, exchange.placement)].inc()
-            if summary is not None and summary.prompt_seconds and summary.prompt_tokens > 0:
-                self._prompt_seen(exchange.backend, model, summary.prompt_tokens,
-                                  summary.prompt_seconds, exchange.placement)
+        summary = exchange.summary
+        if summary is None:
+            return
+        model = self._model_label(summary.model)
+        for kind, count in (
+            ("prompt", summary.prompt_tokens),
+            ("completion", summary.completion_tokens),
+        ):
+            self._tokens[(exchange.key, model, kind)].inc(max(0, count))
+        if (summary.load_seconds or 0) >= LOAD_SECONDS and exchange.backend:
+            self._load_seen(exchange.backend, resolve(summary.model).canonical,
+                            self._answered_loads, self._listed_loads)
+        if turn and summary.prompt_seconds and summary.prompt_tokens > 0:
+            self._prompt_seen(exchange.backend, model, summary.prompt_tokens,
+                              summary.prompt_seconds, exchange.placement)
 
     def _prompt_seen(self, backend: str, model: str, tokens: int, seconds: float,
                      placement: str) -> None:

@@ -88,7 +88,7 @@ class OllamaProxy:
         console: Mountable | None = None,
         catalogue: Catalogue | None = None,
     ) -> None:
-        self.gate = gate
+        self._gate = gate
         self._limits = limits
         self._dispatcher = dispatcher
         self._recorder = recorder
@@ -108,7 +108,7 @@ class OllamaProxy:
         fixed routes straight to L{proxy}, any other path through Klein's
         routes, the proxy's own and a catch-all to L{proxy} (L{Front}).
         """
-        own = OwnRoutes(self.gate, self.proxy, self._answers, self._metrics, self._readiness,
+        own = OwnRoutes(self._gate, self.proxy, self._answers, self._metrics, self._readiness,
                         self._console)
         return Front(self._catalogue, self.proxy, self._answers, own.app.resource())
 
@@ -120,7 +120,7 @@ class OllamaProxy:
         exchange = Exchange(
             method=request.method.decode("ascii", "replace"),
             path=target.path.decode("ascii", "replace"),
-            client=self.gate.client_address(request),
+            client=self._gate.client_address(request),
             started=self._clock.seconds(),
         )
         # Ollama does not announce a server name, so neither does the proxy.
@@ -187,7 +187,7 @@ class OllamaProxy:
         route = self._catalogue.find(path)
         if route is not None:
             exchange.route = route.pattern
-        key = await self.gate.key(request, path, route, exchange.client)
+        key = await self._gate.key(request, path, route, exchange.client)
         if key is None:
             if request.body is not None:
                 # It would hold a connection to Ollama for as long as the

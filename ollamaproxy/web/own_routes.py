@@ -120,8 +120,8 @@ class OwnRoutes:
     @app.handle_errors(ProxyError)
     def proxy_error(self, request: IRequest, failure: Failure) -> bytes:
         """
-        Answer an error of a route other than the proxy's own (the console,
-        the metrics).
+        Answer an error of one of the proxy's own routes (the console, the
+        metrics, the gate of a C{@keyed} one); the pipeline answers its own.
         """
         error = failure.value
         assert isinstance(error, ProxyError)
@@ -130,6 +130,7 @@ class OwnRoutes:
     @app.handle_errors(Exception)
     def unexpected_error(self, request: IRequest, failure: Failure) -> bytes:
         """
-        Answer a bug of a route other than the proxy's own.
+        Answer a bug of one of the proxy's own routes; the pipeline answers
+        its own.
         """
         return self._answers.bug(request, failure)

@@ -145,6 +145,19 @@ def test_a_credential_is_no_chat_id(value: str) -> None:
     assert "credential" in e.value.message and value not in e.value.message
 
 
+@pytest.mark.parametrize("first", [True, False])
+def test_a_credential_beside_a_chat_id_is_refused(first: bool) -> None:
+    """
+    A key sent in one of several chat id headers is refused, whichever is
+    read: every one of them would be forwarded to Ollama.
+    """
+    values = [TEAM_KEY.encode(), b"c-1"] if first else [b"c-1", TEAM_KEY.encode()]
+    with pytest.raises(ProxyError) as e:
+        chat_id_of(CHAT_ID, Headers({CHAT_ID: values}), REDACT)
+    assert e.value.code == 400
+    assert TEAM_KEY not in e.value.message
+
+
 @pytest.mark.parametrize(("route", "body"), [
     ("/api/chat", {"model": "llama3.2", "messages": []}),
     ("/api/chat", {"model": "llama3.2", "messages": "hi"}),

@@ -1188,12 +1188,16 @@ def test_a_key_sent_as_a_user_is_refused(access_events: list[LogEvent]) -> None:
     to Ollama, and the key is in no event.
     """
     chain = webui_chain()
-    response = chain.respond("POST", "/api/chat", key=WEBUI, data=chat(stream=False),
-                             headers={USER_HEADER: WEBUI})
+    with capturedLogs() as events:
+        response = chain.respond("POST", "/api/chat", key=WEBUI, data=chat(stream=False),
+                                 headers={USER_HEADER: WEBUI})
+        body = chain.body(response).decode()
     assert response.code == 400
-    body = chain.body(response).decode()
     assert "credential" in body and WEBUI not in body
     assert chain.fake.received == []
     [event] = access_events
     assert event["status"] == 400 and not event["user"]
     assert WEBUI not in event["line"]
+    # Nor in any other event the request logged (the access event's fields
+    # included).
+    assert events and not [e for e in events if WEBUI in repr(e) + formatEvent(e)]

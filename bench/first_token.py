@@ -8,10 +8,11 @@ Issue 21's multi-turn scenario compares first-token times at the 99th
 percentile, where every target's slowest turns are the same full prefills:
 there the difference between two targets is what each adds to a request
 on its own.  This measures that directly: the same streamed chat (the
-tenth turn of one of the scenario's users, 1,200 words; after the first
-request its prefix is in the simulator's cache, so each takes the same
-simulated time), sent to each target in turn, one request at a time on a
-kept-alive connection, C{--requests} times each.
+ten messages of one of the scenario's users, without the answers between
+them: 660 words; after the first request its prefix is in the
+simulator's cache, so each takes the same simulated time), sent to each
+target in turn, one request at a time on a kept-alive connection,
+C{--requests} times each.
 
     python3 bench/first_token.py [--requests N] [--out DIR]
 
@@ -134,7 +135,7 @@ def main() -> None:
         times = measure(args.requests, Path(scratch))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     text = (f"# First token through each hop, {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n"
-            f"`python3 bench/first_token.py --requests {args.requests}`: a 1,200-word "
+            f"`python3 bench/first_token.py --requests {args.requests}`: a 660-word "
             "chat whose prefix the simulator has cached, streamed, 20 tokens asked; the "
             "targets take turns, one request at a time.\n\n" + table(times) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)

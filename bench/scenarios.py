@@ -404,15 +404,16 @@ async def spawn(reactor: IReactorTime, name: str, argv: Sequence[str], tmp: Path
 
 
 @contextmanager
-def started(name: str, argv: Sequence[str], tmp: Path, port: int) -> Iterator[Process]:
+def started(name: str, argv: Sequence[str], tmp: Path, port: int,
+            seconds: float = START_TIMEOUT) -> Iterator[Process]:
     """
     L{spawn} for a caller without a reactor: C{argv} started, once C{port}
-    accepts connections (at most L{START_TIMEOUT}), and stopped when the
-    block ends.
+    accepts connections (at most C{seconds}), and stopped when the block
+    ends.
     """
     process = launch(name, argv, tmp)
     try:
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + seconds
         while not _accepts(port):
             if process.popen.poll() is not None or time.monotonic() > deadline:
                 raise _not_started(process)

@@ -25,16 +25,19 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+# bench/ is not a package: its modules import each other from their folder.
+from scenarios import free_port, started, twistd  # type: ignore[import-not-found]  # noqa: E402
+
 # As bench/common.sh finds the harness: $BENCH_HARNESS, or beside the project.
 HARNESS = os.path.dirname(
     os.environ.get("BENCH_HARNESS", os.path.join(PROJECT, "..", "shared", "bench", "run.py"))
@@ -48,43 +51,6 @@ ROUTES: dict[str, tuple[str, str, bytes | None]] = {
     "GET /api/tags": ("GET", "/api/tags", None),
     "POST /api/chat (not streamed)": ("POST", "/api/chat", CHAT),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_ready(port: int, process: subprocess.Popen[bytes], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"exited with code {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on {port} after {seconds}s")
-
-
-@contextmanager
-def running(command: list[str], log: str, env: dict[str, str] | None = None
-            ) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   cwd=PROJECT, start_new_session=True)
-    try:
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def requests(port: int, method: str, path: str, body: bytes | None, count: int) -> None:
@@ -109,8 +75,8 @@ def total(dump: str) -> int:
     raise RuntimeError(f"no total in {dump}")
 
 
-def measure(name: str, command: list[str], env: dict[str, str], tmp: str,
-            port: int, args: argparse.Namespace) -> dict[str, float]:
+def measure(name: str, command: list[str], tmp: str, port: int,
+            args: argparse.Namespace) -> dict[str, float]:
     """
     Instructions per request of one target, for each of L{ROUTES}.
     """
@@ -118,11 +84,10 @@ def measure(name: str, command: list[str], env: dict[str, str], tmp: str,
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                 f"--callgrind-out-file={out}.%p"]
     result: dict[str, float] = {}
-    with running(valgrind + command, os.path.join(tmp, f"{name}.log"), env) as process:
-        wait_ready(port, process, 300)
+    with started(name, valgrind + command, Path(tmp), port, seconds=300) as process:
 
         def control(*flags: str) -> None:
-            subprocess.run(["callgrind_control", *flags, str(process.pid)], check=True,
+            subprocess.run(["callgrind_control", *flags, str(process.popen.pid)], check=True,
                            capture_output=True)
 
         for route, (method, path, body) in ROUTES.items():
@@ -150,12 +115,11 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     tmp = args.keep or tempfile.mkdtemp(prefix="callgrind-ratio-")
     os.makedirs(tmp, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=PROJECT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     upstream_port = free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
     targets: dict[str, Callable[[int], list[str]]] = {
         "ollamaproxy": lambda port: [
-            os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=",
+            twistd(), "-n", "--pidfile=",
             "ollamaproxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
             "--upstream", upstream, "--api-key", KEY,
             "--keys-file", os.path.join(tmp, "keys.json")],
@@ -163,14 +127,13 @@ def main(argv: list[str]) -> None:
             sys.executable, os.path.join(HERE, "twisted_floor.py"), "http", str(port), upstream],
     }
     results: dict[str, dict[str, float]] = {}
-    with running(["node", os.path.join(HARNESS, "fake_ollama.js"), str(upstream_port)],
-                 os.path.join(tmp, "upstream.log")) as fake:
-        wait_ready(upstream_port, fake, 30)
+    with started("upstream", ["node", os.path.join(HARNESS, "fake_ollama.js"),
+                              str(upstream_port)], Path(tmp), upstream_port):
         for name, command in targets.items():
             if args.only not in (None, name):
                 continue
             port = free_port()
-            results[name] = measure(name, command(port), env, tmp, port, args)
+            results[name] = measure(name, command(port), tmp, port, args)
     print(f"instructions per request, {args.requests} requests after {args.warmup} "
           f"(callgrind files: {tmp})")
     if args.only:

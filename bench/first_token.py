@@ -8,17 +8,19 @@ Issue 21's multi-turn scenario compares first-token times at the 99th
 percentile, where every target's slowest turns are the same full prefills:
 there the difference between two targets is what each adds to a request
 on its own.  This measures that directly: the same streamed chat (the
-tenth turn of one of the scenario's users, 1,200 words; after the first
-request its prefix is in the simulator's cache, so each takes the same
-simulated time), sent to each target in turn, one request at a time on a
-kept-alive connection, C{--requests} times each.
+ten messages of one of the scenario's users, without the answers between
+them: 660 words; after the first request its prefix is in the
+simulator's cache, so each takes the same simulated time), sent to each
+target in turn, one request at a time on a kept-alive connection,
+C{--requests} times each.
 
     python3 bench/first_token.py [--requests N] [--out DIR]
 
 The targets run on CPU 0, the simulator and this client on CPU 1 (as the
-load harness places them), when C{taskset} is there.  Needs nginx, and
-the proxy installed in the Python that runs this.  Prints a table and
-writes it to C{DIR/first-token-<stamp>.md}.
+load harness places them), when C{taskset} is there.  Needs nginx; the
+processes are started as C{scenarios.py} starts them (this checkout's
+code first, each stopped at the end).  Prints a table and writes it to
+C{DIR/first-token-<stamp>.md}.
 """
 
 from __future__ import annotations
@@ -27,12 +29,11 @@ import argparse
 import http.client
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -40,57 +41,21 @@ sys.path.insert(0, str(HERE))
 
 # bench/ is not a package: its modules import each other from their folder.
 from scenarios import (  # type: ignore[import-not-found]  # noqa: E402
-    NGINX_CONF,
-    Process,
+    add_key,
     free_port,
+    nginx,
     percentile,
+    started,
+    twistd,
     words,
 )
 
 TARGET_CPU, CLIENT_CPU = "0", "1"
-#: How long a process may take to listen.
-START_SECONDS = 30
 
 
 def _pinned(cpu: str, argv: Sequence[str]) -> list[str]:
     taskset = shutil.which("taskset")
     return [taskset, "-c", cpu, *argv] if taskset else list(argv)
-
-
-def _wait_for(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + START_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        try:
-            http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/")
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{log.stem} did not start:\n{log.read_text(errors='replace')[-2000:]}")
-
-
-@contextmanager
-def _started(name: str, argv: Sequence[str], port: int, tmp: Path) -> Iterator[int]:
-    """
-    Run C{argv} until the block ends (SIGTERM, then SIGKILL): its port.
-    """
-    log = tmp / f"{name}.log"
-    with log.open("wb") as out:
-        process = Process(name, subprocess.Popen(list(argv), stdout=out,
-                                                 stderr=subprocess.STDOUT, cwd=tmp), log)
-    try:
-        _wait_for(port, process.popen, log)
-        yield port
-    finally:
-        process.stop()
-
-
-def _key(tmp: Path) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "ollamaproxy.cli", "keys", "add", "bench", "--keys-file",
-         str(tmp / "keys.json")], capture_output=True, check=True, timeout=60)
-    return done.stdout.decode().strip().splitlines()[-1]
 
 
 def _body() -> bytes:
@@ -104,12 +69,12 @@ def _first_token(connection: http.client.HTTPConnection, body: bytes, key: str) 
     """
     Seconds from sending the chat to reading its first line of answer.
     """
-    started = time.perf_counter()
+    sent = time.perf_counter()
     connection.request("POST", "/api/chat", body=body, headers={
         "Content-Type": "application/json", "Authorization": f"Bearer {key}"})
     response = connection.getresponse()
     first = response.read1(65536)
-    took = time.perf_counter() - started
+    took = time.perf_counter() - sent
     rest = response.read()
     if response.status != 200 or not (first + rest).rstrip().endswith(b"}"):
         raise SystemExit(f"a chat failed: {response.status} {(first + rest)[:200]!r}")
@@ -120,31 +85,23 @@ def measure(requests: int, tmp: Path) -> dict[str, list[float]]:
     """
     Each target's first-token times, in seconds, the targets taking turns.
     """
-    key = _key(tmp)
-    sim, nginx, floor, proxy = (free_port() for _ in range(4))
-    (tmp / "nginx.conf").write_text(NGINX_CONF.format(
-        tmp=tmp, servers=f"        server 127.0.0.1:{sim};", port=nginx))
-    twistd = str(Path(sys.executable).parent / "twistd")
+    key = add_key(tmp, "bench")
+    sim, front, floor, proxy = (free_port() for _ in range(4))
     upstream = f"http://127.0.0.1:{sim}"
+    ports = {"ollama": sim, "nginx": front, "twisted-web-floor": floor, "ollamaproxy": proxy}
     with ExitStack() as stack:
-        stack.enter_context(_started("gpu_sim", _pinned(CLIENT_CPU, [
-            sys.executable, str(HERE / "gpu_sim.py"), str(sim), "--num-parallel", "4"]),
-            sim, tmp))
-        ports = {
-            "ollama": sim,
-            "nginx": stack.enter_context(_started("nginx", _pinned(TARGET_CPU, [
-                shutil.which("nginx", path="/usr/sbin:/usr/bin") or "nginx", "-p", str(tmp),
-                "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "nginx-error.log")]),
-                nginx, tmp)),
-            "twisted-web-floor": stack.enter_context(_started("floor", _pinned(TARGET_CPU, [
-                sys.executable, str(HERE / "twisted_floor.py"), "http", str(floor), upstream]),
-                floor, tmp)),
-            "ollamaproxy": stack.enter_context(_started("proxy", _pinned(TARGET_CPU, [
-                twistd, "-n", "--pidfile=", "ollamaproxy", "--listen",
-                f"tcp:{proxy}:interface=127.0.0.1", "--upstream", upstream, "--keys-file",
-                str(tmp / "keys.json"), "--usage-file", str(tmp / "usage.sqlite3")]),
-                proxy, tmp)),
-        }
+        for name, cpu, argv, port in [
+            ("gpu_sim", CLIENT_CPU, [sys.executable, str(HERE / "gpu_sim.py"), str(sim),
+                                     "--num-parallel", "4"], sim),
+            ("nginx", TARGET_CPU, nginx(tmp, [upstream], front), front),
+            ("floor", TARGET_CPU, [sys.executable, str(HERE / "twisted_floor.py"), "http",
+                                   str(floor), upstream], floor),
+            ("proxy", TARGET_CPU, [twistd(), "-n", "--pidfile=", "ollamaproxy", "--listen",
+                                   f"tcp:{proxy}:interface=127.0.0.1", "--upstream", upstream,
+                                   "--keys-file", str(tmp / "keys.json"), "--usage-file",
+                                   str(tmp / "usage.sqlite3")], proxy),
+        ]:
+            stack.enter_context(started(name, _pinned(cpu, argv), tmp, port))
         connections = {name: http.client.HTTPConnection("127.0.0.1", port, timeout=30)
                        for name, port in ports.items()}
         body = _body()
@@ -178,7 +135,7 @@ def main() -> None:
         times = measure(args.requests, Path(scratch))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     text = (f"# First token through each hop, {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n"
-            f"`python3 bench/first_token.py --requests {args.requests}`: a 1,200-word "
+            f"`python3 bench/first_token.py --requests {args.requests}`: a 660-word "
             "chat whose prefix the simulator has cached, streamed, 20 tokens asked; the "
             "targets take turns, one request at a time.\n\n" + table(times) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -360,31 +361,66 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def launch(name: str, argv: Sequence[str], tmp: Path) -> Process:
+    """
+    Start C{argv} in C{tmp}, its output in C{tmp/NAME.log}, in the
+    children's environment (L{_environment}).
+    """
+    log = tmp / f"{name}.log"
+    with log.open("wb") as out:
+        popen = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=tmp,
+                                 env=_environment())
+    return Process(name, popen, log)
+
+
+def _not_started(process: Process) -> RuntimeError:
+    """
+    Stop C{process}, which did not start: the error, with its output's end.
+    """
+    process.stop()
+    tail = process.log.read_text(errors="replace")[-2000:]
+    return RuntimeError(f"{process.name} did not start:\n{tail}")
+
+
 async def spawn(reactor: IReactorTime, name: str, argv: Sequence[str], tmp: Path,
                 marker: str | None = None, port: int | None = None) -> tuple[Process, int]:
     """
     Start C{argv}; wait (at most L{START_TIMEOUT}) until its output shows
     C{marker}'s port, or until C{port} accepts connections.
     """
-    log = tmp / f"{name}.log"
-    with log.open("wb") as out:
-        popen = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, cwd=tmp,
-                                 env=_environment())
-    process = Process(name, popen, log)
+    process = launch(name, argv, tmp)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        if popen.poll() is not None:
+        if process.popen.poll() is not None:
             break
         if marker is not None:
-            found = re.search(marker, log.read_text(errors="replace"))
+            found = re.search(marker, process.log.read_text(errors="replace"))
             if found:
                 return process, int(found.group(1))
         elif port is not None and _accepts(port):
             return process, port
         await deferLater(reactor, 0.05, lambda: None)
-    process.stop()
-    tail = log.read_text(errors="replace")[-2000:]
-    raise RuntimeError(f"{name} did not start:\n{tail}")
+    raise _not_started(process)
+
+
+@contextmanager
+def started(name: str, argv: Sequence[str], tmp: Path, port: int,
+            seconds: float = START_TIMEOUT) -> Iterator[Process]:
+    """
+    L{spawn} for a caller without a reactor: C{argv} started, once C{port}
+    accepts connections (at most C{seconds}), and stopped when the block
+    ends.
+    """
+    process = launch(name, argv, tmp)
+    try:
+        deadline = time.monotonic() + seconds
+        while not _accepts(port):
+            if process.popen.poll() is not None or time.monotonic() > deadline:
+                raise _not_started(process)
+            time.sleep(0.05)
+        yield process
+    finally:
+        process.stop()
 
 
 def _accepts(port: int) -> bool:
@@ -426,6 +462,18 @@ http {{
 """
 """nginx round-robin over the backends (its default balancing), streaming
 unbuffered, as bench/nginx_workers's harness template streams."""
+
+
+def nginx(tmp: Path, backends: Sequence[str], port: int) -> list[str]:
+    """
+    Write L{NGINX_CONF} for C{backends} (their URLs) and C{port} in
+    C{tmp}: the command that runs nginx with it.
+    """
+    servers = "\n".join(f"        server {url.removeprefix('http://')};" for url in backends)
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp, servers=servers, port=port))
+    return [shutil.which("nginx", path=_environment()["PATH"]) or "nginx", "-p", str(tmp),
+            "-c", str(conf), "-e", str(tmp / "nginx-error.log")]
 
 
 # -- the targets -----------------------------------------------------------------
@@ -470,7 +518,10 @@ TARGETS = (
 """The targets, one row each: to compare another set of options, add a row."""
 
 
-def _twistd() -> str:
+def twistd() -> str:
+    """
+    The twistd of the Python that runs this.
+    """
     return str(Path(sys.executable).parent / "twistd")
 
 
@@ -480,7 +531,7 @@ def proxy_flags(target: Target) -> list[str]:
     """
     if not target.later:
         return list(target.flags)
-    done = subprocess.run([_twistd(), "ollamaproxy", "--help"], capture_output=True,
+    done = subprocess.run([twistd(), "ollamaproxy", "--help"], capture_output=True,
                           env=_environment(), timeout=60, check=False)
     known = done.stdout.decode(errors="replace")
     flags = list(target.flags)
@@ -1331,15 +1382,20 @@ def key_options(options: Sequence[str], target: Target) -> list[str]:
     return out
 
 
+def add_key(tmp: Path, name: str, options: Sequence[str] = ()) -> str:
+    """
+    C{keys add NAME OPTIONS} to C{tmp/keys.json}: the new key.
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", "ollamaproxy.cli", "keys", "add", name, "--keys-file",
+         str(tmp / "keys.json"), *options],
+        capture_output=True, env=_environment(), timeout=60, check=True)
+    return done.stdout.decode().strip().splitlines()[-1]
+
+
 def _keys(scenario: Scenario, target: Target, tmp: Path) -> dict[str, str]:
-    keys = {}
-    for name, options in scenario.keys:
-        done = subprocess.run(
-            [sys.executable, "-m", "ollamaproxy.cli", "keys", "add", name, "--keys-file",
-             str(tmp / "keys.json"), *key_options(options, target)],
-            capture_output=True, env=_environment(), timeout=60, check=True)
-        keys[name] = done.stdout.decode().strip().splitlines()[-1]
-    return keys
+    return {name: add_key(tmp, name, key_options(options, target))
+            for name, options in scenario.keys}
 
 
 async def _target(run: Run, scenario: Scenario, target: Target, backends: list[str],
@@ -1352,12 +1408,8 @@ async def _target(run: Run, scenario: Scenario, target: Target, backends: list[s
         return []
     if target.kind == "nginx":
         port = free_port()
-        servers = "\n".join(f"        server {url.removeprefix('http://')};" for url in backends)
-        conf = tmp / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(tmp=tmp, servers=servers, port=port))
-        process, _ = await spawn(run.reactor, "nginx", [
-            shutil.which("nginx", path=_environment()["PATH"]) or "nginx", "-p", str(tmp),
-            "-c", str(conf), "-e", str(tmp / "nginx-error.log")], tmp, port=port)
+        process, _ = await spawn(run.reactor, "nginx", nginx(tmp, backends, port), tmp,
+                                 port=port)
         run.processes.append(process)
         return [f"http://127.0.0.1:{port}"]
     shared: list[str] = []
@@ -1375,7 +1427,7 @@ async def _target(run: Run, scenario: Scenario, target: Target, backends: list[s
                              *scenario.proxy_args), run.speed)
     urls = []
     for index in range(target.proxies):
-        argv = [_twistd(), "-n", "--pidfile=", "ollamaproxy", "--listen",
+        argv = [twistd(), "-n", "--pidfile=", "ollamaproxy", "--listen",
                 "tcp:0:interface=127.0.0.1", "--keys-file", str(tmp / "keys.json"),
                 "--usage-file", str(tmp / f"usage-{index}.sqlite3"), "--parallel", str(PARALLEL),
                 *[word for url in backends for word in ("--upstream", url)],

@@ -693,11 +693,16 @@ class FakeOllama(Resource):
 
     def _ps(self, request: WebRequest, rec: ReceivedRequest, param: str) -> bytes:
         expires = _rfc3339nano(self.clock.seconds() + 300)
-        models = [{**d, "expires_at": expires, "size_vram": d["size"],
-                   "context_length": self.contexts.get(name, DEFAULT_CONTEXT)}
-                  for name, d in zip(self._loaded, map(self._describe, self._loaded),
-                                     strict=True)]
+        models = [self._running(name, expires) for name in self._loaded]
         return self._send(request, _Reply(200, _dumps({"models": models}), _JSON))
+
+    def _running(self, name: str, expires: str) -> dict[str, Any]:
+        """
+        C{name} as /api/ps lists a loaded model: all in VRAM, until C{expires}.
+        """
+        described = self._describe(name)
+        return {**described, "expires_at": expires, "size_vram": described["size"],
+                "context_length": self.contexts.get(name, DEFAULT_CONTEXT)}
 
     def _show(self, request: WebRequest, rec: ReceivedRequest, param: str) -> bytes:
         body = self._json(rec, "api.ShowRequest")

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from tests.fakes.client import agent, body, chat_lines, read, request, sleep
+from tests.fakes.client import agent, body, chat_lines, read, request, sleep, wait_for_call
 from tests.fakes.twistd import REPO, START_TIMEOUT, TEST_KEY, TwistdLauncher, proxy_args
 
 SCRIPT = REPO / "bench" / "gpu_sim.py"
@@ -332,7 +332,12 @@ async def test_a_request_right_after_a_larger_context_does_not_reload(
     proxy = await twistd.start(proxy_args(f"http://127.0.0.1:{port}"))
     await _chat_with(reactor, proxy.url, {})
     larger = Deferred.fromCoroutine(_chat_with(reactor, proxy.url, {"num_ctx": 8192}))
-    await sleep(reactor, 0.2)
+
+    async def reloading() -> bool:
+        return await _loads(reactor, port) == 2
+
+    # Sent once the reload has begun (it takes 0.5 s), not after a guess.
+    await wait_for_call(reactor, reloading, "the reload for the larger context")
     await _chat_with(reactor, proxy.url, {})
     await larger
     assert await _loads(reactor, port) == 2

@@ -21,7 +21,7 @@ from twisted.web.client import FileBodyProducer, ResponseNeverReceived
 from twisted.web.server import Site
 
 from tests.fakes.bulk import Bulk
-from tests.fakes.client import agent, body, read, request, sleep, wait_for
+from tests.fakes.client import agent, body, read, request, sleep, wait_for, wait_for_call
 from tests.fakes.twistd import TEST_KEY, TwistdLauncher, Upstream, held_stream, proxy_args
 
 
@@ -161,12 +161,8 @@ async def test_sigterm_lets_streams_finish(
         await (await read(response)).done
         return False
 
-    for _ in range(200):
-        if await refused():
-            break
-        await sleep(reactor, 0.05)
-    else:
-        raise AssertionError("the proxy kept accepting connections")
+    await wait_for_call(reactor, refused, "the proxy to stop accepting connections",
+                        seconds=10)
     held.write_line({"n": 1, "done": True})
     held.finish()
     await client.done

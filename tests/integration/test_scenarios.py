@@ -13,9 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.fakes.bench import BENCH
+import pytest
+
+from tests.fakes.bench import BENCH, load_bench
 
 RUN_TIMEOUT = 240.0
+scenarios = load_bench("scenarios")
 
 
 def test_a_tiny_flood_runs_against_two_targets(tmp_path: Path) -> None:
@@ -53,3 +56,23 @@ def test_a_tiny_flood_runs_against_two_targets(tmp_path: Path) -> None:
     md = result.with_suffix(".md").read_text()
     assert "| ollama |" in md and "| proxy |" in md and "- goal, proxy:" in md
     assert len(list(tmp_path.glob("scenarios-*-flood.svg"))) == 1
+
+
+def test_a_process_started_without_a_reactor_is_stopped_however_it_went(
+    tmp_path: Path,
+) -> None:
+    """
+    C{started} (what first_token.py and callgrind_ratio.py run their
+    processes with) fails for a process that exits before its port
+    listens, saying what it wrote, and stops one that listens when its
+    block ends: nothing is left running either way.
+    """
+    port = scenarios.free_port()
+    quits = [sys.executable, "-c", "print('no port for me')"]
+    with pytest.raises(RuntimeError, match="no port for me"), \
+            scenarios.started("quits", quits, tmp_path, port):
+        pass
+    serves = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)]
+    with scenarios.started("serves", serves, tmp_path, port) as process:
+        assert process.popen.poll() is None
+    assert process.popen.poll() is not None

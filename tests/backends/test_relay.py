@@ -355,10 +355,8 @@ def test_client_backpressure_reaches_ollama_socket() -> None:
     not an idle Ollama), resuming resumes both, stopping closes the socket.
     """
     clock = Clock()
-    upstream = Upstream(agent=None, base=b"", clock=clock,  # type: ignore[arg-type]
-                        header_timeout=1, idle_timeout=5)
     request = _Request()
-    body = _BodyAnswer(request, _Response(), upstream, openai=False)  # type: ignore[arg-type]
+    body = _BodyAnswer(request, _Response(), _upstream(clock), openai=False)  # type: ignore[arg-type]
     socket = StringTransport()
     body.makeConnection(socket)
     assert request.producer is body
@@ -410,17 +408,37 @@ class _Typed:
         self.headers = Headers({b"content-type": [content_type]})
 
 
+def _upstream(clock: Clock) -> Upstream:
+    """
+    The Ollama a relay reads from, on C{clock}.
+    """
+    return Upstream(agent=None, base=b"", clock=clock,  # type: ignore[arg-type]
+                    header_timeout=1, idle_timeout=5)
+
+
 def _relay(content_type: bytes, meter: Meter, openai: bool = False) -> _BodyAnswer:
     """
     A relay of a body of C{content_type} to a client that takes all, its
     tokens counted into C{meter}.
     """
-    upstream = Upstream(agent=None, base=b"", clock=Clock(),  # type: ignore[arg-type]
-                        header_timeout=1, idle_timeout=5)
-    body = _BodyAnswer(_Request(), _Typed(content_type), upstream,  # type: ignore[arg-type]
+    body = _BodyAnswer(_Request(), _Typed(content_type), _upstream(Clock()),  # type: ignore[arg-type]
                        openai=openai, meter=meter)
     body.makeConnection(StringTransport())
     return body
+
+
+def _whole_answer(clock: Clock) -> tuple[_Request, _BodyAnswer]:
+    """
+    A relay of a JSON answer that has ended whole, its end waiting on
+    C{clock} to be sent; and its client's request.
+    """
+    request = _Request()
+    body = _BodyAnswer(request, _Typed(b"application/json"),  # type: ignore[arg-type]
+                       _upstream(clock), openai=False, after_send=AfterSend(clock))
+    body.makeConnection(StringTransport())
+    body.dataReceived(b'{"done":true}')
+    body.connectionLost(Failure(ResponseDone()))
+    return request, body
 
 
 def test_a_whole_answer_ends_the_response_before_the_trip_goes_on() -> None:
@@ -434,14 +452,7 @@ def test_a_whole_answer_ends_the_response_before_the_trip_goes_on() -> None:
     answer) and the relay is done at once.
     """
     clock = Turns()
-    upstream = Upstream(agent=None, base=b"", clock=clock,  # type: ignore[arg-type]
-                        header_timeout=1, idle_timeout=5)
-    request = _Request()
-    body = _BodyAnswer(request, _Typed(b"application/json"), upstream,  # type: ignore[arg-type]
-                       openai=False, after_send=AfterSend(clock))
-    body.makeConnection(StringTransport())
-    body.dataReceived(b'{"done":true}')
-    body.connectionLost(Failure(ResponseDone()))
+    request, body = _whole_answer(clock)
     assert (request.written, request.finished, body.done.called) == (
         [b'{"done":true}'], True, False)
     clock.turn()
@@ -450,7 +461,7 @@ def test_a_whole_answer_ends_the_response_before_the_trip_goes_on() -> None:
     assert body.done.called
 
     cut = _BodyAnswer(_Request(), _Typed(b"application/x-ndjson"),
-                      upstream, openai=False, after_send=AfterSend(clock))
+                      _upstream(clock), openai=False, after_send=AfterSend(clock))
     cut.makeConnection(StringTransport())
     cut.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost())])))
     assert cut.done.called
@@ -458,7 +469,7 @@ def test_a_whole_answer_ends_the_response_before_the_trip_goes_on() -> None:
 
     open_request = _Request()
     more = _BodyAnswer(open_request, _Typed(b"application/x-ndjson"),
-                       upstream, openai=False)
+                       _upstream(clock), openai=False)
     more.makeConnection(StringTransport())
     more.connectionLost(Failure(ResponseDone()))
     assert (open_request.finished, more.done.called) == (False, True)
@@ -472,14 +483,7 @@ def test_a_whole_answer_cancelled_before_it_is_sent_stays_cancelled() -> None:
     no error logged.
     """
     clock = Turns()
-    upstream = Upstream(agent=None, base=b"", clock=clock,  # type: ignore[arg-type]
-                        header_timeout=1, idle_timeout=5)
-    request = _Request()
-    body = _BodyAnswer(request, _Typed(b"application/json"), upstream,  # type: ignore[arg-type]
-                       openai=False, after_send=AfterSend(clock))
-    body.makeConnection(StringTransport())
-    body.dataReceived(b'{"done":true}')
-    body.connectionLost(Failure(ResponseDone()))
+    request, body = _whole_answer(clock)
     failures: list[Failure] = []
     body.done.addErrback(failures.append)
     body.done.cancel()
